@@ -117,10 +117,9 @@ Status ReliableSender::Send(const std::string& key, capnp::MessageBuilder& messa
     env.setSchemaVersion(proto::K_WIRE_VERSION);
     env.setSender(options_.name);
   }
-  auto words = EncodeFrame(message);
   Pending p;
   p.key = key;
-  p.frame.assign(reinterpret_cast<const char*>(words.begin()), words.size() * sizeof(capnp::word));
+  p.frame = std::make_shared<const kj::Array<capnp::word>>(EncodeFrame(message));
 
   lock.lock();
   outbox_.emplace(sequence, std::move(p));
@@ -164,10 +163,13 @@ void ReliableSender::Run() {
   std::deque<std::pair<Clock::time_point, uint64_t>> resend_queue;
   bool blocked = false;  // the last send hit the high-water mark or found no peer
 
-  auto transmit = [&](const std::string& frame) {
-    zmq::message_t msg(frame.data(), frame.size());
+  // Zero-copy: ZeroMQ holds a reference to the frame until its I/O thread has written it.
+  auto transmit = [&](const Frame& frame) {
+    auto* hold = new Frame(frame);
+    zmq::message_t msg(const_cast<capnp::word*>(frame->begin()), frame->size() * sizeof(capnp::word),
+                       [](void*, void* hint) { delete static_cast<Frame*>(hint); }, hold);
     auto r = socket.send(msg, zmq::send_flags::dontwait);
-    return r.has_value();
+    return r.has_value();  // on failure msg still owns `hold` and releases it
   };
 
   for (;;) {
@@ -231,7 +233,7 @@ void ReliableSender::Run() {
     blocked = false;
     for (;;) {
       uint64_t seq;
-      const std::string* frame;
+      const Frame* frame;
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (fresh_.empty()) break;
@@ -257,7 +259,7 @@ void ReliableSender::Run() {
     auto now = Clock::now();
     while (!blocked && !resend_queue.empty() && resend_queue.front().first <= now) {
       uint64_t seq = resend_queue.front().second;
-      const std::string* frame = nullptr;
+      const Frame* frame = nullptr;
       {
         std::lock_guard<std::mutex> lock(mu_);
         auto it = outbox_.find(seq);

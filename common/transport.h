@@ -83,9 +83,10 @@ class ReliableSender {
  private:
   explicit ReliableSender(zmq::context_t& context, ReliableSenderOptions options);
   void Run();
+  using Frame = std::shared_ptr<const kj::Array<capnp::word>>;
   struct Pending {
     std::string key;
-    std::string frame;
+    Frame frame;  // shared with ZeroMQ while a transmission is in its queue (zero-copy)
     Clock::time_point due;  // next (re)send time
     bool transmitted = false;
   };

@@ -15,7 +15,7 @@ PACKAGES=(
   bubblewrap libseccomp-dev python3
   clang libclang-rt-14-dev
   nodejs npm
-  prometheus
+  prometheus curl
 )
 
 missing=()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Makes dist/: the binaries of build/bin plus the non-system shared libraries they link (found
+# with ldd), and a wrapper per binary that sets LD_LIBRARY_PATH, so they run on a host that has
+# only glibc, the CUDA driver and toolkit libraries, and NCCL (the GPU hosts provide those).
+#   ./scripts/bundle.sh [BUILD_DIR] [EXTRA_BINARY...]   then: dist/bin/aha --help
+# Left out on purpose: glibc and the loader, libstdc++/libgcc_s (every host has them), the CUDA
+# driver (libcuda), and the libraries the GPU hosts ship: cudart, cuBLAS(Lt), NCCL, cuDNN.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+shift || true
+[ -d "$build/bin" ] || { echo "bundle: no $build/bin (run ./scripts/setup.sh first)" >&2; exit 1; }
+rm -rf dist
+mkdir -p dist/bin dist/lib dist/libexec
+
+skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libstdc\+\+|libgcc_s|libcuda\.so|libcudart|libcublas|libcublasLt|libnccl|libcudnn|libnvidia)'
+binaries=("$build"/bin/* "$@")
+for bin in "${binaries[@]}"; do
+  [ -f "$bin" ] && [ -x "$bin" ] || continue
+  name=$(basename "$bin")
+  cp "$bin" dist/libexec/"$name"
+  ldd "$bin" | awk '/=> \//{print $1" "$3}' | while read -r soname path; do
+    if ! [[ $soname =~ $skip ]] && [ ! -e dist/lib/"$soname" ]; then
+      cp -L "$path" dist/lib/"$soname"
+    fi
+  done
+  cat > dist/bin/"$name" <<WRAP
+#!/usr/bin/env bash
+here=\$(cd "\$(dirname "\${BASH_SOURCE[0]}")/.." && pwd)
+export LD_LIBRARY_PATH="\$here/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+exec "\$here/libexec/$name" "\$@"
+WRAP
+  chmod +x dist/bin/"$name"
+done
+echo "bundle: $(ls dist/bin | wc -l) binaries, $(ls dist/lib | wc -l) libraries, $(du -sh dist | cut -f1) in dist/"
