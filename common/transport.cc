@@ -386,7 +386,8 @@ void ReliableReceiver::Run() {
         }
         received_++;
         MalformedReason why;
-        auto env = DecodeEnvelope(parts[0].data(), parts[0].size(), options_.limits, &why);
+        auto frame = std::make_shared<zmq::message_t>(std::move(parts[0]));
+        auto env = DecodeEnvelope(frame->data(), frame->size(), options_.limits, &why, frame);
         if (!env.ok()) {
           if (options_.stats) options_.stats->CountMalformed(why, peer, env.status().message());
           continue;

@@ -53,7 +53,8 @@ uint64_t WireStats::malformed_total() const {
 
 Result<std::unique_ptr<DecodedEnvelope>> DecodeEnvelope(const void* data, size_t size,
                                                         const WireLimits& limits,
-                                                        MalformedReason* why) {
+                                                        MalformedReason* why,
+                                                        std::shared_ptr<void> owner) {
   auto fail = [&](MalformedReason r, std::string msg) -> Status {
     *why = r;
     return InvalidArgument(std::move(msg));
@@ -84,14 +85,22 @@ Result<std::unique_ptr<DecodedEnvelope>> DecodeEnvelope(const void* data, size_t
     return fail(MalformedReason::kDecode, "trailing bytes after the last segment");
 
   auto env = std::unique_ptr<DecodedEnvelope>(new DecodedEnvelope());
-  env->words_ = kj::heapArray<capnp::word>(size / 8);  // aligned copy: zmq buffers may not be
-  std::memcpy(env->words_.begin(), data, size);
+  env->frame_bytes_ = size;
+  kj::ArrayPtr<const capnp::word> words;
+  if (owner && reinterpret_cast<uintptr_t>(data) % alignof(capnp::word) == 0) {
+    env->owner_ = std::move(owner);
+    words = kj::ArrayPtr<const capnp::word>(static_cast<const capnp::word*>(data), size / 8);
+  } else {
+    env->words_ = kj::heapArray<capnp::word>(size / 8);  // Cap'n Proto reads aligned words only
+    std::memcpy(env->words_.begin(), data, size);
+    words = env->words_.asPtr();
+  }
   try {
     capnp::ReaderOptions options;
     // A valid message traverses about its own size once; the slack allows tiny messages.
     options.traversalLimitInWords = size / 8 * 2 + 1024;
     options.nestingLimit = limits.nesting_limit;
-    auto check_reader = capnp::FlatArrayMessageReader(env->words_.asPtr(), options);
+    capnp::FlatArrayMessageReader check_reader(words, options);
     auto root = check_reader.getRoot<proto::Envelope>();
     (void)root.totalSize();  // traverses every pointer: bounds, nesting and traversal limits
     if (root.getMagic() != proto::K_MAGIC)
@@ -105,7 +114,7 @@ Result<std::unique_ptr<DecodedEnvelope>> DecodeEnvelope(const void* data, size_t
     capnp::ReaderOptions app_options;
     app_options.traversalLimitInWords = UINT64_MAX / 2;
     app_options.nestingLimit = limits.nesting_limit;
-    env->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(env->words_.asPtr(), app_options);
+    env->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(words, app_options);
     env->root_ = env->reader_->getRoot<proto::Envelope>();
   } catch (const kj::Exception& e) {
     return fail(MalformedReason::kDecode, e.getDescription().cStr());

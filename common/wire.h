@@ -71,21 +71,27 @@ class DecodedEnvelope {
  public:
   proto::Envelope::Reader root() const { return root_; }
   proto::Envelope::Body::Which which() const { return root_.getBody().which(); }
-  size_t frame_bytes() const { return words_.size() * sizeof(capnp::word); }
+  size_t frame_bytes() const { return frame_bytes_; }
 
  private:
   friend Result<std::unique_ptr<DecodedEnvelope>> DecodeEnvelope(const void*, size_t,
                                                                   const WireLimits&,
-                                                                  MalformedReason*);
-  kj::Array<capnp::word> words_;
+                                                                  MalformedReason*,
+                                                                  std::shared_ptr<void>);
+  kj::Array<capnp::word> words_;   // an aligned copy, or empty when the bytes were used in place
+  std::shared_ptr<void> owner_;    // keeps bytes used in place alive
+  size_t frame_bytes_ = 0;
   std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
   proto::Envelope::Reader root_;
 };
 
 // Decodes and validates a frame. On failure returns InvalidArgument and sets *why.
+// With an `owner` that keeps `data` alive and word-aligned data, the bytes are read in place;
+// otherwise they are copied into an aligned buffer.
 Result<std::unique_ptr<DecodedEnvelope>> DecodeEnvelope(const void* data, size_t size,
                                                         const WireLimits& limits,
-                                                        MalformedReason* why);
+                                                        MalformedReason* why,
+                                                        std::shared_ptr<void> owner = nullptr);
 
 // Starts an envelope: magic, wire version, sender and send time filled in; set the body and
 // (for reliable sends the transport does it) sequence and key.
