@@ -65,5 +65,6 @@ struct Envelope {
     controlRequest @18 :C.ControlRequest;
     controlReply @19 :C.ControlReply;
     blob @20 :Data;         # opaque payload (tests, benchmarks)
+    weightsRequest @21 :W.WeightsRequest;
   }
 }

@@ -1,8 +1,11 @@
 # Weight publication: aha-learner -> aha-actor.
 #
 # The learner casts its fp32 master weights to the actors' dtype in one flat buffer. On GPUs the
-# bytes go by ncclBroadcast and only WeightsAnnounce crosses ZeroMQ; on CPU the bytes follow as
-# WeightsChunk messages. An actor swaps in a version only when every byte of it has arrived.
+# bytes go by ncclBroadcast and only WeightsAnnounce crosses ZeroMQ; on CPU the actor pulls them:
+# WeightsRequest{chunkIndex = -1} -> WeightsAnnounce of the newest version, then
+# WeightsRequest{version, chunkIndex = i} -> WeightsChunk i, over the learner's weights socket
+# (request/reply). An actor swaps in a version only when every byte of it has arrived and the
+# checksum matches.
 @0xc09225043b95b7e6;
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("aha::proto");
@@ -34,4 +37,11 @@ struct WeightsChunk {
   version @1 :UInt64;
   index @2 :UInt32;
   data @3 :Data;
+}
+
+struct WeightsRequest {
+  schemaVersion @0 :UInt16 = 1;
+  haveVersion @1 :UInt64;  # the asker's current version
+  version @2 :UInt64;      # chunk requests: the version being fetched
+  chunkIndex @3 :Int64;    # -1: announce the newest version; >= 0: that chunk of `version`
 }

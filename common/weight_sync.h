@@ -1,0 +1,79 @@
+// Weight publication without GPUs: the learner serves versioned flat weight buffers over its
+// weights socket and actors pull them in chunks (shared/DESIGN.md §1 "Weight publication", the ZMQ
+// path; proto/weights.capnp gives the exchange).
+//
+// The learner Publish()es each new version (it keeps the newest and the one before, so an actor
+// halfway through fetching a version can finish it). An actor calls FetchIfNewer() between decode
+// steps: one request learns the newest version; if it is newer, the chunks follow, are checked
+// against the FNV-1a checksum, and the whole version is returned for the actor to swap in. A
+// version that disappears mid-fetch (two newer ones were published) makes the fetch start over
+// with the newest.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "common/transport.h"
+#include "proto/weights.capnp.h"
+
+namespace aha {
+
+struct WeightTensor {
+  std::string name;
+  std::vector<uint64_t> shape;
+  uint64_t offset = 0;  // bytes into the flat buffer
+};
+
+struct WeightsVersion {
+  uint64_t version = 0;
+  proto::DType dtype = proto::DType::F32;
+  std::vector<WeightTensor> tensors;
+  std::shared_ptr<const std::vector<uint8_t>> bytes;
+  uint64_t checksum = 0;  // Fnv1a64 of bytes
+};
+
+uint64_t Fnv1a64(const void* data, size_t size);
+
+struct WeightPublisherOptions {
+  std::string endpoint = "tcp://127.0.0.1:0";
+  uint64_t chunk_bytes = 4u << 20;
+  WireStats* stats = nullptr;
+};
+
+class WeightPublisher {
+ public:
+  static Result<std::unique_ptr<WeightPublisher>> Create(zmq::context_t& context,
+                                                         WeightPublisherOptions options);
+  // Makes `v` the newest version. Its checksum is computed here. Thread-safe.
+  void Publish(WeightsVersion v);
+  uint64_t latest_version() const;
+  std::string bound_endpoint() const { return server_->bound_endpoint(); }
+
+ private:
+  WeightPublisher() = default;
+  Status Serve(const proto::Envelope::Reader& request, proto::Envelope::Builder reply);
+  WeightPublisherOptions options_;
+  mutable std::mutex mu_;
+  std::shared_ptr<const WeightsVersion> newest_, previous_;
+  std::unique_ptr<RpcServer> server_;
+};
+
+class WeightSubscriber {
+ public:
+  static Result<std::unique_ptr<WeightSubscriber>> Create(zmq::context_t& context,
+                                                          const std::string& endpoint,
+                                                          WireStats* stats = nullptr);
+  // nullopt when the publisher has nothing newer than `have_version`. Timeout/Unavailable when the
+  // learner does not answer; DataLoss on a checksum mismatch.
+  Result<std::optional<WeightsVersion>> FetchIfNewer(uint64_t have_version, Millis call_timeout);
+
+ private:
+  std::unique_ptr<RpcClient> client_;
+};
+
+}  // namespace aha
