@@ -2,26 +2,280 @@
 
 #include <spdlog/spdlog.h>
 
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+
+#include "common/config.h"
 #include "common/daemon.h"
 #include "common/flags.h"
+#include "common/weight_sync.h"
+#include "engine/cpu_backend.h"
+#include "engine/generate.h"
+#include "engine/tokenizer/prompt_template.h"
+#include "engine/tokenizer/tokenizer.h"
 
 namespace aha {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+uint64_t Mix(uint64_t h, uint64_t x) {
+  h ^= x + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  return h;
+}
+
+struct ActorMetrics {
+  prometheus::Counter *tokens, *samples, *leases, *swaps, *send_timeouts;
+  prometheus::Gauge *tokens_per_s, *samples_per_s, *version, *lag, *outbox;
+  prometheus::Histogram* swap_seconds;
+  explicit ActorMetrics(prometheus::Registry& r) {
+    auto counter = [&](const std::string& n, const std::string& h) {
+      return &prometheus::BuildCounter().Name("aha_actor_" + n).Help(h).Register(r).Add({});
+    };
+    auto gauge = [&](const std::string& n, const std::string& h) {
+      return &prometheus::BuildGauge().Name("aha_actor_" + n).Help(h).Register(r).Add({});
+    };
+    tokens = counter("generated_tokens_total", "Completion tokens generated");
+    samples = counter("samples_total", "Completions sent to aha-rewardd");
+    leases = counter("leases_total", "Prompt leases received");
+    swaps = counter("weight_swaps_total", "New policy versions swapped in");
+    send_timeouts = counter("send_timeouts_total", "Sends that waited past their deadline on a full outbox");
+    tokens_per_s = gauge("tokens_per_second", "Generation throughput of the last round, tokens/s");
+    samples_per_s = gauge("samples_per_second", "Completions per second of the last round");
+    version = gauge("policy_version", "Policy version of the weights in use");
+    lag = gauge("policy_lag", "Newest published version minus the version in use, at the last check");
+    outbox = gauge("outbox_depth", "Trajectories sent and not yet acknowledged by aha-rewardd");
+    swap_seconds = &prometheus::BuildHistogram().Name("aha_actor_weight_swap_seconds").Help("Time to fetch and swap in a version")
+                        .Register(r).Add({}, prometheus::Histogram::BucketBoundaries{0.001, 0.01, 0.1, 1, 10});
+  }
+};
+
+}  // namespace
 
 int RunActorDaemon(int argc, char** argv) {
   DaemonFlags daemon_flags;
-  FlagSet flags("aha-actor", "The rollout actor: leases prompts from aha-replay, samples G completions per prompt and sends\n"
-      "them to aha-rewardd.");
+  std::string model_dir, replay, rewardd, weights, actor_id;
+  std::vector<std::string> sets;
+  int64_t max_batch = 32;
+  FlagSet flags("aha-actor",
+                "The rollout actor: leases prompts from aha-replay, samples G completions per prompt and sends\n"
+                "them to aha-rewardd; pulls new weights from the learner between generation rounds.");
   AddDaemonFlags(flags, &daemon_flags);
-  flags.Epilog(
-      "Status: this build serves only the control socket (status, pause, resume, stop) and\n"
-      ""
-      "Prometheus metrics; generation is not implemented yet (issue 8, \"Actors and learner\").");
+  flags.StringList("set", &sets, "override a job-file key (a.b=c), repeatable");
+  flags.String("model", &model_dir, "Hugging Face model directory with tokenizer.json (required)");
+  flags.String("replay", &replay, "aha-replay's request socket (its --rpc) (required)");
+  flags.String("rewardd", &rewardd, "aha-rewardd's trajectory socket (its --ingest) (required)");
+  flags.String("weights", &weights, "the learner's weights socket; empty = never update weights");
+  flags.String("actor-id", &actor_id, "name in trajectories and logs (default actor-<role-index>)");
+  flags.Int("max-batch", &max_batch, "sequences decoded together (default 32)");
+  flags.Epilog("The job file (--config) gives the prompt template and the grpo sampling settings. GPU\n"
+               "generation and the NCCL in-flight weight swap are not implemented yet (issue 7).");
   ParseOrExit(flags, argc, argv);
-  auto runtime = DaemonRuntime::Create("actor", daemon_flags);
-  if (!runtime.ok()) return Fail("aha-actor", runtime.status().message());
-  if (Status s = (*runtime)->Start(); !s.ok()) return Fail("aha-actor", s.message());
-  (*runtime)->WaitForStop();
-  spdlog::info("stopped");
+  const std::string prog = "aha-actor";
+  if (daemon_flags.config.empty()) return Fail(prog, "--config is required", 2);
+  if (model_dir.empty()) return Fail(prog, "--model is required", 2);
+  if (replay.empty()) return Fail(prog, "--replay is required", 2);
+  if (rewardd.empty()) return Fail(prog, "--rewardd is required", 2);
+  if (max_batch < 1) return Fail(prog, "--max-batch must be >= 1", 2);
+  if (actor_id.empty()) actor_id = "actor-" + std::to_string(daemon_flags.role_index);
+  auto job = LoadJobConfig(daemon_flags.config, sets);
+  if (!job.ok()) return Fail(prog, job.status().message());
+  auto tmpl = tokenizer::PromptTemplate::Parse(job->model.prompt_template);
+  if (!tmpl.ok()) return Fail(prog, tmpl.status().message());
+  auto tok = tokenizer::Tokenizer::Load(model_dir);
+  if (!tok.ok()) return Fail(prog, tok.status().message());
+
+  auto rt_or = DaemonRuntime::Create("actor", daemon_flags);
+  if (!rt_or.ok()) return Fail(prog, rt_or.status().message());
+  auto& rt = *rt_or;
+  engine::CpuBackend backend;
+  auto model_or = engine::Transformer::Load(model_dir, &backend);
+  if (!model_or.ok()) return Fail(prog, model_or.status().message());
+  auto& model = *model_or;
+
+  const GrpoConfig& g = job->grpo;
+  const int G = static_cast<int>(g.group_size);
+  const int max_prompt_tokens = 1024;
+  engine::Generator generator(model.get(), static_cast<int>(max_batch), max_prompt_tokens + static_cast<int>(g.max_new_tokens));
+
+  RpcClientOptions ro;
+  ro.endpoint = replay;
+  ro.name = actor_id;
+  ro.stats = &rt->wire_stats();
+  auto replay_or = RpcClient::Create(rt->zmq(), ro);
+  if (!replay_or.ok()) return Fail(prog, replay_or.status().message());
+  auto& replay_client = *replay_or;
+  ReliableSenderOptions so;
+  so.endpoint = rewardd;
+  so.name = actor_id;
+  so.max_outbox = 4096;
+  so.resend_after = 2000ms;
+  so.stats = &rt->wire_stats();
+  so.on_rejected = [](const std::string& key, const std::string& reason) {
+    spdlog::warn("aha-rewardd rejected trajectory {}: {}", key, reason);
+  };
+  auto sender_or = ReliableSender::Create(rt->zmq(), so);
+  if (!sender_or.ok()) return Fail(prog, sender_or.status().message());
+  auto& sender = *sender_or;
+  std::unique_ptr<WeightSubscriber> subscriber;
+  if (!weights.empty()) {
+    auto s = WeightSubscriber::Create(rt->zmq(), weights, &rt->wire_stats());
+    if (!s.ok()) return Fail(prog, s.status().message());
+    subscriber = std::move(s).value();
+  }
+
+  ActorMetrics metrics(rt->metrics().registry());
+  std::atomic<uint64_t> version{0};
+  std::atomic<double> last_tps{0}, last_sps{0};
+  ControlHooks hooks;
+  hooks.policy_version = [&] { return version.load(); };
+  hooks.fill_status = [&](proto::ProcessStatus::Builder st) {
+    auto a = st.getDetail().initActor();
+    a.setTokensPerSecond(last_tps.load());
+    a.setSamplesPerSecond(last_sps.load());
+    a.setOutboxDepth(static_cast<uint32_t>(sender->outbox_size()));
+  };
+  rt->SetHooks(hooks);
+  if (Status s = rt->Start(); !s.ok()) return Fail(prog, s.message());
+
+  std::vector<int32_t> stop_ids;
+  if (tok.value()->eos_id() >= 0) stop_ids.push_back(tok.value()->eos_id());
+  for (int id : model->config().eos_token_ids)
+    if (std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
+  const int lease_tasks = std::max(1, static_cast<int>(max_batch) / G);
+  uint64_t lease_request = 1;
+  auto detok = [&](const std::vector<int32_t>& ids) { return tok.value()->Decode(ids, true); };
+
+  while (!rt->stopping()) {
+    if (rt->paused()) {
+      rt->WaitForStopFor(100ms);
+      continue;
+    }
+    // New weights first: generation never waits for them, they are swapped in between rounds.
+    if (subscriber) {
+      auto t0 = std::chrono::steady_clock::now();
+      auto got = subscriber->FetchIfNewer(version.load(), 2000ms);
+      if (got.ok() && got->has_value()) {
+        const WeightsVersion& w = **got;
+        if (w.bytes->size() != model->num_params() * sizeof(float) || w.dtype != proto::DType::F32) {
+          spdlog::error("weights version {} does not fit this model ({} bytes, {} expected)", w.version,
+                        w.bytes->size(), model->num_params() * sizeof(float));
+        } else {
+          std::memcpy(model->params(), w.bytes->data(), w.bytes->size());
+          version = w.version;
+          spdlog::info("swapped in policy version {}", w.version);
+          metrics.swaps->Increment();
+          metrics.swap_seconds->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+      } else if (!got.ok()) {
+        spdlog::debug("weights: {}", got.status().ToString());
+      }
+      metrics.version->Set(static_cast<double>(version.load()));
+    }
+
+    capnp::MallocMessageBuilder lm;
+    auto lr = InitEnvelope(lm, actor_id).getBody().initLeaseRequest();
+    lr.setActorId(actor_id);
+    lr.setMaxTasks(static_cast<uint32_t>(lease_tasks));
+    lr.setPolicyVersion(version.load());
+    lr.setRequestId(lease_request);
+    auto lease_env = replay_client->Call(lm, 5000ms);
+    if (!lease_env.ok()) {
+      spdlog::warn("lease request to {}: {}", replay, lease_env.status().ToString());
+      rt->WaitForStopFor(500ms);
+      continue;  // the retry keeps its request id: replay hands back the same lease
+    }
+    ++lease_request;
+    if ((*lease_env)->which() != proto::Envelope::Body::PROMPT_LEASE) continue;
+    auto lease = (*lease_env)->root().getBody().getPromptLease();
+    if (lease.getTasks().size() == 0) {
+      rt->WaitForStopFor(std::chrono::milliseconds(std::max<uint32_t>(50, lease.getRetryAfterMs())));
+      continue;
+    }
+    metrics.leases->Increment();
+
+    std::vector<engine::GenerationRequest> requests;
+    std::vector<std::vector<int32_t>> prompts;
+    for (auto lt : lease.getTasks()) {
+      std::string rendered = tmpl->Render(lt.getTask().getPrompt().cStr());
+      std::vector<int32_t> prompt = tok.value()->Encode(rendered, false);
+      // The R1-Zero output format: a prompt that asks for <answer> tags ends at the closing tag.
+      std::vector<std::string> stop_strings;
+      if (rendered.find("<answer>") != std::string::npos) stop_strings.push_back("</answer>");
+      if (prompt.size() > static_cast<size_t>(max_prompt_tokens)) prompt.resize(max_prompt_tokens);
+      uint64_t h = 1469598103934665603ull;
+      for (char c : std::string(lt.getGroupId().cStr())) h = Mix(h, static_cast<uint8_t>(c));
+      for (uint32_t i = 0; i < lt.getGroupSize(); ++i) {
+        engine::GenerationRequest r;
+        r.prompt = prompt;
+        r.sampling.temperature = static_cast<float>(g.temperature);
+        r.sampling.top_p = static_cast<float>(g.top_p);
+        r.sampling.top_k = static_cast<int>(g.top_k);
+        r.seed = Mix(h, i);
+        r.max_new_tokens = static_cast<int>(g.max_new_tokens);
+        r.stop_token_ids = stop_ids;
+        r.stop_strings = stop_strings;
+        requests.push_back(std::move(r));
+      }
+    }
+    auto t_gen = std::chrono::steady_clock::now();
+    auto results = generator.Generate(requests, detok);
+    double gen_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_gen).count();
+    if (!results.ok()) {
+      spdlog::error("generation failed: {}", results.status().ToString());
+      continue;
+    }
+    uint64_t new_tokens = 0;
+    size_t k = 0;
+    for (auto lt : lease.getTasks()) {
+      for (uint32_t i = 0; i < lt.getGroupSize(); ++i, ++k) {
+        const auto& res = (*results)[k];
+        new_tokens += res.tokens.size();
+        capnp::MallocMessageBuilder m;
+        auto t = InitEnvelope(m, actor_id).getBody().initTrajectory();
+        t.setGroupId(lt.getGroupId());
+        t.setSampleIndex(i);
+        t.setGroupSize(lt.getGroupSize());
+        t.setLeaseId(lease.getLeaseId());
+        t.setTask(lt.getTask());
+        auto pt = t.initPromptTokens(static_cast<unsigned>(requests[k].prompt.size()));
+        for (size_t j = 0; j < requests[k].prompt.size(); ++j) pt.set(j, static_cast<uint32_t>(requests[k].prompt[j]));
+        auto ct = t.initCompletionTokens(static_cast<unsigned>(res.tokens.size()));
+        auto lp = t.initBehaviourLogprobs(static_cast<unsigned>(res.tokens.size()));
+        for (size_t j = 0; j < res.tokens.size(); ++j) {
+          ct.set(j, static_cast<uint32_t>(res.tokens[j]));
+          lp.set(j, res.logprobs[j]);
+        }
+        t.setCompletionText(detok(res.tokens));
+        auto span = t.initVersionSpans(1)[0];
+        span.setStartToken(0);
+        span.setVersion(version.load());
+        t.setFinishReason(res.finish == engine::FinishReason::kStop ? proto::FinishReason::STOP : proto::FinishReason::LENGTH);
+        t.setActorId(actor_id);
+        t.getTimings().setDecodeMs(static_cast<float>(gen_s * 1000));
+        t.setTemperature(static_cast<float>(g.temperature));
+        std::string key = std::string(lt.getGroupId().cStr()) + "/" + std::to_string(i);
+        for (;;) {  // backpressure: wait for aha-rewardd rather than drop
+          Status s = sender->Send(key, m, Clock::now() + 10s);
+          if (s.ok() || rt->stopping()) break;
+          metrics.send_timeouts->Increment();
+          spdlog::warn("trajectory {}: {}", key, s.ToString());
+        }
+        metrics.samples->Increment();
+      }
+    }
+    metrics.tokens->Increment(static_cast<double>(new_tokens));
+    last_tps = new_tokens / std::max(1e-9, gen_s);
+    last_sps = static_cast<double>(requests.size()) / std::max(1e-9, gen_s);
+    metrics.tokens_per_s->Set(last_tps.load());
+    metrics.samples_per_s->Set(last_sps.load());
+    metrics.outbox->Set(static_cast<double>(sender->outbox_size()));
+  }
+  // Give in-flight trajectories a moment to be acknowledged; what is left is re-leased by replay.
+  (void)sender->Flush(Clock::now() + 2s);
+  spdlog::info("stopped at policy version {}", version.load());
   return 0;
 }
 

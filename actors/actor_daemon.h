@@ -1,10 +1,11 @@
-// aha-actor: the daemon's entry point. Its real work (shared/DESIGN.md §1, §4) arrives with
-// issue 8 ("Actors and learner"); until then it serves only its control socket and metrics.
+// aha-actor: leases prompts from aha-replay, renders the job's prompt template, samples G
+// completions per prompt with the engine and sends them as Trajectories to aha-rewardd over the
+// reliable channel. New weights are pulled from the learner between generation rounds and swapped
+// in place (CPU path; the NCCL in-flight swap between decode steps comes with issue 7).
 #pragma once
 
 namespace aha {
 
-// Runs aha-actor with its command line; returns the exit code.
 int RunActorDaemon(int argc, char** argv);
 
 }  // namespace aha

@@ -299,7 +299,7 @@ template <typename V> void Visit(V& v, GrpoConfig& c) {
 }
 template <typename V> void Visit(V& v, RewardConfig& c) {
   v.Required("name");
-  v.Field("name", c.name, {"format", "format_graded", "accuracy", "countdown", "arith", "language",
+  v.Field("name", c.name, {"format", "format_graded", "accuracy", "math", "countdown", "arith", "language",
                            "code", "overlong", "length", "repetition"});
   v.Field("weight", c.weight, -1000.0, 1000.0);
   v.Field("params", c.params);
@@ -370,8 +370,9 @@ void CheckCrossFields(const JobConfig& c, Origin* o) {
   for (const auto& d : c.topology.learner_devices)
     if (!std::regex_match(d, device)) o->Fail("topology.learner_devices", nullptr, "'" + d + "' is not cpu or cuda:N");
   if (c.model.prompt_template != "r1-zero" && c.model.prompt_template != "plain" &&
+      c.model.prompt_template != "qwen-chat" &&
       c.model.prompt_template.find("{prompt}") == std::string::npos)
-    o->Fail("model.prompt_template", nullptr, "must be r1-zero, plain, or a text containing {prompt}");
+    o->Fail("model.prompt_template", nullptr, "must be r1-zero, qwen-chat, plain, or a text containing {prompt}");
 }
 
 // Applies "a.b.c=value" to the tree; the value is parsed as YAML.

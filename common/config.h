@@ -94,7 +94,7 @@ struct GrpoConfig {
 };
 
 struct RewardConfig {
-  std::string name;              // format|format_graded|accuracy|countdown|arith|language|code|overlong|length|repetition
+  std::string name;              // format|format_graded|accuracy|math|countdown|arith|language|code|overlong|length|repetition
   double weight = 1.0;
   std::map<std::string, std::string> params;  // function-specific scalars
 };

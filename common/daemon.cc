@@ -87,6 +87,7 @@ Status DaemonRuntime::Start() {
     nlohmann::json j = {{"pid", getpid()},
                         {"control", control_->bound_endpoint()},
                         {"metrics", metrics_->port() ? "127.0.0.1:" + std::to_string(metrics_->port()) : ""}};
+    for (const auto& [k, v] : ready_extra_) j[k] = v;
     std::string tmp = flags_.ready_file + ".tmp";
     {
       std::ofstream f(tmp);

@@ -18,6 +18,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -65,6 +66,8 @@ class DaemonRuntime {
   ~DaemonRuntime();
 
   void SetHooks(ControlHooks hooks) { hooks_ = std::move(hooks); }
+  // Adds an entry (e.g. "weights" -> the bound endpoint) to the ready file; call before Start().
+  void AddReadyField(const std::string& key, const std::string& value) { ready_extra_[key] = value; }
   // Binds the control socket, writes the ready file and marks the process running.
   Status Start();
   // Blocks until a stop was requested (signal or control).
@@ -89,6 +92,7 @@ class DaemonRuntime {
   std::string process_;
   DaemonFlags flags_;
   ControlHooks hooks_;
+  std::map<std::string, std::string> ready_extra_;
   zmq::context_t zmq_;
   std::unique_ptr<MetricsServer> metrics_;
   std::unique_ptr<WireStats> wire_stats_;

@@ -10,7 +10,7 @@ Status InitLogging(const LogOptions& options) {
   if (level == spdlog::level::off && options.level != "off")
     return InvalidArgument("unknown log level '" + options.level + "'");
   std::vector<spdlog::sink_ptr> sinks;
-  sinks.push_back(std::make_shared<spdlog::sinks::stderr_sink_mt>());
+  if (options.to_stderr || options.file.empty()) sinks.push_back(std::make_shared<spdlog::sinks::stderr_sink_mt>());
   if (!options.file.empty()) {
     try {
       sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_mt>(options.file, false));

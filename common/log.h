@@ -15,6 +15,7 @@ struct LogOptions {
   int role_index = 0;           // actor 0, actor 1, ...
   std::string file;             // "" = stderr only
   std::string level = "info";   // trace|debug|info|warn|error
+  bool to_stderr = true;        // false: the file only (CLIs that own the terminal)
 };
 
 // Installs the default logger: "[2026-11-28 14:00:00.123] [aha-actor:1] [info] message".

@@ -1,5 +1,6 @@
-// aha-learner: the daemon's entry point. Its real work (shared/DESIGN.md §1, §4) arrives with
-// issue 8 ("Actors and learner"); until then it serves only its control socket and metrics.
+// aha-learner: pulls complete groups from aha-replay, runs GRPO steps (learner/trainer.h) and
+// publishes every new policy version to the actors (CPU path: common/weight_sync.h over ZeroMQ).
+// The NCCL path (GPU actors) comes with the CUDA engine (issue 7).
 #pragma once
 
 namespace aha {

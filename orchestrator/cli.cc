@@ -4,12 +4,36 @@
 
 #include "common/flags.h"
 #include "common/version.h"
+#include "engine/commands.h"
+#include "engine/tokenizer/tokenize_command.h"
 #include "orchestrator/commands.h"
+#include "orchestrator/control_commands.h"
+#include "orchestrator/eval_command.h"
+#include "orchestrator/report.h"
+#include "orchestrator/run_command.h"
+#include "orchestrator/sft_command.h"
+#include "rewardd/commands.h"
 
 namespace aha {
 
 const std::vector<Command>& Commands() {
   static const std::vector<Command> commands = {
+      {"run", "run a job: every stage and process, supervised, with a progress bar", &RunRunCommand},
+      {"status", "state of every process of a run", &RunStatusCommand},
+      {"stop", "stop a run", &RunStopCommand},
+      {"pause", "pause every process of a run", &RunPauseCommand},
+      {"resume", "resume a paused run", &RunResumeCommand},
+      {"checkpoint", "checkpoint the learner and replay of a run now", &RunCheckpointCommand},
+      {"eval", "pass@1 and cons@K of a model on a dataset", &RunEvalCommand},
+      {"sft", "supervised fine-tuning on prompt/completion JSONL", &RunSftCommand},
+      {"sample", "rejection sampling: keep the completions the verifiers accept", &RunSampleCommand},
+      {"report", "plots and tables of a run directory", &RunReportCommand},
+      {"init", "write a randomly initialised model directory", &RunInitCommand},
+      {"logprobs", "per-token log-probs of token sequences (JSON on stdin)", &RunLogprobsCommand},
+      {"generate", "sample completions of a prompt", &RunGenerateCommand},
+      {"tokenize", "encode text to token ids or decode ids (tokenizer.json)", &tokenizer::RunTokenizeCommand},
+      {"reward", "score one completion (stdin) with the rule rewards, JSON out", &rewardd::RunRewardCommand},
+      {"data", "dataset tools: make countdown|arith synthetic datasets", &rewardd::RunDataCommand},
   };
   return commands;
 }

@@ -39,6 +39,7 @@ struct LeaseRequest {
   actorId @1 :Text;
   maxTasks @2 :UInt32;      # replay may hand out fewer (rate limiter, end of data)
   policyVersion @3 :UInt64; # the actor's current weights
+  requestId @4 :UInt64;     # a retried request (same actorId and requestId) gets the same lease
 }
 
 struct LeasedTask {

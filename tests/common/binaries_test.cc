@@ -74,15 +74,29 @@ struct Daemon {
   nlohmann::json ready;
 };
 
+// Arguments each daemon needs to start without a job (see their --help).
+std::vector<std::string> MinimalArgs(const std::string& binary, const fs::path& dir) {
+  if (binary == "aha-replay") {
+    std::ofstream(dir / "data.jsonl") << R"({"id": "t1", "prompt": "What is 1 + 1?", "answer": "2", "kind": "arith"})" << "\n";
+    return {"--db", (dir / "replay-db").string(), "--data", (dir / "data.jsonl").string()};
+  }
+  if (binary == "aha-rewardd") return {"--replay", "tcp://127.0.0.1:9"};  // nobody there: it waits
+  return {};
+}
+
 Daemon Start(const std::string& binary, const fs::path& dir) {
   fs::path ready = dir / (binary + ".ready");
   fs::remove(ready);
   std::string path = std::string(AHA_BIN_DIR) + "/" + binary, rf = ready.string(), log = (dir / (binary + ".log")).string();
   Daemon d;
   d.pid = fork();
+  std::vector<std::string> args = {binary, "--ready-file", rf, "--log-file", log};
+  for (auto& a : MinimalArgs(binary, dir)) args.push_back(a);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
   if (d.pid == 0) {
-    execl(path.c_str(), binary.c_str(), "--ready-file", rf.c_str(), "--log-file", log.c_str(),
-          static_cast<char*>(nullptr));
+    execv(path.c_str(), argv.data());
     _exit(127);
   }
   for (int i = 0; i < 1000 && !fs::exists(ready); ++i) std::this_thread::sleep_for(10ms);
@@ -103,7 +117,8 @@ int WaitExit(pid_t pid, std::chrono::milliseconds timeout) {
   return -1;
 }
 
-// Daemons that can start with no job (their real work needs a --config; see their --help).
+// Daemons that start without a job. aha-actor and aha-learner need a model, replay and a job file to
+// start at all; the e2e test (tests/orchestrator) runs them.
 class DaemonLifecycle : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(DaemonLifecycle, ServesControlAndMetricsAndStopsOnRequestAndOnSigterm) {
@@ -140,7 +155,7 @@ TEST_P(DaemonLifecycle, ServesControlAndMetricsAndStopsOnRequestAndOnSigterm) {
   fs::remove_all(dir);
 }
 
-INSTANTIATE_TEST_SUITE_P(Daemons, DaemonLifecycle, ::testing::Values("aha-actor", "aha-learner"));
+INSTANTIATE_TEST_SUITE_P(Daemons, DaemonLifecycle, ::testing::Values("aha-replay", "aha-rewardd"));
 
 }  // namespace
 }  // namespace aha

@@ -1,0 +1,130 @@
+// Backend: the one op interface that the CPU reference (cpu_backend.cc) and, next, the CUDA backend
+// (issue 7) implement. The transformer (transformer.cc), the generator and the optimizer call only
+// these ops, so swapping the backend moves a whole model to another device.
+//
+// Conventions (llm.c style), for every op:
+//  - All pointers are device pointers of the backend; all floats are f32 (the CUDA backend may keep
+//    weights and activations in bf16 behind the same signatures in a later issue).
+//  - Shapes: N tokens (all sequences packed end to end, no padding), C model width, Hq query heads,
+//    Hkv key/value heads (Hq % Hkv == 0, query head h reads kv head h / (Hq / Hkv)), D head width,
+//    I MLP width, V vocabulary, S sequences. cu_seqlens[S + 1] holds sequence starts: sequence s is
+//    tokens [cu_seqlens[s], cu_seqlens[s + 1]); cu_seqlens[0] = 0, cu_seqlens[S] = N.
+//  - Backward ops ACCUMULATE (+=) into parameter gradients (dw, db, dwte) and into activation
+//    gradients marked "+=" below; they OVERWRITE activation gradients marked "=". Residual streams
+//    are the reason for "+=": a stream's gradient arrives from two places.
+//  - Ops do not allocate per call except where noted (the lm-head's vocabulary-chunk workspace).
+//  - Thread-safety: a backend may run each op on many threads internally; ops must not be called on
+//    one backend from several threads at once.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/tensor.h"
+
+namespace aha::engine {
+
+// Llama-3 style rope scaling, or none. Inverse frequencies for head width D are computed once by
+// RopeInverseFrequencies() and passed to the rope ops.
+struct RopeSpec {
+  double theta = 10000.0;
+  bool llama3 = false;  // "rope_type": "llama3"
+  double factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0;
+  double original_max_positions = 8192;
+};
+// inv_freq[D / 2], exactly as transformers' _compute_default/_compute_llama3_parameters compute them.
+std::vector<float> RopeInverseFrequencies(const RopeSpec& spec, int head_dim);
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+
+  // ---- elementwise and layers -------------------------------------------------------------------
+  // out[N, C] = wte[ids[n], :]
+  virtual void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C) = 0;
+  // dwte[ids[n], :] += dout[n, :]
+  virtual void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C) = 0;
+
+  // out[N, C] = x * rstd * w with rstd[n] = 1 / sqrt(mean(x[n]^2) + eps); rstd is saved for backward.
+  // Used for the model's norms (C = width) and for Qwen3's per-head q/k norms (N = tokens * heads,
+  // C = head width).
+  virtual void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C,
+                              float eps) = 0;
+  // dx[N, C] += d/dx, dw[C] += d/dw.
+  virtual void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                               const float* rstd, int N, int C) = 0;
+
+  // In place on x[N, H, D]: rotate pairs (i, i + D/2) of every head by angle positions[n] * inv_freq[i]
+  // (transformers' rotate_half convention). Backward is the inverse rotation, also in place on dx.
+  virtual void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H,
+                           int D) = 0;
+  virtual void RopeBackward(float* dx, const int32_t* positions, const float* inv_freq, int N, int H,
+                            int D) = 0;
+
+  // out[N, OC] = x[N, C] @ w[OC, C]^T (+ b[OC] when b is not null). w in HF (out, in) layout.
+  virtual void LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C,
+                             int OC) = 0;
+  // dx[N, C] (= or += per accumulate_dx) dout @ w; dw += dout^T @ x; db += column sums of dout
+  // (db may be null). dx may be null when the input needs no gradient.
+  virtual void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x,
+                              const float* w, int N, int C, int OC, bool accumulate_dx) = 0;
+
+  // h[N, I] = silu(gate) * up, silu(x) = x * sigmoid(x). Backward overwrites dgate and dup.
+  virtual void SwiGluForward(float* h, const float* gate, const float* up, int N, int I) = 0;
+  virtual void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate,
+                              const float* up, int N, int I) = 0;
+
+  // out[n] = a[n] + b[n]; out may alias a or b.
+  virtual void Add(float* out, const float* a, const float* b, size_t n) = 0;
+
+  // ---- attention ---------------------------------------------------------------------------------
+  // Causal GQA over packed variable-length sequences: token i of sequence s attends to tokens
+  // cu_seqlens[s]..i of the same sequence. q[N, Hq, D], k/v[N, Hkv, D], out[N, Hq, D]; scale is
+  // 1/sqrt(D). lse[N, Hq] saves each row's log-sum-exp of scaled scores for the backward pass, which
+  // recomputes the probabilities from it (flash-attention style, no [T, T] matrix is kept).
+  virtual void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
+                                const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) = 0;
+  // Overwrites dq[N, Hq, D], dk and dv[N, Hkv, D].
+  virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                                 const float* lse, const float* q, const float* k, const float* v,
+                                 const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) = 0;
+
+  // KV cache for generation: per layer k_cache/v_cache[slots, max_len, Hkv, D]; a sequence owns one
+  // slot. Writes k/v of packed new tokens (sequence b: rows cu_q[b]..cu_q[b+1], at positions
+  // start[b]...) into their slots.
+  virtual void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v,
+                            const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
+                            int max_len, int Hkv, int D) = 0;
+  // Attention of packed new queries against the cache (prefill when start = 0 and many rows, decode
+  // when one row per sequence): query row i of sequence b sits at position start[b] + (i - cu_q[b])
+  // and attends to cache positions 0..that position. q/out[Nq, Hq, D].
+  virtual void CachedAttentionForward(float* out, const float* q, const float* k_cache,
+                                      const float* v_cache, const int32_t* cu_q, const int32_t* slots,
+                                      const int32_t* start, int B, int max_len, int Hq, int Hkv,
+                                      int D) = 0;
+
+  // ---- fused lm-head ------------------------------------------------------------------------------
+  // For each row n with targets[n] >= 0: z = (h[n] @ w^T) / temperature over the vocabulary,
+  // logprob[n] = z[target] - logsumexp(z), entropy[n] = -sum_v p_v log p_v; rows with target < 0
+  // get 0. The logits are computed in vocabulary chunks with an online log-sum-exp; no [N, V] tensor
+  // is ever allocated. lse[N] is saved for the backward pass. h[N, C], w[V, C].
+  virtual void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                             const int32_t* targets, int N, int C, int V, float temperature) = 0;
+  // Given dlogprob[N] and dentropy[N] (either may be null = zero): overwrites dh[N, C] and
+  // accumulates dw[V, C] +=. Recomputes each chunk's logits; needs the forward's lse and entropy.
+  virtual void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy,
+                              const float* h, const float* w, const int32_t* targets,
+                              const float* lse, const float* entropy, int N, int C, int V,
+                              float temperature) = 0;
+
+  // ---- optimizer ----------------------------------------------------------------------------------
+  // sum of squares of x[n], accumulated in f64.
+  virtual double SumSquares(const float* x, size_t n) = 0;
+  virtual void Scale(float* x, float s, size_t n) = 0;
+  // torch.optim.AdamW (decoupled weight decay) with bias correction at 1-based step t.
+  virtual void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int64_t t) = 0;
+};
+
+}  // namespace aha::engine

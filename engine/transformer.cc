@@ -1,0 +1,441 @@
+// Transformer forward, backward, cached generation forward, and HF directory I/O (see transformer.h).
+#include "engine/transformer.h"
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "engine/safetensors.h"
+
+namespace aha::engine {
+
+std::vector<ParamInfo> ParamTable(const ModelConfig& c) {
+  std::vector<ParamInfo> t;
+  size_t offset = 0;
+  auto add = [&](std::string name, Shape shape) {
+    ParamInfo p{std::move(name), std::move(shape), offset};
+    offset += p.numel();
+    t.push_back(std::move(p));
+  };
+  const int64_t C = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
+  const int64_t QD = c.num_heads * D, KD = c.num_kv_heads * D;
+  add("model.embed_tokens.weight", {c.vocab_size, C});
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {C});
+    add(p + "self_attn.q_proj.weight", {QD, C});
+    if (c.attention_bias) add(p + "self_attn.q_proj.bias", {QD});
+    add(p + "self_attn.k_proj.weight", {KD, C});
+    if (c.attention_bias) add(p + "self_attn.k_proj.bias", {KD});
+    add(p + "self_attn.v_proj.weight", {KD, C});
+    if (c.attention_bias) add(p + "self_attn.v_proj.bias", {KD});
+    add(p + "self_attn.o_proj.weight", {C, QD});
+    if (c.qk_norm) {
+      add(p + "self_attn.q_norm.weight", {D});
+      add(p + "self_attn.k_norm.weight", {D});
+    }
+    add(p + "post_attention_layernorm.weight", {C});
+    add(p + "mlp.gate_proj.weight", {I, C});
+    add(p + "mlp.up_proj.weight", {I, C});
+    add(p + "mlp.down_proj.weight", {C, I});
+  }
+  add("model.norm.weight", {C});
+  if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, C});
+  return t;
+}
+
+Transformer::Transformer(const ModelConfig& config, Backend* backend)
+    : config_(config), backend_(backend), table_(ParamTable(config)) {
+  const size_t n = table_.back().offset + table_.back().numel();
+  params_ = Tensor::Zeros(DType::kF32, {static_cast<int64_t>(n)}, backend->device());
+  w_ = Bind(params_.f32());
+  inv_freq_ = Tensor::FromVector(RopeInverseFrequencies(config.rope, config.head_dim), {config.head_dim / 2});
+}
+
+Transformer::Weights Transformer::Bind(float* base) const {
+  auto at = [&](const std::string& name) -> float* {
+    for (const auto& p : table_)
+      if (p.name == name) return base + p.offset;
+    return nullptr;
+  };
+  Weights w;
+  w.wte = at("model.embed_tokens.weight");
+  w.final_norm = at("model.norm.weight");
+  w.lm_head = config_.tie_word_embeddings ? w.wte : at("lm_head.weight");
+  for (int l = 0; l < config_.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    LayerWeights lw;
+    lw.in_norm = at(p + "input_layernorm.weight");
+    lw.q_w = at(p + "self_attn.q_proj.weight");
+    lw.q_b = at(p + "self_attn.q_proj.bias");
+    lw.k_w = at(p + "self_attn.k_proj.weight");
+    lw.k_b = at(p + "self_attn.k_proj.bias");
+    lw.v_w = at(p + "self_attn.v_proj.weight");
+    lw.v_b = at(p + "self_attn.v_proj.bias");
+    lw.o_w = at(p + "self_attn.o_proj.weight");
+    lw.q_norm = at(p + "self_attn.q_norm.weight");
+    lw.k_norm = at(p + "self_attn.k_norm.weight");
+    lw.post_norm = at(p + "post_attention_layernorm.weight");
+    lw.gate_w = at(p + "mlp.gate_proj.weight");
+    lw.up_w = at(p + "mlp.up_proj.weight");
+    lw.down_w = at(p + "mlp.down_proj.weight");
+    w.layers.push_back(lw);
+  }
+  return w;
+}
+
+void Transformer::EnsureGrads() {
+  if (!grads_.empty()) return;
+  grads_ = Tensor::Zeros(DType::kF32, {static_cast<int64_t>(num_params())}, backend_->device());
+  g_ = Bind(grads_.f32());
+}
+
+float* Transformer::param(const std::string& name) {
+  for (const auto& p : table_)
+    if (p.name == name) return params_.f32() + p.offset;
+  return nullptr;
+}
+
+float* Transformer::grad(const std::string& name) {
+  EnsureGrads();
+  for (const auto& p : table_)
+    if (p.name == name) return grads_.f32() + p.offset;
+  return nullptr;
+}
+
+// ---- load / init / save ------------------------------------------------------------------------
+
+Result<std::unique_ptr<Transformer>> Transformer::Load(const std::string& dir, Backend* backend) {
+  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir + "/config.json"));
+  ASSIGN_OR_RETURN(SafetensorsModel st, SafetensorsModel::Open(dir));
+  std::unique_ptr<Transformer> m(new Transformer(config, backend));
+  for (const ParamInfo& p : m->table_) {
+    std::string file = dir + "/model.safetensors";
+    const SafetensorsEntry* e = st.Find(p.name, &file);
+    if (!e) return NotFound(file + ": missing tensor " + p.name + " (config.json: " + ArchName(config.arch) + ")");
+    if (e->shape != p.shape)
+      return InvalidArgument(file + ": tensor " + p.name + ": shape " + ShapeString(e->shape) +
+                             " but config.json implies " + ShapeString(p.shape));
+    ASSIGN_OR_RETURN(Tensor t, st.Read(p.name));
+    if (t.dtype() != DType::kF32)
+      return InvalidArgument(file + ": tensor " + p.name + ": integer dtype " + e->dtype + " for a weight");
+    std::memcpy(m->params_.f32() + p.offset, t.f32(), p.numel() * sizeof(float));
+  }
+  // A tensor the architecture does not use means config.json and the weights disagree (a bias in a
+  // Llama file, q_norm in a Qwen2 file): refuse rather than silently compute something else.
+  for (const std::string& name : st.Names()) {
+    bool known = false;
+    for (const auto& p : m->table_) known = known || p.name == name;
+    const bool ignorable = name.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && name == "lm_head.weight");
+    if (!known && !ignorable) {
+      std::string file;
+      st.Find(name, &file);
+      return InvalidArgument(file + ": tensor " + name + ": not part of a " + ArchName(config.arch) +
+                             " model as config.json describes it");
+    }
+  }
+  return m;
+}
+
+std::unique_ptr<Transformer> Transformer::Init(const ModelConfig& config, uint64_t seed, Backend* backend) {
+  std::unique_ptr<Transformer> m(new Transformer(config, backend));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  for (const ParamInfo& p : m->table_) {
+    float* w = m->params_.f32() + p.offset;
+    const bool is_norm = p.name.ends_with("norm.weight");
+    const bool is_bias = p.name.ends_with(".bias");
+    for (size_t i = 0; i < p.numel(); ++i) w[i] = is_norm ? 1.0f : is_bias ? 0.0f : normal(rng);
+  }
+  return m;
+}
+
+Status Transformer::Save(const std::string& dir, DType dtype) const {
+  if (dtype != DType::kF32 && dtype != DType::kBF16) return InvalidArgument("model dtype must be f32 or bf16");
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return IoError(dir + ": cannot create directory: " + ec.message());
+  {
+    std::ofstream f(dir + "/config.json");
+    if (!f) return IoError(dir + "/config.json: cannot write");
+    std::string json = ModelConfigToJson(config_);
+    if (dtype == DType::kBF16) json.replace(json.find("\"float32\""), 9, "\"bfloat16\"");
+    f << json;
+    if (!f.flush()) return IoError(dir + "/config.json: write failed");
+  }
+  std::vector<uint16_t> bf16;
+  if (dtype == DType::kBF16) {
+    bf16.resize(num_params());
+    F32ToBF16(params_.f32(), bf16.data(), num_params());
+  }
+  std::vector<NamedTensor> tensors;
+  for (const ParamInfo& p : table_) {
+    const void* data = dtype == DType::kF32 ? static_cast<const void*>(params_.f32() + p.offset)
+                                            : static_cast<const void*>(bf16.data() + p.offset);
+    tensors.push_back({p.name, dtype, p.shape, data});
+  }
+  return WriteSafetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}});
+}
+
+// ---- training forward / backward ---------------------------------------------------------------
+
+void Transformer::AllocLayerActs(LayerActs* a, int N) const {
+  const int64_t C = config_.hidden_size, I = config_.intermediate_size;
+  const int64_t QD = config_.num_heads * config_.head_dim, KD = config_.num_kv_heads * config_.head_dim;
+  const Device d = backend_->device();
+  a->ln1 = Tensor(DType::kF32, {N, C}, d);
+  a->rstd1 = Tensor(DType::kF32, {N}, d);
+  if (config_.qk_norm) {
+    a->q_pre = Tensor(DType::kF32, {N, QD}, d);
+    a->k_pre = Tensor(DType::kF32, {N, KD}, d);
+    a->q_rstd = Tensor(DType::kF32, {N, config_.num_heads}, d);
+    a->k_rstd = Tensor(DType::kF32, {N, config_.num_kv_heads}, d);
+  }
+  a->q = Tensor(DType::kF32, {N, QD}, d);
+  a->k = Tensor(DType::kF32, {N, KD}, d);
+  a->v = Tensor(DType::kF32, {N, KD}, d);
+  a->att = Tensor(DType::kF32, {N, QD}, d);
+  a->lse = Tensor(DType::kF32, {N, config_.num_heads}, d);
+  a->mid = Tensor(DType::kF32, {N, C}, d);
+  a->ln2 = Tensor(DType::kF32, {N, C}, d);
+  a->rstd2 = Tensor(DType::kF32, {N}, d);
+  a->gate = Tensor(DType::kF32, {N, I}, d);
+  a->up = Tensor(DType::kF32, {N, I}, d);
+  a->h = Tensor(DType::kF32, {N, I}, d);
+}
+
+void Transformer::EnsureCapacity(int N) {
+  if (N <= capacity_ && static_cast<int>(acts_.size()) == (recompute_ ? 1 : config_.num_layers)) return;
+  capacity_ = std::max(N, capacity_);
+  N = capacity_;
+  const int64_t C = config_.hidden_size, I = config_.intermediate_size;
+  const int64_t QD = config_.num_heads * config_.head_dim, KD = config_.num_kv_heads * config_.head_dim;
+  const Device d = backend_->device();
+  resid_.clear();
+  for (int l = 0; l <= config_.num_layers; ++l) resid_.emplace_back(DType::kF32, Shape{N, C}, d);
+  acts_.clear();
+  acts_.resize(recompute_ ? 1 : config_.num_layers);
+  for (auto& a : acts_) AllocLayerActs(&a, N);
+  lnf_ = Tensor(DType::kF32, {N, C}, d);
+  rstdf_ = Tensor(DType::kF32, {N}, d);
+  lm_lse_ = Tensor(DType::kF32, {N}, d);
+  row_lp_ = Tensor(DType::kF32, {N}, d);
+  row_ent_ = Tensor(DType::kF32, {N}, d);
+  dres_ = Tensor(DType::kF32, {N, C}, d);
+  dmid_ = Tensor(DType::kF32, {N, C}, d);
+  dln_ = Tensor(DType::kF32, {N, C}, d);
+  tmp_ = Tensor(DType::kF32, {N, C}, d);
+  datt_ = Tensor(DType::kF32, {N, QD}, d);
+  dq_ = Tensor(DType::kF32, {N, QD}, d);
+  dk_ = Tensor(DType::kF32, {N, KD}, d);
+  dv_ = Tensor(DType::kF32, {N, KD}, d);
+  dq_pre_ = Tensor(DType::kF32, {N, QD}, d);
+  dk_pre_ = Tensor(DType::kF32, {N, KD}, d);
+  dgate_ = Tensor(DType::kF32, {N, I}, d);
+  dup_ = Tensor(DType::kF32, {N, I}, d);
+  dh_ = Tensor(DType::kF32, {N, I}, d);
+}
+
+void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, const int32_t* pos,
+                               const int32_t* cu_seqlens, int S, int N) {
+  Backend& B = *backend_;
+  const LayerWeights& w = w_.layers[l];
+  const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
+  const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
+  B.RmsNormForward(a.ln1.f32(), a.rstd1.f32(), x, w.in_norm, N, C, config_.rms_norm_eps);
+  float* q_lin = config_.qk_norm ? a.q_pre.f32() : a.q.f32();
+  float* k_lin = config_.qk_norm ? a.k_pre.f32() : a.k.f32();
+  B.LinearForward(q_lin, a.ln1.f32(), w.q_w, w.q_b, N, C, Hq * D);
+  B.LinearForward(k_lin, a.ln1.f32(), w.k_w, w.k_b, N, C, Hkv * D);
+  B.LinearForward(a.v.f32(), a.ln1.f32(), w.v_w, w.v_b, N, C, Hkv * D);
+  if (config_.qk_norm) {
+    B.RmsNormForward(a.q.f32(), a.q_rstd.f32(), q_lin, w.q_norm, N * Hq, D, config_.rms_norm_eps);
+    B.RmsNormForward(a.k.f32(), a.k_rstd.f32(), k_lin, w.k_norm, N * Hkv, D, config_.rms_norm_eps);
+  }
+  B.RopeForward(a.q.f32(), pos, inv_freq_.f32(), N, Hq, D);
+  B.RopeForward(a.k.f32(), pos, inv_freq_.f32(), N, Hkv, D);
+  B.AttentionForward(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
+  B.LinearForward(tmp_.f32(), a.att.f32(), w.o_w, nullptr, N, Hq * D, C);
+  B.Add(a.mid.f32(), x, tmp_.f32(), static_cast<size_t>(N) * C);
+  B.RmsNormForward(a.ln2.f32(), a.rstd2.f32(), a.mid.f32(), w.post_norm, N, C, config_.rms_norm_eps);
+  B.LinearForward(a.gate.f32(), a.ln2.f32(), w.gate_w, nullptr, N, C, I);
+  B.LinearForward(a.up.f32(), a.ln2.f32(), w.up_w, nullptr, N, C, I);
+  B.SwiGluForward(a.h.f32(), a.gate.f32(), a.up.f32(), N, I);
+  B.LinearForward(tmp_.f32(), a.h.f32(), w.down_w, nullptr, N, I, C);
+  B.Add(out, a.mid.f32(), tmp_.f32(), static_cast<size_t>(N) * C);
+}
+
+void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres, const int32_t* pos,
+                                const int32_t* cu_seqlens, int S, int N) {
+  // dres holds d loss / d (layer output) on entry and d loss / d (layer input x) on exit.
+  Backend& B = *backend_;
+  const LayerWeights& w = w_.layers[l];
+  const LayerWeights& g = g_.layers[l];
+  const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
+  const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
+  const size_t NC = static_cast<size_t>(N) * C;
+  // MLP branch: out = mid + down(swiglu(gate(ln2), up(ln2))).
+  float* dmid = dmid_.f32();
+  std::copy(dres, dres + NC, dmid);
+  B.LinearBackward(dh_.f32(), g.down_w, nullptr, dres, a.h.f32(), w.down_w, N, I, C, false);
+  B.SwiGluBackward(dgate_.f32(), dup_.f32(), dh_.f32(), a.gate.f32(), a.up.f32(), N, I);
+  B.LinearBackward(dln_.f32(), g.gate_w, nullptr, dgate_.f32(), a.ln2.f32(), w.gate_w, N, C, I, false);
+  B.LinearBackward(dln_.f32(), g.up_w, nullptr, dup_.f32(), a.ln2.f32(), w.up_w, N, C, I, true);
+  B.RmsNormBackward(dmid, g.post_norm, dln_.f32(), a.mid.f32(), w.post_norm, a.rstd2.f32(), N, C);
+  // Attention branch: mid = x + o(attn(rope(norm(q(ln1))), rope(norm(k(ln1))), v(ln1))).
+  std::copy(dmid, dmid + NC, dres);
+  B.LinearBackward(datt_.f32(), g.o_w, nullptr, dmid, a.att.f32(), w.o_w, N, Hq * D, C, false);
+  B.AttentionBackward(dq_.f32(), dk_.f32(), dv_.f32(), datt_.f32(), a.att.f32(), a.lse.f32(), a.q.f32(),
+                      a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
+  B.RopeBackward(dq_.f32(), pos, inv_freq_.f32(), N, Hq, D);
+  B.RopeBackward(dk_.f32(), pos, inv_freq_.f32(), N, Hkv, D);
+  float* dq_lin = dq_.f32();
+  float* dk_lin = dk_.f32();
+  if (config_.qk_norm) {
+    dq_pre_.SetZero();
+    dk_pre_.SetZero();
+    B.RmsNormBackward(dq_pre_.f32(), g.q_norm, dq_.f32(), a.q_pre.f32(), w.q_norm, a.q_rstd.f32(), N * Hq, D);
+    B.RmsNormBackward(dk_pre_.f32(), g.k_norm, dk_.f32(), a.k_pre.f32(), w.k_norm, a.k_rstd.f32(), N * Hkv, D);
+    dq_lin = dq_pre_.f32();
+    dk_lin = dk_pre_.f32();
+  }
+  B.LinearBackward(dln_.f32(), g.q_w, g.q_b, dq_lin, a.ln1.f32(), w.q_w, N, C, Hq * D, false);
+  B.LinearBackward(dln_.f32(), g.k_w, g.k_b, dk_lin, a.ln1.f32(), w.k_w, N, C, Hkv * D, true);
+  B.LinearBackward(dln_.f32(), g.v_w, g.v_b, dv_.f32(), a.ln1.f32(), w.v_w, N, C, Hkv * D, true);
+  B.RmsNormBackward(dres, g.in_norm, dln_.f32(), x, w.in_norm, a.rstd1.f32(), N, C);
+}
+
+void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int S, int N, float temperature,
+                          float* logprobs, float* entropies) {
+  AHA_CHECK_EQ(cu_seqlens[0], 0);
+  AHA_CHECK_EQ(cu_seqlens[S], N);
+  EnsureCapacity(N);
+  N_ = N;
+  S_ = S;
+  temperature_ = temperature;
+  tokens_.assign(tokens, tokens + N);
+  cu_seqlens_.assign(cu_seqlens, cu_seqlens + S + 1);
+  positions_.resize(N);
+  targets_.assign(N, -1);
+  for (int s = 0; s < S; ++s) {
+    AHA_CHECK_LE(cu_seqlens[s], cu_seqlens[s + 1]);
+    for (int i = cu_seqlens[s]; i < cu_seqlens[s + 1]; ++i) {
+      AHA_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size) << "token id " << tokens[i] << " out of range";
+      positions_[i] = i - cu_seqlens[s];
+      if (i + 1 < cu_seqlens[s + 1]) targets_[i] = tokens[i + 1];
+    }
+  }
+  Backend& B = *backend_;
+  const int C = config_.hidden_size;
+  B.EmbeddingForward(resid_[0].f32(), tokens_.data(), w_.wte, N, C);
+  for (int l = 0; l < config_.num_layers; ++l)
+    LayerForward(l, acts_[recompute_ ? 0 : l], resid_[l].f32(), resid_[l + 1].f32(), positions_.data(),
+                 cu_seqlens_.data(), S, N);
+  const int L = config_.num_layers;
+  B.RmsNormForward(lnf_.f32(), rstdf_.f32(), resid_[L].f32(), w_.final_norm, N, C, config_.rms_norm_eps);
+  B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_.data(), N, C,
+                  config_.vocab_size, temperature);
+  // Row n predicts token n + 1: shift into token alignment.
+  const float* rl = row_lp_.f32();
+  const float* re = row_ent_.f32();
+  for (int i = 0; i < N; ++i) {
+    const bool first = positions_[i] == 0;
+    logprobs[i] = first ? 0.0f : rl[i - 1];
+    if (entropies) entropies[i] = first ? 0.0f : re[i - 1];
+  }
+}
+
+void Transformer::Backward(const float* dlogprobs, const float* dentropies) {
+  EnsureGrads();
+  const int N = N_, C = config_.hidden_size, L = config_.num_layers;
+  Backend& B = *backend_;
+  std::vector<float> drow_lp(N, 0.0f), drow_ent(N, 0.0f);
+  for (int i = 0; i + 1 < N; ++i) {
+    if (targets_[i] < 0) continue;
+    if (dlogprobs) drow_lp[i] = dlogprobs[i + 1];
+    if (dentropies) drow_ent[i] = dentropies[i + 1];
+  }
+  B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp.data(), drow_ent.data(), lnf_.f32(), w_.lm_head,
+                   targets_.data(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
+  dres_.SetZero();
+  B.RmsNormBackward(dres_.f32(), g_.final_norm, dln_.f32(), resid_[L].f32(), w_.final_norm, rstdf_.f32(), N, C);
+  for (int l = L - 1; l >= 0; --l) {
+    LayerActs& a = acts_[recompute_ ? 0 : l];
+    if (recompute_) {
+      // Rebuild this layer's activations from its saved input (its output goes to scratch).
+      LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_.data(), cu_seqlens_.data(), S_, N);
+    }
+    LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_.data(), cu_seqlens_.data(), S_, N);
+  }
+  B.EmbeddingBackward(g_.wte, dres_.f32(), tokens_.data(), N, C);
+}
+
+// ---- generation forward ------------------------------------------------------------------------
+
+KvCache Transformer::NewKvCache(int slots, int max_len) const {
+  KvCache c;
+  c.slots = slots;
+  c.max_len = max_len;
+  for (int l = 0; l < config_.num_layers; ++l) {
+    const Shape s{slots, max_len, config_.num_kv_heads, config_.head_dim};
+    c.k.emplace_back(DType::kF32, s, backend_->device());
+    c.v.emplace_back(DType::kF32, s, backend_->device());
+  }
+  return c;
+}
+
+void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* slots,
+                                const int32_t* start, int Bn, KvCache* cache, float* last_logits) {
+  Backend& B = *backend_;
+  const int N = cu_q[Bn];
+  const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
+  const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
+  const Device d = backend_->device();
+  std::vector<int32_t> pos(N);
+  for (int b = 0; b < Bn; ++b)
+    for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) pos[i] = start[b] + (i - cu_q[b]);
+  Tensor x(DType::kF32, {N, C}, d), ln(DType::kF32, {N, C}, d), rstd(DType::kF32, {N * Hq}, d),
+      q(DType::kF32, {N, Hq * D}, d), k(DType::kF32, {N, Hkv * D}, d), v(DType::kF32, {N, Hkv * D}, d),
+      qn(DType::kF32, {N, Hq * D}, d), kn(DType::kF32, {N, Hkv * D}, d), att(DType::kF32, {N, Hq * D}, d),
+      tmp(DType::kF32, {N, C}, d), gate(DType::kF32, {N, I}, d), up(DType::kF32, {N, I}, d);
+  B.EmbeddingForward(x.f32(), tokens, w_.wte, N, C);
+  for (int l = 0; l < config_.num_layers; ++l) {
+    const LayerWeights& w = w_.layers[l];
+    B.RmsNormForward(ln.f32(), rstd.f32(), x.f32(), w.in_norm, N, C, config_.rms_norm_eps);
+    B.LinearForward(q.f32(), ln.f32(), w.q_w, w.q_b, N, C, Hq * D);
+    B.LinearForward(k.f32(), ln.f32(), w.k_w, w.k_b, N, C, Hkv * D);
+    B.LinearForward(v.f32(), ln.f32(), w.v_w, w.v_b, N, C, Hkv * D);
+    float* qf = q.f32();
+    float* kf = k.f32();
+    if (config_.qk_norm) {
+      B.RmsNormForward(qn.f32(), rstd.f32(), q.f32(), w.q_norm, N * Hq, D, config_.rms_norm_eps);
+      B.RmsNormForward(kn.f32(), rstd.f32(), k.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
+      qf = qn.f32();
+      kf = kn.f32();
+    }
+    B.RopeForward(qf, pos.data(), inv_freq_.f32(), N, Hq, D);
+    B.RopeForward(kf, pos.data(), inv_freq_.f32(), N, Hkv, D);
+    B.KvCacheWrite(cache->k[l].f32(), cache->v[l].f32(), kf, v.f32(), cu_q, slots, start, Bn, cache->max_len, Hkv, D);
+    B.CachedAttentionForward(att.f32(), qf, cache->k[l].f32(), cache->v[l].f32(), cu_q, slots, start, Bn,
+                             cache->max_len, Hq, Hkv, D);
+    B.LinearForward(tmp.f32(), att.f32(), w.o_w, nullptr, N, Hq * D, C);
+    B.Add(x.f32(), x.f32(), tmp.f32(), static_cast<size_t>(N) * C);
+    B.RmsNormForward(ln.f32(), rstd.f32(), x.f32(), w.post_norm, N, C, config_.rms_norm_eps);
+    B.LinearForward(gate.f32(), ln.f32(), w.gate_w, nullptr, N, C, I);
+    B.LinearForward(up.f32(), ln.f32(), w.up_w, nullptr, N, C, I);
+    B.SwiGluForward(gate.f32(), gate.f32(), up.f32(), N, I);
+    B.LinearForward(tmp.f32(), gate.f32(), w.down_w, nullptr, N, I, C);
+    B.Add(x.f32(), x.f32(), tmp.f32(), static_cast<size_t>(N) * C);
+  }
+  // Only each sequence's last row needs logits.
+  Tensor last(DType::kF32, {Bn, C}, d);
+  for (int b = 0; b < Bn; ++b) {
+    const float* row = x.f32() + static_cast<size_t>(cu_q[b + 1] - 1) * C;
+    std::copy(row, row + C, last.f32() + static_cast<size_t>(b) * C);
+  }
+  Tensor lastn(DType::kF32, {Bn, C}, d);
+  B.RmsNormForward(lastn.f32(), rstd.f32(), last.f32(), w_.final_norm, Bn, C, config_.rms_norm_eps);
+  B.LinearForward(last_logits, lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
+}
+
+}  // namespace aha::engine

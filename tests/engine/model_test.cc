@@ -1,0 +1,555 @@
+// Whole-model tests of the transformer on tiny random models of each family: finite-difference
+// gradients of every parameter, recomputation, packing, gradient accumulation, save/load (f32, bf16,
+// sharded), bad model directories, cached generation against the training forward, batching, stop
+// conditions, a few AdamW steps, and the engine's `aha` commands.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "engine/commands.h"
+#include "engine/cpu_backend.h"
+#include "engine/generate.h"
+#include "engine/optimizer.h"
+#include "engine/safetensors.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "engine/transformer.h"
+
+namespace aha::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+ModelConfig TinyConfig(Arch arch, bool tied) {
+  ModelConfig c;
+  c.arch = arch;
+  c.vocab_size = 17;
+  c.hidden_size = 8;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 4;
+  c.intermediate_size = 12;
+  c.max_position_embeddings = 64;
+  c.tie_word_embeddings = tied;
+  c.attention_bias = arch == Arch::kQwen2;
+  c.qk_norm = arch == Arch::kQwen3;
+  if (arch == Arch::kLlama) {
+    c.rope.theta = 500000.0;
+    c.rope.llama3 = true;
+    c.rope.original_max_positions = 8;
+  }
+  c.eos_token_ids = {16};
+  return c;
+}
+
+// Weights spread enough that attention and the softmax are far from uniform.
+void Randomize(Transformer& m, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (const ParamInfo& p : m.param_table()) {
+    float* w = m.param(p.name);
+    const bool norm = p.name.ends_with("norm.weight");
+    const float scale = p.name.find("embed") != std::string::npos ? 1.0f : 0.4f;
+    for (size_t i = 0; i < p.numel(); ++i) w[i] = norm ? 1.0f + 0.2f * d(g) : scale * d(g);
+  }
+}
+
+struct Batch {
+  std::vector<int32_t> tokens = {1, 5, 9, 2, 2, 7, 3, 11, 0, 16, 4, 8};
+  std::vector<int32_t> cu = {0, 4, 5, 12};  // lengths 4, 1, 7
+  int S() const { return static_cast<int>(cu.size()) - 1; }
+  int N() const { return static_cast<int>(tokens.size()); }
+};
+
+std::vector<float> Coeffs(int n, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+// sum a * logprobs + b * entropies, in f64.
+double Loss(Transformer& m, const Batch& b, const std::vector<float>& a, const std::vector<float>& e, float T) {
+  std::vector<float> lp(b.N()), ent(b.N());
+  m.Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), T, lp.data(), ent.data());
+  double s = 0;
+  for (int i = 0; i < b.N(); ++i) s += static_cast<double>(a[i]) * lp[i] + static_cast<double>(e[i]) * ent[i];
+  return s;
+}
+
+class ModelFamilies : public ::testing::TestWithParam<std::tuple<Arch, bool>> {};
+
+TEST_P(ModelFamilies, EveryParameterGradientMatchesFiniteDifferences) {
+  // f32 model, central differences with h = 3e-3 and the loss summed in f64: rounding contributes
+  // ~1e-4 of the largest gradient and truncation less; a wrong backward term is O(1). We require
+  // each tensor's worst error to stay under 2e-2 of max(its largest gradient, 0.05).
+  const auto [arch, tied] = GetParam();
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(arch, tied), 1, &B);
+  Randomize(*m, 2);
+  Batch b;
+  const float T = 0.8f;
+  auto a = Coeffs(b.N(), 3), e = Coeffs(b.N(), 4);
+  m->ZeroGrad();
+  Loss(*m, b, a, e, T);
+  m->Backward(a.data(), e.data());
+  const float h = 3e-3f;
+  for (const ParamInfo& p : m->param_table()) {
+    float* w = m->param(p.name);
+    const float* g = m->grad(p.name);
+    double gmax = 0.05, worst = 0;
+    for (size_t i = 0; i < p.numel(); ++i) gmax = std::max(gmax, std::abs(static_cast<double>(g[i])));
+    for (size_t i = 0; i < p.numel(); ++i) {
+      const float saved = w[i];
+      w[i] = saved + h;
+      const double fp = Loss(*m, b, a, e, T);
+      w[i] = saved - h;
+      const double fm = Loss(*m, b, a, e, T);
+      w[i] = saved;
+      worst = std::max(worst, std::abs((fp - fm) / (2 * h) - g[i]) / gmax);
+    }
+    EXPECT_LT(worst, 2e-2) << p.name;
+  }
+}
+
+TEST_P(ModelFamilies, RecomputationGivesTheSameGradients) {
+  const auto [arch, tied] = GetParam();
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(arch, tied), 1, &B);
+  Randomize(*m, 5);
+  Batch b;
+  auto a = Coeffs(b.N(), 6), e = Coeffs(b.N(), 7);
+  m->ZeroGrad();
+  Loss(*m, b, a, e, 1.0f);
+  m->Backward(a.data(), e.data());
+  std::vector<float> saved(m->grads(), m->grads() + m->num_params());
+  m->set_recompute(true);
+  m->ZeroGrad();
+  Loss(*m, b, a, e, 1.0f);
+  m->Backward(a.data(), e.data());
+  for (size_t i = 0; i < m->num_params(); ++i) ASSERT_NEAR(m->grads()[i], saved[i], 1e-6 * (1 + std::abs(saved[i])));
+}
+
+TEST_P(ModelFamilies, PackedBatchEqualsSequencesOneByOneAndGradientsAccumulate) {
+  const auto [arch, tied] = GetParam();
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(arch, tied), 1, &B);
+  Randomize(*m, 8);
+  Batch b;
+  auto a = Coeffs(b.N(), 9), e = Coeffs(b.N(), 10);
+  std::vector<float> lp(b.N()), ent(b.N());
+  m->ZeroGrad();
+  m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 1.0f, lp.data(), ent.data());
+  m->Backward(a.data(), e.data());
+  std::vector<float> packed_grads(m->grads(), m->grads() + m->num_params());
+  m->ZeroGrad();
+  for (int s = 0; s < b.S(); ++s) {
+    const int n = b.cu[s + 1] - b.cu[s];
+    std::vector<int32_t> cu1 = {0, n};
+    std::vector<float> lp1(n), ent1(n);
+    m->Forward(b.tokens.data() + b.cu[s], cu1.data(), 1, n, 1.0f, lp1.data(), ent1.data());
+    for (int i = 0; i < n; ++i) {
+      EXPECT_NEAR(lp1[i], lp[b.cu[s] + i], 1e-5);
+      EXPECT_NEAR(ent1[i], ent[b.cu[s] + i], 1e-5);
+    }
+    m->Backward(a.data() + b.cu[s], e.data() + b.cu[s]);  // accumulates
+  }
+  double num = 0, den = 0;
+  for (size_t i = 0; i < m->num_params(); ++i) {
+    num += std::pow(m->grads()[i] - packed_grads[i], 2);
+    den += std::pow(packed_grads[i], 2);
+  }
+  EXPECT_LT(std::sqrt(num / den), 1e-5);
+}
+
+TEST_P(ModelFamilies, CachedSamplingLogprobsEqualTrainingForwardAtTemperature) {
+  const auto [arch, tied] = GetParam();
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(arch, tied), 1, &B);
+  Randomize(*m, 11);
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 5; ++i) {
+    GenerationRequest r;
+    for (int j = 0; j <= i * 2; ++j) r.prompt.push_back((3 * i + 5 * j) % 16);
+    r.sampling = {0.8f, 0.95f, 0};
+    r.seed = 100 + i;
+    r.max_new_tokens = 6 + i;
+    reqs.push_back(r);
+  }
+  Generator batched(m.get(), /*max_batch=*/2, /*max_len=*/32);
+  auto out = batched.Generate(reqs);
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const auto& r = (*out)[i];
+    ASSERT_EQ(r.tokens.size(), r.logprobs.size());
+    // Same request alone (batch of one) gives the same tokens: per-request RNG, no cross-talk.
+    Generator alone(m.get(), 1, 32);
+    auto solo = alone.Generate({reqs[i]});
+    ASSERT_TRUE(solo.ok());
+    EXPECT_EQ((*solo)[0].tokens, r.tokens) << "request " << i;
+    // Behaviour log-probs equal the learner's log-probs at the sampling temperature.
+    std::vector<int32_t> seq = reqs[i].prompt;
+    seq.insert(seq.end(), r.tokens.begin(), r.tokens.end());
+    std::vector<int32_t> cu = {0, static_cast<int32_t>(seq.size())};
+    std::vector<float> lp(seq.size());
+    m->Forward(seq.data(), cu.data(), 1, static_cast<int>(seq.size()), 0.8f, lp.data(), nullptr);
+    for (size_t t = 0; t < r.tokens.size(); ++t)
+      EXPECT_NEAR(r.logprobs[t], lp[reqs[i].prompt.size() + t], 1e-4) << "request " << i << " token " << t;
+    if (r.finish == FinishReason::kLength) {
+      EXPECT_EQ(static_cast<int>(r.tokens.size()), reqs[i].max_new_tokens);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, ModelFamilies,
+                         ::testing::Values(std::make_tuple(Arch::kQwen2, true), std::make_tuple(Arch::kQwen3, false),
+                                           std::make_tuple(Arch::kLlama, false)));
+
+TEST(Generation, StopsOnStopTokenAndStopString) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
+  Randomize(*m, 12);
+  GenerationRequest r;
+  r.prompt = {1, 2, 3};
+  r.sampling.temperature = 0.0f;
+  r.max_new_tokens = 10;
+  Generator gen(m.get(), 1, 32);
+  auto free_run = gen.Generate({r});
+  ASSERT_TRUE(free_run.ok());
+  ASSERT_EQ((*free_run)[0].tokens.size(), 10u);
+  EXPECT_EQ((*free_run)[0].finish, FinishReason::kLength);
+  const auto& toks = (*free_run)[0].tokens;
+  r.stop_token_ids = {toks[3]};
+  auto stopped = gen.Generate({r});
+  ASSERT_TRUE(stopped.ok());
+  const auto first = std::find(toks.begin(), toks.end(), toks[3]) - toks.begin();
+  EXPECT_EQ((*stopped)[0].tokens, std::vector<int32_t>(toks.begin(), toks.begin() + first + 1));
+  EXPECT_EQ((*stopped)[0].finish, FinishReason::kStop);
+  // Stop string over a decoding where token t reads as the letter 'a' + t.
+  r.stop_token_ids.clear();
+  std::string text;
+  for (int32_t t : toks) text.push_back(static_cast<char>('a' + t));
+  r.stop_strings = {text.substr(2, 2)};
+  auto by_string = gen.Generate({r}, [](const std::vector<int32_t>& ids) {
+    std::string s;
+    for (int32_t t : ids) s.push_back(static_cast<char>('a' + t));
+    return s;
+  });
+  ASSERT_TRUE(by_string.ok());
+  EXPECT_EQ((*by_string)[0].finish, FinishReason::kStop);
+  EXPECT_LE((*by_string)[0].tokens.size(), 4u);
+}
+
+TEST(Generation, RejectsBadRequests) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
+  Generator gen(m.get(), 1, 8);
+  GenerationRequest r;
+  EXPECT_TRUE(IsInvalidArgument(gen.Generate({r}).status()));  // empty prompt
+  r.prompt = {1, 99};
+  EXPECT_TRUE(IsInvalidArgument(gen.Generate({r}).status()));  // out of vocabulary
+  r.prompt = {1, 2, 3};
+  r.max_new_tokens = 6;
+  EXPECT_TRUE(IsInvalidArgument(gen.Generate({r}).status()));  // exceeds max_len 8
+}
+
+TEST(Training, AdamWStepsRaiseLogLikelihoodAndClipBoundsTheNorm) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen3, false), 3, &B);
+  Randomize(*m, 13);
+  Batch b;
+  std::vector<float> ones(b.N(), 1.0f), lp(b.N());
+  AdamW opt(m.get(), {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.01f, .decay_filter = nullptr});
+  double first = 0, last = 0;
+  for (int step = 0; step < 20; ++step) {
+    m->ZeroGrad();
+    m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 1.0f, lp.data(), nullptr);
+    double ll = 0;
+    for (float x : lp) ll += x;
+    if (step == 0) first = ll;
+    last = ll;
+    std::vector<float> neg(b.N(), -1.0f);  // minimise -sum logprob
+    m->Backward(neg.data(), nullptr);
+    const double norm = ClipGradNorm(&B, m->grads(), m->num_params(), 1.0);
+    EXPECT_GT(norm, 0);
+    EXPECT_LE(std::sqrt(B.SumSquares(m->grads(), m->num_params())), 1.0 + 1e-4);
+    opt.Step();
+  }
+  EXPECT_GT(last, first + 1.0) << "log-likelihood " << first << " -> " << last;
+}
+
+// ---- files ----------------------------------------------------------------------------------------
+
+fs::path TempDir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("aha_engine_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+TEST(ModelFiles, SaveLoadRoundTripF32ExactBf16Rounded) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kLlama, false), 7, &B);
+  Randomize(*m, 14);
+  const fs::path dir = TempDir("roundtrip");
+  ASSERT_TRUE(m->Save((dir / "f32").string(), DType::kF32).ok());
+  ASSERT_TRUE(m->Save((dir / "bf16").string(), DType::kBF16).ok());
+  auto a = Transformer::Load((dir / "f32").string(), &B);
+  auto b = Transformer::Load((dir / "bf16").string(), &B);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_TRUE((*a)->config().rope.llama3);
+  for (size_t i = 0; i < m->num_params(); ++i) {
+    ASSERT_EQ((*a)->params()[i], m->params()[i]);
+    ASSERT_EQ((*b)->params()[i], BF16ToF32(F32ToBF16(m->params()[i])));
+  }
+  fs::remove_all(dir);
+}
+
+TEST(ModelFiles, ReadsShardedIndex) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen2, false), 8, &B);
+  Randomize(*m, 15);
+  const fs::path dir = TempDir("sharded");
+  ASSERT_TRUE(m->Save(dir.string(), DType::kF32).ok());
+  fs::remove(dir / "model.safetensors");
+  std::vector<NamedTensor> s1, s2;
+  nlohmann::json map;
+  for (const ParamInfo& p : m->param_table()) {
+    const bool first = p.name.find("layers.1") == std::string::npos;
+    (first ? s1 : s2).push_back({p.name, DType::kF32, p.shape, m->param(p.name)});
+    map[p.name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  ASSERT_TRUE(WriteSafetensors((dir / "model-00001-of-00002.safetensors").string(), s1).ok());
+  ASSERT_TRUE(WriteSafetensors((dir / "model-00002-of-00002.safetensors").string(), s2).ok());
+  std::ofstream(dir / "model.safetensors.index.json") << nlohmann::json{{"metadata", {}}, {"weight_map", map}}.dump();
+  auto l = Transformer::Load(dir.string(), &B);
+  ASSERT_TRUE(l.ok()) << l.status().ToString();
+  for (size_t i = 0; i < m->num_params(); ++i) ASSERT_EQ((*l)->params()[i], m->params()[i]);
+  fs::remove_all(dir);
+}
+
+class BadModelDir : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    m_ = Transformer::Init(TinyConfig(Arch::kQwen2, true), 9, &B_);
+    dir_ = TempDir("bad");
+    ASSERT_TRUE(m_->Save(dir_.string(), DType::kF32).ok());
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  // Rewrites model.safetensors with `edit` applied to the tensor list.
+  void Rewrite(const std::function<void(std::vector<NamedTensor>&)>& edit) {
+    std::vector<NamedTensor> t;
+    for (const ParamInfo& p : m_->param_table()) t.push_back({p.name, DType::kF32, p.shape, m_->param(p.name)});
+    edit(t);
+    ASSERT_TRUE(WriteSafetensors((dir_ / "model.safetensors").string(), t).ok());
+  }
+  std::string LoadError() {
+    auto r = Transformer::Load(dir_.string(), &B_);
+    EXPECT_FALSE(r.ok());
+    return r.ok() ? "" : r.status().message();
+  }
+  CpuBackend B_;
+  std::unique_ptr<Transformer> m_;
+  fs::path dir_;
+};
+
+TEST_F(BadModelDir, MissingTensorNamesFileAndTensor) {
+  Rewrite([](auto& t) { std::erase_if(t, [](auto& x) { return x.name == "model.layers.1.mlp.up_proj.weight"; }); });
+  const std::string e = LoadError();
+  EXPECT_NE(e.find("model.safetensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("model.layers.1.mlp.up_proj.weight"), std::string::npos) << e;
+}
+
+TEST_F(BadModelDir, ShapeDisagreeingWithConfigNamesTensor) {
+  std::vector<float> wrong(8 * 13, 0.0f);
+  Rewrite([&](auto& t) {
+    for (auto& x : t)
+      if (x.name == "model.layers.0.mlp.gate_proj.weight") x.shape = {13, 8}, x.data = wrong.data();
+  });
+  const std::string e = LoadError();
+  EXPECT_NE(e.find("model.layers.0.mlp.gate_proj.weight"), std::string::npos) << e;
+  EXPECT_NE(e.find("[13, 8]"), std::string::npos) << e;
+  EXPECT_NE(e.find("config.json"), std::string::npos) << e;
+}
+
+TEST_F(BadModelDir, UnexpectedTensorIsRefused) {
+  std::vector<float> extra(8, 0.0f);
+  Rewrite([&](auto& t) { t.push_back({"model.layers.0.self_attn.q_norm.weight", DType::kF32, {8}, extra.data()}); });
+  EXPECT_NE(LoadError().find("model.layers.0.self_attn.q_norm.weight"), std::string::npos);
+}
+
+TEST_F(BadModelDir, IntegerWeightDtypeIsRefused) {
+  std::vector<int32_t> ints(8, 1);
+  Rewrite([&](auto& t) {
+    for (auto& x : t)
+      if (x.name == "model.norm.weight") x.dtype = DType::kI32, x.data = ints.data();
+  });
+  const std::string e = LoadError();
+  EXPECT_NE(e.find("model.norm.weight"), std::string::npos) << e;
+}
+
+TEST_F(BadModelDir, TruncatedFilesAreDataLossNamingTheFile) {
+  const fs::path f = dir_ / "model.safetensors";
+  const auto size = fs::file_size(f);
+  fs::resize_file(f, size - 10);  // data cut short
+  std::string e = LoadError();
+  EXPECT_NE(e.find("model.safetensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("tensor"), std::string::npos) << e;
+  fs::resize_file(f, 20);  // header cut short
+  e = LoadError();
+  EXPECT_NE(e.find("truncated safetensors header"), std::string::npos) << e;
+  fs::resize_file(f, 3);
+  EXPECT_NE(LoadError().find("truncated"), std::string::npos);
+  std::ofstream(f, std::ios::binary) << std::string("\xff\xff\xff\xff\xff\xff\xff\x7f", 8);  // absurd length
+  EXPECT_NE(LoadError().find("exceeds the limit"), std::string::npos);
+}
+
+TEST_F(BadModelDir, UnsupportedArchitectureAndRopeAreNamed) {
+  auto cfg = nlohmann::json::parse(ModelConfigToJson(m_->config()));
+  cfg["model_type"] = "gpt2";
+  std::ofstream(dir_ / "config.json") << cfg.dump();
+  std::string e = LoadError();
+  EXPECT_NE(e.find("config.json"), std::string::npos) << e;
+  EXPECT_NE(e.find("gpt2"), std::string::npos) << e;
+  cfg["model_type"] = "qwen2";
+  cfg["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 10000.0}};
+  std::ofstream(dir_ / "config.json") << cfg.dump();
+  EXPECT_NE(LoadError().find("yarn"), std::string::npos);
+}
+
+// Builds safetensors bytes from a header JSON text and a data block.
+std::vector<char> StBytes(const std::string& header, size_t data_bytes) {
+  std::vector<char> b(8);
+  const uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) b[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  b.insert(b.end(), header.begin(), header.end());
+  b.resize(b.size() + data_bytes, 0);
+  return b;
+}
+
+TEST(Safetensors, MalformedHeadersAreErrorsNamingFileAndTensor) {
+  struct Case {
+    std::string header;
+    size_t data;
+    std::string want;
+  };
+  const std::vector<Case> cases = {
+      {R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8, "outside the file"},
+      {R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}})", 16, "does not match"},
+      {R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[8,0]}})", 16, "data range"},
+      {R"({"w":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}})", 8, "unsupported dtype C64"},
+      {R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4, "bad shape"},
+      {R"({"w":{"dtype":"F32","shape":[4]}})", 16, "malformed header entry"},
+      {R"({"w":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}})", 4, "too large"},
+      {R"([1,2,3])", 0, "not a JSON object"},
+      {R"({"w":)", 0, "not a JSON object"},
+  };
+  for (const Case& c : cases) {
+    auto f = SafetensorsFile::FromBytes(StBytes(c.header, c.data), "m/x.safetensors");
+    ASSERT_FALSE(f.ok()) << c.header;
+    EXPECT_NE(f.status().message().find("m/x.safetensors"), std::string::npos) << f.status().message();
+    EXPECT_NE(f.status().message().find(c.want), std::string::npos) << f.status().message();
+    if (c.header.find("\"w\":{") != std::string::npos && c.want != "not a JSON object") {
+      EXPECT_NE(f.status().message().find("tensor w"), std::string::npos) << f.status().message();
+    }
+  }
+  auto ok = SafetensorsFile::FromBytes(StBytes(R"({"w":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})", 4), "ok");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->Read("w").value().ToVector(), (std::vector<float>{0.0f, 0.0f}));
+  EXPECT_TRUE(IsNotFound(ok->Read("v").status()));
+}
+
+TEST(Config, ClassicAndNewRopeFormsAgree) {
+  const std::string classic = R"({"model_type":"llama","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
+    "num_attention_heads":2,"num_key_value_heads":1,"intermediate_size":16,"rope_theta":500000.0,
+    "rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+    "original_max_position_embeddings":8192}})";
+  const std::string modern = R"({"model_type":"llama","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
+    "num_attention_heads":2,"num_key_value_heads":1,"intermediate_size":16,
+    "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":32.0,"low_freq_factor":1.0,
+    "high_freq_factor":4.0,"original_max_position_embeddings":8192}})";
+  auto a = ParseModelConfig(classic, "a/config.json");
+  auto b = ParseModelConfig(modern, "b/config.json");
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (const ModelConfig* c : {&*a, &*b}) {
+    EXPECT_TRUE(c->rope.llama3);
+    EXPECT_EQ(c->rope.theta, 500000.0);
+    EXPECT_EQ(c->rope.factor, 32.0);
+    EXPECT_EQ(c->head_dim, 4);
+  }
+  auto bad = ParseModelConfig(R"({"model_type":"qwen2","vocab_size":10})", "c/config.json");
+  EXPECT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("c/config.json"), std::string::npos);
+}
+
+// ---- commands -----------------------------------------------------------------------------------
+
+int RunCommand(int (*run)(int, char**), std::vector<std::string> args, const std::string& in, std::string* out) {
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::istringstream input(in);
+  std::ostringstream output;
+  auto* old_in = std::cin.rdbuf(input.rdbuf());
+  auto* old_out = std::cout.rdbuf(output.rdbuf());
+  const int rc = run(static_cast<int>(argv.size()), argv.data());
+  std::cin.rdbuf(old_in);
+  std::cout.rdbuf(old_out);
+  *out = output.str();
+  return rc;
+}
+
+TEST(Commands, InitThenLogprobsThenGenerate) {
+  const fs::path dir = TempDir("cmd");
+  std::string out;
+  ASSERT_EQ(RunCommand(RunInitCommand, {"aha init", "--arch", "qwen3", "--preset", "tiny", "--out", dir.string(), "--seed", "3"}, "", &out), 0);
+  ASSERT_TRUE(fs::exists(dir / "config.json"));
+  ASSERT_TRUE(fs::exists(dir / "model.safetensors"));
+  auto tok = tokenizer::Tokenizer::Load(dir.string());
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  EXPECT_EQ((*tok)->vocab_size(), tokenizer::kByteVocabSize);
+  EXPECT_EQ((*tok)->Encode("Hi"), (std::vector<int32_t>{72, 105}));
+
+  ASSERT_EQ(RunCommand(RunLogprobsCommand, {"aha logprobs", "--model", dir.string()}, R"({"tokens": [[72, 105, 33], [5]]})", &out), 0);
+  auto j = nlohmann::json::parse(out);
+  ASSERT_EQ(j["logprobs"].size(), 2u);
+  ASSERT_EQ(j["logprobs"][0].size(), 3u);
+  EXPECT_TRUE(j["logprobs"][0][0].is_null());
+  CpuBackend B;
+  auto m = Transformer::Load(dir.string(), &B);
+  ASSERT_TRUE(m.ok());
+  std::vector<int32_t> t = {72, 105, 33}, cu = {0, 3};
+  std::vector<float> lp(3);
+  (*m)->Forward(t.data(), cu.data(), 1, 3, 1.0f, lp.data(), nullptr);
+  EXPECT_NEAR(j["logprobs"][0][1].get<double>(), lp[1], 1e-6);
+  EXPECT_NEAR(j["logprobs"][0][2].get<double>(), lp[2], 1e-6);
+  EXPECT_LT(lp[1], 0.0f);
+  EXPECT_EQ(j["logprobs"][1], nlohmann::json::array({nullptr}));
+
+  EXPECT_NE(RunCommand(RunLogprobsCommand, {"aha logprobs", "--model", dir.string()}, R"({"tokens": [[1, 999]]})", &out), 0);
+
+  ASSERT_EQ(RunCommand(RunGenerateCommand, {"aha generate", "--model", dir.string(), "--prompt", "Hello", "--samples", "3",
+                                            "--max-new-tokens", "5", "--seed", "7", "--temperature", "0.9"}, "", &out), 0);
+  auto g = nlohmann::json::parse(out);
+  ASSERT_EQ(g["completions"].size(), 3u);
+  for (const auto& c : g["completions"]) {
+    EXPECT_LE(c["tokens"].size(), 5u);
+    EXPECT_EQ(c["tokens"].size(), c["logprobs"].size());
+    EXPECT_TRUE(c["text"].is_string());
+  }
+  std::string again;
+  ASSERT_EQ(RunCommand(RunGenerateCommand, {"aha generate", "--model", dir.string(), "--prompt", "Hello", "--samples", "3",
+                                            "--max-new-tokens", "5", "--seed", "7", "--temperature", "0.9"}, "", &again), 0);
+  EXPECT_EQ(out, again) << "same seed, same completions";
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace aha::engine

@@ -1,0 +1,369 @@
+// Op conformance for the CPU backend: forward against naive references, backward against central
+// finite differences of a random linear functional L = sum_i r_i * out_i (accumulated in f64).
+//
+// Tolerances: the ops run in f32, so a central difference with step h = 1e-2 on O(1) inputs carries
+// rounding error ~ 1e-7 * |L| / h plus truncation ~ h^2 * |f'''|; we observed relative errors of
+// 1e-4..2e-3 between analytic and numeric gradients, and use 1e-2 of the gradient's max magnitude
+// (kGradTol) as the bar: a wrong term in a backward pass produces O(1) relative error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "engine/cpu_backend.h"
+#include "engine/sampler.h"
+
+namespace aha::engine {
+namespace {
+
+constexpr double kGradTol = 1e-2;
+
+std::vector<float> Randn(size_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+double Dot(const std::vector<float>& a, const std::vector<float>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += static_cast<double>(a[i]) * b[i];
+  return s;
+}
+
+// Compares analytic gradient `grad` of f with respect to `x` against central differences.
+void ExpectGradMatches(std::vector<float>& x, const std::vector<float>& grad, const std::function<double()>& f,
+                       const char* what, float h = 1e-2f) {
+  ASSERT_EQ(x.size(), grad.size()) << what;
+  double max_abs = 1e-6;
+  for (float g : grad) max_abs = std::max(max_abs, std::abs(static_cast<double>(g)));
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float saved = x[i];
+    x[i] = saved + h;
+    const double fp = f();
+    x[i] = saved - h;
+    const double fm = f();
+    x[i] = saved;
+    const double num = (fp - fm) / (2.0 * h);
+    worst = std::max(worst, std::abs(num - grad[i]) / max_abs);
+  }
+  EXPECT_LT(worst, kGradTol) << what << ": worst |numeric - analytic| / max|grad| = " << worst;
+}
+
+TEST(Ops, RmsNormForwardAndBackward) {
+  CpuBackend B;
+  const int N = 5, C = 12;
+  auto x = Randn(N * C, 1), w = Randn(C, 2), r = Randn(N * C, 3);
+  for (auto& v : w) v += 1.0f;
+  std::vector<float> out(N * C), rstd(N);
+  B.RmsNormForward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-6f);
+  for (int n = 0; n < N; ++n) {
+    double ss = 0;
+    for (int c = 0; c < C; ++c) ss += x[n * C + c] * x[n * C + c];
+    for (int c = 0; c < C; ++c)
+      EXPECT_NEAR(out[n * C + c], x[n * C + c] / std::sqrt(ss / C + 1e-6) * w[c], 1e-5);
+  }
+  std::vector<float> dx(N * C, 0.0f), dw(C, 0.0f);
+  B.RmsNormBackward(dx.data(), dw.data(), r.data(), x.data(), w.data(), rstd.data(), N, C);
+  auto f = [&] {
+    B.RmsNormForward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-6f);
+    return Dot(out, r);
+  };
+  ExpectGradMatches(x, dx, f, "rmsnorm dx");
+  ExpectGradMatches(w, dw, f, "rmsnorm dw");
+}
+
+TEST(Ops, RmsNormBackwardAccumulatesIntoDx) {
+  CpuBackend B;
+  const int N = 2, C = 4;
+  auto x = Randn(N * C, 4), w = Randn(C, 5), g = Randn(N * C, 6);
+  std::vector<float> out(N * C), rstd(N), dx1(N * C, 0.0f), dx2(N * C, 1.0f), dw(C, 0.0f);
+  B.RmsNormForward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-6f);
+  B.RmsNormBackward(dx1.data(), dw.data(), g.data(), x.data(), w.data(), rstd.data(), N, C);
+  B.RmsNormBackward(dx2.data(), dw.data(), g.data(), x.data(), w.data(), rstd.data(), N, C);
+  for (int i = 0; i < N * C; ++i) EXPECT_FLOAT_EQ(dx2[i], dx1[i] + 1.0f);
+}
+
+TEST(Ops, RopeMatchesRotateHalfAndBackwardIsInverse) {
+  CpuBackend B;
+  const int N = 4, H = 3, D = 8;
+  auto x = Randn(N * H * D, 7), r = Randn(N * H * D, 8);
+  std::vector<int32_t> pos = {0, 1, 5, 17};
+  RopeSpec spec;
+  auto inv = RopeInverseFrequencies(spec, D);
+  std::vector<float> y = x;
+  B.RopeForward(y.data(), pos.data(), inv.data(), N, H, D);
+  for (int n = 0; n < N; ++n)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < D / 2; ++i) {
+        const float* p = x.data() + (n * H + h) * D;
+        const double a = pos[n] * std::pow(10000.0, -2.0 * i / D);
+        EXPECT_NEAR(y[(n * H + h) * D + i], p[i] * std::cos(a) - p[i + D / 2] * std::sin(a), 1e-4);
+        EXPECT_NEAR(y[(n * H + h) * D + i + D / 2], p[i + D / 2] * std::cos(a) + p[i] * std::sin(a), 1e-4);
+      }
+  std::vector<float> dx = r;
+  B.RopeBackward(dx.data(), pos.data(), inv.data(), N, H, D);
+  auto f = [&] {
+    y = x;
+    B.RopeForward(y.data(), pos.data(), inv.data(), N, H, D);
+    return Dot(y, r);
+  };
+  ExpectGradMatches(x, dx, f, "rope dx");
+}
+
+TEST(Ops, Llama3RopeScalingKeepsHighSlowsLowInterpolatesMiddle) {
+  RopeSpec spec;
+  spec.theta = 500000.0;
+  spec.llama3 = true;
+  spec.factor = 8.0;
+  spec.low_freq_factor = 1.0;
+  spec.high_freq_factor = 4.0;
+  spec.original_max_positions = 64;
+  const int D = 16;
+  auto scaled = RopeInverseFrequencies(spec, D);
+  spec.llama3 = false;
+  auto plain = RopeInverseFrequencies(spec, D);
+  // wavelength 2*pi/f: < 16 unchanged, > 64 divided by 8, between: smooth blend.
+  for (int i = 0; i < D / 2; ++i) {
+    const double wl = 2 * M_PI / plain[i];
+    if (wl < 16) EXPECT_FLOAT_EQ(scaled[i], plain[i]);
+    else if (wl > 64) EXPECT_FLOAT_EQ(scaled[i], plain[i] / 8.0f);
+    else {
+      const double s = (64 / wl - 1.0) / 3.0;
+      EXPECT_NEAR(scaled[i], (1 - s) * plain[i] / 8 + s * plain[i], 1e-6 * plain[i]);
+    }
+  }
+}
+
+TEST(Ops, LinearWithBiasBackward) {
+  CpuBackend B;
+  const int N = 3, C = 5, OC = 4;
+  auto x = Randn(N * C, 9), w = Randn(OC * C, 10), b = Randn(OC, 11), r = Randn(N * OC, 12);
+  std::vector<float> out(N * OC);
+  B.LinearForward(out.data(), x.data(), w.data(), b.data(), N, C, OC);
+  for (int n = 0; n < N; ++n)
+    for (int o = 0; o < OC; ++o) {
+      double s = b[o];
+      for (int c = 0; c < C; ++c) s += x[n * C + c] * w[o * C + c];
+      EXPECT_NEAR(out[n * OC + o], s, 1e-5);
+    }
+  std::vector<float> dx(N * C, 0.0f), dw(OC * C, 0.0f), db(OC, 0.0f);
+  B.LinearBackward(dx.data(), dw.data(), db.data(), r.data(), x.data(), w.data(), N, C, OC, false);
+  auto f = [&] {
+    B.LinearForward(out.data(), x.data(), w.data(), b.data(), N, C, OC);
+    return Dot(out, r);
+  };
+  ExpectGradMatches(x, dx, f, "linear dx");
+  ExpectGradMatches(w, dw, f, "linear dw");
+  ExpectGradMatches(b, db, f, "linear db");
+}
+
+TEST(Ops, SwiGluBackward) {
+  CpuBackend B;
+  const int N = 3, I = 7;
+  auto gate = Randn(N * I, 13, 2.0f), up = Randn(N * I, 14), r = Randn(N * I, 15);
+  std::vector<float> h(N * I), dgate(N * I), dup(N * I);
+  B.SwiGluForward(h.data(), gate.data(), up.data(), N, I);
+  for (int i = 0; i < N * I; ++i) EXPECT_NEAR(h[i], gate[i] / (1 + std::exp(-gate[i])) * up[i], 1e-5);
+  B.SwiGluBackward(dgate.data(), dup.data(), r.data(), gate.data(), up.data(), N, I);
+  auto f = [&] {
+    B.SwiGluForward(h.data(), gate.data(), up.data(), N, I);
+    return Dot(h, r);
+  };
+  ExpectGradMatches(gate, dgate, f, "swiglu dgate");
+  ExpectGradMatches(up, dup, f, "swiglu dup");
+}
+
+TEST(Ops, EmbeddingBackwardAccumulatesRepeatedIds) {
+  CpuBackend B;
+  const int V = 5, C = 3, N = 4;
+  auto wte = Randn(V * C, 16), g = Randn(N * C, 17);
+  std::vector<int32_t> ids = {2, 0, 2, 4};
+  std::vector<float> out(N * C), dwte(V * C, 0.0f);
+  B.EmbeddingForward(out.data(), ids.data(), wte.data(), N, C);
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) EXPECT_EQ(out[n * C + c], wte[ids[n] * C + c]);
+  B.EmbeddingBackward(dwte.data(), g.data(), ids.data(), N, C);
+  for (int c = 0; c < C; ++c) {
+    EXPECT_FLOAT_EQ(dwte[2 * C + c], g[0 * C + c] + g[2 * C + c]);
+    EXPECT_FLOAT_EQ(dwte[1 * C + c], 0.0f);
+  }
+}
+
+// Naive attention of one sequence, for reference: full score matrix, causal mask.
+std::vector<float> NaiveAttention(const float* q, const float* k, const float* v, int T, int Hq, int Hkv, int D) {
+  std::vector<float> out(T * Hq * D, 0.0f);
+  for (int h = 0; h < Hq; ++h) {
+    const int g = h / (Hq / Hkv);
+    for (int i = 0; i < T; ++i) {
+      std::vector<double> s(i + 1);
+      double m = -1e300, sum = 0;
+      for (int j = 0; j <= i; ++j) {
+        double d = 0;
+        for (int c = 0; c < D; ++c) d += q[(i * Hq + h) * D + c] * k[(j * Hkv + g) * D + c];
+        s[j] = d / std::sqrt(D);
+        m = std::max(m, s[j]);
+      }
+      for (int j = 0; j <= i; ++j) sum += (s[j] = std::exp(s[j] - m));
+      for (int j = 0; j <= i; ++j)
+        for (int c = 0; c < D; ++c) out[(i * Hq + h) * D + c] += s[j] / sum * v[(j * Hkv + g) * D + c];
+    }
+  }
+  return out;
+}
+
+TEST(Ops, PackedAttentionEqualsSequencesOneByOne) {
+  CpuBackend B;
+  const int Hq = 4, Hkv = 2, D = 8;
+  std::vector<int32_t> cu = {0, 3, 4, 11};
+  const int S = 3, N = 11;
+  auto q = Randn(N * Hq * D, 18, 1.5f), k = Randn(N * Hkv * D, 19, 1.5f), v = Randn(N * Hkv * D, 20);
+  std::vector<float> out(N * Hq * D), lse(N * Hq);
+  B.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), cu.data(), S, N, Hq, Hkv, D);
+  for (int s = 0; s < S; ++s) {
+    const int T = cu[s + 1] - cu[s];
+    auto ref = NaiveAttention(q.data() + cu[s] * Hq * D, k.data() + cu[s] * Hkv * D, v.data() + cu[s] * Hkv * D, T, Hq, Hkv, D);
+    for (int i = 0; i < T * Hq * D; ++i) EXPECT_NEAR(out[cu[s] * Hq * D + i], ref[i], 1e-5) << "seq " << s;
+  }
+}
+
+TEST(Ops, PackedAttentionBackward) {
+  CpuBackend B;
+  const int Hq = 4, Hkv = 2, D = 4;
+  std::vector<int32_t> cu = {0, 3, 7};
+  const int S = 2, N = 7;
+  auto q = Randn(N * Hq * D, 21), k = Randn(N * Hkv * D, 22), v = Randn(N * Hkv * D, 23), r = Randn(N * Hq * D, 24);
+  std::vector<float> out(N * Hq * D), lse(N * Hq), dq(N * Hq * D), dk(N * Hkv * D), dv(N * Hkv * D);
+  B.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), cu.data(), S, N, Hq, Hkv, D);
+  B.AttentionBackward(dq.data(), dk.data(), dv.data(), r.data(), out.data(), lse.data(), q.data(), k.data(),
+                      v.data(), cu.data(), S, N, Hq, Hkv, D);
+  auto f = [&] {
+    B.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), cu.data(), S, N, Hq, Hkv, D);
+    return Dot(out, r);
+  };
+  ExpectGradMatches(q, dq, f, "attention dq");
+  ExpectGradMatches(k, dk, f, "attention dk");
+  ExpectGradMatches(v, dv, f, "attention dv");
+}
+
+TEST(Ops, CachedAttentionMatchesPackedAttentionForPrefillAndDecode) {
+  CpuBackend B;
+  const int Hq = 4, Hkv = 1, D = 8, max_len = 16;
+  std::vector<int32_t> cu = {0, 5, 12};
+  const int S = 2, N = 12;
+  auto q = Randn(N * Hq * D, 25), k = Randn(N * Hkv * D, 26), v = Randn(N * Hkv * D, 27);
+  std::vector<float> ref(N * Hq * D), lse(N * Hq);
+  B.AttentionForward(ref.data(), lse.data(), q.data(), k.data(), v.data(), cu.data(), S, N, Hq, Hkv, D);
+  std::vector<float> kc(3 * max_len * Hkv * D, 0.0f), vc(kc.size(), 0.0f), out(N * Hq * D);
+  // Prefill all but each sequence's last token (slots 2 and 0), then decode the last tokens.
+  std::vector<int32_t> cu_p = {0, 4, 10}, slots = {2, 0}, start0 = {0, 0};
+  std::vector<float> qp, kp, vp;
+  for (int s = 0; s < S; ++s)
+    for (int i = cu[s]; i < cu[s + 1] - 1; ++i) {
+      qp.insert(qp.end(), q.begin() + i * Hq * D, q.begin() + (i + 1) * Hq * D);
+      kp.insert(kp.end(), k.begin() + i * Hkv * D, k.begin() + (i + 1) * Hkv * D);
+      vp.insert(vp.end(), v.begin() + i * Hkv * D, v.begin() + (i + 1) * Hkv * D);
+    }
+  std::vector<float> outp(qp.size());
+  B.KvCacheWrite(kc.data(), vc.data(), kp.data(), vp.data(), cu_p.data(), slots.data(), start0.data(), S, max_len, Hkv, D);
+  B.CachedAttentionForward(outp.data(), qp.data(), kc.data(), vc.data(), cu_p.data(), slots.data(), start0.data(), S,
+                           max_len, Hq, Hkv, D);
+  int row = 0;
+  for (int s = 0; s < S; ++s)
+    for (int i = cu[s]; i < cu[s + 1] - 1; ++i, ++row)
+      for (int c = 0; c < Hq * D; ++c) EXPECT_NEAR(outp[row * Hq * D + c], ref[i * Hq * D + c], 1e-5);
+  std::vector<int32_t> cu_d = {0, 1, 2}, start_d = {4, 6};
+  std::vector<float> qd, kd, vd;
+  for (int s = 0; s < S; ++s) {
+    const int i = cu[s + 1] - 1;
+    qd.insert(qd.end(), q.begin() + i * Hq * D, q.begin() + (i + 1) * Hq * D);
+    kd.insert(kd.end(), k.begin() + i * Hkv * D, k.begin() + (i + 1) * Hkv * D);
+    vd.insert(vd.end(), v.begin() + i * Hkv * D, v.begin() + (i + 1) * Hkv * D);
+  }
+  std::vector<float> outd(qd.size());
+  B.KvCacheWrite(kc.data(), vc.data(), kd.data(), vd.data(), cu_d.data(), slots.data(), start_d.data(), S, max_len, Hkv, D);
+  B.CachedAttentionForward(outd.data(), qd.data(), kc.data(), vc.data(), cu_d.data(), slots.data(), start_d.data(), S,
+                           max_len, Hq, Hkv, D);
+  for (int s = 0; s < S; ++s)
+    for (int c = 0; c < Hq * D; ++c) EXPECT_NEAR(outd[s * Hq * D + c], ref[(cu[s + 1] - 1) * Hq * D + c], 1e-5);
+}
+
+TEST(Ops, FusedLmHeadMatchesFullSoftmaxAcrossChunkBoundaries) {
+  CpuBackend B;
+  B.SetLmHeadChunking(/*vocab_chunk=*/7, /*row_block=*/3);  // 23 = 7 + 7 + 7 + 2; 5 rows = 3 + 2
+  const int N = 5, C = 6, V = 23;
+  const float T = 0.7f;
+  auto h = Randn(N * C, 28), w = Randn(V * C, 29);
+  std::vector<int32_t> tgt = {3, 22, -1, 0, 14};
+  std::vector<float> lp(N), ent(N), lse(N);
+  B.LmHeadForward(lp.data(), ent.data(), lse.data(), h.data(), w.data(), tgt.data(), N, C, V, T);
+  for (int n = 0; n < N; ++n) {
+    std::vector<double> z(V);
+    double m = -1e300, s = 0;
+    for (int v = 0; v < V; ++v) {
+      double d = 0;
+      for (int c = 0; c < C; ++c) d += h[n * C + c] * w[v * C + c];
+      z[v] = d / T;
+      m = std::max(m, z[v]);
+    }
+    for (int v = 0; v < V; ++v) s += std::exp(z[v] - m);
+    const double l = m + std::log(s);
+    double H = 0;
+    for (int v = 0; v < V; ++v) H -= std::exp(z[v] - l) * (z[v] - l);
+    if (tgt[n] < 0) {
+      EXPECT_EQ(lp[n], 0.0f);
+      EXPECT_EQ(ent[n], 0.0f);
+    } else {
+      EXPECT_NEAR(lp[n], z[tgt[n]] - l, 1e-5);
+      EXPECT_NEAR(ent[n], H, 1e-5);
+    }
+  }
+  auto a = Randn(N, 30), e = Randn(N, 31);
+  std::vector<float> dh(N * C), dw(V * C, 0.0f);
+  B.LmHeadBackward(dh.data(), dw.data(), a.data(), e.data(), h.data(), w.data(), tgt.data(), lse.data(), ent.data(),
+                   N, C, V, T);
+  auto f = [&] {
+    B.LmHeadForward(lp.data(), ent.data(), lse.data(), h.data(), w.data(), tgt.data(), N, C, V, T);
+    return Dot(lp, a) + Dot(ent, e);
+  };
+  ExpectGradMatches(h, dh, f, "lmhead dh");
+  ExpectGradMatches(w, dw, f, "lmhead dw");
+}
+
+TEST(Ops, AdamWMatchesTorchFormula) {
+  CpuBackend B;
+  std::vector<float> p = {1.0f, -2.0f, 0.5f}, m(3, 0.0f), v(3, 0.0f);
+  std::vector<std::vector<float>> grads = {{0.1f, -0.3f, 2.0f}, {-0.2f, 0.1f, 1.0f}};
+  const float lr = 0.01f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+  std::vector<double> rp = {1.0, -2.0, 0.5}, rm(3, 0.0), rv(3, 0.0);
+  for (int t = 1; t <= 2; ++t) {
+    B.AdamW(p.data(), grads[t - 1].data(), m.data(), v.data(), 3, lr, b1, b2, eps, wd, t);
+    for (int i = 0; i < 3; ++i) {
+      const double g = grads[t - 1][i];
+      rp[i] *= 1 - lr * wd;
+      rm[i] = b1 * rm[i] + (1 - b1) * g;
+      rv[i] = b2 * rv[i] + (1 - b2) * g * g;
+      const double mh = rm[i] / (1 - std::pow(b1, t)), vh = rv[i] / (1 - std::pow(b2, t));
+      rp[i] -= lr * mh / (std::sqrt(vh) + eps);
+    }
+  }
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(p[i], rp[i], 1e-6);
+}
+
+TEST(Ops, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(F32ToBF16(1.0f), 0x3f80);
+  EXPECT_EQ(BF16ToF32(0x3f80), 1.0f);
+  // 1 + 2^-8 is exactly halfway between bf16 1.0 and 1 + 2^-7: ties go to the even mantissa (1.0).
+  EXPECT_EQ(F32ToBF16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);
+  // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): rounds up.
+  EXPECT_EQ(F32ToBF16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);
+  EXPECT_TRUE(std::isnan(BF16ToF32(F32ToBF16(std::nanf("")))));
+  for (float x : {-3.140625f, 65280.0f, 1e-30f}) EXPECT_NEAR(BF16ToF32(F32ToBF16(x)), x, std::abs(x) * 4e-3);
+}
+
+}  // namespace
+}  // namespace aha::engine

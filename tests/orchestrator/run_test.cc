@@ -1,0 +1,209 @@
+// `aha run` end to end (label e2e) and its bad-input contract (default run).
+//
+// The e2e job is a shortened tiny-cpu job: a random tiny model, arithmetic tasks, three GRPO steps
+// through every process (replay, rewardd, learner, one actor). While it runs, the test scrapes each
+// daemon's /metrics and asks `aha status`; afterwards it checks the run directory.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <set>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#ifndef AHA_BIN_DIR
+#error "AHA_BIN_DIR must name build/bin"
+#endif
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+struct Output {
+  int code = -1;
+  std::string out, err;
+};
+
+Output Sh(const std::string& cmd) {
+  fs::path errfile = fs::temp_directory_path() / ("aha_run_err_" + std::to_string(getpid()));
+  Output o;
+  FILE* p = popen((cmd + " 2>" + errfile.string()).c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
+  int st = pclose(p);
+  o.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  std::ifstream f(errfile);
+  o.err.assign(std::istreambuf_iterator<char>(f), {});
+  fs::remove(errfile);
+  return o;
+}
+
+std::string Aha() { return std::string(AHA_BIN_DIR) + "/aha"; }
+
+struct Workdir {
+  fs::path dir;
+  Workdir() {
+    dir = fs::temp_directory_path() / ("aha_run_test_" + std::to_string(getpid()));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    EXPECT_EQ(Sh(Aha() + " data make arith --n 40 --seed 1 --min-digits 1 --max-digits 1 --ops + --out " +
+                 (dir / "train.jsonl").string()).code, 0);
+    EXPECT_EQ(Sh(Aha() + " data make arith --n 6 --seed 2 --min-digits 1 --max-digits 1 --ops + --out " +
+                 (dir / "eval.jsonl").string()).code, 0);
+  }
+  ~Workdir() { fs::remove_all(dir); }
+  std::string Job(const std::string& extra = "") const {
+    std::string text = "name: e2e\nseed: 3\nmodel:\n  init: {arch: qwen2, preset: tiny}\n"
+                       "  prompt_template: \"{prompt}\\n\"\n"
+                       "data: {train: " + (dir / "train.jsonl").string() + ", eval: " + (dir / "eval.jsonl").string() + "}\n"
+                       "stages: [grpo]\n"
+                       "grpo: {steps: 4, group_size: 4, prompts_per_step: 2, max_new_tokens: 12, lr: 0.001, max_staleness: 1}\n"
+                       "checkpoint: {every: 1}\n"
+                       "rewards: [{name: accuracy, weight: 1}, {name: format, weight: 0.1}]\n" + extra;
+    fs::path p = dir / "job.yaml";
+    std::ofstream(p) << text;
+    return p.string();
+  }
+};
+
+int CountAhaChildren() {
+  // Processes whose command line is one of aha's daemons, started from this test's run dirs.
+  // The bracket keeps pgrep from matching its own command line.
+  Output o = Sh("pgrep -f 'aha_run_tes[t]_" + std::to_string(getpid()) + "' | wc -l");
+  return std::atoi(o.out.c_str());
+}
+
+TEST(AhaRun, WrongJobFileIsOneLineAndExitCode2) {
+  Workdir w;
+  std::string job = w.Job("bogus_section: 1\n");
+  Output o = Sh(Aha() + " run " + job + " --run-dir " + (w.dir / "r1").string());
+  EXPECT_EQ(o.code, 2);
+  EXPECT_EQ(std::count(o.err.begin(), o.err.end(), '\n'), 1) << o.err;
+  EXPECT_NE(o.err.find("bogus_section: unknown key"), std::string::npos) << o.err;
+  EXPECT_FALSE(fs::exists(w.dir / "r1")) << "nothing is started or written for a bad job";
+}
+
+TEST(AhaRun, MissingDatasetIsOneLineAndExitCode2) {
+  Workdir w;
+  std::string job = w.Job();
+  Output o = Sh(Aha() + " run " + job + " --set data.train=/nonexistent.jsonl --run-dir " + (w.dir / "r2").string());
+  EXPECT_EQ(o.code, 2);
+  EXPECT_EQ(o.err, "aha run: error: " + job + ": data.train: /nonexistent.jsonl does not exist\n");
+}
+
+TEST(AhaRun, MissingModelIsOneLineAndExitCode2) {
+  Workdir w;
+  std::string job = w.Job();
+  Output o = Sh(Aha() + " run " + job + " --set model.init.arch= --set model.path=/nonexistent-model --run-dir " +
+                (w.dir / "r3").string());
+  EXPECT_EQ(o.code, 2);
+  EXPECT_NE(o.err.find("model.path: /nonexistent-model does not exist"), std::string::npos) << o.err;
+}
+
+TEST(AhaRun, PortInUseIsOneLineAndLeavesNoProcess) {
+  Workdir w;
+  // Hold a port, then ask the job to use it as its base.
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  int port = ntohs(a.sin_port);
+  std::string job = w.Job("ports: {base: " + std::to_string(port) + "}\n");
+  Output o = Sh(Aha() + " run " + job + " --run-dir " + (w.dir / "r4").string());
+  close(fd);
+  EXPECT_NE(o.code, 0);
+  EXPECT_NE(o.err.find("port " + std::to_string(port) + " on 127.0.0.1 is in use"), std::string::npos) << o.err;
+  EXPECT_EQ(std::count(o.err.begin(), o.err.end(), '\n'), 1) << o.err;
+  EXPECT_EQ(CountAhaChildren(), 0);
+}
+
+std::string Scrape(const std::string& hostport) { return Sh("curl -s --max-time 2 http://" + hostport + "/metrics").out; }
+
+TEST(AhaRunE2E, ShortJobThroughEveryProcess) {
+  Workdir w;
+  std::string job = w.Job();
+  fs::path run = w.dir / "run";
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::string log = (w.dir / "aha-run.out").string();
+    freopen(log.c_str(), "w", stdout);
+    freopen(log.c_str(), "a", stderr);
+    execl(Aha().c_str(), "aha", "run", job.c_str(), "--run-dir", run.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // While it runs: every daemon's metrics endpoint answers with its own metric names, and
+  // `aha status` lists the processes.
+  std::set<std::string> scraped;
+  bool status_ok = false;
+  int exit_code = -1;
+  auto deadline = std::chrono::steady_clock::now() + 600s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    int st = 0;
+    if (waitpid(pid, &st, WNOHANG) == pid) {
+      exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+      break;
+    }
+    if (fs::exists(run / "procs")) {
+      for (const auto& e : fs::directory_iterator(run / "procs")) {
+        if (e.path().extension() != ".ready" || scraped.count(e.path().stem().string())) continue;
+        std::ifstream f(e.path());
+        auto j = nlohmann::json::parse(f, nullptr, false);
+        if (j.is_discarded() || !j.contains("metrics")) continue;
+        std::string role = e.path().stem().string();
+        std::string process = role.rfind("actor", 0) == 0 ? "actor" : role;
+        if (Scrape(j["metrics"]).find("aha_" + process + "_uptime_seconds") != std::string::npos) scraped.insert(role);
+      }
+      if (!status_ok) {
+        Output s = Sh(Aha() + " status --run-dir " + run.string());
+        status_ok = s.code == 0 && s.out.find("learner") != std::string::npos && s.out.find("running") != std::string::npos;
+      }
+    }
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_EQ(exit_code, 0) << Sh("tail -30 " + (w.dir / "aha-run.out").string()).out;
+  EXPECT_EQ(scraped, (std::set<std::string>{"replay", "rewardd", "learner", "actor-0"}));
+  EXPECT_TRUE(status_ok) << "aha status never listed a running learner";
+
+  // Trajectories flowed and rewards arrived: one metrics line per step, each with rewards.
+  std::ifstream m(run / "metrics" / "learner.jsonl");
+  std::vector<nlohmann::json> steps;
+  for (std::string line; std::getline(m, line);) steps.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(steps.size(), 4u);
+  for (const auto& s : steps) {
+    EXPECT_TRUE(s.contains("reward"));
+    EXPECT_GT(s["tokens"].get<int>(), 0);
+  }
+  // At least two weight versions were published and picked up by the actor (staleness 1 makes the
+  // fourth step need samples of version 2 or newer).
+  EXPECT_EQ(steps.back()["version"].get<int>(), 4);
+  std::string actor_log = Sh("cat " + (run / "logs" / "actor-0.log").string()).out;
+  std::set<int> swapped;
+  std::regex swap_re("swapped in policy version ([0-9]+)");
+  for (auto it = std::sregex_iterator(actor_log.begin(), actor_log.end(), swap_re); it != std::sregex_iterator(); ++it)
+    swapped.insert(std::stoi((*it)[1]));
+  EXPECT_GE(swapped.size(), 2u) << actor_log;
+  for (const auto& s : steps) EXPECT_LE(s["staleness"].get<double>(), 1.0) << "replay enforces max_staleness";
+  // The run directory is complete.
+  for (const char* p : {"config.yaml", "logs/replay.log", "logs/rewardd.log", "logs/learner.log", "logs/actor-0.log",
+                        "checkpoints/latest/model.safetensors", "checkpoints/latest/tokenizer.json", "eval/before.json",
+                        "eval/after.json", "report/index.html", "report/summary.txt"})
+    EXPECT_TRUE(fs::exists(run / p)) << p;
+  EXPECT_EQ(CountAhaChildren(), 0) << "no process outlives aha run";
+}
+
+}  // namespace
