@@ -168,6 +168,8 @@ int RunDataCommand(int argc, char** argv) {
   flags.Int("min-digits", &min_digits, "arith: fewest digits per operand (default 2)");
   flags.Int("max-digits", &max_digits, "arith: most digits per operand (default 4, at most 9)");
   flags.String("ops", &ops, "arith: operators drawn from, subset of '+-*' (default all)");
+  bool no_instructions = false;
+  flags.Bool("no-instructions", &no_instructions, "arith: bare questions, without the answer-format sentence");
   flags.Epilog("example: aha data make countdown --n 1000 --seed 1 --out countdown.jsonl");
   ParseOrExit(flags, argc, argv);
   const std::string prog = argv[0];
@@ -199,6 +201,7 @@ int RunDataCommand(int argc, char** argv) {
     o.min_digits = static_cast<int>(min_digits);
     o.max_digits = static_cast<int>(max_digits);
     o.ops = ops;
+    o.instructions = !no_instructions;
     records = MakeArith(n, static_cast<uint64_t>(seed), o);
   }
   if (!records.ok()) return Fail(prog, records.status().message(), IsInvalidArgument(records.status()) ? 2 : 1);

@@ -143,8 +143,8 @@ Result<std::vector<DatasetRecord>> MakeArith(int64_t n, uint64_t seed, const Ari
     r.id = "arith-" + std::to_string(seed) + "-" + std::to_string(k);
     r.kind = "arith";
     r.answer = std::to_string(v);
-    r.prompt = "What is " + std::to_string(a) + " " + op + " " + std::to_string(b) + "?" +
-               kAnswerFormat + ", for example <answer> 42 </answer>.";
+    r.prompt = "What is " + std::to_string(a) + " " + op + " " + std::to_string(b) + "?";
+    if (o.instructions) r.prompt += std::string(kAnswerFormat) + ", for example <answer> 42 </answer>.";
     nlohmann::json meta = {{"a", a}, {"b", b}, {"op", std::string(1, op)}};
     r.metadata_json = meta.dump();
     out.push_back(std::move(r));

@@ -41,6 +41,9 @@ struct ArithOptions {
   int min_digits = 2;
   int max_digits = 4;
   std::string ops = "+-*";
+  // false: the bare question ("What is 23 + 5?"), for small models whose prompt template or
+  // cold start carries the output format instead.
+  bool instructions = true;
 };
 
 Result<std::vector<DatasetRecord>> MakeCountdown(int64_t n, uint64_t seed, const CountdownOptions& options);
