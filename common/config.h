@@ -122,7 +122,7 @@ struct CheckpointConfig {
 struct ReplayConfig {
   std::string durability = "sync";  // sync|buffered
   double lease_timeout_s = 120;
-  int64_t retention_steps = 10;
+  int64_t retention_steps = 10;     // -1 keeps consumed groups forever (for export)
   int64_t max_inflight_groups = 0;  // 0 = (max_staleness + 1) * prompts_per_step
 };
 

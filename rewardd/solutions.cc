@@ -60,9 +60,24 @@ Result<int64_t> WriteColdStartSolutions(const std::string& in_path, const std::s
       std::string op = m["op"].get<std::string>();
       int64_t c = op == "+" ? a + b : op == "-" ? a - b : op == "*" ? a * b : 0;
       if (op != "+" && op != "-" && op != "*") return InvalidArgument(where + ": field 'metadata.op': '" + op + "' is not + - *");
-      if (wrong) c = WrongResult(c, rng);
-      think = std::to_string(a) + " " + op + " " + std::to_string(b) + " = " + std::to_string(c);
-      answer = std::to_string(c);
+      if (op == "+" && a >= 0 && b >= 0 && a < 100 && b < 100) {
+        // Column addition, units first, the way a small model can learn it: single-digit facts and a
+        // carry, then the answer assembled from the steps ("8 + 7 = 15 , 4 + 3 + 1 = 8" -> 85).
+        int64_t units = a % 10 + b % 10;
+        int64_t carry = units >= 10 ? 1 : 0;
+        int64_t tens = a / 10 + b / 10 + carry;
+        if (wrong) {  // a weak teacher's slip in one column, carried through to the answer
+          if (SplitMix(rng) % 2) units = units > 0 ? units - 1 : units + 1;
+          else tens = tens > 0 ? tens - 1 : tens + 1;
+        }
+        think = std::to_string(a % 10) + " + " + std::to_string(b % 10) + " = " + std::to_string(units) + " , " +
+                std::to_string(a / 10) + " + " + std::to_string(b / 10) + (carry ? " + 1" : "") + " = " + std::to_string(tens);
+        answer = (tens ? std::to_string(tens) : "") + std::to_string(units % 10);
+      } else {
+        if (wrong) c = WrongResult(c, rng);
+        think = std::to_string(a) + " " + op + " " + std::to_string(b) + " = " + std::to_string(c);
+        answer = std::to_string(c);
+      }
     } else if (kind == "countdown") {
       if (!j.contains("answer") || !j["answer"].is_string()) return InvalidArgument(where + ": field 'answer': missing");
       answer = j["answer"].get<std::string>();

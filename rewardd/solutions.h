@@ -1,6 +1,8 @@
 // Cold-start solutions: turns a task dataset (docs/data.md) into SFT data in the R1-Zero format,
-//   {"prompt": <task prompt>, "completion": " <think> 23 + 58 = 81 </think> <answer> 81 </answer>"}
-// for arith (from metadata a, op, b) and countdown (from the answer expression).
+//   {"prompt": "What is 48 + 37?", "completion": " <think> 8 + 7 = 15 , 4 + 3 + 1 = 8 </think> <answer> 85 </answer>"}
+// for arith: two-digit additions as column addition (units first, then tens with the carry; the
+// answer assembled from the steps), which a small model learns from single-digit facts and then
+// applies to sums it never saw; other arith tasks as "a op b = c". Countdown: the answer expression.
 //
 // `wrong_fraction` of the solutions, chosen by a seeded draw, carry a plausible wrong result
 // (off by 1 or 10, or a digit-swap), the way distillation from a weak teacher does. The cold-start
