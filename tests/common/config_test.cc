@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 namespace aha {
 namespace {
 
@@ -117,6 +119,17 @@ TEST(JobConfig, PrintedConfigLoadsBackIdentically) {
   EXPECT_EQ(ToYaml(*again), printed);
   EXPECT_DOUBLE_EQ(again->grpo.lr, 3e-6);
   EXPECT_NE(printed.find("loss_aggregation: token-mean"), std::string::npos);
+}
+
+TEST(JobConfig, EveryShippedConfigLoads) {
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(AHA_SOURCE_DIR) + "/configs")) {
+    if (e.path().extension() != ".yaml") continue;
+    auto r = LoadJobConfig(e.path().string());
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    ++n;
+  }
+  EXPECT_GE(n, 2);
 }
 
 TEST(JobConfig, MissingFileIsNotFound) {

@@ -132,6 +132,27 @@ TEST(AhaRun, PortInUseIsOneLineAndLeavesNoProcess) {
   EXPECT_EQ(CountAhaChildren(), 0);
 }
 
+TEST(AhaSampleAndEval, WriteWhatTheyAreAskedFor) {
+  Workdir w;
+  std::string model = (w.dir / "model").string(), data = (w.dir / "eval.jsonl").string();
+  ASSERT_EQ(Sh(Aha() + " init --arch qwen2 --preset tiny --out " + model + " --seed 1").code, 0);
+  std::string out = (w.dir / "samples.jsonl").string();
+  Output s = Sh(Aha() + " sample --model " + model + " --data " + data + " --samples 3 --keep all --max-new-tokens 8 --out " + out);
+  ASSERT_EQ(s.code, 0) << s.err;
+  EXPECT_EQ(Sh("wc -l < " + out).out, "18\n");  // 6 prompts x 3 samples, all kept
+  auto first = nlohmann::json::parse(Sh("head -1 " + out).out);
+  for (const char* k : {"id", "prompt", "completion", "reward", "correct"}) EXPECT_TRUE(first.contains(k)) << k;
+  Output e = Sh(Aha() + " eval --model " + model + " --data " + data + " --samples 2 --max-new-tokens 8 --json");
+  ASSERT_EQ(e.code, 0) << e.err;
+  auto j = nlohmann::json::parse(e.out);
+  EXPECT_EQ(j["kinds"]["arith"]["prompts"].get<int>(), 6);
+  EXPECT_TRUE(j["kinds"]["all"].contains("pass@1"));
+  EXPECT_TRUE(j["kinds"]["all"].contains("cons@k"));
+  Output bad = Sh(Aha() + " sample --model " + model + " --data " + data + " --keep some --out " + out);
+  EXPECT_EQ(bad.code, 2);
+  EXPECT_EQ(bad.err, "aha sample: error: --keep must be correct or all\n");
+}
+
 std::string Scrape(const std::string& hostport) { return Sh("curl -s --max-time 2 http://" + hostport + "/metrics").out; }
 
 TEST(AhaRunE2E, ShortJobThroughEveryProcess) {
@@ -149,7 +170,8 @@ TEST(AhaRunE2E, ShortJobThroughEveryProcess) {
   // While it runs: every daemon's metrics endpoint answers with its own metric names, and
   // `aha status` lists the processes.
   std::set<std::string> scraped;
-  bool status_ok = false;
+  bool status_ok = false, control_ok = false;
+  std::string control_log;
   int exit_code = -1;
   auto deadline = std::chrono::steady_clock::now() + 600s;
   while (std::chrono::steady_clock::now() < deadline) {
@@ -171,6 +193,17 @@ TEST(AhaRunE2E, ShortJobThroughEveryProcess) {
       if (!status_ok) {
         Output s = Sh(Aha() + " status --run-dir " + run.string());
         status_ok = s.code == 0 && s.out.find("learner") != std::string::npos && s.out.find("running") != std::string::npos;
+        if (status_ok) {
+          // Job control through the control sockets: pause, see it, resume, checkpoint.
+          Output p = Sh(Aha() + " pause --run-dir " + run.string());
+          Output sp = Sh(Aha() + " status --run-dir " + run.string());
+          control_ok = p.code == 0 && sp.out.find("paused") != std::string::npos;
+          Output r = Sh(Aha() + " resume --run-dir " + run.string());
+          Output c = Sh(Aha() + " checkpoint --run-dir " + run.string());
+          control_ok = control_ok && r.code == 0 && c.code == 0 &&
+                       c.out.find("checkpoints/manual-") != std::string::npos;
+          control_log = p.out + sp.out + r.out + c.out;
+        }
       }
     }
     std::this_thread::sleep_for(200ms);
@@ -178,6 +211,7 @@ TEST(AhaRunE2E, ShortJobThroughEveryProcess) {
   ASSERT_EQ(exit_code, 0) << Sh("tail -30 " + (w.dir / "aha-run.out").string()).out;
   EXPECT_EQ(scraped, (std::set<std::string>{"replay", "rewardd", "learner", "actor-0"}));
   EXPECT_TRUE(status_ok) << "aha status never listed a running learner";
+  EXPECT_TRUE(control_ok) << control_log;
 
   // Trajectories flowed and rewards arrived: one metrics line per step, each with rewards.
   std::ifstream m(run / "metrics" / "learner.jsonl");
