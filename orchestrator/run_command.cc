@@ -100,6 +100,16 @@ Status CheckInputs(const JobConfig& job, const std::string& origin) {
   RETURN_IF_ERROR(need(job.sft.data, "sft.data"));
   RETURN_IF_ERROR(need(job.model.init.config, "model.init.config"));
   if (job.model.tokenizer != "byte") RETURN_IF_ERROR(need(job.model.tokenizer, "model.tokenizer"));
+  // The daemons generate and train on CPU only until the CUDA engine lands (issue 7): refuse a GPU
+  // topology instead of silently running it on the CPU.
+  for (size_t i = 0; i < job.topology.actors.size(); ++i)
+    if (job.topology.actors[i].device != "cpu")
+      return Unimplemented(origin + ": topology.actors[" + std::to_string(i) + "].device: " +
+                           job.topology.actors[i].device + " needs the CUDA engine, which this build does not have yet");
+  for (const auto& d : job.topology.learner_devices)
+    if (d != "cpu")
+      return Unimplemented(origin + ": topology.learner_devices: " + d +
+                           " needs the CUDA engine, which this build does not have yet");
   return OkStatus();
 }
 

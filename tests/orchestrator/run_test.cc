@@ -112,6 +112,14 @@ TEST(AhaRun, MissingModelIsOneLineAndExitCode2) {
   EXPECT_NE(o.err.find("model.path: /nonexistent-model does not exist"), std::string::npos) << o.err;
 }
 
+TEST(AhaRun, GpuTopologyIsRefusedUntilTheCudaEngineExists) {
+  Workdir w;
+  std::string job = w.Job("topology: {actors: [{device: \"cuda:1\"}]}\n");
+  Output o = Sh(Aha() + " run " + job + " --run-dir " + (w.dir / "r5").string());
+  EXPECT_EQ(o.code, 2);
+  EXPECT_EQ(o.err, "aha run: error: " + job + ": topology.actors[0].device: cuda:1 needs the CUDA engine, which this build does not have yet\n");
+}
+
 TEST(AhaRun, PortInUseIsOneLineAndLeavesNoProcess) {
   Workdir w;
   // Hold a port, then ask the job to use it as its base.
