@@ -44,6 +44,24 @@ std::string PeerName(const zmq::message_t& id) {
   return s;
 }
 
+// One message off a ROUTER socket: the sender's routing id and exactly one payload frame.
+// Returns false when nothing is waiting; a message of another shape is drained, counted as
+// malformed "decode", and *ok is set false.
+bool RecvRouterMessage(zmq::socket_t& socket, WireStats* stats, zmq::message_t* id, zmq::message_t* frame,
+                       std::string* peer, bool* ok) {
+  if (!socket.recv(*id, zmq::recv_flags::dontwait)) return false;
+  std::vector<zmq::message_t> parts;
+  while (socket.get(zmq::sockopt::rcvmore)) {
+    parts.emplace_back();
+    (void)socket.recv(parts.back(), zmq::recv_flags::none);
+  }
+  *peer = PeerName(*id);
+  *ok = parts.size() == 1;
+  if (*ok) *frame = std::move(parts[0]);
+  else if (stats) stats->CountMalformed(MalformedReason::kDecode, *peer, "expected exactly one frame");
+  return true;
+}
+
 Result<std::string> BindSocket(zmq::socket_t& socket, const std::string& endpoint) {
   try {
     socket.bind(endpoint);
@@ -371,22 +389,14 @@ void ReliableReceiver::Run() {
     if (readable) {
       batch.clear();
       while (batch.size() < options_.max_batch) {
-        zmq::message_t id;
-        if (!socket.recv(id, zmq::recv_flags::dontwait)) break;
-        std::vector<zmq::message_t> parts;
-        while (socket.get(zmq::sockopt::rcvmore)) {
-          parts.emplace_back();
-          (void)socket.recv(parts.back(), zmq::recv_flags::none);
-        }
-        std::string peer = PeerName(id);
-        if (parts.size() != 1) {
-          if (options_.stats)
-            options_.stats->CountMalformed(MalformedReason::kDecode, peer, "expected exactly one frame");
-          continue;
-        }
+        zmq::message_t id, payload;
+        std::string peer;
+        bool ok = false;
+        if (!RecvRouterMessage(socket, options_.stats, &id, &payload, &peer, &ok)) break;
+        if (!ok) continue;
         received_++;
         MalformedReason why;
-        auto frame = std::make_shared<zmq::message_t>(std::move(parts[0]));
+        auto frame = std::make_shared<zmq::message_t>(std::move(payload));
         auto env = DecodeEnvelope(frame->data(), frame->size(), options_.limits, &why, frame);
         if (!env.ok()) {
           if (options_.stats) options_.stats->CountMalformed(why, peer, env.status().message());
@@ -455,20 +465,12 @@ void RpcServer::Run() {
     zmq_pollitem_t items[1] = {{socket.handle(), 0, ZMQ_POLLIN, 0}};
     zmq::poll(items, 1, Millis(100));
     if (!(items[0].revents & ZMQ_POLLIN)) continue;
-    zmq::message_t id;
-    if (!socket.recv(id, zmq::recv_flags::dontwait)) continue;
-    std::vector<zmq::message_t> parts;
-    while (socket.get(zmq::sockopt::rcvmore)) {
-      parts.emplace_back();
-      (void)socket.recv(parts.back(), zmq::recv_flags::none);
-    }
-    std::string peer = PeerName(id);
-    if (parts.size() != 1) {
-      if (options_.stats) options_.stats->CountMalformed(MalformedReason::kDecode, peer, "expected one frame");
-      continue;
-    }
+    zmq::message_t id, payload;
+    std::string peer;
+    bool ok = false;
+    if (!RecvRouterMessage(socket, options_.stats, &id, &payload, &peer, &ok) || !ok) continue;
     MalformedReason why;
-    auto request = DecodeEnvelope(parts[0].data(), parts[0].size(), options_.limits, &why);
+    auto request = DecodeEnvelope(payload.data(), payload.size(), options_.limits, &why);
     if (!request.ok()) {
       if (options_.stats) options_.stats->CountMalformed(why, peer, request.status().message());
       continue;
