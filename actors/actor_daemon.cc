@@ -5,12 +5,14 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
+#include <thread>
 
 #include "common/config.h"
 #include "common/daemon.h"
 #include "common/flags.h"
 #include "common/weight_sync.h"
-#include "engine/cpu_backend.h"
+#include "engine/backends.h"
 #include "engine/generate.h"
 #include "engine/tokenizer/prompt_template.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -56,7 +58,7 @@ struct ActorMetrics {
 
 int RunActorDaemon(int argc, char** argv) {
   DaemonFlags daemon_flags;
-  std::string model_dir, replay, rewardd, weights, actor_id;
+  std::string model_dir, replay, rewardd, weights, actor_id, device;
   std::vector<std::string> sets;
   int64_t max_batch = 32;
   FlagSet flags("aha-actor",
@@ -70,8 +72,8 @@ int RunActorDaemon(int argc, char** argv) {
   flags.String("weights", &weights, "the learner's weights socket; empty = never update weights");
   flags.String("actor-id", &actor_id, "name in trajectories and logs (default actor-<role-index>)");
   flags.Int("max-batch", &max_batch, "sequences decoded together (default 32)");
-  flags.Epilog("The job file (--config) gives the prompt template and the grpo sampling settings. GPU\n"
-               "generation and the NCCL in-flight weight swap are not implemented yet (issue 7).");
+  flags.String("device", &device, "cpu, cuda or cuda:N (default: topology.actors[role-index].device of the job)");
+  flags.Epilog("The job file (--config) gives the prompt template and the grpo sampling settings.");
   ParseOrExit(flags, argc, argv);
   const std::string prog = "aha-actor";
   if (daemon_flags.config.empty()) return Fail(prog, "--config is required", 2);
@@ -90,7 +92,15 @@ int RunActorDaemon(int argc, char** argv) {
   auto rt_or = DaemonRuntime::Create("actor", daemon_flags);
   if (!rt_or.ok()) return Fail(prog, rt_or.status().message());
   auto& rt = *rt_or;
-  engine::CpuBackend backend;
+  if (device.empty()) {
+    const auto& actors = job->topology.actors;
+    const size_t i = static_cast<size_t>(daemon_flags.role_index);
+    device = i < actors.size() ? actors[i].device : "cpu";
+  }
+  auto backend_or = engine::MakeBackend(device);
+  if (!backend_or.ok()) return Fail(prog, backend_or.status().message());
+  engine::Backend& backend = **backend_or;
+  spdlog::info("generating on {}", engine::DescribeBackend(&backend));
   auto model_or = engine::Transformer::Load(model_dir, &backend);
   if (!model_or.ok()) return Fail(prog, model_or.status().message());
   auto& model = *model_or;
@@ -148,32 +158,69 @@ int RunActorDaemon(int argc, char** argv) {
   uint64_t lease_request = 1;
   auto detok = [&](const std::vector<int32_t>& ids) { return tok.value()->Decode(ids, true); };
 
+  // In-flight weight updates: a fetcher thread pulls each new version from the learner into a
+  // staging copy while generation runs; the generator's step hook swaps it in between two decode
+  // steps (or before a prefill), so generation never stops for a sync. Each token records the
+  // version that drew it (the trajectory's versionSpans). The subscriber's socket belongs to the
+  // fetcher thread alone.
+  std::mutex staged_mu;
+  std::shared_ptr<const WeightsVersion> staged;  // newest fetched, not yet swapped in
+  std::atomic<uint64_t> fetched{0};
+  std::thread fetcher;
+  if (subscriber) {
+    fetcher = std::thread([&] {
+      while (!rt->stopping()) {
+        auto got = subscriber->FetchIfNewer(fetched.load(), 2000ms);
+        if (!got.ok()) {
+          spdlog::debug("weights: {}", got.status().ToString());
+          rt->WaitForStopFor(200ms);
+          continue;
+        }
+        if (!got->has_value()) {
+          metrics.lag->Set(static_cast<double>(fetched.load() - version.load()));
+          rt->WaitForStopFor(100ms);
+          continue;
+        }
+        auto w = std::make_shared<const WeightsVersion>(std::move(**got));
+        if (w->bytes->size() != model->num_params() * sizeof(float) || w->dtype != proto::DType::F32) {
+          spdlog::error("weights version {} does not fit this model ({} bytes, {} expected)", w->version,
+                        w->bytes->size(), model->num_params() * sizeof(float));
+          rt->WaitForStopFor(1000ms);
+          continue;
+        }
+        fetched = w->version;
+        metrics.lag->Set(static_cast<double>(w->version - version.load()));
+        std::lock_guard<std::mutex> lock(staged_mu);
+        staged = std::move(w);
+      }
+    });
+  }
+  auto swap_in = [&]() -> uint64_t {
+    std::shared_ptr<const WeightsVersion> w;
+    {
+      std::lock_guard<std::mutex> lock(staged_mu);
+      w = std::move(staged);
+    }
+    if (w && w->version > version.load()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      model->SetParams(reinterpret_cast<const float*>(w->bytes->data()));
+      version = w->version;
+      spdlog::info("swapped in policy version {}", w->version);
+      metrics.swaps->Increment();
+      metrics.swap_seconds->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      metrics.version->Set(static_cast<double>(version.load()));
+      metrics.lag->Set(static_cast<double>(fetched.load() - version.load()));
+    }
+    return version.load();
+  };
+  generator.SetStepHook(swap_in);
+
   while (!rt->stopping()) {
     if (rt->paused()) {
       rt->WaitForStopFor(100ms);
       continue;
     }
-    // New weights first: generation never waits for them, they are swapped in between rounds.
-    if (subscriber) {
-      auto t0 = std::chrono::steady_clock::now();
-      auto got = subscriber->FetchIfNewer(version.load(), 2000ms);
-      if (got.ok() && got->has_value()) {
-        const WeightsVersion& w = **got;
-        if (w.bytes->size() != model->num_params() * sizeof(float) || w.dtype != proto::DType::F32) {
-          spdlog::error("weights version {} does not fit this model ({} bytes, {} expected)", w.version,
-                        w.bytes->size(), model->num_params() * sizeof(float));
-        } else {
-          std::memcpy(model->params(), w.bytes->data(), w.bytes->size());
-          version = w.version;
-          spdlog::info("swapped in policy version {}", w.version);
-          metrics.swaps->Increment();
-          metrics.swap_seconds->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-        }
-      } else if (!got.ok()) {
-        spdlog::debug("weights: {}", got.status().ToString());
-      }
-      metrics.version->Set(static_cast<double>(version.load()));
-    }
+    swap_in();  // the lease below reports the version in use
 
     capnp::MallocMessageBuilder lm;
     auto lr = InitEnvelope(lm, actor_id).getBody().initLeaseRequest();
@@ -249,9 +296,16 @@ int RunActorDaemon(int argc, char** argv) {
           lp.set(j, res.logprobs[j]);
         }
         t.setCompletionText(detok(res.tokens));
-        auto span = t.initVersionSpans(1)[0];
-        span.setStartToken(0);
-        span.setVersion(version.load());
+        // Runs of tokens drawn under one policy version (a swap can land mid-completion).
+        std::vector<std::pair<uint32_t, uint64_t>> spans;
+        for (size_t j = 0; j < res.versions.size(); ++j)
+          if (spans.empty() || spans.back().second != res.versions[j]) spans.emplace_back(j, res.versions[j]);
+        if (spans.empty()) spans.emplace_back(0, version.load());
+        auto vs = t.initVersionSpans(static_cast<unsigned>(spans.size()));
+        for (size_t j = 0; j < spans.size(); ++j) {
+          vs[j].setStartToken(spans[j].first);
+          vs[j].setVersion(spans[j].second);
+        }
         t.setFinishReason(res.finish == engine::FinishReason::kStop ? proto::FinishReason::STOP : proto::FinishReason::LENGTH);
         t.setActorId(actor_id);
         t.getTimings().setDecodeMs(static_cast<float>(gen_s * 1000));
@@ -275,6 +329,7 @@ int RunActorDaemon(int argc, char** argv) {
   }
   // Give in-flight trajectories a moment to be acknowledged; what is left is re-leased by replay.
   (void)sender->Flush(Clock::now() + 2s);
+  if (fetcher.joinable()) fetcher.join();
   spdlog::info("stopped at policy version {}", version.load());
   return 0;
 }

@@ -191,7 +191,12 @@ class Reader {
 class Writer {
  public:
   explicit Writer(YAML::Emitter& out) : out_(out) {}
-  void Field(const char* key, const std::string& v, Choices = {}) { out_ << YAML::Key << key << YAML::Value << v; }
+  void Field(const char* key, const std::string& v, Choices choices = {}) {
+    // An unset choice (model.init.arch of a job that uses model.path) is left out: "" is not one of
+    // the choices, so printing it would make the printed job unreadable.
+    if (v.empty() && choices.size() > 0) return;
+    out_ << YAML::Key << key << YAML::Value << v;
+  }
   void Field(const char* key, const int64_t& v, int64_t = 0, int64_t = 0) { out_ << YAML::Key << key << YAML::Value << v; }
   void Field(const char* key, const double& v, double = 0, double = 0) {
     std::ostringstream s;

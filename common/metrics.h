@@ -1,4 +1,4 @@
-// Metrics: a prometheus-cpp exposer with aha's standard process metrics.
+// Metrics: a prometheus-cpp registry served over HTTP, with aha's standard process metrics.
 //
 // Names follow shared/DESIGN.md §7: `aha_<process>_<what>[_<unit>]`, units in the name (_seconds,
 // _bytes, _total). Every process exports
@@ -7,10 +7,14 @@
 //   aha_<process>_restarts_total                      restarts of this role seen by the supervisor
 // and the transport adds aha_malformed_messages_total{reason}.
 // Thread-safety: prometheus-cpp metrics are safe to update from any thread.
+//
+// The HTTP endpoint is aha's own (one thread, GET /metrics in the text exposition format), not
+// prometheus-cpp's civetweb exposer: civetweb runs its workers on fixed 100 KB stacks, glibc carves
+// every thread's static TLS out of that stack, and in a process that also loads the CUDA runtime
+// and OpenBLAS the rest was too small: the first scrape overflowed it (SIGSEGV in vsnprintf).
 #pragma once
 
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
@@ -47,8 +51,9 @@ class MetricsServer {
   explicit MetricsServer(const MetricsOptions& options);
   MetricsOptions options_;
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
   std::shared_ptr<prometheus::Collectable> uptime_;
+  struct Http;
+  std::unique_ptr<Http> http_;
 };
 
 // Exponential histogram buckets: start, start*factor, ... (count of them).

@@ -1,5 +1,5 @@
-// Backend: the one op interface that the CPU reference (cpu_backend.cc) and, next, the CUDA backend
-// (issue 7) implement. The transformer (transformer.cc), the generator and the optimizer call only
+// Backend: the one op interface that the CPU reference (cpu_backend.cc) and the CUDA backend
+// (cuda/cuda_backend.h) implement. The transformer (transformer.cc), the generator and the optimizer call only
 // these ops, so swapping the backend moves a whole model to another device.
 //
 // Conventions (llm.c style), for every op:
@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "engine/tensor.h"
 
@@ -39,6 +40,34 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual Device device() const = 0;
+
+  // ---- memory -------------------------------------------------------------------------------------
+  // Pointers given to the ops below live in device() memory. Copy moves bytes within it; Upload and
+  // Download move them from and to host memory. All three are ordered with the ops; Download returns
+  // once the bytes are on the host. On the CPU they are memcpy.
+  virtual void Copy(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+  virtual void Upload(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+  virtual void Download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+  // Waits until every op enqueued so far has finished (ops may run asynchronously on a device).
+  virtual void Synchronize() {}
+  // A model's flat weight buffer. A backend may keep a converted copy of registered weights for its
+  // products (the CUDA backend keeps bf16); WeightsChanged() must follow every change of the f32
+  // values (load, optimizer step, weight swap), and UnregisterWeights() the buffer's release.
+  virtual void RegisterWeights(const float* /*base*/, size_t /*n*/) {}
+  virtual void UnregisterWeights(const float* /*base*/) {}
+  virtual void WeightsChanged(const float* /*base*/) {}
+
+  // ---- graphs -------------------------------------------------------------------------------------
+  // Records the ops enqueued between BeginCapture() and EndCapture() as one replayable graph (CUDA
+  // graphs: one launch replaces hundreds). Buffers and sizes are baked in: replay only with the same
+  // buffers, new contents. graph_epoch() changes whenever the backend reallocates an internal buffer
+  // (workspace, cast scratch) that a graph may hold, so callers re-capture then. A backend without
+  // graphs returns false from BeginCapture() and the caller runs the ops directly.
+  virtual bool BeginCapture() { return false; }
+  virtual void* EndCapture() { return nullptr; }  // null when capture failed (run the ops directly)
+  virtual void Replay(void* /*graph*/) {}
+  virtual void DestroyGraph(void* /*graph*/) {}
+  virtual uint64_t graph_epoch() const { return 0; }
 
   // ---- elementwise and layers -------------------------------------------------------------------
   // out[N, C] = wte[ids[n], :]
@@ -92,17 +121,18 @@ class Backend {
 
   // KV cache for generation: per layer k_cache/v_cache[slots, max_len, Hkv, D]; a sequence owns one
   // slot. Writes k/v of packed new tokens (sequence b: rows cu_q[b]..cu_q[b+1], at positions
-  // start[b]...) into their slots.
+  // start[b]...) into their slots. Nq = cu_q[B], the number of new rows, is passed too so that a
+  // device backend can size its launch without reading cu_q back.
   virtual void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v,
                             const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
-                            int max_len, int Hkv, int D) = 0;
+                            int Nq, int max_len, int Hkv, int D) = 0;
   // Attention of packed new queries against the cache (prefill when start = 0 and many rows, decode
   // when one row per sequence): query row i of sequence b sits at position start[b] + (i - cu_q[b])
   // and attends to cache positions 0..that position. q/out[Nq, Hq, D].
   virtual void CachedAttentionForward(float* out, const float* q, const float* k_cache,
                                       const float* v_cache, const int32_t* cu_q, const int32_t* slots,
-                                      const int32_t* start, int B, int max_len, int Hq, int Hkv,
-                                      int D) = 0;
+                                      const int32_t* start, int B, int Nq, int max_len, int Hq,
+                                      int Hkv, int D) = 0;
 
   // ---- fused lm-head ------------------------------------------------------------------------------
   // For each row n with targets[n] >= 0: z = (h[n] @ w^T) / temperature over the vocabulary,
@@ -125,6 +155,17 @@ class Backend {
   // torch.optim.AdamW (decoupled weight decay) with bias correction at 1-based step t.
   virtual void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr,
                      float beta1, float beta2, float eps, float weight_decay, int64_t t) = 0;
+
+  // ---- sampling -----------------------------------------------------------------------------------
+  // One token per row of logits[B, V] (unscaled), with engine/sampler.h's semantics and behaviour
+  // log-prob convention; row b uses temperature[b], top_k[b], top_p[b] and a random stream keyed by
+  // (seeds[b], counters[b]) alone, so a draw does not depend on the rest of the batch. Every pointer
+  // is in device() memory. This default runs on the host (CPU backend): SampleToken with an Rng
+  // seeded from the pair. The CUDA backend draws on the GPU with its own counter-based generator
+  // (same distribution, different stream).
+  virtual void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
+                          const float* temperature, const int32_t* top_k, const float* top_p,
+                          const uint64_t* seeds, const uint64_t* counters);
 };
 
 }  // namespace aha::engine

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "common/flags.h"
+#include "engine/backends.h"
 #include "engine/cpu_backend.h"
 #include "engine/generate.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -97,10 +98,11 @@ int RunInitCommand(int argc, char** argv) {
 }
 
 int RunLogprobsCommand(int argc, char** argv) {
-  std::string model_dir;
+  std::string model_dir, device = "cpu";
   double temperature = 1.0;
   FlagSet flags(argv[0], "per-token log-probs of token sequences read as JSON on stdin");
   flags.String("model", &model_dir, "model directory (required)");
+  flags.String("device", &device, "cpu, cuda or cuda:N");
   flags.Double("temperature", &temperature, "compute log-probs of logits / T");
   flags.Epilog("stdin: {\"tokens\": [[id, ...], ...]}\nstdout: {\"logprobs\": [[null, lp_1, ...], ...]}, lp_t = log p(token_t | tokens_<t)");
   ParseOrExit(flags, argc, argv);
@@ -112,8 +114,9 @@ int RunLogprobsCommand(int argc, char** argv) {
   json in = json::parse(ss.str(), nullptr, false);
   if (in.is_discarded() || !in.is_object() || !in.contains("tokens") || !in["tokens"].is_array())
     return Fail(prog, "stdin: expected a JSON object {\"tokens\": [[...], ...]}", 2);
-  CpuBackend backend;
-  auto model = Transformer::Load(model_dir, &backend);
+  auto backend = engine::MakeBackend(device);
+  if (!backend.ok()) return Fail(prog, backend.status().message(), 2);
+  auto model = Transformer::Load(model_dir, backend->get());
   if (!model.ok()) return Fail(prog, model.status().message());
   const int V = (*model)->config().vocab_size;
   std::vector<int32_t> tokens, cu{0};
@@ -142,7 +145,7 @@ int RunLogprobsCommand(int argc, char** argv) {
 }
 
 int RunGenerateCommand(int argc, char** argv) {
-  std::string model_dir, prompt, prompt_tokens;
+  std::string model_dir, prompt, prompt_tokens, device = "cpu";
   int64_t samples = 1, max_new = 64, top_k = 0, seed = 0;
   double temperature = 1.0, top_p = 1.0;
   std::vector<std::string> stops;
@@ -157,6 +160,7 @@ int RunGenerateCommand(int argc, char** argv) {
   flags.Int("max-new-tokens", &max_new, "completion length cap");
   flags.Int("seed", &seed, "sampling seed");
   flags.StringList("stop", &stops, "stop string (repeatable)");
+  flags.String("device", &device, "cpu, cuda or cuda:N");
   ParseOrExit(flags, argc, argv);
   const std::string prog = argv[0];
   if (model_dir.empty()) return Fail(prog, "--model is required", 2);
@@ -166,8 +170,9 @@ int RunGenerateCommand(int argc, char** argv) {
   if (temperature < 0 || !(top_p > 0 && top_p <= 1) || top_k < 0)
     return Fail(prog, "need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0", 2);
 
-  CpuBackend backend;
-  auto model = Transformer::Load(model_dir, &backend);
+  auto backend = engine::MakeBackend(device);
+  if (!backend.ok()) return Fail(prog, backend.status().message(), 2);
+  auto model = Transformer::Load(model_dir, backend->get());
   if (!model.ok()) return Fail(prog, model.status().message());
   const engine::ModelConfig& config = (*model)->config();
   std::unique_ptr<tokenizer::Tokenizer> tok;

@@ -264,7 +264,8 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
 
 void CpuBackend::KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v,
                               const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
-                              int max_len, int Hkv, int D) {
+                              int Nq, int max_len, int Hkv, int D) {
+  AHA_CHECK_EQ(Nq, cu_q[B]);
   const size_t row = static_cast<size_t>(Hkv) * D;
   for (int b = 0; b < B; ++b) {
     for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) {
@@ -279,11 +280,11 @@ void CpuBackend::KvCacheWrite(float* k_cache, float* v_cache, const float* k, co
 
 void CpuBackend::CachedAttentionForward(float* out, const float* q, const float* k_cache,
                                         const float* v_cache, const int32_t* cu_q, const int32_t* slots,
-                                        const int32_t* start, int B, int max_len, int Hq, int Hkv,
-                                        int D) {
+                                        const int32_t* start, int B, int Nq, int max_len, int Hq,
+                                        int Hkv, int D) {
+  AHA_CHECK_EQ(Nq, cu_q[B]);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int group = Hq / Hkv;
-  const int Nq = cu_q[B];
   // Row -> sequence map so one flat parallel loop covers prefill and decode alike.
   std::vector<int> seq_of(Nq);
   for (int b = 0; b < B; ++b)

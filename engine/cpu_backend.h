@@ -35,11 +35,11 @@ class CpuBackend final : public Backend {
                          const float* lse, const float* q, const float* k, const float* v,
                          const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) override;
   void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
-                    const int32_t* slots, const int32_t* start, int B, int max_len, int Hkv,
+                    const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv,
                     int D) override;
   void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
                               const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
-                              int max_len, int Hq, int Hkv, int D) override;
+                              int Nq, int max_len, int Hq, int Hkv, int D) override;
   void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                      const int32_t* targets, int N, int C, int V, float temperature) override;
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,

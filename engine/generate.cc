@@ -45,15 +45,75 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   std::vector<int> free_slots;
   for (int s = max_batch_ - 1; s >= 0; --s) free_slots.push_back(s);
   std::vector<Active> active;
+  // On the CPU the logits come back to the host and each sequence draws from its own Rng stream.
+  // On a device they stay there and Backend::SampleRows draws every row in one launch, keyed by
+  // (request seed, tokens drawn so far); only B tokens and log-probs come back.
+  Backend* backend = model_->backend();
+  const bool on_host = backend->device().is_cpu();
   std::vector<float> logits;
+  std::vector<SampledToken> drawn;
+  uint64_t version = 0;
+  auto forward_and_sample = [&](const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
+                                const std::vector<int32_t>& slots, const std::vector<int32_t>& start,
+                                std::vector<Active>& rows) {
+    const int B = static_cast<int>(rows.size());
+    drawn.resize(B);
+    if (step_hook_) version = step_hook_();
+    if (on_host) {
+      logits.resize(static_cast<size_t>(B) * V);
+      model_->ForwardCached(tokens.data(), cu.data(), slots.data(), start.data(), B, &cache_, logits.data());
+      for (int b = 0; b < B; ++b)
+        drawn[b] = SampleToken(logits.data() + static_cast<size_t>(b) * V, V, requests[rows[b].request].sampling,
+                               rows[b].rng);
+      return;
+    }
+    if (device_logits_.empty()) {
+      const Device d = backend->device();
+      device_logits_ = Tensor(DType::kF32, {max_batch_, V}, d);
+      device_params_ = Tensor(DType::kF32, {max_batch_ * 8}, d);  // temperature top_k top_p seeds(2) counters(2), padded
+      device_out_ = Tensor(DType::kF32, {max_batch_ * 2}, d);
+    }
+    model_->ForwardCached(tokens.data(), cu.data(), slots.data(), start.data(), B, &cache_, device_logits_.f32());
+    std::vector<float> temperature(B), top_p(B);
+    std::vector<int32_t> top_k(B);
+    std::vector<uint64_t> seeds(B), counters(B);
+    for (int b = 0; b < B; ++b) {
+      const GenerationRequest& r = requests[rows[b].request];
+      temperature[b] = r.sampling.temperature;
+      top_k[b] = r.sampling.top_k;
+      top_p[b] = r.sampling.top_p;
+      seeds[b] = r.seed;
+      counters[b] = results[rows[b].request].tokens.size();
+    }
+    char* p = static_cast<char*>(device_params_.raw());
+    float* d_temperature = reinterpret_cast<float*>(p);
+    int32_t* d_top_k = reinterpret_cast<int32_t*>(p + 4 * max_batch_);
+    float* d_top_p = reinterpret_cast<float*>(p + 8 * max_batch_);
+    uint64_t* d_seeds = reinterpret_cast<uint64_t*>(p + 12 * max_batch_ + (12 * max_batch_) % 8);
+    uint64_t* d_counters = d_seeds + max_batch_;
+    backend->Upload(d_temperature, temperature.data(), B * sizeof(float));
+    backend->Upload(d_top_k, top_k.data(), B * sizeof(int32_t));
+    backend->Upload(d_top_p, top_p.data(), B * sizeof(float));
+    backend->Upload(d_seeds, seeds.data(), B * sizeof(uint64_t));
+    backend->Upload(d_counters, counters.data(), B * sizeof(uint64_t));
+    int32_t* d_tokens = reinterpret_cast<int32_t*>(device_out_.raw());
+    float* d_logprobs = device_out_.f32() + max_batch_;
+    backend->SampleRows(d_tokens, d_logprobs, device_logits_.f32(), B, V, d_temperature, d_top_k, d_top_p, d_seeds,
+                        d_counters);
+    std::vector<int32_t> tok(B);
+    std::vector<float> lp(B);
+    backend->Download(tok.data(), d_tokens, B * sizeof(int32_t));
+    backend->Download(lp.data(), d_logprobs, B * sizeof(float));
+    for (int b = 0; b < B; ++b) drawn[b] = SampledToken{tok[b], lp[b]};
+  };
 
   // Appends a sampled token; returns true when the sequence is finished.
-  auto accept = [&](Active& a, const float* row) -> bool {
+  auto accept = [&](Active& a, const SampledToken& t) -> bool {
     const GenerationRequest& r = requests[a.request];
     GenerationResult& out = results[a.request];
-    SampledToken t = SampleToken(row, V, r.sampling, a.rng);
     out.tokens.push_back(t.token);
     out.logprobs.push_back(t.logprob);
+    out.versions.push_back(version);
     a.next = t.token;
     if (std::find(r.stop_token_ids.begin(), r.stop_token_ids.end(), t.token) != r.stop_token_ids.end()) {
       out.finish = FinishReason::kStop;
@@ -95,10 +155,9 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     }
     if (!admitted.empty()) {
       const int B = static_cast<int>(admitted.size());
-      logits.resize(static_cast<size_t>(B) * V);
-      model_->ForwardCached(tokens.data(), cu.data(), slots.data(), start.data(), B, &cache_, logits.data());
+      forward_and_sample(tokens, cu, slots, start, admitted);
       for (int b = 0; b < B; ++b) {
-        if (accept(admitted[b], logits.data() + static_cast<size_t>(b) * V)) free_slots.push_back(admitted[b].slot);
+        if (accept(admitted[b], drawn[b])) free_slots.push_back(admitted[b].slot);
         else active.push_back(admitted[b]);
       }
       continue;  // admit more before decoding if slots were freed at once
@@ -115,13 +174,12 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       slots.push_back(a.slot);
       start.push_back(a.len);
     }
-    logits.resize(static_cast<size_t>(B) * V);
-    model_->ForwardCached(tokens.data(), cu.data(), slots.data(), start.data(), B, &cache_, logits.data());
+    forward_and_sample(tokens, cu, slots, start, active);
     std::vector<Active> still;
     for (int b = 0; b < B; ++b) {
       Active& a = active[b];
       a.len += 1;
-      if (accept(a, logits.data() + static_cast<size_t>(b) * V)) free_slots.push_back(a.slot);
+      if (accept(a, drawn[b])) free_slots.push_back(a.slot);
       else still.push_back(a);
     }
     active = std::move(still);

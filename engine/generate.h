@@ -37,6 +37,7 @@ const char* FinishReasonName(FinishReason r);  // "stop", "length"
 struct GenerationResult {
   std::vector<int32_t> tokens;   // the completion (prompt excluded)
   std::vector<float> logprobs;   // behaviour log-prob of each completion token (sampler.h)
+  std::vector<uint64_t> versions;  // the step hook's value when each token was drawn (0 without one)
   FinishReason finish = FinishReason::kLength;
 };
 
@@ -49,11 +50,18 @@ class Generator {
   // max_len. Results are in request order.
   Result<std::vector<GenerationResult>> Generate(const std::vector<GenerationRequest>& requests,
                                                  const Detokenize& detokenize = nullptr);
+  // Called before every forward pass (each prefill and each decode step), on the generating
+  // thread: the place to swap new weights in without stopping the batch (an actor's in-flight
+  // update). Returns the policy version in use from then on, recorded per drawn token.
+  using StepHook = std::function<uint64_t()>;
+  void SetStepHook(StepHook hook) { step_hook_ = std::move(hook); }
 
  private:
   Transformer* model_;
   int max_batch_, max_len_;
   KvCache cache_;
+  Tensor device_logits_, device_params_, device_out_;  // device path only (generate.cc)
+  StepHook step_hook_;
 };
 
 }  // namespace aha::engine

@@ -22,11 +22,23 @@ void AdamW::Step() { Step(opt_.lr); }
 void AdamW::Step(float lr) {
   ++t_;
   Backend* b = model_->backend();
-  for (const ParamInfo& p : model_->param_table()) {
-    const float wd = (!opt_.decay_filter || opt_.decay_filter(p.name)) ? opt_.weight_decay : 0.0f;
-    b->AdamW(model_->params() + p.offset, model_->grads() + p.offset, m_.f32() + p.offset, v_.f32() + p.offset,
-             p.numel(), lr, opt_.beta1, opt_.beta2, opt_.eps, wd, t_);
+  // Consecutive parameters with the same weight decay are one contiguous run of the flat buffers:
+  // one update call per run (a handful per model instead of one per tensor).
+  const auto& table = model_->param_table();
+  size_t i = 0;
+  while (i < table.size()) {
+    auto decay = [&](const ParamInfo& p) {
+      return (!opt_.decay_filter || opt_.decay_filter(p.name)) ? opt_.weight_decay : 0.0f;
+    };
+    const float wd = decay(table[i]);
+    size_t j = i + 1;
+    while (j < table.size() && decay(table[j]) == wd) ++j;
+    const size_t offset = table[i].offset, n = table[j - 1].offset + table[j - 1].numel() - offset;
+    b->AdamW(model_->params() + offset, model_->grads() + offset, m_.f32() + offset, v_.f32() + offset, n, lr,
+             opt_.beta1, opt_.beta2, opt_.eps, wd, t_);
+    i = j;
   }
+  model_->ParamsChanged();
 }
 
 }  // namespace aha::engine

@@ -1,6 +1,8 @@
 // Sampling (see sampler.h).
 #include "engine/sampler.h"
 
+#include "engine/backend.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -159,6 +161,24 @@ SampledToken SampleToken(const float* logits, int V, const SamplingOptions& o, R
   }
   out.logprob = static_cast<float>(logits[out.token] / t - lse);
   return out;
+}
+
+}  // namespace aha::engine
+
+// Backend::SampleRows' host implementation (backend.h), here beside the sampler it wraps.
+namespace aha::engine {
+
+void Backend::SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
+                         const float* temperature, const int32_t* top_k, const float* top_p,
+                         const uint64_t* seeds, const uint64_t* counters) {
+  std::vector<float> scratch;
+  for (int b = 0; b < B; ++b) {
+    Rng rng(seeds[b] ^ (counters[b] * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL));
+    const SamplingOptions o{temperature[b], top_p[b], top_k[b]};
+    const SampledToken t = SampleToken(logits + static_cast<size_t>(b) * V, V, o, rng, &scratch);
+    tokens[b] = t.token;
+    logprobs[b] = t.logprob;
+  }
 }
 
 }  // namespace aha::engine

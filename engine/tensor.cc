@@ -62,10 +62,21 @@ void BF16ToF32(const uint16_t* in, float* out, size_t n) {
   for (size_t i = 0; i < n; ++i) out[i] = BF16ToF32(in[i]);
 }
 
+namespace {
+const DeviceMemory* g_device_memory = nullptr;
+}  // namespace
+
+void SetDeviceMemory(const DeviceMemory* memory) { g_device_memory = memory; }
+const DeviceMemory* GetDeviceMemory() { return g_device_memory; }
+
 Tensor::Tensor(DType dtype, Shape shape, Device device)
     : dtype_(dtype), shape_(std::move(shape)), numel_(NumElements(shape_)), device_(device) {
-  AHA_CHECK(device_.is_cpu()) << "no backend for device " << device_.ToString() << " in this build";
   for (int64_t d : shape_) AHA_CHECK_GE(d, 0);
+  if (!device_.is_cpu()) {
+    AHA_CHECK(g_device_memory != nullptr) << "no backend for device " << device_.ToString() << " in this build";
+    data_ = g_device_memory->alloc(nbytes() == 0 ? 256 : nbytes(), device_.index);
+    return;
+  }
   // 64-byte alignment: whole cache lines for the blocked loops and for BLAS.
   size_t bytes = (nbytes() + 63) / 64 * 64;
   data_ = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
@@ -75,7 +86,8 @@ Tensor::Tensor(DType dtype, Shape shape, Device device)
 Tensor::~Tensor() { Release(); }
 
 void Tensor::Release() {
-  std::free(data_);
+  if (data_ && !device_.is_cpu()) g_device_memory->free(data_, device_.index);
+  else std::free(data_);
   data_ = nullptr;
 }
 
@@ -120,10 +132,23 @@ Tensor Tensor::FromVector(const std::vector<int32_t>& values, Shape shape) {
 }
 
 void Tensor::SetZero() {
-  if (data_) std::memset(data_, 0, nbytes());
+  if (!data_) return;
+  if (device_.is_cpu()) std::memset(data_, 0, nbytes());
+  else g_device_memory->zero(data_, nbytes(), device_.index);
+}
+
+Tensor Tensor::ToDevice(Device device) const {
+  Tensor out(dtype_, shape_, device);
+  if (nbytes() == 0) return out;
+  if (device_.is_cpu() && device.is_cpu()) std::memcpy(out.raw(), raw(), nbytes());
+  else if (device_.is_cpu()) g_device_memory->copy(out.raw(), raw(), nbytes(), 0, device.index);
+  else if (device.is_cpu()) g_device_memory->copy(out.raw(), raw(), nbytes(), 1, device_.index);
+  else g_device_memory->copy(out.raw(), raw(), nbytes(), 2, device.index);
+  return out;
 }
 
 Tensor Tensor::To(DType dtype) const {
+  if (!device_.is_cpu()) return ToDevice(Device::Cpu()).To(dtype);
   Tensor out(dtype, shape_, device_);
   if (dtype == dtype_) {
     std::memcpy(out.raw(), raw(), nbytes());
@@ -138,6 +163,7 @@ Tensor Tensor::To(DType dtype) const {
 }
 
 std::vector<float> Tensor::ToVector() const {
+  if (!device_.is_cpu()) return ToDevice(Device::Cpu()).ToVector();
   std::vector<float> v(numel_);
   if (dtype_ == DType::kF32) {
     std::memcpy(v.data(), data_, nbytes());

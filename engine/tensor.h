@@ -4,8 +4,9 @@
 // explicit forward and backward passes read and write through the Backend op interface (backend.h).
 // dtypes: f32 (all CPU compute), bf16 (storage: safetensors files, GPU weights), i32 (token ids,
 // cu_seqlens). Shapes are row-major and contiguous; element [i, j] of a [R, C] tensor is at i * C + j.
-// Devices: cpu, or cuda:N once the CUDA backend exists (issue 7); allocating on a device this build
-// does not have is a bug and aborts.
+// Devices: cpu, or cuda:N. Device memory comes from the allocator the CUDA backend registers
+// (SetDeviceMemory) when it is created; allocating on a device with no registered allocator is a bug
+// and aborts. SetZero, To and ToVector work on device tensors too (through host copies).
 #pragma once
 
 #include <cstddef>
@@ -44,6 +45,17 @@ float BF16ToF32(uint16_t b);
 void F32ToBF16(const float* in, uint16_t* out, size_t n);
 void BF16ToF32(const uint16_t* in, float* out, size_t n);
 
+// How tensors reach a non-CPU device's memory (registered by engine/cuda/cuda_backend.cc).
+struct DeviceMemory {
+  void* (*alloc)(size_t bytes, int device);
+  void (*free)(void* p, int device);
+  void (*zero)(void* p, size_t bytes, int device);
+  // kind: 0 host -> device, 1 device -> host, 2 device -> device. Synchronous with the device.
+  void (*copy)(void* dst, const void* src, size_t bytes, int kind, int device);
+};
+void SetDeviceMemory(const DeviceMemory* memory);
+const DeviceMemory* GetDeviceMemory();
+
 class Tensor {
  public:
   Tensor() = default;
@@ -76,9 +88,11 @@ class Tensor {
   uint16_t* bf16() { AHA_CHECK(dtype_ == DType::kBF16) << DTypeName(dtype_); return static_cast<uint16_t*>(data_); }
 
   void SetZero();
-  // Same shape, f32 <-> bf16 conversion (CPU tensors).
+  // The same tensor on `device` (a copy).
+  Tensor ToDevice(Device device) const;
+  // Same shape, f32 <-> bf16 conversion (on the CPU; a device tensor comes back as a CPU tensor).
   Tensor To(DType dtype) const;
-  std::vector<float> ToVector() const;  // f32 copy of a CPU f32/bf16 tensor
+  std::vector<float> ToVector() const;  // f32 host copy of an f32/bf16/i32 tensor
 
  private:
   void Release();

@@ -49,8 +49,29 @@ Transformer::Transformer(const ModelConfig& config, Backend* backend)
   const size_t n = table_.back().offset + table_.back().numel();
   params_ = Tensor::Zeros(DType::kF32, {static_cast<int64_t>(n)}, backend->device());
   w_ = Bind(params_.f32());
-  inv_freq_ = Tensor::FromVector(RopeInverseFrequencies(config.rope, config.head_dim), {config.head_dim / 2});
+  inv_freq_ = Tensor::FromVector(RopeInverseFrequencies(config.rope, config.head_dim), {config.head_dim / 2})
+                  .ToDevice(backend->device());
+  backend_->RegisterWeights(params_.f32(), n);
+  backend_->WeightsChanged(params_.f32());
 }
+
+Transformer::~Transformer() {
+  ClearGraphs();
+  backend_->UnregisterWeights(params_.f32());
+}
+
+void Transformer::ClearGraphs() {
+  for (auto& g : graphs_)
+    if (g.graph) backend_->DestroyGraph(g.graph);
+  graphs_.clear();
+}
+
+void Transformer::SetParams(const float* host) {
+  backend_->Upload(params_.raw(), host, params_.nbytes());
+  backend_->WeightsChanged(params_.f32());
+}
+
+void Transformer::CopyParamsToHost(float* host) const { backend_->Download(host, params_.raw(), params_.nbytes()); }
 
 Transformer::Weights Transformer::Bind(float* base) const {
   auto at = [&](const std::string& name) -> float* {
@@ -109,6 +130,7 @@ Result<std::unique_ptr<Transformer>> Transformer::Load(const std::string& dir, B
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir + "/config.json"));
   ASSIGN_OR_RETURN(SafetensorsModel st, SafetensorsModel::Open(dir));
   std::unique_ptr<Transformer> m(new Transformer(config, backend));
+  std::vector<float> host(m->num_params());
   for (const ParamInfo& p : m->table_) {
     std::string file = dir + "/model.safetensors";
     const SafetensorsEntry* e = st.Find(p.name, &file);
@@ -119,8 +141,9 @@ Result<std::unique_ptr<Transformer>> Transformer::Load(const std::string& dir, B
     ASSIGN_OR_RETURN(Tensor t, st.Read(p.name));
     if (t.dtype() != DType::kF32)
       return InvalidArgument(file + ": tensor " + p.name + ": integer dtype " + e->dtype + " for a weight");
-    std::memcpy(m->params_.f32() + p.offset, t.f32(), p.numel() * sizeof(float));
+    std::memcpy(host.data() + p.offset, t.f32(), p.numel() * sizeof(float));
   }
+  m->SetParams(host.data());
   // A tensor the architecture does not use means config.json and the weights disagree (a bias in a
   // Llama file, q_norm in a Qwen2 file): refuse rather than silently compute something else.
   for (const std::string& name : st.Names()) {
@@ -139,14 +162,16 @@ Result<std::unique_ptr<Transformer>> Transformer::Load(const std::string& dir, B
 
 std::unique_ptr<Transformer> Transformer::Init(const ModelConfig& config, uint64_t seed, Backend* backend) {
   std::unique_ptr<Transformer> m(new Transformer(config, backend));
+  std::vector<float> host(m->num_params());
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 0.02f);
   for (const ParamInfo& p : m->table_) {
-    float* w = m->params_.f32() + p.offset;
+    float* w = host.data() + p.offset;
     const bool is_norm = p.name.ends_with("norm.weight");
     const bool is_bias = p.name.ends_with(".bias");
     for (size_t i = 0; i < p.numel(); ++i) w[i] = is_norm ? 1.0f : is_bias ? 0.0f : normal(rng);
   }
+  m->SetParams(host.data());
   return m;
 }
 
@@ -163,14 +188,16 @@ Status Transformer::Save(const std::string& dir, DType dtype) const {
     f << json;
     if (!f.flush()) return IoError(dir + "/config.json: write failed");
   }
+  std::vector<float> host(num_params());
+  CopyParamsToHost(host.data());
   std::vector<uint16_t> bf16;
   if (dtype == DType::kBF16) {
     bf16.resize(num_params());
-    F32ToBF16(params_.f32(), bf16.data(), num_params());
+    F32ToBF16(host.data(), bf16.data(), num_params());
   }
   std::vector<NamedTensor> tensors;
   for (const ParamInfo& p : table_) {
-    const void* data = dtype == DType::kF32 ? static_cast<const void*>(params_.f32() + p.offset)
+    const void* data = dtype == DType::kF32 ? static_cast<const void*>(host.data() + p.offset)
                                             : static_cast<const void*>(bf16.data() + p.offset);
     tensors.push_back({p.name, dtype, p.shape, data});
   }
@@ -234,6 +261,12 @@ void Transformer::EnsureCapacity(int N) {
   dgate_ = Tensor(DType::kF32, {N, I}, d);
   dup_ = Tensor(DType::kF32, {N, I}, d);
   dh_ = Tensor(DType::kF32, {N, I}, d);
+  tokens_d_ = Tensor(DType::kI32, {N}, d);
+  cu_seqlens_d_ = Tensor(DType::kI32, {N + 1}, d);
+  positions_d_ = Tensor(DType::kI32, {N}, d);
+  targets_d_ = Tensor(DType::kI32, {N}, d);
+  drow_lp_d_ = Tensor(DType::kF32, {N}, d);
+  drow_ent_d_ = Tensor(DType::kF32, {N}, d);
 }
 
 void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, const int32_t* pos,
@@ -276,14 +309,14 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   const size_t NC = static_cast<size_t>(N) * C;
   // MLP branch: out = mid + down(swiglu(gate(ln2), up(ln2))).
   float* dmid = dmid_.f32();
-  std::copy(dres, dres + NC, dmid);
+  B.Copy(dmid, dres, NC * sizeof(float));
   B.LinearBackward(dh_.f32(), g.down_w, nullptr, dres, a.h.f32(), w.down_w, N, I, C, false);
   B.SwiGluBackward(dgate_.f32(), dup_.f32(), dh_.f32(), a.gate.f32(), a.up.f32(), N, I);
   B.LinearBackward(dln_.f32(), g.gate_w, nullptr, dgate_.f32(), a.ln2.f32(), w.gate_w, N, C, I, false);
   B.LinearBackward(dln_.f32(), g.up_w, nullptr, dup_.f32(), a.ln2.f32(), w.up_w, N, C, I, true);
   B.RmsNormBackward(dmid, g.post_norm, dln_.f32(), a.mid.f32(), w.post_norm, a.rstd2.f32(), N, C);
   // Attention branch: mid = x + o(attn(rope(norm(q(ln1))), rope(norm(k(ln1))), v(ln1))).
-  std::copy(dmid, dmid + NC, dres);
+  B.Copy(dres, dmid, NC * sizeof(float));
   B.LinearBackward(datt_.f32(), g.o_w, nullptr, dmid, a.att.f32(), w.o_w, N, Hq * D, C, false);
   B.AttentionBackward(dq_.f32(), dk_.f32(), dv_.f32(), datt_.f32(), a.att.f32(), a.lse.f32(), a.q.f32(),
                       a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
@@ -326,18 +359,26 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
     }
   }
   Backend& B = *backend_;
+  B.Upload(tokens_d_.raw(), tokens_.data(), N * sizeof(int32_t));
+  B.Upload(cu_seqlens_d_.raw(), cu_seqlens_.data(), (S + 1) * sizeof(int32_t));
+  B.Upload(positions_d_.raw(), positions_.data(), N * sizeof(int32_t));
+  B.Upload(targets_d_.raw(), targets_.data(), N * sizeof(int32_t));
   const int C = config_.hidden_size;
-  B.EmbeddingForward(resid_[0].f32(), tokens_.data(), w_.wte, N, C);
+  B.EmbeddingForward(resid_[0].f32(), tokens_d_.i32(), w_.wte, N, C);
   for (int l = 0; l < config_.num_layers; ++l)
-    LayerForward(l, acts_[recompute_ ? 0 : l], resid_[l].f32(), resid_[l + 1].f32(), positions_.data(),
-                 cu_seqlens_.data(), S, N);
+    LayerForward(l, acts_[recompute_ ? 0 : l], resid_[l].f32(), resid_[l + 1].f32(), positions_d_.i32(),
+                 cu_seqlens_d_.i32(), S, N);
   const int L = config_.num_layers;
   B.RmsNormForward(lnf_.f32(), rstdf_.f32(), resid_[L].f32(), w_.final_norm, N, C, config_.rms_norm_eps);
-  B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_.data(), N, C,
+  B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N, C,
                   config_.vocab_size, temperature);
   // Row n predicts token n + 1: shift into token alignment.
-  const float* rl = row_lp_.f32();
-  const float* re = row_ent_.f32();
+  row_lp_host_.resize(N);
+  row_ent_host_.resize(N);
+  B.Download(row_lp_host_.data(), row_lp_.raw(), N * sizeof(float));
+  if (entropies) B.Download(row_ent_host_.data(), row_ent_.raw(), N * sizeof(float));
+  const float* rl = row_lp_host_.data();
+  const float* re = row_ent_host_.data();
   for (int i = 0; i < N; ++i) {
     const bool first = positions_[i] == 0;
     logprobs[i] = first ? 0.0f : rl[i - 1];
@@ -355,19 +396,21 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies) {
     if (dlogprobs) drow_lp[i] = dlogprobs[i + 1];
     if (dentropies) drow_ent[i] = dentropies[i + 1];
   }
-  B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp.data(), drow_ent.data(), lnf_.f32(), w_.lm_head,
-                   targets_.data(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
+  B.Upload(drow_lp_d_.raw(), drow_lp.data(), N * sizeof(float));
+  B.Upload(drow_ent_d_.raw(), drow_ent.data(), N * sizeof(float));
+  B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
+                   targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
   dres_.SetZero();
   B.RmsNormBackward(dres_.f32(), g_.final_norm, dln_.f32(), resid_[L].f32(), w_.final_norm, rstdf_.f32(), N, C);
   for (int l = L - 1; l >= 0; --l) {
     LayerActs& a = acts_[recompute_ ? 0 : l];
     if (recompute_) {
       // Rebuild this layer's activations from its saved input (its output goes to scratch).
-      LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_.data(), cu_seqlens_.data(), S_, N);
+      LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
     }
-    LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_.data(), cu_seqlens_.data(), S_, N);
+    LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
   }
-  B.EmbeddingBackward(g_.wte, dres_.f32(), tokens_.data(), N, C);
+  B.EmbeddingBackward(g_.wte, dres_.f32(), tokens_d_.i32(), N, C);
 }
 
 // ---- generation forward ------------------------------------------------------------------------
@@ -377,65 +420,165 @@ KvCache Transformer::NewKvCache(int slots, int max_len) const {
   c.slots = slots;
   c.max_len = max_len;
   for (int l = 0; l < config_.num_layers; ++l) {
-    const Shape s{slots, max_len, config_.num_kv_heads, config_.head_dim};
+    const Shape s{slots + 1, max_len, config_.num_kv_heads, config_.head_dim};
     c.k.emplace_back(DType::kF32, s, backend_->device());
     c.v.emplace_back(DType::kF32, s, backend_->device());
   }
   return c;
 }
 
+void Transformer::EnsureDecodeScratch(int N, int Bn) {
+  if (N <= dec_.capacity && Bn <= dec_.batch) return;
+  ClearGraphs();  // they hold the old buffers
+  const int64_t n = std::max(N, dec_.capacity), b = std::max(Bn, dec_.batch);
+  const int64_t C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
+  const int64_t Hq = config_.num_heads, Hkv = config_.num_kv_heads;
+  const Device d = backend_->device();
+  dec_.capacity = static_cast<int>(n);
+  dec_.batch = static_cast<int>(b);
+  dec_.ints = Tensor(DType::kI32, {2 * n + 3 * b + 1}, d);
+  dec_.x = Tensor(DType::kF32, {n, C}, d);
+  dec_.ln = Tensor(DType::kF32, {n, C}, d);
+  dec_.rstd = Tensor(DType::kF32, {std::max(n * Hq, b)}, d);
+  dec_.q = Tensor(DType::kF32, {n, Hq * D}, d);
+  dec_.k = Tensor(DType::kF32, {n, Hkv * D}, d);
+  dec_.v = Tensor(DType::kF32, {n, Hkv * D}, d);
+  dec_.qn = Tensor(DType::kF32, {n, Hq * D}, d);
+  dec_.kn = Tensor(DType::kF32, {n, Hkv * D}, d);
+  dec_.att = Tensor(DType::kF32, {n, Hq * D}, d);
+  dec_.tmp = Tensor(DType::kF32, {n, C}, d);
+  dec_.gate = Tensor(DType::kF32, {n, I}, d);
+  dec_.up = Tensor(DType::kF32, {n, I}, d);
+  dec_.last = Tensor(DType::kF32, {b, C}, d);
+  dec_.lastn = Tensor(DType::kF32, {b, C}, d);
+}
+
 void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* slots,
                                 const int32_t* start, int Bn, KvCache* cache, float* last_logits) {
   Backend& B = *backend_;
-  const int N = cu_q[Bn];
-  const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
+  int N = cu_q[Bn];
+  // A decode step runs at a bucket size (a power of two, or the cache's slot count) so that a few
+  // captured graphs cover every batch: rows past Bn are padding (token 0 at position 0 of the
+  // cache's spare slot); their logits are computed and ignored.
+  const bool decode = N == Bn && decode_graphs_ && !B.device().is_cpu();
+  int rows = Bn;
+  if (decode) {
+    rows = 1;
+    while (rows < Bn) rows *= 2;
+    rows = std::min(rows, std::max(cache->slots, Bn));
+  }
+  EnsureDecodeScratch(std::max(N, rows), rows);
+  // One upload of every integer array: tokens[N] | cu_q[B + 1] | slots[B] | start[B] | positions[N].
+  std::vector<int32_t> ints;
+  if (decode) {
+    ints.reserve(5 * rows + 1);
+    ints.insert(ints.end(), tokens, tokens + Bn);
+    ints.resize(rows, 0);
+    for (int b = 0; b <= rows; ++b) ints.push_back(b);
+    ints.insert(ints.end(), slots, slots + Bn);
+    ints.resize(ints.size() + (rows - Bn), cache->slots);
+    ints.insert(ints.end(), start, start + Bn);
+    ints.resize(ints.size() + (rows - Bn), 0);
+    ints.insert(ints.end(), start, start + Bn);  // positions: one new token at start[b]
+    ints.resize(ints.size() + (rows - Bn), 0);
+    N = rows;
+  } else {
+    ints.reserve(2 * N + 3 * Bn + 1);
+    ints.insert(ints.end(), tokens, tokens + N);
+    ints.insert(ints.end(), cu_q, cu_q + Bn + 1);
+    ints.insert(ints.end(), slots, slots + Bn);
+    ints.insert(ints.end(), start, start + Bn);
+    for (int b = 0; b < Bn; ++b)
+      for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) ints.push_back(start[b] + (i - cu_q[b]));
+  }
+  B.Upload(dec_.ints.raw(), ints.data(), ints.size() * sizeof(int32_t));
+  if (!decode) {
+    DecodeBody(N, Bn, cache, last_logits, cu_q);
+    return;
+  }
+  const uint64_t epoch = B.graph_epoch();
+  DecodeGraph* g = nullptr;
+  for (auto& x : graphs_)
+    if (x.bucket == rows && x.cache == cache && x.logits == last_logits) g = &x;
+  if (g && g->graph && g->epoch != epoch) {  // the backend moved a buffer the graph holds
+    B.DestroyGraph(g->graph);
+    g->graph = nullptr;
+  }
+  if (!g) {
+    // First sight of this bucket: run directly (this also sizes every scratch buffer).
+    graphs_.push_back({rows, cache, last_logits, epoch, nullptr});
+    DecodeBody(N, N, cache, last_logits, nullptr);
+    return;
+  }
+  if (!g->graph) {
+    if (B.BeginCapture()) {
+      DecodeBody(N, N, cache, last_logits, nullptr);
+      g->graph = B.EndCapture();
+      g->epoch = B.graph_epoch();
+    }
+    if (!g->graph) {  // capture failed (the backend said why): run directly from now on
+      decode_graphs_ = false;
+      DecodeBody(N, N, cache, last_logits, nullptr);
+      return;
+    }
+  }
+  B.Replay(g->graph);
+}
+
+void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q) {
+  Backend& B = *backend_;
+  const int C = config_.hidden_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
-  const Device d = backend_->device();
-  std::vector<int32_t> pos(N);
-  for (int b = 0; b < Bn; ++b)
-    for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) pos[i] = start[b] + (i - cu_q[b]);
-  Tensor x(DType::kF32, {N, C}, d), ln(DType::kF32, {N, C}, d), rstd(DType::kF32, {N * Hq}, d),
-      q(DType::kF32, {N, Hq * D}, d), k(DType::kF32, {N, Hkv * D}, d), v(DType::kF32, {N, Hkv * D}, d),
-      qn(DType::kF32, {N, Hq * D}, d), kn(DType::kF32, {N, Hkv * D}, d), att(DType::kF32, {N, Hq * D}, d),
-      tmp(DType::kF32, {N, C}, d), gate(DType::kF32, {N, I}, d), up(DType::kF32, {N, I}, d);
-  B.EmbeddingForward(x.f32(), tokens, w_.wte, N, C);
+  const int32_t* d_tokens = dec_.ints.i32();
+  const int32_t* d_cu = d_tokens + N;
+  const int32_t* d_slots = d_cu + Bn + 1;
+  const int32_t* d_start = d_slots + Bn;
+  const int32_t* d_pos = d_start + Bn;
+  float* x = dec_.x.f32();
+  float* ln = dec_.ln.f32();
+  float* rstd = dec_.rstd.f32();
+  float* tmp = dec_.tmp.f32();
+  B.EmbeddingForward(x, d_tokens, w_.wte, N, C);
   for (int l = 0; l < config_.num_layers; ++l) {
     const LayerWeights& w = w_.layers[l];
-    B.RmsNormForward(ln.f32(), rstd.f32(), x.f32(), w.in_norm, N, C, config_.rms_norm_eps);
-    B.LinearForward(q.f32(), ln.f32(), w.q_w, w.q_b, N, C, Hq * D);
-    B.LinearForward(k.f32(), ln.f32(), w.k_w, w.k_b, N, C, Hkv * D);
-    B.LinearForward(v.f32(), ln.f32(), w.v_w, w.v_b, N, C, Hkv * D);
-    float* qf = q.f32();
-    float* kf = k.f32();
+    const int I = config_.intermediate_size;
+    B.RmsNormForward(ln, rstd, x, w.in_norm, N, C, config_.rms_norm_eps);
+    B.LinearForward(dec_.q.f32(), ln, w.q_w, w.q_b, N, C, Hq * D);
+    B.LinearForward(dec_.k.f32(), ln, w.k_w, w.k_b, N, C, Hkv * D);
+    B.LinearForward(dec_.v.f32(), ln, w.v_w, w.v_b, N, C, Hkv * D);
+    float* qf = dec_.q.f32();
+    float* kf = dec_.k.f32();
     if (config_.qk_norm) {
-      B.RmsNormForward(qn.f32(), rstd.f32(), q.f32(), w.q_norm, N * Hq, D, config_.rms_norm_eps);
-      B.RmsNormForward(kn.f32(), rstd.f32(), k.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
-      qf = qn.f32();
-      kf = kn.f32();
+      B.RmsNormForward(dec_.qn.f32(), rstd, qf, w.q_norm, N * Hq, D, config_.rms_norm_eps);
+      B.RmsNormForward(dec_.kn.f32(), rstd, kf, w.k_norm, N * Hkv, D, config_.rms_norm_eps);
+      qf = dec_.qn.f32();
+      kf = dec_.kn.f32();
     }
-    B.RopeForward(qf, pos.data(), inv_freq_.f32(), N, Hq, D);
-    B.RopeForward(kf, pos.data(), inv_freq_.f32(), N, Hkv, D);
-    B.KvCacheWrite(cache->k[l].f32(), cache->v[l].f32(), kf, v.f32(), cu_q, slots, start, Bn, cache->max_len, Hkv, D);
-    B.CachedAttentionForward(att.f32(), qf, cache->k[l].f32(), cache->v[l].f32(), cu_q, slots, start, Bn,
-                             cache->max_len, Hq, Hkv, D);
-    B.LinearForward(tmp.f32(), att.f32(), w.o_w, nullptr, N, Hq * D, C);
-    B.Add(x.f32(), x.f32(), tmp.f32(), static_cast<size_t>(N) * C);
-    B.RmsNormForward(ln.f32(), rstd.f32(), x.f32(), w.post_norm, N, C, config_.rms_norm_eps);
-    B.LinearForward(gate.f32(), ln.f32(), w.gate_w, nullptr, N, C, I);
-    B.LinearForward(up.f32(), ln.f32(), w.up_w, nullptr, N, C, I);
-    B.SwiGluForward(gate.f32(), gate.f32(), up.f32(), N, I);
-    B.LinearForward(tmp.f32(), gate.f32(), w.down_w, nullptr, N, I, C);
-    B.Add(x.f32(), x.f32(), tmp.f32(), static_cast<size_t>(N) * C);
+    B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
+    B.RopeForward(kf, d_pos, inv_freq_.f32(), N, Hkv, D);
+    B.KvCacheWrite(cache->k[l].f32(), cache->v[l].f32(), kf, dec_.v.f32(), d_cu, d_slots, d_start, Bn,
+                   N, cache->max_len, Hkv, D);
+    B.CachedAttentionForward(dec_.att.f32(), qf, cache->k[l].f32(), cache->v[l].f32(), d_cu, d_slots, d_start,
+                             Bn, N, cache->max_len, Hq, Hkv, D);
+    B.LinearForward(tmp, dec_.att.f32(), w.o_w, nullptr, N, Hq * D, C);
+    B.Add(x, x, tmp, static_cast<size_t>(N) * C);
+    B.RmsNormForward(ln, rstd, x, w.post_norm, N, C, config_.rms_norm_eps);
+    B.LinearForward(dec_.gate.f32(), ln, w.gate_w, nullptr, N, C, I);
+    B.LinearForward(dec_.up.f32(), ln, w.up_w, nullptr, N, C, I);
+    B.SwiGluForward(dec_.gate.f32(), dec_.gate.f32(), dec_.up.f32(), N, I);
+    B.LinearForward(tmp, dec_.gate.f32(), w.down_w, nullptr, N, I, C);
+    B.Add(x, x, tmp, static_cast<size_t>(N) * C);
   }
-  // Only each sequence's last row needs logits.
-  Tensor last(DType::kF32, {Bn, C}, d);
-  for (int b = 0; b < Bn; ++b) {
-    const float* row = x.f32() + static_cast<size_t>(cu_q[b + 1] - 1) * C;
-    std::copy(row, row + C, last.f32() + static_cast<size_t>(b) * C);
+  // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather.
+  const float* last = x;
+  if (N != Bn) {
+    for (int b = 0; b < Bn; ++b)
+      B.Copy(dec_.last.f32() + static_cast<size_t>(b) * C, x + static_cast<size_t>(cu_q[b + 1] - 1) * C,
+             C * sizeof(float));
+    last = dec_.last.f32();
   }
-  Tensor lastn(DType::kF32, {Bn, C}, d);
-  B.RmsNormForward(lastn.f32(), rstd.f32(), last.f32(), w_.final_norm, Bn, C, config_.rms_norm_eps);
-  B.LinearForward(last_logits, lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
+  B.RmsNormForward(dec_.lastn.f32(), rstd, last, w_.final_norm, Bn, C, config_.rms_norm_eps);
+  B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
 }
 
 }  // namespace aha::engine

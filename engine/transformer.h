@@ -42,7 +42,7 @@ std::vector<ParamInfo> ParamTable(const ModelConfig& config);
 // Per-layer key/value cache for generation: k/v[slots, max_len, Hkv, D] per layer. A sequence owns a
 // slot for its lifetime; positions 0..len-1 of its slot hold its keys and values.
 struct KvCache {
-  int slots = 0, max_len = 0;
+  int slots = 0, max_len = 0;  // the tensors hold slots + 1 slots: the last pads graph batches
   std::vector<Tensor> k, v;  // one per layer
 };
 
@@ -58,12 +58,20 @@ class Transformer {
   // Writes DIR/config.json and DIR/model.safetensors in `dtype` (f32 or bf16), loadable by transformers.
   Status Save(const std::string& dir, DType dtype) const;
 
+  ~Transformer();
+
   const ModelConfig& config() const { return config_; }
   Backend* backend() const { return backend_; }
   const std::vector<ParamInfo>& param_table() const { return table_; }
   size_t num_params() const { return params_.numel(); }
+  // params(), grads(), param() and grad() point into the backend's device memory: host code reads and
+  // writes the weights through CopyParamsToHost / SetParams. After changing params() in place on the
+  // device (optimizer), call ParamsChanged() so the backend refreshes its copies (backend.h).
   float* params() { return params_.f32(); }
   const float* params() const { return params_.f32(); }
+  void SetParams(const float* host);
+  void CopyParamsToHost(float* host) const;
+  void ParamsChanged() { backend_->WeightsChanged(params_.f32()); }
   // Gradients are allocated on first use, so inference-only models (actors, `aha generate`) do not
   // pay for a second copy of the weights.
   float* grads() { EnsureGrads(); return grads_.f32(); }
@@ -72,6 +80,9 @@ class Transformer {
   float* grad(const std::string& name);
   void ZeroGrad() { EnsureGrads(); grads_.SetZero(); }
   void set_recompute(bool on) { recompute_ = on; }
+  // Decode steps (one new token per sequence) replay a captured graph per batch bucket (powers of
+  // two up to the cache's slots) where the backend has graphs; on by default.
+  void set_decode_graphs(bool on) { decode_graphs_ = on; }
 
   // Training forward over packed sequences. Writes logprobs[N] and entropies[N] aligned to tokens:
   // logprobs[t] = log p(tokens[t] | earlier tokens of its sequence) at `temperature` (logits / T),
@@ -85,7 +96,8 @@ class Transformer {
   // Generation: runs Nq new tokens of B sequences (rows cu_q[b]..cu_q[b+1] belong to sequence b,
   // whose first new token sits at position start[b] in cache slot slots[b]) through the model,
   // writing their keys/values into `cache`, and returns the logits of each sequence's LAST new token
-  // in last_logits[B, V] (unscaled). Prefill and decode are the same call.
+  // in last_logits[B, V] (unscaled, in the backend's device memory). Prefill and decode are the same
+  // call. The integer arrays are host arrays; tokens, logprobs and entropies of Forward() too.
   void ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* slots, const int32_t* start,
                      int B, KvCache* cache, float* last_logits);
   KvCache NewKvCache(int slots, int max_len) const;
@@ -128,6 +140,27 @@ class Transformer {
   std::vector<Tensor> resid_;  // L + 1 layer inputs/outputs [N, C]
   std::vector<LayerActs> acts_;  // L layers, or 1 scratch layer with recompute
   Tensor lnf_, rstdf_, lm_lse_, row_lp_, row_ent_;
+  // Device copies of the host integer arrays above, and the row gradients of Backward().
+  Tensor tokens_d_, cu_seqlens_d_, positions_d_, targets_d_, drow_lp_d_, drow_ent_d_;
+  std::vector<float> row_lp_host_, row_ent_host_;
+  // ForwardCached() scratch, grown to the largest call (fixed addresses between calls).
+  struct DecodeScratch {
+    int capacity = 0, batch = 0;
+    Tensor ints;  // tokens | cu_q | slots | start | positions
+    Tensor x, ln, rstd, q, k, v, qn, kn, att, tmp, gate, up, last, lastn;
+  } dec_;
+  void EnsureDecodeScratch(int N, int B);
+  void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q);
+  struct DecodeGraph {
+    int bucket = 0;
+    const KvCache* cache = nullptr;
+    const float* logits = nullptr;
+    uint64_t epoch = 0;
+    void* graph = nullptr;  // null: seen once, captured on the next call
+  };
+  std::vector<DecodeGraph> graphs_;
+  bool decode_graphs_ = true;
+  void ClearGraphs();
   // Backward scratch.
   Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgate_, dup_, dh_, tmp_;
 };

@@ -14,7 +14,7 @@
 #include "common/daemon.h"
 #include "common/flags.h"
 #include "common/weight_sync.h"
-#include "engine/cpu_backend.h"
+#include "engine/backends.h"
 #include "learner/trainer.h"
 
 namespace aha {
@@ -91,9 +91,9 @@ WeightsVersion Snapshot(engine::Transformer& model, uint64_t version) {
   WeightsVersion v;
   v.version = version;
   v.dtype = proto::DType::F32;
-  const float* p = model.params();
-  v.bytes = std::make_shared<const std::vector<uint8_t>>(reinterpret_cast<const uint8_t*>(p),
-                                                         reinterpret_cast<const uint8_t*>(p + model.num_params()));
+  auto bytes = std::make_shared<std::vector<uint8_t>>(model.num_params() * sizeof(float));
+  model.CopyParamsToHost(reinterpret_cast<float*>(bytes->data()));
+  v.bytes = std::move(bytes);
   for (const auto& info : model.param_table()) {
     WeightTensor t;
     t.name = info.name;
@@ -117,7 +117,7 @@ std::string LatestCheckpoint(const fs::path& root) {
 
 int RunLearnerDaemon(int argc, char** argv) {
   DaemonFlags daemon_flags;
-  std::string config_path, model_dir, replay, weights = "tcp://127.0.0.1:0", run_dir;
+  std::string config_path, model_dir, replay, weights = "tcp://127.0.0.1:0", run_dir, device;
   std::vector<std::string> sets;
   bool resume = false;
   double peak_tflops = 0;
@@ -132,8 +132,8 @@ int RunLearnerDaemon(int argc, char** argv) {
   flags.String("run-dir", &run_dir, "checkpoints go to RUN_DIR/checkpoints, step metrics to RUN_DIR/metrics/learner.jsonl (required)");
   flags.Bool("resume", &resume, "continue from the newest checkpoint in RUN_DIR/checkpoints");
   flags.Double("peak-tflops", &peak_tflops, "peak FLOP/s of the device in TFLOP/s, for the MFU metric (0: not reported)");
-  flags.Epilog("The job file (--config) gives the grpo and checkpoint sections. GPU training and NCCL weight\n"
-               "broadcast are not implemented yet (issue 7, \"Engine on CUDA\"); this build trains on CPU.");
+  flags.String("device", &device, "cpu, cuda or cuda:N (default: the job's topology.learner_devices[0])");
+  flags.Epilog("The job file (--config) gives the grpo and checkpoint sections.");
   ParseOrExit(flags, argc, argv);
   const std::string prog = "aha-learner";
   if (daemon_flags.config.empty()) return Fail(prog, "--config is required", 2);
@@ -147,7 +147,11 @@ int RunLearnerDaemon(int argc, char** argv) {
   if (!rt_or.ok()) return Fail(prog, rt_or.status().message());
   auto& rt = *rt_or;
 
-  engine::CpuBackend backend;
+  if (device.empty()) device = job->topology.learner_devices.empty() ? "cpu" : job->topology.learner_devices[0];
+  auto backend_or = engine::MakeBackend(device);
+  if (!backend_or.ok()) return Fail(prog, backend_or.status().message());
+  engine::Backend& backend = **backend_or;
+  spdlog::info("training on {}", engine::DescribeBackend(&backend));
   TrainerOptions topt;
   topt.grpo = job->grpo;
   topt.model_dir = model_dir;

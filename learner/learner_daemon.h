@@ -1,6 +1,7 @@
 // aha-learner: pulls complete groups from aha-replay, runs GRPO steps (learner/trainer.h) and
 // publishes every new policy version to the actors (CPU path: common/weight_sync.h over ZeroMQ).
-// The NCCL path (GPU actors) comes with the CUDA engine (issue 7).
+// Trains on CPU or one GPU (--device); publication is over ZeroMQ on both (the NCCL broadcast is
+// not wired in yet, issue 8).
 #pragma once
 
 namespace aha {

@@ -189,6 +189,7 @@ Result<StepStats> GrpoTrainer::Step(const std::vector<TrainGroup>& groups, uint6
     }
     auto t1 = std::chrono::steady_clock::now();
     model_->Backward(dlogprobs.data(), nullptr);
+    backend_->Synchronize();  // device ops are asynchronous: charge the backward to the backward
     st.backward_s += Seconds(t1);
     st.tokens += N;
     next = end;
@@ -205,12 +206,14 @@ Result<StepStats> GrpoTrainer::Step(const std::vector<TrainGroup>& groups, uint6
   model_->ZeroGrad();
   st.step = optimizer_->step();
   if (reference_ && g.ref_reset_every > 0 && st.step % g.ref_reset_every == 0) ResetReference();
+  backend_->Synchronize();
   st.optimizer_s = Seconds(t2);
   return st;
 }
 
 void GrpoTrainer::ResetReference() {
-  std::memcpy(reference_->params(), model_->params(), model_->num_params() * sizeof(float));
+  backend_->Copy(reference_->params(), model_->params(), model_->num_params() * sizeof(float));
+  reference_->ParamsChanged();
 }
 
 Status GrpoTrainer::Checkpoint(const std::string& dir, uint64_t policy_version) const {
@@ -230,9 +233,14 @@ Status GrpoTrainer::Checkpoint(const std::string& dir, uint64_t policy_version) 
     f.write(kOptimizerMagic, 8);
     f.write(reinterpret_cast<const char*>(&n), 8);
     f.write(reinterpret_cast<const char*>(&step), 8);
-    f.write(reinterpret_cast<const char*>(optimizer_->m().f32()), static_cast<std::streamsize>(n * 4));
-    f.write(reinterpret_cast<const char*>(optimizer_->v().f32()), static_cast<std::streamsize>(n * 4));
-    if (reference_) f.write(reinterpret_cast<const char*>(reference_->params()), static_cast<std::streamsize>(n * 4));
+    std::vector<float> host = optimizer_->m().ToVector();
+    f.write(reinterpret_cast<const char*>(host.data()), static_cast<std::streamsize>(n * 4));
+    host = optimizer_->v().ToVector();
+    f.write(reinterpret_cast<const char*>(host.data()), static_cast<std::streamsize>(n * 4));
+    if (reference_) {
+      reference_->CopyParamsToHost(host.data());
+      f.write(reinterpret_cast<const char*>(host.data()), static_cast<std::streamsize>(n * 4));
+    }
     if (!f) return IoError("cannot write " + dir + "/optimizer.bin");
   }
   nlohmann::json j = {{"step", optimizer_->step()}, {"policy_version", policy_version},
@@ -246,7 +254,8 @@ Result<uint64_t> GrpoTrainer::Restore(const std::string& dir) {
   if (loaded->num_params() != model_->num_params())
     return InvalidArgument(dir + ": checkpoint has " + std::to_string(loaded->num_params()) + " parameters, model has " +
                            std::to_string(model_->num_params()));
-  std::memcpy(model_->params(), loaded->params(), model_->num_params() * sizeof(float));
+  backend_->Copy(model_->params(), loaded->params(), model_->num_params() * sizeof(float));
+  model_->ParamsChanged();
   std::ifstream f(fs::path(dir) / "optimizer.bin", std::ios::binary);
   if (!f) return NotFound(dir + "/optimizer.bin: missing");
   char magic[8];
@@ -257,10 +266,14 @@ Result<uint64_t> GrpoTrainer::Restore(const std::string& dir) {
   f.read(reinterpret_cast<char*>(&step), 8);
   if (!f || std::memcmp(magic, kOptimizerMagic, 8) != 0) return DataLoss(dir + "/optimizer.bin: bad header");
   if (n != model_->num_params()) return DataLoss(dir + "/optimizer.bin: moment size disagrees with the model");
-  f.read(reinterpret_cast<char*>(optimizer_->m().f32()), static_cast<std::streamsize>(n * 4));
-  f.read(reinterpret_cast<char*>(optimizer_->v().f32()), static_cast<std::streamsize>(n * 4));
-  if (reference_) f.read(reinterpret_cast<char*>(reference_->params()), static_cast<std::streamsize>(n * 4));
+  std::vector<float> m(n), v(n), ref(reference_ ? n : 0);
+  f.read(reinterpret_cast<char*>(m.data()), static_cast<std::streamsize>(n * 4));
+  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * 4));
+  if (reference_) f.read(reinterpret_cast<char*>(ref.data()), static_cast<std::streamsize>(n * 4));
   if (!f) return DataLoss(dir + "/optimizer.bin: truncated");
+  backend_->Upload(optimizer_->m().raw(), m.data(), n * 4);
+  backend_->Upload(optimizer_->v().raw(), v.data(), n * 4);
+  if (reference_) reference_->SetParams(ref.data());
   optimizer_->set_step(step);
   std::ifstream tj(fs::path(dir) / "trainer.json");
   if (!tj) return NotFound(dir + "/trainer.json: missing");

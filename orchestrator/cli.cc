@@ -6,9 +6,11 @@
 #include "common/version.h"
 #include "engine/commands.h"
 #include "engine/tokenizer/tokenize_command.h"
+#include "learner/bench_command.h"
 #include "orchestrator/commands.h"
 #include "orchestrator/control_commands.h"
 #include "orchestrator/eval_command.h"
+#include "orchestrator/render_command.h"
 #include "orchestrator/report.h"
 #include "orchestrator/run_command.h"
 #include "orchestrator/sft_command.h"
@@ -28,6 +30,8 @@ const std::vector<Command>& Commands() {
       {"sft", "supervised fine-tuning on prompt/completion JSONL", &RunSftCommand},
       {"sample", "rejection sampling: keep the completions the verifiers accept", &RunSampleCommand},
       {"report", "plots and tables of a run directory", &RunReportCommand},
+      {"render", "the job as Kubernetes manifests or a Slurm batch script", &RunRenderCommand},
+      {"bench", "engine benchmarks: gen (tokens/s), train (GRPO step tokens/s, MFU)", &RunBenchCommand},
       {"init", "write a randomly initialised model directory", &RunInitCommand},
       {"logprobs", "per-token log-probs of token sequences (JSON on stdin)", &RunLogprobsCommand},
       {"generate", "sample completions of a prompt", &RunGenerateCommand},

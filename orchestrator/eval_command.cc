@@ -9,7 +9,7 @@
 
 #include "common/config.h"
 #include "common/flags.h"
-#include "engine/cpu_backend.h"
+#include "engine/backends.h"
 #include "engine/generate.h"
 #include "engine/tokenizer/prompt_template.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -62,14 +62,14 @@ struct Sampled {
 };
 
 struct SampleSettings {
-  std::string model_dir, prompt_template = "r1-zero";
+  std::string model_dir, prompt_template = "r1-zero", device = "cpu";
   int64_t samples = 1, max_new_tokens = 256, seed = 1;
   double temperature = 1.0, top_p = 1.0;
 };
 
 Result<std::vector<std::vector<Sampled>>> SampleAll(const SampleSettings& s, const std::vector<EvalTask>& tasks) {
-  engine::CpuBackend backend;
-  ASSIGN_OR_RETURN(auto model, engine::Transformer::Load(s.model_dir, &backend));
+  ASSIGN_OR_RETURN(auto backend, engine::MakeBackend(s.device));
+  ASSIGN_OR_RETURN(auto model, engine::Transformer::Load(s.model_dir, backend.get()));
   ASSIGN_OR_RETURN(auto tok, tokenizer::Tokenizer::Load(s.model_dir));
   ASSIGN_OR_RETURN(auto tmpl, tokenizer::PromptTemplate::Parse(s.prompt_template));
   std::vector<int32_t> stop_ids;
@@ -119,6 +119,7 @@ void AddCommonFlags(FlagSet& flags, SampleSettings* s, std::string* data, std::s
   flags.Int("max-new-tokens", &s->max_new_tokens, "completion length cap (default: the job's grpo.max_new_tokens, else 256)");
   flags.Int("seed", &s->seed, "sampling seed");
   flags.String("config", config, "job file: prompt template and defaults");
+  flags.String("device", &s->device, "cpu, cuda or cuda:N (default: the job's topology.learner_devices[0], else cpu)");
 }
 
 Status ApplyJob(const std::string& config, FlagSet& flags, SampleSettings* s) {
@@ -126,6 +127,7 @@ Status ApplyJob(const std::string& config, FlagSet& flags, SampleSettings* s) {
   ASSIGN_OR_RETURN(auto job, LoadJobConfig(config));
   s->prompt_template = job.model.prompt_template;
   if (!flags.was_set("max-new-tokens")) s->max_new_tokens = job.grpo.max_new_tokens;
+  if (!flags.was_set("device") && !job.topology.learner_devices.empty()) s->device = job.topology.learner_devices[0];
   return OkStatus();
 }
 

@@ -19,6 +19,7 @@
 #include "common/config.h"
 #include "common/flags.h"
 #include "common/log.h"
+#include "engine/backends.h"
 #include "orchestrator/progress.h"
 #include "orchestrator/supervisor.h"
 
@@ -100,16 +101,19 @@ Status CheckInputs(const JobConfig& job, const std::string& origin) {
   RETURN_IF_ERROR(need(job.sft.data, "sft.data"));
   RETURN_IF_ERROR(need(job.model.init.config, "model.init.config"));
   if (job.model.tokenizer != "byte") RETURN_IF_ERROR(need(job.model.tokenizer, "model.tokenizer"));
-  // The daemons generate and train on CPU only until the CUDA engine lands (issue 7): refuse a GPU
-  // topology instead of silently running it on the CPU.
+  // GPU devices: every stage and daemon picks its device from the topology (actors[i].device, the
+  // learner, SFT and evaluation on learner_devices[0]). Refuse them up front where this build or
+  // machine cannot honour them, rather than fail later inside a child.
+  std::vector<std::pair<std::string, std::string>> devices;
   for (size_t i = 0; i < job.topology.actors.size(); ++i)
-    if (job.topology.actors[i].device != "cpu")
-      return Unimplemented(origin + ": topology.actors[" + std::to_string(i) + "].device: " +
-                           job.topology.actors[i].device + " needs the CUDA engine, which this build does not have yet");
-  for (const auto& d : job.topology.learner_devices)
-    if (d != "cpu")
-      return Unimplemented(origin + ": topology.learner_devices: " + d +
-                           " needs the CUDA engine, which this build does not have yet");
+    devices.emplace_back("topology.actors[" + std::to_string(i) + "].device", job.topology.actors[i].device);
+  for (const auto& d : job.topology.learner_devices) devices.emplace_back("topology.learner_devices", d);
+  for (const auto& [key, d] : devices) {
+    if (d == "cpu") continue;
+    if (!engine::BuiltWithCuda())
+      return Unimplemented(origin + ": " + key + ": " + d + " needs a build with the CUDA backend (nvcc at configure time)");
+    if (Status s = engine::CheckDevice(d); !s.ok()) return Unavailable(origin + ": " + key + ": " + s.message());
+  }
   return OkStatus();
 }
 

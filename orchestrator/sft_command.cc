@@ -4,7 +4,7 @@
 
 #include "common/config.h"
 #include "common/flags.h"
-#include "engine/cpu_backend.h"
+#include "engine/backends.h"
 #include "learner/sft.h"
 
 namespace aha {
@@ -22,6 +22,8 @@ int RunSftCommand(int argc, char** argv) {
   flags.Int("batch", &batch, "sequences per step (default: the job's sft.batch_sequences, else 16)");
   flags.Double("lr", &lr, "learning rate (default: the job's sft.lr, else 1e-4)");
   flags.Int("seed", &seed, "shuffle seed");
+  std::string device = "cpu";
+  flags.String("device", &device, "cpu, cuda or cuda:N (default: the job's topology.learner_devices[0], else cpu)");
   ParseOrExit(flags, argc, argv);
   const std::string prog = "aha sft";
   if (model.empty() || data.empty() || out.empty()) return Fail(prog, "--model, --data and --out are required", 2);
@@ -32,6 +34,7 @@ int RunSftCommand(int argc, char** argv) {
     o.sft = job->sft;
     o.prompt_template = job->model.prompt_template;
     o.seed = static_cast<uint64_t>(job->seed);
+    if (!flags.was_set("device") && !job->topology.learner_devices.empty()) device = job->topology.learner_devices[0];
   }
   if (epochs > 0) o.sft.epochs = epochs;
   if (batch > 0) o.sft.batch_sequences = batch;
@@ -45,8 +48,9 @@ int RunSftCommand(int argc, char** argv) {
     if (step == 1 || step % 10 == 0 || step == total) std::printf("sft step %lld/%lld loss %.4f\n", (long long)step, (long long)total, loss);
     std::fflush(stdout);
   };
-  engine::CpuBackend backend;
-  auto loss = RunSft(o, *examples, &backend);
+  auto backend = engine::MakeBackend(device);
+  if (!backend.ok()) return Fail(prog, backend.status().message(), 2);
+  auto loss = RunSft(o, *examples, backend->get());
   if (!loss.ok()) return Fail(prog, loss.status().message());
   std::printf("sft: %zu examples, %lld epoch(s), last-epoch loss %.4f -> %s\n", examples->size(),
               (long long)o.sft.epochs, *loss, out.c_str());

@@ -91,6 +91,7 @@ struct ReplayStore::Metrics {
     groups_complete = &groups.Add({{"state", "complete"}});
     in_flight = &gauge("in_flight_groups", "Leased plus complete-but-unserved groups (rate limited)");
     in_flight_limit = &gauge("in_flight_limit", "Rate limiter bound on in-flight groups");
+    max_staleness = &gauge("max_staleness_steps", "Staleness bound: groups older than this are never served");
     learner_version = &gauge("learner_version", "Latest learner policy version seen");
     epoch = &gauge("epoch", "Dataset epoch of the dispatch cursor");
     disk_bytes = &gauge("disk_bytes", "Bytes of the RocksDB directory (SST, WAL, manifest)");
@@ -121,7 +122,7 @@ struct ReplayStore::Metrics {
                      .Add({}, prometheus::Histogram::BucketBoundaries{0, 1, 2, 3, 4, 6, 8, 16});
   }
   prometheus::Gauge *tasks_queued, *leases_active, *groups_incomplete, *groups_complete, *in_flight,
-      *in_flight_limit, *learner_version, *epoch, *disk_bytes, *paused;
+      *in_flight_limit, *max_staleness, *learner_version, *epoch, *disk_bytes, *paused;
   prometheus::Counter *leased_tasks, *ingested, *ingested_bytes, *duplicates, *completed, *served,
       *deleted, *dropped_expired, *dropped_stale, *dropped_filtered;
   std::map<std::string, prometheus::Counter*> rejected;
@@ -201,6 +202,7 @@ Status ReplayStore::OpenDb() {
   if (options_.registry) {
     metrics_ = std::make_unique<Metrics>(*options_.registry);
     metrics_->in_flight_limit->Set(static_cast<double>(limiter_.bound()));
+    metrics_->max_staleness->Set(static_cast<double>(options_.max_staleness));
   }
   return OkStatus();
 }

@@ -49,6 +49,8 @@ struct RewardService::Metrics {
   prometheus::Gauge* outbox = nullptr;
   prometheus::Histogram* score_seconds = nullptr;
   prometheus::Histogram* latency_seconds = nullptr;
+  prometheus::Histogram* response_length = nullptr;
+  prometheus::Counter* truncated = nullptr;
   prometheus::Family<prometheus::Histogram>* reward = nullptr;
   prometheus::Family<prometheus::Counter>* sandbox = nullptr;
   prometheus::Family<prometheus::Counter>* rejected = nullptr;
@@ -68,7 +70,15 @@ struct RewardService::Metrics {
     latency_seconds = &prometheus::BuildHistogram().Name(p + "latency_seconds").Help("Receipt to upstream acknowledgement").Register(r)
                            .Add({}, ExponentialBuckets(1e-4, 3, 14));
     reward = &prometheus::BuildHistogram().Name(p + "reward").Help("Reward per component (unweighted) and total").Register(r);
+    response_length = &prometheus::BuildHistogram().Name(p + "response_length_tokens").Help("Completion length of each scored trajectory, tokens").Register(r)
+                           .Add({}, ExponentialBuckets(4, 2, 12));
+    truncated = &prometheus::BuildCounter().Name(p + "truncated_total").Help("Scored completions cut off at max_new_tokens").Register(r).Add({});
     sandbox = &prometheus::BuildCounter().Name(p + "sandbox_outcomes_total").Help("Code test runs by outcome").Register(r);
+    // Every reason ScoreCode (rewards.cc) counts, present at 0 from the start: a dashboard or an
+    // alert then sees a series, not nothing, on a run that has not run code yet.
+    for (const char* reason : {"passed", "wrong_output", "compile_error", "runtime_error", "signal", "wall_timeout",
+                               "cpu_limit", "memory", "output_limit", "sandbox_error"})
+      sandbox->Add({{"reason", reason}});
     rejected = &prometheus::BuildCounter().Name(p + "rejected_total").Help("Trajectories rejected, by reason").Register(r);
   }
 
@@ -177,6 +187,8 @@ void RewardService::WorkerLoop() {
     auto t0 = Clock::now();
     std::string reject_reason;
     ScoreReport report;
+    size_t completion_tokens = 0;
+    bool truncated = false;
     try {
       auto traj = item->envelope->root().getBody().getTrajectory();
       auto task = traj.getTask();
@@ -194,6 +206,8 @@ void RewardService::WorkerLoop() {
                      ? static_cast<int64_t>(traj.getCompletionTokens().size())
                      : -1;
       c.truncated = traj.getFinishReason() == proto::FinishReason::LENGTH;
+      completion_tokens = traj.getCompletionTokens().size();
+      truncated = c.truncated;
       report = scorer_->Score(spec, c);
 
       item->scored = std::make_unique<capnp::MallocMessageBuilder>();
@@ -227,6 +241,8 @@ void RewardService::WorkerLoop() {
       metrics_->scored->Increment();
       if (report.correct) metrics_->correct->Increment();
       metrics_->score_seconds->Observe(secs);
+      metrics_->response_length->Observe(static_cast<double>(completion_tokens));
+      if (truncated) metrics_->truncated->Increment();
       for (const auto& rc : report.components) metrics_->ObserveReward(rc.name, rc.score);
       metrics_->ObserveReward("total", report.total);
       for (const auto& [reason, n] : report.sandbox_outcomes)

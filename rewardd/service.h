@@ -19,8 +19,9 @@
 //
 // Metrics (prefix aha_rewardd_): scored_total, scored_per_second, correct_total,
 // score_seconds (per trajectory, histogram), latency_seconds (receipt to upstream ack),
-// reward{component} (histogram per component, and component="total"), sandbox_outcomes_total
-// {reason}, rejected_total{reason}, in_flight, outbox_depth, duplicates_total.
+// reward{component} (histogram per component, and component="total"), response_length_tokens
+// (histogram), truncated_total (finished at max_new_tokens), sandbox_outcomes_total{reason},
+// rejected_total{reason}, in_flight, outbox_depth, duplicates_total.
 //
 // Threading: one receiver I/O thread, `workers` scoring threads, one forwarder thread, the
 // sender's I/O thread. Close() stops intake, drains what is held, and joins.

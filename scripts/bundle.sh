@@ -19,6 +19,7 @@ for bin in "${binaries[@]}"; do
   [ -f "$bin" ] && [ -x "$bin" ] || continue
   name=$(basename "$bin")
   cp "$bin" dist/libexec/"$name"
+  strip --strip-debug dist/libexec/"$name"  # the device tool carries at most 64 MiB
   ldd "$bin" | awk '/=> \//{print $1" "$3}' | while read -r soname path; do
     if ! [[ $soname =~ $skip ]] && [ ! -e dist/lib/"$soname" ]; then
       cp -L "$path" dist/lib/"$soname"

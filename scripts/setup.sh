@@ -15,6 +15,8 @@ PACKAGES=(
   bubblewrap libseccomp-dev python3
   clang libclang-rt-14-dev
   nodejs curl
+  slurmctld slurmd slurm-client munge shellcheck
+  prometheus
 )
 
 missing=()

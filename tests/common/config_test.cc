@@ -119,6 +119,12 @@ TEST(JobConfig, PrintedConfigLoadsBackIdentically) {
   EXPECT_EQ(ToYaml(*again), printed);
   EXPECT_DOUBLE_EQ(again->grpo.lr, 3e-6);
   EXPECT_NE(printed.find("loss_aggregation: token-mean"), std::string::npos);
+  // A job that starts from a model directory (no model.init.arch) prints and loads back too.
+  auto from_path = ParseJobConfig(kGood, "job.yaml", {"model.init.arch=", "model.path=/models/m"});
+  ASSERT_TRUE(from_path.ok()) << from_path.status().ToString();
+  auto reloaded = ParseJobConfig(ToYaml(*from_path), "resolved.yaml");
+  ASSERT_TRUE(reloaded.ok()) << reloaded.status().ToString() << "\n" << ToYaml(*from_path);
+  EXPECT_EQ(reloaded->model.path, "/models/m");
 }
 
 TEST(JobConfig, EveryShippedConfigLoads) {

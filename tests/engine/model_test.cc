@@ -246,6 +246,42 @@ TEST(Generation, StopsOnStopTokenAndStopString) {
   EXPECT_LE((*by_string)[0].tokens.size(), 4u);
 }
 
+// The in-flight update an actor does: the step hook runs before every forward pass (prefill and each
+// decode step), swaps weights mid-completion, and each token records the version that drew it.
+TEST(Generation, StepHookSwapsWeightsBetweenDecodeSteps) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
+  Randomize(*m, 12);
+  auto other = Transformer::Init(TinyConfig(Arch::kQwen2, true), 2, &B);
+  Randomize(*other, 13);
+  std::vector<float> new_weights(other->num_params());
+  other->CopyParamsToHost(new_weights.data());
+  GenerationRequest r;
+  r.prompt = {1, 2, 3};
+  r.sampling.temperature = 0.0f;
+  r.max_new_tokens = 8;
+  Generator gen(m.get(), 2, 32);
+  auto before = gen.Generate({r});
+  ASSERT_TRUE(before.ok());
+  EXPECT_EQ((*before)[0].versions, std::vector<uint64_t>(8, 0));  // no hook: version 0
+  int calls = 0;
+  gen.SetStepHook([&]() -> uint64_t {
+    if (++calls == 4) m->SetParams(new_weights.data());
+    return calls < 4 ? 1 : 2;
+  });
+  auto swapped = gen.Generate({r});
+  ASSERT_TRUE(swapped.ok());
+  const auto& out = (*swapped)[0];
+  EXPECT_EQ(calls, 8);  // one prefill and seven decode steps
+  EXPECT_EQ(out.versions, (std::vector<uint64_t>{1, 1, 1, 2, 2, 2, 2, 2}));
+  // Tokens before the swap are the old model's; the first one after it is drawn from new weights.
+  for (int t = 0; t < 3; ++t) {
+    EXPECT_EQ(out.tokens[t], (*before)[0].tokens[t]);
+    EXPECT_EQ(out.logprobs[t], (*before)[0].logprobs[t]);
+  }
+  EXPECT_NE(out.logprobs[3], (*before)[0].logprobs[3]);
+}
+
 TEST(Generation, RejectsBadRequests) {
   CpuBackend B;
   auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);

@@ -269,9 +269,9 @@ TEST(Ops, CachedAttentionMatchesPackedAttentionForPrefillAndDecode) {
       vp.insert(vp.end(), v.begin() + i * Hkv * D, v.begin() + (i + 1) * Hkv * D);
     }
   std::vector<float> outp(qp.size());
-  B.KvCacheWrite(kc.data(), vc.data(), kp.data(), vp.data(), cu_p.data(), slots.data(), start0.data(), S, max_len, Hkv, D);
+  B.KvCacheWrite(kc.data(), vc.data(), kp.data(), vp.data(), cu_p.data(), slots.data(), start0.data(), S, cu_p[S], max_len, Hkv, D);
   B.CachedAttentionForward(outp.data(), qp.data(), kc.data(), vc.data(), cu_p.data(), slots.data(), start0.data(), S,
-                           max_len, Hq, Hkv, D);
+                           cu_p[S], max_len, Hq, Hkv, D);
   int row = 0;
   for (int s = 0; s < S; ++s)
     for (int i = cu[s]; i < cu[s + 1] - 1; ++i, ++row)
@@ -285,9 +285,9 @@ TEST(Ops, CachedAttentionMatchesPackedAttentionForPrefillAndDecode) {
     vd.insert(vd.end(), v.begin() + i * Hkv * D, v.begin() + (i + 1) * Hkv * D);
   }
   std::vector<float> outd(qd.size());
-  B.KvCacheWrite(kc.data(), vc.data(), kd.data(), vd.data(), cu_d.data(), slots.data(), start_d.data(), S, max_len, Hkv, D);
+  B.KvCacheWrite(kc.data(), vc.data(), kd.data(), vd.data(), cu_d.data(), slots.data(), start_d.data(), S, S, max_len, Hkv, D);
   B.CachedAttentionForward(outd.data(), qd.data(), kc.data(), vc.data(), cu_d.data(), slots.data(), start_d.data(), S,
-                           max_len, Hq, Hkv, D);
+                           S, max_len, Hq, Hkv, D);
   for (int s = 0; s < S; ++s)
     for (int c = 0; c < Hq * D; ++c) EXPECT_NEAR(outd[s * Hq * D + c], ref[(cu[s + 1] - 1) * Hq * D + c], 1e-5);
 }

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (the device tool), from a checkout with dist/ (scripts/bundle.sh) carried:
+# the gpu-labelled tests and `aha bench gen|train` beside the PyTorch peer, same GPU, same run.
+# Logs go to OUT_DIR; a short table is printed last.
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export AHA_FIXTURES_DIR=$PWD/tests/fixtures
+out=${1:?usage: gpu_run.sh OUT_DIR [tests] [bench]}
+shift
+what=${*:-tests bench}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
+summary=()
+if [[ $what == *tests* ]]; then
+  for t in dist/bin/*_test; do
+    name=$(basename "$t")
+    timeout 130 "$t" --gtest_color=no > "$out/$name.log" 2>&1
+    rc=$?
+    grep -E "nmse|chi2|model |actor vs|vs transformers|GPU:|Failure|FAILED|Expected|Which is" "$out/$name.log" | head -120
+    summary+=("$name exit $rc: $(grep -E '^\[  (PASSED|FAILED)' "$out/$name.log" | tr '\n' ' ')")
+  done
+fi
+if [[ $what == *bench* ]]; then
+  model=/tmp/aha-0.5b
+  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
+  timeout 45 dist/bin/aha bench gen --model $model > "$out/gen_aha.log" 2>&1
+  timeout 45 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
+  timeout 45 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  timeout 40 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
+  timeout 1 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1
+    cat "$out/sync_aha.log"
+  fi
+  tail -n 3 "$out"/gen_aha.log "$out"/gen_peer.log "$out"/train_aha.log "$out"/train_peer.log
+  python3 - "$out" <<'PY'
+import json, pathlib, sys
+rows = []
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*_*.log")):
+    for line in f.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                j = json.loads(line)
+            except ValueError:
+                continue
+            if j["bench"] == "sync":
+                rows.append(f"sync   raw ncclBroadcast {j['raw_s'] * 1e3:.2f} ms, publish {j['publish_s'] * 1e3:.2f} ms ({j['ratio']:.2f}x), mismatches {j['mismatches']}")
+                continue
+            extra = f" mfu {100 * j['mfu']:.1f}%" if "mfu" in j else ""
+            rows.append(f"{j['bench']:6} {j.get('peer', 'aha'):55.55} {j['seconds']:8.3f} s {j['tokens_per_s']:12.0f} tok/s{extra}")
+print("\n".join(rows))
+PY
+fi
+printf '%s\n' "${summary[@]}"

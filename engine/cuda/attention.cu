@@ -1,0 +1,937 @@
+// Attention kernels of the CUDA backend: causal GQA over packed variable-length sequences
+// (forward and backward, flash-attention 2 style) and attention against the per-slot KV cache for
+// generation. f32 storage, f32 math on the CUDA cores. The math is that of the same-named ops in
+// engine/cpu_backend.cc; the design and the cost model are in docs/kernels.md ("Attention").
+//
+// Conventions shared by the kernels below:
+//  - Scores are kept in the log2 domain: q is pre-multiplied by scale * log2(e), so that
+//    softmax weights are exp2(s - m). lse is stored in natural-log units: lse = (m + log2 l) ln 2.
+//  - A query row r of the packed axis may see key j iff seqstart(r) <= j <= r. Tiles of the packed
+//    axis may span several sequences; every (row, key) pair inside a tile is masked by that rule,
+//    so no tile boundary needs to line up with a sequence boundary.
+//  - Rows or keys past N are zero-filled in shared memory and masked; nothing past N is written.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "engine/cuda/kernels.h"
+
+namespace aha::engine::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+[[noreturn]] void Fail(const char* what, long long value) {
+  std::fprintf(stderr, "aha engine/cuda/attention.cu: %s (got %lld)\n", what, value);
+  std::abort();
+}
+
+void CheckCuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha engine/cuda/attention.cu: %s: %s\n", what, cudaGetErrorString(e));
+    std::abort();
+  }
+}
+
+// Kernels whose dynamic shared memory exceeds the default 48 KB need the opt-in attribute. Set on
+// every launch (a cheap host call, no stream work) so that it holds on whichever device is current.
+template <typename Kernel>
+void AllowSmem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+}
+
+// ---- device helpers ---------------------------------------------------------------------------------
+
+// Largest s in [0, S) with cu[s] <= r, for a nondecreasing cu[0..S] with cu[0] <= r. Empty sequences
+// (cu[s] == cu[s + 1]) are stepped over, so cu[result] is the start of the sequence holding row r.
+__device__ __forceinline__ int FindSeq(const int32_t* __restrict__ cu, int S, int r) {
+  int lo = 0, hi = S - 1;  // the answer is in [lo, hi]
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(cu + mid) <= r) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+__device__ __forceinline__ float4 Ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ void St4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+__device__ __forceinline__ float4 Zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+__device__ __forceinline__ float4 Mul4(float4 x, float a) { return make_float4(x.x * a, x.y * a, x.z * a, x.w * a); }
+__device__ __forceinline__ float Dot4(float4 a, float4 b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+__device__ __forceinline__ float Get(float4 x, int e) { return e == 0 ? x.x : e == 1 ? x.y : e == 2 ? x.z : x.w; }
+
+// W consecutive floats (W in {1, 2, 4}; p aligned to 4 W bytes) to and from registers.
+template <int W>
+__device__ __forceinline__ void LdVec(float* x, const float* p) {
+  if constexpr (W == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
+  } else if constexpr (W == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    x[0] = t.x, x[1] = t.y;
+  } else {
+    static_assert(W == 1);
+    x[0] = *p;
+  }
+}
+template <int W>
+__device__ __forceinline__ void StVec(float* p, const float* x, float a) {
+  if constexpr (W == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(x[0] * a, x[1] * a, x[2] * a, x[3] * a);
+  } else if constexpr (W == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(x[0] * a, x[1] * a);
+  } else {
+    static_assert(W == 1);
+    *p = x[0] * a;
+  }
+}
+// p[0..W) += a * x[0..W) with one vector atomic where the hardware has it (sm_90: float2/float4).
+template <int W>
+__device__ __forceinline__ void AtomicAddVec(float* p, const float* x, float a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (W == 4) {
+    atomicAdd(reinterpret_cast<float4*>(p), make_float4(x[0] * a, x[1] * a, x[2] * a, x[3] * a));
+  } else if constexpr (W == 2) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(x[0] * a, x[1] * a));
+  } else {
+    atomicAdd(p, x[0] * a);
+  }
+#else
+#pragma unroll
+  for (int e = 0; e < W; ++e) atomicAdd(p + e, x[e] * a);
+#endif
+}
+
+__device__ __forceinline__ void CpAsync16(float* smem_dst, const float* gsrc, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = valid ? 16 : 0;  // 0: the 16 destination bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gsrc), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Tiling constants of the training kernels (forward and backward). A block is 256 threads seen as a
+// 16 x 16 grid (ty = tid / 16, tx = tid % 16); the 16 threads of one ty are one half-warp.
+//  - Score tiles [64 x 64]: thread (ty, tx) owns rows ty*4 + i (i < 4) and columns tx + 16 j (j < 4).
+//  - Output tiles [64 x D]: thread (ty, tx) owns rows ty*4 + i and TD = D / 16 columns, in NC chunks
+//    of VW consecutive columns: column (c, e) = c*16*VW + tx*VW + e. For D = 64 that is one float4.
+// Shared-memory rows of D floats are padded to LD = D + 4 floats: LD / 4 is odd for every D here, so
+// the 16 different rows that a half-warp reads at one float4 column fall two to a bank quad, the
+// minimum for 256 bytes (2 wavefronts), instead of all into one.
+constexpr int kTile = 64;       // query rows per tile and keys per tile
+constexpr int kThreads = 256;   // 16 x 16
+constexpr int kLP = kTile + 4;  // padded row of a [64 x 64] score tile in shared memory
+
+template <int D>
+struct TileCfg {
+  static_assert(D == 16 || D == 32 || D == 64 || D == 128, "head width");
+  static constexpr int D4 = D / 4;
+  static constexpr int LD = D + 4;
+  static constexpr int TD = D / 16;
+  static constexpr int VW = TD < 4 ? TD : 4;
+  static constexpr int NC = TD / VW;
+  static __device__ __forceinline__ int Col(int c, int tx) { return c * 16 * VW + tx * VW; }
+};
+
+// Copies rows [row0, row0 + 64) of head `head` of x[N, H, D] into dst[64][LD] (zeros past N),
+// optionally scaled. 256 threads, float4 per access, consecutive threads on consecutive float4 of a row.
+template <int D>
+__device__ __forceinline__ void LoadTile(float* dst, const float* __restrict__ x, int row0, int N, int H, int head,
+                                         float scale) {
+  using C = TileCfg<D>;
+  constexpr int kIters = kTile * C::D4 / kThreads;  // 1, 2, 4 or 8
+  static_assert(kIters * kThreads == kTile * C::D4);
+  float4 t[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int f = threadIdx.x + it * kThreads;
+    const int rr = f / C::D4, d4 = f % C::D4;
+    const int r = row0 + rr;
+    t[it] = r < N ? Ldg4(x + (static_cast<size_t>(r) * H + head) * D + d4 * 4) : Zero4();
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int f = threadIdx.x + it * kThreads;
+    const int rr = f / C::D4, d4 = f % C::D4;
+    St4(dst + rr * C::LD + d4 * 4, Mul4(t[it], scale));
+  }
+}
+
+// ---- forward --------------------------------------------------------------------------------------
+// Grid (ceil(N / 64), Hq), 256 threads. Block = 64 consecutive rows of the packed axis x one query
+// head. Keys run over 64-aligned tiles from the tile holding the first row's sequence start to the
+// last row; K/V tiles are double-buffered (cp.async streams tile t+1 while tile t is computed).
+// Shared: Qs[64][LD] (q * scale * log2e), 2 x (Ks, Vs [64][LD]), Ps[64][68], row starts.
+template <int D>
+constexpr size_t FwdSmemBytes() {
+  return (5 * kTile * TileCfg<D>::LD + kTile * kLP) * sizeof(float) + kTile * sizeof(int);
+}
+
+// Starts copying rows [row0, row0 + 64) of head `head` of x[N, H, D] into dst[64][LD] with cp.async
+// (zero-fill past N); the caller commits and waits.
+template <int D>
+__device__ __forceinline__ void IssueTile(float* dst, const float* __restrict__ x, int row0, int N, int H, int head) {
+  using C = TileCfg<D>;
+  constexpr int kIters = kTile * C::D4 / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int f = threadIdx.x + it * kThreads;
+    const int rr = f / C::D4, d4 = f % C::D4;
+    const int r = row0 + rr;
+    const bool valid = r < N;
+    CpAsync16(dst + rr * C::LD + d4 * 4, x + (static_cast<size_t>(valid ? r : 0) * H + head) * D + d4 * 4, valid);
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
+    AttnFwdKernel(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
+                  const float* __restrict__ k, const float* __restrict__ v, const int32_t* __restrict__ cu, int S,
+                  int N, int Hq, int Hkv, float qscale) {
+  using C = TileCfg<D>;
+  constexpr int LD = C::LD, TD = C::TD, VW = C::VW, NC = C::NC;
+  extern __shared__ __align__(16) float smem[];
+  float* Qs = smem;
+  float* KV = Qs + kTile * LD;                              // buffer b: Ks = KV + 2*b*64*LD, Vs = Ks + 64*LD
+  float* Ps = KV + 4 * kTile * LD;                          // [row][key], row stride kLP
+  int* row_ss = reinterpret_cast<int*>(Ps + kTile * kLP);  // sequence start per row (INT_MAX past N)
+
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int h = blockIdx.y, kvh = h / (Hq / Hkv);
+  const int r0 = blockIdx.x * kTile;
+  const int r_last = min(r0 + kTile, N) - 1;
+
+  if (tid < kTile) {
+    const int r = r0 + tid;
+    row_ss[tid] = r < N ? __ldg(cu + FindSeq(cu, S, r)) : INT_MAX;
+  }
+  LoadTile<D>(Qs, q, r0, N, Hq, h, qscale);
+  __syncthreads();
+
+  int row[4], ss[4];
+  float m[4], l[4], acc[4][TD];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    row[i] = r0 + ty * 4 + i;
+    ss[i] = row_ss[ty * 4 + i];
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < TD; ++c) acc[i][c] = 0.0f;
+  }
+  const int k_begin = (row_ss[0] / kTile) * kTile;  // row r0 < N, so row_ss[0] is a real start
+
+  IssueTile<D>(KV, k, k_begin, N, Hkv, kvh);
+  IssueTile<D>(KV + kTile * LD, v, k_begin, N, Hkv, kvh);
+  CpAsyncCommit();
+
+  int buf = 0;
+  for (int kt = k_begin; kt <= r_last; kt += kTile, buf ^= 1) {
+    CpAsyncWaitAll();  // this thread's copies of tile kt have landed
+    __syncthreads();   // everyone's have; the previous tile's readers of buffer buf ^ 1 and Ps are done
+    if (kt + kTile <= r_last) {
+      float* next = KV + 2 * (buf ^ 1) * kTile * LD;
+      IssueTile<D>(next, k, kt + kTile, N, Hkv, kvh);
+      IssueTile<D>(next + kTile * LD, v, kt + kTile, N, Hkv, kvh);
+      CpAsyncCommit();
+    }
+    const float* Ks = KV + 2 * buf * kTile * LD;
+    const float* Vs = Ks + kTile * LD;
+
+    // s[i][j] = q(row ty*4+i) . k(key kt + tx + 16 j), log2 domain.
+    float s[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = 0.0f;
+#pragma unroll 4
+    for (int d4 = 0; d4 < C::D4; ++d4) {
+      float4 qa[4], kb[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) qa[i] = Ld4(Qs + (ty * 4 + i) * LD + d4 * 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) kb[j] = Ld4(Ks + (tx + 16 * j) * LD + d4 * 4);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[i][j] = Dot4(qa[i], kb[j], s[i][j]);
+    }
+
+    // Mask, online softmax (a row's 64 scores live in the 16 threads of one half-warp), P to smem.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = kt + tx + 16 * j;
+        if (!(key >= ss[i] && key <= row[i])) s[i][j] = -INFINITY;
+        mx = fmaxf(mx, s[i][j]);
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m[i], mx);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+      const float alpha = exp2f(m[i] - m_use);                // 0 when m[i] = -inf
+      m[i] = m_new;
+      float psum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float p = exp2f(s[i][j] - m_use);  // 0 for masked keys
+        Ps[(ty * 4 + i) * kLP + tx + 16 * j] = p;
+        psum += p;
+      }
+      l[i] = l[i] * alpha + psum;  // this thread's share of the row sum
+#pragma unroll
+      for (int c = 0; c < TD; ++c) acc[i][c] *= alpha;
+    }
+    __syncthreads();
+
+    // acc[i][:] += sum_j P[row i][j] V[j][:]
+#pragma unroll 2
+    for (int j4 = 0; j4 < kTile / 4; ++j4) {
+      float4 pa[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[i] = Ld4(Ps + (ty * 4 + i) * kLP + j4 * 4);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float vb[TD];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) LdVec<VW>(vb + c * VW, Vs + (j4 * 4 + e) * LD + C::Col(c, tx));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float p = Get(pa[i], e);
+#pragma unroll
+          for (int c = 0; c < TD; ++c) acc[i][c] = fmaf(p, vb[c], acc[i][c]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float lt = l[i];
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) lt += __shfl_xor_sync(0xffffffffu, lt, off);
+    if (row[i] < N) {  // lt >= 1: the row sees itself, and its max term is exp2(0)
+      const float inv = 1.0f / lt;
+      float* o = out + (static_cast<size_t>(row[i]) * Hq + h) * D;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) StVec<VW>(o + C::Col(c, tx), acc[i] + c * VW, inv);
+      if (tx == 0) lse[static_cast<size_t>(row[i]) * Hq + h] = (m[i] + log2f(lt)) * kLn2;
+    }
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------------
+// Pre-pass: delta[n, h] = sum_d dout * out (one row of D floats per D/4 threads) and the sequence
+// start of every row.
+template <int D>
+__global__ void AttnBwdDeltaKernel(float* __restrict__ delta, const float* __restrict__ dout,
+                                   const float* __restrict__ out, int rows) {
+  constexpr int TPR = D / 4;  // 4..32 threads per row; divides 32, so a row stays in one warp
+  const int gt = blockIdx.x * blockDim.x + threadIdx.x;
+  const int r = gt / TPR, part = gt % TPR;
+  float s = 0.0f;
+  if (r < rows) {
+    const size_t off = static_cast<size_t>(r) * D + part * 4;
+    s = Dot4(Ldg4(dout + off), Ldg4(out + off), 0.0f);
+  }
+#pragma unroll
+  for (int o = TPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (r < rows && part == 0) delta[r] = s;
+}
+
+__global__ void RowStartKernel(int* __restrict__ row_start, const int32_t* __restrict__ cu, int S, int N) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r < N) row_start[r] = __ldg(cu + FindSeq(cu, S, r));
+}
+
+// Main backward: grid (ceil(N / 64), Hq), 256 threads. Block = 64 consecutive keys of the packed
+// axis x one QUERY head h (so the 7 query heads of a GQA group are 7 blocks; their dk/dv partials
+// meet through atomics). Loops over the 64-row query tiles that can see its keys, rows
+// [k0, end of the last key's sequence). Per query tile, with keys in the tile's rows (i) and query
+// rows in its columns (j):
+//   S^T = K Q^T, P^T = exp(S^T scale - lse) (masked), dP^T = V dO^T, dS^T = P^T (dP^T - delta);
+//   dV += P^T dO, dK += dS^T Q (registers, whole loop); dQ += dS K (registers, per tile, then
+//   float4 atomics into dq). Shared: Ks, Vs (once), Qs, dOs [64][LD] and Ps, dSs [64 keys][68]
+//   per query tile, plus lse, delta and row starts of the tile's rows.
+template <int D>
+constexpr size_t BwdSmemBytes() {
+  return (4 * kTile * TileCfg<D>::LD + 2 * kTile * kLP + 2 * kTile) * sizeof(float) + (kTile + 1) * sizeof(int);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
+    AttnBwdKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                  const float* __restrict__ dout, const float* __restrict__ q, const float* __restrict__ k,
+                  const float* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ delta,
+                  const int* __restrict__ row_start, const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv,
+                  float scale) {
+  using C = TileCfg<D>;
+  constexpr int LD = C::LD, TD = C::TD, VW = C::VW, NC = C::NC;
+  extern __shared__ __align__(16) float smem[];
+  float* Ks = smem;
+  float* Vs = Ks + kTile * LD;
+  float* Qs = Vs + kTile * LD;
+  float* dOs = Qs + kTile * LD;
+  float* Ps = dOs + kTile * LD;   // [key][row], row stride kLP
+  float* dSs = Ps + kTile * kLP;  // [key][row]
+  float* lse2s = dSs + kTile * kLP;
+  float* dls = lse2s + kTile;
+  int* sss = reinterpret_cast<int*>(dls + kTile);
+  int* r_stop_s = sss + kTile;
+
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int h = blockIdx.y, kvh = h / (Hq / Hkv);
+  const int k0 = blockIdx.x * kTile;
+  const int k_last = min(k0 + kTile, N) - 1;
+  const float scale_log2 = scale * kLog2e;
+
+  LoadTile<D>(Ks, k, k0, N, Hkv, kvh, 1.0f);
+  LoadTile<D>(Vs, v, k0, N, Hkv, kvh, 1.0f);
+  if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);  // end of the last key's sequence
+  __syncthreads();
+  const int r_stop = *r_stop_s;  // rows >= r_stop belong to later sequences and see none of the keys
+
+  int key[4];
+  float dK[4][TD], dV[4][TD];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    key[i] = k0 + ty * 4 + i;
+#pragma unroll
+    for (int c = 0; c < TD; ++c) dK[i][c] = dV[i][c] = 0.0f;
+  }
+
+  for (int rt = k0; rt < r_stop; rt += kTile) {  // rt = k0 is 64-aligned: rows < k0 see nothing
+    __syncthreads();  // the previous tile's readers of Qs, dOs, Ps, dSs are done
+    LoadTile<D>(Qs, q, rt, N, Hq, h, 1.0f);
+    LoadTile<D>(dOs, dout, rt, N, Hq, h, 1.0f);
+    if (tid < kTile) {
+      const int r = rt + tid;
+      const bool ok = r < N;
+      lse2s[tid] = ok ? __ldg(lse + static_cast<size_t>(r) * Hq + h) * kLog2e : 0.0f;
+      dls[tid] = ok ? __ldg(delta + static_cast<size_t>(r) * Hq + h) : 0.0f;
+      sss[tid] = ok ? __ldg(row_start + r) : INT_MAX;
+    }
+    __syncthreads();
+
+    // st[i][j] = k(key ty*4+i) . q(row rt + tx + 16 j)
+    float p[4][4];
+    {
+      float st[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) st[i][j] = 0.0f;
+#pragma unroll 4
+      for (int d4 = 0; d4 < C::D4; ++d4) {
+        float4 ka[4], qb[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ka[i] = Ld4(Ks + (ty * 4 + i) * LD + d4 * 4);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) qb[j] = Ld4(Qs + (tx + 16 * j) * LD + d4 * 4);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) st[i][j] = Dot4(ka[i], qb[j], st[i][j]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int jj = tx + 16 * j, r = rt + jj;
+        const float l2 = lse2s[jj];
+        const int ssr = sss[jj];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const bool ok = key[i] >= ssr && key[i] <= r;  // ssr = INT_MAX past N
+          p[i][j] = ok ? exp2f(fmaf(st[i][j], scale_log2, -l2)) : 0.0f;
+        }
+      }
+    }
+    // dp[i][j] = v(key ty*4+i) . dout(row rt + tx + 16 j); ds = p (dp - delta)
+    {
+      float dp[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dp[i][j] = 0.0f;
+#pragma unroll 4
+      for (int d4 = 0; d4 < C::D4; ++d4) {
+        float4 va[4], ob[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) va[i] = Ld4(Vs + (ty * 4 + i) * LD + d4 * 4);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ob[j] = Ld4(dOs + (tx + 16 * j) * LD + d4 * 4);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) dp[i][j] = Dot4(va[i], ob[j], dp[i][j]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int jj = tx + 16 * j;
+        const float dl = dls[jj];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          Ps[(ty * 4 + i) * kLP + jj] = p[i][j];
+          dSs[(ty * 4 + i) * kLP + jj] = p[i][j] * (dp[i][j] - dl);
+        }
+      }
+    }
+    __syncthreads();
+
+    // dV[key i][:] += sum_r P^T[i][r] dO[r][:];  dK[key i][:] += sum_r dS^T[i][r] Q[r][:]
+#pragma unroll 2
+    for (int r4 = 0; r4 < kTile / 4; ++r4) {
+      float4 pa[4], sa[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pa[i] = Ld4(Ps + (ty * 4 + i) * kLP + r4 * 4);
+        sa[i] = Ld4(dSs + (ty * 4 + i) * kLP + r4 * 4);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float ob[TD], qv[TD];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          LdVec<VW>(ob + c * VW, dOs + (r4 * 4 + e) * LD + C::Col(c, tx));
+          LdVec<VW>(qv + c * VW, Qs + (r4 * 4 + e) * LD + C::Col(c, tx));
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float pe = Get(pa[i], e), se = Get(sa[i], e);
+#pragma unroll
+          for (int c = 0; c < TD; ++c) {
+            dV[i][c] = fmaf(pe, ob[c], dV[i][c]);
+            dK[i][c] = fmaf(se, qv[c], dK[i][c]);
+          }
+        }
+      }
+    }
+
+    // dQ[row ty*4+i][:] = scale * sum_k dS^T[k][row] K[k][:], added into dq.
+    {
+      float dQ[4][TD];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < TD; ++c) dQ[i][c] = 0.0f;
+#pragma unroll 4
+      for (int kk = 0; kk < kTile; ++kk) {
+        const float4 sb = Ld4(dSs + kk * kLP + ty * 4);  // rows ty*4 .. ty*4+3
+        float kv[TD];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) LdVec<VW>(kv + c * VW, Ks + kk * LD + C::Col(c, tx));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float se = Get(sb, i);
+#pragma unroll
+          for (int c = 0; c < TD; ++c) dQ[i][c] = fmaf(se, kv[c], dQ[i][c]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = rt + ty * 4 + i;
+        // Rows < k0 or >= r_stop (r_stop <= N) got exact zeros from this key tile: skip them.
+        if (r >= k0 && r < r_stop) {
+          float* g = dq + (static_cast<size_t>(r) * Hq + h) * D;
+#pragma unroll
+          for (int c = 0; c < NC; ++c) AtomicAddVec<VW>(g + C::Col(c, tx), dQ[i] + c * VW, scale);
+        }
+      }
+    }
+  }
+
+  // This block's share of dk, dv (the other query heads of the group add theirs).
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (key[i] < N) {
+      const size_t off = (static_cast<size_t>(key[i]) * Hkv + kvh) * D;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        AtomicAddVec<VW>(dk + off + C::Col(c, tx), dK[i] + c * VW, scale);
+        AtomicAddVec<VW>(dv + off + C::Col(c, tx), dV[i] + c * VW, 1.0f);
+      }
+    }
+  }
+}
+
+// ---- KV cache ---------------------------------------------------------------------------------------
+// One thread per float4 (or float, when Hkv*D is not a multiple of 4) of a new row's k and v.
+template <int W>
+__global__ void KvCacheWriteKernel(float* __restrict__ k_cache, float* __restrict__ v_cache,
+                                   const float* __restrict__ k, const float* __restrict__ v,
+                                   const int32_t* __restrict__ cu_q, const int32_t* __restrict__ slots,
+                                   const int32_t* __restrict__ start, int B, int Nq, int max_len, int row) {
+  const int per_row = row / W;
+  const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<long long>(Nq) * per_row) return;
+  const int i = static_cast<int>(idx / per_row), c = static_cast<int>(idx % per_row);
+  const int b = FindSeq(cu_q, B, i);
+  const int q0 = __ldg(cu_q + b);
+  if (i < q0 || i >= __ldg(cu_q + b + 1)) return;  // row of no sequence (malformed cu_q)
+  const int pos = __ldg(start + b) + (i - q0);
+  if (pos < 0 || pos >= max_len) return;  // cache overflow: the CPU backend aborts; here nothing is written
+  const size_t src = static_cast<size_t>(i) * row + static_cast<size_t>(c) * W;
+  const size_t dst = (static_cast<size_t>(__ldg(slots + b)) * max_len + pos) * row + static_cast<size_t>(c) * W;
+  if constexpr (W == 4) {
+    St4(k_cache + dst, Ldg4(k + src));
+    St4(v_cache + dst, Ldg4(v + src));
+  } else {
+    k_cache[dst] = __ldg(k + src);
+    v_cache[dst] = __ldg(v + src);
+  }
+}
+
+// Cached attention: grid (Nq, Hkv, ceil(G / 8)), 128 threads; G = Hq / Hkv. Block = one new query
+// row x one kv head x up to 8 query heads of its group, so each K/V row of the cache is read once for
+// all of those heads. Keys 0 .. L-1 (L = position + 1, read from the device arrays) run in chunks of
+// 32 through a 3-stage cp.async pipeline (two chunks stream in while one is computed; 16-byte copies,
+// zero-fill past L). Per chunk: scores of 32 keys x 8 heads (thread = key x quarter of D, partials
+// summed in the softmax step); per-head online softmax (one warp per head, lane = key); PV with
+// thread = (key group, float4 of D) over all 8 heads, partial sums per key group in registers across
+// the whole loop, reduced across key groups through shared memory at the end.
+// K rows sit unpadded in shared memory with their float4 slots XOR-swizzled by the key index
+// (slot d4 of key kk at d4 ^ (kk & SW)), so the 32 keys read at one d4 by a warp hit distinct banks.
+constexpr int kDecThreads = 128, kDecKC = 32, kDecHB = 8, kDecStages = 3;
+constexpr int kDecParts = kDecThreads / kDecKC;  // 4 partial-score slices of D
+
+template <int D>
+struct DecCfg {
+  static constexpr int D4 = D / 4;
+  static constexpr int SW = D4 < 8 ? D4 - 1 : 7;        // swizzle mask of K's float4 slots
+  static constexpr int NKG = kDecThreads / D4;          // key groups in the PV phase: 32, 16, 8, 4
+  static constexpr int KPG = kDecKC / NKG;              // keys per group: 1, 2, 4, 8
+  static constexpr int PW = KPG < 4 ? KPG : 4;          // vector width of probability reads
+  static constexpr int NL = kDecKC * D4 / kDecThreads;  // 16-byte copies per thread per tensor per chunk
+  static constexpr int STAGE_FLOATS = 2 * kDecKC * D;   // one stage: Ks[KC][D] (swizzled) then Vs[KC][D]
+  static constexpr int RED_FLOATS = NKG * kDecHB * D;
+  static constexpr int REGION =
+      kDecStages * STAGE_FLOATS > RED_FLOATS ? kDecStages * STAGE_FLOATS : RED_FLOATS;
+  // Qs[8][D] | 3 K/V stages (later: red[NKG][8][D]) | Sp[4][8][32] | m, l, alpha [8]
+  static constexpr size_t kSmemBytes =
+      (kDecHB * D + REGION + kDecParts * kDecHB * kDecKC + 3 * kDecHB) * sizeof(float);
+  static_assert(NL >= 1 && NL * kDecThreads == kDecKC * D4 && KPG >= 1 && KPG % PW == 0 && D4 % kDecParts == 0);
+};
+
+__device__ __forceinline__ void CpAsyncWaitAllButOne() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+template <int D>
+__global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
+    CachedAttnKernel(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k_cache,
+                     const float* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
+                     const int32_t* __restrict__ slots, const int32_t* __restrict__ start, int B, int max_len,
+                     int Hq, int Hkv, float qscale) {
+  using C = DecCfg<D>;
+  constexpr int D4 = C::D4, SW = C::SW, KC = kDecKC, HB = kDecHB, T = kDecThreads, P = kDecParts;
+  constexpr int NKG = C::NKG, KPG = C::KPG, PW = C::PW, NL = C::NL;
+  extern __shared__ __align__(16) float smem[];
+  float* Qs = smem;            // [HB][D], q * scale * log2e (zeros for heads >= nh)
+  float* KV = Qs + HB * D;     // stage s: Ks = KV + s*STAGE_FLOATS, Vs = Ks + KC*D
+  float* red = KV;             // [NKG][HB][D], after the key loop
+  float* Sp = KV + C::REGION;  // [P][HB][KC]: partial scores per D slice; then P in slice 0
+  float* m_s = Sp + P * HB * KC;
+  float* l_s = m_s + HB;
+  float* a_s = l_s + HB;
+
+  const int tid = threadIdx.x;
+  const int i = blockIdx.x, g = blockIdx.y;
+  const int G = Hq / Hkv;
+  const int hfirst = g * G + blockIdx.z * HB;
+  const int nh = min(HB, G - static_cast<int>(blockIdx.z) * HB);
+
+  for (int f = tid; f < HB * D4; f += T) {
+    const int u = f / D4, d4 = f % D4;
+    float4 x = Zero4();
+    if (u < nh) x = Mul4(Ldg4(q + (static_cast<size_t>(i) * Hq + hfirst + u) * D + d4 * 4), qscale);
+    St4(Qs + u * D + d4 * 4, x);
+  }
+  if (tid < HB) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.0f;
+    a_s[tid] = 1.0f;
+  }
+
+  const int b = FindSeq(cu_q, B, i);
+  const int pos = __ldg(start + b) + (i - __ldg(cu_q + b));
+  const int L = min(pos + 1, max_len);  // keys 0 .. L-1 (clamped so a bad position reads no foreign memory)
+  const size_t krow = static_cast<size_t>(Hkv) * D;
+  const size_t slot_off = static_cast<size_t>(__ldg(slots + b)) * max_len * krow + static_cast<size_t>(g) * D;
+  const float* kbase = k_cache + slot_off;  // key j of this slot and kv head: kbase + j * krow
+  const float* vbase = v_cache + slot_off;
+
+  // Copies chunk [c0, c0 + KC) into stage st and commits one group (an empty group past L, so that
+  // every thread always has exactly one group per chunk index).
+  auto issue = [&](int c0, int st) {
+    if (c0 < L) {
+      float* Kb = KV + st * C::STAGE_FLOATS;
+      float* Vb = Kb + KC * D;
+#pragma unroll
+      for (int it = 0; it < NL; ++it) {
+        const int f = tid + it * T;
+        const int kk = f / D4, d4 = f % D4;
+        const int j = c0 + kk;
+        const bool valid = j < L;
+        const size_t off = static_cast<size_t>(valid ? j : 0) * krow + d4 * 4;  // row 0 always exists
+        CpAsync16(Kb + kk * D + ((d4 ^ (kk & SW)) * 4), kbase + off, valid);
+        CpAsync16(Vb + kk * D + d4 * 4, vbase + off, valid);
+      }
+    }
+    CpAsyncCommit();
+  };
+  issue(0, 0);
+  issue(KC, 1);
+
+  const int ks = tid % KC, part = tid / KC;  // scores: key, slice of D
+  const int pd4 = tid % D4, kg = tid / D4;   // PV: float4 column, key group
+  const int warp = tid / 32, lane = tid % 32;
+  float acc[HB][4];
+#pragma unroll
+  for (int u = 0; u < HB; ++u) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.0f;
+
+  int st = 0;  // stage of chunk c0
+  for (int c0 = 0; c0 < L; c0 += KC) {  // L is uniform over the block
+    CpAsyncWaitAllButOne();  // groups are chunks c0/KC and c0/KC + 1: this thread's copies of c0 have landed
+    __syncthreads();         // everyone's have; everyone is done with the previous chunk (its stage, Sp)
+    issue(c0 + 2 * KC, st == 0 ? 2 : st - 1);  // into the previous chunk's stage
+    const float* Ks = KV + st * C::STAGE_FLOATS;
+    const float* Vs = Ks + KC * D;
+
+    // Partial scores over slice `part` of D: Sp[part][u][ks] = sum_{d in slice} q[u][d] k[ks][d].
+    {
+      float s[HB];
+#pragma unroll
+      for (int u = 0; u < HB; ++u) s[u] = 0.0f;
+#pragma unroll 1
+      for (int d4 = part * (D4 / P); d4 < (part + 1) * (D4 / P); ++d4) {
+        const float4 kv = Ld4(Ks + ks * D + ((d4 ^ (ks & SW)) * 4));
+#pragma unroll
+        for (int u = 0; u < HB; ++u) s[u] = Dot4(Ld4(Qs + u * D + d4 * 4), kv, s[u]);  // rows >= nh are 0
+      }
+#pragma unroll
+      for (int u = 0; u < HB; ++u) Sp[(part * HB + u) * KC + ks] = s[u];
+    }
+    __syncthreads();
+
+    // Online softmax: warp w owns heads w, w + 4; lane = key of the chunk.
+    for (int u = warp; u < nh; u += T / 32) {
+      float s = 0.0f;
+#pragma unroll
+      for (int pp = 0; pp < P; ++pp) s += Sp[(pp * HB + u) * KC + lane];
+      if (c0 + lane >= L) s = -INFINITY;
+      float mx = s;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = m_s[u];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      const float p = exp2f(s - m_use);
+      Sp[u * KC + lane] = p;
+      float sum = p;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      const float alpha = exp2f(m_old - m_use);
+      __syncwarp();  // every lane has read m_s[u] before lane 0 replaces it
+      if (lane == 0) {
+        m_s[u] = m_new;
+        l_s[u] = l_s[u] * alpha + sum;
+        a_s[u] = alpha;
+      }
+    }
+    __syncthreads();
+
+    // PV over this thread's KPG keys of the chunk, all heads.
+#pragma unroll
+    for (int u = 0; u < HB; ++u) {
+      if (u < nh) {
+        const float a = a_s[u];
+        acc[u][0] *= a, acc[u][1] *= a, acc[u][2] *= a, acc[u][3] *= a;
+      }
+    }
+#pragma unroll
+    for (int e0 = 0; e0 < KPG; e0 += PW) {
+      float4 vv[PW];
+#pragma unroll
+      for (int e = 0; e < PW; ++e) vv[e] = Ld4(Vs + (kg * KPG + e0 + e) * D + pd4 * 4);
+#pragma unroll
+      for (int u = 0; u < HB; ++u) {
+        if (u < nh) {
+          float pv[PW];
+          LdVec<PW>(pv, Sp + u * KC + kg * KPG + e0);
+#pragma unroll
+          for (int e = 0; e < PW; ++e) {
+            acc[u][0] = fmaf(pv[e], vv[e].x, acc[u][0]);
+            acc[u][1] = fmaf(pv[e], vv[e].y, acc[u][1]);
+            acc[u][2] = fmaf(pv[e], vv[e].z, acc[u][2]);
+            acc[u][3] = fmaf(pv[e], vv[e].w, acc[u][3]);
+          }
+        }
+      }
+    }
+    st = st == 2 ? 0 : st + 1;
+  }
+  CpAsyncWaitAll();  // only empty groups can be left, but make the K/V region quiet before reuse
+  __syncthreads();   // done with the K/V stages: they become red
+
+#pragma unroll
+  for (int u = 0; u < HB; ++u) St4(red + (kg * HB + u) * D + pd4 * 4, make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]));
+  __syncthreads();
+  for (int f = tid; f < nh * D; f += T) {
+    const int u = f / D, d = f % D;
+    float sum = 0.0f;
+#pragma unroll 4
+    for (int gg = 0; gg < NKG; ++gg) sum += red[(gg * HB + u) * D + d];
+    out[(static_cast<size_t>(i) * Hq + hfirst + u) * D + d] = sum / l_s[u];  // l >= 1 (key `pos` is visible)
+  }
+}
+
+void CheckHeads(int Hq, int Hkv) {
+  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
+}
+
+template <int D>
+void LaunchForward(float* out, float* lse, const float* q, const float* k, const float* v, const int32_t* cu, int S,
+                   int N, int Hq, int Hkv, cudaStream_t s) {
+  const size_t smem = FwdSmemBytes<D>();
+  AllowSmem(AttnFwdKernel<D>, smem);
+  const dim3 grid((N + kTile - 1) / kTile, Hq);
+  const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
+  AttnFwdKernel<D><<<grid, kThreads, smem, s>>>(out, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
+  CheckCuda(cudaGetLastError(), "AttnFwdKernel launch");
+}
+
+template <int D>
+void LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                    const float* q, const float* k, const float* v, const int32_t* cu, int S, int N, int Hq, int Hkv,
+                    float* delta, int* row_start, cudaStream_t s) {
+  const int rows = N * Hq;
+  constexpr int kPreThreads = 256;
+  const long long pre_threads = static_cast<long long>(rows) * (D / 4);
+  AttnBwdDeltaKernel<D><<<static_cast<unsigned>((pre_threads + kPreThreads - 1) / kPreThreads), kPreThreads, 0, s>>>(
+      delta, dout, out, rows);
+  CheckCuda(cudaGetLastError(), "AttnBwdDeltaKernel launch");
+  RowStartKernel<<<(N + 255) / 256, 256, 0, s>>>(row_start, cu, S, N);
+  CheckCuda(cudaGetLastError(), "RowStartKernel launch");
+
+  const size_t smem = BwdSmemBytes<D>();
+  AllowSmem(AttnBwdKernel<D>, smem);
+  const dim3 grid((N + kTile - 1) / kTile, Hq);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  AttnBwdKernel<D><<<grid, kThreads, smem, s>>>(dq, dk, dv, dout, q, k, v, lse, delta, row_start, cu, S, N, Hq, Hkv,
+                                                scale);
+  CheckCuda(cudaGetLastError(), "AttnBwdKernel launch");
+}
+
+template <int D>
+void LaunchCached(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* cu_q,
+                  const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hq, int Hkv,
+                  cudaStream_t s) {
+  const size_t smem = DecCfg<D>::kSmemBytes;
+  AllowSmem(CachedAttnKernel<D>, smem);
+  // Streaming reads bypass L1 (cp.async.cg): give shared memory the whole carveout, so that four
+  // 55 KB blocks fit on a multiprocessor at D = 64.
+  CheckCuda(cudaFuncSetAttribute(CachedAttnKernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared),
+            "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
+  const int G = Hq / Hkv;
+  const dim3 grid(Nq, Hkv, (G + kDecHB - 1) / kDecHB);
+  const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
+  CachedAttnKernel<D><<<grid, kDecThreads, smem, s>>>(out, q, k_cache, v_cache, cu_q, slots, start, B, max_len, Hq,
+                                                       Hkv, qscale);
+  CheckCuda(cudaGetLastError(), "CachedAttnKernel launch");
+}
+
+constexpr size_t Align256(size_t n) { return (n + 255) / 256 * 256; }
+
+}  // namespace
+
+void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
+                      const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s) {
+  if (N <= 0) return;
+  if (S <= 0) Fail("AttentionForward: S must be positive when N > 0; S", S);
+  CheckHeads(Hq, Hkv);
+  switch (D) {
+    case 16: return LaunchForward<16>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+    case 32: return LaunchForward<32>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+    case 64: return LaunchForward<64>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+    case 128: return LaunchForward<128>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+    default: Fail("AttentionForward: head width D must be 16, 32, 64 or 128; D", D);
+  }
+}
+
+size_t AttentionBackwardWorkspace(int N, int Hq) {
+  // delta[N, Hq] (f32) | row_start[N] (i32)
+  return Align256(static_cast<size_t>(N) * Hq * sizeof(float)) + Align256(static_cast<size_t>(N) * sizeof(int));
+}
+
+void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                       const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
+                       int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
+  if (N <= 0) return;
+  if (S <= 0) Fail("AttentionBackward: S must be positive when N > 0; S", S);
+  CheckHeads(Hq, Hkv);
+  if (D != 16 && D != 32 && D != 64 && D != 128) Fail("AttentionBackward: head width D must be 16, 32, 64 or 128; D", D);
+  // dq, dk, dv are accumulated with atomics: zero them first ("overwrite" semantics of the op).
+  CheckCuda(cudaMemsetAsync(dq, 0, static_cast<size_t>(N) * Hq * D * sizeof(float), s), "cudaMemsetAsync(dq)");
+  CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dk)");
+  CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dv)");
+  float* delta = static_cast<float*>(workspace);
+  int* row_start = reinterpret_cast<int*>(static_cast<char*>(workspace) + Align256(static_cast<size_t>(N) * Hq * sizeof(float)));
+  switch (D) {
+    case 16: return LaunchBackward<16>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
+    case 32: return LaunchBackward<32>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
+    case 64: return LaunchBackward<64>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
+    case 128: return LaunchBackward<128>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
+    default: break;
+  }
+}
+
+void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
+                  const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv, int D,
+                  cudaStream_t s) {
+  if (Nq <= 0 || B <= 0) return;
+  const int row = Hkv * D;
+  constexpr int kT = 256;
+  if (row % 4 == 0) {
+    const long long n = static_cast<long long>(Nq) * (row / 4);
+    KvCacheWriteKernel<4><<<static_cast<unsigned>((n + kT - 1) / kT), kT, 0, s>>>(k_cache, v_cache, k, v, cu_q, slots,
+                                                                                   start, B, Nq, max_len, row);
+  } else {
+    const long long n = static_cast<long long>(Nq) * row;
+    KvCacheWriteKernel<1><<<static_cast<unsigned>((n + kT - 1) / kT), kT, 0, s>>>(k_cache, v_cache, k, v, cu_q, slots,
+                                                                                   start, B, Nq, max_len, row);
+  }
+  CheckCuda(cudaGetLastError(), "KvCacheWriteKernel launch");
+}
+
+void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* cu_q,
+                            const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hq, int Hkv,
+                            int D, cudaStream_t s) {
+  if (Nq <= 0 || B <= 0) return;
+  CheckHeads(Hq, Hkv);
+  switch (D) {
+    case 16: return LaunchCached<16>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
+    case 32: return LaunchCached<32>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
+    case 64: return LaunchCached<64>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
+    case 128: return LaunchCached<128>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
+    default: Fail("CachedAttentionForward: head width D must be 16, 32, 64 or 128; D", D);
+  }
+}
+
+}  // namespace aha::engine::cuda

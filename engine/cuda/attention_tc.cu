@@ -1,0 +1,805 @@
+// Tensor-core variants of the training attention kernels: AttentionForwardTC / AttentionBackwardTC
+// (kernels.h). Same contracts, layouts and masking as AttentionForward / AttentionBackward in
+// attention.cu (f32 in and out in global memory, lse in natural log, packed variable-length causal
+// GQA), but the products QK^T, PV and the five backward products run on the tensor cores:
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, operands rounded to bf16 when a tile is
+// copied into shared memory (or, for P and dS^T, when the f32 fragment is repacked), accumulation,
+// softmax statistics, dq/dk/dv in f32. Head widths 64 and 128; any other D goes to the f32 kernels.
+// Design and cost model: docs/kernels.md ("Tensor-core variant").
+//
+// Conventions (shared with attention.cu):
+//  - Scores in the log2 domain (q pre-scaled by scale * log2 e; weights exp2(s - m)); lse is
+//    stored in natural-log units: lse = (m + log2 l) ln 2.
+//  - Row r of the packed axis sees key j iff seqstart(r) <= j <= r, applied to every (row, key) pair
+//    of a tile, so tiles may span sequences. Rows or keys past N are zero-filled and masked; nothing
+//    past N is written.
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA), lane = 4 g + t (g = lane / 4, t = lane % 4); a
+// register of a bf16 operand holds two elements, the lower index in the lower 16 bits:
+//  - A (16 x 16, row major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+//    a3 = A[g+8][2t+8, 2t+9].
+//  - B (16 x 8, k x n): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g].
+//  - C (16 x 8, f32): c0, c1 = C[g][2t, 2t+1]; c2, c3 = C[g+8][2t, 2t+1].
+// So the C fragments of two adjacent n-tiles (columns 16 s .. 16 s + 15) are, repacked to bf16, the
+// A fragment of k-step s: P and dS^T never go through shared memory as A operands of the next
+// product. B fragments and the dS A fragments come from shared memory with ldmatrix (x4: lanes
+// 8 i .. 8 i + 7 give the 8 row addresses of matrix i, and register i of a lane holds row g,
+// columns 2t, 2t+1 of matrix i; with .trans it holds rows 2t, 2t+1 of column g instead).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "engine/cuda/kernels.h"
+
+namespace aha::engine::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+[[noreturn]] void Fail(const char* what, long long value) {
+  std::fprintf(stderr, "aha engine/cuda/attention_tc.cu: %s (got %lld)\n", what, value);
+  std::abort();
+}
+
+void CheckCuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha engine/cuda/attention_tc.cu: %s: %s\n", what, cudaGetErrorString(e));
+    std::abort();
+  }
+}
+
+template <typename Kernel>
+void AllowSmem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+}
+
+// ---- device helpers ---------------------------------------------------------------------------------
+
+// Largest s in [0, S) with cu[s] <= r (cu nondecreasing, cu[0] <= r): cu[result] is the start of
+// the sequence holding row r, empty sequences stepped over. Same as attention.cu.
+__device__ __forceinline__ int FindSeq(const int32_t* __restrict__ cu, int S, int r) {
+  int lo = 0, hi = S - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(cu + mid) <= r) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+__device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 Zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+__device__ __forceinline__ float Dot4(float4 a, float4 b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+
+// Two floats rounded to bf16 (round to nearest even) in one register: `lo` in bits 0..15.
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address), .y = hi
+  uint32_t u;
+  memcpy(&u, &t, sizeof(u));
+  return u;
+}
+
+// dst[0..3] = bf16(x); dst is 8-byte aligned.
+__device__ __forceinline__ void StoreBf16x4(uint16_t* dst, float4 x) {
+  *reinterpret_cast<uint2*>(dst) = make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w));
+}
+
+__device__ __forceinline__ unsigned SmemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// Four 8 x 8 bf16 matrices; this lane passes the address of row (lane % 8) of matrix lane / 8
+// (16-byte aligned). The "memory" clobber keeps these reads ordered with plain shared-memory stores.
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+__device__ __forceinline__ void LdMatrixX4T(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+// c += A (16 x 16) * B (16 x 8); bf16 operands, f32 accumulators.
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Adds a * (C fragment c) of a 16 x 8 tile into x[row, head, col .. col + 7] of x[*, H, D] with one
+// float4 atomic per lane: lanes t and t ^ 1 trade halves, so the even lane adds row rowA, columns
+// col + 2t .. col + 2t + 3, and the odd lane row rowB, columns col + 2t - 2 .. col + 2t + 1. Rows
+// >= limit are skipped. Every lane of the warp must call it (shuffles).
+template <int D>
+__device__ __forceinline__ void AtomicAddFrag(float* __restrict__ x, int H, int head, int rowA, int rowB, int col,
+                                              const float (&c)[4], float a, int limit, int t) {
+  const bool even = (t & 1) == 0;
+  const float s0 = even ? c[2] : c[0], s1 = even ? c[3] : c[1];  // what the partner needs
+  const float o0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+  const float o1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+  const int row = even ? rowA : rowB;
+  const int c0 = col + (even ? 2 * t : 2 * t - 2);
+  const float4 val = even ? make_float4(c[0] * a, c[1] * a, o0 * a, o1 * a) : make_float4(o0 * a, o1 * a, c[2] * a, c[3] * a);
+  if (row < limit) {
+    float* p = x + (static_cast<size_t>(row) * H + head) * D + c0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float4*>(p), val);
+#else
+    atomicAdd(p + 0, val.x);
+    atomicAdd(p + 1, val.y);
+    atomicAdd(p + 2, val.z);
+    atomicAdd(p + 3, val.w);
+#endif
+  }
+}
+
+constexpr int kThreads = 256;  // 8 warps, both kernels
+
+template <int D>
+struct TcCfg {
+  static_assert(D == 64 || D == 128, "tensor-core attention: head width 64 or 128");
+  static constexpr int D4 = D / 4;
+  static constexpr int KK = D / 16;  // k-steps of 16 over D
+  static constexpr int DN = D / 8;   // n-tiles of 8 over D
+  // bf16 row stride of [rows][D] tiles in shared memory: D + 8 elements = 16 B of padding, so the
+  // 8 rows of one ldmatrix matrix (stride 144 or 272 B) fall into 8 different 16-byte bank groups,
+  // and so do the 8 rows g of a lane quad's 32-bit accesses.
+  static constexpr int LD = D + 8;
+};
+
+__device__ __forceinline__ void CpAsync16(void* smem_dst, const float* gsrc, bool valid) {
+  const int src_bytes = valid ? 16 : 0;  // 0: the 16 destination bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem_dst)), "l"(gsrc), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// A tile of rows [row0, row0 + ROWS) of head `head` of x[N, H, D] goes global -> shared f32 staging
+// (cp.async, zeros past N) -> shared bf16 [ROWS][LD]. Thread tid moves the 16-byte chunks
+// f = tid + 256 i: row f / (D/4), float4 column f % (D/4) (consecutive threads on consecutive chunks
+// of a row), and stages chunk f at stage[4 f]. Convert reads back only the chunks this thread
+// copied, so after its own cp.async.wait_group no barrier is needed between the two.
+template <int D, int ROWS>
+struct StagedTile {
+  static constexpr int D4 = TcCfg<D>::D4, LD = TcCfg<D>::LD;
+  static constexpr int kPer = ROWS * D4 / kThreads;
+  static constexpr int kStageFloats = ROWS * D;
+  static_assert(kPer * kThreads == ROWS * D4, "tile must split evenly over the block");
+
+  static __device__ __forceinline__ void Issue(float* stage, const float* __restrict__ src, int row0, int N, int H,
+                                               int head) {
+#pragma unroll
+    for (int it = 0; it < kPer; ++it) {
+      const int f = threadIdx.x + it * kThreads;
+      const int rr = f / D4, d4 = f % D4;
+      const int r = row0 + rr;
+      const bool valid = r < N;
+      CpAsync16(stage + 4 * f, src + (static_cast<size_t>(valid ? r : 0) * H + head) * D + d4 * 4, valid);
+    }
+  }
+  static __device__ __forceinline__ void Convert(uint16_t* dst, const float* stage) {
+#pragma unroll
+    for (int it = 0; it < kPer; ++it) {
+      const int f = threadIdx.x + it * kThreads;
+      const int rr = f / D4, d4 = f % D4;
+      StoreBf16x4(dst + rr * LD + d4 * 4, *reinterpret_cast<const float4*>(stage + 4 * f));
+    }
+  }
+};
+
+// ---- forward --------------------------------------------------------------------------------------
+// Grid (ceil(N / 128), Hq), 256 threads. Block = 128 consecutive rows of the packed axis x one query
+// head; warp w owns rows 16 w .. 16 w + 15 (its Q fragments live in registers for the whole loop,
+// pre-scaled by scale * log2 e and rounded to bf16). Keys run over 64-aligned tiles of 64 from the
+// tile holding the first row's sequence start to the last row. K/V tiles: cp.async copies of tile
+// t+1 (f32, into a staging area) are issued before tile t is computed; after it each thread
+// converts the chunks it copied into the other bf16 buffer (one barrier per tile). A warp skips a
+// tile in which none of its rows sees a key.
+// Per tile and warp: S = Q K^T (16 x 64, 8 n-tiles x D/16 k-steps), mask, online softmax on the C
+// fragments (a row's 64 scores live in the 4 lanes of a quad), P repacked to bf16 as A fragments,
+// O += P V (D/8 n-tiles x 4 k-steps). Shared: 2 x (Ks, Vs [64][D+8] bf16), staging K, V [64][D]
+// f32, row starts [128].
+constexpr int kFwdRows = 128;
+constexpr int kFwdKeys = 64;
+
+template <int D>
+constexpr size_t FwdTcSmemBytes() {
+  return 4 * kFwdKeys * TcCfg<D>::LD * sizeof(uint16_t) + 2 * kFwdKeys * D * sizeof(float) + kFwdRows * sizeof(int);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
+    AttnFwdTcKernel(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
+                    const float* __restrict__ k, const float* __restrict__ v, const int32_t* __restrict__ cu, int S,
+                    int N, int Hq, int Hkv, float qscale) {
+  using C = TcCfg<D>;
+  constexpr int LD = C::LD, KK = C::KK, DN = C::DN;
+  constexpr int kBuf = 2 * kFwdKeys * LD;  // one buffer: Ks then Vs
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using Tile = StagedTile<D, kFwdKeys>;
+  uint16_t* KV = reinterpret_cast<uint16_t*>(smem_raw);
+  float* stK = reinterpret_cast<float*>(smem_raw + 2 * kBuf * sizeof(uint16_t));  // f32 staging of K
+  float* stV = stK + Tile::kStageFloats;                                           // and V
+  int* row_ss = reinterpret_cast<int*>(stV + Tile::kStageFloats);                  // INT_MAX past N
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.y, kvh = h / (Hq / Hkv);
+  const int r0 = blockIdx.x * kFwdRows;
+  const int r_last = min(r0 + kFwdRows, N) - 1;
+
+  if (tid < kFwdRows) {
+    const int r = r0 + tid;
+    row_ss[tid] = r < N ? __ldg(cu + FindSeq(cu, S, r)) : INT_MAX;
+  }
+
+  // Q fragments of this warp's 16 rows: rows rowA = wr0 + g and rowB = rowA + 8.
+  const int wr0 = r0 + warp * 16;
+  const int rowA = wr0 + g, rowB = rowA + 8;
+  uint32_t qa[KK][4];
+  {
+    const float* qA = q + (static_cast<size_t>(rowA < N ? rowA : 0) * Hq + h) * D;
+    const float* qB = q + (static_cast<size_t>(rowB < N ? rowB : 0) * Hq + h) * D;
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+      const int c = kk * 16 + 2 * t;
+      float2 x0 = make_float2(0.0f, 0.0f), x1 = x0, x2 = x0, x3 = x0;
+      if (rowA < N) {
+        x0 = __ldg(reinterpret_cast<const float2*>(qA + c));
+        x2 = __ldg(reinterpret_cast<const float2*>(qA + c + 8));
+      }
+      if (rowB < N) {
+        x1 = __ldg(reinterpret_cast<const float2*>(qB + c));
+        x3 = __ldg(reinterpret_cast<const float2*>(qB + c + 8));
+      }
+      qa[kk][0] = PackBf16(x0.x * qscale, x0.y * qscale);
+      qa[kk][1] = PackBf16(x1.x * qscale, x1.y * qscale);
+      qa[kk][2] = PackBf16(x2.x * qscale, x2.y * qscale);
+      qa[kk][3] = PackBf16(x3.x * qscale, x3.y * qscale);
+    }
+  }
+  __syncthreads();  // row_ss
+
+  const int ssA = row_ss[warp * 16 + g], ssB = row_ss[warp * 16 + g + 8];
+  const int w_ss0 = row_ss[warp * 16];  // smallest sequence start of the warp's rows (INT_MAX: no rows)
+  const int w_last = min(wr0 + 15, N - 1);
+  const int k_begin = (row_ss[0] / kFwdKeys) * kFwdKeys;  // row r0 < N, so row_ss[0] is a real start
+
+  Tile::Issue(stK, k, k_begin, N, Hkv, kvh);
+  Tile::Issue(stV, v, k_begin, N, Hkv, kvh);
+  CpAsyncCommit();
+  CpAsyncWaitAll();
+  Tile::Convert(KV, stK);
+  Tile::Convert(KV + kFwdKeys * LD, stV);
+  __syncthreads();
+
+  float o[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
+
+  int buf = 0;
+  for (int kt = k_begin; kt <= r_last; kt += kFwdKeys, buf ^= 1) {
+    const bool has_next = kt + kFwdKeys <= r_last;
+    if (has_next) {  // in flight while this tile is computed (the staging area was last read by
+                     // this thread, before the previous barrier)
+      Tile::Issue(stK, k, kt + kFwdKeys, N, Hkv, kvh);
+      Tile::Issue(stV, v, kt + kFwdKeys, N, Hkv, kvh);
+      CpAsyncCommit();
+    }
+    const uint16_t* Ks = KV + buf * kBuf;
+    const uint16_t* Vs = Ks + kFwdKeys * LD;
+
+    // Some row of the warp sees some key of the tile only if kt <= last row and kt + 63 >= first start.
+    if (kt <= w_last && kt + kFwdKeys - 1 >= w_ss0) {
+      // s[nt] = Q K^T for keys kt + nt*8 .. + 7 (log2 domain).
+      float s[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk2 = 0; kk2 < KK / 2; ++kk2) {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          // Matrix i: keys nt*8 .. +7, columns kk2*32 + 8 i .. +7 -> b0, b1 of k-step 2 kk2, then of 2 kk2 + 1.
+          uint32_t b[4];
+          LdMatrixX4(b, Ks + (nt * 8 + (lane & 7)) * LD + kk2 * 32 + (lane >> 3) * 8);
+          Mma(s[nt], qa[2 * kk2], b[0], b[1]);
+          Mma(s[nt], qa[2 * kk2 + 1], b[2], b[3]);
+        }
+      }
+
+      // Mask; online softmax. c = 0, 1: row rowA; c = 2, 3: row rowB; key kt + nt*8 + 2t + (c & 1).
+      float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int key = kt + nt * 8 + 2 * t + (c & 1);
+          const bool ok = c < 2 ? (key >= ssA && key <= rowA) : (key >= ssB && key <= rowB);
+          if (!ok) s[nt][c] = -INFINITY;
+        }
+        mxA = fmaxf(mxA, fmaxf(s[nt][0], s[nt][1]));
+        mxB = fmaxf(mxB, fmaxf(s[nt][2], s[nt][3]));
+      }
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {  // the 4 lanes of a quad hold one row pair
+        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
+        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
+      }
+      const float mA_new = fmaxf(mA, mxA), mB_new = fmaxf(mB, mxB);
+      const float mA_use = mA_new == -INFINITY ? 0.0f : mA_new;  // a row with nothing visible yet
+      const float mB_use = mB_new == -INFINITY ? 0.0f : mB_new;
+      const float alphaA = exp2f(mA - mA_use), alphaB = exp2f(mB - mB_use);  // 0 when m = -inf
+      mA = mA_new;
+      mB = mB_new;
+      float sumA = 0.0f, sumB = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - mA_use);  // 0 for masked keys
+        s[nt][1] = exp2f(s[nt][1] - mA_use);
+        s[nt][2] = exp2f(s[nt][2] - mB_use);
+        s[nt][3] = exp2f(s[nt][3] - mB_use);
+        sumA += s[nt][0] + s[nt][1];
+        sumB += s[nt][2] + s[nt][3];
+      }
+      lA = lA * alphaA + sumA;  // this lane's share of the row sums
+      lB = lB * alphaB + sumB;
+#pragma unroll
+      for (int dn = 0; dn < DN; ++dn) {
+        o[dn][0] *= alphaA;
+        o[dn][1] *= alphaA;
+        o[dn][2] *= alphaB;
+        o[dn][3] *= alphaB;
+      }
+
+      // O += P V. A fragment of k-step kk (keys kk*16 .. +15) = C fragments of n-tiles 2 kk, 2 kk + 1.
+#pragma unroll
+      for (int kk = 0; kk < kFwdKeys / 16; ++kk) {
+        uint32_t pa[4];
+        pa[0] = PackBf16(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = PackBf16(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = PackBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = PackBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dn2 = 0; dn2 < DN / 2; ++dn2) {
+          // Matrix i: keys kk*16 + 8 (i & 1) .. +7, columns (2 dn2 + i / 2) * 8 .. +7, transposed
+          // -> b0, b1 of n-tile 2 dn2, then of 2 dn2 + 1.
+          uint32_t b[4];
+          LdMatrixX4T(b, Vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (2 * dn2 + (lane >> 4)) * 8);
+          Mma(o[2 * dn2], pa, b[0], b[1]);
+          Mma(o[2 * dn2 + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+
+    if (has_next) {  // into the other buffer, which nobody reads this iteration
+      CpAsyncWaitAll();  // this thread's chunks of tile kt + 64 have landed
+      uint16_t* next = KV + (buf ^ 1) * kBuf;
+      Tile::Convert(next, stK);
+      Tile::Convert(next + kFwdKeys * LD, stV);
+    }
+    __syncthreads();  // the next tile is in; everyone is done with this one
+  }
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, off);
+    lB += __shfl_xor_sync(0xffffffffu, lB, off);
+  }
+  // l >= 1 for a real row: it sees itself, and its max term is exp2(0).
+  if (rowA < N) {
+    const float inv = 1.0f / lA;
+    float* oA = out + (static_cast<size_t>(rowA) * Hq + h) * D;
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn)
+      *reinterpret_cast<float2*>(oA + dn * 8 + 2 * t) = make_float2(o[dn][0] * inv, o[dn][1] * inv);
+    if (t == 0) lse[static_cast<size_t>(rowA) * Hq + h] = (mA + log2f(lA)) * kLn2;
+  }
+  if (rowB < N) {
+    const float inv = 1.0f / lB;
+    float* oB = out + (static_cast<size_t>(rowB) * Hq + h) * D;
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn)
+      *reinterpret_cast<float2*>(oB + dn * 8 + 2 * t) = make_float2(o[dn][2] * inv, o[dn][3] * inv);
+    if (t == 0) lse[static_cast<size_t>(rowB) * Hq + h] = (mB + log2f(lB)) * kLn2;
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------------
+// Pre-pass (as in attention.cu): delta[n, h] = dout . out and the sequence start of every row.
+template <int D>
+__global__ void AttnBwdDeltaTcKernel(float* __restrict__ delta, const float* __restrict__ dout,
+                                     const float* __restrict__ out, int rows) {
+  constexpr int TPR = D / 4;  // 16 or 32 threads per row: a row stays in one warp
+  const long long gt = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const long long r = gt / TPR;
+  const int part = static_cast<int>(gt % TPR);
+  float s = 0.0f;
+  if (r < rows) {
+    const size_t off = static_cast<size_t>(r) * D + part * 4;
+    s = Dot4(Ldg4(dout + off), Ldg4(out + off), 0.0f);
+  }
+#pragma unroll
+  for (int o = TPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (r < rows && part == 0) delta[r] = s;
+}
+
+__global__ void RowStartTcKernel(int* __restrict__ row_start, const int32_t* __restrict__ cu, int S, int N) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r < N) row_start[r] = __ldg(cu + FindSeq(cu, S, r));
+}
+
+// Main backward: grid (ceil(N / 128), Hq), 256 threads. Block = 128 consecutive keys of the packed
+// axis x one QUERY head h (the G query heads of a kv head are G blocks whose dk/dv meet through
+// atomics); warp w owns keys k0 + 16 w .. + 15. The block loops over query tiles of 32 rows from k0
+// to the end of its last key's sequence (r_stop). Per query tile (Q, dO in shared memory as bf16,
+// double-buffered: cp.async copies of tile t+1 into an f32 staging area are in flight while tile t
+// is computed, and are converted into the other buffer after it):
+//  phase 1, warp w, keys on the fragment rows, query rows on the columns (4 n-tiles of 8):
+//    S^T = K Q^T, dP^T = V dO^T (D/16 k-steps; K and V A fragments by ldmatrix from Ks, Vs),
+//    P^T = exp2(S^T scale log2e - lse log2e) masked, dS^T = P^T (dP^T - delta);
+//    dV += P^T dO, dK += dS^T Q (P^T, dS^T repacked as A fragments; 16 x D f32 accumulators in
+//    registers for the whole loop); dS^T to shared memory as bf16. A warp whose keys no row of the
+//    tile can see writes zeros instead.
+//  phase 2 (after a barrier): dQ = dS K for the 32 x D tile, warp w: rows 16 (w & 1) .. + 15 and
+//    D/4 columns from (w >> 1) D/4; A fragments of dS by ldmatrix.trans from dS^T; added into dq
+//    with float4 atomics (rows >= r_stop skipped: they see none of the keys).
+// At the end scale * dK and dV are added into dk, dv with float4 atomics. Shared (bf16 unless
+// noted): Ks, Vs [128][D+8]; 2 x (Qs, dOs [32][D+8]); dSs [128][40]; staging Q, dO [32][D] (f32);
+// 2 x lse log2e, delta (f32) and row starts (i32) [32]; r_stop.
+constexpr int kBwdKeys = 128;
+constexpr int kBwdRows = 32;
+constexpr int kLDS = kBwdRows + 8;  // dS^T row stride (80 B: ldmatrix rows and quad stores conflict-free)
+
+template <int D>
+constexpr size_t BwdTcSmemBytes() {
+  constexpr int LD = TcCfg<D>::LD;
+  return (2 * kBwdKeys * LD + 4 * kBwdRows * LD + kBwdKeys * kLDS) * sizeof(uint16_t) +
+         2 * kBwdRows * D * sizeof(float) + 2 * 2 * kBwdRows * sizeof(float) + 2 * kBwdRows * sizeof(int) +
+         4 * sizeof(int);
+}
+
+// Per-row values of a query tile row r, loaded by threads 0 .. 31 into registers.
+struct RowStats {
+  float lse2 = 0.0f, dl = 0.0f;
+  int ss = INT_MAX;
+  __device__ __forceinline__ void Load(const float* __restrict__ lse, const float* __restrict__ delta,
+                                       const int* __restrict__ row_start, int r, int N, int Hq, int h) {
+    if (r < N) {
+      lse2 = __ldg(lse + static_cast<size_t>(r) * Hq + h) * kLog2e;
+      dl = __ldg(delta + static_cast<size_t>(r) * Hq + h);
+      ss = __ldg(row_start + r);
+    } else {
+      lse2 = 0.0f;
+      dl = 0.0f;
+      ss = INT_MAX;  // masks every key
+    }
+  }
+};
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
+    AttnBwdTcKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                    const float* __restrict__ dout, const float* __restrict__ q, const float* __restrict__ k,
+                    const float* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ delta,
+                    const int* __restrict__ row_start, const int32_t* __restrict__ cu, int S, int N, int Hq,
+                    int Hkv, float scale) {
+  using C = TcCfg<D>;
+  using Tile = StagedTile<D, kBwdRows>;
+  constexpr int LD = C::LD, KK = C::KK, DN = C::DN, D4 = C::D4;
+  constexpr int DQN = D / 32;               // dQ n-tiles per warp (8 warps: 2 row halves x 4 column quarters)
+  constexpr int kQBuf = 2 * kBwdRows * LD;  // one buffer: Qs then dOs
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* Vs = Ks + kBwdKeys * LD;
+  uint16_t* QO = Vs + kBwdKeys * LD;  // buffer b: Qs = QO + b * kQBuf, dOs = Qs + 32 * LD
+  uint16_t* dSs = QO + 2 * kQBuf;     // [key][row], stride kLDS
+  float* stQ = reinterpret_cast<float*>(dSs + kBwdKeys * kLDS);  // f32 staging of Q
+  float* stO = stQ + Tile::kStageFloats;                         // and dO
+  float* lse2s = stO + Tile::kStageFloats;                       // [2][32]
+  float* dls = lse2s + 2 * kBwdRows;                             // [2][32]
+  int* sss = reinterpret_cast<int*>(dls + 2 * kBwdRows);         // [2][32]
+  int* r_stop_s = sss + 2 * kBwdRows;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.y, kvh = h / (Hq / Hkv);
+  const int k0 = blockIdx.x * kBwdKeys;
+  const int k_last = min(k0 + kBwdKeys, N) - 1;
+  const float scale_log2 = scale * kLog2e;
+
+  // Query tile rows k0 .. k0 + 31 (rows < k0 see none of the keys; k0 < r_stop): copies start now.
+  Tile::Issue(stQ, q, k0, N, Hq, h);
+  Tile::Issue(stO, dout, k0, N, Hq, h);
+  CpAsyncCommit();
+  RowStats st_next;
+  if (tid < kBwdRows) st_next.Load(lse, delta, row_start, k0 + tid, N, Hq, h);
+
+  // K, V of the block's keys as bf16 (zeros past N), once.
+#pragma unroll 4
+  for (int f = tid; f < kBwdKeys * D4; f += kThreads) {
+    const int rr = f / D4, d4 = f % D4;
+    const int key = k0 + rr;
+    float4 kx = Zero4(), vx = Zero4();
+    if (key < N) {
+      const size_t off = (static_cast<size_t>(key) * Hkv + kvh) * D + d4 * 4;
+      kx = Ldg4(k + off);
+      vx = Ldg4(v + off);
+    }
+    StoreBf16x4(Ks + rr * LD + d4 * 4, kx);
+    StoreBf16x4(Vs + rr * LD + d4 * 4, vx);
+  }
+  if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);  // end of the last key's sequence
+
+  CpAsyncWaitAll();
+  Tile::Convert(QO, stQ);
+  Tile::Convert(QO + kBwdRows * LD, stO);
+  if (tid < kBwdRows) {
+    lse2s[tid] = st_next.lse2;
+    dls[tid] = st_next.dl;
+    sss[tid] = st_next.ss;
+  }
+  __syncthreads();
+  const int r_stop = *r_stop_s;  // rows >= r_stop belong to later sequences; r_stop <= N
+
+  const int wk0 = k0 + warp * 16;
+  const int keyA = wk0 + g, keyB = keyA + 8;
+  float dKa[DN][4], dVa[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dKa[dn][c] = dVa[dn][c] = 0.0f;
+  }
+
+  int buf = 0;
+  for (int rt = k0; rt < r_stop; rt += kBwdRows, buf ^= 1) {
+    const bool has_next = rt + kBwdRows < r_stop;
+    if (has_next) {  // in flight while this tile is computed (the staging area was last read by this
+                     // thread, before the previous barrier)
+      Tile::Issue(stQ, q, rt + kBwdRows, N, Hq, h);
+      Tile::Issue(stO, dout, rt + kBwdRows, N, Hq, h);
+      CpAsyncCommit();
+      if (tid < kBwdRows) st_next.Load(lse, delta, row_start, rt + kBwdRows + tid, N, Hq, h);
+    }
+    const uint16_t* Qs = QO + buf * kQBuf;
+    const uint16_t* dOs = Qs + kBwdRows * LD;
+    const float* l2 = lse2s + buf * kBwdRows;
+    const float* dl = dls + buf * kBwdRows;
+    const int* ssr = sss + buf * kBwdRows;
+
+    // ---- phase 1: this warp's 16 keys x the tile's 32 rows
+    // A row of the tile sees a key of the warp only if rt + 31 >= first key and start(rt) <= last key.
+    if (wk0 < N && rt + kBwdRows - 1 >= wk0 && ssr[0] <= wk0 + 15) {
+      // A fragments for k-step kk: matrix i = keys 16 w + 8 (i & 1) .. +7, columns kk*16 + 8 (i >> 1)
+      // .. +7 -> a0, a1, a2, a3. B = Q^T, dO^T (k = d, n = row): matrix i = rows ks*16 + 8 (i >> 1)
+      // .. +7, columns kk*16 + 8 (i & 1) .. +7 -> b0, b1 of row n-tile 2 ks, then of 2 ks + 1.
+      const int a_off = (warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8;
+      const int b_off = ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
+      // B = dO, Q (k = row, n = d) for dV, dK: matrix i = rows ks*16 + 8 (i & 1) .. +7, columns
+      // (2 dn2 + i / 2) * 8 .. +7, transposed -> b0, b1 of n-tile 2 dn2, then of 2 dn2 + 1.
+      const int bt_off = (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8;
+      // The tile's rows in two halves of 16 (k-step ks of dV, dK), one after the other (registers).
+#pragma unroll 1
+      for (int ks = 0; ks < kBwdRows / 16; ++ks) {
+        // sT[n], dpT[n]: keys keyA (c = 0, 1), keyB (c = 2, 3) x rows ks*16 + n*8 + 2t + (c & 1).
+        float sT[2][4], dpT[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) sT[n][c] = dpT[n][c] = 0.0f;
+        }
+        // S^T = K Q^T, then dP^T = V dO^T.
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          uint32_t ka[4], bq[4];
+          LdMatrixX4(ka, Ks + a_off + kk * 16);
+          LdMatrixX4(bq, Qs + b_off + ks * 16 * LD + kk * 16);
+          Mma(sT[0], ka, bq[0], bq[1]);
+          Mma(sT[1], ka, bq[2], bq[3]);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          uint32_t va[4], bo[4];
+          LdMatrixX4(va, Vs + a_off + kk * 16);
+          LdMatrixX4(bo, dOs + b_off + ks * 16 * LD + kk * 16);
+          Mma(dpT[0], va, bo[0], bo[1]);
+          Mma(dpT[1], va, bo[2], bo[3]);
+        }
+        // P^T and dS^T.
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int jr = ks * 16 + n * 8 + 2 * t + (c & 1);
+            const int key = c < 2 ? keyA : keyB;
+            const bool ok = key >= ssr[jr] && key <= rt + jr;  // ssr = INT_MAX past N
+            const float p = ok ? exp2f(fmaf(sT[n][c], scale_log2, -l2[jr])) : 0.0f;
+            sT[n][c] = p;
+            dpT[n][c] = p * (dpT[n][c] - dl[jr]);
+          }
+        }
+        // As A fragments (rows = keys, k = the 16 rows of this half); dS^T (bf16) to shared memory,
+        // row = local key, column = local query row.
+        uint32_t pa[4], sa[4];
+        pa[0] = PackBf16(sT[0][0], sT[0][1]);
+        pa[1] = PackBf16(sT[0][2], sT[0][3]);
+        pa[2] = PackBf16(sT[1][0], sT[1][1]);
+        pa[3] = PackBf16(sT[1][2], sT[1][3]);
+        sa[0] = PackBf16(dpT[0][0], dpT[0][1]);
+        sa[1] = PackBf16(dpT[0][2], dpT[0][3]);
+        sa[2] = PackBf16(dpT[1][0], dpT[1][1]);
+        sa[3] = PackBf16(dpT[1][2], dpT[1][3]);
+        uint16_t* dsA = dSs + (warp * 16 + g) * kLDS + ks * 16 + 2 * t;  // key keyA, rows ks*16 + 2t, +1
+        uint16_t* dsB = dsA + 8 * kLDS;                                   // key keyB
+        *reinterpret_cast<uint32_t*>(dsA) = sa[0];
+        *reinterpret_cast<uint32_t*>(dsB) = sa[1];
+        *reinterpret_cast<uint32_t*>(dsA + 8) = sa[2];  // rows ks*16 + 8 + 2t, +1
+        *reinterpret_cast<uint32_t*>(dsB + 8) = sa[3];
+        // dV += P^T dO, dK += dS^T Q.
+#pragma unroll
+        for (int dn2 = 0; dn2 < DN / 2; ++dn2) {
+          const int off = bt_off + ks * 16 * LD + dn2 * 16;
+          uint32_t bo[4], bq[4];
+          LdMatrixX4T(bo, dOs + off);
+          LdMatrixX4T(bq, Qs + off);
+          Mma(dVa[2 * dn2], pa, bo[0], bo[1]);
+          Mma(dVa[2 * dn2 + 1], pa, bo[2], bo[3]);
+          Mma(dKa[2 * dn2], sa, bq[0], bq[1]);
+          Mma(dKa[2 * dn2 + 1], sa, bq[2], bq[3]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + g) * kLDS + nt * 8 + 2 * t) = 0u;
+        *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + g + 8) * kLDS + nt * 8 + 2 * t) = 0u;
+      }
+    }
+    __syncthreads();  // dS^T complete
+
+    // ---- phase 2: dQ[rows qrow0 .. +15][columns (dn0 .. dn0 + DQN) * 8] = scale * dS K
+    const int rb = warp & 1, dn0 = (warp >> 1) * DQN;
+    const int qrow0 = rt + rb * 16;
+    if (qrow0 < r_stop) {
+      float acc[DQN][4];
+#pragma unroll
+      for (int j = 0; j < DQN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+        // A = dS (row x key) from dS^T [key][row]. Matrix i: keys kk*16 + 8 (i >> 1) .. +7, rows
+        // rb*16 + 8 (i & 1) .. +7, transposed -> a0 (rows lo, keys lo), a1 (rows hi, keys lo),
+        // a2 (rows lo, keys hi), a3 (rows hi, keys hi).
+        uint32_t a[4];
+        LdMatrixX4T(a, dSs + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * kLDS + rb * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int j = 0; j < DQN / 2; ++j) {
+          // B = K (k = key, n = d). Matrix i: keys kk*16 + 8 (i & 1) .. +7, columns
+          // (dn0 + 2 j + i / 2) * 8 .. +7, transposed -> b0, b1 of n-tile dn0 + 2 j, then of + 1.
+          uint32_t b[4];
+          LdMatrixX4T(b, Ks + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (dn0 + 2 * j + (lane >> 4)) * 8);
+          Mma(acc[2 * j], a, b[0], b[1]);
+          Mma(acc[2 * j + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < DQN; ++j)
+        AtomicAddFrag<D>(dq, Hq, h, qrow0 + g, qrow0 + g + 8, (dn0 + j) * 8, acc[j], scale, r_stop, t);
+    }
+
+    if (has_next) {  // into the other buffer, last read in the previous iteration's phase 1
+      CpAsyncWaitAll();  // this thread's chunks of tile rt + 32 have landed
+      uint16_t* next = QO + (buf ^ 1) * kQBuf;
+      Tile::Convert(next, stQ);
+      Tile::Convert(next + kBwdRows * LD, stO);
+      if (tid < kBwdRows) {
+        lse2s[(buf ^ 1) * kBwdRows + tid] = st_next.lse2;
+        dls[(buf ^ 1) * kBwdRows + tid] = st_next.dl;
+        sss[(buf ^ 1) * kBwdRows + tid] = st_next.ss;
+      }
+    }
+    __syncthreads();  // the next tile is in; everyone is done with dSs and this tile
+  }
+
+  // This block's share of dk, dv (the other query heads of the group add theirs).
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+    AtomicAddFrag<D>(dk, Hkv, kvh, keyA, keyB, dn * 8, dKa[dn], scale, N, t);
+    AtomicAddFrag<D>(dv, Hkv, kvh, keyA, keyB, dn * 8, dVa[dn], 1.0f, N, t);
+  }
+}
+
+void CheckHeads(int Hq, int Hkv) {
+  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
+}
+
+template <int D>
+void LaunchForwardTc(float* out, float* lse, const float* q, const float* k, const float* v, const int32_t* cu,
+                     int S, int N, int Hq, int Hkv, cudaStream_t s) {
+  const size_t smem = FwdTcSmemBytes<D>();
+  AllowSmem(AttnFwdTcKernel<D>, smem);
+  const dim3 grid((N + kFwdRows - 1) / kFwdRows, Hq);
+  const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
+  AttnFwdTcKernel<D><<<grid, kThreads, smem, s>>>(out, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
+  CheckCuda(cudaGetLastError(), "AttnFwdTcKernel launch");
+}
+
+template <int D>
+void LaunchBackwardTc(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                      const float* q, const float* k, const float* v, const int32_t* cu, int S, int N, int Hq,
+                      int Hkv, float* delta, int* row_start, cudaStream_t s) {
+  const int rows = N * Hq;
+  constexpr int kPreThreads = 256;
+  const long long pre_threads = static_cast<long long>(rows) * (D / 4);
+  AttnBwdDeltaTcKernel<D><<<static_cast<unsigned>((pre_threads + kPreThreads - 1) / kPreThreads), kPreThreads, 0,
+                            s>>>(delta, dout, out, rows);
+  CheckCuda(cudaGetLastError(), "AttnBwdDeltaTcKernel launch");
+  RowStartTcKernel<<<(N + 255) / 256, 256, 0, s>>>(row_start, cu, S, N);
+  CheckCuda(cudaGetLastError(), "RowStartTcKernel launch");
+
+  const size_t smem = BwdTcSmemBytes<D>();
+  AllowSmem(AttnBwdTcKernel<D>, smem);
+  const dim3 grid((N + kBwdKeys - 1) / kBwdKeys, Hq);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  AttnBwdTcKernel<D><<<grid, kThreads, smem, s>>>(dq, dk, dv, dout, q, k, v, lse, delta, row_start, cu, S, N, Hq,
+                                                  Hkv, scale);
+  CheckCuda(cudaGetLastError(), "AttnBwdTcKernel launch");
+}
+
+constexpr size_t Align256(size_t n) { return (n + 255) / 256 * 256; }
+
+}  // namespace
+
+void AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
+                        const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s) {
+  if (D != 64 && D != 128) return AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, s);
+  if (N <= 0) return;
+  if (S <= 0) Fail("AttentionForwardTC: S must be positive when N > 0; S", S);
+  CheckHeads(Hq, Hkv);
+  if (D == 64) return LaunchForwardTc<64>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+  return LaunchForwardTc<128>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+}
+
+void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                         const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
+                         int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
+  if (D != 64 && D != 128) {
+    return AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, workspace, s);
+  }
+  if (N <= 0) return;
+  if (S <= 0) Fail("AttentionBackwardTC: S must be positive when N > 0; S", S);
+  CheckHeads(Hq, Hkv);
+  // dq, dk, dv are accumulated with atomics: zero them first ("overwrite" semantics of the op).
+  CheckCuda(cudaMemsetAsync(dq, 0, static_cast<size_t>(N) * Hq * D * sizeof(float), s), "cudaMemsetAsync(dq)");
+  CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dk)");
+  CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dv)");
+  // Workspace layout of AttentionBackwardWorkspace(N, Hq): delta[N, Hq] (f32) | row_start[N] (i32).
+  float* delta = static_cast<float*>(workspace);
+  int* row_start =
+      reinterpret_cast<int*>(static_cast<char*>(workspace) + Align256(static_cast<size_t>(N) * Hq * sizeof(float)));
+  if (D == 64) {
+    return LaunchBackwardTc<64>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
+  }
+  return LaunchBackwardTc<128>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
+}
+
+}  // namespace aha::engine::cuda

@@ -1,0 +1,277 @@
+// CudaBackend: the ops of backend.h as CUDA launches on one stream (see cuda_backend.h).
+#include "engine/cuda/cuda_backend.h"
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "engine/cuda/kernels.h"
+#include "engine/tensor.h"
+
+namespace aha::engine::cuda {
+
+namespace {
+
+void CheckCuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha: CUDA %s failed: %s\n", what, cudaGetErrorString(e));
+    std::abort();
+  }
+}
+
+// Tensor's device memory (tensor.h). Plain cudaMalloc; the synchronous cudaMemset/cudaMemcpy run
+// on the legacy default stream, which orders them with the backend's (blocking) stream.
+void* DeviceAlloc(size_t bytes, int device) {
+  CheckCuda(cudaSetDevice(device), "set device");
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha: cuda:%d: cannot allocate %zu bytes: %s\n", device, bytes, cudaGetErrorString(e));
+    std::abort();
+  }
+  return p;
+}
+void DeviceFree(void* p, int /*device*/) { CheckCuda(cudaFree(p), "free"); }
+void DeviceZero(void* p, size_t bytes, int /*device*/) { CheckCuda(cudaMemset(p, 0, bytes), "memset"); }
+void DeviceCopy(void* dst, const void* src, size_t bytes, int kind, int /*device*/) {
+  const cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost
+                                                                          : cudaMemcpyDeviceToDevice;
+  CheckCuda(cudaMemcpy(dst, src, bytes, k), "memcpy");
+}
+const DeviceMemory kDeviceMemory{&DeviceAlloc, &DeviceFree, &DeviceZero, &DeviceCopy};
+
+}  // namespace
+
+Status CudaBackend::Probe(int index) {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) return Unavailable("cuda:" + std::to_string(index) + ": no CUDA device: " + cudaGetErrorString(e));
+  if (index < 0 || index >= count)
+    return Unavailable("cuda:" + std::to_string(index) + ": this machine has " + std::to_string(count) + " CUDA device(s)");
+  return OkStatus();
+}
+
+Result<std::unique_ptr<CudaBackend>> CudaBackend::Create(int index, GemmPrecision precision) {
+  RETURN_IF_ERROR(Probe(index));
+  cudaError_t e = cudaSetDevice(index);
+  if (e != cudaSuccess) return Unavailable("cuda:" + std::to_string(index) + ": " + cudaGetErrorString(e));
+  cudaStream_t stream = nullptr;
+  e = cudaStreamCreate(&stream);  // blocking: ordered with the legacy default stream (tensor copies)
+  if (e != cudaSuccess) return Unavailable("cuda:" + std::to_string(index) + ": cannot create a stream: " + cudaGetErrorString(e));
+  SetDeviceMemory(&kDeviceMemory);
+  return std::unique_ptr<CudaBackend>(new CudaBackend(index, stream, precision));
+}
+
+CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision)
+    : index_(index), stream_(stream), gemm_(new Gemm(stream, precision)) {
+  CheckCuda(cudaMalloc(&sum_out_, sizeof(double)), "allocate");
+}
+
+CudaBackend::~CudaBackend() {
+  cudaStreamSynchronize(stream_);
+  gemm_.reset();
+  if (workspace_) cudaFree(workspace_);
+  cudaFree(sum_out_);
+  cudaStreamDestroy(stream_);
+}
+
+std::string CudaBackend::Describe() const {
+  cudaDeviceProp p{};
+  CheckCuda(cudaGetDeviceProperties(&p, index_), "get device properties");
+  int driver = 0;
+  cudaDriverGetVersion(&driver);
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%s, %d SMs, %.1f GiB, CUDA driver %d.%d", p.name, p.multiProcessorCount,
+                static_cast<double>(p.totalGlobalMem) / (1 << 30), driver / 1000, (driver % 1000) / 10);
+  return buf;
+}
+
+void* CudaBackend::Workspace(size_t bytes) {
+  if (bytes > workspace_bytes_) {
+    // The old buffer may still be read by queued launches: let them finish first.
+    CheckCuda(cudaStreamSynchronize(stream_), "synchronize");
+    if (workspace_) CheckCuda(cudaFree(workspace_), "free workspace");
+    CheckCuda(cudaMalloc(&workspace_, bytes), "allocate workspace");
+    workspace_bytes_ = bytes;
+    ++workspace_generation_;
+  }
+  return workspace_;
+}
+
+void CudaBackend::Check(const char* op) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha: CUDA launch of %s failed: %s\n", op, cudaGetErrorString(e));
+    std::abort();
+  }
+}
+
+void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
+  if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
+}
+void CudaBackend::Upload(void* dst, const void* src, size_t bytes) {
+  if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+}
+void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
+  if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
+  CheckCuda(cudaStreamSynchronize(stream_), "synchronize after download");
+}
+void CudaBackend::Synchronize() { CheckCuda(cudaStreamSynchronize(stream_), "synchronize"); }
+
+void CudaBackend::RegisterWeights(const float* base, size_t n) {
+  gemm_->RegisterWeights(base, n);
+}
+void CudaBackend::UnregisterWeights(const float* base) { gemm_->UnregisterWeights(base); }
+void CudaBackend::WeightsChanged(const float* base) {
+  gemm_->WeightsChanged(base);
+  Check("cast weights to bf16");
+}
+
+bool CudaBackend::BeginCapture() {
+  return cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+}
+
+void* CudaBackend::EndCapture() {
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamEndCapture(stream_, &graph);
+  if (e != cudaSuccess || !graph) {
+    std::fprintf(stderr, "aha: CUDA graph capture failed (%s); running without graphs\n", cudaGetErrorString(e));
+    cudaGetLastError();
+    return nullptr;
+  }
+  cudaGraphExec_t exec = nullptr;
+  e = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha: CUDA graph instantiation failed (%s); running without graphs\n", cudaGetErrorString(e));
+    cudaGetLastError();
+    return nullptr;
+  }
+  return exec;
+}
+
+void CudaBackend::Replay(void* graph) {
+  CheckCuda(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph), stream_), "graph launch");
+}
+
+void CudaBackend::DestroyGraph(void* graph) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph)); }
+
+void CudaBackend::EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C) {
+  cuda::EmbeddingForward(out, ids, wte, N, C, stream_);
+  Check("embedding");
+}
+void CudaBackend::EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C) {
+  cuda::EmbeddingBackward(dwte, dout, ids, N, C, stream_);
+  Check("embedding backward");
+}
+void CudaBackend::RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps) {
+  cuda::RmsNormForward(out, rstd, x, w, N, C, eps, stream_);
+  Check("rmsnorm");
+}
+void CudaBackend::RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                                  const float* rstd, int N, int C) {
+  cuda::RmsNormBackward(dx, dw, dout, x, w, rstd, N, C, stream_);
+  Check("rmsnorm backward");
+}
+void CudaBackend::RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D) {
+  cuda::RopeForward(x, positions, inv_freq, N, H, D, false, stream_);
+  Check("rope");
+}
+void CudaBackend::RopeBackward(float* dx, const int32_t* positions, const float* inv_freq, int N, int H, int D) {
+  cuda::RopeForward(dx, positions, inv_freq, N, H, D, true, stream_);
+  Check("rope backward");
+}
+
+void CudaBackend::LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C, int OC) {
+  gemm_->NT(out, x, w, N, OC, C, 1.0f, 0.0f);
+  if (b) cuda::AddBias(out, b, N, OC, stream_);
+  Check("linear");
+}
+
+void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
+                                 int N, int C, int OC, bool accumulate_dx) {
+  if (dx) gemm_->NN(dx, dout, w, N, C, OC, 1.0f, accumulate_dx ? 1.0f : 0.0f);
+  gemm_->TN(dw, dout, x, OC, C, N, 1.0f, 1.0f);
+  if (db) cuda::BiasBackward(db, dout, N, OC, stream_);
+  Check("linear backward");
+}
+
+void CudaBackend::SwiGluForward(float* h, const float* gate, const float* up, int N, int I) {
+  cuda::SwiGluForward(h, gate, up, static_cast<size_t>(N) * I, stream_);
+  Check("swiglu");
+}
+void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
+                                 int I) {
+  cuda::SwiGluBackward(dgate, dup, dh, gate, up, static_cast<size_t>(N) * I, stream_);
+  Check("swiglu backward");
+}
+void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
+  cuda::Add(out, a, b, n, stream_);
+  Check("add");
+}
+
+void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
+                                   const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+  cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+  Check("attention");
+}
+void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                                    const float* lse, const float* q, const float* k, const float* v,
+                                    const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+  void* ws = Workspace(AttentionBackwardWorkspace(N, Hq));
+  cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  Check("attention backward");
+}
+void CudaBackend::KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
+                               const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv,
+                               int D) {
+  cuda::KvCacheWrite(k_cache, v_cache, k, v, cu_q, slots, start, B, Nq, max_len, Hkv, D, stream_);
+  Check("kv cache write");
+}
+void CudaBackend::CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
+                                         const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
+                                         int Nq, int max_len, int Hq, int Hkv, int D) {
+  cuda::CachedAttentionForward(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, D, stream_);
+  Check("cached attention");
+}
+
+void CudaBackend::LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                                const int32_t* targets, int N, int C, int V, float temperature) {
+  void* ws = Workspace(LmHeadWorkspace(N, V));
+  cuda::LmHeadForward(*gemm_, logprob, entropy, lse, h, w, targets, N, C, V, temperature, ws, stream_);
+  Check("lm-head");
+}
+void CudaBackend::LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
+                                 const float* w, const int32_t* targets, const float* lse, const float* entropy, int N,
+                                 int C, int V, float temperature) {
+  void* ws = Workspace(LmHeadWorkspace(N, V));
+  cuda::LmHeadBackward(*gemm_, dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, ws,
+                       stream_);
+  Check("lm-head backward");
+}
+
+double CudaBackend::SumSquares(const float* x, size_t n) {
+  void* ws = Workspace(SumSquaresWorkspace());
+  cuda::SumSquares(sum_out_, x, n, ws, stream_);
+  Check("sum of squares");
+  double out = 0;
+  Download(&out, sum_out_, sizeof out);
+  return out;
+}
+void CudaBackend::Scale(float* x, float s, size_t n) {
+  cuda::Scale(x, s, n, stream_);
+  Check("scale");
+}
+void CudaBackend::AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
+                        float beta2, float eps, float weight_decay, int64_t t) {
+  cuda::AdamW(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, t, stream_);
+  Check("adamw");
+}
+void CudaBackend::SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
+                             const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seeds,
+                             const uint64_t* counters) {
+  void* ws = Workspace(SampleWorkspace(B, V));
+  cuda::SampleRows(tokens, logprobs, logits, B, V, temperature, top_k, top_p, seeds, counters, ws, stream_);
+  Check("sample");
+}
+
+}  // namespace aha::engine::cuda

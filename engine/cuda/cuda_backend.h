@@ -1,0 +1,101 @@
+// CudaBackend: every op of backend.h on one NVIDIA GPU, on one CUDA stream.
+//
+// Storage is f32 (the op interface's type): activations, gradients, fp32 master weights and Adam
+// moments. Matrix products run on the tensor cores in bf16 with f32 accumulation (Gemm, gemm.h):
+// registered weights keep a bf16 copy refreshed by WeightsChanged(), activations are rounded to bf16
+// on the way into each product. GemmPrecision::kF32 switches the products to plain f32 (parity tests).
+// Ops are asynchronous on the backend's stream; Download(), SumSquares() and Synchronize() wait.
+// Creating a CudaBackend registers the device allocator that Tensor uses for cuda:N tensors.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "engine/backend.h"
+#include "engine/cuda/gemm.h"
+
+namespace aha::engine::cuda {
+
+class CudaBackend final : public Backend {
+ public:
+  // Unavailable with the CUDA error when there is no usable device `index`.
+  static Result<std::unique_ptr<CudaBackend>> Create(int index, GemmPrecision precision = GemmPrecision::kBF16);
+  // Whether device `index` exists (Create's checks, without a context or cuBLAS).
+  static Status Probe(int index);
+  ~CudaBackend() override;
+
+  Device device() const override { return {DeviceKind::kCuda, index_}; }
+  cudaStream_t stream() const { return stream_; }
+  Gemm& gemm() { return *gemm_; }
+  // "NVIDIA H200, 132 SMs, 139.8 GiB, driver 13.0"
+  std::string Describe() const;
+
+  void Copy(void* dst, const void* src, size_t bytes) override;
+  void Upload(void* dst, const void* src, size_t bytes) override;
+  void Download(void* dst, const void* src, size_t bytes) override;
+  void Synchronize() override;
+  void RegisterWeights(const float* base, size_t n) override;
+  void UnregisterWeights(const float* base) override;
+  void WeightsChanged(const float* base) override;
+  bool BeginCapture() override;
+  void* EndCapture() override;
+  void Replay(void* graph) override;
+  void DestroyGraph(void* graph) override;
+  uint64_t graph_epoch() const override { return workspace_generation_ + gemm_->scratch_generation(); }
+
+  void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C) override;
+  void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C) override;
+  void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C,
+                      float eps) override;
+  void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                       const float* rstd, int N, int C) override;
+  void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D) override;
+  void RopeBackward(float* dx, const int32_t* positions, const float* inv_freq, int N, int H, int D) override;
+  void LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C, int OC) override;
+  void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int N,
+                      int C, int OC, bool accumulate_dx) override;
+  void SwiGluForward(float* h, const float* gate, const float* up, int N, int I) override;
+  void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
+                      int I) override;
+  void Add(float* out, const float* a, const float* b, size_t n) override;
+  void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
+                        const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) override;
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                         const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
+                         int Hq, int Hkv, int D) override;
+  void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
+                    const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv,
+                    int D) override;
+  void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
+                              const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B, int Nq,
+                              int max_len, int Hq, int Hkv, int D) override;
+  void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                     const int32_t* targets, int N, int C, int V, float temperature) override;
+  void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
+                      const float* w, const int32_t* targets, const float* lse, const float* entropy, int N, int C,
+                      int V, float temperature) override;
+  double SumSquares(const float* x, size_t n) override;
+  void Scale(float* x, float s, size_t n) override;
+  void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+             float eps, float weight_decay, int64_t t) override;
+  void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V, const float* temperature,
+                  const int32_t* top_k, const float* top_p, const uint64_t* seeds, const uint64_t* counters) override;
+
+ private:
+  CudaBackend(int index, cudaStream_t stream, GemmPrecision precision);
+  void* Workspace(size_t bytes);
+  void Check(const char* op);
+
+  int index_;
+  cudaStream_t stream_;
+  std::unique_ptr<Gemm> gemm_;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  uint64_t workspace_generation_ = 0;
+  double* sum_out_ = nullptr;  // device double for SumSquares
+};
+
+}  // namespace aha::engine::cuda

@@ -1,0 +1,102 @@
+// Launchers of the CUDA kernels behind CudaBackend (cuda_backend.h). Every pointer is a device
+// pointer; shapes, layouts and accumulate/overwrite rules are exactly those of the same-named op in
+// engine/backend.h, and engine/cpu_backend.cc is the reference each kernel is checked against
+// (tests/engine/cuda_conformance_test.cc). Launchers enqueue on `stream` and return: no host
+// synchronisation, no allocation (scratch comes in through `workspace` arguments), no host reads of
+// device data, so that the decode step can be captured in a CUDA graph.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/cuda/gemm.h"
+
+namespace aha::engine::cuda {
+
+// ---- elementwise and layers (elementwise.cu) ------------------------------------------------------
+void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C, cudaStream_t s);
+void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C, cudaStream_t s);
+void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps,
+                    cudaStream_t s);
+void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                     const float* rstd, int N, int C, cudaStream_t s);
+void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D, bool inverse,
+                 cudaStream_t s);
+void AddBias(float* out, const float* b, int N, int OC, cudaStream_t s);
+void BiasBackward(float* db, const float* dout, int N, int OC, cudaStream_t s);
+void SwiGluForward(float* h, const float* gate, const float* up, size_t n, cudaStream_t s);
+void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, size_t n,
+                    cudaStream_t s);
+void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s);
+void Scale(float* x, float a, size_t n, cudaStream_t s);
+// out[n] (f64, device) = sum of squares of x; workspace holds at least SumSquaresWorkspace() bytes.
+void SumSquares(double* out, const float* x, size_t n, void* workspace, cudaStream_t s);
+size_t SumSquaresWorkspace();
+void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+           float eps, float weight_decay, int64_t t, cudaStream_t s);
+void CastF32ToBF16(uint16_t* out, const float* in, size_t n, cudaStream_t s);
+void CastBF16ToF32(float* out, const uint16_t* in, size_t n, cudaStream_t s);
+// An actor swapping in published bf16 weights: params[i] = staged[i] widened to f32 and, when
+// shadow is not null, shadow[i] = staged[i] (the GEMMs' bf16 copy, so no second cast is needed).
+void SwapInBf16(float* params, uint16_t* shadow, const uint16_t* staged, size_t n, cudaStream_t s);
+// out[r, :] = x[rows[r], :] for r < R.
+void GatherRows(float* out, const float* x, const int32_t* rows, int R, int C, cudaStream_t s);
+
+// ---- attention (attention.cu) ---------------------------------------------------------------------
+// Causal GQA over packed variable-length sequences; see Backend::AttentionForward. Flash-attention
+// style: tiled, online softmax, no [T, T] score matrix in global memory. cu_seqlens is a device array
+// of S + 1 entries.
+void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
+                      const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s);
+// Overwrites dq, dk, dv. workspace: at least AttentionBackwardWorkspace(N, Hq) bytes.
+void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                       const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
+                       int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
+size_t AttentionBackwardWorkspace(int N, int Hq);
+// See Backend::KvCacheWrite / CachedAttentionForward. cu_q[B + 1], slots[B], start[B] are device
+// arrays; the grid depends only on (B, Nq, heads) so the launch can be graph-captured and replayed
+// with new array contents. Nq = cu_q[B] is passed from the host.
+void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
+                  const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv, int D,
+                  cudaStream_t s);
+void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
+                            const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B, int Nq,
+                            int max_len, int Hq, int Hkv, int D, cudaStream_t s);
+// Tensor-core variants (attention_tc.cu): same signatures, semantics and workspace
+// (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
+// mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};
+// any other D is passed to the f32 launchers above.
+void AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
+                        const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s);
+void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                         const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
+                         int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
+
+// ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------
+// See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of LmHeadChunk() columns; logits of
+// a chunk come from gemm.NT into `workspace` (at least LmHeadWorkspace(N, V) bytes) and never exist
+// for the whole vocabulary at once.
+int LmHeadChunk();
+size_t LmHeadWorkspace(int N, int V);
+void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                   const int32_t* targets, int N, int C, int V, float temperature, void* workspace,
+                   cudaStream_t s);
+void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, const float* dentropy,
+                    const float* h, const float* w, const int32_t* targets, const float* lse,
+                    const float* entropy, int N, int C, int V, float temperature, void* workspace,
+                    cudaStream_t s);
+
+// Samples one token per row of logits[B, V] (unscaled). Per row b: temperature[b] == 0 is greedy
+// (argmax, lowest id on ties); else z = logits / T, restricted to the top_k[b] largest (0 = off)
+// and then to the smallest most-likely set reaching top_p[b] (1 = off), renormalised, drawn with a
+// counter-based RNG keyed by (seeds[b], counters[b]) so a row's draw depends on nothing else in the
+// batch. logprobs[b] = log softmax(logits[b] / T)[token] over the FULL vocabulary (T = 1 when
+// greedy), the convention of engine/sampler.h. workspace: at least SampleWorkspace(B, V) bytes.
+void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V, const float* temperature,
+                const int32_t* top_k, const float* top_p, const uint64_t* seeds, const uint64_t* counters,
+                void* workspace, cudaStream_t s);
+size_t SampleWorkspace(int B, int V);
+
+}  // namespace aha::engine::cuda

@@ -1,0 +1,796 @@
+// Fused lm-head (chunked logits, online log-sum-exp, entropy and their backward) and token sampling.
+// Contracts: engine/cuda/kernels.h, engine/backend.h; references: CpuBackend::LmHeadForward/Backward
+// (engine/cpu_backend.cc) and SampleToken/FilteredDistribution (engine/sampler.cc). Design and costs:
+// docs/kernels.md, "LM head and sampling".
+//
+// LM head. The vocabulary is cut into chunks of kChunk columns. For each chunk one gemm.NT writes the
+// scaled logits z = h @ w_chunk^T / T of all N rows into the workspace ([N, cols] f32, row stride
+// cols), then one block per row reduces them:
+//  - forward: chunk max cm, cs = sum exp(z - cm), ct = sum exp(z - cm) (z - cm) in one read of the row
+//    (kept in registers), merged in f64 into the row's running (m, s, t) with t relative to m:
+//    t = sum exp(z - m) (z - m), so entropy = lse - E[z] = log s - t / s without cancellation.
+//    The last chunk writes lse = m + log s, logprob = z_target - lse, entropy (0 for target < 0).
+//  - backward: dz = (dlogprob (onehot - p) - dentropy p (log p + H)) / T in place, with
+//    p = exp(z - lse) and H the saved entropy (d H / d z_j = -p_j (log p_j + H)); then
+//    dh (=, then +=) dz @ w_chunk (gemm.NN) and dw_chunk += dz^T @ h (gemm.TN).
+//  The 1/T of d z / d logits is folded into dz, so the products run with alpha = 1.
+//  The gemm object is assumed to enqueue on the same stream `s` as these kernels.
+//
+// Sampling. One block per row (512 threads). z = logits / T (T = 1 when greedy).
+//  - Pass 1 always: online (max, sum exp) of z for the full-vocabulary log-sum-exp; greedy takes the
+//    argmax of the logits (lowest id on ties); unfiltered sampling (no top-k, no top-p) draws in the
+//    same pass.
+//  - The draw: each thread runs a weighted reservoir of size one over its elements (weight exp(z))
+//    with exponential jumps (see Reservoir), which needs a random number only at each replacement
+//    (about log of the ~300 elements a thread sees), not per element; then the threads compete by
+//    Gumbel-max on their totals (score = log W_t + Gumbel), so token j wins with probability
+//    exp(z_j) / sum exp(z). Exact up to f32 rounding.
+//  - Filtered sampling: the kept set is a prefix of the strict order (logit descending, id
+//    ascending) of engine/sampler.cc, i.e. {key > cut_key} + {key == cut_key, id <= cut_id} with key
+//    the order-preserving u32 of the logit. The cut is found by an MSB-first radix descent (4 levels
+//    of 8 bits, one pass of the row each, a 256-bin shared-memory histogram, warp-aggregated on the
+//    first level; integer sums only, so the result is deterministic): top-k counts elements
+//    (target K); top-p, within the top-k set,
+//    sums fixed-point weights exp(z - max z) * 2^40 in u64 (target ceil(top_p * total)). Ties at the
+//    cut key are cut by id with one ordered scan. Then the draw above, restricted to the kept set,
+//    which samples the renormalised kept distribution.
+//  - RNG (counter-based, reproducible, independent of the rest of the batch): row_key =
+//    mix64(seed + mix64(counter ^ 0xD1B54A32D192ED03)); uniform number i of the row is
+//    u_i = (2 (r_i >> 41) + 1) 2^-24 with r_i = mix64(row_key + (i + 1) 0x9E3779B97F4A7C15), i.e. the
+//    SplitMix64 stream of row_key at position i + 1 (mix64 = SplitMix64's finaliser); u_i is uniform
+//    on 2^23 points in (0, 1) and exact in f32. Numbers 0 .. V - 1 belong to the tokens (a
+//    replacement at token i draws u_i), V + t to thread t's Gumbel.
+//  - logprob = z_token - lse over the full vocabulary (the behaviour log-prob of engine/sampler.h).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/cuda/kernels.h"
+
+namespace aha::engine::cuda {
+namespace {
+
+// ---- shared helpers -------------------------------------------------------------------------------
+
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// Block-wide reductions; every thread gets the result. `scratch` holds >= 32 entries; the leading
+// __syncthreads makes back-to-back calls on the same scratch safe.
+template <int kThreads>
+__device__ __forceinline__ float BlockMax(float v, float* scratch) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024);
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = WarpMax(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  return WarpMax(lane < kWarps ? scratch[lane] : -INFINITY);
+}
+
+template <int kThreads>
+__device__ __forceinline__ float BlockSum(float v, float* scratch) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024);
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = WarpSum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  return WarpSum(lane < kWarps ? scratch[lane] : 0.0f);
+}
+
+// ---- lm-head --------------------------------------------------------------------------------------
+
+constexpr int kChunk = 8192;                          // vocabulary columns per chunk
+constexpr int kRowThreads = 256;                      // threads per row in the lm-head kernels
+constexpr int kPerThread = kChunk / kRowThreads;      // chunk values a thread holds in registers
+static_assert(kChunk % (4 * kRowThreads) == 0, "the vector path holds whole float4s per thread");
+
+// Running statistics of one row across chunks (workspace, after the chunk logits).
+struct RowStats {
+  double s;   // sum exp(z - m)
+  double t;   // sum exp(z - m) (z - m)
+  float m;    // running max of z
+  float zt;   // z[target] once seen (0 until then, as the CPU reference)
+};
+
+size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+int ChunkCols(int V) { return std::min(V, kChunk); }
+size_t LogitsBytes(int N, int V) {
+  return AlignUp(static_cast<size_t>(N) * static_cast<size_t>(ChunkCols(V)) * sizeof(float), 256);
+}
+
+// One block per row n of the chunk logits z[N, cols] (columns v0 .. v0 + cols of the vocabulary).
+// kVec: cols % 4 == 0, so every row starts 16-byte aligned and is read as float4.
+template <bool kVec>
+__global__ void __launch_bounds__(kRowThreads) LmHeadForwardRows(const float* __restrict__ z,
+                                                                 RowStats* __restrict__ stats,
+                                                                 const int32_t* __restrict__ targets,
+                                                                 float* __restrict__ logprob,
+                                                                 float* __restrict__ entropy,
+                                                                 float* __restrict__ lse, int cols, int v0,
+                                                                 int first, int last) {
+  __shared__ float scratch[32];
+  const int n = blockIdx.x;
+  const float* row = z + static_cast<size_t>(n) * cols;
+
+  // Load this thread's part of the row (padding = -inf, which adds exp(-inf) = 0 below).
+  float x[kPerThread];
+  if constexpr (kVec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const int n4 = cols / 4;
+#pragma unroll
+    for (int k = 0; k < kPerThread / 4; ++k) {
+      const int j = threadIdx.x + k * kRowThreads;
+      const float4 q = j < n4 ? __ldg(row4 + j) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      x[4 * k + 0] = q.x;
+      x[4 * k + 1] = q.y;
+      x[4 * k + 2] = q.z;
+      x[4 * k + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int j = threadIdx.x + k * kRowThreads;
+      x[k] = j < cols ? __ldg(row + j) : -INFINITY;
+    }
+  }
+
+  float local_max = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) local_max = fmaxf(local_max, x[k]);
+  const float cm = BlockMax<kRowThreads>(local_max, scratch);
+
+  float ls = 0.0f, lt = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const float d = x[k] - cm;
+    const float e = expf(d);
+    ls += e;
+    if (e > 0.0f) lt += e * d;  // e == 0 (padding, -inf, underflow) adds 0; avoids 0 * -inf
+  }
+  const float cs = BlockSum<kRowThreads>(ls, scratch);
+  const float ct = BlockSum<kRowThreads>(lt, scratch);
+
+  if (threadIdx.x != 0) return;
+  float m;
+  double s, t;
+  float zt = 0.0f;
+  if (first) {
+    m = cm;
+    s = cs;
+    t = ct;
+  } else {
+    const RowStats st = stats[n];
+    m = fmaxf(st.m, cm);
+    const double dm_old = static_cast<double>(st.m) - m, dm_new = static_cast<double>(cm) - m;  // <= 0
+    const double a = exp(dm_old), b = exp(dm_new);
+    s = a * st.s + b * cs;
+    // sum exp(z - m)(z - m) = a (t_old + (m_old - m) s_old) over the old part, likewise the chunk's.
+    t = a * (st.t + dm_old * st.s) + b * (static_cast<double>(ct) + dm_new * cs);
+    zt = st.zt;
+  }
+  const int tgt = targets[n];
+  if (tgt >= v0 && tgt < v0 + cols) zt = row[tgt - v0];
+  if (!last) {
+    stats[n] = RowStats{s, t, m, zt};
+    return;
+  }
+  const double log_s = log(s);
+  const double l = static_cast<double>(m) + log_s;
+  lse[n] = static_cast<float>(l);
+  const bool valid = tgt >= 0;
+  logprob[n] = valid ? static_cast<float>(static_cast<double>(zt) - l) : 0.0f;
+  entropy[n] = valid ? static_cast<float>(log_s - t / s) : 0.0f;
+}
+
+// In place on the chunk logits z[N, cols]: z -> d loss / d logits (the 1/T included), exactly the
+// expression of CpuBackend::LmHeadBackward.
+template <bool kVec>
+__global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restrict__ z,
+                                                                  const int32_t* __restrict__ targets,
+                                                                  const float* __restrict__ lse,
+                                                                  const float* __restrict__ entropy,
+                                                                  const float* __restrict__ dlogprob,
+                                                                  const float* __restrict__ dentropy, int cols,
+                                                                  int v0, float inv_t) {
+  const int n = blockIdx.x;
+  float* row = z + static_cast<size_t>(n) * cols;
+  const int tgt = targets[n];
+  const float glp = (tgt >= 0 && dlogprob != nullptr) ? dlogprob[n] : 0.0f;
+  const float gent = (tgt >= 0 && dentropy != nullptr) ? dentropy[n] : 0.0f;
+  const int tcol = tgt - v0;  // target's column in this chunk (may be outside [0, cols))
+
+  if (glp == 0.0f && gent == 0.0f) {  // no gradient flows through this row (e.g. target < 0)
+    if constexpr (kVec) {
+      float4* row4 = reinterpret_cast<float4*>(row);
+      for (int j = threadIdx.x; j < cols / 4; j += kRowThreads) row4[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    } else {
+      for (int j = threadIdx.x; j < cols; j += kRowThreads) row[j] = 0.0f;
+    }
+    return;
+  }
+  const float l = lse[n], H = entropy[n];
+  auto grad = [&](float zc, int c) {
+    const float logp = zc - l;
+    const float p = expf(logp);
+    float d = -glp * p - gent * p * (logp + H);
+    if (c == tcol) d += glp;
+    return d * inv_t;
+  };
+  if constexpr (kVec) {
+    float4* row4 = reinterpret_cast<float4*>(row);
+    for (int j = threadIdx.x; j < cols / 4; j += kRowThreads) {
+      float4 q = row4[j];
+      const int c = 4 * j;
+      q.x = grad(q.x, c);
+      q.y = grad(q.y, c + 1);
+      q.z = grad(q.z, c + 2);
+      q.w = grad(q.w, c + 3);
+      row4[j] = q;
+    }
+  } else {
+    for (int j = threadIdx.x; j < cols; j += kRowThreads) row[j] = grad(row[j], j);
+  }
+}
+
+// ---- sampling -------------------------------------------------------------------------------------
+
+constexpr int kSampleThreads = 512;
+constexpr int kSampleWarps = kSampleThreads / 32;
+constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
+constexpr float kWeightScale = 1099511627776.0f;  // 2^40: fixed point of the top-p weights
+// Radix levels whose histograms use HistAdd (see Descend). Measured on an H200 (B = 256,
+// V = 151936): 1 beats 4 (top-p 0.72 ms against 0.93 ms, top-k 0.37 ms against 0.40 ms).
+constexpr int kAggregatedLevels = 1;
+
+__device__ __forceinline__ uint64_t Mix64(uint64_t z) {  // SplitMix64's finaliser
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ uint64_t RowKey(uint64_t seed, uint64_t counter) {
+  return Mix64(seed + Mix64(counter ^ 0xD1B54A32D192ED03ull));
+}
+
+// Uniform number i (>= 0) of the row keyed by row_key: u = (2k + 1) 2^-24 with k the top 23
+// bits of mix64(row_key + (i + 1) gamma); exact in f32 and in (0, 1).
+__device__ __forceinline__ float Uniform(uint64_t row_key, int i) {
+  const uint32_t k = static_cast<uint32_t>(Mix64(row_key + (static_cast<uint64_t>(i) + 1ull) * kGamma) >> 41);
+  return static_cast<float>(2u * k + 1u) * 5.9604644775390625e-8f;
+}
+
+// Order-preserving u32 of a float: a < b (as floats) <=> Key(a) < Key(b); -0 maps to +0's key so
+// that equal logits are equal keys (the CPU compares floats). NaN is not expected.
+__device__ __forceinline__ uint32_t OrderKey(float f) {
+  uint32_t u = __float_as_uint(f);
+  if (u == 0x80000000u) u = 0u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// z = l / T as every pass computes it (never contracted into an FMA, so all passes agree bit for bit).
+__device__ __forceinline__ float Scaled(float l, float inv_t) { return __fmul_rn(l, inv_t); }
+
+// Top-p weight exp(z - max z) in [0, 1] as fixed point (<= 2^40).
+__device__ __forceinline__ unsigned long long Weight(float l, float inv_t, float zmax) {
+  const float w = expf(Scaled(l, inv_t) - zmax);
+  return __float2ull_rz(w * kWeightScale);
+}
+
+// (score, id) order: higher score first, then lower id.
+__device__ __forceinline__ bool Better(float s, int i, float best_s, int best_i) {
+  return s > best_s || (s == best_s && i < best_i);
+}
+
+__device__ __forceinline__ bool VectorRow(const float* row, int V) {
+  return (V & 3) == 0 && (reinterpret_cast<uintptr_t>(row) & 15u) == 0;
+}
+
+// Calls f(value, index) for every element of row[0, V) this thread owns (two float4 loads in flight
+// per thread), in a fixed order (the row's elements in increasing index order, strided by thread).
+template <class F>
+__device__ __forceinline__ void ForEach(const float* __restrict__ row, int V, F&& f) {
+  if (VectorRow(row, V)) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const int n4 = V / 4;
+    int j = threadIdx.x;
+    for (; j + kSampleThreads < n4; j += 2 * kSampleThreads) {
+      const float4 a = __ldg(row4 + j), b = __ldg(row4 + j + kSampleThreads);
+      const int i = 4 * j, k = 4 * (j + kSampleThreads);
+      f(a.x, i);
+      f(a.y, i + 1);
+      f(a.z, i + 2);
+      f(a.w, i + 3);
+      f(b.x, k);
+      f(b.y, k + 1);
+      f(b.z, k + 2);
+      f(b.w, k + 3);
+    }
+    if (j < n4) {
+      const float4 a = __ldg(row4 + j);
+      const int i = 4 * j;
+      f(a.x, i);
+      f(a.y, i + 1);
+      f(a.z, i + 2);
+      f(a.w, i + 3);
+    }
+  } else {
+    for (int i = threadIdx.x; i < V; i += kSampleThreads) f(__ldg(row + i), i);
+  }
+}
+
+// Like ForEach, but all 32 lanes of a warp make the same number of calls f(value, index, valid), in
+// step, so f may use warp-collective intrinsics; lanes past the end pass valid = false.
+template <class F>
+__device__ __forceinline__ void ForEachConverged(const float* __restrict__ row, int V, F&& f) {
+  const int lane = threadIdx.x & 31, warp_first = static_cast<int>(threadIdx.x) - lane;
+  if (VectorRow(row, V)) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const int n4 = V / 4;
+    for (int j0 = warp_first; j0 < n4; j0 += 2 * kSampleThreads) {  // j0 is uniform in the warp
+      const int ja = j0 + lane, jb = ja + kSampleThreads;
+      const bool oka = ja < n4, okb = jb < n4;
+      const float4 a = oka ? __ldg(row4 + ja) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const float4 b = okb ? __ldg(row4 + jb) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      f(a.x, 4 * ja, oka);
+      f(a.y, 4 * ja + 1, oka);
+      f(a.z, 4 * ja + 2, oka);
+      f(a.w, 4 * ja + 3, oka);
+      f(b.x, 4 * jb, okb);
+      f(b.y, 4 * jb + 1, okb);
+      f(b.z, 4 * jb + 2, okb);
+      f(b.w, 4 * jb + 3, okb);
+    }
+  } else {
+    for (int i0 = warp_first; i0 < V; i0 += kSampleThreads) {
+      const int i = i0 + lane;
+      const bool ok = i < V;
+      f(ok ? __ldg(row + i) : 0.0f, i, ok);
+    }
+  }
+}
+
+struct SampleShared {
+  unsigned int cnt[256];                         // radix histogram: element counts
+  unsigned long long mass[256];                  // radix histogram: fixed-point weights (block totals)
+  unsigned long long wmass[kSampleWarps][256];   // the same per warp (no atomics: see HistAdd)
+  float f0[32], f1[32];                          // reduction scratch
+  int i0[32];
+  unsigned int d_prefix;                         // descent results, thread 0 -> all
+  unsigned long long d_above, d_target, d_mass;
+  unsigned int d_cnt;
+  int found;
+};
+
+// Online log-sum-exp state (m = max, s = sum exp(z - m)).
+__device__ __forceinline__ void LseAdd(float& m, float& s, float z) {
+  if (z > m) {
+    s = s * expf(m - z) + 1.0f;  // first element: 0 * exp(-inf) + 1
+    m = z;
+  } else if (z > -INFINITY) {
+    s += expf(z - m);
+  }
+}
+
+__device__ __forceinline__ void LseMerge(float& m, float& s, float m2, float s2) {
+  if (m2 == -INFINITY) return;
+  if (m == -INFINITY) {
+    m = m2;
+    s = s2;
+    return;
+  }
+  const float M = fmaxf(m, m2);
+  s = s * expf(m - M) + s2 * expf(m2 - M);
+  m = M;
+}
+
+// One thread's weighted reservoir of size one over the elements it is given, weight exp(z):
+// (m, s) is the online log-sum-exp state, so s exp(m) is the weight W seen so far, and `pick` holds
+// element j with probability exp(z_j) / W. Exponential jumps: after a pick at total W the next
+// element to replace it is the first whose running total reaches X = W / U, U uniform in (0, 1),
+// because P(no replacement until total W') = prod (W_prev / W_i) = W / W' = P(X > W'). So a thread
+// draws a uniform only at each pick (about log of its element count times), the draw for a pick at
+// element i being Uniform(key, i). x holds X in the units of s (rescaled with s on a new max).
+struct Reservoir {
+  float m = -INFINITY, s = 0.0f, x = 0.0f;
+  int pick = INT_MAX;
+};
+
+__device__ __forceinline__ void ReservoirAdd(Reservoir& r, float z, int i, uint64_t key) {
+  if (z > r.m) {
+    const float c = expf(r.m - z);  // 0 on the first element
+    r.s = r.s * c + 1.0f;
+    r.x *= c;
+    r.m = z;
+  } else if (z > -INFINITY) {
+    r.s += expf(z - r.m);
+  } else {
+    return;  // weight 0 (or NaN): never drawn
+  }
+  if (r.s >= r.x) {
+    r.pick = i;
+    r.x = r.s / Uniform(key, i);
+  }
+}
+
+// The thread's entry in the block-level draw: the threads' totals W_t compete by Gumbel-max,
+// score = log W_t + g_t, so thread t wins with probability W_t / sum W; its pick then has probability
+// exp(z_j) / W_t, together exp(z_j) / sum W. g_t uses uniform number V + t of the row (token draws use
+// numbers 0 .. V - 1).
+__device__ __forceinline__ float ReservoirScore(const Reservoir& r, uint64_t key, int V) {
+  if (!(r.s > 0.0f)) return -INFINITY;
+  const float u = Uniform(key, V + static_cast<int>(threadIdx.x));
+  return r.m + logf(r.s) - logf(-logf(u));
+}
+
+// Block-wide (m, s) merge; every thread gets the result.
+__device__ __forceinline__ void BlockLse(float& m, float& s, SampleShared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(kFull, m, o), s2 = __shfl_xor_sync(kFull, s, o);
+    LseMerge(m, s, m2, s2);
+  }
+  __syncthreads();
+  if (lane == 0) {
+    sh.f0[warp] = m;
+    sh.f1[warp] = s;
+  }
+  __syncthreads();
+  m = lane < kSampleWarps ? sh.f0[lane] : -INFINITY;
+  s = lane < kSampleWarps ? sh.f1[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(kFull, m, o), s2 = __shfl_xor_sync(kFull, s, o);
+    LseMerge(m, s, m2, s2);
+  }
+}
+
+// Block-wide argmax under Better(); every thread gets the result.
+__device__ __forceinline__ void BlockArgmax(float& best, int& best_i, SampleShared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float b2 = __shfl_xor_sync(kFull, best, o);
+    const int i2 = __shfl_xor_sync(kFull, best_i, o);
+    if (Better(b2, i2, best, best_i)) {
+      best = b2;
+      best_i = i2;
+    }
+  }
+  __syncthreads();
+  if (lane == 0) {
+    sh.f0[warp] = best;
+    sh.i0[warp] = best_i;
+  }
+  __syncthreads();
+  best = lane < kSampleWarps ? sh.f0[lane] : -INFINITY;
+  best_i = lane < kSampleWarps ? sh.i0[lane] : INT_MAX;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float b2 = __shfl_xor_sync(kFull, best, o);
+    const int i2 = __shfl_xor_sync(kFull, best_i, o);
+    if (Better(b2, i2, best, best_i)) {
+      best = b2;
+      best_i = i2;
+    }
+  }
+}
+
+// A prefix of the strict order: element (key k, id i) is kept iff k > key || (k == key && i <= id).
+// {0, INT_MAX} keeps everything.
+struct Cut {
+  uint32_t key;
+  int id;
+};
+__device__ __forceinline__ bool Kept(uint32_t k, int i, Cut c) { return k > c.key || (k == c.key && i <= c.id); }
+
+struct Descent {
+  uint32_t key;                // the key at which the running total first reaches the target
+  unsigned long long above;    // total of the restricted elements with a larger key (< target)
+  unsigned long long target;   // the target actually used
+  unsigned long long mass;     // total of the restricted elements with exactly this key (> 0)
+  uint32_t cnt;                // how many restricted elements have exactly this key (>= 1)
+};
+
+// Histogram update, called by all 32 lanes in step. The lanes with in = true that share a bin form
+// a group (__match_any_sync); the group's weights are summed by redux.sync over the group's own mask
+// (as cooperative_groups::labeled_partition + reduce do), and its lowest lane adds the group's count
+// (a u32 shared atomic) and weight to its warp's private row of wmass (a plain add: within the warp,
+// groups have distinct bins, and __syncwarp orders it before the next call's writer). Weights are
+// <= 2^40, so the 24-bit low and 17-bit high parts of 32 of them sum in u32 without overflow.
+__device__ __forceinline__ void HistAdd(SampleShared& sh, bool in, uint32_t bin, unsigned long long wgt,
+                                        bool use_mass) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned int group = __match_any_sync(kFull, in ? bin : 0xFFFFFFFFu);  // bins are < 256
+  if (in) {
+    const bool leader = lane == __ffs(group) - 1;
+    if (use_mass) {
+      const unsigned int lo = __reduce_add_sync(group, static_cast<unsigned int>(wgt & 0xFFFFFFull));
+      const unsigned int hi = __reduce_add_sync(group, static_cast<unsigned int>(wgt >> 24));
+      if (leader) sh.wmass[warp][bin] += (static_cast<unsigned long long>(hi) << 24) + lo;
+    }
+    if (leader) atomicAdd(&sh.cnt[bin], static_cast<unsigned int>(__popc(group)));
+  }
+  __syncwarp();
+}
+
+// MSB-first radix descent over the elements kept by `keep`, visiting keys from the largest down,
+// each element weighing 1 (use_mass false) or Weight() (use_mass true). Finds the key at which the
+// running total first reaches the target: `target_count` when use_mass is false, else
+// ceil(frac * total weight) clamped to [1, total]. Invariant: above < target <= above + (total of
+// the current digit prefix), so a bin is always found and its total is > 0.
+__device__ Descent Descend(const float* __restrict__ row, int V, bool use_mass, float inv_t, float zmax, Cut keep,
+                           float frac, unsigned long long target_count, SampleShared& sh) {
+  uint32_t prefix = 0;
+  unsigned long long above = 0, target = target_count;
+  for (int level = 0; level < 4; ++level) {
+    const int shift = 24 - 8 * level;
+    const uint32_t hi_mask = level == 0 ? 0u : (0xFFFFFFFFu << (shift + 8));  // digits already fixed
+    // Level 0 sees every element, and similar logits share their top digit: warp-aggregated adds.
+    // Deeper levels see only the prefix's elements, spread over many bins: plain atomics.
+    const bool aggregate = level < kAggregatedLevels;
+    for (int b = threadIdx.x; b < 256; b += kSampleThreads) {
+      sh.cnt[b] = 0u;
+      sh.mass[b] = 0ull;
+    }
+    if (use_mass && aggregate)
+      for (int b = threadIdx.x; b < kSampleWarps * 256; b += kSampleThreads) (&sh.wmass[0][0])[b] = 0ull;
+    __syncthreads();
+    ForEachConverged(row, V, [&](float l, int i, bool ok) {
+      const uint32_t k = OrderKey(l);
+      const bool in = ok && (k & hi_mask) == prefix && Kept(k, i, keep);
+      const uint32_t bin = (k >> shift) & 255u;
+      if (aggregate) {  // uniform in the block
+        if (!__any_sync(kFull, in)) return;  // uniform in the warp
+        const unsigned long long wgt = (in && use_mass) ? Weight(l, inv_t, zmax) : 0ull;
+        HistAdd(sh, in, bin, wgt, use_mass);
+      } else if (in) {
+        atomicAdd(&sh.cnt[bin], 1u);
+        if (use_mass) atomicAdd(&sh.mass[bin], Weight(l, inv_t, zmax));
+      }
+    });
+    __syncthreads();
+    if (use_mass && aggregate) {
+      for (int b = threadIdx.x; b < 256; b += kSampleThreads) {
+        unsigned long long t = 0;
+        for (int w = 0; w < kSampleWarps; ++w) t += sh.wmass[w][b];
+        sh.mass[b] = t;
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      if (level == 0 && use_mass) {
+        unsigned long long total = 0;
+        for (int b = 0; b < 256; ++b) total += sh.mass[b];
+        const double t = ceil(static_cast<double>(frac) * static_cast<double>(total));
+        target = t <= 1.0 ? 1ull : (t >= static_cast<double>(total) ? total : static_cast<unsigned long long>(t));
+      }
+      int sel = 0;
+      for (int b = 255; b > 0; --b) {
+        const unsigned long long mb = use_mass ? sh.mass[b] : sh.cnt[b];
+        if (above + mb >= target) {
+          sel = b;
+          break;
+        }
+        above += mb;
+      }
+      sh.d_prefix = prefix | (static_cast<uint32_t>(sel) << shift);
+      sh.d_above = above;
+      sh.d_target = target;
+      sh.d_cnt = sh.cnt[sel];
+      sh.d_mass = use_mass ? sh.mass[sel] : sh.cnt[sel];
+    }
+    __syncthreads();
+    prefix = sh.d_prefix;
+    above = sh.d_above;
+    target = sh.d_target;
+  }
+  Descent d{prefix, above, target, sh.d_mass, sh.d_cnt};
+  __syncthreads();  // everyone has read the results before sh is reused
+  return d;
+}
+
+// The id of the j-th (1-based) element with key `key`, in increasing id order; j >= 1 and at least
+// j such elements exist. One ordered scan of the row, stopping at the tile that holds it.
+__device__ int NthTieId(const float* __restrict__ row, int V, uint32_t key, unsigned int j, SampleShared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) sh.found = INT_MAX;
+  unsigned int running = 0;  // ties before this tile; identical in every thread
+  for (int t0 = 0; t0 < V; t0 += kSampleThreads) {
+    const int i = t0 + static_cast<int>(threadIdx.x);
+    const bool tie = i < V && OrderKey(__ldg(row + i)) == key;
+    const unsigned int ballot = __ballot_sync(kFull, tie);
+    __syncthreads();  // previous tile's reads of sh.i0 are done
+    if (lane == 0) sh.i0[warp] = __popc(ballot);
+    __syncthreads();
+    unsigned int before = 0, total = 0;
+    for (int w = 0; w < kSampleWarps; ++w) {
+      const unsigned int c = static_cast<unsigned int>(sh.i0[w]);
+      if (w < warp) before += c;
+      total += c;
+    }
+    const unsigned int rank = running + before + __popc(ballot & ((1u << lane) - 1u)) + 1u;
+    if (tie && rank == j) sh.found = i;
+    running += total;
+    if (running >= j) break;  // uniform: the tile that holds the j-th tie
+  }
+  __syncthreads();
+  const int id = sh.found;
+  __syncthreads();
+  return id;
+}
+
+__global__ void __launch_bounds__(kSampleThreads, 2)
+    SampleRowsKernel(int32_t* __restrict__ tokens, float* __restrict__ logprobs, const float* __restrict__ logits,
+                     int V, const float* __restrict__ temperature, const int32_t* __restrict__ top_k,
+                     const float* __restrict__ top_p, const uint64_t* __restrict__ seeds,
+                     const uint64_t* __restrict__ counters) {
+  __shared__ SampleShared sh;
+  const int b = blockIdx.x;
+  const float* row = logits + static_cast<size_t>(b) * V;
+  const float T = temperature[b];
+  const bool greedy = !(T > 0.0f);  // T <= 0 is greedy, as in engine/sampler.cc
+  const float inv_t = greedy ? 1.0f : 1.0f / T;
+  const int k_opt = top_k[b];
+  const int K = (k_opt > 0 && k_opt < V) ? k_opt : V;  // K == V: no top-k
+  const float P = top_p[b];
+  const bool use_p = P < 1.0f;
+  const bool filtered = !greedy && (K < V || use_p);
+  const uint64_t key = RowKey(seeds[b], counters[b]);
+
+  // Pass 1: log-sum-exp of z over the full row (the reservoir's (m, s) when sampling unfiltered);
+  // greedy argmax; the unfiltered draw.
+  Reservoir r;
+  float best = -INFINITY;
+  int best_i = INT_MAX;
+  ForEach(row, V, [&](float l, int i) {
+    const float z = Scaled(l, inv_t);
+    if (greedy) {
+      LseAdd(r.m, r.s, z);
+      if (Better(l, i, best, best_i)) {
+        best = l;
+        best_i = i;
+      }
+    } else if (!filtered) {
+      ReservoirAdd(r, z, i, key);
+    } else {
+      LseAdd(r.m, r.s, z);
+    }
+  });
+  if (!greedy && !filtered) {
+    best = ReservoirScore(r, key, V);
+    best_i = r.pick;
+  }
+  float m = r.m, s = r.s;
+  BlockLse(m, s, sh);
+  const float zmax = m;
+
+  if (filtered) {
+    // Top-k cut: the K-th element of the strict order.
+    Cut cut{0u, INT_MAX};
+    unsigned int cnt_at_k_key = 0;  // all elements with the top-k cut key
+    if (K < V) {
+      const Descent d = Descend(row, V, false, inv_t, zmax, cut, 0.0f, static_cast<unsigned long long>(K), sh);
+      const unsigned int j = static_cast<unsigned int>(d.target - d.above);  // ties to keep, 1..cnt
+      cut.key = d.key;
+      cnt_at_k_key = d.cnt;
+      cut.id = j < d.cnt ? NthTieId(row, V, d.key, j, sh) : INT_MAX;
+    }
+    // Top-p cut within the top-k set: the smallest prefix whose weight reaches top_p of the set's.
+    if (use_p) {
+      const Descent d = Descend(row, V, true, inv_t, zmax, cut, P, 0ull, sh);
+      const unsigned long long unit = d.mass / d.cnt;  // all elements with one key weigh the same
+      unsigned long long jj = (d.target - d.above + unit - 1ull) / unit;
+      jj = jj < 1ull ? 1ull : (jj > d.cnt ? d.cnt : jj);
+      const unsigned int j = static_cast<unsigned int>(jj);
+      const unsigned int cnt_all = (K < V && d.key == cut.key) ? cnt_at_k_key : d.cnt;
+      cut.key = d.key;
+      cut.id = j < cnt_all ? NthTieId(row, V, d.key, j, sh) : INT_MAX;
+    }
+    // The draw over the kept set.
+    Reservoir q;
+    ForEach(row, V, [&](float l, int i) {
+      if (Kept(OrderKey(l), i, cut)) ReservoirAdd(q, Scaled(l, inv_t), i, key);
+    });
+    best = ReservoirScore(q, key, V);
+    best_i = q.pick;
+  }
+  BlockArgmax(best, best_i, sh);
+
+  if (threadIdx.x == 0) {
+    const int tok = (best_i >= 0 && best_i < V) ? best_i : 0;  // only rows without finite logits fall back
+    tokens[b] = tok;
+    logprobs[b] = Scaled(row[tok], inv_t) - (zmax + logf(s));
+  }
+}
+
+}  // namespace
+
+// ---- launchers ------------------------------------------------------------------------------------
+
+int LmHeadChunk() { return kChunk; }
+
+size_t LmHeadWorkspace(int N, int V) {
+  if (N <= 0 || V <= 0) return 0;
+  return LogitsBytes(N, V) + static_cast<size_t>(N) * sizeof(RowStats);
+}
+
+void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                   const int32_t* targets, int N, int C, int V, float temperature, void* workspace,
+                   cudaStream_t s) {
+  if (N <= 0 || V <= 0) return;
+  float* z = static_cast<float*>(workspace);
+  RowStats* stats = reinterpret_cast<RowStats*>(static_cast<char*>(workspace) + LogitsBytes(N, V));
+  const float inv_t = 1.0f / temperature;
+  const int VC = ChunkCols(V);
+  for (int v0 = 0; v0 < V; v0 += VC) {
+    const int cols = std::min(VC, V - v0);
+    gemm.NT(z, h, w + static_cast<size_t>(v0) * C, N, cols, C, inv_t, 0.0f);
+    const int first = v0 == 0, last = v0 + cols >= V;
+    if (cols % 4 == 0)
+      LmHeadForwardRows<true><<<N, kRowThreads, 0, s>>>(z, stats, targets, logprob, entropy, lse, cols, v0, first, last);
+    else
+      LmHeadForwardRows<false><<<N, kRowThreads, 0, s>>>(z, stats, targets, logprob, entropy, lse, cols, v0, first, last);
+  }
+}
+
+void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, const float* dentropy,
+                    const float* h, const float* w, const int32_t* targets, const float* lse,
+                    const float* entropy, int N, int C, int V, float temperature, void* workspace,
+                    cudaStream_t s) {
+  if (N <= 0 || C <= 0) return;
+  if (V <= 0 || (dlogprob == nullptr && dentropy == nullptr)) {  // zero gradient: dh = 0, dw += 0
+    cudaMemsetAsync(dh, 0, static_cast<size_t>(N) * C * sizeof(float), s);
+    return;
+  }
+  float* z = static_cast<float*>(workspace);
+  const float inv_t = 1.0f / temperature;
+  const int VC = ChunkCols(V);
+  for (int v0 = 0; v0 < V; v0 += VC) {
+    const int cols = std::min(VC, V - v0);
+    const float* wc = w + static_cast<size_t>(v0) * C;
+    gemm.NT(z, h, wc, N, cols, C, inv_t, 0.0f);  // the forward's z, recomputed
+    if (cols % 4 == 0)
+      LmHeadBackwardRows<true><<<N, kRowThreads, 0, s>>>(z, targets, lse, entropy, dlogprob, dentropy, cols, v0, inv_t);
+    else
+      LmHeadBackwardRows<false><<<N, kRowThreads, 0, s>>>(z, targets, lse, entropy, dlogprob, dentropy, cols, v0, inv_t);
+    gemm.NN(dh, z, wc, N, C, cols, 1.0f, v0 == 0 ? 0.0f : 1.0f);            // dh (=, +=) dz @ w_chunk
+    gemm.TN(dw + static_cast<size_t>(v0) * C, z, h, cols, C, N, 1.0f, 1.0f);  // dw_chunk += dz^T @ h
+  }
+}
+
+size_t SampleWorkspace(int B, int V) {
+  (void)B;
+  (void)V;
+  return 256;  // unused (everything lives in shared memory); nonzero so no caller allocates 0 bytes
+}
+
+void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V, const float* temperature,
+                const int32_t* top_k, const float* top_p, const uint64_t* seeds, const uint64_t* counters,
+                void* workspace, cudaStream_t s) {
+  (void)workspace;
+  if (B <= 0 || V <= 0) return;
+  SampleRowsKernel<<<B, kSampleThreads, 0, s>>>(tokens, logprobs, logits, V, temperature, top_k, top_p, seeds,
+                                                counters);
+}
+
+}  // namespace aha::engine::cuda

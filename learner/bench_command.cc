@@ -1,0 +1,200 @@
+// aha bench gen|train (see bench_command.h). Each prints one JSON line last (for scripts) after a
+// human-readable summary; timings are wall-clock around fully synchronised work after a warm-up.
+#include "learner/bench_command.h"
+
+#include <chrono>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "common/flags.h"
+#include "engine/backends.h"
+#include "engine/generate.h"
+#include "engine/transformer.h"
+#include "learner/trainer.h"
+#ifdef AHA_HAVE_NCCL
+#include "engine/cuda/sync_bench.h"
+#endif
+
+namespace aha {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+std::vector<int32_t> RandomTokens(std::mt19937_64& rng, int n, int vocab) {
+  std::uniform_int_distribution<int> d(0, vocab - 1);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = d(rng);
+  return t;
+}
+
+// Matrix-product FLOPs of one forward pass over S sequences of length L (every parameter in a
+// product once per token; the tied lm-head counted, the embedding lookup not) plus causal attention.
+double ForwardFlops(const engine::ModelConfig& c, int S, int L) {
+  const double T = double(S) * L;
+  const double matmul_params = double(c.NumParameters()) - (c.tie_word_embeddings ? 0.0 : double(c.vocab_size) * c.hidden_size);
+  const double attention = 2.0 * double(L) * L * c.head_dim * c.num_heads * S * c.num_layers;  // QK^T + PV, causal half
+  return 2.0 * matmul_params * T + attention;
+}
+
+int RunGen(int argc, char** argv) {
+  std::string model_dir, device = "cuda";
+  int64_t prompts = 256, prompt_len = 128, new_tokens = 512, seed = 0, repeats = 1;
+  FlagSet flags(argv[0], "generation throughput: P prompts of L random tokens, N sampled new tokens each (no early stop)");
+  flags.String("model", &model_dir, "model directory (required; e.g. from aha init --preset 0.5b)");
+  flags.String("device", &device, "cpu, cuda or cuda:N");
+  flags.Int("prompts", &prompts, "prompts, all decoded together (default 256)");
+  flags.Int("prompt-len", &prompt_len, "prompt tokens (default 128)");
+  flags.Int("new-tokens", &new_tokens, "sampled tokens per prompt (default 512)");
+  flags.Int("repeats", &repeats, "timed runs after the warm-up; the best is reported");
+  flags.Int("seed", &seed, "seed of prompts and sampling");
+  ParseOrExit(flags, argc, argv);
+  const std::string prog = argv[0];
+  if (model_dir.empty()) return Fail(prog, "--model is required", 2);
+  if (prompts < 1 || prompt_len < 1 || new_tokens < 1 || repeats < 1) return Fail(prog, "sizes must be positive", 2);
+  auto backend = engine::MakeBackend(device);
+  if (!backend.ok()) return Fail(prog, backend.status().message(), 2);
+  auto model = engine::Transformer::Load(model_dir, backend->get());
+  if (!model.ok()) return Fail(prog, model.status().message());
+  const int V = (*model)->config().vocab_size;
+  std::mt19937_64 rng(seed);
+  std::vector<engine::GenerationRequest> reqs(prompts);
+  for (int64_t i = 0; i < prompts; ++i) {
+    reqs[i].prompt = RandomTokens(rng, static_cast<int>(prompt_len), V);
+    reqs[i].sampling = {1.0f, 1.0f, 0};
+    reqs[i].seed = static_cast<uint64_t>(seed * 1000003 + i);
+    reqs[i].max_new_tokens = static_cast<int>(new_tokens);  // no stop ids: every sequence runs to the cap
+  }
+  engine::Generator gen(model->get(), static_cast<int>(prompts), static_cast<int>(prompt_len + new_tokens));
+  // Warm-up: a short run of the same batch (allocations, cuBLAS heuristics, module load).
+  {
+    auto warm = reqs;
+    for (auto& r : warm) r.max_new_tokens = 8;
+    if (auto w = gen.Generate(warm); !w.ok()) return Fail(prog, w.status().message());
+  }
+  double best = 1e30;
+  int64_t generated = 0;
+  for (int64_t r = 0; r < repeats; ++r) {
+    const auto t0 = Clock::now();
+    auto out = gen.Generate(reqs);
+    (*backend)->Synchronize();
+    const double s = Since(t0);
+    if (!out.ok()) return Fail(prog, out.status().message());
+    generated = 0;
+    for (const auto& o : *out) generated += static_cast<int64_t>(o.tokens.size());
+    best = std::min(best, s);
+  }
+  const double tps = generated / best;
+  std::cout << "aha bench gen on " << engine::DescribeBackend(backend->get()) << ": " << prompts << " prompts x "
+            << prompt_len << " + " << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s\n";
+  nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
+                      {"prompts", prompts},     {"prompt_len", prompt_len},
+                      {"new_tokens", new_tokens}, {"seconds", best},
+                      {"tokens_per_s", tps}};
+  std::cout << j.dump() << "\n";
+  return 0;
+}
+
+int RunTrain(int argc, char** argv) {
+  std::string model_dir, device = "cuda";
+  int64_t sequences = 16, seq_len = 1024, prompt_len = 256, steps = 3, micro = 0;
+  double beta = 0.04, peak_tflops = 785.0;
+  FlagSet flags(argv[0], "one GRPO learner step: policy forward + backward, frozen reference forward, k3 KL, clipped ratio, AdamW");
+  flags.String("model", &model_dir, "model directory (required; e.g. from aha init --preset 0.5b)");
+  flags.String("device", &device, "cpu, cuda or cuda:N");
+  flags.Int("sequences", &sequences, "sequences per step (groups of 4 samples; default 16)");
+  flags.Int("seq-len", &seq_len, "tokens per sequence, prompt + completion (default 1024)");
+  flags.Int("prompt-len", &prompt_len, "prompt tokens of each sequence (default 256)");
+  flags.Int("steps", &steps, "timed steps after one warm-up step; the median is reported");
+  flags.Int("micro-batch-tokens", &micro, "tokens per micro-batch (default: the whole step in one)");
+  flags.Double("beta", &beta, "k3 KL coefficient (> 0 runs the reference forward)");
+  flags.Double("peak-tflops", &peak_tflops, "the device's measured bf16 GEMM rate for MFU (H200: 785)");
+  ParseOrExit(flags, argc, argv);
+  const std::string prog = argv[0];
+  if (model_dir.empty()) return Fail(prog, "--model is required", 2);
+  if (sequences < 4 || sequences % 4 != 0) return Fail(prog, "--sequences must be a positive multiple of 4", 2);
+  if (prompt_len < 1 || seq_len <= prompt_len || steps < 1) return Fail(prog, "need 0 < --prompt-len < --seq-len, --steps >= 1", 2);
+  auto backend = engine::MakeBackend(device);
+  if (!backend.ok()) return Fail(prog, backend.status().message(), 2);
+  TrainerOptions opt;
+  opt.model_dir = model_dir;
+  opt.grpo.beta = beta;
+  opt.grpo.lr = 1e-6;
+  opt.grpo.micro_batch_tokens = micro > 0 ? micro : sequences * seq_len;
+  opt.grpo.group_size = 4;
+  auto trainer = GrpoTrainer::Create(opt, backend->get());
+  if (!trainer.ok()) return Fail(prog, trainer.status().message());
+  const engine::ModelConfig& config = (*trainer)->model().config();
+  std::mt19937_64 rng(1);
+  std::normal_distribution<float> lp(-2.0f, 0.5f);
+  std::vector<TrainGroup> groups(sequences / 4);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    groups[g].id = "bench-" + std::to_string(g);
+    const auto prompt = RandomTokens(rng, static_cast<int>(prompt_len), config.vocab_size);
+    for (int i = 0; i < 4; ++i) {
+      TrainSample s;
+      s.prompt = prompt;
+      s.completion = RandomTokens(rng, static_cast<int>(seq_len - prompt_len), config.vocab_size);
+      for (size_t t = 0; t < s.completion.size(); ++t) s.behaviour_logprobs.push_back(std::min(lp(rng), -0.01f));
+      s.reward = static_cast<float>(i % 2);
+      s.correct = i % 2 == 1;
+      groups[g].samples.push_back(std::move(s));
+    }
+  }
+  std::vector<double> times;
+  StepStats last;
+  for (int64_t i = 0; i <= steps; ++i) {
+    const auto t0 = Clock::now();
+    auto st = (*trainer)->Step(groups, 0);
+    (*backend)->Synchronize();
+    const double s = Since(t0);
+    if (!st.ok()) return Fail(prog, st.status().message());
+    if (i > 0) times.push_back(s), last = *st;  // step 0 is the warm-up
+  }
+  std::sort(times.begin(), times.end());
+  const double median = times[times.size() / 2];
+  const double tokens = double(sequences) * seq_len;
+  // Policy forward + backward (3x a forward) and the reference forward (1x when beta > 0).
+  const double flops = ForwardFlops(config, static_cast<int>(sequences), static_cast<int>(seq_len)) * (beta > 0 ? 4 : 3);
+  const double mfu = flops / median / (peak_tflops * 1e12);
+  std::cout << "aha bench train on " << engine::DescribeBackend(backend->get()) << ": " << sequences << " x " << seq_len
+            << " tokens, beta " << beta << ": median step " << median << " s (forward " << last.forward_s
+            << ", backward " << last.backward_s << ", optimizer " << last.optimizer_s << "), " << tokens / median
+            << " tokens/s, " << flops / median / 1e12 << " TFLOP/s, MFU " << 100 * mfu << "% of " << peak_tflops << "\n";
+  nlohmann::json j = {{"bench", "train"},         {"device", engine::DescribeBackend(backend->get())},
+                      {"sequences", sequences},   {"seq_len", seq_len},
+                      {"seconds", median},        {"tokens_per_s", tokens / median},
+                      {"tflops", flops / median / 1e12}, {"mfu", mfu},
+                      {"forward_s", last.forward_s}, {"backward_s", last.backward_s},
+                      {"optimizer_s", last.optimizer_s}};
+  std::cout << j.dump() << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int RunBenchCommand(int argc, char** argv) {
+  const std::string usage =
+      "usage: aha bench gen|train [flags]   (aha bench <what> --help)\n"
+      "  gen    generation throughput (new tokens/s) with continuous batching\n"
+      "  train  one GRPO learner step: tokens/s and MFU\n"
+      "  sync   weight publication over NCCL between two GPUs, beside raw ncclBroadcast\n";
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    std::cout << usage;
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string what = argv[1];
+  std::string prog = std::string(argv[0]) + " " + what;
+  argv[1] = prog.data();
+  if (what == "gen") return RunGen(argc - 1, argv + 1);
+  if (what == "train") return RunTrain(argc - 1, argv + 1);
+#ifdef AHA_HAVE_NCCL
+  if (what == "sync") return engine::cuda::RunSyncBench(argc - 1, argv + 1);
+#else
+  if (what == "sync") return Fail(argv[0], "bench sync needs a build with CUDA and NCCL", 2);
+#endif
+  return Fail(argv[0], "unknown benchmark '" + what + "' (gen, train, sync)", 2);
+}
+
+}  // namespace aha
