@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (the device tool), from a checkout with dist/ (scripts/bundle.sh) carried:
 # the gpu-labelled tests and `aha bench gen|train` beside the PyTorch peer, same GPU, same run.
-# Logs go to OUT_DIR; a short table is printed last.
+# Logs go to OUT_DIR; a short table is printed last. Prepare dist/ here with
+#   ./scripts/bundle.sh build build/tests/engine_cuda_conformance_test \
+#       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test
+# then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
 #   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +19,9 @@ summary=()
 if [[ $what == *tests* ]]; then
   for t in dist/bin/*_test; do
     name=$(basename "$t")
-    timeout 130 "$t" --gtest_color=no > "$out/$name.log" 2>&1
+    # The tensor-core attention's timing table is a disabled test: run it too.
+    [ "$name" = engine_attention_tc_test ] && extra=(--gtest_also_run_disabled_tests) || extra=()
+    timeout 300 "$t" "${extra[@]}" --gtest_color=no > "$out/$name.log" 2>&1
     rc=$?
     grep -E "nmse|chi2|model |actor vs|vs transformers|GPU:|Failure|FAILED|Expected|Which is" "$out/$name.log" | head -120
     summary+=("$name exit $rc: $(grep -E '^\[  (PASSED|FAILED)' "$out/$name.log" | tr '\n' ' ')")
@@ -25,11 +30,13 @@ fi
 if [[ $what == *bench* ]]; then
   model=/tmp/aha-0.5b
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
-  timeout 45 dist/bin/aha bench gen --model $model > "$out/gen_aha.log" 2>&1
-  timeout 45 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
-  timeout 45 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
-  timeout 40 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
-  timeout 1 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha.log" 2>&1
+  timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
+  # The tensor-core training attention (engine/cuda/attention_tc.cu), once its test has passed.
+  AHA_ATTENTION=tc timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha_tc.log" 2>&1
+  timeout 120 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
+  timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1
     cat "$out/sync_aha.log"

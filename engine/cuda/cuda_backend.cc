@@ -64,6 +64,8 @@ Result<std::unique_ptr<CudaBackend>> CudaBackend::Create(int index, GemmPrecisio
 CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision)
     : index_(index), stream_(stream), gemm_(new Gemm(stream, precision)) {
   CheckCuda(cudaMalloc(&sum_out_, sizeof(double)), "allocate");
+  const char* attention = std::getenv("AHA_ATTENTION");
+  tc_attention_ = attention && std::string(attention) == "tc";
 }
 
 CudaBackend::~CudaBackend() {
@@ -211,14 +213,16 @@ void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
 
 void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                                    const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
-  cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+  if (tc_attention_) cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+  else cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
   Check("attention");
 }
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                                     const float* lse, const float* q, const float* k, const float* v,
                                     const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
   void* ws = Workspace(AttentionBackwardWorkspace(N, Hq));
-  cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  if (tc_attention_) cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  else cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
   Check("attention backward");
 }
 void CudaBackend::KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,

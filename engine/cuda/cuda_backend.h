@@ -96,6 +96,9 @@ class CudaBackend final : public Backend {
   size_t workspace_bytes_ = 0;
   uint64_t workspace_generation_ = 0;
   double* sum_out_ = nullptr;  // device double for SumSquares
+  // AHA_ATTENTION=tc selects the tensor-core training attention (attention_tc.cu; not yet run on a
+  // GPU, so not the default); anything else keeps the f32 kernels that passed conformance.
+  bool tc_attention_ = false;
 };
 
 }  // namespace aha::engine::cuda
