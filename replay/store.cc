@@ -97,6 +97,8 @@ struct ReplayStore::Metrics {
     disk_bytes = &gauge("disk_bytes", "Bytes of the RocksDB directory (SST, WAL, manifest)");
     paused = &gauge("paused", "1 while prompt dispatch is paused");
     leased_tasks = &counter("leased_tasks_total", "Prompts handed out in leases");
+    stale_lease_refusals = &counter("stale_lease_refusals_total",
+                                    "Lease requests refused: the actor's policy version was past the staleness bound");
     ingested = &counter("ingested_trajectories_total", "Scored trajectories stored");
     ingested_bytes = &counter("ingested_bytes_total", "Bytes of scored trajectories stored");
     duplicates = &counter("duplicate_trajectories_total", "Resent trajectories already stored");
@@ -123,7 +125,7 @@ struct ReplayStore::Metrics {
   }
   prometheus::Gauge *tasks_queued, *leases_active, *groups_incomplete, *groups_complete, *in_flight,
       *in_flight_limit, *max_staleness, *learner_version, *epoch, *disk_bytes, *paused;
-  prometheus::Counter *leased_tasks, *ingested, *ingested_bytes, *duplicates, *completed, *served,
+  prometheus::Counter *leased_tasks, *stale_lease_refusals, *ingested, *ingested_bytes, *duplicates, *completed, *served,
       *deleted, *dropped_expired, *dropped_stale, *dropped_filtered;
   std::map<std::string, prometheus::Counter*> rejected;
   prometheus::Histogram* staleness;
@@ -485,6 +487,14 @@ Status ReplayStore::Lease(proto::LeaseRequest::Reader request, proto::PromptLeas
     return OkStatus();
   };
   if (paused_ || !has_dataset_) return empty();
+  // An actor whose weights are already past the staleness bound would generate samples that
+  // ServeBatch must drop: it gets no prompts until it has swapped in newer weights (the reply's
+  // policyVersion tells it which version replay expects).
+  if (request.getPolicyVersion() + options_.max_staleness < state_.learner_version) {
+    ++counts_.stale_lease_refusals;
+    if (metrics_) metrics_->stale_lease_refusals->Increment();
+    return empty();
+  }
   uint64_t want = std::min<uint64_t>(request.getMaxTasks(), kMaxTasksPerLease);
   uint64_t grant = limiter_.Grant(want, InFlightLocked());
   if (grant == 0) return empty();

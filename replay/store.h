@@ -102,6 +102,7 @@ struct ReplayCounts {
   uint64_t groups_complete = 0;    // complete, not served yet
   uint64_t groups_served = 0;      // over the job's life
   uint64_t learner_version = 0;
+  uint64_t stale_lease_refusals = 0;  // lease requests from actors past the staleness bound
   uint32_t epoch = 0;
   bool paused = false;
   bool finished = false;           // nothing more will ever be served

@@ -68,6 +68,7 @@ class StoreTest : public ::testing::Test {
     r.setActorId(actor);
     r.setMaxTasks(n);
     r.setRequestId(request_id);
+    r.setPolicyVersion(s.Counts().learner_version);  // an actor that keeps up with the learner
     auto out = rep.initRoot<proto::PromptLease>();
     Status st = s.Lease(r.asReader(), out);
     EXPECT_TRUE(st.ok()) << st.ToString();
@@ -315,6 +316,30 @@ TEST_F(StoreTest, ServesOnlyGroupsWithinMaxStalenessAndRequeuesStaleOnes) {
   EXPECT_EQ(s->Counts().stale_groups, 1u);
   EXPECT_EQ(s->Counts().requeued, 1u);
   EXPECT_EQ(Lease(*s, 1).task_ids, (std::vector<std::string>{"t0"}));
+}
+
+// An actor whose weights are past the staleness bound gets no prompts until it catches up.
+TEST_F(StoreTest, LeasesRefuseActorsPastTheStalenessBound) {
+  auto o = Options();
+  o.max_in_flight = 100;
+  auto s = OpenWithData(10, o);
+  Serve(*s, 1, /*learner_version=*/5);  // the learner reports version 5; max_staleness is 1
+  auto lease = [&](uint64_t actor_version) {
+    capnp::MallocMessageBuilder req, rep;
+    auto r = req.initRoot<proto::LeaseRequest>();
+    r.setActorId("actor-0");
+    r.setMaxTasks(2);
+    r.setPolicyVersion(actor_version);
+    auto out = rep.initRoot<proto::PromptLease>();
+    EXPECT_TRUE(s->Lease(r.asReader(), out).ok());
+    EXPECT_EQ(out.getPolicyVersion(), 5u);
+    return out.getTasks().size();
+  };
+  EXPECT_EQ(lease(3), 0u);
+  EXPECT_EQ(s->Counts().stale_lease_refusals, 1u);
+  EXPECT_EQ(lease(4), 2u);  // 5 - 4 <= 1
+  EXPECT_EQ(lease(5), 2u);
+  EXPECT_EQ(s->Counts().stale_lease_refusals, 1u);
 }
 
 TEST_F(StoreTest, PerTokenVersionsUseTheOldest) {
