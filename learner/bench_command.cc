@@ -49,6 +49,8 @@ int RunGen(int argc, char** argv) {
   flags.Int("new-tokens", &new_tokens, "sampled tokens per prompt (default 512)");
   flags.Int("repeats", &repeats, "timed runs after the warm-up; the best is reported");
   flags.Int("seed", &seed, "seed of prompts and sampling");
+  bool no_graphs = false;
+  flags.Bool("no-graphs", &no_graphs, "run decode steps as separate launches instead of replaying CUDA graphs");
   ParseOrExit(flags, argc, argv);
   const std::string prog = argv[0];
   if (model_dir.empty()) return Fail(prog, "--model is required", 2);
@@ -58,6 +60,7 @@ int RunGen(int argc, char** argv) {
   auto model = engine::Transformer::Load(model_dir, backend->get());
   if (!model.ok()) return Fail(prog, model.status().message());
   const int V = (*model)->config().vocab_size;
+  (*model)->set_decode_graphs(!no_graphs);
   std::mt19937_64 rng(seed);
   std::vector<engine::GenerationRequest> reqs(prompts);
   for (int64_t i = 0; i < prompts; ++i) {
@@ -89,6 +92,7 @@ int RunGen(int argc, char** argv) {
   std::cout << "aha bench gen on " << engine::DescribeBackend(backend->get()) << ": " << prompts << " prompts x "
             << prompt_len << " + " << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
+                      {"graphs", !no_graphs},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
                       {"new_tokens", new_tokens}, {"seconds", best},
                       {"tokens_per_s", tps}};

@@ -31,6 +31,7 @@ if [[ $what == *bench* ]]; then
   model=/tmp/aha-0.5b
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha.log" 2>&1
+  timeout 120 dist/bin/aha bench gen --no-graphs --model $model > "$out/gen_aha_nographs.log" 2>&1
   timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
   # The tensor-core training attention (engine/cuda/attention_tc.cu), once its test has passed.
   AHA_ATTENTION=tc timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha_tc.log" 2>&1
@@ -56,7 +57,8 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*_*.log")):
                 rows.append(f"sync   raw ncclBroadcast {j['raw_s'] * 1e3:.2f} ms, publish {j['publish_s'] * 1e3:.2f} ms ({j['ratio']:.2f}x), mismatches {j['mismatches']}")
                 continue
             extra = f" mfu {100 * j['mfu']:.1f}%" if "mfu" in j else ""
-            rows.append(f"{j['bench']:6} {j.get('peer', 'aha'):55.55} {j['seconds']:8.3f} s {j['tokens_per_s']:12.0f} tok/s{extra}")
+            who = j.get("peer", "aha" + ("" if j.get("graphs", True) else " (no graphs)") + (f" [{f.stem}]" if "tc" in f.stem else ""))
+            rows.append(f"{j['bench']:6} {who:55.55} {j['seconds']:8.3f} s {j['tokens_per_s']:12.0f} tok/s{extra}")
 print("\n".join(rows))
 PY
 fi
