@@ -315,6 +315,7 @@ template <typename V> void Visit(V& v, TopologyConfig& c) {
   v.Field("learner_devices", c.learner_devices);
   v.Field("reward_workers", c.reward_workers, 1, 4096);
   v.Field("host", c.host);
+  v.Field("peak_tflops", c.peak_tflops, 0.0, 1e6);
 }
 template <typename V> void Visit(V& v, PortsConfig& c) { v.Field("base", c.base, 0, 65000); }
 template <typename V> void Visit(V& v, CheckpointConfig& c) {

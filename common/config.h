@@ -108,6 +108,7 @@ struct TopologyConfig {
   std::vector<std::string> learner_devices = {"cpu"};
   int64_t reward_workers = 2;
   std::string host = "127.0.0.1";  // address every socket binds to
+  double peak_tflops = 0;        // the learner device's peak (e.g. 785, the bf16 GEMM rate measured on an H200), for MFU; 0 = not reported
 };
 
 struct PortsConfig {

@@ -131,7 +131,7 @@ int RunLearnerDaemon(int argc, char** argv) {
   flags.String("weights", &weights, "bind address of the weights socket actors pull from");
   flags.String("run-dir", &run_dir, "checkpoints go to RUN_DIR/checkpoints, step metrics to RUN_DIR/metrics/learner.jsonl (required)");
   flags.Bool("resume", &resume, "continue from the newest checkpoint in RUN_DIR/checkpoints");
-  flags.Double("peak-tflops", &peak_tflops, "peak FLOP/s of the device in TFLOP/s, for the MFU metric (0: not reported)");
+  flags.Double("peak-tflops", &peak_tflops, "peak FLOP/s of the device in TFLOP/s, for the MFU metric (default: the job's topology.peak_tflops; 0: not reported)");
   flags.String("device", &device, "cpu, cuda or cuda:N (default: the job's topology.learner_devices[0])");
   flags.Epilog("The job file (--config) gives the grpo and checkpoint sections.");
   ParseOrExit(flags, argc, argv);
@@ -148,6 +148,7 @@ int RunLearnerDaemon(int argc, char** argv) {
   auto& rt = *rt_or;
 
   if (device.empty()) device = job->topology.learner_devices.empty() ? "cpu" : job->topology.learner_devices[0];
+  if (!flags.was_set("peak-tflops")) peak_tflops = job->topology.peak_tflops;
   auto backend_or = engine::MakeBackend(device);
   if (!backend_or.ok()) return Fail(prog, backend_or.status().message());
   engine::Backend& backend = **backend_or;

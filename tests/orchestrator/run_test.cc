@@ -170,7 +170,8 @@ std::string Scrape(const std::string& hostport) { return Sh("curl -s --max-time 
 
 TEST(AhaRunE2E, ShortJobThroughEveryProcess) {
   Workdir w;
-  std::string job = w.Job();
+  // A tiny peak, so that the learner's MFU is reported (and nonzero) on this CPU.
+  std::string job = w.Job("topology: {peak_tflops: 0.000001}\n");
   fs::path run = w.dir / "run";
   pid_t pid = fork();
   if (pid == 0) {
@@ -234,6 +235,7 @@ TEST(AhaRunE2E, ShortJobThroughEveryProcess) {
   for (const auto& s : steps) {
     EXPECT_TRUE(s.contains("reward"));
     EXPECT_GT(s["tokens"].get<int>(), 0);
+    EXPECT_GT(s["mfu"].get<double>(), 0.0) << "topology.peak_tflops reaches the learner";
   }
   // At least two weight versions were published and picked up by the actor (staleness 1 makes the
   // fourth step need samples of version 2 or newer).
