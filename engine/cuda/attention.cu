@@ -17,13 +17,11 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "engine/cuda/attention_internal.h"
 #include "engine/cuda/kernels.h"
 
 namespace aha::engine::cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 [[noreturn]] void Fail(const char* what, long long value) {
   std::fprintf(stderr, "aha engine/cuda/attention.cu: %s (got %lld)\n", what, value);
@@ -48,21 +46,6 @@ void AllowSmem(Kernel kernel, size_t bytes) {
 }
 
 // ---- device helpers ---------------------------------------------------------------------------------
-
-// Largest s in [0, S) with cu[s] <= r, for a nondecreasing cu[0..S] with cu[0] <= r. Empty sequences
-// (cu[s] == cu[s + 1]) are stepped over, so cu[result] is the start of the sequence holding row r.
-__device__ __forceinline__ int FindSeq(const int32_t* __restrict__ cu, int S, int r) {
-  int lo = 0, hi = S - 1;  // the answer is in [lo, hi]
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(cu + mid) <= r) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
 
 __device__ __forceinline__ float4 Ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
@@ -820,15 +803,7 @@ template <int D>
 void LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                     const float* q, const float* k, const float* v, const int32_t* cu, int S, int N, int Hq, int Hkv,
                     float* delta, int* row_start, cudaStream_t s) {
-  const int rows = N * Hq;
-  constexpr int kPreThreads = 256;
-  const long long pre_threads = static_cast<long long>(rows) * (D / 4);
-  AttnBwdDeltaKernel<D><<<static_cast<unsigned>((pre_threads + kPreThreads - 1) / kPreThreads), kPreThreads, 0, s>>>(
-      delta, dout, out, rows);
-  CheckCuda(cudaGetLastError(), "AttnBwdDeltaKernel launch");
-  RowStartKernel<<<(N + 255) / 256, 256, 0, s>>>(row_start, cu, S, N);
-  CheckCuda(cudaGetLastError(), "RowStartKernel launch");
-
+  AttentionBackwardPrepass(delta, row_start, dout, out, cu, S, N, Hq, D, s);
   const size_t smem = BwdSmemBytes<D>();
   AllowSmem(AttnBwdKernel<D>, smem);
   const dim3 grid((N + kTile - 1) / kTile, Hq);
@@ -857,9 +832,31 @@ void LaunchCached(float* out, const float* q, const float* k_cache, const float*
   CheckCuda(cudaGetLastError(), "CachedAttnKernel launch");
 }
 
-constexpr size_t Align256(size_t n) { return (n + 255) / 256 * 256; }
+template <int D>
+void LaunchPrepass(float* delta, int* row_start, const float* dout, const float* out, const int32_t* cu, int S, int N,
+                   int Hq, cudaStream_t s) {
+  const int rows = N * Hq;
+  constexpr int kPreThreads = 256;
+  const long long pre_threads = static_cast<long long>(rows) * (D / 4);
+  AttnBwdDeltaKernel<D><<<static_cast<unsigned>((pre_threads + kPreThreads - 1) / kPreThreads), kPreThreads, 0, s>>>(
+      delta, dout, out, rows);
+  CheckCuda(cudaGetLastError(), "AttnBwdDeltaKernel launch");
+  RowStartKernel<<<(N + 255) / 256, 256, 0, s>>>(row_start, cu, S, N);
+  CheckCuda(cudaGetLastError(), "RowStartKernel launch");
+}
 
 }  // namespace
+
+void AttentionBackwardPrepass(float* delta, int* row_start, const float* dout, const float* out, const int32_t* cu,
+                              int S, int N, int Hq, int D, cudaStream_t s) {
+  switch (D) {
+    case 16: return LaunchPrepass<16>(delta, row_start, dout, out, cu, S, N, Hq, s);
+    case 32: return LaunchPrepass<32>(delta, row_start, dout, out, cu, S, N, Hq, s);
+    case 64: return LaunchPrepass<64>(delta, row_start, dout, out, cu, S, N, Hq, s);
+    case 128: return LaunchPrepass<128>(delta, row_start, dout, out, cu, S, N, Hq, s);
+    default: Fail("AttentionBackwardPrepass: head width D must be 16, 32, 64 or 128; D", D);
+  }
+}
 
 void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                       const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s) {
@@ -891,8 +888,8 @@ void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const
   CheckCuda(cudaMemsetAsync(dq, 0, static_cast<size_t>(N) * Hq * D * sizeof(float), s), "cudaMemsetAsync(dq)");
   CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dk)");
   CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dv)");
-  float* delta = static_cast<float*>(workspace);
-  int* row_start = reinterpret_cast<int*>(static_cast<char*>(workspace) + Align256(static_cast<size_t>(N) * Hq * sizeof(float)));
+  float* delta = BackwardDelta(workspace);
+  int* row_start = BackwardRowStart(workspace, N, Hq);
   switch (D) {
     case 16: return LaunchBackward<16>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
     case 32: return LaunchBackward<32>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);

@@ -35,13 +35,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "engine/cuda/attention_internal.h"
 #include "engine/cuda/kernels.h"
 
 namespace aha::engine::cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 [[noreturn]] void Fail(const char* what, long long value) {
   std::fprintf(stderr, "aha engine/cuda/attention_tc.cu: %s (got %lld)\n", what, value);
@@ -65,30 +63,8 @@ void AllowSmem(Kernel kernel, size_t bytes) {
 
 // ---- device helpers ---------------------------------------------------------------------------------
 
-// Largest s in [0, S) with cu[s] <= r (cu nondecreasing, cu[0] <= r): cu[result] is the start of
-// the sequence holding row r, empty sequences stepped over. Same as attention.cu.
-__device__ __forceinline__ int FindSeq(const int32_t* __restrict__ cu, int S, int r) {
-  int lo = 0, hi = S - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(cu + mid) <= r) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
 __device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ float4 Zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
-__device__ __forceinline__ float Dot4(float4 a, float4 b, float acc) {
-  acc = fmaf(a.x, b.x, acc);
-  acc = fmaf(a.y, b.y, acc);
-  acc = fmaf(a.z, b.z, acc);
-  return fmaf(a.w, b.w, acc);
-}
-
 // Two floats rounded to bf16 (round to nearest even) in one register: `lo` in bits 0..15.
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address), .y = hi
@@ -427,28 +403,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
 }
 
 // ---- backward -------------------------------------------------------------------------------------
-// Pre-pass (as in attention.cu): delta[n, h] = dout . out and the sequence start of every row.
-template <int D>
-__global__ void AttnBwdDeltaTcKernel(float* __restrict__ delta, const float* __restrict__ dout,
-                                     const float* __restrict__ out, int rows) {
-  constexpr int TPR = D / 4;  // 16 or 32 threads per row: a row stays in one warp
-  const long long gt = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const long long r = gt / TPR;
-  const int part = static_cast<int>(gt % TPR);
-  float s = 0.0f;
-  if (r < rows) {
-    const size_t off = static_cast<size_t>(r) * D + part * 4;
-    s = Dot4(Ldg4(dout + off), Ldg4(out + off), 0.0f);
-  }
-#pragma unroll
-  for (int o = TPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (r < rows && part == 0) delta[r] = s;
-}
-
-__global__ void RowStartTcKernel(int* __restrict__ row_start, const int32_t* __restrict__ cu, int S, int N) {
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r < N) row_start[r] = __ldg(cu + FindSeq(cu, S, r));
-}
+// Pre-pass: attention.cu's AttentionBackwardPrepass (delta = dout . out, row starts).
 
 // Main backward: grid (ceil(N / 128), Hq), 256 threads. Block = 128 consecutive keys of the packed
 // axis x one QUERY head h (the G query heads of a kv head are G blocks whose dk/dv meet through
@@ -747,14 +702,7 @@ template <int D>
 void LaunchBackwardTc(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                       const float* q, const float* k, const float* v, const int32_t* cu, int S, int N, int Hq,
                       int Hkv, float* delta, int* row_start, cudaStream_t s) {
-  const int rows = N * Hq;
-  constexpr int kPreThreads = 256;
-  const long long pre_threads = static_cast<long long>(rows) * (D / 4);
-  AttnBwdDeltaTcKernel<D><<<static_cast<unsigned>((pre_threads + kPreThreads - 1) / kPreThreads), kPreThreads, 0,
-                            s>>>(delta, dout, out, rows);
-  CheckCuda(cudaGetLastError(), "AttnBwdDeltaTcKernel launch");
-  RowStartTcKernel<<<(N + 255) / 256, 256, 0, s>>>(row_start, cu, S, N);
-  CheckCuda(cudaGetLastError(), "RowStartTcKernel launch");
+  AttentionBackwardPrepass(delta, row_start, dout, out, cu, S, N, Hq, D, s);
 
   const size_t smem = BwdTcSmemBytes<D>();
   AllowSmem(AttnBwdTcKernel<D>, smem);
@@ -764,8 +712,6 @@ void LaunchBackwardTc(float* dq, float* dk, float* dv, const float* dout, const 
                                                   Hkv, scale);
   CheckCuda(cudaGetLastError(), "AttnBwdTcKernel launch");
 }
-
-constexpr size_t Align256(size_t n) { return (n + 255) / 256 * 256; }
 
 }  // namespace
 
@@ -792,10 +738,8 @@ void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, con
   CheckCuda(cudaMemsetAsync(dq, 0, static_cast<size_t>(N) * Hq * D * sizeof(float), s), "cudaMemsetAsync(dq)");
   CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dk)");
   CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dv)");
-  // Workspace layout of AttentionBackwardWorkspace(N, Hq): delta[N, Hq] (f32) | row_start[N] (i32).
-  float* delta = static_cast<float*>(workspace);
-  int* row_start =
-      reinterpret_cast<int*>(static_cast<char*>(workspace) + Align256(static_cast<size_t>(N) * Hq * sizeof(float)));
+  float* delta = BackwardDelta(workspace);  // the layout of AttentionBackwardWorkspace(N, Hq)
+  int* row_start = BackwardRowStart(workspace, N, Hq);
   if (D == 64) {
     return LaunchBackwardTc<64>(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, delta, row_start, s);
   }

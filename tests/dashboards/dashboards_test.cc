@@ -40,6 +40,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/shell.h"
+
 #if !defined(AHA_BIN_DIR) || !defined(AHA_SOURCE_DIR)
 #error "AHA_BIN_DIR must name build/bin and AHA_SOURCE_DIR the source tree"
 #endif
@@ -54,21 +56,8 @@ const fs::path kSource = AHA_SOURCE_DIR;
 const char* kDashboards[] = {"training.json", "throughput.json", "health.json"};
 constexpr const char* kRateInterval = "30s";
 
-struct Output {
-  int code = -1;
-  std::string out;
-};
-
-Output Sh(const std::string& cmd) {
-  Output o;
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
-  int st = pclose(p);
-  o.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return o;
-}
+using aha::test::Output;
+using aha::test::Sh;
 
 std::string ReadFile(const fs::path& p) {
   std::ifstream f(p);

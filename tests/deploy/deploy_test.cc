@@ -23,6 +23,7 @@
 #include <set>
 #include <sstream>
 
+#include "tests/shell.h"
 #include "common/config.h"
 
 #ifndef AHA_BIN_DIR
@@ -33,25 +34,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Output {
-  int code = -1;
-  std::string out, err;
-};
-
-Output Sh(const std::string& cmd) {
-  fs::path errfile = fs::temp_directory_path() / ("aha_deploy_err_" + std::to_string(getpid()));
-  Output o;
-  FILE* p = popen((cmd + " 2>" + errfile.string()).c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
-  int st = pclose(p);
-  o.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  std::ifstream f(errfile);
-  o.err.assign(std::istreambuf_iterator<char>(f), {});
-  fs::remove(errfile);
-  return o;
-}
+using aha::test::Output;
+using aha::test::Sh;
 
 std::string Read(const fs::path& p) {
   std::ifstream f(p);

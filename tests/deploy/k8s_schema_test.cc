@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "tests/shell.h"
+
 #ifndef AHA_BIN_DIR
 #error "AHA_BIN_DIR must name build/bin"
 #endif
@@ -20,22 +22,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Output {
-  int code = -1;
-  std::string out;
-};
-
+using aha::test::Output;
 // Runs `cmd` with stderr folded into the output.
-Output Sh(const std::string& cmd) {
-  Output o;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
-  int st = pclose(p);
-  o.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return o;
-}
+Output Sh(const std::string& cmd) { return aha::test::Sh(cmd + " 2>&1"); }
 
 std::string Source(const std::string& rel) { return (fs::path(AHA_SOURCE_DIR) / rel).string(); }
 

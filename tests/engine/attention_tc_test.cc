@@ -28,6 +28,7 @@
 
 #include "engine/cpu_backend.h"
 #include "engine/cuda/kernels.h"
+#include "tests/engine/nmse_check.h"
 
 namespace aha::engine {
 namespace {
@@ -92,36 +93,10 @@ class DevBuf {
   size_t n_;
 };
 
-uint64_t g_seed = std::random_device{}();
+using test::Randn;
 
-std::vector<float> Randn(size_t n, float scale = 1.0f) {
-  std::mt19937_64 rng(g_seed++);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
-
-double Nmse(const std::vector<float>& got, const std::vector<float>& ref) {
-  if (got.size() != ref.size()) return std::numeric_limits<double>::infinity();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    const double d = static_cast<double>(got[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  return den == 0 ? num : num / den;
-}
-
-void Expect(const std::string& op, const std::string& shape, const std::vector<float>& got,
-            const std::vector<float>& ref, double limit) {
-  const double e = Nmse(got, ref);
-  std::cout << "  " << op << std::string(op.size() < 24 ? 24 - op.size() : 1, ' ') << shape
-            << std::string(shape.size() < 40 ? 40 - shape.size() : 1, ' ') << "nmse " << e << "  (limit " << limit
-            << ")\n";
-  EXPECT_LE(e, limit) << op << " " << shape;
-}
+using test::ExpectNmse;
+using test::Nmse;
 
 struct AttnCase {
   int Hq, Hkv, D;
@@ -188,11 +163,11 @@ TEST(AttentionTc, MatchesCpuReference) {
     Ck(cudaGetLastError(), "AttentionBackwardTC");
     Ck(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 
-    Expect("attention tc out", shape, d_out.Download(), out, 1e-4);
-    Expect("attention tc lse", shape, d_lse.Download(), lse, 1e-5);
-    Expect("attention tc dq", shape, d_dq.Download(), dq, 1e-3);
-    Expect("attention tc dk", shape, d_dk.Download(), dk, 1e-3);
-    Expect("attention tc dv", shape, d_dv.Download(), dv, 1e-3);
+    ExpectNmse("attention tc out", shape, d_out.Download(), out, 1e-4);
+    ExpectNmse("attention tc lse", shape, d_lse.Download(), lse, 1e-5);
+    ExpectNmse("attention tc dq", shape, d_dq.Download(), dq, 1e-3);
+    ExpectNmse("attention tc dk", shape, d_dk.Download(), dk, 1e-3);
+    ExpectNmse("attention tc dv", shape, d_dv.Download(), dv, 1e-3);
   }
 }
 

@@ -26,6 +26,7 @@
 #include "engine/safetensors.h"
 #include "engine/sampler.h"
 #include "engine/transformer.h"
+#include "tests/engine/nmse_check.h"
 
 namespace aha::engine {
 namespace {
@@ -54,23 +55,9 @@ CudaBackend* Gpu(std::string* why = nullptr) {
   if (!gpu) GTEST_SKIP() << "no CUDA device: " << why_no_gpu;     \
   gpu->gemm().set_precision(GemmPrecision::kBF16)
 
-uint64_t g_seed = std::random_device{}();
-
-std::vector<float> Randn(size_t n, float scale = 1.0f) {
-  std::mt19937_64 rng(g_seed++);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
-
-std::vector<int32_t> RandInt(size_t n, int lo, int hi) {
-  std::mt19937_64 rng(g_seed++);
-  std::uniform_int_distribution<int> d(lo, hi);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using test::Nmse;
+using test::RandInt;
+using test::Randn;
 
 Tensor Up(const std::vector<float>& v) {
   return Tensor::FromVector(v, {static_cast<int64_t>(v.size())}).ToDevice(Gpu()->device());
@@ -81,26 +68,7 @@ Tensor Up(const std::vector<int32_t>& v) {
 Tensor Poisoned(size_t n) { return Up(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN())); }
 std::vector<float> Down(const Tensor& t) { return t.ToVector(); }
 
-double Nmse(const std::vector<float>& got, const std::vector<float>& ref) {
-  if (got.size() != ref.size()) return std::numeric_limits<double>::infinity();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    const double d = static_cast<double>(got[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  return den == 0 ? num : num / den;
-}
-
-void Expect(const std::string& op, const std::string& shape, const std::vector<float>& got,
-            const std::vector<float>& ref, double limit) {
-  const double e = Nmse(got, ref);
-  std::cout << "  " << op << std::string(op.size() < 28 ? 28 - op.size() : 1, ' ') << shape
-            << std::string(shape.size() < 26 ? 26 - shape.size() : 1, ' ') << "nmse " << e << "  (limit " << limit
-            << ")\n";
-  EXPECT_LE(e, limit) << op << " " << shape;
-}
+using test::ExpectNmse;
 
 constexpr double kF32 = 1e-9, kBf16 = 1e-4;
 
@@ -120,8 +88,8 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     Tensor d_ids = Up(ids), d_wte = Up(wte), d_out = Poisoned(out.size()), d_dout = Up(dout), d_dwte = Up(dwte0);
     gpu->EmbeddingForward(d_out.f32(), d_ids.i32(), d_wte.f32(), N, C);
     gpu->EmbeddingBackward(d_dwte.f32(), d_dout.f32(), d_ids.i32(), N, C);
-    Expect("embedding", "[301,896] V=1000", Down(d_out), out, kF32);
-    Expect("embedding backward", "[301,896] V=1000", Down(d_dwte), dwte, kF32);
+    ExpectNmse("embedding", "[301,896] V=1000", Down(d_out), out, kF32);
+    ExpectNmse("embedding backward", "[301,896] V=1000", Down(d_dwte), dwte, kF32);
   }
   for (auto [rows, width] : {std::pair{N, C}, std::pair{N * 14, 64}, std::pair{7, 33}}) {
     auto x = Randn(size_t(rows) * width, 2.0f), w = Randn(width), dout = Randn(size_t(rows) * width);
@@ -134,10 +102,10 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     gpu->RmsNormForward(d_out.f32(), d_rstd.f32(), d_x.f32(), d_w.f32(), rows, width, 1e-6f);
     gpu->RmsNormBackward(d_dx.f32(), d_dw.f32(), d_dout.f32(), d_x.f32(), d_w.f32(), d_rstd.f32(), rows, width);
     const std::string shape = "[" + std::to_string(rows) + "," + std::to_string(width) + "]";
-    Expect("rmsnorm", shape, Down(d_out), out, kF32);
-    Expect("rmsnorm rstd", shape, Down(d_rstd), rstd, kF32);
-    Expect("rmsnorm backward dx (+=)", shape, Down(d_dx), dx, kF32);
-    Expect("rmsnorm backward dw (+=)", shape, Down(d_dw), dw, 1e-8);
+    ExpectNmse("rmsnorm", shape, Down(d_out), out, kF32);
+    ExpectNmse("rmsnorm rstd", shape, Down(d_rstd), rstd, kF32);
+    ExpectNmse("rmsnorm backward dx (+=)", shape, Down(d_dx), dx, kF32);
+    ExpectNmse("rmsnorm backward dw (+=)", shape, Down(d_dw), dw, 1e-8);
   }
   for (int D : {64, 128, 16}) {
     const int H = 14;
@@ -152,9 +120,9 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     cpu.RopeBackward(back.data(), pos.data(), inv.data(), N, H, D);
     Tensor d_x = Up(x), d_pos = Up(pos), d_inv = Up(inv);
     gpu->RopeForward(d_x.f32(), d_pos.i32(), d_inv.f32(), N, H, D);
-    Expect("rope", "[301,14," + std::to_string(D) + "]", Down(d_x), y, kF32);
+    ExpectNmse("rope", "[301,14," + std::to_string(D) + "]", Down(d_x), y, kF32);
     gpu->RopeBackward(d_x.f32(), d_pos.i32(), d_inv.f32(), N, H, D);
-    Expect("rope backward", "[301,14," + std::to_string(D) + "]", Down(d_x), back, kF32);
+    ExpectNmse("rope backward", "[301,14," + std::to_string(D) + "]", Down(d_x), back, kF32);
   }
   {
     const int I = 4864;
@@ -168,10 +136,10 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     gpu->SwiGluForward(d_h.f32(), d_g.f32(), d_u.f32(), N, I);
     gpu->SwiGluBackward(d_dg.f32(), d_du.f32(), d_dh.f32(), d_g.f32(), d_u.f32(), N, I);
     gpu->Add(d_sum.f32(), d_g.f32(), d_u.f32(), g.size());
-    Expect("swiglu", "[301,4864]", Down(d_h), h, kF32);
-    Expect("swiglu backward dgate", "[301,4864]", Down(d_dg), dg, kF32);
-    Expect("swiglu backward dup", "[301,4864]", Down(d_du), du, kF32);
-    Expect("add", "[301,4864]", Down(d_sum), sum, kF32);
+    ExpectNmse("swiglu", "[301,4864]", Down(d_h), h, kF32);
+    ExpectNmse("swiglu backward dgate", "[301,4864]", Down(d_dg), dg, kF32);
+    ExpectNmse("swiglu backward dup", "[301,4864]", Down(d_du), du, kF32);
+    ExpectNmse("add", "[301,4864]", Down(d_sum), sum, kF32);
   }
 }
 
@@ -185,16 +153,16 @@ TEST(CudaOps, OptimizerOps) {
   cpu.AdamW(pc.data(), g.data(), mc.data(), vc.data(), n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 3);
   Tensor d_p = Up(p), d_g = Up(g), d_m = Up(m), d_v = Up(v);
   gpu->AdamW(d_p.f32(), d_g.f32(), d_m.f32(), d_v.f32(), n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 3);
-  Expect("adamw param", "[1000003]", Down(d_p), pc, kF32);
-  Expect("adamw m", "[1000003]", Down(d_m), mc, kF32);
-  Expect("adamw v", "[1000003]", Down(d_v), vc, kF32);
+  ExpectNmse("adamw param", "[1000003]", Down(d_p), pc, kF32);
+  ExpectNmse("adamw m", "[1000003]", Down(d_m), mc, kF32);
+  ExpectNmse("adamw v", "[1000003]", Down(d_v), vc, kF32);
   const double ss_cpu = cpu.SumSquares(g.data(), n), ss_gpu = gpu->SumSquares(d_g.f32(), n);
   std::cout << "  sum of squares  cpu " << ss_cpu << " gpu " << ss_gpu << "\n";
   EXPECT_NEAR(ss_gpu, ss_cpu, 1e-9 * ss_cpu);
   auto gc = g;
   cpu.Scale(gc.data(), 0.37f, n);
   gpu->Scale(d_g.f32(), 0.37f, n);
-  Expect("scale", "[1000003]", Down(d_g), gc, kF32);
+  ExpectNmse("scale", "[1000003]", Down(d_g), gc, kF32);
 }
 
 TEST(CudaOps, LinearForwardBackwardF32AndBf16) {
@@ -218,16 +186,16 @@ TEST(CudaOps, LinearForwardBackwardF32AndBf16) {
       gpu->LinearBackward(d_dx.f32(), d_dw.f32(), d_db.f32(), d_dout.f32(), d_x.f32(), d_w.f32(), N, C, OC, true);
       const std::string shape = "[" + std::to_string(N) + "," + std::to_string(C) + "]x[" + std::to_string(OC) + "]";
       const std::string tag = bf16 ? " bf16" : " f32";
-      Expect("linear" + tag, shape, Down(d_out), out, bf16 ? kBf16 : 1e-10);
-      Expect("linear backward dx (+=)" + tag, shape, Down(d_dx), dx, bf16 ? kBf16 : 1e-10);
-      Expect("linear backward dw (+=)" + tag, shape, Down(d_dw), dw, bf16 ? kBf16 : 1e-10);
-      Expect("linear backward db (+=)" + tag, shape, Down(d_db), db, 1e-10);
+      ExpectNmse("linear" + tag, shape, Down(d_out), out, bf16 ? kBf16 : 1e-10);
+      ExpectNmse("linear backward dx (+=)" + tag, shape, Down(d_dx), dx, bf16 ? kBf16 : 1e-10);
+      ExpectNmse("linear backward dw (+=)" + tag, shape, Down(d_dw), dw, bf16 ? kBf16 : 1e-10);
+      ExpectNmse("linear backward db (+=)" + tag, shape, Down(d_db), db, 1e-10);
       // dx overwritten (accumulate_dx = false).
       std::vector<float> dx2(size_t(N) * C), dw2 = dw0;
       cpu.LinearBackward(dx2.data(), dw2.data(), nullptr, dout.data(), x.data(), w.data(), N, C, OC, false);
       Tensor d_dx2 = Poisoned(dx2.size()), d_dw2 = Up(dw0);
       gpu->LinearBackward(d_dx2.f32(), d_dw2.f32(), nullptr, d_dout.f32(), d_x.f32(), d_w.f32(), N, C, OC, false);
-      Expect("linear backward dx (=)" + tag, shape, Down(d_dx2), dx2, bf16 ? kBf16 : 1e-10);
+      ExpectNmse("linear backward dx (=)" + tag, shape, Down(d_dx2), dx2, bf16 ? kBf16 : 1e-10);
       gpu->UnregisterWeights(d_w.f32());
     }
   }
@@ -264,11 +232,11 @@ TEST(CudaOps, PackedCausalAttentionForwardBackward) {
                            d_k.f32(), d_v.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
     const std::string shape = "N=" + std::to_string(N) + " S=" + std::to_string(S) + " H=" + std::to_string(c.Hq) +
                               "/" + std::to_string(c.Hkv) + " D=" + std::to_string(c.D);
-    Expect("attention out", shape, Down(d_out), out, kF32);
-    Expect("attention lse", shape, Down(d_lse), lse, kF32);
-    Expect("attention backward dq", shape, Down(d_dq), dq, 1e-8);
-    Expect("attention backward dk", shape, Down(d_dk), dk, 1e-8);
-    Expect("attention backward dv", shape, Down(d_dv), dv, 1e-8);
+    ExpectNmse("attention out", shape, Down(d_out), out, kF32);
+    ExpectNmse("attention lse", shape, Down(d_lse), lse, kF32);
+    ExpectNmse("attention backward dq", shape, Down(d_dq), dq, 1e-8);
+    ExpectNmse("attention backward dk", shape, Down(d_dk), dk, 1e-8);
+    ExpectNmse("attention backward dv", shape, Down(d_dv), dv, 1e-8);
   }
 }
 
@@ -309,10 +277,10 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
       const std::string shape = std::string(round == 0 ? "prefill" : round == 1 ? "chunk" : "decode") +
                                 " Nq=" + std::to_string(Nq) + " H=" + std::to_string(c.Hq) + "/" +
                                 std::to_string(c.Hkv) + " D=" + std::to_string(c.D);
-      Expect("cached attention", shape, Down(d_out), out, kF32);
+      ExpectNmse("cached attention", shape, Down(d_out), out, kF32);
     }
-    Expect("kv cache k", "after 3 rounds", Down(d_kc), kc, 0.0);
-    Expect("kv cache v", "after 3 rounds", Down(d_vc), vc, 0.0);
+    ExpectNmse("kv cache k", "after 3 rounds", Down(d_kc), kc, 0.0);
+    ExpectNmse("kv cache v", "after 3 rounds", Down(d_vc), vc, 0.0);
   }
 }
 
@@ -346,10 +314,10 @@ TEST(CudaOps, FusedLmHeadForwardBackward) {
       const std::string tag = bf16 ? " bf16" : " f32";
       const double lim = bf16 ? kBf16 : 1e-9;
       // Rows with target < 0 hold 0 log-prob and entropy on both sides.
-      Expect("lm-head logprob" + tag, shape, Down(d_lp), lp, lim);
-      Expect("lm-head entropy" + tag, shape, Down(d_ent), ent, lim);
-      Expect("lm-head backward dh" + tag, shape, Down(d_dh), dh, bf16 ? 1e-3 : 1e-8);
-      Expect("lm-head backward dw (+=)" + tag, shape, Down(d_dw), dw, bf16 ? 1e-3 : 1e-8);
+      ExpectNmse("lm-head logprob" + tag, shape, Down(d_lp), lp, lim);
+      ExpectNmse("lm-head entropy" + tag, shape, Down(d_ent), ent, lim);
+      ExpectNmse("lm-head backward dh" + tag, shape, Down(d_dh), dh, bf16 ? 1e-3 : 1e-8);
+      ExpectNmse("lm-head backward dw (+=)" + tag, shape, Down(d_dw), dw, bf16 ? 1e-3 : 1e-8);
       gpu->UnregisterWeights(d_w.f32());
     }
   }

@@ -21,6 +21,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/shell.h"
+
 #ifndef AHA_BIN_DIR
 #error "AHA_BIN_DIR must name build/bin"
 #endif
@@ -30,25 +32,8 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-struct Output {
-  int code = -1;
-  std::string out, err;
-};
-
-Output Sh(const std::string& cmd) {
-  fs::path errfile = fs::temp_directory_path() / ("aha_run_err_" + std::to_string(getpid()));
-  Output o;
-  FILE* p = popen((cmd + " 2>" + errfile.string()).c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
-  int st = pclose(p);
-  o.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  std::ifstream f(errfile);
-  o.err.assign(std::istreambuf_iterator<char>(f), {});
-  fs::remove(errfile);
-  return o;
-}
+using aha::test::Output;
+using aha::test::Sh;
 
 std::string Aha() { return std::string(AHA_BIN_DIR) + "/aha"; }
 
