@@ -17,6 +17,11 @@
 #include "engine/tokenizer/prompt_template.h"
 #include "engine/tokenizer/tokenizer.h"
 
+#if AHA_HAVE_NCCL
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/weight_broadcast.h"
+#endif
+
 namespace aha {
 namespace {
 
@@ -60,10 +65,11 @@ int RunActorDaemon(int argc, char** argv) {
   DaemonFlags daemon_flags;
   std::string model_dir, replay, rewardd, weights, actor_id, device;
   std::vector<std::string> sets;
-  int64_t max_batch = 32;
+  int64_t max_batch = 0;
   FlagSet flags("aha-actor",
                 "The rollout actor: leases prompts from aha-replay, samples G completions per prompt and sends\n"
-                "them to aha-rewardd; pulls new weights from the learner between generation rounds.");
+                "them to aha-rewardd; receives new weights from the learner (its NCCL broadcast on a GPU, else pulled\n"
+                "over ZeroMQ) and swaps them in between decode steps.");
   AddDaemonFlags(flags, &daemon_flags);
   flags.StringList("set", &sets, "override a job-file key (a.b=c), repeatable");
   flags.String("model", &model_dir, "Hugging Face model directory with tokenizer.json (required)");
@@ -71,7 +77,8 @@ int RunActorDaemon(int argc, char** argv) {
   flags.String("rewardd", &rewardd, "aha-rewardd's trajectory socket (its --ingest) (required)");
   flags.String("weights", &weights, "the learner's weights socket; empty = never update weights");
   flags.String("actor-id", &actor_id, "name in trajectories and logs (default actor-<role-index>)");
-  flags.Int("max-batch", &max_batch, "sequences decoded together (default 32)");
+  flags.Int("max-batch", &max_batch,
+            "sequences decoded together (default: topology.actors[role-index].max_batch, else 256 on a GPU, 32 on the CPU)");
   flags.String("device", &device, "cpu, cuda or cuda:N (default: topology.actors[role-index].device of the job)");
   flags.Epilog("The job file (--config) gives the prompt template and the grpo sampling settings.");
   ParseOrExit(flags, argc, argv);
@@ -80,7 +87,7 @@ int RunActorDaemon(int argc, char** argv) {
   if (model_dir.empty()) return Fail(prog, "--model is required", 2);
   if (replay.empty()) return Fail(prog, "--replay is required", 2);
   if (rewardd.empty()) return Fail(prog, "--rewardd is required", 2);
-  if (max_batch < 1) return Fail(prog, "--max-batch must be >= 1", 2);
+  if (flags.was_set("max-batch") && max_batch < 1) return Fail(prog, "--max-batch must be >= 1", 2);
   if (actor_id.empty()) actor_id = "actor-" + std::to_string(daemon_flags.role_index);
   auto job = LoadJobConfig(daemon_flags.config, sets);
   if (!job.ok()) return Fail(prog, job.status().message());
@@ -101,6 +108,13 @@ int RunActorDaemon(int argc, char** argv) {
   if (!backend_or.ok()) return Fail(prog, backend_or.status().message());
   engine::Backend& backend = **backend_or;
   spdlog::info("generating on {}", engine::DescribeBackend(&backend));
+  if (max_batch == 0) {
+    const auto& actors = job->topology.actors;
+    const size_t i = static_cast<size_t>(daemon_flags.role_index);
+    if (i < actors.size()) max_batch = actors[i].max_batch;
+  }
+  // A GPU decodes 256 rows about as fast as 32 (the weights are read once per step either way).
+  if (max_batch == 0) max_batch = backend.device().kind == engine::DeviceKind::kCuda ? 256 : 32;
   auto model_or = engine::Transformer::Load(model_dir, &backend);
   if (!model_or.ok()) return Fail(prog, model_or.status().message());
   auto& model = *model_or;
@@ -135,6 +149,25 @@ int RunActorDaemon(int argc, char** argv) {
     if (!s.ok()) return Fail(prog, s.status().message());
     subscriber = std::move(s).value();
   }
+#if AHA_HAVE_NCCL
+  // On a GPU the actor offers to take the learner's NCCL broadcast; a learner that publishes over
+  // ZeroMQ only says so on the first exchange, and the fetcher pulls instead.
+  std::unique_ptr<engine::cuda::WeightReceiver> receiver;
+  if (auto* cuda = dynamic_cast<engine::cuda::CudaBackend*>(&backend); cuda && !weights.empty()) {
+    engine::cuda::WeightReceiverOptions o;
+    o.endpoint = weights;
+    o.actor_id = actor_id;
+    o.device = cuda->device().index;
+    o.n = model->num_params();
+    o.params = model->params();
+    o.shadow = cuda->gemm().Bf16Copy(model->params());
+    o.swap_stream = cuda->stream();
+    o.stats = &rt->wire_stats();
+    auto r = engine::cuda::WeightReceiver::Create(rt->zmq(), o);
+    if (!r.ok()) return Fail(prog, r.status().message());
+    receiver = std::move(r).value();
+  }
+#endif
 
   ActorMetrics metrics(rt->metrics().registry());
   std::atomic<uint64_t> version{0};
@@ -154,7 +187,12 @@ int RunActorDaemon(int argc, char** argv) {
   if (tok.value()->eos_id() >= 0) stop_ids.push_back(tok.value()->eos_id());
   for (int id : model->config().eos_token_ids)
     if (std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
-  const int lease_tasks = std::max(1, static_cast<int>(max_batch) / G);
+  // At most one optimizer step's prompts per lease: a batch is generated with one policy version,
+  // and a second step's worth from the same batch would reach the learner a version later, past a
+  // staleness bound of 1, and be dropped by replay (seen on the 0.5B pipeline: half of each
+  // 256-row batch thrown away).
+  const int lease_tasks =
+      std::max(1, std::min(static_cast<int>(max_batch) / G, static_cast<int>(g.prompts_per_step)));
   uint64_t lease_request = 1;
   auto detok = [&](const std::vector<int32_t>& ids) { return tok.value()->Decode(ids, true); };
 
@@ -169,6 +207,34 @@ int RunActorDaemon(int argc, char** argv) {
   std::thread fetcher;
   if (subscriber) {
     fetcher = std::thread([&] {
+#if AHA_HAVE_NCCL
+      // NCCL: each round reports to the learner and joins, receives, or waits one poll interval.
+      // A failed round has already aborted the communicator; the next ones rejoin.
+      bool answered = false, failing = false;
+      while (receiver && !rt->stopping()) {
+        auto r = receiver->Step();
+        if (!r.ok() && IsFailedPrecondition(r.status())) {
+          if (answered) spdlog::warn("weights over NCCL: {}; pulling over ZeroMQ instead", r.status().message());
+          else spdlog::info("weights: {}; pulling over ZeroMQ", r.status().message());
+          break;
+        }
+        if (!r.ok()) {
+          // Before the learner first answers (it may still be starting) this is not news.
+          if (!answered) spdlog::debug("weights: {}", r.status().ToString());
+          else if (!failing) spdlog::warn("weights over NCCL: {}", r.status().ToString());
+          failing = answered;
+          rt->WaitForStopFor(200ms);
+          continue;
+        }
+        if (!answered) spdlog::info("weights: taking the learner's NCCL broadcast");
+        if (failing) spdlog::info("weights over NCCL: back in step with the learner");
+        answered = true;
+        failing = false;
+        metrics.lag->Set(static_cast<double>(receiver->received_version()) - static_cast<double>(version.load()));
+        if (!*r) rt->WaitForStopFor(receiver->poll_interval());
+      }
+      if (rt->stopping()) return;
+#endif
       while (!rt->stopping()) {
         auto got = subscriber->FetchIfNewer(fetched.load(), 2000ms);
         if (!got.ok()) {
@@ -196,6 +262,23 @@ int RunActorDaemon(int argc, char** argv) {
     });
   }
   auto swap_in = [&]() -> uint64_t {
+#if AHA_HAVE_NCCL
+    if (receiver) {
+      const auto t0 = std::chrono::steady_clock::now();
+      auto got = receiver->SwapIn(version.load());
+      if (!got.ok()) {
+        spdlog::error("weight swap: {}", got.status().ToString());
+      } else if (got->has_value()) {
+        backend.Synchronize();  // the swap is queued on the model's stream: time it to the end
+        version = **got;
+        spdlog::info("swapped in policy version {} (NCCL)", version.load());
+        metrics.swaps->Increment();
+        metrics.swap_seconds->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        metrics.version->Set(static_cast<double>(version.load()));
+        metrics.lag->Set(static_cast<double>(receiver->received_version()) - static_cast<double>(version.load()));
+      }
+    }
+#endif
     std::shared_ptr<const WeightsVersion> w;
     {
       std::lock_guard<std::mutex> lock(staged_mu);

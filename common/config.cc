@@ -301,6 +301,7 @@ template <typename V> void Visit(V& v, GrpoConfig& c) {
   v.Field("adam_beta2", c.adam_beta2, 0.0, 0.999999999);
   v.Field("adam_eps", c.adam_eps, 0.0, 1.0);
   v.Field("eval_every", c.eval_every, 0, kMaxInt);
+  v.Field("weight_sync", c.weight_sync, {"auto", "nccl", "zmq"});
 }
 template <typename V> void Visit(V& v, RewardConfig& c) {
   v.Required("name");
@@ -309,7 +310,10 @@ template <typename V> void Visit(V& v, RewardConfig& c) {
   v.Field("weight", c.weight, -1000.0, 1000.0);
   v.Field("params", c.params);
 }
-template <typename V> void Visit(V& v, ActorSpec& c) { v.Field("device", c.device); }
+template <typename V> void Visit(V& v, ActorSpec& c) {
+  v.Field("device", c.device);
+  v.Field("max_batch", c.max_batch, 0, 1 << 16);
+}
 template <typename V> void Visit(V& v, TopologyConfig& c) {
   v.List("actors", c.actors);
   v.Field("learner_devices", c.learner_devices);

@@ -91,6 +91,10 @@ struct GrpoConfig {
   double adam_beta2 = 0.999;
   double adam_eps = 1e-8;
   int64_t eval_every = 0;
+  // How the learner sends weights to the actors: nccl (bf16 ncclBroadcast to the actors on GPUs,
+  // ZeroMQ for any other), zmq (every actor pulls f32 over ZeroMQ), or auto (nccl when the
+  // learner and every actor of the topology are on CUDA devices and the build has NCCL).
+  std::string weight_sync = "auto";
 };
 
 struct RewardConfig {
@@ -101,6 +105,7 @@ struct RewardConfig {
 
 struct ActorSpec {
   std::string device = "cpu";    // cpu | cuda:N
+  int64_t max_batch = 0;         // sequences decoded together; 0 = 256 on a GPU, 32 on the CPU
 };
 
 struct TopologyConfig {

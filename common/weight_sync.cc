@@ -22,7 +22,7 @@ Result<std::unique_ptr<WeightPublisher>> WeightPublisher::Create(zmq::context_t&
   RpcServerOptions o;
   o.endpoint = options.endpoint;
   o.name = "weights";
-  o.accepts = BodyKinds{proto::Envelope::Body::WEIGHTS_REQUEST};
+  o.accepts = BodyKinds{proto::Envelope::Body::WEIGHTS_REQUEST, proto::Envelope::Body::NCCL_REQUEST};
   o.stats = options.stats;
   o.handler = [raw = p.get()](const proto::Envelope::Reader& req, proto::Envelope::Builder reply) {
     return raw->Serve(req, reply);
@@ -45,7 +45,18 @@ uint64_t WeightPublisher::latest_version() const {
 }
 
 Status WeightPublisher::Serve(const proto::Envelope::Reader& request, proto::Envelope::Builder reply) {
+  if (request.getBody().which() == proto::Envelope::Body::NCCL_REQUEST) {
+    NcclAssignment a;
+    a.reason = "the learner publishes weights over ZeroMQ only";
+    if (options_.nccl) {
+      ASSIGN_OR_RETURN(NcclActorState actor, ReadNcclRequest(request.getBody().getNcclRequest()));
+      ASSIGN_OR_RETURN(a, options_.nccl->Serve(actor, Clock::now()));
+    }
+    WriteNcclReply(a, reply.getBody().initNcclReply());
+    return OkStatus();
+  }
   auto req = request.getBody().getWeightsRequest();
+  if (req.getChunkIndex() < 0) announces_.fetch_add(1);
   std::shared_ptr<const WeightsVersion> newest, previous;
   {
     std::lock_guard<std::mutex> lock(mu_);

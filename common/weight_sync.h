@@ -8,7 +8,13 @@
 // against the FNV-1a checksum, and the whole version is returned for the actor to swap in. A
 // version that disappears mid-fetch (two newer ones were published) makes the fetch start over
 // with the newest.
+//
+// The same socket carries the NCCL path's control messages (NcclRequest -> NcclReply, see
+// common/nccl_membership.h): a publisher given an NcclMembership serves them from it; one without
+// answers `enabled = false`, which tells a GPU actor to pull over ZeroMQ instead.
 #pragma once
+
+#include <atomic>
 
 #include <cstdint>
 #include <memory>
@@ -17,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "common/nccl_membership.h"
 #include "common/status.h"
 #include "common/transport.h"
 #include "proto/weights.capnp.h"
@@ -43,6 +50,7 @@ struct WeightPublisherOptions {
   std::string endpoint = "tcp://127.0.0.1:0";
   uint64_t chunk_bytes = 4u << 20;
   WireStats* stats = nullptr;
+  NcclMembership* nccl = nullptr;  // serves NcclRequest when set (the learner broadcasts over NCCL)
 };
 
 class WeightPublisher {
@@ -52,6 +60,9 @@ class WeightPublisher {
   // Makes `v` the newest version. Its checksum is computed here. Thread-safe.
   void Publish(WeightsVersion v);
   uint64_t latest_version() const;
+  // Announce requests served so far (actors asking for the newest version): a learner whose GPU
+  // actors get weights over NCCL refreshes the ZeroMQ copy only when someone pulls.
+  uint64_t announces_served() const { return announces_.load(); }
   std::string bound_endpoint() const { return server_->bound_endpoint(); }
 
  private:
@@ -60,6 +71,7 @@ class WeightPublisher {
   WeightPublisherOptions options_;
   mutable std::mutex mu_;
   std::shared_ptr<const WeightsVersion> newest_, previous_;
+  std::atomic<uint64_t> announces_{0};
   std::unique_ptr<RpcServer> server_;
 };
 

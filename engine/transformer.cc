@@ -386,7 +386,7 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
   }
 }
 
-void Transformer::Backward(const float* dlogprobs, const float* dentropies) {
+void Transformer::Backward(const float* dlogprobs, const float* dentropies, const GradsReady& ready) {
   EnsureGrads();
   const int N = N_, C = config_.hidden_size, L = config_.num_layers;
   Backend& B = *backend_;
@@ -402,6 +402,10 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies) {
                    targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
   dres_.SetZero();
   B.RmsNormBackward(dres_.f32(), g_.final_norm, dln_.f32(), resid_[L].f32(), w_.final_norm, rstdf_.f32(), N, C);
+  // Offsets into the flat buffer (ParamTable order: embedding, layers, final norm, untied lm-head;
+  // a layer starts with its input norm). A tied lm-head is the embedding, finished only at the end.
+  auto offset = [&](const float* g) { return static_cast<size_t>(g - grads_.f32()); };
+  if (ready) ready(offset(g_.final_norm));
   for (int l = L - 1; l >= 0; --l) {
     LayerActs& a = acts_[recompute_ ? 0 : l];
     if (recompute_) {
@@ -409,8 +413,10 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies) {
       LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
     }
     LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
+    if (ready) ready(offset(g_.layers[l].in_norm));
   }
   B.EmbeddingBackward(g_.wte, dres_.f32(), tokens_d_.i32(), N, C);
+  if (ready) ready(0);
 }
 
 // ---- generation forward ------------------------------------------------------------------------

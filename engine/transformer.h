@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -91,7 +92,14 @@ class Transformer {
                float* logprobs, float* entropies);
   // Gradients of sum_t dlogprobs[t] * logprobs[t] + dentropies[t] * entropies[t] (same alignment;
   // either may be null) with respect to every parameter, ADDED into grads(). Needs the last Forward().
-  void Backward(const float* dlogprobs, const float* dentropies);
+  // `ready`, when given, is called as the pass goes: ready(begin) says that grads()[begin, end) has
+  // received its last contribution of this call, once the ops enqueued so far have run (on a device
+  // backend the call comes at enqueue time, not completion). The backward visits the flat layout
+  // from its end (final norm, untied lm-head, last layer) to its start (embedding), so `begin`
+  // falls from call to call and the last call is ready(0). Data-parallel training uses it to start
+  // reducing finished gradient buckets while the rest of the backward runs.
+  using GradsReady = std::function<void(size_t begin)>;
+  void Backward(const float* dlogprobs, const float* dentropies, const GradsReady& ready = nullptr);
 
   // Generation: runs Nq new tokens of B sequences (rows cu_q[b]..cu_q[b+1] belong to sequence b,
   // whose first new token sits at position start[b] in cache slot slots[b]) through the model,

@@ -11,6 +11,7 @@
 #include "engine/backends.h"
 #include "engine/generate.h"
 #include "engine/transformer.h"
+#include "learner/data_parallel.h"
 #include "learner/trainer.h"
 #ifdef AHA_HAVE_NCCL
 #include "engine/cuda/sync_bench.h"
@@ -101,33 +102,35 @@ int RunGen(int argc, char** argv) {
 }
 
 int RunTrain(int argc, char** argv) {
-  std::string model_dir, device = "cuda";
+  std::string model_dir, devices = "cuda";
   int64_t sequences = 16, seq_len = 1024, prompt_len = 256, steps = 3, micro = 0;
   double beta = 0.04, peak_tflops = 785.0;
   FlagSet flags(argv[0], "one GRPO learner step: policy forward + backward, frozen reference forward, k3 KL, clipped ratio, AdamW");
   flags.String("model", &model_dir, "model directory (required; e.g. from aha init --preset 0.5b)");
-  flags.String("device", &device, "cpu, cuda or cuda:N");
-  flags.Int("sequences", &sequences, "sequences per step (groups of 4 samples; default 16)");
+  flags.String("devices", &devices, "cpu, cuda, cuda:N, or a comma list to train data-parallel on the same global batch (cuda:0,cuda:1)");
+  flags.String("device", &devices, "the same as --devices");
+  flags.Int("sequences", &sequences, "sequences per step, the global batch (groups of 4 samples; default 16)");
   flags.Int("seq-len", &seq_len, "tokens per sequence, prompt + completion (default 1024)");
   flags.Int("prompt-len", &prompt_len, "prompt tokens of each sequence (default 256)");
   flags.Int("steps", &steps, "timed steps after one warm-up step; the median is reported");
-  flags.Int("micro-batch-tokens", &micro, "tokens per micro-batch (default: the whole step in one)");
+  flags.Int("micro-batch-tokens", &micro, "tokens per micro-batch (default: a device's whole share in one)");
   flags.Double("beta", &beta, "k3 KL coefficient (> 0 runs the reference forward)");
-  flags.Double("peak-tflops", &peak_tflops, "the device's measured bf16 GEMM rate for MFU (H200: 785)");
+  flags.Double("peak-tflops", &peak_tflops, "one device's measured bf16 GEMM rate for MFU (H200: 785); MFU is against it x devices");
   ParseOrExit(flags, argc, argv);
   const std::string prog = argv[0];
   if (model_dir.empty()) return Fail(prog, "--model is required", 2);
   if (sequences < 4 || sequences % 4 != 0) return Fail(prog, "--sequences must be a positive multiple of 4", 2);
   if (prompt_len < 1 || seq_len <= prompt_len || steps < 1) return Fail(prog, "need 0 < --prompt-len < --seq-len, --steps >= 1", 2);
-  auto backend = engine::MakeBackend(device);
-  if (!backend.ok()) return Fail(prog, backend.status().message(), 2);
+  auto backends = MakeLearnerBackends(SplitDeviceList(devices), "--devices");
+  if (!backends.ok()) return Fail(prog, backends.status().message(), 2);
+  const int replicas = static_cast<int>(backends->size());
   TrainerOptions opt;
   opt.model_dir = model_dir;
   opt.grpo.beta = beta;
   opt.grpo.lr = 1e-6;
   opt.grpo.micro_batch_tokens = micro > 0 ? micro : sequences * seq_len;
   opt.grpo.group_size = 4;
-  auto trainer = GrpoTrainer::Create(opt, backend->get());
+  auto trainer = GrpoTrainer::Create(opt, BackendPointers(*backends));
   if (!trainer.ok()) return Fail(prog, trainer.status().message());
   const engine::ModelConfig& config = (*trainer)->model().config();
   std::mt19937_64 rng(1);
@@ -150,8 +153,7 @@ int RunTrain(int argc, char** argv) {
   StepStats last;
   for (int64_t i = 0; i <= steps; ++i) {
     const auto t0 = Clock::now();
-    auto st = (*trainer)->Step(groups, 0);
-    (*backend)->Synchronize();
+    auto st = (*trainer)->Step(groups, 0);  // returns with every replica's device work finished
     const double s = Since(t0);
     if (!st.ok()) return Fail(prog, st.status().message());
     if (i > 0) times.push_back(s), last = *st;  // step 0 is the warm-up
@@ -159,18 +161,23 @@ int RunTrain(int argc, char** argv) {
   std::sort(times.begin(), times.end());
   const double median = times[times.size() / 2];
   const double tokens = double(sequences) * seq_len;
-  // Policy forward + backward (3x a forward) and the reference forward (1x when beta > 0).
+  // Policy forward + backward (3x a forward) and the reference forward (1x when beta > 0), for the
+  // whole global batch, against the peak of every device together.
   const double flops = ForwardFlops(config, static_cast<int>(sequences), static_cast<int>(seq_len)) * (beta > 0 ? 4 : 3);
-  const double mfu = flops / median / (peak_tflops * 1e12);
-  std::cout << "aha bench train on " << engine::DescribeBackend(backend->get()) << ": " << sequences << " x " << seq_len
-            << " tokens, beta " << beta << ": median step " << median << " s (forward " << last.forward_s
-            << ", backward " << last.backward_s << ", optimizer " << last.optimizer_s << "), " << tokens / median
-            << " tokens/s, " << flops / median / 1e12 << " TFLOP/s, MFU " << 100 * mfu << "% of " << peak_tflops << "\n";
-  nlohmann::json j = {{"bench", "train"},         {"device", engine::DescribeBackend(backend->get())},
-                      {"sequences", sequences},   {"seq_len", seq_len},
-                      {"seconds", median},        {"tokens_per_s", tokens / median},
-                      {"tflops", flops / median / 1e12}, {"mfu", mfu},
-                      {"forward_s", last.forward_s}, {"backward_s", last.backward_s},
+  const double mfu = flops / median / (peak_tflops * replicas * 1e12);
+  std::string where = engine::DescribeBackend((*backends)[0].get());
+  if (replicas > 1) where = std::to_string(replicas) + " x " + where + " (data parallel)";
+  std::cout << "aha bench train on " << where << ": " << sequences << " x " << seq_len << " tokens, beta " << beta
+            << ": median step " << median << " s (forward " << last.forward_s << ", backward " << last.backward_s
+            << ", reduce wait " << last.reduce_s << ", optimizer " << last.optimizer_s << "), " << tokens / median
+            << " tokens/s, " << flops / median / 1e12 << " TFLOP/s, MFU " << 100 * mfu << "% of " << replicas
+            << " x " << peak_tflops << "\n";
+  nlohmann::json j = {{"bench", "train"},         {"device", engine::DescribeBackend((*backends)[0].get())},
+                      {"devices", replicas},      {"sequences", sequences},
+                      {"seq_len", seq_len},       {"seconds", median},
+                      {"tokens_per_s", tokens / median}, {"tflops", flops / median / 1e12},
+                      {"mfu", mfu},               {"forward_s", last.forward_s},
+                      {"backward_s", last.backward_s}, {"reduce_s", last.reduce_s},
                       {"optimizer_s", last.optimizer_s}};
   std::cout << j.dump() << "\n";
   return 0;

@@ -1,4 +1,5 @@
-// `aha bench gen|train`: the engine's generation and GRPO-learner-step throughput on one device,
+// `aha bench gen|train`: the engine's generation throughput on one device and GRPO-learner-step
+// throughput on one device or several (data parallel, --devices cuda:0,cuda:1),
 // on a model directory (the Qwen2.5-0.5B shape from `aha init --preset 0.5b` for the issue's
 // figures). bench/peer_pytorch.py runs the same two workloads in PyTorch + transformers, and
 // bench/gpu_bench.sh prints both side by side.

@@ -13,9 +13,10 @@
 #include "common/config.h"
 #include "common/daemon.h"
 #include "common/flags.h"
-#include "common/weight_sync.h"
 #include "engine/backends.h"
+#include "learner/data_parallel.h"
 #include "learner/trainer.h"
+#include "learner/weight_publication.h"
 
 namespace aha {
 namespace {
@@ -87,23 +88,6 @@ struct LearnerMetrics {
   }
 };
 
-WeightsVersion Snapshot(engine::Transformer& model, uint64_t version) {
-  WeightsVersion v;
-  v.version = version;
-  v.dtype = proto::DType::F32;
-  auto bytes = std::make_shared<std::vector<uint8_t>>(model.num_params() * sizeof(float));
-  model.CopyParamsToHost(reinterpret_cast<float*>(bytes->data()));
-  v.bytes = std::move(bytes);
-  for (const auto& info : model.param_table()) {
-    WeightTensor t;
-    t.name = info.name;
-    for (auto d : info.shape) t.shape.push_back(static_cast<uint64_t>(d));
-    t.offset = info.offset * sizeof(float);
-    v.tensors.push_back(std::move(t));
-  }
-  return v;
-}
-
 std::string LatestCheckpoint(const fs::path& root) {
   std::string best;
   if (!fs::exists(root)) return best;
@@ -132,7 +116,7 @@ int RunLearnerDaemon(int argc, char** argv) {
   flags.String("run-dir", &run_dir, "checkpoints go to RUN_DIR/checkpoints, step metrics to RUN_DIR/metrics/learner.jsonl (required)");
   flags.Bool("resume", &resume, "continue from the newest checkpoint in RUN_DIR/checkpoints");
   flags.Double("peak-tflops", &peak_tflops, "peak FLOP/s of the device in TFLOP/s, for the MFU metric (default: the job's topology.peak_tflops; 0: not reported)");
-  flags.String("device", &device, "cpu, cuda or cuda:N (default: the job's topology.learner_devices[0])");
+  flags.String("device", &device, "cpu, cuda, cuda:N, or a comma list to train data-parallel (cuda:0,cuda:1) (default: the job's topology.learner_devices)");
   flags.Epilog("The job file (--config) gives the grpo and checkpoint sections.");
   ParseOrExit(flags, argc, argv);
   const std::string prog = "aha-learner";
@@ -147,16 +131,17 @@ int RunLearnerDaemon(int argc, char** argv) {
   if (!rt_or.ok()) return Fail(prog, rt_or.status().message());
   auto& rt = *rt_or;
 
-  if (device.empty()) device = job->topology.learner_devices.empty() ? "cpu" : job->topology.learner_devices[0];
+  const std::vector<std::string> devices = device.empty() ? job->topology.learner_devices : SplitDeviceList(device);
   if (!flags.was_set("peak-tflops")) peak_tflops = job->topology.peak_tflops;
-  auto backend_or = engine::MakeBackend(device);
-  if (!backend_or.ok()) return Fail(prog, backend_or.status().message());
-  engine::Backend& backend = **backend_or;
-  spdlog::info("training on {}", engine::DescribeBackend(&backend));
+  peak_tflops *= static_cast<double>(devices.size());  // MFU is of the whole learner, every device's peak
+  auto backends_or = MakeLearnerBackends(devices, device.empty() ? "topology.learner_devices" : "--device");
+  if (!backends_or.ok()) return Fail(prog, backends_or.status().message());
+  for (size_t i = 0; i < backends_or->size(); ++i)
+    spdlog::info("training replica {} on {}", i, engine::DescribeBackend((*backends_or)[i].get()));
   TrainerOptions topt;
   topt.grpo = job->grpo;
   topt.model_dir = model_dir;
-  auto trainer_or = GrpoTrainer::Create(topt, &backend);
+  auto trainer_or = GrpoTrainer::Create(topt, BackendPointers(*backends_or));
   if (!trainer_or.ok()) return Fail(prog, trainer_or.status().message());
   auto& trainer = *trainer_or;
   uint64_t version = 0;
@@ -171,14 +156,20 @@ int RunLearnerDaemon(int argc, char** argv) {
     }
   }
 
-  WeightPublisherOptions wo;
+  auto sync = ResolveWeightSync(*job, trainer->model().backend()->device(), BuiltWithNccl());
+  if (!sync.ok()) return Fail(prog, sync.status().message());
+  WeightPublicationOptions wo;
   wo.endpoint = weights;
+  wo.mode = *sync;
   wo.stats = &rt->wire_stats();
-  auto publisher_or = WeightPublisher::Create(rt->zmq(), wo);
-  if (!publisher_or.ok()) return Fail(prog, publisher_or.status().message());
-  auto& publisher = *publisher_or;
-  publisher->Publish(Snapshot(trainer->model(), version));
-  rt->AddReadyField("weights", publisher->bound_endpoint());
+  wo.registry = &rt->metrics().registry();
+  auto publication_or = WeightPublication::Create(rt->zmq(), &trainer->model(), version, wo);
+  if (!publication_or.ok()) return Fail(prog, publication_or.status().message());
+  auto& publication = *publication_or;
+  rt->AddReadyField("weights", publication->bound_endpoint());
+  spdlog::info("weights: {} (grpo.weight_sync: {})",
+               *sync == WeightSync::kNccl ? "bf16 NCCL broadcast to GPU actors, ZeroMQ pull for the others"
+                                          : "ZeroMQ pull", job->grpo.weight_sync);
 
   RpcClientOptions ro;
   ro.endpoint = replay;
@@ -232,6 +223,7 @@ int RunLearnerDaemon(int argc, char** argv) {
     std::vector<TrainGroup> groups;
     bool finished = false;
     while (!rt->stopping() && static_cast<int64_t>(groups.size()) < job->grpo.prompts_per_step) {
+      publication->ServeJoiners();
       capnp::MallocMessageBuilder m;
       auto req = InitEnvelope(m, "aha-learner").getBody().initBatchRequest();
       req.setLearnerVersion(version);
@@ -271,11 +263,25 @@ int RunLearnerDaemon(int argc, char** argv) {
     double wait_s = Since(t_wait);
     auto t_step = std::chrono::steady_clock::now();
     std::optional<StepStats> st;
+    bool fatal = false;
     {
       std::lock_guard<std::mutex> lock(checkpoint_mu);
       auto r = trainer->Step(groups, version);
-      if (r.ok()) st = *r;
-      else spdlog::error("step refused: {}", r.status().ToString());
+      if (r.ok()) {
+        st = *r;
+      } else if (IsInvalidArgument(r.status())) {
+        spdlog::error("step refused: {}", r.status().ToString());  // a malformed batch: drop it, count it
+      } else {
+        // The trainer itself failed (a device or the data-parallel all-reduce): every later step
+        // would fail the same way and eat batches. Exit instead; `aha run` restarts the learner
+        // from its newest checkpoint (--resume), and replay re-serves what was not trained on.
+        spdlog::error("step failed: {}; exiting so that the learner restarts from its checkpoint", r.status().ToString());
+        fatal = true;
+      }
+    }
+    if (fatal) {
+      exit_code = 1;
+      break;
     }
     if (!st) {
       metrics.dropped_batches->Increment();
@@ -284,9 +290,7 @@ int RunLearnerDaemon(int argc, char** argv) {
     double step_s = Since(t_step);
     auto t_pub = std::chrono::steady_clock::now();
     ++version;
-    auto snap = Snapshot(trainer->model(), version);
-    size_t bytes = snap.bytes->size();
-    publisher->Publish(std::move(snap));
+    const uint64_t bytes = publication->Publish(version);
     double publish_s = Since(t_pub);
     published_version = version;
     step_now = st->step;

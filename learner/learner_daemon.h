@@ -1,7 +1,7 @@
 // aha-learner: pulls complete groups from aha-replay, runs GRPO steps (learner/trainer.h) and
-// publishes every new policy version to the actors (CPU path: common/weight_sync.h over ZeroMQ).
-// Trains on CPU or one GPU (--device); publication is over ZeroMQ on both (the NCCL broadcast is
-// not wired in yet, issue 8).
+// publishes every new policy version to the actors (learner/weight_publication.h: ZeroMQ pull, and
+// with grpo.weight_sync = nccl a bf16 NCCL broadcast to the actors on GPUs).
+// Trains on CPU or one GPU (--device).
 #pragma once
 
 namespace aha {

@@ -66,5 +66,7 @@ struct Envelope {
     controlReply @19 :C.ControlReply;
     blob @20 :Data;         # opaque payload (tests, benchmarks)
     weightsRequest @21 :W.WeightsRequest;
+    ncclRequest @22 :W.NcclRequest;
+    ncclReply @23 :W.NcclReply;
   }
 }

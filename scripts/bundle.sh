@@ -33,4 +33,13 @@ exec "\$here/libexec/$name" "\$@"
 WRAP
   chmod +x dist/bin/"$name"
 done
+# Files named in BUNDLE_SHARE (space-separated) go to dist/share, e.g. the Qwen3 tokenizer that
+# bench/gpu/scaling.sh initialises the 0.5B shape with.
+if [ -n "${BUNDLE_SHARE:-}" ]; then
+  mkdir -p dist/share
+  for f in $BUNDLE_SHARE; do cp "$f" dist/share/; done
+fi
+# The device tool carries at most 64 MiB (OpenBLAS alone is 35 MB): BUNDLE_PACK=1 also writes
+# dist.tar.xz (about 14 MB) to carry instead; unpack it there with `tar xJf dist.tar.xz`.
+[ "${BUNDLE_PACK:-0}" = 1 ] && tar -cJf dist.tar.xz dist
 echo "bundle: $(ls dist/bin | wc -l) binaries, $(ls dist/lib | wc -l) libraries, $(du -sh dist | cut -f1) in dist/"

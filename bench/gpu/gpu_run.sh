@@ -3,11 +3,12 @@
 # the gpu-labelled tests and `aha bench gen|train` beside the PyTorch peer, same GPU, same run.
 # Logs go to OUT_DIR; a short table is printed last. Prepare dist/ here with
 #   ./scripts/bundle.sh build build/tests/engine_cuda_conformance_test \
-#       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test
+#       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
+#       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
 #   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench]
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export AHA_FIXTURES_DIR=$PWD/tests/fixtures
 out=${1:?usage: gpu_run.sh OUT_DIR [tests] [bench]}
@@ -31,13 +32,16 @@ if [[ $what == *bench* ]]; then
   model=/tmp/aha-0.5b
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha.log" 2>&1
-  timeout 120 dist/bin/aha bench gen --no-graphs --model $model > "$out/gen_aha_nographs.log" 2>&1
   timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
-  # The tensor-core training attention (engine/cuda/attention_tc.cu), once its test has passed.
-  AHA_ATTENTION=tc timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha_tc.log" 2>&1
+  # The f32 training attention for comparison (the tensor-core kernels are the default), and where
+  # the GPU time goes, per op (AHA_PROFILE=1; generation without graphs so that ops are visible:
+  # its tokens/s is the no-graphs figure).
+  AHA_ATTENTION=f32 timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha_f32attn.log" 2>&1
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --model $model > "$out/profile_train.txt" 2>&1
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench gen --no-graphs --model $model > "$out/profile_gen.txt" 2>&1
   timeout 120 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
-  timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1
     cat "$out/sync_aha.log"
@@ -46,7 +50,7 @@ if [[ $what == *bench* ]]; then
   python3 - "$out" <<'PY'
 import json, pathlib, sys
 rows = []
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*_*.log")):
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*_*.log")) + sorted(pathlib.Path(sys.argv[1]).glob("profile_*.txt")):
     for line in f.read_text(errors="replace").splitlines():
         if line.startswith("{"):
             try:
@@ -57,7 +61,7 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*_*.log")):
                 rows.append(f"sync   raw ncclBroadcast {j['raw_s'] * 1e3:.2f} ms, publish {j['publish_s'] * 1e3:.2f} ms ({j['ratio']:.2f}x), mismatches {j['mismatches']}")
                 continue
             extra = f" mfu {100 * j['mfu']:.1f}%" if "mfu" in j else ""
-            who = j.get("peer", "aha" + ("" if j.get("graphs", True) else " (no graphs)") + (f" [{f.stem}]" if "tc" in f.stem else ""))
+            who = j.get("peer", "aha" + ("" if j.get("graphs", True) else " (no graphs)") + (f" [{f.stem}]" if "attn" in f.stem or "profile" in f.stem else ""))
             rows.append(f"{j['bench']:6} {who:55.55} {j['seconds']:8.3f} s {j['tokens_per_s']:12.0f} tok/s{extra}")
 print("\n".join(rows))
 PY

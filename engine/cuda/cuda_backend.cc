@@ -1,8 +1,12 @@
 // CudaBackend: the ops of backend.h as CUDA launches on one stream (see cuda_backend.h).
 #include "engine/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
 
 #include "engine/cuda/kernels.h"
 #include "engine/tensor.h"
@@ -61,15 +65,95 @@ Result<std::unique_ptr<CudaBackend>> CudaBackend::Create(int index, GemmPrecisio
   return std::unique_ptr<CudaBackend>(new CudaBackend(index, stream, precision));
 }
 
+struct CudaBackend::Profile {
+  struct Mark {
+    cudaEvent_t event;
+    const char* op;
+  };
+  cudaEvent_t Take();  // a spare event, or a new one
+  std::vector<cudaEvent_t> spare;
+  std::vector<Mark> pending;  // recorded, not yet read
+  cudaEvent_t base = nullptr;  // the last event read: the start of the next op's interval
+  struct Sum {
+    int64_t calls = 0;
+    double ms = 0;
+  };
+  std::map<std::string, Sum> sums;
+};
+
 CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision)
     : index_(index), stream_(stream), gemm_(new Gemm(stream, precision)) {
   CheckCuda(cudaMalloc(&sum_out_, sizeof(double)), "allocate");
   const char* attention = std::getenv("AHA_ATTENTION");
-  tc_attention_ = attention && std::string(attention) == "tc";
+  tc_attention_ = !(attention && std::string(attention) == "f32");
+  const char* profile = std::getenv("AHA_PROFILE");
+  if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
+}
+
+cudaEvent_t CudaBackend::Profile::Take() {
+  cudaEvent_t e = nullptr;
+  if (!spare.empty()) {
+    e = spare.back();
+    spare.pop_back();
+  } else {
+    CheckCuda(cudaEventCreate(&e), "create profiling event");
+  }
+  return e;
+}
+
+void CudaBackend::Mark(const char* op) {
+  if (!profile_ || capturing_) return;
+  cudaEvent_t e = profile_->Take();
+  CheckCuda(cudaEventRecord(e, stream_), "record profiling event");
+  profile_->pending.push_back({e, op});
+  if (profile_->pending.size() >= 4096) ResolveProfile();
+}
+
+// Reads the pending events (waiting for the last) into the per-op sums. The GPU is idle
+// afterwards, so the next interval starts from a fresh event: the host's time before its next
+// launch (say, after the trainer's phase boundaries) is counted in that op, the idle GPU before
+// this call in none.
+void CudaBackend::ResolveProfile() {
+  if (!profile_ || capturing_ || profile_->pending.empty()) return;
+  Profile& p = *profile_;
+  CheckCuda(cudaEventSynchronize(p.pending.back().event), "wait for profiling event");
+  for (const auto& m : p.pending) {
+    if (p.base) {
+      float ms = 0;
+      CheckCuda(cudaEventElapsedTime(&ms, p.base, m.event), "read profiling event");
+      auto& sum = p.sums[m.op];
+      ++sum.calls;
+      sum.ms += ms;
+      p.spare.push_back(p.base);
+    }
+    p.base = m.event;
+  }
+  p.pending.clear();
+  CheckCuda(cudaEventRecord(p.base, stream_), "record profiling event");
+}
+
+void CudaBackend::PrintProfile() const {
+  if (!profile_ || profile_->sums.empty()) return;
+  std::vector<std::pair<std::string, Profile::Sum>> rows(profile_->sums.begin(), profile_->sums.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
+  double total = 0;
+  for (const auto& r : rows) total += r.second.ms;
+  std::fprintf(stderr, "AHA_PROFILE cuda:%d: GPU time by op (%.1f ms in all)\n%-28s %8s %11s %10s %6s\n", index_, total,
+               "op", "calls", "total ms", "ms/call", "share");
+  for (const auto& [op, sum] : rows)
+    std::fprintf(stderr, "%-28s %8lld %11.2f %10.4f %5.1f%%\n", op.c_str(), static_cast<long long>(sum.calls), sum.ms,
+                 sum.ms / static_cast<double>(sum.calls), 100.0 * sum.ms / total);
 }
 
 CudaBackend::~CudaBackend() {
   cudaStreamSynchronize(stream_);
+  if (profile_) {
+    ResolveProfile();
+    PrintProfile();
+    for (const auto& m : profile_->pending) cudaEventDestroy(m.event);
+    for (cudaEvent_t e : profile_->spare) cudaEventDestroy(e);
+    if (profile_->base) cudaEventDestroy(profile_->base);
+  }
   gemm_.reset();
   if (workspace_) cudaFree(workspace_);
   cudaFree(sum_out_);
@@ -105,19 +189,27 @@ void CudaBackend::Check(const char* op) {
     std::fprintf(stderr, "aha: CUDA launch of %s failed: %s\n", op, cudaGetErrorString(e));
     std::abort();
   }
+  Mark(op);
 }
 
 void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
+  Mark("copy");
 }
 void CudaBackend::Upload(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  Mark("upload");
 }
 void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
+  Mark("download");
   CheckCuda(cudaStreamSynchronize(stream_), "synchronize after download");
+  ResolveProfile();
 }
-void CudaBackend::Synchronize() { CheckCuda(cudaStreamSynchronize(stream_), "synchronize"); }
+void CudaBackend::Synchronize() {
+  CheckCuda(cudaStreamSynchronize(stream_), "synchronize");
+  ResolveProfile();
+}
 
 void CudaBackend::RegisterWeights(const float* base, size_t n) {
   gemm_->RegisterWeights(base, n);
@@ -129,12 +221,14 @@ void CudaBackend::WeightsChanged(const float* base) {
 }
 
 bool CudaBackend::BeginCapture() {
-  return cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  capturing_ = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  return capturing_;
 }
 
 void* CudaBackend::EndCapture() {
   cudaGraph_t graph = nullptr;
   cudaError_t e = cudaStreamEndCapture(stream_, &graph);
+  capturing_ = false;
   if (e != cudaSuccess || !graph) {
     std::fprintf(stderr, "aha: CUDA graph capture failed (%s); running without graphs\n", cudaGetErrorString(e));
     cudaGetLastError();
@@ -153,6 +247,7 @@ void* CudaBackend::EndCapture() {
 
 void CudaBackend::Replay(void* graph) {
   CheckCuda(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph), stream_), "graph launch");
+  Mark("graph replay (decode step)");
 }
 
 void CudaBackend::DestroyGraph(void* graph) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph)); }
@@ -213,7 +308,7 @@ void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
 
 void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                                    const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
-  if (tc_attention_) cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+  if (UseTcAttention()) cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
   else cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
   Check("attention");
 }
@@ -221,7 +316,7 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
                                     const float* lse, const float* q, const float* k, const float* v,
                                     const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
   void* ws = Workspace(AttentionBackwardWorkspace(N, Hq));
-  if (tc_attention_) cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  if (UseTcAttention()) cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
   else cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
   Check("attention backward");
 }

@@ -88,6 +88,14 @@ class CudaBackend final : public Backend {
   CudaBackend(int index, cudaStream_t stream, GemmPrecision precision);
   void* Workspace(size_t bytes);
   void Check(const char* op);
+  // AHA_PROFILE=1: where the GPU time goes, per op. An event is recorded after every op; ops run in
+  // order on the one stream, so an op's time is the gap since the event before it (its launch
+  // latency included when the GPU was waiting on the host). Sums per op name are printed to stderr
+  // when the backend is destroyed. Off by default; nothing is recorded inside graph capture.
+  struct Profile;
+  void Mark(const char* op);
+  void ResolveProfile();
+  void PrintProfile() const;
 
   int index_;
   cudaStream_t stream_;
@@ -96,9 +104,13 @@ class CudaBackend final : public Backend {
   size_t workspace_bytes_ = 0;
   uint64_t workspace_generation_ = 0;
   double* sum_out_ = nullptr;  // device double for SumSquares
-  // AHA_ATTENTION=tc selects the tensor-core training attention (attention_tc.cu; not yet run on a
-  // GPU, so not the default); anything else keeps the f32 kernels that passed conformance.
-  bool tc_attention_ = false;
+  // Training attention: the tensor-core kernels (attention_tc.cu, bf16 products, f32 softmax and
+  // accumulation; 4-5x the f32 kernels on the H200, docs/kernels.md) with bf16 products, unless
+  // AHA_ATTENTION=f32. The pedantic kF32 precision keeps the f32 kernels, as it does for GEMMs.
+  bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
+  bool tc_attention_ = true;
+  std::unique_ptr<Profile> profile_;
+  bool capturing_ = false;
 };
 
 }  // namespace aha::engine::cuda

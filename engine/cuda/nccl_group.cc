@@ -41,7 +41,7 @@ Result<std::string> NcclGroup::NewId() {
 }
 
 Result<std::unique_ptr<NcclGroup>> NcclGroup::Join(const std::string& id_hex, int nranks, int rank, int device,
-                                                   cudaStream_t stream, Deadline deadline) {
+                                                   cudaStream_t stream, Deadline deadline, const GiveUp& give_up) {
   ncclUniqueId id;
   if (!Unhex(id_hex, reinterpret_cast<unsigned char*>(id.internal), sizeof id.internal))
     return InvalidArgument("NCCL id: expected " + std::to_string(2 * sizeof id.internal) + " hex digits");
@@ -59,7 +59,7 @@ Result<std::unique_ptr<NcclGroup>> NcclGroup::Join(const std::string& id_hex, in
   ncclResult_t r = ncclCommInitRankConfig(&g->comm_->comm, nranks, id, rank, &config);
   if (r != ncclSuccess && r != ncclInProgress)
     return Unavailable(std::string("ncclCommInitRankConfig: ") + ncclGetErrorString(r));
-  RETURN_IF_ERROR(g->Poll("joining the NCCL group", std::chrono::steady_clock::now() + deadline));
+  RETURN_IF_ERROR(g->Poll("joining the NCCL group", std::chrono::steady_clock::now() + deadline, give_up));
   return g;
 }
 
@@ -75,8 +75,17 @@ void NcclGroup::Abort() {
   aborted_ = true;
 }
 
-Status NcclGroup::Poll(const char* what, std::chrono::steady_clock::time_point until) {
-  // NCCL's own state first (init / enqueue in progress, or an error from a peer)...
+bool NcclGroup::GivingUp(const GiveUp& give_up, std::chrono::steady_clock::time_point* last_asked) {
+  if (!give_up) return false;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - *last_asked < std::chrono::milliseconds(1)) return false;
+  *last_asked = now;
+  return give_up();
+}
+
+Status NcclGroup::Poll(const char* what, std::chrono::steady_clock::time_point until, const GiveUp& give_up) {
+  // NCCL's own state (init / enqueue in progress, or an error from a peer).
+  std::chrono::steady_clock::time_point asked{};
   for (;;) {
     ncclResult_t state = ncclSuccess;
     ncclResult_t r = ncclCommGetAsyncError(comm_->comm, &state);
@@ -90,16 +99,21 @@ Status NcclGroup::Poll(const char* what, std::chrono::steady_clock::time_point u
       Abort();
       return Timeout(std::string(what) + ": deadline passed; communicator aborted");
     }
+    if (GivingUp(give_up, &asked)) {
+      Abort();
+      return Cancelled(std::string(what) + ": a peer is gone; communicator aborted");
+    }
     std::this_thread::yield();
   }
   return OkStatus();
 }
 
-Status NcclGroup::Wait(Deadline deadline) {
+Status NcclGroup::Wait(Deadline deadline, const GiveUp& give_up) {
   if (aborted_) return FailedPrecondition("NCCL group was aborted");
   const auto until = std::chrono::steady_clock::now() + deadline;
+  std::chrono::steady_clock::time_point asked{};
   for (;;) {
-    RETURN_IF_ERROR(Poll("NCCL collective", until));
+    RETURN_IF_ERROR(Poll("NCCL collective", until, nullptr));
     cudaError_t e = cudaStreamQuery(stream_);
     if (e == cudaSuccess) return OkStatus();
     if (e != cudaErrorNotReady) {
@@ -110,32 +124,53 @@ Status NcclGroup::Wait(Deadline deadline) {
       Abort();
       return Timeout("NCCL collective: deadline passed; communicator aborted");
     }
+    if (GivingUp(give_up, &asked)) {
+      Abort();
+      return Cancelled("NCCL collective: a peer is gone; communicator aborted");
+    }
     std::this_thread::yield();
   }
 }
 
-Status NcclGroup::BroadcastAsync(void* buf, size_t bytes, int root, Deadline deadline) {
+Status NcclGroup::Drained(cudaStream_t stream, Deadline deadline) {
+  const auto until = std::chrono::steady_clock::now() + deadline;
+  for (;;) {
+    cudaError_t e = cudaStreamQuery(stream);
+    if (e == cudaSuccess) return OkStatus();
+    if (e != cudaErrorNotReady) return Internal(std::string("CUDA stream: ") + cudaGetErrorString(e));
+    if (std::chrono::steady_clock::now() > until)
+      return Timeout("NCCL work still running " + std::to_string(deadline.count()) + " ms after the abort");
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+Status NcclGroup::BroadcastAsync(void* buf, size_t bytes, int root, Deadline deadline, const GiveUp& give_up) {
   if (aborted_) return FailedPrecondition("NCCL group was aborted");
   ncclResult_t r = ncclBroadcast(buf, buf, bytes, ncclUint8, root, comm_->comm, stream_);
   if (r != ncclSuccess && r != ncclInProgress) {
     Abort();
     return Unavailable(std::string("ncclBroadcast: ") + ncclGetErrorString(r));
   }
-  return Poll("ncclBroadcast enqueue", std::chrono::steady_clock::now() + deadline);
+  return Poll("ncclBroadcast enqueue", std::chrono::steady_clock::now() + deadline, give_up);
 }
 
-Status NcclGroup::Broadcast(void* buf, size_t bytes, int root, Deadline deadline) {
-  RETURN_IF_ERROR(BroadcastAsync(buf, bytes, root, deadline));
-  return Wait(deadline);
+Status NcclGroup::Broadcast(void* buf, size_t bytes, int root, Deadline deadline, const GiveUp& give_up) {
+  RETURN_IF_ERROR(BroadcastAsync(buf, bytes, root, deadline, give_up));
+  return Wait(deadline, give_up);
 }
 
-Status NcclGroup::AllReduceSum(float* buf, size_t n, Deadline deadline) {
+Status NcclGroup::AllReduceSumAsync(float* buf, size_t n, Deadline deadline) {
   if (aborted_) return FailedPrecondition("NCCL group was aborted");
   ncclResult_t r = ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, comm_->comm, stream_);
   if (r != ncclSuccess && r != ncclInProgress) {
     Abort();
     return Unavailable(std::string("ncclAllReduce: ") + ncclGetErrorString(r));
   }
+  return Poll("ncclAllReduce enqueue", std::chrono::steady_clock::now() + deadline);
+}
+
+Status NcclGroup::AllReduceSum(float* buf, size_t n, Deadline deadline) {
+  RETURN_IF_ERROR(AllReduceSumAsync(buf, n, deadline));
   return Wait(deadline);
 }
 

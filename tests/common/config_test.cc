@@ -25,7 +25,7 @@ rewards:
     weight: 0.2
     params: {strict: "true"}
 topology:
-  actors: [{device: cpu}, {device: "cuda:1"}]
+  actors: [{device: cpu}, {device: "cuda:1", max_batch: 512}]
 )";
 
 std::string Err(const std::string& yaml, std::vector<std::string> sets = {}) {
@@ -46,6 +46,8 @@ TEST(JobConfig, LoadsTypedValuesAndDefaults) {
   EXPECT_EQ(r->rewards[1].params.at("strict"), "true");
   ASSERT_EQ(r->topology.actors.size(), 2u);
   EXPECT_EQ(r->topology.actors[1].device, "cuda:1");
+  EXPECT_EQ(r->topology.actors[0].max_batch, 0);  // default: the actor picks by device
+  EXPECT_EQ(r->topology.actors[1].max_batch, 512);
   EXPECT_EQ(r->model.init.arch, "qwen2");
 }
 
@@ -71,11 +73,25 @@ TEST(JobConfig, OutOfRangeNamesTheBound) {
   std::string y = kGood;
   y.replace(y.find("group_size: 4"), 13, "group_size: 1");
   EXPECT_EQ(Err(y), "job.yaml:9:15: grpo.group_size: 1 is out of range [2, 4096]");
+  y = kGood;
+  y.replace(y.find("max_batch: 512"), 14, "max_batch: -1");
+  EXPECT_NE(Err(y).find("topology.actors[1].max_batch: -1 is out of range [0, 65536]"), std::string::npos) << Err(y);
 }
 
 TEST(JobConfig, BadChoiceListsTheChoices) {
   std::string y = std::string(kGood) + "replay: {durability: maybe}\n";
   EXPECT_NE(Err(y).find("replay.durability: 'maybe' is not one of sync|buffered"), std::string::npos);
+}
+
+TEST(JobConfig, WeightSyncIsAutoNcclOrZmq) {
+  auto r = ParseJobConfig(kGood, "job.yaml");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->grpo.weight_sync, "auto");
+  auto nccl = ParseJobConfig(kGood, "job.yaml", {"grpo.weight_sync=nccl"});
+  ASSERT_TRUE(nccl.ok()) << nccl.status().ToString();
+  EXPECT_EQ(nccl->grpo.weight_sync, "nccl");
+  EXPECT_EQ(Err(kGood, {"grpo.weight_sync=mpi"}),
+            "--set grpo.weight_sync=mpi: grpo.weight_sync: 'mpi' is not one of auto|nccl|zmq");
 }
 
 TEST(JobConfig, MissingRequiredKeys) {

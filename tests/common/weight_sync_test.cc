@@ -65,6 +65,107 @@ TEST(WeightSync, CorruptedBytesFailTheChecksum) {
   EXPECT_TRUE(IsDataLoss(got.status())) << got.status().ToString();
 }
 
+TEST(WeightSync, NcclControlSaysDisabledWhenTheLearnerDoesNotBroadcast) {
+  zmq::context_t ctx;
+  auto pub = std::move(WeightPublisher::Create(ctx, {})).value();
+  auto client = std::move(NcclControlClient::Create(ctx, pub->bound_endpoint(), "actor-0", 0)).value();
+  auto a = client->Exchange(0, 0, 0, false, 2000ms);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_FALSE(a->enabled) << "the actor should pull over ZeroMQ";
+  EXPECT_EQ(a->reason, "the learner publishes weights over ZeroMQ only");
+}
+
+// The NCCL control exchange over a real weights socket, with the ZeroMQ pull path beside it.
+TEST(WeightSync, NcclControlJoinsBroadcastsAndNoticesARestartOverTheWeightsSocket) {
+  zmq::context_t ctx;
+  NcclMembershipOptions mo;
+  mo.bytes = 2048;
+  NcclMembership membership(mo, /*learner_incarnation=*/5);
+  WeightPublisherOptions po;
+  po.nccl = &membership;
+  auto pub = std::move(WeightPublisher::Create(ctx, po)).value();
+  pub->Publish(MakeVersion(1, 1000, 1));
+  auto a = std::move(NcclControlClient::Create(ctx, pub->bound_endpoint(), "actor-a", 0)).value();
+  auto b = std::move(NcclControlClient::Create(ctx, pub->bound_endpoint(), "actor-b", 1)).value();
+  EXPECT_NE(a->incarnation(), b->incarnation());
+
+  auto ra = a->Exchange(0, 0, 0, false, 2000ms);
+  ASSERT_TRUE(ra.ok()) << ra.status().ToString();
+  EXPECT_TRUE(ra->enabled);
+  EXPECT_EQ(ra->learner, 5u);
+  EXPECT_EQ(ra->epoch, 0u);
+  EXPECT_EQ(ra->bytes, 2048u);
+  EXPECT_EQ(ra->dtype, proto::DType::BF16);
+  ASSERT_TRUE(b->Exchange(0, 0, 0, false, 2000ms).ok());
+  EXPECT_TRUE(membership.HasWaiting(Clock::now()));
+
+  const std::string id(256, 'e');
+  auto plan = membership.Form(id, Clock::now());
+  ASSERT_TRUE(plan.has_value());
+  ra = a->Exchange(0, 0, 0, false, 2000ms);
+  auto rb = b->Exchange(0, 0, 0, false, 2000ms);
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  EXPECT_EQ(ra->epoch, plan->epoch);
+  EXPECT_EQ(ra->nccl_id, id);
+  EXPECT_EQ(ra->rank, 1u);
+  EXPECT_EQ(rb->rank, 2u);
+  EXPECT_EQ(rb->nranks, 3u);
+  ASSERT_TRUE(a->Exchange(plan->epoch, 0, 0, false, 2000ms).ok());
+  ASSERT_TRUE(b->Exchange(plan->epoch, 0, 0, false, 2000ms).ok());
+  EXPECT_TRUE(membership.AllJoined());
+  membership.Formed();
+  EXPECT_EQ(membership.members(), 2);
+
+  EXPECT_EQ(membership.StartBroadcast(7), 1u);
+  ra = a->Exchange(plan->epoch, 0, 0, false, 2000ms);
+  ASSERT_TRUE(ra.ok());
+  EXPECT_EQ(ra->broadcast, 1u);
+  EXPECT_EQ(ra->version, 7u);
+  ASSERT_TRUE(a->Exchange(plan->epoch, 1, 0, false, 2000ms).ok());
+  EXPECT_FALSE(membership.AllReceived());
+  ASSERT_TRUE(b->Exchange(plan->epoch, 1, 0, false, 2000ms).ok());
+  EXPECT_TRUE(membership.AllReceived());
+
+  // actor-b's process restarts: same id, new incarnation. It starts as a joiner, and the
+  // communicator it held is lost.
+  auto b2 = std::move(NcclControlClient::Create(ctx, pub->bound_endpoint(), "actor-b", 1)).value();
+  auto r2 = b2->Exchange(0, 0, 0, false, 2000ms);
+  ASSERT_TRUE(r2.ok());
+  EXPECT_EQ(r2->epoch, 0u);
+  EXPECT_TRUE(membership.Doomed(Clock::now()));
+  EXPECT_TRUE(membership.NeedsForming(Clock::now()));
+
+  // A leaving actor is dropped at once.
+  ASSERT_TRUE(a->Exchange(plan->epoch, 1, 0, /*leave=*/true, 2000ms).ok());
+  EXPECT_EQ(membership.registered(), 1u);
+
+  // The pull path on the same socket is unaffected.
+  auto sub = std::move(WeightSubscriber::Create(ctx, pub->bound_endpoint())).value();
+  auto got = sub->FetchIfNewer(0, 2000ms);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->version, 1u);
+}
+
+TEST(WeightSync, MalformedNcclRequestIsRefusedAndRegistersNobody) {
+  zmq::context_t ctx;
+  NcclMembership membership(NcclMembershipOptions{}, 5);
+  WeightPublisherOptions po;
+  po.nccl = &membership;
+  auto pub = std::move(WeightPublisher::Create(ctx, po)).value();
+  RpcClientOptions co;
+  co.endpoint = pub->bound_endpoint();
+  auto client = std::move(RpcClient::Create(ctx, co)).value();
+  capnp::MallocMessageBuilder m;
+  auto r = InitEnvelope(m, "hostile").getBody().initNcclRequest();
+  r.setIncarnation(1);
+  r.setSequence(1);  // no actor id
+  auto reply = client->Call(m, 2000ms);
+  EXPECT_TRUE(IsUnavailable(reply.status())) << reply.status().ToString();
+  EXPECT_NE(reply.status().message().find("actorId"), std::string::npos) << reply.status().ToString();
+  EXPECT_EQ(membership.registered(), 0u);
+}
+
 TEST(WeightSync, DeadLearnerIsATimeoutNotAHang) {
   zmq::context_t ctx;
   std::string endpoint;

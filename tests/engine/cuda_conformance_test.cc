@@ -211,32 +211,39 @@ struct AttnCase {
 TEST(CudaOps, PackedCausalAttentionForwardBackward) {
   REQUIRE_GPU();
   CpuBackend cpu;
-  for (const AttnCase& c : {AttnCase{14, 2, 64, {1, 17, 64, 100, 300, 2}}, AttnCase{4, 4, 128, {5, 129, 70}},
-                            AttnCase{4, 1, 32, {1, 1, 2, 33}}, AttnCase{8, 2, 16, {200}},
-                            AttnCase{14, 2, 64, {1024, 1024}}}) {
-    std::vector<int32_t> cu{0};
-    for (int l : c.lens) cu.push_back(cu.back() + l);
-    const int S = static_cast<int>(c.lens.size()), N = cu.back();
-    auto q = Randn(size_t(N) * c.Hq * c.D), k = Randn(size_t(N) * c.Hkv * c.D), v = Randn(size_t(N) * c.Hkv * c.D);
-    auto dout = Randn(q.size());
-    std::vector<float> out(q.size()), lse(size_t(N) * c.Hq), dq(q.size()), dk(k.size()), dv(v.size());
-    cpu.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), cu.data(), S, N, c.Hq, c.Hkv, c.D);
-    cpu.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(), q.data(), k.data(),
-                          v.data(), cu.data(), S, N, c.Hq, c.Hkv, c.D);
-    Tensor d_q = Up(q), d_k = Up(k), d_v = Up(v), d_dout = Up(dout), d_cu = Up(cu), d_out = Poisoned(out.size()),
-           d_lse = Poisoned(lse.size()), d_dq = Poisoned(dq.size()), d_dk = Poisoned(dk.size()),
-           d_dv = Poisoned(dv.size());
-    gpu->AttentionForward(d_out.f32(), d_lse.f32(), d_q.f32(), d_k.f32(), d_v.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv,
-                          c.D);
-    gpu->AttentionBackward(d_dq.f32(), d_dk.f32(), d_dv.f32(), d_dout.f32(), d_out.f32(), d_lse.f32(), d_q.f32(),
-                           d_k.f32(), d_v.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
-    const std::string shape = "N=" + std::to_string(N) + " S=" + std::to_string(S) + " H=" + std::to_string(c.Hq) +
-                              "/" + std::to_string(c.Hkv) + " D=" + std::to_string(c.D);
-    ExpectNmse("attention out", shape, Down(d_out), out, kF32);
-    ExpectNmse("attention lse", shape, Down(d_lse), lse, kF32);
-    ExpectNmse("attention backward dq", shape, Down(d_dq), dq, 1e-8);
-    ExpectNmse("attention backward dk", shape, Down(d_dk), dk, 1e-8);
-    ExpectNmse("attention backward dv", shape, Down(d_dv), dv, 1e-8);
+  // kF32: the f32 kernels (attention.cu). kBF16, the default: the tensor-core kernels
+  // (attention_tc.cu), bf16 products with f32 softmax and accumulation, so bf16 limits.
+  for (GemmPrecision precision : {GemmPrecision::kF32, GemmPrecision::kBF16}) {
+    for (const AttnCase& c : {AttnCase{14, 2, 64, {1, 17, 64, 100, 300, 2}}, AttnCase{4, 4, 128, {5, 129, 70}},
+                              AttnCase{4, 1, 32, {1, 1, 2, 33}}, AttnCase{8, 2, 16, {200}},
+                              AttnCase{14, 2, 64, {1024, 1024}}}) {
+      std::vector<int32_t> cu{0};
+      for (int l : c.lens) cu.push_back(cu.back() + l);
+      const int S = static_cast<int>(c.lens.size()), N = cu.back();
+      auto q = Randn(size_t(N) * c.Hq * c.D), k = Randn(size_t(N) * c.Hkv * c.D), v = Randn(size_t(N) * c.Hkv * c.D);
+      auto dout = Randn(q.size());
+      std::vector<float> out(q.size()), lse(size_t(N) * c.Hq), dq(q.size()), dk(k.size()), dv(v.size());
+      cpu.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), cu.data(), S, N, c.Hq, c.Hkv, c.D);
+      cpu.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(), q.data(), k.data(),
+                            v.data(), cu.data(), S, N, c.Hq, c.Hkv, c.D);
+      gpu->gemm().set_precision(precision);
+      const bool tc = precision == GemmPrecision::kBF16;
+      Tensor d_q = Up(q), d_k = Up(k), d_v = Up(v), d_dout = Up(dout), d_cu = Up(cu), d_out = Poisoned(out.size()),
+             d_lse = Poisoned(lse.size()), d_dq = Poisoned(dq.size()), d_dk = Poisoned(dk.size()),
+             d_dv = Poisoned(dv.size());
+      gpu->AttentionForward(d_out.f32(), d_lse.f32(), d_q.f32(), d_k.f32(), d_v.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv,
+                            c.D);
+      gpu->AttentionBackward(d_dq.f32(), d_dk.f32(), d_dv.f32(), d_dout.f32(), d_out.f32(), d_lse.f32(), d_q.f32(),
+                             d_k.f32(), d_v.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
+      const std::string shape = std::string(tc ? "tc " : "f32 ") + "N=" + std::to_string(N) +
+                                " S=" + std::to_string(S) + " H=" + std::to_string(c.Hq) + "/" +
+                                std::to_string(c.Hkv) + " D=" + std::to_string(c.D);
+      ExpectNmse("attention out", shape, Down(d_out), out, tc ? kBf16 : kF32);
+      ExpectNmse("attention lse", shape, Down(d_lse), lse, tc ? 1e-5 : kF32);
+      ExpectNmse("attention backward dq", shape, Down(d_dq), dq, tc ? 1e-3 : 1e-8);
+      ExpectNmse("attention backward dk", shape, Down(d_dk), dk, tc ? 1e-3 : 1e-8);
+      ExpectNmse("attention backward dv", shape, Down(d_dv), dv, tc ? 1e-3 : 1e-8);
+    }
   }
 }
 

@@ -4,8 +4,6 @@
 // back works again. The peer is this same binary started as a child process (NcclChild.Rank1,
 // driven by environment variables), because a rank that dies must be a process.
 #include <gtest/gtest.h>
-#include <spawn.h>
-#include <sys/wait.h>
 
 #include <chrono>
 #include <csignal>
@@ -14,8 +12,7 @@
 #include <vector>
 
 #include "engine/cuda/nccl_group.h"
-
-extern char** environ;
+#include "tests/spawn_self.h"
 
 namespace aha::engine::cuda {
 namespace {
@@ -30,16 +27,7 @@ int GpuCount() {
 }
 
 pid_t SpawnPeer(const std::string& id, const std::string& mode) {
-  std::string self = "/proc/self/exe", filter = "--gtest_filter=NcclChild.Rank1";
-  std::vector<std::string> env_s = {"AHA_NCCL_ID=" + id, "AHA_NCCL_MODE=" + mode};
-  for (char** e = environ; *e; ++e) env_s.push_back(*e);
-  std::vector<char*> env;
-  for (auto& s : env_s) env.push_back(s.data());
-  env.push_back(nullptr);
-  char* argv[] = {self.data(), filter.data(), nullptr};
-  pid_t pid = 0;
-  if (posix_spawn(&pid, self.c_str(), nullptr, nullptr, argv, env.data()) != 0) return -1;
-  return pid;
+  return test::SpawnSelf("NcclChild.Rank1", {"AHA_NCCL_ID=" + id, "AHA_NCCL_MODE=" + mode});
 }
 
 // The peer: rank 1 on cuda:1. "die": joins, then SIGKILLs itself before the broadcast it owes.
@@ -66,12 +54,6 @@ TEST(NcclChild, Rank1) {
   EXPECT_EQ(bad, 0u);
 }
 
-int WaitExit(pid_t pid) {
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
 TEST(NcclGroup, DeadPeerCostsOneDeadlineThenANewGroupWorks) {
   if (std::getenv("AHA_NCCL_ID")) GTEST_SKIP() << "peer process";
   if (GpuCount() < 2) GTEST_SKIP() << "needs two CUDA devices, found " << GpuCount();
@@ -92,7 +74,7 @@ TEST(NcclGroup, DeadPeerCostsOneDeadlineThenANewGroupWorks) {
     ASSERT_GT(peer, 0);
     auto g = NcclGroup::Join(*id, 2, 0, 0, stream, std::chrono::seconds(60));
     ASSERT_TRUE(g.ok()) << g.status().ToString();
-    EXPECT_EQ(WaitExit(peer), 128 + SIGKILL);
+    EXPECT_EQ(test::WaitExit(peer), 128 + SIGKILL);
     const auto t0 = std::chrono::steady_clock::now();
     Status s = (*g)->Broadcast(buf, kBytes, 0, std::chrono::seconds(3));
     const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -113,7 +95,7 @@ TEST(NcclGroup, DeadPeerCostsOneDeadlineThenANewGroupWorks) {
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     Status s = (*g)->Broadcast(buf, kBytes, 0, std::chrono::seconds(60));
     EXPECT_TRUE(s.ok()) << s.ToString();
-    EXPECT_EQ(WaitExit(peer), 0) << "the peer saw a wrong byte or failed";
+    EXPECT_EQ(test::WaitExit(peer), 0) << "the peer saw a wrong byte or failed";
   }
   cudaFree(buf);
 }

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/nccl_membership.h"
 #include "common/wire.h"
 
 namespace {
@@ -66,6 +67,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         break;
       case B::WEIGHTS_CHUNK: sink += body.getWeightsChunk().getData().size(); break;
       case B::CONTROL_REPLY: sink += body.getControlReply().getError().size(); break;
+      case B::NCCL_REQUEST: {
+        auto s = aha::ReadNcclRequest(body.getNcclRequest());
+        if (s.ok()) sink += s->actor_id.size() + s->epoch;
+        break;
+      }
+      case B::NCCL_REPLY: {
+        auto a = aha::ReadNcclReply(body.getNcclReply());
+        if (a.ok()) sink += a->nccl_id.size() + a->bytes;
+        break;
+      }
       default: break;
     }
   } catch (const kj::Exception&) {

@@ -53,5 +53,25 @@ int main(int argc, char** argv) {
     w[0].initShape(2).set(1, 64);
     Write(dir, "weights", m);
   }
+  {
+    capnp::MallocMessageBuilder m;
+    auto r = aha::InitEnvelope(m, "seed").getBody().initNcclRequest();
+    r.setActorId("actor-0");
+    r.setIncarnation(7);
+    r.setSequence(3);
+    r.setEpoch(2);
+    Write(dir, "nccl_request", m);
+  }
+  {
+    capnp::MallocMessageBuilder m;
+    auto r = aha::InitEnvelope(m, "seed").getBody().initNcclReply();
+    r.setEnabled(true);
+    r.setEpoch(2);
+    r.setNcclId("00ff");
+    r.setRank(1);
+    r.setNranks(2);
+    r.setBytes(4096);
+    Write(dir, "nccl_reply", m);
+  }
   return 0;
 }

@@ -9,93 +9,13 @@
 #include <filesystem>
 #include <random>
 
-#include "engine/cpu_backend.h"
-#include "engine/generate.h"
+#include "tests/learner/trainer_fixtures.h"
 
 namespace aha {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct TinyModel {
-  fs::path dir;
-  engine::CpuBackend backend;
-  TinyModel() {
-    dir = fs::temp_directory_path() / ("aha_trainer_model_" + std::to_string(::getpid()));
-    auto cfg = engine::PresetConfig(engine::Arch::kQwen2, "tiny", 64);
-    EXPECT_TRUE(cfg.ok()) << cfg.status().ToString();
-    auto m = engine::Transformer::Init(*cfg, 7, &backend);
-    EXPECT_TRUE(m->Save(dir.string(), engine::DType::kF32).ok());
-  }
-  ~TinyModel() { fs::remove_all(dir); }
-};
-
-TinyModel& Model() {
-  static TinyModel m;
-  return m;
-}
-
-GrpoConfig Config() {
-  GrpoConfig g;
-  g.lr = 1e-3;
-  g.temperature = 1.0;
-  g.max_new_tokens = 8;
-  g.grad_clip = 1.0;
-  g.micro_batch_tokens = 1 << 20;
-  return g;
-}
-
-// Groups of G samples with on-policy behaviour log-probs from `model`, rewards from `reward`.
-std::vector<TrainGroup> MakeBatch(engine::Transformer& model, uint64_t seed, int groups, int G,
-                                  const std::function<float(const std::vector<int32_t>&)>& reward) {
-  engine::Generator gen(&model, 16, 32);
-  std::vector<engine::GenerationRequest> reqs;
-  std::mt19937_64 rng(seed);
-  for (int g = 0; g < groups; ++g) {
-    std::vector<int32_t> prompt;
-    for (int i = 0; i < 4; ++i) prompt.push_back(static_cast<int32_t>(rng() % 64));
-    for (int s = 0; s < G; ++s) {
-      engine::GenerationRequest r;
-      r.prompt = prompt;
-      r.max_new_tokens = 6;
-      r.seed = rng();
-      reqs.push_back(r);
-    }
-  }
-  auto results = gen.Generate(reqs);
-  EXPECT_TRUE(results.ok()) << results.status().ToString();
-  std::vector<TrainGroup> batch(groups);
-  for (int g = 0; g < groups; ++g) {
-    batch[g].id = "g" + std::to_string(seed) + "-" + std::to_string(g);
-    for (int s = 0; s < G; ++s) {
-      const auto& res = (*results)[g * G + s];
-      TrainSample t;
-      t.prompt = reqs[g * G + s].prompt;
-      t.completion = res.tokens;
-      t.behaviour_logprobs = res.logprobs;
-      t.reward = reward(res.tokens);
-      t.correct = t.reward > 0.5f;
-      t.truncated = res.finish == engine::FinishReason::kLength;
-      batch[g].samples.push_back(t);
-    }
-  }
-  return batch;
-}
-
-float RewardEvenTokens(const std::vector<int32_t>& c) {
-  float n = 0;
-  for (int32_t t : c) n += (t % 2 == 0);
-  return c.empty() ? 0 : n / static_cast<float>(c.size());
-}
-
-std::unique_ptr<GrpoTrainer> NewTrainer(GrpoConfig g) {
-  TrainerOptions o;
-  o.grpo = g;
-  o.model_dir = Model().dir.string();
-  auto t = GrpoTrainer::Create(o, &Model().backend);
-  EXPECT_TRUE(t.ok()) << t.status().ToString();
-  return std::move(t).value();
-}
+using namespace trainer_test;
 
 TEST(GrpoTrainer, ResumeAfterStepThreeIsBitExact) {
   GrpoConfig g = Config();
