@@ -61,6 +61,17 @@ struct ActorMetrics {
 
 }  // namespace
 
+int64_t ActorBatchSize(int64_t flag, int64_t job_value, bool gpu) {
+  if (flag > 0) return flag;
+  if (job_value > 0) return job_value;
+  return gpu ? 256 : 32;
+}
+
+int64_t LeaseTasks(int64_t batch, int64_t group_size, int64_t prompts_per_step) {
+  // Seen on the 0.5B pipeline before this cap: half of every 256-row batch dropped as stale.
+  return std::max<int64_t>(1, std::min(batch / std::max<int64_t>(1, group_size), prompts_per_step));
+}
+
 int RunActorDaemon(int argc, char** argv) {
   DaemonFlags daemon_flags;
   std::string model_dir, replay, rewardd, weights, actor_id, device;
@@ -108,13 +119,12 @@ int RunActorDaemon(int argc, char** argv) {
   if (!backend_or.ok()) return Fail(prog, backend_or.status().message());
   engine::Backend& backend = **backend_or;
   spdlog::info("generating on {}", engine::DescribeBackend(&backend));
-  if (max_batch == 0) {
+  {
     const auto& actors = job->topology.actors;
     const size_t i = static_cast<size_t>(daemon_flags.role_index);
-    if (i < actors.size()) max_batch = actors[i].max_batch;
+    max_batch = ActorBatchSize(max_batch, i < actors.size() ? actors[i].max_batch : 0,
+                               backend.device().kind == engine::DeviceKind::kCuda);
   }
-  // A GPU decodes 256 rows about as fast as 32 (the weights are read once per step either way).
-  if (max_batch == 0) max_batch = backend.device().kind == engine::DeviceKind::kCuda ? 256 : 32;
   auto model_or = engine::Transformer::Load(model_dir, &backend);
   if (!model_or.ok()) return Fail(prog, model_or.status().message());
   auto& model = *model_or;
@@ -187,12 +197,7 @@ int RunActorDaemon(int argc, char** argv) {
   if (tok.value()->eos_id() >= 0) stop_ids.push_back(tok.value()->eos_id());
   for (int id : model->config().eos_token_ids)
     if (std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
-  // At most one optimizer step's prompts per lease: a batch is generated with one policy version,
-  // and a second step's worth from the same batch would reach the learner a version later, past a
-  // staleness bound of 1, and be dropped by replay (seen on the 0.5B pipeline: half of each
-  // 256-row batch thrown away).
-  const int lease_tasks =
-      std::max(1, std::min(static_cast<int>(max_batch) / G, static_cast<int>(g.prompts_per_step)));
+  const int64_t lease_tasks = LeaseTasks(max_batch, G, g.prompts_per_step);
   uint64_t lease_request = 1;
   auto detok = [&](const std::vector<int32_t>& ids) { return tok.value()->Decode(ids, true); };
 

@@ -7,8 +7,20 @@
 // it. Runs on CPU or one GPU (--device).
 #pragma once
 
+#include <cstdint>
+
 namespace aha {
 
 int RunActorDaemon(int argc, char** argv);
+
+// Sequences decoded together: --max-batch when given (> 0), else the job's
+// topology.actors[i].max_batch (> 0), else 256 on a GPU and 32 on the CPU. A GPU decode step reads
+// every weight once whatever the batch, so 32 rows leave an H200 mostly idle.
+int64_t ActorBatchSize(int64_t flag, int64_t job_value, bool gpu);
+
+// Prompts asked for per lease: as many groups as fit in the batch, but at most one optimizer
+// step's worth. A batch is generated with one policy version; a second step's prompts from the
+// same batch reach the learner a version later and, with max_staleness 1, are dropped by replay.
+int64_t LeaseTasks(int64_t batch, int64_t group_size, int64_t prompts_per_step);
 
 }  // namespace aha
