@@ -6,7 +6,9 @@
 #   bench/gpu/scaling.sh OUT_DIR [actors] [dp] [pipeline]
 #   actors:   configs/small-gpu.yaml's GRPO stage from a fresh model (every completion runs to
 #             max_new_tokens, so the work per step is fixed), learner on cuda:0, 1, 2, 3 actors on
-#             cuda:1..3: generated tokens per second taken in by the learner, steps 6..N.
+#             cuda:1..3: generated tokens per second taken in by the learner, steps 6..6+ACTOR_STEPS
+#             (default 20), at grpo.max_staleness ACTOR_STALENESS (default 1; with 1 every actor
+#             generates for the same next version, so more actors cannot overlap steps).
 #   dp:       `aha bench train` on the 0.5B shape, 64 x 1024 tokens in micro-batches of 32k,
 #             on cuda:0 vs cuda:0,cuda:1.
 #   pipeline: the Qwen2.5-0.5B shape (random weights, the Qwen3 tokenizer) through the whole
@@ -58,11 +60,11 @@ if [[ $what == *actors* ]]; then
     sed -i 's/^stages: .*/stages: [grpo]/' "$job"
     run=/tmp/aha-scale-actors-$n
     rm -rf "$run"
-    timeout 150 $aha run "$job" --run-dir "$run" --no-eval --set grpo.steps=26 \
-      --set checkpoint.every=0 > "$out/actors-$n.log" 2>&1
+    timeout 150 $aha run "$job" --run-dir "$run" --no-eval --set grpo.steps="$((6 + ${ACTOR_STEPS:-20}))" \
+      --set grpo.max_staleness="${ACTOR_STALENESS:-1}" --set checkpoint.every=0 > "$out/actors-$n.log" 2>&1
     echo "actors $n: exit $?"
     # samples per step x mean length: generated tokens the learner took in per second
-    summarise "actors-$n" "$run" 6 | python3 -c "
+    summarise "actors-$n-staleness-${ACTOR_STALENESS:-1}" "$run" 6 | python3 -c "
 import json, sys
 j = json.loads(sys.stdin.read()); G = 16 * 16
 print(f\"  generation {G * j['mean_length'] / j['step_s']:.0f} tokens/s over {j['steps']} steps ({j['step_s']:.3f} s/step)\")"
