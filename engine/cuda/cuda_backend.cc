@@ -183,7 +183,8 @@ void* CudaBackend::Workspace(size_t bytes) {
   return workspace_;
 }
 
-void CudaBackend::Check(const char* op) {
+void CudaBackend::Check(const char* op, bool forget_casts) {
+  if (forget_casts) gemm_->ForgetCasts();
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) {
     std::fprintf(stderr, "aha: CUDA launch of %s failed: %s\n", op, cudaGetErrorString(e));
@@ -194,10 +195,12 @@ void CudaBackend::Check(const char* op) {
 
 void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
+  gemm_->ForgetCasts();
   Mark("copy");
 }
 void CudaBackend::Upload(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  gemm_->ForgetCasts();
   Mark("upload");
 }
 void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
@@ -221,6 +224,7 @@ void CudaBackend::WeightsChanged(const float* base) {
 }
 
 bool CudaBackend::BeginCapture() {
+  gemm_->ForgetCasts();  // a graph must not depend on what the scratch held before it
   capturing_ = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
   return capturing_;
 }
@@ -229,6 +233,7 @@ void* CudaBackend::EndCapture() {
   cudaGraph_t graph = nullptr;
   cudaError_t e = cudaStreamEndCapture(stream_, &graph);
   capturing_ = false;
+  gemm_->ForgetCasts();
   if (e != cudaSuccess || !graph) {
     std::fprintf(stderr, "aha: CUDA graph capture failed (%s); running without graphs\n", cudaGetErrorString(e));
     cudaGetLastError();
@@ -247,6 +252,7 @@ void* CudaBackend::EndCapture() {
 
 void CudaBackend::Replay(void* graph) {
   CheckCuda(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph), stream_), "graph launch");
+  gemm_->ForgetCasts();
   Mark("graph replay (decode step)");
 }
 
@@ -278,18 +284,25 @@ void CudaBackend::RopeBackward(float* dx, const int32_t* positions, const float*
   Check("rope backward");
 }
 
+// Consecutive linear ops reuse each other's bf16 input casts (Gemm::set_cast_reuse): between two
+// of them only products run, and those track what they overwrite. The bias kernels write `out` /
+// `db`, never an input. Every other op forgets the casts (Check).
 void CudaBackend::LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C, int OC) {
+  gemm_->set_cast_reuse(true);
   gemm_->NT(out, x, w, N, OC, C, 1.0f, 0.0f);
+  gemm_->set_cast_reuse(false);
   if (b) cuda::AddBias(out, b, N, OC, stream_);
-  Check("linear");
+  Check("linear", /*forget_casts=*/false);
 }
 
 void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
                                  int N, int C, int OC, bool accumulate_dx) {
+  gemm_->set_cast_reuse(true);
   if (dx) gemm_->NN(dx, dout, w, N, C, OC, 1.0f, accumulate_dx ? 1.0f : 0.0f);
   gemm_->TN(dw, dout, x, OC, C, N, 1.0f, 1.0f);
+  gemm_->set_cast_reuse(false);
   if (db) cuda::BiasBackward(db, dout, N, OC, stream_);
-  Check("linear backward");
+  Check("linear backward", /*forget_casts=*/false);
 }
 
 void CudaBackend::SwiGluForward(float* h, const float* gate, const float* up, int N, int I) {

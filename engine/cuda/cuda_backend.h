@@ -87,7 +87,9 @@ class CudaBackend final : public Backend {
  private:
   CudaBackend(int index, cudaStream_t stream, GemmPrecision precision);
   void* Workspace(size_t bytes);
-  void Check(const char* op);
+  // Aborts on a failed launch of `op`; marks it for AHA_PROFILE; forgets the GEMMs' held input
+  // casts unless op is a linear product (see LinearForward).
+  void Check(const char* op, bool forget_casts = true);
   // AHA_PROFILE=1: where the GPU time goes, per op. An event is recorded after every op; ops run in
   // order on the one stream, so an op's time is the gap since the event before it (its launch
   // latency included when the GPU was waiting on the host). Sums per op name are printed to stderr

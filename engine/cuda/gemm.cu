@@ -116,16 +116,33 @@ struct Gemm::Impl {
   void* workspace = nullptr;
   uint64_t generation = 0;
   Scratch scratch_a{nullptr, 0, &generation}, scratch_b{nullptr, 0, &generation};
+  // What each scratch holds: the bf16 cast of [p, p + count). A product whose operand is the
+  // same range reuses it instead of casting again: q/k/v and gate/up read one normed input, and a
+  // linear's backward reads dout twice (dx and dw). The owner calls ForgetCasts() whenever memory
+  // may have changed outside these products (CudaBackend: after every other op).
+  struct Held {
+    const float* p = nullptr;
+    size_t count = 0;
+  } held_a, held_b;
+  bool reuse = false;  // set_cast_reuse: only the owner knows no other kernel wrote in between
   std::vector<WeightRange> weights;
 
-  // The bf16 operand for `p` (rows * cols elements): a registered weight's cached copy, or a cast
-  // into scratch.
-  const uint16_t* Bf16(const float* p, size_t count, Scratch& scratch) {
+  // The bf16 operand for `p` (rows * cols elements): a registered weight's cached copy, the
+  // scratch's cast when it already holds p, or a new cast into scratch.
+  const uint16_t* Bf16(const float* p, size_t count, Scratch& scratch, Held& held) {
     for (const WeightRange& w : weights)
       if (p >= w.base && p + count <= w.base + w.n) return w.bf16 + (p - w.base);
+    if (reuse && held.p == p && held.count == count && scratch.bytes >= count * sizeof(uint16_t))
+      return static_cast<const uint16_t*>(scratch.p);
     auto* out = static_cast<uint16_t*>(scratch.Get(count * sizeof(uint16_t)));
     CastF32ToBF16(out, p, count, stream);
+    held = {p, count};
     return out;
+  }
+
+  // A product that writes [out, out + n) makes a held cast of that range stale.
+  static void Overwritten(Held& held, const float* out, size_t n) {
+    if (held.p && out < held.p + held.count && held.p < out + n) held = {};
   }
 
   void Run(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, const float* b, size_t b_count,
@@ -135,17 +152,23 @@ struct Gemm::Impl {
       // A zero-length product: out = beta * out.
       if (beta == 0.0f) CheckCuda(cudaMemsetAsync(out, 0, sizeof(float) * m * static_cast<size_t>(n), stream), "memset");
       else if (beta != 1.0f) Scale(out, beta, static_cast<size_t>(m) * n, stream);
+      Overwritten(held_a, out, static_cast<size_t>(m) * n);
+      Overwritten(held_b, out, static_cast<size_t>(m) * n);
       return;
     }
     if (precision == GemmPrecision::kF32) {
       CheckCublas(Cublas().sgemm(handle, op_b, op_a, m, n, k, &alpha, b, ldb, a, lda, &beta, out, ldo), "sgemm");
+      Overwritten(held_a, out, static_cast<size_t>(m) * n);
+      Overwritten(held_b, out, static_cast<size_t>(m) * n);
       return;
     }
-    const uint16_t* b16 = Bf16(b, b_count, scratch_b);
-    const uint16_t* a16 = Bf16(a, a_count, scratch_a);
+    const uint16_t* b16 = Bf16(b, b_count, scratch_b, held_b);
+    const uint16_t* a16 = Bf16(a, a_count, scratch_a, held_a);
     CheckCublas(Cublas().gemm_ex(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda,
                              &beta, out, CUDA_R_32F, ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                 "gemm bf16");
+    Overwritten(held_a, out, static_cast<size_t>(m) * n);
+    Overwritten(held_b, out, static_cast<size_t>(m) * n);
   }
 };
 
@@ -169,7 +192,12 @@ Gemm::~Gemm() {
 }
 
 GemmPrecision Gemm::precision() const { return impl_->precision; }
-void Gemm::set_precision(GemmPrecision p) { impl_->precision = p; }
+void Gemm::set_precision(GemmPrecision p) {
+  impl_->precision = p;
+  ForgetCasts();
+}
+void Gemm::ForgetCasts() { impl_->held_a = impl_->held_b = {}; }
+void Gemm::set_cast_reuse(bool on) { impl_->reuse = on; }
 
 void Gemm::NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {
   impl_->Run(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, b, static_cast<size_t>(N) * K, K, a, static_cast<size_t>(M) * K, K,

@@ -47,6 +47,13 @@ class Gemm {
   uint16_t* Bf16Copy(const float* base);
   // Counts reallocations of the cast scratch (CUDA graphs that captured it are then stale).
   uint64_t scratch_generation() const;
+  // With cast reuse on, a product reuses the bf16 cast of an operand that an earlier product cast
+  // from the same range (q/k/v and gate/up share their input; a linear's backward reads dout
+  // twice), unless a product has written that range since. Off by default: only the caller knows
+  // that no other kernel wrote the range in between. CudaBackend turns it on inside its linear
+  // ops and calls ForgetCasts() after every other op.
+  void set_cast_reuse(bool on);
+  void ForgetCasts();
 
  private:
   struct Impl;
