@@ -303,6 +303,9 @@ int RunActorDaemon(int argc, char** argv) {
   };
   generator.SetStepHook(swap_in);
 
+  uint64_t total_tokens = 0;
+  double total_gen_s = 0;
+  const auto run_start = std::chrono::steady_clock::now();
   while (!rt->stopping()) {
     if (rt->paused()) {
       rt->WaitForStopFor(100ms);
@@ -409,6 +412,8 @@ int RunActorDaemon(int argc, char** argv) {
       }
     }
     metrics.tokens->Increment(static_cast<double>(new_tokens));
+    total_tokens += new_tokens;
+    total_gen_s += gen_s;
     last_tps = new_tokens / std::max(1e-9, gen_s);
     last_sps = static_cast<double>(requests.size()) / std::max(1e-9, gen_s);
     metrics.tokens_per_s->Set(last_tps.load());
@@ -418,7 +423,13 @@ int RunActorDaemon(int argc, char** argv) {
   // Give in-flight trajectories a moment to be acknowledged; what is left is re-leased by replay.
   (void)sender->Flush(Clock::now() + 2s);
   if (fetcher.joinable()) fetcher.join();
-  spdlog::info("stopped at policy version {}", version.load());
+  // The actor's own rate, for scaling runs (bench/gpu/scaling.sh sums it over actors): the learner
+  // only shows what it consumed.
+  const double run_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+  spdlog::info("stopped at policy version {}: {} tokens generated in {:.2f} s of generation, {:.2f} s running "
+               "({:.0f} tokens/s generating, {:.0f} tokens/s overall)",
+               version.load(), total_tokens, total_gen_s, run_s, total_tokens / std::max(1e-9, total_gen_s),
+               total_tokens / std::max(1e-9, run_s));
   return 0;
 }
 

@@ -496,8 +496,26 @@ Status ReplayStore::Lease(proto::LeaseRequest::Reader request, proto::PromptLeas
     return empty();
   }
   uint64_t want = std::min<uint64_t>(request.getMaxTasks(), kMaxTasksPerLease);
-  uint64_t grant = limiter_.Grant(want, InFlightLocked());
+  const uint64_t in_flight = InFlightLocked();
+  uint64_t grant = limiter_.Grant(want, in_flight);
   if (grant == 0) return empty();
+  // The new groups are trained on after the ones already in flight, groups_per_step per learner
+  // step, so the last of them by about learner version + (in_flight + grant - 1) / groups_per_step.
+  // An actor behind the learner can only fill what its version carries within max_staleness; more
+  // would be generated only to be dropped by ServeBatch (seen with three GPU actors at
+  // max_staleness 1: a third of every step's groups thrown away). For an actor at the learner's
+  // version this is the default in-flight bound itself; an explicit max_in_flight is the
+  // operator's choice and is left alone.
+  if (options_.max_in_flight == 0) {
+    const uint64_t steps_left = request.getPolicyVersion() + options_.max_staleness + 1 - state_.learner_version;
+    const uint64_t carried = steps_left * std::max<uint64_t>(1, options_.groups_per_step);
+    grant = std::min(grant, carried > in_flight ? carried - in_flight : 0);
+  }
+  if (grant == 0) {
+    ++counts_.stale_lease_refusals;
+    if (metrics_) metrics_->stale_lease_refusals->Increment();
+    return empty();
+  }
 
   ReplayState next = state_;
   std::vector<uint64_t> tasks;

@@ -11,7 +11,10 @@
 //     samples deleted and their prompts requeued (served again before the cursor moves on).
 //     A retried LeaseRequest (same actorId and requestId) gets the same lease back.
 //   - Rate limit: leased + complete-but-unserved groups <= max_in_flight
-//     (default (max_staleness + 1) x groups_per_step).
+//     (default (max_staleness + 1) x groups_per_step). With the default, an actor at policy
+//     version a is also granted only what fits in the steps up to learner version
+//     a + max_staleness behind the groups already in flight (the rest would be dropped as
+//     stale); an actor past the bound gets nothing. Refusals count as stale_lease_refusals.
 //   - Ingest: idempotent by (group id, sample index). Rejected with a counted reason, never
 //     stored: unknown_group, bad_sample_index, oversized, lease_expired (late sample of an
 //     expired lease), group_closed. A duplicate is acknowledged (it is durable already).

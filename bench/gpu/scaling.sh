@@ -68,6 +68,9 @@ if [[ $what == *actors* ]]; then
 import json, sys
 j = json.loads(sys.stdin.read()); G = 16 * 16
 print(f\"  generation {G * j['mean_length'] / j['step_s']:.0f} tokens/s over {j['steps']} steps ({j['step_s']:.3f} s/step)\")"
+    # The actors' own rates (each logs them when it stops): what they generated, consumed or not.
+    grep -ho '([0-9]* tokens/s generating, [0-9]* tokens/s overall)' "$run"/logs/actor-*.log |
+      awk -v n="$n" '{gen += substr($1, 2); all += $4} END {printf "  actors %d: %.0f tokens/s overall (sum), %.0f while generating\n", n, all, gen}'
     tar -czf "$out/actors-$n.tgz" -C "$run" metrics logs 2>/dev/null
   done
 fi

@@ -342,6 +342,30 @@ TEST_F(StoreTest, LeasesRefuseActorsPastTheStalenessBound) {
   EXPECT_EQ(s->Counts().stale_lease_refusals, 1u);
 }
 
+// A lease is trained on after the groups already in flight, groups_per_step (2) per learner step:
+// an actor one version behind can only fill the learner's current step, and only what is not
+// already queued for it. (Three GPU actors at max_staleness 1 had a third of every step dropped as
+// stale before this.)
+TEST_F(StoreTest, LeasesGrantOnlyWhatTheActorsVersionCanCarry) {
+  auto s = OpenWithData(20, Options());  // the default in-flight bound: (1 + 1) x 2 = 4
+  Serve(*s, 1, /*learner_version=*/5);
+  auto lease = [&](uint64_t actor_version, uint32_t n) {
+    capnp::MallocMessageBuilder req, rep;
+    auto r = req.initRoot<proto::LeaseRequest>();
+    r.setActorId("actor-" + std::to_string(actor_version));
+    r.setMaxTasks(n);
+    r.setPolicyVersion(actor_version);
+    auto out = rep.initRoot<proto::PromptLease>();
+    EXPECT_TRUE(s->Lease(r.asReader(), out).ok());
+    return out.getTasks().size();
+  };
+  EXPECT_EQ(lease(5, 2), 2u);  // up to date: step 5
+  EXPECT_EQ(lease(4, 2), 0u);  // one behind: only step 5 is within reach, and it is full
+  EXPECT_EQ(s->Counts().stale_lease_refusals, 1u);
+  EXPECT_EQ(lease(5, 8), 2u);  // up to date: step 6
+  EXPECT_EQ(lease(5, 2), 0u);  // the in-flight bound
+}
+
 TEST_F(StoreTest, PerTokenVersionsUseTheOldest) {
   auto s = OpenWithData(10, Options());
   LeaseOut l = Lease(*s, 1);
