@@ -379,6 +379,16 @@ void CheckCrossFields(const JobConfig& c, Origin* o) {
               "'" + c.topology.actors[i].device + "' is not cpu or cuda:N");
   for (const auto& d : c.topology.learner_devices)
     if (!std::regex_match(d, device)) o->Fail("topology.learner_devices", nullptr, "'" + d + "' is not cpu or cuda:N");
+  {  // one data-parallel replica per GPU, all on GPUs or all on the CPU (learner/data_parallel.h)
+    std::set<std::string> gpus;
+    bool cpu = false;
+    for (const auto& d : c.topology.learner_devices) {
+      if (d == "cpu") cpu = true;
+      else if (!gpus.insert(d).second) o->Fail("topology.learner_devices", nullptr, d + " is listed twice (one replica per GPU)");
+    }
+    if (cpu && !gpus.empty())
+      o->Fail("topology.learner_devices", nullptr, "mixes cpu and cuda devices (replicas must be all cpu or all cuda)");
+  }
   if (c.model.prompt_template != "r1-zero" && c.model.prompt_template != "plain" &&
       c.model.prompt_template != "qwen-chat" &&
       c.model.prompt_template.find("{prompt}") == std::string::npos)

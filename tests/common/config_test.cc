@@ -78,6 +78,17 @@ TEST(JobConfig, OutOfRangeNamesTheBound) {
   EXPECT_NE(Err(y).find("topology.actors[1].max_batch: -1 is out of range [0, 65536]"), std::string::npos) << Err(y);
 }
 
+TEST(JobConfig, LearnerDevicesAreAllCpuOrDistinctGpus) {
+  const std::string base = std::string(kGood) + "  learner_devices: ";
+  EXPECT_NE(Err(base + "[\"cuda:0\", \"cuda:0\"]\n").find("topology.learner_devices: cuda:0 is listed twice"),
+            std::string::npos);
+  EXPECT_NE(Err(base + "[cpu, \"cuda:1\"]\n").find("topology.learner_devices: mixes cpu and cuda"), std::string::npos);
+  auto ok = ParseJobConfig(base + "[\"cuda:0\", \"cuda:1\"]\n", "job.yaml");
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+  auto cpus = ParseJobConfig(base + "[cpu, cpu]\n", "job.yaml");  // the tests' data-parallel replicas
+  EXPECT_TRUE(cpus.ok()) << cpus.status().ToString();
+}
+
 TEST(JobConfig, BadChoiceListsTheChoices) {
   std::string y = std::string(kGood) + "replay: {durability: maybe}\n";
   EXPECT_NE(Err(y).find("replay.durability: 'maybe' is not one of sync|buffered"), std::string::npos);
