@@ -241,7 +241,8 @@ TEST(GradReducer, HostSumsEveryBucketAcrossRanksWhateverTheyReportWhen) {
 }
 
 TEST(LearnerDevices, RejectsMixedAndDuplicateDevicesNamingTheKey) {
-  // Valid as a job file (each entry is cpu or cuda:N); only the learner can refuse the mix.
+  // The job file refuses these when it is loaded (config_test); the learner checks again for its
+  // --device flag, which does not go through the job file.
   const char* job = R"(name: t
 model: {init: {arch: qwen2, preset: tiny}}
 data: {train: train.jsonl}
@@ -250,7 +251,9 @@ rewards: [{name: accuracy}]
 topology: {learner_devices: [cpu, "cuda:0"]}
 )";
   auto parsed = ParseJobConfig(job, "job.yaml");
-  ASSERT_TRUE(parsed.ok()) << parsed.status().ToString();
+  ASSERT_FALSE(parsed.ok());
+  EXPECT_NE(parsed.status().message().find("topology.learner_devices: mixes cpu and cuda"), std::string::npos)
+      << parsed.status().message();
   auto expect_error = [](const std::vector<std::string>& devices, const std::string& what) {
     Status s = CheckLearnerDevices(devices, "topology.learner_devices");
     EXPECT_TRUE(IsInvalidArgument(s)) << s.ToString();
@@ -258,7 +261,7 @@ topology: {learner_devices: [cpu, "cuda:0"]}
     EXPECT_NE(s.message().find(what), std::string::npos) << s.message();
     EXPECT_EQ(s.message().find('\n'), std::string::npos) << "one line: " << s.message();
   };
-  expect_error(parsed->topology.learner_devices, "mixes cpu and cuda");
+  expect_error({"cpu", "cuda:0"}, "mixes cpu and cuda");
   expect_error({"cuda:0", "cuda:1", "cuda:0"}, "cuda:0 is listed twice");
   expect_error({"cuda", "cuda:0"}, "cuda:0 is listed twice");
   expect_error({"cuda:1", "gpu"}, "'gpu' is not cpu, cuda or cuda:N");
