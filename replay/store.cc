@@ -487,10 +487,15 @@ Status ReplayStore::Lease(proto::LeaseRequest::Reader request, proto::PromptLeas
     return OkStatus();
   };
   if (paused_ || !has_dataset_) return empty();
+  // Replay learns the learner's version from its batch requests, one step late: once a whole
+  // step's groups have been served at version L, the learner is training and its next request
+  // will say L + 1. Leases are judged against that.
+  const uint64_t learner_version =
+      state_.learner_version + (served_at_version_ >= std::max<uint64_t>(1, options_.groups_per_step) ? 1 : 0);
   // An actor whose weights are already past the staleness bound would generate samples that
   // ServeBatch must drop: it gets no prompts until it has swapped in newer weights (the reply's
   // policyVersion tells it which version replay expects).
-  if (request.getPolicyVersion() + options_.max_staleness < state_.learner_version) {
+  if (request.getPolicyVersion() + options_.max_staleness < learner_version) {
     ++counts_.stale_lease_refusals;
     if (metrics_) metrics_->stale_lease_refusals->Increment();
     return empty();
@@ -507,7 +512,7 @@ Status ReplayStore::Lease(proto::LeaseRequest::Reader request, proto::PromptLeas
   // version this is the default in-flight bound itself; an explicit max_in_flight is the
   // operator's choice and is left alone.
   if (options_.max_in_flight == 0) {
-    const uint64_t steps_left = request.getPolicyVersion() + options_.max_staleness + 1 - state_.learner_version;
+    const uint64_t steps_left = request.getPolicyVersion() + options_.max_staleness + 1 - learner_version;
     const uint64_t carried = steps_left * std::max<uint64_t>(1, options_.groups_per_step);
     grant = std::min(grant, carried > in_flight ? carried - in_flight : 0);
   }
@@ -947,6 +952,8 @@ Status ReplayStore::ServeBatch(proto::BatchRequest::Reader request, proto::Batch
     RETURN_IF_ERROR(Write(&batch));
   }
 
+  if (next.learner_version != state_.learner_version) served_at_version_ = 0;
+  served_at_version_ += taken.size();
   state_ = next;
   for (const auto& [seq, gid] : taken) {
     complete_fifo_.erase(seq);

@@ -15,6 +15,8 @@
 //     version a is also granted only what fits in the steps up to learner version
 //     a + max_staleness behind the groups already in flight (the rest would be dropped as
 //     stale); an actor past the bound gets nothing. Refusals count as stale_lease_refusals.
+//     Once a whole step's groups are served at version L, leases count the learner as at L + 1
+//     (it is training; its next request will say so).
 //   - Ingest: idempotent by (group id, sample index). Rejected with a counted reason, never
 //     stored: unknown_group, bad_sample_index, oversized, lease_expired (late sample of an
 //     expired lease), group_closed. A duplicate is acknowledged (it is durable already).
@@ -202,6 +204,7 @@ class ReplayStore {
   std::map<uint64_t, std::string> complete_fifo_;        // complete_seq -> group id
   std::multimap<uint64_t, std::string> retention_;       // closed_version -> group id
   std::deque<uint64_t> remembered_requests_;             // batch request ids, oldest first
+  uint64_t served_at_version_ = 0;  // groups served at state_.learner_version (memory only)
   std::unordered_map<std::string, std::pair<uint64_t, uint64_t>> lease_requests_;  // actor -> (req, lease)
   uint32_t stale_since_last_batch_ = 0;
   bool paused_ = false;

@@ -366,6 +366,34 @@ TEST_F(StoreTest, LeasesGrantOnlyWhatTheActorsVersionCanCarry) {
   EXPECT_EQ(lease(5, 2), 0u);  // the in-flight bound
 }
 
+// Replay hears of the learner's new version only with its next batch request. Once a whole step
+// has been served at version 0 the learner is training toward 1, so groups a version-0 actor
+// would make now could only be trained on at version 2: refused (they were made and then dropped,
+// about a third of all groups in the tiny CPU job).
+TEST_F(StoreTest, LeasesCountTheStepTheLearnerIsTraining) {
+  auto s = OpenWithData(20, Options());  // groups_per_step 2, max_staleness 1, bound 4
+  auto lease = [&](uint64_t actor_version, uint32_t n) {
+    capnp::MallocMessageBuilder req, rep;
+    auto r = req.initRoot<proto::LeaseRequest>();
+    r.setActorId("actor-0");
+    r.setMaxTasks(n);
+    r.setPolicyVersion(actor_version);
+    auto out = rep.initRoot<proto::PromptLease>();
+    EXPECT_TRUE(s->Lease(r.asReader(), out).ok());
+    std::vector<std::string> ids;
+    for (auto t : out.getTasks()) ids.push_back(t.getGroupId().cStr());
+    return ids;
+  };
+  auto first = lease(0, 2);
+  ASSERT_EQ(first.size(), 2u);
+  for (const auto& g : first) Complete(*s, g, /*version=*/0);
+  ASSERT_EQ(lease(0, 2).size(), 2u);  // steps 0 and 1 fill the bound
+  ASSERT_EQ(Serve(*s, 2, /*learner_version=*/0).groups.size(), 2u);  // step 0 served: training toward 1
+  EXPECT_TRUE(lease(0, 2).empty());  // version 0 could only reach step 2: too late
+  EXPECT_EQ(s->Counts().stale_lease_refusals, 1u);
+  EXPECT_EQ(lease(1, 2).size(), 2u);  // version 1 reaches step 2 within the bound
+}
+
 TEST_F(StoreTest, PerTokenVersionsUseTheOldest) {
   auto s = OpenWithData(10, Options());
   LeaseOut l = Lease(*s, 1);
