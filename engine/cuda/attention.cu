@@ -23,34 +23,10 @@
 namespace aha::engine::cuda {
 namespace {
 
-[[noreturn]] void Fail(const char* what, long long value) {
-  std::fprintf(stderr, "aha engine/cuda/attention.cu: %s (got %lld)\n", what, value);
-  std::abort();
-}
-
-void CheckCuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "aha engine/cuda/attention.cu: %s: %s\n", what, cudaGetErrorString(e));
-    std::abort();
-  }
-}
-
-// Kernels whose dynamic shared memory exceeds the default 48 KB need the opt-in attribute. Set on
-// every launch (a cheap host call, no stream work) so that it holds on whichever device is current.
-template <typename Kernel>
-void AllowSmem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  }
-}
-
 // ---- device helpers ---------------------------------------------------------------------------------
 
 __device__ __forceinline__ float4 Ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void St4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
-__device__ __forceinline__ float4 Zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
 __device__ __forceinline__ float4 Mul4(float4 x, float a) { return make_float4(x.x * a, x.y * a, x.z * a, x.w * a); }
 __device__ __forceinline__ float Dot4(float4 a, float4 b, float acc) {
   acc = fmaf(a.x, b.x, acc);

@@ -4,11 +4,40 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 namespace aha::engine::cuda {
 
+// A launcher's argument check or CUDA call failed: the op interface has no error path, so abort
+// with the reason (a bad shape is a caller bug, not bad input).
+[[noreturn]] inline void Fail(const char* what, long long value) {
+  std::fprintf(stderr, "aha engine/cuda attention: %s (got %lld)\n", what, value);
+  std::abort();
+}
+
+inline void CheckCuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha engine/cuda attention: %s: %s\n", what, cudaGetErrorString(e));
+    std::abort();
+  }
+}
+
+// Kernels whose dynamic shared memory exceeds the default 48 KB need the opt-in attribute. Set on
+// every launch (a cheap host call, no stream work) so that it holds on whichever device is current.
+template <typename Kernel>
+void AllowSmem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 Zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
 
 // Largest s in [0, S) with cu[s] <= r, for a nondecreasing cu[0..S] with cu[0] <= r. Empty sequences
 // (cu[s] == cu[s + 1]) are stepped over, so cu[result] is the start of the sequence holding row r.

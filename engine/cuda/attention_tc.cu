@@ -41,30 +41,8 @@
 namespace aha::engine::cuda {
 namespace {
 
-[[noreturn]] void Fail(const char* what, long long value) {
-  std::fprintf(stderr, "aha engine/cuda/attention_tc.cu: %s (got %lld)\n", what, value);
-  std::abort();
-}
-
-void CheckCuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "aha engine/cuda/attention_tc.cu: %s: %s\n", what, cudaGetErrorString(e));
-    std::abort();
-  }
-}
-
-template <typename Kernel>
-void AllowSmem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  }
-}
-
 // ---- device helpers ---------------------------------------------------------------------------------
 
-__device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
-__device__ __forceinline__ float4 Zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
 // Two floats rounded to bf16 (round to nearest even) in one register: `lo` in bits 0..15.
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address), .y = hi
