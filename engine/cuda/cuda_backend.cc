@@ -195,13 +195,11 @@ void CudaBackend::Check(const char* op, bool forget_casts) {
 
 void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
-  gemm_->ForgetCasts();
-  Mark("copy");
+  Check("copy");
 }
 void CudaBackend::Upload(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
-  gemm_->ForgetCasts();
-  Mark("upload");
+  Check("upload");
 }
 void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
@@ -252,8 +250,7 @@ void* CudaBackend::EndCapture() {
 
 void CudaBackend::Replay(void* graph) {
   CheckCuda(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph), stream_), "graph launch");
-  gemm_->ForgetCasts();
-  Mark("graph replay (decode step)");
+  Check("graph replay (decode step)");
 }
 
 void CudaBackend::DestroyGraph(void* graph) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph)); }
