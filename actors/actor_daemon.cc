@@ -329,7 +329,7 @@ int RunActorDaemon(int argc, char** argv) {
     if ((*lease_env)->which() != proto::Envelope::Body::PROMPT_LEASE) continue;
     auto lease = (*lease_env)->root().getBody().getPromptLease();
     if (lease.getTasks().size() == 0) {
-      rt->WaitForStopFor(std::chrono::milliseconds(std::max<uint32_t>(50, lease.getRetryAfterMs())));
+      rt->WaitForStopFor(std::chrono::milliseconds(std::max<uint32_t>(1, lease.getRetryAfterMs())));
       continue;
     }
     metrics.leases->Increment();

@@ -250,7 +250,7 @@ int RunLearnerDaemon(int argc, char** argv) {
         finished = true;
         break;
       }
-      if (batch.getGroups().size() == 0) rt->WaitForStopFor(std::chrono::milliseconds(std::max<uint32_t>(20, batch.getRetryAfterMs())));
+      if (batch.getGroups().size() == 0) rt->WaitForStopFor(std::chrono::milliseconds(std::max<uint32_t>(1, batch.getRetryAfterMs())));
     }
     if (rt->stopping()) break;
     if (groups.empty()) {

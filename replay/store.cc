@@ -477,13 +477,15 @@ Status ReplayStore::Lease(proto::LeaseRequest::Reader request, proto::PromptLeas
       auto lease = leases_.find(it->second.second);
       if (lease != leases_.end()) return FillLeaseReply(lease->second, reply);
       // The lease is resolved already (expired or complete): nothing more to hand out for it.
-      reply.setRetryAfterMs(options_.retry_after_ms);
+      reply.setRetryAfterMs(options_.poll_after_ms);
       return OkStatus();
     }
   }
   auto empty = [&]() {
-    reply.setRetryAfterMs(options_.retry_after_ms);
-    reply.setFinished(FinishedLocked());
+    const bool finished = FinishedLocked();
+    const bool idle = paused_ || !has_dataset_ || finished;
+    reply.setRetryAfterMs(idle ? options_.retry_after_ms : options_.poll_after_ms);
+    reply.setFinished(finished);
     return OkStatus();
   };
   if (paused_ || !has_dataset_) return empty();
@@ -985,8 +987,9 @@ Status ReplayStore::ServeBatch(proto::BatchRequest::Reader request, proto::Batch
   RETURN_IF_ERROR(FillBatchReply(request_id, taken_ids, reply));
   reply.setDroppedStale(stale_since_last_batch_ + static_cast<uint32_t>(stale.size()));
   stale_since_last_batch_ = 0;
-  if (taken.size() < want) reply.setRetryAfterMs(options_.retry_after_ms);
-  reply.setFinished(taken.empty() && FinishedLocked());
+  const bool finished = taken.empty() && FinishedLocked();
+  if (taken.size() < want) reply.setRetryAfterMs(paused_ || finished ? options_.retry_after_ms : options_.poll_after_ms);
+  reply.setFinished(finished);
   return OkStatus();
 }
 

@@ -35,6 +35,7 @@ struct BatchOut {
   std::vector<std::string> groups;
   std::vector<uint32_t> sizes;
   uint32_t dropped_stale = 0;
+  uint32_t retry_after = 0;
   bool finished = false;
 };
 
@@ -99,6 +100,7 @@ class StoreTest : public ::testing::Test {
       b.sizes.push_back(g.getSamples().size());
     }
     b.dropped_stale = out.getDroppedStale();
+    b.retry_after = out.getRetryAfterMs();
     b.finished = out.getFinished();
     return b;
   }
@@ -169,7 +171,7 @@ TEST_F(StoreTest, RateLimiterBoundsInFlightGroups) {
   EXPECT_EQ(b.groups.size(), 1u);
   LeaseOut c = Lease(*s, 3);
   EXPECT_TRUE(c.groups.empty());
-  EXPECT_GT(c.retry_after, 0u);
+  EXPECT_EQ(c.retry_after, s->options().poll_after_ms);  // live: a slot frees within a step
   EXPECT_FALSE(c.finished);
   // Completing a group does not free a slot: it is in flight until the learner consumes it.
   Complete(*s, a.groups[0]);
@@ -647,6 +649,30 @@ TEST(Records, CorruptRecordsAreDataLossNotCrashes) {
   EXPECT_EQ(back->task_index, 7u);
   EXPECT_EQ(back->state, GroupState::kServed);
   EXPECT_EQ(back->request_id, 9u);
+}
+
+
+// The retry hint is short while the job is live (what is missing is being generated: a long sleep
+// is dead time in every step) and long when nothing can change soon.
+TEST_F(StoreTest, RetryHintIsShortWhileLiveAndLongWhenPaused) {
+  ReplayOptions o = Options();
+  o.poll_after_ms = 3;
+  o.retry_after_ms = 250;
+  auto s = OpenWithData(100, o);
+  LeaseOut a = Lease(*s, 2);
+  ASSERT_EQ(a.groups.size(), 2u);
+  Complete(*s, a.groups[0]);
+  BatchOut part = Serve(*s, 2, 0);  // one of two groups ready: the other one is on its way
+  EXPECT_EQ(part.groups.size(), 1u);
+  EXPECT_EQ(part.retry_after, 3u);
+  BatchOut none = Serve(*s, 1, 0);
+  EXPECT_TRUE(none.groups.empty());
+  EXPECT_EQ(none.retry_after, 3u);
+  s->SetPaused(true);
+  EXPECT_EQ(Lease(*s, 2).retry_after, 250u);
+  EXPECT_EQ(Serve(*s, 1, 0).retry_after, 250u);
+  s->SetPaused(false);
+  EXPECT_EQ(Serve(*s, 1, 0).retry_after, 3u);
 }
 
 }  // namespace
