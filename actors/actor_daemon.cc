@@ -249,13 +249,24 @@ int RunActorDaemon(int argc, char** argv) {
         }
         if (!got->has_value()) {
           metrics.lag->Set(static_cast<double>(fetched.load() - version.load()));
-          rt->WaitForStopFor(100ms);
+          rt->WaitForStopFor(10ms);  // a step is often under 100 ms: ask again soon
           continue;
         }
         auto w = std::make_shared<const WeightsVersion>(std::move(**got));
         if (w->bytes->size() != model->num_params() * sizeof(float) || w->dtype != proto::DType::F32) {
           spdlog::error("weights version {} does not fit this model ({} bytes, {} expected)", w->version,
                         w->bytes->size(), model->num_params() * sizeof(float));
+          rt->WaitForStopFor(1000ms);
+          continue;
+        }
+        // Same size is not the same layout (a learner of another aha version may order the flat
+        // buffer differently, e.g. q/k/v biases interleaved): the tensor table must match ours.
+        const auto& table = model->param_table();
+        bool same_layout = w->tensors.size() == table.size();
+        for (size_t i = 0; same_layout && i < table.size(); ++i)
+          same_layout = w->tensors[i].name == table[i].name && w->tensors[i].offset == table[i].offset * sizeof(float);
+        if (!same_layout) {
+          spdlog::error("weights version {}: the learner's tensor layout differs from this model's", w->version);
           rt->WaitForStopFor(1000ms);
           continue;
         }

@@ -331,6 +331,7 @@ template <typename V> void Visit(V& v, ReplayConfig& c) {
   v.Field("lease_timeout_s", c.lease_timeout_s, 0.1, 1e7);
   v.Field("retention_steps", c.retention_steps, -1, kMaxInt);  // -1 keeps consumed groups (export)
   v.Field("max_inflight_groups", c.max_inflight_groups, 0, kMaxInt);
+  v.Field("poll_ms", c.poll_ms, 1, 10000);
 }
 template <typename V> void Visit(V& v, JobConfig& c) {
   v.Field("name", c.name);

@@ -130,6 +130,7 @@ struct ReplayConfig {
   double lease_timeout_s = 120;
   int64_t retention_steps = 10;     // -1 keeps consumed groups forever (for export)
   int64_t max_inflight_groups = 0;  // 0 = (max_staleness + 1) * prompts_per_step
+  int64_t poll_ms = 5;              // retry hint to actors and learner while groups are on their way
 };
 
 struct JobConfig {

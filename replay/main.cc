@@ -65,7 +65,7 @@ int RunDaemon(int argc, char** argv) {
   std::string durability = "sync", endpoints_file, checkpoint_dir;
   int64_t group_size = 8, groups_per_step = 8, max_staleness = 1, max_in_flight = 0;
   int64_t lease_timeout_ms = 120'000, retention_steps = 10, epochs = 1, seed = 1234;
-  int64_t max_trajectory_bytes = 8 << 20, tick_ms = 500;
+  int64_t max_trajectory_bytes = 8 << 20, tick_ms = 500, poll_ms = 5;
   bool skip_bad = false, dynamic_sampling = false, shuffle = true;
   flags.String("db", &db, "RocksDB directory of this job's replay (required)");
   flags.String("data", &data, "prompt dataset JSONL, loaded into the db once (docs/data.md)");
@@ -88,6 +88,7 @@ int RunDaemon(int argc, char** argv) {
   flags.Int("max-trajectory-bytes", &max_trajectory_bytes, "larger samples are rejected as oversized");
   flags.String("checkpoint-dir", &checkpoint_dir, "where `aha checkpoint` writes when given no directory (default DB.checkpoints)");
   flags.Int("tick-ms", &tick_ms, "how often leases are checked for expiry");
+  flags.Int("poll-ms", &poll_ms, "retry hint while groups are on their way (paused or finished: 200 ms)");
   ParseOrExit(flags, argc, argv);
   const std::string prog = flags.program();
 
@@ -110,6 +111,7 @@ int RunDaemon(int argc, char** argv) {
     set("lease-timeout-ms", &lease_timeout_ms, static_cast<int64_t>(cfg->replay.lease_timeout_s * 1000));
     set("retention-steps", &retention_steps, cfg->replay.retention_steps);
     set("max-in-flight", &max_in_flight, cfg->replay.max_inflight_groups);
+    set("poll-ms", &poll_ms, cfg->replay.poll_ms);
   }
   if (db.empty()) return Fail(prog, "--db is required", 2);
   auto dur = ParseDurability(durability);
@@ -125,7 +127,8 @@ int RunDaemon(int argc, char** argv) {
       !positive("max-staleness", max_staleness, 0, 1 << 20) || !positive("max-in-flight", max_in_flight, 0, 1ll << 32) ||
       !positive("lease-timeout-ms", lease_timeout_ms, 1, 1ll << 40) ||
       !positive("retention-steps", retention_steps, -1, 1ll << 40) || !positive("epochs", epochs, 0, 1 << 30) ||
-      !positive("max-trajectory-bytes", max_trajectory_bytes, 1024, 1ll << 30) || !positive("tick-ms", tick_ms, 1, 60000))
+      !positive("max-trajectory-bytes", max_trajectory_bytes, 1024, 1ll << 30) || !positive("tick-ms", tick_ms, 1, 60000) ||
+      !positive("poll-ms", poll_ms, 1, 10000))
     return 2;
 
   auto runtime_or = DaemonRuntime::Create("replay", daemon_flags);
@@ -147,6 +150,7 @@ int RunDaemon(int argc, char** argv) {
   o.shuffle_seed = static_cast<uint64_t>(seed);
   o.epochs = static_cast<uint32_t>(epochs);
   o.max_trajectory_bytes = static_cast<uint64_t>(max_trajectory_bytes);
+  o.poll_after_ms = static_cast<uint32_t>(poll_ms);
   o.registry = &runtime->metrics().registry();
   auto store_or = ReplayStore::Open(o);
   if (!store_or.ok()) return Fail(prog, store_or.status().message());

@@ -96,7 +96,8 @@ struct WeightReceiverOptions {
   float* params = nullptr;            // n f32 on the device: the model's weights
   uint16_t* shadow = nullptr;         // their bf16 copy read by the GEMMs (null: none)
   cudaStream_t swap_stream = nullptr; // the model's stream: swaps are ordered with its work
-  Millis poll_interval{10};           // how often the learner hears from an actor that waits
+  Millis poll_interval{2};            // how often the learner hears from an actor that waits: a
+                                      // broadcast starts only when every actor has heard of it
   Millis call_timeout{2000};
   Millis join_deadline{60000};
   Millis broadcast_deadline{60000};
