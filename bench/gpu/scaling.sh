@@ -9,6 +9,7 @@
 #             cuda:1..3: generated tokens per second taken in by the learner, steps 6..6+ACTOR_STEPS
 #             (default 20), at grpo.max_staleness ACTOR_STALENESS (default 1; with 1 every actor
 #             generates for the same next version, so more actors cannot overlap steps).
+#   poll:     replay.poll_ms 200 (the old fixed hint) vs 5 with one actor, same job as actors.
 #   dp:       `aha bench train` on the 0.5B shape, 64 x 1024 tokens in micro-batches of 32k,
 #             on cuda:0 vs cuda:0,cuda:1.
 #   pipeline: the Qwen2.5-0.5B shape (random weights, the Qwen3 tokenizer) through the whole
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-out=${1:?usage: scaling.sh OUT_DIR [actors] [dp] [pipeline]}
+out=${1:?usage: scaling.sh OUT_DIR [actors] [poll] [dp] [pipeline]}
 shift
 what=${*:-actors dp pipeline}
 mkdir -p "$out"
@@ -72,6 +73,23 @@ print(f\"  generation {G * j['mean_length'] / j['step_s']:.0f} tokens/s over {j[
     grep -ho '([0-9]* tokens/s generating, [0-9]* tokens/s overall)' "$run"/logs/actor-*.log |
       awk -v n="$n" '{gen += substr($1, 2); all += $4} END {printf "  actors %d: %.0f tokens/s overall (sum), %.0f while generating\n", n, all, gen}'
     tar -czf "$out/actors-$n.tgz" -C "$run" metrics logs 2>/dev/null
+  done
+fi
+
+if [[ $what == *poll* ]]; then
+  # The replay's retry hint (replay.poll_ms) A/B: one actor on cuda:POLL_ACTOR_DEVICE (default 1;
+  # 0 on a one-GPU machine, where it shares the learner's GPU and pulls over ZeroMQ).
+  for p in 200 5; do
+    job=configs/.scale-poll-$p.yaml
+    sed "s/^  actors: .*/  actors: [{device: \"cuda:${POLL_ACTOR_DEVICE:-1}\"}]/; s/^stages: .*/stages: [grpo]/" \
+      configs/small-gpu.yaml > "$job"
+    run=/tmp/aha-scale-poll-$p
+    rm -rf "$run"
+    timeout 150 $aha run "$job" --run-dir "$run" --no-eval --set grpo.steps=26 --set replay.poll_ms=$p \
+      --set checkpoint.every=0 > "$out/poll-$p.log" 2>&1
+    echo "poll $p ms: exit $?"
+    summarise "poll-$p-ms" "$run" 6
+    tar -czf "$out/poll-$p.tgz" -C "$run" metrics logs 2>/dev/null
   done
 fi
 
