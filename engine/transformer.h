@@ -65,6 +65,8 @@ class Transformer {
   Backend* backend() const { return backend_; }
   const std::vector<ParamInfo>& param_table() const { return table_; }
   size_t num_params() const { return params_.numel(); }
+  // Rows the training activations are allocated for (grown by at least a quarter when a batch is larger).
+  int activation_rows() const { return capacity_; }
   // params(), grads(), param() and grad() point into the backend's device memory: host code reads and
   // writes the weights through CopyParamsToHost / SetParams. After changing params() in place on the
   // device (optimizer), call ParamsChanged() so the backend refreshes its copies (backend.h).
