@@ -176,6 +176,8 @@ void* CudaBackend::Workspace(size_t bytes) {
     // The old buffer may still be read by queued launches: let them finish first.
     CheckCuda(cudaStreamSynchronize(stream_), "synchronize");
     if (workspace_) CheckCuda(cudaFree(workspace_), "free workspace");
+    // At least a quarter more: sizes follow the batch, which varies by a few rows per step.
+    bytes = std::max(bytes, workspace_bytes_ + workspace_bytes_ / 4);
     CheckCuda(cudaMalloc(&workspace_, bytes), "allocate workspace");
     workspace_bytes_ = bytes;
     ++workspace_generation_;

@@ -9,6 +9,7 @@
 #include <cublas_v2.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -89,6 +90,9 @@ struct Scratch {
   uint64_t* generation = nullptr;
   void* Get(size_t need) {
     if (need > bytes) {
+      // At least a quarter more: cast sizes follow the batch, which varies by a few rows per
+      // step, and each growth is a device-wide cudaFree.
+      need = std::max(need, bytes + bytes / 4);
       ++*generation;
       if (p) CheckCuda(cudaFree(p), "free scratch");
       CheckCuda(cudaMalloc(&p, need), "allocate gemm scratch");
