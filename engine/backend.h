@@ -4,7 +4,8 @@
 //
 // Conventions (llm.c style), for every op:
 //  - All pointers are device pointers of the backend; all floats are f32 (the CUDA backend may keep
-//    weights and activations in bf16 behind the same signatures in a later issue).
+//    weights and activations in bf16 behind the same signatures in a later issue), except the KV
+//    cache pools, whose element type is the backend's kv_cache_dtype().
 //  - Shapes: N tokens (all sequences packed end to end, no padding), C model width, Hq query heads,
 //    Hkv key/value heads (Hq % Hkv == 0, query head h reads kv head h / (Hq / Hkv)), D head width,
 //    I MLP width, V vocabulary, S sequences. cu_seqlens[S + 1] holds sequence starts: sequence s is
@@ -35,6 +36,16 @@ struct RopeSpec {
 };
 // inv_freq[D / 2], exactly as transformers' _compute_default/_compute_llama3_parameters compute them.
 std::vector<float> RopeInverseFrequencies(const RopeSpec& spec, int head_dim);
+
+// One layer of a paged KV cache as the cache ops see it (see Backend::KvCacheWrite).
+struct PagedKv {
+  void* k = nullptr;  // [num_blocks, block_size, Hkv, D] of dtype
+  void* v = nullptr;
+  DType dtype = DType::kF32;
+  int num_blocks = 0, block_size = 0;
+  const int32_t* block_table = nullptr;  // [B, max_blocks], device memory
+  int max_blocks = 0;
+};
 
 class Backend {
  public:
@@ -99,10 +110,21 @@ class Backend {
   virtual void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x,
                               const float* w, int N, int C, int OC, bool accumulate_dx) = 0;
 
-  // h[N, I] = silu(gate) * up, silu(x) = x * sigmoid(x). Backward overwrites dgate and dup.
-  virtual void SwiGluForward(float* h, const float* gate, const float* up, int N, int I) = 0;
-  virtual void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate,
-                              const float* up, int N, int I) = 0;
+  // The fused q/k/v product (one LinearForward over the adjacent q_proj, k_proj, v_proj weights)
+  // qkv[N, QD + 2 KD], each row q | k | v, split into q[N, QD], k[N, KD], v[N, KD], adding
+  // bias[QD + 2 KD] (the three biases end to end) when bias is not null. Overwrites q, k, v.
+  virtual void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD,
+                        int KD) = 0;
+  // Its backward: dqkv[N, QD + 2 KD] = dq | dk | dv per row (overwritten). The bias gradient is
+  // dqkv's column sums, which LinearBackward's db gives.
+  virtual void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD,
+                       int KD) = 0;
+
+  // gu[N, 2I] is the fused gate/up product (one LinearForward over the adjacent gate_proj and
+  // up_proj weights): gate = gu[:, :I], up = gu[:, I:]. h[N, I] = silu(gate) * up,
+  // silu(x) = x * sigmoid(x). h must not overlap gu. Backward overwrites dgu[N, 2I].
+  virtual void SwiGluForward(float* h, const float* gu, int N, int I) = 0;
+  virtual void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) = 0;
 
   // out[n] = a[n] + b[n]; out may alias a or b.
   virtual void Add(float* out, const float* a, const float* b, size_t n) = 0;
@@ -119,20 +141,26 @@ class Backend {
                                  const float* lse, const float* q, const float* k, const float* v,
                                  const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) = 0;
 
-  // KV cache for generation: per layer k_cache/v_cache[slots, max_len, Hkv, D]; a sequence owns one
-  // slot. Writes k/v of packed new tokens (sequence b: rows cu_q[b]..cu_q[b+1], at positions
-  // start[b]...) into their slots. Nq = cu_q[B], the number of new rows, is passed too so that a
-  // device backend can size its launch without reading cu_q back.
-  virtual void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v,
-                            const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
-                            int Nq, int max_len, int Hkv, int D) = 0;
-  // Attention of packed new queries against the cache (prefill when start = 0 and many rows, decode
-  // when one row per sequence): query row i of sequence b sits at position start[b] + (i - cu_q[b])
-  // and attends to cache positions 0..that position. q/out[Nq, Hq, D].
-  virtual void CachedAttentionForward(float* out, const float* q, const float* k_cache,
-                                      const float* v_cache, const int32_t* cu_q, const int32_t* slots,
-                                      const int32_t* start, int B, int Nq, int max_len, int Hq,
-                                      int Hkv, int D) = 0;
+  // Paged KV cache for generation (vLLM style; Transformer's KvCache holds the pools, Generator's
+  // block allocator hands out blocks). One layer is a PagedKv: pools k/v[num_blocks, block_size, Hkv,
+  // D] of element type `dtype` (kv_cache_dtype() when allocated: f32, or bf16 on the CUDA backend
+  // with bf16 products), and a block table [B, max_blocks] in device() memory: position p of batch
+  // row b lives in block block_table[b * max_blocks + p / block_size], row p % block_size. A row's
+  // blocks need not be contiguous or ordered; entries past its length are never read. A position
+  // past max_blocks * block_size or a block outside [0, num_blocks) is a caller bug: the CPU backend
+  // aborts; a device backend skips such writes and reads zeros.
+  virtual DType kv_cache_dtype() const { return DType::kF32; }
+  // Writes k/v[Nq, Hkv, D] (f32) of packed new tokens (sequence b: rows cu_q[b]..cu_q[b+1], at
+  // positions start[b]...) into the pools, rounding to the pool's dtype. Nq = cu_q[B], the number of
+  // new rows, is passed too so that a device backend can size its launch without reading cu_q back.
+  virtual void KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q,
+                            const int32_t* start, int B, int Nq, int Hkv, int D) = 0;
+  // Attention of packed new queries against the cache (prefill when start = 0 and many rows, chunked
+  // prefill when start > 0, decode when one row per sequence): query row i of sequence b sits at
+  // position start[b] + (i - cu_q[b]) and attends to cache positions 0..that position. q/out[Nq, Hq, D]
+  // in f32; products and softmax accumulate in f32 whatever the pool's dtype.
+  virtual void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
+                                      const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) = 0;
 
   // ---- fused lm-head ------------------------------------------------------------------------------
   // For each row n with targets[n] >= 0: z = (h[n] @ w^T) / temperature over the vocabulary,

@@ -144,25 +144,62 @@ void CpuBackend::LinearBackward(float* dx, float* dw, float* db, const float* do
   }
 }
 
-void CpuBackend::SwiGluForward(float* h, const float* gate, const float* up, int N, int I) {
-  const size_t n = static_cast<size_t>(N) * I;
-#pragma omp parallel for if (n >= kParallelWork)
-  for (size_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    h[i] = g / (1.0f + std::exp(-g)) * up[i];
+void CpuBackend::SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD,
+                          int KD) {
+  const int W = QD + 2 * KD;
+#pragma omp parallel for if (static_cast<size_t>(N) * W >= kParallelWork)
+  for (int n = 0; n < N; ++n) {
+    const float* row = qkv + static_cast<size_t>(n) * W;
+    float* out[3] = {q + static_cast<size_t>(n) * QD, k + static_cast<size_t>(n) * KD, v + static_cast<size_t>(n) * KD};
+    const int begin[3] = {0, QD, QD + KD}, width[3] = {QD, KD, KD};
+    for (int p = 0; p < 3; ++p)
+      for (int c = 0; c < width[p]; ++c) {
+        const int col = begin[p] + c;
+        out[p][c] = bias ? row[col] + bias[col] : row[col];
+      }
   }
 }
 
-void CpuBackend::SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate,
-                                const float* up, int N, int I) {
+void CpuBackend::PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) {
+  // SplitQkv copies each column once (plus a bias), so its adjoint copies the gradients back.
+  const int W = QD + 2 * KD;
+#pragma omp parallel for if (static_cast<size_t>(N) * W >= kParallelWork)
+  for (int n = 0; n < N; ++n) {
+    float* row = dqkv + static_cast<size_t>(n) * W;
+    std::copy(dq + static_cast<size_t>(n) * QD, dq + static_cast<size_t>(n + 1) * QD, row);
+    std::copy(dk + static_cast<size_t>(n) * KD, dk + static_cast<size_t>(n + 1) * KD, row + QD);
+    std::copy(dv + static_cast<size_t>(n) * KD, dv + static_cast<size_t>(n + 1) * KD, row + QD + KD);
+  }
+}
+
+void CpuBackend::SwiGluForward(float* h, const float* gu, int N, int I) {
+#pragma omp parallel for if (static_cast<size_t>(N) * I >= kParallelWork)
+  for (int n = 0; n < N; ++n) {
+    const float* gate = gu + static_cast<size_t>(n) * 2 * I;
+    const float* up = gate + I;
+    float* hr = h + static_cast<size_t>(n) * I;
+    for (int i = 0; i < I; ++i) {
+      const float g = gate[i];
+      hr[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  }
+}
+
+void CpuBackend::SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) {
   // silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g).
-  const size_t n = static_cast<size_t>(N) * I;
-#pragma omp parallel for if (n >= kParallelWork)
-  for (size_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    const float s = 1.0f / (1.0f + std::exp(-g));
-    dup[i] = dh[i] * g * s;
-    dgate[i] = dh[i] * up[i] * s * (1.0f + g * (1.0f - s));
+#pragma omp parallel for if (static_cast<size_t>(N) * I >= kParallelWork)
+  for (int n = 0; n < N; ++n) {
+    const float* gate = gu + static_cast<size_t>(n) * 2 * I;
+    const float* up = gate + I;
+    const float* d = dh + static_cast<size_t>(n) * I;
+    float* dgate = dgu + static_cast<size_t>(n) * 2 * I;
+    float* dup = dgate + I;
+    for (int i = 0; i < I; ++i) {
+      const float g = gate[i];
+      const float s = 1.0f / (1.0f + std::exp(-g));
+      dup[i] = d[i] * g * s;
+      dgate[i] = d[i] * up[i] * s * (1.0f + g * (1.0f - s));
+    }
   }
 }
 
@@ -262,50 +299,64 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
   }
 }
 
-void CpuBackend::KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v,
-                              const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
-                              int Nq, int max_len, int Hkv, int D) {
+// The cache row of position `pos` of batch row b (block table lookup, bounds checked: a bad table
+// is a bug of the caller's allocator).
+static size_t PagedRow(const PagedKv& c, int b, int pos) {
+  AHA_CHECK(pos >= 0 && pos < c.max_blocks * c.block_size) << "KV cache position " << pos << " outside the block table";
+  const int block = c.block_table[static_cast<size_t>(b) * c.max_blocks + pos / c.block_size];
+  AHA_CHECK(block >= 0 && block < c.num_blocks) << "KV block " << block << " of row " << b << " outside the pool";
+  return static_cast<size_t>(block) * c.block_size + pos % c.block_size;
+}
+
+void CpuBackend::KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q,
+                              const int32_t* start, int B, int Nq, int Hkv, int D) {
   AHA_CHECK_EQ(Nq, cu_q[B]);
+  AHA_CHECK(cache.dtype == DType::kF32) << "CPU KV cache must be f32, got " << DTypeName(cache.dtype);
   const size_t row = static_cast<size_t>(Hkv) * D;
+  float* k_cache = static_cast<float*>(cache.k);
+  float* v_cache = static_cast<float*>(cache.v);
   for (int b = 0; b < B; ++b) {
     for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) {
-      const int pos = start[b] + (i - cu_q[b]);
-      AHA_CHECK_LT(pos, max_len) << "KV cache overflow";
-      const size_t dst = (static_cast<size_t>(slots[b]) * max_len + pos) * row;
+      const size_t dst = PagedRow(cache, b, start[b] + (i - cu_q[b])) * row;
       std::copy(k + i * row, k + (i + 1) * row, k_cache + dst);
       std::copy(v + i * row, v + (i + 1) * row, v_cache + dst);
     }
   }
 }
 
-void CpuBackend::CachedAttentionForward(float* out, const float* q, const float* k_cache,
-                                        const float* v_cache, const int32_t* cu_q, const int32_t* slots,
-                                        const int32_t* start, int B, int Nq, int max_len, int Hq,
-                                        int Hkv, int D) {
+void CpuBackend::CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
+                                        const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
   AHA_CHECK_EQ(Nq, cu_q[B]);
+  AHA_CHECK(cache.dtype == DType::kF32) << "CPU KV cache must be f32, got " << DTypeName(cache.dtype);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int group = Hq / Hkv;
-  // Row -> sequence map so one flat parallel loop covers prefill and decode alike.
+  const float* k_cache = static_cast<const float*>(cache.k);
+  const float* v_cache = static_cast<const float*>(cache.v);
+  // Row -> sequence map so one flat parallel loop covers prefill and decode alike; the longest
+  // context sizes the score buffer.
   std::vector<int> seq_of(Nq);
-  for (int b = 0; b < B; ++b)
+  int longest = 0;
+  for (int b = 0; b < B; ++b) {
     for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) seq_of[i] = b;
+    longest = std::max(longest, start[b] + cu_q[b + 1] - cu_q[b]);
+  }
   size_t work = 0;
   for (int b = 0; b < B; ++b) work += static_cast<size_t>(cu_q[b + 1] - cu_q[b]) * (start[b] + cu_q[b + 1] - cu_q[b]) * Hq * D;
 #pragma omp parallel if (work >= kParallelWork)
   {
-    std::vector<float> p(max_len);
+    std::vector<float> p(longest);
+    std::vector<size_t> rows(longest);  // cache row of each key position
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int i = 0; i < Nq; ++i) {
       for (int h = 0; h < Hq; ++h) {
         const int b = seq_of[i];
         const int pos = start[b] + (i - cu_q[b]);
         const int kvh = h / group;
-        const float* kbase = k_cache + static_cast<size_t>(slots[b]) * max_len * Hkv * D;
-        const float* vbase = v_cache + static_cast<size_t>(slots[b]) * max_len * Hkv * D;
+        for (int j = 0; j <= pos; ++j) rows[j] = (PagedRow(cache, b, j) * Hkv + kvh) * D;
         const float* qi = q + (static_cast<size_t>(i) * Hq + h) * D;
         float m = -std::numeric_limits<float>::infinity();
         for (int j = 0; j <= pos; ++j) {
-          p[j] = Dot(qi, kbase + (static_cast<size_t>(j) * Hkv + kvh) * D, D) * scale;
+          p[j] = Dot(qi, k_cache + rows[j], D) * scale;
           m = std::max(m, p[j]);
         }
         float sum = 0;
@@ -315,7 +366,7 @@ void CpuBackend::CachedAttentionForward(float* out, const float* q, const float*
         const float inv = 1.0f / sum;
         for (int j = 0; j <= pos; ++j) {
           const float pj = p[j] * inv;
-          const float* vj = vbase + (static_cast<size_t>(j) * Hkv + kvh) * D;
+          const float* vj = v_cache + rows[j];
           for (int d = 0; d < D; ++d) o[d] += pj * vj[d];
         }
       }

@@ -25,21 +25,21 @@ class CpuBackend final : public Backend {
                      int OC) override;
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
                       int N, int C, int OC, bool accumulate_dx) override;
-  void SwiGluForward(float* h, const float* gate, const float* up, int N, int I) override;
-  void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
-                      int N, int I) override;
+  void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD,
+                int KD) override;
+  void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) override;
+  void SwiGluForward(float* h, const float* gu, int N, int I) override;
+  void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) override;
   void Add(float* out, const float* a, const float* b, size_t n) override;
   void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) override;
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                          const float* lse, const float* q, const float* k, const float* v,
                          const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) override;
-  void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
-                    const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv,
-                    int D) override;
-  void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
-                              const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
-                              int Nq, int max_len, int Hq, int Hkv, int D) override;
+  void KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q,
+                    const int32_t* start, int B, int Nq, int Hkv, int D) override;
+  void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
+                              const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) override;
   void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                      const int32_t* targets, int N, int C, int V, float temperature) override;
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,

@@ -8,20 +8,33 @@ namespace aha::engine {
 
 const char* FinishReasonName(FinishReason r) { return r == FinishReason::kStop ? "stop" : "length"; }
 
-Generator::Generator(Transformer* model, int max_batch, int max_len)
-    : model_(model), max_batch_(max_batch), max_len_(max_len), cache_(model->NewKvCache(max_batch, max_len)) {}
-
 namespace {
+
+int64_t BlocksFor(int64_t positions, int64_t block_size) { return (positions + block_size - 1) / block_size; }
 
 struct Active {
   int request = 0;
-  int slot = 0;
-  int len = 0;            // tokens already in the cache
-  int32_t next = 0;       // sampled token not yet fed to the model
-  Rng rng{0};
+  int64_t admitted = 0;        // admission order: the most recent is preempted first
+  int len = 0;                 // positions already in the cache
+  int32_t next = 0;            // sampled token not yet fed to the model
+  std::vector<int32_t> blocks;  // block-table row: block i holds positions [i, i + 1) x block_size
 };
 
 }  // namespace
+
+Generator::Generator(Transformer* model, int max_batch, int max_len, const GeneratorOptions& options)
+    : model_(model), max_batch_(max_batch), max_len_(max_len) {
+  AHA_CHECK(max_batch > 0 && max_len > 0 && options.block_size > 0 && options.kv_cache_tokens >= 0)
+      << "Generator: max_batch " << max_batch << ", max_len " << max_len << ", block_size " << options.block_size
+      << ", kv_cache_tokens " << options.kv_cache_tokens;
+  const int64_t per_sequence = BlocksFor(max_len, options.block_size);
+  const int64_t blocks = options.kv_cache_tokens > 0 ? BlocksFor(options.kv_cache_tokens, options.block_size)
+                                                     : max_batch * per_sequence;
+  AHA_CHECK(blocks >= per_sequence && blocks < (int64_t{1} << 31))
+      << "Generator: a KV pool of " << blocks << " blocks cannot hold one sequence of max_len " << max_len;
+  cache_ = model->NewKvCache(max_batch, max_len, static_cast<int>(blocks), options.block_size);
+  for (int64_t b = blocks - 1; b >= 0; --b) free_blocks_.push_back(static_cast<int32_t>(b));
+}
 
 Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<GenerationRequest>& requests,
                                                           const Detokenize& detokenize) {
@@ -40,11 +53,27 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       return InvalidArgument(which + "sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0");
   }
   std::vector<GenerationResult> results(requests.size());
+  std::vector<Rng> rngs;  // per request, advanced once per drawn token (kept across preemptions)
+  rngs.reserve(requests.size());
+  for (const auto& r : requests) rngs.emplace_back(r.seed);
   std::deque<int> waiting;
   for (size_t i = 0; i < requests.size(); ++i) waiting.push_back(static_cast<int>(i));
-  std::vector<int> free_slots;
-  for (int s = max_batch_ - 1; s >= 0; --s) free_slots.push_back(s);
   std::vector<Active> active;
+  stats_ = {};
+  const int bs = cache_.block_size, MB = cache_.max_blocks;
+  int64_t admissions = 0;
+  auto release = [&](Active& a) {
+    free_blocks_.insert(free_blocks_.end(), a.blocks.begin(), a.blocks.end());
+    a.blocks.clear();
+  };
+  auto take_blocks = [&](Active& a, int64_t positions) {
+    while (static_cast<int64_t>(a.blocks.size()) * bs < positions) {
+      AHA_CHECK(!free_blocks_.empty()) << "Generator: KV pool ran dry while allocating";
+      a.blocks.push_back(free_blocks_.back());
+      free_blocks_.pop_back();
+    }
+    stats_.peak_blocks_used = std::max(stats_.peak_blocks_used, cache_.num_blocks - free_blocks());
+  };
   // On the CPU the logits come back to the host and each sequence draws from its own Rng stream.
   // On a device they stay there and Backend::SampleRows draws every row in one launch, keyed by
   // (request seed, tokens drawn so far); only B tokens and log-probs come back.
@@ -54,17 +83,18 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   std::vector<SampledToken> drawn;
   uint64_t version = 0;
   auto forward_and_sample = [&](const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
-                                const std::vector<int32_t>& slots, const std::vector<int32_t>& start,
-                                std::vector<Active>& rows) {
+                                const std::vector<int32_t>& start, const std::vector<Active>& rows) {
     const int B = static_cast<int>(rows.size());
+    std::vector<int32_t> table(static_cast<size_t>(B) * MB, -1);  // -1: never read (past the row's length)
+    for (int b = 0; b < B; ++b) std::copy(rows[b].blocks.begin(), rows[b].blocks.end(), table.begin() + b * MB);
     drawn.resize(B);
     if (step_hook_) version = step_hook_();
     if (on_host) {
       logits.resize(static_cast<size_t>(B) * V);
-      model_->ForwardCached(tokens.data(), cu.data(), slots.data(), start.data(), B, &cache_, logits.data());
+      model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, logits.data());
       for (int b = 0; b < B; ++b)
         drawn[b] = SampleToken(logits.data() + static_cast<size_t>(b) * V, V, requests[rows[b].request].sampling,
-                               rows[b].rng);
+                               rngs[rows[b].request]);
       return;
     }
     if (device_logits_.empty()) {
@@ -73,7 +103,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       device_params_ = Tensor(DType::kF32, {max_batch_ * 8}, d);  // temperature top_k top_p seeds(2) counters(2), padded
       device_out_ = Tensor(DType::kF32, {max_batch_ * 2}, d);
     }
-    model_->ForwardCached(tokens.data(), cu.data(), slots.data(), start.data(), B, &cache_, device_logits_.f32());
+    model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32());
     std::vector<float> temperature(B), top_p(B);
     std::vector<int32_t> top_k(B);
     std::vector<uint64_t> seeds(B), counters(B);
@@ -135,52 +165,69 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   };
 
   while (!waiting.empty() || !active.empty()) {
-    // Admit waiting requests into free slots and prefill them together.
+    // Admit waiting requests (first come, first served) while the batch has room and the free
+    // blocks cover the prefill plus the next token, and prefill them together. A preempted request
+    // prefills its prompt and every token drawn so far (the last one not yet fed) and continues.
     std::vector<Active> admitted;
-    std::vector<int32_t> tokens, cu{0}, slots, start;
-    while (!waiting.empty() && !free_slots.empty()) {
-      Active a;
-      a.request = waiting.front();
+    std::vector<int32_t> tokens, cu{0}, start;
+    while (!waiting.empty() && static_cast<int>(active.size() + admitted.size()) < max_batch_) {
+      const int r = waiting.front();
+      const auto& prompt = requests[r].prompt;
+      const auto& so_far = results[r].tokens;
+      const int len = static_cast<int>(prompt.size() + so_far.size());
+      if (BlocksFor(len + 1, bs) > free_blocks()) break;
       waiting.pop_front();
-      a.slot = free_slots.back();
-      free_slots.pop_back();
-      a.rng = Rng(requests[a.request].seed);
-      const auto& p = requests[a.request].prompt;
-      tokens.insert(tokens.end(), p.begin(), p.end());
+      Active a;
+      a.request = r;
+      a.admitted = admissions++;
+      a.len = len;
+      take_blocks(a, len);
+      if (!so_far.empty()) stats_.recomputed_tokens += len;
+      tokens.insert(tokens.end(), prompt.begin(), prompt.end());
+      tokens.insert(tokens.end(), so_far.begin(), so_far.end());
       cu.push_back(static_cast<int32_t>(tokens.size()));
-      slots.push_back(a.slot);
       start.push_back(0);
-      a.len = static_cast<int>(p.size());
-      admitted.push_back(a);
+      admitted.push_back(std::move(a));
     }
     if (!admitted.empty()) {
       const int B = static_cast<int>(admitted.size());
-      forward_and_sample(tokens, cu, slots, start, admitted);
+      forward_and_sample(tokens, cu, start, admitted);
       for (int b = 0; b < B; ++b) {
-        if (accept(admitted[b], drawn[b])) free_slots.push_back(admitted[b].slot);
-        else active.push_back(admitted[b]);
+        if (accept(admitted[b], drawn[b])) release(admitted[b]);
+        else active.push_back(std::move(admitted[b]));
       }
-      continue;  // admit more before decoding if slots were freed at once
+      continue;  // admit more before decoding if blocks were freed at once
     }
-    // One decode step for every active sequence.
+    AHA_CHECK(!active.empty()) << "Generator: request " << waiting.front() << " cannot be admitted into an empty pool";
+    // The decode step writes position len of every sequence: one at a block boundary needs a new
+    // block. While the pool cannot cover them, preempt the most recently admitted sequence.
+    auto needs_block = [&](const Active& a) { return static_cast<int64_t>(a.blocks.size()) * bs <= a.len; };
+    while (std::count_if(active.begin(), active.end(), needs_block) > free_blocks()) {
+      auto victim = std::max_element(active.begin(), active.end(),
+                                     [](const Active& x, const Active& y) { return x.admitted < y.admitted; });
+      release(*victim);
+      waiting.push_front(victim->request);
+      active.erase(victim);
+      ++stats_.preemptions;
+    }
+    if (active.empty()) continue;
+    for (Active& a : active) take_blocks(a, a.len + 1);
     const int B = static_cast<int>(active.size());
     tokens.clear();
     cu.assign(1, 0);
-    slots.clear();
     start.clear();
     for (const Active& a : active) {
       tokens.push_back(a.next);
       cu.push_back(static_cast<int32_t>(tokens.size()));
-      slots.push_back(a.slot);
       start.push_back(a.len);
     }
-    forward_and_sample(tokens, cu, slots, start, active);
+    forward_and_sample(tokens, cu, start, active);
     std::vector<Active> still;
     for (int b = 0; b < B; ++b) {
       Active& a = active[b];
       a.len += 1;
-      if (accept(a, drawn[b])) free_slots.push_back(a.slot);
-      else still.push_back(a);
+      if (accept(a, drawn[b])) release(a);
+      else still.push_back(std::move(a));
     }
     active = std::move(still);
   }

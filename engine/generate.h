@@ -1,10 +1,19 @@
 // Generator: batched, KV-cached sampling of completions for many prompts at once.
 //
-// Up to max_batch sequences decode together; a finished sequence's cache slot is refilled with the
-// next waiting request (continuous batching). Newly admitted prompts are prefilled together as one
+// Up to max_batch sequences decode together; a finished sequence's place is refilled with the next
+// waiting request (continuous batching). Newly admitted prompts are prefilled together as one
 // packed batch; each decode step then runs one token of every active sequence in one batched
-// forward pass (Transformer::ForwardCached). Each request has its own seeded RNG, so its tokens do
-// not depend on which other requests share the batch.
+// forward pass (Transformer::ForwardCached). Each request has its own seeded RNG stream, advanced
+// once per drawn token, so its tokens do not depend on which other requests share the batch.
+//
+// KV memory is a paged pool (transformer.h KvCache) with a free list of blocks: a sequence takes
+// blocks as it grows and returns them when it finishes. A waiting request is admitted when the free
+// blocks cover its prefill plus one token. When a decode step finds the pool empty, the most
+// recently admitted running sequence is preempted (vLLM's recompute mode): its blocks go back to
+// the pool, and it returns to the front of the queue keeping its drawn tokens and RNG state; when
+// re-admitted, its prompt and drawn tokens are prefilled again and it continues where it stopped,
+// so its completion is the one it would have produced without the preemption (at unchanged
+// weights: after a step hook's swap the recomputed keys and values are the new weights').
 //
 // A sequence stops at the first of: a token in stop_token_ids (kept in the output: the learner
 // trains on it), a stop string appearing in the decoded completion (needs `detokenize`; tokens are
@@ -41,11 +50,27 @@ struct GenerationResult {
   FinishReason finish = FinishReason::kLength;
 };
 
+struct GeneratorOptions {
+  // KV pool size in tokens (rounded up to whole blocks); 0 = max_batch x max_len, enough for every
+  // sequence at full length at once (never preempts). Smaller pools trade preemptions (recomputed
+  // prefills) for memory; the pool must hold at least one sequence of max_len.
+  int64_t kv_cache_tokens = 0;
+  int block_size = 16;  // positions per KV block
+};
+
+// Counts of the last Generate() call.
+struct GeneratorStats {
+  int64_t preemptions = 0;        // sequences sent back to the queue because the pool ran dry
+  int64_t recomputed_tokens = 0;  // positions prefilled again for re-admitted sequences
+  int peak_blocks_used = 0;       // most blocks held at once
+};
+
 class Generator {
  public:
   using Detokenize = std::function<std::string(const std::vector<int32_t>&)>;
-  // max_len bounds prompt + completion of each sequence (KV cache length).
-  Generator(Transformer* model, int max_batch, int max_len);
+  // max_len bounds prompt + completion of each sequence. Aborts on max_batch, max_len or
+  // options that cannot work (a pool smaller than one max_len sequence): a caller bug.
+  Generator(Transformer* model, int max_batch, int max_len, const GeneratorOptions& options = {});
   // InvalidArgument for an empty prompt, an out-of-vocabulary token, or prompt + max_new_tokens >
   // max_len. Results are in request order.
   Result<std::vector<GenerationResult>> Generate(const std::vector<GenerationRequest>& requests,
@@ -56,10 +81,16 @@ class Generator {
   using StepHook = std::function<uint64_t()>;
   void SetStepHook(StepHook hook) { step_hook_ = std::move(hook); }
 
+  const GeneratorStats& stats() const { return stats_; }
+  int num_blocks() const { return cache_.num_blocks; }
+  int free_blocks() const { return static_cast<int>(free_blocks_.size()); }  // all of them between calls
+
  private:
   Transformer* model_;
   int max_batch_, max_len_;
   KvCache cache_;
+  std::vector<int32_t> free_blocks_;  // the allocator: a stack of free block ids
+  GeneratorStats stats_;
   Tensor device_logits_, device_params_, device_out_;  // device path only (generate.cc)
   StepHook step_hook_;
 };

@@ -1,6 +1,7 @@
 // Transformer forward, backward, cached generation forward, and HF directory I/O (see transformer.h).
 #include "engine/transformer.h"
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -23,12 +24,16 @@ std::vector<ParamInfo> ParamTable(const ModelConfig& c) {
   for (int l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     add(p + "input_layernorm.weight", {C});
+    // q/k/v weights adjacent, then their biases adjacent, and gate/up adjacent: each group is one
+    // product (transformer.h). Persisted flat buffers (the learner's optimizer.bin) depend on this order.
     add(p + "self_attn.q_proj.weight", {QD, C});
-    if (c.attention_bias) add(p + "self_attn.q_proj.bias", {QD});
     add(p + "self_attn.k_proj.weight", {KD, C});
-    if (c.attention_bias) add(p + "self_attn.k_proj.bias", {KD});
     add(p + "self_attn.v_proj.weight", {KD, C});
-    if (c.attention_bias) add(p + "self_attn.v_proj.bias", {KD});
+    if (c.attention_bias) {
+      add(p + "self_attn.q_proj.bias", {QD});
+      add(p + "self_attn.k_proj.bias", {KD});
+      add(p + "self_attn.v_proj.bias", {KD});
+    }
     add(p + "self_attn.o_proj.weight", {C, QD});
     if (c.qk_norm) {
       add(p + "self_attn.q_norm.weight", {D});
@@ -100,6 +105,13 @@ Transformer::Weights Transformer::Bind(float* base) const {
     lw.gate_w = at(p + "mlp.gate_proj.weight");
     lw.up_w = at(p + "mlp.up_proj.weight");
     lw.down_w = at(p + "mlp.down_proj.weight");
+    // The fused products read [Wq; Wk; Wv], [bq; bk; bv] and [Wg; Wu] as one array each.
+    const size_t C = config_.hidden_size, I = config_.intermediate_size;
+    const size_t QD = static_cast<size_t>(config_.num_heads) * config_.head_dim;
+    const size_t KD = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim;
+    AHA_CHECK(lw.k_w == lw.q_w + QD * C && lw.v_w == lw.k_w + KD * C) << "q/k/v weights not adjacent";
+    AHA_CHECK(!lw.q_b || (lw.k_b == lw.q_b + QD && lw.v_b == lw.k_b + KD)) << "q/k/v biases not adjacent";
+    AHA_CHECK(lw.up_w == lw.gate_w + I * C) << "gate/up weights not adjacent";
     w.layers.push_back(lw);
   }
   return w;
@@ -226,8 +238,7 @@ void Transformer::AllocLayerActs(LayerActs* a, int N) const {
   a->mid = Tensor(DType::kF32, {N, C}, d);
   a->ln2 = Tensor(DType::kF32, {N, C}, d);
   a->rstd2 = Tensor(DType::kF32, {N}, d);
-  a->gate = Tensor(DType::kF32, {N, I}, d);
-  a->up = Tensor(DType::kF32, {N, I}, d);
+  a->gu = Tensor(DType::kF32, {N, 2 * I}, d);
   a->h = Tensor(DType::kF32, {N, I}, d);
 }
 
@@ -261,9 +272,9 @@ void Transformer::EnsureCapacity(int N) {
   dv_ = Tensor(DType::kF32, {N, KD}, d);
   dq_pre_ = Tensor(DType::kF32, {N, QD}, d);
   dk_pre_ = Tensor(DType::kF32, {N, KD}, d);
-  dgate_ = Tensor(DType::kF32, {N, I}, d);
-  dup_ = Tensor(DType::kF32, {N, I}, d);
+  dgu_ = Tensor(DType::kF32, {N, 2 * I}, d);
   dh_ = Tensor(DType::kF32, {N, I}, d);
+  qkv_ = Tensor(DType::kF32, {N, QD + 2 * KD}, d);
   tokens_d_ = Tensor(DType::kI32, {N}, d);
   cu_seqlens_d_ = Tensor(DType::kI32, {N + 1}, d);
   positions_d_ = Tensor(DType::kI32, {N}, d);
@@ -281,9 +292,9 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
   B.RmsNormForward(a.ln1.f32(), a.rstd1.f32(), x, w.in_norm, N, C, config_.rms_norm_eps);
   float* q_lin = config_.qk_norm ? a.q_pre.f32() : a.q.f32();
   float* k_lin = config_.qk_norm ? a.k_pre.f32() : a.k.f32();
-  B.LinearForward(q_lin, a.ln1.f32(), w.q_w, w.q_b, N, C, Hq * D);
-  B.LinearForward(k_lin, a.ln1.f32(), w.k_w, w.k_b, N, C, Hkv * D);
-  B.LinearForward(a.v.f32(), a.ln1.f32(), w.v_w, w.v_b, N, C, Hkv * D);
+  // One product over [Wq; Wk; Wv], then the split adds the biases [bq; bk; bv].
+  B.LinearForward(qkv_.f32(), a.ln1.f32(), w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);
+  B.SplitQkv(q_lin, k_lin, a.v.f32(), qkv_.f32(), w.q_b, N, Hq * D, Hkv * D);
   if (config_.qk_norm) {
     B.RmsNormForward(a.q.f32(), a.q_rstd.f32(), q_lin, w.q_norm, N * Hq, D, config_.rms_norm_eps);
     B.RmsNormForward(a.k.f32(), a.k_rstd.f32(), k_lin, w.k_norm, N * Hkv, D, config_.rms_norm_eps);
@@ -294,9 +305,8 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
   B.LinearForward(tmp_.f32(), a.att.f32(), w.o_w, nullptr, N, Hq * D, C);
   B.Add(a.mid.f32(), x, tmp_.f32(), static_cast<size_t>(N) * C);
   B.RmsNormForward(a.ln2.f32(), a.rstd2.f32(), a.mid.f32(), w.post_norm, N, C, config_.rms_norm_eps);
-  B.LinearForward(a.gate.f32(), a.ln2.f32(), w.gate_w, nullptr, N, C, I);
-  B.LinearForward(a.up.f32(), a.ln2.f32(), w.up_w, nullptr, N, C, I);
-  B.SwiGluForward(a.h.f32(), a.gate.f32(), a.up.f32(), N, I);
+  B.LinearForward(a.gu.f32(), a.ln2.f32(), w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
+  B.SwiGluForward(a.h.f32(), a.gu.f32(), N, I);
   B.LinearForward(tmp_.f32(), a.h.f32(), w.down_w, nullptr, N, I, C);
   B.Add(out, a.mid.f32(), tmp_.f32(), static_cast<size_t>(N) * C);
 }
@@ -310,13 +320,12 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
   const size_t NC = static_cast<size_t>(N) * C;
-  // MLP branch: out = mid + down(swiglu(gate(ln2), up(ln2))).
+  // MLP branch: out = mid + down(swiglu(gu)), gu = ln2 [Wg; Wu]^T.
   float* dmid = dmid_.f32();
   B.Copy(dmid, dres, NC * sizeof(float));
   B.LinearBackward(dh_.f32(), g.down_w, nullptr, dres, a.h.f32(), w.down_w, N, I, C, false);
-  B.SwiGluBackward(dgate_.f32(), dup_.f32(), dh_.f32(), a.gate.f32(), a.up.f32(), N, I);
-  B.LinearBackward(dln_.f32(), g.gate_w, nullptr, dgate_.f32(), a.ln2.f32(), w.gate_w, N, C, I, false);
-  B.LinearBackward(dln_.f32(), g.up_w, nullptr, dup_.f32(), a.ln2.f32(), w.up_w, N, C, I, true);
+  B.SwiGluBackward(dgu_.f32(), dh_.f32(), a.gu.f32(), N, I);
+  B.LinearBackward(dln_.f32(), g.gate_w, nullptr, dgu_.f32(), a.ln2.f32(), w.gate_w, N, C, 2 * I, false);
   B.RmsNormBackward(dmid, g.post_norm, dln_.f32(), a.mid.f32(), w.post_norm, a.rstd2.f32(), N, C);
   // Attention branch: mid = x + o(attn(rope(norm(q(ln1))), rope(norm(k(ln1))), v(ln1))).
   B.Copy(dres, dmid, NC * sizeof(float));
@@ -335,9 +344,9 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
     dq_lin = dq_pre_.f32();
     dk_lin = dk_pre_.f32();
   }
-  B.LinearBackward(dln_.f32(), g.q_w, g.q_b, dq_lin, a.ln1.f32(), w.q_w, N, C, Hq * D, false);
-  B.LinearBackward(dln_.f32(), g.k_w, g.k_b, dk_lin, a.ln1.f32(), w.k_w, N, C, Hkv * D, true);
-  B.LinearBackward(dln_.f32(), g.v_w, g.v_b, dv_.f32(), a.ln1.f32(), w.v_w, N, C, Hkv * D, true);
+  // One product's backward over [Wq; Wk; Wv]; db = [dbq; dbk; dbv] from the packed rows.
+  B.PackQkv(qkv_.f32(), dq_lin, dk_lin, dv_.f32(), N, Hq * D, Hkv * D);
+  B.LinearBackward(dln_.f32(), g.q_w, g.q_b, qkv_.f32(), a.ln1.f32(), w.q_w, N, C, (Hq + 2 * Hkv) * D, false);
   B.RmsNormBackward(dres, g.in_norm, dln_.f32(), x, w.in_norm, a.rstd1.f32(), N, C);
 }
 
@@ -424,20 +433,28 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
 
 // ---- generation forward ------------------------------------------------------------------------
 
-KvCache Transformer::NewKvCache(int slots, int max_len) const {
+KvCache Transformer::NewKvCache(int max_batch, int max_len, int num_blocks, int block_size) const {
+  AHA_CHECK(max_batch > 0 && max_len > 0 && num_blocks > 0 && block_size > 0)
+      << "NewKvCache: max_batch " << max_batch << ", max_len " << max_len << ", num_blocks " << num_blocks
+      << ", block_size " << block_size;
   KvCache c;
-  c.slots = slots;
-  c.max_len = max_len;
+  c.num_blocks = num_blocks;
+  c.block_size = block_size;
+  c.max_blocks = (max_len + block_size - 1) / block_size;
+  c.max_batch = max_batch;
+  c.dtype = backend_->kv_cache_dtype();
+  static std::atomic<uint64_t> next_id{1};
+  c.id = next_id++;
   for (int l = 0; l < config_.num_layers; ++l) {
-    const Shape s{slots + 1, max_len, config_.num_kv_heads, config_.head_dim};
-    c.k.emplace_back(DType::kF32, s, backend_->device());
-    c.v.emplace_back(DType::kF32, s, backend_->device());
+    const Shape s{num_blocks + 1, block_size, config_.num_kv_heads, config_.head_dim};
+    c.k.emplace_back(c.dtype, s, backend_->device());
+    c.v.emplace_back(c.dtype, s, backend_->device());
   }
   return c;
 }
 
-void Transformer::EnsureDecodeScratch(int N, int Bn) {
-  if (N <= dec_.capacity && Bn <= dec_.batch) return;
+void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
+  if (N <= dec_.capacity && Bn <= dec_.batch && max_blocks <= dec_.max_blocks) return;
   ClearGraphs();  // they hold the old buffers
   const int64_t n = std::max(N, dec_.capacity), b = std::max(Bn, dec_.batch);
   const int64_t C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
@@ -445,60 +462,65 @@ void Transformer::EnsureDecodeScratch(int N, int Bn) {
   const Device d = backend_->device();
   dec_.capacity = static_cast<int>(n);
   dec_.batch = static_cast<int>(b);
-  dec_.ints = Tensor(DType::kI32, {2 * n + 3 * b + 1}, d);
+  dec_.max_blocks = std::max(max_blocks, dec_.max_blocks);
+  dec_.ints = Tensor(DType::kI32, {2 * n + 2 * b + 1 + b * dec_.max_blocks}, d);
   dec_.x = Tensor(DType::kF32, {n, C}, d);
   dec_.ln = Tensor(DType::kF32, {n, C}, d);
   dec_.rstd = Tensor(DType::kF32, {std::max(n * Hq, b)}, d);
   dec_.q = Tensor(DType::kF32, {n, Hq * D}, d);
   dec_.k = Tensor(DType::kF32, {n, Hkv * D}, d);
   dec_.v = Tensor(DType::kF32, {n, Hkv * D}, d);
-  dec_.qn = Tensor(DType::kF32, {n, Hq * D}, d);
-  dec_.kn = Tensor(DType::kF32, {n, Hkv * D}, d);
+  if (config_.qk_norm) {
+    dec_.qn = Tensor(DType::kF32, {n, Hq * D}, d);
+    dec_.kn = Tensor(DType::kF32, {n, Hkv * D}, d);
+  }
   dec_.att = Tensor(DType::kF32, {n, Hq * D}, d);
   dec_.tmp = Tensor(DType::kF32, {n, C}, d);
-  dec_.gate = Tensor(DType::kF32, {n, I}, d);
-  dec_.up = Tensor(DType::kF32, {n, I}, d);
+  dec_.gu = Tensor(DType::kF32, {n, 2 * I}, d);
+  dec_.wide = Tensor(DType::kF32, {n, std::max((Hq + 2 * Hkv) * D, I)}, d);
   dec_.last = Tensor(DType::kF32, {b, C}, d);
   dec_.lastn = Tensor(DType::kF32, {b, C}, d);
 }
 
-void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* slots,
-                                const int32_t* start, int Bn, KvCache* cache, float* last_logits) {
+void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start,
+                                const int32_t* block_table, int Bn, KvCache* cache, float* last_logits) {
   Backend& B = *backend_;
+  AHA_CHECK(Bn >= 1 && Bn <= cache->max_batch) << "ForwardCached: batch " << Bn << " outside 1.." << cache->max_batch;
   int N = cu_q[Bn];
-  // A decode step runs at a bucket size (a power of two, or the cache's slot count) so that a few
+  const int MB = cache->max_blocks;
+  // A decode step runs at a bucket size (a power of two, or the cache's max_batch) so that a few
   // captured graphs cover every batch: rows past Bn are padding (token 0 at position 0 of the
-  // cache's spare slot); their logits are computed and ignored.
+  // cache's pad block); their logits are computed and ignored.
   const bool decode = N == Bn && decode_graphs_ && !B.device().is_cpu();
   int rows = Bn;
   if (decode) {
     rows = 1;
     while (rows < Bn) rows *= 2;
-    rows = std::min(rows, std::max(cache->slots, Bn));
+    rows = std::min(rows, cache->max_batch);
   }
-  EnsureDecodeScratch(std::max(N, rows), rows);
-  // One upload of every integer array: tokens[N] | cu_q[B + 1] | slots[B] | start[B] | positions[N].
+  EnsureDecodeScratch(std::max(N, rows), rows, MB);
+  // One upload of every integer array: tokens[N] | cu_q[B + 1] | start[B] | positions[N] | table[B, MB].
   std::vector<int32_t> ints;
   if (decode) {
-    ints.reserve(5 * rows + 1);
+    ints.reserve(3 * rows + 1 + static_cast<size_t>(rows) * MB);
     ints.insert(ints.end(), tokens, tokens + Bn);
     ints.resize(rows, 0);
     for (int b = 0; b <= rows; ++b) ints.push_back(b);
-    ints.insert(ints.end(), slots, slots + Bn);
-    ints.resize(ints.size() + (rows - Bn), cache->slots);
     ints.insert(ints.end(), start, start + Bn);
     ints.resize(ints.size() + (rows - Bn), 0);
     ints.insert(ints.end(), start, start + Bn);  // positions: one new token at start[b]
     ints.resize(ints.size() + (rows - Bn), 0);
+    ints.insert(ints.end(), block_table, block_table + static_cast<size_t>(Bn) * MB);
+    ints.resize(ints.size() + static_cast<size_t>(rows - Bn) * MB, cache->pad_block());
     N = rows;
   } else {
-    ints.reserve(2 * N + 3 * Bn + 1);
+    ints.reserve(2 * N + 2 * Bn + 1 + static_cast<size_t>(Bn) * MB);
     ints.insert(ints.end(), tokens, tokens + N);
     ints.insert(ints.end(), cu_q, cu_q + Bn + 1);
-    ints.insert(ints.end(), slots, slots + Bn);
     ints.insert(ints.end(), start, start + Bn);
     for (int b = 0; b < Bn; ++b)
       for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) ints.push_back(start[b] + (i - cu_q[b]));
+    ints.insert(ints.end(), block_table, block_table + static_cast<size_t>(Bn) * MB);
   }
   B.Upload(dec_.ints.raw(), ints.data(), ints.size() * sizeof(int32_t));
   if (!decode) {
@@ -506,16 +528,19 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
     return;
   }
   const uint64_t epoch = B.graph_epoch();
+  // Graphs of an earlier cache hold its pools and its generator's logits buffer, which may be gone:
+  // keep only the graphs of the cache in use.
+  if (!graphs_.empty() && graphs_.front().cache_id != cache->id) ClearGraphs();
   DecodeGraph* g = nullptr;
   for (auto& x : graphs_)
-    if (x.bucket == rows && x.cache == cache && x.logits == last_logits) g = &x;
+    if (x.bucket == rows && x.cache_id == cache->id && x.logits == last_logits) g = &x;
   if (g && g->graph && g->epoch != epoch) {  // the backend moved a buffer the graph holds
     B.DestroyGraph(g->graph);
     g->graph = nullptr;
   }
   if (!g) {
     // First sight of this bucket: run directly (this also sizes every scratch buffer).
-    graphs_.push_back({rows, cache, last_logits, epoch, nullptr});
+    graphs_.push_back({rows, cache->id, last_logits, epoch, nullptr});
     DecodeBody(N, N, cache, last_logits, nullptr);
     return;
   }
@@ -540,9 +565,9 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
   const int32_t* d_tokens = dec_.ints.i32();
   const int32_t* d_cu = d_tokens + N;
-  const int32_t* d_slots = d_cu + Bn + 1;
-  const int32_t* d_start = d_slots + Bn;
+  const int32_t* d_start = d_cu + Bn + 1;
   const int32_t* d_pos = d_start + Bn;
+  const int32_t* d_table = d_pos + N;
   float* x = dec_.x.f32();
   float* ln = dec_.ln.f32();
   float* rstd = dec_.rstd.f32();
@@ -552,9 +577,8 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
     const LayerWeights& w = w_.layers[l];
     const int I = config_.intermediate_size;
     B.RmsNormForward(ln, rstd, x, w.in_norm, N, C, config_.rms_norm_eps);
-    B.LinearForward(dec_.q.f32(), ln, w.q_w, w.q_b, N, C, Hq * D);
-    B.LinearForward(dec_.k.f32(), ln, w.k_w, w.k_b, N, C, Hkv * D);
-    B.LinearForward(dec_.v.f32(), ln, w.v_w, w.v_b, N, C, Hkv * D);
+    B.LinearForward(dec_.wide.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
+    B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, N, Hq * D, Hkv * D);
     float* qf = dec_.q.f32();
     float* kf = dec_.k.f32();
     if (config_.qk_norm) {
@@ -565,17 +589,15 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
     }
     B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
     B.RopeForward(kf, d_pos, inv_freq_.f32(), N, Hkv, D);
-    B.KvCacheWrite(cache->k[l].f32(), cache->v[l].f32(), kf, dec_.v.f32(), d_cu, d_slots, d_start, Bn,
-                   N, cache->max_len, Hkv, D);
-    B.CachedAttentionForward(dec_.att.f32(), qf, cache->k[l].f32(), cache->v[l].f32(), d_cu, d_slots, d_start,
-                             Bn, N, cache->max_len, Hq, Hkv, D);
+    const PagedKv kv = cache->Layer(l, d_table);
+    B.KvCacheWrite(kv, kf, dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
+    B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     B.LinearForward(tmp, dec_.att.f32(), w.o_w, nullptr, N, Hq * D, C);
     B.Add(x, x, tmp, static_cast<size_t>(N) * C);
     B.RmsNormForward(ln, rstd, x, w.post_norm, N, C, config_.rms_norm_eps);
-    B.LinearForward(dec_.gate.f32(), ln, w.gate_w, nullptr, N, C, I);
-    B.LinearForward(dec_.up.f32(), ln, w.up_w, nullptr, N, C, I);
-    B.SwiGluForward(dec_.gate.f32(), dec_.gate.f32(), dec_.up.f32(), N, I);
-    B.LinearForward(tmp, dec_.gate.f32(), w.down_w, nullptr, N, I, C);
+    B.LinearForward(dec_.gu.f32(), ln, w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
+    B.SwiGluForward(dec_.wide.f32(), dec_.gu.f32(), N, I);
+    B.LinearForward(tmp, dec_.wide.f32(), w.down_w, nullptr, N, I, C);
     B.Add(x, x, tmp, static_cast<size_t>(N) * C);
   }
   // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather.

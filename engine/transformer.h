@@ -9,9 +9,11 @@
 // then z = RMSNorm(x) and the fused lm-head gives per-token log-probs and entropies.
 //
 // Parameters and their gradients live in two flat buffers with one layout (param_table()), in HF
-// names and shapes; the optimizer and weight publication see them as one array. The gradient buffer
-// exists from the first call that needs it (grads(), ZeroGrad(), Backward()). Gradients
-// ACCUMULATE across Backward() calls until ZeroGrad() (gradient accumulation over micro-batches).
+// names and shapes; the optimizer and weight publication see them as one array. Within a layer the
+// q_proj, k_proj and v_proj weights are adjacent (then their biases, also adjacent), and so are
+// gate_proj and up_proj, so that each group is one product: qkv = a [Wq; Wk; Wv]^T, gu = b [Wg; Wu]^T.
+// The gradient buffer exists from the first call that needs it (grads(), ZeroGrad(), Backward()).
+// Gradients ACCUMULATE across Backward() calls until ZeroGrad() (gradient accumulation over micro-batches).
 // Forward() saves the activations Backward() needs; with recompute on, only each layer's input is
 // kept and the rest is recomputed layer by layer during Backward() (less memory, one more forward).
 // Not thread-safe: one Transformer is driven by one thread (its backend parallelises inside ops).
@@ -40,11 +42,22 @@ struct ParamInfo {
 // The HF tensor names and shapes that `config` implies, in the flat-buffer order.
 std::vector<ParamInfo> ParamTable(const ModelConfig& config);
 
-// Per-layer key/value cache for generation: k/v[slots, max_len, Hkv, D] per layer. A sequence owns a
-// slot for its lifetime; positions 0..len-1 of its slot hold its keys and values.
+// Paged key/value cache for generation (vLLM style): per layer, pools k/v[num_blocks + 1, block_size,
+// Hkv, D] of the backend's kv_cache_dtype(). A sequence holds a list of blocks (its block-table row,
+// at most max_blocks = ceil(max_len / block_size) long); position p sits in its block p / block_size
+// at row p % block_size. Block num_blocks (the extra one) is never handed out: the padding rows of a
+// graph-captured decode batch write and read it. Blocks are allocated by the caller (Generator).
 struct KvCache {
-  int slots = 0, max_len = 0;  // the tensors hold slots + 1 slots: the last pads graph batches
+  int num_blocks = 0, block_size = 16, max_blocks = 0;
+  int max_batch = 0;  // most sequences in one ForwardCached call (caps the decode graph buckets)
+  DType dtype = DType::kF32;
+  uint64_t id = 0;  // unique per NewKvCache(): decode graphs hold the pools of one cache
   std::vector<Tensor> k, v;  // one per layer
+  int pad_block() const { return num_blocks; }
+  // Layer l as the cache ops see it, with a device block table.
+  PagedKv Layer(int l, const int32_t* block_table) {
+    return {k[l].raw(), v[l].raw(), dtype, num_blocks + 1, block_size, block_table, max_blocks};
+  }
 };
 
 class Transformer {
@@ -84,7 +97,7 @@ class Transformer {
   void ZeroGrad() { EnsureGrads(); grads_.SetZero(); }
   void set_recompute(bool on) { recompute_ = on; }
   // Decode steps (one new token per sequence) replay a captured graph per batch bucket (powers of
-  // two up to the cache's slots) where the backend has graphs; on by default.
+  // two up to the cache's max_batch) where the backend has graphs; on by default.
   void set_decode_graphs(bool on) { decode_graphs_ = on; }
 
   // Training forward over packed sequences. Writes logprobs[N] and entropies[N] aligned to tokens:
@@ -104,13 +117,17 @@ class Transformer {
   void Backward(const float* dlogprobs, const float* dentropies, const GradsReady& ready = nullptr);
 
   // Generation: runs Nq new tokens of B sequences (rows cu_q[b]..cu_q[b+1] belong to sequence b,
-  // whose first new token sits at position start[b] in cache slot slots[b]) through the model,
-  // writing their keys/values into `cache`, and returns the logits of each sequence's LAST new token
-  // in last_logits[B, V] (unscaled, in the backend's device memory). Prefill and decode are the same
-  // call. The integer arrays are host arrays; tokens, logprobs and entropies of Forward() too.
-  void ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* slots, const int32_t* start,
+  // whose first new token sits at position start[b]) through the model, writing their keys/values
+  // into `cache` through the block table block_table[B, cache->max_blocks] (sequence b's blocks in
+  // position order; entries past its length are ignored), and returns the logits of each sequence's
+  // LAST new token in last_logits[B, V] (unscaled, in the backend's device memory). Prefill, chunked
+  // prefill and decode are the same call. The integer arrays are host arrays; tokens, logprobs and
+  // entropies of Forward() too. B <= cache->max_batch.
+  void ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start, const int32_t* block_table,
                      int B, KvCache* cache, float* last_logits);
-  KvCache NewKvCache(int slots, int max_len) const;
+  // A pool of num_blocks blocks of block_size positions, for up to max_batch sequences of up to
+  // max_len positions each.
+  KvCache NewKvCache(int max_batch, int max_len, int num_blocks, int block_size = 16) const;
 
  private:
   Transformer(const ModelConfig& config, Backend* backend);
@@ -124,7 +141,8 @@ class Transformer {
   };
   // Activations of one layer for N tokens.
   struct LayerActs {
-    Tensor ln1, rstd1, q_pre, k_pre, q_rstd, k_rstd, q, k, v, att, lse, mid, ln2, rstd2, gate, up, h;
+    Tensor ln1, rstd1, q_pre, k_pre, q_rstd, k_rstd, q, k, v, att, lse, mid, ln2, rstd2, h;
+    Tensor gu;  // [N, 2I]: gate | up per row, the fused product
   };
   Weights Bind(float* base) const;
   void EnsureGrads();
@@ -156,14 +174,18 @@ class Transformer {
   // ForwardCached() scratch, grown to the largest call (fixed addresses between calls).
   struct DecodeScratch {
     int capacity = 0, batch = 0;
-    Tensor ints;  // tokens | cu_q | slots | start | positions
-    Tensor x, ln, rstd, q, k, v, qn, kn, att, tmp, gate, up, last, lastn;
+    int max_blocks = 0;  // block-table row length the ints were sized for
+    Tensor ints;  // tokens[N] | cu_q[B + 1] | start[B] | positions[N] | block table[B, max_blocks]
+    Tensor x, ln, rstd, q, k, v, qn, kn, att, tmp, gu, last, lastn;
+    // [n, max(QD + 2 KD, I)]: the fused q/k/v product, and later in the layer (when that is dead)
+    // the SwiGLU output.
+    Tensor wide;
   } dec_;
-  void EnsureDecodeScratch(int N, int B);
+  void EnsureDecodeScratch(int N, int B, int max_blocks);
   void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q);
   struct DecodeGraph {
     int bucket = 0;
-    const KvCache* cache = nullptr;
+    uint64_t cache_id = 0;  // KvCache::id: an address could be reused by a later cache
     const float* logits = nullptr;
     uint64_t epoch = 0;
     void* graph = nullptr;  // null: seen once, captured on the next call
@@ -172,7 +194,10 @@ class Transformer {
   bool decode_graphs_ = true;
   void ClearGraphs();
   // Backward scratch.
-  Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgate_, dup_, dh_, tmp_;
+  Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgu_, dh_, tmp_;
+  // [N, QD + 2 KD]: the fused q/k/v product before SplitQkv in the forward, the packed dq | dk | dv
+  // in the backward (never needed across ops: one scratch for all layers).
+  Tensor qkv_;
 };
 
 }  // namespace aha::engine

@@ -1,5 +1,6 @@
-// aha bench gen|train (see bench_command.h). Each prints one JSON line last (for scripts) after a
-// human-readable summary; timings are wall-clock around fully synchronised work after a warm-up.
+// aha bench gen|train|sync|gemm (see bench_command.h; sync and gemm live in engine/cuda/). Gen and
+// train print one JSON line last (for scripts) after a human-readable summary; timings are
+// wall-clock around fully synchronised work after a warm-up.
 #include "learner/bench_command.h"
 
 #include <chrono>
@@ -13,6 +14,9 @@
 #include "engine/transformer.h"
 #include "learner/data_parallel.h"
 #include "learner/trainer.h"
+#ifdef AHA_HAVE_CUDA
+#include "engine/cuda/gemm_bench.h"
+#endif
 #ifdef AHA_HAVE_NCCL
 #include "engine/cuda/sync_bench.h"
 #endif
@@ -52,10 +56,15 @@ int RunGen(int argc, char** argv) {
   flags.Int("seed", &seed, "seed of prompts and sampling");
   bool no_graphs = false;
   flags.Bool("no-graphs", &no_graphs, "run decode steps as separate launches instead of replaying CUDA graphs");
+  int64_t kv_cache_tokens = 0;
+  flags.Int("kv-cache-tokens", &kv_cache_tokens,
+            "KV pool size in tokens (default 0: prompts x (prompt-len + new-tokens), no preemption); smaller pools preempt and recompute");
   ParseOrExit(flags, argc, argv);
   const std::string prog = argv[0];
   if (model_dir.empty()) return Fail(prog, "--model is required", 2);
   if (prompts < 1 || prompt_len < 1 || new_tokens < 1 || repeats < 1) return Fail(prog, "sizes must be positive", 2);
+  if (kv_cache_tokens != 0 && kv_cache_tokens < prompt_len + new_tokens)
+    return Fail(prog, "--kv-cache-tokens must be 0 or at least prompt-len + new-tokens (one whole sequence)", 2);
   auto backend = engine::MakeBackend(device);
   if (!backend.ok()) return Fail(prog, backend.status().message(), 2);
   auto model = engine::Transformer::Load(model_dir, backend->get());
@@ -70,7 +79,8 @@ int RunGen(int argc, char** argv) {
     reqs[i].seed = static_cast<uint64_t>(seed * 1000003 + i);
     reqs[i].max_new_tokens = static_cast<int>(new_tokens);  // no stop ids: every sequence runs to the cap
   }
-  engine::Generator gen(model->get(), static_cast<int>(prompts), static_cast<int>(prompt_len + new_tokens));
+  engine::Generator gen(model->get(), static_cast<int>(prompts), static_cast<int>(prompt_len + new_tokens),
+                        {.kv_cache_tokens = kv_cache_tokens});
   // Warm-up: a short run of the same batch (allocations, cuBLAS heuristics, module load).
   {
     auto warm = reqs;
@@ -79,6 +89,7 @@ int RunGen(int argc, char** argv) {
   }
   double best = 1e30;
   int64_t generated = 0;
+  engine::GeneratorStats stats;  // of the best run
   for (int64_t r = 0; r < repeats; ++r) {
     const auto t0 = Clock::now();
     auto out = gen.Generate(reqs);
@@ -87,16 +98,23 @@ int RunGen(int argc, char** argv) {
     if (!out.ok()) return Fail(prog, out.status().message());
     generated = 0;
     for (const auto& o : *out) generated += static_cast<int64_t>(o.tokens.size());
+    if (s < best) stats = gen.stats();
     best = std::min(best, s);
   }
   const double tps = generated / best;
   std::cout << "aha bench gen on " << engine::DescribeBackend(backend->get()) << ": " << prompts << " prompts x "
-            << prompt_len << " + " << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s\n";
+            << prompt_len << " + " << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s; KV pool "
+            << gen.num_blocks() << " blocks (" << engine::DTypeName((*backend)->kv_cache_dtype()) << "), "
+            << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
                       {"graphs", !no_graphs},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
                       {"new_tokens", new_tokens}, {"seconds", best},
-                      {"tokens_per_s", tps}};
+                      {"tokens_per_s", tps},
+                      {"kv_cache_blocks", gen.num_blocks()},
+                      {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},
+                      {"preemptions", stats.preemptions},
+                      {"recomputed_tokens", stats.recomputed_tokens}};
   std::cout << j.dump() << "\n";
   return 0;
 }
@@ -187,10 +205,11 @@ int RunTrain(int argc, char** argv) {
 
 int RunBenchCommand(int argc, char** argv) {
   const std::string usage =
-      "usage: aha bench gen|train [flags]   (aha bench <what> --help)\n"
+      "usage: aha bench gen|train|sync|gemm [flags]   (aha bench <what> --help)\n"
       "  gen    generation throughput (new tokens/s) with continuous batching\n"
       "  train  one GRPO learner step: tokens/s and MFU\n"
-      "  sync   weight publication over NCCL between two GPUs, beside raw ncclBroadcast\n";
+      "  sync   weight publication over NCCL between two GPUs, beside raw ncclBroadcast\n"
+      "  gemm   the model's matrix products through cublasGemmEx and cuBLASLt, beside their floors\n";
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::cout << usage;
     return argc < 2 ? 2 : 0;
@@ -205,7 +224,12 @@ int RunBenchCommand(int argc, char** argv) {
 #else
   if (what == "sync") return Fail(argv[0], "bench sync needs a build with CUDA and NCCL", 2);
 #endif
-  return Fail(argv[0], "unknown benchmark '" + what + "' (gen, train, sync)", 2);
+#ifdef AHA_HAVE_CUDA
+  if (what == "gemm") return engine::cuda::RunGemmBench(argc - 1, argv + 1);
+#else
+  if (what == "gemm") return Fail(argv[0], "bench gemm needs a build with CUDA", 2);
+#endif
+  return Fail(argv[0], "unknown benchmark '" + what + "' (gen, train, sync, gemm)", 2);
 }
 
 }  // namespace aha

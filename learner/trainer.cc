@@ -22,7 +22,11 @@ double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
-constexpr char kOptimizerMagic[8] = {'A', 'H', 'A', 'O', 'P', 'T', '0', '1'};
+// optimizer.bin holds flat buffers in the model's ParamTable order. Version 02: each layer's q/k/v
+// weights are adjacent, then their biases. Version 01 interleaved q_w, q_b, k_w, k_b, v_w, v_b: the
+// same layout for models without attention biases (Qwen3, Llama), a different one for Qwen2.
+constexpr char kOptimizerMagic[8] = {'A', 'H', 'A', 'O', 'P', 'T', '0', '2'};
+constexpr char kOptimizerMagicV1[8] = {'A', 'H', 'A', 'O', 'P', 'T', '0', '1'};
 
 // One sequence of the batch, with its advantage and whether overlong filtering masks it.
 struct Packed {
@@ -409,7 +413,11 @@ Result<uint64_t> GrpoTrainer::Restore(const std::string& dir) {
   f.read(magic, 8);
   f.read(reinterpret_cast<char*>(&n), 8);
   f.read(reinterpret_cast<char*>(&step), 8);
-  if (!f || std::memcmp(magic, kOptimizerMagic, 8) != 0) return DataLoss(dir + "/optimizer.bin: bad header");
+  if (f && std::memcmp(magic, kOptimizerMagicV1, 8) == 0 && model().config().attention_bias)
+    return DataLoss(dir + "/optimizer.bin: written by an older aha whose flat layout interleaves the q/k/v "
+                          "weights and biases; this model has attention biases, so it cannot resume from it");
+  if (!f || (std::memcmp(magic, kOptimizerMagic, 8) != 0 && std::memcmp(magic, kOptimizerMagicV1, 8) != 0))
+    return DataLoss(dir + "/optimizer.bin: bad header");
   if (n != params) return DataLoss(dir + "/optimizer.bin: moment size disagrees with the model");
   std::vector<float> m(n), v(n), ref(has_reference ? n : 0);
   f.read(reinterpret_cast<char*>(m.data()), static_cast<std::streamsize>(n * 4));

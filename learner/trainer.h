@@ -20,7 +20,8 @@
 // Checkpoint(dir) writes a Hugging Face model directory (config.json, model.safetensors in f32, the
 // tokenizer files copied from the starting model) plus optimizer.bin (AdamW moments and step) and
 // trainer.json (step, policy version, reference version). Restore(dir) reads them back into every
-// replica.
+// replica. optimizer.bin stores flat buffers in the model's ParamTable order; a file from before
+// q/k/v weights were made adjacent (version 01) is refused for models with attention biases.
 #pragma once
 
 #include <cstdint>

@@ -31,7 +31,7 @@ const std::vector<Command>& Commands() {
       {"sample", "rejection sampling: keep the completions the verifiers accept", &RunSampleCommand},
       {"report", "plots and tables of a run directory", &RunReportCommand},
       {"render", "the job as Kubernetes manifests or a Slurm batch script", &RunRenderCommand},
-      {"bench", "engine benchmarks: gen (tokens/s), train (GRPO step tokens/s, MFU)", &RunBenchCommand},
+      {"bench", "engine benchmarks: gen (tokens/s), train (GRPO step tokens/s, MFU), sync, gemm", &RunBenchCommand},
       {"init", "write a randomly initialised model directory", &RunInitCommand},
       {"logprobs", "per-token log-probs of token sequences (JSON on stdin)", &RunLogprobsCommand},
       {"generate", "sample completions of a prompt", &RunGenerateCommand},

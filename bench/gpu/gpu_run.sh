@@ -32,6 +32,10 @@ if [[ $what == *bench* ]]; then
   model=/tmp/aha-0.5b
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha.log" 2>&1
+  # The f32 KV cache for comparison (bf16 is the default with bf16 products), and a KV pool of a
+  # quarter of the default 256 x 640 tokens, which preempts (the recompute's cost).
+  AHA_KV_CACHE=f32 timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha_f32kv.log" 2>&1
+  timeout 120 dist/bin/aha bench gen --model $model --kv-cache-tokens 40960 > "$out/gen_aha_smallpool.log" 2>&1
   timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
   # The f32 training attention for comparison (the tensor-core kernels are the default), and where
   # the GPU time goes, per op (AHA_PROFILE=1; generation without graphs so that ops are visible:

@@ -1,6 +1,6 @@
 // Attention kernels of the CUDA backend: causal GQA over packed variable-length sequences
-// (forward and backward, flash-attention 2 style) and attention against the per-slot KV cache for
-// generation. f32 storage, f32 math on the CUDA cores. The math is that of the same-named ops in
+// (forward and backward, flash-attention 2 style) and attention against the paged KV cache for
+// generation. f32 storage (the cache also bf16), f32 math on the CUDA cores. The math is that of the same-named ops in
 // engine/cpu_backend.cc; the design and the cost model are in docs/kernels.md ("Attention").
 //
 // Conventions shared by the kernels below:
@@ -10,6 +10,7 @@
 //    axis may span several sequences; every (row, key) pair inside a tile is masked by that rule,
 //    so no tile boundary needs to line up with a sequence boundary.
 //  - Rows or keys past N are zero-filled in shared memory and masked; nothing past N is written.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -78,7 +79,7 @@ __device__ __forceinline__ void AtomicAddVec(float* p, const float* x, float a) 
 #endif
 }
 
-__device__ __forceinline__ void CpAsync16(float* smem_dst, const float* gsrc, bool valid) {
+__device__ __forceinline__ void CpAsync16(void* smem_dst, const void* gsrc, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   const int src_bytes = valid ? 16 : 0;  // 0: the 16 destination bytes are zero-filled, nothing is read
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gsrc), "r"(src_bytes) : "memory");
@@ -532,12 +533,54 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
 }
 
 // ---- KV cache ---------------------------------------------------------------------------------------
+// Pools hold f32 (float) or bf16 (uint16_t bits, rounded to nearest even as engine/tensor.h's
+// F32ToBF16). Position p of batch row b sits at pool row table[b * max_blocks + p / block_size] *
+// block_size + p % block_size.
+struct Paging {
+  const int32_t* table;
+  int max_blocks, block_size, num_blocks;
+};
+
+// Pool row of position `pos` of batch row b, or -1 when the position is outside the table or its
+// block outside the pool (a kernel cannot abort: such positions are skipped on write and read as
+// zeros; the CPU backend aborts on them).
+__device__ __forceinline__ long long PagedRow(const Paging& pg, int b, int pos) {
+  if (pos < 0 || pos >= pg.max_blocks * pg.block_size) return -1;
+  const int block = __ldg(pg.table + static_cast<size_t>(b) * pg.max_blocks + pos / pg.block_size);
+  if (block < 0 || block >= pg.num_blocks) return -1;
+  return static_cast<long long>(block) * pg.block_size + pos % pg.block_size;
+}
+
+__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the lower address
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+// Two bf16 of one 32-bit word (lower address in the low half) widened to f32 (exact).
+__device__ __forceinline__ float Bf16Lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float Bf16Hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float4 Bf16x4(uint32_t a, uint32_t b) {
+  return make_float4(Bf16Lo(a), Bf16Hi(a), Bf16Lo(b), Bf16Hi(b));
+}
+
+// 4 consecutive cache elements (16-byte aligned for f32, 8-byte for bf16) to and from f32.
+__device__ __forceinline__ float4 LdCache4(const float* p) { return Ld4(p); }
+__device__ __forceinline__ float4 LdCache4(const uint16_t* p) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
+  return Bf16x4(w.x, w.y);
+}
+__device__ __forceinline__ void StCache4(float* p, float4 x) { St4(p, x); }
+__device__ __forceinline__ void StCache4(uint16_t* p, float4 x) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16x2(x.x, x.y), PackBf16x2(x.z, x.w));
+}
+__device__ __forceinline__ void StCache1(float* p, float x) { *p = x; }
+__device__ __forceinline__ void StCache1(uint16_t* p, float x) { *p = __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+
 // One thread per float4 (or float, when Hkv*D is not a multiple of 4) of a new row's k and v.
-template <int W>
-__global__ void KvCacheWriteKernel(float* __restrict__ k_cache, float* __restrict__ v_cache,
+template <int W, typename Elem>
+__global__ void KvCacheWriteKernel(Elem* __restrict__ k_cache, Elem* __restrict__ v_cache,
                                    const float* __restrict__ k, const float* __restrict__ v,
-                                   const int32_t* __restrict__ cu_q, const int32_t* __restrict__ slots,
-                                   const int32_t* __restrict__ start, int B, int Nq, int max_len, int row) {
+                                   const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start, Paging pg,
+                                   int B, int Nq, int row) {
   const int per_row = row / W;
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long long>(Nq) * per_row) return;
@@ -545,69 +588,75 @@ __global__ void KvCacheWriteKernel(float* __restrict__ k_cache, float* __restric
   const int b = FindSeq(cu_q, B, i);
   const int q0 = __ldg(cu_q + b);
   if (i < q0 || i >= __ldg(cu_q + b + 1)) return;  // row of no sequence (malformed cu_q)
-  const int pos = __ldg(start + b) + (i - q0);
-  if (pos < 0 || pos >= max_len) return;  // cache overflow: the CPU backend aborts; here nothing is written
+  const long long r = PagedRow(pg, b, __ldg(start + b) + (i - q0));
+  if (r < 0) return;  // outside the table or pool: the CPU backend aborts; here nothing is written
   const size_t src = static_cast<size_t>(i) * row + static_cast<size_t>(c) * W;
-  const size_t dst = (static_cast<size_t>(__ldg(slots + b)) * max_len + pos) * row + static_cast<size_t>(c) * W;
+  const size_t dst = static_cast<size_t>(r) * row + static_cast<size_t>(c) * W;
   if constexpr (W == 4) {
-    St4(k_cache + dst, Ldg4(k + src));
-    St4(v_cache + dst, Ldg4(v + src));
+    StCache4(k_cache + dst, Ldg4(k + src));
+    StCache4(v_cache + dst, Ldg4(v + src));
   } else {
-    k_cache[dst] = __ldg(k + src);
-    v_cache[dst] = __ldg(v + src);
+    StCache1(k_cache + dst, __ldg(k + src));
+    StCache1(v_cache + dst, __ldg(v + src));
   }
 }
 
 // Cached attention: grid (Nq, Hkv, ceil(G / 8)), 128 threads; G = Hq / Hkv. Block = one new query
 // row x one kv head x up to 8 query heads of its group, so each K/V row of the cache is read once for
 // all of those heads. Keys 0 .. L-1 (L = position + 1, read from the device arrays) run in chunks of
-// 32 through a 3-stage cp.async pipeline (two chunks stream in while one is computed; 16-byte copies,
-// zero-fill past L). Per chunk: scores of 32 keys x 8 heads (thread = key x quarter of D, partials
-// summed in the softmax step); per-head online softmax (one warp per head, lane = key); PV with
-// thread = (key group, float4 of D) over all 8 heads, partial sums per key group in registers across
-// the whole loop, reduced across key groups through shared memory at the end.
-// K rows sit unpadded in shared memory with their float4 slots XOR-swizzled by the key index
-// (slot d4 of key kk at d4 ^ (kk & SW)), so the 32 keys read at one d4 by a warp hit distinct banks.
+// 32 through a 3-stage cp.async pipeline (two chunks stream in while one is computed; 16-byte copies
+// of E = 4 f32 or 8 bf16 elements, each key's pool row found through the block table, zero-fill past
+// L). Per chunk: scores of 32 keys x 8 heads (thread = key x quarter of D, partials summed in the
+// softmax step); per-head online softmax (one warp per head, lane = key); PV with thread = (key group,
+// 4 elements of D) over all 8 heads, partial sums per key group in registers across the whole loop,
+// reduced across key groups through shared memory at the end. bf16 elements are widened to f32 as
+// they leave shared memory; every product and sum is f32.
+// K rows sit unpadded in shared memory with their 16-byte units XOR-swizzled by the key index
+// (unit du of key kk at du ^ (kk & SW)), so the keys that a warp reads at one unit hit distinct banks.
 constexpr int kDecThreads = 128, kDecKC = 32, kDecHB = 8, kDecStages = 3;
 constexpr int kDecParts = kDecThreads / kDecKC;  // 4 partial-score slices of D
 
-template <int D>
+template <int D, typename Elem>
 struct DecCfg {
   static constexpr int D4 = D / 4;
-  static constexpr int SW = D4 < 8 ? D4 - 1 : 7;        // swizzle mask of K's float4 slots
+  static constexpr int E = 16 / static_cast<int>(sizeof(Elem));  // elements per 16-byte unit: 4 or 8
+  static constexpr int DU = D / E;                                // units per K/V row
+  static constexpr int SW = (DU < 8 ? DU : 8) - 1;                // swizzle mask of K's units
+  static constexpr int UPP = (DU + kDecParts - 1) / kDecParts;    // units per partial-score slice
   static constexpr int NKG = kDecThreads / D4;          // key groups in the PV phase: 32, 16, 8, 4
   static constexpr int KPG = kDecKC / NKG;              // keys per group: 1, 2, 4, 8
   static constexpr int PW = KPG < 4 ? KPG : 4;          // vector width of probability reads
-  static constexpr int NL = kDecKC * D4 / kDecThreads;  // 16-byte copies per thread per tensor per chunk
-  static constexpr int STAGE_FLOATS = 2 * kDecKC * D;   // one stage: Ks[KC][D] (swizzled) then Vs[KC][D]
-  static constexpr int RED_FLOATS = NKG * kDecHB * D;
-  static constexpr int REGION =
-      kDecStages * STAGE_FLOATS > RED_FLOATS ? kDecStages * STAGE_FLOATS : RED_FLOATS;
-  // Qs[8][D] | 3 K/V stages (later: red[NKG][8][D]) | Sp[4][8][32] | m, l, alpha [8]
+  static constexpr int NU = kDecKC * DU;                // 16-byte copies per tensor per chunk
+  static constexpr int NL = (NU + kDecThreads - 1) / kDecThreads;  // of them per thread
+  static constexpr int STAGE_BYTES = 2 * kDecKC * D * static_cast<int>(sizeof(Elem));  // Ks[KC][D] (swizzled), Vs[KC][D]
+  static constexpr int RED_BYTES = NKG * kDecHB * D * 4;
+  static constexpr int REGION_BYTES =
+      kDecStages * STAGE_BYTES > RED_BYTES ? kDecStages * STAGE_BYTES : RED_BYTES;
+  // Qs[8][D] f32 | 3 K/V stages (later: red[NKG][8][D] f32) | Sp[4][8][32] | m, l, alpha [8]
   static constexpr size_t kSmemBytes =
-      (kDecHB * D + REGION + kDecParts * kDecHB * kDecKC + 3 * kDecHB) * sizeof(float);
-  static_assert(NL >= 1 && NL * kDecThreads == kDecKC * D4 && KPG >= 1 && KPG % PW == 0 && D4 % kDecParts == 0);
+      kDecHB * D * 4 + REGION_BYTES + (kDecParts * kDecHB * kDecKC + 3 * kDecHB) * 4;
+  static_assert(DU >= 1 && DU * E == D && KPG >= 1 && KPG % PW == 0 && REGION_BYTES % 16 == 0);
 };
 
 __device__ __forceinline__ void CpAsyncWaitAllButOne() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
-template <int D>
+template <int D, typename Elem>
 __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
-    CachedAttnKernel(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k_cache,
-                     const float* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
-                     const int32_t* __restrict__ slots, const int32_t* __restrict__ start, int B, int max_len,
-                     int Hq, int Hkv, float qscale) {
-  using C = DecCfg<D>;
-  constexpr int D4 = C::D4, SW = C::SW, KC = kDecKC, HB = kDecHB, T = kDecThreads, P = kDecParts;
-  constexpr int NKG = C::NKG, KPG = C::KPG, PW = C::PW, NL = C::NL;
+    CachedAttnKernel(float* __restrict__ out, const float* __restrict__ q, const Elem* __restrict__ k_cache,
+                     const Elem* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
+                     const int32_t* __restrict__ start, Paging pg, int B, int Hq, int Hkv, float qscale) {
+  using C = DecCfg<D, Elem>;
+  constexpr int D4 = C::D4, E = C::E, DU = C::DU, SW = C::SW, UPP = C::UPP, KC = kDecKC, HB = kDecHB;
+  constexpr int T = kDecThreads, P = kDecParts, NKG = C::NKG, KPG = C::KPG, PW = C::PW, NL = C::NL;
   extern __shared__ __align__(16) float smem[];
-  float* Qs = smem;            // [HB][D], q * scale * log2e (zeros for heads >= nh)
-  float* KV = Qs + HB * D;     // stage s: Ks = KV + s*STAGE_FLOATS, Vs = Ks + KC*D
-  float* red = KV;             // [NKG][HB][D], after the key loop
-  float* Sp = KV + C::REGION;  // [P][HB][KC]: partial scores per D slice; then P in slice 0
+  float* Qs = smem;  // [HB][D], q * scale * log2e (zeros for heads >= nh)
+  unsigned char* KV = reinterpret_cast<unsigned char*>(Qs + HB * D);  // stage s: Ks at s * STAGE_BYTES, Vs after
+  float* red = reinterpret_cast<float*>(KV);                          // [NKG][HB][D], after the key loop
+  float* Sp = reinterpret_cast<float*>(KV + C::REGION_BYTES);  // [P][HB][KC]: partial scores; then P in slice 0
   float* m_s = Sp + P * HB * KC;
   float* l_s = m_s + HB;
   float* a_s = l_s + HB;
+  auto stage_k = [&](int st) { return reinterpret_cast<Elem*>(KV + st * C::STAGE_BYTES); };
 
   const int tid = threadIdx.x;
   const int i = blockIdx.x, g = blockIdx.y;
@@ -629,27 +678,28 @@ __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
 
   const int b = FindSeq(cu_q, B, i);
   const int pos = __ldg(start + b) + (i - __ldg(cu_q + b));
-  const int L = min(pos + 1, max_len);  // keys 0 .. L-1 (clamped so a bad position reads no foreign memory)
+  const int L = min(pos + 1, pg.max_blocks * pg.block_size);  // keys 0 .. L-1 (a bad position reads no foreign memory)
   const size_t krow = static_cast<size_t>(Hkv) * D;
-  const size_t slot_off = static_cast<size_t>(__ldg(slots + b)) * max_len * krow + static_cast<size_t>(g) * D;
-  const float* kbase = k_cache + slot_off;  // key j of this slot and kv head: kbase + j * krow
-  const float* vbase = v_cache + slot_off;
+  const Elem* kbase = k_cache + static_cast<size_t>(g) * D;  // key in pool row r, this kv head: kbase + r * krow
+  const Elem* vbase = v_cache + static_cast<size_t>(g) * D;
 
   // Copies chunk [c0, c0 + KC) into stage st and commits one group (an empty group past L, so that
   // every thread always has exactly one group per chunk index).
   auto issue = [&](int c0, int st) {
     if (c0 < L) {
-      float* Kb = KV + st * C::STAGE_FLOATS;
-      float* Vb = Kb + KC * D;
+      Elem* Kb = stage_k(st);
+      Elem* Vb = Kb + KC * D;
 #pragma unroll
       for (int it = 0; it < NL; ++it) {
         const int f = tid + it * T;
-        const int kk = f / D4, d4 = f % D4;
-        const int j = c0 + kk;
-        const bool valid = j < L;
-        const size_t off = static_cast<size_t>(valid ? j : 0) * krow + d4 * 4;  // row 0 always exists
-        CpAsync16(Kb + kk * D + ((d4 ^ (kk & SW)) * 4), kbase + off, valid);
-        CpAsync16(Vb + kk * D + d4 * 4, vbase + off, valid);
+        if (C::NU % T == 0 || f < C::NU) {
+          const int kk = f / DU, du = f % DU;
+          const int j = c0 + kk;
+          const long long r = j < L ? PagedRow(pg, b, j) : -1;
+          const size_t off = static_cast<size_t>(r < 0 ? 0 : r) * krow + du * E;  // pool row 0 always exists
+          CpAsync16(Kb + kk * D + (du ^ (kk & SW)) * E, kbase + off, r >= 0);
+          CpAsync16(Vb + kk * D + du * E, vbase + off, r >= 0);
+        }
       }
     }
     CpAsyncCommit();
@@ -658,7 +708,7 @@ __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
   issue(KC, 1);
 
   const int ks = tid % KC, part = tid / KC;  // scores: key, slice of D
-  const int pd4 = tid % D4, kg = tid / D4;   // PV: float4 column, key group
+  const int pd4 = tid % D4, kg = tid / D4;   // PV: 4-element column, key group
   const int warp = tid / 32, lane = tid % 32;
   float acc[HB][4];
 #pragma unroll
@@ -669,19 +719,31 @@ __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
     CpAsyncWaitAllButOne();  // groups are chunks c0/KC and c0/KC + 1: this thread's copies of c0 have landed
     __syncthreads();         // everyone's have; everyone is done with the previous chunk (its stage, Sp)
     issue(c0 + 2 * KC, st == 0 ? 2 : st - 1);  // into the previous chunk's stage
-    const float* Ks = KV + st * C::STAGE_FLOATS;
-    const float* Vs = Ks + KC * D;
+    const Elem* Ks = stage_k(st);
+    const Elem* Vs = Ks + KC * D;
 
     // Partial scores over slice `part` of D: Sp[part][u][ks] = sum_{d in slice} q[u][d] k[ks][d].
     {
       float s[HB];
 #pragma unroll
       for (int u = 0; u < HB; ++u) s[u] = 0.0f;
+      const int du_end = min(DU, (part + 1) * UPP);
 #pragma unroll 1
-      for (int d4 = part * (D4 / P); d4 < (part + 1) * (D4 / P); ++d4) {
-        const float4 kv = Ld4(Ks + ks * D + ((d4 ^ (ks & SW)) * 4));
+      for (int du = part * UPP; du < du_end; ++du) {
+        const Elem* kp = Ks + ks * D + (du ^ (ks & SW)) * E;
+        if constexpr (E == 4) {
+          const float4 kv = LdCache4(kp);
 #pragma unroll
-        for (int u = 0; u < HB; ++u) s[u] = Dot4(Ld4(Qs + u * D + d4 * 4), kv, s[u]);  // rows >= nh are 0
+          for (int u = 0; u < HB; ++u) s[u] = Dot4(Ld4(Qs + u * D + du * 4), kv, s[u]);  // rows >= nh are 0
+        } else {
+          const uint4 w = *reinterpret_cast<const uint4*>(kp);
+          const float4 k0 = Bf16x4(w.x, w.y), k1 = Bf16x4(w.z, w.w);
+#pragma unroll
+          for (int u = 0; u < HB; ++u) {
+            s[u] = Dot4(Ld4(Qs + u * D + du * 8), k0, s[u]);
+            s[u] = Dot4(Ld4(Qs + u * D + du * 8 + 4), k1, s[u]);
+          }
+        }
       }
 #pragma unroll
       for (int u = 0; u < HB; ++u) Sp[(part * HB + u) * KC + ks] = s[u];
@@ -727,7 +789,7 @@ __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
     for (int e0 = 0; e0 < KPG; e0 += PW) {
       float4 vv[PW];
 #pragma unroll
-      for (int e = 0; e < PW; ++e) vv[e] = Ld4(Vs + (kg * KPG + e0 + e) * D + pd4 * 4);
+      for (int e = 0; e < PW; ++e) vv[e] = LdCache4(Vs + (kg * KPG + e0 + e) * D + pd4 * 4);
 #pragma unroll
       for (int u = 0; u < HB; ++u) {
         if (u < nh) {
@@ -789,23 +851,31 @@ void LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const fl
   CheckCuda(cudaGetLastError(), "AttnBwdKernel launch");
 }
 
-template <int D>
-void LaunchCached(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* cu_q,
-                  const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hq, int Hkv,
-                  cudaStream_t s) {
-  const size_t smem = DecCfg<D>::kSmemBytes;
-  AllowSmem(CachedAttnKernel<D>, smem);
+template <int D, typename Elem>
+void LaunchCached(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
+                  int Nq, int Hq, int Hkv, cudaStream_t s) {
+  const size_t smem = DecCfg<D, Elem>::kSmemBytes;
+  AllowSmem(CachedAttnKernel<D, Elem>, smem);
   // Streaming reads bypass L1 (cp.async.cg): give shared memory the whole carveout, so that four
-  // 55 KB blocks fit on a multiprocessor at D = 64.
-  CheckCuda(cudaFuncSetAttribute(CachedAttnKernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+  // 55 KB blocks (f32 cache; 30 KB with bf16) fit on a multiprocessor at D = 64.
+  CheckCuda(cudaFuncSetAttribute(CachedAttnKernel<D, Elem>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                  cudaSharedmemCarveoutMaxShared),
             "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
   const int G = Hq / Hkv;
   const dim3 grid(Nq, Hkv, (G + kDecHB - 1) / kDecHB);
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
-  CachedAttnKernel<D><<<grid, kDecThreads, smem, s>>>(out, q, k_cache, v_cache, cu_q, slots, start, B, max_len, Hq,
-                                                       Hkv, qscale);
+  const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
+  CachedAttnKernel<D, Elem><<<grid, kDecThreads, smem, s>>>(out, q, static_cast<const Elem*>(kv.k),
+                                                             static_cast<const Elem*>(kv.v), cu_q, start, pg, B, Hq,
+                                                             Hkv, qscale);
   CheckCuda(cudaGetLastError(), "CachedAttnKernel launch");
+}
+
+template <int D>
+void LaunchCached(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
+                  int Nq, int Hq, int Hkv, cudaStream_t s) {
+  if (kv.bf16) LaunchCached<D, uint16_t>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
+  else LaunchCached<D, float>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
 }
 
 template <int D>
@@ -875,34 +945,49 @@ void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const
   }
 }
 
-void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
-                  const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv, int D,
-                  cudaStream_t s) {
+static void CheckPaging(const KvPages& kv, const char* op) {
+  if (kv.block_size <= 0 || kv.max_blocks <= 0 || kv.num_blocks <= 0 ||
+      static_cast<long long>(kv.max_blocks) * kv.block_size > INT_MAX) {
+    std::fprintf(stderr, "aha engine/cuda attention: %s: bad paging (block_size %d, max_blocks %d, num_blocks %d)\n", op,
+                 kv.block_size, kv.max_blocks, kv.num_blocks);
+    std::abort();
+  }
+}
+
+void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32_t* cu_q, const int32_t* start, int B,
+                  int Nq, int Hkv, int D, cudaStream_t s) {
   if (Nq <= 0 || B <= 0) return;
+  CheckPaging(kv, "KvCacheWrite");
   const int row = Hkv * D;
+  const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
   constexpr int kT = 256;
-  if (row % 4 == 0) {
-    const long long n = static_cast<long long>(Nq) * (row / 4);
-    KvCacheWriteKernel<4><<<static_cast<unsigned>((n + kT - 1) / kT), kT, 0, s>>>(k_cache, v_cache, k, v, cu_q, slots,
-                                                                                   start, B, Nq, max_len, row);
+  const int W = row % 4 == 0 ? 4 : 1;
+  const long long n = static_cast<long long>(Nq) * (row / W);
+  const unsigned grid = static_cast<unsigned>((n + kT - 1) / kT);
+  if (kv.bf16) {
+    uint16_t* kc = static_cast<uint16_t*>(kv.k);
+    uint16_t* vc = static_cast<uint16_t*>(kv.v);
+    if (W == 4) KvCacheWriteKernel<4><<<grid, kT, 0, s>>>(kc, vc, k, v, cu_q, start, pg, B, Nq, row);
+    else KvCacheWriteKernel<1><<<grid, kT, 0, s>>>(kc, vc, k, v, cu_q, start, pg, B, Nq, row);
   } else {
-    const long long n = static_cast<long long>(Nq) * row;
-    KvCacheWriteKernel<1><<<static_cast<unsigned>((n + kT - 1) / kT), kT, 0, s>>>(k_cache, v_cache, k, v, cu_q, slots,
-                                                                                   start, B, Nq, max_len, row);
+    float* kc = static_cast<float*>(kv.k);
+    float* vc = static_cast<float*>(kv.v);
+    if (W == 4) KvCacheWriteKernel<4><<<grid, kT, 0, s>>>(kc, vc, k, v, cu_q, start, pg, B, Nq, row);
+    else KvCacheWriteKernel<1><<<grid, kT, 0, s>>>(kc, vc, k, v, cu_q, start, pg, B, Nq, row);
   }
   CheckCuda(cudaGetLastError(), "KvCacheWriteKernel launch");
 }
 
-void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* cu_q,
-                            const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hq, int Hkv,
-                            int D, cudaStream_t s) {
+void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                            int B, int Nq, int Hq, int Hkv, int D, cudaStream_t s) {
   if (Nq <= 0 || B <= 0) return;
   CheckHeads(Hq, Hkv);
+  CheckPaging(kv, "CachedAttentionForward");
   switch (D) {
-    case 16: return LaunchCached<16>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
-    case 32: return LaunchCached<32>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
-    case 64: return LaunchCached<64>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
-    case 128: return LaunchCached<128>(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, s);
+    case 16: return LaunchCached<16>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
+    case 32: return LaunchCached<32>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
+    case 64: return LaunchCached<64>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
+    case 128: return LaunchCached<128>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
     default: Fail("CachedAttentionForward: head width D must be 16, 32, 64 or 128; D", D);
   }
 }

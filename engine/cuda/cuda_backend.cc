@@ -86,6 +86,8 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   CheckCuda(cudaMalloc(&sum_out_, sizeof(double)), "allocate");
   const char* attention = std::getenv("AHA_ATTENTION");
   tc_attention_ = !(attention && std::string(attention) == "f32");
+  const char* kv = std::getenv("AHA_KV_CACHE");
+  bf16_kv_cache_ = !(kv && std::string(kv) == "f32");
   const char* profile = std::getenv("AHA_PROFILE");
   if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
 }
@@ -304,13 +306,21 @@ void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* d
   Check("linear backward", /*forget_casts=*/false);
 }
 
-void CudaBackend::SwiGluForward(float* h, const float* gate, const float* up, int N, int I) {
-  cuda::SwiGluForward(h, gate, up, static_cast<size_t>(N) * I, stream_);
+void CudaBackend::SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD,
+                           int KD) {
+  cuda::SplitQkv(q, k, v, qkv, bias, N, QD, KD, stream_);
+  Check("split qkv");
+}
+void CudaBackend::PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) {
+  cuda::PackQkv(dqkv, dq, dk, dv, N, QD, KD, stream_);
+  Check("pack qkv");
+}
+void CudaBackend::SwiGluForward(float* h, const float* gu, int N, int I) {
+  cuda::SwiGluForward(h, gu, N, I, stream_);
   Check("swiglu");
 }
-void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
-                                 int I) {
-  cuda::SwiGluBackward(dgate, dup, dh, gate, up, static_cast<size_t>(N) * I, stream_);
+void CudaBackend::SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) {
+  cuda::SwiGluBackward(dgu, dh, gu, N, I, stream_);
   Check("swiglu backward");
 }
 void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
@@ -332,16 +342,24 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
   else cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
   Check("attention backward");
 }
-void CudaBackend::KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
-                               const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv,
-                               int D) {
-  cuda::KvCacheWrite(k_cache, v_cache, k, v, cu_q, slots, start, B, Nq, max_len, Hkv, D, stream_);
+DType CudaBackend::kv_cache_dtype() const {
+  return bf16_kv_cache_ && gemm_->precision() == GemmPrecision::kBF16 ? DType::kBF16 : DType::kF32;
+}
+static cuda::KvPages Pages(const PagedKv& c) {
+  if (c.dtype != DType::kF32 && c.dtype != DType::kBF16) {
+    std::fprintf(stderr, "aha CudaBackend: KV cache dtype %s is neither f32 nor bf16\n", DTypeName(c.dtype));
+    std::abort();
+  }
+  return {c.k, c.v, c.dtype == DType::kBF16, c.num_blocks, c.block_size, c.block_table, c.max_blocks};
+}
+void CudaBackend::KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q,
+                               const int32_t* start, int B, int Nq, int Hkv, int D) {
+  cuda::KvCacheWrite(Pages(cache), k, v, cu_q, start, B, Nq, Hkv, D, stream_);
   Check("kv cache write");
 }
-void CudaBackend::CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
-                                         const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B,
-                                         int Nq, int max_len, int Hq, int Hkv, int D) {
-  cuda::CachedAttentionForward(out, q, k_cache, v_cache, cu_q, slots, start, B, Nq, max_len, Hq, Hkv, D, stream_);
+void CudaBackend::CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
+                                         const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
+  cuda::CachedAttentionForward(out, q, Pages(cache), cu_q, start, B, Nq, Hq, Hkv, D, stream_);
   Check("cached attention");
 }
 

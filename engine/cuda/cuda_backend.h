@@ -4,6 +4,8 @@
 // moments. Matrix products run on the tensor cores in bf16 with f32 accumulation (Gemm, gemm.h):
 // registered weights keep a bf16 copy refreshed by WeightsChanged(), activations are rounded to bf16
 // on the way into each product. GemmPrecision::kF32 switches the products to plain f32 (parity tests).
+// The generation KV cache pools hold bf16 with bf16 products (half the bytes of decode attention,
+// which widens them to f32 and accumulates in f32), f32 with kF32 (kv_cache_dtype()).
 // Ops are asynchronous on the backend's stream; Download(), SumSquares() and Synchronize() wait.
 // Creating a CudaBackend registers the device allocator that Tensor uses for cuda:N tensors.
 #pragma once
@@ -57,21 +59,22 @@ class CudaBackend final : public Backend {
   void LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C, int OC) override;
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int N,
                       int C, int OC, bool accumulate_dx) override;
-  void SwiGluForward(float* h, const float* gate, const float* up, int N, int I) override;
-  void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
-                      int I) override;
+  void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD) override;
+  void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) override;
+  void SwiGluForward(float* h, const float* gu, int N, int I) override;
+  void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) override;
   void Add(float* out, const float* a, const float* b, size_t n) override;
   void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) override;
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                          int Hq, int Hkv, int D) override;
-  void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
-                    const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv,
-                    int D) override;
-  void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
-                              const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B, int Nq,
-                              int max_len, int Hq, int Hkv, int D) override;
+  // bf16 pools with bf16 products (kBF16), unless AHA_KV_CACHE=f32; f32 pools with kF32 products.
+  DType kv_cache_dtype() const override;
+  void KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q, const int32_t* start,
+                    int B, int Nq, int Hkv, int D) override;
+  void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
+                              const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) override;
   void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                      const int32_t* targets, int N, int C, int V, float temperature) override;
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
@@ -111,6 +114,7 @@ class CudaBackend final : public Backend {
   // AHA_ATTENTION=f32. The pedantic kF32 precision keeps the f32 kernels, as it does for GEMMs.
   bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
   bool tc_attention_ = true;
+  bool bf16_kv_cache_ = true;  // AHA_KV_CACHE=f32 turns it off (kv_cache_dtype())
   std::unique_ptr<Profile> profile_;
   bool capturing_ = false;
 };

@@ -127,22 +127,55 @@ __global__ void BiasBackwardKernel(float* db, const float* dout, int N, int OC) 
   atomicAdd(db + o, acc);
 }
 
-__global__ void SwiGluForwardKernel(float* h, const float* gate, const float* up, size_t n) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+// One thread per element of the packed row, so the reads of qkv (and the writes of dqkv) are
+// coalesced; q, k and v are each written contiguously within a row.
+__global__ void SplitQkvKernel(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD,
+                               int KD) {
+  const int W = QD + 2 * KD;
+  const size_t total = static_cast<size_t>(N) * W;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const float g = gate[i];
-    h[i] = g / (1.0f + expf(-g)) * up[i];
+    const size_t n = i / W;
+    const int c = static_cast<int>(i - n * W);
+    const float x = bias ? qkv[i] + bias[c] : qkv[i];
+    if (c < QD) q[n * QD + c] = x;
+    else if (c < QD + KD) k[n * KD + (c - QD)] = x;
+    else v[n * KD + (c - QD - KD)] = x;
   }
 }
 
-__global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
-                                     size_t n) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+__global__ void PackQkvKernel(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD,
+                              int KD) {
+  const int W = QD + 2 * KD;
+  const size_t total = static_cast<size_t>(N) * W;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const float g = gate[i], u = up[i], d = dh[i];
+    const size_t n = i / W;
+    const int c = static_cast<int>(i - n * W);
+    dqkv[i] = c < QD ? dq[n * QD + c] : c < QD + KD ? dk[n * KD + (c - QD)] : dv[n * KD + (c - QD - KD)];
+  }
+}
+
+// gu rows are gate | up (2I wide); thread i handles h[i] = column j of row n.
+__global__ void SwiGluForwardKernel(float* h, const float* gu, int N, int I) {
+  const size_t total = static_cast<size_t>(N) * I;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t n = i / I, g_at = i + n * I;  // n * 2I + j
+    const float g = gu[g_at];
+    h[i] = g / (1.0f + expf(-g)) * gu[g_at + I];
+  }
+}
+
+__global__ void SwiGluBackwardKernel(float* dgu, const float* dh, const float* gu, int N, int I) {
+  const size_t total = static_cast<size_t>(N) * I;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t n = i / I, g_at = i + n * I;
+    const float g = gu[g_at], u = gu[g_at + I], d = dh[i];
     const float s = 1.0f / (1.0f + expf(-g));
-    dup[i] = d * g * s;
-    dgate[i] = d * u * s * (1.0f + g * (1.0f - s));
+    dgu[g_at + I] = d * g * s;
+    dgu[g_at] = d * u * s * (1.0f + g * (1.0f - s));
   }
 }
 
@@ -283,13 +316,21 @@ void BiasBackward(float* db, const float* dout, int N, int OC, cudaStream_t s) {
   BiasBackwardKernel<<<grid, kThreads, 0, s>>>(db, dout, N, OC);
 }
 
-void SwiGluForward(float* h, const float* gate, const float* up, size_t n, cudaStream_t s) {
-  SwiGluForwardKernel<<<Blocks(n), kThreads, 0, s>>>(h, gate, up, n);
+void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD,
+              cudaStream_t s) {
+  SplitQkvKernel<<<Blocks(static_cast<size_t>(N) * (QD + 2 * KD)), kThreads, 0, s>>>(q, k, v, qkv, bias, N, QD, KD);
 }
 
-void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, size_t n,
-                    cudaStream_t s) {
-  SwiGluBackwardKernel<<<Blocks(n), kThreads, 0, s>>>(dgate, dup, dh, gate, up, n);
+void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD, cudaStream_t s) {
+  PackQkvKernel<<<Blocks(static_cast<size_t>(N) * (QD + 2 * KD)), kThreads, 0, s>>>(dqkv, dq, dk, dv, N, QD, KD);
+}
+
+void SwiGluForward(float* h, const float* gu, int N, int I, cudaStream_t s) {
+  SwiGluForwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(h, gu, N, I);
+}
+
+void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, cudaStream_t s) {
+  SwiGluBackwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(dgu, dh, gu, N, I);
 }
 
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s) {

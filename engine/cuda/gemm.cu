@@ -4,14 +4,20 @@
 //   NT: out^T = b (op T on b's buffer, ld K)  * a^T (op N on a's buffer, ld K)
 //   NN: out^T = b^T (op N, ld N)              * a^T (op N, ld K)
 //   TN: out^T = b^T (op N, ld N)              * a   (op T on a's buffer, ld M)
+// The cuBLASLt path describes the same column-major problem: Lt's A is b's buffer (op_b), Lt's B is
+// a's buffer (op_a), C = D = out, each layout being the matrix as stored (rows x cols, ld).
 #include "engine/cuda/gemm.h"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -69,6 +75,67 @@ const CublasApi& Cublas() {
   return api;
 }
 
+// cuBLASLt, opened the same way (libcublas itself depends on it, so this maps nothing new).
+struct CublasLtApi {
+  decltype(&cublasLtCreate) create;
+  decltype(&cublasLtDestroy) destroy;
+  decltype(&cublasLtMatmul) matmul;
+  decltype(&cublasLtMatmulDescCreate) desc_create;
+  decltype(&cublasLtMatmulDescDestroy) desc_destroy;
+  decltype(&cublasLtMatmulDescSetAttribute) desc_set;
+  decltype(&cublasLtMatrixLayoutCreate) layout_create;
+  decltype(&cublasLtMatrixLayoutDestroy) layout_destroy;
+  decltype(&cublasLtMatmulPreferenceCreate) pref_create;
+  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy;
+  decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set;
+  decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic;
+  decltype(&cublasLtMatmulAlgoCheck) algo_check;
+  decltype(&cublasLtGetStatusString) status_string;
+};
+
+const CublasLtApi& CublasLt() {
+  static const CublasLtApi api = [] {
+    const std::string name = "libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      std::fprintf(stderr, "aha: cannot load %s: %s\n", name.c_str(), dlerror());
+      std::abort();
+    }
+    auto sym = [&](const char* n) {
+      void* p = dlsym(lib, n);
+      if (!p) {
+        std::fprintf(stderr, "aha: %s has no %s\n", name.c_str(), n);
+        std::abort();
+      }
+      return p;
+    };
+    CublasLtApi a;
+    a.create = reinterpret_cast<decltype(a.create)>(sym("cublasLtCreate"));
+    a.destroy = reinterpret_cast<decltype(a.destroy)>(sym("cublasLtDestroy"));
+    a.matmul = reinterpret_cast<decltype(a.matmul)>(sym("cublasLtMatmul"));
+    a.desc_create = reinterpret_cast<decltype(a.desc_create)>(sym("cublasLtMatmulDescCreate"));
+    a.desc_destroy = reinterpret_cast<decltype(a.desc_destroy)>(sym("cublasLtMatmulDescDestroy"));
+    a.desc_set = reinterpret_cast<decltype(a.desc_set)>(sym("cublasLtMatmulDescSetAttribute"));
+    a.layout_create = reinterpret_cast<decltype(a.layout_create)>(sym("cublasLtMatrixLayoutCreate"));
+    a.layout_destroy = reinterpret_cast<decltype(a.layout_destroy)>(sym("cublasLtMatrixLayoutDestroy"));
+    a.pref_create = reinterpret_cast<decltype(a.pref_create)>(sym("cublasLtMatmulPreferenceCreate"));
+    a.pref_destroy = reinterpret_cast<decltype(a.pref_destroy)>(sym("cublasLtMatmulPreferenceDestroy"));
+    a.pref_set = reinterpret_cast<decltype(a.pref_set)>(sym("cublasLtMatmulPreferenceSetAttribute"));
+    a.heuristic = reinterpret_cast<decltype(a.heuristic)>(sym("cublasLtMatmulAlgoGetHeuristic"));
+    a.algo_check = reinterpret_cast<decltype(a.algo_check)>(sym("cublasLtMatmulAlgoCheck"));
+    a.status_string = reinterpret_cast<decltype(a.status_string)>(sym("cublasLtGetStatusString"));
+    return a;
+  }();
+  return api;
+}
+
+void CheckLt(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "aha: cuBLASLt %s failed: %s\n", what, CublasLt().status_string(st));
+    std::abort();
+  }
+}
+
 void CheckCublas(cublasStatus_t st, const char* what) {
   if (st != CUBLAS_STATUS_SUCCESS) {
     std::fprintf(stderr, "aha: cuBLAS %s failed: %s\n", what, Cublas().status_string(st));
@@ -111,12 +178,65 @@ struct WeightRange {
   uint16_t* bf16 = nullptr;
 };
 
+// An explicit workspace keeps cuBLAS and cuBLASLt from allocating inside a captured CUDA graph.
+// 32 MiB is what cuBLAS recommends on Hopper.
+constexpr size_t kWorkspace = size_t{32} << 20;
+
+// The alignment an algorithm may assume for a matrix: the largest power of two, up to 256 (the
+// preference's default), dividing both its address and its leading dimension in bytes (the
+// algorithm's MIN_ALIGNMENT capability covers both). Odd shapes and offset pointers (a weight's
+// sub-range, a column block of the output) get the algorithms that can read them.
+uint32_t Alignment(const void* p, int64_t ld_bytes) {
+  const uint64_t x = reinterpret_cast<uintptr_t>(p) | static_cast<uint64_t>(ld_bytes) | 256u;
+  return static_cast<uint32_t>(x & (~x + 1));
+}
+
+// Sizes above 1024 rounded up to 4 steps per octave (1025 -> 1280, 16000 -> 16384): the token
+// count of a training micro-batch or a prefill changes every step, and one timed choice per bucket
+// keeps tuning to a handful of problems instead of one per step.
+int64_t Bucket(int64_t n) {
+  if (n <= 1024) return n;
+  const int64_t step = int64_t{1} << (61 - __builtin_clzll(static_cast<unsigned long long>(n)));
+  return (n + step - 1) / step * step;
+}
+
+// One exact problem: its descriptors (created once, host only) and its algorithm.
+struct LtPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool have_algo = false;
+  bool tuned = false;        // algo is a timed winner (false: the heuristic's first, chosen while capturing)
+  bool unsupported = false;  // no cuBLASLt algorithm: cublasGemmEx runs it
+};
+
+// A bucket's choice, shared by the exact problems that fall into it.
+struct LtChoice {
+  cublasLtMatmulAlgo_t algo{};
+  bool tuned = false;
+};
+
+// (op_b, op_a, m, n, k, ldb, lda, ldo, beta != 0, alignment of b, a, out).
+using LtKey = std::array<int64_t, 12>;
+// (op_b, op_a, Bucket(m), Bucket(n), Bucket(k), beta != 0, alignment of b, a, out).
+using LtBucketKey = std::array<int64_t, 9>;
+
+// Exact plans kept at most; past it they are dropped (buckets keep their choices, so a dropped
+// plan costs descriptor creation and one cublasLtMatmulAlgoCheck, not a new tuning).
+constexpr size_t kMaxPlans = 4096;
+constexpr int kCandidates = 8;
+
 }  // namespace
 
 struct Gemm::Impl {
   cudaStream_t stream;
   GemmPrecision precision;
+  GemmLibrary library = GemmLibrary::kCublasLt;
   cublasHandle_t handle = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  std::map<LtKey, LtPlan> plans;
+  std::map<LtBucketKey, LtChoice> choices;
+  int tuned_problems = 0;
   void* workspace = nullptr;
   uint64_t generation = 0;
   Scratch scratch_a{nullptr, 0, &generation}, scratch_b{nullptr, 0, &generation};
@@ -149,6 +269,165 @@ struct Gemm::Impl {
     if (held.p && out < held.p + held.count && held.p < out + n) held = {};
   }
 
+  bool Capturing() const {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    CheckCuda(cudaStreamIsCapturing(stream, &st), "query stream capture");
+    return st != cudaStreamCaptureStatusNone;
+  }
+
+  LtPlan NewPlan(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, int ldb, int lda, int ldo) {
+    LtPlan p;
+    CheckLt(CublasLt().desc_create(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
+    const int32_t ta = op_b, tb = op_a;
+    CheckLt(CublasLt().desc_set(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "set transa");
+    CheckLt(CublasLt().desc_set(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "set transb");
+    // Each layout is the matrix as stored: op(A) is m x k, op(B) is k x n, C is m x n.
+    const bool tra = op_b != CUBLAS_OP_N, trb = op_a != CUBLAS_OP_N;
+    CheckLt(CublasLt().layout_create(&p.la, CUDA_R_16BF, tra ? k : m, tra ? m : k, ldb), "layout a");
+    CheckLt(CublasLt().layout_create(&p.lb, CUDA_R_16BF, trb ? n : k, trb ? k : n, lda), "layout b");
+    CheckLt(CublasLt().layout_create(&p.lc, CUDA_R_32F, m, n, ldo), "layout c");
+    return p;
+  }
+
+  static void DestroyPlan(LtPlan& p) {
+    CublasLt().layout_destroy(p.lc);
+    CublasLt().layout_destroy(p.lb);
+    CublasLt().layout_destroy(p.la);
+    CublasLt().desc_destroy(p.desc);
+  }
+
+  // Whether `algo` runs this exact problem within the workspace.
+  bool Fits(const LtPlan& p, const cublasLtMatmulAlgo_t& algo) const {
+    cublasLtMatmulHeuristicResult_t r{};
+    return CublasLt().algo_check(lt, p.desc, p.la, p.lb, p.lc, p.lc, &algo, &r) == CUBLAS_STATUS_SUCCESS &&
+           r.workspaceSize <= kWorkspace;
+  }
+
+  cublasStatus_t Matmul(const LtPlan& p, const cublasLtMatmulAlgo_t& algo, const void* A, const void* B, float* C,
+                        float alpha, float beta) {
+    return CublasLt().matmul(lt, p.desc, &alpha, A, p.la, B, p.lb, &beta, C, p.lc, C, p.lc, &algo, workspace,
+                             kWorkspace, stream);
+  }
+
+  // Gives plan p an algorithm: the bucket's timed winner if it fits; else the heuristic's candidates,
+  // timed here (not while capturing: then its first). False if cuBLASLt has none for the problem.
+  bool Choose(LtPlan& p, const LtBucketKey& bkey, uint32_t al_a, uint32_t al_b, uint32_t al_c, int m, int n,
+              int ldo, const void* A, const void* B, float* out, float alpha, float beta) {
+    const bool capturing = Capturing();
+    auto c = choices.find(bkey);
+    if (c != choices.end() && (c->second.tuned || capturing) && Fits(p, c->second.algo)) {
+      p.algo = c->second.algo;
+      p.tuned = c->second.tuned;
+      p.have_algo = true;
+      return true;
+    }
+    cublasLtMatmulPreference_t pref = nullptr;
+    CheckLt(CublasLt().pref_create(&pref), "preference");
+    const uint64_t ws = kWorkspace;
+    CheckLt(CublasLt().pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), "pref workspace");
+    CheckLt(CublasLt().pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)), "pref align a");
+    CheckLt(CublasLt().pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)), "pref align b");
+    CheckLt(CublasLt().pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)), "pref align c");
+    CheckLt(CublasLt().pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)), "pref align d");
+    cublasLtMatmulHeuristicResult_t found[kCandidates];
+    int count = 0;
+    const cublasStatus_t st =
+        CublasLt().heuristic(lt, p.desc, p.la, p.lb, p.lc, p.lc, pref, kCandidates, found, &count);
+    CublasLt().pref_destroy(pref);
+    std::vector<cublasLtMatmulAlgo_t> cand;
+    if (st == CUBLAS_STATUS_SUCCESS)
+      for (int i = 0; i < count; ++i)
+        if (found[i].state == CUBLAS_STATUS_SUCCESS && found[i].workspaceSize <= kWorkspace)
+          cand.push_back(found[i].algo);
+    if (cand.empty()) return false;
+    if (capturing || cand.size() == 1) {
+      p.algo = cand[0];
+      p.tuned = !capturing;
+    } else {
+      const int best = Fastest(p, cand, m, n, ldo, A, B, out, alpha, beta);
+      if (best < 0) return false;
+      p.algo = cand[best];
+      p.tuned = true;
+      ++tuned_problems;
+    }
+    p.have_algo = true;
+    if (c == choices.end() || (p.tuned && !c->second.tuned)) choices[bkey] = {p.algo, p.tuned};
+    return true;
+  }
+
+  // Times each candidate once (after one untimed run, which loads its kernel) and returns the
+  // fastest's index (-1 if none ran). With beta == 0 the runs write `out`, which the real product
+  // overwrites next; with beta != 0 they write a scratch matrix of out's shape, so that out itself
+  // is accumulated into exactly once (if that scratch cannot be allocated, candidate 0 is taken
+  // untimed).
+  int Fastest(const LtPlan& p, const std::vector<cublasLtMatmulAlgo_t>& cand, int m, int n, int ldo, const void* A,
+              const void* B, float* out, float alpha, float beta) {
+    float* target = out;
+    float* temp = nullptr;
+    if (beta != 0.0f) {
+      const size_t bytes = sizeof(float) * (static_cast<size_t>(ldo) * (n - 1) + m);
+      if (cudaMalloc(&temp, bytes) != cudaSuccess) {
+        cudaGetLastError();  // no room to time candidates: the heuristic's first choice it is
+        return 0;
+      }
+      CheckCuda(cudaMemsetAsync(temp, 0, bytes, stream), "clear gemm tuning output");
+      target = temp;
+    }
+    std::vector<cudaEvent_t> ev(2 * cand.size());
+    for (cudaEvent_t& e : ev) CheckCuda(cudaEventCreate(&e), "create event");
+    std::vector<bool> ran(cand.size());
+    for (size_t i = 0; i < cand.size(); ++i)
+      ran[i] = Matmul(p, cand[i], A, B, target, alpha, beta) == CUBLAS_STATUS_SUCCESS;
+    for (size_t i = 0; i < cand.size(); ++i) {
+      if (!ran[i]) continue;
+      CheckCuda(cudaEventRecord(ev[2 * i], stream), "record event");
+      ran[i] = Matmul(p, cand[i], A, B, target, alpha, beta) == CUBLAS_STATUS_SUCCESS;
+      CheckCuda(cudaEventRecord(ev[2 * i + 1], stream), "record event");
+    }
+    CheckCuda(cudaStreamSynchronize(stream), "synchronize gemm tuning");
+    int best = -1;
+    float best_ms = 0.0f;
+    for (size_t i = 0; i < cand.size(); ++i) {
+      float ms = 0.0f;
+      if (!ran[i] || cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]) != cudaSuccess) continue;
+      if (best < 0 || ms < best_ms) best = static_cast<int>(i), best_ms = ms;
+    }
+    for (cudaEvent_t e : ev) cudaEventDestroy(e);
+    if (temp) CheckCuda(cudaFree(temp), "free gemm tuning output");
+    return best;
+  }
+
+  // out = alpha * op_b(b16) op_a(a16) + beta * out through cublasLtMatmul (column-major, as for
+  // cublasGemmEx). False if cuBLASLt has no algorithm for it (the caller runs cublasGemmEx).
+  bool RunLt(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, const uint16_t* b16, int ldb,
+             const uint16_t* a16, int lda, float* out, int ldo, float alpha, float beta) {
+    const uint32_t al_a = Alignment(b16, int64_t{ldb} * 2), al_b = Alignment(a16, int64_t{lda} * 2),
+                   al_c = Alignment(out, int64_t{ldo} * 4);
+    const int64_t accumulate = beta != 0.0f;
+    const LtKey key{op_b, op_a, m, n, k, ldb, lda, ldo, accumulate, al_a, al_b, al_c};
+    auto it = plans.find(key);
+    if (it == plans.end()) {
+      if (plans.size() >= kMaxPlans) {
+        for (auto& [unused, p] : plans) DestroyPlan(p);
+        plans.clear();
+      }
+      it = plans.emplace(key, NewPlan(op_b, op_a, m, n, k, ldb, lda, ldo)).first;
+    }
+    LtPlan& p = it->second;
+    if (p.unsupported) return false;
+    if (!p.have_algo || (!p.tuned && !Capturing())) {
+      const LtBucketKey bkey{op_b, op_a, Bucket(m), Bucket(n), Bucket(k), accumulate, al_a, al_b, al_c};
+      if (!Choose(p, bkey, al_a, al_b, al_c, m, n, ldo, b16, a16, out, alpha, beta)) {
+        std::fprintf(stderr, "aha: cuBLASLt has no algorithm for a %dx%dx%d bf16 product; using cublasGemmEx\n", m,
+                     n, k);
+        p.unsupported = true;
+        return false;
+      }
+    }
+    CheckLt(Matmul(p, p.algo, b16, a16, out, alpha, beta), "matmul bf16");
+    return true;
+  }
+
   void Run(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, const float* b, size_t b_count,
            int ldb, const float* a, size_t a_count, int lda, float* out, int ldo, float alpha, float beta) {
     if (m == 0 || n == 0) return;
@@ -168,9 +447,10 @@ struct Gemm::Impl {
     }
     const uint16_t* b16 = Bf16(b, b_count, scratch_b, held_b);
     const uint16_t* a16 = Bf16(a, a_count, scratch_a, held_a);
-    CheckCublas(Cublas().gemm_ex(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda,
-                             &beta, out, CUDA_R_32F, ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                "gemm bf16");
+    if (library != GemmLibrary::kCublasLt || !RunLt(op_b, op_a, m, n, k, b16, ldb, a16, lda, out, ldo, alpha, beta))
+      CheckCublas(Cublas().gemm_ex(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda,
+                                   &beta, out, CUDA_R_32F, ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                  "gemm bf16");
     Overwritten(held_a, out, static_cast<size_t>(m) * n);
     Overwritten(held_b, out, static_cast<size_t>(m) * n);
   }
@@ -181,8 +461,12 @@ Gemm::Gemm(cudaStream_t stream, GemmPrecision precision) : impl_(new Impl) {
   impl_->precision = precision;
   CheckCublas(Cublas().create(&impl_->handle), "create");
   CheckCublas(Cublas().set_stream(impl_->handle, stream), "set stream");
-  // An explicit workspace keeps cuBLAS from allocating inside a captured CUDA graph.
-  constexpr size_t kWorkspace = size_t{32} << 20;
+  CheckLt(CublasLt().create(&impl_->lt), "create");
+  if (const char* env = std::getenv("AHA_GEMM")) {
+    if (std::strcmp(env, "gemmex") == 0) impl_->library = GemmLibrary::kCublasGemmEx;
+    else if (std::strcmp(env, "lt") != 0)
+      std::fprintf(stderr, "aha: AHA_GEMM=%s is neither lt nor gemmex; using lt\n", env);
+  }
   CheckCuda(cudaMalloc(&impl_->workspace, kWorkspace), "allocate cuBLAS workspace");
   CheckCublas(Cublas().set_workspace(impl_->handle, impl_->workspace, kWorkspace), "set workspace");
   // f32 products stay f32: no TF32 down-conversion.
@@ -191,6 +475,8 @@ Gemm::Gemm(cudaStream_t stream, GemmPrecision precision) : impl_(new Impl) {
 
 Gemm::~Gemm() {
   for (WeightRange& w : impl_->weights) cudaFree(w.bf16);
+  for (auto& [unused, p] : impl_->plans) Impl::DestroyPlan(p);
+  CublasLt().destroy(impl_->lt);
   Cublas().destroy(impl_->handle);
   cudaFree(impl_->workspace);
 }
@@ -200,6 +486,14 @@ void Gemm::set_precision(GemmPrecision p) {
   impl_->precision = p;
   ForgetCasts();
 }
+GemmLibrary Gemm::library() const { return impl_->library; }
+void Gemm::set_library(GemmLibrary library) { impl_->library = library; }
+int Gemm::tuned_problems() const { return impl_->tuned_problems; }
+
+const char* GemmLibraryName(GemmLibrary library) {
+  return library == GemmLibrary::kCublasLt ? "cublaslt" : "gemmex";
+}
+
 void Gemm::ForgetCasts() { impl_->held_a = impl_->held_b = {}; }
 void Gemm::set_cast_reuse(bool on) { impl_->reuse = on; }
 

@@ -1,7 +1,16 @@
 // Gemm: row-major matrix products on f32 device buffers through cuBLAS, f32 accumulation.
 //
 // Two precisions. kBF16 (the default on GPUs): both operands are rounded to bf16 and multiplied on
-// the tensor cores (cublasGemmEx, bf16 A/B, f32 C, CUBLAS_COMPUTE_32F). Weights registered with
+// the tensor cores (bf16 A/B, f32 C, CUBLAS_COMPUTE_32F), through one of two libraries:
+//   kCublasLt (default): cublasLtMatmul with an algorithm chosen per problem: up to 8 candidates of
+//     cublasLtMatmulAlgoGetHeuristic, each timed once on first use of the problem and the fastest
+//     kept. A problem is (form, M, N, K rounded to 4 buckets per octave above 1024, beta != 0, the
+//     operands' alignment); a new shape in a tuned bucket reuses its winner (checked with
+//     cublasLtMatmulAlgoCheck). Products issued while the stream captures a CUDA graph are never
+//     timed: they take a tuned winner if there is one, else the heuristic's first choice.
+//   kCublasGemmEx: cublasGemmEx with cuBLAS's default algorithm (the path before version 5).
+// The environment variable AHA_GEMM=gemmex selects kCublasGemmEx at construction (AHA_GEMM=lt or
+// unset: kCublasLt); set_library() switches at any time. Weights registered with
 // RegisterWeights() are read from a cached bf16 copy (refreshed by WeightsChanged()), so a weight is
 // cast once per optimizer step or weight swap, not once per product; any other operand is cast into
 // a grow-only scratch buffer first. kF32: plain f32 products (no TF32), for parity tests.
@@ -19,6 +28,9 @@
 namespace aha::engine::cuda {
 
 enum class GemmPrecision { kBF16, kF32 };
+enum class GemmLibrary { kCublasLt, kCublasGemmEx };
+
+const char* GemmLibraryName(GemmLibrary library);
 
 class Gemm {
  public:
@@ -29,6 +41,11 @@ class Gemm {
 
   GemmPrecision precision() const;
   void set_precision(GemmPrecision p);
+  // Which library runs bf16 products (kF32 products always run cublasSgemm).
+  GemmLibrary library() const;
+  void set_library(GemmLibrary library);
+  // cuBLASLt problems timed so far (each cost up to 16 extra products, once).
+  int tuned_problems() const;
 
   // out[M, N] = alpha * a[M, K] @ b[N, K]^T + beta * out   (x @ w^T with w in (out, in) layout)
   void NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta);

@@ -26,9 +26,11 @@ void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int 
                  cudaStream_t s);
 void AddBias(float* out, const float* b, int N, int OC, cudaStream_t s);
 void BiasBackward(float* db, const float* dout, int N, int OC, cudaStream_t s);
-void SwiGluForward(float* h, const float* gate, const float* up, size_t n, cudaStream_t s);
-void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, size_t n,
-                    cudaStream_t s);
+void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD,
+              cudaStream_t s);
+void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD, cudaStream_t s);
+void SwiGluForward(float* h, const float* gu, int N, int I, cudaStream_t s);
+void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, cudaStream_t s);
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s);
 void Scale(float* x, float a, size_t n, cudaStream_t s);
 // out[n] (f64, device) = sum of squares of x; workspace holds at least SumSquaresWorkspace() bytes.
@@ -55,15 +57,23 @@ void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const
                        const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                        int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
 size_t AttentionBackwardWorkspace(int N, int Hq);
-// See Backend::KvCacheWrite / CachedAttentionForward. cu_q[B + 1], slots[B], start[B] are device
-// arrays; the grid depends only on (B, Nq, heads) so the launch can be graph-captured and replayed
-// with new array contents. Nq = cu_q[B] is passed from the host.
-void KvCacheWrite(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* cu_q,
-                  const int32_t* slots, const int32_t* start, int B, int Nq, int max_len, int Hkv, int D,
-                  cudaStream_t s);
-void CachedAttentionForward(float* out, const float* q, const float* k_cache, const float* v_cache,
-                            const int32_t* cu_q, const int32_t* slots, const int32_t* start, int B, int Nq,
-                            int max_len, int Hq, int Hkv, int D, cudaStream_t s);
+// One layer of a paged KV cache: Backend's PagedKv (backend.h) with the element type as a flag
+// (bf16: the pools hold bf16 bits; else f32).
+struct KvPages {
+  void* k = nullptr;
+  void* v = nullptr;
+  bool bf16 = false;
+  int num_blocks = 0, block_size = 0;
+  const int32_t* block_table = nullptr;  // [B, max_blocks], device
+  int max_blocks = 0;
+};
+// See Backend::KvCacheWrite / CachedAttentionForward. cu_q[B + 1], start[B] and the block table are
+// device arrays; the grid depends only on (B, Nq, heads) so the launch can be graph-captured and
+// replayed with new array contents. Nq = cu_q[B] is passed from the host.
+void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32_t* cu_q, const int32_t* start, int B,
+                  int Nq, int Hkv, int D, cudaStream_t s);
+void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                            int B, int Nq, int Hq, int Hkv, int D, cudaStream_t s);
 // Tensor-core variants (attention_tc.cu): same signatures, semantics and workspace
 // (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
 // mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};

@@ -742,6 +742,9 @@ void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const
   RowStats* stats = reinterpret_cast<RowStats*>(static_cast<char*>(workspace) + LogitsBytes(N, V));
   const float inv_t = 1.0f / temperature;
   const int VC = ChunkCols(V);
+  // h is cast to bf16 once for all chunks: the row kernel writes only z and the statistics, and the
+  // products write only z, so the held cast of h stays valid (Gemm::set_cast_reuse).
+  gemm.set_cast_reuse(true);
   for (int v0 = 0; v0 < V; v0 += VC) {
     const int cols = std::min(VC, V - v0);
     gemm.NT(z, h, w + static_cast<size_t>(v0) * C, N, cols, C, inv_t, 0.0f);
@@ -751,6 +754,7 @@ void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const
     else
       LmHeadForwardRows<false><<<N, kRowThreads, 0, s>>>(z, stats, targets, logprob, entropy, lse, cols, v0, first, last);
   }
+  gemm.set_cast_reuse(false);
 }
 
 void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, const float* dentropy,
@@ -765,6 +769,12 @@ void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, con
   float* z = static_cast<float*>(workspace);
   const float inv_t = 1.0f / temperature;
   const int VC = ChunkCols(V);
+  // One bf16 copy of dz serves both products: NN casts it, TN (same operand slot, nothing written
+  // in between but dh) reuses it; TN's h reuses the b slot's cast from the chunk before. The row
+  // kernel rewrites z in place, but by then NT has replaced the held z cast with h, and NT's output
+  // z drops any held cast of z anyway (Gemm::set_cast_reuse). Saves a cast pass over every chunk's
+  // dz: 6 B per logit, ~3.5 ms of a 16384-row step.
+  gemm.set_cast_reuse(true);
   for (int v0 = 0; v0 < V; v0 += VC) {
     const int cols = std::min(VC, V - v0);
     const float* wc = w + static_cast<size_t>(v0) * C;
@@ -776,6 +786,7 @@ void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, con
     gemm.NN(dh, z, wc, N, C, cols, 1.0f, v0 == 0 ? 0.0f : 1.0f);            // dh (=, +=) dz @ w_chunk
     gemm.TN(dw + static_cast<size_t>(v0) * C, z, h, cols, C, N, 1.0f, 1.0f);  // dw_chunk += dz^T @ h
   }
+  gemm.set_cast_reuse(false);
 }
 
 size_t SampleWorkspace(int B, int V) {

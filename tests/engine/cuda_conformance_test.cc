@@ -12,12 +12,14 @@
 // only on the GPU machine: scripts/gpu-check.sh).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "engine/cpu_backend.h"
@@ -124,22 +126,60 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     gpu->RopeBackward(d_x.f32(), d_pos.i32(), d_inv.f32(), N, H, D);
     ExpectNmse("rope backward", "[301,14," + std::to_string(D) + "]", Down(d_x), back, kF32);
   }
-  {
-    const int I = 4864;
-    auto g = Randn(size_t(N) * I, 3.0f), u = Randn(size_t(N) * I), dh = Randn(size_t(N) * I);
-    std::vector<float> h(g.size()), dg(g.size()), du(g.size()), sum(g.size());
-    cpu.SwiGluForward(h.data(), g.data(), u.data(), N, I);
-    cpu.SwiGluBackward(dg.data(), du.data(), dh.data(), g.data(), u.data(), N, I);
-    cpu.Add(sum.data(), g.data(), u.data(), g.size());
-    Tensor d_g = Up(g), d_u = Up(u), d_dh = Up(dh), d_h = Poisoned(h.size()), d_dg = Poisoned(h.size()),
-           d_du = Poisoned(h.size()), d_sum = Poisoned(h.size());
-    gpu->SwiGluForward(d_h.f32(), d_g.f32(), d_u.f32(), N, I);
-    gpu->SwiGluBackward(d_dg.f32(), d_du.f32(), d_dh.f32(), d_g.f32(), d_u.f32(), N, I);
-    gpu->Add(d_sum.f32(), d_g.f32(), d_u.f32(), g.size());
-    ExpectNmse("swiglu", "[301,4864]", Down(d_h), h, kF32);
-    ExpectNmse("swiglu backward dgate", "[301,4864]", Down(d_dg), dg, kF32);
-    ExpectNmse("swiglu backward dup", "[301,4864]", Down(d_du), du, kF32);
-    ExpectNmse("add", "[301,4864]", Down(d_sum), sum, kF32);
+  for (int I : {4864, 7}) {
+    // gu[N, 2I] = gate | up per row; the gate half gets the wider spread (silu's curved part).
+    const size_t NI = size_t(N) * I;
+    std::vector<float> gu(2 * NI);
+    {
+      auto g = Randn(NI, 3.0f), u = Randn(NI);
+      for (size_t n = 0; n < size_t(N); ++n)
+        for (size_t i = 0; i < size_t(I); ++i) {
+          gu[n * 2 * I + i] = g[n * I + i];
+          gu[n * 2 * I + I + i] = u[n * I + i];
+        }
+    }
+    auto dh = Randn(NI);
+    std::vector<float> h(NI), dgu(2 * NI), sum(2 * NI);
+    cpu.SwiGluForward(h.data(), gu.data(), N, I);
+    cpu.SwiGluBackward(dgu.data(), dh.data(), gu.data(), N, I);
+    cpu.Add(sum.data(), gu.data(), dgu.data(), gu.size());
+    Tensor d_gu = Up(gu), d_dh = Up(dh), d_h = Poisoned(NI), d_dgu = Poisoned(2 * NI), d_sum = Poisoned(2 * NI);
+    gpu->SwiGluForward(d_h.f32(), d_gu.f32(), N, I);
+    gpu->SwiGluBackward(d_dgu.f32(), d_dh.f32(), d_gu.f32(), N, I);
+    gpu->Add(d_sum.f32(), d_gu.f32(), d_dgu.f32(), gu.size());
+    const std::string shape = "[301,2x" + std::to_string(I) + "]";
+    ExpectNmse("swiglu (packed gate|up)", shape, Down(d_h), h, kF32);
+    ExpectNmse("swiglu backward dgu", shape, Down(d_dgu), dgu, kF32);
+    ExpectNmse("add", shape, Down(d_sum), sum, kF32);
+  }
+}
+
+TEST(CudaOps, SplitAndPackQkv) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  // Qwen2.5-0.5B (14 + 2 x 2 heads of 64), Qwen3-like (16 + 2 x 8 of 128) and an odd shape.
+  for (auto [N, QD, KD] : {std::tuple{301, 896, 128}, std::tuple{64, 2048, 1024}, std::tuple{7, 12, 5}}) {
+    const int W = QD + 2 * KD;
+    auto qkv = Randn(size_t(N) * W), bias = Randn(W);
+    auto dq = Randn(size_t(N) * QD), dk = Randn(size_t(N) * KD), dv = Randn(size_t(N) * KD);
+    const std::string shape =
+        "[" + std::to_string(N) + "," + std::to_string(QD) + "+2x" + std::to_string(KD) + "]";
+    Tensor d_qkv = Up(qkv), d_bias = Up(bias), d_dq = Up(dq), d_dk = Up(dk), d_dv = Up(dv);
+    for (bool with_bias : {true, false}) {
+      std::vector<float> q(size_t(N) * QD), k(size_t(N) * KD), v(size_t(N) * KD);
+      cpu.SplitQkv(q.data(), k.data(), v.data(), qkv.data(), with_bias ? bias.data() : nullptr, N, QD, KD);
+      Tensor d_q = Poisoned(q.size()), d_k = Poisoned(k.size()), d_v = Poisoned(v.size());
+      gpu->SplitQkv(d_q.f32(), d_k.f32(), d_v.f32(), d_qkv.f32(), with_bias ? d_bias.f32() : nullptr, N, QD, KD);
+      const std::string what = with_bias ? "split qkv + bias " : "split qkv ";
+      ExpectNmse(what + "q", shape, Down(d_q), q, kF32);
+      ExpectNmse(what + "k", shape, Down(d_k), k, kF32);
+      ExpectNmse(what + "v", shape, Down(d_v), v, kF32);
+    }
+    std::vector<float> packed(size_t(N) * W);
+    cpu.PackQkv(packed.data(), dq.data(), dk.data(), dv.data(), N, QD, KD);
+    Tensor d_packed = Poisoned(packed.size());
+    gpu->PackQkv(d_packed.f32(), d_dq.f32(), d_dk.f32(), d_dv.f32(), N, QD, KD);
+    ExpectNmse("pack qkv", shape, Down(d_packed), packed, kF32);
   }
 }
 
@@ -201,6 +241,97 @@ TEST(CudaOps, LinearForwardBackwardF32AndBf16) {
   }
 }
 
+// Gemm directly, through each bf16 library: shapes no tile divides, operands whose addresses and
+// leading dimensions are only 4 (f32) or 2 (bf16 weight copy) bytes aligned, beta 0 (out poisoned:
+// C must not be read) and beta 1 (accumulating into random values: cuBLASLt times its candidates
+// on first use, with beta != 0 into a scratch output, so out must still be accumulated into once),
+// each problem run twice (tuned, then from the cache), two M in one tuning bucket (1900 reuses
+// 2000's choice), and a new problem first seen inside a CUDA graph capture (no timing there).
+TEST(CudaOps, GemmOddShapesUnalignedAccumulateAndCapture) {
+  REQUIRE_GPU();
+  cuda::Gemm& g = gpu->gemm();
+  const cuda::GemmLibrary saved = g.library();
+  const float alpha = 0.75f;
+  const char* const kForms[] = {"NT", "NN", "TN"};
+  // out[M, N] = alpha * A' B' + beta * out0 in f64; form 0 NT (a[M,K], b[N,K]), 1 NN (a[M,K],
+  // b[K,N]), 2 TN (a[K,M], b[K,N]).
+  auto reference = [&](int form, int M, int N, int K, const float* a, const float* b, const std::vector<float>& out0,
+                       float beta) {
+    std::vector<float> out(size_t(M) * N);
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) {
+        double acc = 0;
+        for (int k = 0; k < K; ++k) {
+          const double x = form == 2 ? a[size_t(k) * M + i] : a[size_t(i) * K + k];
+          const double y = form == 0 ? b[size_t(j) * K + k] : b[size_t(k) * N + j];
+          acc += x * y;
+        }
+        out[size_t(i) * N + j] = static_cast<float>(alpha * acc + (beta != 0 ? beta * out0[size_t(i) * N + j] : 0.0));
+      }
+    return out;
+  };
+  auto run = [&](int form, float* out, const float* a, const float* b, int M, int N, int K, float beta) {
+    if (form == 0) g.NT(out, a, b, M, N, K, alpha, beta);
+    else if (form == 1) g.NN(out, a, b, M, N, K, alpha, beta);
+    else g.TN(out, a, b, M, N, K, alpha, beta);
+  };
+  for (cuda::GemmLibrary lib : {cuda::GemmLibrary::kCublasLt, cuda::GemmLibrary::kCublasGemmEx}) {
+    g.set_library(lib);
+    for (auto [M, N, K] : {std::tuple{37, 45, 29}, std::tuple{1, 7, 3}, std::tuple{2000, 45, 29},
+                           std::tuple{1900, 45, 29}, std::tuple{64, 128, 96}}) {
+      for (int form = 0; form < 3; ++form)
+        for (float beta : {0.0f, 1.0f})
+          for (int offset : {0, 1}) {
+            // Element `offset` of each buffer is where the operand starts; b is registered as a
+            // weight, so with offset 1 its bf16 copy starts 2 bytes past an aligned address.
+            const size_t na = size_t(M) * K, nb = size_t(K) * N, no = size_t(M) * N;
+            auto a = Randn(na + offset), b = Randn(nb + offset, 0.2f), out0 = Randn(no + offset);
+            const std::vector<float> o0(out0.begin() + offset, out0.end());
+            const auto want = reference(form, M, N, K, a.data() + offset, b.data() + offset, o0, beta);
+            Tensor d_a = Up(a), d_b = Up(b), d_out = beta != 0 ? Up(out0) : Poisoned(no + offset);
+            gpu->RegisterWeights(d_b.f32(), d_b.numel());
+            gpu->WeightsChanged(d_b.f32());
+            run(form, d_out.f32() + offset, d_a.f32() + offset, d_b.f32() + offset, M, N, K, beta);
+            std::vector<float> got = Down(d_out);
+            got.erase(got.begin(), got.begin() + offset);
+            const std::string what = std::string("gemm ") + cuda::GemmLibraryName(lib) + " " + kForms[form];
+            const std::string shape = std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
+                                      " beta " + std::to_string(int(beta)) + " offset " + std::to_string(offset);
+            ExpectNmse(what, shape, got, want, kBf16);
+            // Again from the cache (beta 1: on top of the first result).
+            const auto want2 = beta != 0 ? reference(form, M, N, K, a.data() + offset, b.data() + offset, want, beta)
+                                         : want;
+            run(form, d_out.f32() + offset, d_a.f32() + offset, d_b.f32() + offset, M, N, K, beta);
+            got = Down(d_out);
+            got.erase(got.begin(), got.begin() + offset);
+            ExpectNmse(what + " (cached)", shape, got, want2, kBf16);
+            gpu->UnregisterWeights(d_b.f32());
+          }
+    }
+    // A problem first seen while capturing: the heuristic's first choice, nothing timed.
+    const int M = 53, N = 61, K = 47;
+    auto a = Randn(size_t(M) * K), b = Randn(size_t(N) * K, 0.2f);
+    const auto want = reference(0, M, N, K, a.data(), b.data(), {}, 0.0f);
+    Tensor d_a = Up(a), d_b = Up(b), d_out = Poisoned(size_t(M) * N);
+    // A registered weight, as in a decode graph; a's cast fits the scratch the cases above grew
+    // (a scratch that grew inside the capture would be a cudaMalloc there).
+    gpu->RegisterWeights(d_b.f32(), d_b.numel());
+    gpu->WeightsChanged(d_b.f32());
+    gpu->Synchronize();
+    const int tuned = g.tuned_problems();
+    ASSERT_TRUE(gpu->BeginCapture());
+    g.NT(d_out.f32(), d_a.f32(), d_b.f32(), M, N, K, alpha, 0.0f);
+    void* graph = gpu->EndCapture();
+    ASSERT_NE(graph, nullptr);
+    EXPECT_EQ(g.tuned_problems(), tuned) << "no candidate is timed while capturing";
+    gpu->Replay(graph);
+    ExpectNmse(std::string("gemm captured ") + cuda::GemmLibraryName(lib), "53x61x47", Down(d_out), want, kBf16);
+    gpu->DestroyGraph(graph);
+    gpu->UnregisterWeights(d_b.f32());
+  }
+  g.set_library(saved);
+}
+
 // ---- attention -------------------------------------------------------------------------------------
 
 struct AttnCase {
@@ -247,47 +378,103 @@ TEST(CudaOps, PackedCausalAttentionForwardBackward) {
   }
 }
 
+// The paged cache through random, non-contiguous block tables (a shuffled pool, some blocks owned by
+// no sequence), three rounds per case: prefill (start 0), a chunk (start > 0), decode (one row).
+// f32 pools: the cache bit-exact against the CPU, the output within kF32. bf16 pools: the GPU rounds
+// k/v to bf16 as it writes (round to nearest even, as F32ToBF16), so the pools must equal the CPU's
+// pools filled with pre-rounded k/v bit for bit, and the output must match the CPU attention over
+// those rounded k/v within kF32 (f32 math on the same values). Against the CPU attention over the
+// exact k/v the limit is kBf16Cache: rounding a Gaussian vector to bf16 (8 significant bits,
+// relative error up to 2^-9 each, uniform in the last bit) has NMSE ~2.4e-6; the output inherits it
+// once through v and about once more through the scores (q . dk is as large relative to the score
+// spread), so ~5e-6 expected and 2e-5 allowed.
 TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
   REQUIRE_GPU();
   CpuBackend cpu;
-  for (const AttnCase& c : {AttnCase{14, 2, 64, {7, 1, 40, 129}}, AttnCase{4, 4, 128, {3, 65}},
-                            AttnCase{4, 1, 32, {1, 2}}}) {
-    const int B = static_cast<int>(c.lens.size()), max_len = 200, slots_n = B + 2;
-    const size_t row = size_t(c.Hkv) * c.D;
-    std::vector<float> kc(size_t(slots_n) * max_len * row, 0.0f), vc = kc;
-    Tensor d_kc = Up(kc), d_vc = Up(vc);
-    std::vector<int32_t> slots(B);
-    for (int b = 0; b < B; ++b) slots[b] = slots_n - 1 - b;  // not the identity
-    std::vector<int32_t> len(B, 0);
-    // Three rounds: prefill (start 0, many rows), a chunk (start > 0, many rows), then decode (1 row).
-    for (int round = 0; round < 3; ++round) {
-      std::vector<int32_t> cu{0}, start(B);
+  constexpr double kBf16Cache = 2e-5;
+  struct PagedCase {
+    AttnCase a;
+    int block_size;
+  };
+  for (const PagedCase& pc : {PagedCase{{14, 2, 64, {7, 1, 40, 129}}, 16}, PagedCase{{4, 4, 128, {3, 65}}, 8},
+                              PagedCase{{4, 1, 32, {1, 2}}, 32}, PagedCase{{8, 2, 16, {5, 33}}, 4}}) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      const AttnCase& c = pc.a;
+      const bool bf16 = dtype == DType::kBF16;
+      const int B = static_cast<int>(c.lens.size()), bs = pc.block_size, max_len = 200;
+      const int max_blocks = (max_len + bs - 1) / bs;
+      const size_t row = size_t(c.Hkv) * c.D;
+      // Rows per round and sequence; the table holds exactly the blocks each sequence needs.
+      std::vector<std::vector<int>> rounds(3, std::vector<int>(B));
+      std::vector<int> total(B, 0);
       for (int b = 0; b < B; ++b) {
-        const int rows = round == 2 ? 1 : (round == 0 ? c.lens[b] : 1 + c.lens[b] / 3);
-        cu.push_back(cu.back() + rows);
-        start[b] = len[b];
-        len[b] += rows;
+        rounds[0][b] = c.lens[b];
+        rounds[1][b] = 1 + c.lens[b] / 3;
+        rounds[2][b] = 1;
+        total[b] = rounds[0][b] + rounds[1][b] + rounds[2][b];
       }
-      const int Nq = cu.back();
-      auto q = Randn(size_t(Nq) * c.Hq * c.D), k = Randn(size_t(Nq) * row), v = Randn(size_t(Nq) * row);
-      std::vector<float> out(q.size());
-      cpu.KvCacheWrite(kc.data(), vc.data(), k.data(), v.data(), cu.data(), slots.data(), start.data(), B, Nq, max_len,
-                       c.Hkv, c.D);
-      cpu.CachedAttentionForward(out.data(), q.data(), kc.data(), vc.data(), cu.data(), slots.data(), start.data(), B,
-                                 Nq, max_len, c.Hq, c.Hkv, c.D);
-      Tensor d_q = Up(q), d_k = Up(k), d_v = Up(v), d_cu = Up(cu), d_slots = Up(slots), d_start = Up(start),
-             d_out = Poisoned(out.size());
-      gpu->KvCacheWrite(d_kc.f32(), d_vc.f32(), d_k.f32(), d_v.f32(), d_cu.i32(), d_slots.i32(), d_start.i32(), B, Nq,
-                        max_len, c.Hkv, c.D);
-      gpu->CachedAttentionForward(d_out.f32(), d_q.f32(), d_kc.f32(), d_vc.f32(), d_cu.i32(), d_slots.i32(),
-                                  d_start.i32(), B, Nq, max_len, c.Hq, c.Hkv, c.D);
-      const std::string shape = std::string(round == 0 ? "prefill" : round == 1 ? "chunk" : "decode") +
-                                " Nq=" + std::to_string(Nq) + " H=" + std::to_string(c.Hq) + "/" +
-                                std::to_string(c.Hkv) + " D=" + std::to_string(c.D);
-      ExpectNmse("cached attention", shape, Down(d_out), out, kF32);
+      int needed = 0;
+      for (int b = 0; b < B; ++b) needed += (total[b] + bs - 1) / bs;
+      const int num_blocks = needed + 7;
+      std::vector<int32_t> order(num_blocks);
+      for (int i = 0; i < num_blocks; ++i) order[i] = i;
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(test::NextSeed()));
+      std::vector<int32_t> table(size_t(B) * max_blocks, -1);
+      int next = 0;
+      for (int b = 0; b < B; ++b)
+        for (int j = 0; j < (total[b] + bs - 1) / bs; ++j) table[size_t(b) * max_blocks + j] = order[next++];
+      // CPU pools: exact k/v (kc) and, for bf16, bf16-rounded k/v (kc_r).
+      const size_t pool = size_t(num_blocks) * bs * row;
+      std::vector<float> kc(pool, 0.0f), vc(pool, 0.0f), kc_r(pool, 0.0f), vc_r(pool, 0.0f);
+      const PagedKv cpu_exact{kc.data(), vc.data(), DType::kF32, num_blocks, bs, table.data(), max_blocks};
+      const PagedKv cpu_rounded{kc_r.data(), vc_r.data(), DType::kF32, num_blocks, bs, table.data(), max_blocks};
+      const Shape pool_shape{num_blocks, bs, c.Hkv, c.D};
+      Tensor d_kc = Tensor::Zeros(dtype, pool_shape, gpu->device()), d_vc = Tensor::Zeros(dtype, pool_shape, gpu->device());
+      Tensor d_table = Up(table);
+      const PagedKv gpu_cache{d_kc.raw(), d_vc.raw(), dtype, num_blocks, bs, d_table.i32(), max_blocks};
+      auto rounded = [](std::vector<float> x) {
+        for (float& e : x) e = BF16ToF32(F32ToBF16(e));
+        return x;
+      };
+      std::vector<int32_t> len(B, 0);
+      for (int round = 0; round < 3; ++round) {
+        std::vector<int32_t> cu{0}, start(B);
+        for (int b = 0; b < B; ++b) {
+          cu.push_back(cu.back() + rounds[round][b]);
+          start[b] = len[b];
+          len[b] += rounds[round][b];
+        }
+        const int Nq = cu.back();
+        auto q = Randn(size_t(Nq) * c.Hq * c.D), k = Randn(size_t(Nq) * row), v = Randn(size_t(Nq) * row);
+        std::vector<float> out(q.size()), out_r(q.size());
+        cpu.KvCacheWrite(cpu_exact, k.data(), v.data(), cu.data(), start.data(), B, Nq, c.Hkv, c.D);
+        cpu.CachedAttentionForward(out.data(), q.data(), cpu_exact, cu.data(), start.data(), B, Nq, c.Hq, c.Hkv, c.D);
+        if (bf16) {
+          const auto kr = rounded(k), vr = rounded(v);
+          cpu.KvCacheWrite(cpu_rounded, kr.data(), vr.data(), cu.data(), start.data(), B, Nq, c.Hkv, c.D);
+          cpu.CachedAttentionForward(out_r.data(), q.data(), cpu_rounded, cu.data(), start.data(), B, Nq, c.Hq,
+                                     c.Hkv, c.D);
+        }
+        Tensor d_q = Up(q), d_k = Up(k), d_v = Up(v), d_cu = Up(cu), d_start = Up(start), d_out = Poisoned(out.size());
+        gpu->KvCacheWrite(gpu_cache, d_k.f32(), d_v.f32(), d_cu.i32(), d_start.i32(), B, Nq, c.Hkv, c.D);
+        gpu->CachedAttentionForward(d_out.f32(), d_q.f32(), gpu_cache, d_cu.i32(), d_start.i32(), B, Nq, c.Hq, c.Hkv,
+                                    c.D);
+        const std::string shape = std::string(bf16 ? "bf16 " : "f32 ") +
+                                  (round == 0 ? "prefill" : round == 1 ? "chunk" : "decode") + " Nq=" +
+                                  std::to_string(Nq) + " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) +
+                                  " D=" + std::to_string(c.D) + " bs=" + std::to_string(bs);
+        const auto got = Down(d_out);
+        if (bf16) {
+          ExpectNmse("cached attention (rounded kv)", shape, got, out_r, kF32);
+          ExpectNmse("cached attention", shape, got, out, kBf16Cache);
+        } else {
+          ExpectNmse("cached attention", shape, got, out, kF32);
+        }
+      }
+      const std::string what = std::string(bf16 ? "bf16" : "f32") + " pool, after 3 rounds";
+      ExpectNmse("kv cache k", what, Down(d_kc), bf16 ? kc_r : kc, 0.0);
+      ExpectNmse("kv cache v", what, Down(d_vc), bf16 ? vc_r : vc, 0.0);
     }
-    ExpectNmse("kv cache k", "after 3 rounds", Down(d_kc), kc, 0.0);
-    ExpectNmse("kv cache v", "after 3 rounds", Down(d_vc), vc, 0.0);
   }
 }
 
@@ -538,35 +725,44 @@ TEST(CudaModel, ActorVsLearnerLogprobGapInBf16) {
     reqs[i].seed = i;
     reqs[i].max_new_tokens = 40;
   }
-  Generator gen(model.get(), 8, 200);  // fewer slots than requests: continuous batching refills
-  auto out = gen.Generate(reqs);
-  ASSERT_TRUE(out.ok()) << out.status().ToString();
-  std::vector<int32_t> tokens, cu{0};
-  std::vector<float> behaviour;
-  std::vector<int> is_completion;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    tokens.insert(tokens.end(), reqs[i].prompt.begin(), reqs[i].prompt.end());
-    tokens.insert(tokens.end(), (*out)[i].tokens.begin(), (*out)[i].tokens.end());
-    for (size_t j = 0; j < reqs[i].prompt.size(); ++j) behaviour.push_back(0), is_completion.push_back(0);
-    for (float lp : (*out)[i].logprobs) behaviour.push_back(lp), is_completion.push_back(1);
-    cu.push_back(static_cast<int32_t>(tokens.size()));
-  }
-  const int N = cu.back(), S = static_cast<int>(reqs.size());
-  std::vector<float> lp(N);
-  model->Forward(tokens.data(), cu.data(), S, N, 0.9f, lp.data(), nullptr);
-  double sum = 0, worst = 0;
-  int n = 0;
-  for (int i = 0; i < N; ++i)
-    if (is_completion[i]) {
-      const double d = std::abs(double(lp[i]) - behaviour[i]);
-      sum += d;
-      worst = std::max(worst, d);
-      ++n;
+  // Fewer rows than requests: continuous batching refills. Then a 512-token pool (8 sequences of up
+  // to 114 tokens do not fit): decode steps preempt and re-admitted sequences prefill again.
+  for (int64_t pool_tokens : {int64_t{0}, int64_t{512}}) {
+    Generator gen(model.get(), 8, 200, {.kv_cache_tokens = pool_tokens});
+    auto out = gen.Generate(reqs);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    if (pool_tokens > 0) {
+      EXPECT_GT(gen.stats().preemptions, 0);
     }
-  std::cout << "  actor vs learner log-probs (bf16, " << n << " tokens): mean |diff| " << sum / n << ", max " << worst
-            << "\n";
-  EXPECT_LT(worst, 5e-2);
-  EXPECT_LT(sum / n, 5e-3);
+    EXPECT_EQ(gen.free_blocks(), gen.num_blocks());
+    std::vector<int32_t> tokens, cu{0};
+    std::vector<float> behaviour;
+    std::vector<int> is_completion;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      tokens.insert(tokens.end(), reqs[i].prompt.begin(), reqs[i].prompt.end());
+      tokens.insert(tokens.end(), (*out)[i].tokens.begin(), (*out)[i].tokens.end());
+      for (size_t j = 0; j < reqs[i].prompt.size(); ++j) behaviour.push_back(0), is_completion.push_back(0);
+      for (float lp : (*out)[i].logprobs) behaviour.push_back(lp), is_completion.push_back(1);
+      cu.push_back(static_cast<int32_t>(tokens.size()));
+    }
+    const int N = cu.back(), S = static_cast<int>(reqs.size());
+    std::vector<float> lp(N);
+    model->Forward(tokens.data(), cu.data(), S, N, 0.9f, lp.data(), nullptr);
+    double sum = 0, worst = 0;
+    int n = 0;
+    for (int i = 0; i < N; ++i)
+      if (is_completion[i]) {
+        const double d = std::abs(double(lp[i]) - behaviour[i]);
+        sum += d;
+        worst = std::max(worst, d);
+        ++n;
+      }
+    std::cout << "  actor vs learner log-probs (bf16, " << DTypeName(gpu->kv_cache_dtype()) << " KV cache, pool "
+              << gen.num_blocks() << " blocks, " << gen.stats().preemptions << " preemptions, " << n
+              << " tokens): mean |diff| " << sum / n << ", max " << worst << "\n";
+    EXPECT_LT(worst, 5e-2);
+    EXPECT_LT(sum / n, 5e-3);
+  }
 }
 
 }  // namespace

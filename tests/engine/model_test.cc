@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -282,6 +283,55 @@ TEST(Generation, StepHookSwapsWeightsBetweenDecodeSteps) {
   EXPECT_NE(out.logprobs[3], (*before)[0].logprobs[3]);
 }
 
+// A KV pool of 12 blocks of 4 tokens cannot hold four sequences of up to 30 tokens: decode steps
+// run the pool dry and preempt the most recently admitted sequence, which later prefills its prompt
+// and drawn tokens again and continues. Its RNG stream is per request (advanced once per drawn
+// token), so every completion, log-prob and finish reason must equal the run with a pool that
+// never preempts, and every block must be back in the free list at the end.
+TEST(Generation, PreemptionUnderASmallKvPoolReproducesTheFullPoolsCompletions) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen3, false), 1, &B);
+  Randomize(*m, 14);
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 7; ++i) {
+    GenerationRequest r;
+    for (int j = 0; j < 3 + (i * 5) % 8; ++j) r.prompt.push_back((7 * i + 3 * j) % 16);
+    r.sampling = {0.9f, i % 2 ? 0.9f : 1.0f, i % 3 == 2 ? 5 : 0};
+    r.seed = 500 + i;
+    r.max_new_tokens = 14 + 3 * i % 7;
+    if (i == 6) r.stop_token_ids = {16};  // the tiny model draws it often: one request stops early
+    reqs.push_back(r);
+  }
+  Generator full(m.get(), /*max_batch=*/4, /*max_len=*/40, {.kv_cache_tokens = 0, .block_size = 4});
+  Generator small(m.get(), /*max_batch=*/4, /*max_len=*/40, {.kv_cache_tokens = 48, .block_size = 4});
+  EXPECT_EQ(full.num_blocks(), 40);
+  EXPECT_EQ(small.num_blocks(), 12);
+  auto want = full.Generate(reqs);
+  auto got = small.Generate(reqs);
+  ASSERT_TRUE(want.ok()) << want.status().ToString();
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(full.stats().preemptions, 0);
+  EXPECT_GT(small.stats().preemptions, 0);
+  EXPECT_GT(small.stats().recomputed_tokens, 0);
+  EXPECT_LE(small.stats().peak_blocks_used, 12);
+  std::cout << "small pool: " << small.stats().preemptions << " preemptions, " << small.stats().recomputed_tokens
+            << " recomputed tokens, peak " << small.stats().peak_blocks_used << " blocks; lengths";
+  for (const auto& r : *want) std::cout << " " << r.tokens.size();
+  std::cout << "\n";
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ((*got)[i].tokens, (*want)[i].tokens) << "request " << i;
+    EXPECT_EQ((*got)[i].logprobs, (*want)[i].logprobs) << "request " << i;
+    EXPECT_EQ((*got)[i].finish, (*want)[i].finish) << "request " << i;
+  }
+  EXPECT_EQ(full.free_blocks(), full.num_blocks());
+  EXPECT_EQ(small.free_blocks(), small.num_blocks());
+  // A second call on the same generator starts from a clean pool and gives the same completions.
+  auto again = small.Generate(reqs);
+  ASSERT_TRUE(again.ok());
+  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ((*again)[i].tokens, (*want)[i].tokens) << "request " << i;
+  EXPECT_EQ(small.free_blocks(), small.num_blocks());
+}
+
 TEST(Generation, RejectsBadRequests) {
   CpuBackend B;
   auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
@@ -354,6 +404,38 @@ fs::path TempDir(const std::string& name) {
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
+}
+
+TEST(ParamTable, QkvAndGateUpAreAdjacentForTheirFusedProducts) {
+  // One product reads [Wq; Wk; Wv] (and the biases [bq; bk; bv]) and one reads [Wg; Wu].
+  for (Arch arch : {Arch::kQwen2, Arch::kQwen3, Arch::kLlama}) {
+    const ModelConfig c = TinyConfig(arch, true);
+    const auto table = ParamTable(c);
+    auto at = [&](const std::string& name) -> const ParamInfo* {
+      for (const auto& p : table)
+        if (p.name == name) return &p;
+      return nullptr;
+    };
+    for (int l = 0; l < c.num_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      for (const char* group : {"weight", "bias"}) {
+        const ParamInfo* q = at(p + "self_attn.q_proj." + group);
+        const ParamInfo* k = at(p + "self_attn.k_proj." + group);
+        const ParamInfo* v = at(p + "self_attn.v_proj." + group);
+        if (std::string(group) == "bias" && !c.attention_bias) {
+          EXPECT_TRUE(!q && !k && !v);
+          continue;
+        }
+        ASSERT_TRUE(q && k && v) << ArchName(arch) << " " << p << group;
+        EXPECT_EQ(k->offset, q->offset + q->numel()) << ArchName(arch) << " " << p << group;
+        EXPECT_EQ(v->offset, k->offset + k->numel()) << ArchName(arch) << " " << p << group;
+      }
+      const ParamInfo* g = at(p + "mlp.gate_proj.weight");
+      const ParamInfo* u = at(p + "mlp.up_proj.weight");
+      ASSERT_TRUE(g && u);
+      EXPECT_EQ(u->offset, g->offset + g->numel()) << ArchName(arch) << " " << p;
+    }
+  }
 }
 
 TEST(ModelFiles, SaveLoadRoundTripF32ExactBf16Rounded) {

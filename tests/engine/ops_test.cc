@@ -7,8 +7,11 @@
 // (kGradTol) as the bar: a wrong term in a backward pass produces O(1) relative error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -162,20 +165,69 @@ TEST(Ops, LinearWithBiasBackward) {
   ExpectGradMatches(b, db, f, "linear db");
 }
 
-TEST(Ops, SwiGluBackward) {
+TEST(Ops, PackedSwiGluForwardAndBackward) {
   CpuBackend B;
   const int N = 3, I = 7;
+  // gu rows are gate | up; the gates get a wider spread so silu's curved part is exercised.
+  std::vector<float> gu(N * 2 * I);
   auto gate = Randn(N * I, 13, 2.0f), up = Randn(N * I, 14), r = Randn(N * I, 15);
-  std::vector<float> h(N * I), dgate(N * I), dup(N * I);
-  B.SwiGluForward(h.data(), gate.data(), up.data(), N, I);
+  for (int n = 0; n < N; ++n)
+    for (int i = 0; i < I; ++i) {
+      gu[n * 2 * I + i] = gate[n * I + i];
+      gu[n * 2 * I + I + i] = up[n * I + i];
+    }
+  std::vector<float> h(N * I), dgu(N * 2 * I, std::nanf(""));
+  B.SwiGluForward(h.data(), gu.data(), N, I);
   for (int i = 0; i < N * I; ++i) EXPECT_NEAR(h[i], gate[i] / (1 + std::exp(-gate[i])) * up[i], 1e-5);
-  B.SwiGluBackward(dgate.data(), dup.data(), r.data(), gate.data(), up.data(), N, I);
+  B.SwiGluBackward(dgu.data(), r.data(), gu.data(), N, I);
   auto f = [&] {
-    B.SwiGluForward(h.data(), gate.data(), up.data(), N, I);
+    B.SwiGluForward(h.data(), gu.data(), N, I);
     return Dot(h, r);
   };
-  ExpectGradMatches(gate, dgate, f, "swiglu dgate");
-  ExpectGradMatches(up, dup, f, "swiglu dup");
+  ExpectGradMatches(gu, dgu, f, "swiglu dgu");
+}
+
+TEST(Ops, FusedQkvProductAndSplitEqualThreeLinears) {
+  // One product over [Wq; Wk; Wv] and the split with [bq; bk; bv] equal three biased products.
+  CpuBackend B;
+  const int N = 5, C = 6, QD = 8, KD = 4, W = QD + 2 * KD;
+  auto x = Randn(N * C, 20), w = Randn(W * C, 21), b = Randn(W, 22);
+  std::vector<float> qkv(N * W), q(N * QD), k(N * KD), v(N * KD);
+  B.LinearForward(qkv.data(), x.data(), w.data(), nullptr, N, C, W);
+  B.SplitQkv(q.data(), k.data(), v.data(), qkv.data(), b.data(), N, QD, KD);
+  std::vector<float> q1(N * QD), k1(N * KD), v1(N * KD);
+  B.LinearForward(q1.data(), x.data(), w.data(), b.data(), N, C, QD);
+  B.LinearForward(k1.data(), x.data(), w.data() + QD * C, b.data() + QD, N, C, KD);
+  B.LinearForward(v1.data(), x.data(), w.data() + (QD + KD) * C, b.data() + QD + KD, N, C, KD);
+  for (int i = 0; i < N * QD; ++i) EXPECT_NEAR(q[i], q1[i], 1e-5) << "q " << i;
+  for (int i = 0; i < N * KD; ++i) EXPECT_NEAR(k[i], k1[i], 1e-5) << "k " << i;
+  for (int i = 0; i < N * KD; ++i) EXPECT_NEAR(v[i], v1[i], 1e-5) << "v " << i;
+  // Without a bias the split is a copy.
+  B.SplitQkv(q.data(), k.data(), v.data(), qkv.data(), nullptr, N, QD, KD);
+  for (int n = 0; n < N; ++n) {
+    for (int c = 0; c < QD; ++c) EXPECT_EQ(q[n * QD + c], qkv[n * W + c]);
+    for (int c = 0; c < KD; ++c) EXPECT_EQ(k[n * KD + c], qkv[n * W + QD + c]);
+    for (int c = 0; c < KD; ++c) EXPECT_EQ(v[n * KD + c], qkv[n * W + QD + KD + c]);
+  }
+}
+
+TEST(Ops, PackQkvIsTheBackwardOfSplitQkv) {
+  // L = rq.q + rk.k + rv.v after the split: dL/dqkv = PackQkv(rq, rk, rv), dL/dbias = its column
+  // sums (LinearBackward's db of the fused product), checked by finite differences.
+  CpuBackend B;
+  const int N = 4, QD = 6, KD = 2, W = QD + 2 * KD;
+  auto qkv = Randn(N * W, 30), b = Randn(W, 31);
+  auto rq = Randn(N * QD, 32), rk = Randn(N * KD, 33), rv = Randn(N * KD, 34);
+  std::vector<float> q(N * QD), k(N * KD), v(N * KD), dqkv(N * W, std::nanf("")), db(W, 0.0f);
+  B.PackQkv(dqkv.data(), rq.data(), rk.data(), rv.data(), N, QD, KD);
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < W; ++c) db[c] += dqkv[n * W + c];
+  auto f = [&] {
+    B.SplitQkv(q.data(), k.data(), v.data(), qkv.data(), b.data(), N, QD, KD);
+    return Dot(q, rq) + Dot(k, rk) + Dot(v, rv);
+  };
+  ExpectGradMatches(qkv, dqkv, f, "split dqkv");
+  ExpectGradMatches(b, db, f, "split dbias");
 }
 
 TEST(Ops, EmbeddingBackwardAccumulatesRepeatedIds) {
@@ -250,46 +302,70 @@ TEST(Ops, PackedAttentionBackward) {
   ExpectGradMatches(v, dv, f, "attention dv");
 }
 
-TEST(Ops, CachedAttentionMatchesPackedAttentionForPrefillAndDecode) {
+// The paged cache through a shuffled, non-contiguous block table: each sequence is written and
+// attended in three rounds (prefill of a first chunk, a second chunk at start > 0 that may be empty,
+// then a one-token decode), and every round's output must equal the packed causal attention of the
+// whole sequences at those rows. The pool starts as NaN, so a read of any row the table does not
+// lead to poisons the output, and the blocks no sequence owns must still be NaN at the end.
+TEST(Ops, PagedCachedAttentionThroughShuffledBlocksMatchesPackedAttention) {
   CpuBackend B;
-  const int Hq = 4, Hkv = 1, D = 8, max_len = 16;
-  std::vector<int32_t> cu = {0, 5, 12};
-  const int S = 2, N = 12;
-  auto q = Randn(N * Hq * D, 25), k = Randn(N * Hkv * D, 26), v = Randn(N * Hkv * D, 27);
+  const int Hq = 4, Hkv = 2, D = 8, bs = 4, row = Hkv * D;
+  const std::vector<int> len = {6, 13, 2, 9}, first = {2, 5, 1, 4};  // first chunk; the last token decodes
+  const int S = static_cast<int>(len.size());
+  std::vector<int32_t> cu = {0};
+  for (int l : len) cu.push_back(cu.back() + l);
+  const int N = cu[S];
+  auto q = Randn(N * Hq * D, 25), k = Randn(N * row, 26), v = Randn(N * row, 27);
   std::vector<float> ref(N * Hq * D), lse(N * Hq);
   B.AttentionForward(ref.data(), lse.data(), q.data(), k.data(), v.data(), cu.data(), S, N, Hq, Hkv, D);
-  std::vector<float> kc(3 * max_len * Hkv * D, 0.0f), vc(kc.size(), 0.0f), out(N * Hq * D);
-  // Prefill all but each sequence's last token (slots 2 and 0), then decode the last tokens.
-  std::vector<int32_t> cu_p = {0, 4, 10}, slots = {2, 0}, start0 = {0, 0};
-  std::vector<float> qp, kp, vp;
+
+  const int max_blocks = (*std::max_element(len.begin(), len.end()) + bs - 1) / bs;
+  const int num_blocks = 16;  // 4 + 1 + 4 + 3 = 12 owned, 4 never handed out
+  std::vector<int32_t> order(num_blocks);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(7));
+  std::vector<int32_t> table(S * max_blocks, -1);
+  std::vector<bool> owned(num_blocks, false);
+  int next = 0;
   for (int s = 0; s < S; ++s)
-    for (int i = cu[s]; i < cu[s + 1] - 1; ++i) {
-      qp.insert(qp.end(), q.begin() + i * Hq * D, q.begin() + (i + 1) * Hq * D);
-      kp.insert(kp.end(), k.begin() + i * Hkv * D, k.begin() + (i + 1) * Hkv * D);
-      vp.insert(vp.end(), v.begin() + i * Hkv * D, v.begin() + (i + 1) * Hkv * D);
+    for (int j = 0; j < (len[s] + bs - 1) / bs; ++j) owned[table[s * max_blocks + j] = order[next++]] = true;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> kc(static_cast<size_t>(num_blocks) * bs * row, nan), vc = kc;
+  const PagedKv cache{kc.data(), vc.data(), DType::kF32, num_blocks, bs, table.data(), max_blocks};
+
+  std::vector<int> done(S, 0);
+  for (int round = 0; round < 3; ++round) {
+    std::vector<int32_t> cu_r = {0}, start(S);
+    std::vector<float> qr, kr, vr;
+    std::vector<int> ref_rows;
+    for (int s = 0; s < S; ++s) {
+      const int rows = round == 0 ? first[s] : round == 1 ? len[s] - first[s] - 1 : 1;
+      start[s] = done[s];
+      for (int p = done[s]; p < done[s] + rows; ++p) {
+        const int i = cu[s] + p;
+        qr.insert(qr.end(), q.begin() + i * Hq * D, q.begin() + (i + 1) * Hq * D);
+        kr.insert(kr.end(), k.begin() + i * row, k.begin() + (i + 1) * row);
+        vr.insert(vr.end(), v.begin() + i * row, v.begin() + (i + 1) * row);
+        ref_rows.push_back(i);
+      }
+      done[s] += rows;
+      cu_r.push_back(cu_r.back() + rows);
     }
-  std::vector<float> outp(qp.size());
-  B.KvCacheWrite(kc.data(), vc.data(), kp.data(), vp.data(), cu_p.data(), slots.data(), start0.data(), S, cu_p[S], max_len, Hkv, D);
-  B.CachedAttentionForward(outp.data(), qp.data(), kc.data(), vc.data(), cu_p.data(), slots.data(), start0.data(), S,
-                           cu_p[S], max_len, Hq, Hkv, D);
-  int row = 0;
-  for (int s = 0; s < S; ++s)
-    for (int i = cu[s]; i < cu[s + 1] - 1; ++i, ++row)
-      for (int c = 0; c < Hq * D; ++c) EXPECT_NEAR(outp[row * Hq * D + c], ref[i * Hq * D + c], 1e-5);
-  std::vector<int32_t> cu_d = {0, 1, 2}, start_d = {4, 6};
-  std::vector<float> qd, kd, vd;
-  for (int s = 0; s < S; ++s) {
-    const int i = cu[s + 1] - 1;
-    qd.insert(qd.end(), q.begin() + i * Hq * D, q.begin() + (i + 1) * Hq * D);
-    kd.insert(kd.end(), k.begin() + i * Hkv * D, k.begin() + (i + 1) * Hkv * D);
-    vd.insert(vd.end(), v.begin() + i * Hkv * D, v.begin() + (i + 1) * Hkv * D);
+    const int Nq = cu_r[S];
+    std::vector<float> out(qr.size());
+    B.KvCacheWrite(cache, kr.data(), vr.data(), cu_r.data(), start.data(), S, Nq, Hkv, D);
+    B.CachedAttentionForward(out.data(), qr.data(), cache, cu_r.data(), start.data(), S, Nq, Hq, Hkv, D);
+    for (int r = 0; r < Nq; ++r)
+      for (int c = 0; c < Hq * D; ++c)
+        ASSERT_NEAR(out[r * Hq * D + c], ref[ref_rows[r] * Hq * D + c], 1e-5) << "round " << round << " row " << r;
   }
-  std::vector<float> outd(qd.size());
-  B.KvCacheWrite(kc.data(), vc.data(), kd.data(), vd.data(), cu_d.data(), slots.data(), start_d.data(), S, S, max_len, Hkv, D);
-  B.CachedAttentionForward(outd.data(), qd.data(), kc.data(), vc.data(), cu_d.data(), slots.data(), start_d.data(), S,
-                           S, max_len, Hq, Hkv, D);
-  for (int s = 0; s < S; ++s)
-    for (int c = 0; c < Hq * D; ++c) EXPECT_NEAR(outd[s * Hq * D + c], ref[(cu[s + 1] - 1) * Hq * D + c], 1e-5);
+  for (int s = 0; s < S; ++s) ASSERT_EQ(done[s], len[s]);
+  for (int blk = 0; blk < num_blocks; ++blk) {
+    if (owned[blk]) continue;
+    for (int e = 0; e < bs * row; ++e) {
+      ASSERT_TRUE(std::isnan(kc[blk * bs * row + e]) && std::isnan(vc[blk * bs * row + e])) << "block " << blk << " written";
+    }
+  }
 }
 
 TEST(Ops, FusedLmHeadMatchesFullSoftmaxAcrossChunkBoundaries) {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "tests/learner/trainer_fixtures.h"
@@ -48,6 +49,26 @@ TEST(GrpoTrainer, ResumeAfterStepThreeIsBitExact) {
       << "steps 4-6 after a resume must equal an uninterrupted run bit for bit";
   EXPECT_TRUE(fs::exists(ckpt / "config.json"));
   EXPECT_TRUE(fs::exists(ckpt / "model.safetensors"));
+  fs::remove_all(ckpt);
+}
+
+TEST(GrpoTrainer, RestoreRefusesAnOptimizerStateInTheOldInterleavedQkvLayout) {
+  // Version 01 of optimizer.bin stored a Qwen2 layer's moments as q_w, q_b, k_w, k_b, v_w, v_b; the
+  // flat layout now keeps q/k/v weights adjacent, so such a file would resume with moments moved
+  // onto the wrong parameters. The tiny model is a Qwen2 with attention biases.
+  auto first = NewTrainer(Config());
+  ASSERT_TRUE(first->model().config().attention_bias);
+  fs::path ckpt = fs::temp_directory_path() / ("aha_trainer_ckpt_v1_" + std::to_string(::getpid()));
+  ASSERT_TRUE(first->Checkpoint(ckpt.string(), 1).ok());
+  auto resumed = NewTrainer(Config());
+  ASSERT_TRUE(resumed->Restore(ckpt.string()).ok()) << "the current version resumes";
+  {
+    std::fstream f(ckpt / "optimizer.bin", std::ios::in | std::ios::out | std::ios::binary);
+    f.write("AHAOPT01", 8);
+  }
+  auto old = resumed->Restore(ckpt.string());
+  ASSERT_FALSE(old.ok());
+  EXPECT_NE(old.status().message().find("q/k/v"), std::string::npos) << old.status().ToString();
   fs::remove_all(ckpt);
 }
 
