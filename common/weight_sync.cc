@@ -1,17 +1,61 @@
 #include "common/weight_sync.h"
 
+#include <algorithm>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 namespace aha {
 
-uint64_t Fnv1a64(const void* data, size_t size) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < size; ++i) {
-    h ^= p[i];
-    h *= 1099511628211ull;
+namespace {
+
+constexpr uint64_t kPrime = 1099511628211ull;  // FNV-1a 64's
+constexpr uint64_t kBasis = 1469598103934665603ull;
+constexpr size_t kBlock = size_t{1} << 20;
+
+uint64_t Mix(uint64_t h) {  // SplitMix64's finaliser: spreads a lane's state before folding
+  h ^= h >> 30;
+  h *= 0xbf58476d1ce4e5b9ull;
+  h ^= h >> 27;
+  h *= 0x94d049bb133111ebull;
+  return h ^ (h >> 31);
+}
+
+uint64_t BlockHash(const uint8_t* p, size_t n) {
+  uint64_t h[4] = {kBasis, kBasis ^ 1, kBasis ^ 2, kBasis ^ 3};
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    uint64_t w[4];
+    std::memcpy(w, p + i, 32);
+    for (int l = 0; l < 4; ++l) h[l] = (h[l] ^ w[l]) * kPrime;
   }
-  return h;
+  for (; i < n; ++i) h[0] = (h[0] ^ p[i]) * kPrime;
+  uint64_t out = Mix(n);
+  for (int l = 0; l < 4; ++l) out = Mix(out ^ Mix(h[l]));
+  return out;
+}
+
+}  // namespace
+
+uint64_t WeightsChecksum(const void* data, size_t size) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  const size_t blocks = (size + kBlock - 1) / kBlock;
+  std::vector<uint64_t> hashes(blocks);
+  auto run = [&](size_t first, size_t step) {
+    for (size_t b = first; b < blocks; b += step) hashes[b] = BlockHash(p + b * kBlock, std::min(kBlock, size - b * kBlock));
+  };
+  const size_t threads = std::min<size_t>({blocks / 16, 8, std::max(1u, std::thread::hardware_concurrency())});
+  if (threads <= 1) {
+    run(0, 1);
+  } else {
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(run, t, threads);
+    run(0, threads);
+    for (auto& t : pool) t.join();
+  }
+  uint64_t h = kBasis ^ size;
+  for (uint64_t x : hashes) h = (h ^ x) * kPrime;
+  return Mix(h);
 }
 
 Result<std::unique_ptr<WeightPublisher>> WeightPublisher::Create(zmq::context_t& context,
@@ -32,7 +76,7 @@ Result<std::unique_ptr<WeightPublisher>> WeightPublisher::Create(zmq::context_t&
 }
 
 void WeightPublisher::Publish(WeightsVersion v) {
-  v.checksum = Fnv1a64(v.bytes->data(), v.bytes->size());
+  v.checksum = WeightsChecksum(v.bytes->data(), v.bytes->size());
   auto shared = std::make_shared<const WeightsVersion>(std::move(v));
   std::lock_guard<std::mutex> lock(mu_);
   previous_ = newest_;
@@ -159,7 +203,7 @@ Result<std::optional<WeightsVersion>> WeightSubscriber::FetchIfNewer(uint64_t ha
       std::memcpy(bytes->data() + begin, data.begin(), data.size());
     }
     if (restart) continue;
-    if (Fnv1a64(bytes->data(), bytes->size()) != v.checksum)
+    if (WeightsChecksum(bytes->data(), bytes->size()) != v.checksum)
       return DataLoss("weights version " + std::to_string(v.version) + " failed its checksum");
     v.bytes = std::move(bytes);
     return std::optional<WeightsVersion>(std::move(v));

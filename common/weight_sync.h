@@ -41,10 +41,15 @@ struct WeightsVersion {
   proto::DType dtype = proto::DType::F32;
   std::vector<WeightTensor> tensors;
   std::shared_ptr<const std::vector<uint8_t>> bytes;
-  uint64_t checksum = 0;  // Fnv1a64 of bytes
+  uint64_t checksum = 0;  // WeightsChecksum of bytes
 };
 
-uint64_t Fnv1a64(const void* data, size_t size);
+// The weights' corruption check (not cryptographic): each 1 MiB block is hashed in four lanes of
+// 64-bit words (FNV-1a's step, h = (h ^ word) * prime, per lane), the block hashes are folded in
+// order, and large buffers hash their blocks on several threads; the result depends only on the
+// bytes. Byte-wise FNV-1a ran at ~0.8 GB/s: 0.37 s of every publish for a 76M-parameter model on
+// each side (measured on the H200 host), 2.5 s for the 0.5B shape.
+uint64_t WeightsChecksum(const void* data, size_t size);
 
 struct WeightPublisherOptions {
   std::string endpoint = "tcp://127.0.0.1:0";

@@ -33,7 +33,7 @@ struct WeightsAnnounce {
   totalBytes @3 :UInt64;
   tensors @4 :List(TensorEntry);
   chunkBytes @5 :UInt64;  # size of every WeightsChunk but the last (CPU path)
-  checksum @6 :UInt64;    # FNV-1a 64 of the flat buffer
+  checksum @6 :UInt64;    # WeightsChecksum (common/weight_sync.h) of the flat buffer
 }
 
 struct WeightsChunk {

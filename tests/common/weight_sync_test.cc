@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 namespace aha {
@@ -176,6 +177,35 @@ TEST(WeightSync, DeadLearnerIsATimeoutNotAHang) {
   }
   auto sub = std::move(WeightSubscriber::Create(ctx, endpoint)).value();
   EXPECT_TRUE(IsTimeout(sub->FetchIfNewer(0, 200ms).status()));
+}
+
+
+// The checksum sees one flipped bit anywhere: in a 32-byte lane group, in the byte tail of a block,
+// in the last, short block, and in blocks hashed on other threads (the buffer spans 40 blocks of
+// 1 MiB, enough for several threads); the same bytes give the same sum every time.
+TEST(WeightSync, ChecksumSeesAnyFlippedBitAndIsDeterministic) {
+  std::vector<uint8_t> buf((size_t{40} << 20) + 13);
+  uint64_t x = 12345;
+  for (auto& b : buf) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    b = static_cast<uint8_t>(x >> 56);
+  }
+  const uint64_t sum = WeightsChecksum(buf.data(), buf.size());
+  EXPECT_EQ(WeightsChecksum(buf.data(), buf.size()), sum);
+  for (size_t at : {size_t{0}, size_t{31}, size_t{1} << 20, (size_t{7} << 20) + 5, (size_t{33} << 20) + 777,
+                    buf.size() - 1}) {
+    for (int bit : {0, 7}) {
+      buf[at] ^= static_cast<uint8_t>(1 << bit);
+      EXPECT_NE(WeightsChecksum(buf.data(), buf.size()), sum) << "byte " << at << " bit " << bit;
+      buf[at] ^= static_cast<uint8_t>(1 << bit);
+    }
+  }
+  // Two swapped blocks, and one byte less, are other buffers too.
+  std::swap_ranges(buf.begin(), buf.begin() + (1 << 20), buf.begin() + (1 << 20));
+  EXPECT_NE(WeightsChecksum(buf.data(), buf.size()), sum);
+  std::swap_ranges(buf.begin(), buf.begin() + (1 << 20), buf.begin() + (1 << 20));
+  EXPECT_EQ(WeightsChecksum(buf.data(), buf.size()), sum);
+  EXPECT_NE(WeightsChecksum(buf.data(), buf.size() - 1), sum);
 }
 
 }  // namespace
