@@ -91,6 +91,12 @@ class Backend {
   // C = head width).
   virtual void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C,
                               float eps) = 0;
+  // The residual add and the norm after it, as one op: x[N, C] += y (in place, the residual stream
+  // the backward reads), then exactly RmsNormForward(ln, rstd, x, w, N, C, eps) on the sum. y may
+  // equal x; ln must not overlap either. The backward is RmsNormBackward's (the add's gradient is
+  // the identity the caller already routes).
+  virtual void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C,
+                                 float eps) = 0;
   // dx[N, C] += d/dx, dw[C] += d/dw.
   virtual void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
                                const float* rstd, int N, int C) = 0;

@@ -70,6 +70,26 @@ void CpuBackend::RmsNormForward(float* out, float* rstd, const float* x, const f
   }
 }
 
+void CpuBackend::AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C,
+                                   float eps) {
+  // Row by row, the same f32 add and the same arithmetic as Add then RmsNormForward, so a model
+  // that uses the fused op computes bit for bit what it computed with the two.
+#pragma omp parallel for if (static_cast<size_t>(N) * C >= kParallelWork)
+  for (int n = 0; n < N; ++n) {
+    float* xr = x + static_cast<size_t>(n) * C;
+    const float* yr = y + static_cast<size_t>(n) * C;
+    float* o = ln + static_cast<size_t>(n) * C;
+    double ss = 0;
+    for (int c = 0; c < C; ++c) {
+      xr[c] = xr[c] + yr[c];
+      ss += static_cast<double>(xr[c]) * xr[c];
+    }
+    const float r = static_cast<float>(1.0 / std::sqrt(ss / C + eps));
+    rstd[n] = r;
+    for (int c = 0; c < C; ++c) o[c] = (xr[c] * r) * w[c];
+  }
+}
+
 void CpuBackend::RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
                                  const float* rstd, int N, int C) {
   // y_c = x_c r w_c, r = (mean(x^2) + eps)^-1/2, dr/dx_c = -r^3 x_c / C, so

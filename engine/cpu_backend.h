@@ -15,6 +15,8 @@ class CpuBackend final : public Backend {
   void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C) override;
   void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C,
                       float eps) override;
+  void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C,
+                         float eps) override;
   void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
                        const float* rstd, int N, int C) override;
   void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H,

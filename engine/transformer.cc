@@ -265,7 +265,6 @@ void Transformer::EnsureCapacity(int N) {
   dres_ = Tensor(DType::kF32, {N, C}, d);
   dmid_ = Tensor(DType::kF32, {N, C}, d);
   dln_ = Tensor(DType::kF32, {N, C}, d);
-  tmp_ = Tensor(DType::kF32, {N, C}, d);
   datt_ = Tensor(DType::kF32, {N, QD}, d);
   dq_ = Tensor(DType::kF32, {N, QD}, d);
   dk_ = Tensor(DType::kF32, {N, KD}, d);
@@ -284,12 +283,12 @@ void Transformer::EnsureCapacity(int N) {
 }
 
 void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, const int32_t* pos,
-                               const int32_t* cu_seqlens, int S, int N) {
+                               const int32_t* cu_seqlens, int S, int N, bool ln1_ready, const NextNorm& next) {
   Backend& B = *backend_;
   const LayerWeights& w = w_.layers[l];
   const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
-  B.RmsNormForward(a.ln1.f32(), a.rstd1.f32(), x, w.in_norm, N, C, config_.rms_norm_eps);
+  if (!ln1_ready) B.RmsNormForward(a.ln1.f32(), a.rstd1.f32(), x, w.in_norm, N, C, config_.rms_norm_eps);
   float* q_lin = config_.qk_norm ? a.q_pre.f32() : a.q.f32();
   float* k_lin = config_.qk_norm ? a.k_pre.f32() : a.k.f32();
   // One product over [Wq; Wk; Wv], then the split adds the biases [bq; bk; bv].
@@ -302,13 +301,15 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
   B.RopeForward(a.q.f32(), pos, inv_freq_.f32(), N, Hq, D);
   B.RopeForward(a.k.f32(), pos, inv_freq_.f32(), N, Hkv, D);
   B.AttentionForward(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
-  B.LinearForward(tmp_.f32(), a.att.f32(), w.o_w, nullptr, N, Hq * D, C);
-  B.Add(a.mid.f32(), x, tmp_.f32(), static_cast<size_t>(N) * C);
-  B.RmsNormForward(a.ln2.f32(), a.rstd2.f32(), a.mid.f32(), w.post_norm, N, C, config_.rms_norm_eps);
+  // mid = o(att) + x: the product writes mid, the fused op adds x in place and norms the sum.
+  B.LinearForward(a.mid.f32(), a.att.f32(), w.o_w, nullptr, N, Hq * D, C);
+  B.AddRmsNormForward(a.mid.f32(), a.ln2.f32(), a.rstd2.f32(), x, w.post_norm, N, C, config_.rms_norm_eps);
   B.LinearForward(a.gu.f32(), a.ln2.f32(), w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
   B.SwiGluForward(a.h.f32(), a.gu.f32(), N, I);
-  B.LinearForward(tmp_.f32(), a.h.f32(), w.down_w, nullptr, N, I, C);
-  B.Add(out, a.mid.f32(), tmp_.f32(), static_cast<size_t>(N) * C);
+  // out = down(h) + mid, likewise, with the norm that reads out next.
+  B.LinearForward(out, a.h.f32(), w.down_w, nullptr, N, I, C);
+  if (next.w) B.AddRmsNormForward(out, next.ln, next.rstd, a.mid.f32(), next.w, N, C, config_.rms_norm_eps);
+  else B.Add(out, out, a.mid.f32(), static_cast<size_t>(N) * C);
 }
 
 void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres, const int32_t* pos,
@@ -377,11 +378,16 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
   B.Upload(targets_d_.raw(), targets_.data(), N * sizeof(int32_t));
   const int C = config_.hidden_size;
   B.EmbeddingForward(resid_[0].f32(), tokens_d_.i32(), w_.wte, N, C);
-  for (int l = 0; l < config_.num_layers; ++l)
-    LayerForward(l, acts_[recompute_ ? 0 : l], resid_[l].f32(), resid_[l + 1].f32(), positions_d_.i32(),
-                 cu_seqlens_d_.i32(), S, N);
   const int L = config_.num_layers;
-  B.RmsNormForward(lnf_.f32(), rstdf_.f32(), resid_[L].f32(), w_.final_norm, N, C, config_.rms_norm_eps);
+  // Each layer ends with the norm of its output: the next layer's input norm, the last one the final norm.
+  for (int l = 0; l < L; ++l) {
+    LayerActs& following = acts_[recompute_ || l + 1 == L ? 0 : l + 1];
+    const NextNorm next = l + 1 < L ? NextNorm{w_.layers[l + 1].in_norm, following.ln1.f32(), following.rstd1.f32()}
+                                    : NextNorm{w_.final_norm, lnf_.f32(), rstdf_.f32()};
+    LayerForward(l, acts_[recompute_ ? 0 : l], resid_[l].f32(), resid_[l + 1].f32(), positions_d_.i32(),
+                 cu_seqlens_d_.i32(), S, N, /*ln1_ready=*/l > 0, next);
+  }
+  if (L == 0) B.RmsNormForward(lnf_.f32(), rstdf_.f32(), resid_[0].f32(), w_.final_norm, N, C, config_.rms_norm_eps);
   B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N, C,
                   config_.vocab_size, temperature);
   // Row n predicts token n + 1: shift into token alignment.
@@ -422,7 +428,8 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
     LayerActs& a = acts_[recompute_ ? 0 : l];
     if (recompute_) {
       // Rebuild this layer's activations from its saved input (its output goes to scratch).
-      LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
+      LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N,
+                   /*ln1_ready=*/false, NextNorm{});
     }
     LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
     if (ready) ready(offset(g_.layers[l].in_norm));
@@ -572,11 +579,13 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
   float* ln = dec_.ln.f32();
   float* rstd = dec_.rstd.f32();
   float* tmp = dec_.tmp.f32();
+  const int L = config_.num_layers;
   B.EmbeddingForward(x, d_tokens, w_.wte, N, C);
-  for (int l = 0; l < config_.num_layers; ++l) {
+  // Every later norm is fused with the residual add before it (AddRmsNormForward).
+  if (L > 0) B.RmsNormForward(ln, rstd, x, w_.layers[0].in_norm, N, C, config_.rms_norm_eps);
+  for (int l = 0; l < L; ++l) {
     const LayerWeights& w = w_.layers[l];
     const int I = config_.intermediate_size;
-    B.RmsNormForward(ln, rstd, x, w.in_norm, N, C, config_.rms_norm_eps);
     B.LinearForward(dec_.wide.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
     B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, N, Hq * D, Hkv * D);
     float* qf = dec_.q.f32();
@@ -593,22 +602,25 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
     B.KvCacheWrite(kv, kf, dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
     B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     B.LinearForward(tmp, dec_.att.f32(), w.o_w, nullptr, N, Hq * D, C);
-    B.Add(x, x, tmp, static_cast<size_t>(N) * C);
-    B.RmsNormForward(ln, rstd, x, w.post_norm, N, C, config_.rms_norm_eps);
+    B.AddRmsNormForward(x, ln, rstd, tmp, w.post_norm, N, C, config_.rms_norm_eps);
     B.LinearForward(dec_.gu.f32(), ln, w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
     B.SwiGluForward(dec_.wide.f32(), dec_.gu.f32(), N, I);
     B.LinearForward(tmp, dec_.wide.f32(), w.down_w, nullptr, N, I, C);
-    B.Add(x, x, tmp, static_cast<size_t>(N) * C);
+    // x += down(h) with the norm that reads x next: the next layer's input norm, or after the last
+    // layer the final norm when every row is a sequence's last (decode; prefill gathers first).
+    if (l + 1 < L) B.AddRmsNormForward(x, ln, rstd, tmp, w_.layers[l + 1].in_norm, N, C, config_.rms_norm_eps);
+    else if (N == Bn) B.AddRmsNormForward(x, dec_.lastn.f32(), rstd, tmp, w_.final_norm, N, C, config_.rms_norm_eps);
+    else B.Add(x, x, tmp, static_cast<size_t>(N) * C);
   }
   // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather.
-  const float* last = x;
   if (N != Bn) {
     for (int b = 0; b < Bn; ++b)
       B.Copy(dec_.last.f32() + static_cast<size_t>(b) * C, x + static_cast<size_t>(cu_q[b + 1] - 1) * C,
              C * sizeof(float));
-    last = dec_.last.f32();
+    B.RmsNormForward(dec_.lastn.f32(), rstd, dec_.last.f32(), w_.final_norm, Bn, C, config_.rms_norm_eps);
+  } else if (L == 0) {
+    B.RmsNormForward(dec_.lastn.f32(), rstd, x, w_.final_norm, Bn, C, config_.rms_norm_eps);
   }
-  B.RmsNormForward(dec_.lastn.f32(), rstd, last, w_.final_norm, Bn, C, config_.rms_norm_eps);
   B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
 }
 

@@ -148,8 +148,16 @@ class Transformer {
   void EnsureGrads();
   void EnsureCapacity(int N);
   void AllocLayerActs(LayerActs* a, int N) const;
+  // The norm that reads a layer's output (the next layer's input norm, or the final norm): the
+  // residual add that ends the layer and that norm are one op (Backend::AddRmsNormForward).
+  struct NextNorm {
+    const float* w = nullptr;  // null: a plain add (the backward's recompute needs no norm)
+    float* ln = nullptr;
+    float* rstd = nullptr;
+  };
+  // ln1_ready: a.ln1 and a.rstd1 already hold this layer's input norm (the previous layer's NextNorm).
   void LayerForward(int l, LayerActs& a, const float* x, float* out, const int32_t* pos,
-                    const int32_t* cu_seqlens, int S, int N);
+                    const int32_t* cu_seqlens, int S, int N, bool ln1_ready, const NextNorm& next);
   void LayerBackward(int l, LayerActs& a, const float* x, float* dres, const int32_t* pos,
                      const int32_t* cu_seqlens, int S, int N);
 
@@ -194,7 +202,7 @@ class Transformer {
   bool decode_graphs_ = true;
   void ClearGraphs();
   // Backward scratch.
-  Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgu_, dh_, tmp_;
+  Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgu_, dh_;
   // [N, QD + 2 KD]: the fused q/k/v product before SplitQkv in the forward, the packed dq | dk | dv
   // in the backward (never needed across ops: one scratch for all layers).
   Tensor qkv_;

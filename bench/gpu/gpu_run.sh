@@ -6,14 +6,14 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export AHA_FIXTURES_DIR=$PWD/tests/fixtures
 out=${1:?usage: gpu_run.sh OUT_DIR [tests] [bench]}
 shift
-what=${*:-tests bench}
+what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
 summary=()
@@ -37,20 +37,31 @@ if [[ $what == *bench* ]]; then
   AHA_KV_CACHE=f32 timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha_f32kv.log" 2>&1
   timeout 120 dist/bin/aha bench gen --model $model --kv-cache-tokens 40960 > "$out/gen_aha_smallpool.log" 2>&1
   timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
-  # The f32 training attention for comparison (the tensor-core kernels are the default), and where
-  # the GPU time goes, per op (AHA_PROFILE=1; generation without graphs so that ops are visible:
-  # its tokens/s is the no-graphs figure).
-  AHA_ATTENTION=f32 timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha_f32attn.log" 2>&1
+  # cuBLAS's GemmEx for comparison (cuBLASLt with tuned algorithms is the default), and where the
+  # GPU time goes, per op (AHA_PROFILE=1; generation without graphs so that ops are visible: its
+  # tokens/s is the no-graphs figure).
+  AHA_GEMM=gemmex timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha_gemmex.log" 2>&1
+  AHA_GEMM=gemmex timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha_gemmex.log" 2>&1
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --model $model > "$out/profile_train.txt" 2>&1
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench gen --no-graphs --model $model > "$out/profile_gen.txt" 2>&1
+fi
+if [[ $what == *gemm* ]]; then
+  timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
+  grep -v '^{' "$out/gemm.txt" | tail -n 60
+fi
+if [[ $what == *peer* ]]; then
+  model=/tmp/aha-0.5b
+  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   timeout 120 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+fi
+if [[ $what == *bench* || $what == *peer* ]]; then
+  model=/tmp/aha-0.5b
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1
     cat "$out/sync_aha.log"
   fi
-  tail -n 3 "$out"/gen_aha.log "$out"/gen_peer.log "$out"/train_aha.log "$out"/train_peer.log
   python3 - "$out" <<'PY'
 import json, pathlib, sys
 rows = []
@@ -61,11 +72,13 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*_*.log")) + sorted(pathlib.Path
                 j = json.loads(line)
             except ValueError:
                 continue
+            if "bench" not in j or "seconds" not in j and j["bench"] != "sync":
+                continue
             if j["bench"] == "sync":
                 rows.append(f"sync   raw ncclBroadcast {j['raw_s'] * 1e3:.2f} ms, publish {j['publish_s'] * 1e3:.2f} ms ({j['ratio']:.2f}x), mismatches {j['mismatches']}")
                 continue
             extra = f" mfu {100 * j['mfu']:.1f}%" if "mfu" in j else ""
-            who = j.get("peer", "aha" + ("" if j.get("graphs", True) else " (no graphs)") + (f" [{f.stem}]" if "attn" in f.stem or "profile" in f.stem else ""))
+            who = j.get("peer", "aha" + ("" if j.get("graphs", True) else " (no graphs)") + f" [{f.stem}]")
             rows.append(f"{j['bench']:6} {who:55.55} {j['seconds']:8.3f} s {j['tokens_per_s']:12.0f} tok/s{extra}")
 print("\n".join(rows))
 PY

@@ -1,6 +1,8 @@
 // Attention kernels of the CUDA backend: causal GQA over packed variable-length sequences
 // (forward and backward, flash-attention 2 style) and attention against the paged KV cache for
-// generation. f32 storage (the cache also bf16), f32 math on the CUDA cores. The math is that of the same-named ops in
+// generation (a row-wise kernel for prefill and chunks; for decode steps a kernel that serves all query
+// heads of a kv head and splits long contexts across blocks). f32 storage (the cache also bf16), f32
+// math on the CUDA cores. The math is that of the same-named ops in
 // engine/cpu_backend.cc; the design and the cost model are in docs/kernels.md ("Attention").
 //
 // Conventions shared by the kernels below:
@@ -13,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -822,6 +825,318 @@ __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
   }
 }
 
+// ---- decode attention, GQA-grouped, split over the context ------------------------------------------
+// DecodeAttnKernel: grid (Nq, Hkv, HG * splits), 128 threads; HG = ceil(G / 8) head groups of the
+// G = Hq / Hkv query heads of a kv head. Block = one query row x one kv head x up to 8 query heads x
+// one split of the row's keys, so each K/V row is read once from HBM for all heads of the group (all
+// 7 at the 0.5B shape). The launch shape depends only on host values (Nq, heads, splits); the row's
+// sequence, position and block-table row come from device arrays, so the launch can be captured in
+// a CUDA graph and replayed with other contexts. Designed for decode (one new row per sequence: Nq ==
+// B, and then row i is sequence i, checked with two loads before falling back to a binary search),
+// correct for any layout.
+//
+// The L = position + 1 keys of a row are cut into `splits` ranges of whole chunks (splits > 1 only when
+// Nq x Hkv x HG blocks would leave multiprocessors idle); each block streams its range in chunks of KC
+// keys (64, or 32 when a chunk of 64 would exceed 16 KB) through a 3-stage cp.async pipeline (16-byte
+// copies, each key's pool row looked up in the block table). Per chunk, two barriers:
+//   S1; PV of the previous chunk; scores of this chunk (thread = key x HPT heads, full D, q broadcast
+//   from shared memory, K units XOR-swizzled by key), masked, per-warp maxima to shared memory;
+//   S2; next chunk's copies into the stage just freed; every thread merges the warp maxima into the
+//   running max of all 8 heads (identical in every thread), rescales its PV accumulators, and the
+//   score threads write P = exp2(s - m) and add it to their own share of the row sum l.
+// PV: thread = (key group of KPG keys, one 16-byte unit of D), all 8 heads in registers; the partial
+// sums of the key groups and the shares of l meet in shared memory at the end. With one split the
+// block writes out = acc / l; otherwise it writes acc, m and l of its split to the workspace and
+// DecodeCombineKernel merges the splits. bf16 is widened to f32 as it leaves shared memory (exact);
+// every product and sum is f32.
+constexpr int kDecodeThreads = 128, kDecodeHB = 8, kDecodeStages = 3, kDecodeMaxSplits = 64;
+
+template <int D, typename Elem>
+struct DecodeCfg {
+  static constexpr int SZ = static_cast<int>(sizeof(Elem));
+  static constexpr int E = 16 / SZ;   // elements per 16-byte unit: 4 (f32) or 8 (bf16)
+  static constexpr int DU = D / E;    // units per K/V row
+  static constexpr int KC = 2 * 64 * D * SZ <= 16384 ? 64 : 32;  // keys per chunk (K + V of a chunk <= 16 KB)
+  static constexpr int PARTS = kDecodeThreads / KC;  // score threads per key: 2 or 4
+  static constexpr int HPT = kDecodeHB / PARTS;      // heads per score thread: 4 or 2
+  static constexpr int WPP = KC / 32;                // warps per part: 2 or 1
+  static constexpr int SW = (DU < 8 ? DU : 8) - 1;   // swizzle mask of K's units
+  static constexpr int NKG = kDecodeThreads / DU;    // PV key groups
+  static constexpr int KPG = KC / NKG;               // keys per PV group (= copies per thread per tensor)
+  static constexpr int PW = KPG < 16 / E ? KPG : 16 / E;  // keys per PV step: at most 16 widened values
+  static constexpr int STAGE_BYTES = 2 * KC * D * SZ;      // Ks[KC][D] (swizzled) | Vs[KC][D]
+  static constexpr int RED_BYTES = NKG * kDecodeHB * D * 4;
+  static constexpr int REGION_BYTES =
+      kDecodeStages * STAGE_BYTES > RED_BYTES ? kDecodeStages * STAGE_BYTES : RED_BYTES;
+  // region (stages; after the loop red[NKG][HB][D]) | Qs[HB][D] | Ps[HB][KC] | wmax[4][HPT] | mfin[HB]
+  static constexpr int FLOATS = kDecodeHB * D + kDecodeHB * KC + 4 * HPT + kDecodeHB;
+  static constexpr size_t kSmemBytes = static_cast<size_t>(REGION_BYTES) + FLOATS * 4;
+  static_assert(DU >= 2 && DU * E == D && kDecodeThreads % DU == 0, "head width");
+  static_assert(KPG >= 1 && KPG * NKG == KC && KPG % PW == 0 && WPP * PARTS == kDecodeThreads / 32);
+  static_assert(REGION_BYTES % 16 == 0 && (kDecodeHB * D + kDecodeHB * KC) % 4 == 0);
+};
+
+// One 16-byte unit of the cache (4 f32 or 8 bf16) as f32.
+__device__ __forceinline__ void LdUnit(float* x, const float* p) {
+  const float4 t = Ld4(p);
+  x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
+}
+__device__ __forceinline__ void LdUnit(float* x, const uint16_t* p) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  x[0] = Bf16Lo(w.x), x[1] = Bf16Hi(w.x), x[2] = Bf16Lo(w.y), x[3] = Bf16Hi(w.y);
+  x[4] = Bf16Lo(w.z), x[5] = Bf16Hi(w.z), x[6] = Bf16Lo(w.w), x[7] = Bf16Hi(w.w);
+}
+
+template <int N>
+__device__ __forceinline__ void CpAsyncWaitGroup() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <int D, typename Elem>
+__global__ void __launch_bounds__(kDecodeThreads, 4)
+    DecodeAttnKernel(float* __restrict__ out, float* __restrict__ o_part, float* __restrict__ ml_part,
+                     const float* __restrict__ q, const Elem* __restrict__ k_cache, const Elem* __restrict__ v_cache,
+                     const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start, Paging pg, int bs_shift,
+                     int B, int Hq, int Hkv, int HG, int splits, float qscale) {
+  using C = DecodeCfg<D, Elem>;
+  constexpr int T = kDecodeThreads, HB = kDecodeHB, NS = kDecodeStages;
+  constexpr int E = C::E, DU = C::DU, KC = C::KC, HPT = C::HPT, WPP = C::WPP, SW = C::SW;
+  constexpr int NKG = C::NKG, KPG = C::KPG, PW = C::PW;
+  extern __shared__ __align__(16) float smem[];
+  unsigned char* region = reinterpret_cast<unsigned char*>(smem);
+  float* Qs = reinterpret_cast<float*>(region + C::REGION_BYTES);  // [HB][D], q * scale * log2e, 0 past nh
+  float* Ps = Qs + HB * D;                                         // [HB][KC], P of the current chunk
+  float* wmax = Ps + HB * KC;                                      // [4 warps][HPT]; at the end shares of l
+  float* mfin = wmax + 4 * HPT;                                    // [HB], final running max
+  auto stage_k = [&](int c) { return reinterpret_cast<Elem*>(region + (c % NS) * C::STAGE_BYTES); };
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int i = blockIdx.x, g = blockIdx.y;
+  const int hgrp = static_cast<int>(blockIdx.z) % HG, split = static_cast<int>(blockIdx.z) / HG;
+  const int G = Hq / Hkv;
+  const int hfirst = g * G + hgrp * HB;
+  const int nh = min(HB, G - hgrp * HB);
+
+  for (int f = tid; f < HB * D / 4; f += T) {
+    const int u = f / (D / 4), d4 = f % (D / 4);
+    float4 x = Zero4();
+    if (u < nh) x = Mul4(Ldg4(q + (static_cast<size_t>(i) * Hq + hfirst + u) * D + d4 * 4), qscale);
+    St4(Qs + u * D + d4 * 4, x);
+  }
+
+  // Decode: sequence i holds exactly row i (two independent loads); anything else: binary search.
+  const int b = (i < B && __ldg(cu_q + i) == i && __ldg(cu_q + i + 1) == i + 1) ? i : FindSeq(cu_q, B, i);
+  const int pos = __ldg(start + b) + (i - __ldg(cu_q + b));
+  const int L = min(pos + 1, pg.max_blocks * pg.block_size);  // a bad position reads no foreign memory
+  // This split's keys [k0, k1): ceil(L / splits) rounded up to whole chunks (trailing splits may be empty).
+  const int per = ((max(L, 0) + splits - 1) / splits + KC - 1) / KC * KC;
+  const int k0 = split * per;
+  const int k1 = min(L, k0 + per);
+  const int nchunks = k1 > k0 ? (k1 - k0 + KC - 1) / KC : 0;  // uniform over the block
+
+  const size_t krow = static_cast<size_t>(Hkv) * D;
+  const Elem* kbase = k_cache + static_cast<size_t>(g) * D;  // key in pool row r, this kv head: kbase + r * krow
+  const Elem* vbase = v_cache + static_cast<size_t>(g) * D;
+  const int32_t* trow = pg.table + static_cast<size_t>(b) * pg.max_blocks;
+
+  // Copies chunk c of the split into its stage and commits one group (an empty group past the last
+  // chunk, so that every thread always has one group per chunk index). Keys past k1 or in a block
+  // outside the pool are zero-filled (the first are masked; the second read as zeros, as documented).
+  auto issue = [&](int c) {
+    if (c < nchunks) {
+      Elem* Kb = stage_k(c);
+      Elem* Vb = Kb + KC * D;
+      const int c0 = k0 + c * KC;
+#pragma unroll
+      for (int it = 0; it < KPG; ++it) {  // KC * DU = KPG * T copies per tensor
+        const int f = tid + it * T;
+        const int kk = f / DU, du = f % DU;
+        const int j = c0 + kk;
+        long long r = -1;
+        if (j < k1) {
+          const int blk = __ldg(trow + (bs_shift >= 0 ? j >> bs_shift : j / pg.block_size));
+          const int within = bs_shift >= 0 ? (j & (pg.block_size - 1)) : j % pg.block_size;
+          if (blk >= 0 && blk < pg.num_blocks) r = static_cast<long long>(blk) * pg.block_size + within;
+        }
+        const size_t off = static_cast<size_t>(r < 0 ? 0 : r) * krow + du * E;  // pool row 0 always exists
+        CpAsync16(Kb + kk * D + (du ^ (kk & SW)) * E, kbase + off, r >= 0);
+        CpAsync16(Vb + kk * D + du * E, vbase + off, r >= 0);
+      }
+    }
+    CpAsyncCommit();
+  };
+#pragma unroll
+  for (int c = 0; c < NS - 1; ++c) issue(c);
+
+  const int ks = tid % KC, part = tid / KC;  // scores: key of the chunk, heads part * HPT ..; part is warp-uniform
+  const int pu = tid % DU, kg = tid / DU;    // PV: unit of D, key group (keys kg * KPG ..)
+  float acc[HB][E];
+  float m_run[HB];
+  float l_part[HPT], s[HPT];
+#pragma unroll
+  for (int h = 0; h < HB; ++h) {
+    m_run[h] = -INFINITY;
+#pragma unroll
+    for (int x = 0; x < E; ++x) acc[h][x] = 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < HPT; ++j) l_part[j] = s[j] = 0.0f;
+
+  // acc += P V over chunk c: this thread's KPG keys, its unit of D, all heads.
+  auto pv = [&](int c) {
+    const Elem* Vs = stage_k(c) + KC * D;
+#pragma unroll
+    for (int e0 = 0; e0 < KPG; e0 += PW) {
+      float vv[PW][E];
+#pragma unroll
+      for (int e = 0; e < PW; ++e) LdUnit(vv[e], Vs + (kg * KPG + e0 + e) * D + pu * E);
+#pragma unroll
+      for (int h = 0; h < HB; ++h) {
+        if (h < nh) {
+          float p[PW];
+          LdVec<PW>(p, Ps + h * KC + kg * KPG + e0);
+#pragma unroll
+          for (int e = 0; e < PW; ++e)
+#pragma unroll
+            for (int x = 0; x < E; ++x) acc[h][x] = fmaf(p[e], vv[e][x], acc[h][x]);
+        }
+      }
+    }
+  };
+
+  for (int c = 0; c < nchunks; ++c) {
+    CpAsyncWaitGroup<NS - 2>();  // groups up to chunk c + NS - 2 are committed: chunk c's copies have landed
+    __syncthreads();             // S1: everyone's have; P of chunk c - 1 is complete
+    if (c > 0) pv(c - 1);
+
+    // Scores of key ks for heads part * HPT + j (log2 domain), masked past k1; warp maxima.
+    {
+      const Elem* Ks = stage_k(c);
+      float sc[2][HPT];  // even and odd units: two chains of D / 2 FMAs per head instead of one of D
+#pragma unroll
+      for (int j = 0; j < HPT; ++j) sc[0][j] = sc[1][j] = 0.0f;
+#pragma unroll 2
+      for (int du = 0; du < DU; ++du) {
+        float kx[E];
+        LdUnit(kx, Ks + ks * D + (du ^ (ks & SW)) * E);
+#pragma unroll
+        for (int j = 0; j < HPT; ++j) {
+          if (part * HPT + j < nh) {  // warp-uniform; skips the padding heads of a group of 7
+            const float* qp = Qs + (part * HPT + j) * D + du * E;  // the same address in the whole warp
+#pragma unroll
+            for (int x4 = 0; x4 < E / 4; ++x4)
+              sc[du & 1][j] = Dot4(Ld4(qp + 4 * x4),
+                                   make_float4(kx[4 * x4], kx[4 * x4 + 1], kx[4 * x4 + 2], kx[4 * x4 + 3]),
+                                   sc[du & 1][j]);
+          }
+        }
+      }
+      const bool valid = k0 + c * KC + ks < k1;
+#pragma unroll
+      for (int j = 0; j < HPT; ++j) {
+        s[j] = valid ? sc[0][j] + sc[1][j] : -INFINITY;
+        float mx = s[j];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        if (lane == 0) wmax[warp * HPT + j] = mx;
+      }
+    }
+    __syncthreads();  // S2: warp maxima visible; everyone is done with chunk c - 1 (its stage, P)
+    issue(c + NS - 1);  // into chunk c - 1's stage
+
+    // Online softmax. Every thread merges the maxima into the running max of all heads (the same
+    // values in every thread) and rescales its accumulators; the score threads write P.
+#pragma unroll
+    for (int h = 0; h < HB; ++h) {
+      const int pp = h / HPT, j = h % HPT;  // compile-time after unrolling
+      float cm = wmax[(pp * WPP) * HPT + j];
+#pragma unroll
+      for (int w = 1; w < WPP; ++w) cm = fmaxf(cm, wmax[(pp * WPP + w) * HPT + j]);
+      const float m_new = fmaxf(m_run[h], cm);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet
+      const float alpha = exp2f(m_run[h] - m_use);            // 0 when m_run = -inf
+      m_run[h] = m_new;
+      if (alpha != 1.0f) {  // uniform: every thread holds the same m_run
+#pragma unroll
+        for (int x = 0; x < E; ++x) acc[h][x] *= alpha;
+      }
+      if (pp == part) {  // warp-uniform
+        const float p = exp2f(s[j] - m_use);  // 0 for masked keys
+        Ps[h * KC + ks] = p;
+        l_part[j] = l_part[j] * alpha + p;
+      }
+    }
+  }
+  if (nchunks > 0) {
+    __syncthreads();  // P of the last chunk is complete
+    pv(nchunks - 1);
+  }
+  CpAsyncWaitAll();  // only empty groups can be left, but make the region quiet before reuse
+  __syncthreads();   // done with the stages and with wmax: they become red and the shares of l
+
+  float* red = reinterpret_cast<float*>(region);  // [NKG][HB][D]
+#pragma unroll
+  for (int h = 0; h < HB; ++h)
+#pragma unroll
+    for (int x4 = 0; x4 < E / 4; ++x4)
+      St4(red + (kg * HB + h) * D + pu * E + 4 * x4,
+          make_float4(acc[h][4 * x4], acc[h][4 * x4 + 1], acc[h][4 * x4 + 2], acc[h][4 * x4 + 3]));
+#pragma unroll
+  for (int j = 0; j < HPT; ++j) {
+    float t = l_part[j];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+    if (lane == 0) wmax[warp * HPT + j] = t;
+  }
+  if (tid == 0) {
+#pragma unroll
+    for (int h = 0; h < HB; ++h) mfin[h] = m_run[h];
+  }
+  __syncthreads();
+
+  for (int f = tid; f < nh * D; f += T) {
+    const int h = f / D, d = f % D;
+    const int pp = h / HPT, j = h % HPT;
+    float l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WPP; ++w) l += wmax[(pp * WPP + w) * HPT + j];
+    float sum = 0.0f;
+#pragma unroll 4
+    for (int gg = 0; gg < NKG; ++gg) sum += red[(gg * HB + h) * D + d];
+    const size_t r = static_cast<size_t>(i) * Hq + hfirst + h;  // row of out[Nq, Hq]
+    if (splits == 1) {
+      out[r * D + d] = l > 0.0f ? sum / l : 0.0f;  // l >= 1 whenever the row sees a key
+    } else {
+      o_part[(r * splits + split) * D + d] = sum;
+      if (d == 0) {
+        ml_part[(r * splits + split) * 2] = mfin[h];
+        ml_part[(r * splits + split) * 2 + 1] = l;
+      }
+    }
+  }
+}
+
+// out[r, d] = sum_s 2^(m_s - M) o_s[d] / sum_s 2^(m_s - M) l_s over the splits of row r = (i, h).
+__global__ void DecodeCombineKernel(float* __restrict__ out, const float* __restrict__ o_part,
+                                    const float* __restrict__ ml_part, int rows, int D, int splits) {
+  const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<long long>(rows) * D) return;
+  const long long r = idx / D;
+  const int d = static_cast<int>(idx % D);
+  const float* ml = ml_part + r * splits * 2;
+  float M = -INFINITY;
+  for (int sp = 0; sp < splits; ++sp) M = fmaxf(M, __ldg(ml + 2 * sp));
+  float num = 0.0f, den = 0.0f;
+  if (M != -INFINITY) {
+    for (int sp = 0; sp < splits; ++sp) {
+      const float w = exp2f(__ldg(ml + 2 * sp) - M);  // 0 for an empty split (m = -inf)
+      num = fmaf(w, __ldg(o_part + (r * splits + sp) * D + d), num);
+      den = fmaf(w, __ldg(ml + 2 * sp + 1), den);
+    }
+  }
+  out[idx] = den > 0.0f ? num / den : 0.0f;
+}
+
 void CheckHeads(int Hq, int Hkv) {
   if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
 }
@@ -876,6 +1191,112 @@ void LaunchCached(float* out, const float* q, const KvPages& kv, const int32_t* 
                   int Nq, int Hq, int Hkv, cudaStream_t s) {
   if (kv.bf16) LaunchCached<D, uint16_t>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
   else LaunchCached<D, float>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
+}
+
+// Shared-memory opt-in and carveout of DecodeAttnKernel<D, Elem> (cheap host calls; set before every
+// launch so that they hold on whichever device is current).
+template <int D, typename Elem>
+void PrepareDecode() {
+  AllowSmem(DecodeAttnKernel<D, Elem>, DecodeCfg<D, Elem>::kSmemBytes);
+  CheckCuda(cudaFuncSetAttribute(DecodeAttnKernel<D, Elem>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared),
+            "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
+}
+
+// Blocks of DecodeAttnKernel<D, Elem> resident on the whole device at once. Asked once per
+// instantiation (a process drives one kind of GPU), so the split count below is a pure function of
+// the call's host values: the same launch shape on every graph replay.
+template <int D, typename Elem>
+int DecodeSlots() {
+  static const int slots = [] {
+    PrepareDecode<D, Elem>();
+    int dev = 0, sms = 0, per_sm = 0;
+    CheckCuda(cudaGetDevice(&dev), "cudaGetDevice");
+    CheckCuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, DecodeAttnKernel<D, Elem>, kDecodeThreads,
+                                                            DecodeCfg<D, Elem>::kSmemBytes),
+              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    return std::max(1, sms * per_sm);
+  }();
+  return slots;
+}
+
+// Splits of each row's context: the nearest whole number of resident blocks per (row, kv head, head
+// group) item, at least 1 (B = 256, Hkv = 2 on 132 x 4 slots: 1), at most one per chunk of the
+// longest possible context and kDecodeMaxSplits.
+template <int D, typename Elem>
+int DecodeSplits(const KvPages& kv, int Nq, int Hq, int Hkv) {
+  constexpr int KC = DecodeCfg<D, Elem>::KC;
+  const long long HG = (Hq / Hkv + kDecodeHB - 1) / kDecodeHB;
+  const long long items = static_cast<long long>(Nq) * Hkv * HG;
+  const long long slots = DecodeSlots<D, Elem>();
+  const long long max_ctx = static_cast<long long>(kv.max_blocks) * kv.block_size;
+  const long long cap = std::min<long long>((max_ctx + KC - 1) / KC, kDecodeMaxSplits);
+  const long long want = (slots + items / 2) / items;
+  return static_cast<int>(std::max<long long>(1, std::min(want, cap)));
+}
+
+// Workspace of the split partials: o[Nq, Hq, splits, D] | (m, l)[Nq, Hq, splits] (f32); none with one split.
+size_t DecodePartialBytes(int Nq, int Hq, int D, int splits) {
+  if (splits <= 1) return 0;
+  const size_t rows = static_cast<size_t>(Nq) * Hq * splits;
+  return Align256(rows * D * sizeof(float)) + Align256(rows * 2 * sizeof(float));
+}
+
+template <int D, typename Elem>
+size_t DecodeWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv) {
+  return DecodePartialBytes(Nq, Hq, D, DecodeSplits<D, Elem>(kv, Nq, Hq, Hkv));
+}
+
+template <int D, typename Elem>
+void LaunchDecode(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
+                  int Nq, int Hq, int Hkv, void* workspace, cudaStream_t s) {
+  using C = DecodeCfg<D, Elem>;
+  PrepareDecode<D, Elem>();
+  const int HG = (Hq / Hkv + kDecodeHB - 1) / kDecodeHB;
+  const int splits = DecodeSplits<D, Elem>(kv, Nq, Hq, Hkv);
+  float* o_part = nullptr;
+  float* ml_part = nullptr;
+  if (splits > 1) {
+    if (workspace == nullptr) {
+      Fail("CachedAttentionDecode: null workspace; bytes needed",
+           static_cast<long long>(DecodePartialBytes(Nq, Hq, D, splits)));
+    }
+    o_part = static_cast<float*>(workspace);
+    ml_part = reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                       Align256(static_cast<size_t>(Nq) * Hq * splits * D * sizeof(float)));
+  }
+  const int bs = kv.block_size;
+  int bs_shift = -1;  // block_size = 2^bs_shift: shifts instead of divisions in the table lookups
+  if ((bs & (bs - 1)) == 0) {
+    bs_shift = 0;
+    while ((1 << bs_shift) < bs) ++bs_shift;
+  }
+  const dim3 grid(Nq, Hkv, HG * splits);
+  const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
+  const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
+  DecodeAttnKernel<D, Elem><<<grid, kDecodeThreads, C::kSmemBytes, s>>>(
+      out, o_part, ml_part, q, static_cast<const Elem*>(kv.k), static_cast<const Elem*>(kv.v), cu_q, start, pg,
+      bs_shift, B, Hq, Hkv, HG, splits, qscale);
+  CheckCuda(cudaGetLastError(), "DecodeAttnKernel launch");
+  if (splits > 1) {
+    const long long n = static_cast<long long>(Nq) * Hq * D;
+    DecodeCombineKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(out, o_part, ml_part, Nq * Hq, D,
+                                                                               splits);
+    CheckCuda(cudaGetLastError(), "DecodeCombineKernel launch");
+  }
+}
+
+template <int D>
+void LaunchDecode(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
+                  int Nq, int Hq, int Hkv, void* workspace, cudaStream_t s) {
+  if (kv.bf16) LaunchDecode<D, uint16_t>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  else LaunchDecode<D, float>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+}
+
+template <int D>
+size_t DecodeWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv) {
+  return kv.bf16 ? DecodeWorkspace<D, uint16_t>(kv, Nq, Hq, Hkv) : DecodeWorkspace<D, float>(kv, Nq, Hq, Hkv);
 }
 
 template <int D>
@@ -978,18 +1399,55 @@ void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32
   CheckCuda(cudaGetLastError(), "KvCacheWriteKernel launch");
 }
 
-void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+void CachedAttentionRowwise(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
                             int B, int Nq, int Hq, int Hkv, int D, cudaStream_t s) {
   if (Nq <= 0 || B <= 0) return;
   CheckHeads(Hq, Hkv);
-  CheckPaging(kv, "CachedAttentionForward");
+  CheckPaging(kv, "CachedAttentionRowwise");
   switch (D) {
     case 16: return LaunchCached<16>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
     case 32: return LaunchCached<32>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
     case 64: return LaunchCached<64>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
     case 128: return LaunchCached<128>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
-    default: Fail("CachedAttentionForward: head width D must be 16, 32, 64 or 128; D", D);
+    default: Fail("CachedAttentionRowwise: head width D must be 16, 32, 64 or 128; D", D);
   }
+}
+
+size_t CachedAttentionDecodeWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv, int D) {
+  if (Nq <= 0) return 0;
+  CheckHeads(Hq, Hkv);
+  CheckPaging(kv, "CachedAttentionDecodeWorkspace");
+  switch (D) {
+    case 16: return DecodeWorkspace<16>(kv, Nq, Hq, Hkv);
+    case 32: return DecodeWorkspace<32>(kv, Nq, Hq, Hkv);
+    case 64: return DecodeWorkspace<64>(kv, Nq, Hq, Hkv);
+    case 128: return DecodeWorkspace<128>(kv, Nq, Hq, Hkv);
+    default: Fail("CachedAttentionDecodeWorkspace: head width D must be 16, 32, 64 or 128; D", D);
+  }
+}
+
+void CachedAttentionDecode(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                           int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
+  if (Nq <= 0 || B <= 0) return;
+  CheckHeads(Hq, Hkv);
+  CheckPaging(kv, "CachedAttentionDecode");
+  switch (D) {
+    case 16: return LaunchDecode<16>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+    case 32: return LaunchDecode<32>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+    case 64: return LaunchDecode<64>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+    case 128: return LaunchDecode<128>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+    default: Fail("CachedAttentionDecode: head width D must be 16, 32, 64 or 128; D", D);
+  }
+}
+
+size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hkv, int D) {
+  return Nq == B ? CachedAttentionDecodeWorkspace(kv, Nq, Hq, Hkv, D) : 0;
+}
+
+void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                            int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
+  if (Nq == B) CachedAttentionDecode(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, workspace, s);
+  else CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, s);
 }
 
 }  // namespace aha::engine::cuda

@@ -158,6 +158,7 @@ CudaBackend::~CudaBackend() {
   }
   gemm_.reset();
   if (workspace_) cudaFree(workspace_);
+  if (cast_copy_) cudaFree(cast_copy_);
   cudaFree(sum_out_);
   cudaStreamDestroy(stream_);
 }
@@ -185,6 +186,24 @@ void* CudaBackend::Workspace(size_t bytes) {
     ++workspace_generation_;
   }
   return workspace_;
+}
+
+uint16_t* CudaBackend::CastCopy(size_t count) {
+  if (gemm_->precision() != GemmPrecision::kBF16 || count == 0) return nullptr;
+  if (count > cast_copy_count_) {
+    if (capturing_) return nullptr;  // no allocation inside a graph; the eager first step sized it
+    CheckCuda(cudaStreamSynchronize(stream_), "synchronize");  // queued products may still read it
+    if (cast_copy_) CheckCuda(cudaFree(cast_copy_), "free bf16 copy");
+    count = std::max(count, cast_copy_count_ + cast_copy_count_ / 4);
+    CheckCuda(cudaMalloc(&cast_copy_, count * sizeof(uint16_t)), "allocate bf16 copy");
+    cast_copy_count_ = count;
+    ++cast_copy_generation_;
+  }
+  return cast_copy_;
+}
+
+void CudaBackend::AdoptCastCopy(const float* f32, size_t count, const uint16_t* bf16) {
+  if (bf16) gemm_->AdoptCast(f32, count, bf16);
 }
 
 void CudaBackend::Check(const char* op, bool forget_casts) {
@@ -267,9 +286,24 @@ void CudaBackend::EmbeddingBackward(float* dwte, const float* dout, const int32_
   cuda::EmbeddingBackward(dwte, dout, ids, N, C, stream_);
   Check("embedding backward");
 }
+// The norms and SwiGLU also write their output in bf16 for the product that follows (q/k/v and
+// gate/up after a norm, down after SwiGLU; PackQkv and SwiGluBackward below likewise for the
+// backward products): that product skips its input cast (Gemm::AdoptCast).
+// Check() forgets every held cast first, so the adoption comes after it.
 void CudaBackend::RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps) {
-  cuda::RmsNormForward(out, rstd, x, w, N, C, eps, stream_);
+  const size_t n = static_cast<size_t>(N) * C;
+  uint16_t* copy = CastCopy(n);
+  cuda::RmsNormForward(out, rstd, x, w, N, C, eps, copy, stream_);
   Check("rmsnorm");
+  AdoptCastCopy(out, n, copy);
+}
+void CudaBackend::AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C,
+                                    float eps) {
+  const size_t n = static_cast<size_t>(N) * C;
+  uint16_t* copy = CastCopy(n);
+  cuda::AddRmsNormForward(x, ln, rstd, y, w, N, C, eps, copy, stream_);
+  Check("add + rmsnorm");
+  AdoptCastCopy(ln, n, copy);
 }
 void CudaBackend::RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
                                   const float* rstd, int N, int C) {
@@ -311,17 +345,28 @@ void CudaBackend::SplitQkv(float* q, float* k, float* v, const float* qkv, const
   cuda::SplitQkv(q, k, v, qkv, bias, N, QD, KD, stream_);
   Check("split qkv");
 }
+// PackQkv's and SwiGluBackward's outputs are the dout of the q/k/v and gate/up backward products
+// (read by both NN and TN): their bf16 copies replace those products' casts, as in the forward.
 void CudaBackend::PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) {
-  cuda::PackQkv(dqkv, dq, dk, dv, N, QD, KD, stream_);
+  const size_t n = static_cast<size_t>(N) * (QD + 2 * KD);
+  uint16_t* copy = CastCopy(n);
+  cuda::PackQkv(dqkv, dq, dk, dv, N, QD, KD, copy, stream_);
   Check("pack qkv");
+  AdoptCastCopy(dqkv, n, copy);
 }
 void CudaBackend::SwiGluForward(float* h, const float* gu, int N, int I) {
-  cuda::SwiGluForward(h, gu, N, I, stream_);
+  const size_t n = static_cast<size_t>(N) * I;
+  uint16_t* copy = CastCopy(n);
+  cuda::SwiGluForward(h, gu, N, I, copy, stream_);
   Check("swiglu");
+  AdoptCastCopy(h, n, copy);
 }
 void CudaBackend::SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) {
-  cuda::SwiGluBackward(dgu, dh, gu, N, I, stream_);
+  const size_t n = static_cast<size_t>(N) * 2 * I;
+  uint16_t* copy = CastCopy(n);
+  cuda::SwiGluBackward(dgu, dh, gu, N, I, copy, stream_);
   Check("swiglu backward");
+  AdoptCastCopy(dgu, n, copy);
 }
 void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
   cuda::Add(out, a, b, n, stream_);
@@ -359,7 +404,18 @@ void CudaBackend::KvCacheWrite(const PagedKv& cache, const float* k, const float
 }
 void CudaBackend::CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                                          const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
-  cuda::CachedAttentionForward(out, q, Pages(cache), cu_q, start, B, Nq, Hq, Hkv, D, stream_);
+  const cuda::KvPages kv = Pages(cache);
+  // AHA_DECODE_ATTENTION=rowwise: decode steps through the prefill kernel too (A/B of the decode kernel).
+  static const bool rowwise = [] {
+    const char* e = std::getenv("AHA_DECODE_ATTENTION");
+    return e != nullptr && std::string(e) == "rowwise";
+  }();
+  if (rowwise) {
+    cuda::CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, stream_);
+  } else {
+    void* ws = Workspace(cuda::CachedAttentionWorkspace(kv, B, Nq, Hq, Hkv, D));
+    cuda::CachedAttentionForward(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_);
+  }
   Check("cached attention");
 }
 

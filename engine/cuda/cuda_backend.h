@@ -3,7 +3,9 @@
 // Storage is f32 (the op interface's type): activations, gradients, fp32 master weights and Adam
 // moments. Matrix products run on the tensor cores in bf16 with f32 accumulation (Gemm, gemm.h):
 // registered weights keep a bf16 copy refreshed by WeightsChanged(), activations are rounded to bf16
-// on the way into each product. GemmPrecision::kF32 switches the products to plain f32 (parity tests).
+// on the way into each product: by the op that produced them (the norms and SwiGLU write a bf16 copy
+// of their output in the same kernel, Gemm::AdoptCast), else by a cast kernel. GemmPrecision::kF32
+// switches the products to plain f32 (parity tests).
 // The generation KV cache pools hold bf16 with bf16 products (half the bytes of decode attention,
 // which widens them to f32 and accumulates in f32), f32 with kF32 (kv_cache_dtype()).
 // Ops are asynchronous on the backend's stream; Download(), SumSquares() and Synchronize() wait.
@@ -46,12 +48,16 @@ class CudaBackend final : public Backend {
   void* EndCapture() override;
   void Replay(void* graph) override;
   void DestroyGraph(void* graph) override;
-  uint64_t graph_epoch() const override { return workspace_generation_ + gemm_->scratch_generation(); }
+  uint64_t graph_epoch() const override {
+    return workspace_generation_ + gemm_->scratch_generation() + cast_copy_generation_;
+  }
 
   void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C) override;
   void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C) override;
   void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C,
                       float eps) override;
+  void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C,
+                         float eps) override;
   void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
                        const float* rstd, int N, int C) override;
   void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D) override;
@@ -90,6 +96,13 @@ class CudaBackend final : public Backend {
  private:
   CudaBackend(int index, cudaStream_t stream, GemmPrecision precision);
   void* Workspace(size_t bytes);
+  // Where a producer kernel (RMSNorm, add + RMSNorm, SwiGLU, and in the backward SwiGLU's and
+  // PackQkv, whose outputs are products' dout) writes the bf16 copy of its
+  // output for the next product (Gemm::AdoptCast), count elements; null with f32 products, or when
+  // the buffer would have to grow while a graph is being captured (then the product casts).
+  uint16_t* CastCopy(size_t count);
+  // After the producer's Check(): the next products read the copy instead of casting.
+  void AdoptCastCopy(const float* f32, size_t count, const uint16_t* bf16);
   // Aborts on a failed launch of `op`; marks it for AHA_PROFILE; forgets the GEMMs' held input
   // casts unless op is a linear product (see LinearForward).
   void Check(const char* op, bool forget_casts = true);
@@ -109,6 +122,11 @@ class CudaBackend final : public Backend {
   size_t workspace_bytes_ = 0;
   uint64_t workspace_generation_ = 0;
   double* sum_out_ = nullptr;  // device double for SumSquares
+  // One buffer serves every producer: a copy is read only by the products right after its producer,
+  // and the next producer runs after them on the same stream. Grow-only, by at least a quarter.
+  uint16_t* cast_copy_ = nullptr;
+  size_t cast_copy_count_ = 0;
+  uint64_t cast_copy_generation_ = 0;
   // Training attention: the tensor-core kernels (attention_tc.cu, bf16 products, f32 softmax and
   // accumulation; 4-5x the f32 kernels on the H200, docs/kernels.md) with bf16 products, unless
   // AHA_ATTENTION=f32. The pedantic kF32 precision keeps the f32 kernels, as it does for GEMMs.

@@ -3,6 +3,7 @@
 // reads its inputs once and writes its outputs once, with consecutive threads on consecutive floats.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
@@ -47,20 +48,104 @@ __global__ void EmbeddingBackwardKernel(float* dwte, const float* dout, const in
   }
 }
 
-// One warp per row: sum of squares in f32 lanes, reduced across the warp.
-__global__ void RmsNormForwardKernel(float* out, float* rstd, const float* x, const float* w, int N, int C,
-                                     float eps) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= N) return;
-  const float* xr = x + static_cast<size_t>(row) * C;
+// RMSNorm forward, optionally fused with the residual add before it (kAdd: xs = x + y, written
+// back, then normalised), optionally also writing the output rounded to bf16 (out16, the next
+// product's operand: Gemm::AdoptCast). T threads per row (a multiple of 32, at most kThreads),
+// kThreads / T rows per block. One warp per row, as before version 5, gave a decode step (N = 256,
+// C = 896) 32 blocks on 132 SMs, each lane walking 28 floats of its row twice (~14 us a call in
+// the profile); a row of 896 now has 224 threads holding one float4 each in registers, 256 blocks,
+// the sum read once from memory and every thread's 16-byte loads in flight at once.
+//
+// Sum over the T threads of this thread's row: warp shuffles, then the row's warps through shared
+// memory. Every thread of the block must call it (it synchronises the block).
+__device__ __forceinline__ float RowSum(float v, int T) {
+  __shared__ float warp_sums[kThreads / 32];
+  v = WarpSum(v);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+  __syncthreads();
+  const int first = static_cast<int>(threadIdx.x) / T * (T / 32);
+  float s = 0.0f;
+  for (int i = 0; i < T / 32; ++i) s += warp_sums[first + i];
+  return s;
+}
+
+// C % 4 == 0, 16-byte aligned rows: each thread keeps kItems float4 of its row in registers.
+template <bool kAdd, int kItems>
+__global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
+                                 const float* y, const float* w, int N, int C, int T, float eps) {
+  const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
+  const int t = threadIdx.x % T;
+  const bool live = row < N;
+  const int C4 = C / 4;
+  const size_t base = static_cast<size_t>(live ? row : 0) * C;
+  float4 v[kItems];
   float ss = 0.0f;
-  for (int c = lane; c < C; c += 32) ss += xr[c] * xr[c];
-  ss = WarpSum(ss);
-  const float r = rsqrtf(ss / C + eps);
-  if (lane == 0) rstd[row] = r;
-  float* o = out + static_cast<size_t>(row) * C;
-  for (int c = lane; c < C; c += 32) o[c] = (xr[c] * r) * w[c];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int c = t + i * T;
+    v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (live && c < C4) {
+      float4 a = reinterpret_cast<const float4*>(x + base)[c];
+      if constexpr (kAdd) {
+        const float4 b = reinterpret_cast<const float4*>(y + base)[c];
+        a.x += b.x;
+        a.y += b.y;
+        a.z += b.z;
+        a.w += b.w;
+        reinterpret_cast<float4*>(xs + base)[c] = a;
+      }
+      v[i] = a;
+      ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+    }
+  }
+  const float r = rsqrtf(RowSum(ss, T) / C + eps);
+  if (!live) return;
+  if (t == 0) rstd[row] = r;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int c = t + i * T;
+    if (c >= C4) continue;
+    const float4 g = reinterpret_cast<const float4*>(w)[c];
+    const float4 o = make_float4((v[i].x * r) * g.x, (v[i].y * r) * g.y, (v[i].z * r) * g.z, (v[i].w * r) * g.w);
+    reinterpret_cast<float4*>(out + base)[c] = o;
+    if (out16) {
+      // Round to nearest even, exactly as CastF32ToBF16Kernel: the adopted copy equals a cast.
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x, o.y), hi = __floats2bfloat162_rn(o.z, o.w);
+      uint2 packed;
+      packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+      packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+      reinterpret_cast<uint2*>(out16 + base)[c] = packed;
+    }
+  }
+}
+
+// Any C and alignment: scalar loads, the sum read back from memory (this thread's own writes).
+template <bool kAdd>
+__global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
+                                    const float* y, const float* w, int N, int C, int T, float eps) {
+  const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
+  const int t = threadIdx.x % T;
+  const bool live = row < N;
+  const size_t base = static_cast<size_t>(live ? row : 0) * C;
+  float ss = 0.0f;
+  if (live)
+    for (int c = t; c < C; c += T) {
+      float a = x[base + c];
+      if constexpr (kAdd) {
+        a += y[base + c];
+        xs[base + c] = a;
+      }
+      ss += a * a;
+    }
+  const float r = rsqrtf(RowSum(ss, T) / C + eps);
+  if (!live) return;
+  if (t == 0) rstd[row] = r;
+  const float* src = kAdd ? xs : x;
+  for (int c = t; c < C; c += T) {
+    const float o = (src[base + c] * r) * w[c];
+    out[base + c] = o;
+    if (out16) out16[base + c] = __float2bfloat16_rn(o);
+  }
 }
 
 // dx_c += r w_c g_c - x_c r^3 / C * sum_j g_j w_j x_j   (one warp per row)
@@ -144,38 +229,72 @@ __global__ void SplitQkvKernel(float* q, float* k, float* v, const float* qkv, c
   }
 }
 
-__global__ void PackQkvKernel(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD,
-                              int KD) {
+// dqkv16, when not null, gets the packed rows in bf16 too (the product's operand: Gemm::AdoptCast).
+__global__ void PackQkvKernel(float* dqkv, __nv_bfloat16* dqkv16, const float* dq, const float* dk, const float* dv,
+                              int N, int QD, int KD) {
   const int W = QD + 2 * KD;
   const size_t total = static_cast<size_t>(N) * W;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / W;
     const int c = static_cast<int>(i - n * W);
-    dqkv[i] = c < QD ? dq[n * QD + c] : c < QD + KD ? dk[n * KD + (c - QD)] : dv[n * KD + (c - QD - KD)];
+    const float x = c < QD ? dq[n * QD + c] : c < QD + KD ? dk[n * KD + (c - QD)] : dv[n * KD + (c - QD - KD)];
+    dqkv[i] = x;
+    if (dqkv16) dqkv16[i] = __float2bfloat16_rn(x);
   }
 }
 
-// gu rows are gate | up (2I wide); thread i handles h[i] = column j of row n.
-__global__ void SwiGluForwardKernel(float* h, const float* gu, int N, int I) {
+// gu rows are gate | up (2I wide); thread i handles h[i] = column j of row n. h16, when not null,
+// gets h rounded to bf16 (the down product's operand: Gemm::AdoptCast).
+__device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+__global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const float* gu, int N, int I) {
   const size_t total = static_cast<size_t>(N) * I;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I, g_at = i + n * I;  // n * 2I + j
-    const float g = gu[g_at];
-    h[i] = g / (1.0f + expf(-g)) * gu[g_at + I];
+    const float o = Swish(gu[g_at], gu[g_at + I]);
+    h[i] = o;
+    if (h16) h16[i] = __float2bfloat16_rn(o);
   }
 }
 
-__global__ void SwiGluBackwardKernel(float* dgu, const float* dh, const float* gu, int N, int I) {
+// I % 4 == 0 and 16-byte aligned rows: four columns per thread, 16-byte loads and stores.
+__global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const float* gu, int N, int I) {
+  const size_t I4 = I / 4, total = static_cast<size_t>(N) * I4;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t n = i / I4, g_at = i + n * I4;  // in float4 units: n * 2 I4 + j
+    const float4 g = reinterpret_cast<const float4*>(gu)[g_at], u = reinterpret_cast<const float4*>(gu)[g_at + I4];
+    const float4 o = make_float4(Swish(g.x, u.x), Swish(g.y, u.y), Swish(g.z, u.z), Swish(g.w, u.w));
+    reinterpret_cast<float4*>(h)[i] = o;
+    if (h16) {
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x, o.y), hi = __floats2bfloat162_rn(o.z, o.w);
+      uint2 packed;
+      packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+      packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+      reinterpret_cast<uint2*>(h16)[i] = packed;
+    }
+  }
+}
+
+// dgu16, when not null, gets dgu in bf16 too: the gate/up backward product's dout (both its NN and
+// TN read it; Gemm::AdoptCast), which otherwise is the largest cast of the backward (N x 2I).
+__global__ void SwiGluBackwardKernel(float* dgu, __nv_bfloat16* dgu16, const float* dh, const float* gu, int N,
+                                     int I) {
   const size_t total = static_cast<size_t>(N) * I;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I, g_at = i + n * I;
     const float g = gu[g_at], u = gu[g_at + I], d = dh[i];
     const float s = 1.0f / (1.0f + expf(-g));
-    dgu[g_at + I] = d * g * s;
-    dgu[g_at] = d * u * s * (1.0f + g * (1.0f - s));
+    const float dup = d * g * s, dgate = d * u * s * (1.0f + g * (1.0f - s));
+    dgu[g_at + I] = dup;
+    dgu[g_at] = dgate;
+    if (dgu16) {
+      dgu16[g_at + I] = __float2bfloat16_rn(dup);
+      dgu16[g_at] = __float2bfloat16_rn(dgate);
+    }
   }
 }
 
@@ -284,11 +403,52 @@ void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N
   EmbeddingBackwardKernel<<<Blocks(static_cast<size_t>(N) * C), kThreads, 0, s>>>(dwte, dout, ids, N, C);
 }
 
+namespace {
+
+bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Threads per row T: rows of C % 4 == 0 floats on 16-byte boundaries are held in registers, kItems
+// float4 per thread with kItems the smallest of 1, 2, 4, 8 that covers the row with at most kThreads
+// threads (C <= 8192); other rows take the scalar kernel. Short rows (qk-norm's head width) share a
+// block, kThreads / T rows each.
+template <bool kAdd>
+void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const float* x, const float* y,
+                   const float* w, int N, int C, float eps, cudaStream_t s) {
+  if (N <= 0 || C <= 0) return;
+  const int C4 = C / 4;
+  int items = 0;
+  if (C % 4 == 0 && Aligned(out, 16) && Aligned(x, 16) && (!kAdd || Aligned(y, 16)) && Aligned(w, 16) &&
+      Aligned(out_bf16, 8))
+    for (int k : {1, 2, 4, 8})
+      if (C4 <= k * kThreads) {
+        items = k;
+        break;
+      }
+  const int work = items ? (C4 + items - 1) / items : C;
+  const int T = std::min(kThreads, (work + 31) / 32 * 32);
+  const int rows = kThreads / T;
+  const unsigned blocks = static_cast<unsigned>((N + rows - 1) / rows);
+  auto* o16 = reinterpret_cast<__nv_bfloat16*>(out_bf16);
+  const dim3 grid(blocks), block(rows * T);
+  switch (items) {
+    case 1: RmsNormVecKernel<kAdd, 1><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    case 2: RmsNormVecKernel<kAdd, 2><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    case 4: RmsNormVecKernel<kAdd, 4><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    case 8: RmsNormVecKernel<kAdd, 8><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    default: RmsNormScalarKernel<kAdd><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps);
+  }
+}
+
+}  // namespace
+
 void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps,
-                    cudaStream_t s) {
-  if (N == 0) return;
-  const int rows_per_block = kThreads / 32;
-  RmsNormForwardKernel<<<(N + rows_per_block - 1) / rows_per_block, kThreads, 0, s>>>(out, rstd, x, w, N, C, eps);
+                    uint16_t* out_bf16, cudaStream_t s) {
+  LaunchRmsNorm<false>(out, out_bf16, rstd, nullptr, x, nullptr, w, N, C, eps, s);
+}
+
+void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C, float eps,
+                       uint16_t* ln_bf16, cudaStream_t s) {
+  LaunchRmsNorm<true>(ln, ln_bf16, rstd, x, x, y, w, N, C, eps, s);
 }
 
 void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
@@ -321,16 +481,23 @@ void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias,
   SplitQkvKernel<<<Blocks(static_cast<size_t>(N) * (QD + 2 * KD)), kThreads, 0, s>>>(q, k, v, qkv, bias, N, QD, KD);
 }
 
-void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD, cudaStream_t s) {
-  PackQkvKernel<<<Blocks(static_cast<size_t>(N) * (QD + 2 * KD)), kThreads, 0, s>>>(dqkv, dq, dk, dv, N, QD, KD);
+void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD,
+             uint16_t* dqkv_bf16, cudaStream_t s) {
+  PackQkvKernel<<<Blocks(static_cast<size_t>(N) * (QD + 2 * KD)), kThreads, 0, s>>>(
+      dqkv, reinterpret_cast<__nv_bfloat16*>(dqkv_bf16), dq, dk, dv, N, QD, KD);
 }
 
-void SwiGluForward(float* h, const float* gu, int N, int I, cudaStream_t s) {
-  SwiGluForwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(h, gu, N, I);
+void SwiGluForward(float* h, const float* gu, int N, int I, uint16_t* h_bf16, cudaStream_t s) {
+  auto* h16 = reinterpret_cast<__nv_bfloat16*>(h_bf16);
+  if (I % 4 == 0 && Aligned(h, 16) && Aligned(gu, 16) && Aligned(h_bf16, 8))
+    SwiGluForwardVecKernel<<<Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s>>>(h, h16, gu, N, I);
+  else
+    SwiGluForwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(h, h16, gu, N, I);
 }
 
-void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, cudaStream_t s) {
-  SwiGluBackwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(dgu, dh, gu, N, I);
+void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, uint16_t* dgu_bf16, cudaStream_t s) {
+  SwiGluBackwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(
+      dgu, reinterpret_cast<__nv_bfloat16*>(dgu_bf16), dh, gu, N, I);
 }
 
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s) {

@@ -249,6 +249,13 @@ struct Gemm::Impl {
     size_t count = 0;
   } held_a, held_b;
   bool reuse = false;  // set_cast_reuse: only the owner knows no other kernel wrote in between
+  // AdoptCast: a bf16 copy some producer kernel wrote beside its f32 output (not in a scratch).
+  struct Adopted {
+    const float* p = nullptr;
+    size_t count = 0;
+    const uint16_t* bf16 = nullptr;
+  } adopted;
+  uint64_t casts = 0;
   std::vector<WeightRange> weights;
 
   // The bf16 operand for `p` (rows * cols elements): a registered weight's cached copy, the
@@ -256,10 +263,12 @@ struct Gemm::Impl {
   const uint16_t* Bf16(const float* p, size_t count, Scratch& scratch, Held& held) {
     for (const WeightRange& w : weights)
       if (p >= w.base && p + count <= w.base + w.n) return w.bf16 + (p - w.base);
+    if (reuse && adopted.p == p && adopted.count == count) return adopted.bf16;
     if (reuse && held.p == p && held.count == count && scratch.bytes >= count * sizeof(uint16_t))
       return static_cast<const uint16_t*>(scratch.p);
     auto* out = static_cast<uint16_t*>(scratch.Get(count * sizeof(uint16_t)));
     CastF32ToBF16(out, p, count, stream);
+    ++casts;
     held = {p, count};
     return out;
   }
@@ -267,6 +276,12 @@ struct Gemm::Impl {
   // A product that writes [out, out + n) makes a held cast of that range stale.
   static void Overwritten(Held& held, const float* out, size_t n) {
     if (held.p && out < held.p + held.count && held.p < out + n) held = {};
+  }
+  // Every held range a product's output [out, out + n) overlaps is stale afterwards.
+  void Wrote(const float* out, size_t n) {
+    Overwritten(held_a, out, n);
+    Overwritten(held_b, out, n);
+    if (adopted.p && out < adopted.p + adopted.count && adopted.p < out + n) adopted = {};
   }
 
   bool Capturing() const {
@@ -435,14 +450,12 @@ struct Gemm::Impl {
       // A zero-length product: out = beta * out.
       if (beta == 0.0f) CheckCuda(cudaMemsetAsync(out, 0, sizeof(float) * m * static_cast<size_t>(n), stream), "memset");
       else if (beta != 1.0f) Scale(out, beta, static_cast<size_t>(m) * n, stream);
-      Overwritten(held_a, out, static_cast<size_t>(m) * n);
-      Overwritten(held_b, out, static_cast<size_t>(m) * n);
+      Wrote(out, static_cast<size_t>(m) * n);
       return;
     }
     if (precision == GemmPrecision::kF32) {
       CheckCublas(Cublas().sgemm(handle, op_b, op_a, m, n, k, &alpha, b, ldb, a, lda, &beta, out, ldo), "sgemm");
-      Overwritten(held_a, out, static_cast<size_t>(m) * n);
-      Overwritten(held_b, out, static_cast<size_t>(m) * n);
+      Wrote(out, static_cast<size_t>(m) * n);
       return;
     }
     const uint16_t* b16 = Bf16(b, b_count, scratch_b, held_b);
@@ -451,8 +464,7 @@ struct Gemm::Impl {
       CheckCublas(Cublas().gemm_ex(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda,
                                    &beta, out, CUDA_R_32F, ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                   "gemm bf16");
-    Overwritten(held_a, out, static_cast<size_t>(m) * n);
-    Overwritten(held_b, out, static_cast<size_t>(m) * n);
+    Wrote(out, static_cast<size_t>(m) * n);
   }
 };
 
@@ -494,7 +506,12 @@ const char* GemmLibraryName(GemmLibrary library) {
   return library == GemmLibrary::kCublasLt ? "cublaslt" : "gemmex";
 }
 
-void Gemm::ForgetCasts() { impl_->held_a = impl_->held_b = {}; }
+void Gemm::ForgetCasts() {
+  impl_->held_a = impl_->held_b = {};
+  impl_->adopted = {};
+}
+void Gemm::AdoptCast(const float* f32, size_t count, const uint16_t* bf16) { impl_->adopted = {f32, count, bf16}; }
+uint64_t Gemm::casts_launched() const { return impl_->casts; }
 void Gemm::set_cast_reuse(bool on) { impl_->reuse = on; }
 
 void Gemm::NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {

@@ -13,7 +13,8 @@
 // unset: kCublasLt); set_library() switches at any time. Weights registered with
 // RegisterWeights() are read from a cached bf16 copy (refreshed by WeightsChanged()), so a weight is
 // cast once per optimizer step or weight swap, not once per product; any other operand is cast into
-// a grow-only scratch buffer first. kF32: plain f32 products (no TF32), for parity tests.
+// a grow-only scratch buffer first, unless the kernel that produced it also wrote its bf16 copy
+// (AdoptCast). kF32: plain f32 products (no TF32), for parity tests.
 //
 // All three forms write out[M, N] = alpha * A' B' + beta * out with A' = a or a^T, B' = b or b^T as
 // the name says (N = normal, T = transposed, for the row-major arrays as stored).
@@ -71,6 +72,17 @@ class Gemm {
   // ops and calls ForgetCasts() after every other op.
   void set_cast_reuse(bool on);
   void ForgetCasts();
+  // A bf16 copy of [f32, f32 + count) that the kernel which wrote the f32 values also wrote, each
+  // element rounded to nearest even (as the cast kernel rounds), into memory the caller owns and
+  // keeps until the copy is forgotten. A product whose operand is exactly that range reads it
+  // instead of casting (RMSNorm's output feeds q/k/v and gate/up, SwiGLU's feeds down). It is
+  // forgotten exactly like a held cast: by ForgetCasts() (CudaBackend: after every op that is not a
+  // linear product, so adopt right after the producing op's own ForgetCasts) or a product that
+  // writes an overlapping range, and it is used only while cast reuse is on. One at a time: a new
+  // adoption replaces the previous one.
+  void AdoptCast(const float* f32, size_t count, const uint16_t* bf16);
+  // Casts of non-weight operands launched so far (held casts and adopted copies launch none).
+  uint64_t casts_launched() const;
 
  private:
   struct Impl;

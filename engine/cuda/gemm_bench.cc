@@ -16,6 +16,10 @@
 // L2 flush (a memset of 256 MiB, not timed) and is bracketed by CUDA events; the median is reported.
 // The first warm-up call of a cuBLASLt problem is where Gemm times its candidates.
 //
+// Then the kernels that produce the products' inputs (RMSNorm, residual add + RMSNorm, SwiGLU and
+// its backward), timed the same way, each with a separate cast after it (version 4) and writing
+// the bf16 copy itself (version 5), against their byte floors.
+//
 // Floors: FLOP floor 2 M N K / peak; byte floor (bf16 A and B read once, f32 out written, and read
 // too when beta != 0) / bandwidth; the floor is the larger. The H200 figures are the measured
 // ceilings (docs/kernels.md).
@@ -26,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -294,6 +299,71 @@ int RunGemmBench(int argc, char** argv) {
       gemm.UnregisterWeights(w);
       CK(cudaFree(w));
     }
+  }
+  // The producers of the products' inputs (docs/kernels.md, version 5): each as it ran before
+  // (f32 output, then a separate cast of it) and as it runs now (the bf16 copy written in the same
+  // kernel, Gemm::AdoptCast); the residual add + norm also as two ops before.
+  for (int T : tokens) {
+    const int I = c.intermediate_size;
+    const size_t tc = static_cast<size_t>(T) * C, ti = static_cast<size_t>(T) * I;
+    float* x = RandomDevice(tc, 1.0f, block);
+    float* y = RandomDevice(tc, 1.0f, block);
+    float* nw = RandomDevice(C, 1.0f, block);
+    float* gu = RandomDevice(2 * ti, 1.0f, block);
+    float* dh = RandomDevice(ti, 1.0f, block);
+    float *ln = nullptr, *rstd = nullptr, *h = nullptr, *dgu = nullptr;
+    uint16_t* copy = nullptr;
+    CK(cudaMalloc(&ln, tc * sizeof(float)));
+    CK(cudaMalloc(&rstd, T * sizeof(float)));
+    CK(cudaMalloc(&h, ti * sizeof(float)));
+    CK(cudaMalloc(&dgu, 2 * ti * sizeof(float)));
+    CK(cudaMalloc(&copy, 2 * ti * sizeof(uint16_t)));
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    struct Variant {
+      const char* name;
+      double bytes;  // moved at least, for the floor
+      std::function<void()> run;
+    };
+    const std::vector<Variant> variants = {
+        {"add+rmsnorm+cast (v4)", 26.0 * tc,
+         [&] {
+           Add(x, x, y, tc, stream);
+           RmsNormForward(ln, rstd, x, nw, T, C, eps, nullptr, stream);
+           CastF32ToBF16(copy, ln, tc, stream);
+         }},
+        {"add_rmsnorm+copy (v5)", 18.0 * tc, [&] { AddRmsNormForward(x, ln, rstd, y, nw, T, C, eps, copy, stream); }},
+        {"rmsnorm+cast (v4)", 14.0 * tc,
+         [&] {
+           RmsNormForward(ln, rstd, x, nw, T, C, eps, nullptr, stream);
+           CastF32ToBF16(copy, ln, tc, stream);
+         }},
+        {"rmsnorm+copy (v5)", 10.0 * tc, [&] { RmsNormForward(ln, rstd, x, nw, T, C, eps, copy, stream); }},
+        {"swiglu+cast (v4)", 18.0 * ti,
+         [&] {
+           SwiGluForward(h, gu, T, I, nullptr, stream);
+           CastF32ToBF16(copy, h, ti, stream);
+         }},
+        {"swiglu+copy (v5)", 14.0 * ti, [&] { SwiGluForward(h, gu, T, I, copy, stream); }},
+        {"swiglu_bwd+cast (v4)", 32.0 * ti,
+         [&] {
+           SwiGluBackward(dgu, dh, gu, T, I, nullptr, stream);
+           CastF32ToBF16(copy, dgu, 2 * ti, stream);
+         }},
+        {"swiglu_bwd+copy (v5)", 24.0 * ti, [&] { SwiGluBackward(dgu, dh, gu, T, I, copy, stream); }},
+    };
+    for (const Variant& v : variants) {
+      for (int i = 0; i < warmup; ++i) v.run();
+      const double us = timer.Median(static_cast<int>(iters), v.run);
+      const double floor_us = v.bytes / (peak_tbps * 1e12) * 1e6;
+      std::cout << "T " << std::setw(6) << T << "  " << std::left << std::setw(24) << v.name << std::right
+                << std::fixed << std::setprecision(1) << std::setw(10) << us << " us  floor " << std::setw(8)
+                << floor_us << " us" << std::defaultfloat << "\n";
+      std::cout << nlohmann::json{{"bench", "gemm"}, {"producer", v.name}, {"tokens", T},
+                                  {"us", us},        {"byte_floor_us", floor_us}}.dump()
+                << "\n";
+    }
+    CK(cudaStreamSynchronize(stream));
+    for (void* p : std::initializer_list<void*>{x, y, nw, gu, dh, ln, rstd, h, dgu, copy}) CK(cudaFree(p));
   }
   for (const auto& [key, us] : totals) {
     std::cout << "T " << key.first << " " << GemmLibraryName(key.second) << ": sum of product times " << us

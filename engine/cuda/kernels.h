@@ -18,8 +18,13 @@ namespace aha::engine::cuda {
 // ---- elementwise and layers (elementwise.cu) ------------------------------------------------------
 void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C, cudaStream_t s);
 void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C, cudaStream_t s);
+// out_bf16 / ln_bf16 / h_bf16 (and dqkv_bf16 / dgu_bf16 below), when not null, receive the f32 output rounded to bf16 (nearest even,
+// as CastF32ToBF16) in the same pass: the next product's operand (Gemm::AdoptCast).
 void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps,
-                    cudaStream_t s);
+                    uint16_t* out_bf16, cudaStream_t s);
+// x[N, C] += y (in place), then ln = RMSNorm(x) * w and rstd as RmsNormForward. ln must not overlap x or y.
+void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C, float eps,
+                       uint16_t* ln_bf16, cudaStream_t s);
 void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
                      const float* rstd, int N, int C, cudaStream_t s);
 void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D, bool inverse,
@@ -28,9 +33,10 @@ void AddBias(float* out, const float* b, int N, int OC, cudaStream_t s);
 void BiasBackward(float* db, const float* dout, int N, int OC, cudaStream_t s);
 void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD,
               cudaStream_t s);
-void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD, cudaStream_t s);
-void SwiGluForward(float* h, const float* gu, int N, int I, cudaStream_t s);
-void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, cudaStream_t s);
+void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD,
+             uint16_t* dqkv_bf16, cudaStream_t s);
+void SwiGluForward(float* h, const float* gu, int N, int I, uint16_t* h_bf16, cudaStream_t s);
+void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, uint16_t* dgu_bf16, cudaStream_t s);
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s);
 void Scale(float* x, float a, size_t n, cudaStream_t s);
 // out[n] (f64, device) = sum of squares of x; workspace holds at least SumSquaresWorkspace() bytes.
@@ -72,8 +78,22 @@ struct KvPages {
 // replayed with new array contents. Nq = cu_q[B] is passed from the host.
 void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32_t* cu_q, const int32_t* start, int B,
                   int Nq, int Hkv, int D, cudaStream_t s);
+// Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecode, anything else
+// to CachedAttentionRowwise. workspace: at least CachedAttentionWorkspace(...) bytes (0 for most
+// shapes; null is then fine).
+size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hkv, int D);
 void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                            int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
+// The two kernels behind it (public for tests and timing). Rowwise: one block per new row, for prefill
+// and chunks. Decode: one block per (row, kv head, split of the context) for all query heads of the
+// group; correct for any layout, sized for one row per sequence; the split count, and so the launch
+// shape and workspace (CachedAttentionDecodeWorkspace), depends only on (Nq, Hq, Hkv, D, dtype,
+// max_blocks * block_size) and the device.
+void CachedAttentionRowwise(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
                             int B, int Nq, int Hq, int Hkv, int D, cudaStream_t s);
+size_t CachedAttentionDecodeWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv, int D);
+void CachedAttentionDecode(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                           int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
 // Tensor-core variants (attention_tc.cu): same signatures, semantics and workspace
 // (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
 // mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};

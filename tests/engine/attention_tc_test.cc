@@ -10,6 +10,8 @@
 // Timing mode (not run by ctest): f32 vs tensor-core kernels at the training shape, CUDA events,
 // median of 20 after warm-up:
 //   engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='AttentionTcTiming.*'
+// and the row-wise vs decode cached-attention kernels at the decode bench shape:
+//   engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='CachedAttentionTiming.*'
 //
 // Label gpu. Without a CUDA device every test skips with the reason.
 #include <gtest/gtest.h>
@@ -28,6 +30,7 @@
 
 #include "engine/cpu_backend.h"
 #include "engine/cuda/kernels.h"
+#include "engine/tensor.h"
 #include "tests/engine/nmse_check.h"
 
 namespace aha::engine {
@@ -245,6 +248,112 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
                 Nmse(lsetc.Download(), lse32.Download()), Nmse(dqtc.Download(), dq32.Download()),
                 Nmse(dktc.Download(), dk32.Download()), Nmse(dvtc.Download(), dv32.Download()));
     std::fflush(stdout);
+  }
+}
+
+// Median of `reps` single launches, each after a write of `flush` (larger than L2) that is outside
+// the timed interval: the stream orders the memset before the first event.
+template <typename Fn>
+double ColdMedianMs(DevBuf<char>& flush, Fn&& launch, size_t flush_bytes = size_t(256) << 20, int warmup = 3,
+                    int reps = 30) {
+  for (int i = 0; i < warmup; ++i) launch();
+  Ck(cudaDeviceSynchronize(), "warm-up");
+  cudaEvent_t a, b;
+  Ck(cudaEventCreate(&a), "cudaEventCreate");
+  Ck(cudaEventCreate(&b), "cudaEventCreate");
+  std::vector<float> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    Ck(cudaMemsetAsync(flush.get(), i & 0xff, flush_bytes, nullptr), "flush L2");
+    Ck(cudaEventRecord(a, nullptr), "cudaEventRecord");
+    launch();
+    Ck(cudaEventRecord(b, nullptr), "cudaEventRecord");
+    Ck(cudaEventSynchronize(b), "cudaEventSynchronize");
+    Ck(cudaEventElapsedTime(&ms[i], a, b), "cudaEventElapsedTime");
+  }
+  Ck(cudaGetLastError(), "timed launches");
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
+}
+
+// Cached attention at the decode bench shape (0.5B: Hq = 14, Hkv = 2, D = 64, block 16, one new row
+// per sequence): the row-wise kernel (CachedAttentionRowwise, the only one before the decode kernel)
+// against CachedAttentionDecode, us per call, L2 flushed before each call (in the decode step the
+// layer's GEMMs evict the cache between attention calls), CUDA events, median of 30 after warm-up.
+// Also the decode kernel's NMSE against the row-wise one (both f32 math on the same pool values).
+//   engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='CachedAttentionTiming.*'
+TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
+  REQUIRE_GPU();
+  struct Shape {
+    int B, ctx_lo, ctx_hi;  // contexts uniform in [ctx_lo, ctx_hi] (fixed seed)
+    int Hq, Hkv, D, block_size;
+  };
+  DevBuf<char> flush(size_t(256) << 20);  // larger than the H200's 50 MB L2
+  std::printf("%-38s %-5s %11s %11s %8s %13s %13s %10s\n", "shape", "pool", "rowwise us", "decode us", "speedup",
+              "rowwise TB/s", "decode TB/s", "nmse");
+  for (const Shape& sh : {Shape{256, 384, 384, 14, 2, 64, 16}, Shape{256, 128, 640, 14, 2, 64, 16},
+                          Shape{256, 128, 128, 14, 2, 64, 16}, Shape{256, 640, 640, 14, 2, 64, 16},
+                          Shape{256, 2048, 2048, 14, 2, 64, 16}, Shape{64, 384, 384, 14, 2, 64, 16},
+                          Shape{8, 384, 384, 14, 2, 64, 16}, Shape{1, 2048, 2048, 14, 2, 64, 16},
+                          Shape{64, 384, 384, 16, 8, 128, 16}}) {
+    for (bool bf16 : {true, false}) {
+      std::mt19937_64 rng(1234);
+      std::vector<int32_t> ctx(sh.B);
+      for (auto& c : ctx) c = std::uniform_int_distribution<int>(sh.ctx_lo, sh.ctx_hi)(rng);
+      const int bs = sh.block_size, max_blocks = (sh.ctx_hi + bs - 1) / bs;
+      int needed = 0;
+      for (int c : ctx) needed += (c + bs - 1) / bs;
+      const int num_blocks = needed;
+      std::vector<int32_t> order(num_blocks), table(size_t(sh.B) * max_blocks, 0);
+      for (int i = 0; i < num_blocks; ++i) order[i] = i;
+      std::shuffle(order.begin(), order.end(), rng);
+      int next = 0;
+      for (int b = 0; b < sh.B; ++b)
+        for (int j = 0; j < (ctx[b] + bs - 1) / bs; ++j) table[size_t(b) * max_blocks + j] = order[next++];
+      const size_t pool = size_t(num_blocks) * bs * sh.Hkv * sh.D;
+      const size_t elem = bf16 ? 2 : 4;
+      DevBuf<float> kc(pool * elem / 4), vc(pool * elem / 4);  // pool is even (D is)
+      for (float* dst : {kc.get(), vc.get()}) {
+        const auto x = Randn(pool);
+        if (bf16) {
+          std::vector<uint16_t> h(pool);
+          for (size_t i = 0; i < pool; ++i) h[i] = F32ToBF16(x[i]);
+          Ck(cudaMemcpy(dst, h.data(), pool * 2, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+        } else {
+          Ck(cudaMemcpy(dst, x.data(), pool * 4, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+        }
+      }
+      std::vector<int32_t> cu(sh.B + 1), start(sh.B);
+      for (int b = 0; b <= sh.B; ++b) cu[b] = b;
+      for (int b = 0; b < sh.B; ++b) start[b] = ctx[b] - 1;
+      DevBuf<int32_t> d_table(table), d_cu(cu), d_start(start);
+      const cuda::KvPages kv{kc.get(), vc.get(), bf16, num_blocks, bs, d_table.get(), max_blocks};
+      const size_t nq = size_t(sh.B) * sh.Hq * sh.D;
+      DevBuf<float> q(Randn(nq)), out_row(nq), out_dec(nq);
+      DevBuf<char> ws(cuda::CachedAttentionDecodeWorkspace(kv, sh.B, sh.Hq, sh.Hkv, sh.D));
+      auto rowwise = [&] {
+        cuda::CachedAttentionRowwise(out_row.get(), q.get(), kv, d_cu.get(), d_start.get(), sh.B, sh.B, sh.Hq, sh.Hkv,
+                                     sh.D, nullptr);
+      };
+      auto decode = [&] {
+        cuda::CachedAttentionDecode(out_dec.get(), q.get(), kv, d_cu.get(), d_start.get(), sh.B, sh.B, sh.Hq, sh.Hkv,
+                                    sh.D, ws.get(), nullptr);
+      };
+      const double ms_row = ColdMedianMs(flush, rowwise);
+      const double ms_dec = ColdMedianMs(flush, decode);
+      Ck(cudaDeviceSynchronize(), "timing");
+      double keys = 0;
+      for (int c : ctx) keys += c;
+      const double bytes = keys * 2.0 * sh.Hkv * sh.D * elem;  // K and V of every visible position, once
+      const std::string name = std::to_string(sh.B) + " x ctx " + std::to_string(sh.ctx_lo) +
+                               (sh.ctx_hi != sh.ctx_lo ? ".." + std::to_string(sh.ctx_hi) : "") + " H=" +
+                               std::to_string(sh.Hq) + "/" + std::to_string(sh.Hkv) + " D=" + std::to_string(sh.D);
+      std::printf("%-38s %-5s %11.1f %11.1f %7.2fx %13.2f %13.2f %10.3g\n", name.c_str(), bf16 ? "bf16" : "f32",
+                  ms_row * 1e3, ms_dec * 1e3, ms_row / ms_dec, bytes / (ms_row * 1e-3) * 1e-12,
+                  bytes / (ms_dec * 1e-3) * 1e-12, Nmse(out_dec.Download(), out_row.Download()));
+      std::fflush(stdout);
+    }
   }
 }
 

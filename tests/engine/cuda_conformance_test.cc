@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <limits>
 #include <random>
@@ -151,6 +152,165 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     ExpectNmse("swiglu (packed gate|up)", shape, Down(d_h), h, kF32);
     ExpectNmse("swiglu backward dgu", shape, Down(d_dgu), dgu, kF32);
     ExpectNmse("add", shape, Down(d_sum), sum, kF32);
+  }
+}
+
+// The fused residual add + RMSNorm (and the RMSNorm kernel it shares) on every path of its launcher:
+// a row per block of 224 threads (C = 896, one float4 each), several short rows per block (C = 64),
+// 2, 4 and 8 float4 per thread (C = 1536, 4096, 8192), and the scalar kernel (odd C = 37, and
+// C = 8200 past the register path), from one row to a training batch. x is updated in place; ln
+// and rstd are poisoned first.
+TEST(CudaOps, AddRmsNormMatchesCpu) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  std::vector<std::pair<int, int>> shapes;
+  for (int N : {1, 7, 256, 16384})
+    for (int C : {896, 37}) shapes.push_back({N, C});
+  for (int C : {64, 1536, 4096, 8192, 8200}) shapes.push_back({7, C}), shapes.push_back({256, C});
+  for (auto [N, C] : shapes) {
+    auto x = Randn(size_t(N) * C, 2.0f), y = Randn(size_t(N) * C), w = Randn(C);
+    std::vector<float> xs = x, ln(x.size()), rstd(N), ln_plain(x.size()), rstd_plain(N);
+    cpu.AddRmsNormForward(xs.data(), ln.data(), rstd.data(), y.data(), w.data(), N, C, 1e-6f);
+    cpu.RmsNormForward(ln_plain.data(), rstd_plain.data(), x.data(), w.data(), N, C, 1e-6f);
+    Tensor d_x = Up(x), d_y = Up(y), d_w = Up(w), d_ln = Poisoned(ln.size()), d_rstd = Poisoned(N),
+           d_ln_plain = Poisoned(ln.size()), d_rstd_plain = Poisoned(N);
+    gpu->RmsNormForward(d_ln_plain.f32(), d_rstd_plain.f32(), d_x.f32(), d_w.f32(), N, C, 1e-6f);
+    gpu->AddRmsNormForward(d_x.f32(), d_ln.f32(), d_rstd.f32(), d_y.f32(), d_w.f32(), N, C, 1e-6f);
+    const std::string shape = "[" + std::to_string(N) + "," + std::to_string(C) + "]";
+    ExpectNmse("add + rmsnorm x (+= y)", shape, Down(d_x), xs, 0.0);  // one f32 add: exact
+    ExpectNmse("add + rmsnorm ln", shape, Down(d_ln), ln, kF32);
+    ExpectNmse("add + rmsnorm rstd", shape, Down(d_rstd), rstd, kF32);
+    ExpectNmse("rmsnorm", shape, Down(d_ln_plain), ln_plain, kF32);
+    ExpectNmse("rmsnorm rstd", shape, Down(d_rstd_plain), rstd_plain, kF32);
+  }
+}
+
+// Producers' bf16 copies (Gemm::AdoptCast): RMSNorm, add + RMSNorm and SwiGLU (and in the backward
+// SwiGLU's backward and PackQkv) write their output in bf16 too, and the product right after reads
+// that copy instead of casting. It must launch no cast and give bit for bit the output of the same
+// product over a plain buffer with the same values (which casts: same rounding, to nearest even,
+// and the same cuBLASLt plan, both operands being 256-byte aligned). And the copy must never be read once the f32 range has changed: after an Add
+// into it, after a product that writes it, after a Copy over it, the product casts again and
+// matches the new values.
+TEST(CudaOps, ProductsReadProducersBf16CopiesAndNeverStaleOnes) {
+  REQUIRE_GPU();
+  cuda::Gemm& g = gpu->gemm();
+  auto bits_equal = [](const std::vector<float>& a, const std::vector<float>& b, const std::string& what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    for (size_t i = 0; i < a.size(); ++i)
+      ASSERT_EQ(std::memcmp(&a[i], &b[i], sizeof(float)), 0) << what << ": element " << i << " " << a[i] << " vs " << b[i];
+  };
+  // out[N, OC] from in[N, C] read through a fresh buffer: a Copy (an op: every held cast is
+  // forgotten), then the product, which must cast.
+  auto product_of_copy = [&](const Tensor& in, const Tensor& W, int N, int C, int OC) {
+    Tensor plain = Poisoned(in.numel()), out = Poisoned(size_t(N) * OC);
+    gpu->Copy(plain.raw(), in.raw(), in.nbytes());
+    const uint64_t casts = g.casts_launched();
+    gpu->LinearForward(out.f32(), plain.f32(), W.f32(), nullptr, N, C, OC);
+    EXPECT_EQ(g.casts_launched(), casts + 1) << "a plain buffer's product casts its input";
+    return Down(out);
+  };
+  for (auto [N, C, OC, I] : {std::tuple{256, 896, 1152, 4864}, std::tuple{7, 37, 45, 13}, std::tuple{1, 64, 96, 40}}) {
+    const std::string shape = "N=" + std::to_string(N) + " C=" + std::to_string(C);
+    auto x = Randn(size_t(N) * C, 2.0f), y = Randn(size_t(N) * C), wn = Randn(C), delta = Randn(size_t(N) * C);
+    auto W = Randn(size_t(OC) * C, 0.05f), Wd = Randn(size_t(C) * I, 0.05f), W2 = Randn(size_t(C) * C, 0.05f);
+    auto gu = Randn(size_t(N) * 2 * I, 2.0f);  // gate | up per row
+    Tensor d_x = Up(x), d_y = Up(y), d_wn = Up(wn), d_delta = Up(delta), d_W = Up(W), d_Wd = Up(Wd), d_W2 = Up(W2),
+           d_gu = Up(gu), d_ln = Poisoned(x.size()), d_rstd = Poisoned(N), d_h = Poisoned(size_t(N) * I);
+    for (const Tensor* t : {&d_W, &d_Wd, &d_W2}) {
+      gpu->RegisterWeights(t->f32(), t->numel());
+      gpu->WeightsChanged(t->f32());
+    }
+    Tensor out = Poisoned(size_t(N) * OC);
+    // RMSNorm -> product (q/k/v); a second product over the same input (gate/up) reuses the copy too.
+    gpu->RmsNormForward(d_ln.f32(), d_rstd.f32(), d_x.f32(), d_wn.f32(), N, C, 1e-6f);
+    uint64_t casts = g.casts_launched();
+    gpu->LinearForward(out.f32(), d_ln.f32(), d_W.f32(), nullptr, N, C, OC);
+    EXPECT_EQ(g.casts_launched(), casts) << "rmsnorm's bf16 copy is the product's operand (" << shape << ")";
+    Tensor out_again = Poisoned(size_t(N) * OC);
+    gpu->LinearForward(out_again.f32(), d_ln.f32(), d_W.f32(), nullptr, N, C, OC);
+    EXPECT_EQ(g.casts_launched(), casts) << "and the next product's over the same range (" << shape << ")";
+    const std::vector<float> after_norm = Down(out);
+    bits_equal(Down(out_again), after_norm, "the same product twice from rmsnorm's copy, " + shape);
+    bits_equal(after_norm, product_of_copy(d_ln, d_W, N, C, OC), "product of rmsnorm's copy vs cast, " + shape);
+    // Add + RMSNorm -> product.
+    gpu->AddRmsNormForward(d_x.f32(), d_ln.f32(), d_rstd.f32(), d_y.f32(), d_wn.f32(), N, C, 1e-6f);
+    casts = g.casts_launched();
+    gpu->LinearForward(out.f32(), d_ln.f32(), d_W.f32(), nullptr, N, C, OC);
+    EXPECT_EQ(g.casts_launched(), casts) << "add + rmsnorm's bf16 copy is the product's operand (" << shape << ")";
+    bits_equal(Down(out), product_of_copy(d_ln, d_W, N, C, OC), "product of add + rmsnorm's copy vs cast, " + shape);
+    // SwiGLU -> product (down).
+    Tensor down = Poisoned(size_t(N) * C);
+    gpu->SwiGluForward(d_h.f32(), d_gu.f32(), N, I);
+    casts = g.casts_launched();
+    gpu->LinearForward(down.f32(), d_h.f32(), d_Wd.f32(), nullptr, N, I, C);
+    EXPECT_EQ(g.casts_launched(), casts) << "swiglu's bf16 copy is the product's operand (" << shape << ")";
+    bits_equal(Down(down), product_of_copy(d_h, d_Wd, N, I, C), "product of swiglu's copy vs cast, " + shape);
+    // Backward: SwiGLU's dgu and PackQkv's dqkv are the dout of a LinearBackward (NN for dx, TN for
+    // dw, both reading dout). With the producer's copy only x is cast; from a plain buffer dout is
+    // cast once (NN) and reused (TN), and x once: dx and dw bit for bit the same.
+    auto backward = [&](const Tensor& dout, const Tensor& w, int cols, bool plain, int want_casts,
+                        const std::string& what) {
+      Tensor src = Poisoned(dout.numel()), dx = Poisoned(size_t(N) * C), dw = Up(std::vector<float>(w.numel(), 0.0f));
+      const float* d = dout.f32();
+      if (plain) {
+        gpu->Copy(src.raw(), dout.raw(), dout.nbytes());
+        d = src.f32();
+      }
+      const uint64_t before = g.casts_launched();
+      gpu->LinearBackward(dx.f32(), dw.f32(), nullptr, d, d_y.f32(), w.f32(), N, C, cols, false);
+      EXPECT_EQ(g.casts_launched(), before + want_casts) << what << " (" << shape << ")";
+      return std::pair{Down(dx), Down(dw)};
+    };
+    Tensor d_dh = Up(Randn(size_t(N) * I)), d_dgu = Poisoned(size_t(N) * 2 * I), d_Wgu = Up(Randn(size_t(2 * I) * C, 0.05f));
+    gpu->RegisterWeights(d_Wgu.f32(), d_Wgu.numel());
+    gpu->WeightsChanged(d_Wgu.f32());
+    gpu->SwiGluBackward(d_dgu.f32(), d_dh.f32(), d_gu.f32(), N, I);
+    auto [dx1, dw1] = backward(d_dgu, d_Wgu, 2 * I, false, 1, "swiglu backward's copy: only x is cast");
+    auto [dx2, dw2] = backward(d_dgu, d_Wgu, 2 * I, true, 2, "plain dgu: dout and x are cast");
+    bits_equal(dx1, dx2, "dx from swiglu backward's copy vs cast, " + shape);
+    bits_equal(dw1, dw2, "dw from swiglu backward's copy vs cast, " + shape);
+    const int QD = 3 * C / 4 + 1, KD = C / 8 + 1, Wq = QD + 2 * KD;  // odd widths: no float4 anywhere
+    Tensor d_dq = Up(Randn(size_t(N) * QD)), d_dk = Up(Randn(size_t(N) * KD)), d_dv = Up(Randn(size_t(N) * KD)),
+           d_dqkv = Poisoned(size_t(N) * Wq), d_Wqkv = Up(Randn(size_t(Wq) * C, 0.05f));
+    gpu->RegisterWeights(d_Wqkv.f32(), d_Wqkv.numel());
+    gpu->WeightsChanged(d_Wqkv.f32());
+    gpu->PackQkv(d_dqkv.f32(), d_dq.f32(), d_dk.f32(), d_dv.f32(), N, QD, KD);
+    auto [dx3, dw3] = backward(d_dqkv, d_Wqkv, Wq, false, 1, "pack qkv's copy: only x is cast");
+    auto [dx4, dw4] = backward(d_dqkv, d_Wqkv, Wq, true, 2, "plain dqkv: dout and x are cast");
+    bits_equal(dx3, dx4, "dx from pack qkv's copy vs cast, " + shape);
+    bits_equal(dw3, dw4, "dw from pack qkv's copy vs cast, " + shape);
+    gpu->UnregisterWeights(d_Wgu.f32());
+    gpu->UnregisterWeights(d_Wqkv.f32());
+
+    // Stale: another op writes the normed range in place.
+    gpu->RmsNormForward(d_ln.f32(), d_rstd.f32(), d_x.f32(), d_wn.f32(), N, C, 1e-6f);
+    gpu->Add(d_ln.f32(), d_ln.f32(), d_delta.f32(), x.size());
+    casts = g.casts_launched();
+    gpu->LinearForward(out.f32(), d_ln.f32(), d_W.f32(), nullptr, N, C, OC);
+    EXPECT_EQ(g.casts_launched(), casts + 1) << "after an add into the range the product casts (" << shape << ")";
+    const std::vector<float> after_add = Down(out);
+    bits_equal(after_add, product_of_copy(d_ln, d_W, N, C, OC), "product after an add into the range, " + shape);
+    // Stale: a product writes the range (both under cast reuse, as q/k/v and gate/up are).
+    gpu->RmsNormForward(d_ln.f32(), d_rstd.f32(), d_x.f32(), d_wn.f32(), N, C, 1e-6f);
+    gpu->LinearForward(d_ln.f32(), d_y.f32(), d_W2.f32(), nullptr, N, C, C);
+    casts = g.casts_launched();
+    gpu->LinearForward(out.f32(), d_ln.f32(), d_W.f32(), nullptr, N, C, OC);
+    EXPECT_EQ(g.casts_launched(), casts + 1) << "after a product into the range the product casts (" << shape << ")";
+    bits_equal(Down(out), product_of_copy(d_ln, d_W, N, C, OC), "product after a product into the range, " + shape);
+    // Stale: a copy over the range (the previous product's values, from elsewhere) is an op like
+    // any other.
+    Tensor saved = Poisoned(x.size());
+    gpu->Copy(saved.raw(), d_ln.raw(), d_ln.nbytes());
+    gpu->RmsNormForward(d_ln.f32(), d_rstd.f32(), d_x.f32(), d_wn.f32(), N, C, 1e-6f);
+    gpu->Copy(d_ln.raw(), saved.raw(), d_ln.nbytes());
+    casts = g.casts_launched();
+    gpu->LinearForward(out.f32(), d_ln.f32(), d_W.f32(), nullptr, N, C, OC);
+    EXPECT_EQ(g.casts_launched(), casts + 1) << "after a copy into the range the product casts (" << shape << ")";
+    bits_equal(Down(out), product_of_copy(d_ln, d_W, N, C, OC), "product after a copy into the range, " + shape);
+    // The changed inputs really changed the product: a stale copy would have given after_norm.
+    EXPECT_NE(std::memcmp(after_add.data(), after_norm.data(), after_add.size() * sizeof(float)), 0) << shape;
+    for (const Tensor* t : {&d_W, &d_Wd, &d_W2}) gpu->UnregisterWeights(t->f32());
   }
 }
 
@@ -379,7 +539,9 @@ TEST(CudaOps, PackedCausalAttentionForwardBackward) {
 }
 
 // The paged cache through random, non-contiguous block tables (a shuffled pool, some blocks owned by
-// no sequence), three rounds per case: prefill (start 0), a chunk (start > 0), decode (one row).
+// no sequence), three rounds per case: prefill (start 0), a chunk (start > 0), decode (one row). The
+// decode round (and a chunk round with one row per sequence) runs the decode kernel, the others the
+// row-wise one (CachedAttentionForward dispatches on Nq == B).
 // f32 pools: the cache bit-exact against the CPU, the output within kF32. bf16 pools: the GPU rounds
 // k/v to bf16 as it writes (round to nearest even, as F32ToBF16), so the pools must equal the CPU's
 // pools filled with pre-rounded k/v bit for bit, and the output must match the CPU attention over
@@ -474,6 +636,112 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
       const std::string what = std::string(bf16 ? "bf16" : "f32") + " pool, after 3 rounds";
       ExpectNmse("kv cache k", what, Down(d_kc), bf16 ? kc_r : kc, 0.0);
       ExpectNmse("kv cache v", what, Down(d_vc), bf16 ? vc_r : vc, 0.0);
+    }
+  }
+}
+
+// The decode kernel (cuda::CachedAttentionDecode, which CachedAttentionForward picks when every
+// sequence has one new row, Nq == B) on the shapes it must cover: contexts from 1 to over 1000
+// positions (so 1 to 24+ chunks, and splits of the context when B x Hkv is small: B = 1 and 3 here,
+// none at B = 256), Hq / Hkv = 1, 2, 4, 7 and 12 (two head groups, the second of 4), D = 16, 32,
+// 64, 128, block sizes 16 and 32, B = 1, 3 and 256, f32 and bf16 pools, shuffled block tables. Each
+// case fills the cache with a prefill of context - 1 rows per sequence, then runs one decode round
+// (write + attention) and checks it against the CPU as the paged test above does (same limits).
+TEST(CudaOps, CachedAttentionDecodeOneRowPerSequenceMatchesCpu) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  constexpr double kBf16Cache = 2e-5;
+  struct DecodeCase {
+    int Hq, Hkv, D, block_size, B;
+    std::vector<int> contexts;  // the first contexts; the rest drawn uniformly from [1, random_max]
+    int random_max;
+  };
+  const std::vector<DecodeCase> cases = {
+      {14, 2, 64, 16, 256, {1, 2, 15, 16, 17, 63, 64, 65, 129, 1100, 1031}, 400},  // the 0.5B bench shape
+      {14, 2, 128, 32, 3, {1, 1200, 383}, 1},
+      {4, 4, 128, 16, 1, {1500}, 1},
+      {4, 4, 64, 32, 3, {1, 1025, 64}, 1},
+      {8, 4, 64, 16, 3, {2, 1001, 33}, 1},
+      {8, 4, 128, 32, 256, {1, 1100, 31, 32, 33}, 150},
+      {14, 2, 64, 32, 1, {1}, 1},
+      {12, 1, 64, 16, 3, {5, 700, 1030}, 1},
+      {8, 2, 32, 16, 3, {1, 40, 1003}, 1},
+      {4, 1, 16, 32, 1, {1024}, 1},
+  };
+  for (const DecodeCase& dc : cases) {
+    std::mt19937_64 rng(test::NextSeed());
+    std::vector<int> ctx(dc.B);
+    for (int b = 0; b < dc.B; ++b) {
+      ctx[b] = b < static_cast<int>(dc.contexts.size()) ? dc.contexts[b]
+                                                        : std::uniform_int_distribution<int>(1, dc.random_max)(rng);
+    }
+    const int B = dc.B, bs = dc.block_size, Hq = dc.Hq, Hkv = dc.Hkv, D = dc.D;
+    const int max_ctx = *std::max_element(ctx.begin(), ctx.end());
+    const int max_blocks = (max_ctx + bs - 1) / bs + 1;  // one spare column: entries past a length are never read
+    const size_t row = size_t(Hkv) * D;
+    int needed = 0;
+    for (int b = 0; b < B; ++b) needed += (ctx[b] + bs - 1) / bs;
+    const int num_blocks = needed + 5;
+    std::vector<int32_t> order(num_blocks);
+    for (int i = 0; i < num_blocks; ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), rng);
+    std::vector<int32_t> table(size_t(B) * max_blocks, -1);
+    int next = 0;
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < (ctx[b] + bs - 1) / bs; ++j) table[size_t(b) * max_blocks + j] = order[next++];
+
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      const bool bf16 = dtype == DType::kBF16;
+      const size_t pool = size_t(num_blocks) * bs * row;
+      std::vector<float> kc(pool, 0.0f), vc(pool, 0.0f), kc_r, vc_r;
+      if (bf16) kc_r.assign(pool, 0.0f), vc_r.assign(pool, 0.0f);
+      const PagedKv cpu_exact{kc.data(), vc.data(), DType::kF32, num_blocks, bs, table.data(), max_blocks};
+      const PagedKv cpu_rounded{kc_r.data(), vc_r.data(), DType::kF32, num_blocks, bs, table.data(), max_blocks};
+      const Shape pool_shape{num_blocks, bs, Hkv, D};
+      Tensor d_kc = Tensor::Zeros(dtype, pool_shape, gpu->device()), d_vc = Tensor::Zeros(dtype, pool_shape, gpu->device());
+      Tensor d_table = Up(table);
+      const PagedKv gpu_cache{d_kc.raw(), d_vc.raw(), dtype, num_blocks, bs, d_table.i32(), max_blocks};
+      auto rounded = [](std::vector<float> x) {
+        for (float& e : x) e = BF16ToF32(F32ToBF16(e));
+        return x;
+      };
+      // Round 0 fills positions 0 .. ctx - 2; round 1 is the decode step at position ctx - 1.
+      for (int round = 0; round < 2; ++round) {
+        std::vector<int32_t> cu{0}, start(B, 0);
+        for (int b = 0; b < B; ++b) {
+          cu.push_back(cu.back() + (round == 0 ? ctx[b] - 1 : 1));
+          start[b] = round == 0 ? 0 : ctx[b] - 1;
+        }
+        const int Nq = cu.back();
+        if (Nq == 0) continue;  // every context is 1: nothing to prefill
+        auto k = Randn(size_t(Nq) * row), v = Randn(size_t(Nq) * row);
+        Tensor d_k = Up(k), d_v = Up(v), d_cu = Up(cu), d_start = Up(start);
+        cpu.KvCacheWrite(cpu_exact, k.data(), v.data(), cu.data(), start.data(), B, Nq, Hkv, D);
+        if (bf16) {
+          const auto kr = rounded(k), vr = rounded(v);
+          cpu.KvCacheWrite(cpu_rounded, kr.data(), vr.data(), cu.data(), start.data(), B, Nq, Hkv, D);
+        }
+        gpu->KvCacheWrite(gpu_cache, d_k.f32(), d_v.f32(), d_cu.i32(), d_start.i32(), B, Nq, Hkv, D);
+        if (round == 0) continue;
+        auto q = Randn(size_t(Nq) * Hq * D);
+        std::vector<float> out(q.size()), out_r(q.size());
+        cpu.CachedAttentionForward(out.data(), q.data(), cpu_exact, cu.data(), start.data(), B, Nq, Hq, Hkv, D);
+        if (bf16) {
+          cpu.CachedAttentionForward(out_r.data(), q.data(), cpu_rounded, cu.data(), start.data(), B, Nq, Hq, Hkv, D);
+        }
+        Tensor d_q = Up(q), d_out = Poisoned(out.size());
+        gpu->CachedAttentionForward(d_out.f32(), d_q.f32(), gpu_cache, d_cu.i32(), d_start.i32(), B, Nq, Hq, Hkv, D);
+        const std::string shape = std::string(bf16 ? "bf16 " : "f32 ") + "decode B=" + std::to_string(B) +
+                                  " ctx<=" + std::to_string(max_ctx) + " H=" + std::to_string(Hq) + "/" +
+                                  std::to_string(Hkv) + " D=" + std::to_string(D) + " bs=" + std::to_string(bs);
+        const auto got = Down(d_out);
+        if (bf16) {
+          ExpectNmse("decode attention (rounded kv)", shape, got, out_r, kF32);
+          ExpectNmse("decode attention", shape, got, out, kBf16Cache);
+        } else {
+          ExpectNmse("decode attention", shape, got, out, kF32);
+        }
+      }
     }
   }
 }

@@ -91,6 +91,35 @@ TEST(Ops, RmsNormBackwardAccumulatesIntoDx) {
   for (int i = 0; i < N * C; ++i) EXPECT_FLOAT_EQ(dx2[i], dx1[i] + 1.0f);
 }
 
+// The fused op must compute exactly what the two ops it replaces compute (the transformer switched
+// to it, and the CPU model tests compare against fixtures made with the unfused ops): bit for bit,
+// on odd widths, and with y aliasing x.
+TEST(Ops, AddRmsNormEqualsAddThenRmsNormBitForBit) {
+  CpuBackend B;
+  for (auto [N, C] : {std::pair{5, 12}, std::pair{3, 37}, std::pair{64, 896}}) {
+    auto x = Randn(size_t(N) * C, 30, 2.0f), y = Randn(size_t(N) * C, 31), w = Randn(C, 32);
+    std::vector<float> sum(x.size()), ln(x.size()), rstd(N);
+    B.Add(sum.data(), x.data(), y.data(), x.size());
+    B.RmsNormForward(ln.data(), rstd.data(), sum.data(), w.data(), N, C, 1e-6f);
+    std::vector<float> xf = x, lnf(x.size(), std::nanf("")), rstdf(N, std::nanf(""));
+    B.AddRmsNormForward(xf.data(), lnf.data(), rstdf.data(), y.data(), w.data(), N, C, 1e-6f);
+    for (size_t i = 0; i < x.size(); ++i) {
+      ASSERT_EQ(xf[i], sum[i]) << "x += y at " << i << " [" << N << "," << C << "]";
+      ASSERT_EQ(lnf[i], ln[i]) << "ln at " << i << " [" << N << "," << C << "]";
+    }
+    for (int n = 0; n < N; ++n) ASSERT_EQ(rstdf[n], rstd[n]) << "rstd row " << n;
+    // y = x: the residual doubles in place.
+    std::vector<float> xx = x, twice(x.size());
+    B.Add(twice.data(), x.data(), x.data(), x.size());
+    B.RmsNormForward(ln.data(), rstd.data(), twice.data(), w.data(), N, C, 1e-6f);
+    B.AddRmsNormForward(xx.data(), lnf.data(), rstdf.data(), xx.data(), w.data(), N, C, 1e-6f);
+    for (size_t i = 0; i < x.size(); ++i) {
+      ASSERT_EQ(xx[i], twice[i]) << "x += x at " << i;
+      ASSERT_EQ(lnf[i], ln[i]) << "ln of 2x at " << i;
+    }
+  }
+}
+
 TEST(Ops, RopeMatchesRotateHalfAndBackwardIsInverse) {
   CpuBackend B;
   const int N = 4, H = 3, D = 8;
