@@ -1,9 +1,11 @@
 // Attention kernels of the CUDA backend: causal GQA over packed variable-length sequences
 // (forward and backward, flash-attention 2 style) and attention against the paged KV cache for
-// generation (a row-wise kernel for prefill and chunks; for decode steps a kernel that serves all query
-// heads of a kv head and splits long contexts across blocks). f32 storage (the cache also bf16), f32
-// math on the CUDA cores. The math is that of the same-named ops in
-// engine/cpu_backend.cc; the design and the cost model are in docs/kernels.md ("Attention").
+// generation (a row-wise kernel for prefill and chunks; for decode steps kernels that serve all query
+// heads of a kv head and split long contexts across blocks: with bf16 pools on the tensor cores,
+// DecodeTcKernel, else on the CUDA cores). f32 storage (the cache also bf16), f32 math on the CUDA
+// cores except in DecodeTcKernel (bf16 mma.sync, f32 accumulation). The math is that of the
+// same-named ops in engine/cpu_backend.cc; the design and the cost model are in docs/kernels.md
+// ("Attention").
 //
 // Conventions shared by the kernels below:
 //  - Scores are kept in the log2 domain: q is pre-multiplied by scale * log2(e), so that
@@ -81,14 +83,6 @@ __device__ __forceinline__ void AtomicAddVec(float* p, const float* x, float a) 
   for (int e = 0; e < W; ++e) atomicAdd(p + e, x[e] * a);
 #endif
 }
-
-__device__ __forceinline__ void CpAsync16(void* smem_dst, const void* gsrc, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  const int src_bytes = valid ? 16 : 0;  // 0: the 16 destination bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gsrc), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // Tiling constants of the training kernels (forward and backward). A block is 256 threads seen as a
 // 16 x 16 grid (ty = tid / 16, tx = tid % 16); the 16 threads of one ty are one half-warp.
@@ -554,10 +548,6 @@ __device__ __forceinline__ long long PagedRow(const Paging& pg, int b, int pos) 
   return static_cast<long long>(block) * pg.block_size + pos % pg.block_size;
 }
 
-__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the lower address
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 // Two bf16 of one 32-bit word (lower address in the low half) widened to f32 (exact).
 __device__ __forceinline__ float Bf16Lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float Bf16Hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
@@ -573,7 +563,7 @@ __device__ __forceinline__ float4 LdCache4(const uint16_t* p) {
 }
 __device__ __forceinline__ void StCache4(float* p, float4 x) { St4(p, x); }
 __device__ __forceinline__ void StCache4(uint16_t* p, float4 x) {
-  *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16x2(x.x, x.y), PackBf16x2(x.z, x.w));
+  *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w));
 }
 __device__ __forceinline__ void StCache1(float* p, float x) { *p = x; }
 __device__ __forceinline__ void StCache1(uint16_t* p, float x) { *p = __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
@@ -641,7 +631,6 @@ struct DecCfg {
   static_assert(DU >= 1 && DU * E == D && KPG >= 1 && KPG % PW == 0 && REGION_BYTES % 16 == 0);
 };
 
-__device__ __forceinline__ void CpAsyncWaitAllButOne() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 template <int D, typename Elem>
 __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
@@ -719,8 +708,8 @@ __global__ void __launch_bounds__(kDecThreads, D <= 64 ? 4 : 2)
 
   int st = 0;  // stage of chunk c0
   for (int c0 = 0; c0 < L; c0 += KC) {  // L is uniform over the block
-    CpAsyncWaitAllButOne();  // groups are chunks c0/KC and c0/KC + 1: this thread's copies of c0 have landed
-    __syncthreads();         // everyone's have; everyone is done with the previous chunk (its stage, Sp)
+    CpAsyncWaitGroup<1>();  // groups are chunks c0/KC and c0/KC + 1: this thread's copies of c0 have landed
+    __syncthreads();        // everyone's have; everyone is done with the previous chunk (its stage, Sp)
     issue(c0 + 2 * KC, st == 0 ? 2 : st - 1);  // into the previous chunk's stage
     const Elem* Ks = stage_k(st);
     const Elem* Vs = Ks + KC * D;
@@ -887,9 +876,54 @@ __device__ __forceinline__ void LdUnit(float* x, const uint16_t* p) {
   x[4] = Bf16Lo(w.z), x[5] = Bf16Hi(w.z), x[6] = Bf16Lo(w.w), x[7] = Bf16Hi(w.w);
 }
 
-template <int N>
-__device__ __forceinline__ void CpAsyncWaitGroup() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+// The keys of one decode block: the row's sequence b and this split's range [k0, k1) of the row's
+// L = position + 1 keys (capped at the table's reach, so a bad position reads no foreign memory), cut
+// into `splits` ranges of ceil(L / splits) keys rounded up to whole chunks of KC (trailing splits may
+// be empty: nchunks = 0). Decode: sequence i holds exactly row i (two independent loads); anything
+// else: binary search.
+struct DecodeRange {
+  int b, k0, k1, nchunks;
+};
+template <int KC>
+__device__ __forceinline__ DecodeRange DecodeRangeOf(const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start,
+                                                     const Paging& pg, int B, int i, int split, int splits) {
+  DecodeRange r;
+  r.b = (i < B && __ldg(cu_q + i) == i && __ldg(cu_q + i + 1) == i + 1) ? i : FindSeq(cu_q, B, i);
+  const int pos = __ldg(start + r.b) + (i - __ldg(cu_q + r.b));
+  const int L = min(pos + 1, pg.max_blocks * pg.block_size);
+  const int per = ((max(L, 0) + splits - 1) / splits + KC - 1) / KC * KC;
+  r.k0 = split * per;
+  r.k1 = min(L, r.k0 + per);
+  r.nchunks = r.k1 > r.k0 ? (r.k1 - r.k0 + KC - 1) / KC : 0;  // uniform over the block
+  return r;
+}
+
+// Pool row of key j of a row whose block-table row is trow (shifts when block_size = 2^bs_shift, else
+// bs_shift < 0), or -1 for j >= k1 or a block outside the pool: such keys are zero-filled (the first
+// are masked; the second read as zeros, as documented).
+__device__ __forceinline__ long long DecodePoolRow(const Paging& pg, const int32_t* __restrict__ trow, int j, int k1,
+                                                   int bs_shift) {
+  if (j >= k1) return -1;
+  const int blk = __ldg(trow + (bs_shift >= 0 ? j >> bs_shift : j / pg.block_size));
+  const int within = bs_shift >= 0 ? (j & (pg.block_size - 1)) : j % pg.block_size;
+  return blk >= 0 && blk < pg.num_blocks ? static_cast<long long>(blk) * pg.block_size + within : -1;
+}
+
+// Element d of output row r = (row, query head) of out[Nq, Hq, D] from the block's unnormalised sum,
+// running max m and row sum l: out = sum / l with one split (l >= 1 whenever the row sees a key; 0
+// otherwise), else the split's partials for DecodeCombineKernel.
+__device__ __forceinline__ void StoreDecodeOut(float* __restrict__ out, float* __restrict__ o_part,
+                                               float* __restrict__ ml_part, size_t r, int d, int D, int split,
+                                               int splits, float sum, float m, float l) {
+  if (splits == 1) {
+    out[r * D + d] = l > 0.0f ? sum / l : 0.0f;
+  } else {
+    o_part[(r * splits + split) * D + d] = sum;
+    if (d == 0) {
+      ml_part[(r * splits + split) * 2] = m;
+      ml_part[(r * splits + split) * 2 + 1] = l;
+    }
+  }
 }
 
 template <int D, typename Elem>
@@ -924,24 +958,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 4)
     St4(Qs + u * D + d4 * 4, x);
   }
 
-  // Decode: sequence i holds exactly row i (two independent loads); anything else: binary search.
-  const int b = (i < B && __ldg(cu_q + i) == i && __ldg(cu_q + i + 1) == i + 1) ? i : FindSeq(cu_q, B, i);
-  const int pos = __ldg(start + b) + (i - __ldg(cu_q + b));
-  const int L = min(pos + 1, pg.max_blocks * pg.block_size);  // a bad position reads no foreign memory
-  // This split's keys [k0, k1): ceil(L / splits) rounded up to whole chunks (trailing splits may be empty).
-  const int per = ((max(L, 0) + splits - 1) / splits + KC - 1) / KC * KC;
-  const int k0 = split * per;
-  const int k1 = min(L, k0 + per);
-  const int nchunks = k1 > k0 ? (k1 - k0 + KC - 1) / KC : 0;  // uniform over the block
+  const DecodeRange rg = DecodeRangeOf<KC>(cu_q, start, pg, B, i, split, splits);
+  const int k0 = rg.k0, k1 = rg.k1, nchunks = rg.nchunks;
 
   const size_t krow = static_cast<size_t>(Hkv) * D;
   const Elem* kbase = k_cache + static_cast<size_t>(g) * D;  // key in pool row r, this kv head: kbase + r * krow
   const Elem* vbase = v_cache + static_cast<size_t>(g) * D;
-  const int32_t* trow = pg.table + static_cast<size_t>(b) * pg.max_blocks;
+  const int32_t* trow = pg.table + static_cast<size_t>(rg.b) * pg.max_blocks;
 
   // Copies chunk c of the split into its stage and commits one group (an empty group past the last
-  // chunk, so that every thread always has one group per chunk index). Keys past k1 or in a block
-  // outside the pool are zero-filled (the first are masked; the second read as zeros, as documented).
+  // chunk, so that every thread always has one group per chunk index).
   auto issue = [&](int c) {
     if (c < nchunks) {
       Elem* Kb = stage_k(c);
@@ -951,13 +977,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 4)
       for (int it = 0; it < KPG; ++it) {  // KC * DU = KPG * T copies per tensor
         const int f = tid + it * T;
         const int kk = f / DU, du = f % DU;
-        const int j = c0 + kk;
-        long long r = -1;
-        if (j < k1) {
-          const int blk = __ldg(trow + (bs_shift >= 0 ? j >> bs_shift : j / pg.block_size));
-          const int within = bs_shift >= 0 ? (j & (pg.block_size - 1)) : j % pg.block_size;
-          if (blk >= 0 && blk < pg.num_blocks) r = static_cast<long long>(blk) * pg.block_size + within;
-        }
+        const long long r = DecodePoolRow(pg, trow, c0 + kk, k1, bs_shift);
         const size_t off = static_cast<size_t>(r < 0 ? 0 : r) * krow + du * E;  // pool row 0 always exists
         CpAsync16(Kb + kk * D + (du ^ (kk & SW)) * E, kbase + off, r >= 0);
         CpAsync16(Vb + kk * D + du * E, vbase + off, r >= 0);
@@ -1103,16 +1123,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 4)
     float sum = 0.0f;
 #pragma unroll 4
     for (int gg = 0; gg < NKG; ++gg) sum += red[(gg * HB + h) * D + d];
-    const size_t r = static_cast<size_t>(i) * Hq + hfirst + h;  // row of out[Nq, Hq]
-    if (splits == 1) {
-      out[r * D + d] = l > 0.0f ? sum / l : 0.0f;  // l >= 1 whenever the row sees a key
-    } else {
-      o_part[(r * splits + split) * D + d] = sum;
-      if (d == 0) {
-        ml_part[(r * splits + split) * 2] = mfin[h];
-        ml_part[(r * splits + split) * 2 + 1] = l;
-      }
-    }
+    StoreDecodeOut(out, o_part, ml_part, static_cast<size_t>(i) * Hq + hfirst + h, d, D, split, splits, sum,
+                   mfin[h], l);
   }
 }
 
@@ -1135,6 +1147,199 @@ __global__ void DecodeCombineKernel(float* __restrict__ out, const float* __rest
     }
   }
   out[idx] = den > 0.0f ? num / den : 0.0f;
+}
+
+// ---- decode attention on tensor cores (bf16 pools) --------------------------------------------------
+// DecodeTcKernel<D>: grid (Nq, Hkv, splits), 128 threads = 4 warps. Block = one query row x one kv head
+// x one split of the row's keys (the split logic, workspace and combine of DecodeAttnKernel). The
+// G = Hq / Hkv <= 16 query heads of the kv head are the rows of one 16-row A tile (q pre-scaled by
+// scale * log2 e, rounded to bf16, rows >= G zero), whose D/16 A fragments every warp holds in
+// registers for the whole loop. Keys run in chunks of 64 through a 3-stage cp.async pipeline shared by
+// the block (16-byte copies of 8 bf16, each key's pool row from the block table): Ks, Vs [64][D] bf16
+// per stage, unpadded, 16-byte unit u of key r stored at unit u ^ (r & 7), so the 8 rows of every
+// ldmatrix phase and the 8 copies of a key row land in 8 different bank groups. One barrier per
+// chunk. Warp w owns keys 16 w .. 16 w + 15 of every chunk, with its own online softmax state:
+//   S = Q K^T (16 heads x 16 keys: 2 n-tiles x D/16 k-steps; B fragments of K by ldmatrix), keys past
+//   the split's end masked, row max over the lane quad, P = exp2(S - m) (f32 row sums), P repacked to
+//   bf16 as the A fragment of one k-step, O += P V (16 x D f32 accumulators; B fragments of V by
+//   ldmatrix.trans). A warp whose 16 keys all lie past the split's end skips the chunk.
+// At the end the 4 warps' (m, l, O) meet in shared memory (the stage region) and every (head, d) is
+// merged: out = O / l with one split, else the split's o, m, l for DecodeCombineKernel.
+constexpr int kDecTcThreads = 128, kDecTcWarps = 4, kDecTcKC = 64, kDecTcStages = 3, kDecTcMaxG = 16;
+
+template <int D>
+struct DecodeTcCfg {
+  static_assert(D == 64 || D == 128, "tensor-core decode attention: head width 64 or 128");
+  static constexpr int DU = D / 8;                            // 16-byte units per K/V row
+  static constexpr int KK = D / 16;                           // k-steps of the score product
+  static constexpr int DN = D / 8;                            // n-tiles of the PV product
+  static constexpr int KW = kDecTcKC / kDecTcWarps;           // keys per warp per chunk: one PV k-step
+  static constexpr int NCP = kDecTcKC * DU / kDecTcThreads;   // copies per thread per tensor and chunk: 4, 8
+  static constexpr int STAGE_ELEMS = 2 * kDecTcKC * D;        // Ks | Vs
+  static constexpr int LDO = D + 8;                           // f32 row stride of a warp's O when merging
+  static constexpr int MERGE_BYTES = kDecTcWarps * 16 * LDO * 4;
+  static constexpr int REGION_BYTES = kDecTcStages * STAGE_ELEMS * 2 > MERGE_BYTES ? kDecTcStages * STAGE_ELEMS * 2
+                                                                                   : MERGE_BYTES;
+  // region (stages; after the loop O[warp][16][LDO] f32) | m[warp][16] | l[warp][16]
+  static constexpr size_t kSmemBytes = static_cast<size_t>(REGION_BYTES) + 2 * kDecTcWarps * 16 * sizeof(float);
+  static_assert(KW == 16 && NCP * kDecTcThreads == kDecTcKC * DU && DU >= 8, "tiling");
+};
+
+template <int D>
+__global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
+    DecodeTcKernel(float* __restrict__ out, float* __restrict__ o_part, float* __restrict__ ml_part,
+                   const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
+                   const uint16_t* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
+                   const int32_t* __restrict__ start, Paging pg, int bs_shift, int B, int Hq, int Hkv, int splits,
+                   float qscale) {
+  using C = DecodeTcCfg<D>;
+  constexpr int KC = kDecTcKC, NS = kDecTcStages, T = kDecTcThreads, W = kDecTcWarps;
+  constexpr int DU = C::DU, KK = C::KK, DN = C::DN, KW = C::KW, LDO = C::LDO, SE = C::STAGE_ELEMS;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);           // stage s: Ks at s * SE, Vs at + KC * D
+  float* m_w = reinterpret_cast<float*>(smem_raw + C::REGION_BYTES);  // [W][16], after the loop
+  float* l_w = m_w + W * 16;                                          // [W][16]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int i = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int G = Hq / Hkv, hfirst = kvh * G;
+
+  // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
+  uint32_t qa[KK][4];
+  {
+    const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
+    LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
+  }
+
+  const DecodeRange rg = DecodeRangeOf<KC>(cu_q, start, pg, B, i, split, splits);
+  const size_t krow = static_cast<size_t>(Hkv) * D;
+  const uint16_t* kbase = k_cache + static_cast<size_t>(kvh) * D;  // key in pool row r: kbase + r * krow
+  const uint16_t* vbase = v_cache + static_cast<size_t>(kvh) * D;
+  const int32_t* trow = pg.table + static_cast<size_t>(rg.b) * pg.max_blocks;
+
+  // Copies chunk c of the split into stage c % NS and commits one group (an empty group past the
+  // last chunk, so that every thread always has one group per chunk index). Thread f of a copy round
+  // takes key f / DU, unit f % DU: consecutive threads on consecutive units of a key row.
+  auto issue = [&](int c) {
+    if (c < rg.nchunks) {
+      uint16_t* Kb = stages + (c % NS) * SE;
+      uint16_t* Vb = Kb + KC * D;
+      const int c0 = rg.k0 + c * KC;
+#pragma unroll
+      for (int it = 0; it < C::NCP; ++it) {
+        const int f = tid + it * T;
+        const int kk = f / DU, du = f % DU;
+        const long long r = DecodePoolRow(pg, trow, c0 + kk, rg.k1, bs_shift);
+        const size_t off = static_cast<size_t>(r < 0 ? 0 : r) * krow + du * 8;  // pool row 0 always exists
+        const int dst = kk * D + ((du ^ (kk & 7)) << 3);
+        CpAsync16(Kb + dst, kbase + off, r >= 0);
+        CpAsync16(Vb + dst, vbase + off, r >= 0);
+      }
+    }
+    CpAsyncCommit();
+  };
+#pragma unroll
+  for (int c = 0; c < NS - 1; ++c) issue(c);
+
+  float o[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;  // rows g, g + 8; l: this lane's share
+  // Every ldmatrix row address of this lane is a key row r = (multiple of 8) + lane % 8: its units sit
+  // at u ^ sw.
+  const int sw = lane & 7;
+
+  for (int c = 0; c < rg.nchunks; ++c) {
+    CpAsyncWaitGroup<NS - 2>();  // groups up to chunk c + NS - 2 are committed: chunk c's copies have landed
+    __syncthreads();             // everyone's have; everyone is done with chunk c - 1 (its stage)
+    issue(c + NS - 1);           // into chunk c - 1's stage
+
+    const int kw0 = rg.k0 + c * KC + warp * KW;  // this warp's first key
+    if (kw0 < rg.k1) {                           // warp-uniform
+      const uint16_t* Ks = stages + (c % NS) * SE + warp * KW * D;  // the warp's 16 key rows
+      const uint16_t* Vs = Ks + KC * D;
+
+      // S = Q K^T: s[nt] holds keys kw0 + nt * 8 .. + 7 (log2 domain). Matrix j of an ldmatrix: keys
+      // nt * 8 .. + 7, unit kk2 * 4 + j (columns kk2 * 32 + 8 j .. + 7) -> b0, b1 of k-step 2 kk2,
+      // then of 2 kk2 + 1.
+      float s[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk2 = 0; kk2 < KK / 2; ++kk2) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          uint32_t b[4];
+          LdMatrixX4(b, Ks + (nt * 8 + (lane & 7)) * D + (((kk2 * 4 + (lane >> 3)) ^ sw) << 3));
+          Mma(s[nt], qa[2 * kk2], b[0], b[1]);
+          Mma(s[nt], qa[2 * kk2 + 1], b[2], b[3]);
+        }
+      }
+      const int nvalid = rg.k1 - kw0;
+      if (nvalid < KW) {  // warp-uniform: the split's last keys; c & 1 selects key 2t or 2t + 1
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int cc = 0; cc < 4; ++cc) {
+            if (nt * 8 + 2 * t + (cc & 1) >= nvalid) s[nt][cc] = -INFINITY;
+          }
+        }
+      }
+      OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
+
+      // O += P V over the warp's 16 keys. Matrix j: keys 8 (j & 1) .. + 7, unit 2 dn2 + j / 2, transposed
+      // -> b0, b1 of n-tile 2 dn2, then of 2 dn2 + 1.
+      uint32_t pa[4];
+      PackPFrag(pa, s[0], s[1]);
+#pragma unroll
+      for (int dn2 = 0; dn2 < DN / 2; ++dn2) {
+        uint32_t b[4];
+        LdMatrixX4T(b, Vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * D + (((2 * dn2 + (lane >> 4)) ^ sw) << 3));
+        Mma(o[2 * dn2], pa, b[0], b[1]);
+        Mma(o[2 * dn2 + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+  CpAsyncWaitAll();  // only empty groups can be left, but make the region quiet before reuse
+  __syncthreads();   // everyone is done with the stages: they become the merge buffer
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, off);
+    lB += __shfl_xor_sync(0xffffffffu, lB, off);
+  }
+  float* Ow = reinterpret_cast<float*>(smem_raw) + warp * 16 * LDO;  // [16][LDO]: this warp's O
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+    *reinterpret_cast<float2*>(Ow + g * LDO + dn * 8 + 2 * t) = make_float2(o[dn][0], o[dn][1]);
+    *reinterpret_cast<float2*>(Ow + (g + 8) * LDO + dn * 8 + 2 * t) = make_float2(o[dn][2], o[dn][3]);
+  }
+  if (t == 0) {
+    m_w[warp * 16 + g] = mA;
+    m_w[warp * 16 + g + 8] = mB;
+    l_w[warp * 16 + g] = lA;
+    l_w[warp * 16 + g + 8] = lB;
+  }
+  __syncthreads();
+
+  // Merge the warps: weights 2^(m_w - M) (0 for a warp that saw no key: m_w = -inf).
+  const float* O = reinterpret_cast<const float*>(smem_raw);
+  for (int f = tid; f < G * D; f += T) {
+    const int h = f / D, d = f % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < W; ++w) M = fmaxf(M, m_w[w * 16 + h]);
+    float sum = 0.0f, l = 0.0f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        const float wt = exp2f(m_w[w * 16 + h] - M);
+        sum = fmaf(wt, O[(w * 16 + h) * LDO + d], sum);
+        l = fmaf(wt, l_w[w * 16 + h], l);
+      }
+    }
+    StoreDecodeOut(out, o_part, ml_part, static_cast<size_t>(i) * Hq + hfirst + h, d, D, split, splits, sum, M, l);
+  }
 }
 
 void CheckHeads(int Hq, int Hkv) {
@@ -1166,16 +1371,23 @@ void LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const fl
   CheckCuda(cudaGetLastError(), "AttnBwdKernel launch");
 }
 
+// Shared-memory opt-in and carveout of a cached-attention kernel (cheap host calls; set before every launch so
+// that they hold on whichever device is current). Streaming reads bypass L1 (cp.async.cg): shared
+// memory gets the whole carveout.
+template <typename Kernel>
+void PrepareDecodeKernel(Kernel kernel, size_t smem) {
+  AllowSmem(kernel, smem);
+  CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+            "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
+}
+
 template <int D, typename Elem>
 void LaunchCached(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
                   int Nq, int Hq, int Hkv, cudaStream_t s) {
   const size_t smem = DecCfg<D, Elem>::kSmemBytes;
-  AllowSmem(CachedAttnKernel<D, Elem>, smem);
-  // Streaming reads bypass L1 (cp.async.cg): give shared memory the whole carveout, so that four
-  // 55 KB blocks (f32 cache; 30 KB with bf16) fit on a multiprocessor at D = 64.
-  CheckCuda(cudaFuncSetAttribute(CachedAttnKernel<D, Elem>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared),
-            "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
+  // The whole carveout to shared memory: four 55 KB blocks (f32 cache; 30 KB with bf16) per
+  // multiprocessor at D = 64.
+  PrepareDecodeKernel(CachedAttnKernel<D, Elem>, smem);
   const int G = Hq / Hkv;
   const dim3 grid(Nq, Hkv, (G + kDecHB - 1) / kDecHB);
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
@@ -1193,47 +1405,49 @@ void LaunchCached(float* out, const float* q, const KvPages& kv, const int32_t* 
   else LaunchCached<D, float>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, s);
 }
 
-// Shared-memory opt-in and carveout of DecodeAttnKernel<D, Elem> (cheap host calls; set before every
-// launch so that they hold on whichever device is current).
-template <int D, typename Elem>
-void PrepareDecode() {
-  AllowSmem(DecodeAttnKernel<D, Elem>, DecodeCfg<D, Elem>::kSmemBytes);
-  CheckCuda(cudaFuncSetAttribute(DecodeAttnKernel<D, Elem>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared),
-            "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
+// Blocks of a decode kernel resident on the whole device at once. The callers ask once per kernel
+// instantiation (a static: a process drives one kind of GPU), so the split count below is a pure
+// function of the call's host values: the same launch shape on every graph replay.
+template <typename Kernel>
+int ResidentBlocks(Kernel kernel, int threads, size_t smem) {
+  PrepareDecodeKernel(kernel, smem);
+  int dev = 0, sms = 0, per_sm = 0;
+  CheckCuda(cudaGetDevice(&dev), "cudaGetDevice");
+  CheckCuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
+            "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return std::max(1, sms * per_sm);
 }
 
-// Blocks of DecodeAttnKernel<D, Elem> resident on the whole device at once. Asked once per
-// instantiation (a process drives one kind of GPU), so the split count below is a pure function of
-// the call's host values: the same launch shape on every graph replay.
 template <int D, typename Elem>
 int DecodeSlots() {
-  static const int slots = [] {
-    PrepareDecode<D, Elem>();
-    int dev = 0, sms = 0, per_sm = 0;
-    CheckCuda(cudaGetDevice(&dev), "cudaGetDevice");
-    CheckCuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, DecodeAttnKernel<D, Elem>, kDecodeThreads,
-                                                            DecodeCfg<D, Elem>::kSmemBytes),
-              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    return std::max(1, sms * per_sm);
-  }();
+  static const int slots =
+      ResidentBlocks(DecodeAttnKernel<D, Elem>, kDecodeThreads, DecodeCfg<D, Elem>::kSmemBytes);
+  return slots;
+}
+template <int D>
+int DecodeTcSlots() {
+  static const int slots = ResidentBlocks(DecodeTcKernel<D>, kDecTcThreads, DecodeTcCfg<D>::kSmemBytes);
   return slots;
 }
 
-// Splits of each row's context: the nearest whole number of resident blocks per (row, kv head, head
-// group) item, at least 1 (B = 256, Hkv = 2 on 132 x 4 slots: 1), at most one per chunk of the
-// longest possible context and kDecodeMaxSplits.
-template <int D, typename Elem>
-int DecodeSplits(const KvPages& kv, int Nq, int Hq, int Hkv) {
-  constexpr int KC = DecodeCfg<D, Elem>::KC;
-  const long long HG = (Hq / Hkv + kDecodeHB - 1) / kDecodeHB;
-  const long long items = static_cast<long long>(Nq) * Hkv * HG;
-  const long long slots = DecodeSlots<D, Elem>();
+// Splits of each row's context: the nearest whole number of resident blocks per block-sized item
+// (row, kv head, head group), at least 1 (B = 256, Hkv = 2 on 132 x 4 slots: 1), at most one per
+// chunk of KC keys of the longest possible context and kDecodeMaxSplits.
+int DecodeSplitCount(const KvPages& kv, long long items, int KC, long long slots) {
   const long long max_ctx = static_cast<long long>(kv.max_blocks) * kv.block_size;
   const long long cap = std::min<long long>((max_ctx + KC - 1) / KC, kDecodeMaxSplits);
   const long long want = (slots + items / 2) / items;
   return static_cast<int>(std::max<long long>(1, std::min(want, cap)));
+}
+template <int D, typename Elem>
+int DecodeSplits(const KvPages& kv, int Nq, int Hq, int Hkv) {
+  const long long HG = (Hq / Hkv + kDecodeHB - 1) / kDecodeHB;
+  return DecodeSplitCount(kv, static_cast<long long>(Nq) * Hkv * HG, DecodeCfg<D, Elem>::KC, DecodeSlots<D, Elem>());
+}
+template <int D>
+int DecodeTcSplits(const KvPages& kv, int Nq, int Hkv) {
+  return DecodeSplitCount(kv, static_cast<long long>(Nq) * Hkv, kDecTcKC, DecodeTcSlots<D>());
 }
 
 // Workspace of the split partials: o[Nq, Hq, splits, D] | (m, l)[Nq, Hq, splits] (f32); none with one split.
@@ -1241,6 +1455,40 @@ size_t DecodePartialBytes(int Nq, int Hq, int D, int splits) {
   if (splits <= 1) return 0;
   const size_t rows = static_cast<size_t>(Nq) * Hq * splits;
   return Align256(rows * D * sizeof(float)) + Align256(rows * 2 * sizeof(float));
+}
+
+// The split partials inside the workspace (null with one split) and, after the main kernel, their merge.
+struct DecodePartials {
+  float* o = nullptr;
+  float* ml = nullptr;
+};
+DecodePartials DecodePartialsIn(void* workspace, int Nq, int Hq, int D, int splits, const char* op) {
+  DecodePartials p;
+  if (splits > 1) {
+    if (workspace == nullptr) {
+      std::fprintf(stderr, "aha engine/cuda attention: %s: null workspace; bytes needed %zu\n", op,
+                   DecodePartialBytes(Nq, Hq, D, splits));
+      std::abort();
+    }
+    p.o = static_cast<float*>(workspace);
+    p.ml = reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                    Align256(static_cast<size_t>(Nq) * Hq * splits * D * sizeof(float)));
+  }
+  return p;
+}
+void CombineDecodeSplits(float* out, const DecodePartials& p, int Nq, int Hq, int D, int splits, cudaStream_t s) {
+  if (splits <= 1) return;
+  const long long n = static_cast<long long>(Nq) * Hq * D;
+  DecodeCombineKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(out, p.o, p.ml, Nq * Hq, D, splits);
+  CheckCuda(cudaGetLastError(), "DecodeCombineKernel launch");
+}
+
+// block_size = 2^shift: shifts instead of divisions in the table lookups; -1 otherwise.
+int BlockShift(int bs) {
+  if ((bs & (bs - 1)) != 0) return -1;
+  int shift = 0;
+  while ((1 << shift) < bs) ++shift;
+  return shift;
 }
 
 template <int D, typename Elem>
@@ -1252,39 +1500,18 @@ template <int D, typename Elem>
 void LaunchDecode(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
                   int Nq, int Hq, int Hkv, void* workspace, cudaStream_t s) {
   using C = DecodeCfg<D, Elem>;
-  PrepareDecode<D, Elem>();
+  PrepareDecodeKernel(DecodeAttnKernel<D, Elem>, C::kSmemBytes);
   const int HG = (Hq / Hkv + kDecodeHB - 1) / kDecodeHB;
   const int splits = DecodeSplits<D, Elem>(kv, Nq, Hq, Hkv);
-  float* o_part = nullptr;
-  float* ml_part = nullptr;
-  if (splits > 1) {
-    if (workspace == nullptr) {
-      Fail("CachedAttentionDecode: null workspace; bytes needed",
-           static_cast<long long>(DecodePartialBytes(Nq, Hq, D, splits)));
-    }
-    o_part = static_cast<float*>(workspace);
-    ml_part = reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                       Align256(static_cast<size_t>(Nq) * Hq * splits * D * sizeof(float)));
-  }
-  const int bs = kv.block_size;
-  int bs_shift = -1;  // block_size = 2^bs_shift: shifts instead of divisions in the table lookups
-  if ((bs & (bs - 1)) == 0) {
-    bs_shift = 0;
-    while ((1 << bs_shift) < bs) ++bs_shift;
-  }
+  const DecodePartials parts = DecodePartialsIn(workspace, Nq, Hq, D, splits, "CachedAttentionDecode");
   const dim3 grid(Nq, Hkv, HG * splits);
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
   const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
   DecodeAttnKernel<D, Elem><<<grid, kDecodeThreads, C::kSmemBytes, s>>>(
-      out, o_part, ml_part, q, static_cast<const Elem*>(kv.k), static_cast<const Elem*>(kv.v), cu_q, start, pg,
-      bs_shift, B, Hq, Hkv, HG, splits, qscale);
+      out, parts.o, parts.ml, q, static_cast<const Elem*>(kv.k), static_cast<const Elem*>(kv.v), cu_q, start, pg,
+      BlockShift(kv.block_size), B, Hq, Hkv, HG, splits, qscale);
   CheckCuda(cudaGetLastError(), "DecodeAttnKernel launch");
-  if (splits > 1) {
-    const long long n = static_cast<long long>(Nq) * Hq * D;
-    DecodeCombineKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(out, o_part, ml_part, Nq * Hq, D,
-                                                                               splits);
-    CheckCuda(cudaGetLastError(), "DecodeCombineKernel launch");
-  }
+  CombineDecodeSplits(out, parts, Nq, Hq, D, splits, s);
 }
 
 template <int D>
@@ -1297,6 +1524,28 @@ void LaunchDecode(float* out, const float* q, const KvPages& kv, const int32_t* 
 template <int D>
 size_t DecodeWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv) {
   return kv.bf16 ? DecodeWorkspace<D, uint16_t>(kv, Nq, Hq, Hkv) : DecodeWorkspace<D, float>(kv, Nq, Hq, Hkv);
+}
+
+template <int D>
+size_t DecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv) {
+  return DecodePartialBytes(Nq, Hq, D, DecodeTcSplits<D>(kv, Nq, Hkv));
+}
+
+template <int D>
+void LaunchDecodeTc(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
+                    int Nq, int Hq, int Hkv, void* workspace, cudaStream_t s) {
+  using C = DecodeTcCfg<D>;
+  PrepareDecodeKernel(DecodeTcKernel<D>, C::kSmemBytes);
+  const int splits = DecodeTcSplits<D>(kv, Nq, Hkv);
+  const DecodePartials parts = DecodePartialsIn(workspace, Nq, Hq, D, splits, "CachedAttentionDecodeTC");
+  const dim3 grid(Nq, Hkv, splits);
+  const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
+  const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
+  DecodeTcKernel<D><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+      out, parts.o, parts.ml, q, static_cast<const uint16_t*>(kv.k), static_cast<const uint16_t*>(kv.v), cu_q, start,
+      pg, BlockShift(kv.block_size), B, Hq, Hkv, splits, qscale);
+  CheckCuda(cudaGetLastError(), "DecodeTcKernel launch");
+  CombineDecodeSplits(out, parts, Nq, Hq, D, splits, s);
 }
 
 template <int D>
@@ -1440,14 +1689,49 @@ void CachedAttentionDecode(float* out, const float* q, const KvPages& kv, const 
   }
 }
 
+bool CachedAttentionDecodeTcSupported(const KvPages& kv, int Hq, int Hkv, int D) {
+  return kv.bf16 && Hkv > 0 && Hq > 0 && Hq % Hkv == 0 && Hq / Hkv <= kDecTcMaxG && (D == 64 || D == 128);
+}
+
+static void CheckDecodeTc(const KvPages& kv, int Hq, int Hkv, int D, const char* op) {
+  CheckHeads(Hq, Hkv);
+  CheckPaging(kv, op);
+  if (!CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D)) {
+    std::fprintf(stderr,
+                 "aha engine/cuda attention: %s: needs a bf16 pool, Hq / Hkv <= %d and D in {64, 128} "
+                 "(bf16 %d, Hq %d, Hkv %d, D %d)\n",
+                 op, kDecTcMaxG, kv.bf16 ? 1 : 0, Hq, Hkv, D);
+    std::abort();
+  }
+}
+
+size_t CachedAttentionDecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv, int D) {
+  if (Nq <= 0) return 0;
+  CheckDecodeTc(kv, Hq, Hkv, D, "CachedAttentionDecodeTcWorkspace");
+  return D == 64 ? DecodeTcWorkspace<64>(kv, Nq, Hq, Hkv) : DecodeTcWorkspace<128>(kv, Nq, Hq, Hkv);
+}
+
+void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
+  if (Nq <= 0 || B <= 0) return;
+  CheckDecodeTc(kv, Hq, Hkv, D, "CachedAttentionDecodeTC");
+  if (D == 64) return LaunchDecodeTc<64>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  return LaunchDecodeTc<128>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+}
+
 size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hkv, int D) {
-  return Nq == B ? CachedAttentionDecodeWorkspace(kv, Nq, Hq, Hkv, D) : 0;
+  if (Nq != B) return 0;
+  if (CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D)) return CachedAttentionDecodeTcWorkspace(kv, Nq, Hq, Hkv, D);
+  return CachedAttentionDecodeWorkspace(kv, Nq, Hq, Hkv, D);
 }
 
 void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
-  if (Nq == B) CachedAttentionDecode(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, workspace, s);
-  else CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, s);
+  if (Nq != B) return CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, s);
+  if (CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D)) {
+    return CachedAttentionDecodeTC(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, workspace, s);
+  }
+  CachedAttentionDecode(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, workspace, s);
 }
 
 }  // namespace aha::engine::cuda

@@ -1,11 +1,14 @@
 // What attention.cu and attention_tc.cu share (included by those two .cu files only).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 namespace aha::engine::cuda {
 
@@ -38,6 +41,143 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ float4 Zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+
+// ---- cp.async (16-byte global -> shared copies, sm_80+) ---------------------------------------------
+__device__ __forceinline__ unsigned SmemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void CpAsync16(void* smem_dst, const void* gsrc, bool valid) {
+  const int src_bytes = valid ? 16 : 0;  // 0: the 16 destination bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem_dst)), "l"(gsrc), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void CpAsyncWaitGroup() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void CpAsyncWaitAll() { CpAsyncWaitGroup<0>(); }
+
+// ---- bf16 tensor cores: mma.sync m16n8k16 and its operands (attention_tc.cu, the TC decode kernel) --
+// Fragment layouts of mma.m16n8k16 (PTX ISA), lane = 4 g + t (g = lane / 4, t = lane % 4); a
+// register of a bf16 operand holds two elements, the lower index in the lower 16 bits:
+//  - A (16 x 16, row major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+//    a3 = A[g+8][2t+8, 2t+9].
+//  - B (16 x 8, k x n): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g].
+//  - C (16 x 8, f32): c0, c1 = C[g][2t, 2t+1]; c2, c3 = C[g+8][2t, 2t+1].
+// So the C fragments of two adjacent n-tiles (columns 16 s .. 16 s + 15) are, repacked to bf16, the
+// A fragment of k-step s. ldmatrix x4: lanes 8 i .. 8 i + 7 give the 8 row addresses of matrix i,
+// and register i of a lane holds row g, columns 2t, 2t+1 of matrix i; with .trans it holds rows 2t,
+// 2t+1 of column g instead.
+
+// Two floats rounded to bf16 (round to nearest even) in one register: `lo` in bits 0..15.
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address), .y = hi
+  uint32_t u;
+  memcpy(&u, &t, sizeof(u));
+  return u;
+}
+
+// Four 8 x 8 bf16 matrices; this lane passes the address of row (lane % 8) of matrix lane / 8
+// (16-byte aligned). The "memory" clobber keeps these reads ordered with plain shared-memory stores.
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+__device__ __forceinline__ void LdMatrixX4T(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+// c += A (16 x 16) * B (16 x 8); bf16 operands, f32 accumulators.
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragments of k-steps 0 .. KK-1 of a 16-row tile whose rows g and g + 8 are the f32 rows xA and xB
+// (nullptr: a zero row; 8-byte aligned), scaled by `scale` and rounded to bf16. t = lane % 4.
+template <int KK>
+__device__ __forceinline__ void LoadAFragsF32(uint32_t (&a)[KK][4], const float* __restrict__ xA,
+                                              const float* __restrict__ xB, int t, float scale) {
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    const int c = kk * 16 + 2 * t;
+    float2 x0 = make_float2(0.0f, 0.0f), x1 = x0, x2 = x0, x3 = x0;
+    if (xA != nullptr) {
+      x0 = __ldg(reinterpret_cast<const float2*>(xA + c));
+      x2 = __ldg(reinterpret_cast<const float2*>(xA + c + 8));
+    }
+    if (xB != nullptr) {
+      x1 = __ldg(reinterpret_cast<const float2*>(xB + c));
+      x3 = __ldg(reinterpret_cast<const float2*>(xB + c + 8));
+    }
+    a[kk][0] = PackBf16(x0.x * scale, x0.y * scale);
+    a[kk][1] = PackBf16(x1.x * scale, x1.y * scale);
+    a[kk][2] = PackBf16(x2.x * scale, x2.y * scale);
+    a[kk][3] = PackBf16(x3.x * scale, x3.y * scale);
+  }
+}
+
+// One online-softmax step of a warp's 16-row tile on the C fragments s[NT][4] of its scores (log2
+// domain, masked entries -inf): c = 0, 1 belong to row g, c = 2, 3 to row g + 8, and a row's scores
+// live in the 4 lanes of a quad (2 xor-shuffles for the max). Updates the running maxima mA, mB (the
+// same in the 4 lanes) and this lane's shares lA, lB of the row sums, rescales the output fragments
+// o[DN][4], and replaces s by P = exp2(s - m) (0 where masked). A row with nothing visible yet uses 0
+// as its max (its alpha is then 0: exp2(-inf)).
+template <int NT, int DN>
+__device__ __forceinline__ void OnlineSoftmaxStep(float (&s)[NT][4], float (&o)[DN][4], float& mA, float& mB,
+                                                  float& lA, float& lB) {
+  float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    mxA = fmaxf(mxA, fmaxf(s[nt][0], s[nt][1]));
+    mxB = fmaxf(mxB, fmaxf(s[nt][2], s[nt][3]));
+  }
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {  // the 4 lanes of a quad hold one row pair
+    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
+    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
+  }
+  const float mA_new = fmaxf(mA, mxA), mB_new = fmaxf(mB, mxB);
+  const float mA_use = mA_new == -INFINITY ? 0.0f : mA_new;  // a row with nothing visible yet
+  const float mB_use = mB_new == -INFINITY ? 0.0f : mB_new;
+  const float alphaA = exp2f(mA - mA_use), alphaB = exp2f(mB - mB_use);  // 0 when m = -inf
+  mA = mA_new;
+  mB = mB_new;
+  float sumA = 0.0f, sumB = 0.0f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    s[nt][0] = exp2f(s[nt][0] - mA_use);  // 0 for masked keys
+    s[nt][1] = exp2f(s[nt][1] - mA_use);
+    s[nt][2] = exp2f(s[nt][2] - mB_use);
+    s[nt][3] = exp2f(s[nt][3] - mB_use);
+    sumA += s[nt][0] + s[nt][1];
+    sumB += s[nt][2] + s[nt][3];
+  }
+  lA = lA * alphaA + sumA;  // this lane's share of the row sums
+  lB = lB * alphaB + sumB;
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+    o[dn][0] *= alphaA;
+    o[dn][1] *= alphaA;
+    o[dn][2] *= alphaB;
+    o[dn][3] *= alphaB;
+  }
+}
+
+// The A fragment of the PV k-step over keys 16 s .. 16 s + 15 from the P fragments of n-tiles 2 s, 2 s + 1.
+__device__ __forceinline__ void PackPFrag(uint32_t (&pa)[4], const float (&p0)[4], const float (&p1)[4]) {
+  pa[0] = PackBf16(p0[0], p0[1]);
+  pa[1] = PackBf16(p0[2], p0[3]);
+  pa[2] = PackBf16(p1[0], p1[1]);
+  pa[3] = PackBf16(p1[2], p1[3]);
+}
 
 // Largest s in [0, S) with cu[s] <= r, for a nondecreasing cu[0..S] with cu[0] <= r. Empty sequences
 // (cu[s] == cu[s + 1]) are stepped over, so cu[result] is the start of the sequence holding row r.

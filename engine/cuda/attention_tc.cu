@@ -14,17 +14,11 @@
 //    of a tile, so tiles may span sequences. Rows or keys past N are zero-filled and masked; nothing
 //    past N is written.
 //
-// Fragment layouts of mma.m16n8k16 (PTX ISA), lane = 4 g + t (g = lane / 4, t = lane % 4); a
-// register of a bf16 operand holds two elements, the lower index in the lower 16 bits:
-//  - A (16 x 16, row major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
-//    a3 = A[g+8][2t+8, 2t+9].
-//  - B (16 x 8, k x n): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g].
-//  - C (16 x 8, f32): c0, c1 = C[g][2t, 2t+1]; c2, c3 = C[g+8][2t, 2t+1].
-// So the C fragments of two adjacent n-tiles (columns 16 s .. 16 s + 15) are, repacked to bf16, the
-// A fragment of k-step s: P and dS^T never go through shared memory as A operands of the next
-// product. B fragments and the dS A fragments come from shared memory with ldmatrix (x4: lanes
-// 8 i .. 8 i + 7 give the 8 row addresses of matrix i, and register i of a lane holds row g,
-// columns 2t, 2t+1 of matrix i; with .trans it holds rows 2t, 2t+1 of column g instead).
+// Fragment layouts of mma.m16n8k16 and ldmatrix: attention_internal.h (PackBf16, LdMatrixX4[T] and
+// Mma live there, shared with the tensor-core decode kernel in attention.cu). The C fragments of two
+// adjacent n-tiles (columns 16 s .. 16 s + 15) are, repacked to bf16, the A fragment of k-step s: P
+// and dS^T never go through shared memory as A operands of the next product. B fragments and the dS
+// A fragments come from shared memory with ldmatrix.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -33,7 +27,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 
 #include "engine/cuda/attention_internal.h"
 #include "engine/cuda/kernels.h"
@@ -43,42 +36,9 @@ namespace {
 
 // ---- device helpers ---------------------------------------------------------------------------------
 
-// Two floats rounded to bf16 (round to nearest even) in one register: `lo` in bits 0..15.
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address), .y = hi
-  uint32_t u;
-  memcpy(&u, &t, sizeof(u));
-  return u;
-}
-
 // dst[0..3] = bf16(x); dst is 8-byte aligned.
 __device__ __forceinline__ void StoreBf16x4(uint16_t* dst, float4 x) {
   *reinterpret_cast<uint2*>(dst) = make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w));
-}
-
-__device__ __forceinline__ unsigned SmemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-
-// Four 8 x 8 bf16 matrices; this lane passes the address of row (lane % 8) of matrix lane / 8
-// (16-byte aligned). The "memory" clobber keeps these reads ordered with plain shared-memory stores.
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const uint16_t* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p))
-               : "memory");
-}
-__device__ __forceinline__ void LdMatrixX4T(uint32_t (&r)[4], const uint16_t* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p))
-               : "memory");
-}
-
-// c += A (16 x 16) * B (16 x 8); bf16 operands, f32 accumulators.
-__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Adds a * (C fragment c) of a 16 x 8 tile into x[row, head, col .. col + 7] of x[*, H, D] with one
@@ -121,14 +81,6 @@ struct TcCfg {
   // and so do the 8 rows g of a lane quad's 32-bit accesses.
   static constexpr int LD = D + 8;
 };
-
-__device__ __forceinline__ void CpAsync16(void* smem_dst, const float* gsrc, bool valid) {
-  const int src_bytes = valid ? 16 : 0;  // 0: the 16 destination bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem_dst)), "l"(gsrc), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // A tile of rows [row0, row0 + ROWS) of head `head` of x[N, H, D] goes global -> shared f32 staging
 // (cp.async, zeros past N) -> shared bf16 [ROWS][LD]. Thread tid moves the 16-byte chunks
@@ -212,27 +164,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   const int wr0 = r0 + warp * 16;
   const int rowA = wr0 + g, rowB = rowA + 8;
   uint32_t qa[KK][4];
-  {
-    const float* qA = q + (static_cast<size_t>(rowA < N ? rowA : 0) * Hq + h) * D;
-    const float* qB = q + (static_cast<size_t>(rowB < N ? rowB : 0) * Hq + h) * D;
-#pragma unroll
-    for (int kk = 0; kk < KK; ++kk) {
-      const int c = kk * 16 + 2 * t;
-      float2 x0 = make_float2(0.0f, 0.0f), x1 = x0, x2 = x0, x3 = x0;
-      if (rowA < N) {
-        x0 = __ldg(reinterpret_cast<const float2*>(qA + c));
-        x2 = __ldg(reinterpret_cast<const float2*>(qA + c + 8));
-      }
-      if (rowB < N) {
-        x1 = __ldg(reinterpret_cast<const float2*>(qB + c));
-        x3 = __ldg(reinterpret_cast<const float2*>(qB + c + 8));
-      }
-      qa[kk][0] = PackBf16(x0.x * qscale, x0.y * qscale);
-      qa[kk][1] = PackBf16(x1.x * qscale, x1.y * qscale);
-      qa[kk][2] = PackBf16(x2.x * qscale, x2.y * qscale);
-      qa[kk][3] = PackBf16(x3.x * qscale, x3.y * qscale);
-    }
-  }
+  LoadAFragsF32<KK>(qa, rowA < N ? q + (static_cast<size_t>(rowA) * Hq + h) * D : nullptr,
+                    rowB < N ? q + (static_cast<size_t>(rowB) * Hq + h) * D : nullptr, t, qscale);
   __syncthreads();  // row_ss
 
   const int ssA = row_ss[warp * 16 + g], ssB = row_ss[warp * 16 + g + 8];
@@ -284,7 +217,6 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
       }
 
       // Mask; online softmax. c = 0, 1: row rowA; c = 2, 3: row rowB; key kt + nt*8 + 2t + (c & 1).
-      float mxA = -INFINITY, mxB = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
@@ -293,48 +225,14 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
           const bool ok = c < 2 ? (key >= ssA && key <= rowA) : (key >= ssB && key <= rowB);
           if (!ok) s[nt][c] = -INFINITY;
         }
-        mxA = fmaxf(mxA, fmaxf(s[nt][0], s[nt][1]));
-        mxB = fmaxf(mxB, fmaxf(s[nt][2], s[nt][3]));
       }
-#pragma unroll
-      for (int off = 1; off <= 2; off <<= 1) {  // the 4 lanes of a quad hold one row pair
-        mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
-        mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
-      }
-      const float mA_new = fmaxf(mA, mxA), mB_new = fmaxf(mB, mxB);
-      const float mA_use = mA_new == -INFINITY ? 0.0f : mA_new;  // a row with nothing visible yet
-      const float mB_use = mB_new == -INFINITY ? 0.0f : mB_new;
-      const float alphaA = exp2f(mA - mA_use), alphaB = exp2f(mB - mB_use);  // 0 when m = -inf
-      mA = mA_new;
-      mB = mB_new;
-      float sumA = 0.0f, sumB = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        s[nt][0] = exp2f(s[nt][0] - mA_use);  // 0 for masked keys
-        s[nt][1] = exp2f(s[nt][1] - mA_use);
-        s[nt][2] = exp2f(s[nt][2] - mB_use);
-        s[nt][3] = exp2f(s[nt][3] - mB_use);
-        sumA += s[nt][0] + s[nt][1];
-        sumB += s[nt][2] + s[nt][3];
-      }
-      lA = lA * alphaA + sumA;  // this lane's share of the row sums
-      lB = lB * alphaB + sumB;
-#pragma unroll
-      for (int dn = 0; dn < DN; ++dn) {
-        o[dn][0] *= alphaA;
-        o[dn][1] *= alphaA;
-        o[dn][2] *= alphaB;
-        o[dn][3] *= alphaB;
-      }
+      OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
 
       // O += P V. A fragment of k-step kk (keys kk*16 .. +15) = C fragments of n-tiles 2 kk, 2 kk + 1.
 #pragma unroll
       for (int kk = 0; kk < kFwdKeys / 16; ++kk) {
         uint32_t pa[4];
-        pa[0] = PackBf16(s[2 * kk][0], s[2 * kk][1]);
-        pa[1] = PackBf16(s[2 * kk][2], s[2 * kk][3]);
-        pa[2] = PackBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[3] = PackBf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        PackPFrag(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
         for (int dn2 = 0; dn2 < DN / 2; ++dn2) {
           // Matrix i: keys kk*16 + 8 (i & 1) .. +7, columns (2 dn2 + i / 2) * 8 .. +7, transposed
@@ -574,14 +472,8 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
         // As A fragments (rows = keys, k = the 16 rows of this half); dS^T (bf16) to shared memory,
         // row = local key, column = local query row.
         uint32_t pa[4], sa[4];
-        pa[0] = PackBf16(sT[0][0], sT[0][1]);
-        pa[1] = PackBf16(sT[0][2], sT[0][3]);
-        pa[2] = PackBf16(sT[1][0], sT[1][1]);
-        pa[3] = PackBf16(sT[1][2], sT[1][3]);
-        sa[0] = PackBf16(dpT[0][0], dpT[0][1]);
-        sa[1] = PackBf16(dpT[0][2], dpT[0][3]);
-        sa[2] = PackBf16(dpT[1][0], dpT[1][1]);
-        sa[3] = PackBf16(dpT[1][2], dpT[1][3]);
+        PackPFrag(pa, sT[0], sT[1]);
+        PackPFrag(sa, dpT[0], dpT[1]);
         uint16_t* dsA = dSs + (warp * 16 + g) * kLDS + ks * 16 + 2 * t;  // key keyA, rows ks*16 + 2t, +1
         uint16_t* dsB = dsA + 8 * kLDS;                                   // key keyB
         *reinterpret_cast<uint32_t*>(dsA) = sa[0];

@@ -405,13 +405,19 @@ void CudaBackend::KvCacheWrite(const PagedKv& cache, const float* k, const float
 void CudaBackend::CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                                          const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
   const cuda::KvPages kv = Pages(cache);
-  // AHA_DECODE_ATTENTION=rowwise: decode steps through the prefill kernel too (A/B of the decode kernel).
-  static const bool rowwise = [] {
+  // A/B of the decode kernels: AHA_DECODE_ATTENTION=rowwise sends decode steps through the prefill
+  // kernel too; =simt keeps them off the tensor cores (the GQA-grouped f32-math decode kernel).
+  enum class Decode { kDefault, kRowwise, kSimt };
+  static const Decode mode = [] {
     const char* e = std::getenv("AHA_DECODE_ATTENTION");
-    return e != nullptr && std::string(e) == "rowwise";
+    const std::string v = e != nullptr ? e : "";
+    return v == "rowwise" ? Decode::kRowwise : v == "simt" ? Decode::kSimt : Decode::kDefault;
   }();
-  if (rowwise) {
+  if (mode == Decode::kRowwise || (mode == Decode::kSimt && Nq != B)) {
     cuda::CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, stream_);
+  } else if (mode == Decode::kSimt) {
+    void* ws = Workspace(cuda::CachedAttentionDecodeWorkspace(kv, Nq, Hq, Hkv, D));
+    cuda::CachedAttentionDecode(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_);
   } else {
     void* ws = Workspace(cuda::CachedAttentionWorkspace(kv, B, Nq, Hq, Hkv, D));
     cuda::CachedAttentionForward(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_);

@@ -78,9 +78,10 @@ struct KvPages {
 // replayed with new array contents. Nq = cu_q[B] is passed from the host.
 void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32_t* cu_q, const int32_t* start, int B,
                   int Nq, int Hkv, int D, cudaStream_t s);
-// Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecode, anything else
-// to CachedAttentionRowwise. workspace: at least CachedAttentionWorkspace(...) bytes (0 for most
-// shapes; null is then fine).
+// Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecodeTC when
+// CachedAttentionDecodeTcSupported (bf16 pool, Hq / Hkv <= 16, D in {64, 128}), else to
+// CachedAttentionDecode; anything else to CachedAttentionRowwise. workspace: at least
+// CachedAttentionWorkspace(...) bytes (0 for most shapes; null is then fine).
 size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hkv, int D);
 void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
@@ -94,6 +95,15 @@ void CachedAttentionRowwise(float* out, const float* q, const KvPages& kv, const
 size_t CachedAttentionDecodeWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv, int D);
 void CachedAttentionDecode(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
                            int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
+// Decode on the tensor cores: the contract, launch shape rule and split workspace of
+// CachedAttentionDecode (CachedAttentionDecodeTcWorkspace), for bf16 pools with G = Hq / Hkv <= 16 and
+// D in {64, 128} only (aborts otherwise). The G query heads of a kv head are the rows of one bf16
+// mma.sync A tile: q is rounded to bf16 after scaling and P to bf16 before the PV product (as in
+// AttentionForwardTC); accumulation and softmax statistics are f32.
+bool CachedAttentionDecodeTcSupported(const KvPages& kv, int Hq, int Hkv, int D);
+size_t CachedAttentionDecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv, int D);
+void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
 // Tensor-core variants (attention_tc.cu): same signatures, semantics and workspace
 // (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
 // mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};

@@ -10,7 +10,7 @@
 // Timing mode (not run by ctest): f32 vs tensor-core kernels at the training shape, CUDA events,
 // median of 20 after warm-up:
 //   engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='AttentionTcTiming.*'
-// and the row-wise vs decode cached-attention kernels at the decode bench shape:
+// and the row-wise vs decode (f32-math and tensor-core) cached-attention kernels at the decode bench shape:
 //   engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='CachedAttentionTiming.*'
 //
 // Label gpu. Without a CUDA device every test skips with the reason.
@@ -278,10 +278,12 @@ double ColdMedianMs(DevBuf<char>& flush, Fn&& launch, size_t flush_bytes = size_
 }
 
 // Cached attention at the decode bench shape (0.5B: Hq = 14, Hkv = 2, D = 64, block 16, one new row
-// per sequence): the row-wise kernel (CachedAttentionRowwise, the only one before the decode kernel)
-// against CachedAttentionDecode, us per call, L2 flushed before each call (in the decode step the
-// layer's GEMMs evict the cache between attention calls), CUDA events, median of 30 after warm-up.
-// Also the decode kernel's NMSE against the row-wise one (both f32 math on the same pool values).
+// per sequence): the row-wise kernel (CachedAttentionRowwise, the only one before the decode kernels),
+// the GQA-grouped f32-math decode kernel (CachedAttentionDecode, "simt") and the tensor-core one
+// (CachedAttentionDecodeTC, "tc"; bf16 pools only), us per call, L2 flushed before each call (in the
+// decode step the layer's GEMMs evict the cache between attention calls), CUDA events, median of 30
+// after warm-up, the TB/s of K + V bytes each reaches, and the NMSE of simt and tc against row-wise
+// (simt: f32 math on the same pool values; tc: q and P rounded to bf16, ~1e-6..1e-5 expected).
 //   engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='CachedAttentionTiming.*'
 TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
   REQUIRE_GPU();
@@ -290,8 +292,8 @@ TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
     int Hq, Hkv, D, block_size;
   };
   DevBuf<char> flush(size_t(256) << 20);  // larger than the H200's 50 MB L2
-  std::printf("%-38s %-5s %11s %11s %8s %13s %13s %10s\n", "shape", "pool", "rowwise us", "decode us", "speedup",
-              "rowwise TB/s", "decode TB/s", "nmse");
+  std::printf("%-38s %-5s %8s %8s %8s %7s %7s %7s %9s %9s\n", "shape", "pool", "row us", "simt us", "tc us", "row",
+              "simt", "tc TB/s", "simt nmse", "tc nmse");
   for (const Shape& sh : {Shape{256, 384, 384, 14, 2, 64, 16}, Shape{256, 128, 640, 14, 2, 64, 16},
                           Shape{256, 128, 128, 14, 2, 64, 16}, Shape{256, 640, 640, 14, 2, 64, 16},
                           Shape{256, 2048, 2048, 14, 2, 64, 16}, Shape{64, 384, 384, 14, 2, 64, 16},
@@ -329,9 +331,11 @@ TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
       for (int b = 0; b < sh.B; ++b) start[b] = ctx[b] - 1;
       DevBuf<int32_t> d_table(table), d_cu(cu), d_start(start);
       const cuda::KvPages kv{kc.get(), vc.get(), bf16, num_blocks, bs, d_table.get(), max_blocks};
+      const bool tc = cuda::CachedAttentionDecodeTcSupported(kv, sh.Hq, sh.Hkv, sh.D);
       const size_t nq = size_t(sh.B) * sh.Hq * sh.D;
-      DevBuf<float> q(Randn(nq)), out_row(nq), out_dec(nq);
+      DevBuf<float> q(Randn(nq)), out_row(nq), out_dec(nq), out_tc(nq);
       DevBuf<char> ws(cuda::CachedAttentionDecodeWorkspace(kv, sh.B, sh.Hq, sh.Hkv, sh.D));
+      DevBuf<char> ws_tc(tc ? cuda::CachedAttentionDecodeTcWorkspace(kv, sh.B, sh.Hq, sh.Hkv, sh.D) : 0);
       auto rowwise = [&] {
         cuda::CachedAttentionRowwise(out_row.get(), q.get(), kv, d_cu.get(), d_start.get(), sh.B, sh.B, sh.Hq, sh.Hkv,
                                      sh.D, nullptr);
@@ -340,18 +344,30 @@ TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
         cuda::CachedAttentionDecode(out_dec.get(), q.get(), kv, d_cu.get(), d_start.get(), sh.B, sh.B, sh.Hq, sh.Hkv,
                                     sh.D, ws.get(), nullptr);
       };
+      auto decode_tc = [&] {
+        cuda::CachedAttentionDecodeTC(out_tc.get(), q.get(), kv, d_cu.get(), d_start.get(), sh.B, sh.B, sh.Hq,
+                                      sh.Hkv, sh.D, ws_tc.get(), nullptr);
+      };
       const double ms_row = ColdMedianMs(flush, rowwise);
       const double ms_dec = ColdMedianMs(flush, decode);
+      const double ms_tc = tc ? ColdMedianMs(flush, decode_tc) : 0.0;
       Ck(cudaDeviceSynchronize(), "timing");
       double keys = 0;
       for (int c : ctx) keys += c;
       const double bytes = keys * 2.0 * sh.Hkv * sh.D * elem;  // K and V of every visible position, once
+      auto tbs = [&](double ms) { return bytes / (ms * 1e-3) * 1e-12; };
       const std::string name = std::to_string(sh.B) + " x ctx " + std::to_string(sh.ctx_lo) +
                                (sh.ctx_hi != sh.ctx_lo ? ".." + std::to_string(sh.ctx_hi) : "") + " H=" +
                                std::to_string(sh.Hq) + "/" + std::to_string(sh.Hkv) + " D=" + std::to_string(sh.D);
-      std::printf("%-38s %-5s %11.1f %11.1f %7.2fx %13.2f %13.2f %10.3g\n", name.c_str(), bf16 ? "bf16" : "f32",
-                  ms_row * 1e3, ms_dec * 1e3, ms_row / ms_dec, bytes / (ms_row * 1e-3) * 1e-12,
-                  bytes / (ms_dec * 1e-3) * 1e-12, Nmse(out_dec.Download(), out_row.Download()));
+      const auto ref = out_row.Download();
+      std::printf("%-38s %-5s %8.1f %8.1f ", name.c_str(), bf16 ? "bf16" : "f32", ms_row * 1e3, ms_dec * 1e3);
+      if (tc) {
+        std::printf("%8.1f %7.2f %7.2f %7.2f %9.3g %9.3g\n", ms_tc * 1e3, tbs(ms_row), tbs(ms_dec), tbs(ms_tc),
+                    Nmse(out_dec.Download(), ref), Nmse(out_tc.Download(), ref));
+      } else {
+        std::printf("%8s %7.2f %7.2f %7s %9.3g %9s\n", "-", tbs(ms_row), tbs(ms_dec), "-", Nmse(out_dec.Download(), ref),
+                    "-");
+      }
       std::fflush(stdout);
     }
   }

@@ -25,6 +25,7 @@
 
 #include "engine/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/kernels.h"
 #include "engine/generate.h"
 #include "engine/safetensors.h"
 #include "engine/sampler.h"
@@ -538,10 +539,32 @@ TEST(CudaOps, PackedCausalAttentionForwardBackward) {
   }
 }
 
+// Whether CudaBackend::CachedAttentionForward runs a call on the tensor-core decode kernel: one row
+// per sequence, a pool and shape that cuda::CachedAttentionDecodeTcSupported accepts (bf16, Hq / Hkv
+// <= 16, D 64 or 128), and AHA_DECODE_ATTENTION not forcing another kernel.
+bool DecodeOnTensorCores(const PagedKv& cache, int B, int Nq, int Hq, int Hkv, int D) {
+  const char* e = std::getenv("AHA_DECODE_ATTENTION");
+  const std::string mode = e != nullptr ? e : "";
+  if (Nq != B || mode == "rowwise" || mode == "simt") return false;
+  cuda::KvPages kv;
+  kv.bf16 = cache.dtype == DType::kBF16;
+  return cuda::CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D);
+}
+
+// Limit of the tensor-core decode kernel against the CPU (both over the exact and over the
+// pre-rounded k/v): it rounds q (after scaling) and P to bf16, as the training TC attention does, so
+// its limit is that of AttentionForwardTC's out (attention_tc_test and the AttentionForward check
+// above): 1e-4. Expected: a bf16 rounding has relative rms error 2^-9 / sqrt(3) ~ 1.1e-3, i.e. NMSE
+// ~1.3e-6 per rounded operand; the output inherits it once through the scores (q) and once through
+// the weights (P), ~3e-6 against the CPU on the rounded k/v, plus the cache's own ~5e-6 against
+// exact k/v (see below): ~1e-5 at most. A wrong fragment layout or mask gives NMSE ~1.
+constexpr double kTcDecode = kBf16;
+
 // The paged cache through random, non-contiguous block tables (a shuffled pool, some blocks owned by
 // no sequence), three rounds per case: prefill (start 0), a chunk (start > 0), decode (one row). The
-// decode round (and a chunk round with one row per sequence) runs the decode kernel, the others the
-// row-wise one (CachedAttentionForward dispatches on Nq == B).
+// decode round (and a chunk round with one row per sequence) runs a decode kernel, the others the
+// row-wise one (CachedAttentionForward dispatches on Nq == B; with a bf16 pool and D 64 or 128 the
+// decode kernel is the tensor-core one, checked against both references within kTcDecode).
 // f32 pools: the cache bit-exact against the CPU, the output within kF32. bf16 pools: the GPU rounds
 // k/v to bf16 as it writes (round to nearest even, as F32ToBF16), so the pools must equal the CPU's
 // pools filled with pre-rounded k/v bit for bit, and the output must match the CPU attention over
@@ -626,7 +649,10 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
                                   std::to_string(Nq) + " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) +
                                   " D=" + std::to_string(c.D) + " bs=" + std::to_string(bs);
         const auto got = Down(d_out);
-        if (bf16) {
+        if (DecodeOnTensorCores(gpu_cache, B, Nq, c.Hq, c.Hkv, c.D)) {
+          ExpectNmse("cached attention, tensor cores (rounded kv)", shape, got, out_r, kTcDecode);
+          ExpectNmse("cached attention, tensor cores", shape, got, out, kTcDecode);
+        } else if (bf16) {
           ExpectNmse("cached attention (rounded kv)", shape, got, out_r, kF32);
           ExpectNmse("cached attention", shape, got, out, kBf16Cache);
         } else {
@@ -640,13 +666,16 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
   }
 }
 
-// The decode kernel (cuda::CachedAttentionDecode, which CachedAttentionForward picks when every
-// sequence has one new row, Nq == B) on the shapes it must cover: contexts from 1 to over 1000
+// The decode kernels (CachedAttentionForward picks them when every sequence has one new row, Nq ==
+// B: cuda::CachedAttentionDecodeTC for bf16 pools with Hq / Hkv <= 16 and D 64 or 128,
+// cuda::CachedAttentionDecode otherwise) on the shapes they must cover: contexts from 1 to 1500
 // positions (so 1 to 24+ chunks, and splits of the context when B x Hkv is small: B = 1 and 3 here,
-// none at B = 256), Hq / Hkv = 1, 2, 4, 7 and 12 (two head groups, the second of 4), D = 16, 32,
-// 64, 128, block sizes 16 and 32, B = 1, 3 and 256, f32 and bf16 pools, shuffled block tables. Each
-// case fills the cache with a prefill of context - 1 rows per sequence, then runs one decode round
-// (write + attention) and checks it against the CPU as the paged test above does (same limits).
+// none at B = 256), Hq / Hkv = 1, 2, 4, 7, 12 and 16 (one tensor-core tile; two head groups of the
+// f32-math kernel) and 20 (past the tile: the f32-math kernel with bf16 pools too), D = 16, 32, 64,
+// 128, block sizes 16 and 32, B = 1, 3 and 256, f32 and bf16 pools, shuffled block tables. Each case
+// fills the cache with a prefill of context - 1 rows per sequence, then runs one decode round (write
+// + attention) and checks it against the CPU as the paged test above does (same limits; kTcDecode
+// for the tensor-core kernel).
 TEST(CudaOps, CachedAttentionDecodeOneRowPerSequenceMatchesCpu) {
   REQUIRE_GPU();
   CpuBackend cpu;
@@ -667,6 +696,10 @@ TEST(CudaOps, CachedAttentionDecodeOneRowPerSequenceMatchesCpu) {
       {12, 1, 64, 16, 3, {5, 700, 1030}, 1},
       {8, 2, 32, 16, 3, {1, 40, 1003}, 1},
       {4, 1, 16, 32, 1, {1024}, 1},
+      {16, 1, 64, 16, 3, {1, 1500, 65}, 1},    // G = 16: a full tensor-core tile
+      {32, 2, 128, 32, 1, {1030}, 1},          // G = 16, D = 128, many splits
+      {16, 4, 128, 16, 256, {1, 2, 63, 64, 65, 640}, 300},  // G = 4, D = 128 at B = 256
+      {20, 1, 64, 16, 3, {3, 900, 64}, 1},     // G = 20 > 16: f32-math kernel for bf16 pools too
   };
   for (const DecodeCase& dc : cases) {
     std::mt19937_64 rng(test::NextSeed());
@@ -735,7 +768,10 @@ TEST(CudaOps, CachedAttentionDecodeOneRowPerSequenceMatchesCpu) {
                                   " ctx<=" + std::to_string(max_ctx) + " H=" + std::to_string(Hq) + "/" +
                                   std::to_string(Hkv) + " D=" + std::to_string(D) + " bs=" + std::to_string(bs);
         const auto got = Down(d_out);
-        if (bf16) {
+        if (DecodeOnTensorCores(gpu_cache, B, Nq, Hq, Hkv, D)) {
+          ExpectNmse("decode attention, tensor cores (rounded kv)", shape, got, out_r, kTcDecode);
+          ExpectNmse("decode attention, tensor cores", shape, got, out, kTcDecode);
+        } else if (bf16) {
           ExpectNmse("decode attention (rounded kv)", shape, got, out_r, kF32);
           ExpectNmse("decode attention", shape, got, out, kBf16Cache);
         } else {
