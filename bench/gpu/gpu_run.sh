@@ -36,8 +36,10 @@ if [[ $what == *bench* ]]; then
   # quarter of the default 256 x 640 tokens, which preempts (the recompute's cost).
   AHA_KV_CACHE=f32 timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha_f32kv.log" 2>&1
   timeout 120 dist/bin/aha bench gen --model $model --kv-cache-tokens 40960 > "$out/gen_aha_smallpool.log" 2>&1
-  # The decode attention of version 4 (one block per row) against the GQA-grouped default.
+  # The earlier decode attention kernels (one block per row; GQA-grouped on the CUDA cores)
+  # against the tensor-core default.
   AHA_DECODE_ATTENTION=rowwise timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha_rowwise.log" 2>&1
+  AHA_DECODE_ATTENTION=simt timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha_simt.log" 2>&1
   timeout 120 dist/bin/aha bench train --model $model > "$out/train_aha.log" 2>&1
   # cuBLAS's GemmEx for comparison (cuBLASLt with tuned algorithms is the default), and where the
   # GPU time goes, per op (AHA_PROFILE=1; generation without graphs so that ops are visible: its
