@@ -19,6 +19,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/cuda/kernels.h"
@@ -31,6 +32,31 @@ namespace {
 // (every CPU run, every CPU test) never maps its ~600 MB, and its 92 KB of static TLS, which glibc
 // reserves in every thread's stack, stays out of processes that do not use it (with civetweb's
 // 100 KB thread stacks that once broke the metrics endpoint; see common/metrics.h).
+// A library opened by soname; a missing library or symbol aborts with a line naming it.
+class SharedLibrary {
+ public:
+  explicit SharedLibrary(std::string name)
+      : name_(std::move(name)), lib_(dlopen(name_.c_str(), RTLD_NOW | RTLD_LOCAL)) {
+    if (!lib_) {
+      std::fprintf(stderr, "aha: cannot load %s: %s\n", name_.c_str(), dlerror());
+      std::abort();
+    }
+  }
+  template <typename Fn>
+  void Bind(Fn* out, const char* symbol) const {
+    void* p = dlsym(lib_, symbol);
+    if (!p) {
+      std::fprintf(stderr, "aha: %s has no %s\n", name_.c_str(), symbol);
+      std::abort();
+    }
+    *out = reinterpret_cast<Fn>(p);
+  }
+
+ private:
+  std::string name_;
+  void* lib_;
+};
+
 struct CublasApi {
   decltype(&cublasCreate_v2) create;
   decltype(&cublasDestroy_v2) destroy;
@@ -47,29 +73,16 @@ struct CublasApi {
 
 const CublasApi& Cublas() {
   static const CublasApi api = [] {
-    const std::string name = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
-    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-      std::fprintf(stderr, "aha: cannot load %s: %s\n", name.c_str(), dlerror());
-      std::abort();
-    }
-    auto sym = [&](const char* n) {
-      void* p = dlsym(lib, n);
-      if (!p) {
-        std::fprintf(stderr, "aha: %s has no %s\n", name.c_str(), n);
-        std::abort();
-      }
-      return p;
-    };
+    const SharedLibrary lib("libcublas.so." + std::to_string(CUBLAS_VER_MAJOR));
     CublasApi a;
-    a.create = reinterpret_cast<decltype(a.create)>(sym("cublasCreate_v2"));
-    a.destroy = reinterpret_cast<decltype(a.destroy)>(sym("cublasDestroy_v2"));
-    a.set_stream = reinterpret_cast<decltype(a.set_stream)>(sym("cublasSetStream_v2"));
-    a.set_workspace = reinterpret_cast<decltype(a.set_workspace)>(sym("cublasSetWorkspace_v2"));
-    a.set_math_mode = reinterpret_cast<decltype(a.set_math_mode)>(sym("cublasSetMathMode"));
-    a.sgemm = reinterpret_cast<decltype(a.sgemm)>(sym("cublasSgemm_v2"));
-    a.gemm_ex = reinterpret_cast<decltype(a.gemm_ex)>(sym("cublasGemmEx"));
-    a.status_string = reinterpret_cast<decltype(a.status_string)>(sym("cublasGetStatusString"));
+    lib.Bind(&a.create, "cublasCreate_v2");
+    lib.Bind(&a.destroy, "cublasDestroy_v2");
+    lib.Bind(&a.set_stream, "cublasSetStream_v2");
+    lib.Bind(&a.set_workspace, "cublasSetWorkspace_v2");
+    lib.Bind(&a.set_math_mode, "cublasSetMathMode");
+    lib.Bind(&a.sgemm, "cublasSgemm_v2");
+    lib.Bind(&a.gemm_ex, "cublasGemmEx");
+    lib.Bind(&a.status_string, "cublasGetStatusString");
     return a;
   }();
   return api;
@@ -95,35 +108,22 @@ struct CublasLtApi {
 
 const CublasLtApi& CublasLt() {
   static const CublasLtApi api = [] {
-    const std::string name = "libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR);
-    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-      std::fprintf(stderr, "aha: cannot load %s: %s\n", name.c_str(), dlerror());
-      std::abort();
-    }
-    auto sym = [&](const char* n) {
-      void* p = dlsym(lib, n);
-      if (!p) {
-        std::fprintf(stderr, "aha: %s has no %s\n", name.c_str(), n);
-        std::abort();
-      }
-      return p;
-    };
+    const SharedLibrary lib("libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR));
     CublasLtApi a;
-    a.create = reinterpret_cast<decltype(a.create)>(sym("cublasLtCreate"));
-    a.destroy = reinterpret_cast<decltype(a.destroy)>(sym("cublasLtDestroy"));
-    a.matmul = reinterpret_cast<decltype(a.matmul)>(sym("cublasLtMatmul"));
-    a.desc_create = reinterpret_cast<decltype(a.desc_create)>(sym("cublasLtMatmulDescCreate"));
-    a.desc_destroy = reinterpret_cast<decltype(a.desc_destroy)>(sym("cublasLtMatmulDescDestroy"));
-    a.desc_set = reinterpret_cast<decltype(a.desc_set)>(sym("cublasLtMatmulDescSetAttribute"));
-    a.layout_create = reinterpret_cast<decltype(a.layout_create)>(sym("cublasLtMatrixLayoutCreate"));
-    a.layout_destroy = reinterpret_cast<decltype(a.layout_destroy)>(sym("cublasLtMatrixLayoutDestroy"));
-    a.pref_create = reinterpret_cast<decltype(a.pref_create)>(sym("cublasLtMatmulPreferenceCreate"));
-    a.pref_destroy = reinterpret_cast<decltype(a.pref_destroy)>(sym("cublasLtMatmulPreferenceDestroy"));
-    a.pref_set = reinterpret_cast<decltype(a.pref_set)>(sym("cublasLtMatmulPreferenceSetAttribute"));
-    a.heuristic = reinterpret_cast<decltype(a.heuristic)>(sym("cublasLtMatmulAlgoGetHeuristic"));
-    a.algo_check = reinterpret_cast<decltype(a.algo_check)>(sym("cublasLtMatmulAlgoCheck"));
-    a.status_string = reinterpret_cast<decltype(a.status_string)>(sym("cublasLtGetStatusString"));
+    lib.Bind(&a.create, "cublasLtCreate");
+    lib.Bind(&a.destroy, "cublasLtDestroy");
+    lib.Bind(&a.matmul, "cublasLtMatmul");
+    lib.Bind(&a.desc_create, "cublasLtMatmulDescCreate");
+    lib.Bind(&a.desc_destroy, "cublasLtMatmulDescDestroy");
+    lib.Bind(&a.desc_set, "cublasLtMatmulDescSetAttribute");
+    lib.Bind(&a.layout_create, "cublasLtMatrixLayoutCreate");
+    lib.Bind(&a.layout_destroy, "cublasLtMatrixLayoutDestroy");
+    lib.Bind(&a.pref_create, "cublasLtMatmulPreferenceCreate");
+    lib.Bind(&a.pref_destroy, "cublasLtMatmulPreferenceDestroy");
+    lib.Bind(&a.pref_set, "cublasLtMatmulPreferenceSetAttribute");
+    lib.Bind(&a.heuristic, "cublasLtMatmulAlgoGetHeuristic");
+    lib.Bind(&a.algo_check, "cublasLtMatmulAlgoCheck");
+    lib.Bind(&a.status_string, "cublasLtGetStatusString");
     return a;
   }();
   return api;

@@ -176,8 +176,11 @@ TEST(AttentionTc, MatchesCpuReference) {
 
 // ---- timing mode ----------------------------------------------------------------------------------
 
-template <typename Fn>
-double MedianMs(Fn&& fn, int warmup = 3, int reps = 20) {
+// Median of `reps` timed runs of fn after `warmup` untimed ones (CUDA events on the default stream).
+// `before` runs ahead of each timed run, outside the interval: the stream orders it before the first
+// event (the decode timing flushes L2 there).
+template <typename Fn, typename Before>
+double MedianMs(Fn&& fn, Before&& before, int warmup, int reps) {
   for (int i = 0; i < warmup; ++i) fn();
   Ck(cudaDeviceSynchronize(), "warm-up");
   cudaEvent_t a, b;
@@ -185,6 +188,7 @@ double MedianMs(Fn&& fn, int warmup = 3, int reps = 20) {
   Ck(cudaEventCreate(&b), "cudaEventCreate");
   std::vector<float> ms(reps);
   for (int i = 0; i < reps; ++i) {
+    before(i);
     Ck(cudaEventRecord(a, nullptr), "cudaEventRecord");
     fn();
     Ck(cudaEventRecord(b, nullptr), "cudaEventRecord");
@@ -196,6 +200,11 @@ double MedianMs(Fn&& fn, int warmup = 3, int reps = 20) {
   cudaEventDestroy(b);
   std::sort(ms.begin(), ms.end());
   return 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
+}
+
+template <typename Fn>
+double MedianMs(Fn&& fn) {
+  return MedianMs(fn, [](int) {}, 3, 20);
 }
 
 TEST(AttentionTcTiming, DISABLED_TrainingShape) {
@@ -251,30 +260,11 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
   }
 }
 
-// Median of `reps` single launches, each after a write of `flush` (larger than L2) that is outside
-// the timed interval: the stream orders the memset before the first event.
+// Median of 30 single launches, each after a write of `flush` (larger than L2).
 template <typename Fn>
-double ColdMedianMs(DevBuf<char>& flush, Fn&& launch, size_t flush_bytes = size_t(256) << 20, int warmup = 3,
-                    int reps = 30) {
-  for (int i = 0; i < warmup; ++i) launch();
-  Ck(cudaDeviceSynchronize(), "warm-up");
-  cudaEvent_t a, b;
-  Ck(cudaEventCreate(&a), "cudaEventCreate");
-  Ck(cudaEventCreate(&b), "cudaEventCreate");
-  std::vector<float> ms(reps);
-  for (int i = 0; i < reps; ++i) {
-    Ck(cudaMemsetAsync(flush.get(), i & 0xff, flush_bytes, nullptr), "flush L2");
-    Ck(cudaEventRecord(a, nullptr), "cudaEventRecord");
-    launch();
-    Ck(cudaEventRecord(b, nullptr), "cudaEventRecord");
-    Ck(cudaEventSynchronize(b), "cudaEventSynchronize");
-    Ck(cudaEventElapsedTime(&ms[i], a, b), "cudaEventElapsedTime");
-  }
-  Ck(cudaGetLastError(), "timed launches");
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
+double ColdMedianMs(DevBuf<char>& flush, Fn&& launch, size_t flush_bytes = size_t(256) << 20) {
+  auto wipe = [&](int i) { Ck(cudaMemsetAsync(flush.get(), i & 0xff, flush_bytes, nullptr), "flush L2"); };
+  return MedianMs(launch, wipe, 3, 30);
 }
 
 // Cached attention at the decode bench shape (0.5B: Hq = 14, Hkv = 2, D = 64, block 16, one new row

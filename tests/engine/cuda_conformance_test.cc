@@ -560,6 +560,26 @@ bool DecodeOnTensorCores(const PagedKv& cache, int B, int Nq, int Hq, int Hkv, i
 // exact k/v (see below): ~1e-5 at most. A wrong fragment layout or mask gives NMSE ~1.
 constexpr double kTcDecode = kBf16;
 
+// The limit of a bf16 pool's output against the CPU attention over exact k/v (see below).
+constexpr double kBf16Cache = 2e-5;
+
+// One cached-attention result against the CPU's: `out` over exact k/v, `out_r` over k/v rounded to
+// bf16 (bf16 pools only). The tensor-core decode kernel is held to kTcDecode against both; the other
+// kernels to kF32 on the pool's own values and, for bf16 pools, kBf16Cache against exact k/v.
+void ExpectCachedAttention(const std::string& what, const std::string& shape, const std::vector<float>& got,
+                           const std::vector<float>& out, const std::vector<float>& out_r, bool tensor_cores,
+                           bool bf16) {
+  if (tensor_cores) {
+    ExpectNmse(what + ", tensor cores (rounded kv)", shape, got, out_r, kTcDecode);
+    ExpectNmse(what + ", tensor cores", shape, got, out, kTcDecode);
+  } else if (bf16) {
+    ExpectNmse(what + " (rounded kv)", shape, got, out_r, kF32);
+    ExpectNmse(what, shape, got, out, kBf16Cache);
+  } else {
+    ExpectNmse(what, shape, got, out, kF32);
+  }
+}
+
 // The paged cache through random, non-contiguous block tables (a shuffled pool, some blocks owned by
 // no sequence), three rounds per case: prefill (start 0), a chunk (start > 0), decode (one row). The
 // decode round (and a chunk round with one row per sequence) runs a decode kernel, the others the
@@ -576,7 +596,6 @@ constexpr double kTcDecode = kBf16;
 TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
   REQUIRE_GPU();
   CpuBackend cpu;
-  constexpr double kBf16Cache = 2e-5;
   struct PagedCase {
     AttnCase a;
     int block_size;
@@ -649,15 +668,8 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
                                   std::to_string(Nq) + " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) +
                                   " D=" + std::to_string(c.D) + " bs=" + std::to_string(bs);
         const auto got = Down(d_out);
-        if (DecodeOnTensorCores(gpu_cache, B, Nq, c.Hq, c.Hkv, c.D)) {
-          ExpectNmse("cached attention, tensor cores (rounded kv)", shape, got, out_r, kTcDecode);
-          ExpectNmse("cached attention, tensor cores", shape, got, out, kTcDecode);
-        } else if (bf16) {
-          ExpectNmse("cached attention (rounded kv)", shape, got, out_r, kF32);
-          ExpectNmse("cached attention", shape, got, out, kBf16Cache);
-        } else {
-          ExpectNmse("cached attention", shape, got, out, kF32);
-        }
+        ExpectCachedAttention("cached attention", shape, got, out, out_r,
+                              DecodeOnTensorCores(gpu_cache, B, Nq, c.Hq, c.Hkv, c.D), bf16);
       }
       const std::string what = std::string(bf16 ? "bf16" : "f32") + " pool, after 3 rounds";
       ExpectNmse("kv cache k", what, Down(d_kc), bf16 ? kc_r : kc, 0.0);
@@ -679,7 +691,6 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
 TEST(CudaOps, CachedAttentionDecodeOneRowPerSequenceMatchesCpu) {
   REQUIRE_GPU();
   CpuBackend cpu;
-  constexpr double kBf16Cache = 2e-5;
   struct DecodeCase {
     int Hq, Hkv, D, block_size, B;
     std::vector<int> contexts;  // the first contexts; the rest drawn uniformly from [1, random_max]
@@ -768,15 +779,8 @@ TEST(CudaOps, CachedAttentionDecodeOneRowPerSequenceMatchesCpu) {
                                   " ctx<=" + std::to_string(max_ctx) + " H=" + std::to_string(Hq) + "/" +
                                   std::to_string(Hkv) + " D=" + std::to_string(D) + " bs=" + std::to_string(bs);
         const auto got = Down(d_out);
-        if (DecodeOnTensorCores(gpu_cache, B, Nq, Hq, Hkv, D)) {
-          ExpectNmse("decode attention, tensor cores (rounded kv)", shape, got, out_r, kTcDecode);
-          ExpectNmse("decode attention, tensor cores", shape, got, out, kTcDecode);
-        } else if (bf16) {
-          ExpectNmse("decode attention (rounded kv)", shape, got, out_r, kF32);
-          ExpectNmse("decode attention", shape, got, out, kBf16Cache);
-        } else {
-          ExpectNmse("decode attention", shape, got, out, kF32);
-        }
+        ExpectCachedAttention("decode attention", shape, got, out, out_r,
+                              DecodeOnTensorCores(gpu_cache, B, Nq, Hq, Hkv, D), bf16);
       }
     }
   }
