@@ -61,6 +61,9 @@ class Backend {
   virtual void Download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   // Waits until every op enqueued so far has finished (ops may run asynchronously on a device).
   virtual void Synchronize() {}
+  // Drops what a per-op profile (AHA_PROFILE=1 on the CUDA backend) has summed so far, so that a
+  // benchmark's report leaves out its warm-up (where products are tuned and buffers allocated).
+  virtual void ResetProfile() {}
   // A model's flat weight buffer. A backend may keep a converted copy of registered weights for its
   // products (the CUDA backend keeps bf16); WeightsChanged() must follow every change of the f32
   // values (load, optimizer step, weight swap), and UnregisterWeights() the buffer's release.
@@ -126,6 +129,24 @@ class Backend {
   virtual void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD,
                        int KD) = 0;
 
+  // The training forward's q/k/v step in one op: SplitQkv(q, k, v, qkv, bias, N, Hq D, Hkv D), then
+  // RopeForward of q and of k at `positions` (the cached forward has QkvRopeKvWrite). Its backward,
+  // RopePackQkv: RopeBackward of dq and of dk, then PackQkv(dqkv, dq, dk, dv); dq and dk are scratch
+  // afterwards (this default rotates them in place, the CUDA backend leaves them as they were).
+  // These defaults run the ops they stand for; the CUDA backend runs one kernel each.
+  virtual void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
+                       const float* inv_freq, int N, int Hq, int Hkv, int D) {
+    SplitQkv(q, k, v, qkv, bias, N, Hq * D, Hkv * D);
+    RopeForward(q, positions, inv_freq, N, Hq, D);
+    RopeForward(k, positions, inv_freq, N, Hkv, D);
+  }
+  virtual void RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
+                           const float* inv_freq, int N, int Hq, int Hkv, int D) {
+    RopeBackward(dq, positions, inv_freq, N, Hq, D);
+    RopeBackward(dk, positions, inv_freq, N, Hkv, D);
+    PackQkv(dqkv, dq, dk, dv, N, Hq * D, Hkv * D);
+  }
+
   // gu[N, 2I] is the fused gate/up product (one LinearForward over the adjacent gate_proj and
   // up_proj weights): gate = gu[:, :I], up = gu[:, I:]. h[N, I] = silu(gate) * up,
   // silu(x) = x * sigmoid(x). h must not overlap gu. Backward overwrites dgu[N, 2I].
@@ -167,6 +188,19 @@ class Backend {
   // in f32; products and softmax accumulate in f32 whatever the pool's dtype.
   virtual void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                                       const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) = 0;
+  // The q/k/v step of a cached forward in one op: SplitQkv(q, k, v, qkv, bias, Nq, Hq D, Hkv D), then
+  // RopeForward of q and of k at `positions`, then KvCacheWrite(cache, k, v, cu_q, start, B, Nq, Hkv,
+  // D). q[Nq, Hq, D] ends rotated, ready for CachedAttentionForward; k and v[Nq, Hkv, D] are scratch
+  // that a backend may leave unwritten (the CUDA backend does it in one kernel that writes only q and
+  // the pools). This default runs the four ops.
+  virtual void QkvRopeKvWrite(float* q, float* k, float* v, const float* qkv, const float* bias,
+                              const int32_t* positions, const float* inv_freq, const PagedKv& cache,
+                              const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
+    SplitQkv(q, k, v, qkv, bias, Nq, Hq * D, Hkv * D);
+    RopeForward(q, positions, inv_freq, Nq, Hq, D);
+    RopeForward(k, positions, inv_freq, Nq, Hkv, D);
+    KvCacheWrite(cache, k, v, cu_q, start, B, Nq, Hkv, D);
+  }
 
   // ---- fused lm-head ------------------------------------------------------------------------------
   // For each row n with targets[n] >= 0: z = (h[n] @ w^T) / temperature over the vocabulary,

@@ -289,17 +289,17 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
   const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
   if (!ln1_ready) B.RmsNormForward(a.ln1.f32(), a.rstd1.f32(), x, w.in_norm, N, C, config_.rms_norm_eps);
-  float* q_lin = config_.qk_norm ? a.q_pre.f32() : a.q.f32();
-  float* k_lin = config_.qk_norm ? a.k_pre.f32() : a.k.f32();
-  // One product over [Wq; Wk; Wv], then the split adds the biases [bq; bk; bv].
+  // One product over [Wq; Wk; Wv], then the split adds the biases [bq; bk; bv] (and RoPE follows).
   B.LinearForward(qkv_.f32(), a.ln1.f32(), w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);
-  B.SplitQkv(q_lin, k_lin, a.v.f32(), qkv_.f32(), w.q_b, N, Hq * D, Hkv * D);
-  if (config_.qk_norm) {
-    B.RmsNormForward(a.q.f32(), a.q_rstd.f32(), q_lin, w.q_norm, N * Hq, D, config_.rms_norm_eps);
-    B.RmsNormForward(a.k.f32(), a.k_rstd.f32(), k_lin, w.k_norm, N * Hkv, D, config_.rms_norm_eps);
+  if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
+    B.SplitQkv(a.q_pre.f32(), a.k_pre.f32(), a.v.f32(), qkv_.f32(), w.q_b, N, Hq * D, Hkv * D);
+    B.RmsNormForward(a.q.f32(), a.q_rstd.f32(), a.q_pre.f32(), w.q_norm, N * Hq, D, config_.rms_norm_eps);
+    B.RmsNormForward(a.k.f32(), a.k_rstd.f32(), a.k_pre.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
+    B.RopeForward(a.q.f32(), pos, inv_freq_.f32(), N, Hq, D);
+    B.RopeForward(a.k.f32(), pos, inv_freq_.f32(), N, Hkv, D);
+  } else {
+    B.QkvRope(a.q.f32(), a.k.f32(), a.v.f32(), qkv_.f32(), w.q_b, pos, inv_freq_.f32(), N, Hq, Hkv, D);
   }
-  B.RopeForward(a.q.f32(), pos, inv_freq_.f32(), N, Hq, D);
-  B.RopeForward(a.k.f32(), pos, inv_freq_.f32(), N, Hkv, D);
   B.AttentionForward(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   // mid = o(att) + x: the product writes mid, the fused op adds x in place and norms the sum.
   B.LinearForward(a.mid.f32(), a.att.f32(), w.o_w, nullptr, N, Hq * D, C);
@@ -333,20 +333,18 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   B.LinearBackward(datt_.f32(), g.o_w, nullptr, dmid, a.att.f32(), w.o_w, N, Hq * D, C, false);
   B.AttentionBackward(dq_.f32(), dk_.f32(), dv_.f32(), datt_.f32(), a.att.f32(), a.lse.f32(), a.q.f32(),
                       a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
-  B.RopeBackward(dq_.f32(), pos, inv_freq_.f32(), N, Hq, D);
-  B.RopeBackward(dk_.f32(), pos, inv_freq_.f32(), N, Hkv, D);
-  float* dq_lin = dq_.f32();
-  float* dk_lin = dk_.f32();
+  // One product's backward over [Wq; Wk; Wv]; db = [dbq; dbk; dbv] from the packed rows.
   if (config_.qk_norm) {
+    B.RopeBackward(dq_.f32(), pos, inv_freq_.f32(), N, Hq, D);
+    B.RopeBackward(dk_.f32(), pos, inv_freq_.f32(), N, Hkv, D);
     dq_pre_.SetZero();
     dk_pre_.SetZero();
     B.RmsNormBackward(dq_pre_.f32(), g.q_norm, dq_.f32(), a.q_pre.f32(), w.q_norm, a.q_rstd.f32(), N * Hq, D);
     B.RmsNormBackward(dk_pre_.f32(), g.k_norm, dk_.f32(), a.k_pre.f32(), w.k_norm, a.k_rstd.f32(), N * Hkv, D);
-    dq_lin = dq_pre_.f32();
-    dk_lin = dk_pre_.f32();
+    B.PackQkv(qkv_.f32(), dq_pre_.f32(), dk_pre_.f32(), dv_.f32(), N, Hq * D, Hkv * D);
+  } else {
+    B.RopePackQkv(qkv_.f32(), dq_.f32(), dk_.f32(), dv_.f32(), pos, inv_freq_.f32(), N, Hq, Hkv, D);
   }
-  // One product's backward over [Wq; Wk; Wv]; db = [dbq; dbk; dbv] from the packed rows.
-  B.PackQkv(qkv_.f32(), dq_lin, dk_lin, dv_.f32(), N, Hq * D, Hkv * D);
   B.LinearBackward(dln_.f32(), g.q_w, g.q_b, qkv_.f32(), a.ln1.f32(), w.q_w, N, C, (Hq + 2 * Hkv) * D, false);
   B.RmsNormBackward(dres, g.in_norm, dln_.f32(), x, w.in_norm, a.rstd1.f32(), N, C);
 }
@@ -587,19 +585,20 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
     const LayerWeights& w = w_.layers[l];
     const int I = config_.intermediate_size;
     B.LinearForward(dec_.wide.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
-    B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, N, Hq * D, Hkv * D);
-    float* qf = dec_.q.f32();
-    float* kf = dec_.k.f32();
-    if (config_.qk_norm) {
-      B.RmsNormForward(dec_.qn.f32(), rstd, qf, w.q_norm, N * Hq, D, config_.rms_norm_eps);
-      B.RmsNormForward(dec_.kn.f32(), rstd, kf, w.k_norm, N * Hkv, D, config_.rms_norm_eps);
-      qf = dec_.qn.f32();
-      kf = dec_.kn.f32();
-    }
-    B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
-    B.RopeForward(kf, d_pos, inv_freq_.f32(), N, Hkv, D);
     const PagedKv kv = cache->Layer(l, d_table);
-    B.KvCacheWrite(kv, kf, dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
+    float* qf = dec_.q.f32();
+    if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
+      B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, N, Hq * D, Hkv * D);
+      B.RmsNormForward(dec_.qn.f32(), rstd, qf, w.q_norm, N * Hq, D, config_.rms_norm_eps);
+      B.RmsNormForward(dec_.kn.f32(), rstd, dec_.k.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
+      qf = dec_.qn.f32();
+      B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
+      B.RopeForward(dec_.kn.f32(), d_pos, inv_freq_.f32(), N, Hkv, D);
+      B.KvCacheWrite(kv, dec_.kn.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
+    } else {
+      B.QkvRopeKvWrite(qf, dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, d_pos, inv_freq_.f32(), kv, d_cu,
+                       d_start, Bn, N, Hq, Hkv, D);
+    }
     B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     B.LinearForward(tmp, dec_.att.f32(), w.o_w, nullptr, N, Hq * D, C);
     B.AddRmsNormForward(x, ln, rstd, tmp, w.post_norm, N, C, config_.rms_norm_eps);

@@ -594,6 +594,94 @@ __global__ void KvCacheWriteKernel(Elem* __restrict__ k_cache, Elem* __restrict_
   }
 }
 
+// QkvRope / QkvRopeKvWrite: block = one row i. Threads walk the row's rotation pairs (j, j + D/2)
+// of the Hq query heads, then of the Hkv key heads, then the value elements. q goes to q[i]; k and v
+// to row i of k_out / v_out (f32 [N, Hkv D], kPaged false) or to the row's pool row through the
+// block table (kPaged, rounded to the pool's Elem as KvCacheWrite rounds). The rotation repeats
+// RopeKernel's arithmetic (elementwise.cu), so the results are the unfused ops' bit for bit.
+template <typename Elem, bool kPaged>
+__global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, Elem* __restrict__ v_out,
+                              const float* __restrict__ qkv, const float* __restrict__ bias,
+                              const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
+                              const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start, Paging pg, int B,
+                              int Hq, int Hkv, int D) {
+  const int i = blockIdx.x;
+  const int half = D / 2, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
+  const float* row = qkv + static_cast<size_t>(i) * W;
+  const float pos = static_cast<float>(__ldg(positions + i));
+  long long r = i;
+  if constexpr (kPaged) {
+    // A row of no sequence (malformed cu_q) or outside the table or pool writes no cache row.
+    r = -1;
+    if (B > 0) {
+      const int b = FindSeq(cu_q, B, i);
+      const int q0 = __ldg(cu_q + b);
+      if (i >= q0 && i < __ldg(cu_q + b + 1)) r = PagedRow(pg, b, __ldg(start + b) + (i - q0));
+    }
+  }
+  const int pairs = (Hq + Hkv) * half;
+  for (int t = threadIdx.x; t < pairs + KD; t += blockDim.x) {
+    if (t < pairs) {
+      const int h = t / half, j = t - h * half;  // head h of q (h < Hq) or of k
+      const int c = h * D + j;
+      float x1 = row[c], x2 = row[c + half];
+      if (bias) x1 += __ldg(bias + c), x2 += __ldg(bias + c + half);
+      float sn, cs;
+      sincosf(pos * __ldg(inv_freq + j), &sn, &cs);
+      const float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+      if (h < Hq) {
+        float* out = q + static_cast<size_t>(i) * QD + c;
+        out[0] = y1;
+        out[half] = y2;
+      } else if (r >= 0) {
+        Elem* out = k_out + static_cast<size_t>(r) * KD + (c - QD);
+        StCache1(out, y1);
+        StCache1(out + half, y2);
+      }
+    } else if (r >= 0) {
+      const int c = t - pairs;  // element of v
+      const float x = bias ? row[QD + KD + c] + __ldg(bias + QD + KD + c) : row[QD + KD + c];
+      StCache1(v_out + static_cast<size_t>(r) * KD + c, x);
+    }
+  }
+}
+
+// RopePackQkv: block = one row i; dq and dk rotated back (RopeKernel with sign -1) as they are packed
+// into dqkv's row beside dv (and into dqkv16 in bf16 when not null).
+__global__ void RopePackQkvKernel(float* __restrict__ dqkv, __nv_bfloat16* __restrict__ dqkv16,
+                                  const float* __restrict__ dq, const float* __restrict__ dk,
+                                  const float* __restrict__ dv, const int32_t* __restrict__ positions,
+                                  const float* __restrict__ inv_freq, int Hq, int Hkv, int D, float sign) {
+  const int i = blockIdx.x;
+  const int half = D / 2, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
+  const size_t base = static_cast<size_t>(i) * W;
+  const float pos = static_cast<float>(__ldg(positions + i));
+  const int pairs = (Hq + Hkv) * half;
+  for (int t = threadIdx.x; t < pairs + KD; t += blockDim.x) {
+    if (t < pairs) {
+      const int h = t / half, j = t - h * half;
+      const int c = h * D + j;
+      const float* src = h < Hq ? dq + static_cast<size_t>(i) * QD + c : dk + static_cast<size_t>(i) * KD + (c - QD);
+      const float x1 = src[0], x2 = src[half];
+      float sn, cs;
+      sincosf(pos * __ldg(inv_freq + j), &sn, &cs);
+      sn *= sign;  // -1 at run time, as RopeKernel's inverse: the same instructions, the same bits
+      const float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+      dqkv[base + c] = y1;
+      dqkv[base + c + half] = y2;
+      if (dqkv16) {
+        dqkv16[base + c] = __float2bfloat16_rn(y1);
+        dqkv16[base + c + half] = __float2bfloat16_rn(y2);
+      }
+    } else {
+      const int c = t - pairs;
+      const float x = dv[static_cast<size_t>(i) * KD + c];
+      dqkv[base + QD + KD + c] = x;
+      if (dqkv16) dqkv16[base + QD + KD + c] = __float2bfloat16_rn(x);
+    }
+  }
+}
+
 // Cached attention: grid (Nq, Hkv, ceil(G / 8)), 128 threads; G = Hq / Hkv. Block = one new query
 // row x one kv head x up to 8 query heads of its group, so each K/V row of the cache is read once for
 // all of those heads. Keys 0 .. L-1 (L = position + 1, read from the device arrays) run in chunks of
@@ -1646,6 +1734,44 @@ void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32
     else KvCacheWriteKernel<1><<<grid, kT, 0, s>>>(kc, vc, k, v, cu_q, start, pg, B, Nq, row);
   }
   CheckCuda(cudaGetLastError(), "KvCacheWriteKernel launch");
+}
+
+// Threads per block of the q/k/v kernels: enough for the 1152 floats of a 0.5B row in two passes.
+int QkvThreads(int Hq, int Hkv, int D) {
+  const int work = (Hq + Hkv) * (D / 2) + Hkv * D;
+  return std::min(256, (work + 31) / 32 * 32);
+}
+
+void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t* positions, const float* inv_freq,
+                    const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, int D,
+                    cudaStream_t s) {
+  if (Nq <= 0) return;
+  if (B > 0) CheckPaging(kv, "QkvRopeKvWrite");
+  const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
+  const int threads = QkvThreads(Hq, Hkv, D);
+  if (kv.bf16)
+    QkvRopeKernel<uint16_t, true><<<Nq, threads, 0, s>>>(q, static_cast<uint16_t*>(kv.k), static_cast<uint16_t*>(kv.v),
+                                                         qkv, bias, positions, inv_freq, cu_q, start, pg, B, Hq, Hkv, D);
+  else
+    QkvRopeKernel<float, true><<<Nq, threads, 0, s>>>(q, static_cast<float*>(kv.k), static_cast<float*>(kv.v), qkv,
+                                                      bias, positions, inv_freq, cu_q, start, pg, B, Hq, Hkv, D);
+  CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
+}
+
+void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
+             const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s) {
+  if (N <= 0) return;
+  QkvRopeKernel<float, false><<<N, QkvThreads(Hq, Hkv, D), 0, s>>>(q, k, v, qkv, bias, positions, inv_freq, nullptr,
+                                                                   nullptr, Paging{}, 0, Hq, Hkv, D);
+  CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
+}
+
+void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float* dk, const float* dv,
+                 const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s) {
+  if (N <= 0) return;
+  RopePackQkvKernel<<<N, QkvThreads(Hq, Hkv, D), 0, s>>>(dqkv, reinterpret_cast<__nv_bfloat16*>(dqkv_bf16), dq, dk,
+                                                         dv, positions, inv_freq, Hq, Hkv, D, -1.0f);
+  CheckCuda(cudaGetLastError(), "RopePackQkvKernel launch");
 }
 
 void CachedAttentionRowwise(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,

@@ -40,6 +40,7 @@ class CudaBackend final : public Backend {
   void Copy(void* dst, const void* src, size_t bytes) override;
   void Upload(void* dst, const void* src, size_t bytes) override;
   void Download(void* dst, const void* src, size_t bytes) override;
+  void ResetProfile() override;
   void Synchronize() override;
   void RegisterWeights(const float* base, size_t n) override;
   void UnregisterWeights(const float* base) override;
@@ -79,6 +80,13 @@ class CudaBackend final : public Backend {
   DType kv_cache_dtype() const override;
   void KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q, const int32_t* start,
                     int B, int Nq, int Hkv, int D) override;
+  void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
+               const float* inv_freq, int N, int Hq, int Hkv, int D) override;
+  void RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
+                   const float* inv_freq, int N, int Hq, int Hkv, int D) override;
+  void QkvRopeKvWrite(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
+                      const float* inv_freq, const PagedKv& cache, const int32_t* cu_q, const int32_t* start, int B,
+                      int Nq, int Hq, int Hkv, int D) override;
   void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                               const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) override;
   void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,

@@ -78,6 +78,20 @@ struct KvPages {
 // replayed with new array contents. Nq = cu_q[B] is passed from the host.
 void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32_t* cu_q, const int32_t* start, int B,
                   int Nq, int Hkv, int D, cudaStream_t s);
+// Backend::QkvRopeKvWrite in one launch (one block per new row): q = rotated q part of qkv + bias,
+// and the k (rotated) and v parts + bias written straight into the pools. The rotation is
+// RopeForward's arithmetic and the rounding KvCacheWrite's, so the result is the four ops' bit for
+// bit. D even.
+void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t* positions, const float* inv_freq,
+                    const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, int D,
+                    cudaStream_t s);
+// Backend::QkvRope and RopePackQkv, one launch each (one block per row), with RopeForward's
+// arithmetic, so bit for bit the unfused ops. dqkv_bf16, when not null, gets dqkv rounded to bf16
+// (Gemm::AdoptCast). D even.
+void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
+             const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
+void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float* dk, const float* dv,
+                 const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
 // Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecodeTC when
 // CachedAttentionDecodeTcSupported (bf16 pool, Hq / Hkv <= 16, D in {64, 128}), else to
 // CachedAttentionDecode; anything else to CachedAttentionRowwise. workspace: at least

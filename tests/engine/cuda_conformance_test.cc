@@ -315,6 +315,79 @@ TEST(CudaOps, ProductsReadProducersBf16CopiesAndNeverStaleOnes) {
   }
 }
 
+// The training forward's fused q/k/v step (QkvRope: split + bias + RoPE of q and k) and its
+// backward (RopePackQkv: inverse RoPE of dq and dk + pack) against the ops they replace, on the GPU
+// (bit for bit: the kernels repeat RopeKernel's arithmetic) and on the CPU (kF32). The packed rows
+// are the q/k/v backward product's dout: its bf16 copy must be what the product reads (one cast, of
+// x, where a plain buffer costs two) and give dx and dw bit for bit as the cast does.
+TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  cuda::Gemm& g = gpu->gemm();
+  struct Case {
+    int N, Hq, Hkv, D;
+    bool bias;
+  };
+  for (const Case& c : {Case{301, 14, 2, 64, true}, Case{7, 4, 4, 128, false}, Case{33, 8, 2, 16, true}}) {
+    const int QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD, N = c.N, C = 96;
+    const std::string shape = "N=" + std::to_string(N) + " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) +
+                              " D=" + std::to_string(c.D) + (c.bias ? " bias" : "");
+    auto qkv = Randn(size_t(N) * W), bias = Randn(W), dq = Randn(size_t(N) * QD), dk = Randn(size_t(N) * KD),
+         dv = Randn(size_t(N) * KD);
+    auto pos = RandInt(N, 0, 4000);
+    std::vector<float> inv_freq(c.D / 2);
+    for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
+    const float* b_cpu = c.bias ? bias.data() : nullptr;
+    // CPU: the ops themselves (the defaults of QkvRope and RopePackQkv).
+    std::vector<float> q(size_t(N) * QD), k(size_t(N) * KD), v(size_t(N) * KD), dqkv(size_t(N) * W);
+    cpu.QkvRope(q.data(), k.data(), v.data(), qkv.data(), b_cpu, pos.data(), inv_freq.data(), N, c.Hq, c.Hkv, c.D);
+    {
+      auto dq_c = dq, dk_c = dk;
+      cpu.RopePackQkv(dqkv.data(), dq_c.data(), dk_c.data(), dv.data(), pos.data(), inv_freq.data(), N, c.Hq, c.Hkv,
+                      c.D);
+    }
+    Tensor d_qkv = Up(qkv), d_bias = Up(bias), d_pos = Up(pos), d_inv = Up(inv_freq), d_dv = Up(dv);
+    const float* b = c.bias ? d_bias.f32() : nullptr;
+    Tensor q1 = Poisoned(q.size()), k1 = Poisoned(k.size()), v1 = Poisoned(v.size());
+    Tensor q2 = Poisoned(q.size()), k2 = Poisoned(k.size()), v2 = Poisoned(v.size());
+    gpu->QkvRope(q1.f32(), k1.f32(), v1.f32(), d_qkv.f32(), b, d_pos.i32(), d_inv.f32(), N, c.Hq, c.Hkv, c.D);
+    gpu->SplitQkv(q2.f32(), k2.f32(), v2.f32(), d_qkv.f32(), b, N, QD, KD);
+    gpu->RopeForward(q2.f32(), d_pos.i32(), d_inv.f32(), N, c.Hq, c.D);
+    gpu->RopeForward(k2.f32(), d_pos.i32(), d_inv.f32(), N, c.Hkv, c.D);
+    ExpectNmse("qkv + rope q vs the ops", shape, Down(q1), Down(q2), 0.0);
+    ExpectNmse("qkv + rope k vs the ops", shape, Down(k1), Down(k2), 0.0);
+    ExpectNmse("qkv + rope v vs the ops", shape, Down(v1), Down(v2), 0.0);
+    ExpectNmse("qkv + rope q vs cpu", shape, Down(q1), q, kF32);
+    ExpectNmse("qkv + rope k vs cpu", shape, Down(k1), k, kF32);
+    ExpectNmse("qkv + rope v vs cpu", shape, Down(v1), v, kF32);
+    // Backward, then the q/k/v product's backward over the packed rows.
+    Tensor dq1 = Up(dq), dk1 = Up(dk), dq2 = Up(dq), dk2 = Up(dk);
+    Tensor dqkv1 = Poisoned(dqkv.size()), dqkv2 = Poisoned(dqkv.size());
+    Tensor d_x = Up(Randn(size_t(N) * C)), d_w = Up(Randn(size_t(W) * C, 0.05f));
+    gpu->RegisterWeights(d_w.f32(), d_w.numel());
+    gpu->WeightsChanged(d_w.f32());
+    auto product_backward = [&](const Tensor& dout, int want_casts, const std::string& what) {
+      Tensor dx = Poisoned(size_t(N) * C), dw = Up(std::vector<float>(d_w.numel(), 0.0f));
+      const uint64_t before = g.casts_launched();
+      gpu->LinearBackward(dx.f32(), dw.f32(), nullptr, dout.f32(), d_x.f32(), d_w.f32(), N, C, W, false);
+      EXPECT_EQ(g.casts_launched(), before + want_casts) << what << " (" << shape << ")";
+      return std::pair{Down(dx), Down(dw)};
+    };
+    gpu->RopePackQkv(dqkv1.f32(), dq1.f32(), dk1.f32(), d_dv.f32(), d_pos.i32(), d_inv.f32(), N, c.Hq, c.Hkv, c.D);
+    auto [dx1, dw1] = product_backward(dqkv1, 1, "rope + pack's bf16 copy: only x is cast");
+    gpu->RopeBackward(dq2.f32(), d_pos.i32(), d_inv.f32(), N, c.Hq, c.D);
+    gpu->RopeBackward(dk2.f32(), d_pos.i32(), d_inv.f32(), N, c.Hkv, c.D);
+    gpu->PackQkv(dqkv2.f32(), dq2.f32(), dk2.f32(), d_dv.f32(), N, QD, KD);
+    gpu->Copy(dqkv2.raw(), dqkv2.raw(), 0);  // an op in between: the product casts its dout itself
+    auto [dx2, dw2] = product_backward(dqkv2, 2, "plain dqkv: dout and x are cast");
+    gpu->UnregisterWeights(d_w.f32());
+    ExpectNmse("rope + pack dqkv vs the ops", shape, Down(dqkv1), Down(dqkv2), 0.0);
+    ExpectNmse("rope + pack dqkv vs cpu", shape, Down(dqkv1), dqkv, kF32);
+    ExpectNmse("dx from rope + pack's copy vs cast", shape, dx1, dx2, 0.0);
+    ExpectNmse("dw from rope + pack's copy vs cast", shape, dw1, dw2, 0.0);
+  }
+}
+
 TEST(CudaOps, SplitAndPackQkv) {
   REQUIRE_GPU();
   CpuBackend cpu;
@@ -674,6 +747,77 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
       const std::string what = std::string(bf16 ? "bf16" : "f32") + " pool, after 3 rounds";
       ExpectNmse("kv cache k", what, Down(d_kc), bf16 ? kc_r : kc, 0.0);
       ExpectNmse("kv cache v", what, Down(d_vc), bf16 ? vc_r : vc, 0.0);
+    }
+  }
+}
+
+// The fused q/k/v step of generation (QkvRopeKvWrite: split + bias, RoPE of q and k, pool write, one
+// kernel) against the four ops it replaces, on the GPU and on the CPU, through a shuffled block
+// table: decode (one row per sequence) and a chunk (several rows, start > 0), f32 and bf16 pools,
+// with and without the bias. On the GPU it repeats their arithmetic, so q and the pools must equal
+// the four ops' bit for bit (NMSE 0); against the CPU q is within kF32 (sincosf against the CPU's
+// sin/cos) and the pools likewise (bf16 pools: within the rounding of one bf16 step, kBf16Cache).
+TEST(CudaOps, QkvRopeKvWriteEqualsTheFourOps) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  struct Case {
+    int Hq, Hkv, D;
+    std::vector<int> rows;  // new rows per sequence
+    bool bias;
+  };
+  for (const Case& c : {Case{14, 2, 64, std::vector<int>(256, 1), true}, Case{14, 2, 64, {3, 1, 9}, false},
+                        Case{4, 4, 128, {1, 1, 1}, true}, Case{8, 2, 16, {5, 2}, true}}) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      const int B = static_cast<int>(c.rows.size()), bs = 16, max_blocks = 8;
+      const int QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
+      std::vector<int32_t> cu{0}, start(B), pos;
+      for (int b = 0; b < B; ++b) {
+        start[b] = RandInt(1, 0, 100)[0];
+        for (int j = 0; j < c.rows[b]; ++j) pos.push_back(start[b] + j);
+        cu.push_back(cu.back() + c.rows[b]);
+      }
+      const int Nq = cu.back(), num_blocks = B * max_blocks;
+      std::vector<int32_t> order(num_blocks), table(size_t(B) * max_blocks);
+      for (int i = 0; i < num_blocks; ++i) order[i] = i;
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(test::NextSeed()));
+      for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
+      const auto qkv = Randn(size_t(Nq) * W), bias = Randn(W);
+      std::vector<float> inv_freq(c.D / 2);
+      for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
+      const float* b_ptr = c.bias ? bias.data() : nullptr;
+      // CPU: the four ops (the default QkvRopeKvWrite) into an f32 pool.
+      const size_t pool = size_t(num_blocks) * bs * KD;
+      std::vector<float> q(size_t(Nq) * QD), k(size_t(Nq) * KD), v(size_t(Nq) * KD), kc(pool, 0.0f), vc(pool, 0.0f);
+      const PagedKv cpu_cache{kc.data(), vc.data(), DType::kF32, num_blocks, bs, table.data(), max_blocks};
+      cpu.QkvRopeKvWrite(q.data(), k.data(), v.data(), qkv.data(), b_ptr, pos.data(), inv_freq.data(), cpu_cache,
+                         cu.data(), start.data(), B, Nq, c.Hq, c.Hkv, c.D);
+      // GPU: fused into one pool pair, the four ops into another.
+      const Shape pool_shape{num_blocks, bs, c.Hkv, c.D};
+      Tensor kf = Tensor::Zeros(dtype, pool_shape, gpu->device()), vf = Tensor::Zeros(dtype, pool_shape, gpu->device());
+      Tensor ku = Tensor::Zeros(dtype, pool_shape, gpu->device()), vu = Tensor::Zeros(dtype, pool_shape, gpu->device());
+      Tensor d_table = Up(table), d_cu = Up(cu), d_start = Up(start), d_pos = Up(pos), d_qkv = Up(qkv),
+             d_bias = Up(bias), d_inv = Up(inv_freq);
+      const float* d_b = c.bias ? d_bias.f32() : nullptr;
+      const PagedKv fused{kf.raw(), vf.raw(), dtype, num_blocks, bs, d_table.i32(), max_blocks};
+      const PagedKv unfused{ku.raw(), vu.raw(), dtype, num_blocks, bs, d_table.i32(), max_blocks};
+      Tensor q1 = Poisoned(q.size()), q2 = Poisoned(q.size()), k2 = Poisoned(k.size()), v2 = Poisoned(v.size());
+      Tensor k1 = Poisoned(k.size()), v1 = Poisoned(v.size());
+      gpu->QkvRopeKvWrite(q1.f32(), k1.f32(), v1.f32(), d_qkv.f32(), d_b, d_pos.i32(), d_inv.f32(), fused, d_cu.i32(),
+                          d_start.i32(), B, Nq, c.Hq, c.Hkv, c.D);
+      gpu->SplitQkv(q2.f32(), k2.f32(), v2.f32(), d_qkv.f32(), d_b, Nq, QD, KD);
+      gpu->RopeForward(q2.f32(), d_pos.i32(), d_inv.f32(), Nq, c.Hq, c.D);
+      gpu->RopeForward(k2.f32(), d_pos.i32(), d_inv.f32(), Nq, c.Hkv, c.D);
+      gpu->KvCacheWrite(unfused, k2.f32(), v2.f32(), d_cu.i32(), d_start.i32(), B, Nq, c.Hkv, c.D);
+      const bool bf16 = dtype == DType::kBF16;
+      const std::string shape = std::string(bf16 ? "bf16 " : "f32 ") + "Nq=" + std::to_string(Nq) +
+                                " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) + " D=" +
+                                std::to_string(c.D) + (c.bias ? " bias" : "");
+      ExpectNmse("qkv+rope+kv write q vs the four ops", shape, Down(q1), Down(q2), 0.0);
+      ExpectNmse("qkv+rope+kv write k pool vs the four ops", shape, Down(kf), Down(ku), 0.0);
+      ExpectNmse("qkv+rope+kv write v pool vs the four ops", shape, Down(vf), Down(vu), 0.0);
+      ExpectNmse("qkv+rope+kv write q vs cpu", shape, Down(q1), q, kF32);
+      ExpectNmse("qkv+rope+kv write k pool vs cpu", shape, Down(kf), kc, bf16 ? kBf16Cache : kF32);
+      ExpectNmse("qkv+rope+kv write v pool vs cpu", shape, Down(vf), vc, bf16 ? kBf16Cache : kF32);
     }
   }
 }
