@@ -153,6 +153,16 @@ class Backend {
   virtual void SwiGluForward(float* h, const float* gu, int N, int I) = 0;
   virtual void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) = 0;
 
+  // The MLP's gate/up backward from dh in one op: SwiGluBackward(dgu, dh, gu, N, I), then
+  // LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2I, false). dgu[N, 2I] is scratch: the CUDA
+  // backend with bf16 products writes only its bf16 copy, which both products read, and leaves the
+  // f32 buffer unwritten. This default runs the two ops.
+  virtual void SwiGluLinearBackward(float* dx, float* dw, float* dgu, const float* dh, const float* gu, const float* x,
+                                    const float* w, int N, int C, int I) {
+    SwiGluBackward(dgu, dh, gu, N, I);
+    LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2 * I, false);
+  }
+
   // out[n] = a[n] + b[n]; out may alias a or b.
   virtual void Add(float* out, const float* a, const float* b, size_t n) = 0;
 

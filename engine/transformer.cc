@@ -320,17 +320,15 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   const LayerWeights& g = g_.layers[l];
   const int C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
-  const size_t NC = static_cast<size_t>(N) * C;
+  // dres becomes d mid in place: the residual passes d out through, and the post-attention norm's
+  // backward adds into it once the down product's backward has read it (ops run in order).
   // MLP branch: out = mid + down(swiglu(gu)), gu = ln2 [Wg; Wu]^T.
-  float* dmid = dmid_.f32();
-  B.Copy(dmid, dres, NC * sizeof(float));
   B.LinearBackward(dh_.f32(), g.down_w, nullptr, dres, a.h.f32(), w.down_w, N, I, C, false);
-  B.SwiGluBackward(dgu_.f32(), dh_.f32(), a.gu.f32(), N, I);
-  B.LinearBackward(dln_.f32(), g.gate_w, nullptr, dgu_.f32(), a.ln2.f32(), w.gate_w, N, C, 2 * I, false);
-  B.RmsNormBackward(dmid, g.post_norm, dln_.f32(), a.mid.f32(), w.post_norm, a.rstd2.f32(), N, C);
-  // Attention branch: mid = x + o(attn(rope(norm(q(ln1))), rope(norm(k(ln1))), v(ln1))).
-  B.Copy(dres, dmid, NC * sizeof(float));
-  B.LinearBackward(datt_.f32(), g.o_w, nullptr, dmid, a.att.f32(), w.o_w, N, Hq * D, C, false);
+  B.SwiGluLinearBackward(dln_.f32(), g.gate_w, dgu_.f32(), dh_.f32(), a.gu.f32(), a.ln2.f32(), w.gate_w, N, C, I);
+  B.RmsNormBackward(dres, g.post_norm, dln_.f32(), a.mid.f32(), w.post_norm, a.rstd2.f32(), N, C);
+  // Attention branch: mid = x + o(attn(rope(norm(q(ln1))), rope(norm(k(ln1))), v(ln1))); likewise
+  // dres becomes d x when the input norm's backward adds into it at the end.
+  B.LinearBackward(datt_.f32(), g.o_w, nullptr, dres, a.att.f32(), w.o_w, N, Hq * D, C, false);
   B.AttentionBackward(dq_.f32(), dk_.f32(), dv_.f32(), datt_.f32(), a.att.f32(), a.lse.f32(), a.q.f32(),
                       a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   // One product's backward over [Wq; Wk; Wv]; db = [dbq; dbk; dbv] from the packed rows.

@@ -999,12 +999,15 @@ __device__ __forceinline__ long long DecodePoolRow(const Paging& pg, const int32
 
 // Element d of output row r = (row, query head) of out[Nq, Hq, D] from the block's unnormalised sum,
 // running max m and row sum l: out = sum / l with one split (l >= 1 whenever the row sees a key; 0
-// otherwise), else the split's partials for DecodeCombineKernel.
-__device__ __forceinline__ void StoreDecodeOut(float* __restrict__ out, float* __restrict__ o_part,
-                                               float* __restrict__ ml_part, size_t r, int d, int D, int split,
-                                               int splits, float sum, float m, float l) {
+// otherwise), else the split's partials for DecodeCombineKernel. out16, when not null, gets the
+// output in bf16 too (the o product's operand: Gemm::AdoptCast).
+__device__ __forceinline__ void StoreDecodeOut(float* __restrict__ out, uint16_t* __restrict__ out16,
+                                               float* __restrict__ o_part, float* __restrict__ ml_part, size_t r,
+                                               int d, int D, int split, int splits, float sum, float m, float l) {
   if (splits == 1) {
-    out[r * D + d] = l > 0.0f ? sum / l : 0.0f;
+    const float x = l > 0.0f ? sum / l : 0.0f;
+    out[r * D + d] = x;
+    if (out16) out16[r * D + d] = __bfloat16_as_ushort(__float2bfloat16_rn(x));
   } else {
     o_part[(r * splits + split) * D + d] = sum;
     if (d == 0) {
@@ -1211,14 +1214,15 @@ __global__ void __launch_bounds__(kDecodeThreads, 4)
     float sum = 0.0f;
 #pragma unroll 4
     for (int gg = 0; gg < NKG; ++gg) sum += red[(gg * HB + h) * D + d];
-    StoreDecodeOut(out, o_part, ml_part, static_cast<size_t>(i) * Hq + hfirst + h, d, D, split, splits, sum,
-                   mfin[h], l);
+    StoreDecodeOut(out, nullptr, o_part, ml_part, static_cast<size_t>(i) * Hq + hfirst + h, d, D, split, splits,
+                   sum, mfin[h], l);
   }
 }
 
 // out[r, d] = sum_s 2^(m_s - M) o_s[d] / sum_s 2^(m_s - M) l_s over the splits of row r = (i, h).
-__global__ void DecodeCombineKernel(float* __restrict__ out, const float* __restrict__ o_part,
-                                    const float* __restrict__ ml_part, int rows, int D, int splits) {
+__global__ void DecodeCombineKernel(float* __restrict__ out, uint16_t* __restrict__ out16,
+                                    const float* __restrict__ o_part, const float* __restrict__ ml_part, int rows,
+                                    int D, int splits) {
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long long>(rows) * D) return;
   const long long r = idx / D;
@@ -1234,7 +1238,9 @@ __global__ void DecodeCombineKernel(float* __restrict__ out, const float* __rest
       den = fmaf(w, __ldg(ml + 2 * sp + 1), den);
     }
   }
-  out[idx] = den > 0.0f ? num / den : 0.0f;
+  const float x = den > 0.0f ? num / den : 0.0f;
+  out[idx] = x;
+  if (out16) out16[idx] = __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
 // ---- decode attention on tensor cores (bf16 pools) --------------------------------------------------
@@ -1275,7 +1281,8 @@ struct DecodeTcCfg {
 
 template <int D>
 __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
-    DecodeTcKernel(float* __restrict__ out, float* __restrict__ o_part, float* __restrict__ ml_part,
+    DecodeTcKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ o_part,
+                   float* __restrict__ ml_part,
                    const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
                    const uint16_t* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
                    const int32_t* __restrict__ start, Paging pg, int bs_shift, int B, int Hq, int Hkv, int splits,
@@ -1426,7 +1433,8 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
         l = fmaf(wt, l_w[w * 16 + h], l);
       }
     }
-    StoreDecodeOut(out, o_part, ml_part, static_cast<size_t>(i) * Hq + hfirst + h, d, D, split, splits, sum, M, l);
+    StoreDecodeOut(out, out16, o_part, ml_part, static_cast<size_t>(i) * Hq + hfirst + h, d, D, split, splits, sum, M,
+                   l);
   }
 }
 
@@ -1564,10 +1572,12 @@ DecodePartials DecodePartialsIn(void* workspace, int Nq, int Hq, int D, int spli
   }
   return p;
 }
-void CombineDecodeSplits(float* out, const DecodePartials& p, int Nq, int Hq, int D, int splits, cudaStream_t s) {
+void CombineDecodeSplits(float* out, uint16_t* out16, const DecodePartials& p, int Nq, int Hq, int D, int splits,
+                         cudaStream_t s) {
   if (splits <= 1) return;
   const long long n = static_cast<long long>(Nq) * Hq * D;
-  DecodeCombineKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(out, p.o, p.ml, Nq * Hq, D, splits);
+  DecodeCombineKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(out, out16, p.o, p.ml, Nq * Hq, D,
+                                                                               splits);
   CheckCuda(cudaGetLastError(), "DecodeCombineKernel launch");
 }
 
@@ -1599,7 +1609,7 @@ void LaunchDecode(float* out, const float* q, const KvPages& kv, const int32_t* 
       out, parts.o, parts.ml, q, static_cast<const Elem*>(kv.k), static_cast<const Elem*>(kv.v), cu_q, start, pg,
       BlockShift(kv.block_size), B, Hq, Hkv, HG, splits, qscale);
   CheckCuda(cudaGetLastError(), "DecodeAttnKernel launch");
-  CombineDecodeSplits(out, parts, Nq, Hq, D, splits, s);
+  CombineDecodeSplits(out, nullptr, parts, Nq, Hq, D, splits, s);
 }
 
 template <int D>
@@ -1620,8 +1630,8 @@ size_t DecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv) {
 }
 
 template <int D>
-void LaunchDecodeTc(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start, int B,
-                    int Nq, int Hq, int Hkv, void* workspace, cudaStream_t s) {
+void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const KvPages& kv, const int32_t* cu_q,
+                    const int32_t* start, int B, int Nq, int Hq, int Hkv, void* workspace, cudaStream_t s) {
   using C = DecodeTcCfg<D>;
   PrepareDecodeKernel(DecodeTcKernel<D>, C::kSmemBytes);
   const int splits = DecodeTcSplits<D>(kv, Nq, Hkv);
@@ -1630,10 +1640,10 @@ void LaunchDecodeTc(float* out, const float* q, const KvPages& kv, const int32_t
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
   const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
   DecodeTcKernel<D><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
-      out, parts.o, parts.ml, q, static_cast<const uint16_t*>(kv.k), static_cast<const uint16_t*>(kv.v), cu_q, start,
-      pg, BlockShift(kv.block_size), B, Hq, Hkv, splits, qscale);
+      out, out16, parts.o, parts.ml, q, static_cast<const uint16_t*>(kv.k), static_cast<const uint16_t*>(kv.v), cu_q,
+      start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits, qscale);
   CheckCuda(cudaGetLastError(), "DecodeTcKernel launch");
-  CombineDecodeSplits(out, parts, Nq, Hq, D, splits, s);
+  CombineDecodeSplits(out, out16, parts, Nq, Hq, D, splits, s);
 }
 
 template <int D>
@@ -1838,11 +1848,11 @@ size_t CachedAttentionDecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int H
 }
 
 void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
-                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
+                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s, uint16_t* out_bf16) {
   if (Nq <= 0 || B <= 0) return;
   CheckDecodeTc(kv, Hq, Hkv, D, "CachedAttentionDecodeTC");
-  if (D == 64) return LaunchDecodeTc<64>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
-  return LaunchDecodeTc<128>(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  if (D == 64) return LaunchDecodeTc<64>(out, out_bf16, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  return LaunchDecodeTc<128>(out, out_bf16, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
 }
 
 size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hkv, int D) {
@@ -1851,13 +1861,18 @@ size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hk
   return CachedAttentionDecodeWorkspace(kv, Nq, Hq, Hkv, D);
 }
 
-void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
-                            int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
-  if (Nq != B) return CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, s);
+bool CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                            int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s, uint16_t* out_bf16) {
+  if (Nq != B) {
+    CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, s);
+    return false;
+  }
   if (CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D)) {
-    return CachedAttentionDecodeTC(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, workspace, s);
+    CachedAttentionDecodeTC(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, workspace, s, out_bf16);
+    return out_bf16 != nullptr && Nq > 0;
   }
   CachedAttentionDecode(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, workspace, s);
+  return false;
 }
 
 }  // namespace aha::engine::cuda

@@ -137,7 +137,8 @@ constexpr size_t FwdTcSmemBytes() {
 
 template <int D>
 __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
-    AttnFwdTcKernel(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
+    AttnFwdTcKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ lse,
+                    const float* __restrict__ q,
                     const float* __restrict__ k, const float* __restrict__ v, const int32_t* __restrict__ cu, int S,
                     int N, int Hq, int Hkv, float qscale) {
   using C = TcCfg<D>;
@@ -262,18 +263,24 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   // l >= 1 for a real row: it sees itself, and its max term is exp2(0).
   if (rowA < N) {
     const float inv = 1.0f / lA;
-    float* oA = out + (static_cast<size_t>(rowA) * Hq + h) * D;
+    const size_t at = (static_cast<size_t>(rowA) * Hq + h) * D;
 #pragma unroll
-    for (int dn = 0; dn < DN; ++dn)
-      *reinterpret_cast<float2*>(oA + dn * 8 + 2 * t) = make_float2(o[dn][0] * inv, o[dn][1] * inv);
+    for (int dn = 0; dn < DN; ++dn) {
+      const float x0 = o[dn][0] * inv, x1 = o[dn][1] * inv;
+      *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
+      if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
+    }
     if (t == 0) lse[static_cast<size_t>(rowA) * Hq + h] = (mA + log2f(lA)) * kLn2;
   }
   if (rowB < N) {
     const float inv = 1.0f / lB;
-    float* oB = out + (static_cast<size_t>(rowB) * Hq + h) * D;
+    const size_t at = (static_cast<size_t>(rowB) * Hq + h) * D;
 #pragma unroll
-    for (int dn = 0; dn < DN; ++dn)
-      *reinterpret_cast<float2*>(oB + dn * 8 + 2 * t) = make_float2(o[dn][2] * inv, o[dn][3] * inv);
+    for (int dn = 0; dn < DN; ++dn) {
+      const float x0 = o[dn][2] * inv, x1 = o[dn][3] * inv;
+      *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
+      if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
+    }
     if (t == 0) lse[static_cast<size_t>(rowB) * Hq + h] = (mB + log2f(lB)) * kLn2;
   }
 }
@@ -558,13 +565,13 @@ void CheckHeads(int Hq, int Hkv) {
 }
 
 template <int D>
-void LaunchForwardTc(float* out, float* lse, const float* q, const float* k, const float* v, const int32_t* cu,
-                     int S, int N, int Hq, int Hkv, cudaStream_t s) {
+void LaunchForwardTc(float* out, uint16_t* out16, float* lse, const float* q, const float* k, const float* v,
+                     const int32_t* cu, int S, int N, int Hq, int Hkv, cudaStream_t s) {
   const size_t smem = FwdTcSmemBytes<D>();
   AllowSmem(AttnFwdTcKernel<D>, smem);
   const dim3 grid((N + kFwdRows - 1) / kFwdRows, Hq);
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
-  AttnFwdTcKernel<D><<<grid, kThreads, smem, s>>>(out, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
+  AttnFwdTcKernel<D><<<grid, kThreads, smem, s>>>(out, out16, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
   CheckCuda(cudaGetLastError(), "AttnFwdTcKernel launch");
 }
 
@@ -585,14 +592,19 @@ void LaunchBackwardTc(float* dq, float* dk, float* dv, const float* dout, const 
 
 }  // namespace
 
-void AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
-                        const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s) {
-  if (D != 64 && D != 128) return AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, s);
-  if (N <= 0) return;
+bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
+                        const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
+                        uint16_t* out_bf16) {
+  if (D != 64 && D != 128) {
+    AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, s);
+    return false;
+  }
+  if (N <= 0) return false;
   if (S <= 0) Fail("AttentionForwardTC: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
-  if (D == 64) return LaunchForwardTc<64>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
-  return LaunchForwardTc<128>(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+  if (D == 64) LaunchForwardTc<64>(out, out_bf16, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+  else LaunchForwardTc<128>(out, out_bf16, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+  return out_bf16 != nullptr;
 }
 
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,

@@ -374,6 +374,25 @@ void CudaBackend::SwiGluBackward(float* dgu, const float* dh, const float* gu, i
   Check("swiglu backward");
   AdoptCastCopy(dgu, n, copy);
 }
+// dgu only feeds the two products, which read its bf16 copy: the f32 buffer is never written (1.5x
+// fewer bytes than SwiGluBackward's). With f32 products, or no room for the copy while capturing a
+// graph, the two ops run as they are.
+void CudaBackend::SwiGluLinearBackward(float* dx, float* dw, float* dgu, const float* dh, const float* gu,
+                                       const float* x, const float* w, int N, int C, int I) {
+  const size_t n = static_cast<size_t>(N) * 2 * I;
+  uint16_t* copy = CastCopy(n);  // null with f32 products
+  if (copy == nullptr) return Backend::SwiGluLinearBackward(dx, dw, dgu, dh, gu, x, w, N, C, I);
+  cuda::SwiGluBackward(nullptr, dh, gu, N, I, copy, stream_);
+  Check("swiglu backward");
+  AdoptCastCopy(dgu, n, copy);
+  const uint64_t casts = gemm_->casts_launched();
+  LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2 * I, false);
+  // x is cast at most once; dgu, never (its f32 values do not exist).
+  if (gemm_->casts_launched() > casts + 1) {
+    std::fprintf(stderr, "aha CudaBackend: the gate/up backward product cast dgu instead of reading its bf16 copy\n");
+    std::abort();
+  }
+}
 void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
   cuda::Add(out, a, b, n, stream_);
   Check("add");
@@ -381,9 +400,17 @@ void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
 
 void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                                    const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
-  if (UseTcAttention()) cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
-  else cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+  if (!UseTcAttention()) {
+    cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+    Check("attention");
+    return;
+  }
+  // The output feeds the o product: the tensor-core kernel writes its bf16 copy too.
+  const size_t n = static_cast<size_t>(N) * Hq * D;
+  uint16_t* copy = CastCopy(n);
+  const bool wrote = cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_, copy);
   Check("attention");
+  if (wrote) AdoptCastCopy(out, n, copy);
 }
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                                     const float* lse, const float* q, const float* k, const float* v,
@@ -458,8 +485,14 @@ void CudaBackend::CachedAttentionForward(float* out, const float* q, const Paged
     void* ws = Workspace(cuda::CachedAttentionDecodeWorkspace(kv, Nq, Hq, Hkv, D));
     cuda::CachedAttentionDecode(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_);
   } else {
+    // The decode step's output feeds the o product: the tensor-core kernel writes its bf16 copy.
     void* ws = Workspace(cuda::CachedAttentionWorkspace(kv, B, Nq, Hq, Hkv, D));
-    cuda::CachedAttentionForward(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_);
+    const size_t n = static_cast<size_t>(Nq) * Hq * D;
+    uint16_t* copy = CastCopy(n);
+    const bool wrote = cuda::CachedAttentionForward(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_, copy);
+    Check("cached attention");
+    if (wrote) AdoptCastCopy(out, n, copy);
+    return;
   }
   Check("cached attention");
 }

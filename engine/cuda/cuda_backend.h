@@ -80,6 +80,8 @@ class CudaBackend final : public Backend {
   DType kv_cache_dtype() const override;
   void KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q, const int32_t* start,
                     int B, int Nq, int Hkv, int D) override;
+  void SwiGluLinearBackward(float* dx, float* dw, float* dgu, const float* dh, const float* gu, const float* x,
+                            const float* w, int N, int C, int I) override;
   void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
                const float* inv_freq, int N, int Hq, int Hkv, int D) override;
   void RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,

@@ -97,8 +97,11 @@ void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float*
 // CachedAttentionDecode; anything else to CachedAttentionRowwise. workspace: at least
 // CachedAttentionWorkspace(...) bytes (0 for most shapes; null is then fine).
 size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hkv, int D);
-void CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
-                            int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
+// out_bf16, when not null, may get out rounded to bf16 too (Gemm::AdoptCast): true when it did (the
+// tensor-core decode kernel writes it; the others do not).
+bool CachedAttentionForward(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
+                            int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s,
+                            uint16_t* out_bf16 = nullptr);
 // The two kernels behind it (public for tests and timing). Rowwise: one block per new row, for prefill
 // and chunks. Decode: one block per (row, kv head, split of the context) for all query heads of the
 // group; correct for any layout, sized for one row per sequence; the split count, and so the launch
@@ -117,13 +120,16 @@ void CachedAttentionDecode(float* out, const float* q, const KvPages& kv, const 
 bool CachedAttentionDecodeTcSupported(const KvPages& kv, int Hq, int Hkv, int D);
 size_t CachedAttentionDecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv, int D);
 void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
-                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
+                             int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s,
+                             uint16_t* out_bf16 = nullptr);
 // Tensor-core variants (attention_tc.cu): same signatures, semantics and workspace
 // (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
 // mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};
-// any other D is passed to the f32 launchers above.
-void AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
-                        const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s);
+// any other D is passed to the f32 launchers above. The forward writes out rounded to bf16 into
+// out_bf16 too when it is not null and returns whether it did (not for the f32 launchers).
+bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
+                        const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
+                        uint16_t* out_bf16 = nullptr);
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                          int Hq, int Hkv, int D, void* workspace, cudaStream_t s);

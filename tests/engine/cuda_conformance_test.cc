@@ -193,6 +193,17 @@ TEST(CudaOps, AddRmsNormMatchesCpu) {
 // and the same cuBLASLt plan, both operands being 256-byte aligned). And the copy must never be read once the f32 range has changed: after an Add
 // into it, after a product that writes it, after a Copy over it, the product casts again and
 // matches the new values.
+// out[N, OC] = in[N, C] W^T with `in` read through a fresh buffer: a Copy (an op: every held cast
+// is forgotten), then the product, which must cast.
+std::vector<float> ProductOfPlainCopy(CudaBackend* gpu, const Tensor& in, const Tensor& W, int N, int C, int OC) {
+  Tensor plain = Poisoned(in.numel()), out = Poisoned(size_t(N) * OC);
+  gpu->Copy(plain.raw(), in.raw(), in.nbytes());
+  const uint64_t casts = gpu->gemm().casts_launched();
+  gpu->LinearForward(out.f32(), plain.f32(), W.f32(), nullptr, N, C, OC);
+  EXPECT_EQ(gpu->gemm().casts_launched(), casts + 1) << "a plain buffer's product casts its input";
+  return Down(out);
+}
+
 TEST(CudaOps, ProductsReadProducersBf16CopiesAndNeverStaleOnes) {
   REQUIRE_GPU();
   cuda::Gemm& g = gpu->gemm();
@@ -201,15 +212,8 @@ TEST(CudaOps, ProductsReadProducersBf16CopiesAndNeverStaleOnes) {
     for (size_t i = 0; i < a.size(); ++i)
       ASSERT_EQ(std::memcmp(&a[i], &b[i], sizeof(float)), 0) << what << ": element " << i << " " << a[i] << " vs " << b[i];
   };
-  // out[N, OC] from in[N, C] read through a fresh buffer: a Copy (an op: every held cast is
-  // forgotten), then the product, which must cast.
   auto product_of_copy = [&](const Tensor& in, const Tensor& W, int N, int C, int OC) {
-    Tensor plain = Poisoned(in.numel()), out = Poisoned(size_t(N) * OC);
-    gpu->Copy(plain.raw(), in.raw(), in.nbytes());
-    const uint64_t casts = g.casts_launched();
-    gpu->LinearForward(out.f32(), plain.f32(), W.f32(), nullptr, N, C, OC);
-    EXPECT_EQ(g.casts_launched(), casts + 1) << "a plain buffer's product casts its input";
-    return Down(out);
+    return ProductOfPlainCopy(gpu, in, W, N, C, OC);
   };
   for (auto [N, C, OC, I] : {std::tuple{256, 896, 1152, 4864}, std::tuple{7, 37, 45, 13}, std::tuple{1, 64, 96, 40}}) {
     const std::string shape = "N=" + std::to_string(N) + " C=" + std::to_string(C);
@@ -386,6 +390,47 @@ TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
     ExpectNmse("dx from rope + pack's copy vs cast", shape, dx1, dx2, 0.0);
     ExpectNmse("dw from rope + pack's copy vs cast", shape, dw1, dw2, 0.0);
   }
+}
+
+// The gate/up backward from dh in one op (SwiGluLinearBackward: SwiGLU's backward writes only the
+// bf16 dgu the two products read) against SwiGluBackward + LinearBackward: dx and dw bit for bit
+// on the GPU (the same bf16 operands, the same products), within kBf16 of the CPU; with f32
+// products the two ops run as they are (kF32 of the CPU). The f32 dgu buffer stays unwritten.
+TEST(CudaOps, SwiGluLinearBackwardEqualsItsOps) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  for (auto [N, C, I] : {std::tuple{301, 96, 200}, std::tuple{33, 40, 7}}) {
+    for (GemmPrecision prec : {GemmPrecision::kBF16, GemmPrecision::kF32}) {
+      gpu->gemm().set_precision(prec);
+      const bool bf16 = prec == GemmPrecision::kBF16;
+      const std::string shape = std::string(bf16 ? "bf16 " : "f32 ") + "N=" + std::to_string(N) +
+                                " C=" + std::to_string(C) + " I=" + std::to_string(I);
+      auto gu = Randn(size_t(N) * 2 * I, 2.0f), dh = Randn(size_t(N) * I), x = Randn(size_t(N) * C);
+      auto w = Randn(size_t(2 * I) * C, 0.05f), dw0 = Randn(w.size(), 0.01f);
+      std::vector<float> dx(size_t(N) * C), dw = dw0, dgu(gu.size());
+      cpu.SwiGluLinearBackward(dx.data(), dw.data(), dgu.data(), dh.data(), gu.data(), x.data(), w.data(), N, C, I);
+      Tensor d_gu = Up(gu), d_dh = Up(dh), d_x = Up(x), d_w = Up(w);
+      gpu->RegisterWeights(d_w.f32(), d_w.numel());
+      gpu->WeightsChanged(d_w.f32());
+      Tensor dx1 = Poisoned(dx.size()), dw1 = Up(dw0), dgu1 = Poisoned(gu.size());
+      Tensor dx2 = Poisoned(dx.size()), dw2 = Up(dw0), dgu2 = Poisoned(gu.size());
+      gpu->SwiGluLinearBackward(dx1.f32(), dw1.f32(), dgu1.f32(), d_dh.f32(), d_gu.f32(), d_x.f32(), d_w.f32(), N, C,
+                                I);
+      gpu->SwiGluBackward(dgu2.f32(), d_dh.f32(), d_gu.f32(), N, I);
+      gpu->LinearBackward(dx2.f32(), dw2.f32(), nullptr, dgu2.f32(), d_x.f32(), d_w.f32(), N, C, 2 * I, false);
+      gpu->UnregisterWeights(d_w.f32());
+      ExpectNmse("swiglu + gate/up backward dx vs the ops", shape, Down(dx1), Down(dx2), 0.0);
+      ExpectNmse("swiglu + gate/up backward dw vs the ops", shape, Down(dw1), Down(dw2), 0.0);
+      ExpectNmse("swiglu + gate/up backward dx vs cpu", shape, Down(dx1), dx, bf16 ? kBf16 : kF32);
+      ExpectNmse("swiglu + gate/up backward dw vs cpu", shape, Down(dw1), dw, bf16 ? kBf16 : kF32);
+      if (bf16) {
+        const auto untouched = Down(dgu1);
+        EXPECT_TRUE(std::all_of(untouched.begin(), untouched.end(), [](float v) { return std::isnan(v); }))
+            << "dgu's f32 buffer is scratch the bf16 path never writes (" << shape << ")";
+      }
+    }
+  }
+  gpu->gemm().set_precision(GemmPrecision::kBF16);
 }
 
 TEST(CudaOps, SplitAndPackQkv) {
@@ -749,6 +794,53 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
       ExpectNmse("kv cache v", what, Down(d_vc), bf16 ? vc_r : vc, 0.0);
     }
   }
+}
+
+// The attention outputs feed the o product through their bf16 copies: the training forward on the
+// tensor cores and the decode step's tensor-core kernel (one row per sequence, bf16 pool) write
+// them, so the product launches no cast and equals the product over a cast of the same values bit
+// for bit.
+TEST(CudaOps, AttentionOutputsFeedTheOProductWithoutACast) {
+  REQUIRE_GPU();
+  cuda::Gemm& g = gpu->gemm();
+  const int Hq = 14, Hkv = 2, D = 64, QD = Hq * D, C = 96;
+  Tensor d_Wo = Up(Randn(size_t(C) * QD, 0.05f));
+  gpu->RegisterWeights(d_Wo.f32(), d_Wo.numel());
+  gpu->WeightsChanged(d_Wo.f32());
+  auto o_product = [&](const Tensor& att, int N, const std::string& what) {
+    Tensor out = Poisoned(size_t(N) * C);
+    const uint64_t casts = g.casts_launched();
+    gpu->LinearForward(out.f32(), att.f32(), d_Wo.f32(), nullptr, N, QD, C);
+    EXPECT_EQ(g.casts_launched(), casts) << what << ": the o product reads the attention's bf16 copy";
+    ExpectNmse(what + ": o product of the copy vs of a cast", "N=" + std::to_string(N), Down(out),
+               ProductOfPlainCopy(gpu, att, d_Wo, N, QD, C), 0.0);
+  };
+  {  // training forward: two packed sequences
+    const std::vector<int32_t> cu{0, 120, 301};
+    const int N = cu.back();
+    Tensor d_q = Up(Randn(size_t(N) * QD)), d_k = Up(Randn(size_t(N) * Hkv * D)), d_v = Up(Randn(size_t(N) * Hkv * D));
+    Tensor d_cu = Up(cu), att = Poisoned(size_t(N) * QD), lse = Poisoned(size_t(N) * Hq);
+    gpu->AttentionForward(att.f32(), lse.f32(), d_q.f32(), d_k.f32(), d_v.f32(), d_cu.i32(), 2, N, Hq, Hkv, D);
+    o_product(att, N, "training attention");
+  }
+  {  // a decode step: 5 sequences of contexts 1..70 in a bf16 pool, one new row each
+    const int B = 5, bs = 16, max_blocks = 5, num_blocks = B * max_blocks;
+    std::vector<int32_t> table(size_t(B) * max_blocks), cu{0}, start;
+    for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<int32_t>(table.size() - 1 - i);
+    for (int b = 0; b < B; ++b) {
+      start.push_back(1 + 17 * b);  // the new row's position; earlier positions hold random k/v
+      cu.push_back(b + 1);
+    }
+    const int64_t pool = int64_t{num_blocks} * bs * Hkv * D;
+    auto bf16_pool = [&] { return Tensor::FromVector(Randn(pool), {pool}).To(DType::kBF16).ToDevice(gpu->device()); };
+    Tensor kc = bf16_pool(), vc = bf16_pool();
+    Tensor d_table = Up(table), d_cu = Up(cu), d_start = Up(start), d_q = Up(Randn(size_t(B) * QD));
+    const PagedKv cache{kc.raw(), vc.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
+    Tensor att = Poisoned(size_t(B) * QD);
+    gpu->CachedAttentionForward(att.f32(), d_q.f32(), cache, d_cu.i32(), d_start.i32(), B, B, Hq, Hkv, D);
+    if (DecodeOnTensorCores(cache, B, B, Hq, Hkv, D)) o_product(att, B, "decode attention");
+  }
+  gpu->UnregisterWeights(d_Wo.f32());
 }
 
 // The fused q/k/v step of generation (QkvRopeKvWrite: split + bias, RoPE of q and k, pool write, one
