@@ -10,9 +10,11 @@
 //    (kept in registers), merged in f64 into the row's running (m, s, t) with t relative to m:
 //    t = sum exp(z - m) (z - m), so entropy = lse - E[z] = log s - t / s without cancellation.
 //    The last chunk writes lse = m + log s, logprob = z_target - lse, entropy (0 for target < 0).
-//  - backward: dz = (dlogprob (onehot - p) - dentropy p (log p + H)) / T in place, with
-//    p = exp(z - lse) and H the saved entropy (d H / d z_j = -p_j (log p_j + H)); then
-//    dh (=, then +=) dz @ w_chunk (gemm.NN) and dw_chunk += dz^T @ h (gemm.TN).
+//  - backward: dz = (dlogprob (onehot - p) - dentropy p (log p + H)) / T, with p = exp(z - lse) and
+//    H the saved entropy (d H / d z_j = -p_j (log p_j + H)), written in bf16 beside z with bf16
+//    products (the operand both products read, adopted by the gemm: no f32 dz, no cast pass) or in
+//    place with f32 ones; then dh (=, then +=) dz @ w_chunk (gemm.NN) and dw_chunk += dz^T @ h
+//    (gemm.TN).
 //  The 1/T of d z / d logits is folded into dz, so the products run with alpha = 1.
 //  The gemm object is assumed to enqueue on the same stream `s` as these kernels.
 //
@@ -41,6 +43,7 @@
 //    on 2^23 points in (0, 1) and exact in f32. Numbers 0 .. V - 1 belong to the tokens (a
 //    replacement at token i draws u_i), V + t to thread t's Gumbel.
 //  - logprob = z_token - lse over the full vocabulary (the behaviour log-prob of engine/sampler.h).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -48,6 +51,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "engine/cuda/kernels.h"
 
@@ -201,10 +206,27 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadForwardRows(const float* __
   entropy[n] = valid ? static_cast<float>(log_s - t / s) : 0.0f;
 }
 
-// In place on the chunk logits z[N, cols]: z -> d loss / d logits (the 1/T included), exactly the
-// expression of CpuBackend::LmHeadBackward.
+// The chunk logits z[N, cols] -> dz = d loss / d logits (the 1/T included), exactly the expression of
+// CpuBackend::LmHeadBackward: in place (dz16 null), or rounded to bf16 into dz16[N, cols] only, the
+// operand both products read (z is then left as it was).
+__device__ __forceinline__ void StoreDz(float* __restrict__ z, uint16_t* __restrict__ dz16, size_t i, float4 d) {
+  if (dz16) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(d.x, d.y), hi = __floats2bfloat162_rn(d.z, d.w);
+    uint2 packed;
+    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(dz16 + i) = packed;
+  } else {
+    *reinterpret_cast<float4*>(z + i) = d;
+  }
+}
+__device__ __forceinline__ void StoreDz(float* __restrict__ z, uint16_t* __restrict__ dz16, size_t i, float d) {
+  if (dz16) dz16[i] = __bfloat16_as_ushort(__float2bfloat16_rn(d));
+  else z[i] = d;
+}
+
 template <bool kVec>
-__global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restrict__ z,
+__global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restrict__ z, uint16_t* __restrict__ dz16,
                                                                   const int32_t* __restrict__ targets,
                                                                   const float* __restrict__ lse,
                                                                   const float* __restrict__ entropy,
@@ -212,7 +234,8 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restr
                                                                   const float* __restrict__ dentropy, int cols,
                                                                   int v0, float inv_t) {
   const int n = blockIdx.x;
-  float* row = z + static_cast<size_t>(n) * cols;
+  const size_t base = static_cast<size_t>(n) * cols;
+  const float* row = z + base;
   const int tgt = targets[n];
   const float glp = (tgt >= 0 && dlogprob != nullptr) ? dlogprob[n] : 0.0f;
   const float gent = (tgt >= 0 && dentropy != nullptr) ? dentropy[n] : 0.0f;
@@ -220,10 +243,10 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restr
 
   if (glp == 0.0f && gent == 0.0f) {  // no gradient flows through this row (e.g. target < 0)
     if constexpr (kVec) {
-      float4* row4 = reinterpret_cast<float4*>(row);
-      for (int j = threadIdx.x; j < cols / 4; j += kRowThreads) row4[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int j = threadIdx.x; j < cols / 4; j += kRowThreads)
+        StoreDz(z, dz16, base + 4 * j, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
     } else {
-      for (int j = threadIdx.x; j < cols; j += kRowThreads) row[j] = 0.0f;
+      for (int j = threadIdx.x; j < cols; j += kRowThreads) StoreDz(z, dz16, base + j, 0.0f);
     }
     return;
   }
@@ -236,7 +259,7 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restr
     return d * inv_t;
   };
   if constexpr (kVec) {
-    float4* row4 = reinterpret_cast<float4*>(row);
+    const float4* row4 = reinterpret_cast<const float4*>(row);
     for (int j = threadIdx.x; j < cols / 4; j += kRowThreads) {
       float4 q = row4[j];
       const int c = 4 * j;
@@ -244,10 +267,10 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restr
       q.y = grad(q.y, c + 1);
       q.z = grad(q.z, c + 2);
       q.w = grad(q.w, c + 3);
-      row4[j] = q;
+      StoreDz(z, dz16, base + c, q);
     }
   } else {
-    for (int j = threadIdx.x; j < cols; j += kRowThreads) row[j] = grad(row[j], j);
+    for (int j = threadIdx.x; j < cols; j += kRowThreads) StoreDz(z, dz16, base + j, grad(row[j], j));
   }
 }
 
@@ -729,9 +752,10 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
 
 int LmHeadChunk() { return kChunk; }
 
+// z (f32 chunk logits) | the forward's row statistics, or the backward's bf16 dz of a chunk.
 size_t LmHeadWorkspace(int N, int V) {
   if (N <= 0 || V <= 0) return 0;
-  return LogitsBytes(N, V) + static_cast<size_t>(N) * sizeof(RowStats);
+  return LogitsBytes(N, V) + std::max(static_cast<size_t>(N) * sizeof(RowStats), LogitsBytes(N, V) / 2);
 }
 
 void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const float* h, const float* w,
@@ -767,24 +791,36 @@ void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, con
     return;
   }
   float* z = static_cast<float*>(workspace);
+  // With bf16 products the row kernel writes dz in bf16 only, beside z, and both products read that
+  // copy (Gemm::AdoptCast; z keeps the logits, which nothing reads again): per logit 4 B written
+  // and 4 + 2 B of a cast pass fewer than dz in f32 plus its cast. With f32 products dz replaces z.
+  uint16_t* dz16 = gemm.precision() == GemmPrecision::kBF16
+                       ? reinterpret_cast<uint16_t*>(static_cast<char*>(workspace) + LogitsBytes(N, V))
+                       : nullptr;
   const float inv_t = 1.0f / temperature;
   const int VC = ChunkCols(V);
-  // One bf16 copy of dz serves both products: NN casts it, TN (same operand slot, nothing written
-  // in between but dh) reuses it; TN's h reuses the b slot's cast from the chunk before. The row
-  // kernel rewrites z in place, but by then NT has replaced the held z cast with h, and NT's output
-  // z drops any held cast of z anyway (Gemm::set_cast_reuse). Saves a cast pass over every chunk's
-  // dz: 6 B per logit, ~3.5 ms of a 16384-row step.
+  // TN's h reuses the b slot's cast from the chunk before (nothing but dh, dw and z is written in
+  // between; NT's output z drops any held or adopted copy of z: Gemm::set_cast_reuse).
   gemm.set_cast_reuse(true);
   for (int v0 = 0; v0 < V; v0 += VC) {
     const int cols = std::min(VC, V - v0);
     const float* wc = w + static_cast<size_t>(v0) * C;
     gemm.NT(z, h, wc, N, cols, C, inv_t, 0.0f);  // the forward's z, recomputed
     if (cols % 4 == 0)
-      LmHeadBackwardRows<true><<<N, kRowThreads, 0, s>>>(z, targets, lse, entropy, dlogprob, dentropy, cols, v0, inv_t);
+      LmHeadBackwardRows<true><<<N, kRowThreads, 0, s>>>(z, dz16, targets, lse, entropy, dlogprob, dentropy, cols, v0,
+                                                         inv_t);
     else
-      LmHeadBackwardRows<false><<<N, kRowThreads, 0, s>>>(z, targets, lse, entropy, dlogprob, dentropy, cols, v0, inv_t);
+      LmHeadBackwardRows<false><<<N, kRowThreads, 0, s>>>(z, dz16, targets, lse, entropy, dlogprob, dentropy, cols, v0,
+                                                          inv_t);
+    const uint64_t casts = gemm.casts_launched();
+    if (dz16) gemm.AdoptCast(z, static_cast<size_t>(N) * cols, dz16);
     gemm.NN(dh, z, wc, N, C, cols, 1.0f, v0 == 0 ? 0.0f : 1.0f);            // dh (=, +=) dz @ w_chunk
     gemm.TN(dw + static_cast<size_t>(v0) * C, z, h, cols, C, N, 1.0f, 1.0f);  // dw_chunk += dz^T @ h
+    // dz in bf16 exists only as the adopted copy: a product that cast z would have read logits.
+    if (dz16 && gemm.casts_launched() > casts + 1) {
+      std::fprintf(stderr, "aha lm-head backward: a product cast z instead of reading dz's bf16 copy\n");
+      std::abort();
+    }
   }
   gemm.set_cast_reuse(false);
 }
