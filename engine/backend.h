@@ -70,6 +70,12 @@ class Backend {
   virtual void RegisterWeights(const float* /*base*/, size_t /*n*/) {}
   virtual void UnregisterWeights(const float* /*base*/) {}
   virtual void WeightsChanged(const float* /*base*/) {}
+  // An activation buffer [base, base + n) whose only readers are matrix products (SwiGLU's output,
+  // read by the down product and its weight gradient): a backend may keep it as a bf16 copy that
+  // SwiGluForward writes instead of the f32 values (the CUDA backend does with bf16 products), so
+  // nothing but LinearForward / LinearBackward may read it. Release it before freeing the buffer.
+  virtual void KeepAsBf16(const float* /*base*/, size_t /*n*/) {}
+  virtual void ReleaseBf16(const float* /*base*/) {}
 
   // ---- graphs -------------------------------------------------------------------------------------
   // Records the ops enqueued between BeginCapture() and EndCapture() as one replayable graph (CUDA

@@ -62,6 +62,7 @@ Transformer::Transformer(const ModelConfig& config, Backend* backend)
 
 Transformer::~Transformer() {
   ClearGraphs();
+  for (auto& a : acts_) backend_->ReleaseBf16(a.h.f32());
   backend_->UnregisterWeights(params_.f32());
 }
 
@@ -254,9 +255,15 @@ void Transformer::EnsureCapacity(int N) {
   const Device d = backend_->device();
   resid_.clear();
   for (int l = 0; l <= config_.num_layers; ++l) resid_.emplace_back(DType::kF32, Shape{N, C}, d);
+  for (auto& a : acts_) backend_->ReleaseBf16(a.h.f32());
   acts_.clear();
   acts_.resize(recompute_ ? 1 : config_.num_layers);
-  for (auto& a : acts_) AllocLayerActs(&a, N);
+  for (auto& a : acts_) {
+    AllocLayerActs(&a, N);
+    // SwiGLU's output feeds only the down product and its weight gradient: a backend may keep it
+    // in bf16 only (Backend::KeepAsBf16).
+    backend_->KeepAsBf16(a.h.f32(), static_cast<size_t>(a.h.numel()));
+  }
   lnf_ = Tensor(DType::kF32, {N, C}, d);
   rstdf_ = Tensor(DType::kF32, {N}, d);
   lm_lse_ = Tensor(DType::kF32, {N}, d);

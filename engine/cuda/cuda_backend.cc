@@ -245,6 +245,18 @@ void CudaBackend::RegisterWeights(const float* base, size_t n) {
   gemm_->RegisterWeights(base, n);
 }
 void CudaBackend::UnregisterWeights(const float* base) { gemm_->UnregisterWeights(base); }
+void CudaBackend::KeepAsBf16(const float* base, size_t n) {
+  gemm_->RegisterWeights(base, n);  // its bf16 copy, which SwiGluForward fills
+  kept_.push_back({base, n});
+}
+void CudaBackend::ReleaseBf16(const float* base) {
+  for (size_t i = 0; i < kept_.size(); ++i)
+    if (kept_[i].base == base) {
+      gemm_->UnregisterWeights(base);
+      kept_.erase(kept_.begin() + static_cast<long>(i));
+      return;
+    }
+}
 void CudaBackend::WeightsChanged(const float* base) {
   gemm_->WeightsChanged(base);
   Check("cast weights to bf16");
@@ -362,6 +374,14 @@ void CudaBackend::PackQkv(float* dqkv, const float* dq, const float* dk, const f
 }
 void CudaBackend::SwiGluForward(float* h, const float* gu, int N, int I) {
   const size_t n = static_cast<size_t>(N) * I;
+  // A kept range with bf16 products: only the bf16 copy the products read is written.
+  if (gemm_->precision() == GemmPrecision::kBF16)
+    for (const Kept& k : kept_)
+      if (h >= k.base && h + n <= k.base + k.n) {
+        cuda::SwiGluForward(nullptr, gu, N, I, gemm_->Bf16Copy(k.base) + (h - k.base), stream_);
+        Check("swiglu");
+        return;
+      }
   uint16_t* copy = CastCopy(n);
   cuda::SwiGluForward(h, gu, N, I, copy, stream_);
   Check("swiglu");

@@ -16,6 +16,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "engine/backend.h"
@@ -44,6 +45,8 @@ class CudaBackend final : public Backend {
   void Synchronize() override;
   void RegisterWeights(const float* base, size_t n) override;
   void UnregisterWeights(const float* base) override;
+  void KeepAsBf16(const float* base, size_t n) override;
+  void ReleaseBf16(const float* base) override;
   void WeightsChanged(const float* base) override;
   bool BeginCapture() override;
   void* EndCapture() override;
@@ -143,6 +146,13 @@ class CudaBackend final : public Backend {
   bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
   bool tc_attention_ = true;
   bool bf16_kv_cache_ = true;  // AHA_KV_CACHE=f32 turns it off (kv_cache_dtype())
+  // KeepAsBf16 ranges: registered with the gemm like weights (their bf16 copy is what products
+  // read), written by SwiGluForward.
+  struct Kept {
+    const float* base;
+    size_t n;
+  };
+  std::vector<Kept> kept_;
   std::unique_ptr<Profile> profile_;
   bool capturing_ = false;
 };

@@ -254,7 +254,7 @@ __global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const float* g
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I, g_at = i + n * I;  // n * 2I + j
     const float o = Swish(gu[g_at], gu[g_at + I]);
-    h[i] = o;
+    if (h) h[i] = o;
     if (h16) h16[i] = __float2bfloat16_rn(o);
   }
 }
@@ -267,7 +267,7 @@ __global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const float
     const size_t n = i / I4, g_at = i + n * I4;  // in float4 units: n * 2 I4 + j
     const float4 g = reinterpret_cast<const float4*>(gu)[g_at], u = reinterpret_cast<const float4*>(gu)[g_at + I4];
     const float4 o = make_float4(Swish(g.x, u.x), Swish(g.y, u.y), Swish(g.z, u.z), Swish(g.w, u.w));
-    reinterpret_cast<float4*>(h)[i] = o;
+    if (h) reinterpret_cast<float4*>(h)[i] = o;
     if (h16) {
       const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x, o.y), hi = __floats2bfloat162_rn(o.z, o.w);
       uint2 packed;

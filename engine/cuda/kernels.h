@@ -35,6 +35,7 @@ void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias,
               cudaStream_t s);
 void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD,
              uint16_t* dqkv_bf16, cudaStream_t s);
+// h may be null when only h_bf16 is wanted (and the reverse).
 void SwiGluForward(float* h, const float* gu, int N, int I, uint16_t* h_bf16, cudaStream_t s);
 void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, uint16_t* dgu_bf16, cudaStream_t s);
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s);

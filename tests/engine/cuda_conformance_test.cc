@@ -433,6 +433,50 @@ TEST(CudaOps, SwiGluLinearBackwardEqualsItsOps) {
   gpu->gemm().set_precision(GemmPrecision::kBF16);
 }
 
+// An activation kept as bf16 (Backend::KeepAsBf16: SwiGLU's output h) is written by SwiGluForward
+// in bf16 only, and the products that read h (the down product, its weight gradient) read that copy:
+// no cast, the f32 buffer untouched, and outputs bit for bit those of the same SwiGLU into a plain
+// buffer followed by cast products. With f32 products the f32 values are written as usual.
+TEST(CudaOps, ActivationKeptAsBf16IsWhatTheProductsRead) {
+  REQUIRE_GPU();
+  cuda::Gemm& g = gpu->gemm();
+  const int N = 301, I = 200, C = 96;
+  auto gu = Randn(size_t(N) * 2 * I, 2.0f);
+  Tensor d_gu = Up(gu), d_W = Up(Randn(size_t(C) * I, 0.05f)), d_dout = Up(Randn(size_t(N) * C));
+  gpu->RegisterWeights(d_W.f32(), d_W.numel());
+  gpu->WeightsChanged(d_W.f32());
+  // Forward (down product) and weight gradient (TN over h) from h.
+  auto run = [&](Tensor& h, int want_casts, const std::string& what) {
+    Tensor out = Poisoned(size_t(N) * C), dx = Poisoned(size_t(N) * I), dw = Up(std::vector<float>(d_W.numel(), 0.0f));
+    gpu->SwiGluForward(h.f32(), d_gu.f32(), N, I);
+    gpu->Copy(dx.raw(), dx.raw(), 0);  // an op in between: no copy adopted from SwiGLU is left
+    const uint64_t before = g.casts_launched();
+    gpu->LinearForward(out.f32(), h.f32(), d_W.f32(), nullptr, N, I, C);
+    gpu->LinearBackward(dx.f32(), dw.f32(), nullptr, d_dout.f32(), h.f32(), d_W.f32(), N, I, C, false);
+    EXPECT_EQ(g.casts_launched(), before + want_casts) << what;
+    return std::tuple{Down(out), Down(dx), Down(dw)};
+  };
+  Tensor kept = Poisoned(size_t(N) * I), plain = Poisoned(size_t(N) * I);
+  gpu->KeepAsBf16(kept.f32(), kept.numel());
+  // Kept: only dout is cast (once, for NN and TN); plain: h for the forward, then dout and h.
+  auto [out1, dx1, dw1] = run(kept, 1, "kept h: products read its bf16 copy");
+  auto [out2, dx2, dw2] = run(plain, 3, "plain h: each product casts");
+  const auto untouched = Down(kept);
+  EXPECT_TRUE(std::all_of(untouched.begin(), untouched.end(), [](float v) { return std::isnan(v); }))
+      << "a kept activation's f32 buffer is not written with bf16 products";
+  ExpectNmse("down product of kept h vs of a cast", "N=301 I=200", out1, out2, 0.0);
+  ExpectNmse("dx with kept h vs plain", "N=301 I=200", dx1, dx2, 0.0);
+  ExpectNmse("dw from kept h vs from a cast", "N=301 I=200", dw1, dw2, 0.0);
+  // f32 products: the f32 values are there.
+  gpu->gemm().set_precision(GemmPrecision::kF32);
+  gpu->SwiGluForward(kept.f32(), d_gu.f32(), N, I);
+  gpu->SwiGluForward(plain.f32(), d_gu.f32(), N, I);
+  ExpectNmse("swiglu into a kept range with f32 products", "N=301 I=200", Down(kept), Down(plain), 0.0);
+  gpu->gemm().set_precision(GemmPrecision::kBF16);
+  gpu->ReleaseBf16(kept.f32());
+  gpu->UnregisterWeights(d_W.f32());
+}
+
 TEST(CudaOps, SplitAndPackQkv) {
   REQUIRE_GPU();
   CpuBackend cpu;
