@@ -405,10 +405,10 @@ void CudaBackend::SwiGluLinearBackward(float* dx, float* dw, float* dgu, const f
   cuda::SwiGluBackward(nullptr, dh, gu, N, I, copy, stream_);
   Check("swiglu backward");
   AdoptCastCopy(dgu, n, copy);
-  const uint64_t casts = gemm_->casts_launched();
+  const uint64_t reads = gemm_->adopted_reads();
   LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2 * I, false);
-  // x is cast at most once; dgu, never (its f32 values do not exist).
-  if (gemm_->casts_launched() > casts + 1) {
+  // Both products (one without dx) read dgu from its copy: its f32 values do not exist.
+  if (gemm_->adopted_reads() != reads + (dx ? 2 : 1)) {
     std::fprintf(stderr, "aha CudaBackend: the gate/up backward product cast dgu instead of reading its bf16 copy\n");
     std::abort();
   }

@@ -256,6 +256,7 @@ struct Gemm::Impl {
     const uint16_t* bf16 = nullptr;
   } adopted;
   uint64_t casts = 0;
+  uint64_t adopted_reads = 0;
   std::vector<WeightRange> weights;
 
   // The bf16 operand for `p` (rows * cols elements): a registered weight's cached copy, the
@@ -263,7 +264,10 @@ struct Gemm::Impl {
   const uint16_t* Bf16(const float* p, size_t count, Scratch& scratch, Held& held) {
     for (const WeightRange& w : weights)
       if (p >= w.base && p + count <= w.base + w.n) return w.bf16 + (p - w.base);
-    if (reuse && adopted.p == p && adopted.count == count) return adopted.bf16;
+    if (reuse && adopted.p == p && adopted.count == count) {
+      ++adopted_reads;
+      return adopted.bf16;
+    }
     if (reuse && held.p == p && held.count == count && scratch.bytes >= count * sizeof(uint16_t))
       return static_cast<const uint16_t*>(scratch.p);
     auto* out = static_cast<uint16_t*>(scratch.Get(count * sizeof(uint16_t)));
@@ -512,6 +516,7 @@ void Gemm::ForgetCasts() {
 }
 void Gemm::AdoptCast(const float* f32, size_t count, const uint16_t* bf16) { impl_->adopted = {f32, count, bf16}; }
 uint64_t Gemm::casts_launched() const { return impl_->casts; }
+uint64_t Gemm::adopted_reads() const { return impl_->adopted_reads; }
 void Gemm::set_cast_reuse(bool on) { impl_->reuse = on; }
 
 void Gemm::NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {

@@ -83,6 +83,9 @@ class Gemm {
   void AdoptCast(const float* f32, size_t count, const uint16_t* bf16);
   // Casts of non-weight operands launched so far (held casts and adopted copies launch none).
   uint64_t casts_launched() const;
+  // Products' operands read from an adopted copy so far (a caller whose operand exists only as that
+  // copy checks that its products read it).
+  uint64_t adopted_reads() const;
 
  private:
   struct Impl;

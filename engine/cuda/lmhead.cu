@@ -812,12 +812,12 @@ void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, con
     else
       LmHeadBackwardRows<false><<<N, kRowThreads, 0, s>>>(z, dz16, targets, lse, entropy, dlogprob, dentropy, cols, v0,
                                                           inv_t);
-    const uint64_t casts = gemm.casts_launched();
+    const uint64_t reads = gemm.adopted_reads();
     if (dz16) gemm.AdoptCast(z, static_cast<size_t>(N) * cols, dz16);
     gemm.NN(dh, z, wc, N, C, cols, 1.0f, v0 == 0 ? 0.0f : 1.0f);            // dh (=, +=) dz @ w_chunk
     gemm.TN(dw + static_cast<size_t>(v0) * C, z, h, cols, C, N, 1.0f, 1.0f);  // dw_chunk += dz^T @ h
     // dz in bf16 exists only as the adopted copy: a product that cast z would have read logits.
-    if (dz16 && gemm.casts_launched() > casts + 1) {
+    if (dz16 && gemm.adopted_reads() != reads + 2) {
       std::fprintf(stderr, "aha lm-head backward: a product cast z instead of reading dz's bf16 copy\n");
       std::abort();
     }
