@@ -563,7 +563,7 @@ __device__ __forceinline__ float4 LdCache4(const uint16_t* p) {
 }
 __device__ __forceinline__ void StCache4(float* p, float4 x) { St4(p, x); }
 __device__ __forceinline__ void StCache4(uint16_t* p, float4 x) {
-  *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w));
+  *reinterpret_cast<uint2*>(p) = PackBf16x4(x);
 }
 __device__ __forceinline__ void StCache1(float* p, float x) { *p = x; }
 __device__ __forceinline__ void StCache1(uint16_t* p, float x) { *p = __bfloat16_as_ushort(__float2bfloat16_rn(x)); }

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "engine/cuda/bf16.h"
+
 namespace aha::engine::cuda {
 
 // A launcher's argument check or CUDA call failed: the op interface has no error path, so abort
@@ -69,13 +71,6 @@ __device__ __forceinline__ void CpAsyncWaitAll() { CpAsyncWaitGroup<0>(); }
 // and register i of a lane holds row g, columns 2t, 2t+1 of matrix i; with .trans it holds rows 2t,
 // 2t+1 of column g instead.
 
-// Two floats rounded to bf16 (round to nearest even) in one register: `lo` in bits 0..15.
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address), .y = hi
-  uint32_t u;
-  memcpy(&u, &t, sizeof(u));
-  return u;
-}
 
 // Four 8 x 8 bf16 matrices; this lane passes the address of row (lane % 8) of matrix lane / 8
 // (16-byte aligned). The "memory" clobber keeps these reads ordered with plain shared-memory stores.

@@ -38,7 +38,7 @@ namespace {
 
 // dst[0..3] = bf16(x); dst is 8-byte aligned.
 __device__ __forceinline__ void StoreBf16x4(uint16_t* dst, float4 x) {
-  *reinterpret_cast<uint2*>(dst) = make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w));
+  *reinterpret_cast<uint2*>(dst) = PackBf16x4(x);
 }
 
 // Adds a * (C fragment c) of a 16 x 8 tile into x[row, head, col .. col + 7] of x[*, H, D] with one

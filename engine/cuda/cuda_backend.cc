@@ -499,22 +499,22 @@ void CudaBackend::CachedAttentionForward(float* out, const float* q, const Paged
     const std::string v = e != nullptr ? e : "";
     return v == "rowwise" ? Decode::kRowwise : v == "simt" ? Decode::kSimt : Decode::kDefault;
   }();
+  // The output feeds the o product: the tensor-core decode kernel writes its bf16 copy too.
+  const size_t n = static_cast<size_t>(Nq) * Hq * D;
+  uint16_t* copy = nullptr;
+  bool wrote = false;
   if (mode == Decode::kRowwise || (mode == Decode::kSimt && Nq != B)) {
     cuda::CachedAttentionRowwise(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, stream_);
   } else if (mode == Decode::kSimt) {
     void* ws = Workspace(cuda::CachedAttentionDecodeWorkspace(kv, Nq, Hq, Hkv, D));
     cuda::CachedAttentionDecode(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_);
   } else {
-    // The decode step's output feeds the o product: the tensor-core kernel writes its bf16 copy.
     void* ws = Workspace(cuda::CachedAttentionWorkspace(kv, B, Nq, Hq, Hkv, D));
-    const size_t n = static_cast<size_t>(Nq) * Hq * D;
-    uint16_t* copy = CastCopy(n);
-    const bool wrote = cuda::CachedAttentionForward(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_, copy);
-    Check("cached attention");
-    if (wrote) AdoptCastCopy(out, n, copy);
-    return;
+    copy = CastCopy(n);
+    wrote = cuda::CachedAttentionForward(out, q, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws, stream_, copy);
   }
   Check("cached attention");
+  if (wrote) AdoptCastCopy(out, n, copy);
 }
 
 void CudaBackend::LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
 
 namespace aha::engine::cuda {
@@ -109,12 +110,7 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
     const float4 o = make_float4((v[i].x * r) * g.x, (v[i].y * r) * g.y, (v[i].z * r) * g.z, (v[i].w * r) * g.w);
     reinterpret_cast<float4*>(out + base)[c] = o;
     if (out16) {
-      // Round to nearest even, exactly as CastF32ToBF16Kernel: the adopted copy equals a cast.
-      const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x, o.y), hi = __floats2bfloat162_rn(o.z, o.w);
-      uint2 packed;
-      packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-      packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-      reinterpret_cast<uint2*>(out16 + base)[c] = packed;
+      reinterpret_cast<uint2*>(out16 + base)[c] = PackBf16x4(o);  // the adopted copy equals a cast
     }
   }
 }
@@ -268,13 +264,7 @@ __global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const float
     const float4 g = reinterpret_cast<const float4*>(gu)[g_at], u = reinterpret_cast<const float4*>(gu)[g_at + I4];
     const float4 o = make_float4(Swish(g.x, u.x), Swish(g.y, u.y), Swish(g.z, u.z), Swish(g.w, u.w));
     if (h) reinterpret_cast<float4*>(h)[i] = o;
-    if (h16) {
-      const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x, o.y), hi = __floats2bfloat162_rn(o.z, o.w);
-      uint2 packed;
-      packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-      packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-      reinterpret_cast<uint2*>(h16)[i] = packed;
-    }
+    if (h16) reinterpret_cast<uint2*>(h16)[i] = PackBf16x4(o);
   }
 }
 
@@ -306,13 +296,6 @@ __device__ __forceinline__ void SwiGluGrad(float d, float g, float u, float& dga
   const float s = 1.0f / (1.0f + expf(-g));
   dup = d * g * s;
   dgate = d * u * s * (1.0f + g * (1.0f - s));
-}
-__device__ __forceinline__ uint2 PackBf16x4(float4 x) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
-  uint2 packed;
-  packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-  packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-  return packed;
 }
 __global__ void SwiGluBackwardVecKernel(float* dgu, __nv_bfloat16* dgu16, const float* dh, const float* gu, int N,
                                         int I) {
@@ -401,10 +384,7 @@ __global__ void CastF32ToBF16Kernel(__nv_bfloat16* out, const float* in, size_t 
   const size_t n4 = (reinterpret_cast<uintptr_t>(in) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0) ? n / 4 : 0;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n4;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const float4 f = reinterpret_cast<const float4*>(in)[i];
-    __nv_bfloat162 a = __floats2bfloat162_rn(f.x, f.y), b = __floats2bfloat162_rn(f.z, f.w);
-    reinterpret_cast<__nv_bfloat162*>(out)[2 * i] = a;
-    reinterpret_cast<__nv_bfloat162*>(out)[2 * i + 1] = b;
+    reinterpret_cast<uint2*>(out)[i] = PackBf16x4(reinterpret_cast<const float4*>(in)[i]);
   }
   for (size_t i = n4 * 4 + blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)

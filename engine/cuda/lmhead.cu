@@ -54,6 +54,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
 
 namespace aha::engine::cuda {
@@ -211,11 +212,7 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadForwardRows(const float* __
 // operand both products read (z is then left as it was).
 __device__ __forceinline__ void StoreDz(float* __restrict__ z, uint16_t* __restrict__ dz16, size_t i, float4 d) {
   if (dz16) {
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(d.x, d.y), hi = __floats2bfloat162_rn(d.z, d.w);
-    uint2 packed;
-    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-    *reinterpret_cast<uint2*>(dz16 + i) = packed;
+    *reinterpret_cast<uint2*>(dz16 + i) = PackBf16x4(d);
   } else {
     *reinterpret_cast<float4*>(z + i) = d;
   }

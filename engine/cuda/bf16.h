@@ -1,0 +1,24 @@
+// bf16 packing shared by the kernels (.cu files only). Round to nearest even, as
+// CastF32ToBF16Kernel rounds, so a bf16 copy that a producer writes equals a cast of its output.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace aha::engine::cuda {
+
+// Two floats rounded to bf16 in one register: `lo` in bits 0..15 (the lower address).
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);  // .x = lo, .y = hi
+  uint32_t u;
+  memcpy(&u, &t, sizeof(u));
+  return u;
+}
+
+// Four consecutive floats as four bf16 (one 8-byte store).
+__device__ __forceinline__ uint2 PackBf16x4(float4 x) { return make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w)); }
+
+}  // namespace aha::engine::cuda
