@@ -70,10 +70,14 @@ class Backend {
   virtual void RegisterWeights(const float* /*base*/, size_t /*n*/) {}
   virtual void UnregisterWeights(const float* /*base*/) {}
   virtual void WeightsChanged(const float* /*base*/) {}
-  // An activation buffer [base, base + n) whose only readers are matrix products (SwiGLU's output,
-  // read by the down product and its weight gradient): a backend may keep it as a bf16 copy that
-  // SwiGluForward writes instead of the f32 values (the CUDA backend does with bf16 products), so
-  // nothing but LinearForward / LinearBackward may read it. Release it before freeing the buffer.
+  // An activation buffer [base, base + n) that a backend may store in bf16 only (the CUDA backend
+  // does with bf16 products): its writer rounds to bf16 and writes only that copy, its readers read
+  // it, and its f32 values are never written. Only these ops may touch it: LinearForward (x; or out
+  // without bias), LinearBackward (x; or dx without accumulate_dx), RmsNormForward and
+  // AddRmsNormForward (out / ln), SwiGluForward (h, gu), SwiGluBackward and SwiGluLinearBackward
+  // (gu, dh). The Transformer keeps the norms' outputs, gu, h and dh. Rounding gu and dh changes the
+  // numbers (by bf16's ~2e-3 relative step, as bf16 autocast does in PyTorch); the other kept tensors
+  // are read only by products, which round them anyway. Release it before freeing the buffer.
   virtual void KeepAsBf16(const float* /*base*/, size_t /*n*/) {}
   virtual void ReleaseBf16(const float* /*base*/) {}
 

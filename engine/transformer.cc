@@ -62,8 +62,22 @@ Transformer::Transformer(const ModelConfig& config, Backend* backend)
 
 Transformer::~Transformer() {
   ClearGraphs();
-  for (auto& a : acts_) backend_->ReleaseBf16(a.h.f32());
+  ReleaseKept(&kept_acts_);
+  ReleaseKept(&kept_dec_);
   backend_->UnregisterWeights(params_.f32());
+}
+
+// Activations whose only readers are products and the SwiGLU ops may be stored in bf16 only
+// (Backend::KeepAsBf16): the norms' outputs (read by the q/k/v and gate/up products and their
+// weight gradients), gu (SwiGLU forward and backward), h (the down product), dh (SwiGLU backward).
+void Transformer::Keep(const Tensor& t, std::vector<const float*>* kept) {
+  if (t.numel() == 0) return;
+  backend_->KeepAsBf16(t.f32(), static_cast<size_t>(t.numel()));
+  kept->push_back(t.f32());
+}
+void Transformer::ReleaseKept(std::vector<const float*>* kept) {
+  for (const float* p : *kept) backend_->ReleaseBf16(p);
+  kept->clear();
 }
 
 void Transformer::ClearGraphs() {
@@ -255,14 +269,12 @@ void Transformer::EnsureCapacity(int N) {
   const Device d = backend_->device();
   resid_.clear();
   for (int l = 0; l <= config_.num_layers; ++l) resid_.emplace_back(DType::kF32, Shape{N, C}, d);
-  for (auto& a : acts_) backend_->ReleaseBf16(a.h.f32());
+  ReleaseKept(&kept_acts_);
   acts_.clear();
   acts_.resize(recompute_ ? 1 : config_.num_layers);
   for (auto& a : acts_) {
     AllocLayerActs(&a, N);
-    // SwiGLU's output feeds only the down product and its weight gradient: a backend may keep it
-    // in bf16 only (Backend::KeepAsBf16).
-    backend_->KeepAsBf16(a.h.f32(), static_cast<size_t>(a.h.numel()));
+    for (const Tensor* t : {&a.ln1, &a.ln2, &a.gu, &a.h}) Keep(*t, &kept_acts_);
   }
   lnf_ = Tensor(DType::kF32, {N, C}, d);
   rstdf_ = Tensor(DType::kF32, {N}, d);
@@ -280,6 +292,7 @@ void Transformer::EnsureCapacity(int N) {
   dk_pre_ = Tensor(DType::kF32, {N, KD}, d);
   dgu_ = Tensor(DType::kF32, {N, 2 * I}, d);
   dh_ = Tensor(DType::kF32, {N, I}, d);
+  Keep(dh_, &kept_acts_);
   qkv_ = Tensor(DType::kF32, {N, QD + 2 * KD}, d);
   tokens_d_ = Tensor(DType::kI32, {N}, d);
   cu_seqlens_d_ = Tensor(DType::kI32, {N + 1}, d);
@@ -466,6 +479,7 @@ KvCache Transformer::NewKvCache(int max_batch, int max_len, int num_blocks, int 
 void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
   if (N <= dec_.capacity && Bn <= dec_.batch && max_blocks <= dec_.max_blocks) return;
   ClearGraphs();  // they hold the old buffers
+  ReleaseKept(&kept_dec_);
   const int64_t n = std::max(N, dec_.capacity), b = std::max(Bn, dec_.batch);
   const int64_t C = config_.hidden_size, I = config_.intermediate_size, D = config_.head_dim;
   const int64_t Hq = config_.num_heads, Hkv = config_.num_kv_heads;
@@ -490,6 +504,8 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
   dec_.wide = Tensor(DType::kF32, {n, std::max((Hq + 2 * Hkv) * D, I)}, d);
   dec_.last = Tensor(DType::kF32, {b, C}, d);
   dec_.lastn = Tensor(DType::kF32, {b, C}, d);
+  Keep(dec_.ln, &kept_dec_);  // read by the q/k/v and gate/up products only
+  Keep(dec_.gu, &kept_dec_);  // as in training: the actor rounds gu as the learner does
 }
 
 void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start,

@@ -148,6 +148,10 @@ class Transformer {
   void EnsureGrads();
   void EnsureCapacity(int N);
   void AllocLayerActs(LayerActs* a, int N) const;
+  // Backend::KeepAsBf16 of t, remembered in *kept; ReleaseKept releases them all.
+  void Keep(const Tensor& t, std::vector<const float*>* kept);
+  void ReleaseKept(std::vector<const float*>* kept);
+  std::vector<const float*> kept_acts_, kept_dec_;  // training activations; ForwardCached scratch
   // The norm that reads a layer's output (the next layer's input norm, or the final norm): the
   // residual add that ends the layer and that norm are one op (Backend::AddRmsNormForward).
   struct NextNorm {

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [keep] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -66,6 +66,22 @@ if [[ $what == *ab* ]]; then
   grep -E "^T " "$out/gemm_256.txt" | head -12
   head -24 "$out/profile_train.txt"
 fi
+if [[ $what == *keep* ]]; then
+  # Session 6: norm outputs, gu, h and dh kept in bf16 only, against AHA_KEEP_BF16=0 (all f32),
+  # each variant twice; the producers' kernels at the training shape; the learner's profile.
+  model=/tmp/aha-0.5b
+  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
+  for rep in 1 2; do
+    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_keep-on-$rep.log" 2>&1
+    AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_keep-off-$rep.log" 2>&1
+  done
+  timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_keep-on.log" 2>&1
+  AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_keep-off.log" 2>&1
+  timeout 120 dist/bin/aha bench gemm --tokens 16384 --forms nt,nn --libraries lt > "$out/gemm_16k.txt" 2>&1
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
+  grep -E "^T .*(v5|v7|gate_up|down)" "$out/gemm_16k.txt" | head -24
+  head -24 "$out/profile_train.txt"
+fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
@@ -77,7 +93,7 @@ if [[ $what == *peer* ]]; then
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
 fi
-if [[ $what == *bench* || $what == *peer* || $what == *ab* ]]; then
+if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *keep* ]]; then
   model=/tmp/aha-0.5b
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1

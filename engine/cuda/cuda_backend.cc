@@ -89,6 +89,8 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   tc_attention_ = !(attention && std::string(attention) == "f32");
   const char* kv = std::getenv("AHA_KV_CACHE");
   bf16_kv_cache_ = !(kv && std::string(kv) == "f32");
+  const char* keep = std::getenv("AHA_KEEP_BF16");
+  keep_bf16_ = !(keep && std::string(keep) == "0");
   const char* profile = std::getenv("AHA_PROFILE");
   if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
 }
@@ -245,8 +247,15 @@ void CudaBackend::RegisterWeights(const float* base, size_t n) {
   gemm_->RegisterWeights(base, n);
 }
 void CudaBackend::UnregisterWeights(const float* base) { gemm_->UnregisterWeights(base); }
+uint16_t* CudaBackend::KeptCopy(const float* p, size_t n) {
+  if (gemm_->precision() != GemmPrecision::kBF16) return nullptr;
+  for (const Kept& k : kept_)
+    if (p >= k.base && p + n <= k.base + k.n) return gemm_->Bf16Copy(k.base) + (p - k.base);
+  return nullptr;
+}
 void CudaBackend::KeepAsBf16(const float* base, size_t n) {
-  gemm_->RegisterWeights(base, n);  // its bf16 copy, which SwiGluForward fills
+  if (!keep_bf16_) return;
+  gemm_->RegisterWeights(base, n);  // its bf16 copy, which its writers fill
   kept_.push_back({base, n});
 }
 void CudaBackend::ReleaseBf16(const float* base) {
@@ -308,8 +317,13 @@ void CudaBackend::EmbeddingBackward(float* dwte, const float* dout, const int32_
 // gate/up after a norm, down after SwiGLU; PackQkv and SwiGluBackward below likewise for the
 // backward products): that product skips its input cast (Gemm::AdoptCast).
 // Check() forgets every held cast first, so the adoption comes after it.
+// A kept output (KeepAsBf16) gets only its bf16 copy.
 void CudaBackend::RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps) {
   const size_t n = static_cast<size_t>(N) * C;
+  if (uint16_t* kept = KeptCopy(out, n)) {
+    cuda::RmsNormForward(nullptr, rstd, x, w, N, C, eps, kept, stream_);
+    return Check("rmsnorm");
+  }
   uint16_t* copy = CastCopy(n);
   cuda::RmsNormForward(out, rstd, x, w, N, C, eps, copy, stream_);
   Check("rmsnorm");
@@ -318,6 +332,10 @@ void CudaBackend::RmsNormForward(float* out, float* rstd, const float* x, const 
 void CudaBackend::AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C,
                                     float eps) {
   const size_t n = static_cast<size_t>(N) * C;
+  if (uint16_t* kept = KeptCopy(ln, n)) {
+    cuda::AddRmsNormForward(x, nullptr, rstd, y, w, N, C, eps, kept, stream_);
+    return Check("add + rmsnorm");
+  }
   uint16_t* copy = CastCopy(n);
   cuda::AddRmsNormForward(x, ln, rstd, y, w, N, C, eps, copy, stream_);
   Check("add + rmsnorm");
@@ -340,9 +358,16 @@ void CudaBackend::RopeBackward(float* dx, const int32_t* positions, const float*
 // Consecutive linear ops reuse each other's bf16 input casts (Gemm::set_cast_reuse): between two
 // of them only products run, and those track what they overwrite. The bias kernels write `out` /
 // `db`, never an input. Every other op forgets the casts (Check).
+// A kept output (KeepAsBf16) is written in bf16 by the product's epilogue.
 void CudaBackend::LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C, int OC) {
+  uint16_t* kept = KeptCopy(out, static_cast<size_t>(N) * OC);
+  if (kept && b) {
+    std::fprintf(stderr, "aha CudaBackend: LinearForward with a bias into a range kept in bf16\n");
+    std::abort();
+  }
   gemm_->set_cast_reuse(true);
-  gemm_->NT(out, x, w, N, OC, C, 1.0f, 0.0f);
+  if (kept) gemm_->NTBf16(kept, out, x, w, N, OC, C);
+  else gemm_->NT(out, x, w, N, OC, C, 1.0f, 0.0f);
   gemm_->set_cast_reuse(false);
   if (b) cuda::AddBias(out, b, N, OC, stream_);
   Check("linear", /*forget_casts=*/false);
@@ -350,8 +375,14 @@ void CudaBackend::LinearForward(float* out, const float* x, const float* w, cons
 
 void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
                                  int N, int C, int OC, bool accumulate_dx) {
+  uint16_t* kept = dx ? KeptCopy(dx, static_cast<size_t>(N) * C) : nullptr;
+  if (kept && accumulate_dx) {
+    std::fprintf(stderr, "aha CudaBackend: LinearBackward accumulating into a range kept in bf16\n");
+    std::abort();
+  }
   gemm_->set_cast_reuse(true);
-  if (dx) gemm_->NN(dx, dout, w, N, C, OC, 1.0f, accumulate_dx ? 1.0f : 0.0f);
+  if (kept) gemm_->NNBf16(kept, dx, dout, w, N, C, OC);
+  else if (dx) gemm_->NN(dx, dout, w, N, C, OC, 1.0f, accumulate_dx ? 1.0f : 0.0f);
   gemm_->TN(dw, dout, x, OC, C, N, 1.0f, 1.0f);
   gemm_->set_cast_reuse(false);
   if (db) cuda::BiasBackward(db, dout, N, OC, stream_);
@@ -374,23 +405,21 @@ void CudaBackend::PackQkv(float* dqkv, const float* dq, const float* dk, const f
 }
 void CudaBackend::SwiGluForward(float* h, const float* gu, int N, int I) {
   const size_t n = static_cast<size_t>(N) * I;
-  // A kept range with bf16 products: only the bf16 copy the products read is written.
-  if (gemm_->precision() == GemmPrecision::kBF16)
-    for (const Kept& k : kept_)
-      if (h >= k.base && h + n <= k.base + k.n) {
-        cuda::SwiGluForward(nullptr, gu, N, I, gemm_->Bf16Copy(k.base) + (h - k.base), stream_);
-        Check("swiglu");
-        return;
-      }
+  const uint16_t* gu16 = KeptCopy(gu, 2 * n);
+  // A kept h: only the bf16 copy the products read is written.
+  if (uint16_t* kept = KeptCopy(h, n)) {
+    cuda::SwiGluForward(nullptr, gu, gu16, N, I, kept, stream_);
+    return Check("swiglu");
+  }
   uint16_t* copy = CastCopy(n);
-  cuda::SwiGluForward(h, gu, N, I, copy, stream_);
+  cuda::SwiGluForward(h, gu, gu16, N, I, copy, stream_);
   Check("swiglu");
   AdoptCastCopy(h, n, copy);
 }
 void CudaBackend::SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) {
   const size_t n = static_cast<size_t>(N) * 2 * I;
   uint16_t* copy = CastCopy(n);
-  cuda::SwiGluBackward(dgu, dh, gu, N, I, copy, stream_);
+  cuda::SwiGluBackward(dgu, dh, KeptCopy(dh, n / 2), gu, KeptCopy(gu, n), N, I, copy, stream_);
   Check("swiglu backward");
   AdoptCastCopy(dgu, n, copy);
 }
@@ -402,7 +431,7 @@ void CudaBackend::SwiGluLinearBackward(float* dx, float* dw, float* dgu, const f
   const size_t n = static_cast<size_t>(N) * 2 * I;
   uint16_t* copy = CastCopy(n);  // null with f32 products
   if (copy == nullptr) return Backend::SwiGluLinearBackward(dx, dw, dgu, dh, gu, x, w, N, C, I);
-  cuda::SwiGluBackward(nullptr, dh, gu, N, I, copy, stream_);
+  cuda::SwiGluBackward(nullptr, dh, KeptCopy(dh, n / 2), gu, KeptCopy(gu, n), N, I, copy, stream_);
   Check("swiglu backward");
   AdoptCastCopy(dgu, n, copy);
   const uint64_t reads = gemm_->adopted_reads();

@@ -146,13 +146,17 @@ class CudaBackend final : public Backend {
   bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
   bool tc_attention_ = true;
   bool bf16_kv_cache_ = true;  // AHA_KV_CACHE=f32 turns it off (kv_cache_dtype())
+  bool keep_bf16_ = true;      // AHA_KEEP_BF16=0 ignores KeepAsBf16 (every activation f32: the A/B)
   // KeepAsBf16 ranges: registered with the gemm like weights (their bf16 copy is what products
-  // read), written by SwiGluForward.
+  // read), written by the products (NTBf16, NNBf16), the norms and SwiGluForward.
   struct Kept {
     const float* base;
     size_t n;
   };
   std::vector<Kept> kept_;
+  // The bf16 copy that stands for [p, p + n) when that lies in a kept range and products are bf16;
+  // null otherwise (the f32 values are the tensor).
+  uint16_t* KeptCopy(const float* p, size_t n);
   std::unique_ptr<Profile> profile_;
   bool capturing_ = false;
 };

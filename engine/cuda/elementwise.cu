@@ -108,7 +108,7 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
     if (c >= C4) continue;
     const float4 g = reinterpret_cast<const float4*>(w)[c];
     const float4 o = make_float4((v[i].x * r) * g.x, (v[i].y * r) * g.y, (v[i].z * r) * g.z, (v[i].w * r) * g.w);
-    reinterpret_cast<float4*>(out + base)[c] = o;
+    if (out) reinterpret_cast<float4*>(out + base)[c] = o;
     if (out16) {
       reinterpret_cast<uint2*>(out16 + base)[c] = PackBf16x4(o);  // the adopted copy equals a cast
     }
@@ -139,7 +139,7 @@ __global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rst
   const float* src = kAdd ? xs : x;
   for (int c = t; c < C; c += T) {
     const float o = (src[base + c] * r) * w[c];
-    out[base + c] = o;
+    if (out) out[base + c] = o;
     if (out16) out16[base + c] = __float2bfloat16_rn(o);
   }
 }
@@ -240,28 +240,43 @@ __global__ void PackQkvKernel(float* dqkv, __nv_bfloat16* dqkv16, const float* d
   }
 }
 
+// Inputs of the SwiGLU kernels are f32, or bf16 where a backend keeps the tensor in bf16 only
+// (CudaBackend::KeepAsBf16: gu written by its product's epilogue, dh by the down backward's).
+__device__ __forceinline__ float Load1(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float Load1(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+// Four consecutive elements starting at 4 i (16 bytes of f32, 8 of bf16).
+__device__ __forceinline__ float4 Load4(const float* p, size_t i) { return reinterpret_cast<const float4*>(p)[i]; }
+__device__ __forceinline__ float4 Load4(const __nv_bfloat16* p, size_t i) {
+  const uint2 u = reinterpret_cast<const uint2*>(p)[i];
+  // bf16 -> f32 is a 16-bit shift into the high half.
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                     __uint_as_float(u.y & 0xffff0000u));
+}
+
 // gu rows are gate | up (2I wide); thread i handles h[i] = column j of row n. h16, when not null,
 // gets h rounded to bf16 (the down product's operand: Gemm::AdoptCast).
 __device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-__global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const float* gu, int N, int I) {
+template <typename Gu>
+__global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I) {
   const size_t total = static_cast<size_t>(N) * I;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I, g_at = i + n * I;  // n * 2I + j
-    const float o = Swish(gu[g_at], gu[g_at + I]);
+    const float o = Swish(Load1(gu, g_at), Load1(gu, g_at + I));
     if (h) h[i] = o;
     if (h16) h16[i] = __float2bfloat16_rn(o);
   }
 }
 
-// I % 4 == 0 and 16-byte aligned rows: four columns per thread, 16-byte loads and stores.
-__global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const float* gu, int N, int I) {
+// I % 4 == 0 and aligned rows: four columns per thread, 16-byte f32 (8-byte bf16) loads and stores.
+template <typename Gu>
+__global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I) {
   const size_t I4 = I / 4, total = static_cast<size_t>(N) * I4;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const size_t n = i / I4, g_at = i + n * I4;  // in float4 units: n * 2 I4 + j
-    const float4 g = reinterpret_cast<const float4*>(gu)[g_at], u = reinterpret_cast<const float4*>(gu)[g_at + I4];
+    const size_t n = i / I4, g_at = i + n * I4;  // in 4-element units: n * 2 I4 + j
+    const float4 g = Load4(gu, g_at), u = Load4(gu, g_at + I4);
     const float4 o = make_float4(Swish(g.x, u.x), Swish(g.y, u.y), Swish(g.z, u.z), Swish(g.w, u.w));
     if (h) reinterpret_cast<float4*>(h)[i] = o;
     if (h16) reinterpret_cast<uint2*>(h16)[i] = PackBf16x4(o);
@@ -270,15 +285,19 @@ __global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const float
 
 // dgu16, when not null, gets dgu in bf16 too: the gate/up backward product's dout (both its NN and
 // TN read it; Gemm::AdoptCast), which otherwise is the largest cast of the backward (N x 2I).
-__global__ void SwiGluBackwardKernel(float* dgu, __nv_bfloat16* dgu16, const float* dh, const float* gu, int N,
-                                     int I) {
+__device__ __forceinline__ void SwiGluGrad(float d, float g, float u, float& dgate, float& dup) {
+  const float s = 1.0f / (1.0f + expf(-g));
+  dup = d * g * s;
+  dgate = d * u * s * (1.0f + g * (1.0f - s));
+}
+template <typename Dh, typename Gu>
+__global__ void SwiGluBackwardKernel(float* dgu, __nv_bfloat16* dgu16, const Dh* dh, const Gu* gu, int N, int I) {
   const size_t total = static_cast<size_t>(N) * I;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I, g_at = i + n * I;
-    const float g = gu[g_at], u = gu[g_at + I], d = dh[i];
-    const float s = 1.0f / (1.0f + expf(-g));
-    const float dup = d * g * s, dgate = d * u * s * (1.0f + g * (1.0f - s));
+    float dgate, dup;
+    SwiGluGrad(Load1(dh, i), Load1(gu, g_at), Load1(gu, g_at + I), dgate, dup);
     if (dgu) {
       dgu[g_at + I] = dup;
       dgu[g_at] = dgate;
@@ -290,21 +309,15 @@ __global__ void SwiGluBackwardKernel(float* dgu, __nv_bfloat16* dgu16, const flo
   }
 }
 
-// I % 4 == 0 and aligned rows: four columns per thread, 16-byte loads and stores (8-byte bf16
-// stores), the scalar kernel's arithmetic per element. dgu may be null (only the bf16 copy wanted).
-__device__ __forceinline__ void SwiGluGrad(float d, float g, float u, float& dgate, float& dup) {
-  const float s = 1.0f / (1.0f + expf(-g));
-  dup = d * g * s;
-  dgate = d * u * s * (1.0f + g * (1.0f - s));
-}
-__global__ void SwiGluBackwardVecKernel(float* dgu, __nv_bfloat16* dgu16, const float* dh, const float* gu, int N,
-                                        int I) {
+// I % 4 == 0 and aligned rows: four columns per thread, the scalar kernel's arithmetic per element.
+// dgu may be null (only the bf16 copy wanted).
+template <typename Dh, typename Gu>
+__global__ void SwiGluBackwardVecKernel(float* dgu, __nv_bfloat16* dgu16, const Dh* dh, const Gu* gu, int N, int I) {
   const size_t I4 = I / 4, total = static_cast<size_t>(N) * I4;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const size_t n = i / I4, g_at = i + n * I4;  // in float4 units: n * 2 I4 + j
-    const float4 g = reinterpret_cast<const float4*>(gu)[g_at], u = reinterpret_cast<const float4*>(gu)[g_at + I4];
-    const float4 d = reinterpret_cast<const float4*>(dh)[i];
+    const size_t n = i / I4, g_at = i + n * I4;  // in 4-element units: n * 2 I4 + j
+    const float4 g = Load4(gu, g_at), u = Load4(gu, g_at + I4), d = Load4(dh, i);
     float4 dg, du;
     SwiGluGrad(d.x, g.x, u.x, dg.x, du.x);
     SwiGluGrad(d.y, g.y, u.y, dg.y, du.y);
@@ -507,20 +520,41 @@ void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int
       dqkv, reinterpret_cast<__nv_bfloat16*>(dqkv_bf16), dq, dk, dv, N, QD, KD);
 }
 
-void SwiGluForward(float* h, const float* gu, int N, int I, uint16_t* h_bf16, cudaStream_t s) {
-  auto* h16 = reinterpret_cast<__nv_bfloat16*>(h_bf16);
-  if (I % 4 == 0 && Aligned(h, 16) && Aligned(gu, 16) && Aligned(h_bf16, 8))
+namespace {
+template <typename Gu>
+void LaunchSwiGluForward(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I, cudaStream_t s) {
+  if (I % 4 == 0 && Aligned(h, 16) && Aligned(gu, 4 * sizeof(Gu)) && Aligned(h16, 8))
     SwiGluForwardVecKernel<<<Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s>>>(h, h16, gu, N, I);
   else
     SwiGluForwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(h, h16, gu, N, I);
 }
-
-void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, uint16_t* dgu_bf16, cudaStream_t s) {
-  auto* dgu16 = reinterpret_cast<__nv_bfloat16*>(dgu_bf16);
-  if (I % 4 == 0 && Aligned(dgu, 16) && Aligned(dh, 16) && Aligned(gu, 16) && Aligned(dgu_bf16, 8))
+template <typename Dh, typename Gu>
+void LaunchSwiGluBackward(float* dgu, __nv_bfloat16* dgu16, const Dh* dh, const Gu* gu, int N, int I,
+                          cudaStream_t s) {
+  if (I % 4 == 0 && Aligned(dgu, 16) && Aligned(dh, 4 * sizeof(Dh)) && Aligned(gu, 4 * sizeof(Gu)) &&
+      Aligned(dgu16, 8))
     SwiGluBackwardVecKernel<<<Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s>>>(dgu, dgu16, dh, gu, N, I);
   else
     SwiGluBackwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(dgu, dgu16, dh, gu, N, I);
+}
+}  // namespace
+
+void SwiGluForward(float* h, const float* gu, const uint16_t* gu_bf16, int N, int I, uint16_t* h_bf16,
+                   cudaStream_t s) {
+  auto* h16 = reinterpret_cast<__nv_bfloat16*>(h_bf16);
+  if (gu_bf16) LaunchSwiGluForward(h, h16, reinterpret_cast<const __nv_bfloat16*>(gu_bf16), N, I, s);
+  else LaunchSwiGluForward(h, h16, gu, N, I, s);
+}
+
+void SwiGluBackward(float* dgu, const float* dh, const uint16_t* dh_bf16, const float* gu, const uint16_t* gu_bf16,
+                    int N, int I, uint16_t* dgu_bf16, cudaStream_t s) {
+  auto* dgu16 = reinterpret_cast<__nv_bfloat16*>(dgu_bf16);
+  auto* dh16 = reinterpret_cast<const __nv_bfloat16*>(dh_bf16);
+  auto* gu16 = reinterpret_cast<const __nv_bfloat16*>(gu_bf16);
+  if (dh16 && gu16) LaunchSwiGluBackward(dgu, dgu16, dh16, gu16, N, I, s);
+  else if (dh16) LaunchSwiGluBackward(dgu, dgu16, dh16, gu, N, I, s);
+  else if (gu16) LaunchSwiGluBackward(dgu, dgu16, dh, gu16, N, I, s);
+  else LaunchSwiGluBackward(dgu, dgu16, dh, gu, N, I, s);
 }
 
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s) {

@@ -216,10 +216,20 @@ struct LtChoice {
   bool tuned = false;
 };
 
-// (op_b, op_a, m, n, k, ldb, lda, ldo, beta != 0, alignment of b, a, out).
-using LtKey = std::array<int64_t, 12>;
-// (op_b, op_a, Bucket(m), Bucket(n), Bucket(k), beta != 0, alignment of b, a, out).
-using LtBucketKey = std::array<int64_t, 9>;
+// (op_b, op_a, m, n, k, ldb, lda, ldo, beta != 0, alignment of b, a, out, out is bf16).
+using LtKey = std::array<int64_t, 13>;
+// (op_b, op_a, Bucket(m), Bucket(n), Bucket(k), beta != 0, alignment of b, a, out, out is bf16).
+using LtBucketKey = std::array<int64_t, 10>;
+
+// A product's output: f32, or bf16 (cuBLAS rounds the f32 accumulators in its epilogue) standing
+// for the f32 range `alias` (what held casts are checked against).
+struct Out {
+  void* p;
+  bool bf16;
+  const float* alias;
+  size_t elem() const { return bf16 ? sizeof(uint16_t) : sizeof(float); }
+  cudaDataType type() const { return bf16 ? CUDA_R_16BF : CUDA_R_32F; }
+};
 
 // Exact plans kept at most; past it they are dropped (buckets keep their choices, so a dropped
 // plan costs descriptor creation and one cublasLtMatmulAlgoCheck, not a new tuning).
@@ -294,7 +304,8 @@ struct Gemm::Impl {
     return st != cudaStreamCaptureStatusNone;
   }
 
-  LtPlan NewPlan(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, int ldb, int lda, int ldo) {
+  LtPlan NewPlan(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, int ldb, int lda, int ldo,
+                 cudaDataType out_type) {
     LtPlan p;
     CheckLt(CublasLt().desc_create(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
     const int32_t ta = op_b, tb = op_a;
@@ -304,7 +315,7 @@ struct Gemm::Impl {
     const bool tra = op_b != CUBLAS_OP_N, trb = op_a != CUBLAS_OP_N;
     CheckLt(CublasLt().layout_create(&p.la, CUDA_R_16BF, tra ? k : m, tra ? m : k, ldb), "layout a");
     CheckLt(CublasLt().layout_create(&p.lb, CUDA_R_16BF, trb ? n : k, trb ? k : n, lda), "layout b");
-    CheckLt(CublasLt().layout_create(&p.lc, CUDA_R_32F, m, n, ldo), "layout c");
+    CheckLt(CublasLt().layout_create(&p.lc, out_type, m, n, ldo), "layout c");
     return p;
   }
 
@@ -322,7 +333,7 @@ struct Gemm::Impl {
            r.workspaceSize <= kWorkspace;
   }
 
-  cublasStatus_t Matmul(const LtPlan& p, const cublasLtMatmulAlgo_t& algo, const void* A, const void* B, float* C,
+  cublasStatus_t Matmul(const LtPlan& p, const cublasLtMatmulAlgo_t& algo, const void* A, const void* B, void* C,
                         float alpha, float beta) {
     return CublasLt().matmul(lt, p.desc, &alpha, A, p.la, B, p.lb, &beta, C, p.lc, C, p.lc, &algo, workspace,
                              kWorkspace, stream);
@@ -331,7 +342,7 @@ struct Gemm::Impl {
   // Gives plan p an algorithm: the bucket's timed winner if it fits; else the heuristic's candidates,
   // timed here (not while capturing: then its first). False if cuBLASLt has none for the problem.
   bool Choose(LtPlan& p, const LtBucketKey& bkey, uint32_t al_a, uint32_t al_b, uint32_t al_c, int m, int n,
-              int ldo, const void* A, const void* B, float* out, float alpha, float beta) {
+              int ldo, const void* A, const void* B, const Out& out, float alpha, float beta) {
     const bool capturing = Capturing();
     auto c = choices.find(bkey);
     if (c != choices.end() && (c->second.tuned || capturing) && Fits(p, c->second.algo)) {
@@ -380,11 +391,11 @@ struct Gemm::Impl {
   // is accumulated into exactly once (if that scratch cannot be allocated, candidate 0 is taken
   // untimed).
   int Fastest(const LtPlan& p, const std::vector<cublasLtMatmulAlgo_t>& cand, int m, int n, int ldo, const void* A,
-              const void* B, float* out, float alpha, float beta) {
-    float* target = out;
-    float* temp = nullptr;
+              const void* B, const Out& out, float alpha, float beta) {
+    void* target = out.p;
+    void* temp = nullptr;
     if (beta != 0.0f) {
-      const size_t bytes = sizeof(float) * (static_cast<size_t>(ldo) * (n - 1) + m);
+      const size_t bytes = out.elem() * (static_cast<size_t>(ldo) * (n - 1) + m);
       if (cudaMalloc(&temp, bytes) != cudaSuccess) {
         cudaGetLastError();  // no room to time candidates: the heuristic's first choice it is
         return 0;
@@ -419,23 +430,23 @@ struct Gemm::Impl {
   // out = alpha * op_b(b16) op_a(a16) + beta * out through cublasLtMatmul (column-major, as for
   // cublasGemmEx). False if cuBLASLt has no algorithm for it (the caller runs cublasGemmEx).
   bool RunLt(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, const uint16_t* b16, int ldb,
-             const uint16_t* a16, int lda, float* out, int ldo, float alpha, float beta) {
+             const uint16_t* a16, int lda, const Out& out, int ldo, float alpha, float beta) {
     const uint32_t al_a = Alignment(b16, int64_t{ldb} * 2), al_b = Alignment(a16, int64_t{lda} * 2),
-                   al_c = Alignment(out, int64_t{ldo} * 4);
+                   al_c = Alignment(out.p, static_cast<int64_t>(ldo * out.elem()));
     const int64_t accumulate = beta != 0.0f;
-    const LtKey key{op_b, op_a, m, n, k, ldb, lda, ldo, accumulate, al_a, al_b, al_c};
+    const LtKey key{op_b, op_a, m, n, k, ldb, lda, ldo, accumulate, al_a, al_b, al_c, out.bf16};
     auto it = plans.find(key);
     if (it == plans.end()) {
       if (plans.size() >= kMaxPlans) {
         for (auto& [unused, p] : plans) DestroyPlan(p);
         plans.clear();
       }
-      it = plans.emplace(key, NewPlan(op_b, op_a, m, n, k, ldb, lda, ldo)).first;
+      it = plans.emplace(key, NewPlan(op_b, op_a, m, n, k, ldb, lda, ldo, out.type())).first;
     }
     LtPlan& p = it->second;
     if (p.unsupported) return false;
     if (!p.have_algo || (!p.tuned && !Capturing())) {
-      const LtBucketKey bkey{op_b, op_a, Bucket(m), Bucket(n), Bucket(k), accumulate, al_a, al_b, al_c};
+      const LtBucketKey bkey{op_b, op_a, Bucket(m), Bucket(n), Bucket(k), accumulate, al_a, al_b, al_c, out.bf16};
       if (!Choose(p, bkey, al_a, al_b, al_c, m, n, ldo, b16, a16, out, alpha, beta)) {
         std::fprintf(stderr, "aha: cuBLASLt has no algorithm for a %dx%dx%d bf16 product; using cublasGemmEx\n", m,
                      n, k);
@@ -443,32 +454,39 @@ struct Gemm::Impl {
         return false;
       }
     }
-    CheckLt(Matmul(p, p.algo, b16, a16, out, alpha, beta), "matmul bf16");
+    CheckLt(Matmul(p, p.algo, b16, a16, out.p, alpha, beta), "matmul bf16");
     return true;
   }
 
   void Run(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, const float* b, size_t b_count,
-           int ldb, const float* a, size_t a_count, int lda, float* out, int ldo, float alpha, float beta) {
+           int ldb, const float* a, size_t a_count, int lda, const Out& out, int ldo, float alpha, float beta) {
     if (m == 0 || n == 0) return;
+    const size_t out_count = static_cast<size_t>(m) * n;
     if (k == 0) {
       // A zero-length product: out = beta * out.
-      if (beta == 0.0f) CheckCuda(cudaMemsetAsync(out, 0, sizeof(float) * m * static_cast<size_t>(n), stream), "memset");
-      else if (beta != 1.0f) Scale(out, beta, static_cast<size_t>(m) * n, stream);
-      Wrote(out, static_cast<size_t>(m) * n);
+      if (beta == 0.0f) CheckCuda(cudaMemsetAsync(out.p, 0, out.elem() * out_count, stream), "memset");
+      else if (beta != 1.0f) Scale(static_cast<float*>(out.p), beta, out_count, stream);  // f32 only (NTBf16: beta 0)
+      Wrote(out.alias, out_count);
       return;
     }
     if (precision == GemmPrecision::kF32) {
-      CheckCublas(Cublas().sgemm(handle, op_b, op_a, m, n, k, &alpha, b, ldb, a, lda, &beta, out, ldo), "sgemm");
-      Wrote(out, static_cast<size_t>(m) * n);
+      if (out.bf16) {
+        std::fprintf(stderr, "aha: Gemm: a bf16 output needs bf16 products\n");
+        std::abort();
+      }
+      CheckCublas(Cublas().sgemm(handle, op_b, op_a, m, n, k, &alpha, b, ldb, a, lda, &beta,
+                                 static_cast<float*>(out.p), ldo),
+                  "sgemm");
+      Wrote(out.alias, out_count);
       return;
     }
     const uint16_t* b16 = Bf16(b, b_count, scratch_b, held_b);
     const uint16_t* a16 = Bf16(a, a_count, scratch_a, held_a);
     if (library != GemmLibrary::kCublasLt || !RunLt(op_b, op_a, m, n, k, b16, ldb, a16, lda, out, ldo, alpha, beta))
       CheckCublas(Cublas().gemm_ex(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda,
-                                   &beta, out, CUDA_R_32F, ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                   &beta, out.p, out.type(), ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                   "gemm bf16");
-    Wrote(out, static_cast<size_t>(m) * n);
+    Wrote(out.alias, out_count);
   }
 };
 
@@ -521,17 +539,27 @@ void Gemm::set_cast_reuse(bool on) { impl_->reuse = on; }
 
 void Gemm::NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {
   impl_->Run(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, b, static_cast<size_t>(N) * K, K, a, static_cast<size_t>(M) * K, K,
-             out, N, alpha, beta);
+             Out{out, false, out}, N, alpha, beta);
 }
 
 void Gemm::NN(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {
   impl_->Run(CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, b, static_cast<size_t>(K) * N, N, a, static_cast<size_t>(M) * K, K,
-             out, N, alpha, beta);
+             Out{out, false, out}, N, alpha, beta);
 }
 
 void Gemm::TN(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {
   impl_->Run(CUBLAS_OP_N, CUBLAS_OP_T, N, M, K, b, static_cast<size_t>(K) * N, N, a, static_cast<size_t>(K) * M, M,
-             out, N, alpha, beta);
+             Out{out, false, out}, N, alpha, beta);
+}
+
+void Gemm::NTBf16(uint16_t* out, const float* alias, const float* a, const float* b, int M, int N, int K) {
+  impl_->Run(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, b, static_cast<size_t>(N) * K, K, a, static_cast<size_t>(M) * K, K,
+             Out{out, true, alias}, N, 1.0f, 0.0f);
+}
+
+void Gemm::NNBf16(uint16_t* out, const float* alias, const float* a, const float* b, int M, int N, int K) {
+  impl_->Run(CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, b, static_cast<size_t>(K) * N, N, a, static_cast<size_t>(M) * K, K,
+             Out{out, true, alias}, N, 1.0f, 0.0f);
 }
 
 void Gemm::RegisterWeights(const float* base, size_t n) {

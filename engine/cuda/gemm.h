@@ -55,6 +55,12 @@ class Gemm {
   // out[M, N] = alpha * a[K, M]^T @ b[K, N] + beta * out    (dout^T @ x)
   void TN(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta);
 
+  // NT and NN with the result rounded to bf16 (round to nearest even, in cuBLAS's epilogue) into
+  // out16[M, N], which stands for the f32 range alias[M * N] (a held or adopted copy of that range
+  // is stale afterwards). alpha 1, beta 0; bf16 products only (kF32 aborts).
+  void NTBf16(uint16_t* out16, const float* alias, const float* a, const float* b, int M, int N, int K);
+  void NNBf16(uint16_t* out16, const float* alias, const float* a, const float* b, int M, int N, int K);
+
   // A weight range [base, base + n) whose products read a cached bf16 copy. Call WeightsChanged()
   // after the f32 values change (optimizer step, load, swap). Unregister before freeing.
   void RegisterWeights(const float* base, size_t n);

@@ -291,6 +291,27 @@ int RunGemmBench(int argc, char** argv) {
           if (nmse >= 0) j["nmse_vs_first_library"] = nmse;
           std::cout << j.dump() << "\n";
         }
+        if (form != Form::kTN) {
+          // The same product with its result rounded to bf16 in the epilogue (a tensor kept in bf16:
+          // CudaBackend::KeepAsBf16), on the last library.
+          auto* out16 = reinterpret_cast<uint16_t*>(out);
+          auto product16 = [&] {
+            if (form == Form::kNT) gemm.NTBf16(out16, out, a, b, M, N, K);
+            else gemm.NNBf16(out16, out, a, b, M, N, K);
+          };
+          gemm.ForgetCasts();
+          gemm.set_cast_reuse(true);
+          for (int i = 0; i < warmup; ++i) product16();
+          const double us16 = timer.Median(static_cast<int>(iters), product16);
+          gemm.set_cast_reuse(false);
+          std::cout << "T " << std::setw(6) << T << "  " << std::left << std::setw(14) << lin.name << std::right
+                    << FormName(form) << "  bf16 out  " << std::fixed << std::setprecision(1) << std::setw(10) << us16
+                    << " us " << std::setw(7) << flops / (us16 * 1e-6) / 1e12 << " TFLOP/s" << std::defaultfloat
+                    << "\n";
+          std::cout << nlohmann::json{{"bench", "gemm"}, {"tokens", T}, {"name", lin.name}, {"form", FormName(form)},
+                                      {"out", "bf16"},   {"us", us16}}.dump()
+                    << "\n";
+        }
         CK(cudaFree(cast_buf));
         CK(cudaFree(out));
         if (b != w) CK(cudaFree(b));
@@ -371,7 +392,11 @@ int RunGemmBench(int argc, char** argv) {
     float* gu = RandomDevice(2 * ti, 1.0f, block);
     float* dh = RandomDevice(ti, 1.0f, block);
     float *ln = nullptr, *rstd = nullptr, *h = nullptr, *dgu = nullptr;
-    uint16_t* copy = nullptr;
+    uint16_t *copy = nullptr, *gu16 = nullptr, *dh16 = nullptr;
+    CK(cudaMalloc(&gu16, 2 * ti * sizeof(uint16_t)));
+    CK(cudaMalloc(&dh16, ti * sizeof(uint16_t)));
+    CastF32ToBF16(gu16, gu, 2 * ti, stream);
+    CastF32ToBF16(dh16, dh, ti, stream);
     CK(cudaMalloc(&ln, tc * sizeof(float)));
     CK(cudaMalloc(&rstd, T * sizeof(float)));
     CK(cudaMalloc(&h, ti * sizeof(float)));
@@ -399,16 +424,21 @@ int RunGemmBench(int argc, char** argv) {
         {"rmsnorm+copy (v5)", 10.0 * tc, [&] { RmsNormForward(ln, rstd, x, nw, T, C, eps, copy, stream); }},
         {"swiglu+cast (v4)", 18.0 * ti,
          [&] {
-           SwiGluForward(h, gu, T, I, nullptr, stream);
+           SwiGluForward(h, gu, nullptr, T, I, nullptr, stream);
            CastF32ToBF16(copy, h, ti, stream);
          }},
-        {"swiglu+copy (v5)", 14.0 * ti, [&] { SwiGluForward(h, gu, T, I, copy, stream); }},
+        {"swiglu+copy (v5)", 14.0 * ti, [&] { SwiGluForward(h, gu, nullptr, T, I, copy, stream); }},
         {"swiglu_bwd+cast (v4)", 32.0 * ti,
          [&] {
-           SwiGluBackward(dgu, dh, gu, T, I, nullptr, stream);
+           SwiGluBackward(dgu, dh, nullptr, gu, nullptr, T, I, nullptr, stream);
            CastF32ToBF16(copy, dgu, 2 * ti, stream);
          }},
-        {"swiglu_bwd+copy (v5)", 24.0 * ti, [&] { SwiGluBackward(dgu, dh, gu, T, I, copy, stream); }},
+        {"swiglu_bwd+copy (v5)", 24.0 * ti, [&] { SwiGluBackward(dgu, dh, nullptr, gu, nullptr, T, I, copy, stream); }},
+        // Version 7: norm outputs, gu and dh kept in bf16 only (CudaBackend::KeepAsBf16).
+        {"add_rmsnorm bf16 (v7)", 14.0 * tc, [&] { AddRmsNormForward(x, nullptr, rstd, y, nw, T, C, eps, copy, stream); }},
+        {"swiglu gu16 (v7)", 6.0 * ti, [&] { SwiGluForward(nullptr, gu, gu16, T, I, copy, stream); }},
+        {"swiglu_bwd gu16 dh16 (v7)", 10.0 * ti,
+         [&] { SwiGluBackward(nullptr, dh, dh16, gu, gu16, T, I, copy, stream); }},
     };
     for (const Variant& v : variants) {
       for (int i = 0; i < warmup; ++i) v.run();
@@ -422,7 +452,7 @@ int RunGemmBench(int argc, char** argv) {
                 << "\n";
     }
     CK(cudaStreamSynchronize(stream));
-    for (void* p : std::initializer_list<void*>{x, y, nw, gu, dh, ln, rstd, h, dgu, copy}) CK(cudaFree(p));
+    for (void* p : std::initializer_list<void*>{x, y, nw, gu, dh, ln, rstd, h, dgu, copy, gu16, dh16}) CK(cudaFree(p));
   }
   for (const auto& [key, us] : totals) {
     std::cout << "T " << key.first << " " << GemmLibraryName(key.second) << ": sum of product times " << us

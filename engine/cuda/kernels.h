@@ -19,7 +19,8 @@ namespace aha::engine::cuda {
 void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C, cudaStream_t s);
 void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C, cudaStream_t s);
 // out_bf16 / ln_bf16 / h_bf16 (and dqkv_bf16 / dgu_bf16 below), when not null, receive the f32 output rounded to bf16 (nearest even,
-// as CastF32ToBF16) in the same pass: the next product's operand (Gemm::AdoptCast).
+// as CastF32ToBF16) in the same pass: the next product's operand (Gemm::AdoptCast). out / ln may
+// be null when only the bf16 copy is wanted.
 void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps,
                     uint16_t* out_bf16, cudaStream_t s);
 // x[N, C] += y (in place), then ln = RMSNorm(x) * w and rstd as RmsNormForward. ln must not overlap x or y.
@@ -35,9 +36,12 @@ void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias,
               cudaStream_t s);
 void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD,
              uint16_t* dqkv_bf16, cudaStream_t s);
-// h may be null when only h_bf16 is wanted (and the reverse).
-void SwiGluForward(float* h, const float* gu, int N, int I, uint16_t* h_bf16, cudaStream_t s);
-void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I, uint16_t* dgu_bf16, cudaStream_t s);
+// h may be null when only h_bf16 is wanted (and the reverse); likewise dgu and dgu_bf16. An input
+// given in bf16 (gu_bf16, dh_bf16 not null: a tensor kept in bf16 only) is read from there instead.
+void SwiGluForward(float* h, const float* gu, const uint16_t* gu_bf16, int N, int I, uint16_t* h_bf16,
+                   cudaStream_t s);
+void SwiGluBackward(float* dgu, const float* dh, const uint16_t* dh_bf16, const float* gu, const uint16_t* gu_bf16,
+                    int N, int I, uint16_t* dgu_bf16, cudaStream_t s);
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s);
 void Scale(float* x, float a, size_t n, cudaStream_t s);
 // out[n] (f64, device) = sum of squares of x; workspace holds at least SumSquaresWorkspace() bytes.

@@ -477,6 +477,110 @@ TEST(CudaOps, ActivationKeptAsBf16IsWhatTheProductsRead) {
   gpu->UnregisterWeights(d_W.f32());
 }
 
+// The MLP with its tensors kept in bf16 (Backend::KeepAsBf16, as the Transformer keeps them): the
+// norm's output ln2, gu (written by the gate/up product's epilogue), h, and dh (written by the down
+// backward's epilogue). Each kept tensor's bf16 copy must hold the plain path's f32 values rounded to
+// nearest even, the f32 buffers stay unwritten, and what follows from gu and dh must equal the plain
+// ops run on those rounded values. Against the CPU the whole MLP stays within the bf16 limit.
+std::vector<float> Rounded(std::vector<float> v) {
+  for (float& x : v) x = BF16ToF32(F32ToBF16(x));
+  return v;
+}
+std::vector<float> KeptValues(CudaBackend* gpu, const Tensor& t) {
+  std::vector<uint16_t> b(t.numel());
+  gpu->Download(b.data(), gpu->gemm().Bf16Copy(t.f32()), b.size() * sizeof(uint16_t));
+  std::vector<float> f(b.size());
+  BF16ToF32(b.data(), f.data(), b.size());
+  return f;
+}
+bool AllNan(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
+}
+
+TEST(CudaOps, MlpTensorsKeptAsBf16AreTheirRoundedValues) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  const float eps = 1e-6f;
+  for (auto [N, C, I] : {std::tuple{301, 96, 200}, std::tuple{33, 40, 7}}) {
+    const std::string shape = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " I=" + std::to_string(I);
+    const size_t nc = size_t(N) * C, ni = size_t(N) * I;
+    auto x = Randn(nc), y = Randn(nc), nw = Randn(C, 0.5f), wgu = Randn(2 * I * size_t(C), 0.1f),
+         wd = Randn(size_t(C) * I, 0.1f), dout = Randn(nc);
+    Tensor d_wgu = Up(wgu), d_wd = Up(wd), d_y = Up(y), d_nw = Up(nw), d_dout = Up(dout);
+    for (const Tensor* w : {&d_wgu, &d_wd}) {
+      gpu->RegisterWeights(w->f32(), w->numel());
+      gpu->WeightsChanged(w->f32());
+    }
+    struct Mlp {
+      Tensor x, ln, rstd, gu, h, out, dh, dln, dgu, dwgu, dwd;
+    };
+    auto make = [&] {
+      return Mlp{Up(x),         Poisoned(nc),     Poisoned(N),
+                 Poisoned(2 * ni), Poisoned(ni),  Poisoned(nc),
+                 Poisoned(ni),  Poisoned(nc),     Poisoned(2 * ni),
+                 Up(std::vector<float>(wgu.size(), 0.0f)), Up(std::vector<float>(wd.size(), 0.0f))};
+    };
+    // The kept path, exactly as Transformer::LayerForward / LayerBackward run the MLP.
+    Mlp k = make();
+    for (const Tensor* t : {&k.ln, &k.gu, &k.h, &k.dh}) gpu->KeepAsBf16(t->f32(), t->numel());
+    gpu->AddRmsNormForward(k.x.f32(), k.ln.f32(), k.rstd.f32(), d_y.f32(), d_nw.f32(), N, C, eps);
+    gpu->LinearForward(k.gu.f32(), k.ln.f32(), d_wgu.f32(), nullptr, N, C, 2 * I);
+    gpu->SwiGluForward(k.h.f32(), k.gu.f32(), N, I);
+    gpu->LinearForward(k.out.f32(), k.h.f32(), d_wd.f32(), nullptr, N, I, C);
+    gpu->LinearBackward(k.dh.f32(), k.dwd.f32(), nullptr, d_dout.f32(), k.h.f32(), d_wd.f32(), N, I, C, false);
+    gpu->SwiGluLinearBackward(k.dln.f32(), k.dwgu.f32(), k.dgu.f32(), k.dh.f32(), k.gu.f32(), k.ln.f32(),
+                              d_wgu.f32(), N, C, I);
+    for (const Tensor* t : {&k.ln, &k.gu, &k.h, &k.dh})
+      EXPECT_TRUE(AllNan(Down(*t))) << "a kept tensor's f32 buffer is never written (" << shape << ")";
+    // The plain path, rounding gu and dh where the kept path stores them.
+    Mlp p = make();
+    gpu->AddRmsNormForward(p.x.f32(), p.ln.f32(), p.rstd.f32(), d_y.f32(), d_nw.f32(), N, C, eps);
+    gpu->LinearForward(p.gu.f32(), p.ln.f32(), d_wgu.f32(), nullptr, N, C, 2 * I);
+    const auto gu_plain = Down(p.gu);
+    p.gu = Up(Rounded(gu_plain));
+    gpu->SwiGluForward(p.h.f32(), p.gu.f32(), N, I);
+    gpu->LinearForward(p.out.f32(), p.h.f32(), d_wd.f32(), nullptr, N, I, C);
+    gpu->LinearBackward(p.dh.f32(), p.dwd.f32(), nullptr, d_dout.f32(), p.h.f32(), d_wd.f32(), N, I, C, false);
+    const auto dh_plain = Down(p.dh);
+    p.dh = Up(Rounded(dh_plain));
+    gpu->SwiGluLinearBackward(p.dln.f32(), p.dwgu.f32(), p.dgu.f32(), p.dh.f32(), p.gu.f32(), p.ln.f32(),
+                              d_wgu.f32(), N, C, I);
+    ExpectNmse("kept ln = rounded ln", shape, KeptValues(gpu, k.ln), Rounded(Down(p.ln)), 0.0);
+    // The epilogue rounds the same f32 sums unless cuBLASLt picked another algorithm for the bf16
+    // output: then an element may round the other way (one bf16 step, ~4e-3 relative).
+    ExpectNmse("kept gu = rounded gu", shape, KeptValues(gpu, k.gu), Rounded(gu_plain), 1e-6);
+    ExpectNmse("kept h = rounded h", shape, KeptValues(gpu, k.h), Rounded(Down(p.h)), 1e-6);
+    ExpectNmse("kept dh = rounded dh", shape, KeptValues(gpu, k.dh), Rounded(dh_plain), 1e-6);
+    ExpectNmse("out from kept tensors", shape, Down(k.out), Down(p.out), 1e-6);
+    ExpectNmse("dln from kept tensors", shape, Down(k.dln), Down(p.dln), 1e-6);
+    ExpectNmse("dw gate/up from kept tensors", shape, Down(k.dwgu), Down(p.dwgu), 1e-6);
+    ExpectNmse("dw down from kept tensors", shape, Down(k.dwd), Down(p.dwd), 1e-6);
+    // Against the CPU's f32 MLP.
+    std::vector<float> cx = x, cln(nc), crstd(N), cgu(2 * ni), ch(ni), cout(nc), cdh(ni), cdln(nc), cdgu(2 * ni),
+                       cdwgu(wgu.size(), 0.0f), cdwd(wd.size(), 0.0f);
+    cpu.AddRmsNormForward(cx.data(), cln.data(), crstd.data(), y.data(), nw.data(), N, C, eps);
+    cpu.LinearForward(cgu.data(), cln.data(), wgu.data(), nullptr, N, C, 2 * I);
+    cpu.SwiGluForward(ch.data(), cgu.data(), N, I);
+    cpu.LinearForward(cout.data(), ch.data(), wd.data(), nullptr, N, I, C);
+    cpu.LinearBackward(cdh.data(), cdwd.data(), nullptr, dout.data(), ch.data(), wd.data(), N, I, C, false);
+    cpu.SwiGluLinearBackward(cdln.data(), cdwgu.data(), cdgu.data(), cdh.data(), cgu.data(), cln.data(), wgu.data(),
+                             N, C, I);
+    ExpectNmse("kept MLP out vs cpu", shape, Down(k.out), cout, kBf16);
+    ExpectNmse("kept MLP dln vs cpu", shape, Down(k.dln), cdln, kBf16);
+    ExpectNmse("kept MLP dw gate/up vs cpu", shape, Down(k.dwgu), cdwgu, kBf16);
+    ExpectNmse("kept MLP dw down vs cpu", shape, Down(k.dwd), cdwd, kBf16);
+    // f32 products ignore the keeping: the f32 values are written and read.
+    gpu->gemm().set_precision(GemmPrecision::kF32);
+    Tensor x32 = Up(x);
+    gpu->AddRmsNormForward(x32.f32(), k.ln.f32(), k.rstd.f32(), d_y.f32(), d_nw.f32(), N, C, eps);
+    gpu->LinearForward(k.gu.f32(), k.ln.f32(), d_wgu.f32(), nullptr, N, C, 2 * I);
+    ExpectNmse("kept range with f32 products: gu vs cpu", shape, Down(k.gu), cgu, kF32);
+    gpu->gemm().set_precision(GemmPrecision::kBF16);
+    for (const Tensor* t : {&k.ln, &k.gu, &k.h, &k.dh}) gpu->ReleaseBf16(t->f32());
+    for (const Tensor* w : {&d_wgu, &d_wd}) gpu->UnregisterWeights(w->f32());
+  }
+}
+
 TEST(CudaOps, SplitAndPackQkv) {
   REQUIRE_GPU();
   CpuBackend cpu;
