@@ -66,7 +66,9 @@ class Backend {
   virtual void ResetProfile() {}
   // A model's flat weight buffer. A backend may keep a converted copy of registered weights for its
   // products (the CUDA backend keeps bf16); WeightsChanged() must follow every change of the f32
-  // values (load, optimizer step, weight swap), and UnregisterWeights() the buffer's release.
+  // values (load, optimizer step, weight swap), and UnregisterWeights() the buffer's release. The
+  // CUDA backend's AdamW writes the copy of what it updates itself, so the WeightsChanged() after an
+  // optimizer step costs no cast: call it after the step's AdamW calls, before any other change.
   virtual void RegisterWeights(const float* /*base*/, size_t /*n*/) {}
   virtual void UnregisterWeights(const float* /*base*/) {}
   virtual void WeightsChanged(const float* /*base*/) {}
@@ -149,6 +151,16 @@ class Backend {
     SplitQkv(q, k, v, qkv, bias, N, Hq * D, Hkv * D);
     RopeForward(q, positions, inv_freq, N, Hq, D);
     RopeForward(k, positions, inv_freq, N, Hkv, D);
+  }
+  // QkvRope, then AttentionForward(out, lse, q, k, v, ...) on its result: q, k, v are written as
+  // QkvRope writes them (the backward reads them). The CUDA backend's tensor-core attention reads
+  // k and v from bf16 copies the q/k/v kernel writes beside them (half the bytes per key tile, no
+  // conversion in the attention kernel). This default runs the two ops.
+  virtual void QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv,
+                                const float* bias, const int32_t* positions, const float* inv_freq,
+                                const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+    QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D);
+    AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D);
   }
   virtual void RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
                            const float* inv_freq, int N, int Hq, int Hkv, int D) {

@@ -317,10 +317,11 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
     B.RmsNormForward(a.k.f32(), a.k_rstd.f32(), a.k_pre.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
     B.RopeForward(a.q.f32(), pos, inv_freq_.f32(), N, Hq, D);
     B.RopeForward(a.k.f32(), pos, inv_freq_.f32(), N, Hkv, D);
+    B.AttentionForward(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   } else {
-    B.QkvRope(a.q.f32(), a.k.f32(), a.v.f32(), qkv_.f32(), w.q_b, pos, inv_freq_.f32(), N, Hq, Hkv, D);
+    B.QkvRopeAttention(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), qkv_.f32(), w.q_b, pos,
+                       inv_freq_.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   }
-  B.AttentionForward(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   // mid = o(att) + x: the product writes mid, the fused op adds x in place and norms the sum.
   B.LinearForward(a.mid.f32(), a.att.f32(), w.o_w, nullptr, N, Hq * D, C);
   B.AddRmsNormForward(a.mid.f32(), a.ln2.f32(), a.rstd2.f32(), x, w.post_norm, N, C, config_.rms_norm_eps);

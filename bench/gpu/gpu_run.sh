@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [keep] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -49,7 +49,7 @@ if [[ $what == *bench* ]]; then
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --model $model > "$out/profile_train.txt" 2>&1
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench gen --no-graphs --model $model > "$out/profile_gen.txt" 2>&1
 fi
-if [[ $what == *ab* ]]; then
+if [[ " $what " == *" ab "* ]]; then
   # Session 5's fused q/k/v kernels against their switch (AHA_FUSED_QKV=0: the split, RoPE, pack and
   # KV-write ops they replace), in decode and in the learner step, each variant twice to see the spread.
   model=/tmp/aha-0.5b
@@ -66,20 +66,22 @@ if [[ $what == *ab* ]]; then
   grep -E "^T " "$out/gemm_256.txt" | head -12
   head -24 "$out/profile_train.txt"
 fi
-if [[ $what == *keep* ]]; then
-  # Session 6: norm outputs, gu, h and dh kept in bf16 only, against AHA_KEEP_BF16=0 (all f32),
-  # each variant twice; the producers' kernels at the training shape; the learner's profile.
+if [[ $what == *ab6* ]]; then
+  # Session 6's switches, each variant twice: AHA_KEEP_BF16=0 (norm outputs, gu, h and dh in f32
+  # again) and AHA_ATTENTION_KV16=0 (the training attention stages f32 k/v tiles again); the
+  # producers' kernels at the training shape; the learner's per-op profile.
   model=/tmp/aha-0.5b
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   for rep in 1 2; do
-    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_keep-on-$rep.log" 2>&1
-    AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_keep-off-$rep.log" 2>&1
+    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-default-$rep.log" 2>&1
+    AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-keep0-$rep.log" 2>&1
+    AHA_ATTENTION_KV16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-kv16off-$rep.log" 2>&1
   done
-  timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_keep-on.log" 2>&1
-  AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_keep-off.log" 2>&1
+  timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s6-default.log" 2>&1
+  AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s6-keep0.log" 2>&1
   timeout 120 dist/bin/aha bench gemm --tokens 16384 --forms nt,nn --libraries lt > "$out/gemm_16k.txt" 2>&1
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
-  grep -E "^T .*(v5|v7|gate_up|down)" "$out/gemm_16k.txt" | head -24
+  grep -E "^T .*(v5|v7|bf16 out)" "$out/gemm_16k.txt" | head -24
   head -24 "$out/profile_train.txt"
 fi
 if [[ $what == *gemm* ]]; then
@@ -93,7 +95,7 @@ if [[ $what == *peer* ]]; then
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
 fi
-if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *keep* ]]; then
+if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *ab6* ]]; then
   model=/tmp/aha-0.5b
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1

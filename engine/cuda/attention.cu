@@ -604,7 +604,8 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
                               const float* __restrict__ qkv, const float* __restrict__ bias,
                               const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
                               const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start, Paging pg, int B,
-                              int Hq, int Hkv, int D) {
+                              int Hq, int Hkv, int D, __nv_bfloat16* __restrict__ k16 = nullptr,
+                              __nv_bfloat16* __restrict__ v16 = nullptr) {
   const int i = blockIdx.x;
   const int half = D / 2, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
   const float* row = qkv + static_cast<size_t>(i) * W;
@@ -637,11 +638,17 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
         Elem* out = k_out + static_cast<size_t>(r) * KD + (c - QD);
         StCache1(out, y1);
         StCache1(out + half, y2);
+        if (!kPaged && k16) {  // the training attention's bf16 copy (QkvRopeAttention)
+          __nv_bfloat16* o16 = k16 + static_cast<size_t>(r) * KD + (c - QD);
+          o16[0] = __float2bfloat16_rn(y1);
+          o16[half] = __float2bfloat16_rn(y2);
+        }
       }
     } else if (r >= 0) {
       const int c = t - pairs;  // element of v
       const float x = bias ? row[QD + KD + c] + __ldg(bias + QD + KD + c) : row[QD + KD + c];
       StCache1(v_out + static_cast<size_t>(r) * KD + c, x);
+      if (!kPaged && v16) v16[static_cast<size_t>(r) * KD + c] = __float2bfloat16_rn(x);
     }
   }
 }
@@ -1769,10 +1776,12 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
 }
 
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
-             const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s) {
+             const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16,
+             uint16_t* v_bf16) {
   if (N <= 0) return;
-  QkvRopeKernel<float, false><<<N, QkvThreads(Hq, Hkv, D), 0, s>>>(q, k, v, qkv, bias, positions, inv_freq, nullptr,
-                                                                   nullptr, Paging{}, 0, Hq, Hkv, D);
+  QkvRopeKernel<float, false><<<N, QkvThreads(Hq, Hkv, D), 0, s>>>(
+      q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D,
+      reinterpret_cast<__nv_bfloat16*>(k_bf16), reinterpret_cast<__nv_bfloat16*>(v_bf16));
   CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
 }
 

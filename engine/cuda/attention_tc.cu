@@ -115,6 +115,26 @@ struct StagedTile {
   }
 };
 
+// A tile of rows [row0, row0 + ROWS) of head `head` of a bf16 x[N, H, D] goes global -> shared bf16
+// [ROWS][LD] directly (cp.async of 16-byte chunks, 8 elements; zeros past N): nothing to convert.
+template <int D, int ROWS>
+struct Bf16Tile {
+  static constexpr int D8 = D / 8, LD = TcCfg<D>::LD;
+  static constexpr int kPer = ROWS * D8 / kThreads;
+  static_assert(kPer * kThreads == ROWS * D8, "tile must split evenly over the block");
+  static __device__ __forceinline__ void Issue(uint16_t* dst, const uint16_t* __restrict__ src, int row0, int N,
+                                               int H, int head) {
+#pragma unroll
+    for (int it = 0; it < kPer; ++it) {
+      const int f = threadIdx.x + it * kThreads;
+      const int rr = f / D8, c8 = f % D8;
+      const int r = row0 + rr;
+      const bool valid = r < N;
+      CpAsync16(dst + rr * LD + c8 * 8, src + (static_cast<size_t>(valid ? r : 0) * H + head) * D + c8 * 8, valid);
+    }
+  }
+};
+
 // ---- forward --------------------------------------------------------------------------------------
 // Grid (ceil(N / 128), Hq), 256 threads. Block = 128 consecutive rows of the packed axis x one query
 // head; warp w owns rows 16 w .. 16 w + 15 (its Q fragments live in registers for the whole loop,
@@ -127,33 +147,56 @@ struct StagedTile {
 // fragments (a row's 64 scores live in the 4 lanes of a quad), P repacked to bf16 as A fragments,
 // O += P V (D/8 n-tiles x 4 k-steps). Shared: 2 x (Ks, Vs [64][D+8] bf16), staging K, V [64][D]
 // f32, row starts [128].
+// With bf16 K and V in global memory (Kv = uint16_t: QkvRopeAttention's copies) the next tile's
+// cp.async copies go straight into the other bf16 buffer: no staging area, no conversion.
 constexpr int kFwdRows = 128;
 constexpr int kFwdKeys = 64;
 
-template <int D>
+template <int D, typename Kv>
 constexpr size_t FwdTcSmemBytes() {
-  return 4 * kFwdKeys * TcCfg<D>::LD * sizeof(uint16_t) + 2 * kFwdKeys * D * sizeof(float) + kFwdRows * sizeof(int);
+  constexpr size_t staging = sizeof(Kv) == sizeof(float) ? 2 * kFwdKeys * D * sizeof(float) : 0;
+  return 4 * kFwdKeys * TcCfg<D>::LD * sizeof(uint16_t) + staging + kFwdRows * sizeof(int);
 }
 
-template <int D>
+template <int D, typename Kv>
 __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
     AttnFwdTcKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ lse,
                     const float* __restrict__ q,
-                    const float* __restrict__ k, const float* __restrict__ v, const int32_t* __restrict__ cu, int S,
+                    const Kv* __restrict__ k, const Kv* __restrict__ v, const int32_t* __restrict__ cu, int S,
                     int N, int Hq, int Hkv, float qscale) {
   using C = TcCfg<D>;
   constexpr int LD = C::LD, KK = C::KK, DN = C::DN;
   constexpr int kBuf = 2 * kFwdKeys * LD;  // one buffer: Ks then Vs
+  constexpr bool kStaged = sizeof(Kv) == sizeof(float);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using Tile = StagedTile<D, kFwdKeys>;
+  using Tile16 = Bf16Tile<D, kFwdKeys>;
   uint16_t* KV = reinterpret_cast<uint16_t*>(smem_raw);
   float* stK = reinterpret_cast<float*>(smem_raw + 2 * kBuf * sizeof(uint16_t));  // f32 staging of K
-  float* stV = stK + Tile::kStageFloats;                                           // and V
-  int* row_ss = reinterpret_cast<int*>(stV + Tile::kStageFloats);                  // INT_MAX past N
-
+  float* stV = stK + (kStaged ? Tile::kStageFloats : 0);                           // and V
+  int* row_ss = reinterpret_cast<int*>(stV + (kStaged ? Tile::kStageFloats : 0));  // INT_MAX past N
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int h = blockIdx.y, kvh = h / (Hq / Hkv);
   const int r0 = blockIdx.x * kFwdRows;
+  // The next tile's copies into buffer b (bf16: directly; f32: into the staging area).
+  auto issue = [&](int row0, int b) {
+    if constexpr (kStaged) {
+      Tile::Issue(stK, k, row0, N, Hkv, kvh);
+      Tile::Issue(stV, v, row0, N, Hkv, kvh);
+    } else {
+      Tile16::Issue(KV + b * kBuf, k, row0, N, Hkv, kvh);
+      Tile16::Issue(KV + b * kBuf + kFwdKeys * LD, v, row0, N, Hkv, kvh);
+    }
+    CpAsyncCommit();
+  };
+  // After CpAsyncWaitAll: the staged f32 chunks this thread copied, converted into buffer b.
+  auto land = [&](int b) {
+    if constexpr (kStaged) {
+      Tile::Convert(KV + b * kBuf, stK);
+      Tile::Convert(KV + b * kBuf + kFwdKeys * LD, stV);
+    }
+  };
+
   const int r_last = min(r0 + kFwdRows, N) - 1;
 
   if (tid < kFwdRows) {
@@ -174,12 +217,9 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   const int w_last = min(wr0 + 15, N - 1);
   const int k_begin = (row_ss[0] / kFwdKeys) * kFwdKeys;  // row r0 < N, so row_ss[0] is a real start
 
-  Tile::Issue(stK, k, k_begin, N, Hkv, kvh);
-  Tile::Issue(stV, v, k_begin, N, Hkv, kvh);
-  CpAsyncCommit();
+  issue(k_begin, 0);
   CpAsyncWaitAll();
-  Tile::Convert(KV, stK);
-  Tile::Convert(KV + kFwdKeys * LD, stV);
+  land(0);
   __syncthreads();
 
   float o[DN][4];
@@ -190,12 +230,9 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   int buf = 0;
   for (int kt = k_begin; kt <= r_last; kt += kFwdKeys, buf ^= 1) {
     const bool has_next = kt + kFwdKeys <= r_last;
-    if (has_next) {  // in flight while this tile is computed (the staging area was last read by
-                     // this thread, before the previous barrier)
-      Tile::Issue(stK, k, kt + kFwdKeys, N, Hkv, kvh);
-      Tile::Issue(stV, v, kt + kFwdKeys, N, Hkv, kvh);
-      CpAsyncCommit();
-    }
+    // In flight while this tile is computed: the staging area was last read by this thread, and
+    // the other buffer by every warp, before the previous barrier.
+    if (has_next) issue(kt + kFwdKeys, buf ^ 1);
     const uint16_t* Ks = KV + buf * kBuf;
     const uint16_t* Vs = Ks + kFwdKeys * LD;
 
@@ -248,9 +285,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
 
     if (has_next) {  // into the other buffer, which nobody reads this iteration
       CpAsyncWaitAll();  // this thread's chunks of tile kt + 64 have landed
-      uint16_t* next = KV + (buf ^ 1) * kBuf;
-      Tile::Convert(next, stK);
-      Tile::Convert(next + kFwdKeys * LD, stV);
+      land(buf ^ 1);
     }
     __syncthreads();  // the next tile is in; everyone is done with this one
   }
@@ -564,14 +599,14 @@ void CheckHeads(int Hq, int Hkv) {
   if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
 }
 
-template <int D>
-void LaunchForwardTc(float* out, uint16_t* out16, float* lse, const float* q, const float* k, const float* v,
+template <int D, typename Kv>
+void LaunchForwardTc(float* out, uint16_t* out16, float* lse, const float* q, const Kv* k, const Kv* v,
                      const int32_t* cu, int S, int N, int Hq, int Hkv, cudaStream_t s) {
-  const size_t smem = FwdTcSmemBytes<D>();
-  AllowSmem(AttnFwdTcKernel<D>, smem);
+  const size_t smem = FwdTcSmemBytes<D, Kv>();
+  AllowSmem(AttnFwdTcKernel<D, Kv>, smem);
   const dim3 grid((N + kFwdRows - 1) / kFwdRows, Hq);
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
-  AttnFwdTcKernel<D><<<grid, kThreads, smem, s>>>(out, out16, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
+  AttnFwdTcKernel<D, Kv><<<grid, kThreads, smem, s>>>(out, out16, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
   CheckCuda(cudaGetLastError(), "AttnFwdTcKernel launch");
 }
 
@@ -602,9 +637,20 @@ bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, 
   if (N <= 0) return false;
   if (S <= 0) Fail("AttentionForwardTC: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
-  if (D == 64) LaunchForwardTc<64>(out, out_bf16, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
-  else LaunchForwardTc<128>(out, out_bf16, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+  if (D == 64) LaunchForwardTc<64, float>(out, out_bf16, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
+  else LaunchForwardTc<128, float>(out, out_bf16, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, s);
   return out_bf16 != nullptr;
+}
+
+void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
+                              const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
+                              uint16_t* out_bf16) {
+  if (D != 64 && D != 128) Fail("AttentionForwardTCBf16Kv: head width must be 64 or 128; D", D);
+  if (N <= 0) return;
+  if (S <= 0) Fail("AttentionForwardTCBf16Kv: S must be positive when N > 0; S", S);
+  CheckHeads(Hq, Hkv);
+  if (D == 64) LaunchForwardTc<64, uint16_t>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s);
+  else LaunchForwardTc<128, uint16_t>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s);
 }
 
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,

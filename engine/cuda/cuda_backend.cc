@@ -343,8 +343,13 @@ void CudaBackend::AddRmsNormForward(float* x, float* ln, float* rstd, const floa
 }
 void CudaBackend::RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
                                   const float* rstd, int N, int C) {
-  cuda::RmsNormBackward(dx, dw, dout, x, w, rstd, N, C, stream_);
+  // dx is the residual gradient the next product reads as dout (the o and down backwards): its
+  // bf16 copy saves that product's cast.
+  const size_t n = static_cast<size_t>(N) * C;
+  uint16_t* copy = CastCopy(n);
+  const bool wrote = cuda::RmsNormBackward(dx, dw, dout, x, w, rstd, N, C, copy, stream_);
   Check("rmsnorm backward");
+  if (wrote) AdoptCastCopy(dx, n, copy);
 }
 void CudaBackend::RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D) {
   cuda::RopeForward(x, positions, inv_freq, N, H, D, false, stream_);
@@ -499,6 +504,30 @@ void CudaBackend::QkvRope(float* q, float* k, float* v, const float* qkv, const 
   cuda::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_);
   Check("q/k/v + rope");
 }
+// k and v in bf16 for the tensor-core attention, in the workspace (only this op reads them), unless
+// AHA_ATTENTION_KV16=0 (the A/B: the kernel then stages and converts f32 tiles).
+void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv,
+                                   const float* bias, const int32_t* positions, const float* inv_freq,
+                                   const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+  static const bool kv16_on = [] {
+    const char* e = std::getenv("AHA_ATTENTION_KV16");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  if (!kv16_on || !FusedQkv(D) || !UseTcAttention() || (D != 64 && D != 128) || N <= 0)
+    return Backend::QkvRopeAttention(out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv,
+                                     D);
+  const size_t kn = static_cast<size_t>(N) * Hkv * D;
+  auto* k16 = static_cast<uint16_t*>(Workspace(2 * kn * sizeof(uint16_t)));
+  uint16_t* v16 = k16 + kn;
+  cuda::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, k16, v16);
+  Check("q/k/v + rope");
+  // The output feeds the o product: the kernel writes its bf16 copy too (as AttentionForward).
+  const size_t n = static_cast<size_t>(N) * Hq * D;
+  uint16_t* copy = CastCopy(n);
+  cuda::AttentionForwardTCBf16Kv(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, stream_, copy);
+  Check("attention");
+  AdoptCastCopy(out, n, copy);
+}
 // The packed rows are the dout of the q/k/v backward product: their bf16 copy replaces its cast.
 void CudaBackend::RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
                               const float* inv_freq, int N, int Hq, int Hkv, int D) {
@@ -575,7 +604,11 @@ void CudaBackend::Scale(float* x, float s, size_t n) {
 }
 void CudaBackend::AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
                         float beta2, float eps, float weight_decay, int64_t t) {
-  cuda::AdamW(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, t, stream_);
+  // The products' bf16 copy of the weights is written in the same pass (the cast WeightsChanged
+  // would do next is then skipped).
+  uint16_t* copy = gemm_->Bf16CopyOf(param, n);
+  cuda::AdamW(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, t, copy, stream_);
+  if (copy) gemm_->CopyWritten(param, n);
   Check("adamw");
 }
 void CudaBackend::SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V,

@@ -87,6 +87,9 @@ class CudaBackend final : public Backend {
                             const float* w, int N, int C, int I) override;
   void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
                const float* inv_freq, int N, int Hq, int Hkv, int D) override;
+  void QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv, const float* bias,
+                        const int32_t* positions, const float* inv_freq, const int32_t* cu_seqlens, int S, int N,
+                        int Hq, int Hkv, int D) override;
   void RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
                    const float* inv_freq, int N, int Hq, int Hkv, int D) override;
   void QkvRopeKvWrite(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,

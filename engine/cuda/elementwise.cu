@@ -172,6 +172,75 @@ __global__ void RmsNormBackwardDwKernel(float* dw, const float* dout, const floa
   atomicAdd(dw + c, acc);
 }
 
+// The whole backward in one pass over dout and x (C % 4 == 0, aligned rows, C <= 1024): a block
+// takes a slab of kFusedSlab rows, each warp a row at a time with its kItems float4 of the row per
+// lane in registers: dot, then dx (+=) and, when dx16 is not null, dx rounded to bf16 (the next
+// product's dout: Gemm::AdoptCast); each lane sums g x r of its columns over the warp's rows, and the
+// block's warps add theirs through shared memory into one atomic per column.
+constexpr int kFusedSlab = 64;
+template <int kItems>
+__global__ void __launch_bounds__(kThreads) RmsNormBackwardFusedKernel(float* dx, __nv_bfloat16* dx16, float* dw,
+                                                                       const float* dout, const float* x,
+                                                                       const float* w, const float* rstd, int N,
+                                                                       int C) {
+  extern __shared__ float dw_part[];  // [kThreads / 32][C]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C4 = C / 4;
+  float4 wv[kItems], acc[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int c = lane + 32 * i;
+    wv[i] = c < C4 ? reinterpret_cast<const float4*>(w)[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  const int n1 = min(N, (blockIdx.x + 1) * kFusedSlab);
+  for (int row = blockIdx.x * kFusedSlab + warp; row < n1; row += kThreads / 32) {
+    const size_t base = static_cast<size_t>(row) * C4;
+    float4 g[kItems], xv[kItems];
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int c = lane + 32 * i;
+      g[i] = xv[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (c < C4) {
+        g[i] = reinterpret_cast<const float4*>(dout)[base + c];
+        xv[i] = reinterpret_cast<const float4*>(x)[base + c];
+      }
+      dot += g[i].x * wv[i].x * xv[i].x + g[i].y * wv[i].y * xv[i].y + g[i].z * wv[i].z * xv[i].z +
+             g[i].w * wv[i].w * xv[i].w;
+    }
+    dot = WarpSum(dot);
+    const float r = rstd[row];
+    const float k = dot * r * r * r / C;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int c = lane + 32 * i;
+      if (c >= C4) continue;
+      float4 d = reinterpret_cast<const float4*>(dx)[base + c];
+      d.x += r * wv[i].x * g[i].x - xv[i].x * k;
+      d.y += r * wv[i].y * g[i].y - xv[i].y * k;
+      d.z += r * wv[i].z * g[i].z - xv[i].z * k;
+      d.w += r * wv[i].w * g[i].w - xv[i].w * k;
+      reinterpret_cast<float4*>(dx)[base + c] = d;
+      if (dx16) reinterpret_cast<uint2*>(dx16)[base + c] = PackBf16x4(d);
+      acc[i].x += g[i].x * xv[i].x * r;
+      acc[i].y += g[i].y * xv[i].y * r;
+      acc[i].z += g[i].z * xv[i].z * r;
+      acc[i].w += g[i].w * xv[i].w * r;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int c = lane + 32 * i;
+    if (c < C4) reinterpret_cast<float4*>(dw_part + warp * C)[c] = acc[i];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    float sum = 0.0f;
+    for (int j = 0; j < kThreads / 32; ++j) sum += dw_part[j * C + c];
+    atomicAdd(dw + c, sum);
+  }
+}
+
 __global__ void RopeKernel(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D,
                            float sign) {
   const int half = D / 2;
@@ -351,9 +420,25 @@ constexpr int kSumBlocks = 1024;
 __global__ void SumSquaresPartialKernel(double* partial, const float* x, size_t n) {
   __shared__ double warp_sums[kThreads / 32];
   double acc = 0.0;
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    acc += static_cast<double>(x[i]) * x[i];
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  const size_t first = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  size_t scalar_from = 0;
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    // 16-byte loads, four in flight per thread (each term still squared and summed in f64).
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const size_t n4 = n / 4;
+    for (size_t i = first; i < n4; i += 4 * stride) {
+      float4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = i + u * stride < n4 ? x4[i + u * stride] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        acc += static_cast<double>(v[u].x) * v[u].x + static_cast<double>(v[u].y) * v[u].y +
+               static_cast<double>(v[u].z) * v[u].z + static_cast<double>(v[u].w) * v[u].w;
+    }
+    scalar_from = 4 * n4;
+  }
+  for (size_t i = scalar_from + first; i < n; i += stride) acc += static_cast<double>(x[i]) * x[i];
   acc = WarpSumD(acc);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = acc;
   __syncthreads();
@@ -378,8 +463,11 @@ __global__ void SumPartialsKernel(double* out, const double* partial, int count)
   }
 }
 
-__global__ void AdamWKernel(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
-                            float beta2, float eps, float weight_decay, float step, float bc2_sqrt) {
+// param16, when not null, gets the new param rounded to bf16 (the products' cached weight copy:
+// Gemm::Bf16CopyOf), which saves the cast pass after the step.
+__global__ void AdamWKernel(float* param, __nv_bfloat16* param16, const float* grad, float* m, float* v, size_t n,
+                            float lr, float beta1, float beta2, float eps, float weight_decay, float step,
+                            float bc2_sqrt) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const float g = grad[i];
@@ -388,7 +476,9 @@ __global__ void AdamWKernel(float* param, const float* grad, float* m, float* v,
     const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
     m[i] = mi;
     v[i] = vi;
-    param[i] = p - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    p = p - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    param[i] = p;
+    if (param16) param16[i] = __float2bfloat16_rn(p);
   }
 }
 
@@ -484,13 +574,35 @@ void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const f
   LaunchRmsNorm<true>(ln, ln_bf16, rstd, x, x, y, w, N, C, eps, s);
 }
 
-void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
-                     int N, int C, cudaStream_t s) {
-  if (N == 0) return;
+bool RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
+                     int N, int C, uint16_t* dx_bf16, cudaStream_t s) {
+  if (N == 0) return false;
+  const int C4 = C / 4, items = (C4 + 31) / 32;
+  if (C % 4 == 0 && C >= 128 && items <= 8 && Aligned(dx, 16) && Aligned(dout, 16) && Aligned(x, 16) &&
+      Aligned(w, 16) && Aligned(dx_bf16, 8)) {
+    const unsigned blocks = static_cast<unsigned>((N + kFusedSlab - 1) / kFusedSlab);
+    const size_t smem = static_cast<size_t>(kThreads / 32) * C * sizeof(float);
+    auto* d16 = reinterpret_cast<__nv_bfloat16*>(dx_bf16);
+    switch (items) {
+#define AHA_NORM_BWD(K) \
+  case K: RmsNormBackwardFusedKernel<K><<<blocks, kThreads, smem, s>>>(dx, d16, dw, dout, x, w, rstd, N, C); \
+    return dx_bf16 != nullptr;
+      AHA_NORM_BWD(1)
+      AHA_NORM_BWD(2)
+      AHA_NORM_BWD(3)
+      AHA_NORM_BWD(4)
+      AHA_NORM_BWD(5)
+      AHA_NORM_BWD(6)
+      AHA_NORM_BWD(7)
+      AHA_NORM_BWD(8)
+#undef AHA_NORM_BWD
+    }
+  }
   const int rows_per_block = kThreads / 32;
   RmsNormBackwardDxKernel<<<(N + rows_per_block - 1) / rows_per_block, kThreads, 0, s>>>(dx, dout, x, w, rstd, N, C);
   const dim3 grid((C + kThreads - 1) / kThreads, (N + kRowsPerSlab - 1) / kRowsPerSlab);
   RmsNormBackwardDwKernel<<<grid, kThreads, 0, s>>>(dw, dout, x, rstd, N, C);
+  return false;  // no bf16 copy on this path
 }
 
 void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D, bool inverse,
@@ -572,12 +684,12 @@ void SumSquares(double* out, const float* x, size_t n, void* workspace, cudaStre
 }
 
 void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-           float eps, float weight_decay, int64_t t, cudaStream_t s) {
+           float eps, float weight_decay, int64_t t, uint16_t* param_bf16, cudaStream_t s) {
   // Bias corrections on the host, exactly as the CPU reference computes them.
   const float bc1 = 1.0f - std::pow(beta1, static_cast<float>(t));
   const float bc2 = 1.0f - std::pow(beta2, static_cast<float>(t));
-  AdamWKernel<<<Blocks(n), kThreads, 0, s>>>(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, lr / bc1,
-                                             std::sqrt(bc2));
+  AdamWKernel<<<Blocks(n), kThreads, 0, s>>>(param, reinterpret_cast<__nv_bfloat16*>(param_bf16), grad, m, v, n,
+                                             lr, beta1, beta2, eps, weight_decay, lr / bc1, std::sqrt(bc2));
 }
 
 void CastF32ToBF16(uint16_t* out, const float* in, size_t n, cudaStream_t s) {

@@ -176,6 +176,7 @@ struct WeightRange {
   const float* base = nullptr;
   size_t n = 0;
   uint16_t* bf16 = nullptr;
+  size_t fresh = 0;  // [base, base + fresh) had its copy written with its values (CopyWritten)
 };
 
 // An explicit workspace keeps cuBLAS and cuBLASLt from allocating inside a captured CUDA graph.
@@ -581,7 +582,26 @@ void Gemm::UnregisterWeights(const float* base) {
 
 void Gemm::WeightsChanged(const float* base) {
   for (WeightRange& w : impl_->weights)
-    if (w.base == base) CastF32ToBF16(w.bf16, w.base, w.n, impl_->stream);
+    if (w.base == base) {
+      if (w.fresh != w.n) CastF32ToBF16(w.bf16, w.base, w.n, impl_->stream);
+      w.fresh = 0;
+    }
+}
+
+uint16_t* Gemm::Bf16CopyOf(const float* p, size_t n) {
+  if (impl_->precision != GemmPrecision::kBF16) return nullptr;
+  for (WeightRange& w : impl_->weights)
+    if (p >= w.base && p + n <= w.base + w.n) return w.bf16 + (p - w.base);
+  return nullptr;
+}
+
+void Gemm::CopyWritten(const float* p, size_t n) {
+  for (WeightRange& w : impl_->weights)
+    if (p >= w.base && p + n <= w.base + w.n) {
+      // Only an unbroken run from the start counts; anything else leaves the cast to WeightsChanged.
+      w.fresh = static_cast<size_t>(p - w.base) == w.fresh ? w.fresh + n : w.n + 1;
+      return;
+    }
 }
 
 uint64_t Gemm::scratch_generation() const { return impl_->generation; }

@@ -66,6 +66,13 @@ class Gemm {
   void RegisterWeights(const float* base, size_t n);
   void UnregisterWeights(const float* base);
   void WeightsChanged(const float* base);
+  // For a kernel that writes new f32 values of a registered range and their bf16 copy in one pass
+  // (AdamW): the copy's location for [p, p + n) (null when no registered range holds it), and
+  // CopyWritten(p, n) after that kernel. When such writes, in order from the range's start, have
+  // covered the whole range, the next WeightsChanged() of it skips its cast (and every
+  // WeightsChanged() starts the count again).
+  uint16_t* Bf16CopyOf(const float* p, size_t n);
+  void CopyWritten(const float* p, size_t n);
   // The cached bf16 copy of the registered range starting at base (null if none): an actor that
   // receives bf16 weights writes it directly (SwapInBf16) instead of casting again.
   uint16_t* Bf16Copy(const float* base);

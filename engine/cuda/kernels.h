@@ -26,8 +26,11 @@ void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int
 // x[N, C] += y (in place), then ln = RMSNorm(x) * w and rstd as RmsNormForward. ln must not overlap x or y.
 void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C, float eps,
                        uint16_t* ln_bf16, cudaStream_t s);
-void RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
-                     const float* rstd, int N, int C, cudaStream_t s);
+// dx_bf16, when not null, may receive the final dx rounded to bf16 (the next product's dout): the
+// one-pass kernel (C % 4 == 0, 128 <= C <= 1024, aligned) writes it and returns true; otherwise
+// (two kernels) it is not written and the result is false.
+bool RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                     const float* rstd, int N, int C, uint16_t* dx_bf16, cudaStream_t s);
 void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D, bool inverse,
                  cudaStream_t s);
 void AddBias(float* out, const float* b, int N, int OC, cudaStream_t s);
@@ -47,8 +50,9 @@ void Scale(float* x, float a, size_t n, cudaStream_t s);
 // out[n] (f64, device) = sum of squares of x; workspace holds at least SumSquaresWorkspace() bytes.
 void SumSquares(double* out, const float* x, size_t n, void* workspace, cudaStream_t s);
 size_t SumSquaresWorkspace();
+// param_bf16, when not null, receives the updated param rounded to bf16 (nearest even) too.
 void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-           float eps, float weight_decay, int64_t t, cudaStream_t s);
+           float eps, float weight_decay, int64_t t, uint16_t* param_bf16, cudaStream_t s);
 void CastF32ToBF16(uint16_t* out, const float* in, size_t n, cudaStream_t s);
 void CastBF16ToF32(float* out, const uint16_t* in, size_t n, cudaStream_t s);
 // An actor swapping in published bf16 weights: params[i] = staged[i] widened to f32 and, when
@@ -92,9 +96,11 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
                     cudaStream_t s);
 // Backend::QkvRope and RopePackQkv, one launch each (one block per row), with RopeForward's
 // arithmetic, so bit for bit the unfused ops. dqkv_bf16, when not null, gets dqkv rounded to bf16
-// (Gemm::AdoptCast). D even.
+// (Gemm::AdoptCast); k_bf16 / v_bf16, when not null, get k and v rounded to bf16 too (the training
+// attention's operands: AttentionForwardTCBf16Kv). D even.
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
-             const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
+             const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16 = nullptr,
+             uint16_t* v_bf16 = nullptr);
 void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float* dk, const float* dv,
                  const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
 // Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecodeTC when
@@ -135,6 +141,12 @@ void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, cons
 bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
                         uint16_t* out_bf16 = nullptr);
+// The forward with k and v given in bf16 (k16, v16 [N, Hkv, D]): the kernel copies their tiles
+// into shared memory as they are. Since AttentionForwardTC rounds f32 tiles to bf16 on the way in,
+// the result equals AttentionForwardTC's on the f32 values bit for bit. D in {64, 128} only.
+void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
+                              const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
+                              uint16_t* out_bf16 = nullptr);
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                          int Hq, int Hkv, int D, void* workspace, cudaStream_t s);

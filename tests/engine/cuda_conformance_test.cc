@@ -95,7 +95,10 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     ExpectNmse("embedding", "[301,896] V=1000", Down(d_out), out, kF32);
     ExpectNmse("embedding backward", "[301,896] V=1000", Down(d_dwte), dwte, kF32);
   }
-  for (auto [rows, width] : {std::pair{N, C}, std::pair{N * 14, 64}, std::pair{7, 33}}) {
+  // The backward's one-pass kernel (C % 4 == 0, 128..1024: 896, a training batch of 896, 128,
+  // 1024) and its two-kernel fallback (64, 33, 1028).
+  for (auto [rows, width] : {std::pair{N, C}, std::pair{16384, C}, std::pair{N, 128}, std::pair{33, 1024},
+                             std::pair{N * 14, 64}, std::pair{7, 33}, std::pair{7, 1028}}) {
     auto x = Randn(size_t(rows) * width, 2.0f), w = Randn(width), dout = Randn(size_t(rows) * width);
     auto dx0 = Randn(size_t(rows) * width), dw0 = Randn(width);
     std::vector<float> out(x.size()), rstd(rows), dx = dx0, dw = dw0;
@@ -285,6 +288,15 @@ TEST(CudaOps, ProductsReadProducersBf16CopiesAndNeverStaleOnes) {
     auto [dx4, dw4] = backward(d_dqkv, d_Wqkv, Wq, true, 2, "plain dqkv: dout and x are cast");
     bits_equal(dx3, dx4, "dx from pack qkv's copy vs cast, " + shape);
     bits_equal(dw3, dw4, "dw from pack qkv's copy vs cast, " + shape);
+    // RMSNorm backward's dx (the residual gradient) is the dout of the o and down backwards: the
+    // one-pass kernel (C % 4 == 0, 128..1024) writes its copy.
+    const bool one_pass = C % 4 == 0 && C >= 128 && C <= 1024;
+    Tensor d_dres = Up(Randn(size_t(N) * C)), d_dwn = Up(std::vector<float>(C, 0.0f));
+    gpu->RmsNormBackward(d_dres.f32(), d_dwn.f32(), d_delta.f32(), d_x.f32(), d_wn.f32(), d_rstd.f32(), N, C);
+    auto [dx5, dw5] = backward(d_dres, d_W2, C, false, one_pass ? 1 : 2, "rmsnorm backward's dx: its copy if one pass");
+    auto [dx6, dw6] = backward(d_dres, d_W2, C, true, 2, "plain dres: dout and x are cast");
+    bits_equal(dx5, dx6, "dx from rmsnorm backward's copy vs cast, " + shape);
+    bits_equal(dw5, dw6, "dw from rmsnorm backward's copy vs cast, " + shape);
     gpu->UnregisterWeights(d_Wgu.f32());
     gpu->UnregisterWeights(d_Wqkv.f32());
 
@@ -364,6 +376,35 @@ TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
     ExpectNmse("qkv + rope q vs cpu", shape, Down(q1), q, kF32);
     ExpectNmse("qkv + rope k vs cpu", shape, Down(k1), k, kF32);
     ExpectNmse("qkv + rope v vs cpu", shape, Down(v1), v, kF32);
+    // QkvRopeAttention (the tensor-core attention reading the q/k/v kernel's bf16 k and v) against
+    // QkvRope then AttentionForward: the same q, k, v, out and lse bit for bit. Packed sequences of
+    // uneven lengths; the o product then reads the attention's bf16 copy.
+    {
+      std::vector<int32_t> cu{0};
+      for (int len : {N / 3, 1, N - N / 3 - 1}) cu.push_back(cu.back() + len);
+      const int S = static_cast<int>(cu.size()) - 1;
+      Tensor d_cu = Up(cu);
+      Tensor q3 = Poisoned(q.size()), k3 = Poisoned(k.size()), v3 = Poisoned(v.size());
+      Tensor out1 = Poisoned(size_t(N) * QD), lse1 = Poisoned(size_t(N) * c.Hq);
+      Tensor out2 = Poisoned(size_t(N) * QD), lse2 = Poisoned(size_t(N) * c.Hq);
+      gpu->AttentionForward(out2.f32(), lse2.f32(), q1.f32(), k1.f32(), v1.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
+      gpu->QkvRopeAttention(out1.f32(), lse1.f32(), q3.f32(), k3.f32(), v3.f32(), d_qkv.f32(), b, d_pos.i32(),
+                            d_inv.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
+      Tensor d_wo = Up(Randn(size_t(C) * QD, 0.05f)), o = Poisoned(size_t(N) * C);
+      gpu->RegisterWeights(d_wo.f32(), d_wo.numel());
+      gpu->WeightsChanged(d_wo.f32());
+      const uint64_t before = g.casts_launched();
+      gpu->LinearForward(o.f32(), out1.f32(), d_wo.f32(), nullptr, N, QD, C);
+      if (c.D == 64 || c.D == 128) {
+        EXPECT_EQ(g.casts_launched(), before) << "the o product reads the attention's bf16 copy (" << shape << ")";
+      }
+      gpu->UnregisterWeights(d_wo.f32());
+      ExpectNmse("qkv + rope + attention q vs the ops", shape, Down(q3), Down(q1), 0.0);
+      ExpectNmse("qkv + rope + attention k vs the ops", shape, Down(k3), Down(k1), 0.0);
+      ExpectNmse("qkv + rope + attention v vs the ops", shape, Down(v3), Down(v1), 0.0);
+      ExpectNmse("qkv + rope + attention out vs the ops", shape, Down(out1), Down(out2), 0.0);
+      ExpectNmse("qkv + rope + attention lse vs the ops", shape, Down(lse1), Down(lse2), 0.0);
+    }
     // Backward, then the q/k/v product's backward over the packed rows.
     Tensor dq1 = Up(dq), dk1 = Up(dk), dq2 = Up(dq), dk2 = Up(dk);
     Tensor dqkv1 = Poisoned(dqkv.size()), dqkv2 = Poisoned(dqkv.size());
@@ -626,10 +667,61 @@ TEST(CudaOps, OptimizerOps) {
   const double ss_cpu = cpu.SumSquares(g.data(), n), ss_gpu = gpu->SumSquares(d_g.f32(), n);
   std::cout << "  sum of squares  cpu " << ss_cpu << " gpu " << ss_gpu << "\n";
   EXPECT_NEAR(ss_gpu, ss_cpu, 1e-9 * ss_cpu);
+  // The vectorised sum's tail and an unaligned start (the scalar loop).
+  for (size_t off : {size_t{1}, size_t{3}}) {
+    const size_t m_n = n - off - 2;
+    const double c = cpu.SumSquares(g.data() + off, m_n), d = gpu->SumSquares(Up(g).f32() + off, m_n);
+    EXPECT_NEAR(d, c, 1e-9 * c) << "offset " << off;
+  }
   auto gc = g;
   cpu.Scale(gc.data(), 0.37f, n);
   gpu->Scale(d_g.f32(), 0.37f, n);
   ExpectNmse("scale", "[1000003]", Down(d_g), gc, kF32);
+}
+
+// AdamW on registered weights writes their bf16 copy in the same pass, and the WeightsChanged()
+// after the steps skips its cast: products then read exactly the copy a cast of the new values gives.
+// Steps that do not cover the range from its start leave the cast to WeightsChanged().
+TEST(CudaOps, AdamWWritesTheWeightsBf16Copy) {
+  REQUIRE_GPU();
+  const int N = 64, C = 96, OC = 80;
+  const size_t n = size_t(OC) * C, half = n / 2;
+  auto w = Randn(n, 0.05f), g = Randn(n, 0.1f), x = Randn(size_t(N) * C);
+  Tensor d_w = Up(w), d_g = Up(g), d_m = Up(std::vector<float>(n, 0.0f)), d_v = Up(std::vector<float>(n, 0.0f));
+  Tensor d_x = Up(x);
+  gpu->RegisterWeights(d_w.f32(), n);
+  gpu->WeightsChanged(d_w.f32());
+  // The product through a second registered buffer holding the same f32 values, cast afresh.
+  auto reference = [&] {
+    Tensor fresh = Poisoned(n), out = Poisoned(size_t(N) * OC);
+    gpu->Copy(fresh.raw(), d_w.raw(), d_w.nbytes());
+    gpu->RegisterWeights(fresh.f32(), n);
+    gpu->WeightsChanged(fresh.f32());
+    gpu->LinearForward(out.f32(), d_x.f32(), fresh.f32(), nullptr, N, C, OC);
+    gpu->UnregisterWeights(fresh.f32());
+    return Down(out);
+  };
+  auto product = [&] {
+    Tensor out = Poisoned(size_t(N) * OC);
+    gpu->LinearForward(out.f32(), d_x.f32(), d_w.f32(), nullptr, N, C, OC);
+    return Down(out);
+  };
+  for (int step = 1; step <= 2; ++step) {  // two runs of the flat buffer, as AdamW::Step issues them
+    gpu->AdamW(d_w.f32(), d_g.f32(), d_m.f32(), d_v.f32(), half, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
+    gpu->AdamW(d_w.f32() + half, d_g.f32() + half, d_m.f32() + half, d_v.f32() + half, n - half, 1e-2f, 0.9f,
+               0.999f, 1e-8f, 0.0f, step);
+    gpu->WeightsChanged(d_w.f32());
+    ExpectNmse("product after adamw (copy written by the step)", "step " + std::to_string(step), product(), reference(),
+               0.0);
+  }
+  // Only the second half stepped, the first half changed by an upload: the cast must run.
+  auto w2 = Randn(half, 0.05f);
+  gpu->Upload(d_w.raw(), w2.data(), half * sizeof(float));
+  gpu->AdamW(d_w.f32() + half, d_g.f32() + half, d_m.f32() + half, d_v.f32() + half, n - half, 1e-2f, 0.9f, 0.999f,
+             1e-8f, 0.0f, 3);
+  gpu->WeightsChanged(d_w.f32());
+  ExpectNmse("product after an upload and a partial step", "cast", product(), reference(), 0.0);
+  gpu->UnregisterWeights(d_w.f32());
 }
 
 TEST(CudaOps, LinearForwardBackwardF32AndBf16) {
