@@ -248,6 +248,23 @@ class Backend {
                               const float* lse, const float* entropy, int N, int C, int V,
                               float temperature) = 0;
 
+  // The same two ops with the logits kept in between: LmHeadForwardKeep also leaves each chunk's
+  // logits z (h w^T / temperature, f32) in logits[N * V], and LmHeadBackwardKept reads them there
+  // instead of recomputing them (one N x V x C product fewer), consuming the buffer (it may write
+  // into it). Valid only for the backward of that forward: same h, w, targets, N, V and
+  // temperature, nothing written in between. KeepsLogits() says whether a backend uses the buffer
+  // (the CUDA backend does); these defaults ignore it and run the plain ops.
+  virtual bool KeepsLogits() const { return false; }
+  virtual void LmHeadForwardKeep(float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                                 const int32_t* targets, int N, int C, int V, float temperature, float* /*logits*/) {
+    LmHeadForward(logprob, entropy, lse, h, w, targets, N, C, V, temperature);
+  }
+  virtual void LmHeadBackwardKept(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
+                                  const float* w, const int32_t* targets, const float* lse, const float* entropy,
+                                  int N, int C, int V, float temperature, float* /*logits*/) {
+    LmHeadBackward(dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature);
+  }
+
   // ---- optimizer ----------------------------------------------------------------------------------
   // sum of squares of x[n], accumulated in f64.
   virtual double SumSquares(const float* x, size_t n) = 0;

@@ -2,6 +2,7 @@
 #include "engine/transformer.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -405,8 +406,23 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
                  cu_seqlens_d_.i32(), S, N, /*ln1_ready=*/l > 0, next);
   }
   if (L == 0) B.RmsNormForward(lnf_.f32(), rstdf_.f32(), resid_[0].f32(), w_.final_norm, N, C, config_.rms_norm_eps);
-  B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N, C,
-                  config_.vocab_size, temperature);
+  const size_t z_n = static_cast<size_t>(N) * config_.vocab_size;
+  static const double keep_gb = [] {
+    const char* e = std::getenv("AHA_KEEP_LOGITS_GB");
+    return e ? std::atof(e) : 16.0;
+  }();
+  logits_kept_ = B.KeepsLogits() && !grads_.empty() && z_n * sizeof(float) <= keep_gb * (1 << 30);
+  if (logits_kept_) {
+    if (lm_z_.numel() < static_cast<int64_t>(z_n)) {
+      lm_z_ = Tensor();  // free the smaller buffer first
+      lm_z_ = Tensor(DType::kF32, {static_cast<int64_t>(z_n)}, B.device());
+    }
+    B.LmHeadForwardKeep(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N,
+                        C, config_.vocab_size, temperature, lm_z_.f32());
+  } else {
+    B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N, C,
+                    config_.vocab_size, temperature);
+  }
   // Row n predicts token n + 1: shift into token alignment.
   row_lp_host_.resize(N);
   row_ent_host_.resize(N);
@@ -433,8 +449,15 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
   }
   B.Upload(drow_lp_d_.raw(), drow_lp.data(), N * sizeof(float));
   B.Upload(drow_ent_d_.raw(), drow_ent.data(), N * sizeof(float));
-  B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
-                   targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
+  if (logits_kept_) {  // the Forward's logits, consumed here
+    B.LmHeadBackwardKept(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
+                         targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_,
+                         lm_z_.f32());
+    logits_kept_ = false;
+  } else {
+    B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
+                     targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
+  }
   dres_.SetZero();
   B.RmsNormBackward(dres_.f32(), g_.final_norm, dln_.f32(), resid_[L].f32(), w_.final_norm, rstdf_.f32(), N, C);
   // Offsets into the flat buffer (ParamTable order: embedding, layers, final norm, untied lm-head;

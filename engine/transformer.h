@@ -180,6 +180,11 @@ class Transformer {
   std::vector<Tensor> resid_;  // L + 1 layer inputs/outputs [N, C]
   std::vector<LayerActs> acts_;  // L layers, or 1 scratch layer with recompute
   Tensor lnf_, rstdf_, lm_lse_, row_lp_, row_ent_;
+  // The last Forward's logits [N * V] for the Backward after it (Backend::LmHeadForwardKeep): kept
+  // when the backend uses them, the model has gradients (it is being trained) and they fit in
+  // AHA_KEEP_LOGITS_GB (default 16; 0 turns it off). logits_kept_: lm_z_ holds them now.
+  Tensor lm_z_;
+  bool logits_kept_ = false;
   // Device copies of the host integer arrays above, and the row gradients of Backward().
   Tensor tokens_d_, cu_seqlens_d_, positions_d_, targets_d_, drow_lp_d_, drow_ent_d_;
   std::vector<float> row_lp_host_, row_ent_host_;

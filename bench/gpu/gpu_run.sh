@@ -67,21 +67,19 @@ if [[ " $what " == *" ab "* ]]; then
   head -24 "$out/profile_train.txt"
 fi
 if [[ $what == *ab6* ]]; then
-  # Session 6's switches, each variant twice: AHA_KEEP_BF16=0 (norm outputs, gu, h and dh in f32
-  # again) and AHA_ATTENTION_KV16=0 (the training attention stages f32 k/v tiles again); the
-  # producers' kernels at the training shape; the learner's per-op profile.
+  # Session 6's switches against the default: AHA_KEEP_BF16=0 (norm outputs, gu, h and dh in f32
+  # again), AHA_ATTENTION_KV16=0 (the training attention stages f32 k/v tiles again),
+  # AHA_KEEP_LOGITS_GB=0 (the lm-head backward recomputes the logits); the learner's per-op profile.
   model=/tmp/aha-0.5b
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   for rep in 1 2; do
     timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-default-$rep.log" 2>&1
-    AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-keep0-$rep.log" 2>&1
-    AHA_ATTENTION_KV16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-kv16off-$rep.log" 2>&1
   done
+  AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-keep0.log" 2>&1
+  AHA_ATTENTION_KV16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-kv16off.log" 2>&1
+  AHA_KEEP_LOGITS_GB=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-logits0.log" 2>&1
   timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s6-default.log" 2>&1
-  AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s6-keep0.log" 2>&1
-  timeout 120 dist/bin/aha bench gemm --tokens 16384 --forms nt,nn --libraries lt > "$out/gemm_16k.txt" 2>&1
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
-  grep -E "^T .*(v5|v7|bf16 out)" "$out/gemm_16k.txt" | head -24
   head -24 "$out/profile_train.txt"
 fi
 if [[ $what == *gemm* ]]; then

@@ -590,6 +590,21 @@ void CudaBackend::LmHeadBackward(float* dh, float* dw, const float* dlogprob, co
   Check("lm-head backward");
 }
 
+void CudaBackend::LmHeadForwardKeep(float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                                    const int32_t* targets, int N, int C, int V, float temperature, float* logits) {
+  void* ws = Workspace(LmHeadWorkspace(N, V));
+  cuda::LmHeadForward(*gemm_, logprob, entropy, lse, h, w, targets, N, C, V, temperature, ws, stream_, logits);
+  Check("lm-head");
+}
+void CudaBackend::LmHeadBackwardKept(float* dh, float* dw, const float* dlogprob, const float* dentropy,
+                                     const float* h, const float* w, const int32_t* targets, const float* lse,
+                                     const float* entropy, int N, int C, int V, float temperature, float* logits) {
+  void* ws = Workspace(LmHeadWorkspace(N, V));
+  cuda::LmHeadBackward(*gemm_, dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, ws,
+                       stream_, logits);
+  Check("lm-head backward");
+}
+
 double CudaBackend::SumSquares(const float* x, size_t n) {
   void* ws = Workspace(SumSquaresWorkspace());
   cuda::SumSquares(sum_out_, x, n, ws, stream_);

@@ -102,6 +102,12 @@ class CudaBackend final : public Backend {
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
                       const float* w, const int32_t* targets, const float* lse, const float* entropy, int N, int C,
                       int V, float temperature) override;
+  bool KeepsLogits() const override { return true; }
+  void LmHeadForwardKeep(float* logprob, float* entropy, float* lse, const float* h, const float* w,
+                         const int32_t* targets, int N, int C, int V, float temperature, float* logits) override;
+  void LmHeadBackwardKept(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
+                          const float* w, const int32_t* targets, const float* lse, const float* entropy, int N,
+                          int C, int V, float temperature, float* logits) override;
   double SumSquares(const float* x, size_t n) override;
   void Scale(float* x, float s, size_t n) override;
   void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,

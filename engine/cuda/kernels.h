@@ -154,16 +154,18 @@ void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, con
 // ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------
 // See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of LmHeadChunk() columns; logits of
 // a chunk come from gemm.NT into `workspace` (at least LmHeadWorkspace(N, V) bytes) and never exist
-// for the whole vocabulary at once.
+// for the whole vocabulary at once, unless `logits` is given (Backend::LmHeadForwardKeep): then the
+// forward writes chunk c's logits at logits + N * v0 (chunk after chunk, N * V floats in all) and
+// the backward reads them there instead of recomputing them.
 int LmHeadChunk();
 size_t LmHeadWorkspace(int N, int V);
 void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const float* h, const float* w,
                    const int32_t* targets, int N, int C, int V, float temperature, void* workspace,
-                   cudaStream_t s);
+                   cudaStream_t s, float* logits = nullptr);
 void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, const float* dentropy,
                     const float* h, const float* w, const int32_t* targets, const float* lse,
                     const float* entropy, int N, int C, int V, float temperature, void* workspace,
-                    cudaStream_t s);
+                    cudaStream_t s, float* logits = nullptr);
 
 // Samples one token per row of logits[B, V] (unscaled). Per row b: temperature[b] == 0 is greedy
 // (argmax, lowest id on ties); else z = logits / T, restricted to the top_k[b] largest (0 = off)

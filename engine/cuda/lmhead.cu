@@ -757,9 +757,9 @@ size_t LmHeadWorkspace(int N, int V) {
 
 void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const float* h, const float* w,
                    const int32_t* targets, int N, int C, int V, float temperature, void* workspace,
-                   cudaStream_t s) {
+                   cudaStream_t s, float* logits) {
   if (N <= 0 || V <= 0) return;
-  float* z = static_cast<float*>(workspace);
+  float* const zw = static_cast<float*>(workspace);
   RowStats* stats = reinterpret_cast<RowStats*>(static_cast<char*>(workspace) + LogitsBytes(N, V));
   const float inv_t = 1.0f / temperature;
   const int VC = ChunkCols(V);
@@ -768,6 +768,7 @@ void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const
   gemm.set_cast_reuse(true);
   for (int v0 = 0; v0 < V; v0 += VC) {
     const int cols = std::min(VC, V - v0);
+    float* z = logits ? logits + static_cast<size_t>(N) * v0 : zw;  // kept for the backward, or scratch
     gemm.NT(z, h, w + static_cast<size_t>(v0) * C, N, cols, C, inv_t, 0.0f);
     const int first = v0 == 0, last = v0 + cols >= V;
     if (cols % 4 == 0)
@@ -781,13 +782,13 @@ void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const
 void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, const float* dentropy,
                     const float* h, const float* w, const int32_t* targets, const float* lse,
                     const float* entropy, int N, int C, int V, float temperature, void* workspace,
-                    cudaStream_t s) {
+                    cudaStream_t s, float* logits) {
   if (N <= 0 || C <= 0) return;
   if (V <= 0 || (dlogprob == nullptr && dentropy == nullptr)) {  // zero gradient: dh = 0, dw += 0
     cudaMemsetAsync(dh, 0, static_cast<size_t>(N) * C * sizeof(float), s);
     return;
   }
-  float* z = static_cast<float*>(workspace);
+  float* const zw = static_cast<float*>(workspace);
   // With bf16 products the row kernel writes dz in bf16 only, beside z, and both products read that
   // copy (Gemm::AdoptCast; z keeps the logits, which nothing reads again): per logit 4 B written
   // and 4 + 2 B of a cast pass fewer than dz in f32 plus its cast. With f32 products dz replaces z.
@@ -797,12 +798,14 @@ void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, con
   const float inv_t = 1.0f / temperature;
   const int VC = ChunkCols(V);
   // TN's h reuses the b slot's cast from the chunk before (nothing but dh, dw and z is written in
-  // between; NT's output z drops any held or adopted copy of z: Gemm::set_cast_reuse).
+  // between; NT's output z drops any held or adopted copy of z: Gemm::set_cast_reuse). With the
+  // forward's logits kept, the chunk's z is read from there and the NT is skipped.
   gemm.set_cast_reuse(true);
   for (int v0 = 0; v0 < V; v0 += VC) {
     const int cols = std::min(VC, V - v0);
     const float* wc = w + static_cast<size_t>(v0) * C;
-    gemm.NT(z, h, wc, N, cols, C, inv_t, 0.0f);  // the forward's z, recomputed
+    float* z = logits ? logits + static_cast<size_t>(N) * v0 : zw;
+    if (!logits) gemm.NT(z, h, wc, N, cols, C, inv_t, 0.0f);  // the forward's z, recomputed
     if (cols % 4 == 0)
       LmHeadBackwardRows<true><<<N, kRowThreads, 0, s>>>(z, dz16, targets, lse, entropy, dlogprob, dentropy, cols, v0,
                                                          inv_t);

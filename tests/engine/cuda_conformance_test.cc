@@ -387,12 +387,13 @@ TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
       Tensor q3 = Poisoned(q.size()), k3 = Poisoned(k.size()), v3 = Poisoned(v.size());
       Tensor out1 = Poisoned(size_t(N) * QD), lse1 = Poisoned(size_t(N) * c.Hq);
       Tensor out2 = Poisoned(size_t(N) * QD), lse2 = Poisoned(size_t(N) * c.Hq);
-      gpu->AttentionForward(out2.f32(), lse2.f32(), q1.f32(), k1.f32(), v1.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
-      gpu->QkvRopeAttention(out1.f32(), lse1.f32(), q3.f32(), k3.f32(), v3.f32(), d_qkv.f32(), b, d_pos.i32(),
-                            d_inv.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
+      // The o weight first: its upload and registration are ops, which forget adopted copies.
       Tensor d_wo = Up(Randn(size_t(C) * QD, 0.05f)), o = Poisoned(size_t(N) * C);
       gpu->RegisterWeights(d_wo.f32(), d_wo.numel());
       gpu->WeightsChanged(d_wo.f32());
+      gpu->AttentionForward(out2.f32(), lse2.f32(), q1.f32(), k1.f32(), v1.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
+      gpu->QkvRopeAttention(out1.f32(), lse1.f32(), q3.f32(), k3.f32(), v3.f32(), d_qkv.f32(), b, d_pos.i32(),
+                            d_inv.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D);
       const uint64_t before = g.casts_launched();
       gpu->LinearForward(o.f32(), out1.f32(), d_wo.f32(), nullptr, N, QD, C);
       if (c.D == 64 || c.D == 128) {
@@ -1296,6 +1297,18 @@ TEST(CudaOps, FusedLmHeadForwardBackward) {
       ExpectNmse("lm-head entropy" + tag, shape, Down(d_ent), ent, lim);
       ExpectNmse("lm-head backward dh" + tag, shape, Down(d_dh), dh, bf16 ? 1e-3 : 1e-8);
       ExpectNmse("lm-head backward dw (+=)" + tag, shape, Down(d_dw), dw, bf16 ? 1e-3 : 1e-8);
+      // With the logits kept from the forward (LmHeadForwardKeep / LmHeadBackwardKept): the same
+      // products, the recompute skipped, so every output bit for bit the pair's above.
+      Tensor k_lp = Poisoned(N), k_ent = Poisoned(N), k_lse = Poisoned(N), k_dh = Poisoned(h.size()), k_dw = Up(dw0),
+             logits = Poisoned(size_t(N) * V);
+      gpu->LmHeadForwardKeep(k_lp.f32(), k_ent.f32(), k_lse.f32(), d_h.f32(), d_w.f32(), d_t.i32(), N, C, V, T,
+                             logits.f32());
+      gpu->LmHeadBackwardKept(k_dh.f32(), k_dw.f32(), d_dlp.f32(), d_dent.f32(), d_h.f32(), d_w.f32(), d_t.i32(),
+                              k_lse.f32(), k_ent.f32(), N, C, V, T, logits.f32());
+      ExpectNmse("kept logits: logprob" + tag, shape, Down(k_lp), Down(d_lp), 0.0);
+      ExpectNmse("kept logits: lse" + tag, shape, Down(k_lse), Down(d_lse), 0.0);
+      ExpectNmse("kept logits: dh" + tag, shape, Down(k_dh), Down(d_dh), 0.0);
+      ExpectNmse("kept logits: dw" + tag, shape, Down(k_dw), Down(d_dw), 0.0);
       gpu->UnregisterWeights(d_w.f32());
     }
   }
@@ -1447,6 +1460,16 @@ void CompareModels(Arch arch, GemmPrecision prec, double lp_limit, double grad_l
   }
   std::cout << "  model " << tag << ": worst gradient nmse " << worst_rel << " (" << worst_name << ")\n";
   EXPECT_LT(worst_rel, grad_limit) << tag << " " << worst_name;
+  // Now that the model has gradients its Forward keeps the logits for the Backward (no lm-head
+  // recompute): the same log-probs bit for bit, and the same gradients up to the order of the
+  // attention backward's and the norms' float atomics.
+  std::vector<float> lg2(N), eg2(N), gg2(gg.size());
+  mg->ZeroGrad();
+  mg->Forward(tokens.data(), cu.data(), S, N, 0.8f, lg2.data(), eg2.data());
+  mg->Backward(dlp.data(), dent.data());
+  gpu->Download(gg2.data(), mg->grads(), gg2.size() * 4);
+  EXPECT_EQ(std::memcmp(lg2.data(), lg.data(), N * sizeof(float)), 0) << tag << ": log-probs with kept logits";
+  ExpectNmse("gradients with kept logits", tag, gg2, gg, prec == GemmPrecision::kF32 ? 1e-10 : 1e-6);
 }
 
 TEST(CudaModel, ForwardBackwardMatchCpu) {
