@@ -173,25 +173,27 @@ __global__ void RmsNormBackwardDwKernel(float* dw, const float* dout, const floa
 }
 
 // The whole backward in one pass over dout and x (C % 4 == 0, aligned rows, C <= 1024): a block
-// takes a slab of kFusedSlab rows, each warp a row at a time with its kItems float4 of the row per
-// lane in registers: dot, then dx (+=) and, when dx16 is not null, dx rounded to bf16 (the next
-// product's dout: Gemm::AdoptCast); each lane sums g x r of its columns over the warp's rows, and the
-// block's warps add theirs through shared memory into one atomic per column.
-constexpr int kFusedSlab = 64;
+// takes a slab of kFusedSlab rows, each warp a row at a time with its kItems float4 of dout and x
+// per lane in registers (w is read from shared memory, which keeps the kernel at two blocks per
+// SM): dot, then dx (+=) and, when dx16 is not null, dx rounded to bf16 (the next product's dout:
+// Gemm::AdoptCast); each lane sums g x r of its columns over the warp's rows, and the block's warps
+// add theirs through shared memory into one atomic per column.
+constexpr int kFusedSlab = 32;
 template <int kItems>
-__global__ void __launch_bounds__(kThreads) RmsNormBackwardFusedKernel(float* dx, __nv_bfloat16* dx16, float* dw,
-                                                                       const float* dout, const float* x,
-                                                                       const float* w, const float* rstd, int N,
-                                                                       int C) {
-  extern __shared__ float dw_part[];  // [kThreads / 32][C]
+__global__ void __launch_bounds__(kThreads, 2) RmsNormBackwardFusedKernel(float* dx, __nv_bfloat16* dx16, float* dw,
+                                                                          const float* dout, const float* x,
+                                                                          const float* w, const float* rstd, int N,
+                                                                          int C) {
+  extern __shared__ float smem[];  // w [C] | per-warp dw sums [kThreads / 32][C]
+  float* ws = smem;
+  float* dw_part = smem + C;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C4 = C / 4;
-  float4 wv[kItems], acc[kItems];
+  for (int c = threadIdx.x; c < C4; c += kThreads) reinterpret_cast<float4*>(ws)[c] = reinterpret_cast<const float4*>(w)[c];
+  __syncthreads();
+  const float4* w4 = reinterpret_cast<const float4*>(ws);
+  float4 acc[kItems];
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int c = lane + 32 * i;
-    wv[i] = c < C4 ? reinterpret_cast<const float4*>(w)[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
+  for (int i = 0; i < kItems; ++i) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   const int n1 = min(N, (blockIdx.x + 1) * kFusedSlab);
   for (int row = blockIdx.x * kFusedSlab + warp; row < n1; row += kThreads / 32) {
     const size_t base = static_cast<size_t>(row) * C4;
@@ -204,9 +206,9 @@ __global__ void __launch_bounds__(kThreads) RmsNormBackwardFusedKernel(float* dx
       if (c < C4) {
         g[i] = reinterpret_cast<const float4*>(dout)[base + c];
         xv[i] = reinterpret_cast<const float4*>(x)[base + c];
+        const float4 wv = w4[c];
+        dot += g[i].x * wv.x * xv[i].x + g[i].y * wv.y * xv[i].y + g[i].z * wv.z * xv[i].z + g[i].w * wv.w * xv[i].w;
       }
-      dot += g[i].x * wv[i].x * xv[i].x + g[i].y * wv[i].y * xv[i].y + g[i].z * wv[i].z * xv[i].z +
-             g[i].w * wv[i].w * xv[i].w;
     }
     dot = WarpSum(dot);
     const float r = rstd[row];
@@ -215,11 +217,12 @@ __global__ void __launch_bounds__(kThreads) RmsNormBackwardFusedKernel(float* dx
     for (int i = 0; i < kItems; ++i) {
       const int c = lane + 32 * i;
       if (c >= C4) continue;
+      const float4 wv = w4[c];
       float4 d = reinterpret_cast<const float4*>(dx)[base + c];
-      d.x += r * wv[i].x * g[i].x - xv[i].x * k;
-      d.y += r * wv[i].y * g[i].y - xv[i].y * k;
-      d.z += r * wv[i].z * g[i].z - xv[i].z * k;
-      d.w += r * wv[i].w * g[i].w - xv[i].w * k;
+      d.x += r * wv.x * g[i].x - xv[i].x * k;
+      d.y += r * wv.y * g[i].y - xv[i].y * k;
+      d.z += r * wv.z * g[i].z - xv[i].z * k;
+      d.w += r * wv.w * g[i].w - xv[i].w * k;
       reinterpret_cast<float4*>(dx)[base + c] = d;
       if (dx16) reinterpret_cast<uint2*>(dx16)[base + c] = PackBf16x4(d);
       acc[i].x += g[i].x * xv[i].x * r;
@@ -349,6 +352,37 @@ __global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const Gu* g
     const float4 o = make_float4(Swish(g.x, u.x), Swish(g.y, u.y), Swish(g.z, u.z), Swish(g.w, u.w));
     if (h) reinterpret_cast<float4*>(h)[i] = o;
     if (h16) reinterpret_cast<uint2*>(h16)[i] = PackBf16x4(o);
+  }
+}
+
+// bf16 gu with I % 8 == 0 and 16-byte aligned rows: eight columns per thread, 16-byte loads of gate
+// and up, one 16-byte store of h16 (h, when not null, as two float4).
+__device__ __forceinline__ void Unpack8(uint4 u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = __uint_as_float(w[j] << 16);
+    f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+__global__ void SwiGluForwardBf16x8Kernel(float* h, __nv_bfloat16* h16, const __nv_bfloat16* gu, int N, int I) {
+  const size_t I8 = I / 8, total = static_cast<size_t>(N) * I8;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t n = i / I8, g_at = i + n * I8;  // in 8-element units: n * 2 I8 + j
+    float g[8], u[8];
+    Unpack8(reinterpret_cast<const uint4*>(gu)[g_at], g);
+    Unpack8(reinterpret_cast<const uint4*>(gu)[g_at + I8], u);
+    const float4 lo = make_float4(Swish(g[0], u[0]), Swish(g[1], u[1]), Swish(g[2], u[2]), Swish(g[3], u[3]));
+    const float4 hi = make_float4(Swish(g[4], u[4]), Swish(g[5], u[5]), Swish(g[6], u[6]), Swish(g[7], u[7]));
+    if (h) {
+      reinterpret_cast<float4*>(h)[2 * i] = lo;
+      reinterpret_cast<float4*>(h)[2 * i + 1] = hi;
+    }
+    if (h16) {
+      const uint2 a = PackBf16x4(lo), b = PackBf16x4(hi);
+      reinterpret_cast<uint4*>(h16)[i] = make_uint4(a.x, a.y, b.x, b.y);
+    }
   }
 }
 
@@ -581,7 +615,7 @@ bool RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, co
   if (C % 4 == 0 && C >= 128 && items <= 8 && Aligned(dx, 16) && Aligned(dout, 16) && Aligned(x, 16) &&
       Aligned(w, 16) && Aligned(dx_bf16, 8)) {
     const unsigned blocks = static_cast<unsigned>((N + kFusedSlab - 1) / kFusedSlab);
-    const size_t smem = static_cast<size_t>(kThreads / 32) * C * sizeof(float);
+    const size_t smem = static_cast<size_t>(kThreads / 32 + 1) * C * sizeof(float);
     auto* d16 = reinterpret_cast<__nv_bfloat16*>(dx_bf16);
     switch (items) {
 #define AHA_NORM_BWD(K) \
@@ -635,6 +669,12 @@ void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int
 namespace {
 template <typename Gu>
 void LaunchSwiGluForward(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I, cudaStream_t s) {
+  if constexpr (sizeof(Gu) == 2) {
+    if (I % 8 == 0 && Aligned(h, 16) && Aligned(gu, 16) && Aligned(h16, 16)) {
+      SwiGluForwardBf16x8Kernel<<<Blocks(static_cast<size_t>(N) * (I / 8)), kThreads, 0, s>>>(h, h16, gu, N, I);
+      return;
+    }
+  }
   if (I % 4 == 0 && Aligned(h, 16) && Aligned(gu, 4 * sizeof(Gu)) && Aligned(h16, 8))
     SwiGluForwardVecKernel<<<Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s>>>(h, h16, gu, N, I);
   else
