@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -82,6 +82,17 @@ if [[ $what == *ab6* ]]; then
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   head -24 "$out/profile_train.txt"
 fi
+if [[ $what == *s6* ]]; then
+  # The session-6 defaults only: two learner steps' benches, one generation bench, the profile.
+  model=/tmp/aha-0.5b
+  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
+  for rep in 1 2; do
+    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-final-$rep.log" 2>&1
+  done
+  timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s6-final.log" 2>&1
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
+  head -24 "$out/profile_train.txt"
+fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
@@ -93,7 +104,7 @@ if [[ $what == *peer* ]]; then
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
 fi
-if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *ab6* ]]; then
+if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *ab6* || $what == *s6* ]]; then
   model=/tmp/aha-0.5b
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1

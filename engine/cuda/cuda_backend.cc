@@ -163,6 +163,10 @@ CudaBackend::~CudaBackend() {
   if (workspace_) cudaFree(workspace_);
   if (cast_copy_) cudaFree(cast_copy_);
   cudaFree(sum_out_);
+  for (Staging& st : staging_) {
+    if (st.host) cudaFreeHost(st.host);
+    if (st.done) cudaEventDestroy(st.done);
+  }
   cudaStreamDestroy(stream_);
 }
 
@@ -224,7 +228,21 @@ void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   Check("copy");
 }
 void CudaBackend::Upload(void* dst, const void* src, size_t bytes) {
-  if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  if (bytes > 0 && bytes <= kStagingBytes && !capturing_) {
+    Staging& st = staging_[staging_next_];
+    staging_next_ ^= 1;
+    if (!st.host) {
+      CheckCuda(cudaMallocHost(&st.host, kStagingBytes), "allocate pinned upload staging");
+      CheckCuda(cudaEventCreateWithFlags(&st.done, cudaEventDisableTiming), "create event");
+    } else {
+      CheckCuda(cudaEventSynchronize(st.done), "wait for the staging buffer");
+    }
+    std::memcpy(st.host, src, bytes);
+    CheckCuda(cudaMemcpyAsync(dst, st.host, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+    CheckCuda(cudaEventRecord(st.done, stream_), "record event");
+  } else if (bytes) {
+    CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  }
   Check("upload");
 }
 void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
