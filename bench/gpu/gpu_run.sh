@@ -15,6 +15,11 @@ out=${1:?usage: gpu_run.sh OUT_DIR [tests] [bench]}
 shift
 what=${*:-tests bench gemm peer}
 mkdir -p "$out"
+# The 0.5B shape with random weights, made once (every bench below reads it).
+model=/tmp/aha-0.5b
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *peer* ]]; then
+  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
 summary=()
 if [[ $what == *tests* ]]; then
@@ -29,8 +34,6 @@ if [[ $what == *tests* ]]; then
   done
 fi
 if [[ $what == *bench* ]]; then
-  model=/tmp/aha-0.5b
-  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_aha.log" 2>&1
   # The f32 KV cache for comparison (bf16 is the default with bf16 products), and a KV pool of a
   # quarter of the default 256 x 640 tokens, which preempts (the recompute's cost).
@@ -52,8 +55,6 @@ fi
 if [[ " $what " == *" ab "* ]]; then
   # Session 5's fused q/k/v kernels against their switch (AHA_FUSED_QKV=0: the split, RoPE, pack and
   # KV-write ops they replace), in decode and in the learner step, each variant twice to see the spread.
-  model=/tmp/aha-0.5b
-  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   for rep in 1 2; do
     timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_ab-fused-$rep.log" 2>&1
     AHA_FUSED_QKV=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_ab-unfused-$rep.log" 2>&1
@@ -66,30 +67,20 @@ if [[ " $what " == *" ab "* ]]; then
   grep -E "^T " "$out/gemm_256.txt" | head -12
   head -24 "$out/profile_train.txt"
 fi
-if [[ $what == *ab6* ]]; then
-  # Session 6's switches against the default: AHA_KEEP_BF16=0 (norm outputs, gu, h and dh in f32
+if [[ $what == *ab6* || $what == *s6* ]]; then
+  # Session 6's defaults (two learner benches, one generation bench, the learner's per-op profile);
+  # with ab6 also each of its switches once: AHA_KEEP_BF16=0 (norm outputs, gu, h and dh in f32
   # again), AHA_ATTENTION_KV16=0 (the training attention stages f32 k/v tiles again),
-  # AHA_KEEP_LOGITS_GB=0 (the lm-head backward recomputes the logits); the learner's per-op profile.
-  model=/tmp/aha-0.5b
-  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
+  # AHA_KEEP_LOGITS_GB=0 (the lm-head backward recomputes the logits).
   for rep in 1 2; do
     timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-default-$rep.log" 2>&1
   done
-  AHA_KEEP_BF16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-keep0.log" 2>&1
-  AHA_ATTENTION_KV16=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-kv16off.log" 2>&1
-  AHA_KEEP_LOGITS_GB=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-logits0.log" 2>&1
   timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s6-default.log" 2>&1
-  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
-  head -24 "$out/profile_train.txt"
-fi
-if [[ $what == *s6* ]]; then
-  # The session-6 defaults only: two learner steps' benches, one generation bench, the profile.
-  model=/tmp/aha-0.5b
-  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
-  for rep in 1 2; do
-    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-final-$rep.log" 2>&1
-  done
-  timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s6-final.log" 2>&1
+  if [[ $what == *ab6* ]]; then
+    for switch in AHA_KEEP_BF16=0 AHA_ATTENTION_KV16=0 AHA_KEEP_LOGITS_GB=0; do
+      env "$switch" timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s6-${switch%%=*}.log" 2>&1
+    done
+  fi
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   head -24 "$out/profile_train.txt"
 fi
@@ -98,14 +89,11 @@ if [[ $what == *gemm* ]]; then
   grep -v '^{' "$out/gemm.txt" | tail -n 60
 fi
 if [[ $what == *peer* ]]; then
-  model=/tmp/aha-0.5b
-  [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
   timeout 120 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
 fi
-if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *ab6* || $what == *s6* ]]; then
-  model=/tmp/aha-0.5b
+if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *s6* ]]; then
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1
     cat "$out/sync_aha.log"
