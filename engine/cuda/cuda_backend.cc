@@ -163,10 +163,6 @@ CudaBackend::~CudaBackend() {
   if (workspace_) cudaFree(workspace_);
   if (cast_copy_) cudaFree(cast_copy_);
   cudaFree(sum_out_);
-  for (Staging& st : staging_) {
-    if (st.host) cudaFreeHost(st.host);
-    if (st.done) cudaEventDestroy(st.done);
-  }
   cudaStreamDestroy(stream_);
 }
 
@@ -228,21 +224,7 @@ void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   Check("copy");
 }
 void CudaBackend::Upload(void* dst, const void* src, size_t bytes) {
-  if (bytes > 0 && bytes <= kStagingBytes && !capturing_) {
-    Staging& st = staging_[staging_next_];
-    staging_next_ ^= 1;
-    if (!st.host) {
-      CheckCuda(cudaMallocHost(&st.host, kStagingBytes), "allocate pinned upload staging");
-      CheckCuda(cudaEventCreateWithFlags(&st.done, cudaEventDisableTiming), "create event");
-    } else {
-      CheckCuda(cudaEventSynchronize(st.done), "wait for the staging buffer");
-    }
-    std::memcpy(st.host, src, bytes);
-    CheckCuda(cudaMemcpyAsync(dst, st.host, bytes, cudaMemcpyHostToDevice, stream_), "upload");
-    CheckCuda(cudaEventRecord(st.done, stream_), "record event");
-  } else if (bytes) {
-    CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
-  }
+  if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
   Check("upload");
 }
 void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
@@ -266,9 +248,8 @@ void CudaBackend::RegisterWeights(const float* base, size_t n) {
 }
 void CudaBackend::UnregisterWeights(const float* base) { gemm_->UnregisterWeights(base); }
 uint16_t* CudaBackend::KeptCopy(const float* p, size_t n) {
-  if (gemm_->precision() != GemmPrecision::kBF16) return nullptr;
   for (const Kept& k : kept_)
-    if (p >= k.base && p + n <= k.base + k.n) return gemm_->Bf16Copy(k.base) + (p - k.base);
+    if (p >= k.base && p + n <= k.base + k.n) return gemm_->Bf16CopyOf(p, n);  // null with f32 products
   return nullptr;
 }
 void CudaBackend::KeepAsBf16(const float* base, size_t n) {
@@ -595,19 +576,15 @@ void CudaBackend::CachedAttentionForward(float* out, const float* q, const Paged
 
 void CudaBackend::LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                                 const int32_t* targets, int N, int C, int V, float temperature) {
-  void* ws = Workspace(LmHeadWorkspace(N, V));
-  cuda::LmHeadForward(*gemm_, logprob, entropy, lse, h, w, targets, N, C, V, temperature, ws, stream_);
-  Check("lm-head");
+  LmHeadForwardKeep(logprob, entropy, lse, h, w, targets, N, C, V, temperature, nullptr);
 }
 void CudaBackend::LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
                                  const float* w, const int32_t* targets, const float* lse, const float* entropy, int N,
                                  int C, int V, float temperature) {
-  void* ws = Workspace(LmHeadWorkspace(N, V));
-  cuda::LmHeadBackward(*gemm_, dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, ws,
-                       stream_);
-  Check("lm-head backward");
+  LmHeadBackwardKept(dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, nullptr);
 }
 
+// With logits null the chunk logits live in the workspace only (and the backward recomputes them).
 void CudaBackend::LmHeadForwardKeep(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                                     const int32_t* targets, int N, int C, int V, float temperature, float* logits) {
   void* ws = Workspace(LmHeadWorkspace(N, V));

@@ -144,15 +144,6 @@ class CudaBackend final : public Backend {
   size_t workspace_bytes_ = 0;
   uint64_t workspace_generation_ = 0;
   double* sum_out_ = nullptr;  // device double for SumSquares
-  // Upload of up to kStagingBytes goes through two pinned host buffers in turn (a copy from pageable
-  // memory costs a synchronous staging pass: ~0.2 ms for the learner's 200 KB of token arrays);
-  // `done` marks when the DMA that last read a buffer has finished, before it is filled again.
-  static constexpr size_t kStagingBytes = size_t{1} << 20;
-  struct Staging {
-    void* host = nullptr;
-    cudaEvent_t done = nullptr;
-  } staging_[2];
-  int staging_next_ = 0;
   // One buffer serves every producer: a copy is read only by the products right after its producer,
   // and the next producer runs after them on the same stream. Grow-only, by at least a quarter.
   uint16_t* cast_copy_ = nullptr;
