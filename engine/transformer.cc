@@ -295,8 +295,12 @@ void Transformer::EnsureCapacity(int N) {
   dh_ = Tensor(DType::kF32, {N, I}, d);
   Keep(dh_, &kept_acts_);
   qkv_ = Tensor(DType::kF32, {N, QD + 2 * KD}, d);
-  ints_d_ = Tensor(DType::kI32, {4 * N + 1}, d);
-  drows_d_ = Tensor(DType::kF32, {2 * N}, d);
+  tokens_d_ = Tensor(DType::kI32, {N}, d);
+  cu_seqlens_d_ = Tensor(DType::kI32, {N + 1}, d);
+  positions_d_ = Tensor(DType::kI32, {N}, d);
+  targets_d_ = Tensor(DType::kI32, {N}, d);
+  drow_lp_d_ = Tensor(DType::kF32, {N}, d);
+  drow_ent_d_ = Tensor(DType::kF32, {N}, d);
 }
 
 void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, const int32_t* pos,
@@ -386,27 +390,20 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
     }
   }
   Backend& B = *backend_;
-  // One upload (each costs a host staging copy and a round trip): tokens | positions | targets | cu_seqlens.
-  ints_host_.resize(3 * static_cast<size_t>(N) + S + 1);
-  std::copy(tokens_.begin(), tokens_.end(), ints_host_.begin());
-  std::copy(positions_.begin(), positions_.end(), ints_host_.begin() + N);
-  std::copy(targets_.begin(), targets_.end(), ints_host_.begin() + 2 * N);
-  std::copy(cu_seqlens_.begin(), cu_seqlens_.end(), ints_host_.begin() + 3 * N);
-  B.Upload(ints_d_.raw(), ints_host_.data(), ints_host_.size() * sizeof(int32_t));
-  tokens_d_ = ints_d_.i32();
-  positions_d_ = tokens_d_ + N;
-  targets_d_ = tokens_d_ + 2 * N;
-  cu_seqlens_d_ = tokens_d_ + 3 * N;
+  B.Upload(tokens_d_.raw(), tokens_.data(), N * sizeof(int32_t));
+  B.Upload(cu_seqlens_d_.raw(), cu_seqlens_.data(), (S + 1) * sizeof(int32_t));
+  B.Upload(positions_d_.raw(), positions_.data(), N * sizeof(int32_t));
+  B.Upload(targets_d_.raw(), targets_.data(), N * sizeof(int32_t));
   const int C = config_.hidden_size;
-  B.EmbeddingForward(resid_[0].f32(), tokens_d_, w_.wte, N, C);
+  B.EmbeddingForward(resid_[0].f32(), tokens_d_.i32(), w_.wte, N, C);
   const int L = config_.num_layers;
   // Each layer ends with the norm of its output: the next layer's input norm, the last one the final norm.
   for (int l = 0; l < L; ++l) {
     LayerActs& following = acts_[recompute_ || l + 1 == L ? 0 : l + 1];
     const NextNorm next = l + 1 < L ? NextNorm{w_.layers[l + 1].in_norm, following.ln1.f32(), following.rstd1.f32()}
                                     : NextNorm{w_.final_norm, lnf_.f32(), rstdf_.f32()};
-    LayerForward(l, acts_[recompute_ ? 0 : l], resid_[l].f32(), resid_[l + 1].f32(), positions_d_,
-                 cu_seqlens_d_, S, N, /*ln1_ready=*/l > 0, next);
+    LayerForward(l, acts_[recompute_ ? 0 : l], resid_[l].f32(), resid_[l + 1].f32(), positions_d_.i32(),
+                 cu_seqlens_d_.i32(), S, N, /*ln1_ready=*/l > 0, next);
   }
   if (L == 0) B.RmsNormForward(lnf_.f32(), rstdf_.f32(), resid_[0].f32(), w_.final_norm, N, C, config_.rms_norm_eps);
   const size_t z_n = static_cast<size_t>(N) * config_.vocab_size;
@@ -420,10 +417,10 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
       lm_z_ = Tensor();  // free the smaller buffer first
       lm_z_ = Tensor(DType::kF32, {static_cast<int64_t>(z_n)}, B.device());
     }
-    B.LmHeadForwardKeep(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_, N,
+    B.LmHeadForwardKeep(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N,
                         C, config_.vocab_size, temperature, lm_z_.f32());
   } else {
-    B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_, N, C,
+    B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N, C,
                     config_.vocab_size, temperature);
   }
   // Row n predicts token n + 1: shift into token alignment.
@@ -450,18 +447,16 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
     if (dlogprobs) drow_lp[i] = dlogprobs[i + 1];
     if (dentropies) drow_ent[i] = dentropies[i + 1];
   }
-  drow_lp.insert(drow_lp.end(), drow_ent.begin(), drow_ent.end());  // one upload: lp | ent
-  B.Upload(drows_d_.raw(), drow_lp.data(), drow_lp.size() * sizeof(float));
-  const float* drow_lp_d = drows_d_.f32();
-  const float* drow_ent_d = drow_lp_d + N;
+  B.Upload(drow_lp_d_.raw(), drow_lp.data(), N * sizeof(float));
+  B.Upload(drow_ent_d_.raw(), drow_ent.data(), N * sizeof(float));
   if (logits_kept_) {  // the Forward's logits, consumed here
-    B.LmHeadBackwardKept(dln_.f32(), g_.lm_head, drow_lp_d, drow_ent_d, lnf_.f32(), w_.lm_head,
-                         targets_d_, lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_,
+    B.LmHeadBackwardKept(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
+                         targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_,
                          lm_z_.f32());
     logits_kept_ = false;
   } else {
-    B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp_d, drow_ent_d, lnf_.f32(), w_.lm_head,
-                     targets_d_, lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
+    B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
+                     targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
   }
   dres_.SetZero();
   B.RmsNormBackward(dres_.f32(), g_.final_norm, dln_.f32(), resid_[L].f32(), w_.final_norm, rstdf_.f32(), N, C);
@@ -473,13 +468,13 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
     LayerActs& a = acts_[recompute_ ? 0 : l];
     if (recompute_) {
       // Rebuild this layer's activations from its saved input (its output goes to scratch).
-      LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_d_, cu_seqlens_d_, S_, N,
+      LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N,
                    /*ln1_ready=*/false, NextNorm{});
     }
-    LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_d_, cu_seqlens_d_, S_, N);
+    LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
     if (ready) ready(offset(g_.layers[l].in_norm));
   }
-  B.EmbeddingBackward(g_.wte, dres_.f32(), tokens_d_, N, C);
+  B.EmbeddingBackward(g_.wte, dres_.f32(), tokens_d_.i32(), N, C);
   if (ready) ready(0);
 }
 

@@ -186,11 +186,7 @@ class Transformer {
   Tensor lm_z_;
   bool logits_kept_ = false;
   // Device copies of the host integer arrays above, and the row gradients of Backward().
-  // ints_d_ holds tokens | positions | targets | cu_seqlens of the last Forward (the pointers below
-  // point into it), drows_d_ the row gradients dlogprob | dentropy of Backward.
-  Tensor ints_d_, drows_d_;
-  const int32_t *tokens_d_ = nullptr, *cu_seqlens_d_ = nullptr, *positions_d_ = nullptr, *targets_d_ = nullptr;
-  std::vector<int32_t> ints_host_;
+  Tensor tokens_d_, cu_seqlens_d_, positions_d_, targets_d_, drow_lp_d_, drow_ent_d_;
   std::vector<float> row_lp_host_, row_ent_host_;
   // ForwardCached() scratch, grown to the largest call (fixed addresses between calls).
   struct DecodeScratch {
