@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine: Nsight Compute's duration of every kernel of one decode step of
+# `aha bench gen` (256 rows by default; each kernel alone, as ncu serialises them), so that the sum
+# of kernel times can be set against the step's wall time from the same binary's normal run.
+#   bench/gpu/decode_profile.sh OUT_DIR [extra aha bench gen flags]
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+out=${1:?usage: decode_profile.sh OUT_DIR [flags]}
+shift
+mkdir -p "$out"
+model=/tmp/aha-0.5b
+[ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+[ -n "$ncu" ] || { echo "no ncu"; exit 1; }
+timeout 400 "$ncu" --clock-control none --graph-profiling node --metrics gpu__time_duration.sum --csv --page raw \
+  dist/bin/aha bench gen --model $model --new-tokens 8 --repeats 1 "$@" > "$out/ncu_decode.csv" 2> "$out/ncu_decode.err"
+echo "ncu exit $?"
+python3 - "$out/ncu_decode.csv" <<'PY'
+import csv, sys, collections
+rows = [l for l in open(sys.argv[1], errors="replace") if l.startswith('"')]
+r = list(csv.reader(rows))
+head = r[0]
+name_i = head.index("Kernel Name"); dur_i = head.index("gpu__time_duration.sum")
+ks = []
+for x in r[1:]:
+    try:
+        ks.append((x[name_i], float(x[dur_i])))
+    except (ValueError, IndexError):
+        pass
+unit = r[1][dur_i] if len(r) > 1 else ""
+samp = [i for i, (n, _) in enumerate(ks) if "Sample" in n]
+print(f"{len(ks)} kernels profiled; sampling kernels at {samp[-4:]}")
+a, b = samp[-2] + 1, samp[-1] + 1  # the last decode step: after one sampling, through the next
+step = ks[a:b]
+tot = sum(d for _, d in step)
+print(f"last decode step: {len(step)} kernels, sum of durations {tot / 1e3:.1f} us (ncu unit row: {unit})")
+g = collections.OrderedDict()
+for n, d in step:
+    short = n.split("(")[0][:60]
+    c, s = g.get(short, (0, 0.0))
+    g[short] = (c + 1, s + d)
+for n, (c, s) in sorted(g.items(), key=lambda kv: -kv[1][1]):
+    print(f"{s / 1e3:9.1f} us {c:4d} x {s / c / 1e3:7.2f} us  {n}")
+PY
