@@ -95,20 +95,6 @@ class Backend {
   virtual void DestroyGraph(void* /*graph*/) {}
   virtual uint64_t graph_epoch() const { return 0; }
 
-  // ---- lanes --------------------------------------------------------------------------------------
-  // Independent streams of ops for work on disjoint data, so that a device can overlap one part's
-  // latency-bound launches with another's (a decode step's two halves: docs/architecture.md).
-  // ForkLanes(n): lanes 1..n-1 start after everything enqueued so far; SetLane(k): the ops enqueued
-  // from now on go to lane k; JoinLanes(): later ops start after every lane's ops, on lane 0. Each
-  // lane has its own internal scratch, so ops on different lanes may run at once; the caller
-  // guarantees their buffers do not overlap. Inside a capture the lanes become parallel branches
-  // of the graph. MaxLanes() is 1 where there is nothing to overlap (the CPU runs the ops in order).
-  virtual int MaxLanes() const { return 1; }
-  // Returns the number of lanes granted (1..n): ops for lanes past it must go to the granted ones.
-  virtual int ForkLanes(int /*n*/) { return 1; }
-  virtual void SetLane(int /*lane*/) {}
-  virtual void JoinLanes() {}
-
   // ---- elementwise and layers -------------------------------------------------------------------
   // out[N, C] = wte[ids[n], :]
   virtual void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C) = 0;

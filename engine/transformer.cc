@@ -530,7 +530,6 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
   dec_.lastn = Tensor(DType::kF32, {b, C}, d);
   Keep(dec_.ln, &kept_dec_);  // read by the q/k/v and gate/up products only
   Keep(dec_.gu, &kept_dec_);  // as in training: the actor rounds gu as the learner does
-  Keep(dec_.lastn, &kept_dec_);  // read by the lm-head product only (after the lanes join: no cast)
 }
 
 void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start,
@@ -597,9 +596,7 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   }
   if (!g->graph) {
     if (B.BeginCapture()) {
-      capturing_decode_ = true;
       DecodeBody(N, N, cache, last_logits, nullptr);
-      capturing_decode_ = false;
       g->graph = B.EndCapture();
       g->epoch = B.graph_epoch();
     }
@@ -610,108 +607,65 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
     }
   }
   B.Replay(g->graph);
-  if (SplitLanes(N, N) > 1) ++split_decode_steps_;
-}
-
-int Transformer::SplitLanes(int N, int Bn) const {
-  if (N != Bn || N < 2 * kMinLaneRows) return 1;
-  return std::min(decode_lanes_ > 0 ? decode_lanes_ : backend_->MaxLanes(), 2);
 }
 
 void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q) {
   Backend& B = *backend_;
-  const int C = config_.hidden_size;
-  // A decode step (one row per sequence) of enough rows runs as two halves on two lanes: each half
-  // is latency-bound (products of 128-256 rows, one small kernel per op), so the device overlaps one
-  // half's launches, tails and waits with the other's work.
-  const int lanes = SplitLanes(N, Bn);
-  if (lanes == 1) {
-    DecodeLayers(0, 0, N, Bn, N, Bn, cache);
-  } else {
-    const int granted = B.ForkLanes(lanes);
-    const int half = (N + 1) / 2;
-    for (int k = 0; k < 2; ++k) {
-      B.SetLane(std::min(k, granted - 1));
-      const int r0 = k * half;
-      DecodeLayers(r0, r0, std::min(half, N - r0), std::min(half, N - r0), N, Bn, cache);
-    }
-    B.JoinLanes();
-    if (!capturing_decode_) ++split_decode_steps_;
-  }
-  // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather.
-  float* rstd = dec_.rstd.f32();
-  if (N != Bn) {
-    float* x = dec_.x.f32();
-    for (int b = 0; b < Bn; ++b)
-      B.Copy(dec_.last.f32() + static_cast<size_t>(b) * C, x + static_cast<size_t>(cu_q[b + 1] - 1) * C,
-             C * sizeof(float));
-    B.RmsNormForward(dec_.lastn.f32(), rstd, dec_.last.f32(), w_.final_norm, Bn, C, config_.rms_norm_eps);
-  }
-  B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
-}
-
-void Transformer::DecodeLayers(int r0, int b0, int N, int Bn, int Ntot, int Btot, KvCache* cache) {
-  Backend& B = *backend_;
   const int C = config_.hidden_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
-  const int I = config_.intermediate_size;
-  const int QKV = (Hq + 2 * Hkv) * D, W = std::max(QKV, I);  // dec_.wide's row length
-  // The integer arrays of the whole call (ForwardCached's layout), then this part's rows of them.
-  // cu_q: a decode part's rows are its sequences (cu_q[b] = b), so the array's prefix serves it.
-  const int32_t* ints = dec_.ints.i32();
-  const int32_t* d_tokens = ints + r0;
-  const int32_t* d_cu = ints + Ntot;
-  const int32_t* d_start = ints + Ntot + Btot + 1 + b0;
-  const int32_t* d_pos = ints + Ntot + 2 * Btot + 1 + r0;
-  const int32_t* d_table = ints + 2 * Ntot + 2 * Btot + 1 + static_cast<size_t>(b0) * cache->max_blocks;
-  // Each part's rows of the scratch (rstd: up to Hq rows per token, for Qwen3's head norms).
-  auto rows = [r0](Tensor& t, int64_t width) { return t.f32() + static_cast<size_t>(r0) * width; };
-  float* x = rows(dec_.x, C);
-  float* ln = rows(dec_.ln, C);
-  float* rstd = rows(dec_.rstd, Hq);
-  float* tmp = rows(dec_.tmp, C);
-  float* wide = rows(dec_.wide, W);
-  float* q = rows(dec_.q, Hq * D);
-  float* k = rows(dec_.k, Hkv * D);
-  float* v = rows(dec_.v, Hkv * D);
-  float* att = rows(dec_.att, Hq * D);
-  float* gu = rows(dec_.gu, 2 * I);
-  float* lastn = rows(dec_.lastn, C);  // decode: each row is its sequence's last
+  const int32_t* d_tokens = dec_.ints.i32();
+  const int32_t* d_cu = d_tokens + N;
+  const int32_t* d_start = d_cu + Bn + 1;
+  const int32_t* d_pos = d_start + Bn;
+  const int32_t* d_table = d_pos + N;
+  float* x = dec_.x.f32();
+  float* ln = dec_.ln.f32();
+  float* rstd = dec_.rstd.f32();
+  float* tmp = dec_.tmp.f32();
   const int L = config_.num_layers;
   B.EmbeddingForward(x, d_tokens, w_.wte, N, C);
   // Every later norm is fused with the residual add before it (AddRmsNormForward).
   if (L > 0) B.RmsNormForward(ln, rstd, x, w_.layers[0].in_norm, N, C, config_.rms_norm_eps);
-  else if (N == Bn) B.RmsNormForward(lastn, rstd, x, w_.final_norm, Bn, C, config_.rms_norm_eps);
   for (int l = 0; l < L; ++l) {
     const LayerWeights& w = w_.layers[l];
-    B.LinearForward(wide, ln, w.q_w, nullptr, N, C, QKV);  // [Wq; Wk; Wv]
+    const int I = config_.intermediate_size;
+    B.LinearForward(dec_.wide.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
     const PagedKv kv = cache->Layer(l, d_table);
-    float* qf = q;
+    float* qf = dec_.q.f32();
     if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
-      float* qn = rows(dec_.qn, Hq * D);
-      float* kn = rows(dec_.kn, Hkv * D);
-      B.SplitQkv(q, k, v, wide, w.q_b, N, Hq * D, Hkv * D);
-      B.RmsNormForward(qn, rstd, q, w.q_norm, N * Hq, D, config_.rms_norm_eps);
-      B.RmsNormForward(kn, rstd, k, w.k_norm, N * Hkv, D, config_.rms_norm_eps);
-      qf = qn;
+      B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, N, Hq * D, Hkv * D);
+      B.RmsNormForward(dec_.qn.f32(), rstd, qf, w.q_norm, N * Hq, D, config_.rms_norm_eps);
+      B.RmsNormForward(dec_.kn.f32(), rstd, dec_.k.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
+      qf = dec_.qn.f32();
       B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
-      B.RopeForward(kn, d_pos, inv_freq_.f32(), N, Hkv, D);
-      B.KvCacheWrite(kv, kn, v, d_cu, d_start, Bn, N, Hkv, D);
+      B.RopeForward(dec_.kn.f32(), d_pos, inv_freq_.f32(), N, Hkv, D);
+      B.KvCacheWrite(kv, dec_.kn.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
     } else {
-      B.QkvRopeKvWrite(qf, k, v, wide, w.q_b, d_pos, inv_freq_.f32(), kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
+      B.QkvRopeKvWrite(qf, dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, d_pos, inv_freq_.f32(), kv, d_cu,
+                       d_start, Bn, N, Hq, Hkv, D);
     }
-    B.CachedAttentionForward(att, qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
-    B.LinearForward(tmp, att, w.o_w, nullptr, N, Hq * D, C);
+    B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
+    B.LinearForward(tmp, dec_.att.f32(), w.o_w, nullptr, N, Hq * D, C);
     B.AddRmsNormForward(x, ln, rstd, tmp, w.post_norm, N, C, config_.rms_norm_eps);
-    B.LinearForward(gu, ln, w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
-    B.SwiGluForward(wide, gu, N, I);
-    B.LinearForward(tmp, wide, w.down_w, nullptr, N, I, C);
+    B.LinearForward(dec_.gu.f32(), ln, w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
+    B.SwiGluForward(dec_.wide.f32(), dec_.gu.f32(), N, I);
+    B.LinearForward(tmp, dec_.wide.f32(), w.down_w, nullptr, N, I, C);
     // x += down(h) with the norm that reads x next: the next layer's input norm, or after the last
     // layer the final norm when every row is a sequence's last (decode; prefill gathers first).
     if (l + 1 < L) B.AddRmsNormForward(x, ln, rstd, tmp, w_.layers[l + 1].in_norm, N, C, config_.rms_norm_eps);
-    else if (N == Bn) B.AddRmsNormForward(x, lastn, rstd, tmp, w_.final_norm, N, C, config_.rms_norm_eps);
+    else if (N == Bn) B.AddRmsNormForward(x, dec_.lastn.f32(), rstd, tmp, w_.final_norm, N, C, config_.rms_norm_eps);
     else B.Add(x, x, tmp, static_cast<size_t>(N) * C);
   }
+  // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather.
+  if (N != Bn) {
+    for (int b = 0; b < Bn; ++b)
+      B.Copy(dec_.last.f32() + static_cast<size_t>(b) * C, x + static_cast<size_t>(cu_q[b + 1] - 1) * C,
+             C * sizeof(float));
+    B.RmsNormForward(dec_.lastn.f32(), rstd, dec_.last.f32(), w_.final_norm, Bn, C, config_.rms_norm_eps);
+  } else if (L == 0) {
+    B.RmsNormForward(dec_.lastn.f32(), rstd, x, w_.final_norm, Bn, C, config_.rms_norm_eps);
+  }
+  B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
 }
 
 }  // namespace aha::engine

@@ -99,17 +99,6 @@ class Transformer {
   // Decode steps (one new token per sequence) replay a captured graph per batch bucket (powers of
   // two up to the cache's max_batch) where the backend has graphs; on by default.
   void set_decode_graphs(bool on) { decode_graphs_ = on; }
-  // Decode steps of at least 2 x kMinLaneRows rows run as two halves on two backend lanes (the
-  // layers of one half overlap the other's, docs/architecture.md), where the backend has lanes.
-  // set_decode_lanes(1) turns it off; set_decode_lanes(2) splits even where the backend has a
-  // single lane (then the halves run one after the other: the tests' check of the split).
-  static constexpr int kMinLaneRows = 32;
-  void set_decode_lanes(int n) {
-    decode_lanes_ = n;
-    ClearGraphs();  // captured with the old split
-  }
-  // Decode steps run as two halves so far (graph replays included).
-  int64_t split_decode_steps() const { return split_decode_steps_; }
 
   // Training forward over packed sequences. Writes logprobs[N] and entropies[N] aligned to tokens:
   // logprobs[t] = log p(tokens[t] | earlier tokens of its sequence) at `temperature` (logits / T),
@@ -211,13 +200,6 @@ class Transformer {
   } dec_;
   void EnsureDecodeScratch(int N, int B, int max_blocks);
   void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q);
-  // The embedding and layers of DecodeBody for rows [r0, r0 + N) and sequences [b0, b0 + Bn)
-  // (b0 = r0 in a decode step; prefill: r0 = b0 = 0).
-  void DecodeLayers(int r0, int b0, int N, int Bn, int Ntot, int Btot, KvCache* cache);
-  int decode_lanes_ = 0;  // 0: the backend's MaxLanes()
-  int64_t split_decode_steps_ = 0;
-  bool capturing_decode_ = false;  // DecodeBody is being recorded, not run
-  int SplitLanes(int N, int Bn) const;  // DecodeBody's part count for a call of N rows, Bn sequences
   struct DecodeGraph {
     int bucket = 0;
     uint64_t cache_id = 0;  // KvCache::id: an address could be reused by a later cache

@@ -106,8 +106,7 @@ int RunGen(int argc, char** argv) {
   std::cout << "aha bench gen on " << engine::DescribeBackend(backend->get()) << ": " << prompts << " prompts x "
             << prompt_len << " + " << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s; KV pool "
             << gen.num_blocks() << " blocks (" << engine::DTypeName((*backend)->kv_cache_dtype()) << "), "
-            << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens; "
-            << (*model)->split_decode_steps() << " decode steps in two lanes (all runs)\n";
+            << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
                       {"graphs", !no_graphs},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
@@ -116,8 +115,7 @@ int RunGen(int argc, char** argv) {
                       {"kv_cache_blocks", gen.num_blocks()},
                       {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},
                       {"preemptions", stats.preemptions},
-                      {"recomputed_tokens", stats.recomputed_tokens},
-                      {"split_decode_steps", (*model)->split_decode_steps()}};
+                      {"recomputed_tokens", stats.recomputed_tokens}};
   std::cout << j.dump() << "\n";
   return 0;
 }

@@ -1540,7 +1540,6 @@ int DecodeTcSlots() {
 int DecodeSplitCount(const KvPages& kv, long long items, int KC, long long slots) {
   const long long max_ctx = static_cast<long long>(kv.max_blocks) * kv.block_size;
   const long long cap = std::min<long long>((max_ctx + KC - 1) / KC, kDecodeMaxSplits);
-  slots /= std::max(kv.share, 1);
   const long long want = (slots + items / 2) / items;
   return static_cast<int>(std::max<long long>(1, std::min(want, cap)));
 }

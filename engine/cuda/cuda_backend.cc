@@ -93,8 +93,6 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   keep_bf16_ = !(keep && std::string(keep) == "0");
   const char* profile = std::getenv("AHA_PROFILE");
   if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
-  const char* lanes = std::getenv("AHA_DECODE_LANES");
-  lanes_enabled_ = !(lanes && std::string(lanes) == "1");
 }
 
 cudaEvent_t CudaBackend::Profile::Take() {
@@ -161,17 +159,9 @@ CudaBackend::~CudaBackend() {
     for (cudaEvent_t e : profile_->spare) cudaEventDestroy(e);
     if (profile_->base) cudaEventDestroy(profile_->base);
   }
-  if (lane_ != 0) SetLane(0);
   gemm_.reset();
   if (workspace_) cudaFree(workspace_);
   if (cast_copy_) cudaFree(cast_copy_);
-  for (size_t k = 1; k < lanes_.size(); ++k) {
-    cudaStreamSynchronize(lanes_[k].stream);
-    if (lanes_[k].workspace) cudaFree(lanes_[k].workspace);
-    if (lanes_[k].cast_copy) cudaFree(lanes_[k].cast_copy);
-    cudaStreamDestroy(lanes_[k].stream);
-  }
-  for (cudaEvent_t e : lane_events_) cudaEventDestroy(e);
   cudaFree(sum_out_);
   cudaStreamDestroy(stream_);
 }
@@ -313,65 +303,6 @@ void CudaBackend::Replay(void* graph) {
 }
 
 void CudaBackend::DestroyGraph(void* graph) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph)); }
-
-int CudaBackend::MaxLanes() const { return lanes_enabled_ && !profile_ ? kMaxLanes : 1; }
-
-void CudaBackend::SwapLane(LaneState& slot) {
-  std::swap(stream_, slot.stream);
-  std::swap(workspace_, slot.workspace);
-  std::swap(workspace_bytes_, slot.workspace_bytes);
-  std::swap(cast_copy_, slot.cast_copy);
-  std::swap(cast_copy_count_, slot.cast_copy_count);
-}
-
-int CudaBackend::ForkLanes(int n) {
-  if (lane_ != 0 || lanes_active_ != 1) {
-    std::fprintf(stderr, "aha CudaBackend: ForkLanes while lanes are forked\n");
-    std::abort();
-  }
-  n = std::max(1, std::min(n, MaxLanes()));
-  if (lanes_.empty()) lanes_.resize(1);  // lane 0's slot: empty while lane 0 is current
-  if (static_cast<int>(lanes_.size()) < n && capturing_) n = static_cast<int>(lanes_.size());
-  while (static_cast<int>(lanes_.size()) < n) {
-    LaneState l;
-    CheckCuda(cudaStreamCreate(&l.stream), "create lane stream");  // blocking, as lane 0's
-    lanes_.push_back(l);
-  }
-  while (lane_events_.size() < lanes_.size()) {
-    cudaEvent_t e = nullptr;
-    CheckCuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "create lane event");
-    lane_events_.push_back(e);
-  }
-  if (n == 1) return 1;
-  // Lanes 1..n-1 wait for lane 0's work so far (inside a capture this joins them to it).
-  CheckCuda(cudaEventRecord(lane_events_[0], stream_), "record lane fork");
-  for (int k = 1; k < n; ++k) CheckCuda(cudaStreamWaitEvent(lanes_[k].stream, lane_events_[0], 0), "lane fork");
-  lanes_active_ = n;
-  return n;
-}
-
-void CudaBackend::SetLane(int lane) {
-  if (lane < 0 || lane >= lanes_active_) {
-    std::fprintf(stderr, "aha CudaBackend: SetLane(%d) with %d lanes forked\n", lane, lanes_active_);
-    std::abort();
-  }
-  if (lane == lane_) return;
-  gemm_->ForgetCasts();  // held casts and adopted copies belong to the lane that made them
-  SwapLane(lanes_[lane_]);
-  SwapLane(lanes_[lane]);
-  lane_ = lane;
-  gemm_->SetLane(lane, stream_);
-}
-
-void CudaBackend::JoinLanes() {
-  if (lanes_active_ == 1) return;
-  SetLane(0);
-  for (int k = 1; k < lanes_active_; ++k) {
-    CheckCuda(cudaEventRecord(lane_events_[k], lanes_[k].stream), "record lane end");
-    CheckCuda(cudaStreamWaitEvent(stream_, lane_events_[k], 0), "lane join");
-  }
-  lanes_active_ = 1;
-}
 
 void CudaBackend::EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C) {
   cuda::EmbeddingForward(out, ids, wte, N, C, stream_);
@@ -545,13 +476,12 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
 DType CudaBackend::kv_cache_dtype() const {
   return bf16_kv_cache_ && gemm_->precision() == GemmPrecision::kBF16 ? DType::kBF16 : DType::kF32;
 }
-// share: the lanes running at once, which split the device between them (the decode split rule).
-static cuda::KvPages Pages(const PagedKv& c, int share = 1) {
+static cuda::KvPages Pages(const PagedKv& c) {
   if (c.dtype != DType::kF32 && c.dtype != DType::kBF16) {
     std::fprintf(stderr, "aha CudaBackend: KV cache dtype %s is neither f32 nor bf16\n", DTypeName(c.dtype));
     std::abort();
   }
-  return {c.k, c.v, c.dtype == DType::kBF16, c.num_blocks, c.block_size, c.block_table, c.max_blocks, share};
+  return {c.k, c.v, c.dtype == DType::kBF16, c.num_blocks, c.block_size, c.block_table, c.max_blocks};
 }
 void CudaBackend::KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q,
                                const int32_t* start, int B, int Nq, int Hkv, int D) {
@@ -617,7 +547,7 @@ void CudaBackend::QkvRopeKvWrite(float* q, float* k, float* v, const float* qkv,
 }
 void CudaBackend::CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                                          const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
-  const cuda::KvPages kv = Pages(cache, lanes_active_);
+  const cuda::KvPages kv = Pages(cache);
   // A/B of the decode kernels: AHA_DECODE_ATTENTION=rowwise sends decode steps through the prefill
   // kernel too; =simt keeps them off the tensor cores (the GQA-grouped f32-math decode kernel).
   enum class Decode { kDefault, kRowwise, kSimt };

@@ -55,15 +55,6 @@ class CudaBackend final : public Backend {
   uint64_t graph_epoch() const override {
     return workspace_generation_ + gemm_->scratch_generation() + cast_copy_generation_;
   }
-  // Up to kMaxLanes streams, each with its own workspace, bf16 copy buffer and cuBLAS workspace and
-  // cast scratch (Gemm::SetLane). 1 under AHA_PROFILE=1 (its events time one stream) and under
-  // AHA_DECODE_LANES=1.
-  int MaxLanes() const override;
-  // Grants min(n, MaxLanes()) lanes; while capturing, only lanes created before (no allocation
-  // inside a graph).
-  int ForkLanes(int n) override;
-  void SetLane(int lane) override;
-  void JoinLanes() override;
 
   void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C) override;
   void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C) override;
@@ -147,36 +138,17 @@ class CudaBackend final : public Backend {
   void PrintProfile() const;
 
   int index_;
-  // The current lane's stream and scratch (lane 0's unless SetLane chose another).
   cudaStream_t stream_;
   std::unique_ptr<Gemm> gemm_;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   uint64_t workspace_generation_ = 0;
   double* sum_out_ = nullptr;  // device double for SumSquares
-  // One buffer per lane serves every producer: a copy is read only by the products right after its
-  // producer, and the next producer runs after them on the same stream. Grow-only, by at least a
-  // quarter.
+  // One buffer serves every producer: a copy is read only by the products right after its producer,
+  // and the next producer runs after them on the same stream. Grow-only, by at least a quarter.
   uint16_t* cast_copy_ = nullptr;
   size_t cast_copy_count_ = 0;
   uint64_t cast_copy_generation_ = 0;
-  // Lanes (ForkLanes): lanes_[k] holds lane k's stream and scratch while another lane is current
-  // (the current lane's slot is empty: SwapLane moves them in and out). events_[k] marks lane k's
-  // fork (k = 0) or its end (k > 0).
-  struct LaneState {
-    cudaStream_t stream = nullptr;
-    void* workspace = nullptr;
-    size_t workspace_bytes = 0;
-    uint16_t* cast_copy = nullptr;
-    size_t cast_copy_count = 0;
-  };
-  static constexpr int kMaxLanes = 2;
-  void SwapLane(LaneState& slot);
-  std::vector<LaneState> lanes_;
-  std::vector<cudaEvent_t> lane_events_;
-  int lane_ = 0;         // the current lane
-  int lanes_active_ = 1;  // lanes forked and not yet joined
-  bool lanes_enabled_ = true;
   // Training attention: the tensor-core kernels (attention_tc.cu, bf16 products, f32 softmax and
   // accumulation; 4-5x the f32 kernels on the H200, docs/kernels.md) with bf16 products, unless
   // AHA_ATTENTION=f32. The pedantic kF32 precision keeps the f32 kernels, as it does for GEMMs.

@@ -269,24 +269,6 @@ struct Gemm::Impl {
   uint64_t casts = 0;
   uint64_t adopted_reads = 0;
   std::vector<WeightRange> weights;
-  // SetLane: lane k's workspace and scratch buffers while another lane is current (the current
-  // lane's slot is empty; its buffers are `workspace`, `scratch_a`, `scratch_b`).
-  struct LaneBuffers {
-    void* workspace = nullptr;
-    void* a = nullptr;
-    size_t a_bytes = 0;
-    void* b = nullptr;
-    size_t b_bytes = 0;
-  };
-  std::vector<LaneBuffers> lanes{1};
-  int lane = 0;
-  void SwapLane(LaneBuffers& slot) {
-    std::swap(workspace, slot.workspace);
-    std::swap(scratch_a.p, slot.a);
-    std::swap(scratch_a.bytes, slot.a_bytes);
-    std::swap(scratch_b.p, slot.b);
-    std::swap(scratch_b.bytes, slot.b_bytes);
-  }
 
   // The bf16 operand for `p` (rows * cols elements): a registered weight's cached copy, the
   // scratch's cast when it already holds p, or a new cast into scratch.
@@ -527,11 +509,6 @@ Gemm::Gemm(cudaStream_t stream, GemmPrecision precision) : impl_(new Impl) {
 }
 
 Gemm::~Gemm() {
-  for (auto& l : impl_->lanes) {  // the other lanes' buffers (the current lane's are below)
-    if (l.workspace) cudaFree(l.workspace);
-    if (l.a) cudaFree(l.a);
-    if (l.b) cudaFree(l.b);
-  }
   for (WeightRange& w : impl_->weights) cudaFree(w.bf16);
   for (auto& [unused, p] : impl_->plans) Impl::DestroyPlan(p);
   CublasLt().destroy(impl_->lt);
@@ -625,22 +602,6 @@ void Gemm::CopyWritten(const float* p, size_t n) {
       w.fresh = static_cast<size_t>(p - w.base) == w.fresh ? w.fresh + n : w.n + 1;
       return;
     }
-}
-
-void Gemm::SetLane(int lane, cudaStream_t stream) {
-  Impl& m = *impl_;
-  if (lane < 0) std::abort();
-  ForgetCasts();
-  if (lane != m.lane) {
-    if (static_cast<int>(m.lanes.size()) <= lane) m.lanes.resize(lane + 1);
-    m.SwapLane(m.lanes[m.lane]);
-    m.SwapLane(m.lanes[lane]);
-    m.lane = lane;
-    if (!m.workspace) CheckCuda(cudaMalloc(&m.workspace, kWorkspace), "allocate cuBLAS lane workspace");
-  }
-  m.stream = stream;
-  CheckCublas(Cublas().set_stream(m.handle, stream), "set stream");
-  CheckCublas(Cublas().set_workspace(m.handle, m.workspace, kWorkspace), "set workspace");
 }
 
 uint64_t Gemm::scratch_generation() const { return impl_->generation; }

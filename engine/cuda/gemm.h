@@ -76,11 +76,6 @@ class Gemm {
   // The cached bf16 copy of the registered range starting at base (null if none): an actor that
   // receives bf16 weights writes it directly (SwapInBf16) instead of casting again.
   uint16_t* Bf16Copy(const float* base);
-  // Products from now on run on `stream` with lane `lane`'s cuBLAS workspace and cast scratch
-  // (CudaBackend's lanes: products on different lanes may run at once). Lane 0 is the stream given
-  // at construction; a new lane's workspace is allocated on its first use (not inside a capture).
-  // Forgets held casts and adopted copies.
-  void SetLane(int lane, cudaStream_t stream);
   // Counts reallocations of the cast scratch (CUDA graphs that captured it are then stale).
   uint64_t scratch_generation() const;
   // With cast reuse on, a product reuses the bf16 cast of an operand that an earlier product cast

@@ -81,9 +81,6 @@ struct KvPages {
   int num_blocks = 0, block_size = 0;
   const int32_t* block_table = nullptr;  // [B, max_blocks], device
   int max_blocks = 0;
-  // Launches sharing the device with this one (decode lanes): the decode kernels' split count
-  // counts 1 / share of the device's resident blocks.
-  int share = 1;
 };
 // See Backend::KvCacheWrite / CachedAttentionForward. cu_q[B + 1], start[B] and the block table are
 // device arrays; the grid depends only on (B, Nq, heads) so the launch can be graph-captured and

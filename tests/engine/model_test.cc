@@ -332,41 +332,6 @@ TEST(Generation, PreemptionUnderASmallKvPoolReproducesTheFullPoolsCompletions) {
   EXPECT_EQ(small.free_blocks(), small.num_blocks());
 }
 
-// Decode steps of 64 or more rows run as two halves (Transformer::DecodeLayers over each half's
-// rows of the scratch, integer arrays and block table; on two lanes on a GPU). On the CPU the
-// halves run one after the other, and every op is row-wise, so the split must reproduce the
-// unsplit run's completions bit for bit, for both layer forms (fused q/k/v; Qwen3's head norms).
-TEST(Generation, DecodeStepsSplitInTwoHalvesEqualTheUnsplitSteps) {
-  for (Arch arch : {Arch::kQwen2, Arch::kQwen3}) {
-    CpuBackend B;
-    auto m = Transformer::Init(TinyConfig(arch, arch == Arch::kQwen2), 1, &B);
-    Randomize(*m, 21);
-    std::vector<GenerationRequest> reqs;
-    for (int i = 0; i < 75; ++i) {  // an odd batch: halves of 38 and 37 rows
-      GenerationRequest r;
-      for (int j = 0; j < 2 + (i * 7) % 9; ++j) r.prompt.push_back((5 * i + 3 * j + 1) % 16);
-      r.sampling = {1.0f, 1.0f, 0};
-      r.seed = 900 + i;
-      r.max_new_tokens = 6 + i % 5;
-      reqs.push_back(r);
-    }
-    Generator gen(m.get(), /*max_batch=*/75, /*max_len=*/24, {.kv_cache_tokens = 0, .block_size = 4});
-    m->set_decode_lanes(1);
-    auto want = gen.Generate(reqs);
-    ASSERT_TRUE(want.ok()) << want.status().ToString();
-    EXPECT_EQ(m->split_decode_steps(), 0);
-    m->set_decode_lanes(2);
-    auto got = gen.Generate(reqs);
-    ASSERT_TRUE(got.ok()) << got.status().ToString();
-    // Steps with 64+ rows left: every sequence runs at least 6 new tokens, so at least 5 steps.
-    EXPECT_GE(m->split_decode_steps(), 5);
-    for (size_t i = 0; i < reqs.size(); ++i) {
-      EXPECT_EQ((*got)[i].tokens, (*want)[i].tokens) << "request " << i;
-      EXPECT_EQ((*got)[i].logprobs, (*want)[i].logprobs) << "request " << i;
-    }
-  }
-}
-
 TEST(Generation, RejectsBadRequests) {
   CpuBackend B;
   auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
