@@ -220,6 +220,18 @@ class Backend {
   // in f32; products and softmax accumulate in f32 whatever the pool's dtype.
   virtual void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                                       const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) = 0;
+  // A cached layer's q/k/v step and attention in one op: QkvRopeKvWrite(q, k, v, qkv, ...) then
+  // CachedAttentionForward(out, q, cache, ...). q, k and v are scratch that a backend may leave
+  // unwritten (the CUDA backend's decode step does both in its tensor-core decode kernel: each block
+  // rotates its query heads and writes its row's new key and value itself). This default runs the
+  // two ops.
+  virtual void QkvRopeCachedAttention(float* out, float* q, float* k, float* v, const float* qkv, const float* bias,
+                                      const int32_t* positions, const float* inv_freq, const PagedKv& cache,
+                                      const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv,
+                                      int D) {
+    QkvRopeKvWrite(q, k, v, qkv, bias, positions, inv_freq, cache, cu_q, start, B, Nq, Hq, Hkv, D);
+    CachedAttentionForward(out, q, cache, cu_q, start, B, Nq, Hq, Hkv, D);
+  }
   // The q/k/v step of a cached forward in one op: SplitQkv(q, k, v, qkv, bias, Nq, Hq D, Hkv D), then
   // RopeForward of q and of k at `positions`, then KvCacheWrite(cache, k, v, cu_q, start, B, Nq, Hkv,
   // D). q[Nq, Hq, D] ends rotated, ready for CachedAttentionForward; k and v[Nq, Hkv, D] are scratch

@@ -525,11 +525,13 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
   dec_.att = Tensor(DType::kF32, {n, Hq * D}, d);
   dec_.tmp = Tensor(DType::kF32, {n, C}, d);
   dec_.gu = Tensor(DType::kF32, {n, 2 * I}, d);
-  dec_.wide = Tensor(DType::kF32, {n, std::max((Hq + 2 * Hkv) * D, I)}, d);
+  dec_.qkv = Tensor(DType::kF32, {n, (Hq + 2 * Hkv) * D}, d);
+  dec_.h = Tensor(DType::kF32, {n, I}, d);
   dec_.last = Tensor(DType::kF32, {b, C}, d);
   dec_.lastn = Tensor(DType::kF32, {b, C}, d);
   Keep(dec_.ln, &kept_dec_);  // read by the q/k/v and gate/up products only
   Keep(dec_.gu, &kept_dec_);  // as in training: the actor rounds gu as the learner does
+  Keep(dec_.h, &kept_dec_);   // read by the down product only, as in training
 }
 
 void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start,
@@ -629,27 +631,27 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
   for (int l = 0; l < L; ++l) {
     const LayerWeights& w = w_.layers[l];
     const int I = config_.intermediate_size;
-    B.LinearForward(dec_.wide.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
+    B.LinearForward(dec_.qkv.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
     const PagedKv kv = cache->Layer(l, d_table);
     float* qf = dec_.q.f32();
     if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
-      B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, N, Hq * D, Hkv * D);
+      B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, N, Hq * D, Hkv * D);
       B.RmsNormForward(dec_.qn.f32(), rstd, qf, w.q_norm, N * Hq, D, config_.rms_norm_eps);
       B.RmsNormForward(dec_.kn.f32(), rstd, dec_.k.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
       qf = dec_.qn.f32();
       B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
       B.RopeForward(dec_.kn.f32(), d_pos, inv_freq_.f32(), N, Hkv, D);
       B.KvCacheWrite(kv, dec_.kn.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
+      B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     } else {
-      B.QkvRopeKvWrite(qf, dec_.k.f32(), dec_.v.f32(), dec_.wide.f32(), w.q_b, d_pos, inv_freq_.f32(), kv, d_cu,
-                       d_start, Bn, N, Hq, Hkv, D);
+      B.QkvRopeCachedAttention(dec_.att.f32(), qf, dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, d_pos,
+                               inv_freq_.f32(), kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     }
-    B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     B.LinearForward(tmp, dec_.att.f32(), w.o_w, nullptr, N, Hq * D, C);
     B.AddRmsNormForward(x, ln, rstd, tmp, w.post_norm, N, C, config_.rms_norm_eps);
     B.LinearForward(dec_.gu.f32(), ln, w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
-    B.SwiGluForward(dec_.wide.f32(), dec_.gu.f32(), N, I);
-    B.LinearForward(tmp, dec_.wide.f32(), w.down_w, nullptr, N, I, C);
+    B.SwiGluForward(dec_.h.f32(), dec_.gu.f32(), N, I);
+    B.LinearForward(tmp, dec_.h.f32(), w.down_w, nullptr, N, I, C);
     // x += down(h) with the norm that reads x next: the next layer's input norm, or after the last
     // layer the final norm when every row is a sequence's last (decode; prefill gathers first).
     if (l + 1 < L) B.AddRmsNormForward(x, ln, rstd, tmp, w_.layers[l + 1].in_norm, N, C, config_.rms_norm_eps);

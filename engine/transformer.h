@@ -194,9 +194,8 @@ class Transformer {
     int max_blocks = 0;  // block-table row length the ints were sized for
     Tensor ints;  // tokens[N] | cu_q[B + 1] | start[B] | positions[N] | block table[B, max_blocks]
     Tensor x, ln, rstd, q, k, v, qn, kn, att, tmp, gu, last, lastn;
-    // [n, max(QD + 2 KD, I)]: the fused q/k/v product, and later in the layer (when that is dead)
-    // the SwiGLU output.
-    Tensor wide;
+    Tensor qkv;  // [n, QD + 2 KD]: the fused q/k/v product
+    Tensor h;    // [n, I]: the SwiGLU output (kept in bf16: the f32 buffer stays unwritten)
   } dec_;
   void EnsureDecodeScratch(int N, int B, int max_blocks);
   void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q);

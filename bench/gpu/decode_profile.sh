@@ -25,7 +25,7 @@ name_i = head.index("Kernel Name"); dur_i = head.index("gpu__time_duration.sum")
 ks = []
 for x in r[1:]:
     try:
-        ks.append((x[name_i], float(x[dur_i])))
+        ks.append((x[name_i], float(x[dur_i].replace(",", ""))))  # thousands separators
     except (ValueError, IndexError):
         pass
 unit = r[1][dur_i] if len(r) > 1 else ""

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -84,6 +84,15 @@ if [[ $what == *ab6* || $what == *s6* ]]; then
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   head -24 "$out/profile_train.txt"
 fi
+if [[ $what == *s7* ]]; then
+  # Session 7's switch against the default in the same call: AHA_DECODE_FUSED=0 (the decode step's
+  # q/k/v kernel and attention as two kernels); generation twice each, the learner step once.
+  for rep in 1 2; do
+    timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s7-default-$rep.log" 2>&1
+    AHA_DECODE_FUSED=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s7-unfused-$rep.log" 2>&1
+  done
+  timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s7-default.log" 2>&1
+fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
@@ -93,7 +102,7 @@ if [[ $what == *peer* ]]; then
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
 fi
-if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *s6* ]]; then
+if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *s6* || $what == *s7* ]]; then
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1
     cat "$out/sync_aha.log"

@@ -594,6 +594,19 @@ __global__ void KvCacheWriteKernel(Elem* __restrict__ k_cache, Elem* __restrict_
   }
 }
 
+// RoPE of one pair of a q/k/v product row: x1 = row[c] (+ bias[c]), x2 = row[c + half] (+ bias[c +
+// half]) rotated by `angle` (position x inv_freq[j]) with RopeKernel's instructions. The q/k/v
+// kernels and the fused decode attention share it, so their results agree bit for bit.
+__device__ __forceinline__ void RopeBiasPair(const float* __restrict__ row, const float* __restrict__ bias, int c,
+                                             int half, float angle, float& y1, float& y2) {
+  float x1 = row[c], x2 = row[c + half];
+  if (bias) x1 += __ldg(bias + c), x2 += __ldg(bias + c + half);
+  float sn, cs;
+  sincosf(angle, &sn, &cs);
+  y1 = x1 * cs - x2 * sn;
+  y2 = x2 * cs + x1 * sn;
+}
+
 // QkvRope / QkvRopeKvWrite: block = one row i. Threads walk the row's rotation pairs (j, j + D/2)
 // of the Hq query heads, then of the Hkv key heads, then the value elements. q goes to q[i]; k and v
 // to row i of k_out / v_out (f32 [N, Hkv D], kPaged false) or to the row's pool row through the
@@ -625,11 +638,8 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
     if (t < pairs) {
       const int h = t / half, j = t - h * half;  // head h of q (h < Hq) or of k
       const int c = h * D + j;
-      float x1 = row[c], x2 = row[c + half];
-      if (bias) x1 += __ldg(bias + c), x2 += __ldg(bias + c + half);
-      float sn, cs;
-      sincosf(pos * __ldg(inv_freq + j), &sn, &cs);
-      const float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+      float y1, y2;
+      RopeBiasPair(row, bias, c, half, pos * __ldg(inv_freq + j), y1, y2);
       if (h < Hq) {
         float* out = q + static_cast<size_t>(i) * QD + c;
         out[0] = y1;
@@ -1251,7 +1261,7 @@ __global__ void DecodeCombineKernel(float* __restrict__ out, uint16_t* __restric
 }
 
 // ---- decode attention on tensor cores (bf16 pools) --------------------------------------------------
-// DecodeTcKernel<D>: grid (Nq, Hkv, splits), 128 threads = 4 warps. Block = one query row x one kv head
+// DecodeTcKernel<D, kFused>: grid (Nq, Hkv, splits), 128 threads = 4 warps. Block = one query row x one kv head
 // x one split of the row's keys (the split logic, workspace and combine of DecodeAttnKernel). The
 // G = Hq / Hkv <= 16 query heads of the kv head are the rows of one 16-row A tile (q pre-scaled by
 // scale * log2 e, rounded to bf16, rows >= G zero), whose D/16 A fragments every warp holds in
@@ -1286,14 +1296,28 @@ struct DecodeTcCfg {
   static_assert(KW == 16 && NCP * kDecTcThreads == kDecTcKC * DU && DU >= 8, "tiling");
 };
 
-template <int D>
+// The fused decode step's input (DecodeTcKernel<D, true>, Backend::QkvRopeCachedAttention): the q/k/v
+// product rows qkv[Nq, (Hq + 2 Hkv) D] before bias and RoPE, the bias (or null), positions[Nq] and
+// inv_freq[D / 2].
+struct DecodeQkvIn {
+  const float* qkv = nullptr;
+  const float* bias = nullptr;
+  const int32_t* positions = nullptr;
+  const float* inv_freq = nullptr;
+};
+
+// kFused: q is not read; the block rotates its G query heads from the q/k/v product row (QkvRopeKernel's
+// instructions: the same bits) into the stage region and takes their A fragments from there, and the
+// block whose key range holds the row's new position first writes that key (rotated) and value of its
+// kv head into the pool, as QkvRopeKernel would have (so no separate q/k/v kernel runs before it).
+template <int D, bool kFused>
 __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     DecodeTcKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ o_part,
                    float* __restrict__ ml_part,
-                   const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
-                   const uint16_t* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
+                   const float* __restrict__ q, uint16_t* __restrict__ k_cache,
+                   uint16_t* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
                    const int32_t* __restrict__ start, Paging pg, int bs_shift, int B, int Hq, int Hkv, int splits,
-                   float qscale) {
+                   float qscale, DecodeQkvIn qi) {
   using C = DecodeTcCfg<D>;
   constexpr int KC = kDecTcKC, NS = kDecTcStages, T = kDecTcThreads, W = kDecTcWarps;
   constexpr int DU = C::DU, KK = C::KK, DN = C::DN, KW = C::KW, LDO = C::LDO, SE = C::STAGE_ELEMS;
@@ -1306,17 +1330,54 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
   const int i = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int G = Hq / Hkv, hfirst = kvh * G;
 
-  // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
-  uint32_t qa[KK][4];
-  {
-    const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
-    LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
-  }
-
   const DecodeRange rg = DecodeRangeOf<KC>(cu_q, start, pg, B, i, split, splits);
   const size_t krow = static_cast<size_t>(Hkv) * D;
   const uint16_t* kbase = k_cache + static_cast<size_t>(kvh) * D;  // key in pool row r: kbase + r * krow
   const uint16_t* vbase = v_cache + static_cast<size_t>(kvh) * D;
+
+  // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
+  uint32_t qa[KK][4];
+  if constexpr (kFused) {
+    constexpr int half = D / 2;
+    const int QD = Hq * D, KD = Hkv * D;
+    const float* row = qi.qkv + static_cast<size_t>(i) * (QD + 2 * KD);
+    const float pos_f = static_cast<float>(__ldg(qi.positions + i));
+    float* qs = reinterpret_cast<float*>(smem_raw);  // [G][D] f32, before the stages are used
+    for (int f = tid; f < G * half; f += T) {
+      const int h = f / half, j = f - h * half;
+      float y1, y2;
+      RopeBiasPair(row, qi.bias, (hfirst + h) * D + j, half, pos_f * __ldg(qi.inv_freq + j), y1, y2);
+      qs[h * D + j] = y1;
+      qs[h * D + j + half] = y2;
+    }
+    // The new key and value: written by the one block whose keys include the new position, before
+    // its own copies read them (fence + barrier). A position outside the table or pool writes nothing.
+    const int pos = __ldg(start + rg.b) + (i - __ldg(cu_q + rg.b));
+    if (pos >= rg.k0 && pos < rg.k1) {
+      const long long r = PagedRow(pg, rg.b, pos);
+      if (r >= 0) {
+        uint16_t* kd = k_cache + static_cast<size_t>(r) * krow + kvh * D;
+        uint16_t* vd = v_cache + static_cast<size_t>(r) * krow + kvh * D;
+        for (int f = tid; f < half; f += T) {
+          float y1, y2;
+          RopeBiasPair(row, qi.bias, QD + kvh * D + f, half, pos_f * __ldg(qi.inv_freq + f), y1, y2);
+          StCache1(kd + f, y1);
+          StCache1(kd + f + half, y2);
+        }
+        for (int f = tid; f < D; f += T) {
+          const int c = QD + KD + kvh * D + f;
+          StCache1(vd + f, qi.bias ? row[c] + __ldg(qi.bias + c) : row[c]);
+        }
+        __threadfence_block();
+      }
+    }
+    __syncthreads();
+    LoadAFragsF32<KK, true>(qa, g < G ? qs + g * D : nullptr, g + 8 < G ? qs + (g + 8) * D : nullptr, t, qscale);
+    __syncthreads();  // the stage region is free for the copies
+  } else {
+    const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
+    LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
+  }
   const int32_t* trow = pg.table + static_cast<size_t>(rg.b) * pg.max_blocks;
 
   // Copies chunk c of the split into stage c % NS and commits one group (an empty group past the
@@ -1530,7 +1591,7 @@ int DecodeSlots() {
 }
 template <int D>
 int DecodeTcSlots() {
-  static const int slots = ResidentBlocks(DecodeTcKernel<D>, kDecTcThreads, DecodeTcCfg<D>::kSmemBytes);
+  static const int slots = ResidentBlocks(DecodeTcKernel<D, false>, kDecTcThreads, DecodeTcCfg<D>::kSmemBytes);
   return slots;
 }
 
@@ -1636,19 +1697,29 @@ size_t DecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv) {
   return DecodePartialBytes(Nq, Hq, D, DecodeTcSplits<D>(kv, Nq, Hkv));
 }
 
+// qi.qkv null: q holds the rotated queries (the plain kernel); else the fused kernel reads qi.
 template <int D>
-void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const KvPages& kv, const int32_t* cu_q,
-                    const int32_t* start, int B, int Nq, int Hq, int Hkv, void* workspace, cudaStream_t s) {
+void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkvIn& qi, const KvPages& kv,
+                    const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, void* workspace,
+                    cudaStream_t s) {
   using C = DecodeTcCfg<D>;
-  PrepareDecodeKernel(DecodeTcKernel<D>, C::kSmemBytes);
+  const bool fused = qi.qkv != nullptr;
+  PrepareDecodeKernel(fused ? DecodeTcKernel<D, true> : DecodeTcKernel<D, false>, C::kSmemBytes);
   const int splits = DecodeTcSplits<D>(kv, Nq, Hkv);
   const DecodePartials parts = DecodePartialsIn(workspace, Nq, Hq, D, splits, "CachedAttentionDecodeTC");
   const dim3 grid(Nq, Hkv, splits);
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
   const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
-  DecodeTcKernel<D><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
-      out, out16, parts.o, parts.ml, q, static_cast<const uint16_t*>(kv.k), static_cast<const uint16_t*>(kv.v), cu_q,
-      start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits, qscale);
+  auto* kc = static_cast<uint16_t*>(kv.k);
+  auto* vc = static_cast<uint16_t*>(kv.v);
+  if (fused)
+    DecodeTcKernel<D, true><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+        out, out16, parts.o, parts.ml, nullptr, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
+        qscale, qi);
+  else
+    DecodeTcKernel<D, false><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+        out, out16, parts.o, parts.ml, q, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
+        qscale, qi);
   CheckCuda(cudaGetLastError(), "DecodeTcKernel launch");
   CombineDecodeSplits(out, out16, parts, Nq, Hq, D, splits, s);
 }
@@ -1860,8 +1931,21 @@ void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, cons
                              int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s, uint16_t* out_bf16) {
   if (Nq <= 0 || B <= 0) return;
   CheckDecodeTc(kv, Hq, Hkv, D, "CachedAttentionDecodeTC");
-  if (D == 64) return LaunchDecodeTc<64>(out, out_bf16, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
-  return LaunchDecodeTc<128>(out, out_bf16, q, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  const DecodeQkvIn none;
+  if (D == 64) return LaunchDecodeTc<64>(out, out_bf16, q, none, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  return LaunchDecodeTc<128>(out, out_bf16, q, none, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+}
+
+void QkvRopeCachedAttentionDecodeTC(float* out, const float* qkv, const float* bias, const int32_t* positions,
+                                    const float* inv_freq, const KvPages& kv, const int32_t* cu_q,
+                                    const int32_t* start, int B, int Nq, int Hq, int Hkv, int D, void* workspace,
+                                    cudaStream_t s, uint16_t* out_bf16) {
+  if (Nq <= 0 || B <= 0) return;
+  CheckDecodeTc(kv, Hq, Hkv, D, "QkvRopeCachedAttentionDecodeTC");
+  if (Nq != B) Fail("QkvRopeCachedAttentionDecodeTC: one new row per sequence (Nq == B); Nq", Nq);
+  const DecodeQkvIn qi{qkv, bias, positions, inv_freq};
+  if (D == 64) return LaunchDecodeTc<64>(out, out_bf16, nullptr, qi, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  return LaunchDecodeTc<128>(out, out_bf16, nullptr, qi, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
 }
 
 size_t CachedAttentionWorkspace(const KvPages& kv, int B, int Nq, int Hq, int Hkv, int D) {

@@ -96,21 +96,26 @@ __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint3
 }
 
 // A fragments of k-steps 0 .. KK-1 of a 16-row tile whose rows g and g + 8 are the f32 rows xA and xB
-// (nullptr: a zero row; 8-byte aligned), scaled by `scale` and rounded to bf16. t = lane % 4.
-template <int KK>
+// (nullptr: a zero row; 8-byte aligned), scaled by `scale` and rounded to bf16. t = lane % 4. The rows
+// are in global memory (read through the read-only cache), or in shared memory with kShared.
+template <int KK, bool kShared = false>
 __device__ __forceinline__ void LoadAFragsF32(uint32_t (&a)[KK][4], const float* __restrict__ xA,
                                               const float* __restrict__ xB, int t, float scale) {
+  auto ld2 = [](const float* p) {
+    if constexpr (kShared) return *reinterpret_cast<const float2*>(p);
+    else return __ldg(reinterpret_cast<const float2*>(p));
+  };
 #pragma unroll
   for (int kk = 0; kk < KK; ++kk) {
     const int c = kk * 16 + 2 * t;
     float2 x0 = make_float2(0.0f, 0.0f), x1 = x0, x2 = x0, x3 = x0;
     if (xA != nullptr) {
-      x0 = __ldg(reinterpret_cast<const float2*>(xA + c));
-      x2 = __ldg(reinterpret_cast<const float2*>(xA + c + 8));
+      x0 = ld2(xA + c);
+      x2 = ld2(xA + c + 8);
     }
     if (xB != nullptr) {
-      x1 = __ldg(reinterpret_cast<const float2*>(xB + c));
-      x3 = __ldg(reinterpret_cast<const float2*>(xB + c + 8));
+      x1 = ld2(xB + c);
+      x3 = ld2(xB + c + 8);
     }
     a[kk][0] = PackBf16(x0.x * scale, x0.y * scale);
     a[kk][1] = PackBf16(x1.x * scale, x1.y * scale);

@@ -545,17 +545,44 @@ void CudaBackend::QkvRopeKvWrite(float* q, float* k, float* v, const float* qkv,
   cuda::QkvRopeKvWrite(q, qkv, bias, positions, inv_freq, Pages(cache), cu_q, start, B, Nq, Hq, Hkv, D, stream_);
   Check("q/k/v + rope + kv cache write");
 }
-void CudaBackend::CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
-                                         const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
-  const cuda::KvPages kv = Pages(cache);
-  // A/B of the decode kernels: AHA_DECODE_ATTENTION=rowwise sends decode steps through the prefill
-  // kernel too; =simt keeps them off the tensor cores (the GQA-grouped f32-math decode kernel).
-  enum class Decode { kDefault, kRowwise, kSimt };
+// A/B of the decode kernels: AHA_DECODE_ATTENTION=rowwise sends decode steps through the prefill
+// kernel too; =simt keeps them off the tensor cores (the GQA-grouped f32-math decode kernel).
+enum class Decode { kDefault, kRowwise, kSimt };
+static Decode DecodeMode() {
   static const Decode mode = [] {
     const char* e = std::getenv("AHA_DECODE_ATTENTION");
     const std::string v = e != nullptr ? e : "";
     return v == "rowwise" ? Decode::kRowwise : v == "simt" ? Decode::kSimt : Decode::kDefault;
   }();
+  return mode;
+}
+
+void CudaBackend::QkvRopeCachedAttention(float* out, float* q, float* k, float* v, const float* qkv,
+                                         const float* bias, const int32_t* positions, const float* inv_freq,
+                                         const PagedKv& cache, const int32_t* cu_q, const int32_t* start, int B,
+                                         int Nq, int Hq, int Hkv, int D) {
+  static const bool fused_on = [] {
+    const char* e = std::getenv("AHA_DECODE_FUSED");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  const cuda::KvPages kv = Pages(cache);
+  if (!fused_on || !FusedQkv(D) || DecodeMode() != Decode::kDefault || Nq != B || Nq <= 0 ||
+      !cuda::CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D))
+    return Backend::QkvRopeCachedAttention(out, q, k, v, qkv, bias, positions, inv_freq, cache, cu_q, start, B, Nq,
+                                           Hq, Hkv, D);
+  void* ws = Workspace(cuda::CachedAttentionDecodeTcWorkspace(kv, Nq, Hq, Hkv, D));
+  const size_t n = static_cast<size_t>(Nq) * Hq * D;
+  uint16_t* copy = CastCopy(n);
+  cuda::QkvRopeCachedAttentionDecodeTC(out, qkv, bias, positions, inv_freq, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws,
+                                       stream_, copy);
+  Check("q/k/v + rope + cached attention");
+  AdoptCastCopy(out, n, copy);
+}
+
+void CudaBackend::CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
+                                         const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
+  const cuda::KvPages kv = Pages(cache);
+  const Decode mode = DecodeMode();
   // The output feeds the o product: the tensor-core decode kernel writes its bf16 copy too.
   const size_t n = static_cast<size_t>(Nq) * Hq * D;
   uint16_t* copy = nullptr;

@@ -97,6 +97,12 @@ class CudaBackend final : public Backend {
                       int Nq, int Hq, int Hkv, int D) override;
   void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                               const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) override;
+  // Decode steps (Nq == B) on the tensor-core decode kernel run fused (QkvRopeCachedAttentionDecodeTC)
+  // unless AHA_DECODE_FUSED=0 or AHA_FUSED_QKV=0 or a decode-kernel switch is set; else the two ops.
+  void QkvRopeCachedAttention(float* out, float* q, float* k, float* v, const float* qkv, const float* bias,
+                              const int32_t* positions, const float* inv_freq, const PagedKv& cache,
+                              const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv,
+                              int D) override;
   void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                      const int32_t* targets, int N, int C, int V, float temperature) override;
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,

@@ -133,6 +133,15 @@ size_t CachedAttentionDecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int H
 void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,
                              int B, int Nq, int Hq, int Hkv, int D, void* workspace, cudaStream_t s,
                              uint16_t* out_bf16 = nullptr);
+// CachedAttentionDecodeTC with the q/k/v step of the layer in it (Backend::QkvRopeCachedAttention;
+// Nq == B): reads the q/k/v product rows qkv[Nq, (Hq + 2 Hkv) D] (+ bias, may be null) instead of
+// rotated queries, rotates each block's query heads at positions[i] as QkvRopeKvWrite does, and
+// writes each row's new key (rotated) and value into the pool before reading it. Outputs and pool
+// equal QkvRopeKvWrite + CachedAttentionDecodeTC bit for bit; same workspace.
+void QkvRopeCachedAttentionDecodeTC(float* out, const float* qkv, const float* bias, const int32_t* positions,
+                                    const float* inv_freq, const KvPages& kv, const int32_t* cu_q,
+                                    const int32_t* start, int B, int Nq, int Hq, int Hkv, int D, void* workspace,
+                                    cudaStream_t s, uint16_t* out_bf16 = nullptr);
 // Tensor-core variants (attention_tc.cu): same signatures, semantics and workspace
 // (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
 // mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};

@@ -1155,6 +1155,82 @@ TEST(CudaOps, QkvRopeKvWriteEqualsTheFourOps) {
   }
 }
 
+// A decode layer's q/k/v step and attention fused into the tensor-core decode kernel
+// (QkvRopeCachedAttention): each block rotates its query heads from the q/k/v product row and the
+// block whose keys include the new position writes that key and value into the pool before reading
+// it. Against the two ops it replaces (QkvRopeKvWrite, then CachedAttentionForward) on a bf16 pool
+// already holding every earlier position: the attention output and both pools bit for bit, and q left
+// unwritten (the fused kernel ran). Contexts 1 to 1500 (splits of the keys when B x Hkv is small: the
+// writer is then one split of several), Hq / Hkv = 1, 7, 4 and 16, D 64 and 128, blocks of 16 and 32,
+// with and without bias, B = 256 with shuffled block tables.
+TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
+  REQUIRE_GPU();
+  gpu->gemm().set_precision(GemmPrecision::kBF16);
+  const char* off = std::getenv("AHA_DECODE_FUSED");
+  if (off && std::string(off) == "0") GTEST_SKIP() << "AHA_DECODE_FUSED=0";
+  struct Case {
+    int Hq, Hkv, D, B, ctx_lo, ctx_hi, bs;
+    bool bias;
+  };
+  for (const Case& c : {Case{14, 2, 64, 256, 1, 700, 16, true}, Case{14, 2, 64, 3, 1, 1500, 16, false},
+                        Case{8, 2, 128, 5, 60, 900, 32, true}, Case{16, 1, 64, 2, 1, 300, 16, true},
+                        Case{4, 4, 128, 7, 1, 200, 16, false}}) {
+    const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
+    const int max_blocks = (c.ctx_hi + bs - 1) / bs, num_blocks = B * max_blocks;
+    std::vector<int32_t> cu(B + 1), start(B), order(num_blocks), table(size_t(B) * max_blocks);
+    for (int b = 0; b <= B; ++b) cu[b] = b;
+    const auto ctx = RandInt(B, c.ctx_lo, c.ctx_hi);
+    for (int b = 0; b < B; ++b) start[b] = ctx[b] - 1;  // the new token's position; earlier ones are cached
+    for (int i = 0; i < num_blocks; ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), std::mt19937_64(test::NextSeed()));
+    for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
+    const auto qkv = Randn(size_t(B) * W), bias = Randn(W);
+    std::vector<float> inv_freq(c.D / 2);
+    for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
+    // Both pool pairs start from the same random bf16 contents (the cached positions).
+    const size_t pool = size_t(num_blocks) * bs * KD;
+    std::vector<uint16_t> k16(pool), v16(pool);
+    {
+      const auto kf = Randn(pool), vf = Randn(pool);
+      F32ToBF16(kf.data(), k16.data(), pool);
+      F32ToBF16(vf.data(), v16.data(), pool);
+    }
+    const Shape pool_shape{num_blocks, bs, c.Hkv, c.D};
+    Tensor kf = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vf = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
+    Tensor ku = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vu = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
+    for (Tensor* t : {&kf, &ku}) gpu->Upload(t->raw(), k16.data(), pool * 2);
+    for (Tensor* t : {&vf, &vu}) gpu->Upload(t->raw(), v16.data(), pool * 2);
+    Tensor d_table = Up(table), d_cu = Up(cu), d_start = Up(start), d_pos = Up(start), d_qkv = Up(qkv),
+           d_bias = Up(bias), d_inv = Up(inv_freq);
+    const float* d_b = c.bias ? d_bias.f32() : nullptr;
+    const PagedKv fused{kf.raw(), vf.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
+    const PagedKv unfused{ku.raw(), vu.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
+    Tensor out1 = Poisoned(size_t(B) * QD), q1 = Poisoned(size_t(B) * QD), k1 = Poisoned(size_t(B) * KD),
+           v1 = Poisoned(size_t(B) * KD);
+    Tensor out2 = Poisoned(size_t(B) * QD), q2 = Poisoned(size_t(B) * QD), k2 = Poisoned(size_t(B) * KD),
+           v2 = Poisoned(size_t(B) * KD);
+    gpu->QkvRopeCachedAttention(out1.f32(), q1.f32(), k1.f32(), v1.f32(), d_qkv.f32(), d_b, d_pos.i32(), d_inv.f32(),
+                                fused, d_cu.i32(), d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
+    gpu->QkvRopeKvWrite(q2.f32(), k2.f32(), v2.f32(), d_qkv.f32(), d_b, d_pos.i32(), d_inv.f32(), unfused, d_cu.i32(),
+                        d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
+    gpu->CachedAttentionForward(out2.f32(), q2.f32(), unfused, d_cu.i32(), d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
+    const std::string shape = "B=" + std::to_string(B) + " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) +
+                              " D=" + std::to_string(c.D) + " bs=" + std::to_string(bs) + (c.bias ? " bias" : "");
+    const auto o1 = Down(out1), o2 = Down(out2);
+    EXPECT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * 4), 0) << shape << ": output differs from the two ops";
+    ExpectNmse("fused decode output vs qkv+rope+kv write, attention", shape, o1, o2, 0.0);
+    std::vector<uint16_t> a(pool), b(pool);
+    for (auto [x, y, what] : {std::tuple{&kf, &ku, "k pool"}, std::tuple{&vf, &vu, "v pool"}}) {
+      gpu->Download(a.data(), x->raw(), pool * 2);
+      gpu->Download(b.data(), y->raw(), pool * 2);
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), pool * 2), 0) << shape << ": " << what << " differs";
+    }
+    const auto q1h = Down(q1);
+    EXPECT_TRUE(std::all_of(q1h.begin(), q1h.end(), [](float x) { return std::isnan(x); }))
+        << shape << ": q written: the fused kernel did not run";
+  }
+}
+
 // The decode kernels (CachedAttentionForward picks them when every sequence has one new row, Nq ==
 // B: cuda::CachedAttentionDecodeTC for bf16 pools with Hq / Hkv <= 16 and D 64 or 128,
 // cuda::CachedAttentionDecode otherwise) on the shapes they must cover: contexts from 1 to 1500
