@@ -3,6 +3,8 @@
 # `aha bench gen` (256 rows by default; each kernel alone, as ncu serialises them), so that the sum
 # of kernel times can be set against the step's wall time from the same binary's normal run.
 #   bench/gpu/decode_profile.sh OUT_DIR [extra aha bench gen flags]
+# With KERNEL=regex set: Nsight Compute's details (occupancy, memory, warp stall reasons) of one
+# launch of the matching kernel late in the run, instead of the per-kernel table.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -13,6 +15,15 @@ model=/tmp/aha-0.5b
 [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 [ -n "$ncu" ] || { echo "no ncu"; exit 1; }
+if [ -n "${KERNEL:-}" ]; then
+  timeout 300 "$ncu" --clock-control none --graph-profiling node -k "regex:$KERNEL" --launch-skip 150 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats \
+    --section WarpStateStats --section LaunchStats \
+    dist/bin/aha bench gen --model $model --new-tokens 8 --repeats 1 "$@" > "$out/ncu_kernel.txt" 2> "$out/ncu_kernel.err"
+  echo "ncu exit $?"
+  grep -vE "^==PROF==|^aha bench|^\{" "$out/ncu_kernel.txt" | grep -E "[A-Za-z]" | head -120
+  exit 0
+fi
 timeout 400 "$ncu" --clock-control none --graph-profiling node --metrics gpu__time_duration.sum --csv --page raw \
   dist/bin/aha bench gen --model $model --new-tokens 8 --repeats 1 "$@" > "$out/ncu_decode.csv" 2> "$out/ncu_decode.err"
 echo "ncu exit $?"
