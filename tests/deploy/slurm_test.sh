@@ -41,7 +41,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 143' TERM INT
 
-# Free ports: two for Slurm, and for aha a base B with B..B+17 free (ports of 4 roles).
+# Free ports: two for Slurm, and for aha a base B with B..B+17 free (ports of 4 roles), all below
+# the kernel's ephemeral range: the two jobs run a minute apart, and in between any outgoing
+# connection (srun, slurmd, the daemons' clients) may take an ephemeral port, which would then
+# refuse the second job's bind ("Address already in use": seen once in CI).
 read -r CTLD_PORT SLURMD_PORT AHA_BASE < <(python3 - <<'EOF'
 import random, socket
 def free(port):
@@ -53,10 +56,17 @@ def free(port):
         return False
     finally:
         s.close()
-def any_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-base = next(b for b in iter(lambda: random.randrange(20000, 60000), None) if all(free(b + i) for i in range(18)))
-print(any_port(), any_port(), base)
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+top = max(low, 12000) - 18
+def block(n):
+    return next(b for b in iter(lambda: random.randrange(10000, top), None) if all(free(b + i) for i in range(n)))
+ctld = block(1)
+slurmd = next(p for p in iter(lambda: block(1), None) if p != ctld)
+base = next(b for b in iter(lambda: block(18), None) if not (b <= ctld < b + 18 or b <= slurmd < b + 18))
+print(ctld, slurmd, base)
 EOF
 )
 
