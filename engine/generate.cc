@@ -2,6 +2,7 @@
 #include "engine/generate.h"
 
 #include <algorithm>
+#include <chrono>
 #include <deque>
 
 namespace aha::engine {
@@ -11,6 +12,9 @@ const char* FinishReasonName(FinishReason r) { return r == FinishReason::kStop ?
 namespace {
 
 int64_t BlocksFor(int64_t positions, int64_t block_size) { return (positions + block_size - 1) / block_size; }
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
 
 struct Active {
   int request = 0;
@@ -191,7 +195,11 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     }
     if (!admitted.empty()) {
       const int B = static_cast<int>(admitted.size());
+      const auto t0 = Clock::now();
       forward_and_sample(tokens, cu, start, admitted);
+      stats_.prefill_seconds += Seconds(t0);
+      ++stats_.prefill_calls;
+      stats_.prefill_rows += static_cast<int64_t>(tokens.size());
       for (int b = 0; b < B; ++b) {
         if (accept(admitted[b], drawn[b])) release(admitted[b]);
         else active.push_back(std::move(admitted[b]));
@@ -221,7 +229,11 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       cu.push_back(static_cast<int32_t>(tokens.size()));
       start.push_back(a.len);
     }
+    const auto t0 = Clock::now();
     forward_and_sample(tokens, cu, start, active);
+    stats_.decode_seconds += Seconds(t0);
+    ++stats_.decode_steps;
+    stats_.decode_rows += B;
     std::vector<Active> still;
     for (int b = 0; b < B; ++b) {
       Active& a = active[b];

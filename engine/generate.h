@@ -63,6 +63,13 @@ struct GeneratorStats {
   int64_t preemptions = 0;        // sequences sent back to the queue because the pool ran dry
   int64_t recomputed_tokens = 0;  // positions prefilled again for re-admitted sequences
   int peak_blocks_used = 0;       // most blocks held at once
+  // Where Generate's time went: forward passes with their sampling, each ending with the drawn
+  // tokens on the host (so a device's work is inside). Prefill calls admit sequences (prompt rows);
+  // decode steps feed one row per active sequence. Generate's wall time minus both is the host's
+  // own bookkeeping between them.
+  int64_t prefill_calls = 0, prefill_rows = 0;
+  int64_t decode_steps = 0, decode_rows = 0;
+  double prefill_seconds = 0, decode_seconds = 0;
 };
 
 class Generator {

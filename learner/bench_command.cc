@@ -106,7 +106,14 @@ int RunGen(int argc, char** argv) {
   std::cout << "aha bench gen on " << engine::DescribeBackend(backend->get()) << ": " << prompts << " prompts x "
             << prompt_len << " + " << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s; KV pool "
             << gen.num_blocks() << " blocks (" << engine::DTypeName((*backend)->kv_cache_dtype()) << "), "
-            << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens\n";
+            << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens\n"
+            << "  of the best run: prefill " << stats.prefill_seconds << " s (" << stats.prefill_calls << " calls, "
+            << stats.prefill_rows << " rows); decode "
+            << (stats.decode_steps ? 1e3 * stats.decode_seconds / stats.decode_steps : 0.0) << " ms per step ("
+            << stats.decode_steps << " steps, "
+            << (stats.decode_steps ? static_cast<double>(stats.decode_rows) / stats.decode_steps : 0.0)
+            << " rows each); between them " << std::max(0.0, best - stats.prefill_seconds - stats.decode_seconds)
+            << " s\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
                       {"graphs", !no_graphs},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
@@ -115,7 +122,11 @@ int RunGen(int argc, char** argv) {
                       {"kv_cache_blocks", gen.num_blocks()},
                       {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},
                       {"preemptions", stats.preemptions},
-                      {"recomputed_tokens", stats.recomputed_tokens}};
+                      {"recomputed_tokens", stats.recomputed_tokens},
+                      {"prefill_s", stats.prefill_seconds},
+                      {"prefill_calls", stats.prefill_calls},
+                      {"decode_s", stats.decode_seconds},
+                      {"decode_steps", stats.decode_steps}};
   std::cout << j.dump() << "\n";
   return 0;
 }

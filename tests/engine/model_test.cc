@@ -332,6 +332,38 @@ TEST(Generation, PreemptionUnderASmallKvPoolReproducesTheFullPoolsCompletions) {
   EXPECT_EQ(small.free_blocks(), small.num_blocks());
 }
 
+// GeneratorStats counts the forward passes and times them: three requests admitted together are one
+// prefill call over their prompt rows; each then draws its first token from that call and the other
+// four from four decode steps of three rows.
+TEST(Generation, StatsCountPrefillCallsAndDecodeSteps) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
+  Randomize(*m, 33);
+  std::vector<GenerationRequest> reqs(3);
+  for (int i = 0; i < 3; ++i) {
+    reqs[i].prompt = std::vector<int32_t>(2 + 3 * i, 1 + i);
+    reqs[i].sampling = {1.0f, 1.0f, 0};
+    reqs[i].seed = 70 + i;
+    reqs[i].max_new_tokens = 5;
+  }
+  Generator gen(m.get(), /*max_batch=*/4, /*max_len=*/16);
+  auto out = gen.Generate(reqs);
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  for (const auto& r : *out) EXPECT_EQ(r.tokens.size(), 5u);
+  const GeneratorStats& s = gen.stats();
+  EXPECT_EQ(s.prefill_calls, 1);
+  EXPECT_EQ(s.prefill_rows, 2 + 5 + 8);
+  EXPECT_EQ(s.decode_steps, 4);
+  EXPECT_EQ(s.decode_rows, 12);
+  EXPECT_GT(s.prefill_seconds, 0.0);
+  EXPECT_GT(s.decode_seconds, 0.0);
+  // A second call starts the counts again.
+  ASSERT_TRUE(gen.Generate({reqs[0]}).ok());
+  EXPECT_EQ(gen.stats().prefill_calls, 1);
+  EXPECT_EQ(gen.stats().decode_steps, 4);
+  EXPECT_EQ(gen.stats().decode_rows, 4);
+}
+
 TEST(Generation, RejectsBadRequests) {
   CpuBackend B;
   auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
