@@ -2,8 +2,9 @@
 #include "engine/generate.h"
 
 #include <algorithm>
-#include <chrono>
 #include <deque>
+
+#include "common/clock.h"
 
 namespace aha::engine {
 
@@ -13,8 +14,6 @@ namespace {
 
 int64_t BlocksFor(int64_t positions, int64_t block_size) { return (positions + block_size - 1) / block_size; }
 
-using Clock = std::chrono::steady_clock;
-double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
 
 struct Active {
   int request = 0;
@@ -197,7 +196,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       const int B = static_cast<int>(admitted.size());
       const auto t0 = Clock::now();
       forward_and_sample(tokens, cu, start, admitted);
-      stats_.prefill_seconds += Seconds(t0);
+      stats_.prefill_seconds += SecondsSince(t0);
       ++stats_.prefill_calls;
       stats_.prefill_rows += static_cast<int64_t>(tokens.size());
       for (int b = 0; b < B; ++b) {
@@ -231,7 +230,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     }
     const auto t0 = Clock::now();
     forward_and_sample(tokens, cu, start, active);
-    stats_.decode_seconds += Seconds(t0);
+    stats_.decode_seconds += SecondsSince(t0);
     ++stats_.decode_steps;
     stats_.decode_rows += B;
     std::vector<Active> still;

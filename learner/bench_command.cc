@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "common/clock.h"
 #include "common/flags.h"
 #include "engine/backends.h"
 #include "engine/generate.h"
@@ -24,8 +25,6 @@
 namespace aha {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 std::vector<int32_t> RandomTokens(std::mt19937_64& rng, int n, int vocab) {
   std::uniform_int_distribution<int> d(0, vocab - 1);
@@ -95,7 +94,7 @@ int RunGen(int argc, char** argv) {
     const auto t0 = Clock::now();
     auto out = gen.Generate(reqs);
     (*backend)->Synchronize();
-    const double s = Since(t0);
+    const double s = SecondsSince(t0);
     if (!out.ok()) return Fail(prog, out.status().message());
     generated = 0;
     for (const auto& o : *out) generated += static_cast<int64_t>(o.tokens.size());
@@ -184,7 +183,7 @@ int RunTrain(int argc, char** argv) {
   for (int64_t i = 0; i <= steps; ++i) {
     const auto t0 = Clock::now();
     auto st = (*trainer)->Step(groups, 0);  // returns with every replica's device work finished
-    const double s = Since(t0);
+    const double s = SecondsSince(t0);
     if (!st.ok()) return Fail(prog, st.status().message());
     if (i > 0) times.push_back(s), last = *st;  // step 0 is the warm-up
     if (i == 0)  // AHA_PROFILE=1 reports the timed steps only

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/clock.h"
 #include "common/config.h"
 #include "common/daemon.h"
 #include "common/flags.h"
@@ -23,10 +24,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-
-double Since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
 
 // proto Group -> TrainGroup. InvalidArgument names the group and sample that are malformed.
 Result<TrainGroup> ToTrainGroup(proto::Group::Reader g) {
@@ -260,7 +257,7 @@ int RunLearnerDaemon(int argc, char** argv) {
       }
       continue;
     }
-    double wait_s = Since(t_wait);
+    double wait_s = SecondsSince(t_wait);
     auto t_step = std::chrono::steady_clock::now();
     std::optional<StepStats> st;
     bool fatal = false;
@@ -287,11 +284,11 @@ int RunLearnerDaemon(int argc, char** argv) {
       metrics.dropped_batches->Increment();
       continue;
     }
-    double step_s = Since(t_step);
+    double step_s = SecondsSince(t_step);
     auto t_pub = std::chrono::steady_clock::now();
     ++version;
     const uint64_t bytes = publication->Publish(version);
-    double publish_s = Since(t_pub);
+    double publish_s = SecondsSince(t_pub);
     published_version = version;
     step_now = st->step;
 

@@ -11,16 +11,13 @@
 #include <nlohmann/json.hpp>
 
 #include "common/check.h"
+#include "common/clock.h"
 #include "engine/cpu_backend.h"
 
 namespace aha {
 namespace fs = std::filesystem;
 
 namespace {
-
-double Seconds(std::chrono::steady_clock::time_point since) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
-}
 
 // optimizer.bin holds flat buffers in the model's ParamTable order. Version 02: each layer's q/k/v
 // weights are adjacent, then their biases. Version 01 interleaved q_w, q_b, k_w, k_b, v_w, v_b: the
@@ -282,7 +279,7 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
       rep.reference->Forward(rep.tokens.data(), rep.cu.data(), S, N, temperature, rep.ref_logprobs.data(),
                              rep.ref_entropies.data());
     }
-    sh.forward_s += Seconds(t0);
+    sh.forward_s += SecondsSince(t0);
 
     std::vector<SequenceInput> inputs;
     for (size_t i = next; i < end; ++i) {
@@ -327,7 +324,7 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
     auto t1 = std::chrono::steady_clock::now();
     rep.model->Backward(rep.dlogprobs.data(), nullptr, ready);
     rep.backend->Synchronize();  // device ops are asynchronous: charge the backward to the backward
-    sh.backward_s += Seconds(t1);
+    sh.backward_s += SecondsSince(t1);
     sh.tokens += N;
     next = end;
   }
@@ -335,7 +332,7 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
     // Also after a failure or with no sequences at all: the other ranks wait for this one's buckets.
     auto t2 = std::chrono::steady_clock::now();
     Status reduced = reducer_->Finish(rank);
-    sh.reduce_s = Seconds(t2);
+    sh.reduce_s = SecondsSince(t2);
     if (status.ok()) status = reduced;
   }
   return status;
@@ -353,7 +350,7 @@ void GrpoTrainer::OptimizerStep(int rank, double lr, double* grad_norm, double* 
     rep.reference->ParamsChanged();
   }
   rep.backend->Synchronize();
-  *seconds = Seconds(t);
+  *seconds = SecondsSince(t);
 }
 
 Status GrpoTrainer::Checkpoint(const std::string& dir, uint64_t policy_version) const {
