@@ -987,15 +987,15 @@ __device__ __forceinline__ void LdUnit(float* x, const uint16_t* p) {
 // be empty: nchunks = 0). Decode: sequence i holds exactly row i (two independent loads); anything
 // else: binary search.
 struct DecodeRange {
-  int b, k0, k1, nchunks;
+  int b, pos, k0, k1, nchunks;  // pos: the row's (new) position; keys 0 .. pos, this split's k0 .. k1 - 1
 };
 template <int KC>
 __device__ __forceinline__ DecodeRange DecodeRangeOf(const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start,
                                                      const Paging& pg, int B, int i, int split, int splits) {
   DecodeRange r;
   r.b = (i < B && __ldg(cu_q + i) == i && __ldg(cu_q + i + 1) == i + 1) ? i : FindSeq(cu_q, B, i);
-  const int pos = __ldg(start + r.b) + (i - __ldg(cu_q + r.b));
-  const int L = min(pos + 1, pg.max_blocks * pg.block_size);
+  r.pos = __ldg(start + r.b) + (i - __ldg(cu_q + r.b));
+  const int L = min(r.pos + 1, pg.max_blocks * pg.block_size);
   const int per = ((max(L, 0) + splits - 1) / splits + KC - 1) / KC * KC;
   r.k0 = split * per;
   r.k1 = min(L, r.k0 + per);
@@ -1352,9 +1352,8 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     }
     // The new key and value: written by the one block whose keys include the new position, before
     // its own copies read them (fence + barrier). A position outside the table or pool writes nothing.
-    const int pos = __ldg(start + rg.b) + (i - __ldg(cu_q + rg.b));
-    if (pos >= rg.k0 && pos < rg.k1) {
-      const long long r = PagedRow(pg, rg.b, pos);
+    if (rg.pos >= rg.k0 && rg.pos < rg.k1) {
+      const long long r = PagedRow(pg, rg.b, rg.pos);
       if (r >= 0) {
         uint16_t* kd = k_cache + static_cast<size_t>(r) * krow + kvh * D;
         uint16_t* vd = v_cache + static_cast<size_t>(r) * krow + kvh * D;

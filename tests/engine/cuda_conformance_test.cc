@@ -1159,15 +1159,21 @@ TEST(CudaOps, QkvRopeKvWriteEqualsTheFourOps) {
 // (QkvRopeCachedAttention): each block rotates its query heads from the q/k/v product row and the
 // block whose keys include the new position writes that key and value into the pool before reading
 // it. Against the two ops it replaces (QkvRopeKvWrite, then CachedAttentionForward) on a bf16 pool
-// already holding every earlier position: the attention output and both pools bit for bit, and q left
-// unwritten (the fused kernel ran). Contexts 1 to 1500 (splits of the keys when B x Hkv is small: the
+// already holding every earlier position: the kernel (cuda::QkvRopeCachedAttentionDecodeTC) and the
+// backend op give the attention output and both pools bit for bit; the op leaves q unwritten (it ran
+// the fused kernel) unless a switch sends it to the two ops (then q is theirs). Contexts 1 to 1500 (splits of the keys when B x Hkv is small: the
 // writer is then one split of several), Hq / Hkv = 1, 7, 4 and 16, D 64 and 128, blocks of 16 and 32,
 // with and without bias, B = 256 with shuffled block tables.
 TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
   REQUIRE_GPU();
   gpu->gemm().set_precision(GemmPrecision::kBF16);
-  const char* off = std::getenv("AHA_DECODE_FUSED");
-  if (off && std::string(off) == "0") GTEST_SKIP() << "AHA_DECODE_FUSED=0";
+  auto env_is = [](const char* name, const char* value) {
+    const char* e = std::getenv(name);
+    return e != nullptr && std::string(e) == value;
+  };
+  const char* decode_kernel = std::getenv("AHA_DECODE_ATTENTION");
+  const bool op_fuses = !env_is("AHA_DECODE_FUSED", "0") && !env_is("AHA_FUSED_QKV", "0") &&
+                        (decode_kernel == nullptr || *decode_kernel == '\0');
   struct Case {
     int Hq, Hkv, D, B, ctx_lo, ctx_hi, bs;
     bool bias;
@@ -1187,7 +1193,7 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
     const auto qkv = Randn(size_t(B) * W), bias = Randn(W);
     std::vector<float> inv_freq(c.D / 2);
     for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
-    // Both pool pairs start from the same random bf16 contents (the cached positions).
+    // Every pool pair starts from the same random bf16 contents (the cached positions).
     const size_t pool = size_t(num_blocks) * bs * KD;
     std::vector<uint16_t> k16(pool), v16(pool);
     {
@@ -1198,36 +1204,48 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
     const Shape pool_shape{num_blocks, bs, c.Hkv, c.D};
     Tensor kf = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vf = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
     Tensor ku = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vu = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
-    for (Tensor* t : {&kf, &ku}) gpu->Upload(t->raw(), k16.data(), pool * 2);
-    for (Tensor* t : {&vf, &vu}) gpu->Upload(t->raw(), v16.data(), pool * 2);
+    Tensor kb = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vb = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
+    for (Tensor* t : {&kf, &ku, &kb}) gpu->Upload(t->raw(), k16.data(), pool * 2);
+    for (Tensor* t : {&vf, &vu, &vb}) gpu->Upload(t->raw(), v16.data(), pool * 2);
     Tensor d_table = Up(table), d_cu = Up(cu), d_start = Up(start), d_pos = Up(start), d_qkv = Up(qkv),
            d_bias = Up(bias), d_inv = Up(inv_freq);
     const float* d_b = c.bias ? d_bias.f32() : nullptr;
-    const PagedKv fused{kf.raw(), vf.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
+    const cuda::KvPages fused{kf.raw(), vf.raw(), true, num_blocks, bs, d_table.i32(), max_blocks};
     const PagedKv unfused{ku.raw(), vu.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
-    Tensor out1 = Poisoned(size_t(B) * QD), q1 = Poisoned(size_t(B) * QD), k1 = Poisoned(size_t(B) * KD),
-           v1 = Poisoned(size_t(B) * KD);
+    const PagedKv by_op{kb.raw(), vb.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
+    Tensor out1 = Poisoned(size_t(B) * QD);
     Tensor out2 = Poisoned(size_t(B) * QD), q2 = Poisoned(size_t(B) * QD), k2 = Poisoned(size_t(B) * KD),
            v2 = Poisoned(size_t(B) * KD);
-    gpu->QkvRopeCachedAttention(out1.f32(), q1.f32(), k1.f32(), v1.f32(), d_qkv.f32(), d_b, d_pos.i32(), d_inv.f32(),
-                                fused, d_cu.i32(), d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
+    Tensor out3 = Poisoned(size_t(B) * QD), q3 = Poisoned(size_t(B) * QD), k3 = Poisoned(size_t(B) * KD),
+           v3 = Poisoned(size_t(B) * KD);
+    const size_t ws_bytes = cuda::CachedAttentionDecodeTcWorkspace(fused, B, c.Hq, c.Hkv, c.D);
+    Tensor ws(DType::kF32, {int64_t(ws_bytes / 4 + 1)}, gpu->device());  // the split partials (f32)
+    cuda::QkvRopeCachedAttentionDecodeTC(out1.f32(), d_qkv.f32(), d_b, d_pos.i32(), d_inv.f32(), fused, d_cu.i32(),
+                                         d_start.i32(), B, B, c.Hq, c.Hkv, c.D, ws.raw(), gpu->stream());
+    gpu->QkvRopeCachedAttention(out3.f32(), q3.f32(), k3.f32(), v3.f32(), d_qkv.f32(), d_b, d_pos.i32(), d_inv.f32(),
+                                by_op, d_cu.i32(), d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
     gpu->QkvRopeKvWrite(q2.f32(), k2.f32(), v2.f32(), d_qkv.f32(), d_b, d_pos.i32(), d_inv.f32(), unfused, d_cu.i32(),
                         d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
     gpu->CachedAttentionForward(out2.f32(), q2.f32(), unfused, d_cu.i32(), d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
     const std::string shape = "B=" + std::to_string(B) + " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) +
                               " D=" + std::to_string(c.D) + " bs=" + std::to_string(bs) + (c.bias ? " bias" : "");
-    const auto o1 = Down(out1), o2 = Down(out2);
-    EXPECT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * 4), 0) << shape << ": output differs from the two ops";
+    const auto o1 = Down(out1), o2 = Down(out2), o3 = Down(out3);
+    EXPECT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * 4), 0) << shape << ": kernel output differs from the two ops";
+    EXPECT_EQ(std::memcmp(o3.data(), o2.data(), o3.size() * 4), 0) << shape << ": op output differs from the two ops";
     ExpectNmse("fused decode output vs qkv+rope+kv write, attention", shape, o1, o2, 0.0);
     std::vector<uint16_t> a(pool), b(pool);
-    for (auto [x, y, what] : {std::tuple{&kf, &ku, "k pool"}, std::tuple{&vf, &vu, "v pool"}}) {
+    for (auto [x, y, what] : {std::tuple{&kf, &ku, "kernel's k pool"}, std::tuple{&vf, &vu, "kernel's v pool"},
+                              std::tuple{&kb, &ku, "op's k pool"}, std::tuple{&vb, &vu, "op's v pool"}}) {
       gpu->Download(a.data(), x->raw(), pool * 2);
       gpu->Download(b.data(), y->raw(), pool * 2);
       EXPECT_EQ(std::memcmp(a.data(), b.data(), pool * 2), 0) << shape << ": " << what << " differs";
     }
-    const auto q1h = Down(q1);
-    EXPECT_TRUE(std::all_of(q1h.begin(), q1h.end(), [](float x) { return std::isnan(x); }))
-        << shape << ": q written: the fused kernel did not run";
+    const auto q3h = Down(q3), q2h = Down(q2);
+    if (op_fuses)
+      EXPECT_TRUE(std::all_of(q3h.begin(), q3h.end(), [](float x) { return std::isnan(x); }))
+          << shape << ": q written: the op did not run the fused kernel";
+    else
+      EXPECT_EQ(std::memcmp(q3h.data(), q2h.data(), q3h.size() * 4), 0) << shape << ": the op's q is not the two ops'";
   }
 }
 
