@@ -2,6 +2,7 @@
 #include "engine/generate.h"
 
 #include <algorithm>
+#include <cstring>
 #include <deque>
 
 #include "common/clock.h"
@@ -85,6 +86,8 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   std::vector<float> logits;
   std::vector<SampledToken> drawn;
   uint64_t version = 0;
+  bool passed = false;  // a device pass has ended at last_pass_end
+  Clock::time_point last_pass_end;
   auto forward_and_sample = [&](const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
                                 const std::vector<int32_t>& start, const std::vector<Active>& rows) {
     const int B = static_cast<int>(rows.size());
@@ -107,6 +110,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       device_out_ = Tensor(DType::kF32, {max_batch_ * 2}, d);
     }
     model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32());
+    if (passed) stats_.launch_gap_seconds += SecondsSince(last_pass_end);
     std::vector<float> temperature(B), top_p(B);
     std::vector<int32_t> top_k(B);
     std::vector<uint64_t> seeds(B), counters(B);
@@ -133,11 +137,16 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     float* d_logprobs = device_out_.f32() + max_batch_;
     backend->SampleRows(d_tokens, d_logprobs, device_logits_.f32(), B, V, d_temperature, d_top_k, d_top_p, d_seeds,
                         d_counters);
-    std::vector<int32_t> tok(B);
-    std::vector<float> lp(B);
-    backend->Download(tok.data(), d_tokens, B * sizeof(int32_t));
-    backend->Download(lp.data(), d_logprobs, B * sizeof(float));
-    for (int b = 0; b < B; ++b) drawn[b] = SampledToken{tok[b], lp[b]};
+    // Tokens and log-probs in one copy: tokens at [0, B), log-probs from max_batch_ on.
+    std::vector<int32_t> tok(static_cast<size_t>(max_batch_) + B);
+    backend->Download(tok.data(), d_tokens, tok.size() * sizeof(int32_t));
+    for (int b = 0; b < B; ++b) {
+      float lp;
+      std::memcpy(&lp, &tok[max_batch_ + b], sizeof(lp));
+      drawn[b] = SampledToken{tok[b], lp};
+    }
+    passed = true;
+    last_pass_end = Clock::now();
   };
 
   // Appends a sampled token; returns true when the sequence is finished.

@@ -70,6 +70,10 @@ struct GeneratorStats {
   int64_t prefill_calls = 0, prefill_rows = 0;
   int64_t decode_steps = 0, decode_rows = 0;
   double prefill_seconds = 0, decode_seconds = 0;
+  // On a device: host time from the end of one forward pass (its tokens on the host) to the next
+  // pass's launch, summed over consecutive passes. The device has nothing queued then, so this is
+  // (up to the launch latency) the time it sits idle between steps.
+  double launch_gap_seconds = 0;
 };
 
 class Generator {

@@ -1,6 +1,7 @@
 // Transformer forward, backward, cached generation forward, and HF directory I/O (see transformer.h).
 #include "engine/transformer.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -523,6 +524,7 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
     dec_.kn = Tensor(DType::kF32, {n, Hkv * D}, d);
   }
   dec_.att = Tensor(DType::kF32, {n, Hq * D}, d);
+  dec_.lse = Tensor(DType::kF32, {n, Hq}, d);
   dec_.tmp = Tensor(DType::kF32, {n, C}, d);
   dec_.gu = Tensor(DType::kF32, {n, 2 * I}, d);
   dec_.qkv = Tensor(DType::kF32, {n, (Hq + 2 * Hkv) * D}, d);
@@ -576,7 +578,7 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   }
   B.Upload(dec_.ints.raw(), ints.data(), ints.size() * sizeof(int32_t));
   if (!decode) {
-    DecodeBody(N, Bn, cache, last_logits, cu_q);
+    DecodeBody(N, Bn, cache, last_logits, cu_q, std::all_of(start, start + Bn, [](int32_t s) { return s == 0; }));
     return;
   }
   const uint64_t epoch = B.graph_epoch();
@@ -611,7 +613,7 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   B.Replay(g->graph);
 }
 
-void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q) {
+void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q, bool fresh) {
   Backend& B = *backend_;
   const int C = config_.hidden_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
@@ -642,7 +644,14 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
       B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
       B.RopeForward(dec_.kn.f32(), d_pos, inv_freq_.f32(), N, Hkv, D);
       B.KvCacheWrite(kv, dec_.kn.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
-      B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
+      if (fresh)
+        B.AttentionForward(dec_.att.f32(), dec_.lse.f32(), qf, dec_.kn.f32(), dec_.v.f32(), d_cu, Bn, N, Hq, Hkv, D);
+      else
+        B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
+    } else if (fresh) {  // the training forward's q/k/v step and attention, then the pool write
+      B.QkvRopeAttention(dec_.att.f32(), dec_.lse.f32(), qf, dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, d_pos,
+                         inv_freq_.f32(), d_cu, Bn, N, Hq, Hkv, D);
+      B.KvCacheWrite(kv, dec_.k.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
     } else {
       B.QkvRopeCachedAttention(dec_.att.f32(), qf, dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, d_pos,
                                inv_freq_.f32(), kv, d_cu, d_start, Bn, N, Hq, Hkv, D);

@@ -194,11 +194,14 @@ class Transformer {
     int max_blocks = 0;  // block-table row length the ints were sized for
     Tensor ints;  // tokens[N] | cu_q[B + 1] | start[B] | positions[N] | block table[B, max_blocks]
     Tensor x, ln, rstd, q, k, v, qn, kn, att, tmp, gu, last, lastn;
+    Tensor lse;  // [n, Hq]: the packed attention's log-sum-exp in a fresh prefill (unread)
     Tensor qkv;  // [n, QD + 2 KD]: the fused q/k/v product
     Tensor h;    // [n, I]: the SwiGLU output (kept in bf16: the f32 buffer stays unwritten)
   } dec_;
   void EnsureDecodeScratch(int N, int B, int max_blocks);
-  void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q);
+  // fresh: every sequence starts at position 0 (a prompt's prefill), so its attention is the packed
+  // causal attention of the training forward over the new rows alone, not a read of the cache.
+  void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q, bool fresh = false);
   struct DecodeGraph {
     int bucket = 0;
     uint64_t cache_id = 0;  // KvCache::id: an address could be reused by a later cache

@@ -112,7 +112,8 @@ int RunGen(int argc, char** argv) {
             << stats.decode_steps << " steps, "
             << (stats.decode_steps ? static_cast<double>(stats.decode_rows) / stats.decode_steps : 0.0)
             << " rows each); between them " << std::max(0.0, best - stats.prefill_seconds - stats.decode_seconds)
-            << " s\n";
+            << " s; device idle between passes (host time from one pass's tokens to the next launch) "
+            << stats.launch_gap_seconds << " s\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
                       {"graphs", !no_graphs},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
@@ -125,7 +126,8 @@ int RunGen(int argc, char** argv) {
                       {"prefill_s", stats.prefill_seconds},
                       {"prefill_calls", stats.prefill_calls},
                       {"decode_s", stats.decode_seconds},
-                      {"decode_steps", stats.decode_steps}};
+                      {"decode_steps", stats.decode_steps},
+                      {"launch_gap_s", stats.launch_gap_seconds}};
   std::cout << j.dump() << "\n";
   return 0;
 }

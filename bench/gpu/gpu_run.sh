@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -93,6 +93,18 @@ if [[ $what == *s7* ]]; then
   done
   timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s7-default.log" 2>&1
 fi
+if [[ $what == *s8* ]]; then
+  # Session 8's switch against the default in the same call: AHA_PDL=0 (the decode step's norms,
+  # SwiGLU and attention launched in plain stream order instead of overlapping the previous kernel's
+  # tail); generation twice each, with the prefill / decode / launch-gap split of the best run.
+  for rep in 1 2; do
+    timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s8-default-$rep.log" 2>&1
+    AHA_PDL=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s8-nopdl-$rep.log" 2>&1
+  done
+  grep -H "of the best run" "$out"/gen_s8-*.log | sed 's|.*/||'
+  timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-default.log" 2>&1
+  AHA_PDL=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-nopdl.log" 2>&1
+fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
@@ -102,7 +114,7 @@ if [[ $what == *peer* ]]; then
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
 fi
-if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *s6* || $what == *s7* ]]; then
+if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* ]]; then
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     timeout 120 dist/bin/aha bench sync --model $model > "$out/sync_aha.log" 2>&1
     cat "$out/sync_aha.log"

@@ -9,8 +9,17 @@
 
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/launch.h"
 
 namespace aha::engine::cuda {
+
+bool DependentLaunchEnabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("AHA_PDL");
+    return !(e && e[0] == '0' && e[1] == '\0');
+  }();
+  return on;
+}
 
 namespace {
 
@@ -79,13 +88,15 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
   const bool live = row < N;
   const int C4 = C / 4;
   const size_t base = static_cast<size_t>(live ? row : 0) * C;
-  float4 v[kItems];
+  float4 v[kItems], g[kItems];
   float ss = 0.0f;
+  WaitForPreviousGrid();
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int c = t + i * T;
     v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (live && c < C4) {
+      g[i] = reinterpret_cast<const float4*>(w)[c];  // in flight with x: one load latency, not two
       float4 a = reinterpret_cast<const float4*>(x + base)[c];
       if constexpr (kAdd) {
         const float4 b = reinterpret_cast<const float4*>(y + base)[c];
@@ -106,8 +117,8 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
   for (int i = 0; i < kItems; ++i) {
     const int c = t + i * T;
     if (c >= C4) continue;
-    const float4 g = reinterpret_cast<const float4*>(w)[c];
-    const float4 o = make_float4((v[i].x * r) * g.x, (v[i].y * r) * g.y, (v[i].z * r) * g.z, (v[i].w * r) * g.w);
+    const float4 o =
+        make_float4((v[i].x * r) * g[i].x, (v[i].y * r) * g[i].y, (v[i].z * r) * g[i].z, (v[i].w * r) * g[i].w);
     if (out) reinterpret_cast<float4*>(out + base)[c] = o;
     if (out16) {
       reinterpret_cast<uint2*>(out16 + base)[c] = PackBf16x4(o);  // the adopted copy equals a cast
@@ -124,6 +135,7 @@ __global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rst
   const bool live = row < N;
   const size_t base = static_cast<size_t>(live ? row : 0) * C;
   float ss = 0.0f;
+  WaitForPreviousGrid();
   if (live)
     for (int c = t; c < C; c += T) {
       float a = x[base + c];
@@ -332,6 +344,7 @@ __device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + ex
 template <typename Gu>
 __global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I) {
   const size_t total = static_cast<size_t>(N) * I;
+  WaitForPreviousGrid();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I, g_at = i + n * I;  // n * 2I + j
@@ -345,6 +358,7 @@ __global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const Gu* gu, 
 template <typename Gu>
 __global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I) {
   const size_t I4 = I / 4, total = static_cast<size_t>(N) * I4;
+  WaitForPreviousGrid();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I4, g_at = i + n * I4;  // in 4-element units: n * 2 I4 + j
@@ -367,6 +381,7 @@ __device__ __forceinline__ void Unpack8(uint4 u, float (&f)[8]) {
 }
 __global__ void SwiGluForwardBf16x8Kernel(float* h, __nv_bfloat16* h16, const __nv_bfloat16* gu, int N, int I) {
   const size_t I8 = I / 8, total = static_cast<size_t>(N) * I8;
+  WaitForPreviousGrid();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I8, g_at = i + n * I8;  // in 8-element units: n * 2 I8 + j
@@ -587,13 +602,12 @@ void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const
   const unsigned blocks = static_cast<unsigned>((N + rows - 1) / rows);
   auto* o16 = reinterpret_cast<__nv_bfloat16*>(out_bf16);
   const dim3 grid(blocks), block(rows * T);
-  switch (items) {
-    case 1: RmsNormVecKernel<kAdd, 1><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    case 2: RmsNormVecKernel<kAdd, 2><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    case 4: RmsNormVecKernel<kAdd, 4><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    case 8: RmsNormVecKernel<kAdd, 8><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    default: RmsNormScalarKernel<kAdd><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps);
-  }
+  auto kernel = items == 1   ? RmsNormVecKernel<kAdd, 1>
+                : items == 2 ? RmsNormVecKernel<kAdd, 2>
+                : items == 4 ? RmsNormVecKernel<kAdd, 4>
+                : items == 8 ? RmsNormVecKernel<kAdd, 8>
+                             : RmsNormScalarKernel<kAdd>;
+  LaunchAfterPrevious(kernel, grid, block, 0, s, "RmsNorm", out, o16, rstd, xs, x, y, w, N, C, T, eps);
 }
 
 }  // namespace
@@ -671,14 +685,17 @@ template <typename Gu>
 void LaunchSwiGluForward(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I, cudaStream_t s) {
   if constexpr (sizeof(Gu) == 2) {
     if (I % 8 == 0 && Aligned(h, 16) && Aligned(gu, 16) && Aligned(h16, 16)) {
-      SwiGluForwardBf16x8Kernel<<<Blocks(static_cast<size_t>(N) * (I / 8)), kThreads, 0, s>>>(h, h16, gu, N, I);
+      LaunchAfterPrevious(SwiGluForwardBf16x8Kernel, Blocks(static_cast<size_t>(N) * (I / 8)), kThreads, 0, s,
+                          "SwiGluForward", h, h16, gu, N, I);
       return;
     }
   }
   if (I % 4 == 0 && Aligned(h, 16) && Aligned(gu, 4 * sizeof(Gu)) && Aligned(h16, 8))
-    SwiGluForwardVecKernel<<<Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s>>>(h, h16, gu, N, I);
+    LaunchAfterPrevious(SwiGluForwardVecKernel<Gu>, Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s,
+                        "SwiGluForward", h, h16, gu, N, I);
   else
-    SwiGluForwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(h, h16, gu, N, I);
+    LaunchAfterPrevious(SwiGluForwardKernel<Gu>, Blocks(static_cast<size_t>(N) * I), kThreads, 0, s, "SwiGluForward",
+                        h, h16, gu, N, I);
 }
 template <typename Dh, typename Gu>
 void LaunchSwiGluBackward(float* dgu, __nv_bfloat16* dgu16, const Dh* dh, const Gu* gu, int N, int I,
