@@ -102,8 +102,14 @@ if [[ $what == *s8* ]]; then
     AHA_PDL=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s8-nopdl-$rep.log" 2>&1
   done
   grep -H "of the best run" "$out"/gen_s8-*.log | sed 's|.*/||'
-  timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-default.log" 2>&1
-  AHA_PDL=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-nopdl.log" 2>&1
+  if [[ $what == *s8train* ]]; then
+    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-default.log" 2>&1
+    AHA_PDL=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-nopdl.log" 2>&1
+  fi
+  # Where a prefill of 256 x 128 goes, per op (no graphs; one new token, so the prefill dominates).
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench gen --no-graphs --new-tokens 1 --repeats 1 --model $model \
+    > "$out/profile_prefill.txt" 2>&1
+  grep -v '^{' "$out/profile_prefill.txt" | head -30
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
