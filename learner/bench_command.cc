@@ -83,7 +83,7 @@ int RunGen(int argc, char** argv) {
   // Warm-up: a short run of the same batch (allocations, cuBLAS heuristics, module load).
   {
     auto warm = reqs;
-    for (auto& r : warm) r.max_new_tokens = 8;
+    for (auto& r : warm) r.max_new_tokens = std::min<int>(8, static_cast<int>(new_tokens));
     if (auto w = gen.Generate(warm); !w.ok()) return Fail(prog, w.status().message());
     (*backend)->ResetProfile();  // AHA_PROFILE=1 reports the timed runs only
   }

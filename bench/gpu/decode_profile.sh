@@ -4,7 +4,8 @@
 # of kernel times can be set against the step's wall time from the same binary's normal run.
 #   bench/gpu/decode_profile.sh OUT_DIR [extra aha bench gen flags]
 # With KERNEL=regex set: Nsight Compute's details (occupancy, memory, warp stall reasons) of one
-# launch of the matching kernel late in the run, instead of the per-kernel table.
+# launch of the matching kernel late in the run (SKIP=n: after n of its launches; 150 by default),
+# instead of the per-kernel table.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -16,9 +17,9 @@ model=/tmp/aha-0.5b
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 [ -n "$ncu" ] || { echo "no ncu"; exit 1; }
 if [ -n "${KERNEL:-}" ]; then
-  timeout 300 "$ncu" --clock-control none --graph-profiling node -k "regex:$KERNEL" --launch-skip 150 --launch-count 1 \
+  timeout 300 "$ncu" --clock-control none --graph-profiling node -k "regex:$KERNEL" --launch-skip "${SKIP:-150}" --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats \
-    --section WarpStateStats --section LaunchStats \
+    --section WarpStateStats --section LaunchStats --section SourceCounters \
     dist/bin/aha bench gen --model $model --new-tokens 8 --repeats 1 "$@" > "$out/ncu_kernel.txt" 2> "$out/ncu_kernel.err"
   echo "ncu exit $?"
   grep -vE "^==PROF==|^aha bench|^\{" "$out/ncu_kernel.txt" | grep -E "[A-Za-z]" | head -120

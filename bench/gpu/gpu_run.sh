@@ -94,19 +94,12 @@ if [[ $what == *s7* ]]; then
   timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s7-default.log" 2>&1
 fi
 if [[ $what == *s8* ]]; then
-  # Session 8's switch against the default in the same call: AHA_PDL=0 (the decode step's norms,
-  # SwiGLU and attention launched in plain stream order instead of overlapping the previous kernel's
-  # tail); generation twice each, with the prefill / decode / launch-gap split of the best run.
-  for rep in 1 2; do
+  # Session 8: generation three times with the prefill / decode / launch-gap split of the best run,
+  # then where a prefill of 256 x 128 goes, per op (no graphs; one new token, so the prefill dominates).
+  for rep in 1 2 3; do
     timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s8-default-$rep.log" 2>&1
-    AHA_PDL=0 timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s8-nopdl-$rep.log" 2>&1
   done
   grep -H "of the best run" "$out"/gen_s8-*.log | sed 's|.*/||'
-  if [[ $what == *s8train* ]]; then
-    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-default.log" 2>&1
-    AHA_PDL=0 timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s8-nopdl.log" 2>&1
-  fi
-  # Where a prefill of 256 x 128 goes, per op (no graphs; one new token, so the prefill dominates).
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench gen --no-graphs --new-tokens 1 --repeats 1 --model $model \
     > "$out/profile_prefill.txt" 2>&1
   grep -v '^{' "$out/profile_prefill.txt" | head -30

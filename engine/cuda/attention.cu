@@ -25,7 +25,6 @@
 
 #include "engine/cuda/attention_internal.h"
 #include "engine/cuda/kernels.h"
-#include "engine/cuda/launch.h"
 
 namespace aha::engine::cuda {
 namespace {
@@ -989,17 +988,13 @@ __device__ __forceinline__ void LdUnit(float* x, const uint16_t* p) {
 // else: binary search.
 struct DecodeRange {
   int b, pos, k0, k1, nchunks;  // pos: the row's (new) position; keys 0 .. pos, this split's k0 .. k1 - 1
-  int first;                    // the sequence's first new position this step: keys before it are older
 };
 template <int KC>
 __device__ __forceinline__ DecodeRange DecodeRangeOf(const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start,
                                                      const Paging& pg, int B, int i, int split, int splits) {
   DecodeRange r;
-  const int si = i < B ? __ldg(start + i) : 0;  // the usual row b = i: loaded alongside cu_q, not after it
-  const bool own = i < B && __ldg(cu_q + i) == i && __ldg(cu_q + i + 1) == i + 1;
-  r.b = own ? i : FindSeq(cu_q, B, i);
-  r.first = own ? si : __ldg(start + r.b);
-  r.pos = r.first + (i - (own ? i : __ldg(cu_q + r.b)));
+  r.b = (i < B && __ldg(cu_q + i) == i && __ldg(cu_q + i + 1) == i + 1) ? i : FindSeq(cu_q, B, i);
+  r.pos = __ldg(start + r.b) + (i - __ldg(cu_q + r.b));
   const int L = min(r.pos + 1, pg.max_blocks * pg.block_size);
   const int per = ((max(L, 0) + splits - 1) / splits + KC - 1) / KC * KC;
   r.k0 = split * per;
@@ -1339,6 +1334,49 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
   const size_t krow = static_cast<size_t>(Hkv) * D;
   const uint16_t* kbase = k_cache + static_cast<size_t>(kvh) * D;  // key in pool row r: kbase + r * krow
   const uint16_t* vbase = v_cache + static_cast<size_t>(kvh) * D;
+
+  // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
+  uint32_t qa[KK][4];
+  if constexpr (kFused) {
+    constexpr int half = D / 2;
+    const int QD = Hq * D, KD = Hkv * D;
+    const float* row = qi.qkv + static_cast<size_t>(i) * (QD + 2 * KD);
+    const float pos_f = static_cast<float>(__ldg(qi.positions + i));
+    float* qs = reinterpret_cast<float*>(smem_raw);  // [G][D] f32, before the stages are used
+    for (int f = tid; f < G * half; f += T) {
+      const int h = f / half, j = f - h * half;
+      float y1, y2;
+      RopeBiasPair(row, qi.bias, (hfirst + h) * D + j, half, pos_f * __ldg(qi.inv_freq + j), y1, y2);
+      qs[h * D + j] = y1;
+      qs[h * D + j + half] = y2;
+    }
+    // The new key and value: written by the one block whose keys include the new position, before
+    // its own copies read them (fence + barrier). A position outside the table or pool writes nothing.
+    if (rg.pos >= rg.k0 && rg.pos < rg.k1) {
+      const long long r = PagedRow(pg, rg.b, rg.pos);
+      if (r >= 0) {
+        uint16_t* kd = k_cache + static_cast<size_t>(r) * krow + kvh * D;
+        uint16_t* vd = v_cache + static_cast<size_t>(r) * krow + kvh * D;
+        for (int f = tid; f < half; f += T) {
+          float y1, y2;
+          RopeBiasPair(row, qi.bias, QD + kvh * D + f, half, pos_f * __ldg(qi.inv_freq + f), y1, y2);
+          StCache1(kd + f, y1);
+          StCache1(kd + f + half, y2);
+        }
+        for (int f = tid; f < D; f += T) {
+          const int c = QD + KD + kvh * D + f;
+          StCache1(vd + f, qi.bias ? row[c] + __ldg(qi.bias + c) : row[c]);
+        }
+        __threadfence_block();
+      }
+    }
+    __syncthreads();
+    LoadAFragsF32<KK, true>(qa, g < G ? qs + g * D : nullptr, g + 8 < G ? qs + (g + 8) * D : nullptr, t, qscale);
+    __syncthreads();  // the stage region is free for the copies
+  } else {
+    const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
+    LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
+  }
   const int32_t* trow = pg.table + static_cast<size_t>(rg.b) * pg.max_blocks;
 
   // Copies chunk c of the split into stage c % NS and commits one group (an empty group past the
@@ -1362,61 +1400,8 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     }
     CpAsyncCommit();
   };
-  // The first chunks whose keys all precede the sequence's first new position were written by earlier
-  // launches (cu_q, start and the table too): their copies start before the wait for the previous
-  // kernel (the q/k/v product or kernel, which writes q or the product row and, unfused, the new keys)
-  // and before the query prologue. The stage they do not use holds the rotated queries meanwhile.
-  const int older = rg.first > rg.k0 ? (rg.first - rg.k0) / KC : 0;
-  const int early = min(NS - 1, older);
-  for (int c = 0; c < early; ++c) issue(c);
-  WaitForPreviousGrid();
-
-  // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
-  uint32_t qa[KK][4];
-  if constexpr (kFused) {
-    constexpr int half = D / 2;
-    const int QD = Hq * D, KD = Hkv * D;
-    const float* row = qi.qkv + static_cast<size_t>(i) * (QD + 2 * KD);
-    const float pos_f = static_cast<float>(__ldg(qi.positions + i));
-    float* qs = reinterpret_cast<float*>(stages + (NS - 1) * SE);  // [G][D] f32 in the last stage
-    static_assert(kDecTcMaxG * D * sizeof(float) <= SE * sizeof(uint16_t), "rotated queries fit one stage");
-    for (int f = tid; f < G * half; f += T) {
-      const int h = f / half, j = f - h * half;
-      float y1, y2;
-      RopeBiasPair(row, qi.bias, (hfirst + h) * D + j, half, pos_f * __ldg(qi.inv_freq + j), y1, y2);
-      qs[h * D + j] = y1;
-      qs[h * D + j + half] = y2;
-    }
-    // The new key and value: written by the one block whose keys include the new position, before
-    // its own copies read them (fence + barrier; that chunk is never copied early). A position outside
-    // the table or pool writes nothing.
-    if (rg.pos >= rg.k0 && rg.pos < rg.k1) {
-      const long long r = PagedRow(pg, rg.b, rg.pos);
-      if (r >= 0) {
-        uint16_t* kd = k_cache + static_cast<size_t>(r) * krow + kvh * D;
-        uint16_t* vd = v_cache + static_cast<size_t>(r) * krow + kvh * D;
-        for (int f = tid; f < half; f += T) {
-          float y1, y2;
-          RopeBiasPair(row, qi.bias, QD + kvh * D + f, half, pos_f * __ldg(qi.inv_freq + f), y1, y2);
-          StCache1(kd + f, y1);
-          StCache1(kd + f + half, y2);
-        }
-        for (int f = tid; f < D; f += T) {
-          const int c = QD + KD + kvh * D + f;
-          StCache1(vd + f, qi.bias ? row[c] + __ldg(qi.bias + c) : row[c]);
-        }
-        __threadfence_block();
-      }
-    }
-    __syncthreads();
-    // The last stage's first copies are issued after the loop's first barrier, which every thread
-    // reaches only after these reads.
-    LoadAFragsF32<KK, true>(qa, g < G ? qs + g * D : nullptr, g + 8 < G ? qs + (g + 8) * D : nullptr, t, qscale);
-  } else {
-    const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
-    LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
-  }
-  for (int c = early; c < NS - 1; ++c) issue(c);
+#pragma unroll
+  for (int c = 0; c < NS - 1; ++c) issue(c);
 
   float o[DN][4];
 #pragma unroll
@@ -1726,9 +1711,15 @@ void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkv
   const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
   auto* kc = static_cast<uint16_t*>(kv.k);
   auto* vc = static_cast<uint16_t*>(kv.v);
-  LaunchAfterPrevious(fused ? DecodeTcKernel<D, true> : DecodeTcKernel<D, false>, grid, kDecTcThreads, C::kSmemBytes,
-                      s, "DecodeTcKernel", out, out16, parts.o, parts.ml, fused ? nullptr : q, kc, vc, cu_q, start, pg,
-                      BlockShift(kv.block_size), B, Hq, Hkv, splits, qscale, qi);
+  if (fused)
+    DecodeTcKernel<D, true><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+        out, out16, parts.o, parts.ml, nullptr, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
+        qscale, qi);
+  else
+    DecodeTcKernel<D, false><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+        out, out16, parts.o, parts.ml, q, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
+        qscale, qi);
+  CheckCuda(cudaGetLastError(), "DecodeTcKernel launch");
   CombineDecodeSplits(out, out16, parts, Nq, Hq, D, splits, s);
 }
 

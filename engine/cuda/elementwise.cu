@@ -9,17 +9,8 @@
 
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
-#include "engine/cuda/launch.h"
 
 namespace aha::engine::cuda {
-
-bool DependentLaunchEnabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("AHA_PDL");
-    return !(e && e[0] == '0' && e[1] == '\0');
-  }();
-  return on;
-}
 
 namespace {
 
@@ -90,7 +81,6 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
   const size_t base = static_cast<size_t>(live ? row : 0) * C;
   float4 v[kItems], g[kItems];
   float ss = 0.0f;
-  WaitForPreviousGrid();
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int c = t + i * T;
@@ -135,7 +125,6 @@ __global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rst
   const bool live = row < N;
   const size_t base = static_cast<size_t>(live ? row : 0) * C;
   float ss = 0.0f;
-  WaitForPreviousGrid();
   if (live)
     for (int c = t; c < C; c += T) {
       float a = x[base + c];
@@ -344,7 +333,6 @@ __device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + ex
 template <typename Gu>
 __global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I) {
   const size_t total = static_cast<size_t>(N) * I;
-  WaitForPreviousGrid();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I, g_at = i + n * I;  // n * 2I + j
@@ -358,7 +346,6 @@ __global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const Gu* gu, 
 template <typename Gu>
 __global__ void SwiGluForwardVecKernel(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I) {
   const size_t I4 = I / 4, total = static_cast<size_t>(N) * I4;
-  WaitForPreviousGrid();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I4, g_at = i + n * I4;  // in 4-element units: n * 2 I4 + j
@@ -381,7 +368,6 @@ __device__ __forceinline__ void Unpack8(uint4 u, float (&f)[8]) {
 }
 __global__ void SwiGluForwardBf16x8Kernel(float* h, __nv_bfloat16* h16, const __nv_bfloat16* gu, int N, int I) {
   const size_t I8 = I / 8, total = static_cast<size_t>(N) * I8;
-  WaitForPreviousGrid();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t n = i / I8, g_at = i + n * I8;  // in 8-element units: n * 2 I8 + j
@@ -602,12 +588,13 @@ void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const
   const unsigned blocks = static_cast<unsigned>((N + rows - 1) / rows);
   auto* o16 = reinterpret_cast<__nv_bfloat16*>(out_bf16);
   const dim3 grid(blocks), block(rows * T);
-  auto kernel = items == 1   ? RmsNormVecKernel<kAdd, 1>
-                : items == 2 ? RmsNormVecKernel<kAdd, 2>
-                : items == 4 ? RmsNormVecKernel<kAdd, 4>
-                : items == 8 ? RmsNormVecKernel<kAdd, 8>
-                             : RmsNormScalarKernel<kAdd>;
-  LaunchAfterPrevious(kernel, grid, block, 0, s, "RmsNorm", out, o16, rstd, xs, x, y, w, N, C, T, eps);
+  switch (items) {
+    case 1: RmsNormVecKernel<kAdd, 1><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    case 2: RmsNormVecKernel<kAdd, 2><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    case 4: RmsNormVecKernel<kAdd, 4><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    case 8: RmsNormVecKernel<kAdd, 8><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
+    default: RmsNormScalarKernel<kAdd><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps);
+  }
 }
 
 }  // namespace
@@ -685,17 +672,14 @@ template <typename Gu>
 void LaunchSwiGluForward(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I, cudaStream_t s) {
   if constexpr (sizeof(Gu) == 2) {
     if (I % 8 == 0 && Aligned(h, 16) && Aligned(gu, 16) && Aligned(h16, 16)) {
-      LaunchAfterPrevious(SwiGluForwardBf16x8Kernel, Blocks(static_cast<size_t>(N) * (I / 8)), kThreads, 0, s,
-                          "SwiGluForward", h, h16, gu, N, I);
+      SwiGluForwardBf16x8Kernel<<<Blocks(static_cast<size_t>(N) * (I / 8)), kThreads, 0, s>>>(h, h16, gu, N, I);
       return;
     }
   }
   if (I % 4 == 0 && Aligned(h, 16) && Aligned(gu, 4 * sizeof(Gu)) && Aligned(h16, 8))
-    LaunchAfterPrevious(SwiGluForwardVecKernel<Gu>, Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s,
-                        "SwiGluForward", h, h16, gu, N, I);
+    SwiGluForwardVecKernel<<<Blocks(static_cast<size_t>(N) * (I / 4)), kThreads, 0, s>>>(h, h16, gu, N, I);
   else
-    LaunchAfterPrevious(SwiGluForwardKernel<Gu>, Blocks(static_cast<size_t>(N) * I), kThreads, 0, s, "SwiGluForward",
-                        h, h16, gu, N, I);
+    SwiGluForwardKernel<<<Blocks(static_cast<size_t>(N) * I), kThreads, 0, s>>>(h, h16, gu, N, I);
 }
 template <typename Dh, typename Gu>
 void LaunchSwiGluBackward(float* dgu, __nv_bfloat16* dgu16, const Dh* dh, const Gu* gu, int N, int I,

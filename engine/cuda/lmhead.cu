@@ -324,13 +324,13 @@ __device__ __forceinline__ bool VectorRow(const float* row, int V) {
   return (V & 3) == 0 && (reinterpret_cast<uintptr_t>(row) & 15u) == 0;
 }
 
-// Calls f(value, index) for every element of row[0, V) this thread owns, in a fixed order (the row's
-// elements in increasing index order, strided by thread). Two float4 per step, and the next step's
-// two are loaded before this step's eight calls run, so four loads are in flight while f computes
-// (f is ~15 instructions with an exp: with the loads issued only at the top of each step, a
-// 151936-wide row waited one memory latency per step).
-template <class F>
-__device__ __forceinline__ void ForEach(const float* __restrict__ row, int V, F&& f) {
+// Calls f4(v, i) for every float4 v = row[i .. i + 3] this thread owns (rows that VectorRow accepts)
+// or f1(value, index) for every element (other rows), in a fixed order (the row's elements in
+// increasing index order, strided by thread). Two float4 per step, and the next step's two are loaded
+// before this step's calls run, so four loads are in flight while they compute (with the loads issued
+// only at the top of each step, a 151936-wide row waited one memory latency per step).
+template <class F4, class F1>
+__device__ __forceinline__ void ForEach4(const float* __restrict__ row, int V, F4&& f4, F1&& f1) {
   if (VectorRow(row, V)) {
     const float4* row4 = reinterpret_cast<const float4*>(row);
     const int n4 = V / 4;
@@ -344,31 +344,31 @@ __device__ __forceinline__ void ForEach(const float* __restrict__ row, int V, F&
       const bool next = jn + T < n4;
       float4 an = a, bn = b;
       if (next) an = __ldg(row4 + jn), bn = __ldg(row4 + jn + T);
-      const int i = 4 * j, k = 4 * (j + T);
-      f(a.x, i);
-      f(a.y, i + 1);
-      f(a.z, i + 2);
-      f(a.w, i + 3);
-      f(b.x, k);
-      f(b.y, k + 1);
-      f(b.z, k + 2);
-      f(b.w, k + 3);
+      f4(a, 4 * j);
+      f4(b, 4 * (j + T));
       j = jn;
       a = an;
       b = bn;
       have = next;
     }
-    if (j < n4) {
-      const float4 a1 = __ldg(row4 + j);
-      const int i = 4 * j;
-      f(a1.x, i);
-      f(a1.y, i + 1);
-      f(a1.z, i + 2);
-      f(a1.w, i + 3);
-    }
+    if (j < n4) f4(__ldg(row4 + j), 4 * j);
   } else {
-    for (int i = threadIdx.x; i < V; i += kSampleThreads) f(__ldg(row + i), i);
+    for (int i = threadIdx.x; i < V; i += kSampleThreads) f1(__ldg(row + i), i);
   }
+}
+
+// Calls f(value, index) for every element of row[0, V) this thread owns, in ForEach4's order.
+template <class F>
+__device__ __forceinline__ void ForEach(const float* __restrict__ row, int V, F&& f) {
+  ForEach4(
+      row, V,
+      [&](float4 v, int i) {
+        f(v.x, i);
+        f(v.y, i + 1);
+        f(v.z, i + 2);
+        f(v.w, i + 3);
+      },
+      f);
 }
 
 // Like ForEach, but all 32 lanes of a warp make the same number of calls f(value, index, valid), in
@@ -462,6 +462,42 @@ __device__ __forceinline__ void ReservoirAdd(Reservoir& r, float z, int i, uint6
   if (r.s >= r.x) {
     r.pick = i;
     r.x = r.s / Uniform(key, i);
+  }
+}
+
+// ReservoirAdd of z[0..3] = z(v) at ids i .. i + 3, in that order, with one rescale per four: when the
+// four's largest beats the running max, s and x move to it first (the same quantities in another
+// scale), so each element then costs a scale, an exp, an add and a compare instead of two branches
+// and a full-precision exp. The draw and the weights are ReservoirAdd's; only rounding differs. NaN
+// weighs 0 (fmaxf keeps -inf); while the max is not finite (no finite z yet, or +inf) the four take
+// ReservoirAdd itself.
+__device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_t, int i, uint64_t key) {
+  const float z[4] = {fmaxf(Scaled(v.x, inv_t), -INFINITY), fmaxf(Scaled(v.y, inv_t), -INFINITY),
+                      fmaxf(Scaled(v.z, inv_t), -INFINITY), fmaxf(Scaled(v.w, inv_t), -INFINITY)};
+  const float g = fmaxf(fmaxf(z[0], z[1]), fmaxf(z[2], z[3]));
+  if (g > r.m) {
+    if (!(g < INFINITY) || !(r.m > -INFINITY)) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ReservoirAdd(r, z[j], i + j, key);
+      return;
+    }
+    const float c = __expf(r.m - g);
+    r.s *= c;
+    r.x *= c;
+    r.m = g;
+  } else if (!(r.m > -INFINITY) || !(r.m < INFINITY)) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) ReservoirAdd(r, z[j], i + j, key);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float e = __expf(z[j] - r.m);  // 0 for z = -inf
+    r.s += e;
+    if (r.s >= r.x && e > 0.0f) {
+      r.pick = i + j;
+      r.x = r.s / Uniform(key, i + j);
+    }
   }
 }
 
@@ -696,23 +732,20 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
   Reservoir r;
   float best = -INFINITY;
   int best_i = INT_MAX;
-  ForEach(row, V, [&](float l, int i) {
-    const float z = Scaled(l, inv_t);
-    if (greedy) {
-      LseAdd(r.m, r.s, z);
-      if (Better(l, i, best, best_i)) {
+  if (!greedy && !filtered) {  // the common case: one draw from the full distribution
+    ForEach4(
+        row, V, [&](float4 v, int i) { ReservoirAdd4(r, v, inv_t, i, key); },
+        [&](float l, int i) { ReservoirAdd(r, Scaled(l, inv_t), i, key); });
+    best = ReservoirScore(r, key, V);
+    best_i = r.pick;
+  } else {
+    ForEach(row, V, [&](float l, int i) {
+      LseAdd(r.m, r.s, Scaled(l, inv_t));
+      if (greedy && Better(l, i, best, best_i)) {
         best = l;
         best_i = i;
       }
-    } else if (!filtered) {
-      ReservoirAdd(r, z, i, key);
-    } else {
-      LseAdd(r.m, r.s, z);
-    }
-  });
-  if (!greedy && !filtered) {
-    best = ReservoirScore(r, key, V);
-    best_i = r.pick;
+    });
   }
   float m = r.m, s = r.s;
   BlockLse(m, s, sh);
