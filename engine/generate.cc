@@ -109,30 +109,30 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       device_params_ = Tensor(DType::kF32, {max_batch_ * 8}, d);  // temperature top_k top_p seeds(2) counters(2), padded
       device_out_ = Tensor(DType::kF32, {max_batch_ * 2}, d);
     }
-    model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32());
-    if (passed) stats_.launch_gap_seconds += SecondsSince(last_pass_end);
-    std::vector<float> temperature(B), top_p(B);
-    std::vector<int32_t> top_k(B);
-    std::vector<uint64_t> seeds(B), counters(B);
+    // The sampling parameters, laid out as device_params_ holds them (temperature | top_k | top_p at
+    // max_batch_ entries each, then seeds and counters 8-byte aligned), go up in one copy before the
+    // forward: an upload from pageable memory may wait for the stream, so after the forward it would
+    // hold the sampling back until the host had staged it.
+    const size_t mb = static_cast<size_t>(max_batch_), seeds_at = 12 * mb + (12 * mb) % 8;
+    std::vector<char> params(seeds_at + 16 * mb);
     for (int b = 0; b < B; ++b) {
       const GenerationRequest& r = requests[rows[b].request];
-      temperature[b] = r.sampling.temperature;
-      top_k[b] = r.sampling.top_k;
-      top_p[b] = r.sampling.top_p;
-      seeds[b] = r.seed;
-      counters[b] = results[rows[b].request].tokens.size();
+      const uint64_t counter = results[rows[b].request].tokens.size();
+      std::memcpy(&params[4 * b], &r.sampling.temperature, 4);
+      std::memcpy(&params[4 * (mb + b)], &r.sampling.top_k, 4);
+      std::memcpy(&params[4 * (2 * mb + b)], &r.sampling.top_p, 4);
+      std::memcpy(&params[seeds_at + 8 * b], &r.seed, 8);
+      std::memcpy(&params[seeds_at + 8 * (mb + b)], &counter, 8);
     }
     char* p = static_cast<char*>(device_params_.raw());
-    float* d_temperature = reinterpret_cast<float*>(p);
-    int32_t* d_top_k = reinterpret_cast<int32_t*>(p + 4 * max_batch_);
-    float* d_top_p = reinterpret_cast<float*>(p + 8 * max_batch_);
-    uint64_t* d_seeds = reinterpret_cast<uint64_t*>(p + 12 * max_batch_ + (12 * max_batch_) % 8);
-    uint64_t* d_counters = d_seeds + max_batch_;
-    backend->Upload(d_temperature, temperature.data(), B * sizeof(float));
-    backend->Upload(d_top_k, top_k.data(), B * sizeof(int32_t));
-    backend->Upload(d_top_p, top_p.data(), B * sizeof(float));
-    backend->Upload(d_seeds, seeds.data(), B * sizeof(uint64_t));
-    backend->Upload(d_counters, counters.data(), B * sizeof(uint64_t));
+    backend->Upload(p, params.data(), params.size());
+    const float* d_temperature = reinterpret_cast<const float*>(p);
+    const int32_t* d_top_k = reinterpret_cast<const int32_t*>(p + 4 * mb);
+    const float* d_top_p = reinterpret_cast<const float*>(p + 8 * mb);
+    const uint64_t* d_seeds = reinterpret_cast<const uint64_t*>(p + seeds_at);
+    const uint64_t* d_counters = d_seeds + mb;
+    model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32());
+    if (passed) stats_.launch_gap_seconds += SecondsSince(last_pass_end);
     int32_t* d_tokens = reinterpret_cast<int32_t*>(device_out_.raw());
     float* d_logprobs = device_out_.f32() + max_batch_;
     backend->SampleRows(d_tokens, d_logprobs, device_logits_.f32(), B, V, d_temperature, d_top_k, d_top_p, d_seeds,
