@@ -1608,8 +1608,21 @@ int DecodeSplits(const KvPages& kv, int Nq, int Hq, int Hkv) {
   const long long HG = (Hq / Hkv + kDecodeHB - 1) / kDecodeHB;
   return DecodeSplitCount(kv, static_cast<long long>(Nq) * Hkv * HG, DecodeCfg<D, Elem>::KC, DecodeSlots<D, Elem>());
 }
+// AHA_DECODE_SPLITS=n (n >= 1): the tensor-core decode kernel splits every row's keys n ways (capped
+// as DecodeSplitCount caps), for measuring the split count's trade-off; unset or 0: the rule below.
+int ForcedDecodeSplits() {
+  static const int n = [] {
+    const char* e = std::getenv("AHA_DECODE_SPLITS");
+    return e ? std::max(0, std::atoi(e)) : 0;
+  }();
+  return n;
+}
 template <int D>
 int DecodeTcSplits(const KvPages& kv, int Nq, int Hkv) {
+  if (const int n = ForcedDecodeSplits()) {
+    const long long max_ctx = static_cast<long long>(kv.max_blocks) * kv.block_size;
+    return static_cast<int>(std::min<long long>({n, (max_ctx + kDecTcKC - 1) / kDecTcKC, kDecodeMaxSplits}));
+  }
   return DecodeSplitCount(kv, static_cast<long long>(Nq) * Hkv, kDecTcKC, DecodeTcSlots<D>());
 }
 
