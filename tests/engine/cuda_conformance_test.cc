@@ -1415,6 +1415,26 @@ double ChiSquareCritical(int k) {
   return k * std::pow(1 - a + z * std::sqrt(a), 3);
 }
 
+// One SampleRows call over d_logits [B, V], every row drawing with options o, row b keyed by
+// (seeds[b], counters[b]); the drawn tokens and their log-probs come back (poisoned first).
+void DrawRows(const Tensor& d_logits, int B, int V, const SamplingOptions& o, const std::vector<uint64_t>& seeds,
+              const std::vector<uint64_t>& counters, std::vector<int32_t>& tok, std::vector<float>& lp) {
+  CudaBackend* gpu = Gpu();
+  Tensor d_T = Up(std::vector<float>(B, o.temperature)), d_k = Up(std::vector<int32_t>(B, o.top_k)),
+         d_p = Up(std::vector<float>(B, o.top_p));
+  Tensor d_seeds(DType::kF32, {2 * B}, gpu->device()), d_counters(DType::kF32, {2 * B}, gpu->device());
+  gpu->Upload(d_seeds.raw(), seeds.data(), B * 8);
+  gpu->Upload(d_counters.raw(), counters.data(), B * 8);
+  Tensor d_tok = Poisoned(B), d_lp = Poisoned(B);
+  gpu->SampleRows(reinterpret_cast<int32_t*>(d_tok.raw()), d_lp.f32(), d_logits.f32(), B, V, d_T.f32(), d_k.i32(),
+                  d_p.f32(), static_cast<const uint64_t*>(d_seeds.raw()),
+                  static_cast<const uint64_t*>(d_counters.raw()));
+  tok.resize(B);
+  lp.resize(B);
+  gpu->Download(tok.data(), d_tok.raw(), B * 4);
+  gpu->Download(lp.data(), d_lp.raw(), B * 4);
+}
+
 TEST(CudaOps, SampleRowsMatchesTheFilteredDistribution) {
   REQUIRE_GPU();
   const int V = 20, B = 1000, rounds = 100;
@@ -1427,22 +1447,14 @@ TEST(CudaOps, SampleRowsMatchesTheFilteredDistribution) {
                             SamplingOptions{1.2f, 0.8f, 0}, SamplingOptions{0.9f, 0.9f, 8}}) {
     const auto p = FilteredDistribution(row.data(), V, o);
     std::vector<int> count(V, 0);
-    Tensor d_T = Up(std::vector<float>(B, o.temperature)), d_k = Up(std::vector<int32_t>(B, o.top_k)),
-           d_p = Up(std::vector<float>(B, o.top_p));
-    Tensor seeds(DType::kF32, {2 * B}, gpu->device()), counters(DType::kF32, {2 * B}, gpu->device());
-    std::vector<uint64_t> s(B, 1234), c(B);
-    gpu->Upload(seeds.raw(), s.data(), B * 8);
-    Tensor d_tok = Poisoned(B), d_lp = Poisoned(B);
+    const std::vector<uint64_t> s(B, 1234);
+    std::vector<uint64_t> c(B);
+    std::vector<int32_t> tok;
+    std::vector<float> lp;
     double worst_lp = 0;
     for (int r = 0; r < rounds; ++r) {
       for (int b = 0; b < B; ++b) c[b] = static_cast<uint64_t>(r) * B + b;
-      gpu->Upload(counters.raw(), c.data(), B * 8);
-      gpu->SampleRows(reinterpret_cast<int32_t*>(d_tok.raw()), d_lp.f32(), d_logits.f32(), B, V, d_T.f32(), d_k.i32(),
-                      d_p.f32(), static_cast<const uint64_t*>(seeds.raw()), static_cast<const uint64_t*>(counters.raw()));
-      std::vector<int32_t> tok(B);
-      std::vector<float> lp(B);
-      gpu->Download(tok.data(), d_tok.raw(), B * 4);
-      gpu->Download(lp.data(), d_lp.raw(), B * 4);
+      DrawRows(d_logits, B, V, o, s, c, tok, lp);
       // Behaviour log-prob: full (unfiltered) log-softmax at T.
       double m = -1e30, se = 0;
       for (float z : row) m = std::max(m, double(z) / o.temperature);
@@ -1478,18 +1490,11 @@ TEST(CudaOps, SampleRowsGreedyAndLargeVocabularyTopP) {
   Tensor d_logits = Up(logits);
   for (SamplingOptions o : {SamplingOptions{0.0f, 1.0f, 0}, SamplingOptions{1.0f, 0.9f, 0},
                             SamplingOptions{0.8f, 1.0f, 50}, SamplingOptions{1.0f, 1.0f, 0}}) {
-    Tensor d_T = Up(std::vector<float>(B, o.temperature)), d_k = Up(std::vector<int32_t>(B, o.top_k)),
-           d_p = Up(std::vector<float>(B, o.top_p));
-    Tensor seeds(DType::kF32, {2 * B}, gpu->device()), counters(DType::kF32, {2 * B}, gpu->device());
-    std::vector<uint64_t> s(B), c(B, 0);
+    std::vector<uint64_t> s(B);
     for (int b = 0; b < B; ++b) s[b] = 77 + b;
-    gpu->Upload(seeds.raw(), s.data(), B * 8);
-    gpu->Upload(counters.raw(), c.data(), B * 8);
-    Tensor d_tok = Poisoned(B), d_lp = Poisoned(B);
-    gpu->SampleRows(reinterpret_cast<int32_t*>(d_tok.raw()), d_lp.f32(), d_logits.f32(), B, V, d_T.f32(), d_k.i32(),
-                    d_p.f32(), static_cast<const uint64_t*>(seeds.raw()), static_cast<const uint64_t*>(counters.raw()));
-    std::vector<int32_t> tok(B);
-    gpu->Download(tok.data(), d_tok.raw(), B * 4);
+    std::vector<int32_t> tok;
+    std::vector<float> lp;
+    DrawRows(d_logits, B, V, o, s, std::vector<uint64_t>(B, 0), tok, lp);
     for (int b = 0; b < B; ++b) {
       const float* r = logits.data() + size_t(b) * V;
       ASSERT_TRUE(tok[b] >= 0 && tok[b] < V);
@@ -1526,25 +1531,17 @@ TEST(CudaOps, SampleRowsUnfilteredLargeVocabularyMatchesTheDistribution) {
     expect[at == big.end() ? big.size() : at - big.begin()] += p[v];
   }
   std::vector<long> count(expect.size(), 0);
-  Tensor d_T = Up(std::vector<float>(B, o.temperature)), d_k = Up(std::vector<int32_t>(B, o.top_k)),
-         d_p = Up(std::vector<float>(B, o.top_p));
-  Tensor seeds(DType::kF32, {2 * B}, gpu->device()), counters(DType::kF32, {2 * B}, gpu->device());
-  std::vector<uint64_t> sd(B, 99), c(B);
-  gpu->Upload(seeds.raw(), sd.data(), B * 8);
   double m = -1e30, se = 0;
   for (float z : row) m = std::max(m, double(z) / o.temperature);
   for (float z : row) se += std::exp(double(z) / o.temperature - m);
   double worst_lp = 0;
-  Tensor d_tok = Poisoned(B), d_lp = Poisoned(B);
+  const std::vector<uint64_t> sd(B, 99);
+  std::vector<uint64_t> c(B);
+  std::vector<int32_t> tok;
+  std::vector<float> lp;
   for (int r = 0; r < rounds; ++r) {
     for (int b = 0; b < B; ++b) c[b] = static_cast<uint64_t>(r) * B + b;
-    gpu->Upload(counters.raw(), c.data(), B * 8);
-    gpu->SampleRows(reinterpret_cast<int32_t*>(d_tok.raw()), d_lp.f32(), d_logits.f32(), B, V, d_T.f32(), d_k.i32(),
-                    d_p.f32(), static_cast<const uint64_t*>(seeds.raw()), static_cast<const uint64_t*>(counters.raw()));
-    std::vector<int32_t> tok(B);
-    std::vector<float> lp(B);
-    gpu->Download(tok.data(), d_tok.raw(), B * 4);
-    gpu->Download(lp.data(), d_lp.raw(), B * 4);
+    DrawRows(d_logits, B, V, o, sd, c, tok, lp);
     for (int b = 0; b < B; ++b) {
       ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
       ASSERT_GT(p[tok[b]], 0.0) << "drew token " << tok[b] << ", whose logit is -inf";
