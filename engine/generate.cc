@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <optional>
 
 #include "common/clock.h"
 
@@ -14,7 +15,6 @@ const char* FinishReasonName(FinishReason r) { return r == FinishReason::kStop ?
 namespace {
 
 int64_t BlocksFor(int64_t positions, int64_t block_size) { return (positions + block_size - 1) / block_size; }
-
 
 struct Active {
   int request = 0;
@@ -86,8 +86,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   std::vector<float> logits;
   std::vector<SampledToken> drawn;
   uint64_t version = 0;
-  bool passed = false;  // a device pass has ended at last_pass_end
-  Clock::time_point last_pass_end;
+  std::optional<Clock::time_point> last_pass_end;  // when the last device pass's tokens were on the host
   auto forward_and_sample = [&](const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
                                 const std::vector<int32_t>& start, const std::vector<Active>& rows) {
     const int B = static_cast<int>(rows.size());
@@ -132,7 +131,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     const uint64_t* d_seeds = reinterpret_cast<const uint64_t*>(p + seeds_at);
     const uint64_t* d_counters = d_seeds + mb;
     model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32());
-    if (passed) stats_.launch_gap_seconds += SecondsSince(last_pass_end);
+    if (last_pass_end) stats_.launch_gap_seconds += SecondsSince(*last_pass_end);
     int32_t* d_tokens = reinterpret_cast<int32_t*>(device_out_.raw());
     float* d_logprobs = device_out_.f32() + max_batch_;
     backend->SampleRows(d_tokens, d_logprobs, device_logits_.f32(), B, V, d_temperature, d_top_k, d_top_p, d_seeds,
@@ -145,7 +144,6 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       std::memcpy(&lp, &tok[max_batch_ + b], sizeof(lp));
       drawn[b] = SampledToken{tok[b], lp};
     }
-    passed = true;
     last_pass_end = Clock::now();
   };
 

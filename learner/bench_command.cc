@@ -25,7 +25,6 @@
 namespace aha {
 namespace {
 
-
 std::vector<int32_t> RandomTokens(std::mt19937_64& rng, int n, int vocab) {
   std::uniform_int_distribution<int> d(0, vocab - 1);
   std::vector<int32_t> t(n);

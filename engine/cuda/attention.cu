@@ -1597,10 +1597,16 @@ int DecodeTcSlots() {
 // Splits of each row's context: the nearest whole number of resident blocks per block-sized item
 // (row, kv head, head group), at least 1 (B = 256, Hkv = 2 on 132 x 4 slots: 1), at most one per
 // chunk of KC keys of the longest possible context and kDecodeMaxSplits.
+// AHA_DECODE_SPLITS=n (n >= 1) asks for n splits instead (capped the same way), for measuring the
+// split count's trade-off.
 int DecodeSplitCount(const KvPages& kv, long long items, int KC, long long slots) {
+  static const long long forced = [] {
+    const char* e = std::getenv("AHA_DECODE_SPLITS");
+    return e ? std::max(0LL, std::atoll(e)) : 0LL;
+  }();
   const long long max_ctx = static_cast<long long>(kv.max_blocks) * kv.block_size;
   const long long cap = std::min<long long>((max_ctx + KC - 1) / KC, kDecodeMaxSplits);
-  const long long want = (slots + items / 2) / items;
+  const long long want = forced > 0 ? forced : (slots + items / 2) / items;
   return static_cast<int>(std::max<long long>(1, std::min(want, cap)));
 }
 template <int D, typename Elem>
@@ -1608,21 +1614,8 @@ int DecodeSplits(const KvPages& kv, int Nq, int Hq, int Hkv) {
   const long long HG = (Hq / Hkv + kDecodeHB - 1) / kDecodeHB;
   return DecodeSplitCount(kv, static_cast<long long>(Nq) * Hkv * HG, DecodeCfg<D, Elem>::KC, DecodeSlots<D, Elem>());
 }
-// AHA_DECODE_SPLITS=n (n >= 1): the tensor-core decode kernel splits every row's keys n ways (capped
-// as DecodeSplitCount caps), for measuring the split count's trade-off; unset or 0: the rule below.
-int ForcedDecodeSplits() {
-  static const int n = [] {
-    const char* e = std::getenv("AHA_DECODE_SPLITS");
-    return e ? std::max(0, std::atoi(e)) : 0;
-  }();
-  return n;
-}
 template <int D>
 int DecodeTcSplits(const KvPages& kv, int Nq, int Hkv) {
-  if (const int n = ForcedDecodeSplits()) {
-    const long long max_ctx = static_cast<long long>(kv.max_blocks) * kv.block_size;
-    return static_cast<int>(std::min<long long>({n, (max_ctx + kDecTcKC - 1) / kDecTcKC, kDecodeMaxSplits}));
-  }
   return DecodeSplitCount(kv, static_cast<long long>(Nq) * Hkv, kDecTcKC, DecodeTcSlots<D>());
 }
 

@@ -475,20 +475,16 @@ __device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_
   const float z[4] = {fmaxf(Scaled(v.x, inv_t), -INFINITY), fmaxf(Scaled(v.y, inv_t), -INFINITY),
                       fmaxf(Scaled(v.z, inv_t), -INFINITY), fmaxf(Scaled(v.w, inv_t), -INFINITY)};
   const float g = fmaxf(fmaxf(z[0], z[1]), fmaxf(z[2], z[3]));
-  if (g > r.m) {
-    if (!(g < INFINITY) || !(r.m > -INFINITY)) {
+  if (!(r.m > -INFINITY && r.m < INFINITY && g < INFINITY)) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) ReservoirAdd(r, z[j], i + j, key);
-      return;
-    }
+    for (int j = 0; j < 4; ++j) ReservoirAdd(r, z[j], i + j, key);
+    return;
+  }
+  if (g > r.m) {
     const float c = __expf(r.m - g);
     r.s *= c;
     r.x *= c;
     r.m = g;
-  } else if (!(r.m > -INFINITY) || !(r.m < INFINITY)) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) ReservoirAdd(r, z[j], i + j, key);
-    return;
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {

@@ -70,6 +70,19 @@ Tensor Up(const std::vector<int32_t>& v) {
   return Tensor::FromVector(v, {static_cast<int64_t>(v.size())}).ToDevice(Gpu()->device());
 }
 Tensor Poisoned(size_t n) { return Up(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN())); }
+// RoPE inverse frequencies of head width D at theta 1e6.
+std::vector<float> RopeInvFreq(int D) {
+  std::vector<float> f(D / 2);
+  for (int j = 0; j < D / 2; ++j) f[j] = std::pow(1e6f, -2.0f * j / D);
+  return f;
+}
+// 0 .. n - 1 in a fresh random order: pool blocks handed out out of order.
+std::vector<int32_t> ShuffledIds(int n) {
+  std::vector<int32_t> ids(n);
+  for (int i = 0; i < n; ++i) ids[i] = i;
+  std::shuffle(ids.begin(), ids.end(), std::mt19937_64(test::NextSeed()));
+  return ids;
+}
 std::vector<float> Down(const Tensor& t) { return t.ToVector(); }
 
 using test::ExpectNmse;
@@ -351,8 +364,7 @@ TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
     auto qkv = Randn(size_t(N) * W), bias = Randn(W), dq = Randn(size_t(N) * QD), dk = Randn(size_t(N) * KD),
          dv = Randn(size_t(N) * KD);
     auto pos = RandInt(N, 0, 4000);
-    std::vector<float> inv_freq(c.D / 2);
-    for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
+    const std::vector<float> inv_freq = RopeInvFreq(c.D);
     const float* b_cpu = c.bias ? bias.data() : nullptr;
     // CPU: the ops themselves (the defaults of QkvRope and RopePackQkv).
     std::vector<float> q(size_t(N) * QD), k(size_t(N) * KD), v(size_t(N) * KD), dqkv(size_t(N) * W);
@@ -979,9 +991,7 @@ TEST(CudaOps, KvCacheAndCachedAttentionPrefillChunkAndDecode) {
       int needed = 0;
       for (int b = 0; b < B; ++b) needed += (total[b] + bs - 1) / bs;
       const int num_blocks = needed + 7;
-      std::vector<int32_t> order(num_blocks);
-      for (int i = 0; i < num_blocks; ++i) order[i] = i;
-      std::shuffle(order.begin(), order.end(), std::mt19937_64(test::NextSeed()));
+      const std::vector<int32_t> order = ShuffledIds(num_blocks);
       std::vector<int32_t> table(size_t(B) * max_blocks, -1);
       int next = 0;
       for (int b = 0; b < B; ++b)
@@ -1110,13 +1120,11 @@ TEST(CudaOps, QkvRopeKvWriteEqualsTheFourOps) {
         cu.push_back(cu.back() + c.rows[b]);
       }
       const int Nq = cu.back(), num_blocks = B * max_blocks;
-      std::vector<int32_t> order(num_blocks), table(size_t(B) * max_blocks);
-      for (int i = 0; i < num_blocks; ++i) order[i] = i;
-      std::shuffle(order.begin(), order.end(), std::mt19937_64(test::NextSeed()));
+      const std::vector<int32_t> order = ShuffledIds(num_blocks);
+      std::vector<int32_t> table(size_t(B) * max_blocks);
       for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
       const auto qkv = Randn(size_t(Nq) * W), bias = Randn(W);
-      std::vector<float> inv_freq(c.D / 2);
-      for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
+      const std::vector<float> inv_freq = RopeInvFreq(c.D);
       const float* b_ptr = c.bias ? bias.data() : nullptr;
       // CPU: the four ops (the default QkvRopeKvWrite) into an f32 pool.
       const size_t pool = size_t(num_blocks) * bs * KD;
@@ -1183,16 +1191,14 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
                         Case{4, 4, 128, 7, 1, 200, 16, false}}) {
     const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
     const int max_blocks = (c.ctx_hi + bs - 1) / bs, num_blocks = B * max_blocks;
-    std::vector<int32_t> cu(B + 1), start(B), order(num_blocks), table(size_t(B) * max_blocks);
+    std::vector<int32_t> cu(B + 1), start(B), table(size_t(B) * max_blocks);
     for (int b = 0; b <= B; ++b) cu[b] = b;
     const auto ctx = RandInt(B, c.ctx_lo, c.ctx_hi);
     for (int b = 0; b < B; ++b) start[b] = ctx[b] - 1;  // the new token's position; earlier ones are cached
-    for (int i = 0; i < num_blocks; ++i) order[i] = i;
-    std::shuffle(order.begin(), order.end(), std::mt19937_64(test::NextSeed()));
+    const std::vector<int32_t> order = ShuffledIds(num_blocks);
     for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
     const auto qkv = Randn(size_t(B) * W), bias = Randn(W);
-    std::vector<float> inv_freq(c.D / 2);
-    for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
+    const std::vector<float> inv_freq = RopeInvFreq(c.D);
     // Every pool pair starts from the same random bf16 contents (the cached positions).
     const size_t pool = size_t(num_blocks) * bs * KD;
     std::vector<uint16_t> k16(pool), v16(pool);
