@@ -59,6 +59,16 @@ class Backend {
   virtual void Copy(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   virtual void Upload(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   virtual void Download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+  // A download that does not wait: enqueues the copy (ordered with the ops) and returns a ticket;
+  // AwaitDownload(ticket) waits for that copy and leaves the bytes at dst, which must stay valid
+  // until then. At most kAsyncDownloads tickets may be outstanding. So the host can queue more work
+  // (the next decode step) before it reads the results of the last. On the CPU: Download at once.
+  static constexpr int kAsyncDownloads = 4;
+  virtual uint64_t DownloadAsync(void* dst, const void* src, size_t bytes) {
+    Download(dst, src, bytes);
+    return 0;
+  }
+  virtual void AwaitDownload(uint64_t ticket) { (void)ticket; }
   // Waits until every op enqueued so far has finished (ops may run asynchronously on a device).
   virtual void Synchronize() {}
   // Drops what a per-op profile (AHA_PROFILE=1 on the CUDA backend) has summed so far, so that a

@@ -27,7 +27,7 @@ struct Active {
 }  // namespace
 
 Generator::Generator(Transformer* model, int max_batch, int max_len, const GeneratorOptions& options)
-    : model_(model), max_batch_(max_batch), max_len_(max_len) {
+    : model_(model), max_batch_(max_batch), max_len_(max_len), options_(options) {
   AHA_CHECK(max_batch > 0 && max_len > 0 && options.block_size > 0 && options.kv_cache_tokens >= 0)
       << "Generator: max_batch " << max_batch << ", max_len " << max_len << ", block_size " << options.block_size
       << ", kv_cache_tokens " << options.kv_cache_tokens;
@@ -80,26 +80,42 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   };
   // On the CPU the logits come back to the host and each sequence draws from its own Rng stream.
   // On a device they stay there and Backend::SampleRows draws every row in one launch, keyed by
-  // (request seed, tokens drawn so far); only B tokens and log-probs come back.
+  // (request seed, tokens drawn so far); only B tokens and log-probs come back, without waiting
+  // (DownloadAsync), so that the next step can be queued first (GeneratorOptions::run_ahead).
   Backend* backend = model_->backend();
-  const bool on_host = backend->device().is_cpu();
+  const bool on_host = backend->device().is_cpu() && !options_.backend_sampling;
+  const bool run_ahead = options_.run_ahead && !on_host;
   std::vector<float> logits;
-  std::vector<SampledToken> drawn;
-  uint64_t version = 0;
-  std::optional<Clock::time_point> last_pass_end;  // when the last device pass's tokens were on the host
-  auto forward_and_sample = [&](const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
-                                const std::vector<int32_t>& start, const std::vector<Active>& rows) {
+  std::optional<Clock::time_point> last_pass_end;  // when the last pass's tokens were on the host
+  int in_flight = 0;                               // passes launched and not yet read back
+
+  // One forward pass with its draws: launched, then read back (collect). Rows are the block-table
+  // rows of the pass, in order; drawn_before is how many tokens each row draws before this pass
+  // beyond those already in its result (1 for a step run ahead: the previous step's, not yet read).
+  struct Pass {
+    int B = 0;
+    uint64_t version = 0;  // the step hook's value for this pass
+    uint64_t ticket = 0;
+    Clock::time_point launched;
+    std::vector<int32_t> out;          // device path: tokens at [0, B), log-prob bits from max_batch_ on
+    std::vector<SampledToken> drawn;   // after collect
+  };
+  auto launch = [&](Pass& p, const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
+                    const std::vector<int32_t>& start, const std::vector<Active>& rows, int drawn_before,
+                    const int32_t* device_tokens) {
     const int B = static_cast<int>(rows.size());
+    p.B = B;
+    p.launched = Clock::now();
     std::vector<int32_t> table(static_cast<size_t>(B) * MB, -1);  // -1: never read (past the row's length)
     for (int b = 0; b < B; ++b) std::copy(rows[b].blocks.begin(), rows[b].blocks.end(), table.begin() + b * MB);
-    drawn.resize(B);
-    if (step_hook_) version = step_hook_();
+    if (step_hook_) p.version = step_hook_();
     if (on_host) {
       logits.resize(static_cast<size_t>(B) * V);
       model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, logits.data());
+      p.drawn.resize(B);
       for (int b = 0; b < B; ++b)
-        drawn[b] = SampleToken(logits.data() + static_cast<size_t>(b) * V, V, requests[rows[b].request].sampling,
-                               rngs[rows[b].request]);
+        p.drawn[b] = SampleToken(logits.data() + static_cast<size_t>(b) * V, V, requests[rows[b].request].sampling,
+                                 rngs[rows[b].request]);
       return;
     }
     if (device_logits_.empty()) {
@@ -110,45 +126,52 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     }
     // The sampling parameters, laid out as device_params_ holds them (temperature | top_k | top_p at
     // max_batch_ entries each, then seeds and counters 8-byte aligned), go up in one copy before the
-    // forward: an upload from pageable memory may wait for the stream, so after the forward it would
-    // hold the sampling back until the host had staged it.
+    // forward, so the draw never waits for the host.
     const size_t mb = static_cast<size_t>(max_batch_), seeds_at = 12 * mb + (12 * mb) % 8;
     std::vector<char> params(seeds_at + 16 * mb);
     for (int b = 0; b < B; ++b) {
       const GenerationRequest& r = requests[rows[b].request];
-      const uint64_t counter = results[rows[b].request].tokens.size();
+      const uint64_t counter = results[rows[b].request].tokens.size() + drawn_before;
       std::memcpy(&params[4 * b], &r.sampling.temperature, 4);
       std::memcpy(&params[4 * (mb + b)], &r.sampling.top_k, 4);
       std::memcpy(&params[4 * (2 * mb + b)], &r.sampling.top_p, 4);
       std::memcpy(&params[seeds_at + 8 * b], &r.seed, 8);
       std::memcpy(&params[seeds_at + 8 * (mb + b)], &counter, 8);
     }
-    char* p = static_cast<char*>(device_params_.raw());
-    backend->Upload(p, params.data(), params.size());
-    const float* d_temperature = reinterpret_cast<const float*>(p);
-    const int32_t* d_top_k = reinterpret_cast<const int32_t*>(p + 4 * mb);
-    const float* d_top_p = reinterpret_cast<const float*>(p + 8 * mb);
-    const uint64_t* d_seeds = reinterpret_cast<const uint64_t*>(p + seeds_at);
+    char* prm = static_cast<char*>(device_params_.raw());
+    backend->Upload(prm, params.data(), params.size());
+    const float* d_temperature = reinterpret_cast<const float*>(prm);
+    const int32_t* d_top_k = reinterpret_cast<const int32_t*>(prm + 4 * mb);
+    const float* d_top_p = reinterpret_cast<const float*>(prm + 8 * mb);
+    const uint64_t* d_seeds = reinterpret_cast<const uint64_t*>(prm + seeds_at);
     const uint64_t* d_counters = d_seeds + mb;
-    model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32());
-    if (last_pass_end) stats_.launch_gap_seconds += SecondsSince(*last_pass_end);
+    model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32(),
+                          device_tokens);
+    if (in_flight == 0 && last_pass_end) stats_.launch_gap_seconds += SecondsSince(*last_pass_end);
     int32_t* d_tokens = reinterpret_cast<int32_t*>(device_out_.raw());
     float* d_logprobs = device_out_.f32() + max_batch_;
     backend->SampleRows(d_tokens, d_logprobs, device_logits_.f32(), B, V, d_temperature, d_top_k, d_top_p, d_seeds,
                         d_counters);
     // Tokens and log-probs in one copy: tokens at [0, B), log-probs from max_batch_ on.
-    std::vector<int32_t> tok(static_cast<size_t>(max_batch_) + B);
-    backend->Download(tok.data(), d_tokens, tok.size() * sizeof(int32_t));
-    for (int b = 0; b < B; ++b) {
+    p.out.resize(static_cast<size_t>(max_batch_) + B);
+    p.ticket = backend->DownloadAsync(p.out.data(), d_tokens, p.out.size() * sizeof(int32_t));
+    ++in_flight;
+  };
+  auto collect = [&](Pass& p) {
+    if (on_host) return;
+    backend->AwaitDownload(p.ticket);
+    --in_flight;
+    p.drawn.resize(p.B);
+    for (int b = 0; b < p.B; ++b) {
       float lp;
-      std::memcpy(&lp, &tok[max_batch_ + b], sizeof(lp));
-      drawn[b] = SampledToken{tok[b], lp};
+      std::memcpy(&lp, &p.out[max_batch_ + b], sizeof(lp));
+      p.drawn[b] = SampledToken{p.out[b], lp};
     }
     last_pass_end = Clock::now();
   };
 
   // Appends a sampled token; returns true when the sequence is finished.
-  auto accept = [&](Active& a, const SampledToken& t) -> bool {
+  auto accept = [&](Active& a, const SampledToken& t, uint64_t version) -> bool {
     const GenerationRequest& r = requests[a.request];
     GenerationResult& out = results[a.request];
     out.tokens.push_back(t.token);
@@ -201,13 +224,14 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     }
     if (!admitted.empty()) {
       const int B = static_cast<int>(admitted.size());
-      const auto t0 = Clock::now();
-      forward_and_sample(tokens, cu, start, admitted);
-      stats_.prefill_seconds += SecondsSince(t0);
+      Pass p;
+      launch(p, tokens, cu, start, admitted, 0, nullptr);
+      collect(p);
+      stats_.prefill_seconds += SecondsSince(p.launched);
       ++stats_.prefill_calls;
       stats_.prefill_rows += static_cast<int64_t>(tokens.size());
       for (int b = 0; b < B; ++b) {
-        if (accept(admitted[b], drawn[b])) release(admitted[b]);
+        if (accept(admitted[b], p.drawn[b], p.version)) release(admitted[b]);
         else active.push_back(std::move(admitted[b]));
       }
       continue;  // admit more before decoding if blocks were freed at once
@@ -226,7 +250,6 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     }
     if (active.empty()) continue;
     for (Active& a : active) take_blocks(a, a.len + 1);
-    const int B = static_cast<int>(active.size());
     tokens.clear();
     cu.assign(1, 0);
     start.clear();
@@ -235,20 +258,71 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       cu.push_back(static_cast<int32_t>(tokens.size()));
       start.push_back(a.len);
     }
-    const auto t0 = Clock::now();
-    forward_and_sample(tokens, cu, start, active);
-    stats_.decode_seconds += SecondsSince(t0);
-    ++stats_.decode_steps;
-    stats_.decode_rows += B;
-    std::vector<Active> still;
-    for (int b = 0; b < B; ++b) {
-      Active& a = active[b];
-      a.len += 1;
-      if (accept(a, drawn[b])) release(a);
-      else still.push_back(std::move(a));
+    Pass cur;
+    launch(cur, tokens, cu, start, active, 0, nullptr);
+    Clock::time_point counted_from = cur.launched;  // decode time is wall time, overlapping passes once
+    // Step k (cur) is in flight. Queue step k + 1 behind it when the batch is expected to stay, then
+    // read step k; repeat while every row carries on.
+    for (;;) {
+      const int B = static_cast<int>(active.size());
+      const bool room_for_waiting = !waiting.empty() && B < max_batch_;
+      auto capped_now = [&](const Active& a) {  // reaches max_new_tokens with step k's token
+        return static_cast<int>(results[a.request].tokens.size()) + 1 >= requests[a.request].max_new_tokens;
+      };
+      auto needs_block_ahead = [&](const Active& a) {  // position len + 1 starts a new block
+        return static_cast<int64_t>(a.blocks.size()) * bs <= a.len + 1;
+      };
+      std::optional<Pass> ahead;
+      if (run_ahead && !room_for_waiting && std::none_of(active.begin(), active.end(), capped_now) &&
+          std::count_if(active.begin(), active.end(), needs_block_ahead) <= free_blocks()) {
+        for (Active& a : active) take_blocks(a, a.len + 2);
+        for (int b = 0; b < B; ++b) start[b] = active[b].len + 1;
+        // Its tokens are step k's draws, read on the device (SampleRows' output, device_out_).
+        launch(ahead.emplace(), tokens, cu, start, active, 1, reinterpret_cast<const int32_t*>(device_out_.raw()));
+        ++stats_.steps_ahead;
+      }
+      collect(cur);
+      stats_.decode_seconds += SecondsSince(std::max(cur.launched, counted_from));
+      counted_from = Clock::now();
+      ++stats_.decode_steps;
+      stats_.decode_rows += B;
+      std::vector<Active> still;
+      std::vector<int> kept;  // rows of cur (and of the step ahead) that carry on
+      for (int b = 0; b < B; ++b) {
+        Active& a = active[b];
+        a.len += 1;
+        if (accept(a, cur.drawn[b], cur.version)) {
+          release(a);  // a step ahead may still write its next position: ordered before any reuse
+        } else {
+          still.push_back(std::move(a));
+          kept.push_back(b);
+        }
+      }
+      active = std::move(still);
+      if (!ahead) break;
+      if (static_cast<int>(kept.size()) == B) {  // the same rows in the same order: carry on ahead
+        cur = std::move(*ahead);
+        continue;
+      }
+      // Some rows stopped at step k: read the step ahead for the others and leave the chain (the
+      // batch changes: admissions, a smaller bucket).
+      collect(*ahead);
+      stats_.decode_seconds += SecondsSince(std::max(ahead->launched, counted_from));
+      ++stats_.decode_steps;
+      stats_.decode_rows += B;
+      stats_.rows_dropped_ahead += B - static_cast<int64_t>(kept.size());
+      std::vector<Active> carried;
+      for (size_t j = 0; j < kept.size(); ++j) {
+        Active& a = active[j];
+        a.len += 1;
+        if (accept(a, ahead->drawn[kept[j]], ahead->version)) release(a);
+        else carried.push_back(std::move(a));
+      }
+      active = std::move(carried);
+      break;
     }
-    active = std::move(still);
   }
+  AHA_CHECK(in_flight == 0) << "Generator: " << in_flight << " passes left in flight";
   return results;
 }
 

@@ -56,6 +56,18 @@ struct GeneratorOptions {
   // prefills) for memory; the pool must hold at least one sequence of max_len.
   int64_t kv_cache_tokens = 0;
   int block_size = 16;  // positions per KV block
+  // Sampling on a device (or with backend_sampling): decode step k + 1 is queued before step k's
+  // tokens are read back, its input tokens taken from step k's draws on the device, whenever the
+  // batch is expected to stay: no waiting request could take a free place, no row reaches its token
+  // cap at step k, and the pool covers every row's next position. The device then does not sit idle
+  // while the host reads tokens, checks stops and launches. When a row stops at step k (a stop token
+  // or string) the step ahead is still read for the other rows and that row's draw is dropped (one
+  // row of one step of wasted work). Off: every step waits for the last one's tokens.
+  bool run_ahead = true;
+  // The CPU engine draws on the host from each request's own Rng stream. True makes it draw through
+  // Backend::SampleRows as a device does (keyed by seed and tokens drawn), with the device's control
+  // flow, run-ahead included: what the CPU tests of that flow use.
+  bool backend_sampling = false;
 };
 
 // Counts of the last Generate() call.
@@ -72,8 +84,11 @@ struct GeneratorStats {
   double prefill_seconds = 0, decode_seconds = 0;
   // On a device: host time from the end of one forward pass (its tokens on the host) to the next
   // pass's launch, summed over consecutive passes. The device has nothing queued then, so this is
-  // (up to the launch latency) the time it sits idle between steps.
+  // (up to the launch latency) the time it sits idle between steps. A step run ahead (see
+  // GeneratorOptions::run_ahead) adds none: it was queued before the last pass's tokens came back.
   double launch_gap_seconds = 0;
+  int64_t steps_ahead = 0;           // decode steps queued before the previous step's tokens were read
+  int64_t rows_dropped_ahead = 0;    // rows of those steps whose sequence had stopped the step before
 };
 
 class Generator {
@@ -99,6 +114,7 @@ class Generator {
  private:
   Transformer* model_;
   int max_batch_, max_len_;
+  GeneratorOptions options_;
   KvCache cache_;
   std::vector<int32_t> free_blocks_;  // the allocator: a stack of free block ids
   GeneratorStats stats_;

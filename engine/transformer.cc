@@ -537,10 +537,13 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
 }
 
 void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start,
-                                const int32_t* block_table, int Bn, KvCache* cache, float* last_logits) {
+                                const int32_t* block_table, int Bn, KvCache* cache, float* last_logits,
+                                const int32_t* device_tokens) {
   Backend& B = *backend_;
   AHA_CHECK(Bn >= 1 && Bn <= cache->max_batch) << "ForwardCached: batch " << Bn << " outside 1.." << cache->max_batch;
   int N = cu_q[Bn];
+  AHA_CHECK(!device_tokens || N == Bn) << "ForwardCached: device tokens need one new token per sequence, not " << N
+                                       << " for " << Bn;
   const int MB = cache->max_blocks;
   // A decode step runs at a bucket size (a power of two, or the cache's max_batch) so that a few
   // captured graphs cover every batch: rows past Bn are padding (token 0 at position 0 of the
@@ -557,7 +560,8 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   std::vector<int32_t> ints;
   if (decode) {
     ints.reserve(3 * rows + 1 + static_cast<size_t>(rows) * MB);
-    ints.insert(ints.end(), tokens, tokens + Bn);
+    if (device_tokens) ints.resize(Bn, 0);  // overwritten on the device below
+    else ints.insert(ints.end(), tokens, tokens + Bn);
     ints.resize(rows, 0);
     for (int b = 0; b <= rows; ++b) ints.push_back(b);
     ints.insert(ints.end(), start, start + Bn);
@@ -569,7 +573,8 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
     N = rows;
   } else {
     ints.reserve(2 * N + 2 * Bn + 1 + static_cast<size_t>(Bn) * MB);
-    ints.insert(ints.end(), tokens, tokens + N);
+    if (device_tokens) ints.resize(N, 0);
+    else ints.insert(ints.end(), tokens, tokens + N);
     ints.insert(ints.end(), cu_q, cu_q + Bn + 1);
     ints.insert(ints.end(), start, start + Bn);
     for (int b = 0; b < Bn; ++b)
@@ -577,6 +582,7 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
     ints.insert(ints.end(), block_table, block_table + static_cast<size_t>(Bn) * MB);
   }
   B.Upload(dec_.ints.raw(), ints.data(), ints.size() * sizeof(int32_t));
+  if (device_tokens) B.Copy(dec_.ints.raw(), device_tokens, static_cast<size_t>(Bn) * sizeof(int32_t));
   if (!decode) {
     DecodeBody(N, Bn, cache, last_logits, cu_q, std::all_of(start, start + Bn, [](int32_t s) { return s == 0; }));
     return;

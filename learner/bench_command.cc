@@ -52,8 +52,9 @@ int RunGen(int argc, char** argv) {
   flags.Int("new-tokens", &new_tokens, "sampled tokens per prompt (default 512)");
   flags.Int("repeats", &repeats, "timed runs after the warm-up; the best is reported");
   flags.Int("seed", &seed, "seed of prompts and sampling");
-  bool no_graphs = false;
+  bool no_graphs = false, no_run_ahead = false;
   flags.Bool("no-graphs", &no_graphs, "run decode steps as separate launches instead of replaying CUDA graphs");
+  flags.Bool("no-run-ahead", &no_run_ahead, "read each decode step's tokens before queueing the next (the A/B of run-ahead)");
   int64_t kv_cache_tokens = 0;
   flags.Int("kv-cache-tokens", &kv_cache_tokens,
             "KV pool size in tokens (default 0: prompts x (prompt-len + new-tokens), no preemption); smaller pools preempt and recompute");
@@ -78,7 +79,7 @@ int RunGen(int argc, char** argv) {
     reqs[i].max_new_tokens = static_cast<int>(new_tokens);  // no stop ids: every sequence runs to the cap
   }
   engine::Generator gen(model->get(), static_cast<int>(prompts), static_cast<int>(prompt_len + new_tokens),
-                        {.kv_cache_tokens = kv_cache_tokens});
+                        {.kv_cache_tokens = kv_cache_tokens, .run_ahead = !no_run_ahead});
   // Warm-up: a short run of the same batch (allocations, cuBLAS heuristics, module load).
   {
     auto warm = reqs;
@@ -112,7 +113,7 @@ int RunGen(int argc, char** argv) {
             << (stats.decode_steps ? static_cast<double>(stats.decode_rows) / stats.decode_steps : 0.0)
             << " rows each); between them " << std::max(0.0, best - stats.prefill_seconds - stats.decode_seconds)
             << " s; device idle between passes (host time from one pass's tokens to the next launch) "
-            << stats.launch_gap_seconds << " s\n";
+            << stats.launch_gap_seconds << " s; " << stats.steps_ahead << " steps run ahead\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
                       {"graphs", !no_graphs},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
@@ -126,7 +127,8 @@ int RunGen(int argc, char** argv) {
                       {"prefill_calls", stats.prefill_calls},
                       {"decode_s", stats.decode_seconds},
                       {"decode_steps", stats.decode_steps},
-                      {"launch_gap_s", stats.launch_gap_seconds}};
+                      {"launch_gap_s", stats.launch_gap_seconds},
+                      {"steps_ahead", stats.steps_ahead}};
   std::cout << j.dump() << "\n";
   return 0;
 }

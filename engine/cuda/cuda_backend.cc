@@ -159,6 +159,13 @@ CudaBackend::~CudaBackend() {
     for (cudaEvent_t e : profile_->spare) cudaEventDestroy(e);
     if (profile_->base) cudaEventDestroy(profile_->base);
   }
+  for (HostSlot* ring : {stages_, downloads_}) {
+    const int n = ring == stages_ ? kStages : kAsyncDownloads;
+    for (int i = 0; i < n; ++i) {
+      if (ring[i].host) cudaFreeHost(ring[i].host);
+      if (ring[i].done) cudaEventDestroy(ring[i].done);
+    }
+  }
   gemm_.reset();
   if (workspace_) cudaFree(workspace_);
   if (cast_copy_) cudaFree(cast_copy_);
@@ -223,8 +230,30 @@ void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
   Check("copy");
 }
+void CudaBackend::EnsureHost(HostSlot& slot, size_t bytes, const char* what) {
+  if (!slot.done) CheckCuda(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming), what);
+  if (slot.bytes >= bytes) return;
+  if (slot.host) {
+    CheckCuda(cudaEventSynchronize(slot.done), what);
+    CheckCuda(cudaFreeHost(slot.host), what);
+  }
+  const size_t grown = std::max(bytes, slot.bytes + slot.bytes / 4);
+  CheckCuda(cudaMallocHost(&slot.host, grown), what);
+  slot.bytes = grown;
+}
+
 void CudaBackend::Upload(void* dst, const void* src, size_t bytes) {
-  if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  if (bytes == 0) return Check("upload");
+  if (bytes > kStageBytes || capturing_) {
+    CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+    return Check("upload");
+  }
+  HostSlot& st = stages_[next_stage_++ % kStages];
+  EnsureHost(st, kStageBytes, "upload staging");
+  CheckCuda(cudaEventSynchronize(st.done), "wait for an upload stage");  // its last DMA has run
+  std::memcpy(st.host, src, bytes);
+  CheckCuda(cudaMemcpyAsync(dst, st.host, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  CheckCuda(cudaEventRecord(st.done, stream_), "record upload stage");
   Check("upload");
 }
 void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
@@ -232,6 +261,32 @@ void CudaBackend::Download(void* dst, const void* src, size_t bytes) {
   Mark("download");
   CheckCuda(cudaStreamSynchronize(stream_), "synchronize after download");
   ResolveProfile();
+}
+uint64_t CudaBackend::DownloadAsync(void* dst, const void* src, size_t bytes) {
+  const uint64_t ticket = next_download_++;
+  HostSlot& d = downloads_[ticket % kAsyncDownloads];
+  if (d.busy) {
+    std::fprintf(stderr, "aha: DownloadAsync: more than %d downloads outstanding\n", kAsyncDownloads);
+    std::abort();
+  }
+  EnsureHost(d, bytes, "async download buffer");
+  if (bytes) CheckCuda(cudaMemcpyAsync(d.host, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
+  CheckCuda(cudaEventRecord(d.done, stream_), "record download");
+  Mark("download");
+  d.dst = dst;
+  d.count = bytes;
+  d.busy = true;
+  return ticket;
+}
+void CudaBackend::AwaitDownload(uint64_t ticket) {
+  HostSlot& d = downloads_[ticket % kAsyncDownloads];
+  if (!d.busy || ticket >= next_download_ || next_download_ - ticket > kAsyncDownloads) {
+    std::fprintf(stderr, "aha: AwaitDownload: ticket %llu is not outstanding\n", static_cast<unsigned long long>(ticket));
+    std::abort();
+  }
+  CheckCuda(cudaEventSynchronize(d.done), "wait for download");
+  if (d.count) std::memcpy(d.dst, d.host, d.count);
+  d.busy = false;
 }
 void CudaBackend::Synchronize() {
   CheckCuda(cudaStreamSynchronize(stream_), "synchronize");

@@ -39,8 +39,13 @@ class CudaBackend final : public Backend {
   std::string Describe() const;
 
   void Copy(void* dst, const void* src, size_t bytes) override;
+  // Uploads of up to kStageBytes go through page-locked staging (copied there, then an async DMA), so
+  // they never wait for the stream: a pageable source may make the driver sync the stream first,
+  // which would stall a host that runs ahead of the GPU.
   void Upload(void* dst, const void* src, size_t bytes) override;
   void Download(void* dst, const void* src, size_t bytes) override;
+  uint64_t DownloadAsync(void* dst, const void* src, size_t bytes) override;
+  void AwaitDownload(uint64_t ticket) override;
   void ResetProfile() override;
   void Synchronize() override;
   void RegisterWeights(const float* base, size_t n) override;
@@ -174,6 +179,22 @@ class CudaBackend final : public Backend {
   uint16_t* KeptCopy(const float* p, size_t n);
   std::unique_ptr<Profile> profile_;
   bool capturing_ = false;
+  // Page-locked host buffers, each with the event of the copy that last used it: a ring of upload
+  // stages (a stage is refilled once its last DMA has run) and the async download slots.
+  struct HostSlot {
+    void* host = nullptr;
+    size_t bytes = 0;
+    cudaEvent_t done = nullptr;
+    void* dst = nullptr;  // downloads: where AwaitDownload puts the bytes, how many, and whether
+    size_t count = 0;     // the slot holds a ticket not yet awaited
+    bool busy = false;
+  };
+  static constexpr size_t kStageBytes = size_t{1} << 20;
+  static constexpr int kStages = 4;
+  HostSlot stages_[kStages];
+  HostSlot downloads_[kAsyncDownloads];
+  uint64_t next_stage_ = 0, next_download_ = 0;
+  void EnsureHost(HostSlot& slot, size_t bytes, const char* what);
 };
 
 }  // namespace aha::engine::cuda

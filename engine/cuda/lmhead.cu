@@ -36,12 +36,15 @@
 //    sums fixed-point weights exp(z - max z) * 2^40 in u64 (target ceil(top_p * total)). Ties at the
 //    cut key are cut by id with one ordered scan. Then the draw above, restricted to the kept set,
 //    which samples the renormalised kept distribution.
-//  - RNG (counter-based, reproducible, independent of the rest of the batch): row_key =
-//    mix64(seed + mix64(counter ^ 0xD1B54A32D192ED03)); uniform number i of the row is
-//    u_i = (2 (r_i >> 41) + 1) 2^-24 with r_i = mix64(row_key + (i + 1) 0x9E3779B97F4A7C15), i.e. the
-//    SplitMix64 stream of row_key at position i + 1 (mix64 = SplitMix64's finaliser); u_i is uniform
-//    on 2^23 points in (0, 1) and exact in f32. Numbers 0 .. V - 1 belong to the tokens (a
-//    replacement at token i draws u_i), V + t to thread t's Gumbel.
+//  - RNG (counter-based, reproducible, independent of the rest of the batch): k64 =
+//    mix64(seed + mix64(counter ^ 0xD1B54A32D192ED03)) (mix64 = SplitMix64's finaliser), folded to
+//    the 32-bit row key = lo(k64) ^ hi(k64); uniform number i of the row is
+//    u_i = (2 (r_i >> 9) + 1) 2^-24 with r_i = lowbias32(row_key + (i + 1) 0x9E3779B9) (lowbias32:
+//    Wellons' 32-bit integer hash, a bijection, so distinct i give distinct r_i); u_i is uniform on
+//    2^23 points in (0, 1) and exact in f32. Numbers 0 .. V - 1 belong to the tokens (a replacement
+//    at token i draws u_i), V + t to thread t's Gumbel. The hash is 32-bit because a replacement
+//    stalls the warp's other lanes while it runs (about a third of a row's elements meet one in
+//    some lane), and a 64-bit SplitMix64 step made that wait long (docs/kernels.md, version 10).
 //  - logprob = z_token - lse over the full vocabulary (the behaviour log-prob of engine/sampler.h).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -275,7 +278,8 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restr
 
 constexpr int kSampleThreads = 512;
 constexpr int kSampleWarps = kSampleThreads / 32;
-constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
+constexpr uint32_t kGamma32 = 0x9E3779B9u;  // 2^32 / golden ratio, odd
+constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kWeightScale = 1099511627776.0f;  // 2^40: fixed point of the top-p weights
 // Radix levels whose histograms use HistAdd (see Descend). Measured on an H200 (B = 256,
 // V = 151936): 1 beats 4 (top-p 0.72 ms against 0.93 ms, top-k 0.37 ms against 0.40 ms).
@@ -287,15 +291,31 @@ __device__ __forceinline__ uint64_t Mix64(uint64_t z) {  // SplitMix64's finalis
   return z ^ (z >> 31);
 }
 
-__device__ __forceinline__ uint64_t RowKey(uint64_t seed, uint64_t counter) {
-  return Mix64(seed + Mix64(counter ^ 0xD1B54A32D192ED03ull));
+__device__ __forceinline__ uint32_t RowKey(uint64_t seed, uint64_t counter) {
+  const uint64_t k = Mix64(seed + Mix64(counter ^ 0xD1B54A32D192ED03ull));
+  return static_cast<uint32_t>(k) ^ static_cast<uint32_t>(k >> 32);
+}
+
+__device__ __forceinline__ uint32_t LowBias32(uint32_t x) {  // Wellons' lowbias32
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
 }
 
 // Uniform number i (>= 0) of the row keyed by row_key: u = (2k + 1) 2^-24 with k the top 23
-// bits of mix64(row_key + (i + 1) gamma); exact in f32 and in (0, 1).
-__device__ __forceinline__ float Uniform(uint64_t row_key, int i) {
-  const uint32_t k = static_cast<uint32_t>(Mix64(row_key + (static_cast<uint64_t>(i) + 1ull) * kGamma) >> 41);
+// bits of lowbias32(row_key + (i + 1) gamma32); exact in f32 and in (0, 1).
+__device__ __forceinline__ float Uniform(uint32_t row_key, int i) {
+  const uint32_t k = LowBias32(row_key + (static_cast<uint32_t>(i) + 1u) * kGamma32) >> 9;
   return static_cast<float>(2u * k + 1u) * 5.9604644775390625e-8f;
+}
+
+// 2^x with subnormal results flushed to 0 (one MUFU.EX2; exp2f and __expf also scale around it).
+__device__ __forceinline__ float Exp2Ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // Order-preserving u32 of a float: a < b (as floats) <=> Key(a) < Key(b); -0 maps to +0's key so
@@ -448,7 +468,7 @@ struct Reservoir {
   int pick = INT_MAX;
 };
 
-__device__ __forceinline__ void ReservoirAdd(Reservoir& r, float z, int i, uint64_t key) {
+__device__ __forceinline__ void ReservoirAdd(Reservoir& r, float z, int i, uint32_t key) {
   if (z > r.m) {
     const float c = expf(r.m - z);  // 0 on the first element
     r.s = r.s * c + 1.0f;
@@ -467,11 +487,12 @@ __device__ __forceinline__ void ReservoirAdd(Reservoir& r, float z, int i, uint6
 
 // ReservoirAdd of z[0..3] = z(v) at ids i .. i + 3, in that order, with one rescale per four: when the
 // four's largest beats the running max, s and x move to it first (the same quantities in another
-// scale), so each element then costs a scale, an exp, an add and a compare instead of two branches
-// and a full-precision exp. The draw and the weights are ReservoirAdd's; only rounding differs. NaN
-// weighs 0 (fmaxf keeps -inf); while the max is not finite (no finite z yet, or +inf) the four take
-// ReservoirAdd itself.
-__device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_t, int i, uint64_t key) {
+// scale), so each element then costs a scale, an FMA, one MUFU.EX2 (subnormal weights, below e^-87 of
+// the max, flush to 0), an add and a compare instead of two branches and a full-precision exp; a
+// replacement divides with the fast reciprocal. The draw and the weights are ReservoirAdd's; only
+// rounding differs. NaN weighs 0 (fmaxf keeps -inf); while the max is not finite (no finite z yet, or
+// +inf) the four take ReservoirAdd itself.
+__device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_t, int i, uint32_t key) {
   const float z[4] = {fmaxf(Scaled(v.x, inv_t), -INFINITY), fmaxf(Scaled(v.y, inv_t), -INFINITY),
                       fmaxf(Scaled(v.z, inv_t), -INFINITY), fmaxf(Scaled(v.w, inv_t), -INFINITY)};
   const float g = fmaxf(fmaxf(z[0], z[1]), fmaxf(z[2], z[3]));
@@ -481,18 +502,19 @@ __device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_
     return;
   }
   if (g > r.m) {
-    const float c = __expf(r.m - g);
+    const float c = Exp2Ftz((r.m - g) * kLog2e);
     r.s *= c;
     r.x *= c;
     r.m = g;
   }
+  const float ml = r.m * kLog2e;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const float e = __expf(z[j] - r.m);  // 0 for z = -inf
+    const float e = Exp2Ftz(fmaf(z[j], kLog2e, -ml));  // 0 for z = -inf (and below e^-87 of the max)
     r.s += e;
-    if (r.s >= r.x && e > 0.0f) {
+    if (r.s >= r.x && e > 0.0f) {  // the branch every other lane waits on: kept short
       r.pick = i + j;
-      r.x = r.s / Uniform(key, i + j);
+      r.x = __fdividef(r.s, Uniform(key, i + j));  // u in (0, 1]: the fast division is exact enough
     }
   }
 }
@@ -501,7 +523,7 @@ __device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_
 // score = log W_t + g_t, so thread t wins with probability W_t / sum W; its pick then has probability
 // exp(z_j) / W_t, together exp(z_j) / sum W. g_t uses uniform number V + t of the row (token draws use
 // numbers 0 .. V - 1).
-__device__ __forceinline__ float ReservoirScore(const Reservoir& r, uint64_t key, int V) {
+__device__ __forceinline__ float ReservoirScore(const Reservoir& r, uint32_t key, int V) {
   if (!(r.s > 0.0f)) return -INFINITY;
   const float u = Uniform(key, V + static_cast<int>(threadIdx.x));
   return r.m + logf(r.s) - logf(-logf(u));
@@ -721,7 +743,7 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
   const float P = top_p[b];
   const bool use_p = P < 1.0f;
   const bool filtered = !greedy && (K < V || use_p);
-  const uint64_t key = RowKey(seeds[b], counters[b]);
+  const uint32_t key = RowKey(seeds[b], counters[b]);
 
   // Pass 1: log-sum-exp of z over the full row (the reservoir's (m, s) when sampling unfiltered);
   // greedy argmax; the unfiltered draw.

@@ -1686,11 +1686,14 @@ TEST(CudaModel, ActorVsLearnerLogprobGapInBf16) {
   const ModelConfig config = SmallConfig(Arch::kQwen2);
   auto model = Transformer::Init(config, 7, gpu);
   std::vector<GenerationRequest> reqs(24);
+  std::vector<int32_t> stops;  // 60 of the 3001 ids: about half of the requests that have them stop early
+  for (int32_t t = 7; t < config.vocab_size && stops.size() < 60; t += 49) stops.push_back(t);
   for (size_t i = 0; i < reqs.size(); ++i) {
     reqs[i].prompt = RandInt(5 + i * 3, 0, config.vocab_size - 1);
     reqs[i].sampling = {0.9f, 1.0f, 0};
     reqs[i].seed = i;
     reqs[i].max_new_tokens = 40;
+    if (i % 3 == 0) reqs[i].stop_token_ids = stops;  // rows that stop while the next step is queued
   }
   // Fewer rows than requests: continuous batching refills. Then a 512-token pool (8 sequences of up
   // to 114 tokens do not fit): decode steps preempt and re-admitted sequences prefill again.
@@ -1725,10 +1728,52 @@ TEST(CudaModel, ActorVsLearnerLogprobGapInBf16) {
         ++n;
       }
     std::cout << "  actor vs learner log-probs (bf16, " << DTypeName(gpu->kv_cache_dtype()) << " KV cache, pool "
-              << gen.num_blocks() << " blocks, " << gen.stats().preemptions << " preemptions, " << n
-              << " tokens): mean |diff| " << sum / n << ", max " << worst << "\n";
+              << gen.num_blocks() << " blocks, " << gen.stats().preemptions << " preemptions, "
+              << gen.stats().steps_ahead << " of " << gen.stats().decode_steps << " steps run ahead, "
+              << gen.stats().rows_dropped_ahead << " rows dropped, " << n << " tokens): mean |diff| " << sum / n
+              << ", max " << worst << "\n";
+    EXPECT_GT(gen.stats().steps_ahead, 0);
     EXPECT_LT(worst, 5e-2);
     EXPECT_LT(sum / n, 5e-3);
+  }
+}
+
+// Decode step k + 1 queued before step k's tokens are read (GeneratorOptions::run_ahead, its input
+// tokens taken from step k's draws on the device) against one step at a time: with every row running
+// to the same cap the batches are the same, so the completions are the same bit for bit, and every
+// step but the first and the last is run ahead.
+TEST(CudaModel, RunAheadGivesTheStepByStepCompletions) {
+  REQUIRE_GPU();
+  const ModelConfig config = SmallConfig(Arch::kQwen2);
+  auto model = Transformer::Init(config, 11, gpu);
+  std::vector<GenerationRequest> reqs(12);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].prompt = RandInt(4 + i * 5, 0, config.vocab_size - 1);
+    reqs[i].sampling = {1.0f, i % 4 == 1 ? 0.9f : 1.0f, i % 4 == 2 ? 40 : 0};
+    reqs[i].seed = 300 + i;
+    reqs[i].max_new_tokens = 30;
+  }
+  auto run = [&](bool ahead, GeneratorStats* stats) {
+    Generator gen(model.get(), 12, 96, {.run_ahead = ahead});
+    auto out = gen.Generate(reqs);
+    EXPECT_TRUE(out.ok()) << out.status().ToString();
+    EXPECT_EQ(gen.free_blocks(), gen.num_blocks());
+    *stats = gen.stats();
+    return *out;
+  };
+  GeneratorStats s0, s1, s2;
+  run(false, &s0);  // products tuned and graphs captured before the two compared runs
+  const auto want = run(false, &s1);
+  const auto got = run(true, &s2);
+  EXPECT_EQ(s1.steps_ahead, 0);
+  EXPECT_EQ(s2.decode_steps, 29);
+  EXPECT_EQ(s2.steps_ahead, 28);
+  EXPECT_EQ(s2.rows_dropped_ahead, 0);
+  std::cout << "  run ahead: " << s2.steps_ahead << " of " << s2.decode_steps << " steps; device idle between passes "
+            << s2.launch_gap_seconds * 1e3 << " ms (one step at a time: " << s1.launch_gap_seconds * 1e3 << " ms)\n";
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, want[i].tokens) << "request " << i;
+    EXPECT_EQ(got[i].logprobs, want[i].logprobs) << "request " << i;
   }
 }
 

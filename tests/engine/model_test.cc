@@ -376,6 +376,75 @@ TEST(Generation, PreemptionUnderASmallKvPoolReproducesTheFullPoolsCompletions) {
   EXPECT_EQ(small.free_blocks(), small.num_blocks());
 }
 
+// The device's control flow on the CPU engine (backend_sampling): step k + 1 is queued before step
+// k's tokens are read, with step k's draws as its input tokens. Against the same flow one step at a
+// time, over refills (7 requests, 4 rows), a pool that preempts, top-p / top-k rows, and stop tokens
+// that end rows in the middle of a run-ahead chain (their draws from the step ahead are dropped):
+// every completion, log-prob and finish reason is the same, each token records the version of the
+// pass that drew it, and every block is back in the pool.
+TEST(Generation, RunAheadGivesTheStepByStepCompletions) {
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
+  Randomize(*m, 21);
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 7; ++i) {
+    GenerationRequest r;
+    for (int j = 0; j < 2 + (i * 3) % 5; ++j) r.prompt.push_back((5 * i + 2 * j + 1) % 16);
+    r.sampling = {1.0f, i % 3 == 1 ? 0.8f : 1.0f, i % 4 == 3 ? 6 : 0};
+    r.seed = 900 + i;
+    r.max_new_tokens = 9 + (5 * i) % 11;
+    reqs.push_back(r);
+  }
+  // Stop tokens that end three rows mid-completion: the first token of a free run that its
+  // completion draws at position 3 or later and not before.
+  {
+    Generator free_gen(m.get(), 4, 32, {.backend_sampling = true});
+    auto free_run = free_gen.Generate(reqs);
+    ASSERT_TRUE(free_run.ok());
+    for (int i : {0, 2, 5}) {
+      const auto& t = (*free_run)[i].tokens;
+      for (size_t p = 3; p + 1 < t.size() && reqs[i].stop_token_ids.empty(); ++p)
+        if (std::find(t.begin(), t.begin() + p, t[p]) == t.begin() + p) reqs[i].stop_token_ids = {t[p]};
+      ASSERT_FALSE(reqs[i].stop_token_ids.empty()) << "request " << i;
+    }
+  }
+  for (int64_t pool : {int64_t{0}, int64_t{40}}) {
+    GeneratorOptions step_by_step{.kv_cache_tokens = pool, .block_size = 4, .run_ahead = false, .backend_sampling = true};
+    GeneratorOptions ahead = step_by_step;
+    ahead.run_ahead = true;
+    Generator want_gen(m.get(), 4, 32, step_by_step), got_gen(m.get(), 4, 32, ahead);
+    uint64_t calls = 0;
+    got_gen.SetStepHook([&]() { return ++calls; });
+    auto want = want_gen.Generate(reqs);
+    auto got = got_gen.Generate(reqs);
+    ASSERT_TRUE(want.ok()) << want.status().ToString();
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    const GeneratorStats& s = got_gen.stats();
+    std::cout << "pool " << got_gen.num_blocks() << " blocks: " << s.decode_steps << " decode steps, " << s.steps_ahead
+              << " run ahead, " << s.rows_dropped_ahead << " rows dropped, " << s.preemptions << " preemptions\n";
+    EXPECT_EQ(want_gen.stats().steps_ahead, 0);
+    EXPECT_GT(s.steps_ahead, 0);
+    EXPECT_GT(s.rows_dropped_ahead, 0);  // some row stopped while the step after it was queued
+    if (pool > 0) {
+      EXPECT_GT(s.preemptions, 0);
+    }
+    int stopped = 0;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      const auto& g = (*got)[i];
+      EXPECT_EQ(g.tokens, (*want)[i].tokens) << "request " << i;
+      EXPECT_EQ(g.logprobs, (*want)[i].logprobs) << "request " << i;
+      EXPECT_EQ(g.finish, (*want)[i].finish) << "request " << i;
+      stopped += g.finish == FinishReason::kStop;
+      ASSERT_EQ(g.versions.size(), g.tokens.size());
+      for (size_t t = 1; t < g.versions.size(); ++t)  // each token from a later pass than the one before
+        EXPECT_LT(g.versions[t - 1], g.versions[t]) << "request " << i << " token " << t;
+      EXPECT_LE(g.versions.back(), calls);
+    }
+    EXPECT_GT(stopped, 0);
+    EXPECT_EQ(got_gen.free_blocks(), got_gen.num_blocks());
+  }
+}
+
 // GeneratorStats counts the forward passes and times them: three requests admitted together are one
 // prefill call over their prompt rows; each then draws its first token from that call and the other
 // four from four decode steps of three rows.
