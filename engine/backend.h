@@ -69,6 +69,11 @@ class Backend {
     return 0;
   }
   virtual void AwaitDownload(uint64_t ticket) { (void)ticket; }
+  // dst[i] = src[index[i]] for i < n: int32 arrays in device() memory (a decode step's input tokens
+  // picked from the previous step's draws while some of its rows have stopped).
+  virtual void GatherInt32(int32_t* dst, const int32_t* src, const int32_t* index, int n) {
+    for (int i = 0; i < n; ++i) dst[i] = src[index[i]];
+  }
   // Waits until every op enqueued so far has finished (ops may run asynchronously on a device).
   virtual void Synchronize() {}
   // Drops what a per-op profile (AHA_PROFILE=1 on the CUDA backend) has summed so far, so that a

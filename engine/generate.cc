@@ -94,28 +94,33 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   // beyond those already in its result (1 for a step run ahead: the previous step's, not yet read).
   struct Pass {
     int B = 0;
+    std::vector<int> request;  // per row
     uint64_t version = 0;  // the step hook's value for this pass
     uint64_t ticket = 0;
     Clock::time_point launched;
     std::vector<int32_t> out;          // device path: tokens at [0, B), log-prob bits from max_batch_ on
     std::vector<SampledToken> drawn;   // after collect
   };
+  // device_tokens / token_rows: a step run ahead takes row b's token from the previous pass's draws
+  // on the device, at that pass's row token_rows[b] (ForwardCached).
   auto launch = [&](Pass& p, const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
-                    const std::vector<int32_t>& start, const std::vector<Active>& rows, int drawn_before,
-                    const int32_t* device_tokens) {
+                    const std::vector<int32_t>& start, const std::vector<const Active*>& rows, int drawn_before,
+                    const int32_t* device_tokens, const std::vector<int32_t>& token_rows) {
     const int B = static_cast<int>(rows.size());
     p.B = B;
+    p.request.resize(B);
+    for (int b = 0; b < B; ++b) p.request[b] = rows[b]->request;
     p.launched = Clock::now();
     std::vector<int32_t> table(static_cast<size_t>(B) * MB, -1);  // -1: never read (past the row's length)
-    for (int b = 0; b < B; ++b) std::copy(rows[b].blocks.begin(), rows[b].blocks.end(), table.begin() + b * MB);
+    for (int b = 0; b < B; ++b) std::copy(rows[b]->blocks.begin(), rows[b]->blocks.end(), table.begin() + b * MB);
     if (step_hook_) p.version = step_hook_();
     if (on_host) {
       logits.resize(static_cast<size_t>(B) * V);
       model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, logits.data());
       p.drawn.resize(B);
       for (int b = 0; b < B; ++b)
-        p.drawn[b] = SampleToken(logits.data() + static_cast<size_t>(b) * V, V, requests[rows[b].request].sampling,
-                                 rngs[rows[b].request]);
+        p.drawn[b] = SampleToken(logits.data() + static_cast<size_t>(b) * V, V, requests[rows[b]->request].sampling,
+                                 rngs[rows[b]->request]);
       return;
     }
     if (device_logits_.empty()) {
@@ -130,8 +135,8 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     const size_t mb = static_cast<size_t>(max_batch_), seeds_at = 12 * mb + (12 * mb) % 8;
     std::vector<char> params(seeds_at + 16 * mb);
     for (int b = 0; b < B; ++b) {
-      const GenerationRequest& r = requests[rows[b].request];
-      const uint64_t counter = results[rows[b].request].tokens.size() + drawn_before;
+      const GenerationRequest& r = requests[rows[b]->request];
+      const uint64_t counter = results[rows[b]->request].tokens.size() + drawn_before;
       std::memcpy(&params[4 * b], &r.sampling.temperature, 4);
       std::memcpy(&params[4 * (mb + b)], &r.sampling.top_k, 4);
       std::memcpy(&params[4 * (2 * mb + b)], &r.sampling.top_p, 4);
@@ -146,7 +151,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     const uint64_t* d_seeds = reinterpret_cast<const uint64_t*>(prm + seeds_at);
     const uint64_t* d_counters = d_seeds + mb;
     model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32(),
-                          device_tokens);
+                          device_tokens, device_tokens ? token_rows.data() : nullptr);
     if (in_flight == 0 && last_pass_end) stats_.launch_gap_seconds += SecondsSince(*last_pass_end);
     int32_t* d_tokens = reinterpret_cast<int32_t*>(device_out_.raw());
     float* d_logprobs = device_out_.f32() + max_batch_;
@@ -156,6 +161,11 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     p.out.resize(static_cast<size_t>(max_batch_) + B);
     p.ticket = backend->DownloadAsync(p.out.data(), d_tokens, p.out.size() * sizeof(int32_t));
     ++in_flight;
+  };
+  auto pointers = [](const std::vector<Active>& v) {
+    std::vector<const Active*> p;
+    for (const Active& a : v) p.push_back(&a);
+    return p;
   };
   auto collect = [&](Pass& p) {
     if (on_host) return;
@@ -225,7 +235,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     if (!admitted.empty()) {
       const int B = static_cast<int>(admitted.size());
       Pass p;
-      launch(p, tokens, cu, start, admitted, 0, nullptr);
+      launch(p, tokens, cu, start, pointers(admitted), 0, nullptr, {});
       collect(p);
       stats_.prefill_seconds += SecondsSince(p.launched);
       ++stats_.prefill_calls;
@@ -258,68 +268,80 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       cu.push_back(static_cast<int32_t>(tokens.size()));
       start.push_back(a.len);
     }
-    Pass cur;
-    launch(cur, tokens, cu, start, active, 0, nullptr);
-    Clock::time_point counted_from = cur.launched;  // decode time is wall time, overlapping passes once
-    // Step k (cur) is in flight. Queue step k + 1 behind it when the batch is expected to stay, then
-    // read step k; repeat while every row carries on.
-    for (;;) {
-      const int B = static_cast<int>(active.size());
-      const bool room_for_waiting = !waiting.empty() && B < max_batch_;
-      auto capped_now = [&](const Active& a) {  // reaches max_new_tokens with step k's token
-        return static_cast<int>(results[a.request].tokens.size()) + 1 >= requests[a.request].max_new_tokens;
-      };
-      auto needs_block_ahead = [&](const Active& a) {  // position len + 1 starts a new block
-        return static_cast<int64_t>(a.blocks.size()) * bs <= a.len + 1;
-      };
-      std::optional<Pass> ahead;
-      if (run_ahead && !room_for_waiting && std::none_of(active.begin(), active.end(), capped_now) &&
-          std::count_if(active.begin(), active.end(), needs_block_ahead) <= free_blocks()) {
-        for (Active& a : active) take_blocks(a, a.len + 2);
-        for (int b = 0; b < B; ++b) start[b] = active[b].len + 1;
-        // Its tokens are step k's draws, read on the device (SampleRows' output, device_out_).
-        launch(ahead.emplace(), tokens, cu, start, active, 1, reinterpret_cast<const int32_t*>(device_out_.raw()));
-        ++stats_.steps_ahead;
-      }
-      collect(cur);
-      stats_.decode_seconds += SecondsSince(std::max(cur.launched, counted_from));
-      counted_from = Clock::now();
-      ++stats_.decode_steps;
-      stats_.decode_rows += B;
-      std::vector<Active> still;
-      std::vector<int> kept;  // rows of cur (and of the step ahead) that carry on
-      for (int b = 0; b < B; ++b) {
-        Active& a = active[b];
-        a.len += 1;
-        if (accept(a, cur.drawn[b], cur.version)) {
-          release(a);  // a step ahead may still write its next position: ordered before any reuse
-        } else {
-          still.push_back(std::move(a));
-          kept.push_back(b);
+    // A chain of decode steps: step k is in flight; step k + 1 is queued behind it (run ahead) before
+    // step k's tokens are read, for the rows known to carry on: those not yet stopped and not at their
+    // token cap with step k's draw. A row that stops at step k was in step k + 1 already: that draw is
+    // dropped, and step k + 2 takes the other rows' tokens from step k + 1's draws by row. The chain
+    // ends when a waiting request could take a free place, the pool cannot cover the next positions,
+    // or no row carries on; the loop above then admits, preempts and starts the next chain.
+    std::deque<Pass> flight;
+    flight.emplace_back();
+    launch(flight.back(), tokens, cu, start, pointers(active), 0, nullptr, {});
+    Clock::time_point counted_from = flight.back().launched;  // decode time is wall time, overlaps once
+    std::vector<int> slot(requests.size(), -1);                // request -> its place in active
+    auto reindex = [&] {
+      std::fill(slot.begin(), slot.end(), -1);
+      for (size_t i = 0; i < active.size(); ++i) slot[active[i].request] = static_cast<int>(i);
+    };
+    reindex();
+    while (!flight.empty()) {
+      const bool room_for_waiting = !waiting.empty() && static_cast<int>(active.size()) < max_batch_;
+      if (run_ahead && flight.size() == 1 && !room_for_waiting) {
+        const Pass& prev = flight.back();
+        std::vector<Active*> carry;
+        std::vector<int32_t> from;  // each row's place in prev
+        int64_t new_blocks = 0;
+        for (int b = 0; b < prev.B; ++b) {
+          const int at = slot[prev.request[b]];
+          if (at < 0) continue;  // stopped at an earlier step: its draw in prev is dropped
+          Active& a = active[at];
+          if (static_cast<int>(results[a.request].tokens.size()) + 1 >= requests[a.request].max_new_tokens) continue;
+          if (static_cast<int64_t>(a.blocks.size()) * bs <= a.len + 1) ++new_blocks;  // position len + 1
+          carry.push_back(&a);
+          from.push_back(b);
+        }
+        if (!carry.empty() && new_blocks <= free_blocks()) {
+          std::vector<const Active*> rows;
+          std::vector<int32_t> t(carry.size(), 0), c{0}, st;
+          for (Active* a : carry) {
+            take_blocks(*a, a->len + 2);
+            rows.push_back(a);
+            c.push_back(static_cast<int32_t>(c.size()));
+            st.push_back(a->len + 1);
+          }
+          flight.emplace_back();
+          // Its tokens are the previous step's draws, still on the device (SampleRows' output).
+          launch(flight.back(), t, c, st, rows, 1, reinterpret_cast<const int32_t*>(device_out_.raw()), from);
+          ++stats_.steps_ahead;
         }
       }
-      active = std::move(still);
-      if (!ahead) break;
-      if (static_cast<int>(kept.size()) == B) {  // the same rows in the same order: carry on ahead
-        cur = std::move(*ahead);
-        continue;
-      }
-      // Some rows stopped at step k: read the step ahead for the others and leave the chain (the
-      // batch changes: admissions, a smaller bucket).
-      collect(*ahead);
-      stats_.decode_seconds += SecondsSince(std::max(ahead->launched, counted_from));
+      Pass& p = flight.front();
+      collect(p);
+      stats_.decode_seconds += SecondsSince(std::max(p.launched, counted_from));
+      counted_from = Clock::now();
       ++stats_.decode_steps;
-      stats_.decode_rows += B;
-      stats_.rows_dropped_ahead += B - static_cast<int64_t>(kept.size());
-      std::vector<Active> carried;
-      for (size_t j = 0; j < kept.size(); ++j) {
-        Active& a = active[j];
+      stats_.decode_rows += p.B;
+      bool stopped = false;
+      for (int b = 0; b < p.B; ++b) {
+        const int at = slot[p.request[b]];
+        if (at < 0) {  // stopped at the step before, while this one was queued
+          ++stats_.rows_dropped_ahead;
+          continue;
+        }
+        Active& a = active[at];
         a.len += 1;
-        if (accept(a, ahead->drawn[kept[j]], ahead->version)) release(a);
-        else carried.push_back(std::move(a));
+        if (accept(a, p.drawn[b], p.version)) {
+          release(a);  // a step queued after this one may still write its next position: ordered before any reuse
+          slot[a.request] = -1;
+          stopped = true;
+        }
       }
-      active = std::move(carried);
-      break;
+      if (stopped) {
+        active.erase(std::remove_if(active.begin(), active.end(), [&](const Active& a) { return slot[a.request] < 0; }),
+                     active.end());
+        reindex();
+      }
+      flight.pop_front();
     }
   }
   AHA_CHECK(in_flight == 0) << "Generator: " << in_flight << " passes left in flight";

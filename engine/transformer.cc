@@ -512,7 +512,8 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
   dec_.capacity = static_cast<int>(n);
   dec_.batch = static_cast<int>(b);
   dec_.max_blocks = std::max(max_blocks, dec_.max_blocks);
-  dec_.ints = Tensor(DType::kI32, {2 * n + 2 * b + 1 + b * dec_.max_blocks}, d);
+  // tokens | cu_q | start | positions | block table, and a decode step's token rows (ForwardCached)
+  dec_.ints = Tensor(DType::kI32, {2 * n + 3 * b + 1 + b * dec_.max_blocks}, d);
   dec_.x = Tensor(DType::kF32, {n, C}, d);
   dec_.ln = Tensor(DType::kF32, {n, C}, d);
   dec_.rstd = Tensor(DType::kF32, {std::max(n * Hq, b)}, d);
@@ -538,12 +539,13 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
 
 void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start,
                                 const int32_t* block_table, int Bn, KvCache* cache, float* last_logits,
-                                const int32_t* device_tokens) {
+                                const int32_t* device_tokens, const int32_t* token_rows) {
   Backend& B = *backend_;
   AHA_CHECK(Bn >= 1 && Bn <= cache->max_batch) << "ForwardCached: batch " << Bn << " outside 1.." << cache->max_batch;
   int N = cu_q[Bn];
-  AHA_CHECK(!device_tokens || N == Bn) << "ForwardCached: device tokens need one new token per sequence, not " << N
-                                       << " for " << Bn;
+  AHA_CHECK(!device_tokens || (N == Bn && token_rows))
+      << "ForwardCached: device tokens need one new token per sequence (not " << N << " for " << Bn
+      << ") and its row of the token array";
   const int MB = cache->max_blocks;
   // A decode step runs at a bucket size (a power of two, or the cache's max_batch) so that a few
   // captured graphs cover every batch: rows past Bn are padding (token 0 at position 0 of the
@@ -581,8 +583,11 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
       for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) ints.push_back(start[b] + (i - cu_q[b]));
     ints.insert(ints.end(), block_table, block_table + static_cast<size_t>(Bn) * MB);
   }
+  // With device tokens, their rows go up with the rest (after it) and pick the tokens on the device.
+  const size_t rows_at = ints.size();
+  if (device_tokens) ints.insert(ints.end(), token_rows, token_rows + Bn);
   B.Upload(dec_.ints.raw(), ints.data(), ints.size() * sizeof(int32_t));
-  if (device_tokens) B.Copy(dec_.ints.raw(), device_tokens, static_cast<size_t>(Bn) * sizeof(int32_t));
+  if (device_tokens) B.GatherInt32(dec_.ints.i32(), device_tokens, dec_.ints.i32() + rows_at, Bn);
   if (!decode) {
     DecodeBody(N, Bn, cache, last_logits, cu_q, std::all_of(start, start + Bn, [](int32_t s) { return s == 0; }));
     return;

@@ -123,10 +123,12 @@ class Transformer {
   // LAST new token in last_logits[B, V] (unscaled, in the backend's device memory). Prefill, chunked
   // prefill and decode are the same call. The integer arrays are host arrays; tokens, logprobs and
   // entropies of Forward() too. B <= cache->max_batch. With device_tokens (a decode step: one new
-  // token per sequence) the tokens are read from there, device_tokens[0, B) in the backend's memory
-  // (say, the previous step's draws, not yet on the host), and `tokens` is ignored.
+  // token per sequence) sequence b's token is device_tokens[token_rows[b]], device_tokens in the
+  // backend's memory (say, the previous step's draws, not yet on the host) and token_rows[B] a host
+  // array; `tokens` is ignored.
   void ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start, const int32_t* block_table,
-                     int B, KvCache* cache, float* last_logits, const int32_t* device_tokens = nullptr);
+                     int B, KvCache* cache, float* last_logits, const int32_t* device_tokens = nullptr,
+                     const int32_t* token_rows = nullptr);
   // A pool of num_blocks blocks of block_size positions, for up to max_batch sequences of up to
   // max_len positions each.
   KvCache NewKvCache(int max_batch, int max_len, int num_blocks, int block_size = 16) const;

@@ -43,13 +43,16 @@ double ForwardFlops(const engine::ModelConfig& c, int S, int L) {
 
 int RunGen(int argc, char** argv) {
   std::string model_dir, device = "cuda";
-  int64_t prompts = 256, prompt_len = 128, new_tokens = 512, seed = 0, repeats = 1;
+  int64_t prompts = 256, prompt_len = 128, new_tokens = 512, min_new_tokens = 0, seed = 0, repeats = 1;
   FlagSet flags(argv[0], "generation throughput: P prompts of L random tokens, N sampled new tokens each (no early stop)");
   flags.String("model", &model_dir, "model directory (required; e.g. from aha init --preset 0.5b)");
   flags.String("device", &device, "cpu, cuda or cuda:N");
   flags.Int("prompts", &prompts, "prompts, all decoded together (default 256)");
   flags.Int("prompt-len", &prompt_len, "prompt tokens (default 128)");
   flags.Int("new-tokens", &new_tokens, "sampled tokens per prompt (default 512)");
+  flags.Int("min-new-tokens", &min_new_tokens,
+            "spread the prompts' token caps evenly from this to --new-tokens, so sequences finish at different "
+            "steps as RL completions do (default 0: every prompt runs to --new-tokens)");
   flags.Int("repeats", &repeats, "timed runs after the warm-up; the best is reported");
   flags.Int("seed", &seed, "seed of prompts and sampling");
   bool no_graphs = false, no_run_ahead = false;
@@ -62,6 +65,8 @@ int RunGen(int argc, char** argv) {
   const std::string prog = argv[0];
   if (model_dir.empty()) return Fail(prog, "--model is required", 2);
   if (prompts < 1 || prompt_len < 1 || new_tokens < 1 || repeats < 1) return Fail(prog, "sizes must be positive", 2);
+  if (min_new_tokens < 0 || min_new_tokens > new_tokens)
+    return Fail(prog, "--min-new-tokens must be between 0 and --new-tokens", 2);
   if (kv_cache_tokens != 0 && kv_cache_tokens < prompt_len + new_tokens)
     return Fail(prog, "--kv-cache-tokens must be 0 or at least prompt-len + new-tokens (one whole sequence)", 2);
   auto backend = engine::MakeBackend(device);
@@ -76,7 +81,10 @@ int RunGen(int argc, char** argv) {
     reqs[i].prompt = RandomTokens(rng, static_cast<int>(prompt_len), V);
     reqs[i].sampling = {1.0f, 1.0f, 0};
     reqs[i].seed = static_cast<uint64_t>(seed * 1000003 + i);
-    reqs[i].max_new_tokens = static_cast<int>(new_tokens);  // no stop ids: every sequence runs to the cap
+    // No stop ids: every sequence runs to its cap (all new_tokens, or spread from min_new_tokens up).
+    reqs[i].max_new_tokens = static_cast<int>(
+        min_new_tokens > 0 && prompts > 1 ? min_new_tokens + (new_tokens - min_new_tokens) * i / (prompts - 1)
+                                          : new_tokens);
   }
   engine::Generator gen(model->get(), static_cast<int>(prompts), static_cast<int>(prompt_len + new_tokens),
                         {.kv_cache_tokens = kv_cache_tokens, .run_ahead = !no_run_ahead});
@@ -103,7 +111,8 @@ int RunGen(int argc, char** argv) {
   }
   const double tps = generated / best;
   std::cout << "aha bench gen on " << engine::DescribeBackend(backend->get()) << ": " << prompts << " prompts x "
-            << prompt_len << " + " << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s; KV pool "
+            << prompt_len << " + " << (min_new_tokens > 0 ? std::to_string(min_new_tokens) + ".." : std::string())
+            << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s; KV pool "
             << gen.num_blocks() << " blocks (" << engine::DTypeName((*backend)->kv_cache_dtype()) << "), "
             << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens\n"
             << "  of the best run: prefill " << stats.prefill_seconds << " s (" << stats.prefill_calls << " calls, "
@@ -117,7 +126,7 @@ int RunGen(int argc, char** argv) {
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
                       {"graphs", !no_graphs},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
-                      {"new_tokens", new_tokens}, {"seconds", best},
+                      {"new_tokens", new_tokens}, {"min_new_tokens", min_new_tokens}, {"seconds", best},
                       {"tokens_per_s", tps},
                       {"kv_cache_blocks", gen.num_blocks()},
                       {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},

@@ -278,6 +278,10 @@ uint64_t CudaBackend::DownloadAsync(void* dst, const void* src, size_t bytes) {
   d.busy = true;
   return ticket;
 }
+void CudaBackend::GatherInt32(int32_t* dst, const int32_t* src, const int32_t* index, int n) {
+  cuda::GatherInt32(dst, src, index, n, stream_);
+  Check("gather");
+}
 void CudaBackend::AwaitDownload(uint64_t ticket) {
   HostSlot& d = downloads_[ticket % kAsyncDownloads];
   if (!d.busy || ticket >= next_download_ || next_download_ - ticket > kAsyncDownloads) {

@@ -46,6 +46,7 @@ class CudaBackend final : public Backend {
   void Download(void* dst, const void* src, size_t bytes) override;
   uint64_t DownloadAsync(void* dst, const void* src, size_t bytes) override;
   void AwaitDownload(uint64_t ticket) override;
+  void GatherInt32(int32_t* dst, const int32_t* src, const int32_t* index, int n) override;
   void ResetProfile() override;
   void Synchronize() override;
   void RegisterWeights(const float* base, size_t n) override;

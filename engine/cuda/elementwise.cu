@@ -553,6 +553,16 @@ __global__ void GatherRowsKernel(float* out, const float* x, const int32_t* rows
 
 }  // namespace
 
+__global__ void GatherInt32Kernel(int32_t* dst, const int32_t* src, const int32_t* index, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] = src[index[i]];
+}
+
+void GatherInt32(int32_t* dst, const int32_t* src, const int32_t* index, int n, cudaStream_t s) {
+  if (n <= 0) return;
+  GatherInt32Kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, s>>>(dst, src, index, n);
+}
+
 void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C, cudaStream_t s) {
   EmbeddingForwardKernel<<<Blocks(static_cast<size_t>(N) * C), kThreads, 0, s>>>(out, ids, wte, N, C);
 }

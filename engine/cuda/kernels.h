@@ -17,6 +17,7 @@ namespace aha::engine::cuda {
 
 // ---- elementwise and layers (elementwise.cu) ------------------------------------------------------
 void EmbeddingForward(float* out, const int32_t* ids, const float* wte, int N, int C, cudaStream_t s);
+void GatherInt32(int32_t* dst, const int32_t* src, const int32_t* index, int n, cudaStream_t s);  // dst[i] = src[index[i]]
 void EmbeddingBackward(float* dwte, const float* dout, const int32_t* ids, int N, int C, cudaStream_t s);
 // out_bf16 / ln_bf16 / h_bf16 (and dqkv_bf16 / dgu_bf16 below), when not null, receive the f32 output rounded to bf16 (nearest even,
 // as CastF32ToBF16) in the same pass: the next product's operand (Gemm::AdoptCast). out / ln may

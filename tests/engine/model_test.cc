@@ -381,7 +381,9 @@ TEST(Generation, PreemptionUnderASmallKvPoolReproducesTheFullPoolsCompletions) {
 // time, over refills (7 requests, 4 rows), a pool that preempts, top-p / top-k rows, and stop tokens
 // that end rows in the middle of a run-ahead chain (their draws from the step ahead are dropped):
 // every completion, log-prob and finish reason is the same, each token records the version of the
-// pass that drew it, and every block is back in the pool.
+// pass that drew it, and every block is back in the pool. With every request in the batch at once
+// and a pool that never runs dry, nothing ends the chain: stops and caps only take rows out of it,
+// so every decode step but the first is run ahead.
 TEST(Generation, RunAheadGivesTheStepByStepCompletions) {
   CpuBackend B;
   auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
@@ -408,11 +410,11 @@ TEST(Generation, RunAheadGivesTheStepByStepCompletions) {
       ASSERT_FALSE(reqs[i].stop_token_ids.empty()) << "request " << i;
     }
   }
-  for (int64_t pool : {int64_t{0}, int64_t{40}}) {
+  for (const auto& [rows, pool] : {std::pair{4, int64_t{0}}, std::pair{4, int64_t{40}}, std::pair{7, int64_t{0}}}) {
     GeneratorOptions step_by_step{.kv_cache_tokens = pool, .block_size = 4, .run_ahead = false, .backend_sampling = true};
     GeneratorOptions ahead = step_by_step;
     ahead.run_ahead = true;
-    Generator want_gen(m.get(), 4, 32, step_by_step), got_gen(m.get(), 4, 32, ahead);
+    Generator want_gen(m.get(), rows, 32, step_by_step), got_gen(m.get(), rows, 32, ahead);
     uint64_t calls = 0;
     got_gen.SetStepHook([&]() { return ++calls; });
     auto want = want_gen.Generate(reqs);
@@ -420,13 +422,16 @@ TEST(Generation, RunAheadGivesTheStepByStepCompletions) {
     ASSERT_TRUE(want.ok()) << want.status().ToString();
     ASSERT_TRUE(got.ok()) << got.status().ToString();
     const GeneratorStats& s = got_gen.stats();
-    std::cout << "pool " << got_gen.num_blocks() << " blocks: " << s.decode_steps << " decode steps, " << s.steps_ahead
+    std::cout << rows << " rows, pool " << got_gen.num_blocks() << " blocks: " << s.decode_steps << " decode steps, " << s.steps_ahead
               << " run ahead, " << s.rows_dropped_ahead << " rows dropped, " << s.preemptions << " preemptions\n";
     EXPECT_EQ(want_gen.stats().steps_ahead, 0);
     EXPECT_GT(s.steps_ahead, 0);
     EXPECT_GT(s.rows_dropped_ahead, 0);  // some row stopped while the step after it was queued
     if (pool > 0) {
       EXPECT_GT(s.preemptions, 0);
+    }
+    if (rows == 7) {
+      EXPECT_EQ(s.steps_ahead, s.decode_steps - 1);
     }
     int stopped = 0;
     for (size_t i = 0; i < reqs.size(); ++i) {
