@@ -57,12 +57,12 @@ struct GeneratorOptions {
   int64_t kv_cache_tokens = 0;
   int block_size = 16;  // positions per KV block
   // Sampling on a device (or with backend_sampling): decode step k + 1 is queued before step k's
-  // tokens are read back, its input tokens taken from step k's draws on the device, whenever the
-  // batch is expected to stay: no waiting request could take a free place, no row reaches its token
-  // cap at step k, and the pool covers every row's next position. The device then does not sit idle
-  // while the host reads tokens, checks stops and launches. When a row stops at step k (a stop token
-  // or string) the step ahead is still read for the other rows and that row's draw is dropped (one
-  // row of one step of wasted work). Off: every step waits for the last one's tokens.
+  // tokens are read back, for the rows known to carry on past step k (not stopped, not at their
+  // token cap with step k's draw), its input tokens gathered from step k's draws on the device. The
+  // device then does not sit idle while the host reads tokens, checks stops and launches. A row that
+  // stops at step k (a stop token or string) was in step k + 1 already: that draw is dropped (one
+  // row of one step of wasted work). The chain of steps ends when a waiting request could take a
+  // free place or the pool cannot cover the next positions. Off: every step waits for the last.
   bool run_ahead = true;
   // The CPU engine draws on the host from each request's own Rng stream. True makes it draw through
   // Backend::SampleRows as a device does (keyed by seed and tokens drawn), with the device's control
