@@ -582,6 +582,7 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
     for (int b = 0; b < Bn; ++b)
       for (int i = cu_q[b]; i < cu_q[b + 1]; ++i) ints.push_back(start[b] + (i - cu_q[b]));
     ints.insert(ints.end(), block_table, block_table + static_cast<size_t>(Bn) * MB);
+    for (int b = 0; b < Bn; ++b) ints.push_back(cu_q[b + 1] - 1);  // each sequence's last row (DecodeBody)
   }
   // With device tokens, their rows go up with the rest (after it) and pick the tokens on the device.
   const size_t rows_at = ints.size();
@@ -589,7 +590,7 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   B.Upload(dec_.ints.raw(), ints.data(), ints.size() * sizeof(int32_t));
   if (device_tokens) B.GatherInt32(dec_.ints.i32(), device_tokens, dec_.ints.i32() + rows_at, Bn);
   if (!decode) {
-    DecodeBody(N, Bn, cache, last_logits, cu_q, std::all_of(start, start + Bn, [](int32_t s) { return s == 0; }));
+    DecodeBody(N, Bn, cache, last_logits, std::all_of(start, start + Bn, [](int32_t s) { return s == 0; }));
     return;
   }
   const uint64_t epoch = B.graph_epoch();
@@ -606,25 +607,25 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   if (!g) {
     // First sight of this bucket: run directly (this also sizes every scratch buffer).
     graphs_.push_back({rows, cache->id, last_logits, epoch, nullptr});
-    DecodeBody(N, N, cache, last_logits, nullptr);
+    DecodeBody(N, N, cache, last_logits);
     return;
   }
   if (!g->graph) {
     if (B.BeginCapture()) {
-      DecodeBody(N, N, cache, last_logits, nullptr);
+      DecodeBody(N, N, cache, last_logits);
       g->graph = B.EndCapture();
       g->epoch = B.graph_epoch();
     }
     if (!g->graph) {  // capture failed (the backend said why): run directly from now on
       decode_graphs_ = false;
-      DecodeBody(N, N, cache, last_logits, nullptr);
+      DecodeBody(N, N, cache, last_logits);
       return;
     }
   }
   B.Replay(g->graph);
 }
 
-void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q, bool fresh) {
+void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, bool fresh) {
   Backend& B = *backend_;
   const int C = config_.hidden_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
@@ -678,11 +679,10 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
     else if (N == Bn) B.AddRmsNormForward(x, dec_.lastn.f32(), rstd, tmp, w_.final_norm, N, C, config_.rms_norm_eps);
     else B.Add(x, x, tmp, static_cast<size_t>(N) * C);
   }
-  // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather.
+  // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather; else
+  // one gather of the rows whose indices ForwardCached put after the block table.
   if (N != Bn) {
-    for (int b = 0; b < Bn; ++b)
-      B.Copy(dec_.last.f32() + static_cast<size_t>(b) * C, x + static_cast<size_t>(cu_q[b + 1] - 1) * C,
-             C * sizeof(float));
+    B.EmbeddingForward(dec_.last.f32(), d_table + static_cast<size_t>(Bn) * cache->max_blocks, x, Bn, C);
     B.RmsNormForward(dec_.lastn.f32(), rstd, dec_.last.f32(), w_.final_norm, Bn, C, config_.rms_norm_eps);
   } else if (L == 0) {
     B.RmsNormForward(dec_.lastn.f32(), rstd, x, w_.final_norm, Bn, C, config_.rms_norm_eps);

@@ -205,7 +205,7 @@ class Transformer {
   void EnsureDecodeScratch(int N, int B, int max_blocks);
   // fresh: every sequence starts at position 0 (a prompt's prefill), so its attention is the packed
   // causal attention of the training forward over the new rows alone, not a read of the cache.
-  void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const int32_t* cu_q, bool fresh = false);
+  void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, bool fresh = false);
   struct DecodeGraph {
     int bucket = 0;
     uint64_t cache_id = 0;  // KvCache::id: an address could be reused by a later cache
