@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -103,6 +103,20 @@ if [[ $what == *s8* ]]; then
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench gen --no-graphs --new-tokens 1 --repeats 1 --model $model \
     > "$out/profile_prefill.txt" 2>&1
   grep -v '^{' "$out/profile_prefill.txt" | head -30
+fi
+if [[ $what == *s9* ]]; then
+  # Session 9: decode steps run ahead of the host against one step at a time (--no-run-ahead), three
+  # runs each way, alternating, with every row to 512 tokens and with caps spread from 64 to 512.
+  for lengths in "" "--min-new-tokens 64"; do
+    for rep in 1 2 3; do
+      for ahead in "" --no-run-ahead; do
+        tag=$(echo "s9 $lengths $ahead $rep" | tr -s ' -' '_')
+        timeout 120 dist/bin/aha bench gen --repeats 5 --model $model $lengths $ahead > "$out/gen_$tag.log" 2>&1
+        echo "$lengths ${ahead:-run-ahead} $rep: $(grep -oE 'new tokens: [0-9.]+ s|idle between passes [^;]*' "$out/gen_$tag.log" |
+          sed 's/(host time from one pass.s tokens to the next launch) //' | tr '\n' ' ')"
+      done
+    done
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
