@@ -2,6 +2,7 @@
 #include "engine/generate.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <deque>
 #include <optional>
@@ -15,6 +16,9 @@ const char* FinishReasonName(FinishReason r) { return r == FinishReason::kStop ?
 namespace {
 
 int64_t BlocksFor(int64_t positions, int64_t block_size) { return (positions + block_size - 1) / block_size; }
+
+// Tokens decoded beyond the longest stop string's length when checking stop strings (see accept).
+constexpr size_t kStopWindowMargin = 16;
 
 struct Active {
   int request = 0;
@@ -193,12 +197,24 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
       return true;
     }
     if (detokenize && !r.stop_strings.empty()) {
-      const std::string text = detokenize(out.tokens);
-      for (const auto& s : r.stop_strings)
-        if (!s.empty() && text.find(s) != std::string::npos) {
-          out.finish = FinishReason::kStop;
-          return true;
-        }
+      // A stop string that appears now overlaps the new token's text, so it lies in the text of the
+      // last few tokens: decode a window of max-stop-length + kStopWindowMargin tokens (every token is
+      // at least a byte; the margin covers what a window's first tokens decode differently, a split
+      // UTF-8 character or a dropped leading space) instead of the whole completion at every token,
+      // which grew quadratically with its length. A hit in a window is confirmed on the whole text.
+      auto contains_stop = [&](const std::string& text) {
+        for (const auto& s : r.stop_strings)
+          if (!s.empty() && text.find(s) != std::string::npos) return true;
+        return false;
+      };
+      size_t longest = 0;
+      for (const auto& s : r.stop_strings) longest = std::max(longest, s.size());
+      const size_t k = std::min(out.tokens.size(), longest + kStopWindowMargin);
+      const std::vector<int32_t> window(out.tokens.end() - static_cast<std::ptrdiff_t>(k), out.tokens.end());
+      if (contains_stop(detokenize(window)) && (k == out.tokens.size() || contains_stop(detokenize(out.tokens)))) {
+        out.finish = FinishReason::kStop;
+        return true;
+      }
     }
     if (static_cast<int>(out.tokens.size()) >= r.max_new_tokens) {
       out.finish = FinishReason::kLength;

@@ -291,6 +291,62 @@ TEST(Generation, StopsOnStopTokenAndStopString) {
   EXPECT_LE((*by_string)[0].tokens.size(), 4u);
 }
 
+// Stop strings are looked for in the text of the last tokens only (the longest stop string's length
+// plus a margin), not in the whole completion after every token. Against the whole-text rule, found
+// by brute force on a free run: the same stopping token, with a plain one-character-per-token
+// decoder and with a SentencePiece-like one (each token " name", the text's leading space dropped,
+// so a window decodes its first token differently); and the decoder sees O(length) tokens in all.
+TEST(Generation, StopStringsAreFoundInTheLastTokensText) {
+  CpuBackend B;
+  ModelConfig c = TinyConfig(Arch::kQwen2, true);
+  c.max_position_embeddings = 512;
+  auto m = Transformer::Init(c, 1, &B);
+  Randomize(*m, 17);
+  GenerationRequest r;
+  r.prompt = {1, 2, 3};
+  r.sampling = {1.0f, 1.0f, 0};
+  r.seed = 5;
+  r.max_new_tokens = 400;
+  Generator gen(m.get(), 1, 410);
+  auto free_run = gen.Generate({r});
+  ASSERT_TRUE(free_run.ok());
+  const std::vector<int32_t> toks = (*free_run)[0].tokens;
+  ASSERT_EQ(toks.size(), 400u);
+  int64_t decoded = 0;
+  const Generator::Detokenize plain = [&](const std::vector<int32_t>& ids) {
+    decoded += static_cast<int64_t>(ids.size());
+    std::string s;
+    for (int32_t t : ids) s.push_back(static_cast<char>('a' + t));
+    return s;
+  };
+  const Generator::Detokenize spaced = [&](const std::vector<int32_t>& ids) {
+    decoded += static_cast<int64_t>(ids.size());
+    std::string s;
+    for (int32_t t : ids) s += " " + std::string(1 + t % 3, static_cast<char>('a' + t));
+    return s.empty() ? s : s.substr(1);
+  };
+  for (const auto* detok : {&plain, &spaced}) {
+    // A stop string of the text of tokens 292..299 (as the whole text reads them).
+    const std::string upto = (*detok)(std::vector<int32_t>(toks.begin(), toks.begin() + 300));
+    const std::string stop = upto.substr(upto.size() - (*detok)(std::vector<int32_t>(toks.begin() + 292, toks.begin() + 300)).size());
+    size_t want = toks.size();  // the first token after which the whole text holds the stop string
+    for (size_t t = 1; t <= toks.size() && want == toks.size(); ++t)
+      if ((*detok)(std::vector<int32_t>(toks.begin(), toks.begin() + t)).find(stop) != std::string::npos) want = t;
+    ASSERT_LE(want, 300u) << stop;
+    EXPECT_GT(want, 100u) << stop;  // late enough for the whole-text rule to cost what it did
+    std::cout << "stop \"" << stop << "\" first whole after token " << want << "\n";
+    r.stop_strings = {stop};
+    decoded = 0;
+    auto stopped = gen.Generate({r}, *detok);
+    ASSERT_TRUE(stopped.ok());
+    EXPECT_EQ((*stopped)[0].tokens, std::vector<int32_t>(toks.begin(), toks.begin() + want)) << "stop " << stop;
+    EXPECT_EQ((*stopped)[0].finish, FinishReason::kStop);
+    // Windows of at most stop length + 16 tokens, and one whole-text check of the hit: a few
+    // thousand tokens decoded, where the whole text after every token is want^2 / 2 (~45,000).
+    EXPECT_LE(decoded, static_cast<int64_t>(want * (stop.size() + 16) + want)) << "stop " << stop;
+  }
+}
+
 // The in-flight update an actor does: the step hook runs before every forward pass (prefill and each
 // decode step), swaps weights mid-completion, and each token records the version that drew it.
 TEST(Generation, StepHookSwapsWeightsBetweenDecodeSteps) {
