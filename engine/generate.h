@@ -17,7 +17,9 @@
 //
 // A sequence stops at the first of: a token in stop_token_ids (kept in the output: the learner
 // trains on it), a stop string appearing in the decoded completion (needs `detokenize`; tokens are
-// kept through the one that completed it), or max_new_tokens ("length").
+// kept through the one that completed it), or max_new_tokens ("length"). Stop strings are looked
+// for in the text of the last (longest stop string's length + 16) tokens after each token, a hit
+// confirmed on the whole text, so checking costs O(length), not O(length^2).
 #pragma once
 
 #include <cstdint>
