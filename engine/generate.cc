@@ -93,9 +93,7 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
   std::optional<Clock::time_point> last_pass_end;  // when the last pass's tokens were on the host
   int in_flight = 0;                               // passes launched and not yet read back
 
-  // One forward pass with its draws: launched, then read back (collect). Rows are the block-table
-  // rows of the pass, in order; drawn_before is how many tokens each row draws before this pass
-  // beyond those already in its result (1 for a step run ahead: the previous step's, not yet read).
+  // One forward pass with its draws: launched, then read back (collect).
   struct Pass {
     int B = 0;
     std::vector<int> request;  // per row
@@ -105,8 +103,10 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     std::vector<int32_t> out;          // device path: tokens at [0, B), log-prob bits from max_batch_ on
     std::vector<SampledToken> drawn;   // after collect
   };
-  // device_tokens / token_rows: a step run ahead takes row b's token from the previous pass's draws
-  // on the device, at that pass's row token_rows[b] (ForwardCached).
+  // Rows are the block-table rows of the pass, in order. drawn_before is how many tokens each row
+  // draws before this pass beyond those already in its result (1 for a step run ahead: the previous
+  // step's, not yet read). device_tokens / token_rows: a step run ahead takes row b's token from the
+  // previous pass's draws on the device, at that pass's row token_rows[b] (ForwardCached).
   auto launch = [&](Pass& p, const std::vector<int32_t>& tokens, const std::vector<int32_t>& cu,
                     const std::vector<int32_t>& start, const std::vector<const Active*>& rows, int drawn_before,
                     const int32_t* device_tokens, const std::vector<int32_t>& token_rows) {

@@ -159,13 +159,12 @@ CudaBackend::~CudaBackend() {
     for (cudaEvent_t e : profile_->spare) cudaEventDestroy(e);
     if (profile_->base) cudaEventDestroy(profile_->base);
   }
-  for (HostSlot* ring : {stages_, downloads_}) {
-    const int n = ring == stages_ ? kStages : kAsyncDownloads;
-    for (int i = 0; i < n; ++i) {
-      if (ring[i].host) cudaFreeHost(ring[i].host);
-      if (ring[i].done) cudaEventDestroy(ring[i].done);
-    }
-  }
+  auto free_slot = [](HostSlot& h) {
+    if (h.host) cudaFreeHost(h.host);
+    if (h.done) cudaEventDestroy(h.done);
+  };
+  for (HostSlot& h : stages_) free_slot(h);
+  for (HostSlot& h : downloads_) free_slot(h);
   gemm_.reset();
   if (workspace_) cudaFree(workspace_);
   if (cast_copy_) cudaFree(cast_copy_);

@@ -553,10 +553,12 @@ __global__ void GatherRowsKernel(float* out, const float* x, const int32_t* rows
 
 }  // namespace
 
+namespace {
 __global__ void GatherInt32Kernel(int32_t* dst, const int32_t* src, const int32_t* index, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) dst[i] = src[index[i]];
 }
+}  // namespace
 
 void GatherInt32(int32_t* dst, const int32_t* src, const int32_t* index, int n, cudaStream_t s) {
   if (n <= 0) return;
