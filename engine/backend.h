@@ -141,6 +141,15 @@ class Backend {
   // out[N, OC] = x[N, C] @ w[OC, C]^T (+ b[OC] when b is not null). w in HF (out, in) layout.
   virtual void LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C,
                              int OC) = 0;
+  // A residual branch's output projection and the norm after it, as one op: y = a[N, K] @ w[C, K]^T,
+  // then AddRmsNormForward(x, ln, rstd, y, norm_w, N, C, eps). tmp[N, C] is scratch (this default
+  // puts y there). The CUDA backend's decode step splits K (one batched product of S parts, which
+  // the norm adds: Gemm::NTSplitK).
+  virtual void LinearAddRmsNorm(float* x, float* ln, float* rstd, float* tmp, const float* a, const float* w,
+                                const float* norm_w, int N, int K, int C, float eps) {
+    LinearForward(tmp, a, w, nullptr, N, K, C);
+    AddRmsNormForward(x, ln, rstd, tmp, norm_w, N, C, eps);
+  }
   // dx[N, C] (= or += per accumulate_dx) dout @ w; dw += dout^T @ x; db += column sums of dout
   // (db may be null). dx may be null when the input needs no gradient.
   virtual void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x,

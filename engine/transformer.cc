@@ -668,16 +668,20 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
       B.QkvRopeCachedAttention(dec_.att.f32(), qf, dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, d_pos,
                                inv_freq_.f32(), kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     }
-    B.LinearForward(tmp, dec_.att.f32(), w.o_w, nullptr, N, Hq * D, C);
-    B.AddRmsNormForward(x, ln, rstd, tmp, w.post_norm, N, C, config_.rms_norm_eps);
+    B.LinearAddRmsNorm(x, ln, rstd, tmp, dec_.att.f32(), w.o_w, w.post_norm, N, Hq * D, C, config_.rms_norm_eps);
     B.LinearForward(dec_.gu.f32(), ln, w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
     B.SwiGluForward(dec_.h.f32(), dec_.gu.f32(), N, I);
-    B.LinearForward(tmp, dec_.h.f32(), w.down_w, nullptr, N, I, C);
     // x += down(h) with the norm that reads x next: the next layer's input norm, or after the last
     // layer the final norm when every row is a sequence's last (decode; prefill gathers first).
-    if (l + 1 < L) B.AddRmsNormForward(x, ln, rstd, tmp, w_.layers[l + 1].in_norm, N, C, config_.rms_norm_eps);
-    else if (N == Bn) B.AddRmsNormForward(x, dec_.lastn.f32(), rstd, tmp, w_.final_norm, N, C, config_.rms_norm_eps);
-    else B.Add(x, x, tmp, static_cast<size_t>(N) * C);
+    const float eps = config_.rms_norm_eps;
+    if (l + 1 < L) {
+      B.LinearAddRmsNorm(x, ln, rstd, tmp, dec_.h.f32(), w.down_w, w_.layers[l + 1].in_norm, N, I, C, eps);
+    } else if (N == Bn) {
+      B.LinearAddRmsNorm(x, dec_.lastn.f32(), rstd, tmp, dec_.h.f32(), w.down_w, w_.final_norm, N, I, C, eps);
+    } else {
+      B.LinearForward(tmp, dec_.h.f32(), w.down_w, nullptr, N, I, C);
+      B.Add(x, x, tmp, static_cast<size_t>(N) * C);
+    }
   }
   // Only each sequence's last row needs logits. Decode (one row per sequence) needs no gather; else
   // one gather of the rows whose indices ForwardCached put after the block table.

@@ -5,7 +5,8 @@
 #   bench/gpu/decode_profile.sh OUT_DIR [extra aha bench gen flags]
 # With KERNEL=regex set: Nsight Compute's details (occupancy, memory, warp stall reasons) of one
 # launch of the matching kernel late in the run (SKIP=n: after n of its launches; 150 by default),
-# instead of the per-kernel table.
+# instead of the per-kernel table; with SOURCE=1 also that launch's SASS with stall samples per
+# instruction (ncu_source.csv).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -23,6 +24,13 @@ if [ -n "${KERNEL:-}" ]; then
     dist/bin/aha bench gen --model $model --new-tokens 8 --repeats 1 "$@" > "$out/ncu_kernel.txt" 2> "$out/ncu_kernel.err"
   echo "ncu exit $?"
   grep -vE "^==PROF==|^aha bench|^\{" "$out/ncu_kernel.txt" | grep -E "[A-Za-z]" | head -120
+  if [ -n "${SOURCE:-}" ]; then
+    # SOURCE=1: the same launch's SASS with warp-state samples per instruction (ncu's source page).
+    timeout 300 "$ncu" --clock-control none --graph-profiling node -k "regex:$KERNEL" --launch-skip "${SKIP:-150}" \
+      --launch-count 1 --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+      dist/bin/aha bench gen --model $model --new-tokens 8 --repeats 1 "$@" > "$out/ncu_source.csv" 2> "$out/ncu_source.err"
+    echo "ncu source exit $? ($(wc -l < "$out/ncu_source.csv") lines)"
+  fi
   exit 0
 fi
 timeout 400 "$ncu" --clock-control none --graph-profiling node --metrics gpu__time_duration.sum --csv --page raw \

@@ -93,6 +93,8 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   keep_bf16_ = !(keep && std::string(keep) == "0");
   const char* profile = std::getenv("AHA_PROFILE");
   if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
+  if (const char* split = std::getenv("AHA_SPLIT_K")) split_k_ = std::max(0, std::atoi(split));
+  CheckCuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, index), "query multiprocessors");
 }
 
 cudaEvent_t CudaBackend::Profile::Take() {
@@ -433,6 +435,44 @@ void CudaBackend::LinearForward(float* out, const float* x, const float* w, cons
   gemm_->set_cast_reuse(false);
   if (b) cuda::AddBias(out, b, N, OC, stream_);
   Check("linear", /*forget_casts=*/false);
+}
+
+// The parts: 4 (else 2) when the output's 128 x 128 tiles times that many still fit the
+// multiprocessors, each part a multiple of 8 long (16-byte-aligned starts) and at least 128. A
+// decode step's 256 x 896 output is 14 tiles: the o and down products take 4 parts. Measured on the
+// H200 (docs/kernels.md, version 11): 4 parts -24 ms per generation, 2 parts -20 ms, 8 (7 for o)
+// +20 ms (each part's fixed cost and the norm's extra reads outweigh the fuller device). A training
+// micro-batch (hundreds of tiles) takes 1: the plain product.
+int CudaBackend::SplitParts(int N, int K, int C) const {
+  if (gemm_->precision() != GemmPrecision::kBF16 || split_k_ == 1) return 1;
+  auto fits = [&](int S) { return K % S == 0 && (K / S) % 8 == 0 && K / S >= 128; };
+  if (split_k_ > 1) return fits(split_k_) ? split_k_ : 1;
+  const int tiles = ((N + 127) / 128) * ((C + 127) / 128);
+  for (int S : {4, 2})
+    if (tiles * S <= sms_ && fits(S)) return S;
+  return 1;
+}
+
+// y = a @ w^T as S partial products over K (one batched cuBLASLt call: Gemm::NTSplitK) that the
+// norm adds (AddPartsRmsNormForward); 1 part is LinearForward + AddRmsNormForward.
+void CudaBackend::LinearAddRmsNorm(float* x, float* ln, float* rstd, float* tmp, const float* a, const float* w,
+                                   const float* norm_w, int N, int K, int C, float eps) {
+  const int S = SplitParts(N, K, C);
+  if (S <= 1) return Backend::LinearAddRmsNorm(x, ln, rstd, tmp, a, w, norm_w, N, K, C, eps);
+  const size_t n = static_cast<size_t>(N) * C;
+  auto* parts = static_cast<float*>(Workspace(S * n * sizeof(float)));
+  gemm_->set_cast_reuse(true);
+  gemm_->NTSplitK(parts, a, w, N, C, K, S);
+  gemm_->set_cast_reuse(false);
+  Check("linear (K in parts)");
+  if (uint16_t* kept = KeptCopy(ln, n)) {
+    cuda::AddPartsRmsNormForward(x, nullptr, rstd, parts, S, norm_w, N, C, eps, kept, stream_);
+    return Check("add parts + rmsnorm");
+  }
+  uint16_t* copy = CastCopy(n);
+  cuda::AddPartsRmsNormForward(x, ln, rstd, parts, S, norm_w, N, C, eps, copy, stream_);
+  Check("add parts + rmsnorm");
+  AdoptCastCopy(ln, n, copy);
 }
 
 void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,

@@ -73,6 +73,12 @@ class CudaBackend final : public Backend {
   void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D) override;
   void RopeBackward(float* dx, const int32_t* positions, const float* inv_freq, int N, int H, int D) override;
   void LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C, int OC) override;
+  void LinearAddRmsNorm(float* x, float* ln, float* rstd, float* tmp, const float* a, const float* w,
+                        const float* norm_w, int N, int K, int C, float eps) override;
+  // How many parts LinearAddRmsNorm splits K into for this shape (1: none), and the override
+  // (AHA_SPLIT_K at construction: 0 chooses, 1 never splits, S always S where K allows).
+  int SplitParts(int N, int K, int C) const;
+  void set_split_k(int parts) { split_k_ = parts; }
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int N,
                       int C, int OC, bool accumulate_dx) override;
   void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD) override;
@@ -168,6 +174,10 @@ class CudaBackend final : public Backend {
   bool tc_attention_ = true;
   bool bf16_kv_cache_ = true;  // AHA_KV_CACHE=f32 turns it off (kv_cache_dtype())
   bool keep_bf16_ = true;      // AHA_KEEP_BF16=0 ignores KeepAsBf16 (every activation f32: the A/B)
+  // LinearAddRmsNorm's K parts: 0 chooses (SplitParts), 1 never splits, S > 1 always S where K
+  // allows (AHA_SPLIT_K, the A/B).
+  int split_k_ = 0;
+  int sms_ = 132;
   // KeepAsBf16 ranges: registered with the gemm like weights (their bf16 copy is what products
   // read), written by the products (NTBf16, NNBf16), the norms and SwiGluForward.
   struct Kept {

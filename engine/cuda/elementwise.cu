@@ -71,9 +71,13 @@ __device__ __forceinline__ float RowSum(float v, int T) {
 }
 
 // C % 4 == 0, 16-byte aligned rows: each thread keeps kItems float4 of its row in registers.
-template <bool kAdd, int kItems>
+// With kAdd, y holds `parts` (<= kParts) partial sums of the addend, N * C floats apart, added in
+// order (a product split along K: Gemm::NTSplitK); parts = 1 is a plain x + y. The parts' loads
+// are all issued before the first add (kParts is a compile-time bound, so they unroll): one round
+// trip, not `parts` of them.
+template <bool kAdd, int kItems, int kParts = 1>
 __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
-                                 const float* y, const float* w, int N, int C, int T, float eps) {
+                                 const float* y, int parts, const float* w, int N, int C, int T, float eps) {
   const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
   const int t = threadIdx.x % T;
   const bool live = row < N;
@@ -89,7 +93,19 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
       g[i] = reinterpret_cast<const float4*>(w)[c];  // in flight with x: one load latency, not two
       float4 a = reinterpret_cast<const float4*>(x + base)[c];
       if constexpr (kAdd) {
-        const float4 b = reinterpret_cast<const float4*>(y + base)[c];
+        float4 e[kParts];
+#pragma unroll
+        for (int j = 0; j < kParts; ++j)
+          if (j < parts) e[j] = reinterpret_cast<const float4*>(y + static_cast<size_t>(j) * N * C + base)[c];
+        float4 b = e[0];
+#pragma unroll
+        for (int j = 1; j < kParts; ++j)
+          if (j < parts) {
+            b.x += e[j].x;
+            b.y += e[j].y;
+            b.z += e[j].z;
+            b.w += e[j].w;
+          }
         a.x += b.x;
         a.y += b.y;
         a.z += b.z;
@@ -119,7 +135,7 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
 // Any C and alignment: scalar loads, the sum read back from memory (this thread's own writes).
 template <bool kAdd>
 __global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
-                                    const float* y, const float* w, int N, int C, int T, float eps) {
+                                    const float* y, int parts, const float* w, int N, int C, int T, float eps) {
   const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
   const int t = threadIdx.x % T;
   const bool live = row < N;
@@ -129,7 +145,9 @@ __global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rst
     for (int c = t; c < C; c += T) {
       float a = x[base + c];
       if constexpr (kAdd) {
-        a += y[base + c];
+        float b = y[base + c];
+        for (int j = 1; j < parts; ++j) b += y[static_cast<size_t>(j) * N * C + base + c];
+        a += b;
         xs[base + c] = a;
       }
       ss += a * a;
@@ -582,7 +600,7 @@ bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t
 // threads (C <= 8192); other rows take the scalar kernel. Short rows (qk-norm's head width) share a
 // block, kThreads / T rows each.
 template <bool kAdd>
-void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const float* x, const float* y,
+void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const float* x, const float* y, int parts,
                    const float* w, int N, int C, float eps, cudaStream_t s) {
   if (N <= 0 || C <= 0) return;
   const int C4 = C / 4;
@@ -600,12 +618,22 @@ void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const
   const unsigned blocks = static_cast<unsigned>((N + rows - 1) / rows);
   auto* o16 = reinterpret_cast<__nv_bfloat16*>(out_bf16);
   const dim3 grid(blocks), block(rows * T);
+  if (parts > 1) {
+    // The addend in parts (a split product, decode-sized rows): one float4 per thread, up to 16
+    // parts; anything else takes the scalar kernel.
+    auto* kernel = RmsNormScalarKernel<kAdd>;
+    if (items == 1 && parts <= 4) kernel = RmsNormVecKernel<kAdd, 1, 4>;
+    else if (items == 1 && parts <= 8) kernel = RmsNormVecKernel<kAdd, 1, 8>;
+    else if (items == 1 && parts <= 16) kernel = RmsNormVecKernel<kAdd, 1, 16>;
+    kernel<<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps);
+    return;
+  }
   switch (items) {
-    case 1: RmsNormVecKernel<kAdd, 1><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    case 2: RmsNormVecKernel<kAdd, 2><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    case 4: RmsNormVecKernel<kAdd, 4><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    case 8: RmsNormVecKernel<kAdd, 8><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps); break;
-    default: RmsNormScalarKernel<kAdd><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, w, N, C, T, eps);
+    case 1: RmsNormVecKernel<kAdd, 1><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps); break;
+    case 2: RmsNormVecKernel<kAdd, 2><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps); break;
+    case 4: RmsNormVecKernel<kAdd, 4><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps); break;
+    case 8: RmsNormVecKernel<kAdd, 8><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps); break;
+    default: RmsNormScalarKernel<kAdd><<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps);
   }
 }
 
@@ -613,12 +641,17 @@ void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const
 
 void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps,
                     uint16_t* out_bf16, cudaStream_t s) {
-  LaunchRmsNorm<false>(out, out_bf16, rstd, nullptr, x, nullptr, w, N, C, eps, s);
+  LaunchRmsNorm<false>(out, out_bf16, rstd, nullptr, x, nullptr, 1, w, N, C, eps, s);
 }
 
 void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C, float eps,
                        uint16_t* ln_bf16, cudaStream_t s) {
-  LaunchRmsNorm<true>(ln, ln_bf16, rstd, x, x, y, w, N, C, eps, s);
+  LaunchRmsNorm<true>(ln, ln_bf16, rstd, x, x, y, 1, w, N, C, eps, s);
+}
+
+void AddPartsRmsNormForward(float* x, float* ln, float* rstd, const float* y, int parts, const float* w, int N, int C,
+                            float eps, uint16_t* ln_bf16, cudaStream_t s) {
+  LaunchRmsNorm<true>(ln, ln_bf16, rstd, x, x, y, parts, w, N, C, eps, s);
 }
 
 bool RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,

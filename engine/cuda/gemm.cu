@@ -98,6 +98,7 @@ struct CublasLtApi {
   decltype(&cublasLtMatmulDescSetAttribute) desc_set;
   decltype(&cublasLtMatrixLayoutCreate) layout_create;
   decltype(&cublasLtMatrixLayoutDestroy) layout_destroy;
+  decltype(&cublasLtMatrixLayoutSetAttribute) layout_set;
   decltype(&cublasLtMatmulPreferenceCreate) pref_create;
   decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy;
   decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set;
@@ -118,6 +119,7 @@ const CublasLtApi& CublasLt() {
     lib.Bind(&a.desc_set, "cublasLtMatmulDescSetAttribute");
     lib.Bind(&a.layout_create, "cublasLtMatrixLayoutCreate");
     lib.Bind(&a.layout_destroy, "cublasLtMatrixLayoutDestroy");
+    lib.Bind(&a.layout_set, "cublasLtMatrixLayoutSetAttribute");
     lib.Bind(&a.pref_create, "cublasLtMatmulPreferenceCreate");
     lib.Bind(&a.pref_destroy, "cublasLtMatmulPreferenceDestroy");
     lib.Bind(&a.pref_set, "cublasLtMatmulPreferenceSetAttribute");
@@ -217,10 +219,10 @@ struct LtChoice {
   bool tuned = false;
 };
 
-// (op_b, op_a, m, n, k, ldb, lda, ldo, beta != 0, alignment of b, a, out, out is bf16).
-using LtKey = std::array<int64_t, 13>;
-// (op_b, op_a, Bucket(m), Bucket(n), Bucket(k), beta != 0, alignment of b, a, out, out is bf16).
-using LtBucketKey = std::array<int64_t, 10>;
+// (op_b, op_a, m, n, k, ldb, lda, ldo, beta != 0, alignment of b, a, out, out is bf16, K parts).
+using LtKey = std::array<int64_t, 14>;
+// (op_b, op_a, Bucket(m), Bucket(n), Bucket(k), beta != 0, alignment of b, a, out, out is bf16, K parts).
+using LtBucketKey = std::array<int64_t, 11>;
 
 // A product's output: f32, or bf16 (cuBLAS rounds the f32 accumulators in its epilogue) standing
 // for the f32 range `alias` (what held casts are checked against).
@@ -305,8 +307,10 @@ struct Gemm::Impl {
     return st != cudaStreamCaptureStatusNone;
   }
 
+  // parts > 1: a batch of `parts` products, part j reading the j-th k columns of both operands
+  // (their stored rows hold the whole K, ld apart) and writing the j-th m x n block of out.
   LtPlan NewPlan(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, int ldb, int lda, int ldo,
-                 cudaDataType out_type) {
+                 cudaDataType out_type, int parts) {
     LtPlan p;
     CheckLt(CublasLt().desc_create(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
     const int32_t ta = op_b, tb = op_a;
@@ -317,6 +321,18 @@ struct Gemm::Impl {
     CheckLt(CublasLt().layout_create(&p.la, CUDA_R_16BF, tra ? k : m, tra ? m : k, ldb), "layout a");
     CheckLt(CublasLt().layout_create(&p.lb, CUDA_R_16BF, trb ? n : k, trb ? k : n, lda), "layout b");
     CheckLt(CublasLt().layout_create(&p.lc, out_type, m, n, ldo), "layout c");
+    if (parts > 1) {
+      const int32_t count = parts;
+      const int64_t step_k = k, step_out = int64_t{ldo} * n;
+      for (cublasLtMatrixLayout_t l : {p.la, p.lb, p.lc})
+        CheckLt(CublasLt().layout_set(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)), "batch count");
+      CheckLt(CublasLt().layout_set(p.la, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &step_k, sizeof(step_k)),
+              "batch offset a");
+      CheckLt(CublasLt().layout_set(p.lb, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &step_k, sizeof(step_k)),
+              "batch offset b");
+      CheckLt(CublasLt().layout_set(p.lc, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &step_out, sizeof(step_out)),
+              "batch offset c");
+    }
     return p;
   }
 
@@ -431,23 +447,26 @@ struct Gemm::Impl {
   // out = alpha * op_b(b16) op_a(a16) + beta * out through cublasLtMatmul (column-major, as for
   // cublasGemmEx). False if cuBLASLt has no algorithm for it (the caller runs cublasGemmEx).
   bool RunLt(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, const uint16_t* b16, int ldb,
-             const uint16_t* a16, int lda, const Out& out, int ldo, float alpha, float beta) {
-    const uint32_t al_a = Alignment(b16, int64_t{ldb} * 2), al_b = Alignment(a16, int64_t{lda} * 2),
+             const uint16_t* a16, int lda, const Out& out, int ldo, float alpha, float beta, int parts) {
+    // A part's operands start k elements after the one before: that offset's alignment counts too.
+    const int64_t step = parts > 1 ? int64_t{k} * 2 : 0;
+    const uint32_t al_a = Alignment(b16, int64_t{ldb} * 2 | step), al_b = Alignment(a16, int64_t{lda} * 2 | step),
                    al_c = Alignment(out.p, static_cast<int64_t>(ldo * out.elem()));
     const int64_t accumulate = beta != 0.0f;
-    const LtKey key{op_b, op_a, m, n, k, ldb, lda, ldo, accumulate, al_a, al_b, al_c, out.bf16};
+    const LtKey key{op_b, op_a, m, n, k, ldb, lda, ldo, accumulate, al_a, al_b, al_c, out.bf16, parts};
     auto it = plans.find(key);
     if (it == plans.end()) {
       if (plans.size() >= kMaxPlans) {
         for (auto& [unused, p] : plans) DestroyPlan(p);
         plans.clear();
       }
-      it = plans.emplace(key, NewPlan(op_b, op_a, m, n, k, ldb, lda, ldo, out.type())).first;
+      it = plans.emplace(key, NewPlan(op_b, op_a, m, n, k, ldb, lda, ldo, out.type(), parts)).first;
     }
     LtPlan& p = it->second;
     if (p.unsupported) return false;
     if (!p.have_algo || (!p.tuned && !Capturing())) {
-      const LtBucketKey bkey{op_b, op_a, Bucket(m), Bucket(n), Bucket(k), accumulate, al_a, al_b, al_c, out.bf16};
+      const LtBucketKey bkey{op_b,     op_a, Bucket(m), Bucket(n), Bucket(k), accumulate, al_a, al_b,
+                             al_c,     out.bf16, parts};
       if (!Choose(p, bkey, al_a, al_b, al_c, m, n, ldo, b16, a16, out, alpha, beta)) {
         std::fprintf(stderr, "aha: cuBLASLt has no algorithm for a %dx%dx%d bf16 product; using cublasGemmEx\n", m,
                      n, k);
@@ -459,10 +478,13 @@ struct Gemm::Impl {
     return true;
   }
 
+  // parts > 1 (NT only, beta 0): K split into `parts` runs of k, part j's product into the j-th
+  // m x n block of out (see NewPlan).
   void Run(cublasOperation_t op_b, cublasOperation_t op_a, int m, int n, int k, const float* b, size_t b_count,
-           int ldb, const float* a, size_t a_count, int lda, const Out& out, int ldo, float alpha, float beta) {
+           int ldb, const float* a, size_t a_count, int lda, const Out& out, int ldo, float alpha, float beta,
+           int parts = 1) {
     if (m == 0 || n == 0) return;
-    const size_t out_count = static_cast<size_t>(m) * n;
+    const size_t out_count = static_cast<size_t>(m) * n * parts;
     if (k == 0) {
       // A zero-length product: out = beta * out.
       if (beta == 0.0f) CheckCuda(cudaMemsetAsync(out.p, 0, out.elem() * out_count, stream), "memset");
@@ -475,18 +497,24 @@ struct Gemm::Impl {
         std::fprintf(stderr, "aha: Gemm: a bf16 output needs bf16 products\n");
         std::abort();
       }
-      CheckCublas(Cublas().sgemm(handle, op_b, op_a, m, n, k, &alpha, b, ldb, a, lda, &beta,
-                                 static_cast<float*>(out.p), ldo),
-                  "sgemm");
+      for (int j = 0; j < parts; ++j)
+        CheckCublas(Cublas().sgemm(handle, op_b, op_a, m, n, k, &alpha, b + static_cast<size_t>(j) * k, ldb,
+                                   a + static_cast<size_t>(j) * k, lda, &beta,
+                                   static_cast<float*>(out.p) + static_cast<size_t>(j) * ldo * n, ldo),
+                    "sgemm");
       Wrote(out.alias, out_count);
       return;
     }
     const uint16_t* b16 = Bf16(b, b_count, scratch_b, held_b);
     const uint16_t* a16 = Bf16(a, a_count, scratch_a, held_a);
-    if (library != GemmLibrary::kCublasLt || !RunLt(op_b, op_a, m, n, k, b16, ldb, a16, lda, out, ldo, alpha, beta))
-      CheckCublas(Cublas().gemm_ex(handle, op_b, op_a, m, n, k, &alpha, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda,
-                                   &beta, out.p, out.type(), ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                  "gemm bf16");
+    if (library != GemmLibrary::kCublasLt ||
+        !RunLt(op_b, op_a, m, n, k, b16, ldb, a16, lda, out, ldo, alpha, beta, parts))
+      for (int j = 0; j < parts; ++j)
+        CheckCublas(Cublas().gemm_ex(handle, op_b, op_a, m, n, k, &alpha, b16 + static_cast<size_t>(j) * k,
+                                     CUDA_R_16BF, ldb, a16 + static_cast<size_t>(j) * k, CUDA_R_16BF, lda, &beta,
+                                     static_cast<char*>(out.p) + static_cast<size_t>(j) * ldo * n * out.elem(),
+                                     out.type(), ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                    "gemm bf16");
     Wrote(out.alias, out_count);
   }
 };
@@ -551,6 +579,15 @@ void Gemm::NN(float* out, const float* a, const float* b, int M, int N, int K, f
 void Gemm::TN(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {
   impl_->Run(CUBLAS_OP_N, CUBLAS_OP_T, N, M, K, b, static_cast<size_t>(K) * N, N, a, static_cast<size_t>(K) * M, M,
              Out{out, false, out}, N, alpha, beta);
+}
+
+void Gemm::NTSplitK(float* parts, const float* a, const float* b, int M, int N, int K, int S) {
+  if (S < 1 || K % S != 0) {
+    std::fprintf(stderr, "aha: Gemm::NTSplitK: K = %d is not %d equal parts\n", K, S);
+    std::abort();
+  }
+  impl_->Run(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K / S, b, static_cast<size_t>(N) * K, K, a, static_cast<size_t>(M) * K,
+             K, Out{parts, false, parts}, N, 1.0f, 0.0f, S);
 }
 
 void Gemm::NTBf16(uint16_t* out, const float* alias, const float* a, const float* b, int M, int N, int K) {

@@ -55,6 +55,11 @@ class Gemm {
   // out[M, N] = alpha * a[K, M]^T @ b[K, N] + beta * out    (dout^T @ x)
   void TN(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta);
 
+  // NT with K split into S equal parts: parts[j][M, N] = a[M, j K/S .. (j + 1) K/S) @ b[N, same]^T
+  // for j < S, one batched product (a decode step's output projections: 14 tiles of a 256 x 896
+  // output fill a tenth of the device; S parts fill S times as much, and the caller adds them).
+  void NTSplitK(float* parts, const float* a, const float* b, int M, int N, int K, int S);
+
   // NT and NN with the result rounded to bf16 (round to nearest even, in cuBLAS's epilogue) into
   // out16[M, N], which stands for the f32 range alias[M * N] (a held or adopted copy of that range
   // is stale afterwards). alpha 1, beta 0; bf16 products only (kF32 aborts).

@@ -27,6 +27,10 @@ void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int
 // x[N, C] += y (in place), then ln = RMSNorm(x) * w and rstd as RmsNormForward. ln must not overlap x or y.
 void AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C, float eps,
                        uint16_t* ln_bf16, cudaStream_t s);
+// The same with y[parts][N, C], partial sums of the addend (Gemm::NTSplitK) added in order j = 0,
+// 1, ... and then to x.
+void AddPartsRmsNormForward(float* x, float* ln, float* rstd, const float* y, int parts, const float* w, int N, int C,
+                            float eps, uint16_t* ln_bf16, cudaStream_t s);
 // dx_bf16, when not null, may receive the final dx rounded to bf16 (the next product's dout): the
 // one-pass kernel (C % 4 == 0, 128 <= C <= 1024, aligned) writes it and returns true; otherwise
 // (two kernels) it is not written and the result is false.

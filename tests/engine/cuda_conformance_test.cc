@@ -773,6 +773,71 @@ TEST(CudaOps, LinearForwardBackwardF32AndBf16) {
   }
 }
 
+// A decode step's output projections: y = a w^T split along K into S parts (one batched product,
+// Gemm::NTSplitK) that the norm adds before adding y to x. Against the CPU's LinearForward +
+// AddRmsNormForward (bf16 products), and against the same GPU op without the split (only the f32
+// order of the parts' sums differs); each part against the CPU product over its K range.
+TEST(CudaOps, LinearAddRmsNormSplitsKAndMatchesCpu) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  const float eps = 1e-6f;
+  // (N, K, C, the parts expected on the H200's 132 multiprocessors)
+  for (auto [N, K, C, want] : {std::tuple{256, 4864, 896, 4}, std::tuple{256, 896, 896, 4},
+                               std::tuple{7, 136, 96, 1}, std::tuple{37, 96, 130, 1}, std::tuple{2048, 896, 896, 1}}) {
+    gpu->set_split_k(0);
+    const int S = gpu->SplitParts(N, K, C);  // the chosen parts
+    cudaDeviceProp prop{};
+    ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+    if (prop.multiProcessorCount == 132) {
+      EXPECT_EQ(S, want) << N << "x" << K << "x" << C;
+    }
+    auto x = Randn(size_t(N) * C, 2.0f), a = Randn(size_t(N) * K), w = Randn(size_t(C) * K, 0.05f), g = Randn(C);
+    std::vector<float> cx = x, ln(x.size()), rstd(N), tmp(x.size());
+    cpu.LinearAddRmsNorm(cx.data(), ln.data(), rstd.data(), tmp.data(), a.data(), w.data(), g.data(), N, K, C, eps);
+    Tensor d_a = Up(a), d_w = Up(w), d_g = Up(g);
+    gpu->RegisterWeights(d_w.f32(), d_w.numel());
+    gpu->WeightsChanged(d_w.f32());
+    std::vector<float> whole_x, whole_ln;
+    for (int split : {1, 0, 7, 16}) {  // none, the chosen parts, 7 and 16 where K allows
+      gpu->set_split_k(split);
+      const int parts = gpu->SplitParts(N, K, C);
+      Tensor d_x = Up(x), d_ln = Poisoned(ln.size()), d_rstd = Poisoned(N), d_tmp = Poisoned(tmp.size());
+      gpu->LinearAddRmsNorm(d_x.f32(), d_ln.f32(), d_rstd.f32(), d_tmp.f32(), d_a.f32(), d_w.f32(), d_g.f32(), N, K,
+                            C, eps);
+      const std::string shape = "[" + std::to_string(N) + "x" + std::to_string(K) + "]x[" + std::to_string(C) +
+                                "] parts " + std::to_string(parts);
+      ExpectNmse("linear + add + rmsnorm x", shape, Down(d_x), cx, kBf16);
+      ExpectNmse("linear + add + rmsnorm ln", shape, Down(d_ln), ln, kBf16);
+      ExpectNmse("linear + add + rmsnorm rstd", shape, Down(d_rstd), rstd, kBf16);
+      if (split == 1) {
+        whole_x = Down(d_x), whole_ln = Down(d_ln);
+      } else {
+        ExpectNmse("parts vs whole x", shape, Down(d_x), whole_x, kF32);
+        ExpectNmse("parts vs whole ln", shape, Down(d_ln), whole_ln, kF32);
+      }
+    }
+    if (S > 1) {  // the parts themselves
+      const int Ks = K / S;
+      Tensor d_parts = Poisoned(size_t(S) * N * C);
+      gpu->gemm().NTSplitK(d_parts.f32(), d_a.f32(), d_w.f32(), N, C, K, S);
+      const std::vector<float> parts = Down(d_parts);
+      for (int j = 0; j < S; j += S - 1) {
+        std::vector<float> aj(size_t(N) * Ks), wj(size_t(C) * Ks), want_j(size_t(N) * C);
+        for (int r = 0; r < N; ++r)
+          std::copy_n(a.begin() + size_t(r) * K + size_t(j) * Ks, Ks, aj.begin() + size_t(r) * Ks);
+        for (int r = 0; r < C; ++r)
+          std::copy_n(w.begin() + size_t(r) * K + size_t(j) * Ks, Ks, wj.begin() + size_t(r) * Ks);
+        cpu.LinearForward(want_j.data(), aj.data(), wj.data(), nullptr, N, Ks, C);
+        ExpectNmse("K part " + std::to_string(j) + " of " + std::to_string(S), "",
+                   std::vector<float>(parts.begin() + size_t(j) * N * C, parts.begin() + size_t(j + 1) * N * C),
+                   want_j, kBf16);
+      }
+    }
+    gpu->UnregisterWeights(d_w.f32());
+  }
+  gpu->set_split_k(0);
+}
+
 // Gemm directly, through each bf16 library: shapes no tile divides, operands whose addresses and
 // leading dimensions are only 4 (f32) or 2 (bf16 weight copy) bytes aligned, beta 0 (out poisoned:
 // C must not be read) and beta 1 (accumulating into random values: cuBLASLt times its candidates
