@@ -324,7 +324,9 @@ int RunGemmBench(int argc, char** argv) {
   // Decode-sized forward products as a decode step runs them: in a CUDA graph, back to back, each
   // of the `layers` products reading its own weight (so the weights stream from HBM as the 24 layers'
   // do, not from L2) and the same held activation cast. A single product between two events (above)
-  // also counts the launch's own latency, ~4 us at these sizes.
+  // also counts the launch's own latency, ~4 us at these sizes. Each also with K in 2, 4 and 8
+  // parts (Gemm::NTSplitK, one batched product; the decode step's o and down products take 4, whose
+  // sums the norm after them adds) where K allows.
   for (int T : tokens) {
     if (T > 1024) continue;
     const int layers = c.num_layers;
@@ -339,39 +341,46 @@ int RunGemmBench(int argc, char** argv) {
       }
       float* a = RandomDevice(static_cast<size_t>(T) * lin.in, 1.0f, block);
       float* out = nullptr;
-      CK(cudaMalloc(&out, static_cast<size_t>(T) * lin.out * sizeof(float)));
-      for (GemmLibrary lib : libs) {
-        gemm.set_library(lib);
-        gemm.ForgetCasts();
-        gemm.set_cast_reuse(true);
-        auto all = [&] {
-          for (float* w : ws) gemm.NT(out, a, w, T, lin.out, lin.in, 1.0f, 0.0f);
-        };
-        for (int i = 0; i < warmup; ++i) all();
-        cudaGraph_t g = nullptr;
-        cudaGraphExec_t exec = nullptr;
-        CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-        all();
-        CK(cudaStreamEndCapture(stream, &g));
-        CK(cudaGraphInstantiate(&exec, g, 0));
-        CK(cudaGraphLaunch(exec, stream));
-        Timer plain{stream, nullptr, 0};
-        const double us = plain.Median(static_cast<int>(iters), [&] { CK(cudaGraphLaunch(exec, stream)); }) / layers;
-        CK(cudaGraphExecDestroy(exec));
-        CK(cudaGraphDestroy(g));
-        gemm.set_cast_reuse(false);
-        const double flops = 2.0 * T * lin.out * static_cast<double>(lin.in);
-        const double bytes = 2.0 * (static_cast<double>(T) * lin.in + wn) + 4.0 * T * lin.out;
-        const double floor_us = std::max(flops / (peak_tflops * 1e12), bytes / (peak_tbps * 1e12)) * 1e6;
-        std::cout << "T " << std::setw(6) << T << "  " << std::left << std::setw(14) << lin.name << std::right
-                  << "NT in a graph of " << layers << "  " << std::setw(8) << GemmLibraryName(lib) << std::fixed
-                  << std::setprecision(1) << std::setw(10) << us << " us per product  floor " << floor_us << " us ("
-                  << std::setprecision(2) << floor_us / us * 100 << "%)" << std::defaultfloat << "\n";
-        std::cout << nlohmann::json{{"bench", "gemm"}, {"in_graph", layers}, {"library", GemmLibraryName(lib)},
-                                    {"tokens", T},     {"name", lin.name},    {"us", us},
-                                    {"floor_us", floor_us}}.dump()
-                  << "\n";
-      }
+      CK(cudaMalloc(&out, 8 * static_cast<size_t>(T) * lin.out * sizeof(float)));
+      for (GemmLibrary lib : libs)
+        for (int parts : {1, 2, 4, 8}) {
+          if (parts > 1 && (lin.in % parts != 0 || (lin.in / parts) % 8 != 0)) continue;
+          gemm.set_library(lib);
+          gemm.ForgetCasts();
+          gemm.set_cast_reuse(true);
+          auto all = [&] {
+            for (float* w : ws) {
+              if (parts == 1) gemm.NT(out, a, w, T, lin.out, lin.in, 1.0f, 0.0f);
+              else gemm.NTSplitK(out, a, w, T, lin.out, lin.in, parts);
+            }
+          };
+          for (int i = 0; i < warmup; ++i) all();
+          cudaGraph_t g = nullptr;
+          cudaGraphExec_t exec = nullptr;
+          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+          all();
+          CK(cudaStreamEndCapture(stream, &g));
+          CK(cudaGraphInstantiate(&exec, g, 0));
+          CK(cudaGraphLaunch(exec, stream));
+          Timer plain{stream, nullptr, 0};
+          const double us =
+              plain.Median(static_cast<int>(iters), [&] { CK(cudaGraphLaunch(exec, stream)); }) / layers;
+          CK(cudaGraphExecDestroy(exec));
+          CK(cudaGraphDestroy(g));
+          gemm.set_cast_reuse(false);
+          const double flops = 2.0 * T * lin.out * static_cast<double>(lin.in);
+          const double bytes = 2.0 * (static_cast<double>(T) * lin.in + wn) + 4.0 * T * lin.out;
+          const double floor_us = std::max(flops / (peak_tflops * 1e12), bytes / (peak_tbps * 1e12)) * 1e6;
+          std::cout << "T " << std::setw(6) << T << "  " << std::left << std::setw(14) << lin.name << std::right
+                    << "NT in a graph of " << layers << ", K in " << parts << "  " << std::setw(8)
+                    << GemmLibraryName(lib) << std::fixed << std::setprecision(1) << std::setw(10) << us
+                    << " us per product  floor " << floor_us << " us (" << std::setprecision(2) << floor_us / us * 100
+                    << "%)" << std::defaultfloat << "\n";
+          std::cout << nlohmann::json{{"bench", "gemm"}, {"in_graph", layers}, {"library", GemmLibraryName(lib)},
+                                      {"tokens", T},     {"name", lin.name},    {"k_parts", parts},
+                                      {"us", us},        {"floor_us", floor_us}}.dump()
+                    << "\n";
+        }
       CK(cudaFree(out));
       CK(cudaFree(a));
       for (float* w : ws) {
