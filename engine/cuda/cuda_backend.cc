@@ -390,13 +390,18 @@ void CudaBackend::RmsNormForward(float* out, float* rstd, const float* x, const 
 }
 void CudaBackend::AddRmsNormForward(float* x, float* ln, float* rstd, const float* y, const float* w, int N, int C,
                                     float eps) {
+  AddPartsRmsNorm(x, ln, rstd, y, 1, w, N, C, eps);
+}
+// y holds `parts` partial sums of the addend (LinearAddRmsNorm's split product).
+void CudaBackend::AddPartsRmsNorm(float* x, float* ln, float* rstd, const float* y, int parts, const float* w, int N,
+                                  int C, float eps) {
   const size_t n = static_cast<size_t>(N) * C;
   if (uint16_t* kept = KeptCopy(ln, n)) {
-    cuda::AddRmsNormForward(x, nullptr, rstd, y, w, N, C, eps, kept, stream_);
+    cuda::AddPartsRmsNormForward(x, nullptr, rstd, y, parts, w, N, C, eps, kept, stream_);
     return Check("add + rmsnorm");
   }
   uint16_t* copy = CastCopy(n);
-  cuda::AddRmsNormForward(x, ln, rstd, y, w, N, C, eps, copy, stream_);
+  cuda::AddPartsRmsNormForward(x, ln, rstd, y, parts, w, N, C, eps, copy, stream_);
   Check("add + rmsnorm");
   AdoptCastCopy(ln, n, copy);
 }
@@ -454,7 +459,7 @@ int CudaBackend::SplitParts(int N, int K, int C) const {
 }
 
 // y = a @ w^T as S partial products over K (one batched cuBLASLt call: Gemm::NTSplitK) that the
-// norm adds (AddPartsRmsNormForward); 1 part is LinearForward + AddRmsNormForward.
+// norm adds (AddPartsRmsNorm); 1 part is LinearForward + AddRmsNormForward.
 void CudaBackend::LinearAddRmsNorm(float* x, float* ln, float* rstd, float* tmp, const float* a, const float* w,
                                    const float* norm_w, int N, int K, int C, float eps) {
   const int S = SplitParts(N, K, C);
@@ -465,14 +470,7 @@ void CudaBackend::LinearAddRmsNorm(float* x, float* ln, float* rstd, float* tmp,
   gemm_->NTSplitK(parts, a, w, N, C, K, S);
   gemm_->set_cast_reuse(false);
   Check("linear (K in parts)");
-  if (uint16_t* kept = KeptCopy(ln, n)) {
-    cuda::AddPartsRmsNormForward(x, nullptr, rstd, parts, S, norm_w, N, C, eps, kept, stream_);
-    return Check("add parts + rmsnorm");
-  }
-  uint16_t* copy = CastCopy(n);
-  cuda::AddPartsRmsNormForward(x, ln, rstd, parts, S, norm_w, N, C, eps, copy, stream_);
-  Check("add parts + rmsnorm");
-  AdoptCastCopy(ln, n, copy);
+  AddPartsRmsNorm(x, ln, rstd, parts, S, norm_w, N, C, eps);
 }
 
 void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,

@@ -178,6 +178,9 @@ class CudaBackend final : public Backend {
   // allows (AHA_SPLIT_K, the A/B).
   int split_k_ = 0;
   int sms_ = 132;
+  // AddRmsNormForward with the addend in `parts` partial sums, N * C floats apart (1: a plain y).
+  void AddPartsRmsNorm(float* x, float* ln, float* rstd, const float* y, int parts, const float* w, int N, int C,
+                       float eps);
   // KeepAsBf16 ranges: registered with the gemm like weights (their bf16 copy is what products
   // read), written by the products (NTBf16, NNBf16), the norms and SwiGluForward.
   struct Kept {
