@@ -199,6 +199,15 @@ class Backend {
   virtual void SwiGluForward(float* h, const float* gu, int N, int I) = 0;
   virtual void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) = 0;
 
+  // The MLP's forward up to the down product in one op: LinearForward(gu, x, w, nullptr, N, C, 2I)
+  // with w = [Wg; Wu] (2I x C), then SwiGluForward(h, gu, N, I). gu[N, 2I] is scratch whose
+  // contents afterwards are unspecified: the CUDA backend's decode step computes h in the product's
+  // epilogue and never writes gu. This default runs the two ops.
+  virtual void GateUpSwiGlu(float* h, float* gu, const float* x, const float* w, int N, int C, int I) {
+    LinearForward(gu, x, w, nullptr, N, C, 2 * I);
+    SwiGluForward(h, gu, N, I);
+  }
+
   // The MLP's gate/up backward from dh in one op: SwiGluBackward(dgu, dh, gu, N, I), then
   // LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2I, false). dgu[N, 2I] is scratch: the CUDA
   // backend with bf16 products writes only its bf16 copy, which both products read, and leaves the

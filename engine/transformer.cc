@@ -669,8 +669,7 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
                                inv_freq_.f32(), kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     }
     B.LinearAddRmsNorm(x, ln, rstd, tmp, dec_.att.f32(), w.o_w, w.post_norm, N, Hq * D, C, config_.rms_norm_eps);
-    B.LinearForward(dec_.gu.f32(), ln, w.gate_w, nullptr, N, C, 2 * I);  // [Wg; Wu]
-    B.SwiGluForward(dec_.h.f32(), dec_.gu.f32(), N, I);
+    B.GateUpSwiGlu(dec_.h.f32(), dec_.gu.f32(), ln, w.gate_w, N, C, I);  // [Wg; Wu], then SwiGLU
     // x += down(h) with the norm that reads x next: the next layer's input norm, or after the last
     // layer the final norm when every row is a sequence's last (decode; prefill gathers first).
     const float eps = config_.rms_norm_eps;

@@ -94,6 +94,8 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   const char* profile = std::getenv("AHA_PROFILE");
   if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
   if (const char* split = std::getenv("AHA_SPLIT_K")) split_k_ = std::max(0, std::atoi(split));
+  const char* mlp = std::getenv("AHA_FUSED_MLP");
+  fused_mlp_ = !(mlp && std::string(mlp) == "0");
   CheckCuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, index), "query multiprocessors");
 }
 
@@ -515,6 +517,22 @@ void CudaBackend::SwiGluForward(float* h, const float* gu, int N, int I) {
   cuda::SwiGluForward(h, gu, gu16, N, I, copy, stream_);
   Check("swiglu");
   AdoptCastCopy(h, n, copy);
+}
+bool CudaBackend::FusesMlp(int N, int C, int I) const {
+  return fused_mlp_ && gemm_->precision() == GemmPrecision::kBF16 && N <= kFusedMlpRows &&
+         cuda::GateUpSwiGluSupported(N, C, I);
+}
+// The norm before it wrote x's bf16 copy (kept), the weights' copy is current (WeightsChanged), and
+// the kernel writes h's kept copy, which the down product reads.
+void CudaBackend::GateUpSwiGlu(float* h, float* gu, const float* x, const float* w, int N, int C, int I) {
+  const size_t n = static_cast<size_t>(N) * I;
+  uint16_t* h16 = FusesMlp(N, C, I) ? KeptCopy(h, n) : nullptr;
+  const uint16_t* x16 = h16 ? KeptCopy(x, static_cast<size_t>(N) * C) : nullptr;
+  const uint16_t* w16 = x16 ? gemm_->Bf16CopyOf(w, 2 * static_cast<size_t>(I) * C) : nullptr;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };  // 16-byte copies
+  if (!w16 || !aligned(x16) || !aligned(w16) || !aligned(h16)) return Backend::GateUpSwiGlu(h, gu, x, w, N, C, I);
+  cuda::GateUpSwiGlu(h16, x16, w16, N, C, I, stream_);
+  Check("gate/up + swiglu");
 }
 void CudaBackend::SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) {
   const size_t n = static_cast<size_t>(N) * 2 * I;

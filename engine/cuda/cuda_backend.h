@@ -84,6 +84,14 @@ class CudaBackend final : public Backend {
   void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD) override;
   void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) override;
   void SwiGluForward(float* h, const float* gu, int N, int I) override;
+  // Rows up to kFusedMlpRows (a decode step) with x and h kept in bf16 and bf16 products: one kernel
+  // (cuda::GateUpSwiGlu, wgmma) that never writes gu; else the default's two ops.
+  void GateUpSwiGlu(float* h, float* gu, const float* x, const float* w, int N, int C, int I) override;
+  // Whether GateUpSwiGlu runs the fused kernel for this shape, given kept x and h (AHA_FUSED_MLP=0 at
+  // construction turns it off: the A/B).
+  bool FusesMlp(int N, int C, int I) const;
+  void set_fused_mlp(bool on) { fused_mlp_ = on; }
+  static constexpr int kFusedMlpRows = 1024;
   void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) override;
   void Add(float* out, const float* a, const float* b, size_t n) override;
   void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
@@ -177,6 +185,7 @@ class CudaBackend final : public Backend {
   // LinearAddRmsNorm's K parts: 0 chooses (SplitParts), 1 never splits, S > 1 always S where K
   // allows (AHA_SPLIT_K, the A/B).
   int split_k_ = 0;
+  bool fused_mlp_ = true;  // GateUpSwiGlu's kernel (AHA_FUSED_MLP=0: the two ops)
   int sms_ = 132;
   // AddRmsNormForward with the addend in `parts` partial sums, N * C floats apart (1: a plain y).
   void AddPartsRmsNorm(float* x, float* ln, float* rstd, const float* y, int parts, const float* w, int N, int C,

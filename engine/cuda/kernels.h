@@ -48,6 +48,11 @@ void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int
 // given in bf16 (gu_bf16, dh_bf16 not null: a tensor kept in bf16 only) is read from there instead.
 void SwiGluForward(float* h, const float* gu, const uint16_t* gu_bf16, int N, int I, uint16_t* h_bf16,
                    cudaStream_t s);
+// h16[M, I] = bf16(silu(g) * u) with g, u the bf16-rounded columns j and I + j of a16[M, K] @
+// w16[2I, K]^T, in one kernel (mlp.cu; wgmma, so sm_90 only): the kept-bf16 gate/up product and
+// SwiGluForward without gu. Supported: a compute capability 9 device, K % 64 == 0, I % 8 == 0.
+bool GateUpSwiGluSupported(int M, int K, int I);
+void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M, int K, int I, cudaStream_t s);
 void SwiGluBackward(float* dgu, const float* dh, const uint16_t* dh_bf16, const float* gu, const uint16_t* gu_bf16,
                     int N, int I, uint16_t* dgu_bf16, cudaStream_t s);
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s);

@@ -635,6 +635,52 @@ TEST(CudaOps, MlpTensorsKeptAsBf16AreTheirRoundedValues) {
   }
 }
 
+// The decode step's gate/up product with SwiGLU in its epilogue (CudaBackend::GateUpSwiGlu, one
+// wgmma kernel): h equals the unfused kept path's (LinearForward into a kept gu, SwiGluForward into
+// a kept h) up to the f32 summation order, which may flip a gu rounding, and the CPU's f32 MLP to
+// the bf16 limit; shapes with partial row and column tiles, and the decode step's own.
+TEST(CudaOps, GateUpSwiGluEqualsItsOps) {
+  REQUIRE_GPU();
+  if (!gpu->FusesMlp(256, 896, 4864)) GTEST_SKIP() << "no fused MLP kernel on this device or build";
+  CpuBackend cpu;
+  const float eps = 1e-6f;
+  for (auto [N, C, I] : {std::tuple{256, 896, 4864}, std::tuple{7, 128, 200}, std::tuple{300, 192, 88},
+                         std::tuple{1024, 64, 168}}) {
+    const std::string shape = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " I=" + std::to_string(I);
+    ASSERT_TRUE(gpu->FusesMlp(N, C, I)) << shape;
+    const size_t nc = size_t(N) * C, ni = size_t(N) * I;
+    auto x = Randn(nc), nw = Randn(C, 0.5f), wgu = Randn(size_t(2) * I * C, 0.1f);
+    Tensor d_x = Up(x), d_nw = Up(nw), d_w = Up(wgu);
+    gpu->RegisterWeights(d_w.f32(), d_w.numel());
+    gpu->WeightsChanged(d_w.f32());
+    Tensor ln = Poisoned(nc), rstd = Poisoned(N), gu = Poisoned(2 * ni), h = Poisoned(ni), gu2 = Poisoned(2 * ni),
+           h2 = Poisoned(ni);
+    for (const Tensor* t : {&ln, &gu, &h, &gu2, &h2}) gpu->KeepAsBf16(t->f32(), t->numel());
+    gpu->RmsNormForward(ln.f32(), rstd.f32(), d_x.f32(), d_nw.f32(), N, C, eps);
+    gpu->GateUpSwiGlu(h.f32(), gu.f32(), ln.f32(), d_w.f32(), N, C, I);
+    const std::vector<float> fused = KeptValues(gpu, h);
+    gpu->LinearForward(gu2.f32(), ln.f32(), d_w.f32(), nullptr, N, C, 2 * I);
+    gpu->SwiGluForward(h2.f32(), gu2.f32(), N, I);
+    ExpectNmse("fused gate/up + swiglu vs its ops", shape, fused, KeptValues(gpu, h2), 1e-5);
+    EXPECT_TRUE(AllNan(Down(h))) << "h is kept: its f32 buffer is never written (" << shape << ")";
+    std::vector<float> cln(nc), crstd(N), cgu(2 * ni), ch(ni);
+    cpu.RmsNormForward(cln.data(), crstd.data(), x.data(), nw.data(), N, C, eps);
+    cpu.LinearForward(cgu.data(), cln.data(), wgu.data(), nullptr, N, C, 2 * I);
+    cpu.SwiGluForward(ch.data(), cgu.data(), N, I);
+    ExpectNmse("fused gate/up + swiglu vs cpu", shape, fused, ch, kBf16);
+    // Off (AHA_FUSED_MLP=0): the two ops, which write gu's kept copy.
+    gpu->set_fused_mlp(false);
+    EXPECT_FALSE(gpu->FusesMlp(N, C, I));
+    gpu->GateUpSwiGlu(h.f32(), gu.f32(), ln.f32(), d_w.f32(), N, C, I);
+    ExpectNmse("unfused GateUpSwiGlu vs its ops", shape, KeptValues(gpu, h), KeptValues(gpu, h2), 0.0);
+    gpu->set_fused_mlp(true);
+    for (const Tensor* t : {&ln, &gu, &h, &gu2, &h2}) gpu->ReleaseBf16(t->f32());
+    gpu->UnregisterWeights(d_w.f32());
+  }
+  EXPECT_FALSE(gpu->FusesMlp(CudaBackend::kFusedMlpRows + 1, 896, 4864)) << "prefill-sized rows take the two ops";
+  EXPECT_FALSE(gpu->FusesMlp(256, 96, 4864)) << "C not a multiple of 64";
+}
+
 TEST(CudaOps, SplitAndPackQkv) {
   REQUIRE_GPU();
   CpuBackend cpu;

@@ -1,0 +1,313 @@
+// The gate/up product with SwiGLU in its epilogue, on Hopper's warpgroup tensor-core instructions
+// (wgmma, sm_90a): h[M, I] = bf16(silu(bf16(g)) * bf16(u)) with [g | u] = a[M, K] @ w[2I, K]^T, so the
+// product's [M, 2I] output never goes through device memory and the SwiGLU kernel is gone
+// (kernels.h, GateUpSwiGlu). The roundings are those of the unfused kept path (the product's
+// epilogue rounds gu to bf16, SwiGLU computes in f32 and rounds h), so only the f32 summation
+// order differs from it.
+//
+// Tiling, for a decode step's 256 x 896 x 9728: a block computes 128 rows x 80 columns of h, i.e.
+// 80 gate rows and the 80 matching up rows of w as one 160-row B tile, so 61 x 2 = 122 blocks fill
+// the H200's 132 multiprocessors in one wave (128 x 128 tiles of the plain product are 152: two
+// waves). Two consumer warpgroups each own 64 rows: m64n160k16 with f32 accumulators (80 registers
+// a thread), so a thread holds gate column c and up column c (registers r and r + 40) together.
+//
+// At 256 rows such a product is bound by the bytes that reach the multiprocessors from L2, not by
+// the tensor cores: a plain grid reads a's row block once per column block and w's once per row
+// block, 63 MB for 17 MB of weights (the first version, cp.async, ran 20 us against the plain
+// product + SwiGLU's ~15). So the two row blocks of a column block form a cluster and share w: the
+// producer warp of each loads its own 128 rows of a and one half of the B tile (rank 0 the gate
+// rows, rank 1 the up rows) with the tensor memory accelerator, multicast into both blocks' shared
+// memory: 45 MB. K runs in steps of 64 (one 128-byte row, the swizzle atom) through kMlpStages
+// stages, each with a full barrier (the producer's expected bytes: its a tile and both halves of B,
+// one from each block) and an empty barrier (one arrival from each consumer warpgroup of both
+// blocks, since either block's producer writes into both). The copies use the 128-byte swizzle,
+// the layout the wgmma descriptors read; rows past M, I or 2I are zero-filled by the copy engine.
+#include <cuda.h>  // CUtensorMap and its enums (the encoder comes from the runtime's entry point)
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#include "engine/cuda/kernels.h"
+
+namespace aha::engine::cuda {
+
+namespace {
+
+constexpr int kMlpBM = 128, kMlpBN = 80, kMlpBK = 64, kMlpStages = 5;
+constexpr int kMlpConsumers = 256, kMlpThreads = kMlpConsumers + 32;  // two warpgroups + the producer warp
+constexpr int kMlpABytes = kMlpBM * kMlpBK * 2;                       // 16 KiB
+constexpr int kMlpBHalfBytes = kMlpBN * kMlpBK * 2;                   // 10 KiB: 80 rows of w
+constexpr int kMlpStageBytes = kMlpABytes + 2 * kMlpBHalfBytes;       // a multiple of 1024
+constexpr int kMlpSmem = kMlpStages * kMlpStageBytes + 2 * kMlpStages * 8 + 1024;  // + barriers, alignment
+static_assert(kMlpABytes % 1024 == 0 && kMlpBHalfBytes % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define AHA_WGMMA 1
+#endif
+
+void Check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "aha engine/cuda: %s: %s\n", what, cudaGetErrorString(e));
+    std::abort();
+  }
+}
+
+#ifdef AHA_WGMMA
+// Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle layout: start address,
+// leading offset unused (one swizzle atom spans the 16 k of an instruction), 1024 bytes between
+// groups of 8 rows.
+__device__ __forceinline__ uint64_t SwizzledDesc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// d[64 x 160] (+)= A[64 x 16] B[160 x 16]^T, both from shared memory (descriptors), f32 accumulators
+// in the m64nNk16 fragment layout; scale_d 0 overwrites d.
+__device__ __forceinline__ void Wgmma64x160(float (&d)[80], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %82, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n160k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79}, "
+      "%80, %81, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Until at most N committed groups of this warpgroup are still running.
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// The accumulators may not be read or moved across this point (the wgmma writes them asynchronously).
+__device__ __forceinline__ void FenceAccumulators(float (&d)[80]) {
+#pragma unroll
+  for (int i = 0; i < 80; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void MbarExpectBytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// One arrival on the barrier at the same offset in block `rank` of the cluster (this one included).
+// The default release at block scope, as CUTLASS's cluster barriers arrive: the stage's readers are
+// the tensor cores, done once wgmma.wait_group returns, so no cluster-scope fence is needed (the
+// first version's .release.cluster cost a fence per arrival on the critical path).
+__device__ __forceinline__ void MbarArriveCluster(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+// The box at (x inner, y rows) of the tensor map into this block's shared memory at dst.
+__device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+// The same into dst of every block in `mask`, each completing bytes on its own barrier at bar.
+__device__ __forceinline__ void TmaLoadMulticast(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar,
+                                                 uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "h"(mask)
+      : "memory");
+}
+#endif
+
+__device__ __forceinline__ float RoundBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+__global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
+    GateUpSwiGluKernel(__nv_bfloat16* __restrict__ h, const __grid_constant__ CUtensorMap map_a,
+                       const __grid_constant__ CUtensorMap map_w, int M, int I, int K) {
+#ifdef AHA_WGMMA
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const uint32_t bars = base + kMlpStages * kMlpStageBytes;  // full[s] at bars + 8 s, empty[s] after them
+  auto full = [&](int s) { return bars + 8u * s; };
+  auto empty = [&](int s) { return bars + 8u * (kMlpStages + s); };
+  const int tid = threadIdx.x;
+  uint32_t rank;
+  asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  const int m0 = blockIdx.y * kMlpBM, j0 = blockIdx.x * kMlpBN, KT = K / kMlpBK;
+  if (tid == 0) {
+    for (int s = 0; s < kMlpStages; ++s) {
+      MbarInit(full(s), 1);
+      MbarInit(empty(s), 4);  // 2 consumer warpgroups x 2 blocks
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  ClusterSync();  // both blocks' barriers exist before either multicasts or arrives remotely
+
+  float acc[80];
+  if (tid >= kMlpConsumers) {  // the producer warp: one thread issues every copy
+    if (tid == kMlpConsumers) {
+      for (int kt = 0; kt < KT; ++kt) {
+        const int s = kt % kMlpStages;
+        if (kt >= kMlpStages) MbarWait(empty(s), ((kt / kMlpStages) - 1) & 1);
+        MbarExpectBytes(full(s), kMlpStageBytes);
+        const uint32_t stage = base + s * kMlpStageBytes;
+        TmaLoad(stage, &map_a, kt * kMlpBK, m0, full(s));
+        TmaLoadMulticast(stage + kMlpABytes + rank * kMlpBHalfBytes, &map_w, kt * kMlpBK,
+                         static_cast<int>(rank) * I + j0, full(s), 0x3);
+      }
+    }
+    __syncwarp();
+  } else {
+    const int wg = tid >> 7;
+#pragma unroll
+    for (int i = 0; i < 80; ++i) acc[i] = 0.0f;
+    for (int kt = 0; kt < KT; ++kt) {
+      const int s = kt % kMlpStages;
+      MbarWait(full(s), (kt / kMlpStages) & 1);
+      const uint32_t stage = base + s * kMlpStageBytes;
+      const uint32_t sa = stage + wg * 64 * 128, sb = stage + kMlpABytes;
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kMlpBK / 16; ++kk)
+        Wgmma64x160(acc, SwizzledDesc(sa + kk * 32), SwizzledDesc(sb + kk * 32), 1);
+      WgmmaCommit();
+      // Step kt's products run on while step kt - 1's are waited for and its stage released, in
+      // both blocks' eyes (the last step's stage is never waited for).
+      WgmmaWait<1>();
+      if (kt > 0 && (tid & 127) == 0) {
+        const int done = (kt - 1) % kMlpStages;
+        MbarArriveCluster(empty(done), 0);
+        MbarArriveCluster(empty(done), 1);
+      }
+    }
+    WgmmaWait<0>();
+    FenceAccumulators(acc);
+    // Fragment layout: register 4 i + 2 half + e of warp v, lane l is row 16 v + l / 4 + 8 half,
+    // column 8 i + 2 (l % 4) + e of the warpgroup's 64 x 160; columns 80.. are the up half.
+    const int v = (tid & 127) >> 5, l = tid & 31;
+#pragma unroll
+    for (int i = 0; i < kMlpBN / 8; ++i) {
+      const int col = j0 + i * 8 + 2 * (l & 3);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = m0 + wg * 64 + v * 16 + (l >> 2) + 8 * half;
+        const int gr = 4 * i + 2 * half, ur = gr + 4 * (kMlpBN / 8);
+        const float g0 = RoundBf16(acc[gr]), g1 = RoundBf16(acc[gr + 1]);
+        const float u0 = RoundBf16(acc[ur]), u1 = RoundBf16(acc[ur + 1]);
+        if (row < M && col < I)
+          *reinterpret_cast<__nv_bfloat162*>(h + static_cast<size_t>(row) * I + col) =
+              __floats2bfloat162_rn(g0 / (1.0f + expf(-g0)) * u0, g1 / (1.0f + expf(-g1)) * u1);
+      }
+    }
+  }
+  ClusterSync();  // neither block leaves while the other may still arrive on its barriers
+#else
+  __trap();  // built without sm_90a: GateUpSwiGluSupported() said no
+#endif
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+EncodeTiled Encoder() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// A row-major bf16 matrix [rows, cols] read in boxes of box_rows x 64 columns, 128-byte swizzled.
+CUtensorMap RowsMap(const uint16_t* p, int rows, int cols, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {kMlpBK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t steps[2] = {1, 1};
+  const CUresult r = Encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(p), dims, strides,
+                               box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "aha engine/cuda: GateUpSwiGlu: cuTensorMapEncodeTiled failed (%d) for [%d, %d]\n",
+                 static_cast<int>(r), rows, cols);
+    std::abort();
+  }
+  return map;
+}
+
+}  // namespace
+
+bool GateUpSwiGluSupported(int M, int K, int I) {
+#ifndef AHA_MLP_SM90A
+  (void)M, (void)K, (void)I;
+  return false;  // no sm_90a machine code in this build
+#else
+  static const int major = [] {
+    int dev = 0, mj = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&mj, cudaDevAttrComputeCapabilityMajor, dev) !=
+                                                  cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return mj;
+  }();
+  return major == 9 && Encoder() != nullptr && M > 0 && K > 0 && K % kMlpBK == 0 && I > 0 && I % 8 == 0;
+#endif
+}
+
+void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M, int K, int I, cudaStream_t s) {
+  if (!GateUpSwiGluSupported(M, K, I)) {
+    std::fprintf(stderr, "aha: GateUpSwiGlu: unsupported shape M %d K %d I %d (K %% 64, I %% 8, sm_90)\n", M, K, I);
+    std::abort();
+  }
+  // Set on every launch (a host call, no stream work), so that it holds on whichever device is current.
+  Check(cudaFuncSetAttribute(GateUpSwiGluKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMlpSmem),
+        "GateUpSwiGlu shared memory");
+  const CUtensorMap map_a = RowsMap(a16, M, K, kMlpBM), map_w = RowsMap(w16, 2 * I, K, kMlpBN);
+  const int row_blocks = (M + kMlpBM - 1) / kMlpBM;
+  const dim3 grid((I + kMlpBN - 1) / kMlpBN, (row_blocks + 1) / 2 * 2);  // whole clusters of 2
+  GateUpSwiGluKernel<<<grid, kMlpThreads, kMlpSmem, s>>>(reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I,
+                                                          K);
+  Check(cudaGetLastError(), "GateUpSwiGluKernel launch");
+}
+
+}  // namespace aha::engine::cuda
