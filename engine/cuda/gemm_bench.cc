@@ -389,6 +389,74 @@ int RunGemmBench(int argc, char** argv) {
       }
     }
   }
+  // The decode MLP's first half as a decode step runs it, in a graph of `layers` (each its own
+  // weights): the gate/up product into bf16 gu and the SwiGLU kernel (the kept path; the decode
+  // step with AHA_FUSED_MLP=0) against the one kernel with SwiGLU in its epilogue (GateUpSwiGlu).
+  for (int T : tokens) {
+    const int I = c.intermediate_size, layers = c.num_layers;
+    if (T > 1024 || !GateUpSwiGluSupported(T, C, I)) continue;
+    const size_t wn = 2 * static_cast<size_t>(I) * C, tc = static_cast<size_t>(T) * C;
+    std::vector<float*> ws(layers);
+    for (float*& w : ws) {
+      w = RandomDevice(wn, 1.0f / std::sqrt(static_cast<float>(C)), block);
+      gemm.RegisterWeights(w, wn);
+      gemm.WeightsChanged(w);
+    }
+    float* a = RandomDevice(tc, 1.0f, block);
+    float* gu = nullptr;  // the f32 range gu16 stands for (never written)
+    uint16_t *a16 = nullptr, *gu16 = nullptr, *h16 = nullptr;
+    CK(cudaMalloc(&gu, 2 * static_cast<size_t>(T) * I * sizeof(float)));
+    CK(cudaMalloc(&a16, tc * sizeof(uint16_t)));
+    CK(cudaMalloc(&gu16, 2 * static_cast<size_t>(T) * I * sizeof(uint16_t)));
+    CK(cudaMalloc(&h16, static_cast<size_t>(T) * I * sizeof(uint16_t)));
+    CastF32ToBF16(a16, a, tc, stream);
+    gemm.set_library(GemmLibrary::kCublasLt);
+    for (bool fused : {false, true}) {
+      gemm.ForgetCasts();
+      gemm.set_cast_reuse(true);
+      auto all = [&] {
+        for (float* w : ws) {
+          if (fused) {
+            GateUpSwiGlu(h16, a16, gemm.Bf16CopyOf(w, wn), T, C, I, stream);
+          } else {
+            gemm.NTBf16(gu16, gu, a, w, T, 2 * I, C);
+            SwiGluForward(nullptr, gu, gu16, T, I, h16, stream);
+          }
+        }
+      };
+      for (int i = 0; i < warmup; ++i) all();
+      cudaGraph_t g = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      all();
+      CK(cudaStreamEndCapture(stream, &g));
+      CK(cudaGraphInstantiate(&exec, g, 0));
+      CK(cudaGraphLaunch(exec, stream));
+      Timer plain{stream, nullptr, 0};
+      const double us = plain.Median(static_cast<int>(iters), [&] { CK(cudaGraphLaunch(exec, stream)); }) / layers;
+      CK(cudaGraphExecDestroy(exec));
+      CK(cudaGraphDestroy(g));
+      gemm.set_cast_reuse(false);
+      const double flops = 2.0 * T * 2.0 * I * C;
+      const double bytes = 2.0 * (tc + wn + static_cast<double>(T) * I);
+      const double floor_us = std::max(flops / (peak_tflops * 1e12), bytes / (peak_tbps * 1e12)) * 1e6;
+      const char* name = fused ? "gate/up + SwiGLU, one kernel" : "gate/up product + SwiGLU kernel";
+      std::cout << "T " << std::setw(6) << T << "  " << std::left << std::setw(34) << name << std::right
+                << " in a graph of " << layers << std::fixed << std::setprecision(1) << std::setw(10) << us
+                << " us per layer  floor " << floor_us << " us (" << std::setprecision(2) << floor_us / us * 100
+                << "%)" << std::defaultfloat << "\n";
+      std::cout << nlohmann::json{{"bench", "gemm"}, {"in_graph", layers}, {"tokens", T}, {"mlp_fused", fused},
+                                  {"us", us},        {"floor_us", floor_us}}.dump()
+                << "\n";
+    }
+    for (void* p : {static_cast<void*>(gu), static_cast<void*>(a16), static_cast<void*>(gu16),
+                    static_cast<void*>(h16), static_cast<void*>(a)})
+      CK(cudaFree(p));
+    for (float* w : ws) {
+      gemm.UnregisterWeights(w);
+      CK(cudaFree(w));
+    }
+  }
   // The producers of the products' inputs (docs/kernels.md, version 5): each as it ran before
   // (f32 output, then a separate cast of it) and as it runs now (the bf16 copy written in the same
   // kernel, Gemm::AdoptCast); the residual add + norm also as two ops before.
