@@ -132,9 +132,10 @@ fi
 if [[ $what == *s11* ]]; then
   # Session 11: the decode step's gate/up product with SwiGLU in its epilogue (one wgmma kernel with
   # clusters of two blocks sharing w by TMA multicast, engine/cuda/mlp.cu) against the product +
-  # SwiGLU kernel (AHA_FUSED_MLP=0): generation three runs each way, interleaved.
+  # SwiGLU kernel (AHA_FUSED_MLP=0), and its weight copies started under the norm before it (PDL)
+  # against an ordinary launch (AHA_MLP_EARLY=0): generation three runs each way, interleaved.
   for rep in 1 2 3; do
-    for v in default AHA_FUSED_MLP=0; do
+    for v in default AHA_FUSED_MLP=0 AHA_MLP_EARLY=0; do
       tag=${v%%=*}
       env ${v/default/AHA_NONE=1} timeout 150 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s11_${tag}_$rep.log" 2>&1
       echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' "$out/gen_s11_${tag}_$rep.log" | tr '\n' ' ')"

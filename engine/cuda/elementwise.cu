@@ -75,9 +75,19 @@ __device__ __forceinline__ float RowSum(float v, int T) {
 // order (a product split along K: Gemm::NTSplitK); parts = 1 is a plain x + y. The parts' loads
 // are all issued before the first add (kParts is a compile-time bound, so they unroll): one round
 // trip, not `parts` of them.
+// Lets a kernel launched after this one with programmatic dependent launch (PDL) start now: it
+// may only read, before its griddepcontrol.wait, memory this kernel does not write (the fused
+// MLP kernel after a norm copies its weights early, mlp.cu). No effect on ordinary launches.
+__device__ __forceinline__ void LetDependentsStart() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 template <bool kAdd, int kItems, int kParts = 1>
 __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
                                  const float* y, int parts, const float* w, int N, int C, int T, float eps) {
+  LetDependentsStart();
   const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
   const int t = threadIdx.x % T;
   const bool live = row < N;
@@ -136,6 +146,7 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
 template <bool kAdd>
 __global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
                                     const float* y, int parts, const float* w, int N, int C, int T, float eps) {
+  LetDependentsStart();
   const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
   const int t = threadIdx.x % T;
   const bool live = row < N;

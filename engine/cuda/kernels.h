@@ -51,6 +51,8 @@ void SwiGluForward(float* h, const float* gu, const uint16_t* gu_bf16, int N, in
 // h16[M, I] = bf16(silu(g) * u) with g, u the bf16-rounded columns j and I + j of a16[M, K] @
 // w16[2I, K]^T, in one kernel (mlp.cu; wgmma, so sm_90 only): the kept-bf16 gate/up product and
 // SwiGluForward without gu. Supported: a compute capability 9 device, K % 64 == 0, I % 8 == 0.
+// It is launched dependent (PDL) and copies w before the kernel enqueued just before it has
+// finished (a norm, in a decode step, that lets it start early): that kernel must not write w.
 bool GateUpSwiGluSupported(int M, int K, int I);
 void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M, int K, int I, cudaStream_t s);
 void SwiGluBackward(float* dgu, const float* dh, const uint16_t* dh_bf16, const float* gu, const uint16_t* gu_bf16,

@@ -173,17 +173,31 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
   }
   ClusterSync();  // both blocks' barriers exist before either multicasts or arrives remotely
 
+  // The weights' first stages before the wait for the kernel before this one: launched dependent
+  // (PDL) after a norm that lets its dependents start, the copies run under the norm. Only w is
+  // read here, which the kernel before may not write (GateUpSwiGlu's contract, kernels.h).
+  const bool producer = tid == kMlpConsumers;
+  auto load_w = [&](int kt) {
+    const int s = kt % kMlpStages;
+    MbarExpectBytes(full(s), kMlpStageBytes);  // this step's a and both halves of w
+    TmaLoadMulticast(base + s * kMlpStageBytes + kMlpABytes + rank * kMlpBHalfBytes, &map_w, kt * kMlpBK,
+                     static_cast<int>(rank) * I + j0, full(s), 0x3);
+  };
+  const int early = KT < kMlpStages ? KT : kMlpStages;
+  if (producer)
+    for (int kt = 0; kt < early; ++kt) load_w(kt);
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the kernel before (a's writer) is complete
+
   float acc[80];
   if (tid >= kMlpConsumers) {  // the producer warp: one thread issues every copy
-    if (tid == kMlpConsumers) {
+    if (producer) {
       for (int kt = 0; kt < KT; ++kt) {
         const int s = kt % kMlpStages;
-        if (kt >= kMlpStages) MbarWait(empty(s), ((kt / kMlpStages) - 1) & 1);
-        MbarExpectBytes(full(s), kMlpStageBytes);
-        const uint32_t stage = base + s * kMlpStageBytes;
-        TmaLoad(stage, &map_a, kt * kMlpBK, m0, full(s));
-        TmaLoadMulticast(stage + kMlpABytes + rank * kMlpBHalfBytes, &map_w, kt * kMlpBK,
-                         static_cast<int>(rank) * I + j0, full(s), 0x3);
+        if (kt >= early) {
+          MbarWait(empty(s), ((kt / kMlpStages) - 1) & 1);
+          load_w(kt);
+        }
+        TmaLoad(base + s * kMlpStageBytes, &map_a, kt * kMlpBK, m0, full(s));
       }
     }
     __syncwarp();
@@ -305,9 +319,24 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
   const CUtensorMap map_a = RowsMap(a16, M, K, kMlpBM), map_w = RowsMap(w16, 2 * I, K, kMlpBN);
   const int row_blocks = (M + kMlpBM - 1) / kMlpBM;
   const dim3 grid((I + kMlpBN - 1) / kMlpBN, (row_blocks + 1) / 2 * 2);  // whole clusters of 2
-  GateUpSwiGluKernel<<<grid, kMlpThreads, kMlpSmem, s>>>(reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I,
-                                                          K);
-  Check(cudaGetLastError(), "GateUpSwiGluKernel launch");
+  // Launched dependent (PDL): the kernel may start while the one before it runs, copying weights
+  // until its griddepcontrol.wait (AHA_MLP_EARLY=0: an ordinary launch, the A/B).
+  static const bool early = [] {
+    const char* e = std::getenv("AHA_MLP_EARLY");
+    return !(e && e[0] == '0');
+  }();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kMlpThreads);
+  config.dynamicSmemBytes = kMlpSmem;
+  config.stream = s;
+  config.attrs = attr;
+  config.numAttrs = early ? 1 : 0;
+  Check(cudaLaunchKernelEx(&config, GateUpSwiGluKernel, reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I, K),
+        "GateUpSwiGluKernel launch");
 }
 
 }  // namespace aha::engine::cuda

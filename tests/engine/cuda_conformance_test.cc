@@ -668,6 +668,43 @@ TEST(CudaOps, GateUpSwiGluEqualsItsOps) {
     cpu.LinearForward(cgu.data(), cln.data(), wgu.data(), nullptr, N, C, 2 * I);
     cpu.SwiGluForward(ch.data(), cgu.data(), N, I);
     ExpectNmse("fused gate/up + swiglu vs cpu", shape, fused, ch, kBf16);
+    // As a decode graph holds it: the kernel launched dependent on the norm (a programmatic edge,
+    // unless AHA_MLP_EARLY=0), copying weights before the norm is done; replayed on fresh x.
+    if (N == 256) {
+      gpu->gemm().ForgetCasts();
+      ASSERT_EQ(cudaStreamBeginCapture(gpu->stream(), cudaStreamCaptureModeThreadLocal), cudaSuccess);
+      gpu->RmsNormForward(ln.f32(), rstd.f32(), d_x.f32(), d_nw.f32(), N, C, eps);
+      gpu->GateUpSwiGlu(h.f32(), gu.f32(), ln.f32(), d_w.f32(), N, C, I);
+      cudaGraph_t graph = nullptr;
+      ASSERT_EQ(cudaStreamEndCapture(gpu->stream(), &graph), cudaSuccess);
+      size_t edges = 0;
+      ASSERT_EQ(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges), cudaSuccess);
+      std::vector<cudaGraphNode_t> from(edges), to(edges);
+      std::vector<cudaGraphEdgeData> data(edges);
+      ASSERT_EQ(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges), cudaSuccess);
+      int programmatic = 0;
+      for (const cudaGraphEdgeData& e : data) programmatic += e.type == cudaGraphDependencyTypeProgrammatic;
+      const char* early = std::getenv("AHA_MLP_EARLY");
+      EXPECT_EQ(programmatic, early && early[0] == '0' ? 0 : 1) << "edges " << edges;
+      cudaGraphExec_t exec = nullptr;
+      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      cudaGraphDestroy(graph);
+      const auto x2 = Randn(nc);
+      gpu->Upload(d_x.f32(), x2.data(), nc * sizeof(float));
+      gpu->RmsNormForward(ln.f32(), rstd.f32(), d_x.f32(), d_nw.f32(), N, C, eps);
+      gpu->GateUpSwiGlu(h.f32(), gu.f32(), ln.f32(), d_w.f32(), N, C, I);
+      const std::vector<float> direct = KeptValues(gpu, h);
+      gpu->gemm().ForgetCasts();
+      // h's kept copy poisoned (0xffff is a bf16 NaN), so the replay must write all of it.
+      ASSERT_EQ(cudaMemsetAsync(gpu->gemm().Bf16Copy(h.f32()), 0xff, ni * sizeof(uint16_t), gpu->stream()),
+                cudaSuccess);
+      ASSERT_EQ(cudaGraphLaunch(exec, gpu->stream()), cudaSuccess);
+      gpu->Synchronize();
+      ExpectNmse("fused gate/up + swiglu, graph vs direct", shape, KeptValues(gpu, h), direct, 0.0);
+      cudaGraphExecDestroy(exec);
+      gpu->Upload(d_x.f32(), x.data(), nc * sizeof(float));  // ln as before, for the checks below
+      gpu->RmsNormForward(ln.f32(), rstd.f32(), d_x.f32(), d_nw.f32(), N, C, eps);
+    }
     // Off (AHA_FUSED_MLP=0): the two ops, which write gu's kept copy.
     gpu->set_fused_mlp(false);
     EXPECT_FALSE(gpu->FusesMlp(N, C, I));
