@@ -85,7 +85,9 @@ class CudaBackend final : public Backend {
   void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) override;
   void SwiGluForward(float* h, const float* gu, int N, int I) override;
   // Rows up to kFusedMlpRows (a decode step) with x and h kept in bf16 and bf16 products: one kernel
-  // (cuda::GateUpSwiGlu, wgmma) that never writes gu; else the default's two ops.
+  // (cuda::GateUpSwiGlu, wgmma) that never writes gu; else the default's two ops. The kernel copies
+  // w before the op enqueued just before it has finished (PDL; a norm in the decode step): that op
+  // must not write w.
   void GateUpSwiGlu(float* h, float* gu, const float* x, const float* w, int N, int C, int I) override;
   // Whether GateUpSwiGlu runs the fused kernel for this shape, given kept x and h (AHA_FUSED_MLP=0 at
   // construction turns it off: the A/B).

@@ -11,17 +11,20 @@
 // waves). Two consumer warpgroups each own 64 rows: m64n160k16 with f32 accumulators (80 registers
 // a thread), so a thread holds gate column c and up column c (registers r and r + 40) together.
 //
-// At 256 rows such a product is bound by the bytes that reach the multiprocessors from L2, not by
-// the tensor cores: a plain grid reads a's row block once per column block and w's once per row
-// block, 63 MB for 17 MB of weights (the first version, cp.async, ran 20 us against the plain
-// product + SwiGLU's ~15). So the two row blocks of a column block form a cluster and share w: the
-// producer warp of each loads its own 128 rows of a and one half of the B tile (rank 0 the gate
-// rows, rank 1 the up rows) with the tensor memory accelerator, multicast into both blocks' shared
-// memory: 45 MB. K runs in steps of 64 (one 128-byte row, the swizzle atom) through kMlpStages
-// stages, each with a full barrier (the producer's expected bytes: its a tile and both halves of B,
-// one from each block) and an empty barrier (one arrival from each consumer warpgroup of both
-// blocks, since either block's producer writes into both). The copies use the 128-byte swizzle,
-// the layout the wgmma descriptors read; rows past M, I or 2I are zero-filled by the copy engine.
+// The two row blocks of a column block form a cluster and share w: the producer warp of each
+// loads its own 128 rows of a and one half of the B tile (rank 0 the gate rows, rank 1 the up rows)
+// with the tensor memory accelerator, multicast into both blocks' shared memory. That cuts what
+// reaches the multiprocessors from L2 from 63 MB (a plain grid reads a's row block once per column
+// block and w's once per row block) to 45 MB. K runs in steps of 64 (one 128-byte row, the swizzle
+// atom) through kMlpStages stages. Each stage has a full barrier (the producer's expected bytes:
+// its a tile and both halves of B, one from each block) and an empty barrier (one arrival from each
+// consumer warpgroup of both blocks, since either block's producer writes into both). A consumer
+// leaves step kt's products running while it waits for step kt - 1's and releases that stage:
+// docs/kernels.md "Version 12" measured a drain per step, and cluster-scope fences on the
+// arrivals, as what made the first versions slower than cuBLAS + SwiGLU. The copies use the
+// 128-byte swizzle, the layout the wgmma descriptors read; rows past M, I or 2I are zero-filled by
+// the copy engine. The kernel is launched dependent (PDL): the first stages' weight copies go out
+// before griddepcontrol.wait, while the norm before it (which lets dependents start) still runs.
 #include <cuda.h>  // CUtensorMap and its enums (the encoder comes from the runtime's entry point)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
