@@ -116,6 +116,24 @@ struct Timer {
   }
 };
 
+// `all` (the ops of `per` layers) captured as one CUDA graph after `warmup` direct runs; the median
+// of `iters` replays, in microseconds per layer.
+double GraphMedianUs(cudaStream_t stream, int warmup, int iters, int per, const std::function<void()>& all) {
+  for (int i = 0; i < warmup; ++i) all();
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  all();
+  CK(cudaStreamEndCapture(stream, &g));
+  CK(cudaGraphInstantiate(&exec, g, 0));
+  CK(cudaGraphLaunch(exec, stream));
+  Timer plain{stream, nullptr, 0};
+  const double us = plain.Median(iters, [&] { CK(cudaGraphLaunch(exec, stream)); }) / per;
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(g));
+  return us;
+}
+
 }  // namespace
 
 int RunGemmBench(int argc, char** argv) {
@@ -354,19 +372,8 @@ int RunGemmBench(int argc, char** argv) {
               else gemm.NTSplitK(out, a, w, T, lin.out, lin.in, parts);
             }
           };
-          for (int i = 0; i < warmup; ++i) all();
-          cudaGraph_t g = nullptr;
-          cudaGraphExec_t exec = nullptr;
-          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-          all();
-          CK(cudaStreamEndCapture(stream, &g));
-          CK(cudaGraphInstantiate(&exec, g, 0));
-          CK(cudaGraphLaunch(exec, stream));
-          Timer plain{stream, nullptr, 0};
           const double us =
-              plain.Median(static_cast<int>(iters), [&] { CK(cudaGraphLaunch(exec, stream)); }) / layers;
-          CK(cudaGraphExecDestroy(exec));
-          CK(cudaGraphDestroy(g));
+              GraphMedianUs(stream, static_cast<int>(warmup), static_cast<int>(iters), layers, all);
           gemm.set_cast_reuse(false);
           const double flops = 2.0 * T * lin.out * static_cast<double>(lin.in);
           const double bytes = 2.0 * (static_cast<double>(T) * lin.in + wn) + 4.0 * T * lin.out;
@@ -424,18 +431,7 @@ int RunGemmBench(int argc, char** argv) {
           }
         }
       };
-      for (int i = 0; i < warmup; ++i) all();
-      cudaGraph_t g = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      all();
-      CK(cudaStreamEndCapture(stream, &g));
-      CK(cudaGraphInstantiate(&exec, g, 0));
-      CK(cudaGraphLaunch(exec, stream));
-      Timer plain{stream, nullptr, 0};
-      const double us = plain.Median(static_cast<int>(iters), [&] { CK(cudaGraphLaunch(exec, stream)); }) / layers;
-      CK(cudaGraphExecDestroy(exec));
-      CK(cudaGraphDestroy(g));
+      const double us = GraphMedianUs(stream, static_cast<int>(warmup), static_cast<int>(iters), layers, all);
       gemm.set_cast_reuse(false);
       const double flops = 2.0 * T * 2.0 * I * C;
       const double bytes = 2.0 * (tc + wn + static_cast<double>(T) * I);
