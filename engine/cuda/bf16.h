@@ -1,5 +1,6 @@
-// bf16 packing shared by the kernels (.cu files only). Round to nearest even, as
-// CastF32ToBF16Kernel rounds, so a bf16 copy that a producer writes equals a cast of its output.
+// What several kernels share (.cu files only): bf16 packing, and SwiGLU's activation. Round to
+// nearest even, as CastF32ToBF16Kernel rounds, so a bf16 copy that a producer writes equals a cast
+// of its output.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,5 +21,9 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 
 // Four consecutive floats as four bf16 (one 8-byte store).
 __device__ __forceinline__ uint2 PackBf16x4(float4 x) { return make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w)); }
+
+// SwiGLU of one gate / up pair: silu(g) * u. The SwiGLU kernels and the fused gate/up product's
+// epilogue (mlp.cu) both compute it here, so their h agree bit for bit.
+__device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 }  // namespace aha::engine::cuda

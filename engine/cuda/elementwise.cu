@@ -70,11 +70,6 @@ __device__ __forceinline__ float RowSum(float v, int T) {
   return s;
 }
 
-// C % 4 == 0, 16-byte aligned rows: each thread keeps kItems float4 of its row in registers.
-// With kAdd, y holds `parts` (<= kParts) partial sums of the addend, N * C floats apart, added in
-// order (a product split along K: Gemm::NTSplitK); parts = 1 is a plain x + y. The parts' loads
-// are all issued before the first add (kParts is a compile-time bound, so they unroll): one round
-// trip, not `parts` of them.
 // Lets a kernel launched after this one with programmatic dependent launch (PDL) start now: it
 // may only read, before its griddepcontrol.wait, memory this kernel does not write (the fused
 // MLP kernel after a norm copies its weights early, mlp.cu). No effect on ordinary launches.
@@ -84,6 +79,11 @@ __device__ __forceinline__ void LetDependentsStart() {
 #endif
 }
 
+// C % 4 == 0, 16-byte aligned rows: each thread keeps kItems float4 of its row in registers.
+// With kAdd, y holds `parts` (<= kParts) partial sums of the addend, N * C floats apart, added in
+// order (a product split along K: Gemm::NTSplitK); parts = 1 is a plain x + y. The parts' loads
+// are all issued before the first add (kParts is a compile-time bound, so they unroll): one round
+// trip, not `parts` of them.
 template <bool kAdd, int kItems, int kParts = 1>
 __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
                                  const float* y, int parts, const float* w, int N, int C, int T, float eps) {
@@ -356,8 +356,7 @@ __device__ __forceinline__ float4 Load4(const __nv_bfloat16* p, size_t i) {
 }
 
 // gu rows are gate | up (2I wide); thread i handles h[i] = column j of row n. h16, when not null,
-// gets h rounded to bf16 (the down product's operand: Gemm::AdoptCast).
-__device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// gets h rounded to bf16 (the down product's operand: Gemm::AdoptCast). Swish: bf16.h.
 
 template <typename Gu>
 __global__ void SwiGluForwardKernel(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I) {

@@ -33,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
 
 namespace aha::engine::cuda {
@@ -191,7 +192,6 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
     for (int kt = 0; kt < early; ++kt) load_w(kt);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the kernel before (a's writer) is complete
 
-  float acc[80];
   if (tid >= kMlpConsumers) {  // the producer warp: one thread issues every copy
     if (producer) {
       for (int kt = 0; kt < KT; ++kt) {
@@ -206,6 +206,7 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
     __syncwarp();
   } else {
     const int wg = tid >> 7;
+    float acc[80];
 #pragma unroll
     for (int i = 0; i < 80; ++i) acc[i] = 0.0f;
     for (int kt = 0; kt < KT; ++kt) {
@@ -243,7 +244,7 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
         const float u0 = RoundBf16(acc[ur]), u1 = RoundBf16(acc[ur + 1]);
         if (row < M && col < I)
           *reinterpret_cast<__nv_bfloat162*>(h + static_cast<size_t>(row) * I + col) =
-              __floats2bfloat162_rn(g0 / (1.0f + expf(-g0)) * u0, g1 / (1.0f + expf(-g1)) * u1);
+              __floats2bfloat162_rn(Swish(g0, u0), Swish(g1, u1));
       }
     }
   }
