@@ -11,17 +11,15 @@
 // waves). Two consumer warpgroups each own 64 rows: m64n160k16 with f32 accumulators (80 registers
 // a thread), so a thread holds gate column c and up column c (registers r and r + 40) together.
 //
-// The two row blocks of a column block form a cluster and share w: the producer warp of each
-// loads its own 128 rows of a and one half of the B tile (rank 0 the gate rows, rank 1 the up rows)
-// with the tensor memory accelerator, multicast into both blocks' shared memory. That cuts what
-// reaches the multiprocessors from L2 from 63 MB (a plain grid reads a's row block once per column
-// block and w's once per row block) to 45 MB. K runs in steps of 64 (one 128-byte row, the swizzle
-// atom) through kMlpStages stages. Each stage has a full barrier (the producer's expected bytes:
-// its a tile and both halves of B, one from each block) and an empty barrier (one arrival from each
-// consumer warpgroup of both blocks, since either block's producer writes into both). A consumer
-// leaves step kt's products running while it waits for step kt - 1's and releases that stage:
-// docs/kernels.md "Version 12" measured a drain per step, and cluster-scope fences on the
-// arrivals, as what made the first versions slower than cuBLAS + SwiGLU. The copies use the
+// A producer warp loads the block's 128 rows of a and its B tile (the gate rows, then the up rows)
+// with the tensor memory accelerator. K runs in steps of 64 (one 128-byte row, the swizzle atom)
+// through kMlpStages stages. Each stage has a full barrier (the producer's expected bytes) and an
+// empty barrier (one arrival from each consumer warpgroup). A consumer leaves step kt's products
+// running while it waits for step kt - 1's and releases that stage: docs/kernels.md "Version 12"
+// measured a drain per step as what made the first versions slower than cuBLAS + SwiGLU. Blocks
+// work alone: clusters sharing w (1 x 2) or w and a (2 x 2) by multicast cut the L2 reads from
+// 63 to 45 or 31 MB, but were no faster (1 x 2: 15.0 against 14.3 us) or much slower (2 x 2:
+// 26 us), as every stage then waits for the slowest block of its cluster ("Version 13"). The copies use the
 // 128-byte swizzle, the layout the wgmma descriptors read; rows past M, I or 2I are zero-filled by
 // the copy engine. The kernel is launched dependent (PDL): the first stages' weight copies go out
 // before griddepcontrol.wait, while the norm before it (which lets dependents start) still runs.
@@ -104,9 +102,6 @@ __device__ __forceinline__ void FenceAccumulators(float (&d)[80]) {
   for (int i = 0; i < 80; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-__device__ __forceinline__ void ClusterSync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -123,16 +118,10 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void MbarExpectBytes(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// One arrival on the barrier at the same offset in block `rank` of the cluster (this one included).
-// The default release at block scope, as CUTLASS's cluster barriers arrive: the stage's readers are
-// the tensor cores, done once wgmma.wait_group returns, so no cluster-scope fence is needed (the
-// first version's .release.cluster cost a fence per arrival on the critical path).
-__device__ __forceinline__ void MbarArriveCluster(uint32_t bar, uint32_t rank) {
-  asm volatile(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
-      "r"(rank)
-      : "memory");
+// One arrival, at the default release at block scope: the stage's readers are the tensor cores,
+// done once wgmma.wait_group returns.
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 // The box at (x inner, y rows) of the tensor map into this block's shared memory at dst.
 __device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
@@ -142,20 +131,11 @@ __device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, in
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
       : "memory");
 }
-// The same into dst of every block in `mask`, each completing bytes on its own barrier at bar.
-__device__ __forceinline__ void TmaLoadMulticast(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar,
-                                                 uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "h"(mask)
-      : "memory");
-}
 #endif
 
 __device__ __forceinline__ float RoundBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
-__global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
+__global__ void __launch_bounds__(kMlpThreads, 1)
     GateUpSwiGluKernel(__nv_bfloat16* __restrict__ h, const __grid_constant__ CUtensorMap map_a,
                        const __grid_constant__ CUtensorMap map_w, int M, int I, int K) {
 #ifdef AHA_WGMMA
@@ -165,17 +145,15 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
   auto full = [&](int s) { return bars + 8u * s; };
   auto empty = [&](int s) { return bars + 8u * (kMlpStages + s); };
   const int tid = threadIdx.x;
-  uint32_t rank;
-  asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
   const int m0 = blockIdx.y * kMlpBM, j0 = blockIdx.x * kMlpBN, KT = K / kMlpBK;
   if (tid == 0) {
     for (int s = 0; s < kMlpStages; ++s) {
       MbarInit(full(s), 1);
-      MbarInit(empty(s), 4);  // 2 consumer warpgroups x 2 blocks
+      MbarInit(empty(s), 2);  // the 2 consumer warpgroups
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
   }
-  ClusterSync();  // both blocks' barriers exist before either multicasts or arrives remotely
+  __syncthreads();
 
   // The weights' first stages before the wait for the kernel before this one: launched dependent
   // (PDL) after a norm that lets its dependents start, the copies run under the norm. Only w is
@@ -184,8 +162,9 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
   auto load_w = [&](int kt) {
     const int s = kt % kMlpStages;
     MbarExpectBytes(full(s), kMlpStageBytes);  // this step's a and both halves of w
-    TmaLoadMulticast(base + s * kMlpStageBytes + kMlpABytes + rank * kMlpBHalfBytes, &map_w, kt * kMlpBK,
-                     static_cast<int>(rank) * I + j0, full(s), 0x3);
+    const uint32_t sb = base + s * kMlpStageBytes + kMlpABytes;
+    TmaLoad(sb, &map_w, kt * kMlpBK, j0, full(s));                       // gate rows j0 ..
+    TmaLoad(sb + kMlpBHalfBytes, &map_w, kt * kMlpBK, I + j0, full(s));  // up rows I + j0 ..
   };
   const int early = KT < kMlpStages ? KT : kMlpStages;
   if (producer)
@@ -219,14 +198,10 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
       for (int kk = 0; kk < kMlpBK / 16; ++kk)
         Wgmma64x160(acc, SwizzledDesc(sa + kk * 32), SwizzledDesc(sb + kk * 32), 1);
       WgmmaCommit();
-      // Step kt's products run on while step kt - 1's are waited for and its stage released, in
-      // both blocks' eyes (the last step's stage is never waited for).
+      // Step kt's products run on while step kt - 1's are waited for and its stage released (the
+      // last step's stage is never waited for).
       WgmmaWait<1>();
-      if (kt > 0 && (tid & 127) == 0) {
-        const int done = (kt - 1) % kMlpStages;
-        MbarArriveCluster(empty(done), 0);
-        MbarArriveCluster(empty(done), 1);
-      }
+      if (kt > 0 && (tid & 127) == 0) MbarArrive(empty((kt - 1) % kMlpStages));
     }
     WgmmaWait<0>();
     FenceAccumulators(acc);
@@ -248,7 +223,6 @@ __global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(kMlpThreads, 1)
       }
     }
   }
-  ClusterSync();  // neither block leaves while the other may still arrive on its barriers
 #else
   __trap();  // built without sm_90a: GateUpSwiGluSupported() said no
 #endif
@@ -322,7 +296,7 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
         "GateUpSwiGlu shared memory");
   const CUtensorMap map_a = RowsMap(a16, M, K, kMlpBM), map_w = RowsMap(w16, 2 * I, K, kMlpBN);
   const int row_blocks = (M + kMlpBM - 1) / kMlpBM;
-  const dim3 grid((I + kMlpBN - 1) / kMlpBN, (row_blocks + 1) / 2 * 2);  // whole clusters of 2
+  const dim3 grid((I + kMlpBN - 1) / kMlpBN, row_blocks);
   // Launched dependent (PDL): the kernel may start while the one before it runs, copying weights
   // until its griddepcontrol.wait (AHA_MLP_EARLY=0: an ordinary launch, the A/B).
   static const bool early = [] {
