@@ -173,6 +173,7 @@ int RunActorDaemon(int argc, char** argv) {
     o.shadow = cuda->gemm().Bf16Copy(model->params());
     o.swap_stream = cuda->stream();
     o.stats = &rt->wire_stats();
+    o.stopping = [&rt] { return rt->stopping(); };  // a learner gone at shutdown is not waited out
     auto r = engine::cuda::WeightReceiver::Create(rt->zmq(), o);
     if (!r.ok()) return Fail(prog, r.status().message());
     receiver = std::move(r).value();
@@ -218,6 +219,7 @@ int RunActorDaemon(int argc, char** argv) {
       bool answered = false, failing = false;
       while (receiver && !rt->stopping()) {
         auto r = receiver->Step();
+        if (rt->stopping()) break;  // a failure now is the shutdown's, not news
         if (!r.ok() && IsFailedPrecondition(r.status())) {
           if (answered) spdlog::warn("weights over NCCL: {}; pulling over ZeroMQ instead", r.status().message());
           else spdlog::info("weights: {}; pulling over ZeroMQ", r.status().message());
@@ -241,7 +243,7 @@ int RunActorDaemon(int argc, char** argv) {
       if (rt->stopping()) return;
 #endif
       while (!rt->stopping()) {
-        auto got = subscriber->FetchIfNewer(fetched.load(), 2000ms);
+        auto got = subscriber->FetchIfNewer(fetched.load(), 2000ms, [&rt] { return rt->stopping(); });
         if (!got.ok()) {
           spdlog::debug("weights: {}", got.status().ToString());
           rt->WaitForStopFor(200ms);

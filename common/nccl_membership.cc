@@ -338,7 +338,8 @@ Result<std::unique_ptr<NcclControlClient>> NcclControlClient::Create(zmq::contex
 }
 
 Result<NcclAssignment> NcclControlClient::Exchange(uint64_t epoch, uint64_t received, uint64_t failed_epoch,
-                                                   bool leave, Millis timeout) {
+                                                   bool leave, Millis timeout,
+                                                   const std::function<bool()>& abandon) {
   state_.epoch = epoch;
   state_.received = received;
   state_.failed_epoch = failed_epoch;
@@ -346,7 +347,7 @@ Result<NcclAssignment> NcclControlClient::Exchange(uint64_t epoch, uint64_t rece
   ++state_.sequence;
   capnp::MallocMessageBuilder m;
   WriteNcclRequest(state_, InitEnvelope(m, state_.actor_id).getBody().initNcclRequest());
-  ASSIGN_OR_RETURN(auto reply, client_->Call(m, timeout));
+  ASSIGN_OR_RETURN(auto reply, client_->Call(m, timeout, abandon));
   if (reply->which() != proto::Envelope::Body::NCCL_REPLY)
     return InvalidArgument("the weights socket answered an NcclRequest with something else");
   try {

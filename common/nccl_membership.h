@@ -36,6 +36,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -168,9 +169,10 @@ class NcclControlClient {
                                                            const std::string& actor_id, int32_t device,
                                                            const std::string& gpu = "", WireStats* stats = nullptr);
   // Reports epoch / received / failed_epoch (and leave) and returns the learner's answer. Timeout
-  // when the learner does not answer in `timeout`; InvalidArgument for a malformed answer.
+  // when the learner does not answer in `timeout`; InvalidArgument for a malformed answer;
+  // Cancelled when `abandon` says so meanwhile (RpcClient::Call).
   Result<NcclAssignment> Exchange(uint64_t epoch, uint64_t received, uint64_t failed_epoch, bool leave,
-                                  Millis timeout);
+                                  Millis timeout, const std::function<bool()>& abandon = {});
   uint64_t incarnation() const { return state_.incarnation; }
 
  private:

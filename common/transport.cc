@@ -529,7 +529,8 @@ void RpcClient::Connect() {
   socket_->connect(options_.endpoint);
 }
 
-Result<std::unique_ptr<DecodedEnvelope>> RpcClient::Call(capnp::MessageBuilder& request, Millis timeout) {
+Result<std::unique_ptr<DecodedEnvelope>> RpcClient::Call(capnp::MessageBuilder& request, Millis timeout,
+                                                          const std::function<bool()>& abandon) {
   std::lock_guard<std::mutex> lock(mu_);
   auto deadline = Clock::now() + timeout;
   uint64_t sequence = next_sequence_++;
@@ -550,8 +551,14 @@ Result<std::unique_ptr<DecodedEnvelope>> RpcClient::Call(capnp::MessageBuilder& 
     auto left = std::chrono::duration_cast<Millis>(deadline - Clock::now());
     if (left.count() <= 0) break;
     zmq_pollitem_t items[1] = {{socket_->handle(), 0, ZMQ_POLLIN, 0}};
-    zmq::poll(items, 1, left);
-    if (!(items[0].revents & ZMQ_POLLIN)) continue;
+    zmq::poll(items, 1, abandon ? std::min(left, kAbandonPoll) : left);
+    if (!(items[0].revents & ZMQ_POLLIN)) {
+      if (abandon && abandon()) {
+        Connect();  // as after a timeout: the pending request cannot be answered into the next call
+        return Cancelled("call to " + options_.endpoint + " abandoned");
+      }
+      continue;
+    }
     zmq::message_t reply;
     if (!socket_->recv(reply, zmq::recv_flags::dontwait)) continue;
     MalformedReason why;

@@ -209,8 +209,12 @@ class RpcClient {
  public:
   static Result<std::unique_ptr<RpcClient>> Create(zmq::context_t& context, RpcClientOptions options);
   // Sends `request` (an Envelope with its body set) and waits for the reply until `timeout`.
-  // Timeout when none came; Unavailable with the server's message for an ErrorReply.
-  Result<std::unique_ptr<DecodedEnvelope>> Call(capnp::MessageBuilder& request, Millis timeout);
+  // Timeout when none came; Unavailable with the server's message for an ErrorReply. `abandon`
+  // (may be empty) is asked at least every kAbandonPoll while the call waits: true gives the call
+  // up with Cancelled (a daemon that is stopping does not wait out a peer that is gone).
+  Result<std::unique_ptr<DecodedEnvelope>> Call(capnp::MessageBuilder& request, Millis timeout,
+                                                const std::function<bool()>& abandon = {});
+  static constexpr Millis kAbandonPoll{20};
 
  private:
   RpcClient(zmq::context_t& context, RpcClientOptions options);

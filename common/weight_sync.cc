@@ -152,13 +152,14 @@ Result<std::unique_ptr<WeightSubscriber>> WeightSubscriber::Create(zmq::context_
   return s;
 }
 
-Result<std::optional<WeightsVersion>> WeightSubscriber::FetchIfNewer(uint64_t have_version, Millis timeout) {
+Result<std::optional<WeightsVersion>> WeightSubscriber::FetchIfNewer(uint64_t have_version, Millis timeout,
+                                                                     const std::function<bool()>& abandon) {
   for (int attempt = 0; attempt < 3; ++attempt) {
     capnp::MallocMessageBuilder ask;
     auto req = InitEnvelope(ask, "actor").getBody().initWeightsRequest();
     req.setHaveVersion(have_version);
     req.setChunkIndex(-1);
-    ASSIGN_OR_RETURN(auto announce_env, client_->Call(ask, timeout));
+    ASSIGN_OR_RETURN(auto announce_env, client_->Call(ask, timeout, abandon));
     if (announce_env->which() != proto::Envelope::Body::WEIGHTS_ANNOUNCE)
       return DataLoss("weights socket answered with something other than an announce");
     auto a = announce_env->root().getBody().getWeightsAnnounce();
@@ -185,7 +186,7 @@ Result<std::optional<WeightsVersion>> WeightSubscriber::FetchIfNewer(uint64_t ha
       r.setHaveVersion(have_version);
       r.setVersion(v.version);
       r.setChunkIndex(static_cast<int64_t>(i));
-      auto reply = client_->Call(m, timeout);
+      auto reply = client_->Call(m, timeout, abandon);
       if (!reply.ok() && IsUnavailable(reply.status()) &&
           reply.status().message().find("no longer served") != std::string::npos) {
         restart = true;  // two newer versions were published meanwhile: start over with the newest

@@ -17,6 +17,7 @@
 #include <atomic>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -86,8 +87,10 @@ class WeightSubscriber {
                                                           const std::string& endpoint,
                                                           WireStats* stats = nullptr);
   // nullopt when the publisher has nothing newer than `have_version`. Timeout/Unavailable when the
-  // learner does not answer; DataLoss on a checksum mismatch.
-  Result<std::optional<WeightsVersion>> FetchIfNewer(uint64_t have_version, Millis call_timeout);
+  // learner does not answer; DataLoss on a checksum mismatch; Cancelled when `abandon` says so
+  // while a call waits (RpcClient::Call).
+  Result<std::optional<WeightsVersion>> FetchIfNewer(uint64_t have_version, Millis call_timeout,
+                                                     const std::function<bool()>& abandon = {});
 
  private:
   std::unique_ptr<RpcClient> client_;

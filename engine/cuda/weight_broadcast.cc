@@ -195,7 +195,8 @@ Result<bool> WeightReceiver::Step() {
   if (!broken_.ok()) return broken_;
   RETURN_IF_ERROR(CudaOk(cudaSetDevice(options_.device), "cuda:" + std::to_string(options_.device)));
   ASSIGN_OR_RETURN(NcclAssignment a,
-                   control_->Exchange(epoch_, received_, failed_epoch_, /*leave=*/false, options_.call_timeout));
+                   control_->Exchange(epoch_, received_, failed_epoch_, /*leave=*/false, options_.call_timeout,
+                                      options_.stopping));
   if (!a.enabled) return FailedPrecondition(a.reason.empty() ? "the learner does not broadcast weights" : a.reason);
   const uint64_t want = options_.n * sizeof(uint16_t);
   if (a.bytes != want || a.dtype != proto::DType::BF16) {
@@ -237,7 +238,8 @@ Result<bool> WeightReceiver::Step() {
 bool WeightReceiver::LearnerMovedOn(uint64_t epoch, Clock::time_point* last) {
   if (Clock::now() - *last < options_.poll_interval) return false;
   *last = Clock::now();
-  auto a = control_->Exchange(epoch_, received_, failed_epoch_, /*leave=*/false, options_.call_timeout);
+  auto a = control_->Exchange(epoch_, received_, failed_epoch_, /*leave=*/false, options_.call_timeout,
+                              options_.stopping);
   if (!a.ok()) return false;  // no answer: the deadline decides
   return !a->enabled || a->learner != learner_ || a->epoch != epoch;
 }

@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -99,6 +100,7 @@ struct WeightReceiverOptions {
   Millis poll_interval{2};            // how often the learner hears from an actor that waits: a
                                       // broadcast starts only when every actor has heard of it
   Millis call_timeout{2000};
+  std::function<bool()> stopping;     // may be empty: true gives up Step()'s wait for the learner
   Millis join_deadline{60000};
   Millis broadcast_deadline{60000};
   WireStats* stats = nullptr;

@@ -260,6 +260,36 @@ TEST(Rpc, DeadlineExpiresWhenNobodyAnswers) {
   EXPECT_LT(Clock::now() - t0, 2000ms);
 }
 
+// A stopping daemon gives up a call whose peer is gone or slow (the actor's weight fetcher at
+// shutdown waited out a 2 s call to the learner that had stopped first).
+TEST(Rpc, AnAbandonedCallGivesUpAndTheNextCallStillWorks) {
+  zmq::context_t ctx;
+  std::atomic<int> calls{0};
+  auto server = EchoServer(ctx, &calls, 400ms);  // the first call is answered after 400 ms
+  RpcClientOptions o;
+  o.endpoint = server->bound_endpoint();
+  auto client = std::move(RpcClient::Create(ctx, o)).value();
+  std::atomic<bool> stop{false};
+  std::thread flip([&] {
+    std::this_thread::sleep_for(50ms);
+    stop = true;
+  });
+  capnp::MallocMessageBuilder m;
+  BlobMessage(m, "slow");
+  auto r = client->Call(m, 30000ms, [&] { return stop.load(); });
+  flip.join();
+  EXPECT_TRUE(IsCancelled(r.status())) << r.status().ToString();
+  // An abandon that never says yes changes nothing, and the first call's late answer is not
+  // taken for this one.
+  capnp::MallocMessageBuilder m2;
+  BlobMessage(m2, "second");
+  auto r2 = client->Call(m2, 3000ms, [] { return false; });
+  ASSERT_TRUE(r2.ok()) << r2.status().ToString();
+  auto b = (*r2)->root().getBody().getBlob();
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(b.begin()), b.size()), "echo:second");
+  EXPECT_EQ(calls.load(), 2);
+}
+
 TEST(Rpc, ALateReplyIsNeverTakenForTheNextCall) {
   zmq::context_t ctx;
   std::atomic<int> calls{0};
