@@ -19,9 +19,9 @@
 // measured a drain per step as what made the first versions slower than cuBLAS + SwiGLU. Blocks
 // work alone: clusters sharing w (1 x 2) or w and a (2 x 2) by multicast cut the L2 reads from
 // 63 to 45 or 31 MB, but were no faster (1 x 2: 15.0 against 14.3 us) or much slower (2 x 2:
-// 26 us), as every stage then waits for the slowest block of its cluster ("Version 13"). The copies use the
-// 128-byte swizzle, the layout the wgmma descriptors read; rows past M, I or 2I are zero-filled by
-// the copy engine. The kernel is launched dependent (PDL): the first stages' weight copies go out
+// 26 us), as every stage then waits for the slowest block of its cluster ("Version 13"). The
+// copies use the 128-byte swizzle, the layout the wgmma descriptors read; rows past M, I or 2I
+// are zero-filled by the copy engine. The kernel is launched dependent (PDL): the first stages' weight copies go out
 // before griddepcontrol.wait, while the norm before it (which lets dependents start) still runs.
 #include <cuda.h>  // CUtensorMap and its enums (the encoder comes from the runtime's entry point)
 #include <cuda_bf16.h>
