@@ -445,6 +445,50 @@ int RunGemmBench(int argc, char** argv) {
                                   {"us", us},        {"floor_us", floor_us}}.dump()
                 << "\n";
     }
+    // The fused kernel's steady state: the same blocks with K eight times as long (8x the K
+    // steps), so (t(8K) - t(K)) / (7 K / 64) is one K step without the start and the epilogue
+    // (tensor work per step: 128 x 160 x 64 per block, 640 cycles at the H200's rate).
+    double us_k = 0.0;
+    {
+      const int K8 = 8 * C;
+      const size_t wn8 = 2 * static_cast<size_t>(I) * K8, tc8 = static_cast<size_t>(T) * K8;
+      std::vector<float*> w8(layers);
+      for (float*& w : w8) {
+        w = RandomDevice(wn8, 1.0f / std::sqrt(static_cast<float>(K8)), block);
+        gemm.RegisterWeights(w, wn8);
+        gemm.WeightsChanged(w);
+      }
+      float* a8 = RandomDevice(tc8, 1.0f, block);
+      uint16_t* a8_16 = nullptr;
+      CK(cudaMalloc(&a8_16, tc8 * sizeof(uint16_t)));
+      CastF32ToBF16(a8_16, a8, tc8, stream);
+      for (int k : {C, K8}) {
+        const auto& wl = k == C ? ws : w8;
+        const uint16_t* ak = k == C ? a16 : a8_16;
+        const size_t wk = k == C ? wn : wn8;
+        const double us = GraphMedianUs(stream, static_cast<int>(warmup), static_cast<int>(iters), layers, [&] {
+          for (float* w : wl) GateUpSwiGlu(h16, ak, gemm.Bf16CopyOf(w, wk), T, k, I, stream);
+        });
+        if (k == C) {
+          us_k = us;
+          continue;
+        }
+        const double step_ns = (us - us_k) * 1e3 / (7.0 * C / 64.0);
+        std::cout << "T " << std::setw(6) << T << "  gate/up + SwiGLU, one kernel, K " << K8 << " in a graph of "
+                  << layers << std::fixed << std::setprecision(1) << std::setw(10) << us << " us per layer (K "
+                  << C << ": " << us_k << "): " << step_ns << " ns per K step" << std::defaultfloat << "\n";
+        std::cout << nlohmann::json{{"bench", "gemm"}, {"in_graph", layers}, {"tokens", T}, {"mlp_fused", true},
+                                    {"k", K8},         {"us", us},           {"us_k", us_k}, {"step_ns", step_ns}}
+                         .dump()
+                  << "\n";
+      }
+      CK(cudaFree(a8_16));
+      CK(cudaFree(a8));
+      for (float* w : w8) {
+        gemm.UnregisterWeights(w);
+        CK(cudaFree(w));
+      }
+    }
     for (void* p : {static_cast<void*>(gu), static_cast<void*>(a16), static_cast<void*>(gu16),
                     static_cast<void*>(h16), static_cast<void*>(a)})
       CK(cudaFree(p));
