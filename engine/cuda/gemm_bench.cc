@@ -88,6 +88,24 @@ float* RandomDevice(size_t n, float scale, const std::vector<float>& block) {
   return d;
 }
 
+// `count` weight matrices of n f32 each, N(0, 1 / fan_in), registered with the gemm (so products
+// read their bf16 copies); FreeWeights unregisters and frees them.
+std::vector<float*> RegisteredWeights(Gemm& gemm, int count, size_t n, int fan_in, const std::vector<float>& block) {
+  std::vector<float*> ws(count);
+  for (float*& w : ws) {
+    w = RandomDevice(n, 1.0f / std::sqrt(static_cast<float>(fan_in)), block);
+    gemm.RegisterWeights(w, n);
+    gemm.WeightsChanged(w);
+  }
+  return ws;
+}
+void FreeWeights(Gemm& gemm, const std::vector<float*>& ws) {
+  for (float* w : ws) {
+    gemm.UnregisterWeights(w);
+    CK(cudaFree(w));
+  }
+}
+
 struct Timer {
   cudaStream_t stream;
   void* flush;
@@ -212,9 +230,8 @@ int RunGemmBench(int argc, char** argv) {
   for (int T : tokens) {
     for (const Linear& lin : linears) {
       const size_t wn = static_cast<size_t>(lin.out) * lin.in;
-      float* w = RandomDevice(wn, 1.0f / std::sqrt(static_cast<float>(lin.in)), block);
-      gemm.RegisterWeights(w, wn);
-      gemm.WeightsChanged(w);
+      const std::vector<float*> one = RegisteredWeights(gemm, 1, wn, lin.in, block);
+      float* w = one[0];
       for (Form form : forms) {
         if (lin.nt_only && form != Form::kNT) continue;
         // The product's operands: a (activation, cast), b (the weight, or x for TN), out.
@@ -335,8 +352,7 @@ int RunGemmBench(int argc, char** argv) {
         if (b != w) CK(cudaFree(b));
         CK(cudaFree(a));
       }
-      gemm.UnregisterWeights(w);
-      CK(cudaFree(w));
+      FreeWeights(gemm, one);
     }
   }
   // Decode-sized forward products as a decode step runs them: in a CUDA graph, back to back, each
@@ -351,12 +367,7 @@ int RunGemmBench(int argc, char** argv) {
     for (const Linear& lin : linears) {
       if (lin.name == "lm_head") continue;
       const size_t wn = static_cast<size_t>(lin.out) * lin.in;
-      std::vector<float*> ws(layers);
-      for (float*& w : ws) {
-        w = RandomDevice(wn, 1.0f / std::sqrt(static_cast<float>(lin.in)), block);
-        gemm.RegisterWeights(w, wn);
-        gemm.WeightsChanged(w);
-      }
+      const std::vector<float*> ws = RegisteredWeights(gemm, layers, wn, lin.in, block);
       float* a = RandomDevice(static_cast<size_t>(T) * lin.in, 1.0f, block);
       float* out = nullptr;
       CK(cudaMalloc(&out, 8 * static_cast<size_t>(T) * lin.out * sizeof(float)));
@@ -390,10 +401,7 @@ int RunGemmBench(int argc, char** argv) {
         }
       CK(cudaFree(out));
       CK(cudaFree(a));
-      for (float* w : ws) {
-        gemm.UnregisterWeights(w);
-        CK(cudaFree(w));
-      }
+      FreeWeights(gemm, ws);
     }
   }
   // The decode MLP's first half as a decode step runs it, in a graph of `layers` (each its own
@@ -403,12 +411,7 @@ int RunGemmBench(int argc, char** argv) {
     const int I = c.intermediate_size, layers = c.num_layers;
     if (T > 1024 || !GateUpSwiGluSupported(T, C, I)) continue;
     const size_t wn = 2 * static_cast<size_t>(I) * C, tc = static_cast<size_t>(T) * C;
-    std::vector<float*> ws(layers);
-    for (float*& w : ws) {
-      w = RandomDevice(wn, 1.0f / std::sqrt(static_cast<float>(C)), block);
-      gemm.RegisterWeights(w, wn);
-      gemm.WeightsChanged(w);
-    }
+    const std::vector<float*> ws = RegisteredWeights(gemm, layers, wn, C, block);
     float* a = RandomDevice(tc, 1.0f, block);
     float* gu = nullptr;  // the f32 range gu16 stands for (never written)
     uint16_t *a16 = nullptr, *gu16 = nullptr, *h16 = nullptr;
@@ -452,12 +455,7 @@ int RunGemmBench(int argc, char** argv) {
     {
       const int K8 = 8 * C;
       const size_t wn8 = 2 * static_cast<size_t>(I) * K8, tc8 = static_cast<size_t>(T) * K8;
-      std::vector<float*> w8(layers);
-      for (float*& w : w8) {
-        w = RandomDevice(wn8, 1.0f / std::sqrt(static_cast<float>(K8)), block);
-        gemm.RegisterWeights(w, wn8);
-        gemm.WeightsChanged(w);
-      }
+      const std::vector<float*> w8 = RegisteredWeights(gemm, layers, wn8, K8, block);
       float* a8 = RandomDevice(tc8, 1.0f, block);
       uint16_t* a8_16 = nullptr;
       CK(cudaMalloc(&a8_16, tc8 * sizeof(uint16_t)));
@@ -484,18 +482,12 @@ int RunGemmBench(int argc, char** argv) {
       }
       CK(cudaFree(a8_16));
       CK(cudaFree(a8));
-      for (float* w : w8) {
-        gemm.UnregisterWeights(w);
-        CK(cudaFree(w));
-      }
+      FreeWeights(gemm, w8);
     }
     for (void* p : {static_cast<void*>(gu), static_cast<void*>(a16), static_cast<void*>(gu16),
                     static_cast<void*>(h16), static_cast<void*>(a)})
       CK(cudaFree(p));
-    for (float* w : ws) {
-      gemm.UnregisterWeights(w);
-      CK(cudaFree(w));
-    }
+    FreeWeights(gemm, ws);
   }
   // The producers of the products' inputs (docs/kernels.md, version 5): each as it ran before
   // (f32 output, then a separate cast of it) and as it runs now (the bf16 copy written in the same
