@@ -8,7 +8,8 @@
 #             max_new_tokens, so the work per step is fixed), learner on cuda:0, 1, 2, 3 actors on
 #             cuda:1..3: generated tokens per second taken in by the learner, steps 6..6+ACTOR_STEPS
 #             (default 20), at grpo.max_staleness ACTOR_STALENESS (default 1; with 1 every actor
-#             generates for the same next version, so more actors cannot overlap steps).
+#             generates for the same next version, so more actors cannot overlap steps), and the
+#             actors' own summed rates; bench/gpu/actor_scaling.py prints the table against 1 actor.
 #   poll:     replay.poll_ms 200 (the old fixed hint) vs 5 with one actor, same job as actors.
 #   dp:       `aha bench train` on the 0.5B shape, 64 x 1024 tokens in micro-batches of 32k,
 #             on cuda:0 vs cuda:0,cuda:1.
@@ -55,6 +56,7 @@ PY
 }
 
 if [[ $what == *actors* ]]; then
+  rm -f "$out/actors.jsonl"
   for n in 1 2 3; do
     job=configs/.scale-actors-$n.yaml
     job_with_actors configs/small-gpu.yaml "$job" "$n"
@@ -64,16 +66,16 @@ if [[ $what == *actors* ]]; then
     timeout 150 $aha run "$job" --run-dir "$run" --no-eval --set grpo.steps="$((6 + ${ACTOR_STEPS:-20}))" \
       --set grpo.max_staleness="${ACTOR_STALENESS:-1}" --set checkpoint.every=0 > "$out/actors-$n.log" 2>&1
     echo "actors $n: exit $?"
-    # samples per step x mean length: generated tokens the learner took in per second
-    summarise "actors-$n-staleness-${ACTOR_STALENESS:-1}" "$run" 6 | python3 -c "
-import json, sys
-j = json.loads(sys.stdin.read()); G = 16 * 16
-print(f\"  generation {G * j['mean_length'] / j['step_s']:.0f} tokens/s over {j['steps']} steps ({j['step_s']:.3f} s/step)\")"
-    # The actors' own rates (each logs them when it stops): what they generated, consumed or not.
-    grep -ho '([0-9]* tokens/s generating, [0-9]* tokens/s overall)' "$run"/logs/actor-*.log |
-      awk -v n="$n" '{gen += substr($1, 2); all += $4} END {printf "  actors %d: %.0f tokens/s overall (sum), %.0f while generating\n", n, all, gen}'
+    # samples per step x mean length: generated tokens the learner took in per second; and the
+    # actors' own rates (each logs them when it stops): what they generated, consumed or not.
+    summarise "actors-$n-staleness-${ACTOR_STALENESS:-1}" "$run" 6 > "$out/actors-$n.json"
+    rates=$(grep -ho '([0-9]* tokens/s generating, [0-9]* tokens/s overall)' "$run"/logs/actor-*.log |
+      awk '{gen += substr($1, 2); all += $4} END {printf "%.0f %.0f", gen, all}')
+    python3 bench/gpu/actor_scaling.py row "$n" "$out/actors-$n.json" $rates >> "$out/actors.jsonl" &&
+      tail -n 1 "$out/actors.jsonl"
     tar -czf "$out/actors-$n.tgz" -C "$run" metrics logs 2>/dev/null
   done
+  python3 bench/gpu/actor_scaling.py table "$out/actors.jsonl"
 fi
 
 if [[ $what == *poll* ]]; then
