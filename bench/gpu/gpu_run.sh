@@ -130,8 +130,8 @@ if [[ $what == *s10* ]]; then
   done
 fi
 if [[ $what == *s11* ]]; then
-  # Session 11: the decode step's gate/up product with SwiGLU in its epilogue (one wgmma kernel with
-  # clusters of two blocks sharing w by TMA multicast, engine/cuda/mlp.cu) against the product +
+  # Session 11: the decode step's gate/up product with SwiGLU in its epilogue (one wgmma kernel,
+  # engine/cuda/mlp.cu; its blocks shared w by TMA multicast until session 12) against the product +
   # SwiGLU kernel (AHA_FUSED_MLP=0), and its weight copies started under the norm before it (PDL)
   # against an ordinary launch (AHA_MLP_EARLY=0): generation three runs each way, interleaved.
   for rep in 1 2 3; do
