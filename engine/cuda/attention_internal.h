@@ -124,6 +124,15 @@ __device__ __forceinline__ void LoadAFragsF32(uint32_t (&a)[KK][4], const float*
   }
 }
 
+// 2^x on the special-function unit alone (ex2.approx.ftz): exp2f adds a range check and two
+// multiplies per call so that results below 2^-126 keep their denormal bits; attention weights that
+// small add nothing to a sum that holds 1 (its max term), so they are flushed to 0 here. 2^-inf = 0.
+__device__ __forceinline__ float Exp2Ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // One online-softmax step of a warp's 16-row tile on the C fragments s[NT][4] of its scores (log2
 // domain, masked entries -inf): c = 0, 1 belong to row g, c = 2, 3 to row g + 8, and a row's scores
 // live in the 4 lanes of a quad (2 xor-shuffles for the max). Updates the running maxima mA, mB (the
@@ -147,16 +156,16 @@ __device__ __forceinline__ void OnlineSoftmaxStep(float (&s)[NT][4], float (&o)[
   const float mA_new = fmaxf(mA, mxA), mB_new = fmaxf(mB, mxB);
   const float mA_use = mA_new == -INFINITY ? 0.0f : mA_new;  // a row with nothing visible yet
   const float mB_use = mB_new == -INFINITY ? 0.0f : mB_new;
-  const float alphaA = exp2f(mA - mA_use), alphaB = exp2f(mB - mB_use);  // 0 when m = -inf
+  const float alphaA = Exp2Ftz(mA - mA_use), alphaB = Exp2Ftz(mB - mB_use);  // 0 when m = -inf
   mA = mA_new;
   mB = mB_new;
   float sumA = 0.0f, sumB = 0.0f;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    s[nt][0] = exp2f(s[nt][0] - mA_use);  // 0 for masked keys
-    s[nt][1] = exp2f(s[nt][1] - mA_use);
-    s[nt][2] = exp2f(s[nt][2] - mB_use);
-    s[nt][3] = exp2f(s[nt][3] - mB_use);
+    s[nt][0] = Exp2Ftz(s[nt][0] - mA_use);  // 0 for masked keys
+    s[nt][1] = Exp2Ftz(s[nt][1] - mA_use);
+    s[nt][2] = Exp2Ftz(s[nt][2] - mB_use);
+    s[nt][3] = Exp2Ftz(s[nt][3] - mB_use);
     sumA += s[nt][0] + s[nt][1];
     sumB += s[nt][2] + s[nt][3];
   }

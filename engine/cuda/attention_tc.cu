@@ -136,7 +136,7 @@ struct Bf16Tile {
 };
 
 // ---- forward --------------------------------------------------------------------------------------
-// Grid (ceil(N / 128), Hq), 256 threads. Block = 128 consecutive rows of the packed axis x one query
+// Grid (Hq, ceil(N / 128)), 256 threads. Block = 128 consecutive rows of the packed axis x one query
 // head; warp w owns rows 16 w .. 16 w + 15 (its Q fragments live in registers for the whole loop,
 // pre-scaled by scale * log2 e and rounded to bf16). Keys run over 64-aligned tiles of 64 from the
 // tile holding the first row's sequence start to the last row. K/V tiles: cp.async copies of tile
@@ -176,8 +176,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   float* stV = stK + (kStaged ? Tile::kStageFloats : 0);                           // and V
   int* row_ss = reinterpret_cast<int*>(stV + (kStaged ? Tile::kStageFloats : 0));  // INT_MAX past N
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int h = blockIdx.y, kvh = h / (Hq / Hkv);
-  const int r0 = blockIdx.x * kFwdRows;
+  // Heads vary fastest and row blocks run from the last: the heavy blocks (far from their
+  // sequence's start: more key tiles) go out first and light ones fill the tail of the grid.
+  const int h = blockIdx.x, kvh = h / (Hq / Hkv);
+  const int r0 = (gridDim.y - 1 - blockIdx.y) * kFwdRows;
   // The next tile's copies into buffer b (bf16: directly; f32: into the staging area).
   auto issue = [&](int row0, int b) {
     if constexpr (kStaged) {
@@ -212,7 +214,6 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
                     rowB < N ? q + (static_cast<size_t>(rowB) * Hq + h) * D : nullptr, t, qscale);
   __syncthreads();  // row_ss
 
-  const int ssA = row_ss[warp * 16 + g], ssB = row_ss[warp * 16 + g + 8];
   const int w_ss0 = row_ss[warp * 16];  // smallest sequence start of the warp's rows (INT_MAX: no rows)
   const int w_last = min(wr0 + 15, N - 1);
   const int k_begin = (row_ss[0] / kFwdKeys) * kFwdKeys;  // row r0 < N, so row_ss[0] is a real start
@@ -254,14 +255,21 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
         }
       }
 
-      // Mask; online softmax. c = 0, 1: row rowA; c = 2, 3: row rowB; key kt + nt*8 + 2t + (c & 1).
+      // Mask (only on tiles that some row of the warp sees in part: the diagonal and a sequence's
+      // start); online softmax. c = 0, 1: row rowA; c = 2, 3: row rowB; key kt + nt*8 + 2t + (c & 1).
+      // The largest start of the warp's rows (starts do not decrease along the packed axis; INT_MAX
+      // when a row is past N) and the rows' own starts are read from shared memory here, not kept
+      // in registers across the loop (the kernel is at its 128-register bound).
+      if (kt < row_ss[warp * 16 + 15] || kt + kFwdKeys - 1 > wr0) {
+        const int ssA = row_ss[warp * 16 + g], ssB = row_ss[warp * 16 + g + 8];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int key = kt + nt * 8 + 2 * t + (c & 1);
-          const bool ok = c < 2 ? (key >= ssA && key <= rowA) : (key >= ssB && key <= rowB);
-          if (!ok) s[nt][c] = -INFINITY;
+          for (int c = 0; c < 4; ++c) {
+            const int key = kt + nt * 8 + 2 * t + (c & 1);
+            const bool ok = c < 2 ? (key >= ssA && key <= rowA) : (key >= ssB && key <= rowB);
+            if (!ok) s[nt][c] = -INFINITY;
+          }
         }
       }
       OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
@@ -323,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
 // ---- backward -------------------------------------------------------------------------------------
 // Pre-pass: attention.cu's AttentionBackwardPrepass (delta = dout . out, row starts).
 
-// Main backward: grid (ceil(N / 128), Hq), 256 threads. Block = 128 consecutive keys of the packed
+// Main backward: grid (Hq, ceil(N / 128)), 256 threads. Block = 128 consecutive keys of the packed
 // axis x one QUERY head h (the G query heads of a kv head are G blocks whose dk/dv meet through
 // atomics); warp w owns keys k0 + 16 w .. + 15. The block loops over query tiles of 32 rows from k0
 // to the end of its last key's sequence (r_stop). Per query tile (Q, dO in shared memory as bf16,
@@ -396,8 +404,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   int* r_stop_s = sss + 2 * kBwdRows;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int h = blockIdx.y, kvh = h / (Hq / Hkv);
-  const int k0 = blockIdx.x * kBwdKeys;
+  // Heads vary fastest and key blocks run from the first: the heavy blocks (far from their
+  // sequence's end: more query tiles) go out first and light ones fill the tail of the grid.
+  const int h = blockIdx.x, kvh = h / (Hq / Hkv);
+  const int k0 = blockIdx.y * kBwdKeys;
   const int k_last = min(k0 + kBwdKeys, N) - 1;
   const float scale_log2 = scale * kLog2e;
 
@@ -471,6 +481,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
       // B = dO, Q (k = row, n = d) for dV, dK: matrix i = rows ks*16 + 8 (i & 1) .. +7, columns
       // (2 dn2 + i / 2) * 8 .. +7, transposed -> b0, b1 of n-tile 2 dn2, then of 2 dn2 + 1.
       const int bt_off = (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8;
+      // Every row of the tile sees all 16 keys of the warp: the last key is at or before the first
+      // row, and the last row's sequence (starts do not decrease; INT_MAX past N) starts at or
+      // before the first key.
+      const bool whole = wk0 + 15 <= rt && ssr[kBwdRows - 1] <= wk0;
       // The tile's rows in two halves of 16 (k-step ks of dV, dK), one after the other (registers).
 #pragma unroll 1
       for (int ks = 0; ks < kBwdRows / 16; ++ks) {
@@ -498,17 +512,30 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
           Mma(dpT[0], va, bo[0], bo[1]);
           Mma(dpT[1], va, bo[2], bo[3]);
         }
-        // P^T and dS^T.
+        // P^T and dS^T; the mask only where some row of the tile sees the warp's keys in part.
+        if (whole) {
 #pragma unroll
-        for (int n = 0; n < 2; ++n) {
+          for (int n = 0; n < 2; ++n) {
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int jr = ks * 16 + n * 8 + 2 * t + (c & 1);
-            const int key = c < 2 ? keyA : keyB;
-            const bool ok = key >= ssr[jr] && key <= rt + jr;  // ssr = INT_MAX past N
-            const float p = ok ? exp2f(fmaf(sT[n][c], scale_log2, -l2[jr])) : 0.0f;
-            sT[n][c] = p;
-            dpT[n][c] = p * (dpT[n][c] - dl[jr]);
+            for (int c = 0; c < 4; ++c) {
+              const int jr = ks * 16 + n * 8 + 2 * t + (c & 1);
+              const float p = Exp2Ftz(fmaf(sT[n][c], scale_log2, -l2[jr]));
+              sT[n][c] = p;
+              dpT[n][c] = p * (dpT[n][c] - dl[jr]);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int jr = ks * 16 + n * 8 + 2 * t + (c & 1);
+              const int key = c < 2 ? keyA : keyB;
+              const bool ok = key >= ssr[jr] && key <= rt + jr;  // ssr = INT_MAX past N
+              const float p = ok ? Exp2Ftz(fmaf(sT[n][c], scale_log2, -l2[jr])) : 0.0f;
+              sT[n][c] = p;
+              dpT[n][c] = p * (dpT[n][c] - dl[jr]);
+            }
           }
         }
         // As A fragments (rows = keys, k = the 16 rows of this half); dS^T (bf16) to shared memory,
@@ -595,6 +622,13 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   }
 }
 
+// Blocks along the packed axis, the grid's y extent (at most 65535: N up to 8.3M rows).
+unsigned GridRows(int N, int rows) {
+  const int n = (N + rows - 1) / rows;
+  if (n > 65535) Fail("attention (tensor cores): too many rows for the grid; N", N);
+  return static_cast<unsigned>(n);
+}
+
 void CheckHeads(int Hq, int Hkv) {
   if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
 }
@@ -604,7 +638,7 @@ void LaunchForwardTc(float* out, uint16_t* out16, float* lse, const float* q, co
                      const int32_t* cu, int S, int N, int Hq, int Hkv, cudaStream_t s) {
   const size_t smem = FwdTcSmemBytes<D, Kv>();
   AllowSmem(AttnFwdTcKernel<D, Kv>, smem);
-  const dim3 grid((N + kFwdRows - 1) / kFwdRows, Hq);
+  const dim3 grid(Hq, GridRows(N, kFwdRows));
   const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
   AttnFwdTcKernel<D, Kv><<<grid, kThreads, smem, s>>>(out, out16, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
   CheckCuda(cudaGetLastError(), "AttnFwdTcKernel launch");
@@ -618,7 +652,7 @@ void LaunchBackwardTc(float* dq, float* dk, float* dv, const float* dout, const 
 
   const size_t smem = BwdTcSmemBytes<D>();
   AllowSmem(AttnBwdTcKernel<D>, smem);
-  const dim3 grid((N + kBwdKeys - 1) / kBwdKeys, Hq);
+  const dim3 grid(Hq, GridRows(N, kBwdKeys));
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   AttnBwdTcKernel<D><<<grid, kThreads, smem, s>>>(dq, dk, dv, dout, q, k, v, lse, delta, row_start, cu, S, N, Hq,
                                                   Hkv, scale);
