@@ -163,7 +163,12 @@ fi
 if [[ $what == *peer* ]]; then
   timeout 120 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
-  timeout 200 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  echo "peer train compile exit $?"
+  # A peer run that printed no result line says why in the last lines of its log.
+  for f in gen_peer train_peer train_peer_compile; do
+    grep -q '^{' "$out/$f.log" || { echo "$f: no result; its log ends:"; tail -n 5 "$out/$f.log"; }
+  done
 fi
 if [[ $what == *bench* || $what == *peer* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s10* || $what == *s11* || $what == *s13* ]]; then
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
