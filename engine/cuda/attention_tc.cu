@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 #include "engine/cuda/attention_internal.h"
 #include "engine/cuda/kernels.h"
@@ -512,32 +513,27 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
           Mma(dpT[0], va, bo[0], bo[1]);
           Mma(dpT[1], va, bo[2], bo[3]);
         }
-        // P^T and dS^T; the mask only where some row of the tile sees the warp's keys in part.
-        if (whole) {
+        // P^T and dS^T; the mask only where some row of the tile sees the warp's keys in part. Two
+        // compiled branches: the mask as a per-score `whole || ...` test measured 6% slower.
+        auto p_and_ds = [&](auto masked) {
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
               const int jr = ks * 16 + n * 8 + 2 * t + (c & 1);
-              const float p = Exp2Ftz(fmaf(sT[n][c], scale_log2, -l2[jr]));
-              sT[n][c] = p;
-              dpT[n][c] = p * (dpT[n][c] - dl[jr]);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int n = 0; n < 2; ++n) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const int jr = ks * 16 + n * 8 + 2 * t + (c & 1);
-              const int key = c < 2 ? keyA : keyB;
-              const bool ok = key >= ssr[jr] && key <= rt + jr;  // ssr = INT_MAX past N
+              bool ok = true;
+              if constexpr (decltype(masked)::value) {
+                const int key = c < 2 ? keyA : keyB;
+                ok = key >= ssr[jr] && key <= rt + jr;  // ssr = INT_MAX past N
+              }
               const float p = ok ? Exp2Ftz(fmaf(sT[n][c], scale_log2, -l2[jr])) : 0.0f;
               sT[n][c] = p;
               dpT[n][c] = p * (dpT[n][c] - dl[jr]);
             }
           }
-        }
+        };
+        if (whole) p_and_ds(std::false_type{});
+        else p_and_ds(std::true_type{});
         // As A fragments (rows = keys, k = the 16 rows of this half); dS^T (bf16) to shared memory,
         // row = local key, column = local query row.
         uint32_t pa[4], sa[4];
