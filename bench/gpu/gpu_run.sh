@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -142,7 +142,7 @@ if [[ $what == *s11* ]]; then
     done
   done
 fi
-if [[ $what == *s13* ]]; then
+if [[ " $what " == *" s13 "* ]]; then
   # Session 13: the training attention kernels (2^x on the special-function unit alone, no mask on
   # the tiles a warp sees whole, the backward's Q/dO copies two tiles ahead): the timing table of
   # the attention test, the learner step and generation twice each, and the learner's per-op profile.
@@ -155,6 +155,22 @@ if [[ $what == *s13* ]]; then
   done
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   grep -iE "attention" "$out/profile_train.txt" | head -6
+fi
+if [[ $what == *s13w* ]]; then
+  # Session 14: the training attention's forward on wgmma (attention_wgmma.cu, the default at D = 64
+  # on sm_90) against the mma.sync kernel (AHA_ATTENTION_WGMMA=0): the attention timing table, the
+  # learner step and generation, each way, interleaved.
+  for rep in 1 2; do
+    for v in 1 0; do
+      AHA_ATTENTION_WGMMA=$v timeout 60 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+        --gtest_filter='AttentionTcTiming.*' --gtest_color=no > "$out/attn_timing_wgmma$v-$rep.txt" 2>&1
+      echo "AHA_ATTENTION_WGMMA=$v $rep: $(grep -E 'fwd kv16' "$out/attn_timing_wgmma$v-$rep.txt" | awk '{print $1, $3, $6}' | tr '\n' ' ')"
+    done
+  done
+  for v in 1 0; do
+    AHA_ATTENTION_WGMMA=$v timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s13w-$v.log" 2>&1
+    AHA_ATTENTION_WGMMA=$v timeout 120 dist/bin/aha bench gen --repeats 2 --model $model > "$out/gen_s13w-$v.log" 2>&1
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -28,6 +28,14 @@ inline void CheckCuda(cudaError_t e, const char* what) {
   }
 }
 
+// Blocks along the packed axis, the y extent of the training attention kernels' grids (x is the
+// query head): at most 65535, so N up to 8.3M rows at 128 rows a block.
+inline unsigned GridRows(int N, int rows) {
+  const int n = (N + rows - 1) / rows;
+  if (n > 65535) Fail("attention (tensor cores): too many rows for the grid; N", N);
+  return static_cast<unsigned>(n);
+}
+
 // Kernels whose dynamic shared memory exceeds the default 48 KB need the opt-in attribute. Set on
 // every launch (a cheap host call, no stream work) so that it holds on whichever device is current.
 template <typename Kernel>
@@ -186,6 +194,35 @@ __device__ __forceinline__ void PackPFrag(uint32_t (&pa)[4], const float (&p0)[4
   pa[1] = PackBf16(p0[2], p0[3]);
   pa[2] = PackBf16(p1[0], p1[1]);
   pa[3] = PackBf16(p1[2], p1[3]);
+}
+
+// The end of a forward over a warp's 16 rows (rowA = g-th, rowB = rowA + 8; rows >= N skipped):
+// the lanes of a quad add their shares of the row sums, then out[row, h] = o / l in f32 (and in bf16
+// into out16 when not null) and lse[row, h] = (m + log2 l) ln 2. l >= 1 for a real row: it sees
+// itself, and its max term is exp2(0).
+template <int D>
+__device__ __forceinline__ void StoreForwardRows(float* __restrict__ out, uint16_t* __restrict__ out16,
+                                                 float* __restrict__ lse, const float (&o)[D / 8][4], float mA,
+                                                 float mB, float lA, float lB, int rowA, int rowB, int N, int Hq,
+                                                 int h, int t) {
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, off);
+    lB += __shfl_xor_sync(0xffffffffu, lB, off);
+  }
+  auto store = [&](int row, float l, float m, int c0) {
+    const float inv = 1.0f / l;
+    const size_t at = (static_cast<size_t>(row) * Hq + h) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const float x0 = o[dn][c0] * inv, x1 = o[dn][c0 + 1] * inv;
+      *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
+      if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
+    }
+    if (t == 0) lse[static_cast<size_t>(row) * Hq + h] = (m + log2f(l)) * kLn2;
+  };
+  if (rowA < N) store(rowA, lA, mA, 0);
+  if (rowB < N) store(rowB, lB, mB, 2);
 }
 
 // Largest s in [0, S) with cu[s] <= r, for a nondecreasing cu[0..S] with cu[0] <= r. Empty sequences

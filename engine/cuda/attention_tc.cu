@@ -299,34 +299,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
     __syncthreads();  // the next tile is in; everyone is done with this one
   }
 
-#pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, off);
-    lB += __shfl_xor_sync(0xffffffffu, lB, off);
-  }
-  // l >= 1 for a real row: it sees itself, and its max term is exp2(0).
-  if (rowA < N) {
-    const float inv = 1.0f / lA;
-    const size_t at = (static_cast<size_t>(rowA) * Hq + h) * D;
-#pragma unroll
-    for (int dn = 0; dn < DN; ++dn) {
-      const float x0 = o[dn][0] * inv, x1 = o[dn][1] * inv;
-      *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
-      if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
-    }
-    if (t == 0) lse[static_cast<size_t>(rowA) * Hq + h] = (mA + log2f(lA)) * kLn2;
-  }
-  if (rowB < N) {
-    const float inv = 1.0f / lB;
-    const size_t at = (static_cast<size_t>(rowB) * Hq + h) * D;
-#pragma unroll
-    for (int dn = 0; dn < DN; ++dn) {
-      const float x0 = o[dn][2] * inv, x1 = o[dn][3] * inv;
-      *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
-      if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
-    }
-    if (t == 0) lse[static_cast<size_t>(rowB) * Hq + h] = (mB + log2f(lB)) * kLn2;
-  }
+  StoreForwardRows<D>(out, out16, lse, o, mA, mB, lA, lB, rowA, rowB, N, Hq, h, t);
 }
 
 // ---- backward -------------------------------------------------------------------------------------
@@ -618,13 +591,6 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   }
 }
 
-// Blocks along the packed axis, the grid's y extent (at most 65535: N up to 8.3M rows).
-unsigned GridRows(int N, int rows) {
-  const int n = (N + rows - 1) / rows;
-  if (n > 65535) Fail("attention (tensor cores): too many rows for the grid; N", N);
-  return static_cast<unsigned>(n);
-}
-
 void CheckHeads(int Hq, int Hkv) {
   if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
 }
@@ -679,6 +645,9 @@ void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionForwardTCBf16Kv: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
+  if (AttentionForwardWgmmaSupported(D)) {
+    return AttentionForwardWgmma(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s, out_bf16);
+  }
   if (D == 64) LaunchForwardTc<64, uint16_t>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s);
   else LaunchForwardTc<128, uint16_t>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s);
 }

@@ -163,11 +163,24 @@ bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, 
                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
                         uint16_t* out_bf16 = nullptr);
 // The forward with k and v given in bf16 (k16, v16 [N, Hkv, D]): the kernel copies their tiles
-// into shared memory as they are. Since AttentionForwardTC rounds f32 tiles to bf16 on the way in,
-// the result equals AttentionForwardTC's on the f32 values bit for bit. D in {64, 128} only.
+// into shared memory as they are. D in {64, 128} only. Since AttentionForwardTC rounds f32 tiles to
+// bf16 on the way in, the result equals AttentionForwardTC's on the f32 values bit for bit. When
+// AttentionForwardWgmmaSupported(D) the call goes to AttentionForwardWgmma (the same roundings; on
+// the H200 the same bits).
 void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                               const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
                               uint16_t* out_bf16 = nullptr);
+// The same forward on warpgroup tensor-core instructions (attention_wgmma.cu, sm_90a; D = 64; out_bf16
+// as above). Supported when this build has sm_90a code, the device has compute capability 9 and
+// AHA_ATTENTION_WGMMA is not 0 (the A/B switch).
+bool AttentionForwardWgmmaSupported(int D);
+// Test hook (attention_wgmma.cu): the wgmma forward's two products on fixed operands, tile j of
+// k / v ([128][64] bf16) from shared-memory buffer j: s_out[j] = Q K_j^T, o_out[j] = P V_j.
+void AttentionWgmmaProbe(float* s_out, float* o_out, const float* q, const uint16_t* k, const uint16_t* v,
+                         const uint16_t* p, int late, cudaStream_t s);
+void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
+                           const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, cudaStream_t s,
+                           uint16_t* out_bf16 = nullptr);
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                          int Hq, int Hkv, int D, void* workspace, cudaStream_t s);

@@ -33,6 +33,7 @@
 
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/wgmma.h"
 
 namespace aha::engine::cuda {
 
@@ -46,10 +47,6 @@ constexpr int kMlpStageBytes = kMlpABytes + 2 * kMlpBHalfBytes;       // a multi
 constexpr int kMlpSmem = kMlpStages * kMlpStageBytes + 2 * kMlpStages * 8 + 1024;  // + barriers, alignment
 static_assert(kMlpABytes % 1024 == 0 && kMlpBHalfBytes % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define AHA_WGMMA 1
-#endif
-
 void Check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
     std::fprintf(stderr, "aha engine/cuda: %s: %s\n", what, cudaGetErrorString(e));
@@ -58,14 +55,6 @@ void Check(cudaError_t e, const char* what) {
 }
 
 #ifdef AHA_WGMMA
-// Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle layout: start address,
-// leading offset unused (one swizzle atom spans the 16 k of an instruction), 1024 bytes between
-// groups of 8 rows.
-__device__ __forceinline__ uint64_t SwizzledDesc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
-
 // d[64 x 160] (+)= A[64 x 16] B[160 x 16]^T, both from shared memory (descriptors), f32 accumulators
 // in the m64nNk16 fragment layout; scale_d 0 overwrites d.
 __device__ __forceinline__ void Wgmma64x160(float (&d)[80], uint64_t da, uint64_t db, int scale_d) {
@@ -89,19 +78,6 @@ __device__ __forceinline__ void Wgmma64x160(float (&d)[80], uint64_t da, uint64_
         "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
       : "l"(da), "l"(db), "r"(scale_d));
 }
-__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-// Until at most N committed groups of this warpgroup are still running.
-template <int N>
-__device__ __forceinline__ void WgmmaWait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// The accumulators may not be read or moved across this point (the wgmma writes them asynchronously).
-__device__ __forceinline__ void FenceAccumulators(float (&d)[80]) {
-#pragma unroll
-  for (int i = 0; i < 80; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -269,20 +245,11 @@ CUtensorMap RowsMap(const uint16_t* p, int rows, int cols, int box_rows) {
 }  // namespace
 
 bool GateUpSwiGluSupported(int M, int K, int I) {
-#ifndef AHA_MLP_SM90A
+#ifndef AHA_SM90A
   (void)M, (void)K, (void)I;
   return false;  // no sm_90a machine code in this build
 #else
-  static const int major = [] {
-    int dev = 0, mj = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&mj, cudaDevAttrComputeCapabilityMajor, dev) !=
-                                                  cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    return mj;
-  }();
-  return major == 9 && Encoder() != nullptr && M > 0 && K > 0 && K % kMlpBK == 0 && I > 0 && I % 8 == 0;
+  return CurrentDeviceIsSm90() && Encoder() != nullptr && M > 0 && K > 0 && K % kMlpBK == 0 && I > 0 && I % 8 == 0;
 #endif
 }
 

@@ -168,7 +168,9 @@ TEST(AttentionTc, MatchesCpuReference) {
     Ck(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 
     // The forward from bf16 copies of k and v (QkvRopeAttention's path): the f32 kernel rounds its
-    // tiles to bf16 on the way into shared memory, so the two agree bit for bit.
+    // tiles to bf16 on the way into shared memory, so the two agree bit for bit. At D = 64 on sm_90
+    // the call runs the wgmma kernel (attention_wgmma.cu), whose sums come out in mma.sync's order
+    // on the H200: bit for bit as well. Against the CPU too.
     if (c.D == 64 || c.D == 128) {
       std::vector<uint16_t> k16(k.size()), v16(v.size());
       F32ToBF16(k.data(), k16.data(), k.size());
@@ -181,8 +183,13 @@ TEST(AttentionTc, MatchesCpuReference) {
                                      N, c.Hq, c.Hkv, c.D, nullptr);
       Ck(cudaDeviceSynchronize(), "AttentionForwardTCBf16Kv");
       const auto o32 = d_out.Download(), o16 = d_out16.Download(), l32 = d_lse.Download(), l16 = d_lse16.Download();
-      EXPECT_EQ(std::memcmp(o32.data(), o16.data(), o32.size() * sizeof(float)), 0) << "bf16 k/v out, " << shape;
-      EXPECT_EQ(std::memcmp(l32.data(), l16.data(), l32.size() * sizeof(float)), 0) << "bf16 k/v lse, " << shape;
+      const char* which = cuda::AttentionForwardWgmmaSupported(c.D) ? "wgmma" : "mma.sync";
+      EXPECT_EQ(std::memcmp(o32.data(), o16.data(), o32.size() * sizeof(float)), 0) << "bf16 k/v out (" << which
+                                                                                      << "), " << shape;
+      EXPECT_EQ(std::memcmp(l32.data(), l16.data(), l32.size() * sizeof(float)), 0) << "bf16 k/v lse (" << which
+                                                                                      << "), " << shape;
+      ExpectNmse("attention bf16 k/v out", shape, o16, out, 1e-4);
+      ExpectNmse("attention bf16 k/v lse", shape, l16, lse, 1e-5);
     }
     ExpectNmse("attention tc out", shape, d_out.Download(), out, 1e-4);
     ExpectNmse("attention tc lse", shape, d_lse.Download(), lse, 1e-5);
@@ -390,6 +397,143 @@ TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
                     "-");
       }
       std::fflush(stdout);
+    }
+  }
+
+}
+
+// The wgmma forward (attention_wgmma.cu) against the mma.sync kernel on the same bf16-rounded k/v,
+// one head, single sequences of 16 .. 256 rows (one to four key tiles a warpgroup; the second
+// warpgroup of a block sees tiles whole, in part, or not at all). With q = 0 every score is 0, so
+// out is the mean of the visible v rows: P V and the accumulation across tiles alone; with random q
+// the lse depends on S = Q K^T alone. The two must agree bit for bit; on a mismatch the largest
+// error per 16-row group is printed (a wrong layout shows as whole groups, a wrong mask as one row).
+TEST(AttentionTc, WgmmaForwardMatchesMmaSync) {
+  REQUIRE_GPU();
+  if (!cuda::AttentionForwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma forward needs an sm_90 device";
+  for (int N : {16, 64, 65, 128, 192, 256}) {
+    for (bool zero_q : {true, false}) {
+      const int D = 64;
+      std::vector<float> q = zero_q ? std::vector<float>(size_t(N) * D, 0.0f) : Randn(size_t(N) * D);
+      std::vector<float> k = Randn(size_t(N) * D), v = Randn(size_t(N) * D);
+      std::vector<uint16_t> k16(k.size()), v16(v.size());
+      F32ToBF16(k.data(), k16.data(), k.size());
+      F32ToBF16(v.data(), v16.data(), v.size());
+      const std::vector<int32_t> cu{0, N};
+      DevBuf<float> d_q(q), d_k(k), d_v(v), o_tc(q.size()), l_tc(N), o_wg(q.size()), l_wg(N);
+      DevBuf<uint16_t> d_k16(k16), d_v16(v16);
+      DevBuf<int32_t> d_cu(cu);
+      o_wg.Poison();
+      l_wg.Poison();
+      cuda::AttentionForwardTC(o_tc.get(), l_tc.get(), d_q.get(), d_k.get(), d_v.get(), d_cu.get(), 1, N, 1, 1, D,
+                               nullptr);
+      cuda::AttentionForwardWgmma(o_wg.get(), l_wg.get(), d_q.get(), d_k16.get(), d_v16.get(), d_cu.get(), 1, N, 1, 1,
+                                  nullptr);
+      Ck(cudaDeviceSynchronize(), "wgmma forward");
+      const auto ot = o_tc.Download(), ow = o_wg.Download(), lt = l_tc.Download(), lw = l_wg.Download();
+      const std::string what = "N=" + std::to_string(N) + (zero_q ? " q=0" : " q=randn");
+      const bool same = std::memcmp(ot.data(), ow.data(), ot.size() * sizeof(float)) == 0 &&
+                        std::memcmp(lt.data(), lw.data(), lt.size() * sizeof(float)) == 0;
+      if (!same) {
+        std::string rows;
+        for (int r0 = 0; r0 < N; r0 += 16) {
+          double eo = 0, el = 0;
+          for (int r = r0; r < std::min(N, r0 + 16); ++r) {
+            el = std::max(el, std::fabs(double(lw[r]) - lt[r]));
+            for (int d = 0; d < D; ++d) {
+              eo = std::max(eo, std::fabs(double(ow[size_t(r) * D + d]) - ot[size_t(r) * D + d]));
+            }
+          }
+          char buf[64];
+          std::snprintf(buf, sizeof buf, " %d:%.1e/%.1e", r0, eo, el);
+          rows += buf;
+        }
+        std::printf("  wgmma %s  largest error per 16 rows, out/lse:%s\n", what.c_str(), rows.c_str());
+      }
+      EXPECT_TRUE(same) << "wgmma forward differs from the mma.sync kernel, " << what;
+    }
+  }
+}
+
+// The wgmma forward's two products alone (AttentionWgmmaProbe), against exact f64 sums of the same
+// bf16 operands: S_j = Q K_j^T and O_j = P V_j for the key tiles j = 0, 1 (shared-memory buffers 0
+// and 1), with tile 1 copied before (late 0) or while (late 1) tile 0's products run. Prints, per
+// product, the largest error per 16 rows x 8 columns, and for a few wrong entries where their value
+// is found in the true result (the layout a wrong descriptor or fragment reads).
+TEST(AttentionTc, WgmmaProbeProducts) {
+  REQUIRE_GPU();
+  if (!cuda::AttentionForwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma forward needs an sm_90 device";
+  constexpr int R = 128, D = 64;
+  std::vector<float> q = Randn(size_t(R) * D), k = Randn(size_t(R) * D), v = Randn(size_t(R) * D), p(size_t(R) * 64);
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+  for (float& x : p) x = uni(rng);
+  std::vector<uint16_t> q16(q.size()), k16(k.size()), v16(v.size()), p16(p.size());
+  F32ToBF16(q.data(), q16.data(), q.size());
+  F32ToBF16(k.data(), k16.data(), k.size());
+  F32ToBF16(v.data(), v16.data(), v.size());
+  F32ToBF16(p.data(), p16.data(), p.size());
+  auto f = [](uint16_t b) { return double(BF16ToF32(b)); };
+  std::vector<double> st(2 * R * 64), ot(2 * R * 64);
+  for (int j = 0; j < 2; ++j) {
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < 64; ++c) {
+        double ss = 0, oo = 0;
+        for (int d = 0; d < 64; ++d) ss += f(q16[r * D + d]) * f(k16[(64 * j + c) * D + d]);
+        for (int n = 0; n < 64; ++n) oo += f(p16[r * 64 + n]) * f(v16[(64 * j + n) * D + c]);
+        st[(size_t(j) * R + r) * 64 + c] = ss;
+        ot[(size_t(j) * R + r) * 64 + c] = oo;
+      }
+    }
+  }
+  DevBuf<float> d_q(q), s_out(2 * R * 64), o_out(2 * R * 64);
+  DevBuf<uint16_t> d_k(k16), d_v(v16), d_p(p16);
+  for (int late : {0, 1}) {
+    s_out.Poison();
+    o_out.Poison();
+    cuda::AttentionWgmmaProbe(s_out.get(), o_out.get(), d_q.get(), d_k.get(), d_v.get(), d_p.get(), late, nullptr);
+    Ck(cudaDeviceSynchronize(), "probe");
+    const auto sg = s_out.Download(), og = o_out.Download();
+    for (int which = 0; which < 2; ++which) {
+      const auto& got = which ? og : sg;
+      const auto& want = which ? ot : st;
+      for (int j = 0; j < 2; ++j) {
+        double worst = 0;
+        std::string map;
+        int shown = 0;
+        std::string finds;
+        for (int rg = 0; rg < R; rg += 16) {
+          map += " ";
+          for (int cg = 0; cg < 64; cg += 8) {
+            double e = 0;
+            for (int r = rg; r < rg + 16; ++r) {
+              for (int c = cg; c < cg + 8; ++c) {
+                const size_t at = (size_t(j) * R + r) * 64 + c;
+                const double d = std::isnan(got[at]) ? 1e9 : std::fabs(got[at] - want[at]);
+                e = std::max(e, d);
+                if (d > 1e-2 && shown < 6) {
+                  ++shown;
+                  std::string where = "?";
+                  for (size_t x = 0; x < want.size(); ++x) {
+                    if (std::fabs(want[x] - got[at]) < 1e-3) {
+                      where = "t" + std::to_string(x / (R * 64)) + "(" + std::to_string((x / 64) % R) + "," +
+                              std::to_string(x % 64) + ")";
+                      break;
+                    }
+                  }
+                  finds += " (" + std::to_string(r) + "," + std::to_string(c) + ")=" + where;
+                }
+              }
+            }
+            worst = std::max(worst, e);
+            map += e > 1e-2 ? (e > 1e3 ? 'N' : 'X') : '.';
+          }
+        }
+        std::printf("  probe late=%d %s tile %d: max err %.2e  map(16 rows x 8 cols):%s\n", late, which ? "O=PV" : "S=QK",
+                    j, worst, map.c_str());
+        if (!finds.empty()) std::printf("    wrong entries found at:%s\n", finds.c_str());
+        EXPECT_LT(worst, 1e-2) << "late " << late << (which ? " P V" : " Q K^T") << " tile " << j;
+      }
     }
   }
 }

@@ -1,0 +1,110 @@
+// Warpgroup tensor-core instructions (wgmma, sm_90a) shared by the kernels built for that target
+// (mlp.cu, attention_wgmma.cu). Everything here exists only when the compiler targets sm_90a
+// (AHA_WGMMA); the kernels that use it trap otherwise, and their launchers' "supported" checks say no.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define AHA_WGMMA 1
+#endif
+
+namespace aha::engine::cuda {
+
+// True when the current device has compute capability 9 (the sm_90a code runs there), asked once.
+inline bool CurrentDeviceIsSm90() {
+  static const int major = [] {
+    int dev = 0, mj = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&mj, cudaDevAttrComputeCapabilityMajor, dev) !=
+                                                  cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return mj;
+  }();
+  return major == 9;
+}
+
+#ifdef AHA_WGMMA
+// Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle layout: start address,
+// leading offset unused (one swizzle atom spans the 16 k of an instruction), 1024 bytes between
+// groups of 8 rows. The k-step of 16 bf16 inside a 128-byte row is a start 32 bytes further.
+__device__ __forceinline__ uint64_t SwizzledDesc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// The same for an MN-major tile (read with imm-trans-b = 1): rows of 128 bytes hold 64 values of N
+// and follow each other along K, 128-byte swizzled, 1024 bytes between groups of 8 rows (stride
+// offset); the leading offset (between 64-wide blocks of N) is the tile's size, unused at N = 64.
+// The k-step of 16 rows is a start 2048 bytes further.
+__device__ __forceinline__ uint64_t SwizzledDescMN(uint32_t addr, uint32_t tile_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(tile_bytes >> 4) << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Until at most N committed groups of this warpgroup are still running.
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// The accumulators may not be read or moved across this point (the wgmma writes them asynchronously).
+template <int R>
+__device__ __forceinline__ void FenceAccumulators(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[64 x 64] (+)= A[64 x 16] B[64 x 16]^T with A in registers (each warp of the warpgroup holds its
+// 16 rows as an mma.m16n8k16 A fragment) and B from shared memory (descriptor; kTransB = 1: B is
+// N-major). In the m64nNk16 accumulator layout d[i][c] is the mma.m16n8k16 C fragment of columns
+// 8 i .. 8 i + 7 of the warp's 16 rows. scale_d 0 overwrites d.
+template <int kTransB>
+__device__ __forceinline__ void WgmmaRs64x64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n"
+      "}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(kTransB));
+}
+// d[64 x 64] = A[64 x 16] B[64 x 16]^T (K-major B), d written without being read.
+__device__ __forceinline__ void WgmmaRs64x64First(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+      "}\n"
+      : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]),
+        "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]),
+        "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]),
+        "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]),
+        "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <int R, int C>
+__device__ __forceinline__ void FenceAccumulators(float (&d)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) asm volatile("" : "+f"(d[i][c])::"memory");
+  }
+}
+#endif
+
+}  // namespace aha::engine::cuda
