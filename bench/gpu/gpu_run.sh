@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -171,6 +171,24 @@ if [[ $what == *s13w* ]]; then
     AHA_ATTENTION_WGMMA=$v timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s13w-$v.log" 2>&1
     AHA_ATTENTION_WGMMA=$v timeout 120 dist/bin/aha bench gen --repeats 2 --model $model > "$out/gen_s13w-$v.log" 2>&1
   done
+fi
+if [[ $what == *s14* ]]; then
+  # Session 14: the training attention's backward on wgmma (attention_wgmma.cu; AHA_ATTENTION_WGMMA_BWD=0
+  # goes back to mma.sync): the timing table (its "bwd mma" row is the mma.sync backward) twice, then
+  # the learner step each way, interleaved, and the per-op profile.
+  for rep in 1 2; do
+    timeout 90 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+      --gtest_filter='AttentionTcTiming.*' --gtest_color=no > "$out/attn_timing_s14-$rep.txt" 2>&1
+    grep -E 'fwd kv16|backward|bwd mma' "$out/attn_timing_s14-$rep.txt" | tr -s ' ' | cut -c1-90
+  done
+  for rep in 1 2; do
+    for v in 1 0; do
+      AHA_ATTENTION_WGMMA_BWD=$v timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s14-$v-$rep.log" 2>&1
+      echo "train wgmma bwd=$v rep $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$out/train_s14-$v-$rep.log" | tr '\n' ' ')"
+    done
+  done
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
+  grep -iE "attention" "$out/profile_train.txt" | head -6
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -42,33 +42,6 @@ __device__ __forceinline__ void StoreBf16x4(uint16_t* dst, float4 x) {
   *reinterpret_cast<uint2*>(dst) = PackBf16x4(x);
 }
 
-// Adds a * (C fragment c) of a 16 x 8 tile into x[row, head, col .. col + 7] of x[*, H, D] with one
-// float4 atomic per lane: lanes t and t ^ 1 trade halves, so the even lane adds row rowA, columns
-// col + 2t .. col + 2t + 3, and the odd lane row rowB, columns col + 2t - 2 .. col + 2t + 1. Rows
-// >= limit are skipped. Every lane of the warp must call it (shuffles).
-template <int D>
-__device__ __forceinline__ void AtomicAddFrag(float* __restrict__ x, int H, int head, int rowA, int rowB, int col,
-                                              const float (&c)[4], float a, int limit, int t) {
-  const bool even = (t & 1) == 0;
-  const float s0 = even ? c[2] : c[0], s1 = even ? c[3] : c[1];  // what the partner needs
-  const float o0 = __shfl_xor_sync(0xffffffffu, s0, 1);
-  const float o1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-  const int row = even ? rowA : rowB;
-  const int c0 = col + (even ? 2 * t : 2 * t - 2);
-  const float4 val = even ? make_float4(c[0] * a, c[1] * a, o0 * a, o1 * a) : make_float4(o0 * a, o1 * a, c[2] * a, c[3] * a);
-  if (row < limit) {
-    float* p = x + (static_cast<size_t>(row) * H + head) * D + c0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(reinterpret_cast<float4*>(p), val);
-#else
-    atomicAdd(p + 0, val.x);
-    atomicAdd(p + 1, val.y);
-    atomicAdd(p + 2, val.z);
-    atomicAdd(p + 3, val.w);
-#endif
-  }
-}
-
 constexpr int kThreads = 256;  // 8 warps, both kernels
 
 template <int D>
@@ -654,7 +627,7 @@ void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint
 
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
-                         int Hq, int Hkv, int D, void* workspace, cudaStream_t s) {
+                         int Hq, int Hkv, int D, void* workspace, cudaStream_t s, bool wgmma) {
   if (D != 64 && D != 128) {
     return AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, workspace, s);
   }
@@ -665,6 +638,9 @@ void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, con
   CheckCuda(cudaMemsetAsync(dq, 0, static_cast<size_t>(N) * Hq * D * sizeof(float), s), "cudaMemsetAsync(dq)");
   CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dk)");
   CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dv)");
+  if (wgmma && AttentionBackwardWgmmaSupported(D)) {
+    return AttentionBackwardWgmma(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, workspace, s);
+  }
   float* delta = BackwardDelta(workspace);  // the layout of AttentionBackwardWorkspace(N, Hq)
   int* row_start = BackwardRowStart(workspace, N, Hq);
   if (D == 64) {

@@ -42,23 +42,35 @@ constexpr int kWgTileBytes = kWgKeys * kWgD * 2;                          // [64
 constexpr int kWgSmem = 4 * kWgTileBytes + kWgRows * sizeof(int) + 1024;  // 2 x (K, V), row starts, alignment
 
 
-// The 64-key tile of k and v (rows row0 .. row0 + 63 of head kvh; rows >= N zero-filled) into the
-// 128-byte swizzled layout at dst (K) and dst + kWgTileBytes (V): key r's 16-byte chunk c at
-// r * 128 + (c ^ (r & 7)) * 16. 512 chunks each, two per thread of 256. Not committed.
+// 64 rows of x[*, H, 64] (bf16) at head `head`, rows row0 .. row0 + 63 (rows >= N zero-filled), into
+// the 128-byte swizzled layout at dst: row r's 16-byte chunk c at r * 128 + (c ^ (r & 7)) * 16 (dst
+// 1024-byte aligned). 512 chunks, spread over kThreads threads. Not committed.
+template <int kThreads>
+__device__ __forceinline__ void CopyTile64(unsigned char* dst, const uint16_t* __restrict__ x, int row0, int N, int H,
+                                           int head, int tid) {
+#pragma unroll
+  for (int it = 0; it < 512 / kThreads; ++it) {
+    const int f = tid + it * kThreads;
+    const int rr = f >> 3, c = f & 7;
+    const int row = row0 + rr;
+    const bool valid = row < N;
+    CpAsync16(dst + rr * 128 + ((c ^ (rr & 7)) << 4), x + (static_cast<size_t>(valid ? row : 0) * H + head) * 64 + c * 8,
+              valid);
+  }
+}
+
+// The 64-key tile of k and v into dst (K) and dst + kWgTileBytes (V).
 __device__ __forceinline__ void CopyKvTile(unsigned char* dst, const uint16_t* __restrict__ k,
                                            const uint16_t* __restrict__ v, int row0, int N, int Hkv, int kvh,
                                            int tid) {
-#pragma unroll
-  for (int it = 0; it < 2; ++it) {
-    const int f = tid + it * kWgThreads;
-    const int rr = f >> 3, c = f & 7;
-    const int key = row0 + rr;
-    const bool valid = key < N;
-    const size_t src = (static_cast<size_t>(valid ? key : 0) * Hkv + kvh) * kWgD + c * 8;
-    const int at = rr * 128 + ((c ^ (rr & 7)) << 4);
-    CpAsync16(dst + at, k + src, valid);
-    CpAsync16(dst + kWgTileBytes + at, v + src, valid);
-  }
+  CopyTile64<kWgThreads>(dst, k, row0, N, Hkv, kvh, tid);
+  CopyTile64<kWgThreads>(dst + kWgTileBytes, v, row0, N, Hkv, kvh, tid);
+}
+
+// This thread's copies have landed; the tensor cores (the async proxy) read them after a barrier.
+__device__ __forceinline__ void CopiesLanded() {
+  CpAsyncWaitAll();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 __global__ void __launch_bounds__(kWgThreads, 2)
@@ -82,11 +94,6 @@ __global__ void __launch_bounds__(kWgThreads, 2)
     CopyKvTile(smem + b * 2 * kWgTileBytes, k, v, row0, N, Hkv, kvh, tid);
     CpAsyncCommit();
   };
-  // This thread's copies have landed; the tensor cores (the async proxy) read them after the barrier.
-  auto landed = [] {
-    CpAsyncWaitAll();
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  };
 
   if (tid < kWgRows) {
     const int r = r0 + tid;
@@ -105,7 +112,7 @@ __global__ void __launch_bounds__(kWgThreads, 2)
   const int k_begin = (row_ss[0] / kWgKeys) * kWgKeys;  // row r0 < N, so row_ss[0] is a real start
 
   issue(k_begin, 0);
-  landed();
+  CopiesLanded();
   __syncthreads();
 
   float o[DN][4];
@@ -172,7 +179,7 @@ __global__ void __launch_bounds__(kWgThreads, 2)
       else tile(std::true_type{});
     }
 
-    if (has_next) landed();
+    if (has_next) CopiesLanded();
     __syncthreads();  // the next tile is in; both warpgroups are done with this one
   }
 
@@ -252,6 +259,236 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
 #endif
 }
 
+// ---- backward ---------------------------------------------------------------------------------------
+// The contract of AttentionBackwardTC at D = 64 (kernels.h), which sends its calls here when
+// AttentionBackwardWgmmaSupported(). The operands are rounded as in AttnBwdTcKernel (attention_tc.cu):
+// q, k, v, dout in bf16, P and dS rounded to bf16 before their products, f32 accumulators.
+//
+// Block = 64 consecutive keys of the packed axis x one query head (one warpgroup, 128 threads; warp w
+// owns keys k0 + 16 w .. + 15); 230 registers, 59 KB of shared memory, 2 blocks a multiprocessor
+// (at 3, the 168-register cap spills and the kernel is 14% slower). The block loops over query tiles of 64
+// rows from k0 to the end of its last key's sequence (r_stop). Per tile, all on wgmma m64n64k16:
+//   S^T = K Q^T and dP^T = V dO^T (A and B from shared memory, both K-major: 8 products);
+//   P^T = exp2(S^T scale log2 e - lse log2 e), masked, and dS^T = P^T (dP^T - delta) on the
+//     accumulators (keys on the rows, the tile's query rows on the columns);
+//   dV += P^T dO and dK += dS^T Q (A = P^T, dS^T packed to bf16 in registers, B = the dO / Q tile
+//     read N-major: 8 products, left running while dS^T goes to shared memory);
+//   dQ = dS K (A = dS^T from shared memory, M-major; B = the K tile, N-major: 4 products), added
+//     into dq with float4 atomics (scale applied).
+// At the end scale * dK and dV go into dk, dv with atomics (the G query heads of a kv head meet there).
+// Q and dO come as bf16 copies (the launcher casts them into the workspace) and are copied with
+// cp.async into the 128-byte swizzled layout, two buffers; K and V are rounded from f32 once. As in
+// the forward, the tile's body is compiled twice, with and without the mask, chosen for the whole
+// block (a branch around the mask inside one body miscompiles: kernels.md "Version 15").
+constexpr int kWbThreads = 128;
+constexpr int kWbRows = 64;  // keys per block = query rows per tile = 64
+constexpr int kWbTile = 64 * 64 * 2;
+// K, V | 2 x (Q, dO) | dS^T | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
+constexpr int kWbSmem = 7 * kWbTile + 2 * 3 * kWbRows * 4 + 16 + 1024;
+
+__global__ void __launch_bounds__(kWbThreads, 2)
+    AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                       const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
+                       const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
+                       const float* __restrict__ delta, const int* __restrict__ row_start,
+                       const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale) {
+#ifdef AHA_WGMMA
+  constexpr int KK = 4, DN = 8;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
+  const uint32_t base = SmemAddr(smem);
+  const uint32_t kb = base, vb = base + kWbTile, qo_b = base + 2 * kWbTile, dsb = base + 6 * kWbTile;
+  unsigned char* ds_s = smem + 6 * kWbTile;
+  float* stats = reinterpret_cast<float*>(smem + 7 * kWbTile);  // buffer b: lse2, delta, start at 3 b * 64
+  int* r_stop_s = reinterpret_cast<int*>(stats + 6 * kWbRows);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.x, kvh = h / (Hq / Hkv);
+  const int k0 = blockIdx.y * kWbRows;
+  const int k_last = min(k0 + kWbRows, N) - 1;
+  const int keyA = k0 + warp * 16 + g, keyB = keyA + 8;
+  const float scale_log2 = scale * kLog2e;
+
+  // Row statistics of query row r (rows past N: start INT_MAX masks every key).
+  float st_l2 = 0.0f, st_dl = 0.0f;
+  int st_ss = INT_MAX;
+  auto load_stats = [&](int r) {
+    if (r < N) {
+      st_l2 = __ldg(lse + static_cast<size_t>(r) * Hq + h) * kLog2e;
+      st_dl = __ldg(delta + static_cast<size_t>(r) * Hq + h);
+      st_ss = __ldg(row_start + r);
+    } else {
+      st_l2 = 0.0f, st_dl = 0.0f, st_ss = INT_MAX;
+    }
+  };
+  auto store_stats = [&](int b) {
+    stats[3 * b * kWbRows + tid] = st_l2;
+    stats[(3 * b + 1) * kWbRows + tid] = st_dl;
+    reinterpret_cast<int*>(stats)[(3 * b + 2) * kWbRows + tid] = st_ss;
+  };
+  auto issue = [&](int rt, int b) {
+    unsigned char* dst = smem + (2 + 2 * b) * kWbTile;
+    CopyTile64<kWbThreads>(dst, q16, rt, N, Hq, h, tid);
+    CopyTile64<kWbThreads>(dst + kWbTile, dout16, rt, N, Hq, h, tid);
+    CpAsyncCommit();
+  };
+
+  // The first query tile starts at k0 (earlier rows see none of the keys).
+  issue(k0, 0);
+  if (tid < kWbRows) load_stats(k0 + tid);
+  // K and V of the block's keys, rounded to bf16, swizzled (zeros past N): 8 float4 each a thread.
+#pragma unroll
+  for (int it = 0; it < 8; ++it) {
+    const int f = tid + it * kWbThreads;  // 1024 float4 of a 64 x 64 tile
+    const int rr = f >> 4, d4 = f & 15;
+    const int key = k0 + rr;
+    float4 kx = Zero4(), vx = Zero4();
+    if (key < N) {
+      const size_t off = (static_cast<size_t>(key) * Hkv + kvh) * 64 + d4 * 4;
+      kx = Ldg4(k + off);
+      vx = Ldg4(v + off);
+    }
+    const int at = rr * 128 + (((d4 >> 1) ^ (rr & 7)) << 4) + (d4 & 1) * 8;
+    *reinterpret_cast<uint2*>(smem + at) = PackBf16x4(kx);
+    *reinterpret_cast<uint2*>(smem + kWbTile + at) = PackBf16x4(vx);
+  }
+  if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);  // the end of the last key's sequence
+  if (tid < kWbRows) store_stats(0);
+  CopiesLanded();  // also orders this thread's K / V stores before the tensor cores read them
+  __syncthreads();
+  const int r_stop = *r_stop_s;  // rows >= r_stop belong to later sequences; r_stop <= N
+
+  float dK[DN][4], dV[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dK[dn][c] = dV[dn][c] = 0.0f;
+  }
+
+  int buf = 0;
+  for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1) {
+    const bool has_next = rt + kWbRows < r_stop;
+    if (has_next) {  // the other buffer was last read before the previous barrier
+      issue(rt + kWbRows, buf ^ 1);
+      if (tid < kWbRows) load_stats(rt + kWbRows + tid);
+    }
+    const uint32_t qb = qo_b + buf * 2 * kWbTile, dob = qb + kWbTile;
+    const float* l2 = stats + 3 * buf * kWbRows;
+    const float* dl = l2 + kWbRows;
+    const int* ssr = reinterpret_cast<const int*>(l2 + 2 * kWbRows);
+
+    auto tile = [&](auto masked) {
+      float sT[DN][4], dpT[DN][4];
+      WgmmaFence();
+      WgmmaSs64x64First<0, 0>(sT, SwizzledDesc(kb), SwizzledDesc(qb));
+#pragma unroll
+      for (int kk = 1; kk < KK; ++kk) WgmmaSs64x64<0, 0>(sT, SwizzledDesc(kb + kk * 32), SwizzledDesc(qb + kk * 32), 1);
+      WgmmaSs64x64First<0, 0>(dpT, SwizzledDesc(vb), SwizzledDesc(dob));
+#pragma unroll
+      for (int kk = 1; kk < KK; ++kk) {
+        WgmmaSs64x64<0, 0>(dpT, SwizzledDesc(vb + kk * 32), SwizzledDesc(dob + kk * 32), 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceAccumulators(sT);
+      FenceAccumulators(dpT);
+      // P^T and dS^T: element (nt, c) is key keyA (c < 2) or keyB x tile row 8 nt + 2 t + (c & 1).
+#pragma unroll
+      for (int nt = 0; nt < DN; ++nt) {
+        const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
+        const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
+        int2 ssp = make_int2(0, 0);
+        if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int jr = nt * 8 + 2 * t + (c & 1);
+          float x = fmaf(sT[nt][c], scale_log2, -((c & 1) ? l2p.y : l2p.x));
+          if constexpr (decltype(masked)::value) {
+            const int key = c < 2 ? keyA : keyB;
+            const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;  // start INT_MAX past N
+            x = ok ? x : -INFINITY;
+          }
+          const float p = Exp2Ftz(x);
+          sT[nt][c] = p;
+          dpT[nt][c] = p * (dpT[nt][c] - ((c & 1) ? dlp.y : dlp.x));
+        }
+      }
+      uint32_t pa[KK][4], sa[KK][4];
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) {
+        PackPFrag(pa[kk], sT[2 * kk], sT[2 * kk + 1]);
+        PackPFrag(sa[kk], dpT[2 * kk], dpT[2 * kk + 1]);
+      }
+      // dV += P^T dO, dK += dS^T Q: left running while dS^T goes to shared memory.
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) WgmmaRs64x64<1>(dV, pa[kk], SwizzledDescMN(dob + kk * 2048, kWbTile), 1);
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) WgmmaRs64x64<1>(dK, sa[kk], SwizzledDescMN(qb + kk * 2048, kWbTile), 1);
+      WgmmaCommit();
+      // dS^T [64 keys][64 rows] bf16, swizzled: key r's rows 8 c .. 8 c + 7 in chunk c ^ (r & 7).
+      {
+        const int rA = warp * 16 + g, rB = rA + 8;
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          const int c0 = 2 * kk, c1 = 2 * kk + 1;
+          *reinterpret_cast<uint32_t*>(ds_s + rA * 128 + ((c0 ^ (rA & 7)) << 4) + 4 * t) = sa[kk][0];
+          *reinterpret_cast<uint32_t*>(ds_s + rB * 128 + ((c0 ^ (rB & 7)) << 4) + 4 * t) = sa[kk][1];
+          *reinterpret_cast<uint32_t*>(ds_s + rA * 128 + ((c1 ^ (rA & 7)) << 4) + 4 * t) = sa[kk][2];
+          *reinterpret_cast<uint32_t*>(ds_s + rB * 128 + ((c1 ^ (rB & 7)) << 4) + 4 * t) = sa[kk][3];
+        }
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();  // dS^T complete
+      // dQ = dS K: A = dS (rows x keys) read M-major from dS^T, B = K (keys x d) read N-major.
+      float dQ[DN][4];
+      WgmmaFence();
+      WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb, kWbTile));
+#pragma unroll
+      for (int kk = 1; kk < KK; ++kk) {
+        WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb + kk * 2048, kWbTile), 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceAccumulators(dV);
+      FenceAccumulators(dK);
+      FenceAccumulators(dQ);
+      // P's and dS's registers were read by the products in flight: kept live (not reused) until here.
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kk][i]), "+r"(sa[kk][i])::"memory");
+      }
+      // Rows >= r_stop see none of the keys (their dS is 0): skipped.
+      const int rowA = rt + warp * 16 + g;
+#pragma unroll
+      for (int dn = 0; dn < DN; ++dn) AtomicAddFrag<64>(dq, Hq, h, rowA, rowA + 8, dn * 8, dQ[dn], scale, r_stop, t);
+    };
+    // Block-uniform: some row of the tile sees some key (the rows start at rt >= k0, so each sees k0
+    // unless its sequence starts later; starts do not decrease), and all rows see all keys whole.
+    if (ssr[0] <= k_last) {
+      if (k0 + kWbRows - 1 <= rt && ssr[kWbRows - 1] <= k0) tile(std::false_type{});
+      else tile(std::true_type{});
+    }
+
+    if (has_next) {
+      CopiesLanded();
+      if (tid < kWbRows) store_stats(buf ^ 1);
+    }
+    __syncthreads();  // the next tile is in; everyone is done with this one and with dS^T
+  }
+
+  // This block's share of dk, dv (the other query heads of the group add theirs).
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+    AtomicAddFrag<64>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], scale, N, t);
+    AtomicAddFrag<64>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
+  }
+#else
+  __trap();  // built without sm_90a: AttentionBackwardWgmmaSupported() said no
+#endif
+}
+
 }  // namespace
 
 bool AttentionForwardWgmmaSupported(int D) {
@@ -265,6 +502,40 @@ bool AttentionForwardWgmmaSupported(int D) {
   }();
   return on && D == kWgD && CurrentDeviceIsSm90();
 #endif
+}
+
+bool AttentionBackwardWgmmaSupported(int D) {
+  static const bool on = [] {
+    const char* e = std::getenv("AHA_ATTENTION_WGMMA_BWD");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on && AttentionForwardWgmmaSupported(D);
+}
+
+size_t AttentionBackwardTCWorkspace(int N, int Hq, int D) {
+  // AttentionBackwardWorkspace's delta | row_start, then bf16 copies of q and dout for the wgmma kernel.
+  return AttentionBackwardWorkspace(N, Hq) + 2 * Align256(static_cast<size_t>(N) * Hq * D * sizeof(uint16_t));
+}
+
+void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                            const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
+                            int Hq, int Hkv, void* workspace, cudaStream_t s) {
+  if (N <= 0) return;
+  if (S <= 0) Fail("AttentionBackwardWgmma: S must be positive when N > 0; S", S);
+  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("AttentionBackwardWgmma: Hq must be a positive multiple of Hkv; Hq", Hq);
+  float* delta = BackwardDelta(workspace);
+  int* row_start = BackwardRowStart(workspace, N, Hq);
+  const size_t n = static_cast<size_t>(N) * Hq * kWgD;
+  auto* q16 = reinterpret_cast<uint16_t*>(static_cast<char*>(workspace) + AttentionBackwardWorkspace(N, Hq));
+  auto* dout16 = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(q16) + Align256(n * sizeof(uint16_t)));
+  AttentionBackwardPrepass(delta, row_start, dout, out, cu_seqlens, S, N, Hq, kWgD, s);
+  CastF32ToBF16(q16, q, n, s);
+  CastF32ToBF16(dout16, dout, n, s);
+  const dim3 grid(Hq, GridRows(N, kWbRows));
+  AllowSmem(AttnBwdWgmmaKernel, kWbSmem);
+  AttnBwdWgmmaKernel<<<grid, kWbThreads, kWbSmem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens,
+                                                        S, N, Hq, Hkv, 1.0f / std::sqrt(static_cast<float>(kWgD)));
+  CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,

@@ -582,9 +582,13 @@ void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                                     const float* lse, const float* q, const float* k, const float* v,
                                     const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
-  void* ws = Workspace(AttentionBackwardWorkspace(N, Hq));
-  if (UseTcAttention()) cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
-  else cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  if (UseTcAttention()) {
+    void* ws = Workspace(cuda::AttentionBackwardTCWorkspace(N, Hq, D));
+    cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  } else {
+    void* ws = Workspace(AttentionBackwardWorkspace(N, Hq));
+    cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  }
   Check("attention backward");
 }
 DType CudaBackend::kv_cache_dtype() const {

@@ -181,9 +181,19 @@ void AttentionWgmmaProbe(float* s_out, float* o_out, const float* q, const uint1
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, cudaStream_t s,
                            uint16_t* out_bf16 = nullptr);
+// The backward: workspace of at least AttentionBackwardTCWorkspace(N, Hq, D) bytes (AttentionBackward's
+// and bf16 copies of q and dout). At D = 64 with AttentionBackwardWgmmaSupported(D) (and wgmma true)
+// the call goes to AttentionBackwardWgmma: the same roundings, sums in another order.
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
-                         int Hq, int Hkv, int D, void* workspace, cudaStream_t s);
+                         int Hq, int Hkv, int D, void* workspace, cudaStream_t s, bool wgmma = true);
+size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
+// The backward on wgmma (attention_wgmma.cu, sm_90a, D = 64): as AttentionBackwardTC, dq, dk, dv zeroed
+// by the caller. Supported when the forward is and AHA_ATTENTION_WGMMA_BWD is not 0.
+bool AttentionBackwardWgmmaSupported(int D);
+void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                            const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
+                            int Hq, int Hkv, void* workspace, cudaStream_t s);
 
 // ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------
 // See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of LmHeadChunk() columns; logits of

@@ -59,44 +59,56 @@ __device__ __forceinline__ void FenceAccumulators(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d[64 x 64] (+)= A[64 x 16] B[64 x 16]^T with A in registers (each warp of the warpgroup holds its
-// 16 rows as an mma.m16n8k16 A fragment) and B from shared memory (descriptor; kTransB = 1: B is
-// N-major). In the m64nNk16 accumulator layout d[i][c] is the mma.m16n8k16 C fragment of columns
-// 8 i .. 8 i + 7 of the warp's 16 rows. scale_d 0 overwrites d.
+// The 32 f32 accumulators of an m64n64 product, d[8][4], as asm operands %0 .. %31 with constraint C.
+#define AHA_WG_D64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define AHA_WG_D64_OPS(C)                                                                                  \
+  C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), C(d[2][0]), \
+      C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), C(d[4][0]),         \
+      C(d[4][1]), C(d[4][2]), C(d[4][3]), C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), C(d[6][0]),         \
+      C(d[6][1]), C(d[6][2]), C(d[6][3]), C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3])
+
+// d[64 x 64] (+)= A[64 x 16] B[64 x 16]^T, bf16 operands, f32 accumulators. In the m64nNk16
+// accumulator layout d[i][c] is the mma.m16n8k16 C fragment of columns 8 i .. 8 i + 7 of the warp's
+// 16 rows (warp w % 4 of the warpgroup: rows 16 (w % 4) ..). scale_d 0 overwrites d; the *First
+// forms overwrite it with d as outputs only (nothing read, nothing to keep live).
+//   Rs: A in registers, each warp its 16 rows as an mma.m16n8k16 A fragment; B from shared memory
+//     (descriptor; kTransB = 1: B is N-major).
+//   Ss: A from shared memory too (kTransA = 1: A is M-major).
 template <int kTransB>
 __device__ __forceinline__ void WgmmaRs64x64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db, int scale_d) {
   asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
-      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n"
-      "}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
-        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
-        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
-        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AHA_WG_D64 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+      : AHA_WG_D64_OPS("+f")
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(kTransB));
 }
-// d[64 x 64] = A[64 x 16] B[64 x 16]^T (K-major B), d written without being read.
 __device__ __forceinline__ void WgmmaRs64x64First(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
   asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, 0, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
-      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
-      "}\n"
-      : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]),
-        "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]),
-        "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]),
-        "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]),
-        "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3])
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AHA_WG_D64 ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : AHA_WG_D64_OPS("=f")
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void WgmmaSs64x64(float (&d)[8][4], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AHA_WG_D64 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+      : AHA_WG_D64_OPS("+f")
+      : "l"(da), "l"(db), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+}
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void WgmmaSs64x64First(float (&d)[8][4], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AHA_WG_D64 ", %32, %33, p, 1, 1, %34, %35;\n}\n"
+      : AHA_WG_D64_OPS("=f")
+      : "l"(da), "l"(db), "n"(kTransA), "n"(kTransB));
+}
+#undef AHA_WG_D64_OPS
+#undef AHA_WG_D64
 template <int R, int C>
 __device__ __forceinline__ void FenceAccumulators(float (&d)[R][C]) {
 #pragma unroll

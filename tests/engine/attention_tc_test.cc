@@ -151,7 +151,7 @@ TEST(AttentionTc, MatchesCpuReference) {
     DevBuf<float> d_q(q), d_k(k), d_v(v), d_dout(dout), d_out(out.size()), d_lse(lse.size()), d_dq(dq.size()),
         d_dk(dk.size()), d_dv(dv.size());
     DevBuf<int32_t> d_cu(cu);
-    DevBuf<char> d_ws(cuda::AttentionBackwardWorkspace(N, c.Hq));
+    DevBuf<char> d_ws(cuda::AttentionBackwardTCWorkspace(N, c.Hq, c.D));
     d_out.Poison();
     d_lse.Poison();
     d_dq.Poison();
@@ -248,7 +248,7 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
     DevBuf<float> out32(nq), lse32(size_t(N) * sh.Hq), outtc(nq), lsetc(size_t(N) * sh.Hq);
     DevBuf<float> dq32(nq), dk32(nk), dv32(nk), dqtc(nq), dktc(nk), dvtc(nk);
     DevBuf<int32_t> d_cu(cu);
-    DevBuf<char> ws(cuda::AttentionBackwardWorkspace(N, sh.Hq));
+    DevBuf<char> ws(cuda::AttentionBackwardTCWorkspace(N, sh.Hq, sh.D));
 
     const double ms_f32_fwd = MedianMs([&] {
       cuda::AttentionForward(out32.get(), lse32.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, sh.Hq, sh.Hkv,
@@ -277,6 +277,12 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
       cuda::AttentionBackwardTC(dqtc.get(), dktc.get(), dvtc.get(), dout.get(), outtc.get(), lsetc.get(), q.get(),
                                 k.get(), v.get(), d_cu.get(), S, N, sh.Hq, sh.Hkv, sh.D, ws.get(), nullptr);
     });
+    // The mma.sync backward where the default is the wgmma one (D = 64 on sm_90).
+    const bool wg_bwd = cuda::AttentionBackwardWgmmaSupported(sh.D);
+    const double ms_mma_bwd = !wg_bwd ? ms_tc_bwd : MedianMs([&] {
+      cuda::AttentionBackwardTC(dqtc.get(), dktc.get(), dvtc.get(), dout.get(), outtc.get(), lsetc.get(), q.get(),
+                                k.get(), v.get(), d_cu.get(), S, N, sh.Hq, sh.Hkv, sh.D, ws.get(), nullptr, false);
+    });
     Ck(cudaDeviceSynchronize(), "timing");
 
     // Useful FLOPs: 4 D (forward) and 10 D (backward) per visible (row, key) pair and query head.
@@ -290,6 +296,10 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
                 fwd_flop / ms_tc16_fwd * 1e-9);
     std::printf("%-28s %-9s %10.3f %10.3f %7.2fx %12.1f %12.1f\n", name.c_str(), "backward", ms_f32_bwd, ms_tc_bwd,
                 ms_f32_bwd / ms_tc_bwd, bwd_flop / ms_f32_bwd * 1e-9, bwd_flop / ms_tc_bwd * 1e-9);
+    if (wg_bwd) {
+      std::printf("%-28s %-9s %10s %10.3f %8s %12s %12.1f\n", name.c_str(), "bwd mma", "", ms_mma_bwd, "", "",
+                  bwd_flop / ms_mma_bwd * 1e-9);
+    }
     // Sanity: the tensor-core results against the f32 kernels' at this shape.
     std::printf("  tc vs f32 nmse: out %.3g lse %.3g dq %.3g dk %.3g dv %.3g\n", Nmse(outtc.Download(), out32.Download()),
                 Nmse(lsetc.Download(), lse32.Download()), Nmse(dqtc.Download(), dq32.Download()),
@@ -452,6 +462,43 @@ TEST(AttentionTc, WgmmaForwardMatchesMmaSync) {
       }
       EXPECT_TRUE(same) << "wgmma forward differs from the mma.sync kernel, " << what;
     }
+  }
+}
+
+// The wgmma backward (attention_wgmma.cu) against the mma.sync one on the same inputs: packed
+// sequences across 64-row tiles and 64-key blocks, an empty and many short ones, two training-length
+// ones. The roundings are the same; dq sums over 64 keys a block instead of 128 and the atomics add
+// in any order, so within 1e-10 (a wrong layout or mask gives ~1e-3 and more).
+TEST(AttentionTc, WgmmaBackwardMatchesMmaSync) {
+  REQUIRE_GPU();
+  if (!cuda::AttentionBackwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma backward needs an sm_90 device";
+  const std::vector<AttnCase> cases = {AttnCase{14, 2, 64, {1, 17, 64, 100, 300, 2, 1, 129}},
+                                       AttnCase{8, 2, 64, {77}}, AttnCase{4, 4, 64, {1, 1, 1, 33, 0, 128, 127, 3}},
+                                       AttnCase{4, 2, 64, {40, 300, 9}, 3.0f}, AttnCase{14, 2, 64, {1024, 1024}}};
+  for (const AttnCase& c : cases) {
+    std::vector<int32_t> cu{0};
+    for (int l : c.lens) cu.push_back(cu.back() + l);
+    const int S = static_cast<int>(c.lens.size()), N = cu.back();
+    const std::string shape = ShapeOf(c, N);
+    DevBuf<float> q(Randn(size_t(N) * c.Hq * c.D, c.qscale)), k(Randn(size_t(N) * c.Hkv * c.D)),
+        v(Randn(size_t(N) * c.Hkv * c.D)), dout(Randn(size_t(N) * c.Hq * c.D)), out(size_t(N) * c.Hq * c.D),
+        lse(size_t(N) * c.Hq);
+    DevBuf<float> dq_w(size_t(N) * c.Hq * c.D), dk_w(size_t(N) * c.Hkv * c.D), dv_w(size_t(N) * c.Hkv * c.D);
+    DevBuf<float> dq_m(size_t(N) * c.Hq * c.D), dk_m(size_t(N) * c.Hkv * c.D), dv_m(size_t(N) * c.Hkv * c.D);
+    DevBuf<int32_t> d_cu(cu);
+    DevBuf<char> ws(cuda::AttentionBackwardTCWorkspace(N, c.Hq, c.D));
+    for (auto* b : {&dq_w, &dk_w, &dv_w, &dq_m, &dk_m, &dv_m}) b->Poison();
+    cuda::AttentionForwardTC(out.get(), lse.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, c.D,
+                             nullptr);
+    for (bool wg : {true, false}) {
+      cuda::AttentionBackwardTC(wg ? dq_w.get() : dq_m.get(), wg ? dk_w.get() : dk_m.get(), wg ? dv_w.get() : dv_m.get(),
+                                dout.get(), out.get(), lse.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq,
+                                c.Hkv, c.D, ws.get(), nullptr, wg);
+    }
+    Ck(cudaDeviceSynchronize(), "backward");
+    ExpectNmse("wgmma bwd dq vs mma.sync", shape, dq_w.Download(), dq_m.Download(), 1e-10);
+    ExpectNmse("wgmma bwd dk vs mma.sync", shape, dk_w.Download(), dk_m.Download(), 1e-10);
+    ExpectNmse("wgmma bwd dv vs mma.sync", shape, dv_w.Download(), dv_m.Download(), 1e-10);
   }
 }
 
