@@ -19,7 +19,10 @@ ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/
 [ -n "$ncu" ] || { echo "no ncu"; exit 1; }
 # Launch order of the first shape: the f32-k/v tensor-core forward (23 launches: 3 warm-up + 20),
 # then the bf16-k/v one; the backward kernel runs after the f32 backward.
-for spec in "fwd AttnFwdTcKernel 33" "bwd AttnBwdTcKernel 10"; do
+# SPECS (";"-separated "name kernel-regex launch-skip") picks other kernels, e.g. the wgmma ones:
+#   SPECS="wfwd AttnFwdWgmmaKernel 10;wbwd AttnBwdWgmmaKernel 10"
+IFS=';' read -r -a specs <<< "${SPECS:-fwd AttnFwdTcKernel 33;bwd AttnBwdTcKernel 10}"
+for spec in "${specs[@]}"; do
   read -r name kernel skip <<< "$spec"
   timeout 240 "$ncu" --clock-control none -k "regex:$kernel" --launch-skip "$skip" --launch-count 1 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
