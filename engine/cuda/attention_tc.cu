@@ -634,13 +634,13 @@ void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, con
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionBackwardTC: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
+  if (wgmma && AttentionBackwardWgmmaSupported(D)) {
+    return AttentionBackwardWgmma(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, workspace, s);
+  }
   // dq, dk, dv are accumulated with atomics: zero them first ("overwrite" semantics of the op).
   CheckCuda(cudaMemsetAsync(dq, 0, static_cast<size_t>(N) * Hq * D * sizeof(float), s), "cudaMemsetAsync(dq)");
   CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dk)");
   CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dv)");
-  if (wgmma && AttentionBackwardWgmmaSupported(D)) {
-    return AttentionBackwardWgmma(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, workspace, s);
-  }
   float* delta = BackwardDelta(workspace);  // the layout of AttentionBackwardWorkspace(N, Hq)
   int* row_start = BackwardRowStart(workspace, N, Hq);
   if (D == 64) {

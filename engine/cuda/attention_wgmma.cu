@@ -270,14 +270,17 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
 // rows from k0 to the end of its last key's sequence (r_stop). Per tile, all on wgmma m64n64k16:
 //   S^T = K Q^T and dP^T = V dO^T (A and B from shared memory, both K-major: 8 products);
 //   P^T = exp2(S^T scale log2 e - lse log2 e), masked, and dS^T = P^T (dP^T - delta) on the
-//     accumulators (keys on the rows, the tile's query rows on the columns);
+//     accumulators (keys on the rows, the tile's query rows on the columns), times scale: V is
+//     rounded to bf16 times scale and delta comes times scale, so dP^T and dS^T come out scaled.
+//     scale = 1/8 (D = 64) is a power of two, so every rounding is the same as unscaled;
 //   dV += P^T dO and dK += dS^T Q (A = P^T, dS^T packed to bf16 in registers, B = the dO / Q tile
 //     read N-major: 8 products, left running while dS^T goes to shared memory);
 //   dQ = dS K (A = dS^T from shared memory, M-major; B = the K tile, N-major: 4 products), added
-//     into dq with float4 atomics (scale applied).
-// At the end scale * dK and dV go into dk, dv with atomics (the G query heads of a kv head meet there).
-// Q and dO come as bf16 copies (the launcher casts them into the workspace) and are copied with
-// cp.async into the 128-byte swizzled layout, two buffers; K and V are rounded from f32 once. As in
+//     into dq with float4 atomics.
+// At the end dK (scaled through dS) and dV go into dk, dv with atomics (the G query heads of a kv
+// head meet there). Q and dO come as bf16 copies (WgBwdPrepassKernel writes them into the workspace)
+// and are copied with cp.async into the 128-byte swizzled layout, two buffers; K and V are rounded
+// from f32 once. As in
 // the forward, the tile's body is compiled twice, with and without the mask, chosen for the whole
 // block (a branch around the mask inside one body miscompiles: kernels.md "Version 15").
 constexpr int kWbThreads = 128;
@@ -285,6 +288,35 @@ constexpr int kWbRows = 64;  // keys per block = query rows per tile = 64
 constexpr int kWbTile = 64 * 64 * 2;
 // K, V | 2 x (Q, dO) | dS^T | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
 constexpr int kWbSmem = 7 * kWbTile + 2 * 3 * kWbRows * 4 + 16 + 1024;
+
+// The backward's pre-pass: per (row, head), 16 threads of 4 columns: delta = scale * (dout . out),
+// bf16 copies of q and dout, dq zeroed (the kernel adds into it), and row_start[r] = the first row
+// of row r's sequence (head 0).
+__global__ void __launch_bounds__(256)
+    WgBwdPrepassKernel(float* __restrict__ delta, int* __restrict__ row_start, uint16_t* __restrict__ q16,
+                       uint16_t* __restrict__ dout16, float* __restrict__ dq, const float* __restrict__ q,
+                       const float* __restrict__ dout, const float* __restrict__ out, const int32_t* __restrict__ cu,
+                       int S, int N, int Hq, float scale) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // float4 index
+  const long long rh = i >> 4;                                                          // row * Hq + head
+  const bool in = rh < static_cast<long long>(N) * Hq;
+  float dot = 0.0f;
+  if (in) {
+    const size_t at = static_cast<size_t>(i) * 4;
+    const float4 d4 = Ldg4(dout + at), o4 = Ldg4(out + at), q4 = Ldg4(q + at);
+    dot = d4.x * o4.x + d4.y * o4.y + d4.z * o4.z + d4.w * o4.w;
+    *reinterpret_cast<uint2*>(dout16 + at) = PackBf16x4(d4);
+    *reinterpret_cast<uint2*>(q16 + at) = PackBf16x4(q4);
+    *reinterpret_cast<float4*>(dq + at) = Zero4();
+  }
+#pragma unroll
+  for (int off = 1; off < 16; off <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  if (in && (i & 15) == 0) {
+    delta[rh] = dot * scale;
+    const int r = static_cast<int>(rh / Hq);
+    if (rh % Hq == 0) row_start[r] = __ldg(cu + FindSeq(cu, S, r));
+  }
+}
 
 __global__ void __launch_bounds__(kWbThreads, 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
@@ -309,22 +341,23 @@ __global__ void __launch_bounds__(kWbThreads, 2)
   const int keyA = k0 + warp * 16 + g, keyB = keyA + 8;
   const float scale_log2 = scale * kLog2e;
 
-  // Row statistics of query row r (rows past N: start INT_MAX masks every key).
-  float st_l2 = 0.0f, st_dl = 0.0f;
-  int st_ss = INT_MAX;
+  // Row statistics of query row r, loaded one tile ahead and stored at the tile's end (their latency
+  // hidden behind the tile): lse log2 e, scale * delta, the row's start (INT_MAX past N: every key
+  // masked).
+  float st_lse = 0.0f, st_dl = 0.0f;
+  int st_ss = 0;
+  bool st_in = false;
   auto load_stats = [&](int r) {
-    if (r < N) {
-      st_l2 = __ldg(lse + static_cast<size_t>(r) * Hq + h) * kLog2e;
-      st_dl = __ldg(delta + static_cast<size_t>(r) * Hq + h);
-      st_ss = __ldg(row_start + r);
-    } else {
-      st_l2 = 0.0f, st_dl = 0.0f, st_ss = INT_MAX;
-    }
+    st_in = r < N;
+    const int rr = st_in ? r : 0;
+    st_lse = __ldg(lse + static_cast<size_t>(rr) * Hq + h);
+    st_dl = __ldg(delta + static_cast<size_t>(rr) * Hq + h);
+    st_ss = __ldg(row_start + rr);
   };
   auto store_stats = [&](int b) {
-    stats[3 * b * kWbRows + tid] = st_l2;
-    stats[(3 * b + 1) * kWbRows + tid] = st_dl;
-    reinterpret_cast<int*>(stats)[(3 * b + 2) * kWbRows + tid] = st_ss;
+    stats[3 * b * kWbRows + tid] = st_in ? st_lse * kLog2e : 0.0f;
+    stats[(3 * b + 1) * kWbRows + tid] = st_in ? st_dl : 0.0f;
+    reinterpret_cast<int*>(stats)[(3 * b + 2) * kWbRows + tid] = st_in ? st_ss : INT_MAX;
   };
   auto issue = [&](int rt, int b) {
     unsigned char* dst = smem + (2 + 2 * b) * kWbTile;
@@ -350,7 +383,8 @@ __global__ void __launch_bounds__(kWbThreads, 2)
     }
     const int at = rr * 128 + (((d4 >> 1) ^ (rr & 7)) << 4) + (d4 & 1) * 8;
     *reinterpret_cast<uint2*>(smem + at) = PackBf16x4(kx);
-    *reinterpret_cast<uint2*>(smem + kWbTile + at) = PackBf16x4(vx);
+    *reinterpret_cast<uint2*>(smem + kWbTile + at) =
+        PackBf16x4(make_float4(vx.x * scale, vx.y * scale, vx.z * scale, vx.w * scale));
   }
   if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);  // the end of the last key's sequence
   if (tid < kWbRows) store_stats(0);
@@ -462,7 +496,7 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       // Rows >= r_stop see none of the keys (their dS is 0): skipped.
       const int rowA = rt + warp * 16 + g;
 #pragma unroll
-      for (int dn = 0; dn < DN; ++dn) AtomicAddFrag<64>(dq, Hq, h, rowA, rowA + 8, dn * 8, dQ[dn], scale, r_stop, t);
+      for (int dn = 0; dn < DN; ++dn) AtomicAddFrag<64>(dq, Hq, h, rowA, rowA + 8, dn * 8, dQ[dn], 1.0f, r_stop, t);
     };
     // Block-uniform: some row of the tile sees some key (the rows start at rt >= k0, so each sees k0
     // unless its sequence starts later; starts do not decrease), and all rows see all keys whole.
@@ -481,7 +515,7 @@ __global__ void __launch_bounds__(kWbThreads, 2)
   // This block's share of dk, dv (the other query heads of the group add theirs).
 #pragma unroll
   for (int dn = 0; dn < DN; ++dn) {
-    AtomicAddFrag<64>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], scale, N, t);
+    AtomicAddFrag<64>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], 1.0f, N, t);
     AtomicAddFrag<64>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
   }
 #else
@@ -528,13 +562,18 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   const size_t n = static_cast<size_t>(N) * Hq * kWgD;
   auto* q16 = reinterpret_cast<uint16_t*>(static_cast<char*>(workspace) + AttentionBackwardWorkspace(N, Hq));
   auto* dout16 = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(q16) + Align256(n * sizeof(uint16_t)));
-  AttentionBackwardPrepass(delta, row_start, dout, out, cu_seqlens, S, N, Hq, kWgD, s);
-  CastF32ToBF16(q16, q, n, s);
-  CastF32ToBF16(dout16, dout, n, s);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kWgD));  // 1/8: a power of two (the kernel relies on it)
+  CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dk)");
+  CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dv)");
+  const long long threads = static_cast<long long>(n) / 4;
+  WgBwdPrepassKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, s>>>(delta, row_start, q16, dout16, dq, q,
+                                                                                  dout, out, cu_seqlens, S, N, Hq,
+                                                                                  scale);
+  CheckCuda(cudaGetLastError(), "WgBwdPrepassKernel launch");
   const dim3 grid(Hq, GridRows(N, kWbRows));
   AllowSmem(AttnBwdWgmmaKernel, kWbSmem);
   AttnBwdWgmmaKernel<<<grid, kWbThreads, kWbSmem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens,
-                                                        S, N, Hq, Hkv, 1.0f / std::sqrt(static_cast<float>(kWgD)));
+                                                        S, N, Hq, Hkv, scale);
   CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 

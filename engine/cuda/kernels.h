@@ -188,8 +188,8 @@ void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, con
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                          int Hq, int Hkv, int D, void* workspace, cudaStream_t s, bool wgmma = true);
 size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
-// The backward on wgmma (attention_wgmma.cu, sm_90a, D = 64): as AttentionBackwardTC, dq, dk, dv zeroed
-// by the caller. Supported when the forward is and AHA_ATTENTION_WGMMA_BWD is not 0.
+// The backward on wgmma (attention_wgmma.cu, sm_90a, D = 64): as AttentionBackwardTC (overwrites dq,
+// dk, dv). Supported when the forward is and AHA_ATTENTION_WGMMA_BWD is not 0.
 bool AttentionBackwardWgmmaSupported(int D);
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,

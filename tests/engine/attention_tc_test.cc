@@ -466,9 +466,11 @@ TEST(AttentionTc, WgmmaForwardMatchesMmaSync) {
 }
 
 // The wgmma backward (attention_wgmma.cu) against the mma.sync one on the same inputs: packed
-// sequences across 64-row tiles and 64-key blocks, an empty and many short ones, two training-length
-// ones. The roundings are the same; dq sums over 64 keys a block instead of 128 and the atomics add
-// in any order, so within 1e-10 (a wrong layout or mask gives ~1e-3 and more).
+// sequences across 64-row tiles and 64-key blocks, an empty and many short ones, a peaky softmax, two
+// training-length ones. The roundings are the same, but delta = dout . out is summed in another order
+// (so dS's bf16 rounding flips now and then), dq sums over 64 keys a block instead of 128, and the
+// atomics add in any order: within 1e-8 (measured up to 2e-10 with q * 3; a wrong layout or mask
+// gives 1e-3 and more).
 TEST(AttentionTc, WgmmaBackwardMatchesMmaSync) {
   REQUIRE_GPU();
   if (!cuda::AttentionBackwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma backward needs an sm_90 device";
@@ -496,9 +498,9 @@ TEST(AttentionTc, WgmmaBackwardMatchesMmaSync) {
                                 c.Hkv, c.D, ws.get(), nullptr, wg);
     }
     Ck(cudaDeviceSynchronize(), "backward");
-    ExpectNmse("wgmma bwd dq vs mma.sync", shape, dq_w.Download(), dq_m.Download(), 1e-10);
-    ExpectNmse("wgmma bwd dk vs mma.sync", shape, dk_w.Download(), dk_m.Download(), 1e-10);
-    ExpectNmse("wgmma bwd dv vs mma.sync", shape, dv_w.Download(), dv_m.Download(), 1e-10);
+    ExpectNmse("wgmma bwd dq vs mma.sync", shape, dq_w.Download(), dq_m.Download(), 1e-8);
+    ExpectNmse("wgmma bwd dk vs mma.sync", shape, dk_w.Download(), dk_m.Download(), 1e-8);
+    ExpectNmse("wgmma bwd dv vs mma.sync", shape, dv_w.Download(), dv_m.Download(), 1e-8);
   }
 }
 
