@@ -1505,10 +1505,6 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
   }
 }
 
-void CheckHeads(int Hq, int Hkv) {
-  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
-}
-
 template <int D>
 void LaunchForward(float* out, float* lse, const float* q, const float* k, const float* v, const int32_t* cu, int S,
                    int N, int Hq, int Hkv, cudaStream_t s) {

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -19,6 +20,10 @@ namespace aha::engine::cuda {
 [[noreturn]] inline void Fail(const char* what, long long value) {
   std::fprintf(stderr, "aha engine/cuda attention: %s (got %lld)\n", what, value);
   std::abort();
+}
+
+inline void CheckHeads(int Hq, int Hkv) {
+  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
 }
 
 inline void CheckCuda(cudaError_t e, const char* what) {
@@ -238,7 +243,8 @@ __device__ __forceinline__ void AtomicAddFrag(float* __restrict__ x, int H, int 
   const float o1 = __shfl_xor_sync(0xffffffffu, s1, 1);
   const int row = even ? rowA : rowB;
   const int c0 = col + (even ? 2 * t : 2 * t - 2);
-  const float4 val = even ? make_float4(c[0] * a, c[1] * a, o0 * a, o1 * a) : make_float4(o0 * a, o1 * a, c[2] * a, c[3] * a);
+  const float4 val =
+      even ? make_float4(c[0] * a, c[1] * a, o0 * a, o1 * a) : make_float4(o0 * a, o1 * a, c[2] * a, c[3] * a);
   if (row < limit) {
     float* p = x + (static_cast<size_t>(row) * H + head) * D + c0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -265,6 +271,37 @@ __device__ __forceinline__ int FindSeq(const int32_t* __restrict__ cu, int S, in
     }
   }
   return lo;
+}
+
+// The training forward's prologue for the block of rows r0 .. r0 + rows - 1 (rows <= blockDim.x):
+// thread tid < rows writes its row's sequence start into row_ss[tid] (INT_MAX past N), and the
+// warp loads the Q fragments of its rows rowA, rowB (scaled by qscale, bf16). The caller's barrier
+// publishes row_ss.
+template <int D>
+__device__ __forceinline__ void ForwardPrologue(int* row_ss, uint32_t (&qa)[D / 16][4], const float* __restrict__ q,
+                                                const int32_t* __restrict__ cu, int S, int N, int Hq, int h, int r0,
+                                                int rows, int tid, int rowA, int rowB, int t, float qscale) {
+  if (tid < rows) {
+    const int r = r0 + tid;
+    row_ss[tid] = r < N ? __ldg(cu + FindSeq(cu, S, r)) : INT_MAX;
+  }
+  LoadAFragsF32<D / 16>(qa, rowA < N ? q + (static_cast<size_t>(rowA) * Hq + h) * D : nullptr,
+                        rowB < N ? q + (static_cast<size_t>(rowB) * Hq + h) * D : nullptr, t, qscale);
+}
+
+// The causal mask on a warp's scores s[8][4] of the 64-key tile from kt: key kt + 8 nt + 2 t + (c & 1)
+// stays visible to row rowA (c = 0, 1; sequence start ssA) or rowB (c = 2, 3; ssB) when it is in
+// [start, row]; else -inf.
+__device__ __forceinline__ void MaskScores(float (&s)[8][4], int kt, int ssA, int ssB, int rowA, int rowB, int t) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int key = kt + nt * 8 + 2 * t + (c & 1);
+      const bool ok = c < 2 ? (key >= ssA && key <= rowA) : (key >= ssB && key <= rowB);
+      if (!ok) s[nt][c] = -INFINITY;
+    }
+  }
 }
 
 // Workspace of AttentionBackwardWorkspace(N, Hq): delta[N, Hq] (f32) | row_start[N] (i32).

@@ -175,17 +175,11 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
 
   const int r_last = min(r0 + kFwdRows, N) - 1;
 
-  if (tid < kFwdRows) {
-    const int r = r0 + tid;
-    row_ss[tid] = r < N ? __ldg(cu + FindSeq(cu, S, r)) : INT_MAX;
-  }
-
-  // Q fragments of this warp's 16 rows: rows rowA = wr0 + g and rowB = rowA + 8.
+  // Row starts, and the Q fragments of this warp's 16 rows: rows rowA = wr0 + g and rowB = rowA + 8.
   const int wr0 = r0 + warp * 16;
   const int rowA = wr0 + g, rowB = rowA + 8;
   uint32_t qa[KK][4];
-  LoadAFragsF32<KK>(qa, rowA < N ? q + (static_cast<size_t>(rowA) * Hq + h) * D : nullptr,
-                    rowB < N ? q + (static_cast<size_t>(rowB) * Hq + h) * D : nullptr, t, qscale);
+  ForwardPrologue<D>(row_ss, qa, q, cu, S, N, Hq, h, r0, kFwdRows, tid, rowA, rowB, t, qscale);
   __syncthreads();  // row_ss
 
   const int w_ss0 = row_ss[warp * 16];  // smallest sequence start of the warp's rows (INT_MAX: no rows)
@@ -235,16 +229,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
       // when a row is past N) and the rows' own starts are read from shared memory here, not kept
       // in registers across the loop (the kernel is at its 128-register bound).
       if (kt < row_ss[warp * 16 + 15] || kt + kFwdKeys - 1 > wr0) {
-        const int ssA = row_ss[warp * 16 + g], ssB = row_ss[warp * 16 + g + 8];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int key = kt + nt * 8 + 2 * t + (c & 1);
-            const bool ok = c < 2 ? (key >= ssA && key <= rowA) : (key >= ssB && key <= rowB);
-            if (!ok) s[nt][c] = -INFINITY;
-          }
-        }
+        MaskScores(s, kt, row_ss[warp * 16 + g], row_ss[warp * 16 + g + 8], rowA, rowB, t);
       }
       OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
 
@@ -562,10 +547,6 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
     AtomicAddFrag<D>(dk, Hkv, kvh, keyA, keyB, dn * 8, dKa[dn], scale, N, t);
     AtomicAddFrag<D>(dv, Hkv, kvh, keyA, keyB, dn * 8, dVa[dn], 1.0f, N, t);
   }
-}
-
-void CheckHeads(int Hq, int Hkv) {
-  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("Hq must be a positive multiple of Hkv; Hq", Hq);
 }
 
 template <int D, typename Kv>

@@ -54,8 +54,8 @@ __device__ __forceinline__ void CopyTile64(unsigned char* dst, const uint16_t* _
     const int rr = f >> 3, c = f & 7;
     const int row = row0 + rr;
     const bool valid = row < N;
-    CpAsync16(dst + rr * 128 + ((c ^ (rr & 7)) << 4), x + (static_cast<size_t>(valid ? row : 0) * H + head) * 64 + c * 8,
-              valid);
+    const size_t src = (static_cast<size_t>(valid ? row : 0) * H + head) * 64 + c * 8;
+    CpAsync16(dst + rr * 128 + ((c ^ (rr & 7)) << 4), x + src, valid);
   }
 }
 
@@ -95,15 +95,10 @@ __global__ void __launch_bounds__(kWgThreads, 2)
     CpAsyncCommit();
   };
 
-  if (tid < kWgRows) {
-    const int r = r0 + tid;
-    row_ss[tid] = r < N ? __ldg(cu + FindSeq(cu, S, r)) : INT_MAX;
-  }
   const int wr0 = r0 + warp * 16;
   const int rowA = wr0 + g, rowB = rowA + 8;
   uint32_t qa[KK][4];
-  LoadAFragsF32<KK>(qa, rowA < N ? q + (static_cast<size_t>(rowA) * Hq + h) * kWgD : nullptr,
-                    rowB < N ? q + (static_cast<size_t>(rowB) * Hq + h) * kWgD : nullptr, t, qscale);
+  ForwardPrologue<kWgD>(row_ss, qa, q, cu, S, N, Hq, h, r0, kWgRows, tid, rowA, rowB, t, qscale);
   __syncthreads();  // row_ss
 
   // The warpgroup's rows r0 + 64 wg .. + 63: the smallest start among them (INT_MAX: none) and the last.
@@ -143,16 +138,7 @@ __global__ void __launch_bounds__(kWgThreads, 2)
       WgmmaWait<0>();
       FenceAccumulators(s);
       if constexpr (decltype(masked)::value) {
-        const int ssA = row_ss[warp * 16 + g], ssB = row_ss[warp * 16 + g + 8];
-#pragma unroll
-        for (int nt = 0; nt < DN; ++nt) {
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int key = kt + nt * 8 + 2 * t + (c & 1);
-            const bool ok = c < 2 ? (key >= ssA && key <= rowA) : (key >= ssB && key <= rowB);
-            if (!ok) s[nt][c] = -INFINITY;
-          }
-        }
+        MaskScores(s, kt, row_ss[warp * 16 + g], row_ss[warp * 16 + g + 8], rowA, rowB, t);
       }
       OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
 
@@ -220,8 +206,7 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
   CopyKvTile(smem, k, v, 0, 128, 1, 0, tid);
   if (!late) CopyKvTile(smem + 2 * kWgTileBytes, k, v, 64, 128, 1, 0, tid);
   CpAsyncCommit();
-  CpAsyncWaitAll();
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  CopiesLanded();
   __syncthreads();
   float s[DN][4] = {}, o[DN][4] = {};
   for (int j = 0; j < 2; ++j) {
@@ -248,10 +233,7 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
       *reinterpret_cast<float2*>(o_out + a) = make_float2(o[dn][0], o[dn][1]);
       *reinterpret_cast<float2*>(o_out + b) = make_float2(o[dn][2], o[dn][3]);
     }
-    if (late && j == 0) {
-      CpAsyncWaitAll();
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    }
+    if (late && j == 0) CopiesLanded();
     __syncthreads();
   }
 #else
@@ -266,8 +248,9 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
 //
 // Block = 64 consecutive keys of the packed axis x one query head (one warpgroup, 128 threads; warp w
 // owns keys k0 + 16 w .. + 15); 230 registers, 59 KB of shared memory, 2 blocks a multiprocessor
-// (at 3, the 168-register cap spills and the kernel is 14% slower). The block loops over query tiles of 64
-// rows from k0 to the end of its last key's sequence (r_stop). Per tile, all on wgmma m64n64k16:
+// (at 3, the 168-register cap spills and the kernel is 14% slower). The block loops over query
+// tiles of 64 rows from k0 to the end of its last key's sequence (r_stop). Per tile, all on wgmma
+// m64n64k16:
 //   S^T = K Q^T and dP^T = V dO^T (A and B from shared memory, both K-major: 8 products);
 //   P^T = exp2(S^T scale log2 e - lse log2 e), masked, and dS^T = P^T (dP^T - delta) on the
 //     accumulators (keys on the rows, the tile's query rows on the columns), times scale: V is
@@ -556,7 +539,7 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
                             int Hq, int Hkv, void* workspace, cudaStream_t s) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionBackwardWgmma: S must be positive when N > 0; S", S);
-  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("AttentionBackwardWgmma: Hq must be a positive multiple of Hkv; Hq", Hq);
+  CheckHeads(Hq, Hkv);
   float* delta = BackwardDelta(workspace);
   int* row_start = BackwardRowStart(workspace, N, Hq);
   const size_t n = static_cast<size_t>(N) * Hq * kWgD;
@@ -582,7 +565,7 @@ void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_
                            uint16_t* out_bf16) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionForwardWgmma: S must be positive when N > 0; S", S);
-  if (Hkv <= 0 || Hq <= 0 || Hq % Hkv != 0) Fail("AttentionForwardWgmma: Hq must be a positive multiple of Hkv; Hq", Hq);
+  CheckHeads(Hq, Hkv);
   const dim3 grid(Hq, GridRows(N, kWgRows));
   const float qscale = kLog2e / std::sqrt(static_cast<float>(kWgD));
   AttnFwdWgmmaKernel<<<grid, kWgThreads, kWgSmem, s>>>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv,

@@ -80,7 +80,8 @@ template <int kTransB>
 __device__ __forceinline__ void WgmmaRs64x64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AHA_WG_D64 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AHA_WG_D64
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
       : AHA_WG_D64_OPS("+f")
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(kTransB));
 }

@@ -493,9 +493,9 @@ TEST(AttentionTc, WgmmaBackwardMatchesMmaSync) {
     cuda::AttentionForwardTC(out.get(), lse.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, c.D,
                              nullptr);
     for (bool wg : {true, false}) {
-      cuda::AttentionBackwardTC(wg ? dq_w.get() : dq_m.get(), wg ? dk_w.get() : dk_m.get(), wg ? dv_w.get() : dv_m.get(),
-                                dout.get(), out.get(), lse.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq,
-                                c.Hkv, c.D, ws.get(), nullptr, wg);
+      DevBuf<float>&dq = wg ? dq_w : dq_m, &dk = wg ? dk_w : dk_m, &dv = wg ? dv_w : dv_m;
+      cuda::AttentionBackwardTC(dq.get(), dk.get(), dv.get(), dout.get(), out.get(), lse.get(), q.get(), k.get(),
+                                v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, c.D, ws.get(), nullptr, wg);
     }
     Ck(cudaDeviceSynchronize(), "backward");
     ExpectNmse("wgmma bwd dq vs mma.sync", shape, dq_w.Download(), dq_m.Download(), 1e-8);
