@@ -41,7 +41,6 @@ constexpr int kWgThreads = 256;
 constexpr int kWgTileBytes = kWgKeys * kWgD * 2;                          // [64 keys][64] bf16: 8 KiB
 constexpr int kWgSmem = 4 * kWgTileBytes + kWgRows * sizeof(int) + 1024;  // 2 x (K, V), row starts, alignment
 
-
 // 64 rows of x[*, H, 64] (bf16) at head `head`, rows row0 .. row0 + 63 (rows >= N zero-filled), into
 // the 128-byte swizzled layout at dst: row r's 16-byte chunk c at r * 128 + (c ^ (r & 7)) * 16 (dst
 // 1024-byte aligned). 512 chunks, spread over kThreads threads. Not committed.
@@ -55,7 +54,7 @@ __device__ __forceinline__ void CopyTile64(unsigned char* dst, const uint16_t* _
     const int row = row0 + rr;
     const bool valid = row < N;
     const size_t src = (static_cast<size_t>(valid ? row : 0) * H + head) * 64 + c * 8;
-    CpAsync16(dst + rr * 128 + ((c ^ (rr & 7)) << 4), x + src, valid);
+    CpAsync16(dst + Swizzled128(rr, c), x + src, valid);
   }
 }
 
@@ -80,7 +79,7 @@ __global__ void __launch_bounds__(kWgThreads, 2)
 #ifdef AHA_WGMMA
   constexpr int KK = kWgD / 16, DN = kWgD / 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
+  unsigned char* smem = AlignSmem1024(smem_raw);
   const uint32_t base = SmemAddr(smem);
   int* row_ss = reinterpret_cast<int*>(smem + 4 * kWgTileBytes);  // INT_MAX past N
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -151,12 +150,7 @@ __global__ void __launch_bounds__(kWgThreads, 2)
       WgmmaCommit();
       WgmmaWait<0>();
       FenceAccumulators(o);
-      // P's registers were read by the products in flight: kept live (not reused) until here.
-#pragma unroll
-      for (int kk = 0; kk < KK; ++kk) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kk][i])::"memory");
-      }
+      KeepLive(pa);  // read by the products in flight until the wait
     };
     // Warpgroup-uniform: skip a tile none of the 64 rows sees; no mask on a tile all of them see
     // whole (row_ss is INT_MAX past N, so a warpgroup with such rows takes the mask).
@@ -175,7 +169,6 @@ __global__ void __launch_bounds__(kWgThreads, 2)
 #endif
 }
 
-
 // Test hook (AttentionWgmmaProbe): the two products of the kernel above on fixed operands, each
 // result stored as it comes out of the accumulators. Rows 0 .. 127 of q (f32 [128][64], rounded to
 // bf16 unscaled), the two 64-key tiles of k and v ([128][64] bf16, one head) and P (bf16 [128][64]):
@@ -189,7 +182,7 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
 #ifdef AHA_WGMMA
   constexpr int KK = kWgD / 16, DN = kWgD / 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
+  unsigned char* smem = AlignSmem1024(smem_raw);
   const uint32_t base = SmemAddr(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int rowA = warp * 16 + g, rowB = rowA + 8;
@@ -310,7 +303,7 @@ __global__ void __launch_bounds__(kWbThreads, 2)
 #ifdef AHA_WGMMA
   constexpr int KK = 4, DN = 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
+  unsigned char* smem = AlignSmem1024(smem_raw);
   const uint32_t base = SmemAddr(smem);
   const uint32_t kb = base, vb = base + kWbTile, qo_b = base + 2 * kWbTile, dsb = base + 6 * kWbTile;
   unsigned char* ds_s = smem + 6 * kWbTile;
@@ -364,7 +357,7 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       kx = Ldg4(k + off);
       vx = Ldg4(v + off);
     }
-    const int at = rr * 128 + (((d4 >> 1) ^ (rr & 7)) << 4) + (d4 & 1) * 8;
+    const int at = Swizzled128(rr, d4 >> 1) + (d4 & 1) * 8;
     *reinterpret_cast<uint2*>(smem + at) = PackBf16x4(kx);
     *reinterpret_cast<uint2*>(smem + kWbTile + at) =
         PackBf16x4(make_float4(vx.x * scale, vx.y * scale, vx.z * scale, vx.w * scale));
@@ -449,10 +442,10 @@ __global__ void __launch_bounds__(kWbThreads, 2)
 #pragma unroll
         for (int kk = 0; kk < KK; ++kk) {
           const int c0 = 2 * kk, c1 = 2 * kk + 1;
-          *reinterpret_cast<uint32_t*>(ds_s + rA * 128 + ((c0 ^ (rA & 7)) << 4) + 4 * t) = sa[kk][0];
-          *reinterpret_cast<uint32_t*>(ds_s + rB * 128 + ((c0 ^ (rB & 7)) << 4) + 4 * t) = sa[kk][1];
-          *reinterpret_cast<uint32_t*>(ds_s + rA * 128 + ((c1 ^ (rA & 7)) << 4) + 4 * t) = sa[kk][2];
-          *reinterpret_cast<uint32_t*>(ds_s + rB * 128 + ((c1 ^ (rB & 7)) << 4) + 4 * t) = sa[kk][3];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c0) + 4 * t) = sa[kk][0];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c0) + 4 * t) = sa[kk][1];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c1) + 4 * t) = sa[kk][2];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c1) + 4 * t) = sa[kk][3];
         }
       }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -470,12 +463,8 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       FenceAccumulators(dV);
       FenceAccumulators(dK);
       FenceAccumulators(dQ);
-      // P's and dS's registers were read by the products in flight: kept live (not reused) until here.
-#pragma unroll
-      for (int kk = 0; kk < KK; ++kk) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kk][i]), "+r"(sa[kk][i])::"memory");
-      }
+      KeepLive(pa);  // read by the products in flight until the wait
+      KeepLive(sa);
       // Rows >= r_stop see none of the keys (their dS is 0): skipped.
       const int rowA = rt + warp * 16 + g;
 #pragma unroll

@@ -27,6 +27,17 @@ inline bool CurrentDeviceIsSm90() {
   return major == 9;
 }
 
+// The dynamic shared memory rounded up to 1024 bytes (the swizzle atom's alignment; launches ask
+// for 1024 bytes more).
+__device__ __forceinline__ unsigned char* AlignSmem1024(unsigned char* raw) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(raw));
+  return raw + ((1024u - (addr & 1023u)) & 1023u);
+}
+
+// Byte offset of row r's 16-byte chunk c in a 128-byte swizzled tile of 128-byte rows (1024-byte
+// aligned): the layout the descriptors below read, K-major and MN-major alike.
+__device__ __forceinline__ int Swizzled128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
 #ifdef AHA_WGMMA
 // Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle layout: start address,
 // leading offset unused (one swizzle atom spans the 16 k of an instruction), 1024 bytes between
@@ -110,6 +121,15 @@ __device__ __forceinline__ void WgmmaSs64x64First(float (&d)[8][4], uint64_t da,
 }
 #undef AHA_WG_D64_OPS
 #undef AHA_WG_D64
+// Registers that products in flight read (A fragments): kept live, not reused, until this point.
+template <int R, int C>
+__device__ __forceinline__ void KeepLive(uint32_t (&a)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) asm volatile("" : "+r"(a[i][c])::"memory");
+  }
+}
 template <int R, int C>
 __device__ __forceinline__ void FenceAccumulators(float (&d)[R][C]) {
 #pragma unroll
