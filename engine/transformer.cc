@@ -302,6 +302,9 @@ void Transformer::EnsureCapacity(int N) {
   targets_d_ = Tensor(DType::kI32, {N}, d);
   drow_lp_d_ = Tensor(DType::kF32, {N}, d);
   drow_ent_d_ = Tensor(DType::kF32, {N}, d);
+  lm_rows_d_ = Tensor(DType::kI32, {N}, d);
+  lnf_rows_ = Tensor(DType::kF32, {N, C}, d);
+  dlnf_rows_ = Tensor(DType::kF32, {N, C}, d);
 }
 
 void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, const int32_t* pos,
@@ -371,7 +374,7 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
 }
 
 void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int S, int N, float temperature,
-                          float* logprobs, float* entropies) {
+                          float* logprobs, float* entropies, const int32_t* score_from) {
   AHA_CHECK_EQ(cu_seqlens[0], 0);
   AHA_CHECK_EQ(cu_seqlens[S], N);
   EnsureCapacity(N);
@@ -381,20 +384,30 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
   tokens_.assign(tokens, tokens + N);
   cu_seqlens_.assign(cu_seqlens, cu_seqlens + S + 1);
   positions_.resize(N);
-  targets_.assign(N, -1);
+  lm_rows_.clear();
+  lm_targets_.clear();
   for (int s = 0; s < S; ++s) {
     AHA_CHECK_LE(cu_seqlens[s], cu_seqlens[s + 1]);
+    // Row i predicts token i + 1, scored when its position is score_from[s] or later.
+    const int first_row = cu_seqlens[s] + (score_from ? std::max(score_from[s], 1) : 1) - 1;
     for (int i = cu_seqlens[s]; i < cu_seqlens[s + 1]; ++i) {
       AHA_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size) << "token id " << tokens[i] << " out of range";
       positions_[i] = i - cu_seqlens[s];
-      if (i + 1 < cu_seqlens[s + 1]) targets_[i] = tokens[i + 1];
+      if (i + 1 < cu_seqlens[s + 1] && i >= first_row) {
+        lm_rows_.push_back(i);
+        lm_targets_.push_back(tokens[i + 1]);
+      }
     }
   }
+  const int M = static_cast<int>(lm_rows_.size());
   Backend& B = *backend_;
   B.Upload(tokens_d_.raw(), tokens_.data(), N * sizeof(int32_t));
   B.Upload(cu_seqlens_d_.raw(), cu_seqlens_.data(), (S + 1) * sizeof(int32_t));
   B.Upload(positions_d_.raw(), positions_.data(), N * sizeof(int32_t));
-  B.Upload(targets_d_.raw(), targets_.data(), N * sizeof(int32_t));
+  if (M > 0) {
+    B.Upload(targets_d_.raw(), lm_targets_.data(), M * sizeof(int32_t));
+    B.Upload(lm_rows_d_.raw(), lm_rows_.data(), M * sizeof(int32_t));
+  }
   const int C = config_.hidden_size;
   B.EmbeddingForward(resid_[0].f32(), tokens_d_.i32(), w_.wte, N, C);
   const int L = config_.num_layers;
@@ -407,34 +420,39 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
                  cu_seqlens_d_.i32(), S, N, /*ln1_ready=*/l > 0, next);
   }
   if (L == 0) B.RmsNormForward(lnf_.f32(), rstdf_.f32(), resid_[0].f32(), w_.final_norm, N, C, config_.rms_norm_eps);
-  const size_t z_n = static_cast<size_t>(N) * config_.vocab_size;
+  // The lm-head runs on the M scored rows alone, gathered (the embedding lookup's kernel: row n of
+  // lnf_rows_ is row lm_rows_[n] of lnf_).
+  const size_t z_n = static_cast<size_t>(M) * config_.vocab_size;
   static const double keep_gb = [] {
     const char* e = std::getenv("AHA_KEEP_LOGITS_GB");
     return e ? std::atof(e) : 16.0;
   }();
-  logits_kept_ = B.KeepsLogits() && !grads_.empty() && z_n * sizeof(float) <= keep_gb * (1 << 30);
-  if (logits_kept_) {
+  logits_kept_ = M > 0 && B.KeepsLogits() && !grads_.empty() && z_n * sizeof(float) <= keep_gb * (1 << 30);
+  if (M > 0) B.EmbeddingForward(lnf_rows_.f32(), lm_rows_d_.i32(), lnf_.f32(), M, C);
+  if (M == 0) {
+  } else if (logits_kept_) {
     if (lm_z_.numel() < static_cast<int64_t>(z_n)) {
       lm_z_ = Tensor();  // free the smaller buffer first
       lm_z_ = Tensor(DType::kF32, {static_cast<int64_t>(z_n)}, B.device());
     }
-    B.LmHeadForwardKeep(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N,
-                        C, config_.vocab_size, temperature, lm_z_.f32());
+    B.LmHeadForwardKeep(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_rows_.f32(), w_.lm_head,
+                        targets_d_.i32(), M, C, config_.vocab_size, temperature, lm_z_.f32());
   } else {
-    B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_.f32(), w_.lm_head, targets_d_.i32(), N, C,
-                    config_.vocab_size, temperature);
+    B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_rows_.f32(), w_.lm_head, targets_d_.i32(),
+                    M, C, config_.vocab_size, temperature);
   }
-  // Row n predicts token n + 1: shift into token alignment.
-  row_lp_host_.resize(N);
-  row_ent_host_.resize(N);
-  B.Download(row_lp_host_.data(), row_lp_.raw(), N * sizeof(float));
-  if (entropies) B.Download(row_ent_host_.data(), row_ent_.raw(), N * sizeof(float));
-  const float* rl = row_lp_host_.data();
-  const float* re = row_ent_host_.data();
-  for (int i = 0; i < N; ++i) {
-    const bool first = positions_[i] == 0;
-    logprobs[i] = first ? 0.0f : rl[i - 1];
-    if (entropies) entropies[i] = first ? 0.0f : re[i - 1];
+  // Scored row lm_rows_[n] predicts token lm_rows_[n] + 1: scatter into token alignment.
+  row_lp_host_.resize(M);
+  row_ent_host_.resize(M);
+  if (M > 0) {
+    B.Download(row_lp_host_.data(), row_lp_.raw(), M * sizeof(float));
+    if (entropies) B.Download(row_ent_host_.data(), row_ent_.raw(), M * sizeof(float));
+  }
+  std::fill(logprobs, logprobs + N, 0.0f);
+  if (entropies) std::fill(entropies, entropies + N, 0.0f);
+  for (int n = 0; n < M; ++n) {
+    logprobs[lm_rows_[n] + 1] = row_lp_host_[n];
+    if (entropies) entropies[lm_rows_[n] + 1] = row_ent_host_[n];
   }
 }
 
@@ -442,22 +460,29 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
   EnsureGrads();
   const int N = N_, C = config_.hidden_size, L = config_.num_layers;
   Backend& B = *backend_;
-  std::vector<float> drow_lp(N, 0.0f), drow_ent(N, 0.0f);
-  for (int i = 0; i + 1 < N; ++i) {
-    if (targets_[i] < 0) continue;
-    if (dlogprobs) drow_lp[i] = dlogprobs[i + 1];
-    if (dentropies) drow_ent[i] = dentropies[i + 1];
+  const int M = static_cast<int>(lm_rows_.size());
+  std::vector<float> drow_lp(M, 0.0f), drow_ent(M, 0.0f);
+  for (int n = 0; n < M; ++n) {
+    if (dlogprobs) drow_lp[n] = dlogprobs[lm_rows_[n] + 1];
+    if (dentropies) drow_ent[n] = dentropies[lm_rows_[n] + 1];
   }
-  B.Upload(drow_lp_d_.raw(), drow_lp.data(), N * sizeof(float));
-  B.Upload(drow_ent_d_.raw(), drow_ent.data(), N * sizeof(float));
-  if (logits_kept_) {  // the Forward's logits, consumed here
-    B.LmHeadBackwardKept(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
-                         targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_,
-                         lm_z_.f32());
-    logits_kept_ = false;
-  } else {
-    B.LmHeadBackward(dln_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_.f32(), w_.lm_head,
-                     targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), N, C, config_.vocab_size, temperature_);
+  dln_.SetZero();
+  if (M > 0) {
+    B.Upload(drow_lp_d_.raw(), drow_lp.data(), M * sizeof(float));
+    B.Upload(drow_ent_d_.raw(), drow_ent.data(), M * sizeof(float));
+    if (logits_kept_) {  // the Forward's logits, consumed here
+      B.LmHeadBackwardKept(dlnf_rows_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_rows_.f32(),
+                           w_.lm_head, targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), M, C, config_.vocab_size,
+                           temperature_, lm_z_.f32());
+      logits_kept_ = false;
+    } else {
+      B.LmHeadBackward(dlnf_rows_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_rows_.f32(),
+                       w_.lm_head, targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), M, C, config_.vocab_size,
+                       temperature_);
+    }
+    // Back to the rows they came from (the rows are distinct: the embedding backward's scatter-add
+    // into zeros is a plain scatter).
+    B.EmbeddingBackward(dln_.f32(), dlnf_rows_.f32(), lm_rows_d_.i32(), M, C);
   }
   dres_.SetZero();
   B.RmsNormBackward(dres_.f32(), g_.final_norm, dln_.f32(), resid_[L].f32(), w_.final_norm, rstdf_.f32(), N, C);

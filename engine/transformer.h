@@ -103,10 +103,15 @@ class Transformer {
   // Training forward over packed sequences. Writes logprobs[N] and entropies[N] aligned to tokens:
   // logprobs[t] = log p(tokens[t] | earlier tokens of its sequence) at `temperature` (logits / T),
   // entropies[t] = entropy of that next-token distribution; both 0 at each sequence's first token.
+  // score_from (optional, [S]): sequence s wants log-probs only from its position score_from[s] on
+  // (a prompt's length: RL and SFT losses read completions alone); earlier positions get 0 and
+  // their rows skip the lm-head, the largest product of a small model (TRL's logits_to_keep).
+  // Only the rows that predict a scored token run the lm-head, here and in Backward().
   void Forward(const int32_t* tokens, const int32_t* cu_seqlens, int S, int N, float temperature,
-               float* logprobs, float* entropies);
+               float* logprobs, float* entropies, const int32_t* score_from = nullptr);
   // Gradients of sum_t dlogprobs[t] * logprobs[t] + dentropies[t] * entropies[t] (same alignment;
-  // either may be null) with respect to every parameter, ADDED into grads(). Needs the last Forward().
+  // either may be null) with respect to every parameter, ADDED into grads(). Needs the last Forward();
+  // positions that Forward() did not score (score_from) contribute nothing, whatever their dlogprobs.
   // `ready`, when given, is called as the pass goes: ready(begin) says that grads()[begin, end) has
   // received its last contribution of this call, once the ops enqueued so far have run (on a device
   // backend the call comes at enqueue time, not completion). The backward visits the flat layout
@@ -180,7 +185,10 @@ class Transformer {
   // Saved by Forward() for Backward().
   int capacity_ = 0, N_ = 0, S_ = 0;
   float temperature_ = 1.0f;
-  std::vector<int32_t> tokens_, cu_seqlens_, positions_, targets_;
+  std::vector<int32_t> tokens_, cu_seqlens_, positions_;
+  // The rows that run the lm-head (those predicting a scored token), M = lm_rows_.size() of N: the
+  // lm-head reads their final-norm rows gathered into lnf_rows_ and writes dlnf_rows_.
+  std::vector<int32_t> lm_rows_, lm_targets_;
   std::vector<Tensor> resid_;  // L + 1 layer inputs/outputs [N, C]
   std::vector<LayerActs> acts_;  // L layers, or 1 scratch layer with recompute
   Tensor lnf_, rstdf_, lm_lse_, row_lp_, row_ent_;
@@ -190,7 +198,8 @@ class Transformer {
   Tensor lm_z_;
   bool logits_kept_ = false;
   // Device copies of the host integer arrays above, and the row gradients of Backward().
-  Tensor tokens_d_, cu_seqlens_d_, positions_d_, targets_d_, drow_lp_d_, drow_ent_d_;
+  Tensor tokens_d_, cu_seqlens_d_, positions_d_, targets_d_, drow_lp_d_, drow_ent_d_, lm_rows_d_;
+  Tensor lnf_rows_, dlnf_rows_;
   std::vector<float> row_lp_host_, row_ent_host_;
   // ForwardCached() scratch, grown to the largest call (fixed addresses between calls).
   struct DecodeScratch {

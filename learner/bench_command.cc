@@ -34,11 +34,15 @@ std::vector<int32_t> RandomTokens(std::mt19937_64& rng, int n, int vocab) {
 
 // Matrix-product FLOPs of one forward pass over S sequences of length L (every parameter in a
 // product once per token; the tied lm-head counted, the embedding lookup not) plus causal attention.
-double ForwardFlops(const engine::ModelConfig& c, int S, int L) {
-  const double T = double(S) * L;
-  const double matmul_params = double(c.NumParameters()) - (c.tie_word_embeddings ? 0.0 : double(c.vocab_size) * c.hidden_size);
-  const double attention = 2.0 * double(L) * L * c.head_dim * c.num_heads * S * c.num_layers;  // QK^T + PV, causal half
-  return 2.0 * matmul_params * T + attention;
+// FLOPs of one forward over S sequences of L tokens whose last `scored` tokens are scored: the layers'
+// products over every token, the lm-head over the rows that predict a scored token (the others skip
+// it: Transformer::Forward's score_from), attention's QK^T + PV over the causal half.
+double ForwardFlops(const engine::ModelConfig& c, int S, int L, int scored) {
+  const double T = double(S) * L, lm_head = double(c.vocab_size) * c.hidden_size;
+  // NumParameters counts the embedding and an untied lm-head each once; a tied one once in all.
+  const double layer_params = double(c.NumParameters()) - lm_head * (c.tie_word_embeddings ? 1 : 2);
+  const double attention = 2.0 * double(L) * L * c.head_dim * c.num_heads * S * c.num_layers;
+  return 2.0 * layer_params * T + 2.0 * lm_head * double(S) * scored + attention;
 }
 
 int RunGen(int argc, char** argv) {
@@ -206,7 +210,8 @@ int RunTrain(int argc, char** argv) {
   const double tokens = double(sequences) * seq_len;
   // Policy forward + backward (3x a forward) and the reference forward (1x when beta > 0), for the
   // whole global batch, against the peak of every device together.
-  const double flops = ForwardFlops(config, static_cast<int>(sequences), static_cast<int>(seq_len)) * (beta > 0 ? 4 : 3);
+  const double flops = ForwardFlops(config, static_cast<int>(sequences), static_cast<int>(seq_len),
+                                    static_cast<int>(seq_len - prompt_len)) * (beta > 0 ? 4 : 3);
   const double mfu = flops / median / (peak_tflops * replicas * 1e12);
   std::string where = engine::DescribeBackend((*backends)[0].get());
   if (replicas > 1) where = std::to_string(replicas) + " x " + where + " (data parallel)";

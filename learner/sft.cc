@@ -64,9 +64,11 @@ Result<double> RunSft(const SftOptions& o, const std::vector<SftExample>& data, 
       tokens.clear();
       cu.assign(1, 0);
       std::vector<std::pair<size_t, size_t>> spans;  // completion [begin, end) in tokens
+      std::vector<int32_t> score_from;                // prompt lengths: only completions are scored
       for (int64_t k = b * B; k < std::min<int64_t>((b + 1) * B, static_cast<int64_t>(data.size())); ++k) {
         const SftExample& e = data[order[static_cast<size_t>(k)]];
         tokens.insert(tokens.end(), e.prompt.begin(), e.prompt.end());
+        score_from.push_back(static_cast<int32_t>(e.prompt.size()));
         size_t begin = tokens.size();
         tokens.insert(tokens.end(), e.completion.begin(), e.completion.end());
         spans.emplace_back(begin, tokens.size());
@@ -75,7 +77,8 @@ Result<double> RunSft(const SftOptions& o, const std::vector<SftExample>& data, 
       const int N = static_cast<int>(tokens.size());
       lp.assign(N, 0.f);
       ent.assign(N, 0.f);
-      model->Forward(tokens.data(), cu.data(), static_cast<int>(cu.size() - 1), N, 1.0f, lp.data(), ent.data());
+      model->Forward(tokens.data(), cu.data(), static_cast<int>(cu.size() - 1), N, 1.0f, lp.data(), ent.data(),
+                     score_from.data());
       size_t count = 0;
       for (auto [s, e] : spans) count += e - s;
       dlp.assign(N, 0.f);

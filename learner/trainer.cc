@@ -39,7 +39,7 @@ struct GrpoTrainer::Replica {
   std::unique_ptr<engine::Transformer> model, reference;
   std::unique_ptr<engine::AdamW> optimizer;
   // Micro-batch buffers, reused from step to step.
-  std::vector<int32_t> tokens, cu;
+  std::vector<int32_t> tokens, cu, score_from;
   std::vector<float> logprobs, entropies, ref_logprobs, ref_entropies, dlogprobs;
 };
 
@@ -262,8 +262,10 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
     }
     rep.tokens.clear();
     rep.cu.assign(1, 0);
+    rep.score_from.clear();  // the loss reads completions alone: prompt rows skip the lm-head
     for (size_t i = next; i < end; ++i) {
       const TrainSample& s = *sh.seqs[i].sample;
+      rep.score_from.push_back(static_cast<int32_t>(s.prompt.size()));
       rep.tokens.insert(rep.tokens.end(), s.prompt.begin(), s.prompt.end());
       rep.tokens.insert(rep.tokens.end(), s.completion.begin(), s.completion.end());
       rep.cu.push_back(static_cast<int32_t>(rep.tokens.size()));
@@ -272,12 +274,13 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
     rep.logprobs.assign(N, 0.f);
     rep.entropies.assign(N, 0.f);
     auto t0 = std::chrono::steady_clock::now();
-    rep.model->Forward(rep.tokens.data(), rep.cu.data(), S, N, temperature, rep.logprobs.data(), rep.entropies.data());
+    rep.model->Forward(rep.tokens.data(), rep.cu.data(), S, N, temperature, rep.logprobs.data(), rep.entropies.data(),
+                       rep.score_from.data());
     if (rep.reference) {
       rep.ref_logprobs.assign(N, 0.f);
       rep.ref_entropies.assign(N, 0.f);
       rep.reference->Forward(rep.tokens.data(), rep.cu.data(), S, N, temperature, rep.ref_logprobs.data(),
-                             rep.ref_entropies.data());
+                             rep.ref_entropies.data(), rep.score_from.data());
     }
     sh.forward_s += SecondsSince(t0);
 

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -193,6 +193,29 @@ fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
+fi
+if [[ $what == *s15* ]]; then
+  # Session 15: the lm-head on the completion rows alone (Transformer::Forward's score_from), and
+  # the peer as TRL runs it (logits_to_keep) beside its earlier every-row form. s15c: aha and the
+  # compiled peer in one call (compilation takes minutes).
+  if [[ $what == *s15c* ]]; then
+    timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s15c.log" 2>&1
+    echo "aha train: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$out/train_s15c.log" | tr '\n' ' ')"
+    timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+    tail -n 1 "$out/train_peer_compile.log"
+  else
+    for rep in 1 2; do
+      timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s15-$rep.log" 2>&1
+      echo "aha train rep $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$out/train_s15-$rep.log" | tr '\n' ' ')"
+    done
+    AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
+    grep -vE '^\{' "$out/profile_train.txt" | head -40
+    timeout 150 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
+    tail -n 1 "$out/train_peer.log"
+    timeout 150 python3 bench/gpu/peer_pytorch.py train --modes eager --full-logits --model $model \
+      > "$out/train_peer_full.log" 2>&1
+    tail -n 1 "$out/train_peer_full.log"
+  fi
 fi
 if [[ $what == *peer* ]]; then
   timeout 120 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1

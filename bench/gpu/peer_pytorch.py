@@ -5,7 +5,8 @@
          tokens, N new tokens each, all in one batch. New tokens/s.
   train: one GRPO learner step on S sequences of L tokens (prompt + completion): policy forward +
          backward in bf16 autocast over fp32 master weights, frozen reference forward, full-vocabulary
-         log-softmax at the sampled tokens, k3 KL, clipped ratio (eps 0.2 / 0.28), token-mean loss,
+         log-softmax at the sampled completion tokens (lm-head rows of the completion only, as TRL's
+         logits_to_keep; --full-logits: every row), k3 KL, clipped ratio (eps 0.2 / 0.28), token-mean loss,
          grad clipping, AdamW. Eager and torch.compile. Tokens/s.
 
 Prints one JSON line per measurement (the last lines), like aha bench.
@@ -45,21 +46,26 @@ def gen(args):
                       "tokens_per_s": new / best, "prompts": args.prompts, "new_tokens": args.new_tokens}))
 
 
-def grpo_step(policy, reference, opt, tokens, prompt_len, behaviour, advantages, beta):
-    # tokens [S, L]; log-probs of tokens 1..L-1; completion mask from prompt_len on.
+def grpo_step(policy, reference, opt, tokens, prompt_len, behaviour, advantages, beta, full_logits=False):
+    # tokens [S, L]. As TRL's GRPOTrainer: logits only for the rows that predict completion tokens
+    # (logits_to_keep), log-probs of tokens prompt_len..L-1. full_logits: every row's logits (log-probs
+    # of tokens 1..L-1) with the prompt masked out of the loss, the form of earlier sessions' figures.
+    first = 1 if full_logits else prompt_len
+    keep = 0 if full_logits else tokens.shape[1] - prompt_len + 1
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = policy(tokens).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        logits = policy(tokens, logits_to_keep=keep).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, first:, None]).squeeze(-1)
     mask = torch.zeros_like(logp)
-    mask[:, prompt_len - 1:] = 1
+    mask[:, prompt_len - first:] = 1
+    behaviour = behaviour[:, first - 1:]
     ratio = torch.exp(logp - behaviour)
     adv = advantages[:, None]
     pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - 0.2, 1 + 0.28) * adv)
     loss_tok = pg
     if beta > 0:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            ref_logits = reference(tokens).logits[:, :-1].float()
-        ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+            ref_logits = reference(tokens, logits_to_keep=keep).logits[:, :-1].float()
+        ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tokens[:, first:, None]).squeeze(-1)
         d = ref_logp - logp
         loss_tok = loss_tok + beta * (torch.exp(d) - d - 1)
     loss = (loss_tok * mask).sum() / mask.sum()
@@ -88,12 +94,13 @@ def train(args):
         times = []
         for i in range(args.steps + 2):  # two warm-up steps (compilation)
             t0 = sync_time()
-            step(policy, reference, opt, tokens, args.prompt_len, behaviour, advantages, args.beta)
+            step(policy, reference, opt, tokens, args.prompt_len, behaviour, advantages, args.beta, args.full_logits)
             t = sync_time() - t0
             if i >= 2:
                 times.append(t)
         med = statistics.median(times)
-        print(json.dumps({"bench": "train", "peer": f"PyTorch {mode} GRPO step (bf16 autocast, fp32 master)",
+        logits = "every row's logits" if args.full_logits else "logits_to_keep"
+        print(json.dumps({"bench": "train", "peer": f"PyTorch {mode} GRPO step (bf16 autocast, fp32 master, {logits})",
                           "seconds": med, "tokens_per_s": args.sequences * args.seq_len / med}), flush=True)
 
 
@@ -110,6 +117,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--full-logits", action="store_true",
+                    help="train: logits of every row, not only those predicting completion tokens")
     args = ap.parse_args()
     if args.what == "train" and args.prompt_len == 128:
         args.prompt_len = 256  # the train workload's prompt length, as aha bench train

@@ -1778,6 +1778,28 @@ void CompareModels(Arch arch, GemmPrecision prec, double lp_limit, double grad_l
   gpu->Download(gg2.data(), mg->grads(), gg2.size() * 4);
   EXPECT_EQ(std::memcmp(lg2.data(), lg.data(), N * sizeof(float)), 0) << tag << ": log-probs with kept logits";
   ExpectNmse("gradients with kept logits", tag, gg2, gg, prec == GemmPrecision::kF32 ? 1e-10 : 1e-5);
+  // Completions only (score_from: the lm-head on the gathered rows of scored positions, its
+  // gradients scattered back), on both backends: the CPU's figures within the same limits.
+  const std::vector<int32_t> from{0, 30, 100, 1, 128};
+  std::vector<float> lc3(N), ec3(N), lg3(N), eg3(N), gg3(gg.size());
+  mc->ZeroGrad();
+  mg->ZeroGrad();
+  mc->Forward(tokens.data(), cu.data(), S, N, 0.8f, lc3.data(), ec3.data(), from.data());
+  mg->Forward(tokens.data(), cu.data(), S, N, 0.8f, lg3.data(), eg3.data(), from.data());
+  double worst3 = 0;
+  int scored = 0;
+  for (int i = 0; i < N; ++i) {
+    worst3 = std::max({worst3, std::abs(double(lc3[i]) - lg3[i]), std::abs(double(ec3[i]) - eg3[i])});
+    scored += lc3[i] != 0.0f;
+  }
+  EXPECT_LT(worst3, lp_limit) << tag << ": scored positions only";
+  EXPECT_GT(scored, 200) << tag;
+  EXPECT_LT(scored, N - 200) << tag;
+  mc->Backward(dlp.data(), dent.data());
+  mg->Backward(dlp.data(), dent.data());
+  gpu->Download(gg3.data(), mg->grads(), gg3.size() * 4);
+  std::vector<float> gc3(mc->grads(), mc->grads() + gc.size());
+  ExpectNmse("gradients, scored positions only", tag, gg3, gc3, grad_limit);
 }
 
 TEST(CudaModel, ForwardBackwardMatchCpu) {

@@ -169,6 +169,54 @@ TEST_P(ModelFamilies, PackedBatchEqualsSequencesOneByOneAndGradientsAccumulate) 
   EXPECT_LT(std::sqrt(num / den), 1e-5);
 }
 
+// score_from: only the rows predicting a scored token run the lm-head. The scored positions get
+// the log-probs and entropies of the full forward, the others 0; the gradients equal the full
+// backward's with the unscored positions' coefficients zeroed (their coefficients are ignored).
+TEST_P(ModelFamilies, ScoredPositionsOnlyMatchTheFullForwardAndBackward) {
+  const auto [arch, tied] = GetParam();
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(arch, tied), 1, &B);
+  Randomize(*m, 21);
+  Batch b;  // lengths 4, 1, 7
+  const std::vector<int32_t> from = {2, 0, 5};  // sequence 1: 0 scores its (only) position, which has none
+  auto a = Coeffs(b.N(), 22), e = Coeffs(b.N(), 23);
+  std::vector<float> lp(b.N()), ent(b.N()), lp_s(b.N(), 7.0f), ent_s(b.N(), 7.0f);
+  m->ZeroGrad();
+  m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 0.9f, lp.data(), ent.data());
+  std::vector<float> a0 = a, e0 = e;
+  int scored = 0;
+  for (int s = 0; s < b.S(); ++s)
+    for (int i = b.cu[s]; i < b.cu[s + 1]; ++i)
+      if (i - b.cu[s] < std::max(from[s], 1)) a0[i] = e0[i] = 0.0f;
+      else ++scored;
+  ASSERT_EQ(scored, 2 + 2);
+  m->Backward(a0.data(), e0.data());
+  std::vector<float> full(m->grads(), m->grads() + m->num_params());
+  m->ZeroGrad();
+  m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 0.9f, lp_s.data(), ent_s.data(), from.data());
+  for (int s = 0; s < b.S(); ++s)
+    for (int i = b.cu[s]; i < b.cu[s + 1]; ++i) {
+      const bool on = i - b.cu[s] >= std::max(from[s], 1);
+      EXPECT_EQ(lp_s[i], on ? lp[i] : 0.0f) << "position " << i;
+      EXPECT_EQ(ent_s[i], on ? ent[i] : 0.0f) << "position " << i;
+    }
+  m->Backward(a.data(), e.data());  // the unscored coefficients are nonzero here, and must not count
+  double num = 0, den = 0;
+  for (size_t i = 0; i < m->num_params(); ++i) {
+    num += std::pow(m->grads()[i] - full[i], 2);
+    den += std::pow(full[i], 2);
+  }
+  ASSERT_GT(den, 0.0);
+  EXPECT_LT(std::sqrt(num / den), 1e-6);
+  // Nothing scored: no lm-head at all, every log-prob 0 and no gradient.
+  const std::vector<int32_t> none = {4, 1, 7};
+  m->ZeroGrad();
+  m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 1.0f, lp_s.data(), ent_s.data(), none.data());
+  for (int i = 0; i < b.N(); ++i) EXPECT_EQ(lp_s[i], 0.0f);
+  m->Backward(a.data(), e.data());
+  for (size_t i = 0; i < m->num_params(); ++i) ASSERT_EQ(m->grads()[i], 0.0f) << i;
+}
+
 TEST_P(ModelFamilies, CachedSamplingLogprobsEqualTrainingForwardAtTemperature) {
   const auto [arch, tied] = GetParam();
   CpuBackend B;
