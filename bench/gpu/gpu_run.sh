@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -194,7 +194,17 @@ if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
 fi
-if [[ $what == *s15* ]]; then
+if [[ $what == *s15g* ]]; then
+  # Session 15: the decode step's products on our wgmma kernel (AHA_SMALL_PRODUCTS=0: cuBLAS) and
+  # dependent launches along the step (AHA_PDL=0: ordinary launches), interleaved, three runs each.
+  for rep in 1 2; do
+    for v in "" "AHA_SMALL_PRODUCTS=0" "AHA_PDL=0" "AHA_SMALL_PRODUCTS=0 AHA_PDL=0"; do
+      env $v timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s15g-${v// /_}-$rep.log" 2>&1
+      echo "gen [${v:-default}] rep $rep: $(grep -oE 'decode [0-9.]+ ms per step|[0-9.]+ s,|[0-9]+ new tokens/s' "$out/gen_s15g-${v// /_}-$rep.log" | head -3 | tr '\n' ' ')"
+    done
+  done
+fi
+if [[ $what == *s15* && $what != *s15g* ]]; then
   # Session 15: the lm-head on the completion rows alone (Transformer::Forward's score_from), and
   # the peer as TRL runs it (logits_to_keep) beside its earlier every-row form. s15c: aha and the
   # compiled peer in one call (compilation takes minutes).

@@ -23,7 +23,6 @@
 // copies use the 128-byte swizzle, the layout the wgmma descriptors read; rows past M, I or 2I
 // are zero-filled by the copy engine. The kernel is launched dependent (PDL): the first stages' weight copies go out
 // before griddepcontrol.wait, while the norm before it (which lets dependents start) still runs.
-#include <cuda.h>  // CUtensorMap and its enums (the encoder comes from the runtime's entry point)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -33,6 +32,7 @@
 
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/tma.h"
 #include "engine/cuda/wgmma.h"
 
 namespace aha::engine::cuda {
@@ -78,35 +78,6 @@ __device__ __forceinline__ void Wgmma64x160(float (&d)[80], uint64_t da, uint64_
         "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
       : "l"(da), "l"(db), "r"(scale_d));
 }
-__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void MbarExpectBytes(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-// One arrival, at the default release at block scope: the stage's readers are the tensor cores,
-// done once wgmma.wait_group returns.
-__device__ __forceinline__ void MbarArrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// The box at (x inner, y rows) of the tensor map into this block's shared memory at dst.
-__device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-          "r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
-      : "memory");
-}
 #endif
 
 __device__ __forceinline__ float RoundBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
@@ -145,7 +116,8 @@ __global__ void __launch_bounds__(kMlpThreads, 1)
   const int early = KT < kMlpStages ? KT : kMlpStages;
   if (producer)
     for (int kt = 0; kt < early; ++kt) load_w(kt);
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the kernel before (a's writer) is complete
+  WaitForPriorKernel();  // the kernel before (a's writer) is complete
+  LetDependentsStart();  // the down product after this one may copy its weights now
 
   if (tid >= kMlpConsumers) {  // the producer warp: one thread issues every copy
     if (producer) {
@@ -204,44 +176,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1)
 #endif
 }
 
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
-EncodeTiled Encoder() {
-  static const EncodeTiled fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return static_cast<EncodeTiled>(nullptr);
-    }
-    return reinterpret_cast<EncodeTiled>(p);
-  }();
-  return fn;
-}
-
-// A row-major bf16 matrix [rows, cols] read in boxes of box_rows x 64 columns, 128-byte swizzled.
-CUtensorMap RowsMap(const uint16_t* p, int rows, int cols, int box_rows) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
-  const cuuint32_t box[2] = {kMlpBK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t steps[2] = {1, 1};
-  const CUresult r = Encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(p), dims, strides,
-                               box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    std::fprintf(stderr, "aha engine/cuda: GateUpSwiGlu: cuTensorMapEncodeTiled failed (%d) for [%d, %d]\n",
-                 static_cast<int>(r), rows, cols);
-    std::abort();
-  }
-  return map;
-}
-
 }  // namespace
 
 bool GateUpSwiGluSupported(int M, int K, int I) {
@@ -249,7 +183,8 @@ bool GateUpSwiGluSupported(int M, int K, int I) {
   (void)M, (void)K, (void)I;
   return false;  // no sm_90a machine code in this build
 #else
-  return CurrentDeviceIsSm90() && Encoder() != nullptr && M > 0 && K > 0 && K % kMlpBK == 0 && I > 0 && I % 8 == 0;
+  return CurrentDeviceIsSm90() && TensorMapEncoder() != nullptr && M > 0 && K > 0 && K % kMlpBK == 0 && I > 0 &&
+         I % 8 == 0;
 #endif
 }
 
@@ -261,7 +196,8 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
   // Set on every launch (a host call, no stream work), so that it holds on whichever device is current.
   Check(cudaFuncSetAttribute(GateUpSwiGluKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMlpSmem),
         "GateUpSwiGlu shared memory");
-  const CUtensorMap map_a = RowsMap(a16, M, K, kMlpBM), map_w = RowsMap(w16, 2 * I, K, kMlpBN);
+  const CUtensorMap map_a = SwizzledRowsMap(a16, M, K, kMlpBM, "GateUpSwiGlu"),
+                    map_w = SwizzledRowsMap(w16, 2 * I, K, kMlpBN, "GateUpSwiGlu");
   const int row_blocks = (M + kMlpBM - 1) / kMlpBM;
   const dim3 grid((I + kMlpBN - 1) / kMlpBN, row_blocks);
   // Launched dependent (PDL): the kernel may start while the one before it runs, copying weights
@@ -270,17 +206,8 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
     const char* e = std::getenv("AHA_MLP_EARLY");
     return !(e && e[0] == '0');
   }();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kMlpThreads);
-  config.dynamicSmemBytes = kMlpSmem;
-  config.stream = s;
-  config.attrs = attr;
-  config.numAttrs = early ? 1 : 0;
-  Check(cudaLaunchKernelEx(&config, GateUpSwiGluKernel, reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I, K),
+  Check(LaunchMaybeDependent(early, GateUpSwiGluKernel, grid, dim3(kMlpThreads), kMlpSmem, s,
+                             reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I, K),
         "GateUpSwiGluKernel launch");
 }
 

@@ -718,6 +718,90 @@ TEST(CudaOps, GateUpSwiGluEqualsItsOps) {
   EXPECT_FALSE(gpu->FusesMlp(256, 96, 4864)) << "C not a multiple of 64";
 }
 
+// A decode step's plain products on our wgmma kernel (SmallProduct) against cuBLAS on the same bf16
+// operands: q/k/v (LinearForward) and the o and down products in K parts added by the norm after
+// them (LinearAddRmsNorm), then the three in a captured graph, where each is launched dependent
+// (programmatic edges) on the kernel before it, replayed on fresh input.
+TEST(CudaOps, SmallProductsEqualCublas) {
+  REQUIRE_GPU();
+  if (!cuda::SmallProductSupported(256, 1152, 896, 1)) GTEST_SKIP() << "no wgmma product kernel on this device or build";
+  CpuBackend cpu;
+  const float eps = 1e-6f;
+  // N rows, K, OC; parts of the split product (0: LinearForward).
+  for (auto [N, K, OC, parts] : {std::tuple{256, 896, 1152, 0}, std::tuple{256, 896, 896, 4},
+                                 std::tuple{256, 4864, 896, 4}, std::tuple{7, 128, 200, 0}, std::tuple{300, 192, 88, 2},
+                                 std::tuple{1, 72, 8, 0}, std::tuple{130, 200, 64, 3}}) {
+    const std::string shape = "N=" + std::to_string(N) + " K=" + std::to_string(K) + " OC=" + std::to_string(OC) +
+                              " parts=" + std::to_string(parts);
+    const size_t nk = size_t(N) * K, no = size_t(N) * OC;
+    auto x = Randn(nk), nw = Randn(K, 0.5f), w = Randn(size_t(OC) * K, 0.1f), res = Randn(no), nw2 = Randn(OC, 0.5f);
+    Tensor d_x = Up(x), d_nw = Up(nw), d_w = Up(w), d_nw2 = Up(nw2);
+    gpu->RegisterWeights(d_w.f32(), d_w.numel());
+    gpu->WeightsChanged(d_w.f32());
+    Tensor ln = Poisoned(nk), rstd = Poisoned(N), tmp = Poisoned(no);
+    gpu->KeepAsBf16(ln.f32(), ln.numel());
+    gpu->set_split_k(parts > 0 ? parts : 0);
+    // y: the product (parts == 0), else x2 = res + product and its norm ln2.
+    Tensor d_res = Up(res);
+    auto run = [&](bool small, Tensor& y, Tensor& ln2) {
+      gpu->set_small_products(small);
+      if (parts > 0) gpu->Copy(y.f32(), d_res.f32(), no * sizeof(float));
+      gpu->RmsNormForward(ln.f32(), rstd.f32(), d_x.f32(), d_nw.f32(), N, K, eps);
+      const uint64_t before = gpu->small_products_run();
+      if (parts == 0) {
+        gpu->LinearForward(y.f32(), ln.f32(), d_w.f32(), nullptr, N, K, OC);
+      } else {
+        gpu->LinearAddRmsNorm(y.f32(), ln2.f32(), rstd.f32(), tmp.f32(), ln.f32(), d_w.f32(), d_nw2.f32(), N, K, OC,
+                              eps);
+      }
+      EXPECT_EQ(gpu->small_products_run() - before, small ? 1u : 0u) << shape;
+    };
+    Tensor y = Poisoned(no), ln2 = Poisoned(no), y_ref = Poisoned(no), ln2_ref = Poisoned(no);
+    run(true, y, ln2);
+    run(false, y_ref, ln2_ref);
+    ExpectNmse("small product vs cublas", shape, Down(y), Down(y_ref), 1e-10);
+    if (parts > 0) ExpectNmse("small product's norm vs cublas", shape, Down(ln2), Down(ln2_ref), 1e-10);
+    std::vector<float> cln(nk), crstd(N), cy(no);
+    cpu.RmsNormForward(cln.data(), crstd.data(), x.data(), nw.data(), N, K, eps);
+    cpu.LinearForward(cy.data(), cln.data(), w.data(), nullptr, N, K, OC);
+    if (parts > 0)
+      for (size_t i = 0; i < no; ++i) cy[i] += res[i];
+    ExpectNmse("small product vs cpu", shape, Down(y), cy, kBf16);
+    // As a decode graph holds them: dependent launches, programmatic edges, the same values replayed.
+    if (N == 256 && cuda::DependentLaunches()) {
+      gpu->set_small_products(true);
+      gpu->gemm().ForgetCasts();
+      ASSERT_EQ(cudaStreamBeginCapture(gpu->stream(), cudaStreamCaptureModeThreadLocal), cudaSuccess);
+      run(true, y, ln2);
+      cudaGraph_t graph = nullptr;
+      ASSERT_EQ(cudaStreamEndCapture(gpu->stream(), &graph), cudaSuccess);
+      size_t edges = 0;
+      ASSERT_EQ(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges), cudaSuccess);
+      std::vector<cudaGraphNode_t> from(edges), to(edges);
+      std::vector<cudaGraphEdgeData> data(edges);
+      ASSERT_EQ(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges), cudaSuccess);
+      int programmatic = 0;
+      for (const cudaGraphEdgeData& e : data) programmatic += e.type == cudaGraphDependencyTypeProgrammatic;
+      // norm -> product, and with parts product -> the norm that adds them.
+      EXPECT_EQ(programmatic, parts > 0 ? 2 : 1) << shape << ", edges " << edges;
+      cudaGraphExec_t exec = nullptr;
+      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      cudaGraphDestroy(graph);
+      const std::vector<float> expect_y = Down(y), expect_ln2 = parts > 0 ? Down(ln2) : std::vector<float>{};
+      ASSERT_EQ(cudaMemsetAsync(y.f32(), 0xff, no * sizeof(float), gpu->stream()), cudaSuccess);
+      ASSERT_EQ(cudaGraphLaunch(exec, gpu->stream()), cudaSuccess);
+      gpu->Synchronize();
+      ExpectNmse("small product, graph vs direct", shape, Down(y), expect_y, 0.0);
+      if (parts > 0) ExpectNmse("small product's norm, graph vs direct", shape, Down(ln2), expect_ln2, 0.0);
+      cudaGraphExecDestroy(exec);
+    }
+    gpu->set_small_products(true);
+    gpu->set_split_k(0);
+    gpu->ReleaseBf16(ln.f32());
+    gpu->UnregisterWeights(d_w.f32());
+  }
+}
+
 TEST(CudaOps, SplitAndPackQkv) {
   REQUIRE_GPU();
   CpuBackend cpu;
