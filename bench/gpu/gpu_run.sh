@@ -195,8 +195,9 @@ if [[ $what == *gemm* ]]; then
   grep -v '^{' "$out/gemm.txt" | tail -n 60
 fi
 if [[ $what == *s15g* ]]; then
-  # Session 15: the decode step's products on our wgmma kernel (AHA_SMALL_PRODUCTS=0: cuBLAS) and
-  # dependent launches along the step (AHA_PDL=0: ordinary launches), interleaved, three runs each.
+  # Session 15, on branch exp/small-products-pdl (not merged: slower): the decode step's products on
+  # a wgmma kernel of ours (AHA_SMALL_PRODUCTS=0: cuBLAS) and dependent launches along the step
+  # (AHA_PDL=0: ordinary launches), interleaved, three runs each.
   for rep in 1 2; do
     for v in "" "AHA_SMALL_PRODUCTS=0" "AHA_PDL=0" "AHA_SMALL_PRODUCTS=0 AHA_PDL=0"; do
       env $v timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s15g-${v// /_}-$rep.log" 2>&1

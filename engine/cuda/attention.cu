@@ -25,7 +25,6 @@
 
 #include "engine/cuda/attention_internal.h"
 #include "engine/cuda/kernels.h"
-#include "engine/cuda/tma.h"
 
 namespace aha::engine::cuda {
 namespace {
@@ -1336,39 +1335,6 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
   const uint16_t* kbase = k_cache + static_cast<size_t>(kvh) * D;  // key in pool row r: kbase + r * krow
   const uint16_t* vbase = v_cache + static_cast<size_t>(kvh) * D;
 
-  const int32_t* trow = pg.table + static_cast<size_t>(rg.b) * pg.max_blocks;
-
-  // Copies chunk c of the split into stage c % NS and commits one group (an empty group past the
-  // last chunk, so that every thread always has one group per chunk index). Thread f of a copy round
-  // takes key f / DU, unit f % DU: consecutive threads on consecutive units of a key row.
-  auto issue = [&](int c) {
-    if (c < rg.nchunks) {
-      uint16_t* Kb = stages + (c % NS) * SE;
-      uint16_t* Vb = Kb + KC * D;
-      const int c0 = rg.k0 + c * KC;
-#pragma unroll
-      for (int it = 0; it < C::NCP; ++it) {
-        const int f = tid + it * T;
-        const int kk = f / DU, du = f % DU;
-        const long long r = DecodePoolRow(pg, trow, c0 + kk, rg.k1, bs_shift);
-        const size_t off = static_cast<size_t>(r < 0 ? 0 : r) * krow + du * 8;  // pool row 0 always exists
-        const int dst = kk * D + ((du ^ (kk & 7)) << 3);
-        CpAsync16(Kb + dst, kbase + off, r >= 0);
-        CpAsync16(Vb + dst, vbase + off, r >= 0);
-      }
-    }
-    CpAsyncCommit();
-  };
-  // Launched dependent (kFused, DependentLaunches()): the q/k/v product before this kernel may still
-  // run. Chunks whose keys all lie before the row's new position are earlier steps' keys, which no
-  // kernel of this step writes: their copies go out before the wait. The rest (the new key's chunk
-  // among them) after it, once the block has written the new key.
-  int pre = 0;
-  if constexpr (kFused) {
-    while (pre < NS - 1 && pre < rg.nchunks && rg.k0 + (pre + 1) * KC <= rg.pos) issue(pre++);
-    WaitForPriorKernel();
-    LetDependentsStart();
-  }
   // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
   uint32_t qa[KK][4];
   if constexpr (kFused) {
@@ -1376,7 +1342,7 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     const int QD = Hq * D, KD = Hkv * D;
     const float* row = qi.qkv + static_cast<size_t>(i) * (QD + 2 * KD);
     const float pos_f = static_cast<float>(__ldg(qi.positions + i));
-    float* qs = reinterpret_cast<float*>(stages + (NS - 1) * SE);  // [G][D] f32 in the last stage, unused yet
+    float* qs = reinterpret_cast<float*>(smem_raw);  // [G][D] f32, before the stages are used
     for (int f = tid; f < G * half; f += T) {
       const int h = f / half, j = f - h * half;
       float y1, y2;
@@ -1411,7 +1377,31 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
     LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
   }
-  for (int c = pre; c < NS - 1; ++c) issue(c);
+  const int32_t* trow = pg.table + static_cast<size_t>(rg.b) * pg.max_blocks;
+
+  // Copies chunk c of the split into stage c % NS and commits one group (an empty group past the
+  // last chunk, so that every thread always has one group per chunk index). Thread f of a copy round
+  // takes key f / DU, unit f % DU: consecutive threads on consecutive units of a key row.
+  auto issue = [&](int c) {
+    if (c < rg.nchunks) {
+      uint16_t* Kb = stages + (c % NS) * SE;
+      uint16_t* Vb = Kb + KC * D;
+      const int c0 = rg.k0 + c * KC;
+#pragma unroll
+      for (int it = 0; it < C::NCP; ++it) {
+        const int f = tid + it * T;
+        const int kk = f / DU, du = f % DU;
+        const long long r = DecodePoolRow(pg, trow, c0 + kk, rg.k1, bs_shift);
+        const size_t off = static_cast<size_t>(r < 0 ? 0 : r) * krow + du * 8;  // pool row 0 always exists
+        const int dst = kk * D + ((du ^ (kk & 7)) << 3);
+        CpAsync16(Kb + dst, kbase + off, r >= 0);
+        CpAsync16(Vb + dst, vbase + off, r >= 0);
+      }
+    }
+    CpAsyncCommit();
+  };
+#pragma unroll
+  for (int c = 0; c < NS - 1; ++c) issue(c);
 
   float o[DN][4];
 #pragma unroll
@@ -1723,12 +1713,10 @@ void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkv
   const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
   auto* kc = static_cast<uint16_t*>(kv.k);
   auto* vc = static_cast<uint16_t*>(kv.v);
-  // The fused kernel starts while the q/k/v product before it runs (its copies of older keys first).
   if (fused)
-    CheckCuda(LaunchMaybeDependent(DependentLaunches(), DecodeTcKernel<D, true>, grid, dim3(kDecTcThreads),
-                                   C::kSmemBytes, s, out, out16, parts.o, parts.ml, static_cast<const float*>(nullptr),
-                                   kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits, qscale, qi),
-              "DecodeTcKernel launch");
+    DecodeTcKernel<D, true><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+        out, out16, parts.o, parts.ml, nullptr, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
+        qscale, qi);
   else
     DecodeTcKernel<D, false><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
         out, out16, parts.o, parts.ml, q, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,

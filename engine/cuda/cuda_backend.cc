@@ -96,8 +96,6 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   if (const char* split = std::getenv("AHA_SPLIT_K")) split_k_ = std::max(0, std::atoi(split));
   const char* mlp = std::getenv("AHA_FUSED_MLP");
   fused_mlp_ = !(mlp && std::string(mlp) == "0");
-  const char* small = std::getenv("AHA_SMALL_PRODUCTS");
-  small_products_ = !(small && std::string(small) == "0");
   CheckCuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, index), "query multiprocessors");
 }
 
@@ -432,27 +430,8 @@ void CudaBackend::RopeBackward(float* dx, const int32_t* positions, const float*
 // of them only products run, and those track what they overwrite. The bias kernels write `out` /
 // `db`, never an input. Every other op forgets the casts (Check).
 // A kept output (KeepAsBf16) is written in bf16 by the product's epilogue.
-bool CudaBackend::SmallProductOperands(const float* a, const float* w, int N, int K, int OC, int parts,
-                                       const uint16_t** a16, const uint16_t** w16) {
-  if (!small_products_ || N > kSmallProductRows || gemm_->precision() != GemmPrecision::kBF16) return false;
-  // One wave of 128 x 64 tiles at most: a wide product (the lm-head) is cuBLAS's.
-  if (static_cast<int64_t>((N + 127) / 128) * ((OC + 63) / 64) * parts > sms_) return false;
-  const size_t n = static_cast<size_t>(N) * K;
-  *a16 = KeptCopy(a, n);
-  if (*a16 == nullptr) *a16 = gemm_->AdoptedCopyOf(a, n);
-  *w16 = gemm_->Bf16CopyOf(w, static_cast<size_t>(OC) * K);
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };  // TMA's rule
-  return *a16 && *w16 && aligned(*a16) && aligned(*w16) && cuda::SmallProductSupported(N, OC, K, parts);
-}
-
 void CudaBackend::LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C, int OC) {
   uint16_t* kept = KeptCopy(out, static_cast<size_t>(N) * OC);
-  const uint16_t *x16 = nullptr, *w16 = nullptr;
-  if (!kept && !b && SmallProductOperands(x, w, N, C, OC, 1, &x16, &w16)) {
-    cuda::SmallProduct(out, x16, w16, N, OC, C, 1, cuda::DependentLaunches(), stream_);
-    ++small_products_run_;
-    return Check("linear");  // out's held casts, if any, are stale
-  }
   if (kept && b) {
     std::fprintf(stderr, "aha CudaBackend: LinearForward with a bias into a range kept in bf16\n");
     std::abort();
@@ -489,15 +468,9 @@ void CudaBackend::LinearAddRmsNorm(float* x, float* ln, float* rstd, float* tmp,
   if (S <= 1) return Backend::LinearAddRmsNorm(x, ln, rstd, tmp, a, w, norm_w, N, K, C, eps);
   const size_t n = static_cast<size_t>(N) * C;
   auto* parts = static_cast<float*>(Workspace(S * n * sizeof(float)));
-  const uint16_t *a16 = nullptr, *w16 = nullptr;
-  if (SmallProductOperands(a, w, N, K, C, S, &a16, &w16)) {
-    cuda::SmallProduct(parts, a16, w16, N, C, K, S, cuda::DependentLaunches(), stream_);
-    ++small_products_run_;
-  } else {
-    gemm_->set_cast_reuse(true);
-    gemm_->NTSplitK(parts, a, w, N, C, K, S);
-    gemm_->set_cast_reuse(false);
-  }
+  gemm_->set_cast_reuse(true);
+  gemm_->NTSplitK(parts, a, w, N, C, K, S);
+  gemm_->set_cast_reuse(false);
   Check("linear (K in parts)");
   AddPartsRmsNorm(x, ln, rstd, parts, S, norm_w, N, C, eps);
 }

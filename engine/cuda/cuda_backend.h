@@ -79,13 +79,6 @@ class CudaBackend final : public Backend {
   // (AHA_SPLIT_K at construction: 0 chooses, 1 never splits, S always S where K allows).
   int SplitParts(int N, int K, int C) const;
   void set_split_k(int parts) { split_k_ = parts; }
-  // Products of up to kSmallProductRows rows (a decode step's q/k/v, o and down) whose operand has a
-  // bf16 copy (kept, or written by its producer) run cuda::SmallProduct, our wgmma kernel, instead
-  // of cuBLAS: it takes part in the dependent launches of the decode step (kernels.h,
-  // DependentLaunches). AHA_SMALL_PRODUCTS=0 at construction turns it off (the A/B).
-  void set_small_products(bool on) { small_products_ = on; }
-  uint64_t small_products_run() const { return small_products_run_; }  // launches so far (tests)
-  static constexpr int kSmallProductRows = 512;
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int N,
                       int C, int OC, bool accumulate_dx) override;
   void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD) override;
@@ -195,13 +188,6 @@ class CudaBackend final : public Backend {
   // allows (AHA_SPLIT_K, the A/B).
   int split_k_ = 0;
   bool fused_mlp_ = true;  // GateUpSwiGlu's kernel (AHA_FUSED_MLP=0: the two ops)
-  bool small_products_ = true;
-  uint64_t small_products_run_ = 0;
-  // The bf16 operands of a small product out[N, OC] = a[N, K] w[OC, K]^T (parts along K), or false
-  // when it has to go through the Gemm (too many rows or more than one wave of tiles, f32 products, a
-  // without a bf16 copy, w not a registered weight, unaligned, no sm_90).
-  bool SmallProductOperands(const float* a, const float* w, int N, int K, int OC, int parts, const uint16_t** a16,
-                            const uint16_t** w16);
   int sms_ = 132;
   // AddRmsNormForward with the addend in `parts` partial sums, N * C floats apart (1: a plain y).
   void AddPartsRmsNorm(float* x, float* ln, float* rstd, const float* y, int parts, const float* w, int N, int C,

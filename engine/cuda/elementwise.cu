@@ -9,7 +9,6 @@
 
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
-#include "engine/cuda/tma.h"
 
 namespace aha::engine::cuda {
 
@@ -71,6 +70,14 @@ __device__ __forceinline__ float RowSum(float v, int T) {
   return s;
 }
 
+// Lets a kernel launched after this one with programmatic dependent launch (PDL) start now: it
+// may only read, before its griddepcontrol.wait, memory this kernel does not write (the fused
+// MLP kernel after a norm copies its weights early, mlp.cu). No effect on ordinary launches.
+__device__ __forceinline__ void LetDependentsStart() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 // C % 4 == 0, 16-byte aligned rows: each thread keeps kItems float4 of its row in registers.
 // With kAdd, y holds `parts` (<= kParts) partial sums of the addend, N * C floats apart, added in
@@ -80,9 +87,6 @@ __device__ __forceinline__ float RowSum(float v, int T) {
 template <bool kAdd, int kItems, int kParts = 1>
 __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
                                  const float* y, int parts, const float* w, int N, int C, int T, float eps) {
-  // Launched dependent (a decode step's norm after a split product), wait for that product; then let
-  // the kernel after this one start (the fused MLP kernel and the q/k/v product copy their weights).
-  WaitForPriorKernel();
   LetDependentsStart();
   const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
   const int t = threadIdx.x % T;
@@ -142,9 +146,6 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
 template <bool kAdd>
 __global__ void RmsNormScalarKernel(float* out, __nv_bfloat16* out16, float* rstd, float* xs, const float* x,
                                     const float* y, int parts, const float* w, int N, int C, int T, float eps) {
-  // Launched dependent (a decode step's norm after a split product), wait for that product; then let
-  // the kernel after this one start (the fused MLP kernel and the q/k/v product copy their weights).
-  WaitForPriorKernel();
   LetDependentsStart();
   const int row = blockIdx.x * (blockDim.x / T) + threadIdx.x / T;
   const int t = threadIdx.x % T;
@@ -634,13 +635,7 @@ void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const
     if (items == 1 && parts <= 4) kernel = RmsNormVecKernel<kAdd, 1, 4>;
     else if (items == 1 && parts <= 8) kernel = RmsNormVecKernel<kAdd, 1, 8>;
     else if (items == 1 && parts <= 16) kernel = RmsNormVecKernel<kAdd, 1, 16>;
-    // Launched dependent: it starts while the product before it finishes (DependentLaunches()).
-    const cudaError_t e = LaunchMaybeDependent(DependentLaunches(), kernel, grid, block, 0, s, out, o16, rstd, xs, x,
-                                               y, parts, w, N, C, T, eps);
-    if (e != cudaSuccess) {
-      std::fprintf(stderr, "aha engine/cuda: add + rmsnorm launch: %s\n", cudaGetErrorString(e));
-      std::abort();
-    }
+    kernel<<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps);
     return;
   }
   switch (items) {
@@ -653,14 +648,6 @@ void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const
 }
 
 }  // namespace
-
-bool DependentLaunches() {
-  static const bool on = [] {
-    const char* e = std::getenv("AHA_PDL");
-    return !(e && e[0] == '0');
-  }();
-  return on;
-}
 
 void RmsNormForward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps,
                     uint16_t* out_bf16, cudaStream_t s) {

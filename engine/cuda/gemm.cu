@@ -562,10 +562,6 @@ void Gemm::ForgetCasts() {
   impl_->adopted = {};
 }
 void Gemm::AdoptCast(const float* f32, size_t count, const uint16_t* bf16) { impl_->adopted = {f32, count, bf16}; }
-const uint16_t* Gemm::AdoptedCopyOf(const float* f32, size_t count) const {
-  const auto& a = impl_->adopted;
-  return a.p == f32 && a.count == count ? a.bf16 : nullptr;
-}
 uint64_t Gemm::casts_launched() const { return impl_->casts; }
 uint64_t Gemm::adopted_reads() const { return impl_->adopted_reads; }
 void Gemm::set_cast_reuse(bool on) { impl_->reuse = on; }

@@ -99,9 +99,6 @@ class Gemm {
   // writes an overlapping range, and it is used only while cast reuse is on. One at a time: a new
   // adoption replaces the previous one.
   void AdoptCast(const float* f32, size_t count, const uint16_t* bf16);
-  // The adopted copy of exactly [f32, f32 + count), or null (for kernels of the caller's that read
-  // the bf16 operand themselves).
-  const uint16_t* AdoptedCopyOf(const float* f32, size_t count) const;
   // Casts of non-weight operands launched so far (held casts and adopted copies launch none).
   uint64_t casts_launched() const;
   // Products' operands read from an adopted copy so far (a caller whose operand exists only as that

@@ -55,20 +55,6 @@ void SwiGluForward(float* h, const float* gu, const uint16_t* gu_bf16, int N, in
 // finished (a norm, in a decode step, that lets it start early): that kernel must not write w.
 bool GateUpSwiGluSupported(int M, int K, int I);
 void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M, int K, int I, cudaStream_t s);
-// Whether a decode step's split products (SmallProduct), the norms that add their parts and the
-// fused decode attention are launched as programmatic dependents of the kernel before them (PDL):
-// each waits (griddepcontrol.wait) before it reads what that kernel wrote, and lets the kernel
-// after it start once its own wait has returned. Off with AHA_PDL=0 (the A/B).
-bool DependentLaunches();
-// out[p][M, N] = a16[M, K] @ w16[N, K]^T over part p's share of K's 64-wide steps (p < parts; the
-// parts N M floats apart, as Gemm::NTSplitK), f32, in one wgmma kernel (products.cu, sm_90 only):
-// a decode step's q/k/v, o and down products, which take part in programmatic dependent launch.
-// dependent: launched as a dependent of the kernel before it, it copies w's first stages before
-// that kernel has finished (that kernel must not write w) and lets the kernel after it start early.
-// Supported: a compute capability 9 device, N % 8 == 0, K % 8 == 0, 1 <= parts <= ceil(K / 64).
-bool SmallProductSupported(int M, int N, int K, int parts);
-void SmallProduct(float* out, const uint16_t* a16, const uint16_t* w16, int M, int N, int K, int parts,
-                  bool dependent, cudaStream_t s);
 void SwiGluBackward(float* dgu, const float* dh, const uint16_t* dh_bf16, const float* gu, const uint16_t* gu_bf16,
                     int N, int I, uint16_t* dgu_bf16, cudaStream_t s);
 void Add(float* out, const float* a, const float* b, size_t n, cudaStream_t s);

@@ -1,5 +1,5 @@
 // The tensor memory accelerator (TMA) and shared-memory barriers (mbarrier) as the sm_90a product
-// kernels use them (mlp.cu, products.cu): a producer thread copies 2-D boxes of a row-major bf16
+// kernels use them (mlp.cu): a producer thread copies 2-D boxes of a row-major bf16
 // matrix into 128-byte-swizzled shared memory, each stage's full barrier counting the bytes, and
 // the consumers release a stage through its empty barrier. The device parts exist only when the
 // compiler targets sm_90a (AHA_WGMMA, wgmma.h).
