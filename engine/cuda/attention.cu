@@ -597,14 +597,17 @@ __global__ void KvCacheWriteKernel(Elem* __restrict__ k_cache, Elem* __restrict_
 // RoPE of one pair of a q/k/v product row: x1 = row[c] (+ bias[c]), x2 = row[c + half] (+ bias[c +
 // half]) rotated by `angle` (position x inv_freq[j]) with RopeKernel's instructions. The q/k/v
 // kernels and the fused decode attention share it, so their results agree bit for bit.
-__device__ __forceinline__ void RopeBiasPair(const float* __restrict__ row, const float* __restrict__ bias, int c,
-                                             int half, float angle, float& y1, float& y2) {
-  float x1 = row[c], x2 = row[c + half];
-  if (bias) x1 += __ldg(bias + c), x2 += __ldg(bias + c + half);
+__device__ __forceinline__ void RotatePair(float x1, float x2, float angle, float& y1, float& y2) {
   float sn, cs;
   sincosf(angle, &sn, &cs);
   y1 = x1 * cs - x2 * sn;
   y2 = x2 * cs + x1 * sn;
+}
+__device__ __forceinline__ void RopeBiasPair(const float* __restrict__ row, const float* __restrict__ bias, int c,
+                                             int half, float angle, float& y1, float& y2) {
+  float x1 = row[c], x2 = row[c + half];
+  if (bias) x1 += __ldg(bias + c), x2 += __ldg(bias + c + half);
+  RotatePair(x1, x2, angle, y1, y2);
 }
 
 // QkvRope / QkvRopeKvWrite: block = one row i. Threads walk the row's rotation pairs (j, j + D/2)
@@ -993,8 +996,17 @@ template <int KC>
 __device__ __forceinline__ DecodeRange DecodeRangeOf(const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start,
                                                      const Paging& pg, int B, int i, int split, int splits) {
   DecodeRange r;
-  r.b = (i < B && __ldg(cu_q + i) == i && __ldg(cu_q + i + 1) == i + 1) ? i : FindSeq(cu_q, B, i);
-  r.pos = __ldg(start + r.b) + (i - __ldg(cu_q + r.b));
+  // A decode step's row i is sequence i (one row each): start[i] is loaded beside cu_q's two entries,
+  // not after them, so the position comes back in one round trip.
+  const bool own = i < B;
+  const int ci = own ? __ldg(cu_q + i) : -1, ci1 = own ? __ldg(cu_q + i + 1) : -1, si = own ? __ldg(start + i) : 0;
+  if (ci == i && ci1 == i + 1) {
+    r.b = i;
+    r.pos = si;
+  } else {
+    r.b = FindSeq(cu_q, B, i);
+    r.pos = __ldg(start + r.b) + (i - __ldg(cu_q + r.b));
+  }
   const int L = min(r.pos + 1, pg.max_blocks * pg.block_size);
   const int per = ((max(L, 0) + splits - 1) / splits + KC - 1) / KC * KC;
   r.k0 = split * per;
@@ -1330,53 +1342,48 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
   const int i = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int G = Hq / Hkv, hfirst = kvh * G;
 
+  // kFused: the loads of this thread's query rotation pairs and of the new key and value go out
+  // first. They depend on nothing the block computes, and the row's range below is a load round
+  // trip of its own: the two overlap.
+  constexpr int half = D / 2, QP = (kDecTcMaxG * half + T - 1) / T;  // pairs per thread, at most
+  static_assert(D <= T, "one new-key pair and one value element per thread");
+  float qx1[QP], qx2[QP], qfreq[QP];
+  float kx1 = 0.0f, kx2 = 0.0f, kfreq = 0.0f, vx = 0.0f;  // the new key's pair tid, value element tid
+  float pos_f = 0.0f;
+  const int QD = Hq * D, KD = Hkv * D;
+  const float* row = kFused ? qi.qkv + static_cast<size_t>(i) * (QD + 2 * KD) : nullptr;
+  if constexpr (kFused) {
+    pos_f = static_cast<float>(__ldg(qi.positions + i));
+#pragma unroll
+    for (int p = 0; p < QP; ++p) {
+      const int f = tid + p * T;
+      if (f < G * half) {
+        const int h = f / half, j = f - h * half, c = (hfirst + h) * D + j;
+        qx1[p] = row[c];
+        qx2[p] = row[c + half];
+        if (qi.bias) qx1[p] += __ldg(qi.bias + c), qx2[p] += __ldg(qi.bias + c + half);
+        qfreq[p] = __ldg(qi.inv_freq + j);
+      }
+    }
+    // The new key and value, which the block holding the row's new position writes below (D <= T:
+    // one pair or element a thread).
+    if (tid < half) {
+      const int c = QD + kvh * D + tid;
+      kx1 = row[c];
+      kx2 = row[c + half];
+      if (qi.bias) kx1 += __ldg(qi.bias + c), kx2 += __ldg(qi.bias + c + half);
+      kfreq = __ldg(qi.inv_freq + tid);
+    }
+    if (tid < D) {
+      const int c = QD + KD + kvh * D + tid;
+      vx = qi.bias ? row[c] + __ldg(qi.bias + c) : row[c];
+    }
+  }
+
   const DecodeRange rg = DecodeRangeOf<KC>(cu_q, start, pg, B, i, split, splits);
   const size_t krow = static_cast<size_t>(Hkv) * D;
   const uint16_t* kbase = k_cache + static_cast<size_t>(kvh) * D;  // key in pool row r: kbase + r * krow
   const uint16_t* vbase = v_cache + static_cast<size_t>(kvh) * D;
-
-  // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
-  uint32_t qa[KK][4];
-  if constexpr (kFused) {
-    constexpr int half = D / 2;
-    const int QD = Hq * D, KD = Hkv * D;
-    const float* row = qi.qkv + static_cast<size_t>(i) * (QD + 2 * KD);
-    const float pos_f = static_cast<float>(__ldg(qi.positions + i));
-    float* qs = reinterpret_cast<float*>(smem_raw);  // [G][D] f32, before the stages are used
-    for (int f = tid; f < G * half; f += T) {
-      const int h = f / half, j = f - h * half;
-      float y1, y2;
-      RopeBiasPair(row, qi.bias, (hfirst + h) * D + j, half, pos_f * __ldg(qi.inv_freq + j), y1, y2);
-      qs[h * D + j] = y1;
-      qs[h * D + j + half] = y2;
-    }
-    // The new key and value: written by the one block whose keys include the new position, before
-    // its own copies read them (fence + barrier). A position outside the table or pool writes nothing.
-    if (rg.pos >= rg.k0 && rg.pos < rg.k1) {
-      const long long r = PagedRow(pg, rg.b, rg.pos);
-      if (r >= 0) {
-        uint16_t* kd = k_cache + static_cast<size_t>(r) * krow + kvh * D;
-        uint16_t* vd = v_cache + static_cast<size_t>(r) * krow + kvh * D;
-        for (int f = tid; f < half; f += T) {
-          float y1, y2;
-          RopeBiasPair(row, qi.bias, QD + kvh * D + f, half, pos_f * __ldg(qi.inv_freq + f), y1, y2);
-          StCache1(kd + f, y1);
-          StCache1(kd + f + half, y2);
-        }
-        for (int f = tid; f < D; f += T) {
-          const int c = QD + KD + kvh * D + f;
-          StCache1(vd + f, qi.bias ? row[c] + __ldg(qi.bias + c) : row[c]);
-        }
-        __threadfence_block();
-      }
-    }
-    __syncthreads();
-    LoadAFragsF32<KK, true>(qa, g < G ? qs + g * D : nullptr, g + 8 < G ? qs + (g + 8) * D : nullptr, t, qscale);
-    __syncthreads();  // the stage region is free for the copies
-  } else {
-    const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
-    LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
-  }
   const int32_t* trow = pg.table + static_cast<size_t>(rg.b) * pg.max_blocks;
 
   // Copies chunk c of the split into stage c % NS and commits one group (an empty group past the
@@ -1400,8 +1407,51 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     }
     CpAsyncCommit();
   };
+  // kFused: chunks whose keys all lie before the row's new position hold earlier steps' keys, which
+  // this kernel does not write: their copies go out before the query prologue, the rest after it
+  // (the new key's chunk once the block has written that key). The queries' loads are already back
+  // or in flight ahead of these copies, not queued behind them.
+  int pre = 0;
+  if constexpr (kFused)
+    while (pre < NS - 1 && pre < rg.nchunks && rg.k0 + (pre + 1) * KC <= rg.pos) issue(pre++);
+
+  // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
+  uint32_t qa[KK][4];
+  if constexpr (kFused) {
+    float* qs = reinterpret_cast<float*>(stages + (NS - 1) * SE);  // [G][D] f32 in the last stage, unused yet
 #pragma unroll
-  for (int c = 0; c < NS - 1; ++c) issue(c);
+    for (int p = 0; p < QP; ++p) {
+      const int f = tid + p * T;
+      if (f < G * half) {  // RopeBiasPair's arithmetic on the values loaded above: the same bits
+        const int h = f / half, j = f - h * half;
+        RotatePair(qx1[p], qx2[p], pos_f * qfreq[p], qs[h * D + j], qs[h * D + j + half]);
+      }
+    }
+    // The new key and value: written by the one block whose keys include the new position, before
+    // its own copies read them (fence + barrier). A position outside the table or pool writes nothing.
+    if (rg.pos >= rg.k0 && rg.pos < rg.k1) {
+      const long long r = PagedRow(pg, rg.b, rg.pos);
+      if (r >= 0) {
+        uint16_t* kd = k_cache + static_cast<size_t>(r) * krow + kvh * D;
+        uint16_t* vd = v_cache + static_cast<size_t>(r) * krow + kvh * D;
+        if (tid < half) {
+          float y1, y2;
+          RotatePair(kx1, kx2, pos_f * kfreq, y1, y2);
+          StCache1(kd + tid, y1);
+          StCache1(kd + tid + half, y2);
+        }
+        if (tid < D) StCache1(vd + tid, vx);
+        __threadfence_block();
+      }
+    }
+    __syncthreads();
+    LoadAFragsF32<KK, true>(qa, g < G ? qs + g * D : nullptr, g + 8 < G ? qs + (g + 8) * D : nullptr, t, qscale);
+    __syncthreads();  // the stage region is free for the copies
+  } else {
+    const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
+    LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
+  }
+  for (int c = pre; c < NS - 1; ++c) issue(c);
 
   float o[DN][4];
 #pragma unroll
