@@ -1412,8 +1412,14 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
   // (the new key's chunk once the block has written that key). The queries' loads are already back
   // or in flight ahead of these copies, not queued behind them.
   int pre = 0;
-  if constexpr (kFused)
+  // kFused: the pool row the new key and value go to (the block holding the row's new position;
+  // else -1). Its block-table load goes out here, not after RoPE, where it was the prologue's
+  // longest stall.
+  long long new_row = -1;
+  if constexpr (kFused) {
+    if (rg.pos >= rg.k0 && rg.pos < rg.k1) new_row = PagedRow(pg, rg.b, rg.pos);
     while (pre < NS - 1 && pre < rg.nchunks && rg.k0 + (pre + 1) * KC <= rg.pos) issue(pre++);
+  }
 
   // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
   uint32_t qa[KK][4];
@@ -1429,24 +1435,22 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     }
     // The new key and value: written by the one block whose keys include the new position, before
     // its own copies read them (fence + barrier). A position outside the table or pool writes nothing.
-    if (rg.pos >= rg.k0 && rg.pos < rg.k1) {
-      const long long r = PagedRow(pg, rg.b, rg.pos);
-      if (r >= 0) {
-        uint16_t* kd = k_cache + static_cast<size_t>(r) * krow + kvh * D;
-        uint16_t* vd = v_cache + static_cast<size_t>(r) * krow + kvh * D;
-        if (tid < half) {
-          float y1, y2;
-          RotatePair(kx1, kx2, pos_f * kfreq, y1, y2);
-          StCache1(kd + tid, y1);
-          StCache1(kd + tid + half, y2);
-        }
-        if (tid < D) StCache1(vd + tid, vx);
-        __threadfence_block();
+    if (new_row >= 0) {
+      uint16_t* kd = k_cache + static_cast<size_t>(new_row) * krow + kvh * D;
+      uint16_t* vd = v_cache + static_cast<size_t>(new_row) * krow + kvh * D;
+      if (tid < half) {
+        float y1, y2;
+        RotatePair(kx1, kx2, pos_f * kfreq, y1, y2);
+        StCache1(kd + tid, y1);
+        StCache1(kd + tid + half, y2);
       }
+      if (tid < D) StCache1(vd + tid, vx);
+      __threadfence_block();
     }
     __syncthreads();
+    // qs sits in the last stage: the loop first copies into it after its own first barrier, which
+    // every thread reaches only past these reads.
     LoadAFragsF32<KK, true>(qa, g < G ? qs + g * D : nullptr, g + 8 < G ? qs + (g + 8) * D : nullptr, t, qscale);
-    __syncthreads();  // the stage region is free for the copies
   } else {
     const float* qrow = q + (static_cast<size_t>(i) * Hq + hfirst) * D;
     LoadAFragsF32<KK>(qa, g < G ? qrow + g * D : nullptr, g + 8 < G ? qrow + (g + 8) * D : nullptr, t, qscale);
