@@ -1407,15 +1407,14 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     }
     CpAsyncCommit();
   };
-  // kFused: chunks whose keys all lie before the row's new position hold earlier steps' keys, which
-  // this kernel does not write: their copies go out before the query prologue, the rest after it
-  // (the new key's chunk once the block has written that key). The queries' loads are already back
-  // or in flight ahead of these copies, not queued behind them.
-  int pre = 0;
-  // kFused: the pool row the new key and value go to (the block holding the row's new position;
-  // else -1). Its block-table load goes out here, not after RoPE, where it was the prologue's
-  // longest stall.
+  // kFused: first the pool row the new key and value go to (in the block holding the row's new
+  // position; else -1): its block-table load goes out here, not after RoPE, where it was the
+  // prologue's longest stall. Then the chunks whose keys all lie before the new position (earlier
+  // steps' keys, which this kernel does not write): their copies go out before the query prologue,
+  // the rest after it (the new key's chunk once the block has written that key). The queries' loads
+  // are already back or in flight ahead of these copies, not queued behind them.
   long long new_row = -1;
+  int pre = 0;
   if constexpr (kFused) {
     if (rg.pos >= rg.k0 && rg.pos < rg.k1) new_row = PagedRow(pg, rg.b, rg.pos);
     while (pre < NS - 1 && pre < rg.nchunks && rg.k0 + (pre + 1) * KC <= rg.pos) issue(pre++);
