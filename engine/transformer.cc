@@ -428,26 +428,25 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
     return e ? std::atof(e) : 16.0;
   }();
   logits_kept_ = M > 0 && B.KeepsLogits() && !grads_.empty() && z_n * sizeof(float) <= keep_gb * (1 << 30);
-  if (M > 0) B.EmbeddingForward(lnf_rows_.f32(), lm_rows_d_.i32(), lnf_.f32(), M, C);
-  if (M == 0) {
-  } else if (logits_kept_) {
-    if (lm_z_.numel() < static_cast<int64_t>(z_n)) {
-      lm_z_ = Tensor();  // free the smaller buffer first
-      lm_z_ = Tensor(DType::kF32, {static_cast<int64_t>(z_n)}, B.device());
-    }
-    B.LmHeadForwardKeep(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_rows_.f32(), w_.lm_head,
-                        targets_d_.i32(), M, C, config_.vocab_size, temperature, lm_z_.f32());
-  } else {
-    B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_rows_.f32(), w_.lm_head, targets_d_.i32(),
-                    M, C, config_.vocab_size, temperature);
-  }
-  // Scored row lm_rows_[n] predicts token lm_rows_[n] + 1: scatter into token alignment.
   row_lp_host_.resize(M);
   row_ent_host_.resize(M);
   if (M > 0) {
+    B.EmbeddingForward(lnf_rows_.f32(), lm_rows_d_.i32(), lnf_.f32(), M, C);
+    if (logits_kept_) {
+      if (lm_z_.numel() < static_cast<int64_t>(z_n)) {
+        lm_z_ = Tensor();  // free the smaller buffer first
+        lm_z_ = Tensor(DType::kF32, {static_cast<int64_t>(z_n)}, B.device());
+      }
+      B.LmHeadForwardKeep(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_rows_.f32(), w_.lm_head,
+                          targets_d_.i32(), M, C, config_.vocab_size, temperature, lm_z_.f32());
+    } else {
+      B.LmHeadForward(row_lp_.f32(), row_ent_.f32(), lm_lse_.f32(), lnf_rows_.f32(), w_.lm_head, targets_d_.i32(),
+                      M, C, config_.vocab_size, temperature);
+    }
     B.Download(row_lp_host_.data(), row_lp_.raw(), M * sizeof(float));
     if (entropies) B.Download(row_ent_host_.data(), row_ent_.raw(), M * sizeof(float));
   }
+  // Scored row lm_rows_[n] predicts token lm_rows_[n] + 1: scatter into token alignment.
   std::fill(logprobs, logprobs + N, 0.0f);
   if (entropies) std::fill(entropies, entropies + N, 0.0f);
   for (int n = 0; n < M; ++n) {
