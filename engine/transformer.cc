@@ -649,8 +649,29 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   B.Replay(g->graph);
 }
 
+Result<unsigned> Transformer::ParseDecodeOps(const std::string& list) {
+  static const std::pair<const char*, unsigned> kOps[] = {{"qkv", kDecodeQkv}, {"attention", kDecodeAttention},
+                                                          {"o", kDecodeO},     {"gateup", kDecodeGateUp},
+                                                          {"down", kDecodeDown}, {"lmhead", kDecodeLmHead}};
+  unsigned mask = 0;
+  if (list.empty()) return mask;
+  for (size_t at = 0; at <= list.size();) {
+    const size_t end = std::min(list.find(',', at), list.size());
+    const std::string op = list.substr(at, end - at);
+    unsigned bit = 0;
+    for (const auto& [name, b] : kOps)
+      if (op == name) bit = b;
+    if (!bit) return InvalidArgument("decode op '" + op + "': not one of qkv, attention, o, gateup, down, lmhead");
+    mask |= bit;
+    at = end + 1;
+  }
+  return mask;
+}
+
 void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, bool fresh) {
   Backend& B = *backend_;
+  // A decode step may leave ops out for timing (set_decode_leave_out); a prefill never does.
+  const unsigned skip = N == Bn && !fresh ? decode_leave_out_ : 0;
   const int C = config_.hidden_size, D = config_.head_dim;
   const int Hq = config_.num_heads, Hkv = config_.num_kv_heads;
   const int32_t* d_tokens = dec_.ints.i32();
@@ -669,7 +690,8 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
   for (int l = 0; l < L; ++l) {
     const LayerWeights& w = w_.layers[l];
     const int I = config_.intermediate_size;
-    B.LinearForward(dec_.qkv.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
+    if (!(skip & kDecodeQkv))
+      B.LinearForward(dec_.qkv.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
     const PagedKv kv = cache->Layer(l, d_table);
     float* qf = dec_.q.f32();
     if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
@@ -688,15 +710,18 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
       B.QkvRopeAttention(dec_.att.f32(), dec_.lse.f32(), qf, dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, d_pos,
                          inv_freq_.f32(), d_cu, Bn, N, Hq, Hkv, D);
       B.KvCacheWrite(kv, dec_.k.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
-    } else {
+    } else if (!(skip & kDecodeAttention)) {
       B.QkvRopeCachedAttention(dec_.att.f32(), qf, dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, d_pos,
                                inv_freq_.f32(), kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
     }
-    B.LinearAddRmsNorm(x, ln, rstd, tmp, dec_.att.f32(), w.o_w, w.post_norm, N, Hq * D, C, config_.rms_norm_eps);
-    B.GateUpSwiGlu(dec_.h.f32(), dec_.gu.f32(), ln, w.gate_w, N, C, I);  // [Wg; Wu], then SwiGLU
+    if (!(skip & kDecodeO))
+      B.LinearAddRmsNorm(x, ln, rstd, tmp, dec_.att.f32(), w.o_w, w.post_norm, N, Hq * D, C, config_.rms_norm_eps);
+    if (!(skip & kDecodeGateUp))
+      B.GateUpSwiGlu(dec_.h.f32(), dec_.gu.f32(), ln, w.gate_w, N, C, I);  // [Wg; Wu], then SwiGLU
     // x += down(h) with the norm that reads x next: the next layer's input norm, or after the last
     // layer the final norm when every row is a sequence's last (decode; prefill gathers first).
     const float eps = config_.rms_norm_eps;
+    if (skip & kDecodeDown) continue;
     if (l + 1 < L) {
       B.LinearAddRmsNorm(x, ln, rstd, tmp, dec_.h.f32(), w.down_w, w_.layers[l + 1].in_norm, N, I, C, eps);
     } else if (N == Bn) {
@@ -714,7 +739,8 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
   } else if (L == 0) {
     B.RmsNormForward(dec_.lastn.f32(), rstd, x, w_.final_norm, Bn, C, config_.rms_norm_eps);
   }
-  B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
+  if (!(skip & kDecodeLmHead))
+    B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
 }
 
 }  // namespace aha::engine

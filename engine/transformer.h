@@ -99,6 +99,24 @@ class Transformer {
   // Decode steps (one new token per sequence) replay a captured graph per batch bucket (powers of
   // two up to the cache's max_batch) where the backend has graphs; on by default.
   void set_decode_graphs(bool on) { decode_graphs_ = on; }
+  // Timing by subtraction (aha bench gen --leave-out): decode steps (not prefills) skip the ops in
+  // `mask` (DecodeOp bits), so each op's share of a step in a graph is the step time it saves. The
+  // skipped op's output keeps stale values: the tokens drawn are meaningless. Clears the graphs.
+  enum DecodeOp : unsigned {
+    kDecodeQkv = 1,        // the q/k/v product
+    kDecodeAttention = 2,  // RoPE, the pool write and the attention
+    kDecodeO = 4,          // the o product with its residual add and the norm after it
+    kDecodeGateUp = 8,     // the gate/up product with SwiGLU
+    kDecodeDown = 16,      // the down product with its residual add and the norm after it
+    kDecodeLmHead = 32,    // the lm-head product
+  };
+  // "qkv,attention,o,gateup,down,lmhead" (any subset, comma-separated) to a mask; InvalidArgument
+  // naming an unknown op.
+  static Result<unsigned> ParseDecodeOps(const std::string& list);
+  void set_decode_leave_out(unsigned mask) {
+    ClearGraphs();
+    decode_leave_out_ = mask;
+  }
 
   // Training forward over packed sequences. Writes logprobs[N] and entropies[N] aligned to tokens:
   // logprobs[t] = log p(tokens[t] | earlier tokens of its sequence) at `temperature` (logits / T),
@@ -224,6 +242,7 @@ class Transformer {
   };
   std::vector<DecodeGraph> graphs_;
   bool decode_graphs_ = true;
+  unsigned decode_leave_out_ = 0;  // DecodeOp bits (set_decode_leave_out)
   void ClearGraphs();
   // Backward scratch.
   Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgu_, dh_;

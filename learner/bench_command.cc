@@ -62,6 +62,10 @@ int RunGen(int argc, char** argv) {
   bool no_graphs = false, no_run_ahead = false;
   flags.Bool("no-graphs", &no_graphs, "run decode steps as separate launches instead of replaying CUDA graphs");
   flags.Bool("no-run-ahead", &no_run_ahead, "read each decode step's tokens before queueing the next (the A/B of run-ahead)");
+  std::string leave_out;
+  flags.String("leave-out", &leave_out,
+               "timing by subtraction: decode steps skip these ops (comma list of qkv, attention, o, gateup, down, "
+               "lmhead), so the step time they save is their share in a graph; the tokens drawn are meaningless");
   int64_t kv_cache_tokens = 0;
   flags.Int("kv-cache-tokens", &kv_cache_tokens,
             "KV pool size in tokens (default 0: prompts x (prompt-len + new-tokens), no preemption); smaller pools preempt and recompute");
@@ -79,6 +83,9 @@ int RunGen(int argc, char** argv) {
   if (!model.ok()) return Fail(prog, model.status().message());
   const int V = (*model)->config().vocab_size;
   (*model)->set_decode_graphs(!no_graphs);
+  auto leave_mask = engine::Transformer::ParseDecodeOps(leave_out);
+  if (!leave_mask.ok()) return Fail(prog, "--leave-out: " + leave_mask.status().message(), 2);
+  (*model)->set_decode_leave_out(*leave_mask);
   std::mt19937_64 rng(seed);
   std::vector<engine::GenerationRequest> reqs(prompts);
   for (int64_t i = 0; i < prompts; ++i) {
@@ -127,8 +134,9 @@ int RunGen(int argc, char** argv) {
             << " rows each); between them " << std::max(0.0, best - stats.prefill_seconds - stats.decode_seconds)
             << " s; device idle between passes (host time from one pass's tokens to the next launch) "
             << stats.launch_gap_seconds << " s; " << stats.steps_ahead << " steps run ahead\n";
+  if (*leave_mask) std::cout << "  decode steps left out: " << leave_out << " (timing only: the tokens are meaningless)\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
-                      {"graphs", !no_graphs},
+                      {"graphs", !no_graphs},   {"leave_out", leave_out},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
                       {"new_tokens", new_tokens}, {"min_new_tokens", min_new_tokens}, {"seconds", best},
                       {"tokens_per_s", tps},

@@ -300,6 +300,41 @@ TEST_P(ModelFamilies, PrefillInTwoChunksEqualsOnePrefill) {
   for (int i = 0; i < 2 * V; ++i) EXPECT_NEAR(b[i], a[i], 1e-5f) << "decode logit " << i;
 }
 
+// aha bench gen --leave-out: a decode step skips the named ops; a prefill never does.
+TEST(Generation, DecodeLeaveOutSkipsOpsOfDecodeStepsOnly) {
+  EXPECT_EQ(*Transformer::ParseDecodeOps(""), 0u);
+  EXPECT_EQ(*Transformer::ParseDecodeOps("qkv,lmhead"), Transformer::kDecodeQkv | Transformer::kDecodeLmHead);
+  for (const char* bad : {"mlp", "qkv,", "o,,down"}) {
+    auto r = Transformer::ParseDecodeOps(bad);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.status().message().find("not one of"), std::string::npos) << r.status().message();
+  }
+  CpuBackend B;
+  auto m = Transformer::Init(TinyConfig(Arch::kQwen2, true), 1, &B);
+  Randomize(*m, 13);
+  const int V = m->config().vocab_size;
+  const std::vector<int32_t> table = {0, 1, 2, 3};
+  auto step = [&](unsigned leave_out, float fill) {
+    m->set_decode_leave_out(leave_out);
+    KvCache cache = m->NewKvCache(1, 32, 4, 8);
+    const std::vector<int32_t> prompt = {3, 1, 4, 1, 5}, cu = {0, 5}, start = {0};
+    std::vector<float> prefill(V, fill), decode(V, fill);
+    m->ForwardCached(prompt.data(), cu.data(), start.data(), table.data(), 1, &cache, prefill.data());
+    const std::vector<int32_t> next = {9}, cu1 = {0, 1}, at = {5};
+    m->ForwardCached(next.data(), cu1.data(), at.data(), table.data(), 1, &cache, decode.data());
+    return std::make_pair(prefill, decode);
+  };
+  const auto [p0, d0] = step(0, 0.0f);
+  const auto [p1, d1] = step(Transformer::kDecodeLmHead, 7.0f);
+  EXPECT_EQ(p1, p0);  // the prefill ran whole
+  EXPECT_EQ(d1, std::vector<float>(V, 7.0f));  // the decode step wrote no logits
+  const auto [p2, d2] = step(Transformer::kDecodeDown, 0.0f);
+  EXPECT_EQ(p2, p0);
+  EXPECT_NE(d2, d0);  // the step's down products were skipped
+  const auto [p3, d3] = step(0, 0.0f);
+  EXPECT_EQ(d3, d0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, ModelFamilies,
                          ::testing::Values(std::make_tuple(Arch::kQwen2, true), std::make_tuple(Arch::kQwen3, false),
                                            std::make_tuple(Arch::kLlama, false)));
