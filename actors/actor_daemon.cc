@@ -67,9 +67,11 @@ int64_t ActorBatchSize(int64_t flag, int64_t job_value, bool gpu) {
   return gpu ? 256 : 32;
 }
 
-int64_t LeaseTasks(int64_t batch, int64_t group_size, int64_t prompts_per_step) {
-  // Seen on the 0.5B pipeline before this cap: half of every 256-row batch dropped as stale.
-  return std::max<int64_t>(1, std::min(batch / std::max<int64_t>(1, group_size), prompts_per_step));
+int64_t LeaseTasks(int64_t batch, int64_t group_size, int64_t prompts_per_step, int64_t max_staleness) {
+  // Seen on the 0.5B pipeline before this cap: at max_staleness 1, half of every 256-row batch
+  // dropped as stale.
+  const int64_t steps = std::max<int64_t>(1, max_staleness);
+  return std::max<int64_t>(1, std::min(batch / std::max<int64_t>(1, group_size), prompts_per_step * steps));
 }
 
 int RunActorDaemon(int argc, char** argv) {
@@ -198,7 +200,7 @@ int RunActorDaemon(int argc, char** argv) {
   if (tok.value()->eos_id() >= 0) stop_ids.push_back(tok.value()->eos_id());
   for (int id : model->config().eos_token_ids)
     if (std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
-  const int64_t lease_tasks = LeaseTasks(max_batch, G, g.prompts_per_step);
+  const int64_t lease_tasks = LeaseTasks(max_batch, G, g.prompts_per_step, g.max_staleness);
   uint64_t lease_request = 1;
   auto detok = [&](const std::vector<int32_t>& ids) { return tok.value()->Decode(ids, true); };
 

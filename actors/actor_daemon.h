@@ -18,9 +18,10 @@ int RunActorDaemon(int argc, char** argv);
 // every weight once whatever the batch, so 32 rows leave an H200 mostly idle.
 int64_t ActorBatchSize(int64_t flag, int64_t job_value, bool gpu);
 
-// Prompts asked for per lease: as many groups as fit in the batch, but at most one optimizer
-// step's worth. A batch is generated with one policy version; a second step's prompts from the
-// same batch reach the learner a version later and, with max_staleness 1, are dropped by replay.
-int64_t LeaseTasks(int64_t batch, int64_t group_size, int64_t prompts_per_step);
+// Prompts asked for per lease: as many groups as fit in the batch, but at most max_staleness
+// optimizer steps' worth. A batch is generated with one policy version v; its groups for step
+// v + k reach the learner k versions later, so past k = max_staleness replay would drop them (and
+// it grants no more than that bound lets version v carry).
+int64_t LeaseTasks(int64_t batch, int64_t group_size, int64_t prompts_per_step, int64_t max_staleness);
 
 }  // namespace aha

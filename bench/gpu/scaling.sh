@@ -15,7 +15,9 @@
 #             on cuda:0 vs cuda:0,cuda:1.
 #   pipeline: the Qwen2.5-0.5B shape (random weights, the Qwen3 tokenizer) through the whole
 #             pipeline at 8 groups x 16 samples x 512 new tokens, PIPELINE_ACTORS actors (default
-#             3) on cuda:1..: the step-time split.
+#             3) on cuda:1..: the step-time split, at grpo.max_staleness PIPELINE_STALENESS
+#             (default 1; at 2 an actor leases two steps' prompts and decodes them as one batch).
+#             PIPELINE_STEPS (default 8) optimizer steps, timed from step 2.
 # Derived job files are written beside the originals (configs/.scale-*.yaml, removed at exit): the
 # paths inside a job file are relative to it.
 set -uo pipefail
@@ -110,11 +112,13 @@ if [[ $what == *pipeline* ]]; then
   job_with_actors configs/qwen2.5-0.5b-gpu.yaml "$job" "${PIPELINE_ACTORS:-3}"
   run=/tmp/aha-pipeline-0.5b
   rm -rf "$run"
+  st=${PIPELINE_STALENESS:-1}
   timeout 240 $aha run "$job" --run-dir "$run" --no-eval --set model.path=$model \
-    --set model.tokenizer=$model/tokenizer.json --set grpo.steps=8 --set checkpoint.every=0 > "$out/pipeline.log" 2>&1
+    --set model.tokenizer=$model/tokenizer.json --set grpo.steps="${PIPELINE_STEPS:-8}" --set checkpoint.every=0 \
+    --set grpo.max_staleness="$st" > "$out/pipeline-staleness-$st.log" 2>&1
   echo "pipeline: exit $?"
-  summarise "pipeline-0.5b" "$run" 2
-  tar -czf "$out/pipeline.tgz" -C "$run" metrics logs 2>/dev/null
+  summarise "pipeline-0.5b-staleness-$st" "$run" 2
+  tar -czf "$out/pipeline-staleness-$st.tgz" -C "$run" metrics logs 2>/dev/null
 fi
 echo "== summary"
 cat "$out/summary.jsonl"
