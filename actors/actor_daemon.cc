@@ -426,6 +426,15 @@ int RunActorDaemon(int argc, char** argv) {
         metrics.samples->Increment();
       }
     }
+    // Where the batch's time went (engine/generate.h GeneratorStats): the figures that tell a slow
+    // actor's host from its device.
+    const engine::GeneratorStats& st = generator.stats();
+    spdlog::info("batch of {} sequences, {} tokens in {:.3f} s: prefill {:.3f} s ({} calls), {} decode steps of "
+                 "{:.1f} rows at {:.3f} ms, device idle between passes {:.3f} s, {} steps run ahead",
+                 requests.size(), new_tokens, gen_s, st.prefill_seconds, st.prefill_calls, st.decode_steps,
+                 st.decode_steps ? static_cast<double>(st.decode_rows) / st.decode_steps : 0.0,
+                 st.decode_steps ? 1e3 * st.decode_seconds / st.decode_steps : 0.0, st.launch_gap_seconds,
+                 st.steps_ahead);
     metrics.tokens->Increment(static_cast<double>(new_tokens));
     total_tokens += new_tokens;
     total_gen_s += gen_s;

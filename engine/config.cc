@@ -249,7 +249,11 @@ Result<ModelConfig> PresetConfig(Arch arch, const std::string& preset, int vocab
   } else {
     return InvalidArgument("unknown preset '" + preset + "' (known: tiny, 0.5b, 1.5b)");
   }
-  if (vocab_size > 0) c.vocab_size = vocab_size;
+  // A tokenizer's vocabulary that the preset's embedding holds keeps the preset's shape (the Qwen3
+  // tokenizer's 151,669 ids fit Qwen2.5's 151,936 rows, as in the released checkpoints); a larger
+  // one is padded to a multiple of 128 rows, as those checkpoints pad theirs, so that the lm-head's
+  // rows of logits stay 16-byte aligned for the products and the sampling kernel.
+  if (vocab_size > c.vocab_size) c.vocab_size = (vocab_size + kVocabPadding - 1) / kVocabPadding * kVocabPadding;
   RETURN_IF_ERROR(c.Validate());
   return c;
 }

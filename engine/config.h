@@ -51,8 +51,10 @@ Result<ModelConfig> LoadModelConfig(const std::string& path);
 std::string ModelConfigToJson(const ModelConfig& c);
 
 // Named shapes for `aha init --preset`: "tiny" (a few hundred thousand parameters, byte vocab),
-// "0.5b" (Qwen2.5-0.5B's shape), "1.5b" (Qwen2.5-1.5B), each for the family `arch`. vocab_size 0
-// keeps the preset's own vocabulary.
+// "0.5b" (Qwen2.5-0.5B's shape), "1.5b" (Qwen2.5-1.5B), each for the family `arch`. vocab_size is
+// the tokenizer's id count (0: none): the preset's own vocabulary when it holds that many, else
+// vocab_size rounded up to a multiple of kVocabPadding.
+constexpr int kVocabPadding = 128;
 Result<ModelConfig> PresetConfig(Arch arch, const std::string& preset, int vocab_size);
 Result<Arch> ParseArch(const std::string& name);
 

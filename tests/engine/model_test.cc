@@ -901,6 +901,19 @@ TEST(Safetensors, MalformedHeadersAreErrorsNamingFileAndTensor) {
   EXPECT_TRUE(IsNotFound(ok->Read("v").status()));
 }
 
+// aha init --preset P --tokenizer T: T's ids fit P's embedding -> P's shape (the Qwen3 tokenizer's
+// 151,669 ids in Qwen2.5-0.5B's 151,936 rows); more -> padded to a multiple of 128 (an odd vocabulary
+// misaligned every row of logits: the pipeline's lm-head and sampling ran on slow paths).
+TEST(Config, PresetKeepsItsVocabularyOrPadsALargerTokenizers) {
+  EXPECT_EQ(PresetConfig(Arch::kQwen3, "0.5b", 151669)->vocab_size, 151936);
+  EXPECT_EQ(PresetConfig(Arch::kQwen2, "0.5b", 0)->vocab_size, 151936);
+  EXPECT_EQ(PresetConfig(Arch::kQwen2, "tiny", 0)->vocab_size, 259);
+  EXPECT_EQ(PresetConfig(Arch::kQwen2, "tiny", 259)->vocab_size, 259);
+  EXPECT_EQ(PresetConfig(Arch::kQwen2, "tiny", 151669)->vocab_size, 151680);
+  EXPECT_EQ(PresetConfig(Arch::kLlama, "tiny", 384)->vocab_size, 384);
+  EXPECT_EQ(PresetConfig(Arch::kQwen2, "1.5b", 200000)->vocab_size, 200064);
+}
+
 TEST(Config, ClassicAndNewRopeFormsAgree) {
   const std::string classic = R"({"model_type":"llama","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
     "num_attention_heads":2,"num_key_value_heads":1,"intermediate_size":16,"rope_theta":500000.0,
