@@ -436,22 +436,6 @@ void CudaBackend::LinearForward(float* out, const float* x, const float* w, cons
     std::fprintf(stderr, "aha CudaBackend: LinearForward with a bias into a range kept in bf16\n");
     std::abort();
   }
-  if (!kept && !b && OC % 4 != 0 && OC >= kPaddedRowsMinWidth) {
-    // A wide output of odd width (an odd vocabulary's lm-head): no row of out is 16-byte aligned,
-    // and cuBLASLt's kernels for that took 0.6 ms more for a decode step's 256 x 151,669 logits
-    // (docs/PERF.md, version 16). The product writes rows padded to a multiple of 4 into the
-    // workspace, and one 2-D copy packs them into out.
-    const int ld = (OC + 3) / 4 * 4;
-    auto* padded = static_cast<float*>(Workspace(static_cast<size_t>(N) * ld * sizeof(float)));
-    gemm_->set_cast_reuse(true);
-    gemm_->NT(padded, x, w, N, OC, C, 1.0f, 0.0f, ld);
-    gemm_->set_cast_reuse(false);
-    CheckCuda(cudaMemcpy2DAsync(out, OC * sizeof(float), padded, ld * sizeof(float), OC * sizeof(float), N,
-                                cudaMemcpyDeviceToDevice, stream_),
-              "pack the padded rows");
-    Check("linear (padded rows)");  // the copy wrote out behind the products' cast tracking: forget the casts
-    return;
-  }
   gemm_->set_cast_reuse(true);
   if (kept) gemm_->NTBf16(kept, out, x, w, N, OC, C);
   else gemm_->NT(out, x, w, N, OC, C, 1.0f, 0.0f);

@@ -94,8 +94,6 @@ class CudaBackend final : public Backend {
   bool FusesMlp(int N, int C, int I) const;
   void set_fused_mlp(bool on) { fused_mlp_ = on; }
   static constexpr int kFusedMlpRows = 1024;
-  // LinearForward pads the rows of outputs at least this wide whose width is not a multiple of 4.
-  static constexpr int kPaddedRowsMinWidth = 1024;
   void SwiGluBackward(float* dgu, const float* dh, const float* gu, int N, int I) override;
   void Add(float* out, const float* a, const float* b, size_t n) override;
   void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,

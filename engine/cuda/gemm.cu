@@ -566,9 +566,9 @@ uint64_t Gemm::casts_launched() const { return impl_->casts; }
 uint64_t Gemm::adopted_reads() const { return impl_->adopted_reads; }
 void Gemm::set_cast_reuse(bool on) { impl_->reuse = on; }
 
-void Gemm::NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta, int ldo) {
+void Gemm::NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {
   impl_->Run(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, b, static_cast<size_t>(N) * K, K, a, static_cast<size_t>(M) * K, K,
-             Out{out, false, out}, ldo > 0 ? ldo : N, alpha, beta);
+             Out{out, false, out}, N, alpha, beta);
 }
 
 void Gemm::NN(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta) {

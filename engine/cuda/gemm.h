@@ -49,8 +49,7 @@ class Gemm {
   int tuned_problems() const;
 
   // out[M, N] = alpha * a[M, K] @ b[N, K]^T + beta * out   (x @ w^T with w in (out, in) layout)
-  // ldo: out's row stride (0: N).
-  void NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta, int ldo = 0);
+  void NT(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta);
   // out[M, N] = alpha * a[M, K] @ b[K, N] + beta * out      (dout @ w)
   void NN(float* out, const float* a, const float* b, int M, int N, int K, float alpha, float beta);
   // out[M, N] = alpha * a[K, M]^T @ b[K, N] + beta * out    (dout^T @ x)

@@ -340,52 +340,41 @@ __device__ __forceinline__ bool Better(float s, int i, float best_s, int best_i)
   return s > best_s || (s == best_s && i < best_i);
 }
 
-__device__ __forceinline__ bool VectorRow(const float* row, int V) {
-  return (V & 3) == 0 && (reinterpret_cast<uintptr_t>(row) & 15u) == 0;
-}
-
-// Calls f4(v, i) for every float4 v = row[i .. i + 3] this thread owns (rows that VectorRow accepts)
-// or f1(value, index) for every element (other rows), in a fixed order (the row's elements in
-// increasing index order, strided by thread). Two float4 per step, and the next step's two are loaded
-// before this step's calls run, so four loads are in flight while they compute (with the loads issued
-// only at the top of each step, a 151936-wide row waited one memory latency per step).
+// Calls f4(v, i) for every float4 v = row[i .. i + 3] this thread owns and f1(value, index) for
+// every single element it owns, in a fixed order. A row whose start is not 16-byte aligned (every
+// row but the first of an odd vocabulary) gives its elements before the first 16-byte boundary to
+// threads 0..2 one by one, and any elements after the last whole float4 the same way; the rest go
+// as float4, the thread's own in increasing index order. Two float4 per step, and the next step's
+// two are loaded before this step's calls run, so four loads are in flight while they compute (with
+// the loads issued only at the top of each step, a 151936-wide row waited one memory latency per
+// step). Rows taken element by element ran the scalar ReservoirAdd, one load in flight, on every
+// element: ~0.1 ms more a decode step at 256 x 151,669 (docs/PERF.md, version 16).
 template <class F4, class F1>
 __device__ __forceinline__ void ForEach4(const float* __restrict__ row, int V, F4&& f4, F1&& f1) {
-  if (VectorRow(row, V)) {
-    const float4* row4 = reinterpret_cast<const float4*>(row);
-    const int n4 = V / 4;
-    constexpr int T = kSampleThreads;
-    int j = threadIdx.x;
-    bool have = j + T < n4;
-    float4 a, b;
-    if (have) a = __ldg(row4 + j), b = __ldg(row4 + j + T);
-    while (have) {
-      const int jn = j + 2 * T;
-      const bool next = jn + T < n4;
-      float4 an = a, bn = b;
-      if (next) an = __ldg(row4 + jn), bn = __ldg(row4 + jn + T);
-      f4(a, 4 * j);
-      f4(b, 4 * (j + T));
-      j = jn;
-      a = an;
-      b = bn;
-      have = next;
-    }
-    if (j < n4) f4(__ldg(row4 + j), 4 * j);
-  } else {
-    // Rows of an odd vocabulary (no row 16-byte aligned): the same order, element by element, with
-    // eight loads in flight per thread (one at a time, a 151,669-wide row waited ~300 latencies).
-    constexpr int T = kSampleThreads, U = 8;
-    int i = threadIdx.x;
-    for (; i + (U - 1) * T < V; i += U * T) {
-      float v[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) v[u] = __ldg(row + i + u * T);
-#pragma unroll
-      for (int u = 0; u < U; ++u) f1(v[u], i + u * T);
-    }
-    for (; i < V; i += T) f1(__ldg(row + i), i);
+  constexpr int T = kSampleThreads;
+  const int head = min(V, static_cast<int>(((16u - (reinterpret_cast<uintptr_t>(row) & 15u)) & 15u) / 4u));
+  if (static_cast<int>(threadIdx.x) < head) f1(__ldg(row + threadIdx.x), static_cast<int>(threadIdx.x));
+  const float4* row4 = reinterpret_cast<const float4*>(row + head);
+  const int n4 = (V - head) / 4;
+  int j = threadIdx.x;
+  bool have = j + T < n4;
+  float4 a, b;
+  if (have) a = __ldg(row4 + j), b = __ldg(row4 + j + T);
+  while (have) {
+    const int jn = j + 2 * T;
+    const bool next = jn + T < n4;
+    float4 an = a, bn = b;
+    if (next) an = __ldg(row4 + jn), bn = __ldg(row4 + jn + T);
+    f4(a, head + 4 * j);
+    f4(b, head + 4 * (j + T));
+    j = jn;
+    a = an;
+    b = bn;
+    have = next;
   }
+  if (j < n4) f4(__ldg(row4 + j), head + 4 * j);
+  const int tail = head + 4 * n4 + static_cast<int>(threadIdx.x);
+  if (tail < V) f1(__ldg(row + tail), tail);
 }
 
 // Calls f(value, index) for every element of row[0, V) this thread owns, in ForEach4's order.
@@ -402,8 +391,13 @@ __device__ __forceinline__ void ForEach(const float* __restrict__ row, int V, F&
       f);
 }
 
+__device__ __forceinline__ bool VectorRow(const float* row, int V) {
+  return (V & 3) == 0 && (reinterpret_cast<uintptr_t>(row) & 15u) == 0;
+}
+
 // Like ForEach, but all 32 lanes of a warp make the same number of calls f(value, index, valid), in
-// step, so f may use warp-collective intrinsics; lanes past the end pass valid = false.
+// step, so f may use warp-collective intrinsics; lanes past the end pass valid = false. (Rows of an
+// odd vocabulary go element by element here: top-k / top-p sampling only.)
 template <class F>
 __device__ __forceinline__ void ForEachConverged(const float* __restrict__ row, int V, F&& f) {
   const int lane = threadIdx.x & 31, warp_first = static_cast<int>(threadIdx.x) - lane;
