@@ -42,7 +42,9 @@ int RunInitCommand(int argc, char** argv) {
   flags.String("config", &config_path, "a Hugging Face config.json instead of --arch/--preset");
   flags.String("out", &out, "output model directory (required)");
   flags.Int("seed", &seed, "initialisation seed");
-  flags.String("tokenizer", &tokenizer, "tokenizer.json to copy (default: the byte tokenizer)");
+  flags.String("tokenizer", &tokenizer,
+               "tokenizer.json to copy (default: the byte tokenizer); with --preset the vocabulary stays the "
+               "preset's when the tokenizer's ids fit in it, else it is their count padded to a multiple of 128");
   flags.String("dtype", &dtype_name, "weights dtype: f32 or bf16");
   ParseOrExit(flags, argc, argv);
   const std::string prog = argv[0];
