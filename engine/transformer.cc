@@ -661,7 +661,11 @@ Result<unsigned> Transformer::ParseDecodeOps(const std::string& list) {
     unsigned bit = 0;
     for (const auto& [name, b] : kOps)
       if (op == name) bit = b;
-    if (!bit) return InvalidArgument("decode op '" + op + "': not one of qkv, attention, o, gateup, down, lmhead");
+    if (!bit) {
+      std::string known;
+      for (const auto& [name, b] : kOps) known += std::string(known.empty() ? "" : ", ") + name;
+      return InvalidArgument("decode op '" + op + "': not one of " + known);
+    }
     mask |= bit;
     at = end + 1;
   }

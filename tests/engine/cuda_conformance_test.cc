@@ -1665,7 +1665,7 @@ TEST(CudaOps, SampleRowsGreedyAndLargeVocabularyTopP) {
 // The unfiltered draw over a full-size row (the path of every plain sampling step, which takes four
 // logits at a time): a few large logits far apart, the largest last (the running max moves late),
 // the rest small or -inf. Counts of each large one and of "any other" against the distribution.
-// V = 151,669 (an odd vocabulary: no row of logits 16-byte aligned) takes the scalar loads.
+// V = 151,669 (an odd vocabulary: rows not 16-byte aligned) peels each row's ends before its float4s.
 TEST(CudaOps, SampleRowsUnfilteredLargeVocabularyMatchesTheDistribution) {
   REQUIRE_GPU();
   for (const int V : {151936, 151669}) {
