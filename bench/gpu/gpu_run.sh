@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -189,6 +189,31 @@ if [[ $what == *s14* ]]; then
   done
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   grep -iE "attention" "$out/profile_train.txt" | head -6
+fi
+if [[ " $what " == *" s17w "* ]]; then
+  # Session 17: the fused gate/up + SwiGLU kernel's h stored 16 bytes a lane after a transpose within
+  # each quad (default) against the fragments' 4-byte pairs (AHA_MLP_WIDE_STORES=0): its tests both
+  # ways, the kernel in a graph of 24, and generation, interleaved.
+  for v in default AHA_MLP_WIDE_STORES=0; do
+    env ${v/default/AHA_NONE=1} timeout 300 dist/bin/engine_cuda_conformance_test \
+      --gtest_filter='CudaOps.GateUpSwiGlu*:CudaModel.*' --gtest_color=no > "$out/conformance_s17w_${v%%=*}.log" 2>&1
+    echo "conformance $v: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s17w_${v%%=*}.log" | tr '\n' ' ')"
+  done
+  for rep in 1 2; do
+    for v in default AHA_MLP_WIDE_STORES=0; do
+      env ${v/default/AHA_NONE=1} timeout 100 dist/bin/aha bench gemm --tokens 256 --forms nt --libraries lt \
+        > "$out/gemm_s17w_${v%%=*}_$rep.txt" 2>&1
+      f="$out/gemm_s17w_${v%%=*}_$rep.txt"
+      echo "gemm $v $rep: $(grep -E 'SwiGLU' "$f" | grep -v '^{' | grep -oE '[0-9.]+ (us per layer|ns per K step)' | tr '\n' ' ')"
+    done
+  done
+  for rep in 1 2 3; do
+    for v in default AHA_MLP_WIDE_STORES=0; do
+      f="$out/gen_s17w_${v%%=*}_$rep.log"
+      env ${v/default/AHA_NONE=1} timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$f" 2>&1
+      echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' "$f" | tr '\n' ' ')"
+    done
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

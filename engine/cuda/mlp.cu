@@ -23,6 +23,9 @@
 // copies use the 128-byte swizzle, the layout the wgmma descriptors read; rows past M, I or 2I
 // are zero-filled by the copy engine. The kernel is launched dependent (PDL): the first stages' weight copies go out
 // before griddepcontrol.wait, while the norm before it (which lets dependents start) still runs.
+// The epilogue trades h's bf16 pairs within each lane quad so that every lane stores 16 bytes (8
+// columns) at once: the fragments' own 4-byte pairs made each warp store touch 8 rows for 128
+// bytes, and cost 1.5 us of the kernel's 14 (docs/kernels.md, version 18).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -40,6 +43,8 @@ namespace aha::engine::cuda {
 namespace {
 
 constexpr int kMlpBM = 128, kMlpBN = 80, kMlpBK = 64, kMlpStages = 5;
+constexpr int kMlpGroups = kMlpBN / 8;              // groups of 8 h columns in a block's tile
+constexpr int kMlpGroupsPadded = (kMlpGroups + 3) / 4 * 4;  // to whole blocks of 4 (the quad transpose)
 constexpr int kMlpConsumers = 256, kMlpThreads = kMlpConsumers + 32;  // two warpgroups + the producer warp
 constexpr int kMlpABytes = kMlpBM * kMlpBK * 2;                       // 16 KiB
 constexpr int kMlpBHalfBytes = kMlpBN * kMlpBK * 2;                   // 10 KiB: 80 rows of w
@@ -84,7 +89,7 @@ __device__ __forceinline__ float RoundBf16(float x) { return __bfloat162float(__
 
 __global__ void __launch_bounds__(kMlpThreads, 1)
     GateUpSwiGluKernel(__nv_bfloat16* __restrict__ h, const __grid_constant__ CUtensorMap map_a,
-                       const __grid_constant__ CUtensorMap map_w, int M, int I, int K) {
+                       const __grid_constant__ CUtensorMap map_w, int M, int I, int K, bool wide_stores) {
 #ifdef AHA_WGMMA
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
@@ -154,20 +159,59 @@ __global__ void __launch_bounds__(kMlpThreads, 1)
     WgmmaWait<0>();
     FenceAccumulators(acc);
     // Fragment layout: register 4 i + 2 half + e of warp v, lane l is row 16 v + l / 4 + 8 half,
-    // column 8 i + 2 (l % 4) + e of the warpgroup's 64 x 160; columns 80.. are the up half.
-    const int v = (tid & 127) >> 5, l = tid & 31;
+    // column 8 i + 2 (l % 4) + e of the warpgroup's 64 x 160; columns 80.. are the up half. So the
+    // 4 lanes of a quad hold the 8 columns of group i of a row, a bf16 pair each.
+    const int v = (tid & 127) >> 5, l = tid & 31, q = l & 3;
+    uint32_t hp[2][kMlpGroupsPadded];  // h as bf16 pairs: [half][group]
 #pragma unroll
-    for (int i = 0; i < kMlpBN / 8; ++i) {
-      const int col = j0 + i * 8 + 2 * (l & 3);
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int i = 0; i < kMlpGroups; ++i) {
+        const int gr = 4 * i + 2 * half, ur = gr + 4 * kMlpGroups;
+        const float g0 = RoundBf16(acc[gr]), g1 = RoundBf16(acc[gr + 1]);
+        const float u0 = RoundBf16(acc[ur]), u1 = RoundBf16(acc[ur + 1]);
+        const __nv_bfloat162 p = __floats2bfloat162_rn(Swish(g0, u0), Swish(g1, u1));
+        hp[half][i] = *reinterpret_cast<const uint32_t*>(&p);
+      }
+#pragma unroll
+      for (int i = kMlpGroups; i < kMlpGroupsPadded; ++i) hp[half][i] = 0;
+    }
+    if (wide_stores) {
+      // A 4 x 4 transpose within the quad for each block of 4 groups (two butterfly stages: lanes
+      // q and q ^ m trade the pairs whose bit m differs from their own), after which lane q holds
+      // group 4 k + q whole: 8 columns, one 16-byte store instead of four 4-byte ones from four lanes
+      // (a warp's store then writes 64 contiguous bytes of each of its 8 rows, not 16).
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = m0 + wg * 64 + v * 16 + (l >> 2) + 8 * half;
-        const int gr = 4 * i + 2 * half, ur = gr + 4 * (kMlpBN / 8);
-        const float g0 = RoundBf16(acc[gr]), g1 = RoundBf16(acc[gr + 1]);
-        const float u0 = RoundBf16(acc[ur]), u1 = RoundBf16(acc[ur + 1]);
-        if (row < M && col < I)
-          *reinterpret_cast<__nv_bfloat162*>(h + static_cast<size_t>(row) * I + col) =
-              __floats2bfloat162_rn(Swish(g0, u0), Swish(g1, u1));
+#pragma unroll
+        for (int k = 0; k < kMlpGroupsPadded / 4; ++k) {
+          uint32_t* x = &hp[half][4 * k];
+#pragma unroll
+          for (int m = 2; m >= 1; m >>= 1) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              if (j & m) continue;
+              const bool hi = q & m;
+              const uint32_t got = __shfl_xor_sync(0xffffffffu, hi ? x[j] : x[j | m], m);
+              if (hi) x[j] = got;
+              else x[j | m] = got;
+            }
+          }
+          const int col = j0 + 8 * (4 * k + q);
+          if (row < M && 4 * k + q < kMlpGroups && col < I)
+            *reinterpret_cast<uint4*>(h + static_cast<size_t>(row) * I + col) = make_uint4(x[0], x[1], x[2], x[3]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = m0 + wg * 64 + v * 16 + (l >> 2) + 8 * half;
+#pragma unroll
+        for (int i = 0; i < kMlpGroups; ++i) {
+          const int col = j0 + i * 8 + 2 * q;
+          if (row < M && col < I) *reinterpret_cast<uint32_t*>(h + static_cast<size_t>(row) * I + col) = hp[half][i];
+        }
       }
     }
   }
@@ -206,8 +250,14 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
     const char* e = std::getenv("AHA_MLP_EARLY");
     return !(e && e[0] == '0');
   }();
+  // h stored 16 bytes a lane after a transpose within each quad (AHA_MLP_WIDE_STORES=0: the
+  // fragments' 4-byte pairs as they lie, the A/B).
+  static const bool wide = [] {
+    const char* e = std::getenv("AHA_MLP_WIDE_STORES");
+    return !(e && e[0] == '0');
+  }();
   Check(LaunchMaybeDependent(early, GateUpSwiGluKernel, grid, dim3(kMlpThreads), kMlpSmem, s,
-                             reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I, K),
+                             reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I, K, wide),
         "GateUpSwiGluKernel launch");
 }
 
