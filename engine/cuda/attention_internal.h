@@ -204,7 +204,12 @@ __device__ __forceinline__ void PackPFrag(uint32_t (&pa)[4], const float (&p0)[4
 // The end of a forward over a warp's 16 rows (rowA = g-th, rowB = rowA + 8; rows >= N skipped):
 // the lanes of a quad add their shares of the row sums, then out[row, h] = o / l in f32 (and in bf16
 // into out16 when not null) and lse[row, h] = (m + log2 l) ln 2. l >= 1 for a real row: it sees
-// itself, and its max term is exp2(0).
+// itself, and its max term is exp2(0). Lane t of a quad holds columns 8 dn + 2 t, + 1 of each
+// 8-column group dn; when the groups come in whole blocks of 4 (D % 32 == 0), each block is
+// transposed within the quad (two butterfly stages: lanes t and t ^ m trade the pairs whose bit m
+// differs from their own), so that lane t holds group 4 k + t whole and stores it as two float4 and
+// one 16-byte bf16 row piece, instead of four float2 and four 4-byte pieces from four lanes (as the
+// fused MLP kernel's epilogue, docs/kernels.md version 18). Every lane of the warp must call it.
 template <int D>
 __device__ __forceinline__ void StoreForwardRows(float* __restrict__ out, uint16_t* __restrict__ out16,
                                                  float* __restrict__ lse, const float (&o)[D / 8][4], float mA,
@@ -218,16 +223,47 @@ __device__ __forceinline__ void StoreForwardRows(float* __restrict__ out, uint16
   auto store = [&](int row, float l, float m, int c0) {
     const float inv = 1.0f / l;
     const size_t at = (static_cast<size_t>(row) * Hq + h) * D;
+    const bool real = row < N;
+    if constexpr (D % 32 == 0) {
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      const float x0 = o[dn][c0] * inv, x1 = o[dn][c0 + 1] * inv;
-      *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
-      if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
+      for (int k = 0; k < D / 32; ++k) {
+        float2 x[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x[j] = make_float2(o[4 * k + j][c0] * inv, o[4 * k + j][c0 + 1] * inv);
+#pragma unroll
+        for (int m = 2; m >= 1; m >>= 1) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (j & m) continue;
+            const bool hi = t & m;
+            const float2 send = hi ? x[j] : x[j | m];
+            const float2 got =
+                make_float2(__shfl_xor_sync(0xffffffffu, send.x, m), __shfl_xor_sync(0xffffffffu, send.y, m));
+            if (hi) x[j] = got;
+            else x[j | m] = got;
+          }
+        }
+        const size_t c = at + 8 * (4 * k + t);
+        if (real) {
+          *reinterpret_cast<float4*>(out + c) = make_float4(x[0].x, x[0].y, x[1].x, x[1].y);
+          *reinterpret_cast<float4*>(out + c + 4) = make_float4(x[2].x, x[2].y, x[3].x, x[3].y);
+          if (out16)
+            *reinterpret_cast<uint4*>(out16 + c) = make_uint4(PackBf16(x[0].x, x[0].y), PackBf16(x[1].x, x[1].y),
+                                                              PackBf16(x[2].x, x[2].y), PackBf16(x[3].x, x[3].y));
+        }
+      }
+    } else if (real) {
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const float x0 = o[dn][c0] * inv, x1 = o[dn][c0 + 1] * inv;
+        *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
+        if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
+      }
     }
-    if (t == 0) lse[static_cast<size_t>(row) * Hq + h] = (m + log2f(l)) * kLn2;
+    if (real && t == 0) lse[static_cast<size_t>(row) * Hq + h] = (m + log2f(l)) * kLn2;
   };
-  if (rowA < N) store(rowA, lA, mA, 0);
-  if (rowB < N) store(rowB, lB, mB, 2);
+  store(rowA, lA, mA, 0);
+  store(rowB, lB, mB, 2);
 }
 
 // Adds a * (C fragment c) of a 16 x 8 tile into x[row, head, col .. col + 7] of x[*, H, D] with one
