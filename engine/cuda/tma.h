@@ -46,6 +46,27 @@ __device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, in
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
       : "memory");
 }
+// The box at (x inner, y rows) of the tensor map += the tile at src in this block's shared memory
+// (laid out as the map's swizzle says), element by element, done by the tensor memory accelerator
+// at L2: one request for the whole tile instead of a thread's atomic per 16 bytes; elements past the
+// tensor's bounds are left alone. Completion is tracked per thread in bulk groups: BulkCommit
+// closes the thread's current group; BulkWaitRead<0> returns once every committed group has read
+// its source (the shared memory may then be written again), BulkWait<0> once they have completed.
+__device__ __forceinline__ void TmaReduceAdd(const CUtensorMap* map, int x, int y, uint32_t src) {
+  asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(x), "r"(y), "r"(src)
+               : "memory");
+}
+__device__ __forceinline__ void BulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void BulkWaitRead() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void BulkWait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
 #endif
 
 // Programmatic dependent launch (PDL). Wait: until the kernel before this one (launched with
@@ -98,6 +119,25 @@ inline CUtensorMap SwizzledRowsMap(const uint16_t* p, int rows, int cols, int bo
                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     std::fprintf(stderr, "aha engine/cuda: %s: cuTensorMapEncodeTiled failed (%d) for [%d, %d]\n", who,
+                 static_cast<int>(r), rows, cols);
+    std::abort();
+  }
+  return map;
+}
+
+// A row-major f32 matrix [rows, cols] in boxes of box_rows x 32 columns (one 128-byte swizzle atom
+// wide), 128-byte swizzled; for stores and reductions, which leave elements past the matrix alone.
+inline CUtensorMap SwizzledRowsMapF32(float* p, int rows, int cols, int box_rows, const char* who) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 4};
+  const cuuint32_t box[2] = {32, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t steps[2] = {1, 1};
+  const CUresult r = TensorMapEncoder()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, p, dims, strides, box, steps,
+                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                        CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "aha engine/cuda: %s: cuTensorMapEncodeTiled failed (%d) for f32 [%d, %d]\n", who,
                  static_cast<int>(r), rows, cols);
     std::abort();
   }
