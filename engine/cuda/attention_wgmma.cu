@@ -540,7 +540,8 @@ bool AttentionBackwardWgmmaSupported(int D) {
     const char* e = std::getenv("AHA_ATTENTION_WGMMA_BWD");
     return e == nullptr || std::strcmp(e, "0") != 0;
   }();
-  return on && AttentionForwardWgmmaSupported(D);
+  // The dQ reductions go through a tensor map, encoded through the driver's entry point.
+  return on && AttentionForwardWgmmaSupported(D) && TensorMapEncoder() != nullptr;
 }
 
 size_t AttentionBackwardTCWorkspace(int N, int Hq, int D) {
