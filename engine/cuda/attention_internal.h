@@ -204,12 +204,10 @@ __device__ __forceinline__ void PackPFrag(uint32_t (&pa)[4], const float (&p0)[4
 // The end of a forward over a warp's 16 rows (rowA = g-th, rowB = rowA + 8; rows >= N skipped):
 // the lanes of a quad add their shares of the row sums, then out[row, h] = o / l in f32 (and in bf16
 // into out16 when not null) and lse[row, h] = (m + log2 l) ln 2. l >= 1 for a real row: it sees
-// itself, and its max term is exp2(0). Lane t of a quad holds columns 8 dn + 2 t, + 1 of each
-// 8-column group dn; when the groups come in whole blocks of 4 (D % 32 == 0), each block is
-// transposed within the quad (two butterfly stages: lanes t and t ^ m trade the pairs whose bit m
-// differs from their own), so that lane t holds group 4 k + t whole and stores it as two float4 and
-// one 16-byte bf16 row piece, instead of four float2 and four 4-byte pieces from four lanes (as the
-// fused MLP kernel's epilogue, docs/kernels.md version 18). Every lane of the warp must call it.
+// itself, and its max term is exp2(0). When the 8-column groups come in whole blocks of 4
+// (D % 32 == 0), each block is transposed within the quad (QuadTranspose, bf16.h), so that lane t
+// stores group 4 k + t as two float4 and one 16-byte bf16 piece, instead of four lanes storing a
+// float2 and a 4-byte piece each (docs/kernels.md, version 18). Every lane of the warp must call it.
 template <int D>
 __device__ __forceinline__ void StoreForwardRows(float* __restrict__ out, uint16_t* __restrict__ out16,
                                                  float* __restrict__ lse, const float (&o)[D / 8][4], float mA,
@@ -227,29 +225,18 @@ __device__ __forceinline__ void StoreForwardRows(float* __restrict__ out, uint16
     if constexpr (D % 32 == 0) {
 #pragma unroll
       for (int k = 0; k < D / 32; ++k) {
-        float2 x[4];
+        float x0[4], x1[4];  // each group's two columns of this lane: 8 j + 2 t and 8 j + 2 t + 1
 #pragma unroll
-        for (int j = 0; j < 4; ++j) x[j] = make_float2(o[4 * k + j][c0] * inv, o[4 * k + j][c0 + 1] * inv);
-#pragma unroll
-        for (int m = 2; m >= 1; m >>= 1) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (j & m) continue;
-            const bool hi = t & m;
-            const float2 send = hi ? x[j] : x[j | m];
-            const float2 got =
-                make_float2(__shfl_xor_sync(0xffffffffu, send.x, m), __shfl_xor_sync(0xffffffffu, send.y, m));
-            if (hi) x[j] = got;
-            else x[j | m] = got;
-          }
-        }
+        for (int j = 0; j < 4; ++j) x0[j] = o[4 * k + j][c0] * inv, x1[j] = o[4 * k + j][c0 + 1] * inv;
+        QuadTranspose(x0, t);
+        QuadTranspose(x1, t);
         const size_t c = at + 8 * (4 * k + t);
         if (real) {
-          *reinterpret_cast<float4*>(out + c) = make_float4(x[0].x, x[0].y, x[1].x, x[1].y);
-          *reinterpret_cast<float4*>(out + c + 4) = make_float4(x[2].x, x[2].y, x[3].x, x[3].y);
+          *reinterpret_cast<float4*>(out + c) = make_float4(x0[0], x1[0], x0[1], x1[1]);
+          *reinterpret_cast<float4*>(out + c + 4) = make_float4(x0[2], x1[2], x0[3], x1[3]);
           if (out16)
-            *reinterpret_cast<uint4*>(out16 + c) = make_uint4(PackBf16(x[0].x, x[0].y), PackBf16(x[1].x, x[1].y),
-                                                              PackBf16(x[2].x, x[2].y), PackBf16(x[3].x, x[3].y));
+            *reinterpret_cast<uint4*>(out16 + c) = make_uint4(PackBf16(x0[0], x1[0]), PackBf16(x0[1], x1[1]),
+                                                              PackBf16(x0[2], x1[2]), PackBf16(x0[3], x1[3]));
         }
       }
     } else if (real) {

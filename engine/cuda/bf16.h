@@ -1,6 +1,7 @@
-// What several kernels share (.cu files only): bf16 packing, and SwiGLU's activation. Round to
-// nearest even, as CastF32ToBF16Kernel rounds, so a bf16 copy that a producer writes equals a cast
-// of its output.
+// What several kernels share (.cu files only): bf16 packing, SwiGLU's activation, and the quad
+// transpose that lets a kernel store its accumulator fragments 16 bytes a lane. Round to nearest
+// even, as CastF32ToBF16Kernel rounds, so a bf16 copy that a producer writes equals a cast of its
+// output.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,5 +26,30 @@ __device__ __forceinline__ uint2 PackBf16x4(float4 x) { return make_uint2(PackBf
 // SwiGLU of one gate / up pair: silu(g) * u. The SwiGLU kernels and the fused gate/up product's
 // epilogue (mlp.cu) both compute it here, so their h agree bit for bit.
 __device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+__device__ __forceinline__ uint32_t ShflXor(uint32_t v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ float ShflXor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+// The mma.sync / wgmma accumulator layout gives lane t of a quad (lanes 4 g .. 4 g + 3) columns
+// 8 j + 2 t, + 1 of every 8-column group j of its rows. For a block of 4 groups with x[j] this
+// lane's value of group j (a bf16 pair, or one of the two f32 columns), afterwards x[j] is lane j's
+// value of group t: the lane holds group t whole, in column order, and can store it at once
+// instead of four lanes storing 4 or 8 bytes each into the same row. Two butterfly stages: lanes t
+// and t ^ m trade the values whose bit m differs from their own. Every lane of the warp must call it.
+template <typename T>
+__device__ __forceinline__ void QuadTranspose(T (&x)[4], int t) {
+#pragma unroll
+  for (int m = 2; m >= 1; m >>= 1) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j & m) continue;
+      const bool hi = t & m;
+      const T send = hi ? x[j] : x[j | m];
+      const T got = ShflXor(send, m);
+      if (hi) x[j] = got;
+      else x[j | m] = got;
+    }
+  }
+}
 
 }  // namespace aha::engine::cuda

@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1)
     // column 8 i + 2 (l % 4) + e of the warpgroup's 64 x 160; columns 80.. are the up half. So the
     // 4 lanes of a quad hold the 8 columns of group i of a row, a bf16 pair each.
     const int v = (tid & 127) >> 5, l = tid & 31, q = l & 3;
-    uint32_t hp[2][kMlpGroupsPadded];  // h as bf16 pairs: [half][group]
+    uint32_t hp[2][kMlpGroupsPadded / 4][4];  // h as bf16 pairs: [half][group / 4][group % 4]
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
@@ -171,33 +171,22 @@ __global__ void __launch_bounds__(kMlpThreads, 1)
         const float g0 = RoundBf16(acc[gr]), g1 = RoundBf16(acc[gr + 1]);
         const float u0 = RoundBf16(acc[ur]), u1 = RoundBf16(acc[ur + 1]);
         const __nv_bfloat162 p = __floats2bfloat162_rn(Swish(g0, u0), Swish(g1, u1));
-        hp[half][i] = *reinterpret_cast<const uint32_t*>(&p);
+        hp[half][i / 4][i % 4] = *reinterpret_cast<const uint32_t*>(&p);
       }
 #pragma unroll
-      for (int i = kMlpGroups; i < kMlpGroupsPadded; ++i) hp[half][i] = 0;
+      for (int i = kMlpGroups; i < kMlpGroupsPadded; ++i) hp[half][i / 4][i % 4] = 0;
     }
     if (wide_stores) {
-      // A 4 x 4 transpose within the quad for each block of 4 groups (two butterfly stages: lanes
-      // q and q ^ m trade the pairs whose bit m differs from their own), after which lane q holds
-      // group 4 k + q whole: 8 columns, one 16-byte store instead of four 4-byte ones from four lanes
-      // (a warp's store then writes 64 contiguous bytes of each of its 8 rows, not 16).
+      // Each block of 4 groups transposed within the quad (QuadTranspose): lane q holds group 4 k + q
+      // whole, 8 columns, one 16-byte store instead of four 4-byte ones from four lanes (a warp's
+      // store then writes 64 contiguous bytes of each of its 8 rows, not 16).
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = m0 + wg * 64 + v * 16 + (l >> 2) + 8 * half;
 #pragma unroll
         for (int k = 0; k < kMlpGroupsPadded / 4; ++k) {
-          uint32_t* x = &hp[half][4 * k];
-#pragma unroll
-          for (int m = 2; m >= 1; m >>= 1) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              if (j & m) continue;
-              const bool hi = q & m;
-              const uint32_t got = __shfl_xor_sync(0xffffffffu, hi ? x[j] : x[j | m], m);
-              if (hi) x[j] = got;
-              else x[j | m] = got;
-            }
-          }
+          uint32_t(&x)[4] = hp[half][k];
+          QuadTranspose(x, q);
           const int col = j0 + 8 * (4 * k + q);
           if (row < M && 4 * k + q < kMlpGroups && col < I)
             *reinterpret_cast<uint4*>(h + static_cast<size_t>(row) * I + col) = make_uint4(x[0], x[1], x[2], x[3]);
@@ -210,7 +199,8 @@ __global__ void __launch_bounds__(kMlpThreads, 1)
 #pragma unroll
         for (int i = 0; i < kMlpGroups; ++i) {
           const int col = j0 + i * 8 + 2 * q;
-          if (row < M && col < I) *reinterpret_cast<uint32_t*>(h + static_cast<size_t>(row) * I + col) = hp[half][i];
+          if (row < M && col < I)
+            *reinterpret_cast<uint32_t*>(h + static_cast<size_t>(row) * I + col) = hp[half][i / 4][i % 4];
         }
       }
     }
