@@ -92,9 +92,12 @@ class Backend {
   // it, and its f32 values are never written. Only these ops may touch it: LinearForward (x; or out
   // without bias), LinearBackward (x; or dx without accumulate_dx), RmsNormForward and
   // AddRmsNormForward (out / ln), SwiGluForward (h, gu), SwiGluBackward and SwiGluLinearBackward
-  // (gu, dh). The Transformer keeps the norms' outputs, gu, h and dh. Rounding gu and dh changes the
-  // numbers (by bf16's ~2e-3 relative step, as bf16 autocast does in PyTorch); the other kept tensors
-  // are read only by products, which round them anyway. Release it before freeing the buffer.
+  // (gu, dh), AttentionForward and QkvRopeAttention (out), AttentionBackward (out, dout). The
+  // Transformer keeps the norms' outputs, gu, h, dh, the attention output and its gradient. Rounding
+  // gu and dh changes the numbers (by bf16's ~2e-3 relative step, as bf16 autocast does in
+  // PyTorch), and so does the attention backward's delta = dout . out from the rounded out and dout
+  // (FlashAttention's, whose output and its gradient are bf16); the other kept tensors are read only
+  // by products, which round them anyway. Release it before freeing the buffer.
   virtual void KeepAsBf16(const float* /*base*/, size_t /*n*/) {}
   virtual void ReleaseBf16(const float* /*base*/) {}
 

@@ -69,9 +69,11 @@ Transformer::~Transformer() {
   backend_->UnregisterWeights(params_.f32());
 }
 
-// Activations whose only readers are products and the SwiGLU ops may be stored in bf16 only
-// (Backend::KeepAsBf16): the norms' outputs (read by the q/k/v and gate/up products and their
-// weight gradients), gu (SwiGLU forward and backward), h (the down product), dh (SwiGLU backward).
+// Activations whose only readers are products, the SwiGLU ops and the attention backward may be
+// stored in bf16 only (Backend::KeepAsBf16): the norms' outputs (read by the q/k/v and gate/up
+// products and their weight gradients), gu (SwiGLU forward and backward), h (the down product), dh
+// (SwiGLU backward), the attention output (the o product, and the backward's delta = dout . out)
+// and its gradient datt (the attention backward).
 void Transformer::Keep(const Tensor& t, std::vector<const float*>* kept) {
   if (t.numel() == 0) return;
   backend_->KeepAsBf16(t.f32(), static_cast<size_t>(t.numel()));
@@ -276,7 +278,7 @@ void Transformer::EnsureCapacity(int N) {
   acts_.resize(recompute_ ? 1 : config_.num_layers);
   for (auto& a : acts_) {
     AllocLayerActs(&a, N);
-    for (const Tensor* t : {&a.ln1, &a.ln2, &a.gu, &a.h}) Keep(*t, &kept_acts_);
+    for (const Tensor* t : {&a.ln1, &a.ln2, &a.gu, &a.h, &a.att}) Keep(*t, &kept_acts_);
   }
   lnf_ = Tensor(DType::kF32, {N, C}, d);
   rstdf_ = Tensor(DType::kF32, {N}, d);
@@ -295,6 +297,7 @@ void Transformer::EnsureCapacity(int N) {
   dgu_ = Tensor(DType::kF32, {N, 2 * I}, d);
   dh_ = Tensor(DType::kF32, {N, I}, d);
   Keep(dh_, &kept_acts_);
+  Keep(datt_, &kept_acts_);
   qkv_ = Tensor(DType::kF32, {N, QD + 2 * KD}, d);
   tokens_d_ = Tensor(DType::kI32, {N}, d);
   cu_seqlens_d_ = Tensor(DType::kI32, {N + 1}, d);

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -214,6 +214,158 @@ if [[ " $what " == *" s17w "* ]]; then
       echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' "$f" | tr '\n' ' ')"
     done
   done
+fi
+if [[ " $what " == *" s18 "* ]]; then
+  # Session 18, on branch exp/attention-fwd-pipe (not merged: slower): the training attention forward
+  # with its two products of consecutive tiles overlapped (its default there) against the kernel
+  # before (AHA_ATTENTION_FWD_PIPE=0, main's): the attention and conformance
+  # tests (the QuadTranspose epilogues too), the kernels' timing table, the learner step and
+  # generation, interleaved, and the per-op profile each way.
+  timeout 300 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' --gtest_color=no \
+    > "$out/attention_tc_s18.log" 2>&1
+  echo "attention tc: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attention_tc_s18.log" | tr '\n' ' ')"
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+    --gtest_filter='CudaOps.GateUpSwiGlu*:CudaModel.*:CudaOps.*Attention*' > "$out/conformance_s18.log" 2>&1
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s18.log" | tr '\n' ' ')"
+  for rep in 1 2; do
+    for v in default AHA_ATTENTION_FWD_PIPE=0; do
+      f="$out/timing_s18_${v%%=*}_$rep.log"
+      env ${v/default/AHA_NONE=1} timeout 200 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+        --gtest_filter='AttentionTcTiming.*' --gtest_color=no > "$f" 2>&1
+      echo "timing $v $rep: $(grep -E 'fwd kv16' "$f" | awk '{print $1, $(NF-1), "ms"}' | tr '\n' ' ')"
+    done
+  done
+  for rep in 1 2 3; do
+    for v in default AHA_ATTENTION_FWD_PIPE=0; do
+      f="$out/train_s18_${v%%=*}_$rep.log"
+      env ${v/default/AHA_NONE=1} timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$f" | tr '\n' ' ')"
+    done
+  done
+  for v in default AHA_ATTENTION_FWD_PIPE=0; do
+    f="$out/profile_s18_${v%%=*}.txt"
+    env ${v/default/AHA_NONE=1} AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$f" 2>&1
+    echo "profile $v: $(grep -iE 'attention' "$f" | head -3 | tr -s ' ' | tr '\n' ';')"
+  done
+  for rep in 1 2; do
+    for v in default AHA_ATTENTION_FWD_PIPE=0; do
+      f="$out/gen_s18_${v%%=*}_$rep.log"
+      env ${v/default/AHA_NONE=1} timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$f" 2>&1
+      echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' "$f" | tr '\n' ' ')"
+    done
+  done
+fi
+if [[ " $what " == *" s18b "* ]]; then
+  # Session 18, second call: the attention output kept in bf16 only (dist/) against the build before
+  # it (dist-old/, carried beside it, with AHA_ATTENTION_FWD_PIPE=0: main's forward), and the
+  # pipelined forward with Q in registers (AHA_ATTENTION_FWD_PIPE=2; both switches exist on branch
+  # exp/attention-fwd-pipe only, where this call's dist/ was built). Tests, the kernels' timing,
+  # the learner step interleaved, the per-op profile.
+  timeout 300 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' --gtest_color=no \
+    > "$out/attention_tc_s18b.log" 2>&1
+  echo "attention tc: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attention_tc_s18b.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|nmse" "$out/attention_tc_s18b.log" | head -10
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+    --gtest_filter='CudaModel.*:CudaOps.*Attention*' > "$out/conformance_s18b.log" 2>&1
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s18b.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|model " "$out/conformance_s18b.log" | head -20
+  for rep in 1 2; do
+    for v in default AHA_ATTENTION_FWD_PIPE=2; do
+      f="$out/timing_s18b_${v%%=*}_$rep.log"
+      env ${v/default/AHA_NONE=1} timeout 200 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+        --gtest_filter='AttentionTcTiming.*' --gtest_color=no > "$f" 2>&1
+      echo "timing $v $rep: $(grep -E 'fwd kv16' "$f" | awk '{print $1, $(NF-1), "ms"}' | tr '\n' ' ')"
+    done
+  done
+  for rep in 1 2 3; do
+    for v in old default AHA_ATTENTION_FWD_PIPE=2; do
+      f="$out/train_s18b_${v%%=*}_$rep.log"
+      if [ $v = old ]; then
+        LD_LIBRARY_PATH=$PWD/dist-old/lib AHA_ATTENTION_FWD_PIPE=0 timeout 120 dist-old/bin/aha bench train --steps 5 \
+          --model $model > "$f" 2>&1
+      else
+        env ${v/default/AHA_NONE=1} timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      fi
+      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$f" | tr '\n' ' ')"
+    done
+  done
+  LD_LIBRARY_PATH=$PWD/dist-old/lib AHA_ATTENTION_FWD_PIPE=0 AHA_PROFILE=1 timeout 120 dist-old/bin/aha bench train \
+    --steps 3 --model $model > "$out/profile_s18b_old.txt" 2>&1
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_s18b_new.txt" 2>&1
+  for f in "$out/profile_s18b_old.txt" "$out/profile_s18b_new.txt"; do
+    echo "$(basename $f): $(grep -iE 'attention' "$f" | head -3 | tr -s ' ' | tr '\n' ';')"
+  done
+fi
+if [[ " $what " == *" s18c "* ]]; then
+  # Session 18: why the attention backward takes ~0.46 ms a call in the learner step (AHA_PROFILE)
+  # but ~0.32 ms in the timing table: each kernel's time in both, from Nsight Systems (every launch
+  # in place) or, without it, Nsight Compute (launches serialised, clocks left alone).
+  nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  echo "nsys: ${nsys:-none}; ncu: ${ncu:-none}"
+  if [ -n "$nsys" ]; then
+    timeout 200 "$nsys" profile -o "$out/train_s18c" --force-overwrite true -t cuda dist/bin/aha bench train \
+      --steps 3 --model $model > "$out/nsys_train.log" 2>&1
+    timeout 200 "$nsys" profile -o "$out/timing_s18c" --force-overwrite true -t cuda \
+      dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='AttentionTcTiming.*' \
+      > "$out/nsys_timing.log" 2>&1
+    for r in train_s18c timing_s18c; do
+      "$nsys" stats --report cuda_gpu_kern_sum --format csv "$out/$r.nsys-rep" > "$out/$r.csv" 2> /dev/null
+      echo "== $r (total ns, instances, avg ns, med ns, min ns, max ns, name)"
+      grep -E "Attn|WgBwd|Prepass|memset|Rope|Pack" "$out/$r.csv" | cut -d, -f2-8 | head -12
+    done
+  elif [ -n "$ncu" ]; then
+    for run in train timing; do
+      if [ $run = train ]; then cmd=(dist/bin/aha bench train --steps 2 --model $model); skip=48
+      else cmd=(dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='AttentionTcTiming.*'); skip=8; fi
+      timeout 300 "$ncu" --clock-control none -k "regex:AttnBwdWgmma|WgBwdPrepass" --launch-skip $skip --launch-count 4 \
+        --metrics gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes.sum.per_second \
+        "${cmd[@]}" > "$out/ncu_$run.txt" 2>&1
+      echo "== $run"; grep -E "AttnBwd|WgBwd|duration|per_second" "$out/ncu_$run.txt" | head -24
+    done
+  fi
+fi
+if [[ " $what " == *" s18d "* ]]; then
+  # Session 18, last call: the attention output's gradient kept in bf16 too (dist/) against the
+  # build with the output alone kept (dist-old/, carried beside it): tests (the conformance models
+  # also with the mma.sync backward, AHA_ATTENTION_WGMMA_BWD=0, which widens the kept copies), the
+  # learner step interleaved, the per-op profile; then the side-by-side figures: generation and HF
+  # generate, the learner step and the torch.compile step.
+  timeout 300 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' --gtest_color=no \
+    > "$out/attention_tc_s18d.log" 2>&1
+  echo "attention tc: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attention_tc_s18d.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|from bf16" "$out/attention_tc_s18d.log" | head -10
+  for v in default AHA_ATTENTION_WGMMA_BWD=0; do
+    f="$out/conformance_s18d_${v%%=*}.log"
+    env ${v/default/AHA_NONE=1} timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+      --gtest_filter='CudaModel.*:CudaOps.*Attention*' > "$f" 2>&1
+    echo "conformance $v: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+    grep -E "Failure|Expected|bf16: worst" "$f" | head -8
+  done
+  for rep in 1 2 3; do
+    for v in old new; do
+      f="$out/train_s18d_${v}_$rep.log"
+      if [ $v = old ]; then
+        LD_LIBRARY_PATH=$PWD/dist-old/lib timeout 120 dist-old/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      else
+        timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      fi
+      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$f" | tr '\n' ' ')"
+    done
+  done
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
+  grep -vE '^\{' "$out/profile_train.txt" | head -16
+  for rep in 1 2; do
+    timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_s18d_$rep.log" 2>&1
+    echo "gen $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
+      "$out/gen_s18d_$rep.log" | tr '\n' ' ')"
+  done
+  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  tail -n 1 "$out/gen_peer.log"
+  timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s18d_final.log" 2>&1
+  echo "aha train: $(grep -oE 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' "$out/train_s18d_final.log" | tr '\n' ' ')"
+  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  tail -n 1 "$out/train_peer_compile.log"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

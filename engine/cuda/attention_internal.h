@@ -202,8 +202,8 @@ __device__ __forceinline__ void PackPFrag(uint32_t (&pa)[4], const float (&p0)[4
 }
 
 // The end of a forward over a warp's 16 rows (rowA = g-th, rowB = rowA + 8; rows >= N skipped):
-// the lanes of a quad add their shares of the row sums, then out[row, h] = o / l in f32 (and in bf16
-// into out16 when not null) and lse[row, h] = (m + log2 l) ln 2. l >= 1 for a real row: it sees
+// the lanes of a quad add their shares of the row sums, then out[row, h] = o / l in f32 (when out is
+// not null) and in bf16 (into out16 when not null) and lse[row, h] = (m + log2 l) ln 2. l >= 1 for a real row: it sees
 // itself, and its max term is exp2(0). When the 8-column groups come in whole blocks of 4
 // (D % 32 == 0), each block is transposed within the quad (QuadTranspose, bf16.h), so that lane t
 // stores group 4 k + t as two float4 and one 16-byte bf16 piece, instead of four lanes storing a
@@ -232,8 +232,10 @@ __device__ __forceinline__ void StoreForwardRows(float* __restrict__ out, uint16
         QuadTranspose(x1, t);
         const size_t c = at + 8 * (4 * k + t);
         if (real) {
-          *reinterpret_cast<float4*>(out + c) = make_float4(x0[0], x1[0], x0[1], x1[1]);
-          *reinterpret_cast<float4*>(out + c + 4) = make_float4(x0[2], x1[2], x0[3], x1[3]);
+          if (out) {
+            *reinterpret_cast<float4*>(out + c) = make_float4(x0[0], x1[0], x0[1], x1[1]);
+            *reinterpret_cast<float4*>(out + c + 4) = make_float4(x0[2], x1[2], x0[3], x1[3]);
+          }
           if (out16)
             *reinterpret_cast<uint4*>(out16 + c) = make_uint4(PackBf16(x0[0], x1[0]), PackBf16(x0[1], x1[1]),
                                                               PackBf16(x0[2], x1[2]), PackBf16(x0[3], x1[3]));
@@ -243,7 +245,7 @@ __device__ __forceinline__ void StoreForwardRows(float* __restrict__ out, uint16
 #pragma unroll
       for (int dn = 0; dn < D / 8; ++dn) {
         const float x0 = o[dn][c0] * inv, x1 = o[dn][c0 + 1] * inv;
-        *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
+        if (out) *reinterpret_cast<float2*>(out + at + dn * 8 + 2 * t) = make_float2(x0, x1);
         if (out16) *reinterpret_cast<uint32_t*>(out16 + at + dn * 8 + 2 * t) = PackBf16(x0, x1);
       }
     }

@@ -270,23 +270,28 @@ constexpr int kWbDqBox = 64 * 128;  // dQ's staging: columns 0-31, then 32-63, 6
 // K, V | 2 x (Q, dO) | dS^T | dQ (two boxes) | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
 constexpr int kWbSmem = 7 * kWbTile + 2 * kWbDqBox + 2 * 3 * kWbRows * 4 + 16 + 1024;
 
-// The backward's pre-pass: per (row, head), 16 threads of 4 columns: delta = scale * (dout . out),
-// bf16 copies of q and dout, dq zeroed (the kernel adds into it), and row_start[r] = the first row
+// The backward's pre-pass: per (row, head), 16 threads of 4 columns: delta = scale * (dout . out)
+// (out from its bf16 copy out16 when that is given: the attention output kept in bf16 only; dout
+// likewise from dout16_in, which the kernel then reads as it is), bf16 copies of q and dout, dq zeroed (the kernel adds into it), and row_start[r] = the first row
 // of row r's sequence (head 0).
 __global__ void __launch_bounds__(256)
     WgBwdPrepassKernel(float* __restrict__ delta, int* __restrict__ row_start, uint16_t* __restrict__ q16,
                        uint16_t* __restrict__ dout16, float* __restrict__ dq, const float* __restrict__ q,
-                       const float* __restrict__ dout, const float* __restrict__ out, const int32_t* __restrict__ cu,
-                       int S, int N, int Hq, float scale) {
+                       const float* __restrict__ dout, const uint16_t* __restrict__ dout16_in,
+                       const float* __restrict__ out, const uint16_t* __restrict__ out16,
+                       const int32_t* __restrict__ cu, int S, int N, int Hq, float scale) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // float4 index
   const long long rh = i >> 4;                                                          // row * Hq + head
   const bool in = rh < static_cast<long long>(N) * Hq;
   float dot = 0.0f;
   if (in) {
     const size_t at = static_cast<size_t>(i) * 4;
-    const float4 d4 = Ldg4(dout + at), o4 = Ldg4(out + at), q4 = Ldg4(q + at);
+    const float4 q4 = Ldg4(q + at);
+    const float4 d4 =
+        dout16_in ? UnpackBf16x4(__ldg(reinterpret_cast<const uint2*>(dout16_in + at))) : Ldg4(dout + at);
+    const float4 o4 = out16 ? UnpackBf16x4(__ldg(reinterpret_cast<const uint2*>(out16 + at))) : Ldg4(out + at);
     dot = d4.x * o4.x + d4.y * o4.y + d4.z * o4.z + d4.w * o4.w;
-    *reinterpret_cast<uint2*>(dout16 + at) = PackBf16x4(d4);
+    if (!dout16_in) *reinterpret_cast<uint2*>(dout16 + at) = PackBf16x4(d4);
     *reinterpret_cast<uint2*>(q16 + at) = PackBf16x4(q4);
     *reinterpret_cast<float4*>(dq + at) = Zero4();
   }
@@ -551,7 +556,8 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D) {
 
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
-                            int Hq, int Hkv, void* workspace, cudaStream_t s) {
+                            int Hq, int Hkv, void* workspace, cudaStream_t s, const uint16_t* out16,
+                            const uint16_t* dout16_in) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionBackwardWgmma: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
@@ -559,14 +565,15 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   int* row_start = BackwardRowStart(workspace, N, Hq);
   const size_t n = static_cast<size_t>(N) * Hq * kWgD;
   auto* q16 = reinterpret_cast<uint16_t*>(static_cast<char*>(workspace) + AttentionBackwardWorkspace(N, Hq));
-  auto* dout16 = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(q16) + Align256(n * sizeof(uint16_t)));
+  auto* dout16_ws = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(q16) + Align256(n * sizeof(uint16_t)));
+  const uint16_t* dout16 = dout16_in ? dout16_in : dout16_ws;
   const float scale = 1.0f / std::sqrt(static_cast<float>(kWgD));  // 1/8: a power of two (the kernel relies on it)
   CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dk)");
   CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dv)");
   const long long threads = static_cast<long long>(n) / 4;
-  WgBwdPrepassKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, s>>>(delta, row_start, q16, dout16, dq, q,
-                                                                                  dout, out, cu_seqlens, S, N, Hq,
-                                                                                  scale);
+  WgBwdPrepassKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, s>>>(delta, row_start, q16, dout16_ws, dq,
+                                                                                  q, dout, dout16_in, out, out16,
+                                                                                  cu_seqlens, S, N, Hq, scale);
   CheckCuda(cudaGetLastError(), "WgBwdPrepassKernel launch");
   const dim3 grid(Hq, GridRows(N, kWbRows));
   AllowSmem(AttnBwdWgmmaKernel, kWbSmem);

@@ -23,6 +23,12 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 // Four consecutive floats as four bf16 (one 8-byte store).
 __device__ __forceinline__ uint2 PackBf16x4(float4 x) { return make_uint2(PackBf16(x.x, x.y), PackBf16(x.z, x.w)); }
 
+// Four consecutive bf16 (one 8-byte load) widened to floats: exact.
+__device__ __forceinline__ float4 UnpackBf16x4(uint2 u) {
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                     __uint_as_float(u.y & 0xffff0000u));
+}
+
 // SwiGLU of one gate / up pair: silu(g) * u. The SwiGLU kernels and the fused gate/up product's
 // epilogue (mlp.cu) both compute it here, so their h agree bit for bit.
 __device__ __forceinline__ float Swish(float g, float u) { return g / (1.0f + expf(-g)) * u; }

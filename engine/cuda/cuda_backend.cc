@@ -565,30 +565,59 @@ void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
   Check("add");
 }
 
+// A kept output (KeepAsBf16: the training forward's, read by the o product and the backward) gets
+// only its bf16 copy from the tensor-core kernels; the f32 kernels write f32 and a cast of it.
 void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                                    const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
-  if (!UseTcAttention()) {
-    cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
-    Check("attention");
-    return;
+  const size_t n = static_cast<size_t>(N) * Hq * D;
+  uint16_t* kept = KeptCopy(out, n);
+  const bool tc = UseTcAttention();
+  if (kept && tc && (D == 64 || D == 128)) {
+    cuda::AttentionForwardTC(nullptr, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_, kept);
+    return Check("attention");
+  }
+  if (!tc || kept) {
+    if (tc) cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+    else cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+    if (kept) cuda::CastF32ToBF16(kept, out, n, stream_);
+    return Check("attention");
   }
   // The output feeds the o product: the tensor-core kernel writes its bf16 copy too.
-  const size_t n = static_cast<size_t>(N) * Hq * D;
   uint16_t* copy = CastCopy(n);
   const bool wrote = cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_, copy);
   Check("attention");
   if (wrote) AdoptCastCopy(out, n, copy);
 }
+// A kept out or dout (the o product's dx) is read from its bf16 copy: by the wgmma backward
+// directly, else widened into f32 scratch after the workspace.
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                                     const float* lse, const float* q, const float* k, const float* v,
                                     const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
-  if (UseTcAttention()) {
+  const size_t n = static_cast<size_t>(N) * Hq * D;
+  const uint16_t* out16 = KeptCopy(out, n);
+  const uint16_t* dout16 = KeptCopy(dout, n);
+  const bool tc = UseTcAttention();
+  if ((out16 || dout16) && tc && cuda::AttentionBackwardWgmmaSupported(D)) {
     void* ws = Workspace(cuda::AttentionBackwardTCWorkspace(N, Hq, D));
-    cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
-  } else {
-    void* ws = Workspace(AttentionBackwardWorkspace(N, Hq));
-    cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+    cuda::AttentionBackwardWgmma(dq, dk, dv, dout16 ? nullptr : dout, out16 ? nullptr : out, lse, q, k, v, cu_seqlens,
+                                 S, N, Hq, Hkv, ws, stream_, out16, dout16);
+    return Check("attention backward");
   }
+  const size_t ws_bytes =
+      ((tc ? cuda::AttentionBackwardTCWorkspace(N, Hq, D) : AttentionBackwardWorkspace(N, Hq)) + 255) / 256 * 256;
+  void* ws = Workspace(ws_bytes + ((out16 ? n : 0) + (dout16 ? n : 0)) * sizeof(float));
+  float* wide = reinterpret_cast<float*>(static_cast<char*>(ws) + ws_bytes);
+  if (out16) {
+    cuda::CastBF16ToF32(wide, out16, n, stream_);
+    out = wide;
+    wide += n;
+  }
+  if (dout16) {
+    cuda::CastBF16ToF32(wide, dout16, n, stream_);
+    dout = wide;
+  }
+  if (tc) cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
+  else cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
   Check("attention backward");
 }
 DType CudaBackend::kv_cache_dtype() const {
@@ -638,8 +667,13 @@ void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, f
   uint16_t* v16 = k16 + kn;
   cuda::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, k16, v16);
   Check("q/k/v + rope");
-  // The output feeds the o product: the kernel writes its bf16 copy too (as AttentionForward).
+  // The output feeds the o product: the kernel writes its bf16 copy too (as AttentionForward), or
+  // only that when the output is kept in bf16.
   const size_t n = static_cast<size_t>(N) * Hq * D;
+  if (uint16_t* kept = KeptCopy(out, n)) {
+    cuda::AttentionForwardTCBf16Kv(nullptr, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, stream_, kept);
+    return Check("attention");
+  }
   uint16_t* copy = CastCopy(n);
   cuda::AttentionForwardTCBf16Kv(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, stream_, copy);
   Check("attention");

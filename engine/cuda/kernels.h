@@ -158,7 +158,8 @@ void QkvRopeCachedAttentionDecodeTC(float* out, const float* qkv, const float* b
 // (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
 // mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};
 // any other D is passed to the f32 launchers above. The forward writes out rounded to bf16 into
-// out_bf16 too when it is not null and returns whether it did (not for the f32 launchers).
+// out_bf16 too when it is not null and returns whether it did (not for the f32 launchers). At D 64
+// or 128, out may be null when out_bf16 is not: only the bf16 output is written.
 bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, const float* v,
                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
                         uint16_t* out_bf16 = nullptr);
@@ -189,11 +190,14 @@ void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, con
                          int Hq, int Hkv, int D, void* workspace, cudaStream_t s, bool wgmma = true);
 size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
 // The backward on wgmma (attention_wgmma.cu, sm_90a, D = 64): as AttentionBackwardTC (overwrites dq,
-// dk, dv). Supported when the forward is and AHA_ATTENTION_WGMMA_BWD is not 0.
+// dk, dv). Supported when the forward is and AHA_ATTENTION_WGMMA_BWD is not 0. With out16 (the
+// forward's output in bf16, [N, Hq, 64]) out is not read: delta = dout . out16 widened; with
+// dout16 (dout in bf16) dout is not read: delta takes it widened, the products read it as it is.
 bool AttentionBackwardWgmmaSupported(int D);
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
-                            int Hq, int Hkv, void* workspace, cudaStream_t s);
+                            int Hq, int Hkv, void* workspace, cudaStream_t s, const uint16_t* out16 = nullptr,
+                            const uint16_t* dout16 = nullptr);
 
 // ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------
 // See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of LmHeadChunk() columns; logits of

@@ -504,6 +504,81 @@ TEST(AttentionTc, WgmmaBackwardMatchesMmaSync) {
   }
 }
 
+// The attention output and its gradient kept in bf16 only (Backend::KeepAsBf16): the forward with
+// out null writes the same bf16 output and lse as with out given, bit for bit, on both tensor-core
+// forwards; and the wgmma backward reading that bf16 output (out16) and a bf16 dout (dout16) equals
+// the backward given both widened to f32 (delta sums the same values, the products read the same
+// bf16 dout; only the dk / dv atomics' order differs).
+TEST(AttentionTc, Bf16OnlyOutputAndGradient) {
+  REQUIRE_GPU();
+  const AttnCase c{14, 2, 64, {1, 17, 64, 100, 300, 2, 1, 129}};
+  std::vector<int32_t> cu{0};
+  for (int l : c.lens) cu.push_back(cu.back() + l);
+  const int S = static_cast<int>(c.lens.size()), N = cu.back();
+  const size_t nq = size_t(N) * c.Hq * c.D, nk = size_t(N) * c.Hkv * c.D;
+  const std::vector<float> kh = Randn(nk), vh = Randn(nk);
+  std::vector<uint16_t> k16h(nk), v16h(nk);
+  F32ToBF16(kh.data(), k16h.data(), nk);
+  F32ToBF16(vh.data(), v16h.data(), nk);
+  DevBuf<float> q(Randn(nq)), k(kh), v(vh), dout(Randn(nq)), out(nq), lse(size_t(N) * c.Hq), lse_only(size_t(N) * c.Hq);
+  DevBuf<uint16_t> k16(k16h), v16(v16h), out16(nq), out16_only(nq);
+  DevBuf<int32_t> d_cu(cu);
+  for (bool bf16_kv : {false, true}) {
+    out16_only.Poison();
+    lse_only.Poison();
+    if (bf16_kv) {
+      cuda::AttentionForwardTCBf16Kv(out.get(), lse.get(), q.get(), k16.get(), v16.get(), d_cu.get(), S, N, c.Hq,
+                                     c.Hkv, c.D, nullptr, out16.get());
+      cuda::AttentionForwardTCBf16Kv(nullptr, lse_only.get(), q.get(), k16.get(), v16.get(), d_cu.get(), S, N, c.Hq,
+                                     c.Hkv, c.D, nullptr, out16_only.get());
+    } else {
+      cuda::AttentionForwardTC(out.get(), lse.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, c.D,
+                               nullptr, out16.get());
+      cuda::AttentionForwardTC(nullptr, lse_only.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, c.D,
+                               nullptr, out16_only.get());
+    }
+    Ck(cudaDeviceSynchronize(), "forward");
+    const auto a = out16.Download(), b = out16_only.Download();
+    const auto la = lse.Download(), lb = lse_only.Download();
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(uint16_t))) << "bf16 output, bf16 k/v " << bf16_kv;
+    EXPECT_EQ(0, std::memcmp(la.data(), lb.data(), la.size() * sizeof(float))) << "lse, bf16 k/v " << bf16_kv;
+  }
+  if (!cuda::AttentionBackwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma backward needs an sm_90 device";
+  std::vector<float> wide(nq);
+  {
+    const auto o16 = out16_only.Download();
+    for (size_t i = 0; i < nq; ++i) {
+      const uint32_t bits = uint32_t(o16[i]) << 16;
+      std::memcpy(&wide[i], &bits, sizeof(float));
+    }
+  }
+  std::vector<uint16_t> dout16h(nq);
+  std::vector<float> dout_wide(nq);
+  {
+    const auto dh = dout.Download();
+    F32ToBF16(dh.data(), dout16h.data(), nq);
+    for (size_t i = 0; i < nq; ++i) {
+      const uint32_t bits = uint32_t(dout16h[i]) << 16;
+      std::memcpy(&dout_wide[i], &bits, sizeof(float));
+    }
+  }
+  DevBuf<float> out_wide(wide), d_dout_wide(dout_wide);
+  DevBuf<uint16_t> d_dout16(dout16h);
+  DevBuf<float> dq_a(nq), dk_a(nk), dv_a(nk), dq_b(nq), dk_b(nk), dv_b(nk);
+  DevBuf<char> ws(cuda::AttentionBackwardTCWorkspace(N, c.Hq, c.D));
+  for (auto* x : {&dq_a, &dk_a, &dv_a, &dq_b, &dk_b, &dv_b}) x->Poison();
+  cuda::AttentionBackwardWgmma(dq_a.get(), dk_a.get(), dv_a.get(), d_dout_wide.get(), out_wide.get(), lse_only.get(),
+                               q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr);
+  cuda::AttentionBackwardWgmma(dq_b.get(), dk_b.get(), dv_b.get(), nullptr, nullptr, lse_only.get(), q.get(), k.get(),
+                               v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr, out16_only.get(),
+                               d_dout16.get());
+  Ck(cudaDeviceSynchronize(), "backward");
+  const std::string shape = ShapeOf(c, N);
+  ExpectNmse("bwd dq from bf16 out, dout vs widened", shape, dq_b.Download(), dq_a.Download(), 1e-12);
+  ExpectNmse("bwd dk from bf16 out, dout vs widened", shape, dk_b.Download(), dk_a.Download(), 1e-12);
+  ExpectNmse("bwd dv from bf16 out, dout vs widened", shape, dv_b.Download(), dv_a.Download(), 1e-12);
+}
+
 // The wgmma forward's two products alone (AttentionWgmmaProbe), against exact f64 sums of the same
 // bf16 operands: S_j = Q K_j^T and O_j = P V_j for the key tiles j = 0, 1 (shared-memory buffers 0
 // and 1), with tile 1 copied before (late 0) or while (late 1) tile 0's products run. Prints, per
