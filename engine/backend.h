@@ -92,8 +92,9 @@ class Backend {
   // it, and its f32 values are never written. Only these ops may touch it: LinearForward (x; or out
   // without bias), LinearBackward (x; or dx without accumulate_dx), RmsNormForward and
   // AddRmsNormForward (out / ln), SwiGluForward (h, gu), SwiGluBackward and SwiGluLinearBackward
-  // (gu, dh), AttentionForward and QkvRopeAttention (out), AttentionBackward (out, dout). The
-  // Transformer keeps the norms' outputs, gu, h, dh, the attention output and its gradient. Rounding
+  // (gu, dh), AttentionForward and QkvRopeAttention (out; and q, which QkvRope may also write),
+  // AttentionBackward (out, dout, q). The Transformer keeps the norms' outputs, gu, h, dh, the
+  // attention output and its gradient, and q (without per-head norms). Rounding
   // gu and dh changes the numbers (by bf16's ~2e-3 relative step, as bf16 autocast does in
   // PyTorch), and so does the attention backward's delta = dout . out from the rounded out and dout
   // (FlashAttention's, whose output and its gradient are bf16); the other kept tensors are read only

@@ -72,8 +72,8 @@ Transformer::~Transformer() {
 // Activations whose only readers are products, the SwiGLU ops and the attention backward may be
 // stored in bf16 only (Backend::KeepAsBf16): the norms' outputs (read by the q/k/v and gate/up
 // products and their weight gradients), gu (SwiGLU forward and backward), h (the down product), dh
-// (SwiGLU backward), the attention output (the o product, and the backward's delta = dout . out)
-// and its gradient datt (the attention backward).
+// (SwiGLU backward), the attention output (the o product, and the backward's delta = dout . out),
+// its gradient datt and the rotated q (the attention backward, whose products round them anyway).
 void Transformer::Keep(const Tensor& t, std::vector<const float*>* kept) {
   if (t.numel() == 0) return;
   backend_->KeepAsBf16(t.f32(), static_cast<size_t>(t.numel()));
@@ -279,6 +279,7 @@ void Transformer::EnsureCapacity(int N) {
   for (auto& a : acts_) {
     AllocLayerActs(&a, N);
     for (const Tensor* t : {&a.ln1, &a.ln2, &a.gu, &a.h, &a.att}) Keep(*t, &kept_acts_);
+    if (!config_.qk_norm) Keep(a.q, &kept_acts_);  // Qwen3's q goes through its norm and RoPE ops instead
   }
   lnf_ = Tensor(DType::kF32, {N, C}, d);
   rstdf_ = Tensor(DType::kF32, {N}, d);

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -366,6 +366,39 @@ if [[ " $what " == *" s18d "* ]]; then
   echo "aha train: $(grep -oE 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' "$out/train_s18d_final.log" | tr '\n' ' ')"
   timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
   tail -n 1 "$out/train_peer_compile.log"
+fi
+if [[ " $what " == *" s18e "* ]]; then
+  # Session 18: q kept in bf16 too (dist/; QkvRope writes the backward's copy and the wgmma
+  # forward's pre-scaled operand, no f32 q) against the build before (dist-old/): tests, with the
+  # mma.sync backward (AHA_ATTENTION_WGMMA_BWD=0) and the mma.sync forward (AHA_ATTENTION_WGMMA=0)
+  # too, the learner step interleaved, the per-op profile.
+  timeout 300 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' --gtest_color=no \
+    > "$out/attention_tc_s18e.log" 2>&1
+  echo "attention tc: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attention_tc_s18e.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|q_bf16" "$out/attention_tc_s18e.log" | head -10
+  for v in default AHA_ATTENTION_WGMMA_BWD=0 AHA_ATTENTION_WGMMA=0; do
+    f="$out/conformance_s18e_${v%%=*}.log"
+    env ${v/default/AHA_NONE=1} timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+      --gtest_filter='CudaModel.*:CudaOps.*Attention*:CudaOps.*Qkv*' > "$f" 2>&1
+    echo "conformance $v: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+    grep -E "Failure|Expected|bf16: worst|actor vs" "$f" | head -8
+  done
+  for rep in 1 2 3; do
+    for v in old new; do
+      f="$out/train_s18e_${v}_$rep.log"
+      if [ $v = old ]; then
+        LD_LIBRARY_PATH=$PWD/dist-old/lib timeout 120 dist-old/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      else
+        timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      fi
+      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$f" | tr '\n' ' ')"
+    done
+  done
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
+  grep -vE '^\{' "$out/profile_train.txt" | grep -E "attention|q/k/v" | head -6
+  timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_s18e.log" 2>&1
+  echo "gen: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
+    "$out/gen_s18e.log" | tr '\n' ' ')"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -621,7 +621,8 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
                               const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
                               const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start, Paging pg, int B,
                               int Hq, int Hkv, int D, __nv_bfloat16* __restrict__ k16 = nullptr,
-                              __nv_bfloat16* __restrict__ v16 = nullptr) {
+                              __nv_bfloat16* __restrict__ v16 = nullptr, __nv_bfloat16* __restrict__ q16 = nullptr,
+                              __nv_bfloat16* __restrict__ q16s = nullptr, float qscale = 0.0f) {
   const int i = blockIdx.x;
   const int half = D / 2, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
   const float* row = qkv + static_cast<size_t>(i) * W;
@@ -644,9 +645,16 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
       float y1, y2;
       RopeBiasPair(row, bias, c, half, pos * __ldg(inv_freq + j), y1, y2);
       if (h < Hq) {
-        float* out = q + static_cast<size_t>(i) * QD + c;
-        out[0] = y1;
-        out[half] = y2;
+        const size_t o = static_cast<size_t>(i) * QD + c;
+        if (q) q[o] = y1, q[o + half] = y2;
+        if (!kPaged && q16) {  // the training attention's copies (QkvRopeAttention): for its backward
+          q16[o] = __float2bfloat16_rn(y1);
+          q16[o + half] = __float2bfloat16_rn(y2);
+        }
+        if (!kPaged && q16s) {  // and its forward, scaled as the forward scales q before rounding it
+          q16s[o] = __float2bfloat16_rn(y1 * qscale);
+          q16s[o + half] = __float2bfloat16_rn(y2 * qscale);
+        }
       } else if (r >= 0) {
         Elem* out = k_out + static_cast<size_t>(r) * KD + (c - QD);
         StCache1(out, y1);
@@ -1902,11 +1910,12 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
 
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
              const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16,
-             uint16_t* v_bf16) {
+             uint16_t* v_bf16, uint16_t* q_bf16, uint16_t* q_bf16_scaled) {
   if (N <= 0) return;
   QkvRopeKernel<float, false><<<N, QkvThreads(Hq, Hkv, D), 0, s>>>(
       q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D,
-      reinterpret_cast<__nv_bfloat16*>(k_bf16), reinterpret_cast<__nv_bfloat16*>(v_bf16));
+      reinterpret_cast<__nv_bfloat16*>(k_bf16), reinterpret_cast<__nv_bfloat16*>(v_bf16),
+      reinterpret_cast<__nv_bfloat16*>(q_bf16), reinterpret_cast<__nv_bfloat16*>(q_bf16_scaled), AttentionQScale(D));
   CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
 }
 

@@ -52,6 +52,9 @@ void AllowSmem(Kernel kernel, size_t bytes) {
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
+// The factor the training forward's q is scaled by before its bf16 rounding (scale * log2 e): every
+// launcher and QkvRope's pre-scaled copy take it from here, so they round the same products.
+inline float AttentionQScale(int D) { return kLog2e / std::sqrt(static_cast<float>(D)); }
 constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float4 Ldg4(const float* __restrict__ p) { return __ldg(reinterpret_cast<const float4*>(p)); }
@@ -300,15 +303,32 @@ __device__ __forceinline__ int FindSeq(const int32_t* __restrict__ cu, int S, in
 
 // The training forward's prologue for the block of rows r0 .. r0 + rows - 1 (rows <= blockDim.x):
 // thread tid < rows writes its row's sequence start into row_ss[tid] (INT_MAX past N), and the
-// warp loads the Q fragments of its rows rowA, rowB (scaled by qscale, bf16). The caller's barrier
+// warp loads the Q fragments of its rows rowA, rowB (scaled by qscale, bf16), from q16s when it is
+// not null: q already scaled and rounded (QkvRope's copy, the same bits). The caller's barrier
 // publishes row_ss.
 template <int D>
 __device__ __forceinline__ void ForwardPrologue(int* row_ss, uint32_t (&qa)[D / 16][4], const float* __restrict__ q,
                                                 const int32_t* __restrict__ cu, int S, int N, int Hq, int h, int r0,
-                                                int rows, int tid, int rowA, int rowB, int t, float qscale) {
+                                                int rows, int tid, int rowA, int rowB, int t, float qscale,
+                                                const uint16_t* __restrict__ q16s = nullptr) {
   if (tid < rows) {
     const int r = r0 + tid;
     row_ss[tid] = r < N ? __ldg(cu + FindSeq(cu, S, r)) : INT_MAX;
+  }
+  if (q16s) {
+    auto ld = [&](int row, int c) {
+      return row < N ? __ldg(reinterpret_cast<const unsigned*>(q16s + (static_cast<size_t>(row) * Hq + h) * D + c))
+                     : 0u;
+    };
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 16 + 2 * t;
+      qa[kk][0] = ld(rowA, c);
+      qa[kk][1] = ld(rowB, c);
+      qa[kk][2] = ld(rowA, c + 8);
+      qa[kk][3] = ld(rowB, c + 8);
+    }
+    return;
   }
   LoadAFragsF32<D / 16>(qa, rowA < N ? q + (static_cast<size_t>(rowA) * Hq + h) * D : nullptr,
                         rowB < N ? q + (static_cast<size_t>(rowB) * Hq + h) * D : nullptr, t, qscale);

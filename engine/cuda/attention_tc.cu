@@ -555,7 +555,7 @@ void LaunchForwardTc(float* out, uint16_t* out16, float* lse, const float* q, co
   const size_t smem = FwdTcSmemBytes<D, Kv>();
   AllowSmem(AttnFwdTcKernel<D, Kv>, smem);
   const dim3 grid(Hq, GridRows(N, kFwdRows));
-  const float qscale = kLog2e / std::sqrt(static_cast<float>(D));
+  const float qscale = AttentionQScale(D);
   AttnFwdTcKernel<D, Kv><<<grid, kThreads, smem, s>>>(out, out16, lse, q, k, v, cu, S, N, Hq, Hkv, qscale);
   CheckCuda(cudaGetLastError(), "AttnFwdTcKernel launch");
 }
@@ -594,14 +594,15 @@ bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, 
 
 void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                               const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
-                              uint16_t* out_bf16) {
+                              uint16_t* out_bf16, const uint16_t* q_scaled16) {
   if (D != 64 && D != 128) Fail("AttentionForwardTCBf16Kv: head width must be 64 or 128; D", D);
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionForwardTCBf16Kv: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
   if (AttentionForwardWgmmaSupported(D)) {
-    return AttentionForwardWgmma(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s, out_bf16);
+    return AttentionForwardWgmma(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s, out_bf16, q_scaled16);
   }
+  if (q_scaled16) Fail("AttentionForwardTCBf16Kv: a pre-scaled bf16 q needs the wgmma forward; D", D);
   if (D == 64) LaunchForwardTc<64, uint16_t>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s);
   else LaunchForwardTc<128, uint16_t>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s);
 }

@@ -75,8 +75,9 @@ __device__ __forceinline__ void CopiesLanded() {
 
 __global__ void __launch_bounds__(kWgThreads, 2)
     AttnFwdWgmmaKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ lse,
-                       const float* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
-                       const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float qscale) {
+                       const float* __restrict__ q, const uint16_t* __restrict__ q16s, const uint16_t* __restrict__ k,
+                       const uint16_t* __restrict__ v, const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv,
+                       float qscale) {
 #ifdef AHA_WGMMA
   constexpr int KK = kWgD / 16, DN = kWgD / 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kWgThreads, 2)
   const int wr0 = r0 + warp * 16;
   const int rowA = wr0 + g, rowB = rowA + 8;
   uint32_t qa[KK][4];
-  ForwardPrologue<kWgD>(row_ss, qa, q, cu, S, N, Hq, h, r0, kWgRows, tid, rowA, rowB, t, qscale);
+  ForwardPrologue<kWgD>(row_ss, qa, q, cu, S, N, Hq, h, r0, kWgRows, tid, rowA, rowB, t, qscale, q16s);
   __syncthreads();  // row_ss
 
   // The warpgroup's rows r0 + 64 wg .. + 63: the smallest start among them (INT_MAX: none) and the last.
@@ -272,27 +273,28 @@ constexpr int kWbSmem = 7 * kWbTile + 2 * kWbDqBox + 2 * 3 * kWbRows * 4 + 16 + 
 
 // The backward's pre-pass: per (row, head), 16 threads of 4 columns: delta = scale * (dout . out)
 // (out from its bf16 copy out16 when that is given: the attention output kept in bf16 only; dout
-// likewise from dout16_in, which the kernel then reads as it is), bf16 copies of q and dout, dq zeroed (the kernel adds into it), and row_start[r] = the first row
+// likewise from dout16_in, which the kernel then reads as it is), bf16 copies of q (unless q16_in,
+// q's kept copy, is given: the kernel reads that) and dout, dq zeroed (the kernel adds into it), and row_start[r] = the first row
 // of row r's sequence (head 0).
 __global__ void __launch_bounds__(256)
     WgBwdPrepassKernel(float* __restrict__ delta, int* __restrict__ row_start, uint16_t* __restrict__ q16,
                        uint16_t* __restrict__ dout16, float* __restrict__ dq, const float* __restrict__ q,
-                       const float* __restrict__ dout, const uint16_t* __restrict__ dout16_in,
-                       const float* __restrict__ out, const uint16_t* __restrict__ out16,
-                       const int32_t* __restrict__ cu, int S, int N, int Hq, float scale) {
+                       const uint16_t* __restrict__ q16_in, const float* __restrict__ dout,
+                       const uint16_t* __restrict__ dout16_in, const float* __restrict__ out,
+                       const uint16_t* __restrict__ out16, const int32_t* __restrict__ cu, int S, int N, int Hq,
+                       float scale) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // float4 index
   const long long rh = i >> 4;                                                          // row * Hq + head
   const bool in = rh < static_cast<long long>(N) * Hq;
   float dot = 0.0f;
   if (in) {
     const size_t at = static_cast<size_t>(i) * 4;
-    const float4 q4 = Ldg4(q + at);
     const float4 d4 =
         dout16_in ? UnpackBf16x4(__ldg(reinterpret_cast<const uint2*>(dout16_in + at))) : Ldg4(dout + at);
     const float4 o4 = out16 ? UnpackBf16x4(__ldg(reinterpret_cast<const uint2*>(out16 + at))) : Ldg4(out + at);
     dot = d4.x * o4.x + d4.y * o4.y + d4.z * o4.z + d4.w * o4.w;
     if (!dout16_in) *reinterpret_cast<uint2*>(dout16 + at) = PackBf16x4(d4);
-    *reinterpret_cast<uint2*>(q16 + at) = PackBf16x4(q4);
+    if (!q16_in) *reinterpret_cast<uint2*>(q16 + at) = PackBf16x4(Ldg4(q + at));
     *reinterpret_cast<float4*>(dq + at) = Zero4();
   }
 #pragma unroll
@@ -557,23 +559,24 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D) {
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                             int Hq, int Hkv, void* workspace, cudaStream_t s, const uint16_t* out16,
-                            const uint16_t* dout16_in) {
+                            const uint16_t* dout16_in, const uint16_t* q16_in) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionBackwardWgmma: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
   float* delta = BackwardDelta(workspace);
   int* row_start = BackwardRowStart(workspace, N, Hq);
   const size_t n = static_cast<size_t>(N) * Hq * kWgD;
-  auto* q16 = reinterpret_cast<uint16_t*>(static_cast<char*>(workspace) + AttentionBackwardWorkspace(N, Hq));
-  auto* dout16_ws = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(q16) + Align256(n * sizeof(uint16_t)));
+  auto* q16_ws = reinterpret_cast<uint16_t*>(static_cast<char*>(workspace) + AttentionBackwardWorkspace(N, Hq));
+  const uint16_t* q16 = q16_in ? q16_in : q16_ws;
+  auto* dout16_ws = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(q16_ws) + Align256(n * sizeof(uint16_t)));
   const uint16_t* dout16 = dout16_in ? dout16_in : dout16_ws;
   const float scale = 1.0f / std::sqrt(static_cast<float>(kWgD));  // 1/8: a power of two (the kernel relies on it)
   CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dk)");
   CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dv)");
   const long long threads = static_cast<long long>(n) / 4;
-  WgBwdPrepassKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, s>>>(delta, row_start, q16, dout16_ws, dq,
-                                                                                  q, dout, dout16_in, out, out16,
-                                                                                  cu_seqlens, S, N, Hq, scale);
+  WgBwdPrepassKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, s>>>(delta, row_start, q16_ws, dout16_ws,
+                                                                                  dq, q, q16_in, dout, dout16_in, out,
+                                                                                  out16, cu_seqlens, S, N, Hq, scale);
   CheckCuda(cudaGetLastError(), "WgBwdPrepassKernel launch");
   const dim3 grid(Hq, GridRows(N, kWbRows));
   AllowSmem(AttnBwdWgmmaKernel, kWbSmem);
@@ -586,14 +589,13 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
 
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, cudaStream_t s,
-                           uint16_t* out_bf16) {
+                           uint16_t* out_bf16, const uint16_t* q_scaled16) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionForwardWgmma: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
   const dim3 grid(Hq, GridRows(N, kWgRows));
-  const float qscale = kLog2e / std::sqrt(static_cast<float>(kWgD));
-  AttnFwdWgmmaKernel<<<grid, kWgThreads, kWgSmem, s>>>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv,
-                                                       qscale);
+  AttnFwdWgmmaKernel<<<grid, kWgThreads, kWgSmem, s>>>(out, out_bf16, lse, q, q_scaled16, k16, v16, cu_seqlens, S, N,
+                                                       Hq, Hkv, AttentionQScale(kWgD));
   CheckCuda(cudaGetLastError(), "AttnFwdWgmmaKernel launch");
 }
 

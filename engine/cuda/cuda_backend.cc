@@ -588,7 +588,7 @@ void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const
   Check("attention");
   if (wrote) AdoptCastCopy(out, n, copy);
 }
-// A kept out or dout (the o product's dx) is read from its bf16 copy: by the wgmma backward
+// A kept out, dout (the o product's dx) or q is read from its bf16 copy: by the wgmma backward
 // directly, else widened into f32 scratch after the workspace.
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                                     const float* lse, const float* q, const float* k, const float* v,
@@ -597,25 +597,28 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
   const uint16_t* out16 = KeptCopy(out, n);
   const uint16_t* dout16 = KeptCopy(dout, n);
   const bool tc = UseTcAttention();
-  if ((out16 || dout16) && tc && cuda::AttentionBackwardWgmmaSupported(D)) {
+  // q's f32 values exist whenever the f32 attention ran (QkvRope writes both); with the tensor-core
+  // one they may not (QkvRopeAttention above), and its products round q to bf16 anyway.
+  const uint16_t* q16 = tc ? KeptCopy(q, n) : nullptr;
+  if ((out16 || dout16 || q16) && tc && cuda::AttentionBackwardWgmmaSupported(D)) {
     void* ws = Workspace(cuda::AttentionBackwardTCWorkspace(N, Hq, D));
-    cuda::AttentionBackwardWgmma(dq, dk, dv, dout16 ? nullptr : dout, out16 ? nullptr : out, lse, q, k, v, cu_seqlens,
-                                 S, N, Hq, Hkv, ws, stream_, out16, dout16);
+    cuda::AttentionBackwardWgmma(dq, dk, dv, dout16 ? nullptr : dout, out16 ? nullptr : out, lse, q16 ? nullptr : q, k,
+                                 v, cu_seqlens, S, N, Hq, Hkv, ws, stream_, out16, dout16, q16);
     return Check("attention backward");
   }
   const size_t ws_bytes =
       ((tc ? cuda::AttentionBackwardTCWorkspace(N, Hq, D) : AttentionBackwardWorkspace(N, Hq)) + 255) / 256 * 256;
-  void* ws = Workspace(ws_bytes + ((out16 ? n : 0) + (dout16 ? n : 0)) * sizeof(float));
+  void* ws = Workspace(ws_bytes + ((out16 ? n : 0) + (dout16 ? n : 0) + (q16 ? n : 0)) * sizeof(float));
   float* wide = reinterpret_cast<float*>(static_cast<char*>(ws) + ws_bytes);
-  if (out16) {
-    cuda::CastBF16ToF32(wide, out16, n, stream_);
-    out = wide;
+  auto widen = [&](const uint16_t* from, const float*& to) {
+    if (!from) return;
+    cuda::CastBF16ToF32(wide, from, n, stream_);
+    to = wide;
     wide += n;
-  }
-  if (dout16) {
-    cuda::CastBF16ToF32(wide, dout16, n, stream_);
-    dout = wide;
-  }
+  };
+  widen(out16, out);
+  widen(dout16, dout);
+  widen(q16, q);
   if (tc) cuda::AttentionBackwardTC(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
   else cuda::AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_);
   Check("attention backward");
@@ -644,10 +647,17 @@ static bool FusedQkv(int D) {
   }();
   return on && D % 2 == 0;
 }
+// A kept q (the training attention's, KeepAsBf16) gets its bf16 copy beside the f32 values here.
 void CudaBackend::QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
                           const float* inv_freq, int N, int Hq, int Hkv, int D) {
-  if (!FusedQkv(D)) return Backend::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D);
-  cuda::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_);
+  const size_t qn = static_cast<size_t>(N) * Hq * D;
+  uint16_t* q_kept = KeptCopy(q, qn);
+  if (!FusedQkv(D)) {
+    Backend::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D);
+    if (q_kept) cuda::CastF32ToBF16(q_kept, q, qn, stream_);
+    return Check("q/k/v + rope");
+  }
+  cuda::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, nullptr, nullptr, q_kept);
   Check("q/k/v + rope");
 }
 // k and v in bf16 for the tensor-core attention, in the workspace (only this op reads them), unless
@@ -662,20 +672,25 @@ void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, f
   if (!kv16_on || !FusedQkv(D) || !UseTcAttention() || (D != 64 && D != 128) || N <= 0)
     return Backend::QkvRopeAttention(out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv,
                                      D);
-  const size_t kn = static_cast<size_t>(N) * Hkv * D;
-  auto* k16 = static_cast<uint16_t*>(Workspace(2 * kn * sizeof(uint16_t)));
+  // A kept q (read again only by the backward, from its bf16 copy) is written as that copy and, for
+  // the wgmma forward, as the forward's own operand (q scaled and rounded, in the workspace): no f32.
+  const size_t kn = static_cast<size_t>(N) * Hkv * D, n = static_cast<size_t>(N) * Hq * D;
+  uint16_t* q_kept = KeptCopy(q, n);
+  const bool q16_only = q_kept && cuda::AttentionForwardWgmmaSupported(D);
+  auto* k16 = static_cast<uint16_t*>(Workspace((2 * kn + (q16_only ? n : 0)) * sizeof(uint16_t)));
   uint16_t* v16 = k16 + kn;
-  cuda::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, k16, v16);
+  uint16_t* q16s = q16_only ? v16 + kn : nullptr;
+  cuda::QkvRope(q16_only ? nullptr : q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, k16, v16, q_kept,
+                q16s);
   Check("q/k/v + rope");
   // The output feeds the o product: the kernel writes its bf16 copy too (as AttentionForward), or
   // only that when the output is kept in bf16.
-  const size_t n = static_cast<size_t>(N) * Hq * D;
   if (uint16_t* kept = KeptCopy(out, n)) {
-    cuda::AttentionForwardTCBf16Kv(nullptr, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, stream_, kept);
+    cuda::AttentionForwardTCBf16Kv(nullptr, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, stream_, kept, q16s);
     return Check("attention");
   }
   uint16_t* copy = CastCopy(n);
-  cuda::AttentionForwardTCBf16Kv(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, stream_, copy);
+  cuda::AttentionForwardTCBf16Kv(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, stream_, copy, q16s);
   Check("attention");
   AdoptCastCopy(out, n, copy);
 }

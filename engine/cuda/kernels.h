@@ -110,9 +110,11 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
 // arithmetic, so bit for bit the unfused ops. dqkv_bf16, when not null, gets dqkv rounded to bf16
 // (Gemm::AdoptCast); k_bf16 / v_bf16, when not null, get k and v rounded to bf16 too (the training
 // attention's operands: AttentionForwardTCBf16Kv). D even.
+// q_bf16 gets q rounded to bf16 and q_bf16_scaled q times AttentionQScale(D) rounded (the training
+// forward's operand, the same bits as its own rounding) when not null; q may then be null.
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
              const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16 = nullptr,
-             uint16_t* v_bf16 = nullptr);
+             uint16_t* v_bf16 = nullptr, uint16_t* q_bf16 = nullptr, uint16_t* q_bf16_scaled = nullptr);
 void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float* dk, const float* dv,
                  const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
 // Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecodeTC when
@@ -167,10 +169,11 @@ bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, 
 // into shared memory as they are. D in {64, 128} only. Since AttentionForwardTC rounds f32 tiles to
 // bf16 on the way in, the result equals AttentionForwardTC's on the f32 values bit for bit. When
 // AttentionForwardWgmmaSupported(D) the call goes to AttentionForwardWgmma (the same roundings; on
-// the H200 the same bits).
+// the H200 the same bits). q_scaled16 (wgmma only): q already scaled and rounded, as QkvRope's
+// q_bf16_scaled; q is then not read.
 void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                               const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
-                              uint16_t* out_bf16 = nullptr);
+                              uint16_t* out_bf16 = nullptr, const uint16_t* q_scaled16 = nullptr);
 // The same forward on warpgroup tensor-core instructions (attention_wgmma.cu, sm_90a; D = 64; out_bf16
 // as above). Supported when this build has sm_90a code, the device has compute capability 9 and
 // AHA_ATTENTION_WGMMA is not 0 (the A/B switch).
@@ -181,7 +184,7 @@ void AttentionWgmmaProbe(float* s_out, float* o_out, const float* q, const uint1
                          const uint16_t* p, int late, cudaStream_t s);
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, cudaStream_t s,
-                           uint16_t* out_bf16 = nullptr);
+                           uint16_t* out_bf16 = nullptr, const uint16_t* q_scaled16 = nullptr);
 // The backward: workspace of at least AttentionBackwardTCWorkspace(N, Hq, D) bytes (AttentionBackward's
 // and bf16 copies of q and dout). At D = 64 with AttentionBackwardWgmmaSupported(D) (and wgmma true)
 // the call goes to AttentionBackwardWgmma: the same roundings, sums in another order.
@@ -192,12 +195,13 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
 // The backward on wgmma (attention_wgmma.cu, sm_90a, D = 64): as AttentionBackwardTC (overwrites dq,
 // dk, dv). Supported when the forward is and AHA_ATTENTION_WGMMA_BWD is not 0. With out16 (the
 // forward's output in bf16, [N, Hq, 64]) out is not read: delta = dout . out16 widened; with
-// dout16 (dout in bf16) dout is not read: delta takes it widened, the products read it as it is.
+// dout16 (dout in bf16) dout is not read: delta takes it widened, the products read it as it is;
+// with q16 (q rounded to bf16, unscaled) q is not read.
 bool AttentionBackwardWgmmaSupported(int D);
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                             int Hq, int Hkv, void* workspace, cudaStream_t s, const uint16_t* out16 = nullptr,
-                            const uint16_t* dout16 = nullptr);
+                            const uint16_t* dout16 = nullptr, const uint16_t* q16 = nullptr);
 
 // ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------
 // See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of LmHeadChunk() columns; logits of

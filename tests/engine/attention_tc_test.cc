@@ -579,6 +579,64 @@ TEST(AttentionTc, Bf16OnlyOutputAndGradient) {
   ExpectNmse("bwd dv from bf16 out, dout vs widened", shape, dv_b.Download(), dv_a.Download(), 1e-12);
 }
 
+// q kept in bf16 only: QkvRope's two bf16 copies of the rotated q (q_bf16 unscaled, for the
+// backward; q_bf16_scaled, the wgmma forward's own operand) are its f32 q rounded, and the wgmma
+// forward and backward fed them equal the same ops fed the f32 q (the forward bit for bit, the
+// backward but for dk's and dv's atomics order).
+TEST(AttentionTc, QkvRopeBf16QFeedsForwardAndBackward) {
+  REQUIRE_GPU();
+  if (!cuda::AttentionBackwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma kernels need an sm_90 device";
+  const AttnCase c{14, 2, 64, {1, 17, 64, 100, 300, 2, 1, 129}};
+  std::vector<int32_t> cu{0}, pos;
+  for (int l : c.lens) {
+    for (int p = 0; p < l; ++p) pos.push_back(p);
+    cu.push_back(cu.back() + l);
+  }
+  const int S = static_cast<int>(c.lens.size()), N = cu.back(), W = (c.Hq + 2 * c.Hkv) * c.D;
+  const size_t nq = size_t(N) * c.Hq * c.D, nk = size_t(N) * c.Hkv * c.D;
+  std::vector<float> inv_freq(c.D / 2);
+  for (int j = 0; j < c.D / 2; ++j) inv_freq[j] = std::pow(1e6f, -2.0f * j / c.D);
+  DevBuf<float> qkv(Randn(size_t(N) * W)), bias(Randn(W)), d_inv(inv_freq), q(nq), k(nk), v(nk), dout(Randn(nq));
+  DevBuf<int32_t> d_pos(pos), d_cu(cu);
+  DevBuf<uint16_t> k16(nk), v16(nk), q16(nq), q16s(nq), k16b(nk), v16b(nk);
+  cuda::QkvRope(q.get(), k.get(), v.get(), qkv.get(), bias.get(), d_pos.get(), d_inv.get(), N, c.Hq, c.Hkv, c.D, nullptr,
+                k16.get(), v16.get());
+  cuda::QkvRope(nullptr, k.get(), v.get(), qkv.get(), bias.get(), d_pos.get(), d_inv.get(), N, c.Hq, c.Hkv, c.D,
+                nullptr, k16b.get(), v16b.get(), q16.get(), q16s.get());
+  Ck(cudaDeviceSynchronize(), "q/k/v + rope");
+  {
+    const auto qf = q.Download();
+    const auto a = q16.Download();
+    std::vector<uint16_t> want(nq);
+    F32ToBF16(qf.data(), want.data(), nq);
+    EXPECT_EQ(0, std::memcmp(a.data(), want.data(), nq * sizeof(uint16_t))) << "q_bf16 is not q rounded";
+    const auto kb = k16.Download(), kb2 = k16b.Download();
+    EXPECT_EQ(0, std::memcmp(kb.data(), kb2.data(), nk * sizeof(uint16_t))) << "k16 changed with the q copies";
+  }
+  DevBuf<float> out(nq), lse(size_t(N) * c.Hq), out2(nq), lse2(size_t(N) * c.Hq);
+  out2.Poison();
+  cuda::AttentionForwardTCBf16Kv(out.get(), lse.get(), q.get(), k16.get(), v16.get(), d_cu.get(), S, N, c.Hq, c.Hkv,
+                                 c.D, nullptr);
+  cuda::AttentionForwardTCBf16Kv(out2.get(), lse2.get(), nullptr, k16.get(), v16.get(), d_cu.get(), S, N, c.Hq, c.Hkv,
+                                 c.D, nullptr, nullptr, q16s.get());
+  Ck(cudaDeviceSynchronize(), "forward");
+  const auto o1 = out.Download(), o2 = out2.Download(), l1 = lse.Download(), l2 = lse2.Download();
+  EXPECT_EQ(0, std::memcmp(o1.data(), o2.data(), nq * sizeof(float))) << "forward from the pre-scaled bf16 q";
+  EXPECT_EQ(0, std::memcmp(l1.data(), l2.data(), l1.size() * sizeof(float))) << "lse from the pre-scaled bf16 q";
+  DevBuf<float> dq_a(nq), dk_a(nk), dv_a(nk), dq_b(nq), dk_b(nk), dv_b(nk);
+  DevBuf<char> ws(cuda::AttentionBackwardTCWorkspace(N, c.Hq, c.D));
+  for (auto* x : {&dq_a, &dk_a, &dv_a, &dq_b, &dk_b, &dv_b}) x->Poison();
+  cuda::AttentionBackwardWgmma(dq_a.get(), dk_a.get(), dv_a.get(), dout.get(), out.get(), lse.get(), q.get(), k.get(),
+                               v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr);
+  cuda::AttentionBackwardWgmma(dq_b.get(), dk_b.get(), dv_b.get(), dout.get(), out.get(), lse.get(), nullptr, k.get(),
+                               v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr, nullptr, nullptr, q16.get());
+  Ck(cudaDeviceSynchronize(), "backward");
+  const std::string shape = ShapeOf(c, N);
+  ExpectNmse("bwd dq from q_bf16 vs f32 q", shape, dq_b.Download(), dq_a.Download(), 1e-12);
+  ExpectNmse("bwd dk from q_bf16 vs f32 q", shape, dk_b.Download(), dk_a.Download(), 1e-12);
+  ExpectNmse("bwd dv from q_bf16 vs f32 q", shape, dv_b.Download(), dv_a.Download(), 1e-12);
+}
+
 // The wgmma forward's two products alone (AttentionWgmmaProbe), against exact f64 sums of the same
 // bf16 operands: S_j = Q K_j^T and O_j = P V_j for the key tiles j = 0, 1 (shared-memory buffers 0
 // and 1), with tile 1 copied before (late 0) or while (late 1) tile 0's products run. Prints, per
