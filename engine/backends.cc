@@ -59,4 +59,12 @@ std::string DescribeBackend(Backend* backend) {
   return backend->device().ToString();
 }
 
+double DeviceMemoryGiB(Backend* backend) {
+#ifdef AHA_HAVE_CUDA
+  if (auto* c = dynamic_cast<cuda::CudaBackend*>(backend)) return static_cast<double>(c->MemoryInUse()) / (1 << 30);
+#endif
+  (void)backend;
+  return -1.0;
+}
+
 }  // namespace aha::engine

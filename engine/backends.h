@@ -19,5 +19,7 @@ Status CheckDevice(const std::string& device);
 bool BuiltWithCuda();
 // A one-line description of the device behind `backend` ("cpu", "NVIDIA H200, 132 SMs, ...").
 std::string DescribeBackend(Backend* backend);
+// GiB of the device's memory in use (every process's, as nvidia-smi counts it); -1 on the CPU.
+double DeviceMemoryGiB(Backend* backend);
 
 }  // namespace aha::engine

@@ -227,12 +227,14 @@ int RunTrain(int argc, char** argv) {
             << ": median step " << median << " s (forward " << last.forward_s << ", backward " << last.backward_s
             << ", reduce wait " << last.reduce_s << ", optimizer " << last.optimizer_s << "), " << tokens / median
             << " tokens/s, " << flops / median / 1e12 << " TFLOP/s, MFU " << 100 * mfu << "% of " << replicas
-            << " x " << peak_tflops << "\n";
+            << " x " << peak_tflops << "; device memory in use " << engine::DeviceMemoryGiB((*backends)[0].get())
+            << " GiB\n";
   nlohmann::json j = {{"bench", "train"},         {"device", engine::DescribeBackend((*backends)[0].get())},
                       {"devices", replicas},      {"sequences", sequences},
                       {"seq_len", seq_len},       {"seconds", median},
                       {"tokens_per_s", tokens / median}, {"tflops", flops / median / 1e12},
                       {"mfu", mfu},               {"forward_s", last.forward_s},
+                      {"device_memory_gib", engine::DeviceMemoryGiB((*backends)[0].get())},
                       {"backward_s", last.backward_s}, {"reduce_s", last.reduce_s},
                       {"optimizer_s", last.optimizer_s}};
   std::cout << j.dump() << "\n";

@@ -85,8 +85,11 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(const TrainerOptions& o
     rep->backend = backends[static_cast<size_t>(r)];
     ASSIGN_OR_RETURN(rep->model, engine::Transformer::Load(options.model_dir, rep->backend));
     if (g.beta > 0) {
-      // The frozen reference: a second copy, refreshed every ref_reset_every steps.
+      // The frozen reference: a second copy, refreshed every ref_reset_every steps. It only runs
+      // forwards, so one layer's activation buffers serve all layers (the recompute layout; the
+      // same ops, the same results) instead of every layer's, which only a backward reads.
       ASSIGN_OR_RETURN(rep->reference, engine::Transformer::Load(options.model_dir, rep->backend));
+      rep->reference->set_recompute(true);
     }
     rep->optimizer = std::make_unique<engine::AdamW>(rep->model.get(), adam);
     rep->model->ZeroGrad();  // allocates the gradient buffer the reducer binds to

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -399,6 +399,36 @@ if [[ " $what " == *" s18e "* ]]; then
   timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_s18e.log" 2>&1
   echo "gen: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
     "$out/gen_s18e.log" | tr '\n' ' ')"
+fi
+if [[ " $what " == *" s18f "* ]]; then
+  # Session 18, the closing call on main: the frozen reference model's forward in one layer's
+  # activation buffers (dist/) against every layer's (dist-old/, carried beside it), step time and
+  # peak device memory (nvidia-smi sampled every 100 ms), interleaved; then the side-by-side figures:
+  # generation and HF generate, the torch.compile step.
+  for rep in 1 2; do
+    for v in old new; do
+      f="$out/train_s18f_${v}_$rep.log"
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/mem_${v}_$rep.txt" &
+      smi=$!
+      if [ $v = old ]; then
+        LD_LIBRARY_PATH=$PWD/dist-old/lib timeout 120 dist-old/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      else
+        timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
+      fi
+      kill $smi; wait $smi 2> /dev/null
+      peak=$(sort -n "$out/mem_${v}_$rep.txt" | tail -1)
+      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%|in use [0-9.]+ GiB' "$f" | tr '\n' ' ') peak ${peak} MiB"
+    done
+  done
+  for rep in 1 2; do
+    timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_s18f_$rep.log" 2>&1
+    echo "gen $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
+      "$out/gen_s18f_$rep.log" | tr '\n' ' ')"
+  done
+  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  tail -n 1 "$out/gen_peer.log"
+  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  tail -n 1 "$out/train_peer_compile.log"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -187,6 +187,13 @@ std::string CudaBackend::Describe() const {
   return buf;
 }
 
+size_t CudaBackend::MemoryInUse() const {
+  CheckCuda(cudaSetDevice(index_), "set device");
+  size_t free_bytes = 0, total = 0;
+  CheckCuda(cudaMemGetInfo(&free_bytes, &total), "get memory info");
+  return total - free_bytes;
+}
+
 void* CudaBackend::Workspace(size_t bytes) {
   if (bytes > workspace_bytes_) {
     // The old buffer may still be read by queued launches: let them finish first.

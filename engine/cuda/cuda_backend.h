@@ -37,6 +37,8 @@ class CudaBackend final : public Backend {
   Gemm& gemm() { return *gemm_; }
   // "NVIDIA H200, 132 SMs, 139.8 GiB, driver 13.0"
   std::string Describe() const;
+  // Bytes of the device's memory in use by every process (cudaMemGetInfo: total - free).
+  size_t MemoryInUse() const;
 
   void Copy(void* dst, const void* src, size_t bytes) override;
   // Uploads of up to kStageBytes go through page-locked staging (copied there, then an async DMA), so
