@@ -325,41 +325,57 @@ if [[ " $what " == *" s18c "* ]]; then
     done
   fi
 fi
-if [[ " $what " == *" s18d "* ]]; then
-  # Session 18, last call: the attention output's gradient kept in bf16 too (dist/) against the
-  # build with the output alone kept (dist-old/, carried beside it): tests (the conformance models
-  # also with the mma.sync backward, AHA_ATTENTION_WGMMA_BWD=0, which widens the kept copies), the
-  # learner step interleaved, the per-op profile; then the side-by-side figures: generation and HF
-  # generate, the learner step and the torch.compile step.
-  timeout 300 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' --gtest_color=no \
-    > "$out/attention_tc_s18d.log" 2>&1
-  echo "attention tc: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attention_tc_s18d.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|from bf16" "$out/attention_tc_s18d.log" | head -10
-  for v in default AHA_ATTENTION_WGMMA_BWD=0; do
-    f="$out/conformance_s18d_${v%%=*}.log"
-    env ${v/default/AHA_NONE=1} timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
-      --gtest_filter='CudaModel.*:CudaOps.*Attention*' > "$f" 2>&1
-    echo "conformance $v: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
-    grep -E "Failure|Expected|bf16: worst" "$f" | head -8
-  done
-  for rep in 1 2 3; do
+# Session 18's A/B helpers: this build (dist/) against the one before it (dist-old/, carried beside it).
+aha_of() {  # the aha command line of build old|new
+  if [ "$1" = old ]; then echo "env LD_LIBRARY_PATH=$PWD/dist-old/lib dist-old/bin/aha"; else echo dist/bin/aha; fi
+}
+train_ab() {  # train_ab TAG REPS: each build's learner step, interleaved, with its peak device memory
+  for rep in $(seq "$2"); do
     for v in old new; do
-      f="$out/train_s18d_${v}_$rep.log"
-      if [ $v = old ]; then
-        LD_LIBRARY_PATH=$PWD/dist-old/lib timeout 120 dist-old/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
-      else
-        timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
-      fi
-      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$f" | tr '\n' ' ')"
+      local f="$out/train_$1_${v}_$rep.log" mem="$out/mem_$1_${v}_$rep.txt"
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" &
+      local smi=$!
+      timeout 120 $(aha_of $v) bench train --steps 5 --model $model > "$f" 2>&1
+      kill $smi; wait $smi 2> /dev/null
+      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' "$f" | tr '\n' ' ')" \
+        "peak $(sort -n "$mem" | tail -1) MiB"
     done
   done
+}
+attention_tests() {  # attention_tests TAG FILTER VARIANT...: the attention test, then the conformance test's
+  # cases matching FILTER once per variant (default, or NAME=VALUE)
+  local tag=$1 filter=$2
+  shift 2
+  timeout 300 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' --gtest_color=no \
+    > "$out/attention_tc_$tag.log" 2>&1
+  echo "attention tc: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attention_tc_$tag.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|bwd from" "$out/attention_tc_$tag.log" | head -10
+  for v in "$@"; do
+    local f="$out/conformance_${tag}_${v%%=*}.log"
+    env ${v/default/AHA_NONE=1} timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+      --gtest_filter="$filter" > "$f" 2>&1
+    echo "conformance $v: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+    grep -E "Failure|Expected|bf16: worst|actor vs" "$f" | head -8
+  done
+}
+gen_runs() {  # gen_runs TAG REPS: aha bench gen
+  for rep in $(seq "$2"); do
+    timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_$1_$rep.log" 2>&1
+    echo "gen $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
+      "$out/gen_$1_$rep.log" | tr '\n' ' ')"
+  done
+}
+if [[ " $what " == *" s18d "* ]]; then
+  # Session 18: the attention output's gradient kept in bf16 too (dist/) against the build with the
+  # output alone kept (dist-old/): tests (the conformance models also with the mma.sync backward,
+  # AHA_ATTENTION_WGMMA_BWD=0, which widens the kept copies), the learner step interleaved, the
+  # per-op profile; then the side-by-side figures: generation and HF generate, the learner step and
+  # the torch.compile step.
+  attention_tests s18d 'CudaModel.*:CudaOps.*Attention*' default AHA_ATTENTION_WGMMA_BWD=0
+  train_ab s18d 3
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   grep -vE '^\{' "$out/profile_train.txt" | head -16
-  for rep in 1 2; do
-    timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_s18d_$rep.log" 2>&1
-    echo "gen $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
-      "$out/gen_s18d_$rep.log" | tr '\n' ' ')"
-  done
+  gen_runs s18d 2
   timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
   timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s18d_final.log" 2>&1
@@ -372,59 +388,20 @@ if [[ " $what " == *" s18e "* ]]; then
   # forward's pre-scaled operand, no f32 q) against the build before (dist-old/): tests, with the
   # mma.sync backward (AHA_ATTENTION_WGMMA_BWD=0) and the mma.sync forward (AHA_ATTENTION_WGMMA=0)
   # too, the learner step interleaved, the per-op profile.
-  timeout 300 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' --gtest_color=no \
-    > "$out/attention_tc_s18e.log" 2>&1
-  echo "attention tc: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attention_tc_s18e.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|q_bf16" "$out/attention_tc_s18e.log" | head -10
-  for v in default AHA_ATTENTION_WGMMA_BWD=0 AHA_ATTENTION_WGMMA=0; do
-    f="$out/conformance_s18e_${v%%=*}.log"
-    env ${v/default/AHA_NONE=1} timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
-      --gtest_filter='CudaModel.*:CudaOps.*Attention*:CudaOps.*Qkv*' > "$f" 2>&1
-    echo "conformance $v: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
-    grep -E "Failure|Expected|bf16: worst|actor vs" "$f" | head -8
-  done
-  for rep in 1 2 3; do
-    for v in old new; do
-      f="$out/train_s18e_${v}_$rep.log"
-      if [ $v = old ]; then
-        LD_LIBRARY_PATH=$PWD/dist-old/lib timeout 120 dist-old/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
-      else
-        timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
-      fi
-      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$f" | tr '\n' ' ')"
-    done
-  done
+  attention_tests s18e 'CudaModel.*:CudaOps.*Attention*:CudaOps.*Qkv*' default AHA_ATTENTION_WGMMA_BWD=0 \
+    AHA_ATTENTION_WGMMA=0
+  train_ab s18e 3
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   grep -vE '^\{' "$out/profile_train.txt" | grep -E "attention|q/k/v" | head -6
-  timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_s18e.log" 2>&1
-  echo "gen: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
-    "$out/gen_s18e.log" | tr '\n' ' ')"
+  gen_runs s18e 1
 fi
 if [[ " $what " == *" s18f "* ]]; then
   # Session 18, the closing call on main: the frozen reference model's forward in one layer's
-  # activation buffers (dist/) against every layer's (dist-old/, carried beside it), step time and
-  # peak device memory (nvidia-smi sampled every 100 ms), interleaved; then the side-by-side figures:
-  # generation and HF generate, the torch.compile step.
-  for rep in 1 2; do
-    for v in old new; do
-      f="$out/train_s18f_${v}_$rep.log"
-      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/mem_${v}_$rep.txt" &
-      smi=$!
-      if [ $v = old ]; then
-        LD_LIBRARY_PATH=$PWD/dist-old/lib timeout 120 dist-old/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
-      else
-        timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
-      fi
-      kill $smi; wait $smi 2> /dev/null
-      peak=$(sort -n "$out/mem_${v}_$rep.txt" | tail -1)
-      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%|in use [0-9.]+ GiB' "$f" | tr '\n' ' ') peak ${peak} MiB"
-    done
-  done
-  for rep in 1 2; do
-    timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_s18f_$rep.log" 2>&1
-    echo "gen $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
-      "$out/gen_s18f_$rep.log" | tr '\n' ' ')"
-  done
+  # activation buffers (dist/) against every layer's (dist-old/), step time and peak device memory
+  # (nvidia-smi sampled every 100 ms), interleaved; then the side-by-side figures: generation and HF
+  # generate, the torch.compile step.
+  train_ab s18f 2
+  gen_runs s18f 2
   timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
   timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1

@@ -274,8 +274,8 @@ constexpr int kWbSmem = 7 * kWbTile + 2 * kWbDqBox + 2 * 3 * kWbRows * 4 + 16 + 
 // The backward's pre-pass: per (row, head), 16 threads of 4 columns: delta = scale * (dout . out)
 // (out from its bf16 copy out16 when that is given: the attention output kept in bf16 only; dout
 // likewise from dout16_in, which the kernel then reads as it is), bf16 copies of q (unless q16_in,
-// q's kept copy, is given: the kernel reads that) and dout, dq zeroed (the kernel adds into it), and row_start[r] = the first row
-// of row r's sequence (head 0).
+// q's kept copy, is given: the kernel reads that) and dout, dq zeroed (the kernel adds into it),
+// and row_start[r] = the first row of row r's sequence (head 0).
 __global__ void __launch_bounds__(256)
     WgBwdPrepassKernel(float* __restrict__ delta, int* __restrict__ row_start, uint16_t* __restrict__ q16,
                        uint16_t* __restrict__ dout16, float* __restrict__ dq, const float* __restrict__ q,

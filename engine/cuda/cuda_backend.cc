@@ -607,7 +607,7 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
   // q's f32 values exist whenever the f32 attention ran (QkvRope writes both); with the tensor-core
   // one they may not (QkvRopeAttention above), and its products round q to bf16 anyway.
   const uint16_t* q16 = tc ? KeptCopy(q, n) : nullptr;
-  if ((out16 || dout16 || q16) && tc && cuda::AttentionBackwardWgmmaSupported(D)) {
+  if (tc && cuda::AttentionBackwardWgmmaSupported(D)) {  // AttentionBackwardTC's own choice, made here
     void* ws = Workspace(cuda::AttentionBackwardTCWorkspace(N, Hq, D));
     cuda::AttentionBackwardWgmma(dq, dk, dv, dout16 ? nullptr : dout, out16 ? nullptr : out, lse, q16 ? nullptr : q, k,
                                  v, cu_seqlens, S, N, Hq, Hkv, ws, stream_, out16, dout16, q16);

@@ -504,6 +504,25 @@ TEST(AttentionTc, WgmmaBackwardMatchesMmaSync) {
   }
 }
 
+// Runs the wgmma backward as `reference` and as `variant` (each given fresh dq, dk, dv and the
+// workspace) and expects the variant's gradients within NMSE 1e-12 of the reference's: the same
+// sums, only dk's and dv's atomics in another order.
+template <typename Reference, typename Variant>
+void ExpectSameWgmmaBackward(const std::string& what, const AttnCase& c, int N, Reference&& reference,
+                             Variant&& variant) {
+  const size_t nq = size_t(N) * c.Hq * c.D, nk = size_t(N) * c.Hkv * c.D;
+  DevBuf<float> dq_a(nq), dk_a(nk), dv_a(nk), dq_b(nq), dk_b(nk), dv_b(nk);
+  DevBuf<char> ws(cuda::AttentionBackwardTCWorkspace(N, c.Hq, c.D));
+  for (auto* x : {&dq_a, &dk_a, &dv_a, &dq_b, &dk_b, &dv_b}) x->Poison();
+  reference(dq_a.get(), dk_a.get(), dv_a.get(), ws.get());
+  variant(dq_b.get(), dk_b.get(), dv_b.get(), ws.get());
+  Ck(cudaDeviceSynchronize(), "backward");
+  const std::string shape = ShapeOf(c, N);
+  ExpectNmse(what + ": dq", shape, dq_b.Download(), dq_a.Download(), 1e-12);
+  ExpectNmse(what + ": dk", shape, dk_b.Download(), dk_a.Download(), 1e-12);
+  ExpectNmse(what + ": dv", shape, dv_b.Download(), dv_a.Download(), 1e-12);
+}
+
 // The attention output and its gradient kept in bf16 only (Backend::KeepAsBf16): the forward with
 // out null writes the same bf16 output and lse as with out given, bit for bit, on both tensor-core
 // forwards; and the wgmma backward reading that bf16 output (out16) and a bf16 dout (dout16) equals
@@ -544,39 +563,26 @@ TEST(AttentionTc, Bf16OnlyOutputAndGradient) {
     EXPECT_EQ(0, std::memcmp(la.data(), lb.data(), la.size() * sizeof(float))) << "lse, bf16 k/v " << bf16_kv;
   }
   if (!cuda::AttentionBackwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma backward needs an sm_90 device";
-  std::vector<float> wide(nq);
-  {
-    const auto o16 = out16_only.Download();
-    for (size_t i = 0; i < nq; ++i) {
-      const uint32_t bits = uint32_t(o16[i]) << 16;
-      std::memcpy(&wide[i], &bits, sizeof(float));
-    }
-  }
+  // The reference: out and dout given in f32, holding exactly the bf16 values.
+  const auto out16h = out16_only.Download();
+  const auto douth = dout.Download();
   std::vector<uint16_t> dout16h(nq);
-  std::vector<float> dout_wide(nq);
-  {
-    const auto dh = dout.Download();
-    F32ToBF16(dh.data(), dout16h.data(), nq);
-    for (size_t i = 0; i < nq; ++i) {
-      const uint32_t bits = uint32_t(dout16h[i]) << 16;
-      std::memcpy(&dout_wide[i], &bits, sizeof(float));
-    }
-  }
-  DevBuf<float> out_wide(wide), d_dout_wide(dout_wide);
+  F32ToBF16(douth.data(), dout16h.data(), nq);
+  std::vector<float> out_wide(nq), dout_wide(nq);
+  BF16ToF32(out16h.data(), out_wide.data(), nq);
+  BF16ToF32(dout16h.data(), dout_wide.data(), nq);
+  DevBuf<float> d_out_wide(out_wide), d_dout_wide(dout_wide);
   DevBuf<uint16_t> d_dout16(dout16h);
-  DevBuf<float> dq_a(nq), dk_a(nk), dv_a(nk), dq_b(nq), dk_b(nk), dv_b(nk);
-  DevBuf<char> ws(cuda::AttentionBackwardTCWorkspace(N, c.Hq, c.D));
-  for (auto* x : {&dq_a, &dk_a, &dv_a, &dq_b, &dk_b, &dv_b}) x->Poison();
-  cuda::AttentionBackwardWgmma(dq_a.get(), dk_a.get(), dv_a.get(), d_dout_wide.get(), out_wide.get(), lse_only.get(),
-                               q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr);
-  cuda::AttentionBackwardWgmma(dq_b.get(), dk_b.get(), dv_b.get(), nullptr, nullptr, lse_only.get(), q.get(), k.get(),
-                               v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr, out16_only.get(),
-                               d_dout16.get());
-  Ck(cudaDeviceSynchronize(), "backward");
-  const std::string shape = ShapeOf(c, N);
-  ExpectNmse("bwd dq from bf16 out, dout vs widened", shape, dq_b.Download(), dq_a.Download(), 1e-12);
-  ExpectNmse("bwd dk from bf16 out, dout vs widened", shape, dk_b.Download(), dk_a.Download(), 1e-12);
-  ExpectNmse("bwd dv from bf16 out, dout vs widened", shape, dv_b.Download(), dv_a.Download(), 1e-12);
+  ExpectSameWgmmaBackward(
+      "bwd from bf16 out, dout vs widened", c, N,
+      [&](float* dq, float* dk, float* dv, void* ws) {
+        cuda::AttentionBackwardWgmma(dq, dk, dv, d_dout_wide.get(), d_out_wide.get(), lse_only.get(), q.get(), k.get(),
+                                     v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr);
+      },
+      [&](float* dq, float* dk, float* dv, void* ws) {
+        cuda::AttentionBackwardWgmma(dq, dk, dv, nullptr, nullptr, lse_only.get(), q.get(), k.get(), v.get(),
+                                     d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr, out16_only.get(), d_dout16.get());
+      });
 }
 
 // q kept in bf16 only: QkvRope's two bf16 copies of the rotated q (q_bf16 unscaled, for the
@@ -599,8 +605,8 @@ TEST(AttentionTc, QkvRopeBf16QFeedsForwardAndBackward) {
   DevBuf<float> qkv(Randn(size_t(N) * W)), bias(Randn(W)), d_inv(inv_freq), q(nq), k(nk), v(nk), dout(Randn(nq));
   DevBuf<int32_t> d_pos(pos), d_cu(cu);
   DevBuf<uint16_t> k16(nk), v16(nk), q16(nq), q16s(nq), k16b(nk), v16b(nk);
-  cuda::QkvRope(q.get(), k.get(), v.get(), qkv.get(), bias.get(), d_pos.get(), d_inv.get(), N, c.Hq, c.Hkv, c.D, nullptr,
-                k16.get(), v16.get());
+  cuda::QkvRope(q.get(), k.get(), v.get(), qkv.get(), bias.get(), d_pos.get(), d_inv.get(), N, c.Hq, c.Hkv, c.D,
+                nullptr, k16.get(), v16.get());
   cuda::QkvRope(nullptr, k.get(), v.get(), qkv.get(), bias.get(), d_pos.get(), d_inv.get(), N, c.Hq, c.Hkv, c.D,
                 nullptr, k16b.get(), v16b.get(), q16.get(), q16s.get());
   Ck(cudaDeviceSynchronize(), "q/k/v + rope");
@@ -623,18 +629,16 @@ TEST(AttentionTc, QkvRopeBf16QFeedsForwardAndBackward) {
   const auto o1 = out.Download(), o2 = out2.Download(), l1 = lse.Download(), l2 = lse2.Download();
   EXPECT_EQ(0, std::memcmp(o1.data(), o2.data(), nq * sizeof(float))) << "forward from the pre-scaled bf16 q";
   EXPECT_EQ(0, std::memcmp(l1.data(), l2.data(), l1.size() * sizeof(float))) << "lse from the pre-scaled bf16 q";
-  DevBuf<float> dq_a(nq), dk_a(nk), dv_a(nk), dq_b(nq), dk_b(nk), dv_b(nk);
-  DevBuf<char> ws(cuda::AttentionBackwardTCWorkspace(N, c.Hq, c.D));
-  for (auto* x : {&dq_a, &dk_a, &dv_a, &dq_b, &dk_b, &dv_b}) x->Poison();
-  cuda::AttentionBackwardWgmma(dq_a.get(), dk_a.get(), dv_a.get(), dout.get(), out.get(), lse.get(), q.get(), k.get(),
-                               v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr);
-  cuda::AttentionBackwardWgmma(dq_b.get(), dk_b.get(), dv_b.get(), dout.get(), out.get(), lse.get(), nullptr, k.get(),
-                               v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws.get(), nullptr, nullptr, nullptr, q16.get());
-  Ck(cudaDeviceSynchronize(), "backward");
-  const std::string shape = ShapeOf(c, N);
-  ExpectNmse("bwd dq from q_bf16 vs f32 q", shape, dq_b.Download(), dq_a.Download(), 1e-12);
-  ExpectNmse("bwd dk from q_bf16 vs f32 q", shape, dk_b.Download(), dk_a.Download(), 1e-12);
-  ExpectNmse("bwd dv from q_bf16 vs f32 q", shape, dv_b.Download(), dv_a.Download(), 1e-12);
+  ExpectSameWgmmaBackward(
+      "bwd from q_bf16 vs f32 q", c, N,
+      [&](float* dq, float* dk, float* dv, void* ws) {
+        cuda::AttentionBackwardWgmma(dq, dk, dv, dout.get(), out.get(), lse.get(), q.get(), k.get(), v.get(),
+                                     d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr);
+      },
+      [&](float* dq, float* dk, float* dv, void* ws) {
+        cuda::AttentionBackwardWgmma(dq, dk, dv, dout.get(), out.get(), lse.get(), nullptr, k.get(), v.get(),
+                                     d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr, nullptr, nullptr, q16.get());
+      });
 }
 
 // The wgmma forward's two products alone (AttentionWgmmaProbe), against exact f64 sums of the same
