@@ -100,6 +100,9 @@ class Backend {
   // (FlashAttention's, whose output and its gradient are bf16); the other kept tensors are read only
   // by products, which round them anyway. Release it before freeing the buffer.
   virtual void KeepAsBf16(const float* /*base*/, size_t /*n*/) {}
+  // Whether KeepAsBf16 keeps (so a kept buffer's f32 values are never touched and need no memory:
+  // Tensor::Reserved).
+  virtual bool KeepsBf16() const { return false; }
   virtual void ReleaseBf16(const float* /*base*/) {}
 
   // ---- graphs -------------------------------------------------------------------------------------

@@ -86,15 +86,33 @@ Tensor::Tensor(DType dtype, Shape shape, Device device)
 Tensor::~Tensor() { Release(); }
 
 void Tensor::Release() {
-  if (data_ && !device_.is_cpu()) g_device_memory->free(data_, device_.index);
+  if (data_ && reserved_) g_device_memory->unreserve(data_, nbytes() == 0 ? 256 : nbytes(), device_.index);
+  else if (data_ && !device_.is_cpu()) g_device_memory->free(data_, device_.index);
   else std::free(data_);
   data_ = nullptr;
+  reserved_ = false;
+}
+
+Tensor Tensor::Reserved(DType dtype, Shape shape, Device device) {
+  if (device.is_cpu()) return Tensor(dtype, std::move(shape), device);
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = std::move(shape);
+  t.numel_ = NumElements(t.shape_);
+  t.device_ = device;
+  for (int64_t d : t.shape_) AHA_CHECK_GE(d, 0);
+  AHA_CHECK(g_device_memory != nullptr) << "no backend for device " << device.ToString() << " in this build";
+  t.data_ = g_device_memory->reserve(t.nbytes() == 0 ? 256 : t.nbytes(), device.index);
+  t.reserved_ = true;
+  return t;
 }
 
 Tensor::Tensor(Tensor&& o) noexcept
-    : dtype_(o.dtype_), shape_(std::move(o.shape_)), numel_(o.numel_), device_(o.device_), data_(o.data_) {
+    : dtype_(o.dtype_), shape_(std::move(o.shape_)), numel_(o.numel_), device_(o.device_), data_(o.data_),
+      reserved_(o.reserved_) {
   o.data_ = nullptr;
   o.numel_ = 0;
+  o.reserved_ = false;
 }
 
 Tensor& Tensor::operator=(Tensor&& o) noexcept {
@@ -105,8 +123,10 @@ Tensor& Tensor::operator=(Tensor&& o) noexcept {
     numel_ = o.numel_;
     device_ = o.device_;
     data_ = o.data_;
+    reserved_ = o.reserved_;
     o.data_ = nullptr;
     o.numel_ = 0;
+    o.reserved_ = false;
   }
   return *this;
 }
@@ -133,11 +153,13 @@ Tensor Tensor::FromVector(const std::vector<int32_t>& values, Shape shape) {
 
 void Tensor::SetZero() {
   if (!data_) return;
+  AHA_CHECK(!reserved_) << "SetZero of a reserved tensor (no memory behind it)";
   if (device_.is_cpu()) std::memset(data_, 0, nbytes());
   else g_device_memory->zero(data_, nbytes(), device_.index);
 }
 
 Tensor Tensor::ToDevice(Device device) const {
+  AHA_CHECK(!reserved_) << "copy of a reserved tensor (no memory behind it)";
   Tensor out(dtype_, shape_, device);
   if (nbytes() == 0) return out;
   if (device_.is_cpu() && device.is_cpu()) std::memcpy(out.raw(), raw(), nbytes());

@@ -52,6 +52,9 @@ struct DeviceMemory {
   void (*zero)(void* p, size_t bytes, int device);
   // kind: 0 host -> device, 1 device -> host, 2 device -> device. Synchronous with the device.
   void (*copy)(void* dst, const void* src, size_t bytes, int kind, int device);
+  // Device addresses with no memory behind them (Tensor::Reserved); any access faults.
+  void* (*reserve)(size_t bytes, int device);
+  void (*unreserve)(void* p, size_t bytes, int device);
 };
 void SetDeviceMemory(const DeviceMemory* memory);
 const DeviceMemory* GetDeviceMemory();
@@ -67,6 +70,11 @@ class Tensor {
   Tensor& operator=(const Tensor&) = delete;
 
   static Tensor Zeros(DType dtype, Shape shape, Device device = Device::Cpu());
+  // A device tensor that names an address range but has no memory behind it: for an activation
+  // a backend keeps in bf16 only (Backend::KeepsBf16), whose f32 pointer is only the key of its copy.
+  // Reading or writing its f32 values faults. On the CPU an ordinary tensor.
+  static Tensor Reserved(DType dtype, Shape shape, Device device);
+  bool reserved() const { return reserved_; }
   // A CPU f32 tensor holding `values` (tests, small inputs).
   static Tensor FromVector(const std::vector<float>& values, Shape shape);
   static Tensor FromVector(const std::vector<int32_t>& values, Shape shape);
@@ -101,6 +109,7 @@ class Tensor {
   int64_t numel_ = 0;
   Device device_;
   void* data_ = nullptr;
+  bool reserved_ = false;
 };
 
 }  // namespace aha::engine

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda.h>
+
 #include "engine/cuda/kernels.h"
 #include "engine/tensor.h"
 
@@ -42,7 +44,40 @@ void DeviceCopy(void* dst, const void* src, size_t bytes, int kind, int /*device
                                                                           : cudaMemcpyDeviceToDevice;
   CheckCuda(cudaMemcpy(dst, src, bytes, k), "memcpy");
 }
-const DeviceMemory kDeviceMemory{&DeviceAlloc, &DeviceFree, &DeviceZero, &DeviceCopy};
+// Address ranges without memory (Tensor::Reserved): cuMemAddressReserve through the driver's entry
+// point (the runtime has no form of it), in whole allocation granules.
+using ReserveFn = CUresult (*)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long);
+using FreeFn = CUresult (*)(CUdeviceptr, size_t);
+template <typename Fn>
+Fn DriverFn(const char* name) {
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+      found != cudaDriverEntryPointSuccess || p == nullptr) {
+    std::fprintf(stderr, "aha: the CUDA driver has no %s\n", name);
+    std::abort();
+  }
+  return reinterpret_cast<Fn>(p);
+}
+constexpr size_t kReserveGranule = size_t{2} << 20;  // the VMM allocation granularity on sm_90
+size_t Granules(size_t bytes) { return (bytes + kReserveGranule - 1) / kReserveGranule * kReserveGranule; }
+void* DeviceReserve(size_t bytes, int device) {
+  static const ReserveFn reserve = DriverFn<ReserveFn>("cuMemAddressReserve");
+  CheckCuda(cudaSetDevice(device), "set device");
+  CUdeviceptr p = 0;
+  const CUresult r = reserve(&p, Granules(bytes), 0, 0, 0);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "aha: cuda:%d: cannot reserve %zu bytes of addresses (CUresult %d)\n", device, bytes,
+                 static_cast<int>(r));
+    std::abort();
+  }
+  return reinterpret_cast<void*>(p);
+}
+void DeviceUnreserve(void* p, size_t bytes, int /*device*/) {
+  static const FreeFn release = DriverFn<FreeFn>("cuMemAddressFree");
+  release(reinterpret_cast<CUdeviceptr>(p), Granules(bytes));
+}
+const DeviceMemory kDeviceMemory{&DeviceAlloc, &DeviceFree, &DeviceZero, &DeviceCopy, &DeviceReserve, &DeviceUnreserve};
 
 }  // namespace
 
@@ -186,6 +221,9 @@ std::string CudaBackend::Describe() const {
                 static_cast<double>(p.totalGlobalMem) / (1 << 30), driver / 1000, (driver % 1000) / 10);
   return buf;
 }
+
+// KeptCopy finds a copy only with bf16 products (Gemm::Bf16CopyOf).
+bool CudaBackend::KeepsBf16() const { return keep_bf16_ && gemm_->precision() == GemmPrecision::kBF16; }
 
 size_t CudaBackend::MemoryInUse() const {
   CheckCuda(cudaSetDevice(index_), "set device");

@@ -39,6 +39,7 @@ class CudaBackend final : public Backend {
   std::string Describe() const;
   // Bytes of the device's memory in use by every process (cudaMemGetInfo: total - free).
   size_t MemoryInUse() const;
+  bool KeepsBf16() const override;
 
   void Copy(void* dst, const void* src, size_t bytes) override;
   // Uploads of up to kStageBytes go through page-locked staging (copied there, then an async DMA), so

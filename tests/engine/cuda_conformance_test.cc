@@ -531,6 +531,47 @@ TEST(CudaOps, ActivationKeptAsBf16IsWhatTheProductsRead) {
   gpu->UnregisterWeights(d_W.f32());
 }
 
+// A kept activation whose f32 storage is only reserved (Tensor::Reserved, as the Transformer
+// allocates kept tensors when the backend KeepsBf16): reserving takes no device memory, the ops that
+// may touch a kept range run on it (any f32 access would fault), and their results equal those
+// with real f32 storage behind the range.
+TEST(CudaOps, KeptActivationNeedsNoF32Memory) {
+  REQUIRE_GPU();
+  ASSERT_TRUE(gpu->KeepsBf16());
+  {
+    const size_t before = gpu->MemoryInUse();
+    Tensor big = Tensor::Reserved(DType::kF32, {int64_t{1} << 30}, gpu->device());  // 4 GiB of addresses
+    Tensor other = Tensor::Reserved(DType::kF32, {1000}, gpu->device());
+    EXPECT_TRUE(big.reserved());
+    EXPECT_NE(big.raw(), nullptr);
+    EXPECT_NE(big.raw(), other.raw());
+    EXPECT_LT(gpu->MemoryInUse(), before + (size_t{64} << 20)) << "reserving addresses took device memory";
+  }
+  const int N = 301, I = 200, C = 96;
+  Tensor d_gu = Up(Randn(size_t(N) * 2 * I, 2.0f)), d_W = Up(Randn(size_t(C) * I, 0.05f));
+  Tensor d_dout = Up(Randn(size_t(N) * C));
+  gpu->RegisterWeights(d_W.f32(), d_W.numel());
+  gpu->WeightsChanged(d_W.f32());
+  auto run = [&](Tensor& h) {
+    Tensor out = Poisoned(size_t(N) * C), dx = Poisoned(size_t(N) * I), dw = Up(std::vector<float>(d_W.numel(), 0.0f));
+    gpu->KeepAsBf16(h.f32(), h.numel());
+    gpu->SwiGluForward(h.f32(), d_gu.f32(), N, I);
+    gpu->LinearForward(out.f32(), h.f32(), d_W.f32(), nullptr, N, I, C);
+    gpu->LinearBackward(dx.f32(), dw.f32(), nullptr, d_dout.f32(), h.f32(), d_W.f32(), N, I, C, false);
+    gpu->Synchronize();
+    gpu->ReleaseBf16(h.f32());
+    return std::tuple{Down(out), Down(dx), Down(dw)};
+  };
+  Tensor reserved = Tensor::Reserved(DType::kF32, {int64_t{N} * I}, gpu->device());
+  Tensor real = Poisoned(size_t(N) * I);
+  auto [out1, dx1, dw1] = run(reserved);
+  auto [out2, dx2, dw2] = run(real);
+  ExpectNmse("down product, h reserved vs allocated", "N=301 I=200", out1, out2, 0.0);
+  ExpectNmse("dx, h reserved vs allocated", "N=301 I=200", dx1, dx2, 0.0);
+  ExpectNmse("dw, h reserved vs allocated", "N=301 I=200", dw1, dw2, 0.0);
+  gpu->UnregisterWeights(d_W.f32());
+}
+
 // The MLP with its tensors kept in bf16 (Backend::KeepAsBf16, as the Transformer keeps them): the
 // norm's output ln2, gu (written by the gate/up product's epilogue), h, and dh (written by the down
 // backward's epilogue). Each kept tensor's bf16 copy must hold the plain path's f32 values rounded to
