@@ -612,19 +612,29 @@ void CudaBackend::Add(float* out, const float* a, const float* b, size_t n) {
 
 // A kept output (KeepAsBf16: the training forward's, read by the o product and the backward) gets
 // only its bf16 copy from the tensor-core kernels; the f32 kernels write f32 and a cast of it.
+// A kept q (no f32 storage behind it: Tensor::Reserved) is widened into scratch first.
 void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                                    const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
   const size_t n = static_cast<size_t>(N) * Hq * D;
   uint16_t* kept = KeptCopy(out, n);
+  const uint16_t* q16 = KeptCopy(q, n);
   const bool tc = UseTcAttention();
-  if (kept && tc && (D == 64 || D == 128)) {
+  const bool kept_tc = kept && tc && (D == 64 || D == 128);
+  float* scratch = nullptr;  // [q widened | out before its cast]
+  if (q16 || (kept && !kept_tc)) scratch = static_cast<float*>(Workspace(2 * n * sizeof(float)));
+  if (q16) {
+    cuda::CastBF16ToF32(scratch, q16, n, stream_);
+    q = scratch;
+  }
+  if (kept_tc) {
     cuda::AttentionForwardTC(nullptr, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_, kept);
     return Check("attention");
   }
   if (!tc || kept) {
-    if (tc) cuda::AttentionForwardTC(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
-    else cuda::AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
-    if (kept) cuda::CastF32ToBF16(kept, out, n, stream_);
+    float* o = kept ? scratch + n : out;  // a kept out has no f32 storage either
+    if (tc) cuda::AttentionForwardTC(o, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+    else cuda::AttentionForward(o, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, stream_);
+    if (kept) cuda::CastF32ToBF16(kept, o, n, stream_);
     return Check("attention");
   }
   // The output feeds the o product: the tensor-core kernel writes its bf16 copy too.
@@ -697,12 +707,14 @@ void CudaBackend::QkvRope(float* q, float* k, float* v, const float* qkv, const 
                           const float* inv_freq, int N, int Hq, int Hkv, int D) {
   const size_t qn = static_cast<size_t>(N) * Hq * D;
   uint16_t* q_kept = KeptCopy(q, qn);
-  if (!FusedQkv(D)) {
-    Backend::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D);
-    if (q_kept) cuda::CastF32ToBF16(q_kept, q, qn, stream_);
+  if (!FusedQkv(D)) {  // a kept q has no f32 storage (Tensor::Reserved): the ops write scratch
+    float* qf = q_kept ? static_cast<float*>(Workspace(qn * sizeof(float))) : q;
+    Backend::QkvRope(qf, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D);
+    if (q_kept) cuda::CastF32ToBF16(q_kept, qf, qn, stream_);
     return Check("q/k/v + rope");
   }
-  cuda::QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, nullptr, nullptr, q_kept);
+  cuda::QkvRope(q_kept ? nullptr : q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, nullptr, nullptr,
+                q_kept);
   Check("q/k/v + rope");
 }
 // k and v in bf16 for the tensor-core attention, in the workspace (only this op reads them), unless
@@ -722,9 +734,13 @@ void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, f
   const size_t kn = static_cast<size_t>(N) * Hkv * D, n = static_cast<size_t>(N) * Hq * D;
   uint16_t* q_kept = KeptCopy(q, n);
   const bool q16_only = q_kept && cuda::AttentionForwardWgmmaSupported(D);
-  auto* k16 = static_cast<uint16_t*>(Workspace((2 * kn + (q16_only ? n : 0)) * sizeof(uint16_t)));
+  // Without the wgmma forward a kept q is written in f32 to scratch (it has no f32 storage).
+  const bool q_scratch = q_kept && !q16_only;
+  auto* k16 = static_cast<uint16_t*>(
+      Workspace((2 * kn + (q16_only ? n : 0)) * sizeof(uint16_t) + (q_scratch ? n * sizeof(float) : 0)));
   uint16_t* v16 = k16 + kn;
   uint16_t* q16s = q16_only ? v16 + kn : nullptr;
+  if (q_scratch) q = reinterpret_cast<float*>(v16 + kn);
   cuda::QkvRope(q16_only ? nullptr : q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, k16, v16, q_kept,
                 q16s);
   Check("q/k/v + rope");
