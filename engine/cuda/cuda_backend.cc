@@ -652,9 +652,8 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
   const uint16_t* out16 = KeptCopy(out, n);
   const uint16_t* dout16 = KeptCopy(dout, n);
   const bool tc = UseTcAttention();
-  // q's f32 values exist whenever the f32 attention ran (QkvRope writes both); with the tensor-core
-  // one they may not (QkvRopeAttention above), and its products round q to bf16 anyway.
-  const uint16_t* q16 = tc ? KeptCopy(q, n) : nullptr;
+  // A kept q has no f32 values (Tensor::Reserved); the f32 forward read the same copy, widened.
+  const uint16_t* q16 = KeptCopy(q, n);
   if (tc && cuda::AttentionBackwardWgmmaSupported(D)) {  // AttentionBackwardTC's own choice, made here
     void* ws = Workspace(cuda::AttentionBackwardTCWorkspace(N, Hq, D));
     cuda::AttentionBackwardWgmma(dq, dk, dv, dout16 ? nullptr : dout, out16 ? nullptr : out, lse, q16 ? nullptr : q, k,

@@ -40,6 +40,10 @@ class CudaBackend final : public Backend {
   // Bytes of the device's memory in use by every process (cudaMemGetInfo: total - free).
   size_t MemoryInUse() const;
   bool KeepsBf16() const override;
+  // Training attention: the tensor-core kernels (attention_tc.cu, bf16 products, f32 softmax and
+  // accumulation; 4-5x the f32 kernels on the H200, docs/kernels.md) with bf16 products, unless
+  // AHA_ATTENTION=f32. The pedantic kF32 precision keeps the f32 kernels, as it does for GEMMs.
+  bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
 
   void Copy(void* dst, const void* src, size_t bytes) override;
   // Uploads of up to kStageBytes go through page-locked staging (copied there, then an async DMA), so
@@ -180,11 +184,7 @@ class CudaBackend final : public Backend {
   uint16_t* cast_copy_ = nullptr;
   size_t cast_copy_count_ = 0;
   uint64_t cast_copy_generation_ = 0;
-  // Training attention: the tensor-core kernels (attention_tc.cu, bf16 products, f32 softmax and
-  // accumulation; 4-5x the f32 kernels on the H200, docs/kernels.md) with bf16 products, unless
-  // AHA_ATTENTION=f32. The pedantic kF32 precision keeps the f32 kernels, as it does for GEMMs.
-  bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
-  bool tc_attention_ = true;
+  bool tc_attention_ = true;  // UseTcAttention()
   bool bf16_kv_cache_ = true;  // AHA_KV_CACHE=f32 turns it off (kv_cache_dtype())
   bool keep_bf16_ = true;      // AHA_KEEP_BF16=0 ignores KeepAsBf16 (every activation f32: the A/B)
   // LinearAddRmsNorm's K parts: 0 chooses (SplitParts), 1 never splits, S > 1 always S where K
