@@ -18,6 +18,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -597,25 +600,60 @@ __global__ void KvCacheWriteKernel(Elem* __restrict__ k_cache, Elem* __restrict_
 // RoPE of one pair of a q/k/v product row: x1 = row[c] (+ bias[c]), x2 = row[c + half] (+ bias[c +
 // half]) rotated by `angle` (position x inv_freq[j]) with RopeKernel's instructions. The q/k/v
 // kernels and the fused decode attention share it, so their results agree bit for bit.
-__device__ __forceinline__ void RotatePair(float x1, float x2, float angle, float& y1, float& y2) {
-  float sn, cs;
-  sincosf(angle, &sn, &cs);
+__device__ __forceinline__ void RotateWith(float x1, float x2, float cs, float sn, float& y1, float& y2) {
   y1 = x1 * cs - x2 * sn;
   y2 = x2 * cs + x1 * sn;
 }
-__device__ __forceinline__ void RopeBiasPair(const float* __restrict__ row, const float* __restrict__ bias, int c,
-                                             int half, float angle, float& y1, float& y2) {
-  float x1 = row[c], x2 = row[c + half];
-  if (bias) x1 += __ldg(bias + c), x2 += __ldg(bias + c + half);
-  RotatePair(x1, x2, angle, y1, y2);
+__device__ __forceinline__ void RotatePair(float x1, float x2, float angle, float& y1, float& y2) {
+  float sn, cs;
+  sincosf(angle, &sn, &cs);
+  RotateWith(x1, x2, cs, sn, y1, y2);
+}
+
+// V consecutive values (V = 4: one 16-byte load or store, 8 bytes in bf16; V = 1: one value).
+template <int V>
+__device__ __forceinline__ void LoadV(const float* p, float (&x)[V]) {
+  if constexpr (V == 4) {
+    const float4 t = Ldg4(p);
+    x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
+  } else {
+    x[0] = __ldg(p);
+  }
+}
+template <int V>
+__device__ __forceinline__ void StoreV(float* p, const float (&x)[V]) {
+  if constexpr (V == 4) St4(p, make_float4(x[0], x[1], x[2], x[3]));
+  else p[0] = x[0];
+}
+template <int V>
+__device__ __forceinline__ void StoreV(uint16_t* p, const float (&x)[V]) {  // rounded to bf16
+  if constexpr (V == 4) *reinterpret_cast<uint2*>(p) = PackBf16x4(make_float4(x[0], x[1], x[2], x[3]));
+  else p[0] = __bfloat16_as_ushort(__float2bfloat16_rn(x[0]));
+}
+template <int V>
+__device__ __forceinline__ void StoreV(__nv_bfloat16* p, const float (&x)[V]) {
+  StoreV<V>(reinterpret_cast<uint16_t*>(p), x);
+}
+
+// The row's rotations, (cos, sin x sign) of position x inv_freq[j] for j < D / 2, into rot[]: every
+// head of the row uses the same D / 2 angles, so each sincosf runs once a row, not once a head.
+__device__ __forceinline__ void RowRotations(float2* rot, float pos, const float* __restrict__ inv_freq, int half,
+                                             float sign) {
+  for (int j = threadIdx.x; j < half; j += blockDim.x) {
+    float sn, cs;
+    sincosf(pos * __ldg(inv_freq + j), &sn, &cs);
+    rot[j] = make_float2(cs, sn * sign);
+  }
 }
 
 // QkvRope / QkvRopeKvWrite: block = one row i. Threads walk the row's rotation pairs (j, j + D/2)
-// of the Hq query heads, then of the Hkv key heads, then the value elements. q goes to q[i]; k and v
-// to row i of k_out / v_out (f32 [N, Hkv D], kPaged false) or to the row's pool row through the
-// block table (kPaged, rounded to the pool's Elem as KvCacheWrite rounds). The rotation repeats
-// RopeKernel's arithmetic (elementwise.cu), so the results are the unfused ops' bit for bit.
-template <typename Elem, bool kPaged>
+// of the Hq query heads, then of the Hkv key heads, then the value elements, V pairs (values) a
+// thread: V consecutive j of one head, so every load and store is V wide (V = 4 when D is a multiple
+// of 8 and the pointers are aligned). q goes to q[i]; k and v to row i of k_out / v_out (f32 [N, Hkv
+// D], kPaged false) or to the row's pool row through the block table (kPaged, rounded to the pool's
+// Elem as KvCacheWrite rounds). The rotation repeats RopeKernel's arithmetic (elementwise.cu), so
+// the results are the unfused ops' bit for bit. Dynamic shared memory: D / 2 float2 (RowRotations).
+template <typename Elem, bool kPaged, int V>
 __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, Elem* __restrict__ v_out,
                               const float* __restrict__ qkv, const float* __restrict__ bias,
                               const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
@@ -623,10 +661,11 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
                               int Hq, int Hkv, int D, __nv_bfloat16* __restrict__ k16 = nullptr,
                               __nv_bfloat16* __restrict__ v16 = nullptr, __nv_bfloat16* __restrict__ q16 = nullptr,
                               __nv_bfloat16* __restrict__ q16s = nullptr, float qscale = 0.0f) {
+  extern __shared__ float2 rot[];
   const int i = blockIdx.x;
   const int half = D / 2, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
   const float* row = qkv + static_cast<size_t>(i) * W;
-  const float pos = static_cast<float>(__ldg(positions + i));
+  RowRotations(rot, static_cast<float>(__ldg(positions + i)), inv_freq, half, 1.0f);
   long long r = i;
   if constexpr (kPaged) {
     // A row of no sequence (malformed cu_q) or outside the table or pool writes no cache row.
@@ -637,75 +676,99 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
       if (i >= q0 && i < __ldg(cu_q + b + 1)) r = PagedRow(pg, b, __ldg(start + b) + (i - q0));
     }
   }
-  const int pairs = (Hq + Hkv) * half;
-  for (int t = threadIdx.x; t < pairs + KD; t += blockDim.x) {
+  __syncthreads();
+  const int per_head = half / V, pairs = (Hq + Hkv) * per_head;
+  for (int t = threadIdx.x; t < pairs + KD / V; t += blockDim.x) {
     if (t < pairs) {
-      const int h = t / half, j = t - h * half;  // head h of q (h < Hq) or of k
+      const int h = t / per_head, j = (t - h * per_head) * V;  // head h of q (h < Hq) or of k
       const int c = h * D + j;
-      float y1, y2;
-      RopeBiasPair(row, bias, c, half, pos * __ldg(inv_freq + j), y1, y2);
+      float x1[V], x2[V], y1[V], y2[V];
+      LoadV(row + c, x1);
+      LoadV(row + c + half, x2);
+      if (bias) {
+        float b1[V], b2[V];
+        LoadV(bias + c, b1);
+        LoadV(bias + c + half, b2);
+#pragma unroll
+        for (int u = 0; u < V; ++u) x1[u] += b1[u], x2[u] += b2[u];
+      }
+#pragma unroll
+      for (int u = 0; u < V; ++u) RotateWith(x1[u], x2[u], rot[j + u].x, rot[j + u].y, y1[u], y2[u]);
       if (h < Hq) {
         const size_t o = static_cast<size_t>(i) * QD + c;
-        if (q) q[o] = y1, q[o + half] = y2;
+        if (q) StoreV(q + o, y1), StoreV(q + o + half, y2);
         if (!kPaged && q16) {  // the training attention's copies (QkvRopeAttention): for its backward
-          q16[o] = __float2bfloat16_rn(y1);
-          q16[o + half] = __float2bfloat16_rn(y2);
+          StoreV(q16 + o, y1);
+          StoreV(q16 + o + half, y2);
         }
         if (!kPaged && q16s) {  // and its forward, scaled as the forward scales q before rounding it
-          q16s[o] = __float2bfloat16_rn(y1 * qscale);
-          q16s[o + half] = __float2bfloat16_rn(y2 * qscale);
+#pragma unroll
+          for (int u = 0; u < V; ++u) y1[u] *= qscale, y2[u] *= qscale;
+          StoreV(q16s + o, y1);
+          StoreV(q16s + o + half, y2);
         }
       } else if (r >= 0) {
-        Elem* out = k_out + static_cast<size_t>(r) * KD + (c - QD);
-        StCache1(out, y1);
-        StCache1(out + half, y2);
+        const size_t o = static_cast<size_t>(r) * KD + (c - QD);
+        StoreV(k_out + o, y1);
+        StoreV(k_out + o + half, y2);
         if (!kPaged && k16) {  // the training attention's bf16 copy (QkvRopeAttention)
-          __nv_bfloat16* o16 = k16 + static_cast<size_t>(r) * KD + (c - QD);
-          o16[0] = __float2bfloat16_rn(y1);
-          o16[half] = __float2bfloat16_rn(y2);
+          StoreV(k16 + o, y1);
+          StoreV(k16 + o + half, y2);
         }
       }
     } else if (r >= 0) {
-      const int c = t - pairs;  // element of v
-      const float x = bias ? row[QD + KD + c] + __ldg(bias + QD + KD + c) : row[QD + KD + c];
-      StCache1(v_out + static_cast<size_t>(r) * KD + c, x);
-      if (!kPaged && v16) v16[static_cast<size_t>(r) * KD + c] = __float2bfloat16_rn(x);
+      const int c = (t - pairs) * V;  // elements of v
+      float x[V];
+      LoadV(row + QD + KD + c, x);
+      if (bias) {
+        float b[V];
+        LoadV(bias + QD + KD + c, b);
+#pragma unroll
+        for (int u = 0; u < V; ++u) x[u] += b[u];
+      }
+      StoreV(v_out + static_cast<size_t>(r) * KD + c, x);
+      if (!kPaged && v16) StoreV(v16 + static_cast<size_t>(r) * KD + c, x);
     }
   }
 }
 
 // RopePackQkv: block = one row i; dq and dk rotated back (RopeKernel with sign -1) as they are packed
-// into dqkv's row beside dv (and into dqkv16 in bf16 when not null).
+// into dqkv's row beside dv (and into dqkv16 in bf16 when not null); V as in QkvRopeKernel.
+template <int V>
 __global__ void RopePackQkvKernel(float* __restrict__ dqkv, __nv_bfloat16* __restrict__ dqkv16,
                                   const float* __restrict__ dq, const float* __restrict__ dk,
                                   const float* __restrict__ dv, const int32_t* __restrict__ positions,
                                   const float* __restrict__ inv_freq, int Hq, int Hkv, int D, float sign) {
+  extern __shared__ float2 rot[];
   const int i = blockIdx.x;
   const int half = D / 2, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
   const size_t base = static_cast<size_t>(i) * W;
-  const float pos = static_cast<float>(__ldg(positions + i));
-  const int pairs = (Hq + Hkv) * half;
-  for (int t = threadIdx.x; t < pairs + KD; t += blockDim.x) {
+  // sign is -1 at run time, as RopeKernel's inverse: the same instructions, the same bits
+  RowRotations(rot, static_cast<float>(__ldg(positions + i)), inv_freq, half, sign);
+  __syncthreads();
+  const int per_head = half / V, pairs = (Hq + Hkv) * per_head;
+  for (int t = threadIdx.x; t < pairs + KD / V; t += blockDim.x) {
     if (t < pairs) {
-      const int h = t / half, j = t - h * half;
+      const int h = t / per_head, j = (t - h * per_head) * V;
       const int c = h * D + j;
       const float* src = h < Hq ? dq + static_cast<size_t>(i) * QD + c : dk + static_cast<size_t>(i) * KD + (c - QD);
-      const float x1 = src[0], x2 = src[half];
-      float sn, cs;
-      sincosf(pos * __ldg(inv_freq + j), &sn, &cs);
-      sn *= sign;  // -1 at run time, as RopeKernel's inverse: the same instructions, the same bits
-      const float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
-      dqkv[base + c] = y1;
-      dqkv[base + c + half] = y2;
+      float x1[V], x2[V], y1[V], y2[V];
+      LoadV(src, x1);
+      LoadV(src + half, x2);
+#pragma unroll
+      for (int u = 0; u < V; ++u) RotateWith(x1[u], x2[u], rot[j + u].x, rot[j + u].y, y1[u], y2[u]);
+      StoreV(dqkv + base + c, y1);
+      StoreV(dqkv + base + c + half, y2);
       if (dqkv16) {
-        dqkv16[base + c] = __float2bfloat16_rn(y1);
-        dqkv16[base + c + half] = __float2bfloat16_rn(y2);
+        StoreV(dqkv16 + base + c, y1);
+        StoreV(dqkv16 + base + c + half, y2);
       }
     } else {
-      const int c = t - pairs;
-      const float x = dv[static_cast<size_t>(i) * KD + c];
-      dqkv[base + QD + KD + c] = x;
-      if (dqkv16) dqkv16[base + QD + KD + c] = __float2bfloat16_rn(x);
+      const int c = (t - pairs) * V;
+      float x[V];
+      LoadV(dv + static_cast<size_t>(i) * KD + c, x);
+      StoreV(dqkv + base + QD + KD + c, x);
+      if (dqkv16) StoreV(dqkv16 + base + QD + KD + c, x);
     }
   }
 }
@@ -1435,7 +1498,7 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
 #pragma unroll
     for (int p = 0; p < QP; ++p) {
       const int f = tid + p * T;
-      if (f < G * half) {  // RopeBiasPair's arithmetic on the values loaded above: the same bits
+      if (f < G * half) {  // QkvRopeKernel's arithmetic on the values loaded above: the same bits
         const int h = f / half, j = f - h * half;
         RotatePair(qx1[p], qx2[p], pos_f * qfreq[p], qs[h * D + j], qs[h * D + j + half]);
       }
@@ -1886,10 +1949,38 @@ void KvCacheWrite(const KvPages& kv, const float* k, const float* v, const int32
   CheckCuda(cudaGetLastError(), "KvCacheWriteKernel launch");
 }
 
-// Threads per block of the q/k/v kernels: enough for the 1152 floats of a 0.5B row in two passes.
-int QkvThreads(int Hq, int Hkv, int D) {
-  const int work = (Hq + Hkv) * (D / 2) + Hkv * D;
+// The q/k/v kernels' width: V = 4 when D / 2 is a multiple of 4 and every pointer they access 4
+// wide is aligned (16 bytes for f32, 8 for bf16; null pointers count as aligned), else 1.
+int QkvWidth(int D, std::initializer_list<const void*> f32, std::initializer_list<const void*> bf16) {
+  if (D % 8 != 0) return 1;
+  for (const void* p : f32)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  for (const void* p : bf16)
+    if (reinterpret_cast<uintptr_t>(p) % 8 != 0) return 1;
+  return 4;
+}
+// Threads per block of the q/k/v kernels: the row's pairs and values, V a thread, in one pass up to 256.
+int QkvThreads(int Hq, int Hkv, int D, int V) {
+  const int work = ((Hq + Hkv) * (D / 2) + Hkv * D) / V;
   return std::min(256, (work + 31) / 32 * 32);
+}
+size_t QkvShared(int D) { return static_cast<size_t>(D / 2) * sizeof(float2); }
+
+template <typename Elem>
+void LaunchQkvRopeKvWrite(float* q, Elem* kc, Elem* vc, const float* qkv, const float* bias, const int32_t* positions,
+                          const float* inv_freq, const int32_t* cu_q, const int32_t* start, const Paging& pg, int B,
+                          int Nq, int Hq, int Hkv, int D, cudaStream_t s) {
+  const bool bf16 = std::is_same_v<Elem, uint16_t>;
+  const void* f32_pool = bf16 ? nullptr : kc;
+  const void* bf16_pool = bf16 ? kc : nullptr;
+  const int V = QkvWidth(D, {q, qkv, bias, f32_pool, bf16 ? nullptr : vc}, {bf16_pool, bf16 ? vc : nullptr});
+  if (V == 4)
+    QkvRopeKernel<Elem, true, 4><<<Nq, QkvThreads(Hq, Hkv, D, 4), QkvShared(D), s>>>(
+        q, kc, vc, qkv, bias, positions, inv_freq, cu_q, start, pg, B, Hq, Hkv, D);
+  else
+    QkvRopeKernel<Elem, true, 1><<<Nq, QkvThreads(Hq, Hkv, D, 1), QkvShared(D), s>>>(
+        q, kc, vc, qkv, bias, positions, inv_freq, cu_q, start, pg, B, Hq, Hkv, D);
+  CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
 }
 
 void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t* positions, const float* inv_freq,
@@ -1898,32 +1989,44 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
   if (Nq <= 0) return;
   if (B > 0) CheckPaging(kv, "QkvRopeKvWrite");
   const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
-  const int threads = QkvThreads(Hq, Hkv, D);
   if (kv.bf16)
-    QkvRopeKernel<uint16_t, true><<<Nq, threads, 0, s>>>(q, static_cast<uint16_t*>(kv.k), static_cast<uint16_t*>(kv.v),
-                                                         qkv, bias, positions, inv_freq, cu_q, start, pg, B, Hq, Hkv, D);
+    LaunchQkvRopeKvWrite(q, static_cast<uint16_t*>(kv.k), static_cast<uint16_t*>(kv.v), qkv, bias, positions, inv_freq,
+                         cu_q, start, pg, B, Nq, Hq, Hkv, D, s);
   else
-    QkvRopeKernel<float, true><<<Nq, threads, 0, s>>>(q, static_cast<float*>(kv.k), static_cast<float*>(kv.v), qkv,
-                                                      bias, positions, inv_freq, cu_q, start, pg, B, Hq, Hkv, D);
-  CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
+    LaunchQkvRopeKvWrite(q, static_cast<float*>(kv.k), static_cast<float*>(kv.v), qkv, bias, positions, inv_freq, cu_q,
+                         start, pg, B, Nq, Hq, Hkv, D, s);
 }
 
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
              const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16,
              uint16_t* v_bf16, uint16_t* q_bf16, uint16_t* q_bf16_scaled) {
   if (N <= 0) return;
-  QkvRopeKernel<float, false><<<N, QkvThreads(Hq, Hkv, D), 0, s>>>(
-      q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D,
-      reinterpret_cast<__nv_bfloat16*>(k_bf16), reinterpret_cast<__nv_bfloat16*>(v_bf16),
-      reinterpret_cast<__nv_bfloat16*>(q_bf16), reinterpret_cast<__nv_bfloat16*>(q_bf16_scaled), AttentionQScale(D));
+  auto* k16 = reinterpret_cast<__nv_bfloat16*>(k_bf16);
+  auto* v16 = reinterpret_cast<__nv_bfloat16*>(v_bf16);
+  auto* q16 = reinterpret_cast<__nv_bfloat16*>(q_bf16);
+  auto* q16s = reinterpret_cast<__nv_bfloat16*>(q_bf16_scaled);
+  const float qscale = AttentionQScale(D);
+  if (QkvWidth(D, {q, k, v, qkv, bias}, {k16, v16, q16, q16s}) == 4)
+    QkvRopeKernel<float, false, 4><<<N, QkvThreads(Hq, Hkv, D, 4), QkvShared(D), s>>>(
+        q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D, k16, v16, q16, q16s,
+        qscale);
+  else
+    QkvRopeKernel<float, false, 1><<<N, QkvThreads(Hq, Hkv, D, 1), QkvShared(D), s>>>(
+        q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D, k16, v16, q16, q16s,
+        qscale);
   CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
 }
 
 void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float* dk, const float* dv,
                  const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s) {
   if (N <= 0) return;
-  RopePackQkvKernel<<<N, QkvThreads(Hq, Hkv, D), 0, s>>>(dqkv, reinterpret_cast<__nv_bfloat16*>(dqkv_bf16), dq, dk,
-                                                         dv, positions, inv_freq, Hq, Hkv, D, -1.0f);
+  auto* d16 = reinterpret_cast<__nv_bfloat16*>(dqkv_bf16);
+  if (QkvWidth(D, {dqkv, dq, dk, dv}, {d16}) == 4)
+    RopePackQkvKernel<4><<<N, QkvThreads(Hq, Hkv, D, 4), QkvShared(D), s>>>(dqkv, d16, dq, dk, dv, positions, inv_freq,
+                                                                           Hq, Hkv, D, -1.0f);
+  else
+    RopePackQkvKernel<1><<<N, QkvThreads(Hq, Hkv, D, 1), QkvShared(D), s>>>(dqkv, d16, dq, dk, dv, positions, inv_freq,
+                                                                           Hq, Hkv, D, -1.0f);
   CheckCuda(cudaGetLastError(), "RopePackQkvKernel launch");
 }
 

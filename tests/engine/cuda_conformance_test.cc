@@ -388,6 +388,26 @@ TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
     ExpectNmse("qkv + rope q vs cpu", shape, Down(q1), q, kF32);
     ExpectNmse("qkv + rope k vs cpu", shape, Down(k1), k, kF32);
     ExpectNmse("qkv + rope v vs cpu", shape, Down(v1), v, kF32);
+    // The kernels' one-value form (rows one float past a 16-byte boundary: QkvWidth 1) gives the
+    // four-value form's bits.
+    auto shifted = [](std::vector<float> x) {
+      x.insert(x.begin(), 0.0f);
+      return Up(x);
+    };
+    auto past_first = [](const Tensor& t) {
+      auto x = Down(t);
+      x.erase(x.begin());
+      return x;
+    };
+    {
+      Tensor s_qkv = shifted(qkv), s_q = Poisoned(q.size() + 1), s_k = Poisoned(k.size() + 1);
+      Tensor s_v = Poisoned(v.size() + 1);
+      gpu->QkvRope(s_q.f32() + 1, s_k.f32() + 1, s_v.f32() + 1, s_qkv.f32() + 1, b, d_pos.i32(), d_inv.f32(), N, c.Hq,
+                   c.Hkv, c.D);
+      ExpectNmse("qkv + rope q, a value a thread vs four", shape, past_first(s_q), Down(q1), 0.0);
+      ExpectNmse("qkv + rope k, a value a thread vs four", shape, past_first(s_k), Down(k1), 0.0);
+      ExpectNmse("qkv + rope v, a value a thread vs four", shape, past_first(s_v), Down(v1), 0.0);
+    }
     // QkvRopeAttention (the tensor-core attention reading the q/k/v kernel's bf16 k and v) against
     // QkvRope then AttentionForward: the same q, k, v, out and lse bit for bit. Packed sequences of
     // uneven lengths; the o product then reads the attention's bf16 copy.
@@ -441,6 +461,12 @@ TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
     gpu->UnregisterWeights(d_w.f32());
     ExpectNmse("rope + pack dqkv vs the ops", shape, Down(dqkv1), Down(dqkv2), 0.0);
     ExpectNmse("rope + pack dqkv vs cpu", shape, Down(dqkv1), dqkv, kF32);
+    {
+      Tensor s_dqkv = Poisoned(dqkv.size() + 1), s_dq = shifted(dq), s_dk = shifted(dk), s_dv = shifted(dv);
+      gpu->RopePackQkv(s_dqkv.f32() + 1, s_dq.f32() + 1, s_dk.f32() + 1, s_dv.f32() + 1, d_pos.i32(), d_inv.f32(), N,
+                       c.Hq, c.Hkv, c.D);
+      ExpectNmse("rope + pack dqkv, a value a thread vs four", shape, past_first(s_dqkv), Down(dqkv1), 0.0);
+    }
     ExpectNmse("dx from rope + pack's copy vs cast", shape, dx1, dx2, 0.0);
     ExpectNmse("dw from rope + pack's copy vs cast", shape, dw1, dw2, 0.0);
   }
