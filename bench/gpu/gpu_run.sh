@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -326,12 +326,12 @@ if [[ " $what " == *" s18c "* ]]; then
   fi
 fi
 # Session 18's A/B helpers: this build (dist/) against the one before it (dist-old/, carried beside it).
-aha_of() {  # the aha command line of build old|new
-  if [ "$1" = old ]; then echo "env LD_LIBRARY_PATH=$PWD/dist-old/lib dist-old/bin/aha"; else echo dist/bin/aha; fi
+aha_of() {  # the aha command line of build old|mid|new (dist-old/, dist-mid/, dist/)
+  if [ "$1" = new ]; then echo dist/bin/aha; else echo "env LD_LIBRARY_PATH=$PWD/dist-$1/lib dist-$1/bin/aha"; fi
 }
-train_ab() {  # train_ab TAG REPS: each build's learner step, interleaved, with its peak device memory
+train_ab() {  # train_ab TAG REPS [BUILDS]: each build's learner step, interleaved, with its peak device memory
   for rep in $(seq "$2"); do
-    for v in old new; do
+    for v in ${3:-old new}; do
       local f="$out/train_$1_${v}_$rep.log" mem="$out/mem_$1_${v}_$rep.txt"
       nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" &
       local smi=$!
@@ -358,11 +358,14 @@ attention_tests() {  # attention_tests TAG FILTER VARIANT...: the attention test
     grep -E "Failure|Expected|bf16: worst|actor vs" "$f" | head -8
   done
 }
-gen_runs() {  # gen_runs TAG REPS: aha bench gen
+gen_runs() {  # gen_runs TAG REPS [BUILDS]: aha bench gen, the builds interleaved (default: this one)
   for rep in $(seq "$2"); do
-    timeout 120 dist/bin/aha bench gen --model $model > "$out/gen_$1_$rep.log" 2>&1
-    echo "gen $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
-      "$out/gen_$1_$rep.log" | tr '\n' ' ')"
+    for v in ${3:-new}; do
+      local f="$out/gen_$1_${v}_$rep.log"
+      timeout 120 $(aha_of $v) bench gen --model $model > "$f" 2>&1
+      echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
+        "$f" | tr '\n' ' ')"
+    done
   done
 }
 if [[ " $what " == *" s18d "* ]]; then
@@ -406,6 +409,37 @@ if [[ " $what " == *" s18f "* ]]; then
   tail -n 1 "$out/gen_peer.log"
   timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
   tail -n 1 "$out/train_peer_compile.log"
+fi
+if [[ " $what " == *" s19a "* ]]; then
+  # Session 19: kept activations' f32 storage only reserved (Tensor::Reserved: addresses, no memory;
+  # dist/) against main (dist-old/): the whole conformance test, then its model and attention cases
+  # with each fallback path (the mma.sync forward and backward, the unfused q/k/v ops, f32 k/v for
+  # the attention), which must write a kept q or output to scratch and never touch the reserved
+  # range; the learner step and its peak device memory, interleaved; generation once.
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s19a_all.log" 2>&1
+  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s19a_all.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|bf16: worst|actor vs|Kept" "$out/conformance_s19a_all.log" | head -8
+  attention_tests s19a 'CudaModel.*:CudaOps.*Attention*:CudaOps.*Qkv*:CudaOps.Kept*' AHA_ATTENTION_WGMMA=0 \
+    AHA_ATTENTION_WGMMA_BWD=0 AHA_FUSED_QKV=0 AHA_ATTENTION_KV16=0 AHA_ATTENTION=f32 AHA_KEEP_BF16=0
+  train_ab s19a 2
+  gen_runs s19a 1
+fi
+if [[ " $what " == *" s19b "* ]]; then
+  # Session 19: the q/k/v kernels four values a thread with the row's rotations computed once
+  # (dist/) against the build with kept activations only reserved (dist-mid/) and main (dist-old/):
+  # the whole conformance test, its model cases with the f32 attention and without bf16-only
+  # activations, the attention test; the learner step interleaved with peak memory, the per-op
+  # profile of each; generation interleaved.
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s19b_all.log" 2>&1
+  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s19b_all.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|a value a thread" "$out/conformance_s19b_all.log" | head -12
+  attention_tests s19b 'CudaModel.*:CudaOps.*Attention*:CudaOps.*Qkv*:CudaOps.Kept*' AHA_ATTENTION=f32 AHA_KEEP_BF16=0
+  train_ab s19b 3 "old mid new"
+  for v in old new; do
+    AHA_PROFILE=1 timeout 120 $(aha_of $v) bench train --steps 3 --model $model > "$out/profile_train_$v.txt" 2>&1
+    echo "profile $v:"; grep -vE '^\{' "$out/profile_train_$v.txt" | grep -iE "q/k/v|rope|total" | head -6
+  done
+  gen_runs s19b 2 "old new"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
