@@ -307,6 +307,10 @@ void Transformer::EnsureCapacity(int N) {
   Keep(dh_, &kept_acts_);
   Keep(datt_, &kept_acts_);
   qkv_ = Tensor(DType::kF32, {N, QD + 2 * KD}, d);
+  if (!config_.qk_norm) {  // read only by the q/k/v product's backward (and its bias gradient): kept
+    dqkv_ = bf16_only ? Tensor::Reserved(DType::kF32, {N, QD + 2 * KD}, d) : Tensor(DType::kF32, {N, QD + 2 * KD}, d);
+    Keep(dqkv_, &kept_acts_);
+  }
   tokens_d_ = Tensor(DType::kI32, {N}, d);
   cu_seqlens_d_ = Tensor(DType::kI32, {N + 1}, d);
   positions_d_ = Tensor(DType::kI32, {N}, d);
@@ -378,9 +382,10 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
     B.RmsNormBackward(dk_pre_.f32(), g.k_norm, dk_.f32(), a.k_pre.f32(), w.k_norm, a.k_rstd.f32(), N * Hkv, D);
     B.PackQkv(qkv_.f32(), dq_pre_.f32(), dk_pre_.f32(), dv_.f32(), N, Hq * D, Hkv * D);
   } else {
-    B.RopePackQkv(qkv_.f32(), dq_.f32(), dk_.f32(), dv_.f32(), pos, inv_freq_.f32(), N, Hq, Hkv, D);
+    B.RopePackQkv(dqkv_.f32(), dq_.f32(), dk_.f32(), dv_.f32(), pos, inv_freq_.f32(), N, Hq, Hkv, D);
   }
-  B.LinearBackward(dln_.f32(), g.q_w, g.q_b, qkv_.f32(), a.ln1.f32(), w.q_w, N, C, (Hq + 2 * Hkv) * D, false);
+  const float* dqkv = config_.qk_norm ? qkv_.f32() : dqkv_.f32();
+  B.LinearBackward(dln_.f32(), g.q_w, g.q_b, dqkv, a.ln1.f32(), w.q_w, N, C, (Hq + 2 * Hkv) * D, false);
   B.RmsNormBackward(dres, g.in_norm, dln_.f32(), x, w.in_norm, a.rstd1.f32(), N, C);
 }
 

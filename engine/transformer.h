@@ -246,9 +246,10 @@ class Transformer {
   void ClearGraphs();
   // Backward scratch.
   Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgu_, dh_;
-  // [N, QD + 2 KD]: the fused q/k/v product before SplitQkv in the forward, the packed dq | dk | dv
-  // in the backward (never needed across ops: one scratch for all layers).
-  Tensor qkv_;
+  // [N, QD + 2 KD]: the fused q/k/v product before SplitQkv in the forward; the packed dq | dk | dv
+  // in the backward, in dqkv_ (kept: read only by the q/k/v product's backward) or, with qk_norm,
+  // in qkv_ (never needed across ops: one scratch for all layers).
+  Tensor qkv_, dqkv_;
 };
 
 }  // namespace aha::engine

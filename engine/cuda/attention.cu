@@ -733,7 +733,8 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
 }
 
 // RopePackQkv: block = one row i; dq and dk rotated back (RopeKernel with sign -1) as they are packed
-// into dqkv's row beside dv (and into dqkv16 in bf16 when not null); V as in QkvRopeKernel.
+// into dqkv's row beside dv (when not null) and into dqkv16 in bf16 (when not null); V as in
+// QkvRopeKernel.
 template <int V>
 __global__ void RopePackQkvKernel(float* __restrict__ dqkv, __nv_bfloat16* __restrict__ dqkv16,
                                   const float* __restrict__ dq, const float* __restrict__ dk,
@@ -757,8 +758,10 @@ __global__ void RopePackQkvKernel(float* __restrict__ dqkv, __nv_bfloat16* __res
       LoadV(src + half, x2);
 #pragma unroll
       for (int u = 0; u < V; ++u) RotateWith(x1[u], x2[u], rot[j + u].x, rot[j + u].y, y1[u], y2[u]);
-      StoreV(dqkv + base + c, y1);
-      StoreV(dqkv + base + c + half, y2);
+      if (dqkv) {
+        StoreV(dqkv + base + c, y1);
+        StoreV(dqkv + base + c + half, y2);
+      }
       if (dqkv16) {
         StoreV(dqkv16 + base + c, y1);
         StoreV(dqkv16 + base + c + half, y2);
@@ -767,7 +770,7 @@ __global__ void RopePackQkvKernel(float* __restrict__ dqkv, __nv_bfloat16* __res
       const int c = (t - pairs) * V;
       float x[V];
       LoadV(dv + static_cast<size_t>(i) * KD + c, x);
-      StoreV(dqkv + base + QD + KD + c, x);
+      if (dqkv) StoreV(dqkv + base + QD + KD + c, x);
       if (dqkv16) StoreV(dqkv16 + base + QD + KD + c, x);
     }
   }

@@ -532,7 +532,8 @@ void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* d
   else if (dx) gemm_->NN(dx, dout, w, N, C, OC, 1.0f, accumulate_dx ? 1.0f : 0.0f);
   gemm_->TN(dw, dout, x, OC, C, N, 1.0f, 1.0f);
   gemm_->set_cast_reuse(false);
-  if (db) cuda::BiasBackward(db, dout, N, OC, stream_);
+  // A kept dout (dqkv) has only its bf16 copy, which the products above read too.
+  if (db) cuda::BiasBackward(db, dout, KeptCopy(dout, static_cast<size_t>(N) * OC), N, OC, stream_);
   Check("linear backward", /*forget_casts=*/false);
 }
 
@@ -755,10 +756,22 @@ void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, f
   AdoptCastCopy(out, n, copy);
 }
 // The packed rows are the dout of the q/k/v backward product: their bf16 copy replaces its cast.
+// A kept dqkv (the training backward's, KeepAsBf16: read only by the q/k/v product's backward, bias
+// included) gets its bf16 copy alone; the unfused ops write f32 scratch and a cast of it.
 void CudaBackend::RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
                               const float* inv_freq, int N, int Hq, int Hkv, int D) {
-  if (!FusedQkv(D)) return Backend::RopePackQkv(dqkv, dq, dk, dv, positions, inv_freq, N, Hq, Hkv, D);
   const size_t n = static_cast<size_t>(N) * (Hq + 2 * Hkv) * D;
+  uint16_t* kept = KeptCopy(dqkv, n);
+  if (!FusedQkv(D)) {
+    float* f32 = kept ? static_cast<float*>(Workspace(n * sizeof(float))) : dqkv;
+    Backend::RopePackQkv(f32, dq, dk, dv, positions, inv_freq, N, Hq, Hkv, D);
+    if (kept) cuda::CastF32ToBF16(kept, f32, n, stream_);
+    return Check("rope backward + pack qkv");
+  }
+  if (kept) {
+    cuda::RopePackQkv(nullptr, kept, dq, dk, dv, positions, inv_freq, N, Hq, Hkv, D, stream_);
+    return Check("rope backward + pack qkv");
+  }
   uint16_t* copy = CastCopy(n);
   cuda::RopePackQkv(dqkv, copy, dq, dk, dv, positions, inv_freq, N, Hq, Hkv, D, stream_);
   Check("rope backward + pack qkv");

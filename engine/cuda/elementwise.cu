@@ -301,12 +301,16 @@ __global__ void AddBiasKernel(float* out, const float* b, int N, int OC) {
     out[i] += b[i % OC];
 }
 
-__global__ void BiasBackwardKernel(float* db, const float* dout, int N, int OC) {
+__device__ __forceinline__ float Load1(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float Load1(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+
+template <typename T>
+__global__ void BiasBackwardKernel(float* db, const T* dout, int N, int OC) {
   const int o = blockIdx.x * blockDim.x + threadIdx.x;
   if (o >= OC) return;
   const int n0 = blockIdx.y * kRowsPerSlab, n1 = min(N, n0 + kRowsPerSlab);
   float acc = 0.0f;
-  for (int n = n0; n < n1; ++n) acc += dout[static_cast<size_t>(n) * OC + o];
+  for (int n = n0; n < n1; ++n) acc += Load1(dout, static_cast<size_t>(n) * OC + o);
   atomicAdd(db + o, acc);
 }
 
@@ -344,8 +348,6 @@ __global__ void PackQkvKernel(float* dqkv, __nv_bfloat16* dqkv16, const float* d
 
 // Inputs of the SwiGLU kernels are f32, or bf16 where a backend keeps the tensor in bf16 only
 // (CudaBackend::KeepAsBf16: gu written by its product's epilogue, dh by the down backward's).
-__device__ __forceinline__ float Load1(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float Load1(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 // Four consecutive elements starting at 4 i (16 bytes of f32, 8 of bf16).
 __device__ __forceinline__ float4 Load4(const float* p, size_t i) { return reinterpret_cast<const float4*>(p)[i]; }
 __device__ __forceinline__ float4 Load4(const __nv_bfloat16* p, size_t i) {
@@ -705,10 +707,13 @@ void AddBias(float* out, const float* b, int N, int OC, cudaStream_t s) {
   AddBiasKernel<<<Blocks(static_cast<size_t>(N) * OC), kThreads, 0, s>>>(out, b, N, OC);
 }
 
-void BiasBackward(float* db, const float* dout, int N, int OC, cudaStream_t s) {
+void BiasBackward(float* db, const float* dout, const uint16_t* dout_bf16, int N, int OC, cudaStream_t s) {
   if (N == 0) return;
   const dim3 grid((OC + kThreads - 1) / kThreads, (N + kRowsPerSlab - 1) / kRowsPerSlab);
-  BiasBackwardKernel<<<grid, kThreads, 0, s>>>(db, dout, N, OC);
+  if (dout_bf16)
+    BiasBackwardKernel<<<grid, kThreads, 0, s>>>(db, reinterpret_cast<const __nv_bfloat16*>(dout_bf16), N, OC);
+  else
+    BiasBackwardKernel<<<grid, kThreads, 0, s>>>(db, dout, N, OC);
 }
 
 void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD,

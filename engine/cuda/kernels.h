@@ -39,7 +39,8 @@ bool RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, co
 void RopeForward(float* x, const int32_t* positions, const float* inv_freq, int N, int H, int D, bool inverse,
                  cudaStream_t s);
 void AddBias(float* out, const float* b, int N, int OC, cudaStream_t s);
-void BiasBackward(float* db, const float* dout, int N, int OC, cudaStream_t s);
+// db += column sums of dout, read from dout_bf16 instead when not null (a gradient kept in bf16 only).
+void BiasBackward(float* db, const float* dout, const uint16_t* dout_bf16, int N, int OC, cudaStream_t s);
 void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD,
               cudaStream_t s);
 void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD,
@@ -115,6 +116,7 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
              const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16 = nullptr,
              uint16_t* v_bf16 = nullptr, uint16_t* q_bf16 = nullptr, uint16_t* q_bf16_scaled = nullptr);
+// RopePackQkv: dqkv may be null when dqkv_bf16 is not (a gradient kept in bf16 only).
 void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float* dk, const float* dv,
                  const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
 // Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecodeTC when

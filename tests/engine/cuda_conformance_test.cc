@@ -618,6 +618,47 @@ bool AllNan(const std::vector<float>& v) {
   return std::all_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
 }
 
+// The packed q/k/v gradient kept in bf16 only (the Transformer's dqkv, only reserved): RopePackQkv
+// writes its copy alone, the f32 result rounded bit for bit, and the q/k/v product's backward reads
+// it: dx and dw equal those from an f32 dqkv (whose products read a cast of it, the same values),
+// and the bias gradient is the column sums of the bf16 values. Fused and unfused (AHA_FUSED_QKV=0).
+TEST(CudaOps, QkvGradientKeptAsBf16) {
+  REQUIRE_GPU();
+  if (!gpu->KeepsBf16()) GTEST_SKIP() << "AHA_KEEP_BF16=0: nothing is kept in bf16";
+  const int N = 301, Hq = 14, Hkv = 2, D = 64, C = 96, W = (Hq + 2 * Hkv) * D;
+  const std::string shape = "N=301 H=14/2 D=64";
+  const auto dq = Randn(size_t(N) * Hq * D), dk = Randn(size_t(N) * Hkv * D);
+  Tensor d_pos = Up(RandInt(N, 0, 4000)), d_inv = Up(RopeInvFreq(D)), d_dv = Up(Randn(size_t(N) * Hkv * D));
+  Tensor d_x = Up(Randn(size_t(N) * C)), d_w = Up(Randn(size_t(W) * C, 0.05f));
+  gpu->RegisterWeights(d_w.f32(), d_w.numel());
+  gpu->WeightsChanged(d_w.f32());
+  auto run = [&](Tensor& dqkv, bool keep) {
+    Tensor dq1 = Up(dq), dk1 = Up(dk), dx = Poisoned(size_t(N) * C);
+    Tensor dw = Up(std::vector<float>(d_w.numel(), 0.0f)), db = Up(std::vector<float>(W, 0.0f));
+    if (keep) gpu->KeepAsBf16(dqkv.f32(), dqkv.numel());
+    gpu->RopePackQkv(dqkv.f32(), dq1.f32(), dk1.f32(), d_dv.f32(), d_pos.i32(), d_inv.f32(), N, Hq, Hkv, D);
+    const std::vector<float> packed = keep ? KeptValues(gpu, dqkv) : Down(dqkv);
+    gpu->LinearBackward(dx.f32(), dw.f32(), db.f32(), dqkv.f32(), d_x.f32(), d_w.f32(), N, C, W, false);
+    gpu->Synchronize();
+    if (keep) gpu->ReleaseBf16(dqkv.f32());
+    return std::tuple{packed, Down(dx), Down(dw), Down(db)};
+  };
+  Tensor kept = Tensor::Reserved(DType::kF32, {int64_t{N} * W}, gpu->device()), plain = Poisoned(size_t(N) * W);
+  auto [p1, dx1, dw1, db1] = run(kept, true);
+  auto [p2, dx2, dw2, db2] = run(plain, false);
+  gpu->UnregisterWeights(d_w.f32());
+  ExpectNmse("kept dqkv vs f32 dqkv rounded", shape, p1, Rounded(p2), 0.0);
+  ExpectNmse("dx, kept dqkv vs f32", shape, dx1, dx2, 0.0);
+  ExpectNmse("dw, kept dqkv vs f32", shape, dw1, dw2, 0.0);
+  std::vector<double> sums(W, 0.0);
+  for (int n = 0; n < N; ++n)
+    for (int j = 0; j < W; ++j) sums[j] += p1[size_t(n) * W + j];
+  ExpectNmse("db, kept dqkv vs its bf16 values summed", shape, db1, std::vector<float>(sums.begin(), sums.end()),
+             1e-12);
+  ExpectNmse("db, kept dqkv vs f32", shape, db1, db2, 1e-5);
+}
+
+
 TEST(CudaOps, MlpTensorsKeptAsBf16AreTheirRoundedValues) {
   REQUIRE_GPU();
   CpuBackend cpu;
