@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -440,6 +440,20 @@ if [[ " $what " == *" s19b "* ]]; then
     echo "profile $v:"; grep -vE '^\{' "$out/profile_train_$v.txt" | grep -iE "q/k/v|rope|total" | head -6
   done
   gen_runs s19b 2 "old new"
+fi
+if [[ " $what " == *" s19c "* ]]; then
+  # Session 19: the packed q/k/v gradient kept in bf16 only (dist/) against the build before it
+  # (dist-old/): the whole conformance test, its q/k/v and model cases with the unfused ops, without
+  # bf16-only activations and with the f32 attention; the learner step interleaved; per-op profiles.
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s19c_all.log" 2>&1
+  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s19c_all.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|kept dqkv" "$out/conformance_s19c_all.log" | head -12
+  attention_tests s19c 'CudaModel.*:CudaOps.*Qkv*:CudaOps.Kept*' AHA_FUSED_QKV=0 AHA_KEEP_BF16=0 AHA_ATTENTION=f32
+  train_ab s19c 3 "old new"
+  for v in old new; do
+    AHA_PROFILE=1 timeout 120 $(aha_of $v) bench train --steps 3 --model $model > "$out/profile_train_$v.txt" 2>&1
+    echo "profile $v:"; grep -vE '^\{' "$out/profile_train_$v.txt" | grep -iE "rope|linear backward|total" | head -6
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
