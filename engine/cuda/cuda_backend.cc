@@ -762,10 +762,11 @@ void CudaBackend::RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv
                               const float* inv_freq, int N, int Hq, int Hkv, int D) {
   const size_t n = static_cast<size_t>(N) * (Hq + 2 * Hkv) * D;
   uint16_t* kept = KeptCopy(dqkv, n);
-  if (!FusedQkv(D)) {
-    float* f32 = kept ? static_cast<float*>(Workspace(n * sizeof(float))) : dqkv;
+  if (!FusedQkv(D)) {  // (PackQkv's cast copy of an unkept dqkv stays adopted: no Check after it)
+    if (!kept) return Backend::RopePackQkv(dqkv, dq, dk, dv, positions, inv_freq, N, Hq, Hkv, D);
+    auto* f32 = static_cast<float*>(Workspace(n * sizeof(float)));
     Backend::RopePackQkv(f32, dq, dk, dv, positions, inv_freq, N, Hq, Hkv, D);
-    if (kept) cuda::CastF32ToBF16(kept, f32, n, stream_);
+    cuda::CastF32ToBF16(kept, f32, n, stream_);
     return Check("rope backward + pack qkv");
   }
   if (kept) {
