@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -454,6 +454,18 @@ if [[ " $what " == *" s19c "* ]]; then
     AHA_PROFILE=1 timeout 120 $(aha_of $v) bench train --steps 3 --model $model > "$out/profile_train_$v.txt" 2>&1
     echo "profile $v:"; grep -vE '^\{' "$out/profile_train_$v.txt" | grep -iE "rope|linear backward|total" | head -6
   done
+fi
+if [[ " $what " == *" s19d "* ]]; then
+  # Session 19, the closing call on main: the q/k/v tests and the models with the unfused ops
+  # (AHA_FUSED_QKV=0); the learner step with its peak memory, generation, and beside them HF
+  # generate and the torch.compile step.
+  attention_tests s19d 'CudaOps.*Qkv*:CudaModel.*' default AHA_FUSED_QKV=0
+  train_ab s19d 2 new
+  gen_runs s19d 2
+  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  tail -n 1 "$out/gen_peer.log"
+  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  tail -n 1 "$out/train_peer_compile.log"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
