@@ -18,13 +18,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <initializer_list>
-#include <type_traits>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
+#include <type_traits>
 
 #include "engine/cuda/attention_internal.h"
 #include "engine/cuda/kernels.h"
@@ -597,9 +597,9 @@ __global__ void KvCacheWriteKernel(Elem* __restrict__ k_cache, Elem* __restrict_
   }
 }
 
-// RoPE of one pair of a q/k/v product row: x1 = row[c] (+ bias[c]), x2 = row[c + half] (+ bias[c +
-// half]) rotated by `angle` (position x inv_freq[j]) with RopeKernel's instructions. The q/k/v
-// kernels and the fused decode attention share it, so their results agree bit for bit.
+// RoPE of one pair (x1, x2) = (x[j], x[j + D/2]) with RopeKernel's instructions, given the cos and
+// sin of its angle (position x inv_freq[j]) or the angle. The q/k/v kernels and the fused decode
+// attention share it, so their results agree bit for bit.
 __device__ __forceinline__ void RotateWith(float x1, float x2, float cs, float sn, float& y1, float& y2) {
   y1 = x1 * cs - x2 * sn;
   y2 = x2 * cs + x1 * sn;

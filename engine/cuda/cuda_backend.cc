@@ -77,7 +77,8 @@ void DeviceUnreserve(void* p, size_t bytes, int /*device*/) {
   static const FreeFn release = DriverFn<FreeFn>("cuMemAddressFree");
   release(reinterpret_cast<CUdeviceptr>(p), Granules(bytes));
 }
-const DeviceMemory kDeviceMemory{&DeviceAlloc, &DeviceFree, &DeviceZero, &DeviceCopy, &DeviceReserve, &DeviceUnreserve};
+const DeviceMemory kDeviceMemory{&DeviceAlloc, &DeviceFree, &DeviceZero,
+                                 &DeviceCopy, &DeviceReserve, &DeviceUnreserve};
 
 }  // namespace
 
