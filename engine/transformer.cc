@@ -307,7 +307,7 @@ void Transformer::EnsureCapacity(int N) {
   Keep(dh_, &kept_acts_);
   Keep(datt_, &kept_acts_);
   qkv_ = Tensor(DType::kF32, {N, QD + 2 * KD}, d);
-  if (!config_.qk_norm) {  // read only by the q/k/v product's backward (and its bias gradient): kept
+  if (KeepsQkvGradient()) {  // read only by the q/k/v product's backward
     dqkv_ = bf16_only ? Tensor::Reserved(DType::kF32, {N, QD + 2 * KD}, d) : Tensor(DType::kF32, {N, QD + 2 * KD}, d);
     Keep(dqkv_, &kept_acts_);
   }
@@ -373,6 +373,7 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   B.AttentionBackward(dq_.f32(), dk_.f32(), dv_.f32(), datt_.f32(), a.att.f32(), a.lse.f32(), a.q.f32(),
                       a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   // One product's backward over [Wq; Wk; Wv]; db = [dbq; dbk; dbv] from the packed rows.
+  float* dqkv = KeepsQkvGradient() ? dqkv_.f32() : qkv_.f32();
   if (config_.qk_norm) {
     B.RopeBackward(dq_.f32(), pos, inv_freq_.f32(), N, Hq, D);
     B.RopeBackward(dk_.f32(), pos, inv_freq_.f32(), N, Hkv, D);
@@ -380,11 +381,10 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
     dk_pre_.SetZero();
     B.RmsNormBackward(dq_pre_.f32(), g.q_norm, dq_.f32(), a.q_pre.f32(), w.q_norm, a.q_rstd.f32(), N * Hq, D);
     B.RmsNormBackward(dk_pre_.f32(), g.k_norm, dk_.f32(), a.k_pre.f32(), w.k_norm, a.k_rstd.f32(), N * Hkv, D);
-    B.PackQkv(qkv_.f32(), dq_pre_.f32(), dk_pre_.f32(), dv_.f32(), N, Hq * D, Hkv * D);
+    B.PackQkv(dqkv, dq_pre_.f32(), dk_pre_.f32(), dv_.f32(), N, Hq * D, Hkv * D);
   } else {
-    B.RopePackQkv(dqkv_.f32(), dq_.f32(), dk_.f32(), dv_.f32(), pos, inv_freq_.f32(), N, Hq, Hkv, D);
+    B.RopePackQkv(dqkv, dq_.f32(), dk_.f32(), dv_.f32(), pos, inv_freq_.f32(), N, Hq, Hkv, D);
   }
-  const float* dqkv = config_.qk_norm ? qkv_.f32() : dqkv_.f32();
   B.LinearBackward(dln_.f32(), g.q_w, g.q_b, dqkv, a.ln1.f32(), w.q_w, N, C, (Hq + 2 * Hkv) * D, false);
   B.RmsNormBackward(dres, g.in_norm, dln_.f32(), x, w.in_norm, a.rstd1.f32(), N, C);
 }

@@ -199,6 +199,11 @@ class Transformer {
   Weights w_, g_;
   Tensor inv_freq_;
   bool recompute_ = false;
+  // The backward packs the q/k/v gradient into dqkv_, kept in bf16 only (read by the product's
+  // backward alone), when RopePackQkv packs it and no bias gradient is summed from it: summed from
+  // bf16 values, k_proj.bias's gradient (nearly all cancellation: a bias shared by every key moves
+  // no softmax, but for RoPE) came within 7e-4 of the conformance test's 1e-3 NMSE limit. Else qkv_.
+  bool KeepsQkvGradient() const { return !config_.qk_norm && !config_.attention_bias; }
 
   // Saved by Forward() for Backward().
   int capacity_ = 0, N_ = 0, S_ = 0;
@@ -247,8 +252,8 @@ class Transformer {
   // Backward scratch.
   Tensor dres_, dmid_, dln_, datt_, dq_, dk_, dv_, dq_pre_, dk_pre_, dgu_, dh_;
   // [N, QD + 2 KD]: the fused q/k/v product before SplitQkv in the forward; the packed dq | dk | dv
-  // in the backward, in dqkv_ (kept: read only by the q/k/v product's backward) or, with qk_norm,
-  // in qkv_ (never needed across ops: one scratch for all layers).
+  // in the backward, in dqkv_ or qkv_ (KeepsQkvGradient; never needed across ops: one scratch for
+  // all layers).
   Tensor qkv_, dqkv_;
 };
 

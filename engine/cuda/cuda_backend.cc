@@ -533,7 +533,8 @@ void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* d
   else if (dx) gemm_->NN(dx, dout, w, N, C, OC, 1.0f, accumulate_dx ? 1.0f : 0.0f);
   gemm_->TN(dw, dout, x, OC, C, N, 1.0f, 1.0f);
   gemm_->set_cast_reuse(false);
-  // A kept dout (dqkv) has only its bf16 copy, which the products above read too.
+  // A kept dout has only its bf16 copy, which the products above read too, so db sums rounded values
+  // (the Transformer keeps no dout that has a bias: Transformer::KeepsQkvGradient).
   if (db) cuda::BiasBackward(db, dout, KeptCopy(dout, static_cast<size_t>(N) * OC), N, OC, stream_);
   Check("linear backward", /*forget_casts=*/false);
 }
