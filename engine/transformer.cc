@@ -241,13 +241,7 @@ void Transformer::AllocLayerActs(LayerActs* a, int N) const {
   const int64_t C = config_.hidden_size, I = config_.intermediate_size;
   const int64_t QD = config_.num_heads * config_.head_dim, KD = config_.num_kv_heads * config_.head_dim;
   const Device d = backend_->device();
-  // The tensors Keep() hands to the backend: with a backend that keeps them in bf16 only, their f32
-  // storage is never touched, so it is only reserved (addresses, no memory).
-  const bool bf16_only = backend_->KeepsBf16();
-  auto kept = [&](Shape shape) {
-    return bf16_only ? Tensor::Reserved(DType::kF32, std::move(shape), d) : Tensor(DType::kF32, std::move(shape), d);
-  };
-  a->ln1 = kept({N, C});
+  a->ln1 = KeptF32({N, C});
   a->rstd1 = Tensor(DType::kF32, {N}, d);
   if (config_.qk_norm) {
     a->q_pre = Tensor(DType::kF32, {N, QD}, d);
@@ -255,16 +249,24 @@ void Transformer::AllocLayerActs(LayerActs* a, int N) const {
     a->q_rstd = Tensor(DType::kF32, {N, config_.num_heads}, d);
     a->k_rstd = Tensor(DType::kF32, {N, config_.num_kv_heads}, d);
   }
-  a->q = config_.qk_norm ? Tensor(DType::kF32, {N, QD}, d) : kept({N, QD});
+  a->q = config_.qk_norm ? Tensor(DType::kF32, {N, QD}, d) : KeptF32({N, QD});
   a->k = Tensor(DType::kF32, {N, KD}, d);
   a->v = Tensor(DType::kF32, {N, KD}, d);
-  a->att = kept({N, QD});
+  a->att = KeptF32({N, QD});
   a->lse = Tensor(DType::kF32, {N, config_.num_heads}, d);
   a->mid = Tensor(DType::kF32, {N, C}, d);
-  a->ln2 = kept({N, C});
+  a->ln2 = KeptF32({N, C});
   a->rstd2 = Tensor(DType::kF32, {N}, d);
-  a->gu = kept({N, 2 * I});
-  a->h = kept({N, I});
+  a->gu = KeptF32({N, 2 * I});
+  a->h = KeptF32({N, I});
+}
+
+// The tensors Keep() hands to the backend: with a backend that keeps them in bf16 only, their f32
+// storage is never touched, so it is only reserved (addresses, no memory).
+Tensor Transformer::KeptF32(Shape shape) const {
+  const Device d = backend_->device();
+  return backend_->KeepsBf16() ? Tensor::Reserved(DType::kF32, std::move(shape), d)
+                               : Tensor(DType::kF32, std::move(shape), d);
 }
 
 void Transformer::EnsureCapacity(int N) {
@@ -295,20 +297,19 @@ void Transformer::EnsureCapacity(int N) {
   dres_ = Tensor(DType::kF32, {N, C}, d);
   dmid_ = Tensor(DType::kF32, {N, C}, d);
   dln_ = Tensor(DType::kF32, {N, C}, d);
-  const bool bf16_only = backend_->KeepsBf16();  // as in AllocLayerActs: kept, so only reserved
-  datt_ = bf16_only ? Tensor::Reserved(DType::kF32, {N, QD}, d) : Tensor(DType::kF32, {N, QD}, d);
+  datt_ = KeptF32({N, QD});
   dq_ = Tensor(DType::kF32, {N, QD}, d);
   dk_ = Tensor(DType::kF32, {N, KD}, d);
   dv_ = Tensor(DType::kF32, {N, KD}, d);
   dq_pre_ = Tensor(DType::kF32, {N, QD}, d);
   dk_pre_ = Tensor(DType::kF32, {N, KD}, d);
   dgu_ = Tensor(DType::kF32, {N, 2 * I}, d);
-  dh_ = bf16_only ? Tensor::Reserved(DType::kF32, {N, I}, d) : Tensor(DType::kF32, {N, I}, d);
+  dh_ = KeptF32({N, I});
   Keep(dh_, &kept_acts_);
   Keep(datt_, &kept_acts_);
   qkv_ = Tensor(DType::kF32, {N, QD + 2 * KD}, d);
   if (KeepsQkvGradient()) {  // read only by the q/k/v product's backward
-    dqkv_ = bf16_only ? Tensor::Reserved(DType::kF32, {N, QD + 2 * KD}, d) : Tensor(DType::kF32, {N, QD + 2 * KD}, d);
+    dqkv_ = KeptF32({N, QD + 2 * KD});
     Keep(dqkv_, &kept_acts_);
   }
   tokens_d_ = Tensor(DType::kI32, {N}, d);

@@ -175,6 +175,7 @@ class Transformer {
   void EnsureGrads();
   void EnsureCapacity(int N);
   void AllocLayerActs(LayerActs* a, int N) const;
+  Tensor KeptF32(Shape shape) const;  // an f32 tensor for Keep(): only reserved when the backend KeepsBf16
   // Backend::KeepAsBf16 of t, remembered in *kept; ReleaseKept releases them all.
   void Keep(const Tensor& t, std::vector<const float*>* kept);
   void ReleaseKept(std::vector<const float*>* kept);
