@@ -22,6 +22,22 @@ if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $wh
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
 summary=()
+# variant_runs TAG REPS PATTERN VARIANT... -- CMD...: CMD once per variant (default, or NAME=VALUE in
+# its environment), the variants interleaved, REPS rounds; each log is $out/TAG_NAME_REP.log, and the
+# line printed holds what PATTERN (grep -oE) finds in it.
+variant_runs() {
+  local tag=$1 reps=$2 pattern=$3 variants=()
+  shift 3
+  while [ "$1" != -- ]; do variants+=("$1"); shift; done
+  shift
+  for rep in $(seq "$reps"); do
+    for v in "${variants[@]}"; do
+      local f="$out/${tag}_${v%%=*}_$rep.log"
+      env ${v/default/AHA_NONE=1} "$@" > "$f" 2>&1
+      echo "$tag $v $rep: $(grep -oE "$pattern" "$f" | tr '\n' ' ')"
+    done
+  done
+}
 if [[ $what == *tests* ]]; then
   for t in dist/bin/*_test; do
     name=$(basename "$t")
@@ -134,13 +150,8 @@ if [[ $what == *s11* ]]; then
   # engine/cuda/mlp.cu; its blocks shared w by TMA multicast until session 12) against the product +
   # SwiGLU kernel (AHA_FUSED_MLP=0), and its weight copies started under the norm before it (PDL)
   # against an ordinary launch (AHA_MLP_EARLY=0): generation three runs each way, interleaved.
-  for rep in 1 2 3; do
-    for v in default AHA_FUSED_MLP=0 AHA_MLP_EARLY=0; do
-      tag=${v%%=*}
-      env ${v/default/AHA_NONE=1} timeout 150 dist/bin/aha bench gen --repeats 3 --model $model > "$out/gen_s11_${tag}_$rep.log" 2>&1
-      echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' "$out/gen_s11_${tag}_$rep.log" | tr '\n' ' ')"
-    done
-  done
+  variant_runs gen_s11 3 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' default AHA_FUSED_MLP=0 AHA_MLP_EARLY=0 \
+    -- timeout 150 dist/bin/aha bench gen --repeats 3 --model $model
 fi
 if [[ " $what " == *" s13 "* ]]; then
   # Session 13: the training attention kernels (2^x on the special-function unit alone, no mask on
@@ -207,13 +218,8 @@ if [[ " $what " == *" s17w "* ]]; then
       echo "gemm $v $rep: $(grep -E 'SwiGLU' "$f" | grep -v '^{' | grep -oE '[0-9.]+ (us per layer|ns per K step)' | tr '\n' ' ')"
     done
   done
-  for rep in 1 2 3; do
-    for v in default AHA_MLP_WIDE_STORES=0; do
-      f="$out/gen_s17w_${v%%=*}_$rep.log"
-      env ${v/default/AHA_NONE=1} timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$f" 2>&1
-      echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' "$f" | tr '\n' ' ')"
-    done
-  done
+  variant_runs gen_s17w 3 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' default AHA_MLP_WIDE_STORES=0 \
+    -- timeout 120 dist/bin/aha bench gen --repeats 3 --model $model
 fi
 if [[ " $what " == *" s18 "* ]]; then
   # Session 18, on branch exp/attention-fwd-pipe (not merged: slower): the training attention forward
@@ -235,25 +241,15 @@ if [[ " $what " == *" s18 "* ]]; then
       echo "timing $v $rep: $(grep -E 'fwd kv16' "$f" | awk '{print $1, $(NF-1), "ms"}' | tr '\n' ' ')"
     done
   done
-  for rep in 1 2 3; do
-    for v in default AHA_ATTENTION_FWD_PIPE=0; do
-      f="$out/train_s18_${v%%=*}_$rep.log"
-      env ${v/default/AHA_NONE=1} timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$f" 2>&1
-      echo "train $v $rep: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$f" | tr '\n' ' ')"
-    done
-  done
+  variant_runs train_s18 3 'median step [0-9.]+ s|MFU [0-9.]+%' default AHA_ATTENTION_FWD_PIPE=0 \
+    -- timeout 120 dist/bin/aha bench train --steps 5 --model $model
   for v in default AHA_ATTENTION_FWD_PIPE=0; do
     f="$out/profile_s18_${v%%=*}.txt"
     env ${v/default/AHA_NONE=1} AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$f" 2>&1
     echo "profile $v: $(grep -iE 'attention' "$f" | head -3 | tr -s ' ' | tr '\n' ';')"
   done
-  for rep in 1 2; do
-    for v in default AHA_ATTENTION_FWD_PIPE=0; do
-      f="$out/gen_s18_${v%%=*}_$rep.log"
-      env ${v/default/AHA_NONE=1} timeout 120 dist/bin/aha bench gen --repeats 3 --model $model > "$f" 2>&1
-      echo "gen $v $rep: $(grep -oE 'new tokens: [0-9.]+ s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' "$f" | tr '\n' ' ')"
-    done
-  done
+  variant_runs gen_s18 2 'new tokens: [0-9.]+ s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' default \
+    AHA_ATTENTION_FWD_PIPE=0 -- timeout 120 dist/bin/aha bench gen --repeats 3 --model $model
 fi
 if [[ " $what " == *" s18b "* ]]; then
   # Session 18, second call: the attention output kept in bf16 only (dist/) against the build before
