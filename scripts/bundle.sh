@@ -5,6 +5,9 @@
 #   ./scripts/bundle.sh [BUILD_DIR] [EXTRA_BINARY...]   then: dist/bin/aha --help
 # Left out on purpose: glibc and the loader, libstdc++/libgcc_s (every host has them), the CUDA
 # driver (libcuda), and the libraries the GPU hosts ship: cudart, cuBLAS(Lt), NCCL, cuDNN.
+# BUNDLE_CUDA=1 takes cudart, NCCL and cuBLAS(Lt) along too (about 800 MB), for a host or an image
+# that has only the driver (deploy/Dockerfile.cuda); cuBLAS is opened with dlopen (gemm.cu), so ldd
+# does not list it and it is copied from beside the cudart the binaries load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
@@ -13,7 +16,9 @@ shift || true
 rm -rf dist
 mkdir -p dist/bin dist/lib dist/libexec
 
-skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libstdc\+\+|libgcc_s|libcuda\.so|libcudart|libcublas|libcublasLt|libnccl|libcudnn|libnvidia)'
+toolkit='|libcudart|libcublas|libcublasLt|libnccl|libcudnn'
+[ "${BUNDLE_CUDA:-0}" = 1 ] && toolkit=''
+skip="^(linux-vdso|ld-linux|libc\\.so|libm\\.so|libdl\\.so|libpthread\\.so|librt\\.so|libresolv\\.so|libstdc\\+\\+|libgcc_s|libcuda\\.so|libnvidia$toolkit)"
 binaries=("$build"/bin/* "$@")
 for bin in "${binaries[@]}"; do
   [ -f "$bin" ] && [ -x "$bin" ] || continue
@@ -33,6 +38,15 @@ exec "\$here/libexec/$name" "\$@"
 WRAP
   chmod +x dist/bin/"$name"
 done
+if [ "${BUNDLE_CUDA:-0}" = 1 ]; then
+  cudart=$(ldd "$build/bin/aha" | awk '/libcudart\.so\.[0-9]+ => \//{print $3; exit}')
+  [ -n "$cudart" ] || { echo "bundle: BUNDLE_CUDA=1 but $build/bin/aha loads no libcudart (a CPU build?)" >&2; exit 1; }
+  major=${cudart##*.so.}
+  for lib in libcublas.so."$major" libcublasLt.so."$major"; do
+    [ -e "$(dirname "$cudart")/$lib" ] || { echo "bundle: no $lib beside $cudart" >&2; exit 1; }
+    cp -L "$(dirname "$cudart")/$lib" dist/lib/"$lib"
+  done
+fi
 # Files named in BUNDLE_SHARE (space-separated) go to dist/share, e.g. the Qwen3 tokenizer that
 # bench/gpu/scaling.sh initialises the 0.5B shape with.
 if [ -n "${BUNDLE_SHARE:-}" ]; then

@@ -17,6 +17,7 @@ PACKAGES=(
   nodejs curl
   slurmctld slurmd slurm-client munge shellcheck
   prometheus
+  buildah mmdebstrap
 )
 
 missing=()

@@ -41,34 +41,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 143' TERM INT
 
-# Free ports: two for Slurm, and for aha a base B with B..B+17 free (ports of 4 roles), all below
-# the kernel's ephemeral range: the two jobs run a minute apart, and in between any outgoing
-# connection (srun, slurmd, the daemons' clients) may take an ephemeral port, which would then
-# refuse the second job's bind ("Address already in use": seen once in CI).
-read -r CTLD_PORT SLURMD_PORT AHA_BASE < <(python3 - <<'EOF'
-import random, socket
-def free(port):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-try:
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except (OSError, ValueError, IndexError):
-    low = 32768
-top = max(low, 12000) - 18
-def block(n):
-    return next(b for b in iter(lambda: random.randrange(10000, top), None) if all(free(b + i) for i in range(n)))
-ctld = block(1)
-slurmd = next(p for p in iter(lambda: block(1), None) if p != ctld)
-base = next(b for b in iter(lambda: block(18), None) if not (b <= ctld < b + 18 or b <= slurmd < b + 18))
-print(ctld, slurmd, base)
-EOF
-)
+# Free ports: two for Slurm, and for aha a base B with B..B+17 free (ports of 4 roles).
+read -r CTLD_PORT SLURMD_PORT AHA_BASE < <(python3 "$ROOT/tests/deploy/free_ports.py" 1 1 18)
 
 # munge: a fresh key; munged refuses to run as root without --force.
 mkdir -p "$T/munge" "$T/state" "$T/spool" "$T/log"
@@ -145,27 +119,9 @@ run_job() {
 }
 run_job 6
 
-# The run directory is complete, as `aha run` leaves it.
 RUN="$T/job/run"
-missing=0
-for f in config.yaml final_model.txt procs/prepare.done metrics/learner.jsonl \
-         logs/init.log logs/sft.log logs/eval-before.log logs/replay.log logs/rewardd.log logs/learner.log \
-         logs/actor-0.log logs/eval-after.log logs/report.log \
-         models/init/config.json models/sft/model.safetensors checkpoints/latest/model.safetensors \
-         checkpoints/latest/tokenizer.json checkpoints/step-000003/model.safetensors \
-         eval/before.json eval/after.json report/index.html report/summary.txt; do
-  [ -e "$RUN/$f" ] || { say "missing $f"; missing=1; }
-done
-[ "$missing" -eq 0 ] || exit 1
-steps=$(wc -l < "$RUN/metrics/learner.jsonl")
-[ "$steps" -eq 6 ] || { say "metrics/learner.jsonl has $steps lines, want 6"; exit 1; }
-grep -q '"pass@1"' "$RUN/eval/after.json" || { say "eval/after.json has no pass@1"; exit 1; }
-[ "$(cat "$RUN/final_model.txt")" = "$(readlink -f "$RUN/checkpoints/latest")" ] ||
-  { say "final_model.txt is not the newest checkpoint"; exit 1; }
-# Weights went from the learner to the actor over the learner's address, and every process was
-# stopped with SIGTERM (the learner's last checkpoint is its final step's).
-grep -q "swapped in policy version" "$RUN/logs/actor-0.log" || { say "the actor never loaded new weights"; exit 1; }
-grep -q "stopped at step 6" "$RUN/logs/learner.log" || { say "the learner did not finish its 6 steps"; exit 1; }
+bash "$ROOT/tests/deploy/check_run_dir.sh" "$RUN" 6
+[ -e "$RUN/procs/prepare.done" ] || { say "missing procs/prepare.done (the rendered job's prepare step)"; exit 1; }
 if pgrep -f "bin/aha.*$T" >/dev/null; then say "processes outlived the job: $(pgrep -af "bin/aha.*$T")"; exit 1; fi
 
 # Resubmitted with more steps, the job resumes: no stage runs again, the learner continues from its
