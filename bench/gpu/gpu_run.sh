@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -462,6 +462,20 @@ if [[ " $what " == *" s19d "* ]]; then
   tail -n 1 "$out/gen_peer.log"
   timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
   tail -n 1 "$out/train_peer_compile.log"
+fi
+if [[ " $what " == *" s20a "* ]]; then
+  # Session 20: the first backward after ZeroGrad writes the products' weight gradients (beta 0, no
+  # zeroing of them) against AHA_GRAD_OVERWRITE=0 (all zeroed, every backward adds): the whole
+  # conformance test, the models both ways, then the learner step interleaved.
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s20a.log" 2>&1
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s20a.log" | tr '\n' ' ')"
+  grep -E "worst gradient|Failure|FAILED" "$out/conformance_s20a.log" | head -20
+  AHA_GRAD_OVERWRITE=0 timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no --gtest_filter='CudaModel.*' \
+    > "$out/conformance_s20a_old.log" 2>&1
+  echo "conformance AHA_GRAD_OVERWRITE=0: exit $?" \
+    "$(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s20a_old.log" | tr '\n' ' ')"
+  variant_runs s20a 4 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' default AHA_GRAD_OVERWRITE=0 -- \
+    timeout 120 dist/bin/aha bench train --steps 5 --model $model
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
