@@ -204,12 +204,13 @@ int RunTrain(int argc, char** argv) {
   }
   std::vector<double> times;
   StepStats last;
+  double last_s = 0;
   for (int64_t i = 0; i <= steps; ++i) {
     const auto t0 = Clock::now();
     auto st = (*trainer)->Step(groups, 0);  // returns with every replica's device work finished
     const double s = SecondsSince(t0);
     if (!st.ok()) return Fail(prog, st.status().message());
-    if (i > 0) times.push_back(s), last = *st;  // step 0 is the warm-up
+    if (i > 0) times.push_back(s), last = *st, last_s = s;  // step 0 is the warm-up
     if (i == 0)  // AHA_PROFILE=1 reports the timed steps only
       for (engine::Backend* b : BackendPointers(*backends)) b->ResetProfile();
   }
@@ -225,7 +226,10 @@ int RunTrain(int argc, char** argv) {
   if (replicas > 1) where = std::to_string(replicas) + " x " + where + " (data parallel)";
   std::cout << "aha bench train on " << where << ": " << sequences << " x " << seq_len << " tokens, beta " << beta
             << ": median step " << median << " s (forward " << last.forward_s << ", backward " << last.backward_s
-            << ", reduce wait " << last.reduce_s << ", optimizer " << last.optimizer_s << "), " << tokens / median
+            << ", loss on the host " << last.loss_s << ", reduce wait " << last.reduce_s << ", optimizer "
+            << last.optimizer_s << ", the rest of the last step "
+            << last_s - last.forward_s - last.loss_s - last.backward_s - last.reduce_s - last.optimizer_s << "), "
+            << tokens / median
             << " tokens/s, " << flops / median / 1e12 << " TFLOP/s, MFU " << 100 * mfu << "% of " << replicas
             << " x " << peak_tflops << "; device memory in use " << engine::DeviceMemoryGiB((*backends)[0].get())
             << " GiB\n";
@@ -235,7 +239,7 @@ int RunTrain(int argc, char** argv) {
                       {"tokens_per_s", tokens / median}, {"tflops", flops / median / 1e12},
                       {"mfu", mfu},               {"forward_s", last.forward_s},
                       {"device_memory_gib", engine::DeviceMemoryGiB((*backends)[0].get())},
-                      {"backward_s", last.backward_s}, {"reduce_s", last.reduce_s},
+                      {"backward_s", last.backward_s}, {"reduce_s", last.reduce_s}, {"loss_s", last.loss_s},
                       {"optimizer_s", last.optimizer_s}};
   std::cout << j.dump() << "\n";
   return 0;

@@ -110,11 +110,11 @@ Result<GrpoLossOutput> GrpoLoss(std::span<const SequenceInput> sequences, const 
     // KL part (identical in every mode, up to the weight).
     if (with_kl) {
       for (size_t t = 0; t < T; ++t) {
-        double d = double(s.ref_logp[t]) - double(s.new_logp[t]);
-        double kl = std::exp(d) - d - 1.0;
+        const double d = double(s.ref_logp[t]) - double(s.new_logp[t]), e = std::exp(d);
+        const double kl = e - d - 1.0;
         out.kl += w * kl;
         out.loss += w * o.beta * kl;
-        g[t] += static_cast<float>(w * o.beta * (1.0 - std::exp(d)));
+        g[t] += static_cast<float>(w * o.beta * (1.0 - e));
       }
     }
 

@@ -49,7 +49,7 @@ struct GrpoTrainer::Shard {
   const Normaliser* norm = nullptr;  // the whole batch's
   double loss = 0, pg_loss = 0, kl = 0, entropy_sum = 0;
   int64_t entropy_count = 0, clipped_low = 0, clipped_high = 0, clip_units = 0, tokens = 0;
-  double forward_s = 0, backward_s = 0, reduce_s = 0;
+  double forward_s = 0, backward_s = 0, reduce_s = 0, loss_s = 0;
 };
 
 Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(const TrainerOptions& options,
@@ -227,6 +227,7 @@ Result<StepStats> GrpoTrainer::Step(const std::vector<TrainGroup>& groups, uint6
     st.forward_s = std::max(st.forward_s, sh.forward_s);
     st.backward_s = std::max(st.backward_s, sh.backward_s);
     st.reduce_s = std::max(st.reduce_s, sh.reduce_s);
+    st.loss_s = std::max(st.loss_s, sh.loss_s);
   }
   st.entropy = entropy_count ? entropy_sum / static_cast<double>(entropy_count) : 0;
   st.clip_low = clip_units ? static_cast<double>(clipped_low) / static_cast<double>(clip_units) : 0;
@@ -286,6 +287,7 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
                              rep.ref_entropies.data(), rep.score_from.data());
     }
     sh.forward_s += SecondsSince(t0);
+    const auto t_loss = std::chrono::steady_clock::now();
 
     std::vector<SequenceInput> inputs;
     for (size_t i = next; i < end; ++i) {
@@ -327,6 +329,7 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
       ready = [&](size_t begin) {
         if (status.ok()) status = reducer_->GradsReady(rank, begin);
       };
+    sh.loss_s += SecondsSince(t_loss);
     auto t1 = std::chrono::steady_clock::now();
     rep.model->Backward(rep.dlogprobs.data(), nullptr, ready);
     rep.backend->Synchronize();  // device ops are asynchronous: charge the backward to the backward

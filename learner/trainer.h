@@ -68,7 +68,8 @@ struct StepStats {
   double max_staleness = 0;  // learner version - oldest sample version
   // Phase times; with several replicas, the slowest replica's. reduce_s is the wait for the gradient
   // sum after the replica's own backward (the part of the reduction that did not overlap it).
-  double forward_s = 0, backward_s = 0, reduce_s = 0, optimizer_s = 0;
+  // loss_s is the host's loss and its gradient between forward and backward (the device idles).
+  double forward_s = 0, backward_s = 0, reduce_s = 0, optimizer_s = 0, loss_s = 0;
 };
 
 struct TrainerOptions {

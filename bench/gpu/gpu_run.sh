@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -476,6 +476,12 @@ if [[ " $what " == *" s20a "* ]]; then
     "$(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s20a_old.log" | tr '\n' ' ')"
   variant_runs s20a 4 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' default AHA_GRAD_OVERWRITE=0 -- \
     timeout 120 dist/bin/aha bench train --steps 5 --model $model
+fi
+if [[ " $what " == *" s20b "* ]]; then
+  # Session 20: where the learner step's time outside the device's phases goes (the host's loss,
+  # the rest of the step), three runs.
+  variant_runs s20b 3 'median step [0-9.]+ s|forward [0-9.e-]+|loss on the host [0-9.e-]+|backward [0-9.e-]+|optimizer [0-9.e-]+|the rest of the last step [0-9.e-]+' \
+    default -- timeout 120 dist/bin/aha bench train --steps 5 --model $model
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
