@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -482,6 +482,16 @@ if [[ " $what " == *" s20b "* ]]; then
   # the rest of the step), three runs.
   variant_runs s20b 3 'median step [0-9.]+ s|forward [0-9.e-]+|loss on the host [0-9.e-]+|backward [0-9.e-]+|optimizer [0-9.e-]+|the rest of the last step [0-9.e-]+' \
     default -- timeout 120 dist/bin/aha bench train --steps 5 --model $model
+fi
+if [[ " $what " == *" s20c "* ]]; then
+  # Session 20, the closing call: the learner step with its peak memory and generation, twice each,
+  # beside HF generate and the torch.compile step.
+  train_ab s20c 2 new
+  gen_runs s20c 2
+  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  tail -n 1 "$out/gen_peer.log"
+  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  tail -n 1 "$out/train_peer_compile.log"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
