@@ -57,8 +57,6 @@ class Backend {
   // Download move them from and to host memory. All three are ordered with the ops; Download returns
   // once the bytes are on the host. On the CPU they are memcpy.
   virtual void Copy(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
-  // bytes of p set to 0, in order with the ops (Tensor::SetZero is synchronous).
-  virtual void Zero(void* p, size_t bytes) { std::memset(p, 0, bytes); }
   virtual void Upload(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   virtual void Download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   // A download that does not wait: enqueues the copy (ordered with the ops) and returns a ticket;
@@ -159,13 +157,10 @@ class Backend {
     LinearForward(tmp, a, w, nullptr, N, K, C);
     AddRmsNormForward(x, ln, rstd, tmp, norm_w, N, C, eps);
   }
-  // dx[N, C] (= or += per accumulate_dx) dout @ w; dw (+= or = per accumulate_dw) dout^T @ x;
-  // db += column sums of dout (db may be null). dx may be null when the input needs no gradient.
-  // accumulate_dw false is the first backward after Transformer::ZeroGrad, which leaves the
-  // products' weight gradients to be written rather than added to (no zeroing, no read of them).
+  // dx[N, C] (= or += per accumulate_dx) dout @ w; dw += dout^T @ x; db += column sums of dout
+  // (db may be null). dx may be null when the input needs no gradient.
   virtual void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x,
-                              const float* w, int N, int C, int OC, bool accumulate_dx,
-                              bool accumulate_dw = true) = 0;
+                              const float* w, int N, int C, int OC, bool accumulate_dx) = 0;
 
   // The fused q/k/v product (one LinearForward over the adjacent q_proj, k_proj, v_proj weights)
   // qkv[N, QD + 2 KD], each row q | k | v, split into q[N, QD], k[N, KD], v[N, KD], adding
@@ -221,13 +216,13 @@ class Backend {
   }
 
   // The MLP's gate/up backward from dh in one op: SwiGluBackward(dgu, dh, gu, N, I), then
-  // LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2I, false, accumulate_dw). dgu[N, 2I] is
-  // scratch: the CUDA backend with bf16 products writes only its bf16 copy, which both products
-  // read, and leaves the f32 buffer unwritten. This default runs the two ops.
+  // LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2I, false). dgu[N, 2I] is scratch: the CUDA
+  // backend with bf16 products writes only its bf16 copy, which both products read, and leaves the
+  // f32 buffer unwritten. This default runs the two ops.
   virtual void SwiGluLinearBackward(float* dx, float* dw, float* dgu, const float* dh, const float* gu, const float* x,
-                                    const float* w, int N, int C, int I, bool accumulate_dw = true) {
+                                    const float* w, int N, int C, int I) {
     SwiGluBackward(dgu, dh, gu, N, I);
-    LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2 * I, false, accumulate_dw);
+    LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2 * I, false);
   }
 
   // out[n] = a[n] + b[n]; out may alias a or b.
@@ -299,12 +294,11 @@ class Backend {
   virtual void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                              const int32_t* targets, int N, int C, int V, float temperature) = 0;
   // Given dlogprob[N] and dentropy[N] (either may be null = zero): overwrites dh[N, C] and
-  // accumulates dw[V, C] += (overwrites it when accumulate_dw is false, as LinearBackward).
-  // Recomputes each chunk's logits; needs the forward's lse and entropy.
+  // accumulates dw[V, C] +=. Recomputes each chunk's logits; needs the forward's lse and entropy.
   virtual void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy,
                               const float* h, const float* w, const int32_t* targets,
                               const float* lse, const float* entropy, int N, int C, int V,
-                              float temperature, bool accumulate_dw = true) = 0;
+                              float temperature) = 0;
 
   // The same two ops with the logits kept in between: LmHeadForwardKeep also leaves each chunk's
   // logits z (h w^T / temperature, f32) in logits[N * V], and LmHeadBackwardKept reads them there
@@ -319,9 +313,8 @@ class Backend {
   }
   virtual void LmHeadBackwardKept(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
                                   const float* w, const int32_t* targets, const float* lse, const float* entropy,
-                                  int N, int C, int V, float temperature, float* /*logits*/,
-                                  bool accumulate_dw = true) {
-    LmHeadBackward(dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, accumulate_dw);
+                                  int N, int C, int V, float temperature, float* /*logits*/) {
+    LmHeadBackward(dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature);
   }
 
   // ---- optimizer ----------------------------------------------------------------------------------

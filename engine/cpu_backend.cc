@@ -152,13 +152,12 @@ void CpuBackend::LinearForward(float* out, const float* x, const float* w, const
 }
 
 void CpuBackend::LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x,
-                                const float* w, int N, int C, int OC, bool accumulate_dx, bool accumulate_dw) {
+                                const float* w, int N, int C, int OC, bool accumulate_dx) {
   if (dx) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, w, C,
                 accumulate_dx ? 1.0f : 0.0f, dx, C);
   }
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, x, C, accumulate_dw ? 1.0f : 0.0f,
-              dw, C);
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, x, C, 1.0f, dw, C);
   if (db) {
     for (int n = 0; n < N; ++n)
       for (int o = 0; o < OC; ++o) db[o] += dout[static_cast<size_t>(n) * OC + o];
@@ -441,8 +440,7 @@ void CpuBackend::LmHeadForward(float* logprob, float* entropy, float* lse, const
 
 void CpuBackend::LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy,
                                 const float* h, const float* w, const int32_t* targets, const float* lse,
-                                const float* entropy, int N, int C, int V, float temperature, bool accumulate_dw) {
-  if (!accumulate_dw) std::fill(dw, dw + static_cast<size_t>(V) * C, 0.0f);
+                                const float* entropy, int N, int C, int V, float temperature) {
   // With p = softmax(z), z = logits / T:
   //   d logprob / dz_j = [j = target] - p_j;   d entropy / dz_j = -p_j (log p_j + H);
   //   d / dlogits = d / dz / T.  Then dh = dlogits @ w, dw += dlogits^T @ h, chunk by chunk.

@@ -26,7 +26,7 @@ class CpuBackend final : public Backend {
   void LinearForward(float* out, const float* x, const float* w, const float* b, int N, int C,
                      int OC) override;
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
-                      int N, int C, int OC, bool accumulate_dx, bool accumulate_dw = true) override;
+                      int N, int C, int OC, bool accumulate_dx) override;
   void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD,
                 int KD) override;
   void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) override;
@@ -46,7 +46,7 @@ class CpuBackend final : public Backend {
                      const int32_t* targets, int N, int C, int V, float temperature) override;
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
                       const float* w, const int32_t* targets, const float* lse, const float* entropy,
-                      int N, int C, int V, float temperature, bool accumulate_dw = true) override;
+                      int N, int C, int V, float temperature) override;
   double SumSquares(const float* x, size_t n) override;
   void Scale(float* x, float s, size_t n) override;
   void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,

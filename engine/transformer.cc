@@ -149,55 +149,10 @@ float* Transformer::param(const std::string& name) {
 }
 
 float* Transformer::grad(const std::string& name) {
-  SettleGrads();
+  EnsureGrads();
   for (const auto& p : table_)
     if (p.name == name) return grads_.f32() + p.offset;
   return nullptr;
-}
-
-std::vector<std::pair<size_t, size_t>> Transformer::ProductGradRanges() const {
-  // Every *_proj.weight is one product's (LayerBackward); the lm-head's is the LmHeadBackward's, also
-  // when tied to the embedding, whose backward then adds to it after the lm-head wrote it.
-  std::vector<std::pair<size_t, size_t>> out;
-  const std::string proj = "_proj.weight";
-  for (const auto& p : table_) {
-    const std::string& n = p.name;
-    const bool product = (n.size() > proj.size() && n.compare(n.size() - proj.size(), proj.size(), proj) == 0) ||
-                         n == "lm_head.weight" || (config_.tie_word_embeddings && n == "model.embed_tokens.weight");
-    if (!product) continue;
-    if (!out.empty() && out.back().second == p.offset) out.back().second += p.numel();
-    else out.emplace_back(p.offset, p.offset + p.numel());
-  }
-  return out;
-}
-
-void Transformer::ZeroGrad() {
-  EnsureGrads();
-  // AHA_GRAD_OVERWRITE=0: every gradient zeroed here and added to by every Backward (for the A/B).
-  static const bool overwrite = [] {
-    const char* e = std::getenv("AHA_GRAD_OVERWRITE");
-    return !(e && std::string(e) == "0");
-  }();
-  if (!overwrite) {
-    backend_->Zero(grads_.f32(), num_params() * sizeof(float));
-    grads_unwritten_ = false;
-    return;
-  }
-  size_t at = 0;
-  for (const auto& [begin, end] : ProductGradRanges()) {
-    if (begin > at) backend_->Zero(grads_.f32() + at, (begin - at) * sizeof(float));
-    at = end;
-  }
-  if (num_params() > at) backend_->Zero(grads_.f32() + at, (num_params() - at) * sizeof(float));
-  grads_unwritten_ = true;
-}
-
-void Transformer::SettleGrads() {
-  EnsureGrads();
-  if (!grads_unwritten_) return;
-  for (const auto& [begin, end] : ProductGradRanges())
-    backend_->Zero(grads_.f32() + begin, (end - begin) * sizeof(float));
-  grads_unwritten_ = false;
 }
 
 // ---- load / init / save ------------------------------------------------------------------------
@@ -400,7 +355,7 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
 }
 
 void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres, const int32_t* pos,
-                                const int32_t* cu_seqlens, int S, int N, bool accumulate_dw) {
+                                const int32_t* cu_seqlens, int S, int N) {
   // dres holds d loss / d (layer output) on entry and d loss / d (layer input x) on exit.
   Backend& B = *backend_;
   const LayerWeights& w = w_.layers[l];
@@ -410,13 +365,12 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   // dres becomes d mid in place: the residual passes d out through, and the post-attention norm's
   // backward adds into it once the down product's backward has read it (ops run in order).
   // MLP branch: out = mid + down(swiglu(gu)), gu = ln2 [Wg; Wu]^T.
-  B.LinearBackward(dh_.f32(), g.down_w, nullptr, dres, a.h.f32(), w.down_w, N, I, C, false, accumulate_dw);
-  B.SwiGluLinearBackward(dln_.f32(), g.gate_w, dgu_.f32(), dh_.f32(), a.gu.f32(), a.ln2.f32(), w.gate_w, N, C, I,
-                         accumulate_dw);
+  B.LinearBackward(dh_.f32(), g.down_w, nullptr, dres, a.h.f32(), w.down_w, N, I, C, false);
+  B.SwiGluLinearBackward(dln_.f32(), g.gate_w, dgu_.f32(), dh_.f32(), a.gu.f32(), a.ln2.f32(), w.gate_w, N, C, I);
   B.RmsNormBackward(dres, g.post_norm, dln_.f32(), a.mid.f32(), w.post_norm, a.rstd2.f32(), N, C);
   // Attention branch: mid = x + o(attn(rope(norm(q(ln1))), rope(norm(k(ln1))), v(ln1))); likewise
   // dres becomes d x when the input norm's backward adds into it at the end.
-  B.LinearBackward(datt_.f32(), g.o_w, nullptr, dres, a.att.f32(), w.o_w, N, Hq * D, C, false, accumulate_dw);
+  B.LinearBackward(datt_.f32(), g.o_w, nullptr, dres, a.att.f32(), w.o_w, N, Hq * D, C, false);
   B.AttentionBackward(dq_.f32(), dk_.f32(), dv_.f32(), datt_.f32(), a.att.f32(), a.lse.f32(), a.q.f32(),
                       a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   // One product's backward over [Wq; Wk; Wv]; db = [dbq; dbk; dbv] from the packed rows.
@@ -432,8 +386,7 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   } else {
     B.RopePackQkv(dqkv, dq_.f32(), dk_.f32(), dv_.f32(), pos, inv_freq_.f32(), N, Hq, Hkv, D);
   }
-  B.LinearBackward(dln_.f32(), g.q_w, g.q_b, dqkv, a.ln1.f32(), w.q_w, N, C, (Hq + 2 * Hkv) * D, false,
-                   accumulate_dw);
+  B.LinearBackward(dln_.f32(), g.q_w, g.q_b, dqkv, a.ln1.f32(), w.q_w, N, C, (Hq + 2 * Hkv) * D, false);
   B.RmsNormBackward(dres, g.in_norm, dln_.f32(), x, w.in_norm, a.rstd1.f32(), N, C);
 }
 
@@ -521,9 +474,6 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
 
 void Transformer::Backward(const float* dlogprobs, const float* dentropies, const GradsReady& ready) {
   EnsureGrads();
-  // After ZeroGrad the products write their weight gradients (ProductGradRanges), else add to them.
-  const bool acc = !grads_unwritten_;
-  grads_unwritten_ = false;
   const int N = N_, C = config_.hidden_size, L = config_.num_layers;
   Backend& B = *backend_;
   const int M = static_cast<int>(lm_rows_.size());
@@ -539,18 +489,16 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
     if (logits_kept_) {  // the Forward's logits, consumed here
       B.LmHeadBackwardKept(dlnf_rows_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_rows_.f32(),
                            w_.lm_head, targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), M, C, config_.vocab_size,
-                           temperature_, lm_z_.f32(), acc);
+                           temperature_, lm_z_.f32());
       logits_kept_ = false;
     } else {
       B.LmHeadBackward(dlnf_rows_.f32(), g_.lm_head, drow_lp_d_.f32(), drow_ent_d_.f32(), lnf_rows_.f32(),
                        w_.lm_head, targets_d_.i32(), lm_lse_.f32(), row_ent_.f32(), M, C, config_.vocab_size,
-                       temperature_, acc);
+                       temperature_);
     }
     // Back to the rows they came from (the rows are distinct: the embedding backward's scatter-add
     // into zeros is a plain scatter).
     B.EmbeddingBackward(dln_.f32(), dlnf_rows_.f32(), lm_rows_d_.i32(), M, C);
-  } else if (!acc) {  // no row is scored: the lm-head's gradient is zero
-    B.Zero(g_.lm_head, static_cast<size_t>(config_.vocab_size) * C * sizeof(float));
   }
   dres_.SetZero();
   B.RmsNormBackward(dres_.f32(), g_.final_norm, dln_.f32(), resid_[L].f32(), w_.final_norm, rstdf_.f32(), N, C);
@@ -565,7 +513,7 @@ void Transformer::Backward(const float* dlogprobs, const float* dentropies, cons
       LayerForward(l, a, resid_[l].f32(), dmid_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N,
                    /*ln1_ready=*/false, NextNorm{});
     }
-    LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N, acc);
+    LayerBackward(l, a, resid_[l].f32(), dres_.f32(), positions_d_.i32(), cu_seqlens_d_.i32(), S_, N);
     if (ready) ready(offset(g_.layers[l].in_norm));
   }
   B.EmbeddingBackward(g_.wte, dres_.f32(), tokens_d_.i32(), N, C);

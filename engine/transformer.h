@@ -13,8 +13,7 @@
 // q_proj, k_proj and v_proj weights are adjacent (then their biases, also adjacent), and so are
 // gate_proj and up_proj, so that each group is one product: qkv = a [Wq; Wk; Wv]^T, gu = b [Wg; Wu]^T.
 // The gradient buffer exists from the first call that needs it (grads(), ZeroGrad(), Backward()).
-// Gradients ACCUMULATE across Backward() calls until ZeroGrad() (gradient accumulation over micro-batches);
-// the first Backward() after ZeroGrad() writes the products' weight gradients instead (ZeroGrad()).
+// Gradients ACCUMULATE across Backward() calls until ZeroGrad() (gradient accumulation over micro-batches).
 // Forward() saves the activations Backward() needs; with recompute on, only each layer's input is
 // kept and the rest is recomputed layer by layer during Backward() (less memory, one more forward).
 // Not thread-safe: one Transformer is driven by one thread (its backend parallelises inside ops).
@@ -91,20 +90,11 @@ class Transformer {
   void ParamsChanged() { backend_->WeightsChanged(params_.f32()); }
   // Gradients are allocated on first use, so inference-only models (actors, `aha generate`) do not
   // pay for a second copy of the weights.
-  float* grads() { SettleGrads(); return grads_.f32(); }
+  float* grads() { EnsureGrads(); return grads_.f32(); }
   // Parameter / gradient by HF name, or nullptr.
   float* param(const std::string& name);
   float* grad(const std::string& name);
-  // Zeroes the gradients. The products' weight gradients (each layer's q/k/v, o, gate/up and down,
-  // and the lm-head's) only in effect: the next Backward() writes them instead of adding to them
-  // (beta 0 in those products, as PyTorch's zero_grad(set_to_none=True) leaves a first backward to
-  // write .grad), which saves zeroing and reading most of the buffer. grads() and grad() settle them
-  // to zeros first if they are read before that Backward().
-  void ZeroGrad();
-  // Makes the buffer hold the gradients' values (the zeros ZeroGrad left to the next Backward), for
-  // a reader of the raw buffer that may come before any Backward: a data-parallel reduction bound
-  // to it when this replica had no micro-batch.
-  void SettleGrads();
+  void ZeroGrad() { EnsureGrads(); grads_.SetZero(); }
   void set_recompute(bool on) { recompute_ = on; }
   // Decode steps (one new token per sequence) replay a captured graph per batch bucket (powers of
   // two up to the cache's max_batch) where the backend has graphs; on by default.
@@ -201,18 +191,13 @@ class Transformer {
   void LayerForward(int l, LayerActs& a, const float* x, float* out, const int32_t* pos,
                     const int32_t* cu_seqlens, int S, int N, bool ln1_ready, const NextNorm& next);
   void LayerBackward(int l, LayerActs& a, const float* x, float* dres, const int32_t* pos,
-                     const int32_t* cu_seqlens, int S, int N, bool accumulate_dw);
+                     const int32_t* cu_seqlens, int S, int N);
 
   ModelConfig config_;
   Backend* backend_;
   std::vector<ParamInfo> table_;
   Tensor params_, grads_;
   Weights w_, g_;
-  // Set by ZeroGrad(): the products' weight gradients are to be written by the next Backward()
-  // (their contents are stale until then); cleared by Backward() and SettleGrads().
-  bool grads_unwritten_ = false;
-  // [begin, end) float offsets of the gradients a Backward() writes whole with its products.
-  std::vector<std::pair<size_t, size_t>> ProductGradRanges() const;
   Tensor inv_freq_;
   bool recompute_ = false;
   // The backward packs the q/k/v gradient into dqkv_, kept in bf16 only (read by the product's

@@ -338,9 +338,7 @@ Status GrpoTrainer::ForwardBackward(int rank, Shard& sh) {
     next = end;
   }
   if (reducer_) {
-    // Also after a failure or with no sequences at all: the other ranks wait for this one's buckets,
-    // which hold zeros then only once settled (ZeroGrad leaves the products' to the next Backward).
-    rep.model->SettleGrads();
+    // Also after a failure or with no sequences at all: the other ranks wait for this one's buckets.
     auto t2 = std::chrono::steady_clock::now();
     Status reduced = reducer_->Finish(rank);
     sh.reduce_s = SecondsSince(t2);

@@ -464,9 +464,10 @@ if [[ " $what " == *" s19d "* ]]; then
   tail -n 1 "$out/train_peer_compile.log"
 fi
 if [[ " $what " == *" s20a "* ]]; then
-  # Session 20: the first backward after ZeroGrad writes the products' weight gradients (beta 0, no
-  # zeroing of them) against AHA_GRAD_OVERWRITE=0 (all zeroed, every backward adds): the whole
-  # conformance test, the models both ways, then the learner step interleaved.
+  # Session 20, on branch exp/grad-overwrite (not merged: +5% data parallel): the first backward
+  # after ZeroGrad writes the products' weight gradients (beta 0, no zeroing of them) against
+  # AHA_GRAD_OVERWRITE=0 (all zeroed, every backward adds): the whole conformance test, the models
+  # both ways, then the learner step interleaved.
   timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s20a.log" 2>&1
   echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s20a.log" | tr '\n' ' ')"
   grep -E "worst gradient|Failure|FAILED" "$out/conformance_s20a.log" | head -20

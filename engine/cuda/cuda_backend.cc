@@ -279,10 +279,6 @@ void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
   Check("copy");
 }
-void CudaBackend::Zero(void* p, size_t bytes) {
-  if (bytes) CheckCuda(cudaMemsetAsync(p, 0, bytes, stream_), "zero");
-  Check("zero");
-}
 void CudaBackend::EnsureHost(HostSlot& slot, size_t bytes, const char* what) {
   if (!slot.done) CheckCuda(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming), what);
   if (slot.bytes >= bytes) return;
@@ -526,7 +522,7 @@ void CudaBackend::LinearAddRmsNorm(float* x, float* ln, float* rstd, float* tmp,
 }
 
 void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
-                                 int N, int C, int OC, bool accumulate_dx, bool accumulate_dw) {
+                                 int N, int C, int OC, bool accumulate_dx) {
   uint16_t* kept = dx ? KeptCopy(dx, static_cast<size_t>(N) * C) : nullptr;
   if (kept && accumulate_dx) {
     std::fprintf(stderr, "aha CudaBackend: LinearBackward accumulating into a range kept in bf16\n");
@@ -535,7 +531,7 @@ void CudaBackend::LinearBackward(float* dx, float* dw, float* db, const float* d
   gemm_->set_cast_reuse(true);
   if (kept) gemm_->NNBf16(kept, dx, dout, w, N, C, OC);
   else if (dx) gemm_->NN(dx, dout, w, N, C, OC, 1.0f, accumulate_dx ? 1.0f : 0.0f);
-  gemm_->TN(dw, dout, x, OC, C, N, 1.0f, accumulate_dw ? 1.0f : 0.0f);
+  gemm_->TN(dw, dout, x, OC, C, N, 1.0f, 1.0f);
   gemm_->set_cast_reuse(false);
   // A kept dout has only its bf16 copy, which the products above read too, so db sums rounded values
   // (the Transformer keeps no dout that has a bias: Transformer::KeepsQkvGradient).
@@ -597,15 +593,15 @@ void CudaBackend::SwiGluBackward(float* dgu, const float* dh, const float* gu, i
 // fewer bytes than SwiGluBackward's). With f32 products, or no room for the copy while capturing a
 // graph, the two ops run as they are.
 void CudaBackend::SwiGluLinearBackward(float* dx, float* dw, float* dgu, const float* dh, const float* gu,
-                                       const float* x, const float* w, int N, int C, int I, bool accumulate_dw) {
+                                       const float* x, const float* w, int N, int C, int I) {
   const size_t n = static_cast<size_t>(N) * 2 * I;
   uint16_t* copy = CastCopy(n);  // null with f32 products
-  if (copy == nullptr) return Backend::SwiGluLinearBackward(dx, dw, dgu, dh, gu, x, w, N, C, I, accumulate_dw);
+  if (copy == nullptr) return Backend::SwiGluLinearBackward(dx, dw, dgu, dh, gu, x, w, N, C, I);
   cuda::SwiGluBackward(nullptr, dh, KeptCopy(dh, n / 2), gu, KeptCopy(gu, n), N, I, copy, stream_);
   Check("swiglu backward");
   AdoptCastCopy(dgu, n, copy);
   const uint64_t reads = gemm_->adopted_reads();
-  LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2 * I, false, accumulate_dw);
+  LinearBackward(dx, dw, nullptr, dgu, x, w, N, C, 2 * I, false);
   // Both products (one without dx) read dgu from its copy: its f32 values do not exist.
   if (gemm_->adopted_reads() != reads + (dx ? 2 : 1)) {
     std::fprintf(stderr, "aha CudaBackend: the gate/up backward product cast dgu instead of reading its bf16 copy\n");
@@ -854,9 +850,8 @@ void CudaBackend::LmHeadForward(float* logprob, float* entropy, float* lse, cons
 }
 void CudaBackend::LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
                                  const float* w, const int32_t* targets, const float* lse, const float* entropy, int N,
-                                 int C, int V, float temperature, bool accumulate_dw) {
-  LmHeadBackwardKept(dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, nullptr,
-                     accumulate_dw);
+                                 int C, int V, float temperature) {
+  LmHeadBackwardKept(dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, nullptr);
 }
 
 // With logits null the chunk logits live in the workspace only (and the backward recomputes them).
@@ -868,11 +863,10 @@ void CudaBackend::LmHeadForwardKeep(float* logprob, float* entropy, float* lse, 
 }
 void CudaBackend::LmHeadBackwardKept(float* dh, float* dw, const float* dlogprob, const float* dentropy,
                                      const float* h, const float* w, const int32_t* targets, const float* lse,
-                                     const float* entropy, int N, int C, int V, float temperature, float* logits,
-                                     bool accumulate_dw) {
+                                     const float* entropy, int N, int C, int V, float temperature, float* logits) {
   void* ws = Workspace(LmHeadWorkspace(N, V));
   cuda::LmHeadBackward(*gemm_, dh, dw, dlogprob, dentropy, h, w, targets, lse, entropy, N, C, V, temperature, ws,
-                       stream_, logits, accumulate_dw);
+                       stream_, logits);
   Check("lm-head backward");
 }
 

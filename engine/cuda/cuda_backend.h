@@ -46,7 +46,6 @@ class CudaBackend final : public Backend {
   bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
 
   void Copy(void* dst, const void* src, size_t bytes) override;
-  void Zero(void* p, size_t bytes) override;
   // Uploads of up to kStageBytes go through page-locked staging (copied there, then an async DMA), so
   // they never wait for the stream: a pageable source may make the driver sync the stream first,
   // which would stall a host that runs ahead of the GPU.
@@ -88,7 +87,7 @@ class CudaBackend final : public Backend {
   int SplitParts(int N, int K, int C) const;
   void set_split_k(int parts) { split_k_ = parts; }
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int N,
-                      int C, int OC, bool accumulate_dx, bool accumulate_dw = true) override;
+                      int C, int OC, bool accumulate_dx) override;
   void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD) override;
   void PackQkv(float* dqkv, const float* dq, const float* dk, const float* dv, int N, int QD, int KD) override;
   void SwiGluForward(float* h, const float* gu, int N, int I) override;
@@ -114,7 +113,7 @@ class CudaBackend final : public Backend {
   void KvCacheWrite(const PagedKv& cache, const float* k, const float* v, const int32_t* cu_q, const int32_t* start,
                     int B, int Nq, int Hkv, int D) override;
   void SwiGluLinearBackward(float* dx, float* dw, float* dgu, const float* dh, const float* gu, const float* x,
-                            const float* w, int N, int C, int I, bool accumulate_dw = true) override;
+                            const float* w, int N, int C, int I) override;
   void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
                const float* inv_freq, int N, int Hq, int Hkv, int D) override;
   void QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv, const float* bias,
@@ -137,13 +136,13 @@ class CudaBackend final : public Backend {
                      const int32_t* targets, int N, int C, int V, float temperature) override;
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
                       const float* w, const int32_t* targets, const float* lse, const float* entropy, int N, int C,
-                      int V, float temperature, bool accumulate_dw = true) override;
+                      int V, float temperature) override;
   bool KeepsLogits() const override { return true; }
   void LmHeadForwardKeep(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                          const int32_t* targets, int N, int C, int V, float temperature, float* logits) override;
   void LmHeadBackwardKept(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
                           const float* w, const int32_t* targets, const float* lse, const float* entropy, int N,
-                          int C, int V, float temperature, float* logits, bool accumulate_dw = true) override;
+                          int C, int V, float temperature, float* logits) override;
   double SumSquares(const float* x, size_t n) override;
   void Scale(float* x, float s, size_t n) override;
   void AdamW(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,

@@ -219,7 +219,7 @@ void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const
 void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, const float* dentropy,
                     const float* h, const float* w, const int32_t* targets, const float* lse,
                     const float* entropy, int N, int C, int V, float temperature, void* workspace,
-                    cudaStream_t s, float* logits = nullptr, bool accumulate_dw = true);
+                    cudaStream_t s, float* logits = nullptr);
 
 // Samples one token per row of logits[B, V] (unscaled). Per row b: temperature[b] == 0 is greedy
 // (argmax, lowest id on ties); else z = logits / T, restricted to the top_k[b] largest (0 = off)

@@ -852,9 +852,7 @@ void LmHeadForward(Gemm& gemm, float* logprob, float* entropy, float* lse, const
 void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, const float* dentropy,
                     const float* h, const float* w, const int32_t* targets, const float* lse,
                     const float* entropy, int N, int C, int V, float temperature, void* workspace,
-                    cudaStream_t s, float* logits, bool accumulate_dw) {
-  if (!accumulate_dw && (N <= 0 || C <= 0 || V <= 0 || (dlogprob == nullptr && dentropy == nullptr)))
-    cudaMemsetAsync(dw, 0, static_cast<size_t>(std::max(V, 0)) * std::max(C, 0) * sizeof(float), s);  // dw = 0
+                    cudaStream_t s, float* logits) {
   if (N <= 0 || C <= 0) return;
   if (V <= 0 || (dlogprob == nullptr && dentropy == nullptr)) {  // zero gradient: dh = 0, dw += 0
     cudaMemsetAsync(dh, 0, static_cast<size_t>(N) * C * sizeof(float), s);
@@ -887,8 +885,7 @@ void LmHeadBackward(Gemm& gemm, float* dh, float* dw, const float* dlogprob, con
     const uint64_t reads = gemm.adopted_reads();
     if (dz16) gemm.AdoptCast(z, static_cast<size_t>(N) * cols, dz16);
     gemm.NN(dh, z, wc, N, C, cols, 1.0f, v0 == 0 ? 0.0f : 1.0f);            // dh (=, +=) dz @ w_chunk
-    // dw_chunk (+= or =) dz^T @ h
-    gemm.TN(dw + static_cast<size_t>(v0) * C, z, h, cols, C, N, 1.0f, accumulate_dw ? 1.0f : 0.0f);
+    gemm.TN(dw + static_cast<size_t>(v0) * C, z, h, cols, C, N, 1.0f, 1.0f);  // dw_chunk += dz^T @ h
     // dz in bf16 exists only as the adopted copy: a product that cast z would have read logits.
     if (dz16 && gemm.adopted_reads() != reads + 2) {
       std::fprintf(stderr, "aha lm-head backward: a product cast z instead of reading dz's bf16 copy\n");

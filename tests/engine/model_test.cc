@@ -5,7 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -137,48 +136,6 @@ TEST_P(ModelFamilies, RecomputationGivesTheSameGradients) {
   EXPECT_EQ(Loss(*m, b, a, e, 1.0f), loss);
   m->Backward(a.data(), e.data());
   for (size_t i = 0; i < m->num_params(); ++i) ASSERT_NEAR(m->grads()[i], saved[i], 1e-6 * (1 + std::abs(saved[i])));
-}
-
-// ZeroGrad zeroes the norms', biases' and (untied) embedding's gradients and leaves the products'
-// weight gradients to the next Backward, which writes them: whatever the buffer held there (NaN
-// here) must not reach the result. Read before that Backward, every gradient is zero.
-TEST_P(ModelFamilies, FirstBackwardAfterZeroGradWritesTheProductsGradients) {
-  const auto [arch, tied] = GetParam();
-  CpuBackend B;
-  auto m = Transformer::Init(TinyConfig(arch, tied), 1, &B);
-  Randomize(*m, 31);
-  Batch b;
-  auto a = Coeffs(b.N(), 32), e = Coeffs(b.N(), 33);
-  std::vector<float> lp(b.N()), ent(b.N());
-  m->ZeroGrad();
-  m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 1.0f, lp.data(), ent.data());
-  m->Backward(a.data(), e.data());
-  const std::vector<float> clean(m->grads(), m->grads() + m->num_params());
-
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::fill(m->grads(), m->grads() + m->num_params(), nan);
-  m->ZeroGrad();
-  m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 1.0f, lp.data(), ent.data());
-  m->Backward(a.data(), e.data());
-  for (size_t i = 0; i < m->num_params(); ++i) ASSERT_EQ(m->grads()[i], clean[i]) << i;
-  // The second Backward adds: the same batch twice gives twice the gradients.
-  m->Forward(b.tokens.data(), b.cu.data(), b.S(), b.N(), 1.0f, lp.data(), ent.data());
-  m->Backward(a.data(), e.data());
-  for (size_t i = 0; i < m->num_params(); ++i)
-    ASSERT_NEAR(m->grads()[i], 2 * clean[i], 1e-6 * (1 + std::abs(clean[i]))) << i;
-
-  std::fill(m->grads(), m->grads() + m->num_params(), nan);
-  m->ZeroGrad();
-  for (size_t i = 0; i < m->num_params(); ++i) ASSERT_EQ(m->grads()[i], 0.0f) << i;
-  size_t named = 0;
-  for (const auto& p : m->param_table()) {
-    std::fill(m->grads() + p.offset, m->grads() + p.offset + p.numel(), nan);
-    m->ZeroGrad();
-    const float* g = m->grad(p.name);
-    for (size_t i = 0; i < p.numel(); ++i) ASSERT_EQ(g[i], 0.0f) << p.name << " " << i;
-    named += p.numel();
-  }
-  EXPECT_EQ(named, m->num_params());
 }
 
 TEST_P(ModelFamilies, PackedBatchEqualsSequencesOneByOneAndGradientsAccumulate) {
