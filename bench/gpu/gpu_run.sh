@@ -354,6 +354,15 @@ attention_tests() {  # attention_tests TAG FILTER VARIANT...: the attention test
     grep -E "Failure|Expected|bf16: worst|actor vs" "$f" | head -8
   done
 }
+# The peers' side-by-side figures, each printing its result line: HF generate, the torch.compile step.
+peer_gen() {
+  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  tail -n 1 "$out/gen_peer.log"
+}
+peer_compile() {
+  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
+  tail -n 1 "$out/train_peer_compile.log"
+}
 gen_runs() {  # gen_runs TAG REPS [BUILDS]: aha bench gen, the builds interleaved (default: this one)
   for rep in $(seq "$2"); do
     for v in ${3:-new}; do
@@ -375,12 +384,10 @@ if [[ " $what " == *" s18d "* ]]; then
   AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_train.txt" 2>&1
   grep -vE '^\{' "$out/profile_train.txt" | head -16
   gen_runs s18d 2
-  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
-  tail -n 1 "$out/gen_peer.log"
+  peer_gen
   timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s18d_final.log" 2>&1
   echo "aha train: $(grep -oE 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' "$out/train_s18d_final.log" | tr '\n' ' ')"
-  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
-  tail -n 1 "$out/train_peer_compile.log"
+  peer_compile
 fi
 if [[ " $what " == *" s18e "* ]]; then
   # Session 18: q kept in bf16 too (dist/; QkvRope writes the backward's copy and the wgmma
@@ -401,10 +408,8 @@ if [[ " $what " == *" s18f "* ]]; then
   # generate, the torch.compile step.
   train_ab s18f 2
   gen_runs s18f 2
-  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
-  tail -n 1 "$out/gen_peer.log"
-  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
-  tail -n 1 "$out/train_peer_compile.log"
+  peer_gen
+  peer_compile
 fi
 if [[ " $what " == *" s19a "* ]]; then
   # Session 19: kept activations' f32 storage only reserved (Tensor::Reserved: addresses, no memory;
@@ -458,10 +463,8 @@ if [[ " $what " == *" s19d "* ]]; then
   attention_tests s19d 'CudaOps.*Qkv*:CudaModel.*' default AHA_FUSED_QKV=0
   train_ab s19d 2 new
   gen_runs s19d 2
-  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
-  tail -n 1 "$out/gen_peer.log"
-  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
-  tail -n 1 "$out/train_peer_compile.log"
+  peer_gen
+  peer_compile
 fi
 if [[ " $what " == *" s20a "* ]]; then
   # Session 20, on branch exp/grad-overwrite (not merged: +5% data parallel): the first backward
@@ -489,10 +492,8 @@ if [[ " $what " == *" s20c "* ]]; then
   # beside HF generate and the torch.compile step.
   train_ab s20c 2 new
   gen_runs s20c 2
-  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
-  tail -n 1 "$out/gen_peer.log"
-  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
-  tail -n 1 "$out/train_peer_compile.log"
+  peer_gen
+  peer_compile
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
@@ -516,8 +517,7 @@ if [[ $what == *s15* && $what != *s15g* ]]; then
   if [[ $what == *s15c* ]]; then
     timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s15c.log" 2>&1
     echo "aha train: $(grep -oE 'median step [0-9.]+ s|MFU [0-9.]+%' "$out/train_s15c.log" | tr '\n' ' ')"
-    timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
-    tail -n 1 "$out/train_peer_compile.log"
+    peer_compile
   else
     for rep in 1 2; do
       timeout 120 dist/bin/aha bench train --steps 5 --model $model > "$out/train_s15-$rep.log" 2>&1
