@@ -26,6 +26,10 @@ if [ "$(id -u)" -ne 0 ]; then say "skipped: needs root (buildah's store and chro
 for p in buildah mmdebstrap python3; do
   command -v "$p" >/dev/null || { say "$p not found: scripts/setup.sh installs buildah and mmdebstrap" >&2; exit 1; }
 done
+if [ "$KIND" = cuda ]; then
+  nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  [ -x "$nvcc" ] || { say "skipped: no nvcc (the CUDA image builds with this host's CUDA toolkit)"; exit 77; }
+fi
 export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 IMAGE=localhost/aha-image-test:$KIND-$$
 T=$(mktemp -d /tmp/aha-image-test.XXXXXX)
@@ -62,14 +66,13 @@ done
 
 # The image, from the sources only (the Dockerfile's ignore file keeps build trees out).
 built=$(date +%s)
-args=(--network=host --pull=never --layers=false -f "deploy/Dockerfile" --ignorefile deploy/Dockerfile.dockerignore)
+file=deploy/Dockerfile
+args=()
 if [ "$KIND" = cuda ]; then
-  nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-  [ -x "$nvcc" ] || { say "skipped: no nvcc (the CUDA image builds with this host's CUDA toolkit)"; exit 77; }
-  toolkit=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
-  args=(--network=host --pull=never --layers=false -f deploy/Dockerfile.cuda
-        --ignorefile deploy/Dockerfile.cuda.dockerignore --build-context "cuda=$toolkit")
+  file=deploy/Dockerfile.cuda
+  args=(--build-context "cuda=$(dirname "$(dirname "$(readlink -f "$nvcc")")")")
 fi
+args+=(--network=host --pull=never --layers=false -f "$file" --ignorefile "$file.dockerignore")
 (cd "$ROOT" && buildah bud --quiet "${args[@]}" -t "$IMAGE" .) > "$T/build.log" 2>&1 ||
   { tail -n 40 "$T/build.log"; say "the image did not build"; exit 1; }
 say "built $IMAGE in $(( $(date +%s) - built )) s ($(buildah images --format '{{.Size}}' "$IMAGE"))"
