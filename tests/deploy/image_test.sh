@@ -29,6 +29,13 @@ done
 if [ "$KIND" = cuda ]; then
   nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   [ -x "$nvcc" ] || { say "skipped: no nvcc (the CUDA image builds with this host's CUDA toolkit)"; exit 77; }
+  # The toolkit root is nvcc's own TOP, not the folder above the nvcc on PATH: that one may be a
+  # wrapper script (CI's /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc).
+  top=$( (cd /tmp && "$nvcc" -v __aha_no_input 2>&1 || true) | sed -n 's/^#\$ TOP=//p' | head -1)
+  CUDA_ROOT=$(readlink -f "${top:-$(dirname "$(dirname "$(readlink -f "$nvcc")")")}")
+  for f in bin/nvcc bin/nvcc.profile nvvm/libdevice include/cuda_runtime.h; do
+    [ -e "$CUDA_ROOT/$f" ] || { say "the CUDA toolkit root $CUDA_ROOT (from $nvcc -v) lacks $f" >&2; exit 1; }
+  done
 fi
 export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 IMAGE=localhost/aha-image-test:$KIND-$$
@@ -70,7 +77,7 @@ file=deploy/Dockerfile
 args=()
 if [ "$KIND" = cuda ]; then
   file=deploy/Dockerfile.cuda
-  args=(--build-context "cuda=$(dirname "$(dirname "$(readlink -f "$nvcc")")")")
+  args=(--build-context "cuda=$CUDA_ROOT")
 fi
 args+=(--network=host --pull=never --layers=false -f "$file" --ignorefile "$file.dockerignore")
 (cd "$ROOT" && buildah bud --quiet "${args[@]}" -t "$IMAGE" .) > "$T/build.log" 2>&1 ||
