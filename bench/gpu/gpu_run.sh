@@ -355,6 +355,11 @@ attention_tests() {  # attention_tests TAG FILTER VARIANT...: the attention test
   done
 }
 # The peers' side-by-side figures, each printing its result line: HF generate, the torch.compile step.
+conformance_all() {  # conformance_all TAG PATTERN: the whole conformance test, its summary, its lines matching PATTERN
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_$1.log" 2>&1
+  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_$1.log" | tr '\n' ' ')"
+  grep -E "$2" "$out/conformance_$1.log" | head -20
+}
 peer_gen() {
   timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
@@ -417,9 +422,7 @@ if [[ " $what " == *" s19a "* ]]; then
   # with each fallback path (the mma.sync forward and backward, the unfused q/k/v ops, f32 k/v for
   # the attention), which must write a kept q or output to scratch and never touch the reserved
   # range; the learner step and its peak device memory, interleaved; generation once.
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s19a_all.log" 2>&1
-  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s19a_all.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|bf16: worst|actor vs|Kept" "$out/conformance_s19a_all.log" | head -8
+  conformance_all s19a_all "Failure|Expected|bf16: worst|actor vs|Kept"
   attention_tests s19a 'CudaModel.*:CudaOps.*Attention*:CudaOps.*Qkv*:CudaOps.Kept*' AHA_ATTENTION_WGMMA=0 \
     AHA_ATTENTION_WGMMA_BWD=0 AHA_FUSED_QKV=0 AHA_ATTENTION_KV16=0 AHA_ATTENTION=f32 AHA_KEEP_BF16=0
   train_ab s19a 2
@@ -431,9 +434,7 @@ if [[ " $what " == *" s19b "* ]]; then
   # the whole conformance test, its model cases with the f32 attention and without bf16-only
   # activations, the attention test; the learner step interleaved with peak memory, the per-op
   # profile of each; generation interleaved.
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s19b_all.log" 2>&1
-  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s19b_all.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|a value a thread" "$out/conformance_s19b_all.log" | head -12
+  conformance_all s19b_all "Failure|Expected|a value a thread"
   attention_tests s19b 'CudaModel.*:CudaOps.*Attention*:CudaOps.*Qkv*:CudaOps.Kept*' AHA_ATTENTION=f32 AHA_KEEP_BF16=0
   train_ab s19b 3 "old mid new"
   for v in old new; do
@@ -446,9 +447,7 @@ if [[ " $what " == *" s19c "* ]]; then
   # Session 19: the packed q/k/v gradient kept in bf16 only (dist/) against the build before it
   # (dist-old/): the whole conformance test, its q/k/v and model cases with the unfused ops, without
   # bf16-only activations and with the f32 attention; the learner step interleaved; per-op profiles.
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s19c_all.log" 2>&1
-  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s19c_all.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|kept dqkv" "$out/conformance_s19c_all.log" | head -12
+  conformance_all s19c_all "Failure|Expected|kept dqkv"
   attention_tests s19c 'CudaModel.*:CudaOps.*Qkv*:CudaOps.Kept*' AHA_FUSED_QKV=0 AHA_KEEP_BF16=0 AHA_ATTENTION=f32
   train_ab s19c 3 "old new"
   for v in old new; do
@@ -471,9 +470,7 @@ if [[ " $what " == *" s20a "* ]]; then
   # after ZeroGrad writes the products' weight gradients (beta 0, no zeroing of them) against
   # AHA_GRAD_OVERWRITE=0 (all zeroed, every backward adds): the whole conformance test, the models
   # both ways, then the learner step interleaved.
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_s20a.log" 2>&1
-  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_s20a.log" | tr '\n' ' ')"
-  grep -E "worst gradient|Failure|FAILED" "$out/conformance_s20a.log" | head -20
+  conformance_all s20a "worst gradient|Failure|FAILED"
   AHA_GRAD_OVERWRITE=0 timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no --gtest_filter='CudaModel.*' \
     > "$out/conformance_s20a_old.log" 2>&1
   echo "conformance AHA_GRAD_OVERWRITE=0: exit $?" \
