@@ -32,7 +32,8 @@ if [ "$KIND" = cuda ]; then
   # The toolkit root is nvcc's own TOP, not the folder above the nvcc on PATH: that one may be a
   # wrapper script (CI's /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc).
   top=$( (cd /tmp && "$nvcc" -v __aha_no_input 2>&1 || true) | sed -n 's/^#\$ TOP=//p' | head -1)
-  CUDA_ROOT=$(readlink -f "${top:-$(dirname "$(dirname "$(readlink -f "$nvcc")")")}")
+  [ -n "$top" ] || { say "$nvcc -v printed no TOP= line: cannot tell the CUDA toolkit's root" >&2; exit 1; }
+  CUDA_ROOT=$(readlink -f "$top")
   for f in bin/nvcc bin/nvcc.profile nvvm/libdevice include/cuda_runtime.h; do
     [ -e "$CUDA_ROOT/$f" ] || { say "the CUDA toolkit root $CUDA_ROOT (from $nvcc -v) lacks $f" >&2; exit 1; }
   done
@@ -97,8 +98,9 @@ if [ "$KIND" = cpu ]; then
 else
   bins=(/opt/aha/libexec/aha /opt/aha/libexec/aha-replay /opt/aha/libexec/aha-rewardd /opt/aha/libexec/aha-actor
         /opt/aha/libexec/aha-learner)
-  missing=$(in_image sh -c "LD_LIBRARY_PATH=/opt/aha/lib ldd ${bins[*]} | grep 'not found' | grep -v 'libcuda\\.so' || true")
-  in_image sh -c 'ls /opt/aha/lib/libcublas.so.* /opt/aha/lib/libcublasLt.so.* /opt/aha/lib/libcudart.so.* /opt/aha/lib/libnccl.so.*' \
+  missing=$(in_image sh -c \
+    "LD_LIBRARY_PATH=/opt/aha/lib ldd ${bins[*]} | grep 'not found' | grep -v 'libcuda\\.so' || true")
+  in_image sh -c 'cd /opt/aha/lib && ls libcublas.so.* libcublasLt.so.* libcudart.so.* libnccl.so.*' \
     > /dev/null ||
     { say "the CUDA image lacks the toolkit's runtime libraries"; exit 1; }
 fi
@@ -123,7 +125,8 @@ job=$(date +%s)
 in_image aha run /opt/aha/configs/tiny-cpu.yaml --run-dir /tmp/job/run --set ports.base="$AHA_BASE" \
   --set sft.data=/tmp/job/sft.jsonl --set sft.epochs=1 --set data.eval=/tmp/job/eval.jsonl \
   --set grpo.steps=4 --set checkpoint.every=3 > "$T/job.log" 2>&1 ||
-  { tail -n 30 "$T/job.log"; in_image sh -c 'tail -n 15 /tmp/job/run/logs/*.log' || true; say "the job failed"; exit 1; }
+  { tail -n 30 "$T/job.log"; in_image sh -c 'tail -n 15 /tmp/job/run/logs/*.log' || true
+    say "the job failed"; exit 1; }
 in_image bash /tmp/job/check_run_dir.sh /tmp/job/run 4
 say "passed: the image builds, its binaries load, the tiny job ran in it in $(( $(date +%s) - job )) s;" \
     "wall time $(( $(date +%s) - started )) s"
