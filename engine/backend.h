@@ -335,6 +335,16 @@ class Backend {
   virtual void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
                           const float* temperature, const int32_t* top_k, const float* top_p,
                           const uint64_t* seeds, const uint64_t* counters);
+  // The lm-head product and the draw of a decode step in one op: SampleRows over the logits
+  // x[B, C] w[V, C]^T. logits[B, V] is scratch: this default writes every row there (LinearForward)
+  // and draws from it; a device may compute the product and the draw together and write only the rows
+  // that filter (top-k or top-p), with the same distribution and log-prob but other draws.
+  virtual void LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const float* x, const float* w, int B,
+                            int C, int V, const float* temperature, const int32_t* top_k, const float* top_p,
+                            const uint64_t* seeds, const uint64_t* counters) {
+    LinearForward(logits, x, w, nullptr, B, C, V);
+    SampleRows(tokens, logprobs, logits, B, V, temperature, top_k, top_p, seeds, counters);
+  }
 };
 
 }  // namespace aha::engine

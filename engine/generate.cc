@@ -154,13 +154,15 @@ Result<std::vector<GenerationResult>> Generator::Generate(const std::vector<Gene
     const float* d_top_p = reinterpret_cast<const float*>(prm + 8 * mb);
     const uint64_t* d_seeds = reinterpret_cast<const uint64_t*>(prm + seeds_at);
     const uint64_t* d_counters = d_seeds + mb;
-    model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32(),
-                          device_tokens, device_tokens ? token_rows.data() : nullptr);
-    if (in_flight == 0 && last_pass_end) stats_.launch_gap_seconds += SecondsSince(*last_pass_end);
+    // The draw is the forward's last op (inside a decode step's graph): the lm-head product and the
+    // draw in one where the backend has it (Backend::LmHeadSample). Rows past B (a decode bucket's
+    // padding) draw too, from whatever options their slots hold; nothing reads them.
     int32_t* d_tokens = reinterpret_cast<int32_t*>(device_out_.raw());
     float* d_logprobs = device_out_.f32() + max_batch_;
-    backend->SampleRows(d_tokens, d_logprobs, device_logits_.f32(), B, V, d_temperature, d_top_k, d_top_p, d_seeds,
-                        d_counters);
+    const Transformer::Draw draw{d_tokens, d_logprobs, d_temperature, d_top_k, d_top_p, d_seeds, d_counters};
+    model_->ForwardCached(tokens.data(), cu.data(), start.data(), table.data(), B, &cache_, device_logits_.f32(),
+                          device_tokens, device_tokens ? token_rows.data() : nullptr, &draw);
+    if (in_flight == 0 && last_pass_end) stats_.launch_gap_seconds += SecondsSince(*last_pass_end);
     // Tokens and log-probs in one copy: tokens at [0, B), log-probs from max_batch_ on.
     p.out.resize(static_cast<size_t>(max_batch_) + B);
     p.ticket = backend->DownloadAsync(p.out.data(), d_tokens, p.out.size() * sizeof(int32_t));

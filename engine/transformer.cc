@@ -576,11 +576,12 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
   Keep(dec_.ln, &kept_dec_);  // read by the q/k/v and gate/up products only
   Keep(dec_.gu, &kept_dec_);  // as in training: the actor rounds gu as the learner does
   Keep(dec_.h, &kept_dec_);   // read by the down product only, as in training
+  Keep(dec_.lastn, &kept_dec_);  // read by the lm-head product only (LinearForward or LmHeadSample)
 }
 
 void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start,
                                 const int32_t* block_table, int Bn, KvCache* cache, float* last_logits,
-                                const int32_t* device_tokens, const int32_t* token_rows) {
+                                const int32_t* device_tokens, const int32_t* token_rows, const Draw* draw) {
   Backend& B = *backend_;
   AHA_CHECK(Bn >= 1 && Bn <= cache->max_batch) << "ForwardCached: batch " << Bn << " outside 1.." << cache->max_batch;
   int N = cu_q[Bn];
@@ -631,7 +632,7 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   B.Upload(dec_.ints.raw(), ints.data(), ints.size() * sizeof(int32_t));
   if (device_tokens) B.GatherInt32(dec_.ints.i32(), device_tokens, dec_.ints.i32() + rows_at, Bn);
   if (!decode) {
-    DecodeBody(N, Bn, cache, last_logits, std::all_of(start, start + Bn, [](int32_t s) { return s == 0; }));
+    DecodeBody(N, Bn, cache, last_logits, draw, std::all_of(start, start + Bn, [](int32_t s) { return s == 0; }));
     return;
   }
   const uint64_t epoch = B.graph_epoch();
@@ -639,27 +640,28 @@ void Transformer::ForwardCached(const int32_t* tokens, const int32_t* cu_q, cons
   // keep only the graphs of the cache in use.
   if (!graphs_.empty() && graphs_.front().cache_id != cache->id) ClearGraphs();
   DecodeGraph* g = nullptr;
+  const Draw want = draw ? *draw : Draw{};
   for (auto& x : graphs_)
-    if (x.bucket == rows && x.cache_id == cache->id && x.logits == last_logits) g = &x;
+    if (x.bucket == rows && x.cache_id == cache->id && x.logits == last_logits && x.draw == want) g = &x;
   if (g && g->graph && g->epoch != epoch) {  // the backend moved a buffer the graph holds
     B.DestroyGraph(g->graph);
     g->graph = nullptr;
   }
   if (!g) {
     // First sight of this bucket: run directly (this also sizes every scratch buffer).
-    graphs_.push_back({rows, cache->id, last_logits, epoch, nullptr});
-    DecodeBody(N, N, cache, last_logits);
+    graphs_.push_back({rows, cache->id, last_logits, want, epoch, nullptr});
+    DecodeBody(N, N, cache, last_logits, draw);
     return;
   }
   if (!g->graph) {
     if (B.BeginCapture()) {
-      DecodeBody(N, N, cache, last_logits);
+      DecodeBody(N, N, cache, last_logits, draw);
       g->graph = B.EndCapture();
       g->epoch = B.graph_epoch();
     }
     if (!g->graph) {  // capture failed (the backend said why): run directly from now on
       decode_graphs_ = false;
-      DecodeBody(N, N, cache, last_logits);
+      DecodeBody(N, N, cache, last_logits, draw);
       return;
     }
   }
@@ -689,7 +691,7 @@ Result<unsigned> Transformer::ParseDecodeOps(const std::string& list) {
   return mask;
 }
 
-void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, bool fresh) {
+void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const Draw* draw, bool fresh) {
   Backend& B = *backend_;
   // A decode step may leave ops out for timing (set_decode_leave_out); a prefill never does.
   const unsigned skip = N == Bn && !fresh ? decode_leave_out_ : 0;
@@ -760,8 +762,16 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
   } else if (L == 0) {
     B.RmsNormForward(dec_.lastn.f32(), rstd, x, w_.final_norm, Bn, C, config_.rms_norm_eps);
   }
-  if (!(skip & kDecodeLmHead))
-    B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, config_.vocab_size);
+  const int V = config_.vocab_size;
+  if (!draw) {
+    if (!(skip & kDecodeLmHead)) B.LinearForward(last_logits, dec_.lastn.f32(), w_.lm_head, nullptr, Bn, C, V);
+  } else if (skip & kDecodeLmHead) {  // timing only: the draw alone, from stale logits
+    B.SampleRows(draw->tokens, draw->logprobs, last_logits, Bn, V, draw->temperature, draw->top_k, draw->top_p,
+                 draw->seeds, draw->counters);
+  } else {
+    B.LmHeadSample(draw->tokens, draw->logprobs, last_logits, dec_.lastn.f32(), w_.lm_head, Bn, C, V,
+                   draw->temperature, draw->top_k, draw->top_p, draw->seeds, draw->counters);
+  }
 }
 
 }  // namespace aha::engine

@@ -149,9 +149,25 @@ class Transformer {
   // token per sequence) sequence b's token is device_tokens[token_rows[b]], device_tokens in the
   // backend's memory (say, the previous step's draws, not yet on the host) and token_rows[B] a host
   // array; `tokens` is ignored.
+  //
+  // With `draw`, each sequence's next token is also drawn (Backend::LmHeadSample, SampleRows'
+  // semantics, row b with the options and keys at index b of draw's arrays, all in the backend's
+  // memory and at least as long as the decode bucket: a power of two or the cache's max_batch)
+  // into draw->tokens[b] and draw->logprobs[b], inside the step's graph; last_logits is then
+  // scratch, written only for rows that filter (top-k or top-p).
+  struct Draw {
+    int32_t* tokens = nullptr;
+    float* logprobs = nullptr;
+    const float* temperature = nullptr;
+    const int32_t* top_k = nullptr;
+    const float* top_p = nullptr;
+    const uint64_t* seeds = nullptr;
+    const uint64_t* counters = nullptr;
+    bool operator==(const Draw&) const = default;
+  };
   void ForwardCached(const int32_t* tokens, const int32_t* cu_q, const int32_t* start, const int32_t* block_table,
                      int B, KvCache* cache, float* last_logits, const int32_t* device_tokens = nullptr,
-                     const int32_t* token_rows = nullptr);
+                     const int32_t* token_rows = nullptr, const Draw* draw = nullptr);
   // A pool of num_blocks blocks of block_size positions, for up to max_batch sequences of up to
   // max_len positions each.
   KvCache NewKvCache(int max_batch, int max_len, int num_blocks, int block_size = 16) const;
@@ -238,11 +254,12 @@ class Transformer {
   void EnsureDecodeScratch(int N, int B, int max_blocks);
   // fresh: every sequence starts at position 0 (a prompt's prefill), so its attention is the packed
   // causal attention of the training forward over the new rows alone, not a read of the cache.
-  void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, bool fresh = false);
+  void DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, const Draw* draw, bool fresh = false);
   struct DecodeGraph {
     int bucket = 0;
     uint64_t cache_id = 0;  // KvCache::id: an address could be reused by a later cache
     const float* logits = nullptr;
+    Draw draw;  // all null: the graph ends at the logits
     uint64_t epoch = 0;
     void* graph = nullptr;  // null: seen once, captured on the next call
   };

@@ -130,6 +130,8 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   const char* profile = std::getenv("AHA_PROFILE");
   if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
   if (const char* split = std::getenv("AHA_SPLIT_K")) split_k_ = std::max(0, std::atoi(split));
+  const char* fused_sample = std::getenv("AHA_FUSED_SAMPLE");
+  fused_sample_ = fused_sample && std::string(fused_sample) == "1";
   const char* mlp = std::getenv("AHA_FUSED_MLP");
   fused_mlp_ = !(mlp && std::string(mlp) == "0");
   CheckCuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, index), "query multiprocessors");
@@ -897,6 +899,31 @@ void CudaBackend::SampleRows(int32_t* tokens, float* logprobs, const float* logi
   void* ws = Workspace(SampleWorkspace(B, V));
   cuda::SampleRows(tokens, logprobs, logits, B, V, temperature, top_k, top_p, seeds, counters, ws, stream_);
   Check("sample");
+}
+// The product and the draw in one kernel (lmhead_sample.cu) when the products are bf16: x's bf16
+// copy is the final norm's (a kept buffer in a decode step) or a cast here, w's the weights' cached
+// copy. Off by default until it beats LinearForward + SampleRows (docs/kernels.md, version 22):
+// AHA_FUSED_SAMPLE=1 or set_fused_sample(true).
+void CudaBackend::LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const float* x, const float* w, int B,
+                               int C, int V, const float* temperature, const int32_t* top_k, const float* top_p,
+                               const uint64_t* seeds, const uint64_t* counters) {
+  const size_t n = static_cast<size_t>(B) * C;
+  const uint16_t* w16 = fused_sample_ && gemm_->precision() == GemmPrecision::kBF16 && cuda::LmHeadSampleSupported(B, C, V)
+                            ? gemm_->Bf16CopyOf(w, static_cast<size_t>(V) * C)
+                            : nullptr;
+  const uint16_t* x16 = w16 ? KeptCopy(x, n) : nullptr;
+  uint16_t* cast = w16 && !x16 ? CastCopy(n) : nullptr;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };  // the copies' rule
+  if (!w16 || (!x16 && !cast) || !aligned(w16) || !aligned(x16 ? x16 : cast))
+    return Backend::LmHeadSample(tokens, logprobs, logits, x, w, B, C, V, temperature, top_k, top_p, seeds, counters);
+  if (!x16) {
+    cuda::CastF32ToBF16(cast, x, n, stream_);
+    x16 = cast;
+  }
+  void* ws = Workspace(cuda::LmHeadSampleWorkspace(B, V, sms_));
+  cuda::LmHeadSample(tokens, logprobs, logits, x16, w16, B, C, V, temperature, top_k, top_p, seeds, counters, ws,
+                     sms_, stream_);
+  Check("lm-head + sample");
 }
 
 }  // namespace aha::engine::cuda

@@ -86,6 +86,10 @@ class CudaBackend final : public Backend {
   // (AHA_SPLIT_K at construction: 0 chooses, 1 never splits, S always S where K allows).
   int SplitParts(int N, int K, int C) const;
   void set_split_k(int parts) { split_k_ = parts; }
+  // Whether LmHeadSample runs the product and the draw as one kernel (AHA_FUSED_SAMPLE at
+  // construction) or as LinearForward + SampleRows.
+  void set_fused_sample(bool on) { fused_sample_ = on; }
+  bool fused_sample() const { return fused_sample_; }
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int N,
                       int C, int OC, bool accumulate_dx) override;
   void SplitQkv(float* q, float* k, float* v, const float* qkv, const float* bias, int N, int QD, int KD) override;
@@ -149,6 +153,9 @@ class CudaBackend final : public Backend {
              float eps, float weight_decay, int64_t t) override;
   void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, int V, const float* temperature,
                   const int32_t* top_k, const float* top_p, const uint64_t* seeds, const uint64_t* counters) override;
+  void LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const float* x, const float* w, int B, int C,
+                    int V, const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seeds,
+                    const uint64_t* counters) override;
 
  private:
   CudaBackend(int index, cudaStream_t stream, GemmPrecision precision);
@@ -190,6 +197,7 @@ class CudaBackend final : public Backend {
   // LinearAddRmsNorm's K parts: 0 chooses (SplitParts), 1 never splits, S > 1 always S where K
   // allows (AHA_SPLIT_K, the A/B).
   int split_k_ = 0;
+  bool fused_sample_ = false;  // LmHeadSample's kernel (set_fused_sample)
   bool fused_mlp_ = true;  // GateUpSwiGlu's kernel (AHA_FUSED_MLP=0: the two ops)
   int sms_ = 132;
   // AddRmsNormForward with the addend in `parts` partial sums, N * C floats apart (1: a plain y).

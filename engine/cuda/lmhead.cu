@@ -59,9 +59,12 @@
 
 #include "engine/cuda/bf16.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/sample_internal.h"
 
 namespace aha::engine::cuda {
 namespace {
+
+using namespace sample;  // NOLINT: the RNG, log-sum-exp and reservoir of sample_internal.h
 
 // ---- shared helpers -------------------------------------------------------------------------------
 
@@ -278,45 +281,10 @@ __global__ void __launch_bounds__(kRowThreads) LmHeadBackwardRows(float* __restr
 
 constexpr int kSampleThreads = 512;
 constexpr int kSampleWarps = kSampleThreads / 32;
-constexpr uint32_t kGamma32 = 0x9E3779B9u;  // 2^32 / golden ratio, odd
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kWeightScale = 1099511627776.0f;  // 2^40: fixed point of the top-p weights
 // Radix levels whose histograms use HistAdd (see Descend). Measured on an H200 (B = 256,
 // V = 151936): 1 beats 4 (top-p 0.72 ms against 0.93 ms, top-k 0.37 ms against 0.40 ms).
 constexpr int kAggregatedLevels = 1;
-
-__device__ __forceinline__ uint64_t Mix64(uint64_t z) {  // SplitMix64's finaliser
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-__device__ __forceinline__ uint32_t RowKey(uint64_t seed, uint64_t counter) {
-  const uint64_t k = Mix64(seed + Mix64(counter ^ 0xD1B54A32D192ED03ull));
-  return static_cast<uint32_t>(k) ^ static_cast<uint32_t>(k >> 32);
-}
-
-__device__ __forceinline__ uint32_t LowBias32(uint32_t x) {  // Wellons' lowbias32
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  return x ^ (x >> 16);
-}
-
-// Uniform number i (>= 0) of the row keyed by row_key: u = (2k + 1) 2^-24 with k the top 23
-// bits of lowbias32(row_key + (i + 1) gamma32); exact in f32 and in (0, 1).
-__device__ __forceinline__ float Uniform(uint32_t row_key, int i) {
-  const uint32_t k = LowBias32(row_key + (static_cast<uint32_t>(i) + 1u) * kGamma32) >> 9;
-  return static_cast<float>(2u * k + 1u) * 5.9604644775390625e-8f;
-}
-
-// 2^x with subnormal results flushed to 0 (one MUFU.EX2; exp2f and __expf also scale around it).
-__device__ __forceinline__ float Exp2Ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Order-preserving u32 of a float: a < b (as floats) <=> Key(a) < Key(b); -0 maps to +0's key so
 // that equal logits are equal keys (the CPU compares floats). NaN is not expected.
@@ -326,18 +294,10 @@ __device__ __forceinline__ uint32_t OrderKey(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// z = l / T as every pass computes it (never contracted into an FMA, so all passes agree bit for bit).
-__device__ __forceinline__ float Scaled(float l, float inv_t) { return __fmul_rn(l, inv_t); }
-
 // Top-p weight exp(z - max z) in [0, 1] as fixed point (<= 2^40).
 __device__ __forceinline__ unsigned long long Weight(float l, float inv_t, float zmax) {
   const float w = expf(Scaled(l, inv_t) - zmax);
   return __float2ull_rz(w * kWeightScale);
-}
-
-// (score, id) order: higher score first, then lower id.
-__device__ __forceinline__ bool Better(float s, int i, float best_s, int best_i) {
-  return s > best_s || (s == best_s && i < best_i);
 }
 
 // Calls f4(v, i) for every float4 v = row[i .. i + 3] this thread owns and f1(value, index) for
@@ -437,92 +397,8 @@ struct SampleShared {
   unsigned long long d_above, d_target, d_mass;
   unsigned int d_cnt;
   int found;
+  float zpick;                                   // the winning partial draw's z (SampleRowsFromPartials)
 };
-
-// Online log-sum-exp state (m = max, s = sum exp(z - m)).
-__device__ __forceinline__ void LseAdd(float& m, float& s, float z) {
-  if (z > m) {
-    s = s * expf(m - z) + 1.0f;  // first element: 0 * exp(-inf) + 1
-    m = z;
-  } else if (z > -INFINITY) {
-    s += expf(z - m);
-  }
-}
-
-__device__ __forceinline__ void LseMerge(float& m, float& s, float m2, float s2) {
-  if (m2 == -INFINITY) return;
-  if (m == -INFINITY) {
-    m = m2;
-    s = s2;
-    return;
-  }
-  const float M = fmaxf(m, m2);
-  s = s * expf(m - M) + s2 * expf(m2 - M);
-  m = M;
-}
-
-// One thread's weighted reservoir of size one over the elements it is given, weight exp(z):
-// (m, s) is the online log-sum-exp state, so s exp(m) is the weight W seen so far, and `pick` holds
-// element j with probability exp(z_j) / W. Exponential jumps: after a pick at total W the next
-// element to replace it is the first whose running total reaches X = W / U, U uniform in (0, 1),
-// because P(no replacement until total W') = prod (W_prev / W_i) = W / W' = P(X > W'). So a thread
-// draws a uniform only at each pick (about log of its element count times), the draw for a pick at
-// element i being Uniform(key, i). x holds X in the units of s (rescaled with s on a new max).
-struct Reservoir {
-  float m = -INFINITY, s = 0.0f, x = 0.0f;
-  int pick = INT_MAX;
-};
-
-__device__ __forceinline__ void ReservoirAdd(Reservoir& r, float z, int i, uint32_t key) {
-  if (z > r.m) {
-    const float c = expf(r.m - z);  // 0 on the first element
-    r.s = r.s * c + 1.0f;
-    r.x *= c;
-    r.m = z;
-  } else if (z > -INFINITY) {
-    r.s += expf(z - r.m);
-  } else {
-    return;  // weight 0 (or NaN): never drawn
-  }
-  if (r.s >= r.x) {
-    r.pick = i;
-    r.x = r.s / Uniform(key, i);
-  }
-}
-
-// ReservoirAdd of z[0..3] = z(v) at ids i .. i + 3, in that order, with one rescale per four: when the
-// four's largest beats the running max, s and x move to it first (the same quantities in another
-// scale), so each element then costs a scale, an FMA, one MUFU.EX2 (subnormal weights, below e^-87 of
-// the max, flush to 0), an add and a compare instead of two branches and a full-precision exp; a
-// replacement divides with the fast reciprocal. The draw and the weights are ReservoirAdd's; only
-// rounding differs. NaN weighs 0 (fmaxf keeps -inf); while the max is not finite (no finite z yet, or
-// +inf) the four take ReservoirAdd itself.
-__device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_t, int i, uint32_t key) {
-  const float z[4] = {fmaxf(Scaled(v.x, inv_t), -INFINITY), fmaxf(Scaled(v.y, inv_t), -INFINITY),
-                      fmaxf(Scaled(v.z, inv_t), -INFINITY), fmaxf(Scaled(v.w, inv_t), -INFINITY)};
-  const float g = fmaxf(fmaxf(z[0], z[1]), fmaxf(z[2], z[3]));
-  if (!(r.m > -INFINITY && r.m < INFINITY && g < INFINITY)) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) ReservoirAdd(r, z[j], i + j, key);
-    return;
-  }
-  if (g > r.m) {
-    const float c = Exp2Ftz((r.m - g) * kLog2e);
-    r.s *= c;
-    r.x *= c;
-    r.m = g;
-  }
-  const float ml = r.m * kLog2e;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float e = Exp2Ftz(fmaf(z[j], kLog2e, -ml));  // 0 for z = -inf (and below e^-87 of the max)
-    r.s += e;
-    if (r.s >= r.x && e > 0.0f) {  // the branch every other lane waits on: kept short
-      r.pick = i + j;
-      r.x = __fdividef(r.s, Uniform(key, i + j));  // u in (0, 1]: the fast division is exact enough
-    }
-  }
-}
 
 // The thread's entry in the block-level draw: the threads' totals W_t compete by Gumbel-max,
 // score = log W_t + g_t, so thread t wins with probability W_t / sum W; its pick then has probability
@@ -736,7 +612,8 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
     SampleRowsKernel(int32_t* __restrict__ tokens, float* __restrict__ logprobs, const float* __restrict__ logits,
                      int V, const float* __restrict__ temperature, const int32_t* __restrict__ top_k,
                      const float* __restrict__ top_p, const uint64_t* __restrict__ seeds,
-                     const uint64_t* __restrict__ counters) {
+                     const uint64_t* __restrict__ counters, const Partial* __restrict__ part,
+                     const int32_t* __restrict__ part_pick, int parts) {
   __shared__ SampleShared sh;
   const int b = blockIdx.x;
   const float* row = logits + static_cast<size_t>(b) * V;
@@ -749,6 +626,33 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
   const bool use_p = P < 1.0f;
   const bool filtered = !greedy && (K < V || use_p);
   const uint32_t key = RowKey(seeds[b], counters[b]);
+
+  if (part && !filtered) {  // the fused lm-head drew this row: merge its partial draws
+    float m = -INFINITY, s = 0.0f, best = -INFINITY, zp = 0.0f;
+    int best_i = INT_MAX;
+    for (int j = threadIdx.x; j < parts; j += kSampleThreads) {
+      const Partial p = part[static_cast<size_t>(b) * parts + j];
+      const int i = part_pick[static_cast<size_t>(b) * parts + j];
+      LseMerge(m, s, p.m, p.s);
+      if (Better(p.score, i, best, best_i)) {
+        best = p.score;
+        best_i = i;
+        zp = p.zp;
+      }
+    }
+    const float mine = best;
+    const int mine_i = best_i;
+    BlockLse(m, s, sh);
+    BlockArgmax(best, best_i, sh);
+    const bool valid = best_i >= 0 && best_i < V;
+    if (valid && mine == best && mine_i == best_i) sh.zpick = zp;  // picks of distinct parts differ
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      tokens[b] = valid ? best_i : 0;  // only rows without finite logits fall back
+      logprobs[b] = valid ? sh.zpick - (m + logf(s)) : NAN;
+    }
+    return;
+  }
 
   // Pass 1: log-sum-exp of z over the full row (the reservoir's (m, s) when sampling unfiltered);
   // greedy argmax; the unfiltered draw.
@@ -907,7 +811,16 @@ void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, in
   (void)workspace;
   if (B <= 0 || V <= 0) return;
   SampleRowsKernel<<<B, kSampleThreads, 0, s>>>(tokens, logprobs, logits, V, temperature, top_k, top_p, seeds,
-                                                counters);
+                                                counters, nullptr, nullptr, 0);
+}
+
+void SampleRowsFromPartials(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
+                            const float* temperature, const int32_t* top_k, const float* top_p,
+                            const uint64_t* seeds, const uint64_t* counters, const Partial* part,
+                            const int32_t* pick, int parts, cudaStream_t s) {
+  if (B <= 0 || V <= 0) return;
+  SampleRowsKernel<<<B, kSampleThreads, 0, s>>>(tokens, logprobs, logits, V, temperature, top_k, top_p, seeds,
+                                                counters, part, pick, parts);
 }
 
 }  // namespace aha::engine::cuda

@@ -1697,6 +1697,244 @@ void DrawRows(const Tensor& d_logits, int B, int V, const SamplingOptions& o, co
   gpu->Download(lp.data(), d_lp.raw(), B * 4);
 }
 
+// ---- the lm-head product with the draw in its epilogue (LmHeadSample) ---------------------------------
+
+float RoundToBf16(float x) {  // nearest even, as the device's casts (finite x)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (std::isfinite(x)) u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// Weights w[V, C] and rows x[B, C] whose product is exactly logits[v] = row[v] + 0.25 for every row
+// b (row[] rounded to bf16 first): x = e_0 + e_130, w[v] = row[v] e_0 + 0.25 e_130 (C = 200: the
+// second term lands in the third K step of 64; the fourth is partial). So the draw's distribution
+// is known exactly, whatever the product's summation order.
+struct ExactLmHead {
+  int C = 200;
+  std::vector<float> row, x, w;
+  ExactLmHead(std::vector<float> r, int B) : row(std::move(r)) {
+    const int V = static_cast<int>(row.size());
+    for (float& z : row) z = RoundToBf16(z);
+    w.assign(size_t(V) * C, 0.0f);
+    for (int v = 0; v < V; ++v) {
+      w[size_t(v) * C] = row[v];
+      w[size_t(v) * C + 130] = 0.25f;
+      row[v] += 0.25f;  // the logit (exact: -inf stays -inf)
+    }
+    x.assign(size_t(B) * C, 0.0f);
+    for (int b = 0; b < B; ++b) x[size_t(b) * C] = x[size_t(b) * C + 130] = 1.0f;
+  }
+};
+
+// One LmHeadSample call, row b with options opts[b % opts.size()] keyed by (seed, counter0 + b). The
+// logits scratch comes back too (poisoned before: rows that do not filter must stay unwritten,
+// which shows the fused kernel ran rather than LinearForward + SampleRows).
+void FusedDraw(const Tensor& d_x, const Tensor& d_w, int B, int C, int V, const std::vector<SamplingOptions>& opts,
+               uint64_t seed, uint64_t counter0, std::vector<int32_t>& tok, std::vector<float>& lp,
+               Tensor* d_logits) {
+  CudaBackend* gpu = Gpu();
+  std::vector<float> T(B), P(B);
+  std::vector<int32_t> K(B);
+  std::vector<uint64_t> seeds(B, seed), counters(B);
+  for (int b = 0; b < B; ++b) {
+    const SamplingOptions& o = opts[b % opts.size()];
+    T[b] = o.temperature, P[b] = o.top_p, K[b] = o.top_k, counters[b] = counter0 + b;
+  }
+  Tensor d_T = Up(T), d_k = Up(K), d_p = Up(P);
+  Tensor d_seeds(DType::kF32, {2 * B}, gpu->device()), d_counters(DType::kF32, {2 * B}, gpu->device());
+  gpu->Upload(d_seeds.raw(), seeds.data(), B * 8);
+  gpu->Upload(d_counters.raw(), counters.data(), B * 8);
+  Tensor d_tok = Poisoned(B), d_lp = Poisoned(B);
+  const bool was_fused = gpu->fused_sample();
+  gpu->set_fused_sample(true);
+  gpu->Upload(d_logits->raw(), std::vector<float>(size_t(B) * V, std::numeric_limits<float>::quiet_NaN()).data(),
+              size_t(B) * V * 4);
+  gpu->LmHeadSample(reinterpret_cast<int32_t*>(d_tok.raw()), d_lp.f32(), d_logits->f32(), d_x.f32(), d_w.f32(), B, C,
+                    V, d_T.f32(), d_k.i32(), d_p.f32(), static_cast<const uint64_t*>(d_seeds.raw()),
+                    static_cast<const uint64_t*>(d_counters.raw()));
+  gpu->set_fused_sample(was_fused);
+  tok.resize(B);
+  lp.resize(B);
+  gpu->Download(tok.data(), d_tok.raw(), B * 4);
+  gpu->Download(lp.data(), d_lp.raw(), B * 4);
+}
+
+// Every kind of row in one batch of 300 (two row blocks of 256) over V = 300 (three vocabulary
+// tiles, the last partial): unfiltered at T = 0.7 and 1.3, greedy, top-k 5 and top-p 0.8. Draws
+// against FilteredDistribution (chi-square), log-probs against the f64 log-softmax, greedy against
+// the argmax; only the filtering rows' logits are written (equal to the exact logits).
+TEST(CudaOps, LmHeadSampleMatchesTheDistributionForEveryKindOfRow) {
+  REQUIRE_GPU();
+  const int V = 300, B = 300, rounds = 200;
+  std::vector<float> r(V);
+  for (int i = 0; i < V; ++i) r[i] = std::sin(1.3f * i) + 0.002f * i;
+  r[17] = -INFINITY;  // never drawn
+  const ExactLmHead lm(r, B);
+  const int C = lm.C;
+  Tensor d_x = Up(lm.x), d_w = Up(lm.w), d_logits = Poisoned(size_t(B) * V);
+  gpu->RegisterWeights(d_w.f32(), d_w.numel());
+  gpu->WeightsChanged(d_w.f32());
+  const std::vector<SamplingOptions> opts = {{0.7f, 1.0f, 0}, {1.3f, 1.0f, 0}, {0.0f, 1.0f, 0}, {1.0f, 1.0f, 5},
+                                             {0.9f, 0.8f, 0}};
+  const int kinds = static_cast<int>(opts.size());
+  std::vector<std::vector<int>> count(kinds, std::vector<int>(V, 0));
+  double worst_lp = 0;
+  const int greedy_id = static_cast<int>(std::max_element(lm.row.begin(), lm.row.end()) - lm.row.begin());
+  std::vector<int32_t> tok;
+  std::vector<float> lp;
+  for (int round = 0; round < rounds; ++round) {
+    FusedDraw(d_x, d_w, B, C, V, opts, 4321, uint64_t(round) * B, tok, lp, &d_logits);
+    const std::vector<float> logits = Down(d_logits);
+    for (int b = 0; b < B; ++b) {
+      const SamplingOptions& o = opts[b % kinds];
+      ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << "row " << b << " drew " << tok[b];
+      ++count[b % kinds][tok[b]];
+      const double t = o.temperature > 0 ? o.temperature : 1.0;
+      double m = -1e30, se = 0;
+      for (float z : lm.row) m = std::max(m, double(z) / t);
+      for (float z : lm.row) se += std::exp(double(z) / t - m);
+      worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / t - m - std::log(se))));
+      if (o.temperature == 0) {
+        ASSERT_EQ(tok[b], greedy_id) << "greedy row " << b;
+      }
+      const bool filters = o.temperature > 0 && (o.top_k > 0 || o.top_p < 1);
+      for (int v = 0; v < V; v += 37) {
+        const float z = logits[size_t(b) * V + v];
+        if (filters) {
+          ASSERT_EQ(z, lm.row[v]) << "row " << b << " (filtering) logit " << v;
+        } else {
+          ASSERT_TRUE(std::isnan(z)) << "row " << b << " (drawn in the product) had logit " << v << " written";
+        }
+      }
+    }
+  }
+  for (int k = 0; k < kinds; ++k) {
+    if (opts[k].temperature == 0) continue;
+    const auto p = FilteredDistribution(lm.row.data(), V, opts[k]);
+    // Tokens expected fewer than 5 times are counted together (one more cell).
+    double chi2 = 0, rest_e = 0;
+    int dof = -1, rest = 0;
+    for (int v = 0; v < V; ++v) {
+      if (p[v] == 0) {
+        EXPECT_EQ(count[k][v], 0) << "token " << v << " has probability 0 but was drawn";
+        continue;
+      }
+      const double e = p[v] * (B / kinds) * rounds;
+      if (e < 5) {
+        rest_e += e, rest += count[k][v];
+        continue;
+      }
+      chi2 += (count[k][v] - e) * (count[k][v] - e) / e;
+      ++dof;
+    }
+    if (rest_e > 0) chi2 += (rest - rest_e) * (rest - rest_e) / rest_e, ++dof;
+    std::cout << "  lm-head + sample T=" << opts[k].temperature << " top_p=" << opts[k].top_p
+              << " top_k=" << opts[k].top_k << ": chi2 " << chi2 << " (critical " << ChiSquareCritical(dof) << ")\n";
+    EXPECT_LT(chi2, ChiSquareCritical(dof));
+  }
+  std::cout << "  lm-head + sample: max logprob error " << worst_lp << "\n";
+  EXPECT_LT(worst_lp, 1e-5);
+  gpu->UnregisterWeights(d_w.f32());
+}
+
+// The decode step's shape, V = 151,936 and an odd 151,669 (the last tile partial): a few large
+// logits far apart among small ones and -inf, so every block of the vocabulary holds part of the
+// mass and the blocks' partial draws compete. Counts of each large one and of "any other".
+TEST(CudaOps, LmHeadSampleLargeVocabularyMatchesTheDistribution) {
+  REQUIRE_GPU();
+  for (const int V : {151936, 151669}) {
+    const int B = 256, rounds = 40;
+    std::vector<float> r(V);
+    for (int i = 0; i < V; ++i) r[i] = i % 3 == 0 ? -INFINITY : -5.0f - 0.5f * std::sin(0.01f * i);
+    const std::vector<int> big = {7, 60001, 100002, V - 1};
+    const std::vector<float> big_logit = {5.0f, 4.625f, 4.25f, 5.375f};
+    for (size_t j = 0; j < big.size(); ++j) r[big[j]] = big_logit[j];
+    const ExactLmHead lm(r, B);
+    Tensor d_x = Up(lm.x), d_w = Up(lm.w), d_logits = Poisoned(size_t(B) * V);
+    gpu->RegisterWeights(d_w.f32(), d_w.numel());
+    gpu->WeightsChanged(d_w.f32());
+    const SamplingOptions o{0.8f, 1.0f, 0};
+    const auto p = FilteredDistribution(lm.row.data(), V, o);
+    std::vector<double> expect(big.size() + 1, 0.0);
+    for (int v = 0; v < V; ++v) {
+      const auto at = std::find(big.begin(), big.end(), v);
+      expect[at == big.end() ? big.size() : at - big.begin()] += p[v];
+    }
+    double m = -1e30, se = 0;
+    for (float z : lm.row) m = std::max(m, double(z) / o.temperature);
+    for (float z : lm.row) se += std::exp(double(z) / o.temperature - m);
+    std::vector<long> count(expect.size(), 0);
+    double worst_lp = 0;
+    std::vector<int32_t> tok;
+    std::vector<float> lp;
+    for (int round = 0; round < rounds; ++round) {
+      FusedDraw(d_x, d_w, B, lm.C, V, {o}, 99, uint64_t(round) * B, tok, lp, &d_logits);
+      for (int b = 0; b < B; ++b) {
+        ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
+        ASSERT_GT(p[tok[b]], 0.0) << "drew token " << tok[b] << ", whose logit is -inf";
+        const auto at = std::find(big.begin(), big.end(), tok[b]);
+        ++count[at == big.end() ? big.size() : at - big.begin()];
+        worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - m - std::log(se))));
+      }
+    }
+    EXPECT_TRUE(std::isnan(Down(d_logits)[12345])) << "the logits were written: not the fused kernel";
+    double chi2 = 0;
+    for (size_t j = 0; j < expect.size(); ++j) {
+      const double e = expect[j] * B * rounds;
+      chi2 += (count[j] - e) * (count[j] - e) / e;
+    }
+    const int dof = static_cast<int>(expect.size()) - 1;
+    std::cout << "  lm-head + sample V=" << V << ": chi2 " << chi2 << " (critical " << ChiSquareCritical(dof)
+              << "), other tokens " << count.back() << " of " << B * rounds << " (expected "
+              << expect.back() * B * rounds << "), max logprob error " << worst_lp << "\n";
+    EXPECT_LT(chi2, ChiSquareCritical(dof)) << "V " << V;
+    EXPECT_LT(worst_lp, 2e-5) << "V " << V;
+    gpu->UnregisterWeights(d_w.f32());
+  }
+}
+
+// Random bf16 rows and weights at the bench's shape (C = 896): the fused draw's log-prob against the
+// log-softmax of cuBLAS's logits of the same operands (summation order apart, the same numbers),
+// greedy rows' token against their argmax, filtered rows' token inside the kept set.
+TEST(CudaOps, LmHeadSampleAgreesWithTheProductOnRandomRows) {
+  REQUIRE_GPU();
+  const int B = 256, C = 896, V = 151936;
+  std::vector<float> x = Randn(size_t(B) * C, 1.0f), w = Randn(size_t(V) * C, 0.1f);
+  for (float& v : x) v = RoundToBf16(v);
+  for (float& v : w) v = RoundToBf16(v);
+  Tensor d_x = Up(x), d_w = Up(w), d_ref = Poisoned(size_t(B) * V), d_logits = Poisoned(size_t(B) * V);
+  gpu->RegisterWeights(d_w.f32(), d_w.numel());
+  gpu->WeightsChanged(d_w.f32());
+  gpu->LinearForward(d_ref.f32(), d_x.f32(), d_w.f32(), nullptr, B, C, V);
+  const std::vector<float> ref = Down(d_ref);
+  const std::vector<SamplingOptions> opts = {{1.0f, 1.0f, 0}, {0.0f, 1.0f, 0}, {0.6f, 1.0f, 0}, {1.0f, 0.9f, 20}};
+  std::vector<int32_t> tok;
+  std::vector<float> lp;
+  FusedDraw(d_x, d_w, B, C, V, opts, 5, 0, tok, lp, &d_logits);
+  double worst_lp = 0;
+  for (int b = 0; b < B; ++b) {
+    const SamplingOptions& o = opts[b % opts.size()];
+    const float* z = ref.data() + size_t(b) * V;
+    ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
+    const double t = o.temperature > 0 ? o.temperature : 1.0;
+    double m = -1e30, se = 0;
+    for (int v = 0; v < V; ++v) m = std::max(m, double(z[v]) / t);
+    for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) / t - m);
+    worst_lp = std::max(worst_lp, std::abs(lp[b] - (z[tok[b]] / t - m - std::log(se))));
+    if (o.temperature == 0) {
+      EXPECT_EQ(tok[b], std::max_element(z, z + V) - z) << "greedy row " << b;
+    }
+    if (o.top_k > 0) {
+      EXPECT_GT(FilteredDistribution(z, V, o)[tok[b]], 0.0) << "row " << b << " drew outside the set";
+    }
+  }
+  std::cout << "  lm-head + sample against cuBLAS's logits: max logprob error " << worst_lp << "\n";
+  EXPECT_LT(worst_lp, 2e-3);
+  gpu->UnregisterWeights(d_w.f32());
+}
+
 TEST(CudaOps, SampleRowsMatchesTheFilteredDistribution) {
   REQUIRE_GPU();
   const int V = 20, B = 1000, rounds = 100;
