@@ -81,7 +81,7 @@ for x in r[1:]:
     except (ValueError, IndexError):
         pass
 unit = r[1][dur_i] if len(r) > 1 else ""
-samp = [i for i, (n, _) in enumerate(ks) if "Sample" in n]
+samp = [i for i, (n, _) in enumerate(ks) if "SampleRows" in n]
 print(f"{len(ks)} kernels profiled; sampling kernels at {samp[-4:]}")
 a, b = samp[-2] + 1, samp[-1] + 1  # the last decode step: after one sampling, through the next
 step = ks[a:b]

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22a] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -492,17 +492,30 @@ if [[ " $what " == *" s20c "* ]]; then
   peer_gen
   peer_compile
 fi
-if [[ " $what " == *" s22a "* ]]; then
-  # Session 22: the lm-head product with the draw in its epilogue (LmHeadSample): its tests with the
-  # sampling and model tests, then generation against AHA_FUSED_SAMPLE=0 (cuBLAS's product, then
-  # SampleRows), interleaved, three runs each.
-  f="$out/conformance_s22a.log"
-  timeout 400 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+if [[ " $what " == *" s22 "* ]]; then
+  # Session 22: the lm-head product with the draw in its epilogue (LmHeadSample, the default since)
+  # against AHA_FUSED_SAMPLE=0 (cuBLAS's product, then SampleRows): its tests with the model tests,
+  # generation interleaved three times, Nsight Compute's kernel table of one decode step each way,
+  # and HF generate.
+  f="$out/conformance_s22.log"
+  AHA_FUSED_SAMPLE=1 timeout 200 dist/bin/engine_cuda_conformance_test --gtest_color=no \
     --gtest_filter='CudaOps.LmHeadSample*:CudaOps.SampleRows*:CudaModel.*' > "$f" 2>&1
-  echo "conformance (sampling, models): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
-  grep -E "lm-head \+ sample|Failure|Expected|actor vs|vs transformers|run ahead" "$f" | head -30
-  variant_runs s22a 3 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|prefill [0-9.]+ s|decode [0-9.]+ ms per step' \
-    default AHA_FUSED_SAMPLE=0 -- timeout 120 dist/bin/aha bench gen --model $model
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+  grep -E "lm-head \+ sample|Failure|Expected|actor vs|vs transformers" "$f" | head -14
+  for rep in 1 2 3; do
+    for v in off on; do
+      [ $v = on ] && env=(AHA_FUSED_SAMPLE=1) || env=(AHA_FUSED_SAMPLE=0)
+      env "${env[@]}" timeout 60 dist/bin/aha bench gen --model $model > "$out/gen.log" 2>&1
+      echo "gen fused $v $rep: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step' \
+        "$out/gen.log" | tr '\n' ' ')"
+    done
+  done
+  for v in off on; do
+    [ $v = on ] && env=(AHA_FUSED_SAMPLE=1) || env=(AHA_FUSED_SAMPLE=0)
+    env "${env[@]}" bench/gpu/decode_profile.sh "$out/ncu" > "$out/ncu.txt" 2>&1
+    echo "== decode step kernels, fused $v"; grep -A7 "last decode step" "$out/ncu.txt"
+  done
+  peer_gen
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -131,7 +131,7 @@ CudaBackend::CudaBackend(int index, cudaStream_t stream, GemmPrecision precision
   if (profile && std::string(profile) == "1") profile_ = std::make_unique<Profile>();
   if (const char* split = std::getenv("AHA_SPLIT_K")) split_k_ = std::max(0, std::atoi(split));
   const char* fused_sample = std::getenv("AHA_FUSED_SAMPLE");
-  fused_sample_ = fused_sample && std::string(fused_sample) == "1";
+  fused_sample_ = !(fused_sample && std::string(fused_sample) == "0");
   const char* mlp = std::getenv("AHA_FUSED_MLP");
   fused_mlp_ = !(mlp && std::string(mlp) == "0");
   CheckCuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, index), "query multiprocessors");
@@ -902,8 +902,8 @@ void CudaBackend::SampleRows(int32_t* tokens, float* logprobs, const float* logi
 }
 // The product and the draw in one kernel (lmhead_sample.cu) when the products are bf16: x's bf16
 // copy is the final norm's (a kept buffer in a decode step) or a cast here, w's the weights' cached
-// copy. Off by default until it beats LinearForward + SampleRows (docs/kernels.md, version 22):
-// AHA_FUSED_SAMPLE=1 or set_fused_sample(true).
+// copy. AHA_FUSED_SAMPLE=0 or set_fused_sample(false): LinearForward + SampleRows (the A/B;
+// docs/kernels.md, version 22).
 void CudaBackend::LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const float* x, const float* w, int B,
                                int C, int V, const float* temperature, const int32_t* top_k, const float* top_p,
                                const uint64_t* seeds, const uint64_t* counters) {

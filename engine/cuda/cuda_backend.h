@@ -86,8 +86,8 @@ class CudaBackend final : public Backend {
   // (AHA_SPLIT_K at construction: 0 chooses, 1 never splits, S always S where K allows).
   int SplitParts(int N, int K, int C) const;
   void set_split_k(int parts) { split_k_ = parts; }
-  // Whether LmHeadSample runs the product and the draw as one kernel (AHA_FUSED_SAMPLE at
-  // construction) or as LinearForward + SampleRows.
+  // Whether LmHeadSample runs the product and the draw as one kernel (the default; AHA_FUSED_SAMPLE=0
+  // at construction turns it off) or as LinearForward + SampleRows.
   void set_fused_sample(bool on) { fused_sample_ = on; }
   bool fused_sample() const { return fused_sample_; }
   void LinearBackward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int N,
@@ -197,7 +197,7 @@ class CudaBackend final : public Backend {
   // LinearAddRmsNorm's K parts: 0 chooses (SplitParts), 1 never splits, S > 1 always S where K
   // allows (AHA_SPLIT_K, the A/B).
   int split_k_ = 0;
-  bool fused_sample_ = false;  // LmHeadSample's kernel (set_fused_sample)
+  bool fused_sample_ = true;  // LmHeadSample's kernel (set_fused_sample)
   bool fused_mlp_ = true;  // GateUpSwiGlu's kernel (AHA_FUSED_MLP=0: the two ops)
   int sms_ = 132;
   // AddRmsNormForward with the addend in `parts` partial sums, N * C floats apart (1: a plain y).

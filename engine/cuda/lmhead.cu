@@ -64,7 +64,7 @@
 namespace aha::engine::cuda {
 namespace {
 
-using namespace sample;  // NOLINT: the RNG, log-sum-exp and reservoir of sample_internal.h
+using namespace sample;  // NOLINT: the RNG of sample_internal.h
 
 // ---- shared helpers -------------------------------------------------------------------------------
 
@@ -300,6 +300,11 @@ __device__ __forceinline__ unsigned long long Weight(float l, float inv_t, float
   return __float2ull_rz(w * kWeightScale);
 }
 
+// (score, id) order: higher score first, then lower id.
+__device__ __forceinline__ bool Better(float s, int i, float best_s, int best_i) {
+  return s > best_s || (s == best_s && i < best_i);
+}
+
 // Calls f4(v, i) for every float4 v = row[i .. i + 3] this thread owns and f1(value, index) for
 // every single element it owns, in a fixed order. A row whose start is not 16-byte aligned (every
 // row but the first of an odd vocabulary) gives its elements before the first 16-byte boundary to
@@ -399,6 +404,91 @@ struct SampleShared {
   int found;
   float zpick;                                   // the winning partial draw's z (SampleRowsFromPartials)
 };
+
+// Online log-sum-exp state (m = max, s = sum exp(z - m)).
+__device__ __forceinline__ void LseAdd(float& m, float& s, float z) {
+  if (z > m) {
+    s = s * expf(m - z) + 1.0f;  // first element: 0 * exp(-inf) + 1
+    m = z;
+  } else if (z > -INFINITY) {
+    s += expf(z - m);
+  }
+}
+
+__device__ __forceinline__ void LseMerge(float& m, float& s, float m2, float s2) {
+  if (m2 == -INFINITY) return;
+  if (m == -INFINITY) {
+    m = m2;
+    s = s2;
+    return;
+  }
+  const float M = fmaxf(m, m2);
+  s = s * expf(m - M) + s2 * expf(m2 - M);
+  m = M;
+}
+
+// One thread's weighted reservoir of size one over the elements it is given, weight exp(z):
+// (m, s) is the online log-sum-exp state, so s exp(m) is the weight W seen so far, and `pick` holds
+// element j with probability exp(z_j) / W. Exponential jumps: after a pick at total W the next
+// element to replace it is the first whose running total reaches X = W / U, U uniform in (0, 1),
+// because P(no replacement until total W') = prod (W_prev / W_i) = W / W' = P(X > W'). So a thread
+// draws a uniform only at each pick (about log of its element count times), the draw for a pick at
+// element i being Uniform(key, i). x holds X in the units of s (rescaled with s on a new max).
+struct Reservoir {
+  float m = -INFINITY, s = 0.0f, x = 0.0f;
+  int pick = INT_MAX;
+};
+
+__device__ __forceinline__ void ReservoirAdd(Reservoir& r, float z, int i, uint32_t key) {
+  if (z > r.m) {
+    const float c = expf(r.m - z);  // 0 on the first element
+    r.s = r.s * c + 1.0f;
+    r.x *= c;
+    r.m = z;
+  } else if (z > -INFINITY) {
+    r.s += expf(z - r.m);
+  } else {
+    return;  // weight 0 (or NaN): never drawn
+  }
+  if (r.s >= r.x) {
+    r.pick = i;
+    r.x = r.s / Uniform(key, i);
+  }
+}
+
+// ReservoirAdd of z[0..3] = z(v) at ids i .. i + 3, in that order, with one rescale per four: when the
+// four's largest beats the running max, s and x move to it first (the same quantities in another
+// scale), so each element then costs a scale, an FMA, one MUFU.EX2 (subnormal weights, below e^-87 of
+// the max, flush to 0), an add and a compare instead of two branches and a full-precision exp; a
+// replacement divides with the fast reciprocal. The draw and the weights are ReservoirAdd's; only
+// rounding differs. NaN weighs 0 (fmaxf keeps -inf); while the max is not finite (no finite z yet, or
+// +inf) the four take ReservoirAdd itself.
+__device__ __forceinline__ void ReservoirAdd4(Reservoir& r, float4 v, float inv_t, int i, uint32_t key) {
+  const float z[4] = {fmaxf(Scaled(v.x, inv_t), -INFINITY), fmaxf(Scaled(v.y, inv_t), -INFINITY),
+                      fmaxf(Scaled(v.z, inv_t), -INFINITY), fmaxf(Scaled(v.w, inv_t), -INFINITY)};
+  const float g = fmaxf(fmaxf(z[0], z[1]), fmaxf(z[2], z[3]));
+  if (!(r.m > -INFINITY && r.m < INFINITY && g < INFINITY)) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) ReservoirAdd(r, z[j], i + j, key);
+    return;
+  }
+  if (g > r.m) {
+    const float c = Exp2Ftz((r.m - g) * kLog2e);
+    r.s *= c;
+    r.x *= c;
+    r.m = g;
+  }
+  const float ml = r.m * kLog2e;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float e = Exp2Ftz(fmaf(z[j], kLog2e, -ml));  // 0 for z = -inf (and below e^-87 of the max)
+    r.s += e;
+    if (r.s >= r.x && e > 0.0f) {  // the branch every other lane waits on: kept short
+      r.pick = i + j;
+      r.x = __fdividef(r.s, Uniform(key, i + j));  // u in (0, 1]: the fast division is exact enough
+    }
+  }
+}
 
 // The thread's entry in the block-level draw: the threads' totals W_t compete by Gumbel-max,
 // score = log W_t + g_t, so thread t wins with probability W_t / sum W; its pick then has probability
@@ -634,8 +724,12 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
       const Partial p = part[static_cast<size_t>(b) * parts + j];
       const int i = part_pick[static_cast<size_t>(b) * parts + j];
       LseMerge(m, s, p.m, p.s);
-      if (Better(p.score, i, best, best_i)) {
-        best = p.score;
+      // Greedy: the part's max. Sampling: part j drew its pick with probability exp(z - p.m) / p.s;
+      // Gumbel-max over the parts' totals p.s e^p.m (uniform number parts + j) chooses among them.
+      const float score = greedy ? p.zp : (p.s > 0.0f ? p.m + logf(p.s) - logf(-logf(Uniform(key, parts + j)))
+                                                       : -INFINITY);
+      if (Better(score, i, best, best_i)) {
+        best = score;
         best_i = i;
         zp = p.zp;
       }

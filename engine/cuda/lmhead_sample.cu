@@ -1,30 +1,34 @@
 // The decode step's lm-head product with the token draw in its epilogue (wgmma, sm_90a): for each row
 // b of h16[M, C] the logits h w^T over the vocabulary w16[V, C] are computed tile by tile and consumed
 // in registers, so the [M, V] f32 logits (155 MB a step at 256 x 151,936) are neither written by the
-// product nor read back by the sampling kernel. Contract: kernels.h, LmHeadSample; the draw is
-// SampleRows' (lmhead.cu, "Sampling"): the same z = logits / T, weights exp(z), reservoir with
-// exponential jumps and Gumbel competition, so the token distribution and the log-prob are those of
-// LinearForward + SampleRows, not the same draws (the reservoirs are cut differently).
+// product nor read back by the sampling kernel. Contract: kernels.h, LmHeadSample. The draw has
+// SampleRows' distribution and log-prob (lmhead.cu, "Sampling": z = logits / T, weights exp(z)), not
+// its draws: it is cut by tile.
 //
 // Tiling. A block computes 256 rows x 128 vocabulary columns at a time (a tile): two consumer
 // warpgroups, each 128 rows as two m64n128k16 products with f32 accumulators (128 registers a
-// thread), and a producer warp that copies the block's 256 x 64 slice of h and 128 x 64 slice of w
-// per K step with the tensor memory accelerator (128-byte swizzle, 4 stages of 48 KiB, full and
-// empty barriers as in mlp.cu). The blocks are persistent: one per multiprocessor, each owning a
-// contiguous run of the vocabulary's 128-column tiles (1,187 at V = 151,936: 9 a block on 132), and
-// the producer runs on into the next tile's stages while the consumers work through a tile's
+// thread), and a producer warpgroup whose one thread copies the block's 256 x 64 slice of h and
+// 128 x 64 slice of w per K step with the tensor memory accelerator (128-byte swizzle, 4 stages of
+// 48 KiB, full and empty barriers as in mlp.cu). The blocks are persistent: one per multiprocessor,
+// each owning a run of the vocabulary's 128-column tiles (1,187 at V = 151,936: 9 a block on 132),
+// and the producer runs on into the next tile's stages while the consumers work through a tile's
 // epilogue. Rows past 256 take more blocks along y.
 //
-// Epilogue, per row (each row of a tile lives in the 4 lanes of one quad, 32 columns a lane):
-//  - sampling (T > 0, no top-k, no top-p): z = logits / T into the lane's reservoir for that row,
-//    kept across the block's tiles (ReservoirAddN, 8 values per rescale);
-//  - greedy (T <= 0): the running argmax (lowest id on ties) and log-sum-exp of the logits;
+// Epilogue: each row of a tile lives in the 4 lanes of one quad, 32 columns a lane. Per (row, tile):
+//  - sampling (T > 0, no top-k, no top-p): the tile's max m and S = sum exp(z - m) over the quad,
+//    and one column j drawn with probability exp(z_j - m) / S by inverse CDF (uniform number t of
+//    the row, t the tile: the lanes' prefix sums over the quad, then the one lane whose range holds
+//    u S scans its 32 values);
+//  - greedy (T <= 0): m, S and the tile's argmax (lowest id on ties), at T = 1;
 //  - filtered (top-k or top-p): the raw logits are stored to logits[b, :], and SampleRows' filtered
 //    path draws from them afterwards.
-// After the last tile the quad's four reservoirs merge (log-sum-exp; the draw by Gumbel-max on
-// score = log W + Gumbel with uniform number V + 4 block + lane, so lane reservoirs of every block
-// compete as SampleRows' threads do) and lane 0 writes the row's partial draw for this block.
-// SampleRowsFromPartials then merges the blocks' partials per row (lmhead.cu).
+// Each (row, tile) becomes a partial draw (m, S, its column j and z_j); SampleRowsFromPartials gives
+// it the score log S + m + a Gumbel (uniform number T + t) when sampling, z_j when greedy, takes
+// each row's best score (Gumbel-max: tile t with probability S_t e^m_t / sum, so j with probability
+// exp(z_j) / sum exp(z)) and the log-sum-exp of all (lmhead.cu). The first version kept a weighted
+// reservoir per lane and row across tiles, as SampleRows' threads do: its replacements (about ln n
+// per reservoir, but some lane of a warp meets one in almost every group) and their code (346 KB)
+// made the epilogue 12 us a tile against 8 us of products (docs/kernels.md, version 22).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -44,7 +48,7 @@ namespace aha::engine::cuda {
 
 namespace {
 
-using namespace sample;  // NOLINT: the RNG, log-sum-exp and reservoir of sample_internal.h
+using namespace sample;  // NOLINT: the RNG and log-sum-exp of sample_internal.h
 
 constexpr int kLsBM = 256, kLsBN = 128, kLsBK = 64, kLsStages = 4;
 constexpr int kLsConsumers = 256, kLsThreads = kLsConsumers + 128;  // two warpgroups + the producer's
@@ -52,7 +56,10 @@ constexpr int kLsABytes = kLsBM * kLsBK * 2;                      // 32 KiB: 256
 constexpr int kLsBBytes = kLsBN * kLsBK * 2;                      // 16 KiB: 128 rows of w
 constexpr int kLsStageBytes = kLsABytes + kLsBBytes;
 constexpr int kLsSmem = kLsStages * kLsStageBytes + 2 * kLsStages * 8 + 1024;  // + barriers, alignment
+constexpr int kLsLane = kLsBN / 4;                                // a lane's values of a row and tile
 static_assert(kLsABytes % 1024 == 0 && kLsBBytes % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+// The largest z drawn: +inf logits (a model that overflowed) count as this, so no exp of inf - inf.
+constexpr float kZCap = 1e30f;
 
 enum RowMode : int { kDraw = 0, kGreedy = 1, kFiltered = 2, kAbsent = 3 };
 
@@ -64,8 +71,7 @@ void Check(cudaError_t e, const char* what) {
 }
 
 __host__ __device__ __forceinline__ int VocabTiles(int V) { return (V + kLsBN - 1) / kLsBN; }
-int Blocks(int V, int sms) { return std::max(1, std::min(sms, VocabTiles(V))); }
-size_t PartialBytes(int M, int G) { return (static_cast<size_t>(M) * G * sizeof(Partial) + 255) / 256 * 256; }
+size_t PartialBytes(int M, int T) { return (static_cast<size_t>(M) * T * sizeof(Partial) + 255) / 256 * 256; }
 
 #ifdef AHA_WGMMA
 // d[64 x 128] (+)= A[64 x 16] B[128 x 16]^T, both from shared memory (descriptors), f32 accumulators
@@ -91,26 +97,27 @@ __device__ __forceinline__ void Wgmma64x128(float (&d)[64], uint64_t da, uint64_
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(da), "l"(db), "r"(scale_d));
 }
+#endif
 
-// The log-sum-exp state (m, s) of r with z[0 .. N) added (NaN as -inf), one rescale per N as
-// ReservoirAddN; the scalar LseAdd while the max is not finite.
-template <int N>
-__device__ __forceinline__ void LseAddN(Reservoir& r, const float (&z)[N]) {
-  float g = z[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j) g = fmaxf(g, z[j]);
-  if (!(r.m > -INFINITY && r.m < INFINITY && g < INFINITY)) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) LseAdd(r.m, r.s, z[j]);
-    return;
+#ifdef AHA_WGMMA
+// Exp2Ftz that the compiler may not merge with an equal one computed earlier: the draw's second pass
+// recomputes the weights rather than keeping 32 of them live from the first.
+__device__ __forceinline__ float Exp2FtzAgain(float x) {
+  float y;
+  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The float just below x > 0.
+__device__ __forceinline__ float Below(float x) { return __uint_as_float(__float_as_uint(x) - 1u); }
+
+// A filtering row's 32 logits of the tile (w[2 i + e] at column c0 + 8 i + e) stored for SampleRows,
+// out of line (one copy of the code; the row goes through local memory).
+__device__ __noinline__ void StoreRow(float* out, const float* w, int c0, int V) {
+  for (int k = 0; k < kLsLane; ++k) {
+    const int col = c0 + 8 * (k >> 1) + (k & 1);
+    if (col < V) out[col] = w[k];
   }
-  if (g > r.m) {
-    r.s *= Exp2Ftz((r.m - g) * kLog2e);
-    r.m = g;
-  }
-  const float ml = r.m * kLog2e;
-#pragma unroll
-  for (int j = 0; j < N; ++j) r.s += Exp2Ftz(fmaf(z[j], kLog2e, -ml));
 }
 #endif
 
@@ -126,9 +133,8 @@ __global__ void __launch_bounds__(kLsThreads, 1)
   const uint32_t bars = base + kLsStages * kLsStageBytes;  // full[s] at bars + 8 s, empty[s] after them
   auto full = [&](int s) { return bars + 8u * s; };
   auto empty = [&](int s) { return bars + 8u * (kLsStages + s); };
-  const int tid = threadIdx.x, G = gridDim.x;
+  const int tid = threadIdx.x, G = gridDim.x, T = VocabTiles(V);
   const int m0 = blockIdx.y * kLsBM, KT = (C + kLsBK - 1) / kLsBK;
-  const int T = VocabTiles(V);
   const int t0 = static_cast<int>(static_cast<long long>(blockIdx.x) * T / G);
   const int t1 = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * T / G);
   const int steps = (t1 - t0) * KT;  // K steps of all of this block's tiles, one pipeline
@@ -168,14 +174,14 @@ __global__ void __launch_bounds__(kLsThreads, 1)
     }
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");  // 128 accumulators + 4 rows' draws
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");  // 128 accumulators and the epilogue
 
   // Consumers. Fragment layout of an m64nN product: register 4 i + 2 half + e of warp v, lane l is
   // row 16 v + l / 4 + 8 half, column 8 i + 2 (l % 4) + e. This thread's rows: sub (which m64 of
-  // the warpgroup's 128) and half, row slot ri = 2 sub + half.
+  // the warpgroup's 128) and half, row slot ri = 2 sub + half; its value k of a row is register
+  // 4 (k / 2) + 2 half + k % 2 of sub, column 8 (k / 2) + 2 q + k % 2 of the tile.
   const int wg = tid >> 7, v = (tid & 127) >> 5, l = tid & 31, q = l & 3;
   auto row_of = [&](int ri) { return m0 + wg * 128 + (ri >> 1) * 64 + v * 16 + (l >> 2) + 8 * (ri & 1); };
-  Reservoir r[4];
   float inv_t[4];
   uint32_t key[4];
   int mode[4];
@@ -193,12 +199,13 @@ __global__ void __launch_bounds__(kLsThreads, 1)
       mode[ri] = greedy ? kGreedy : (filtered ? kFiltered : kDraw);
       inv_t[ri] = greedy ? 1.0f : 1.0f / t;
       key[ri] = RowKey(seeds[row], counters[row]);
-      if (greedy) r[ri].zp = -INFINITY;  // the greedy row's best logit so far (pick: its id)
     }
   }
+  const unsigned quad = 0xFu << (l & ~3);  // this lane's quad, for the shuffles within it
+
   float acc[2][64];
   int g = 0;
-  for (int lt = t0; lt < t1; ++lt) {
+  for (int t = t0; t < t1; ++t) {
     for (int kt = 0; kt < KT; ++kt, ++g) {
       const int s = g % kLsStages;
       MbarWait(full(s), (g / kLsStages) & 1);
@@ -220,82 +227,110 @@ __global__ void __launch_bounds__(kLsThreads, 1)
     FenceAccumulators(acc[0]);
     FenceAccumulators(acc[1]);
     if ((tid & 127) == 0) MbarArrive(empty((g - 1) % kLsStages));  // the tile's last stage
-    const int n0 = lt * kLsBN;
+    const int c0 = t * kLsBN + 2 * q;  // this lane's first column
+    const bool edge = (t + 1) * kLsBN > V;  // the tile holds columns past the vocabulary
 #pragma unroll
     for (int ri = 0; ri < 4; ++ri) {
-      const int sub = ri >> 1, half = ri & 1;
-      if (mode[ri] == kDraw) {
+      const int sub = ri >> 1, half = ri & 1, md = mode[ri];  // md is the same in the quad
+      if (md == kAbsent) continue;
+      if (md == kFiltered) {
+        float w[kLsLane];
 #pragma unroll
-        for (int grp = 0; grp < 4; ++grp) {
-          float z[8];
-          int id[8];
+        for (int k = 0; k < kLsLane; ++k) w[k] = acc[sub][4 * (k >> 1) + 2 * half + (k & 1)];
+        StoreRow(logits + static_cast<size_t>(row_of(ri)) * V, w, c0, V);
+        continue;
+      }
+      // z (scaled, NaN as -inf, past the vocabulary -inf) in place and the quad's max. Four
+      // independent chains wherever a lane runs over its 32 values (k % 4 for the max; the groups
+      // of 8 consecutive values for the sums), so that they overlap.
+      float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+      if (edge) {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int i = 4 * grp + j / 2, e = j & 1, col = n0 + 8 * i + 2 * q + e;
-            id[j] = col;
-            z[j] = col < V ? fmaxf(Scaled(acc[sub][4 * i + 2 * half + e], inv_t[ri]), -INFINITY) : -INFINITY;
-          }
-          ReservoirAddN(r[ri], z, id, key[ri]);
+        for (int k = 0; k < kLsLane; ++k) {
+          float& a = acc[sub][4 * (k >> 1) + 2 * half + (k & 1)];
+          const int col = c0 + 8 * (k >> 1) + (k & 1);
+          a = col < V ? fminf(fmaxf(Scaled(a, inv_t[ri]), -INFINITY), kZCap) : -INFINITY;
+          mx[k & 3] = fmaxf(mx[k & 3], a);
         }
-      } else if (mode[ri] == kGreedy) {
+      } else {
 #pragma unroll
-        for (int grp = 0; grp < 4; ++grp) {
-          float z[8];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int i = 4 * grp + j / 2, e = j & 1, col = n0 + 8 * i + 2 * q + e;
-            const float x = acc[sub][4 * i + 2 * half + e];
-            z[j] = col < V ? fmaxf(x, -INFINITY) : -INFINITY;
-            if (col < V && Better(x, col, r[ri].zp, r[ri].pick)) {
-              r[ri].zp = x;
-              r[ri].pick = col;
-            }
-          }
-          LseAddN(r[ri], z);
-        }
-      } else if (mode[ri] == kFiltered) {
-        float* out = logits + static_cast<size_t>(row_of(ri)) * V;
-#pragma unroll
-        for (int i = 0; i < kLsBN / 8; ++i) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = n0 + 8 * i + 2 * q + e;
-            if (col < V) out[col] = acc[sub][4 * i + 2 * half + e];
-          }
+        for (int k = 0; k < kLsLane; ++k) {
+          float& a = acc[sub][4 * (k >> 1) + 2 * half + (k & 1)];
+          a = fminf(fmaxf(Scaled(a, inv_t[ri]), -INFINITY), kZCap);
+          mx[k & 3] = fmaxf(mx[k & 3], a);
         }
       }
-    }
-  }
-
-  // The block's partial draw of each row: the quad's reservoirs merged, written by lane 0.
-  const int uid = V + 4 * static_cast<int>(blockIdx.x) + q;
-#pragma unroll
-  for (int ri = 0; ri < 4; ++ri) {
-    float m = r[ri].m, s = r[ri].s, score = -INFINITY, zp = r[ri].zp;
-    int pick = r[ri].pick;
-    if (mode[ri] == kDraw && r[ri].s > 0.0f) {
-      score = m + logf(s) - logf(-logf(Uniform(key[ri], uid)));
-    } else if (mode[ri] == kGreedy) {
-      score = zp;
-    } else {
-      m = -INFINITY, s = 0.0f, pick = INT_MAX;
-    }
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-      const float sc2 = __shfl_xor_sync(0xffffffffu, score, o), zp2 = __shfl_xor_sync(0xffffffffu, zp, o);
-      const int p2 = __shfl_xor_sync(0xffffffffu, pick, o);
-      LseMerge(m, s, m2, s2);
-      if (Better(sc2, p2, score, pick)) {
-        score = sc2;
-        pick = p2;
-        zp = zp2;
+      float m = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+      m = fmaxf(m, __shfl_xor_sync(quad, m, 1, 4));
+      m = fmaxf(m, __shfl_xor_sync(quad, m, 2, 4));
+      const size_t at = static_cast<size_t>(row_of(ri)) * T + t;
+      if (!(m > -INFINITY)) {  // nothing drawable in this tile
+        if (q == 0) {
+          part[at] = Partial{-INFINITY, 0.0f, 0.0f, -INFINITY};
+          part_pick[at] = INT_MAX;
+        }
+        continue;
       }
-    }
-    const int row = row_of(ri);
-    if (q == 0 && row < M) {
-      part[static_cast<size_t>(row) * G + blockIdx.x] = Partial{m, s, score, zp};
-      part_pick[static_cast<size_t>(row) * G + blockIdx.x] = pick;
+      // S = sum exp(z - m): per lane the sums p[g] of its groups of 8, in order, and their running
+      // totals c[g]; then the lanes' ranges [excl, incl) of the quad's running total, which tile
+      // [0, S) exactly.
+      const float ml = m * kLog2e;
+      float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int k = 0; k < kLsLane; ++k)
+        p[k >> 3] += Exp2Ftz(fmaf(acc[sub][4 * (k >> 1) + 2 * half + (k & 1)], kLog2e, -ml));
+      const float cg[4] = {p[0], p[0] + p[1], (p[0] + p[1]) + p[2], ((p[0] + p[1]) + p[2]) + p[3]};
+      const float sum = cg[3];
+      float incl = sum;
+#pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) {
+        const float y = __shfl_up_sync(quad, incl, o, 4);
+        if (q >= o) incl += y;
+      }
+      float excl = __shfl_up_sync(quad, incl, 1, 4);
+      if (q == 0) excl = 0.0f;
+      const float S = __shfl_sync(quad, incl, 3, 4);
+      if (md == kGreedy) {  // the lowest column holding the max
+        int j = INT_MAX;
+#pragma unroll
+        for (int k = kLsLane - 1; k >= 0; --k)
+          if (acc[sub][4 * (k >> 1) + 2 * half + (k & 1)] == m) j = c0 + 8 * (k >> 1) + (k & 1);
+        j = min(j, __shfl_xor_sync(quad, j, 1, 4));
+        j = min(j, __shfl_xor_sync(quad, j, 2, 4));
+        if (q == 0) {
+          part[at] = Partial{m, S, 0.0f, m};
+          part_pick[at] = j;
+        }
+        continue;
+      }
+      // The column: u S in [0, S) falls in one lane's range (which then has a positive sum); that
+      // lane finds the group of 8 whose running total first passes it, then the value within the
+      // group by the same sums again. Each target is kept below its total, so that value exists,
+      // and the running total rose there: a positive weight.
+      float target = Uniform(key[ri], t) * S;
+      if (!(target < S)) target = Below(S);
+      if (target >= excl && target < incl) {
+        const float want = fminf(target - excl, Below(sum));
+        const int g = (want < cg[0]) ? 0 : (want < cg[1]) ? 1 : (want < cg[2]) ? 2 : 3;
+        float zj = 0.0f;
+        int j = INT_MAX;
+#pragma unroll
+        for (int gi = 0; gi < 4; ++gi) {
+          if (gi != g) continue;
+          const float in = fminf(want - (gi > 0 ? cg[gi - 1] : 0.0f), Below(p[gi]));
+          float run = 0.0f;
+#pragma unroll
+          for (int k = 8 * gi; k < 8 * gi + 8; ++k) {
+            const float z = acc[sub][4 * (k >> 1) + 2 * half + (k & 1)];
+            run += Exp2FtzAgain(fmaf(z, kLog2e, -ml));
+            const bool hit = j == INT_MAX && run > in;
+            j = hit ? c0 + 8 * (k >> 1) + (k & 1) : j;
+            zj = hit ? z : zj;
+          }
+        }
+        part[at] = Partial{m, S, 0.0f, zj};  // its Gumbel score is SampleRowsFromPartials' to add
+        part_pick[at] = j;
+      }
     }
   }
 #else
@@ -315,9 +350,10 @@ bool LmHeadSampleSupported(int M, int C, int V) {
 }
 
 size_t LmHeadSampleWorkspace(int M, int V, int sms) {
+  (void)sms;
   if (M <= 0 || V <= 0) return 0;
-  const int G = Blocks(V, sms);
-  return PartialBytes(M, G) + (static_cast<size_t>(M) * G * sizeof(int32_t) + 255) / 256 * 256;
+  const int T = VocabTiles(V);
+  return PartialBytes(M, T) + (static_cast<size_t>(M) * T * sizeof(int32_t) + 255) / 256 * 256;
 }
 
 void LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const uint16_t* h16, const uint16_t* w16, int M,
@@ -328,18 +364,20 @@ void LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const uint16_
     std::fprintf(stderr, "aha: LmHeadSample: unsupported shape M %d C %d V %d (C %% 8, sm_90)\n", M, C, V);
     std::abort();
   }
+  // Set on every launch (a host call, no stream work), so that it holds on whichever device is current.
   Check(cudaFuncSetAttribute(LmHeadSampleKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLsSmem),
         "LmHeadSample shared memory");
-  const int G = Blocks(V, sms);
+  const int T = VocabTiles(V), G = std::max(1, std::min(sms, T));  // persistent: one block a multiprocessor
   auto* part = static_cast<Partial*>(workspace);
-  auto* pick = reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + PartialBytes(M, G));
+  auto* pick = reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + PartialBytes(M, T));
   const CUtensorMap map_h = SwizzledRowsMap(h16, M, C, kLsBM, "LmHeadSample"),
                     map_w = SwizzledRowsMap(w16, V, C, kLsBN, "LmHeadSample");
-  const dim3 grid(G, (M + kLsBM - 1) / kLsBM);
-  Check(LaunchMaybeDependent(true, LmHeadSampleKernel, grid, dim3(kLsThreads), kLsSmem, s, part, pick, logits, map_h,
-                             map_w, M, C, V, temperature, top_k, top_p, seeds, counters),
+  // Launched dependent (PDL): w's first stages are copied under the norm before it.
+  Check(LaunchMaybeDependent(true, LmHeadSampleKernel, dim3(G, (M + kLsBM - 1) / kLsBM), dim3(kLsThreads), kLsSmem,
+                             s, part, pick, logits, map_h, map_w, M, C, V, temperature, top_k, top_p, seeds,
+                             counters),
         "LmHeadSampleKernel launch");
-  SampleRowsFromPartials(tokens, logprobs, logits, M, V, temperature, top_k, top_p, seeds, counters, part, pick, G,
+  SampleRowsFromPartials(tokens, logprobs, logits, M, V, temperature, top_k, top_p, seeds, counters, part, pick, T,
                          s);
 }
 

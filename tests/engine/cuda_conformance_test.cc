@@ -1762,15 +1762,18 @@ void FusedDraw(const Tensor& d_x, const Tensor& d_w, int B, int C, int V, const 
 }
 
 // Every kind of row in one batch of 300 (two row blocks of 256) over V = 300 (three vocabulary
-// tiles, the last partial): unfiltered at T = 0.7 and 1.3, greedy, top-k 5 and top-p 0.8. Draws
+// tiles of 128, the last partial): unfiltered at T = 0.7 and 1.3, greedy, top-k 5 and top-p 0.8. Draws
 // against FilteredDistribution (chi-square), log-probs against the f64 log-softmax, greedy against
 // the argmax; only the filtering rows' logits are written (equal to the exact logits).
 TEST(CudaOps, LmHeadSampleMatchesTheDistributionForEveryKindOfRow) {
   REQUIRE_GPU();
   const int V = 300, B = 300, rounds = 200;
   std::vector<float> r(V);
-  for (int i = 0; i < V; ++i) r[i] = std::sin(1.3f * i) + 0.002f * i;
+  // All negative (a greedy row's max below 0), one -inf, and the second tile all -inf (nothing to
+  // draw there: its partials must lose to every other tile's, greedy ones too).
+  for (int i = 0; i < V; ++i) r[i] = std::sin(1.3f * i) + 0.002f * i - 3.0f;
   r[17] = -INFINITY;  // never drawn
+  for (int i = 128; i < 256; ++i) r[i] = -INFINITY;
   const ExactLmHead lm(r, B);
   const int C = lm.C;
   Tensor d_x = Up(lm.x), d_w = Up(lm.w), d_logits = Poisoned(size_t(B) * V);
