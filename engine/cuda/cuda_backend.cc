@@ -908,9 +908,9 @@ void CudaBackend::LmHeadSample(int32_t* tokens, float* logprobs, float* logits, 
                                int C, int V, const float* temperature, const int32_t* top_k, const float* top_p,
                                const uint64_t* seeds, const uint64_t* counters) {
   const size_t n = static_cast<size_t>(B) * C;
-  const uint16_t* w16 = fused_sample_ && gemm_->precision() == GemmPrecision::kBF16 && cuda::LmHeadSampleSupported(B, C, V)
-                            ? gemm_->Bf16CopyOf(w, static_cast<size_t>(V) * C)
-                            : nullptr;
+  const bool fused =
+      fused_sample_ && gemm_->precision() == GemmPrecision::kBF16 && cuda::LmHeadSampleSupported(B, C, V);
+  const uint16_t* w16 = fused ? gemm_->Bf16CopyOf(w, static_cast<size_t>(V) * C) : nullptr;
   const uint16_t* x16 = w16 ? KeptCopy(x, n) : nullptr;
   uint16_t* cast = w16 && !x16 ? CastCopy(n) : nullptr;
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };  // the copies' rule
@@ -920,7 +920,7 @@ void CudaBackend::LmHeadSample(int32_t* tokens, float* logprobs, float* logits, 
     cuda::CastF32ToBF16(cast, x, n, stream_);
     x16 = cast;
   }
-  void* ws = Workspace(cuda::LmHeadSampleWorkspace(B, V, sms_));
+  void* ws = Workspace(cuda::LmHeadSampleWorkspace(B, V));
   cuda::LmHeadSample(tokens, logprobs, logits, x16, w16, B, C, V, temperature, top_k, top_p, seeds, counters, ws,
                      sms_, stream_);
   Check("lm-head + sample");

@@ -236,12 +236,12 @@ size_t SampleWorkspace(int B, int V);
 // logprobs as SampleRows(logits = h16 w16^T) would give them, for h16[M, C] and w16[V, C] in bf16
 // (f32 accumulation), with the same distribution and log-prob but other draws. The logits are
 // written to logits[M, V] only for the rows that filter (top_k or top_p), which SampleRows' filtered
-// path then reads; the others never exist. workspace: LmHeadSampleWorkspace(M, V, sms) bytes, sms
-// the device's multiprocessors. Launched dependent (PDL): w16's first tiles are copied before the
-// kernel enqueued just before it has finished, which must not write w16. Supported: a compute
-// capability 9 device, C % 8 == 0.
+// path then reads; the others never exist. workspace: LmHeadSampleWorkspace(M, V) bytes; sms (the
+// device's multiprocessors) sizes the persistent grid. Launched dependent (PDL): w16's first tiles
+// are copied before the kernel enqueued just before it has finished, which must not write w16.
+// Supported: a compute capability 9 device, C % 8 == 0.
 bool LmHeadSampleSupported(int M, int C, int V);
-size_t LmHeadSampleWorkspace(int M, int V, int sms);
+size_t LmHeadSampleWorkspace(int M, int V);
 void LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const uint16_t* h16, const uint16_t* w16, int M,
                   int C, int V, const float* temperature, const int32_t* top_k, const float* top_p,
                   const uint64_t* seeds, const uint64_t* counters, void* workspace, int sms, cudaStream_t s);

@@ -17,8 +17,8 @@
 // Epilogue: each row of a tile lives in the 4 lanes of one quad, 32 columns a lane. Per (row, tile):
 //  - sampling (T > 0, no top-k, no top-p): the tile's max m and S = sum exp(z - m) over the quad,
 //    and one column j drawn with probability exp(z_j - m) / S by inverse CDF (uniform number t of
-//    the row, t the tile: the lanes' prefix sums over the quad, then the one lane whose range holds
-//    u S scans its 32 values);
+//    the row, t the tile: the lanes' prefix sums over the quad locate u S in one lane, which finds
+//    the group of 8 of its values whose running total passes it and scans those 8);
 //  - greedy (T <= 0): m, S and the tile's argmax (lowest id on ties), at T = 1;
 //  - filtered (top-k or top-p): the raw logits are stored to logits[b, :], and SampleRows' filtered
 //    path draws from them afterwards.
@@ -349,8 +349,7 @@ bool LmHeadSampleSupported(int M, int C, int V) {
 #endif
 }
 
-size_t LmHeadSampleWorkspace(int M, int V, int sms) {
-  (void)sms;
+size_t LmHeadSampleWorkspace(int M, int V) {
   if (M <= 0 || V <= 0) return 0;
   const int T = VocabTiles(V);
   return PartialBytes(M, T) + (static_cast<size_t>(M) * T * sizeof(int32_t) + 255) / 256 * 256;
