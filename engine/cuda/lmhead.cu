@@ -702,8 +702,7 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
     SampleRowsKernel(int32_t* __restrict__ tokens, float* __restrict__ logprobs, const float* __restrict__ logits,
                      int V, const float* __restrict__ temperature, const int32_t* __restrict__ top_k,
                      const float* __restrict__ top_p, const uint64_t* __restrict__ seeds,
-                     const uint64_t* __restrict__ counters, const Partial* __restrict__ part,
-                     const int32_t* __restrict__ part_pick, int parts) {
+                     const uint64_t* __restrict__ counters, const Partial* __restrict__ part, int parts) {
   __shared__ SampleShared sh;
   const int b = blockIdx.x;
   const float* row = logits + static_cast<size_t>(b) * V;
@@ -722,15 +721,14 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
     int best_i = INT_MAX;
     for (int j = threadIdx.x; j < parts; j += kSampleThreads) {
       const Partial p = part[static_cast<size_t>(b) * parts + j];
-      const int i = part_pick[static_cast<size_t>(b) * parts + j];
       LseMerge(m, s, p.m, p.s);
       // Greedy: the part's max. Sampling: part j drew its pick with probability exp(z - p.m) / p.s;
       // Gumbel-max over the parts' totals p.s e^p.m (uniform number parts + j) chooses among them.
       const float score = greedy ? p.zp : (p.s > 0.0f ? p.m + logf(p.s) - logf(-logf(Uniform(key, parts + j)))
                                                        : -INFINITY);
-      if (Better(score, i, best, best_i)) {
+      if (Better(score, p.pick, best, best_i)) {
         best = score;
-        best_i = i;
+        best_i = p.pick;
         zp = p.zp;
       }
     }
@@ -905,16 +903,16 @@ void SampleRows(int32_t* tokens, float* logprobs, const float* logits, int B, in
   (void)workspace;
   if (B <= 0 || V <= 0) return;
   SampleRowsKernel<<<B, kSampleThreads, 0, s>>>(tokens, logprobs, logits, V, temperature, top_k, top_p, seeds,
-                                                counters, nullptr, nullptr, 0);
+                                                counters, nullptr, 0);
 }
 
 void SampleRowsFromPartials(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
                             const float* temperature, const int32_t* top_k, const float* top_p,
-                            const uint64_t* seeds, const uint64_t* counters, const Partial* part,
-                            const int32_t* pick, int parts, cudaStream_t s) {
+                            const uint64_t* seeds, const uint64_t* counters, const Partial* part, int parts,
+                            cudaStream_t s) {
   if (B <= 0 || V <= 0) return;
   SampleRowsKernel<<<B, kSampleThreads, 0, s>>>(tokens, logprobs, logits, V, temperature, top_k, top_p, seeds,
-                                                counters, part, pick, parts);
+                                                counters, part, parts);
 }
 
 }  // namespace aha::engine::cuda

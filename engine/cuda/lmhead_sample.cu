@@ -63,41 +63,7 @@ constexpr float kZCap = 1e30f;
 
 enum RowMode : int { kDraw = 0, kGreedy = 1, kFiltered = 2, kAbsent = 3 };
 
-void Check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "aha engine/cuda: %s: %s\n", what, cudaGetErrorString(e));
-    std::abort();
-  }
-}
-
 __host__ __device__ __forceinline__ int VocabTiles(int V) { return (V + kLsBN - 1) / kLsBN; }
-size_t PartialBytes(int M, int T) { return (static_cast<size_t>(M) * T * sizeof(Partial) + 255) / 256 * 256; }
-
-#ifdef AHA_WGMMA
-// d[64 x 128] (+)= A[64 x 16] B[128 x 16]^T, both from shared memory (descriptors), f32 accumulators
-// in the m64nNk16 fragment layout; scale_d 0 overwrites d.
-__device__ __forceinline__ void Wgmma64x128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
-      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, "
-      "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-#endif
 
 #ifdef AHA_WGMMA
 // Exp2Ftz that the compiler may not merge with an equal one computed earlier: the draw's second pass
@@ -122,7 +88,7 @@ __device__ __noinline__ void StoreRow(float* out, const float* w, int c0, int V)
 #endif
 
 __global__ void __launch_bounds__(kLsThreads, 1)
-    LmHeadSampleKernel(Partial* __restrict__ part, int32_t* __restrict__ part_pick, float* __restrict__ logits,
+    LmHeadSampleKernel(Partial* __restrict__ part, float* __restrict__ logits,
                        const __grid_constant__ CUtensorMap map_h, const __grid_constant__ CUtensorMap map_w, int M,
                        int C, int V, const float* __restrict__ temperature, const int32_t* __restrict__ top_k,
                        const float* __restrict__ top_p, const uint64_t* __restrict__ seeds,
@@ -265,10 +231,7 @@ __global__ void __launch_bounds__(kLsThreads, 1)
       m = fmaxf(m, __shfl_xor_sync(quad, m, 2, 4));
       const size_t at = static_cast<size_t>(row_of(ri)) * T + t;
       if (!(m > -INFINITY)) {  // nothing drawable in this tile
-        if (q == 0) {
-          part[at] = Partial{-INFINITY, 0.0f, 0.0f, -INFINITY};
-          part_pick[at] = INT_MAX;
-        }
+        if (q == 0) part[at] = Partial{-INFINITY, 0.0f, -INFINITY, INT_MAX};
         continue;
       }
       // S = sum exp(z - m): per lane the sums p[g] of its groups of 8, in order, and their running
@@ -297,10 +260,7 @@ __global__ void __launch_bounds__(kLsThreads, 1)
           if (acc[sub][4 * (k >> 1) + 2 * half + (k & 1)] == m) j = c0 + 8 * (k >> 1) + (k & 1);
         j = min(j, __shfl_xor_sync(quad, j, 1, 4));
         j = min(j, __shfl_xor_sync(quad, j, 2, 4));
-        if (q == 0) {
-          part[at] = Partial{m, S, 0.0f, m};
-          part_pick[at] = j;
-        }
+        if (q == 0) part[at] = Partial{m, S, m, j};
         continue;
       }
       // The column: u S in [0, S) falls in one lane's range (which then has a positive sum); that
@@ -328,8 +288,7 @@ __global__ void __launch_bounds__(kLsThreads, 1)
             zj = hit ? z : zj;
           }
         }
-        part[at] = Partial{m, S, 0.0f, zj};  // its Gumbel score is SampleRowsFromPartials' to add
-        part_pick[at] = j;
+        part[at] = Partial{m, S, zj, j};  // its Gumbel score is SampleRowsFromPartials' to add
       }
     }
   }
@@ -351,8 +310,7 @@ bool LmHeadSampleSupported(int M, int C, int V) {
 
 size_t LmHeadSampleWorkspace(int M, int V) {
   if (M <= 0 || V <= 0) return 0;
-  const int T = VocabTiles(V);
-  return PartialBytes(M, T) + (static_cast<size_t>(M) * T * sizeof(int32_t) + 255) / 256 * 256;
+  return static_cast<size_t>(M) * VocabTiles(V) * sizeof(Partial);
 }
 
 void LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const uint16_t* h16, const uint16_t* w16, int M,
@@ -364,20 +322,18 @@ void LmHeadSample(int32_t* tokens, float* logprobs, float* logits, const uint16_
     std::abort();
   }
   // Set on every launch (a host call, no stream work), so that it holds on whichever device is current.
-  Check(cudaFuncSetAttribute(LmHeadSampleKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLsSmem),
-        "LmHeadSample shared memory");
+  CheckCall(cudaFuncSetAttribute(LmHeadSampleKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLsSmem),
+            "LmHeadSample shared memory");
   const int T = VocabTiles(V), G = std::max(1, std::min(sms, T));  // persistent: one block a multiprocessor
   auto* part = static_cast<Partial*>(workspace);
-  auto* pick = reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + PartialBytes(M, T));
   const CUtensorMap map_h = SwizzledRowsMap(h16, M, C, kLsBM, "LmHeadSample"),
                     map_w = SwizzledRowsMap(w16, V, C, kLsBN, "LmHeadSample");
   // Launched dependent (PDL): w's first stages are copied under the norm before it.
-  Check(LaunchMaybeDependent(true, LmHeadSampleKernel, dim3(G, (M + kLsBM - 1) / kLsBM), dim3(kLsThreads), kLsSmem,
-                             s, part, pick, logits, map_h, map_w, M, C, V, temperature, top_k, top_p, seeds,
-                             counters),
-        "LmHeadSampleKernel launch");
-  SampleRowsFromPartials(tokens, logprobs, logits, M, V, temperature, top_k, top_p, seeds, counters, part, pick, T,
-                         s);
+  CheckCall(LaunchMaybeDependent(true, LmHeadSampleKernel, dim3(G, (M + kLsBM - 1) / kLsBM), dim3(kLsThreads),
+                                 kLsSmem, s, part, logits, map_h, map_w, M, C, V, temperature, top_k, top_p, seeds,
+                                 counters),
+            "LmHeadSampleKernel launch");
+  SampleRowsFromPartials(tokens, logprobs, logits, M, V, temperature, top_k, top_p, seeds, counters, part, T, s);
 }
 
 }  // namespace aha::engine::cuda

@@ -52,39 +52,6 @@ constexpr int kMlpStageBytes = kMlpABytes + 2 * kMlpBHalfBytes;       // a multi
 constexpr int kMlpSmem = kMlpStages * kMlpStageBytes + 2 * kMlpStages * 8 + 1024;  // + barriers, alignment
 static_assert(kMlpABytes % 1024 == 0 && kMlpBHalfBytes % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
 
-void Check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "aha engine/cuda: %s: %s\n", what, cudaGetErrorString(e));
-    std::abort();
-  }
-}
-
-#ifdef AHA_WGMMA
-// d[64 x 160] (+)= A[64 x 16] B[160 x 16]^T, both from shared memory (descriptors), f32 accumulators
-// in the m64nNk16 fragment layout; scale_d 0 overwrites d.
-__device__ __forceinline__ void Wgmma64x160(float (&d)[80], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %82, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n160k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79}, "
-      "%80, %81, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-#endif
-
 __device__ __forceinline__ float RoundBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
 __global__ void __launch_bounds__(kMlpThreads, 1)
@@ -228,8 +195,8 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
     std::abort();
   }
   // Set on every launch (a host call, no stream work), so that it holds on whichever device is current.
-  Check(cudaFuncSetAttribute(GateUpSwiGluKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMlpSmem),
-        "GateUpSwiGlu shared memory");
+  CheckCall(cudaFuncSetAttribute(GateUpSwiGluKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMlpSmem),
+            "GateUpSwiGlu shared memory");
   const CUtensorMap map_a = SwizzledRowsMap(a16, M, K, kMlpBM, "GateUpSwiGlu"),
                     map_w = SwizzledRowsMap(w16, 2 * I, K, kMlpBN, "GateUpSwiGlu");
   const int row_blocks = (M + kMlpBM - 1) / kMlpBM;
@@ -246,9 +213,9 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
     const char* e = std::getenv("AHA_MLP_WIDE_STORES");
     return !(e && e[0] == '0');
   }();
-  Check(LaunchMaybeDependent(early, GateUpSwiGluKernel, grid, dim3(kMlpThreads), kMlpSmem, s,
-                             reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I, K, wide),
-        "GateUpSwiGluKernel launch");
+  CheckCall(LaunchMaybeDependent(early, GateUpSwiGluKernel, grid, dim3(kMlpThreads), kMlpSmem, s,
+                                 reinterpret_cast<__nv_bfloat16*>(h16), map_a, map_w, M, I, K, wide),
+            "GateUpSwiGluKernel launch");
 }
 
 }  // namespace aha::engine::cuda

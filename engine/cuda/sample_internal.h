@@ -50,23 +50,24 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
 __device__ __forceinline__ float Scaled(float l, float inv_t) { return __fmul_rn(l, inv_t); }
 
 // One partial draw of a row (the fused lm-head's, per row and vocabulary tile): the log-sum-exp state
-// (m, s) of z over the tile's columns and the z of its pick (drawn with probability exp(z - m) / s
-// when sampling; the lowest-id max when greedy). s = 0 and pick = INT_MAX when the tile held nothing
-// drawable. The fourth float is unused.
+// (m, s) of z over the tile's columns, its pick (drawn with probability exp(z - m) / s when
+// sampling; the lowest-id max when greedy) and the pick's z. s = 0 and pick = INT_MAX when the tile
+// held nothing drawable. 16 bytes: one store.
 struct Partial {
-  float m, s, spare, zp;
+  float m, s, zp;
+  int pick;
 };
 
 }  // namespace sample
 
 // SampleRows (kernels.h) that takes each unfiltered row's draw from `parts` partial draws per row,
-// part[b * parts + j] with its pick in pick[b * parts + j]: greedy rows take the best (max, lowest
+// part[b * parts + j]: greedy rows take the best (max, lowest
 // id), sampling rows the part that wins a Gumbel-max over the parts' totals (uniform number parts + j
 // of the row), and the log-prob uses the log-sum-exp of all parts. The logits are read only for the
 // rows that filter (top-k or top-p), which the fused lm-head wrote.
 void SampleRowsFromPartials(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
                             const float* temperature, const int32_t* top_k, const float* top_p,
                             const uint64_t* seeds, const uint64_t* counters, const sample::Partial* part,
-                            const int32_t* pick, int parts, cudaStream_t s);
+                            int parts, cudaStream_t s);
 
 }  // namespace aha::engine::cuda

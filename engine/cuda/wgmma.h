@@ -1,6 +1,7 @@
 // Warpgroup tensor-core instructions (wgmma, sm_90a) shared by the kernels built for that target
-// (mlp.cu, attention_wgmma.cu). Everything here exists only when the compiler targets sm_90a
-// (AHA_WGMMA); the kernels that use it trap otherwise, and their launchers' "supported" checks say no.
+// (mlp.cu, attention_wgmma.cu, lmhead_sample.cu). Everything here exists only when the compiler
+// targets sm_90a (AHA_WGMMA); the kernels that use it trap otherwise, and their launchers'
+// "supported" checks say no.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -121,6 +122,44 @@ __device__ __forceinline__ void WgmmaSs64x64First(float (&d)[8][4], uint64_t da,
 }
 #undef AHA_WG_D64_OPS
 #undef AHA_WG_D64
+// Eight f32 accumulators d[i .. i + 7] as read-write asm operands (the wide products below).
+#define AHA_WG_F8(i)                                                                                    \
+  "+f"(d[(i)]), "+f"(d[(i) + 1]), "+f"(d[(i) + 2]), "+f"(d[(i) + 3]), "+f"(d[(i) + 4]), "+f"(d[(i) + 5]), \
+      "+f"(d[(i) + 6]), "+f"(d[(i) + 7])
+
+// d[64 x 128] (+)= A[64 x 16] B[128 x 16]^T, both from shared memory (descriptors), f32 accumulators
+// in the m64nNk16 fragment layout; scale_d 0 overwrites d.
+__device__ __forceinline__ void Wgmma64x128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
+      "%62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : AHA_WG_F8(0), AHA_WG_F8(8), AHA_WG_F8(16), AHA_WG_F8(24),
+        AHA_WG_F8(32), AHA_WG_F8(40), AHA_WG_F8(48), AHA_WG_F8(56)
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// d[64 x 160] (+)= A[64 x 16] B[160 x 16]^T, both from shared memory (descriptors), f32 accumulators
+// in the m64nNk16 fragment layout; scale_d 0 overwrites d.
+__device__ __forceinline__ void Wgmma64x160(float (&d)[80], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %82, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n160k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
+      "%62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79}, "
+      "%80, %81, p, 1, 1, 0, 0;\n}\n"
+      : AHA_WG_F8(0), AHA_WG_F8(8), AHA_WG_F8(16), AHA_WG_F8(24),
+        AHA_WG_F8(32), AHA_WG_F8(40), AHA_WG_F8(48), AHA_WG_F8(56),
+        AHA_WG_F8(64), AHA_WG_F8(72)
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+#undef AHA_WG_F8
 // Registers that products in flight read (A fragments): kept live, not reused, until this point.
 template <int R, int C>
 __device__ __forceinline__ void KeepLive(uint32_t (&a)[R][C]) {

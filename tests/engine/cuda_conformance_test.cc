@@ -1697,6 +1697,44 @@ void DrawRows(const Tensor& d_logits, int B, int V, const SamplingOptions& o, co
   gpu->Download(lp.data(), d_lp.raw(), B * 4);
 }
 
+// log sum exp(z / t) over z[0, V), in f64: the behaviour log-prob of token j is z[j] / t minus this.
+double LogSumExp(const float* z, int V, double t) {
+  double m = -1e300, s = 0;
+  for (int v = 0; v < V; ++v) m = std::max(m, double(z[v]) / t);
+  for (int v = 0; v < V; ++v) s += std::exp(double(z[v]) / t - m);
+  return m + std::log(s);
+}
+
+// A full-size row for the unfiltered draw: a few large logits far apart, the largest last (the
+// running max moves late), the rest small or -inf (every third). Draws are counted by category:
+// each large one, then "any other". The large logits are exact in bf16 (ExactLmHead keeps them).
+struct FewLargeLogits {
+  std::vector<float> row;
+  std::vector<int> big;
+  explicit FewLargeLogits(int V) : row(V), big{7, 60001, 100002, V - 1} {
+    for (int i = 0; i < V; ++i) row[i] = i % 3 == 0 ? -INFINITY : -5.0f - 0.5f * std::sin(0.01f * i);
+    const float big_logit[] = {5.0f, 4.625f, 4.25f, 5.375f};
+    for (size_t j = 0; j < big.size(); ++j) row[big[j]] = big_logit[j];
+  }
+  size_t Category(int token) const { return std::find(big.begin(), big.end(), token) - big.begin(); }
+  // Each category's probability under p (a distribution over the row).
+  std::vector<double> Expected(const std::vector<double>& p) const {
+    std::vector<double> e(big.size() + 1, 0.0);
+    for (size_t v = 0; v < p.size(); ++v) e[Category(static_cast<int>(v))] += p[v];
+    return e;
+  }
+};
+
+// Pearson's chi-square of counts against probabilities over n draws.
+double ChiSquare(const std::vector<long>& count, const std::vector<double>& p, long n) {
+  double chi2 = 0;
+  for (size_t j = 0; j < p.size(); ++j) {
+    const double e = p[j] * n;
+    chi2 += (count[j] - e) * (count[j] - e) / e;
+  }
+  return chi2;
+}
+
 // ---- the lm-head product with the draw in its epilogue (LmHeadSample) ---------------------------------
 
 float RoundToBf16(float x) {  // nearest even, as the device's casts (finite x)
@@ -1785,6 +1823,9 @@ TEST(CudaOps, LmHeadSampleMatchesTheDistributionForEveryKindOfRow) {
   std::vector<std::vector<int>> count(kinds, std::vector<int>(V, 0));
   double worst_lp = 0;
   const int greedy_id = static_cast<int>(std::max_element(lm.row.begin(), lm.row.end()) - lm.row.begin());
+  std::vector<double> lse(kinds);  // at T, or 1 when greedy
+  for (int k = 0; k < kinds; ++k)
+    lse[k] = LogSumExp(lm.row.data(), V, opts[k].temperature > 0 ? opts[k].temperature : 1.0);
   std::vector<int32_t> tok;
   std::vector<float> lp;
   for (int round = 0; round < rounds; ++round) {
@@ -1795,10 +1836,7 @@ TEST(CudaOps, LmHeadSampleMatchesTheDistributionForEveryKindOfRow) {
       ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << "row " << b << " drew " << tok[b];
       ++count[b % kinds][tok[b]];
       const double t = o.temperature > 0 ? o.temperature : 1.0;
-      double m = -1e30, se = 0;
-      for (float z : lm.row) m = std::max(m, double(z) / t);
-      for (float z : lm.row) se += std::exp(double(z) / t - m);
-      worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / t - m - std::log(se))));
+      worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / t - lse[b % kinds])));
       if (o.temperature == 0) {
         ASSERT_EQ(tok[b], greedy_id) << "greedy row " << b;
       }
@@ -1849,25 +1887,15 @@ TEST(CudaOps, LmHeadSampleLargeVocabularyMatchesTheDistribution) {
   REQUIRE_GPU();
   for (const int V : {151936, 151669}) {
     const int B = 256, rounds = 40;
-    std::vector<float> r(V);
-    for (int i = 0; i < V; ++i) r[i] = i % 3 == 0 ? -INFINITY : -5.0f - 0.5f * std::sin(0.01f * i);
-    const std::vector<int> big = {7, 60001, 100002, V - 1};
-    const std::vector<float> big_logit = {5.0f, 4.625f, 4.25f, 5.375f};
-    for (size_t j = 0; j < big.size(); ++j) r[big[j]] = big_logit[j];
-    const ExactLmHead lm(r, B);
+    const FewLargeLogits few(V);
+    const ExactLmHead lm(few.row, B);
     Tensor d_x = Up(lm.x), d_w = Up(lm.w), d_logits = Poisoned(size_t(B) * V);
     gpu->RegisterWeights(d_w.f32(), d_w.numel());
     gpu->WeightsChanged(d_w.f32());
     const SamplingOptions o{0.8f, 1.0f, 0};
     const auto p = FilteredDistribution(lm.row.data(), V, o);
-    std::vector<double> expect(big.size() + 1, 0.0);
-    for (int v = 0; v < V; ++v) {
-      const auto at = std::find(big.begin(), big.end(), v);
-      expect[at == big.end() ? big.size() : at - big.begin()] += p[v];
-    }
-    double m = -1e30, se = 0;
-    for (float z : lm.row) m = std::max(m, double(z) / o.temperature);
-    for (float z : lm.row) se += std::exp(double(z) / o.temperature - m);
+    const std::vector<double> expect = few.Expected(p);
+    const double lse = LogSumExp(lm.row.data(), V, o.temperature);
     std::vector<long> count(expect.size(), 0);
     double worst_lp = 0;
     std::vector<int32_t> tok;
@@ -1877,17 +1905,12 @@ TEST(CudaOps, LmHeadSampleLargeVocabularyMatchesTheDistribution) {
       for (int b = 0; b < B; ++b) {
         ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
         ASSERT_GT(p[tok[b]], 0.0) << "drew token " << tok[b] << ", whose logit is -inf";
-        const auto at = std::find(big.begin(), big.end(), tok[b]);
-        ++count[at == big.end() ? big.size() : at - big.begin()];
-        worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - m - std::log(se))));
+        ++count[few.Category(tok[b])];
+        worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - lse)));
       }
     }
     EXPECT_TRUE(std::isnan(Down(d_logits)[12345])) << "the logits were written: not the fused kernel";
-    double chi2 = 0;
-    for (size_t j = 0; j < expect.size(); ++j) {
-      const double e = expect[j] * B * rounds;
-      chi2 += (count[j] - e) * (count[j] - e) / e;
-    }
+    const double chi2 = ChiSquare(count, expect, long(B) * rounds);
     const int dof = static_cast<int>(expect.size()) - 1;
     std::cout << "  lm-head + sample V=" << V << ": chi2 " << chi2 << " (critical " << ChiSquareCritical(dof)
               << "), other tokens " << count.back() << " of " << B * rounds << " (expected "
@@ -1922,10 +1945,7 @@ TEST(CudaOps, LmHeadSampleAgreesWithTheProductOnRandomRows) {
     const float* z = ref.data() + size_t(b) * V;
     ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
     const double t = o.temperature > 0 ? o.temperature : 1.0;
-    double m = -1e30, se = 0;
-    for (int v = 0; v < V; ++v) m = std::max(m, double(z[v]) / t);
-    for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) / t - m);
-    worst_lp = std::max(worst_lp, std::abs(lp[b] - (z[tok[b]] / t - m - std::log(se))));
+    worst_lp = std::max(worst_lp, std::abs(lp[b] - (z[tok[b]] / t - LogSumExp(z, V, t))));
     if (o.temperature == 0) {
       EXPECT_EQ(tok[b], std::max_element(z, z + V) - z) << "greedy row " << b;
     }
@@ -1955,17 +1975,14 @@ TEST(CudaOps, SampleRowsMatchesTheFilteredDistribution) {
     std::vector<int32_t> tok;
     std::vector<float> lp;
     double worst_lp = 0;
+    const double lse = LogSumExp(row.data(), V, o.temperature);  // behaviour log-prob: the full log-softmax at T
     for (int r = 0; r < rounds; ++r) {
       for (int b = 0; b < B; ++b) c[b] = static_cast<uint64_t>(r) * B + b;
       DrawRows(d_logits, B, V, o, s, c, tok, lp);
-      // Behaviour log-prob: full (unfiltered) log-softmax at T.
-      double m = -1e30, se = 0;
-      for (float z : row) m = std::max(m, double(z) / o.temperature);
-      for (float z : row) se += std::exp(double(z) / o.temperature - m);
       for (int b = 0; b < B; ++b) {
         ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
         ++count[tok[b]];
-        worst_lp = std::max(worst_lp, std::abs(lp[b] - (row[tok[b]] / o.temperature - m - std::log(se))));
+        worst_lp = std::max(worst_lp, std::abs(lp[b] - (row[tok[b]] / o.temperature - lse)));
       }
     }
     double chi2 = 0;
@@ -2019,26 +2036,16 @@ TEST(CudaOps, SampleRowsUnfilteredLargeVocabularyMatchesTheDistribution) {
   REQUIRE_GPU();
   for (const int V : {151936, 151669}) {
     const int B = 512, rounds = 40;
-    std::vector<float> row(V);
-    for (int i = 0; i < V; ++i) row[i] = i % 3 == 0 ? -INFINITY : -5.0f - 0.5f * std::sin(0.01f * i);
-    const std::vector<int> big = {7, 60001, 100002, V - 1};
-    const std::vector<float> big_logit = {5.0f, 4.6f, 4.2f, 5.4f};
-    for (size_t j = 0; j < big.size(); ++j) row[big[j]] = big_logit[j];
+    const FewLargeLogits few(V);
     std::vector<float> logits;
     logits.reserve(size_t(B) * V);
-    for (int b = 0; b < B; ++b) logits.insert(logits.end(), row.begin(), row.end());
+    for (int b = 0; b < B; ++b) logits.insert(logits.end(), few.row.begin(), few.row.end());
     Tensor d_logits = Up(logits);
     const SamplingOptions o{0.8f, 1.0f, 0};
-    const auto p = FilteredDistribution(row.data(), V, o);
-    std::vector<double> expect(big.size() + 1, 0.0);  // the large ones, then every other token
-    for (int v = 0; v < V; ++v) {
-      const auto at = std::find(big.begin(), big.end(), v);
-      expect[at == big.end() ? big.size() : at - big.begin()] += p[v];
-    }
+    const auto p = FilteredDistribution(few.row.data(), V, o);
+    const std::vector<double> expect = few.Expected(p);
+    const double lse = LogSumExp(few.row.data(), V, o.temperature);
     std::vector<long> count(expect.size(), 0);
-    double m = -1e30, se = 0;
-    for (float z : row) m = std::max(m, double(z) / o.temperature);
-    for (float z : row) se += std::exp(double(z) / o.temperature - m);
     double worst_lp = 0;
     const std::vector<uint64_t> sd(B, 99);
     std::vector<uint64_t> c(B);
@@ -2050,16 +2057,11 @@ TEST(CudaOps, SampleRowsUnfilteredLargeVocabularyMatchesTheDistribution) {
       for (int b = 0; b < B; ++b) {
         ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
         ASSERT_GT(p[tok[b]], 0.0) << "drew token " << tok[b] << ", whose logit is -inf";
-        const auto at = std::find(big.begin(), big.end(), tok[b]);
-        ++count[at == big.end() ? big.size() : at - big.begin()];
-        worst_lp = std::max(worst_lp, std::abs(lp[b] - (row[tok[b]] / o.temperature - m - std::log(se))));
+        ++count[few.Category(tok[b])];
+        worst_lp = std::max(worst_lp, std::abs(lp[b] - (few.row[tok[b]] / o.temperature - lse)));
       }
     }
-    double chi2 = 0;
-    for (size_t j = 0; j < expect.size(); ++j) {
-      const double e = expect[j] * B * rounds;
-      chi2 += (count[j] - e) * (count[j] - e) / e;
-    }
+    const double chi2 = ChiSquare(count, expect, long(B) * rounds);
     const int dof = static_cast<int>(expect.size()) - 1;
     std::cout << "  sample V=" << V << " T=" << o.temperature << " unfiltered: chi2 " << chi2 << " (critical "
               << ChiSquareCritical(dof) << "), other tokens " << count.back() << " of " << B * rounds << " (expected "
