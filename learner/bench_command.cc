@@ -66,6 +66,11 @@ int RunGen(int argc, char** argv) {
   flags.String("leave-out", &leave_out,
                "timing by subtraction: decode steps skip these ops (comma list of qkv, attention, o, gateup, down, "
                "lmhead), so the step time they save is their share in a graph; the tokens drawn are meaningless");
+  double temperature = 1.0, top_p = 1.0;
+  int64_t top_k = 0;
+  flags.Double("temperature", &temperature, "sampling temperature of every prompt (0 = greedy; default 1)");
+  flags.Double("top-p", &top_p, "nucleus sampling mass of every prompt (default 1 = off)");
+  flags.Int("top-k", &top_k, "keep the k most likely tokens of every prompt (default 0 = off)");
   int64_t kv_cache_tokens = 0;
   flags.Int("kv-cache-tokens", &kv_cache_tokens,
             "KV pool size in tokens (default 0: prompts x (prompt-len + new-tokens), no preemption); smaller pools preempt and recompute");
@@ -75,6 +80,8 @@ int RunGen(int argc, char** argv) {
   if (prompts < 1 || prompt_len < 1 || new_tokens < 1 || repeats < 1) return Fail(prog, "sizes must be positive", 2);
   if (min_new_tokens < 0 || min_new_tokens > new_tokens)
     return Fail(prog, "--min-new-tokens must be between 0 and --new-tokens", 2);
+  if (temperature < 0 || !(top_p > 0 && top_p <= 1) || top_k < 0)
+    return Fail(prog, "need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0", 2);
   if (kv_cache_tokens != 0 && kv_cache_tokens < prompt_len + new_tokens)
     return Fail(prog, "--kv-cache-tokens must be 0 or at least prompt-len + new-tokens (one whole sequence)", 2);
   auto backend = engine::MakeBackend(device);
@@ -90,7 +97,7 @@ int RunGen(int argc, char** argv) {
   std::vector<engine::GenerationRequest> reqs(prompts);
   for (int64_t i = 0; i < prompts; ++i) {
     reqs[i].prompt = RandomTokens(rng, static_cast<int>(prompt_len), V);
-    reqs[i].sampling = {1.0f, 1.0f, 0};
+    reqs[i].sampling = {static_cast<float>(temperature), static_cast<float>(top_p), static_cast<int>(top_k)};
     reqs[i].seed = static_cast<uint64_t>(seed * 1000003 + i);
     // No stop ids: every sequence runs to its cap (all new_tokens, or spread from min_new_tokens up).
     reqs[i].max_new_tokens = static_cast<int>(
@@ -134,11 +141,14 @@ int RunGen(int argc, char** argv) {
             << " rows each); between them " << std::max(0.0, best - stats.prefill_seconds - stats.decode_seconds)
             << " s; device idle between passes (host time from one pass's tokens to the next launch) "
             << stats.launch_gap_seconds << " s; " << stats.steps_ahead << " steps run ahead\n";
+  if (temperature != 1.0 || top_p != 1.0 || top_k != 0)
+    std::cout << "  sampling: temperature " << temperature << ", top-p " << top_p << ", top-k " << top_k << "\n";
   if (*leave_mask) std::cout << "  decode steps left out: " << leave_out << " (timing only: the tokens are meaningless)\n";
   nlohmann::json j = {{"bench", "gen"},         {"device", engine::DescribeBackend(backend->get())},
                       {"graphs", !no_graphs},   {"leave_out", leave_out},
                       {"prompts", prompts},     {"prompt_len", prompt_len},
-                      {"new_tokens", new_tokens}, {"min_new_tokens", min_new_tokens}, {"seconds", best},
+                      {"new_tokens", new_tokens}, {"min_new_tokens", min_new_tokens},
+                      {"temperature", temperature}, {"top_p", top_p}, {"top_k", top_k}, {"seconds", best},
                       {"tokens_per_s", tps},
                       {"kv_cache_blocks", gen.num_blocks()},
                       {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},

@@ -45,6 +45,13 @@
 //    at token i draws u_i), V + t to thread t's Gumbel. The hash is 32-bit because a replacement
 //    stalls the warp's other lanes while it runs (about a third of a row's elements meet one in
 //    some lane), and a 64-bit SplitMix64 step made that wait long (docs/kernels.md, version 10).
+//  - With the fused lm-head's partial draws (SampleRowsFromPartials) pass 1 is their merge, for
+//    every row. Top-p alone then takes rejection sampling from the full distribution (the merged
+//    draw the first proposal): a token is kept iff the weight before it in the strict order is
+//    below top_p of the total, and a rejected one bounds the set, so the next proposal comes from
+//    the tokens before it. One pass a round (the restricted reservoir gives that weight too), about
+//    1 / top_p rounds when the set is large, fewer than the radix descent's 4 + 1 passes; after
+//    kRejectRounds, and for top-k, the radix path.
 //  - logprob = z_token - lse over the full vocabulary (the behaviour log-prob of engine/sampler.h).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -285,6 +292,14 @@ constexpr float kWeightScale = 1099511627776.0f;  // 2^40: fixed point of the to
 // Radix levels whose histograms use HistAdd (see Descend). Measured on an H200 (B = 256,
 // V = 151936): 1 beats 4 (top-p 0.72 ms against 0.93 ms, top-k 0.37 ms against 0.40 ms).
 constexpr int kAggregatedLevels = 1;
+// Rounds of rejection sampling a top-p row (with partial draws) takes before the radix path.
+constexpr int kRejectRounds = 8;
+
+// The row key of rejection round r (and, at r = kRejectRounds, of the radix path's draw after them):
+// a stream of uniform numbers independent of the row key's.
+__device__ __forceinline__ uint32_t RoundKey(uint32_t key, int r) {
+  return LowBias32(key ^ LowBias32(0x5BD1E995u + static_cast<uint32_t>(r) * kGamma32));
+}
 
 // Order-preserving u32 of a float: a < b (as floats) <=> Key(a) < Key(b); -0 maps to +0's key so
 // that equal logits are equal keys (the CPU compares floats). NaN is not expected.
@@ -716,9 +731,15 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
   const bool filtered = !greedy && (K < V || use_p);
   const uint32_t key = RowKey(seeds[b], counters[b]);
 
-  if (part && !filtered) {  // the fused lm-head drew this row: merge its partial draws
-    float m = -INFINITY, s = 0.0f, best = -INFINITY, zp = 0.0f;
-    int best_i = INT_MAX;
+  // Pass 1: log-sum-exp of z over the full row (the reservoir's (m, s) when sampling unfiltered);
+  // greedy argmax; the unfiltered draw. From the fused lm-head's partial draws instead when it made
+  // them (every row's, filtering ones too).
+  Reservoir r;
+  float best = -INFINITY;
+  int best_i = INT_MAX;
+  float m = -INFINITY, s = 0.0f;
+  if (part) {
+    float zp = 0.0f;
     for (int j = threadIdx.x; j < parts; j += kSampleThreads) {
       const Partial p = part[static_cast<size_t>(b) * parts + j];
       LseMerge(m, s, p.m, p.s);
@@ -737,21 +758,61 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
     BlockLse(m, s, sh);
     BlockArgmax(best, best_i, sh);
     const bool valid = best_i >= 0 && best_i < V;
-    if (valid && mine == best && mine_i == best_i) sh.zpick = zp;  // picks of distinct parts differ
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      tokens[b] = valid ? best_i : 0;  // only rows without finite logits fall back
-      logprobs[b] = valid ? sh.zpick - (m + logf(s)) : NAN;
+    if (!filtered) {
+      if (valid && mine == best && mine_i == best_i) sh.zpick = zp;  // picks of distinct parts differ
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        tokens[b] = valid ? best_i : 0;  // only rows without finite logits fall back
+        logprobs[b] = valid ? sh.zpick - (m + logf(s)) : NAN;
+      }
+      return;
     }
-    return;
-  }
-
-  // Pass 1: log-sum-exp of z over the full row (the reservoir's (m, s) when sampling unfiltered);
-  // greedy argmax; the unfiltered draw.
-  Reservoir r;
-  float best = -INFINITY;
-  int best_i = INT_MAX;
-  if (!greedy && !filtered) {  // the common case: one draw from the full distribution
+    // Top-p alone: rejection sampling from the full distribution, whose draw best_i is. The kept set
+    // is the smallest prefix of the strict order whose weight reaches P of the total, so a token x is
+    // in it iff the weight of the tokens before x is below P s (weights exp(z - m)). A token outside
+    // it shows the set to lie before it: the next proposal is drawn from the tokens before x (a
+    // reservoir over them, whose (m, s) is also their weight). Each proposal's distribution is the
+    // full one restricted to a superset of the kept set, so the accepted token has the kept set's
+    // renormalised distribution. Each round is one pass with its own random numbers; at P = 0.95
+    // about one in twenty rows needs a second. After kRejectRounds the radix path below decides.
+    if (K == V && use_p && valid) {
+      const float target = P * s;
+      int x = best_i;
+      for (int round = 0; round < kRejectRounds; ++round) {
+        const uint32_t rkey = RoundKey(key, round);
+        const float lx = __ldg(row + x);
+        auto before = [&](float l, int i) { return l > lx || (l == lx && i < x); };
+        Reservoir q;
+        ForEach4(
+            row, V,
+            [&](float4 v, int i) {
+              const float4 u = make_float4(before(v.x, i) ? v.x : -INFINITY, before(v.y, i + 1) ? v.y : -INFINITY,
+                                           before(v.z, i + 2) ? v.z : -INFINITY, before(v.w, i + 3) ? v.w : -INFINITY);
+              ReservoirAdd4(q, u, inv_t, i, rkey);
+            },
+            [&](float l, int i) {
+              if (before(l, i)) ReservoirAdd(q, Scaled(l, inv_t), i, rkey);
+            });
+        float qm = q.m, qs = q.s;
+        BlockLse(qm, qs, sh);
+        const float mass = qs > 0.0f ? qs * expf(qm - m) : 0.0f;  // weight of the tokens before x
+        if (mass < target) {
+          if (threadIdx.x == 0) {
+            tokens[b] = x;
+            logprobs[b] = Scaled(lx, inv_t) - (m + logf(s));
+          }
+          return;
+        }
+        float score = ReservoirScore(q, rkey, V);
+        int pick = q.pick;
+        BlockArgmax(score, pick, sh);
+        if (!(pick >= 0 && pick < V)) break;  // nothing before x to draw (rounding): the radix path
+        x = pick;
+      }
+    }
+    r.m = m;
+    r.s = s;
+  } else if (!greedy && !filtered) {  // the common case: one draw from the full distribution
     ForEach4(
         row, V, [&](float4 v, int i) { ReservoirAdd4(r, v, inv_t, i, key); },
         [&](float l, int i) { ReservoirAdd(r, Scaled(l, inv_t), i, key); });
@@ -766,8 +827,8 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
       }
     });
   }
-  float m = r.m, s = r.s;
-  BlockLse(m, s, sh);
+  m = r.m, s = r.s;
+  if (!part) BlockLse(m, s, sh);
   const float zmax = m;
 
   if (filtered) {
@@ -792,12 +853,14 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
       cut.key = d.key;
       cut.id = j < cnt_all ? NthTieId(row, V, d.key, j, sh) : INT_MAX;
     }
-    // The draw over the kept set.
+    // The draw over the kept set (with partial draws, random numbers of their own: the rows' first
+    // draw and any rejection rounds used the row key's).
+    const uint32_t dkey = part ? RoundKey(key, kRejectRounds) : key;
     Reservoir q;
     ForEach(row, V, [&](float l, int i) {
-      if (Kept(OrderKey(l), i, cut)) ReservoirAdd(q, Scaled(l, inv_t), i, key);
+      if (Kept(OrderKey(l), i, cut)) ReservoirAdd(q, Scaled(l, inv_t), i, dkey);
     });
-    best = ReservoirScore(q, key, V);
+    best = ReservoirScore(q, dkey, V);
     best_i = q.pick;
   }
   BlockArgmax(best, best_i, sh);

@@ -20,8 +20,9 @@
 //    the row, t the tile: the lanes' prefix sums over the quad locate u S in one lane, which finds
 //    the group of 8 of its values whose running total passes it and scans those 8);
 //  - greedy (T <= 0): m, S and the tile's argmax (lowest id on ties), at T = 1;
-//  - filtered (top-k or top-p): the raw logits are stored to logits[b, :], and SampleRows' filtered
-//    path draws from them afterwards.
+//  - filtered (top-k or top-p): the raw logits are stored to logits[b, :] for SampleRows' filtered
+//    path, and the partial draw is made as for a sampling row (the filtered path starts from the
+//    full distribution's log-sum-exp and a draw from it).
 // Each (row, tile) becomes a partial draw (m, S, its column j and z_j); SampleRowsFromPartials gives
 // it the score log S + m + a Gumbel (uniform number T + t) when sampling, z_j when greedy, takes
 // each row's best score (Gumbel-max: tile t with probability S_t e^m_t / sum, so j with probability
@@ -77,12 +78,21 @@ __device__ __forceinline__ float Exp2FtzAgain(float x) {
 // The float just below x > 0.
 __device__ __forceinline__ float Below(float x) { return __uint_as_float(__float_as_uint(x) - 1u); }
 
-// A filtering row's 32 logits of the tile (w[2 i + e] at column c0 + 8 i + e) stored for SampleRows,
-// out of line (one copy of the code; the row goes through local memory).
-__device__ __noinline__ void StoreRow(float* out, const float* w, int c0, int V) {
+// A filtering row's 32 logits of the tile stored for SampleRows' filtered path: value k of the lane
+// (a[4 (k / 2) + 2 half + k % 2]) at column c0 + 8 (k / 2) + k % 2. Pairs of columns as 8-byte
+// stores (a quad's 4 lanes fill 32 contiguous bytes) where the row's start keeps them aligned and
+// the tile lies inside the vocabulary, else one by one.
+__device__ __forceinline__ void StoreRow(float* out, const float* a, int half, int c0, int V, bool edge) {
+  if (!edge && ((reinterpret_cast<uintptr_t>(out) + 4u * c0) & 7u) == 0) {
+#pragma unroll
+    for (int i = 0; i < kLsLane / 2; ++i)
+      *reinterpret_cast<float2*>(out + c0 + 8 * i) = make_float2(a[4 * i + 2 * half], a[4 * i + 2 * half + 1]);
+    return;
+  }
+#pragma unroll
   for (int k = 0; k < kLsLane; ++k) {
     const int col = c0 + 8 * (k >> 1) + (k & 1);
-    if (col < V) out[col] = w[k];
+    if (col < V) out[col] = a[4 * (k >> 1) + 2 * half + (k & 1)];
   }
 }
 #endif
@@ -199,13 +209,10 @@ __global__ void __launch_bounds__(kLsThreads, 1)
     for (int ri = 0; ri < 4; ++ri) {
       const int sub = ri >> 1, half = ri & 1, md = mode[ri];  // md is the same in the quad
       if (md == kAbsent) continue;
-      if (md == kFiltered) {
-        float w[kLsLane];
-#pragma unroll
-        for (int k = 0; k < kLsLane; ++k) w[k] = acc[sub][4 * (k >> 1) + 2 * half + (k & 1)];
-        StoreRow(logits + static_cast<size_t>(row_of(ri)) * V, w, c0, V);
-        continue;
-      }
+      // A filtering row's logits go out for the filtered path, and its partial draw is made as a
+      // sampling row's: the full distribution's log-sum-exp and a draw from it, which the filtered
+      // path starts from (SampleRowsFromPartials).
+      if (md == kFiltered) StoreRow(logits + static_cast<size_t>(row_of(ri)) * V, acc[sub], half, c0, V, edge);
       // z (scaled, NaN as -inf, past the vocabulary -inf) in place and the quad's max. Four
       // independent chains wherever a lane runs over its 32 values (k % 4 for the max; the groups
       // of 8 consecutive values for the sums), so that they overlap.

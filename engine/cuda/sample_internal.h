@@ -63,8 +63,9 @@ struct Partial {
 // SampleRows (kernels.h) that takes each unfiltered row's draw from `parts` partial draws per row,
 // part[b * parts + j]: greedy rows take the best (max, lowest
 // id), sampling rows the part that wins a Gumbel-max over the parts' totals (uniform number parts + j
-// of the row), and the log-prob uses the log-sum-exp of all parts. The logits are read only for the
-// rows that filter (top-k or top-p), which the fused lm-head wrote.
+// of the row), and the log-prob uses the log-sum-exp of all parts. The rows that filter (top-k or
+// top-p) start from the same merge (their log-sum-exp, and for top-p alone the first proposal of
+// rejection sampling) and read the logits the fused lm-head wrote for them.
 void SampleRowsFromPartials(int32_t* tokens, float* logprobs, const float* logits, int B, int V,
                             const float* temperature, const int32_t* top_k, const float* top_p,
                             const uint64_t* seeds, const uint64_t* counters, const sample::Partial* part,

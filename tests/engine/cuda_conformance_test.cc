@@ -1799,13 +1799,14 @@ void FusedDraw(const Tensor& d_x, const Tensor& d_w, int B, int C, int V, const 
   gpu->Download(lp.data(), d_lp.raw(), B * 4);
 }
 
-// Every kind of row in one batch of 300 (two row blocks of 256) over V = 300 (three vocabulary
-// tiles of 128, the last partial): unfiltered at T = 0.7 and 1.3, greedy, top-k 5 and top-p 0.8. Draws
+// Every kind of row in one batch of 301 (two row blocks of 256) over V = 300 (three vocabulary
+// tiles of 128, the last partial): unfiltered at T = 0.7 and 1.3, greedy, top-k 5, top-p 0.8 and
+// 0.05, top-k 10 with top-p 0.9. Draws
 // against FilteredDistribution (chi-square), log-probs against the f64 log-softmax, greedy against
 // the argmax; only the filtering rows' logits are written (equal to the exact logits).
 TEST(CudaOps, LmHeadSampleMatchesTheDistributionForEveryKindOfRow) {
   REQUIRE_GPU();
-  const int V = 300, B = 300, rounds = 200;
+  const int V = 300, B = 301, rounds = 200;
   std::vector<float> r(V);
   // All negative (a greedy row's max below 0), one -inf, and the second tile all -inf (nothing to
   // draw there: its partials must lose to every other tile's, greedy ones too).
@@ -1817,8 +1818,10 @@ TEST(CudaOps, LmHeadSampleMatchesTheDistributionForEveryKindOfRow) {
   Tensor d_x = Up(lm.x), d_w = Up(lm.w), d_logits = Poisoned(size_t(B) * V);
   gpu->RegisterWeights(d_w.f32(), d_w.numel());
   gpu->WeightsChanged(d_w.f32());
+  // Top-p alone is drawn by rejection from the partial draws: at 0.8 in a round or two, at 0.05 in
+  // many (or by the radix path after kRejectRounds); top-k with top-p by the radix path.
   const std::vector<SamplingOptions> opts = {{0.7f, 1.0f, 0}, {1.3f, 1.0f, 0}, {0.0f, 1.0f, 0}, {1.0f, 1.0f, 5},
-                                             {0.9f, 0.8f, 0}};
+                                             {0.9f, 0.8f, 0}, {1.0f, 0.05f, 0}, {1.1f, 0.9f, 10}};
   const int kinds = static_cast<int>(opts.size());
   std::vector<std::vector<int>> count(kinds, std::vector<int>(V, 0));
   double worst_lp = 0;
@@ -1892,38 +1895,47 @@ TEST(CudaOps, LmHeadSampleLargeVocabularyMatchesTheDistribution) {
     Tensor d_x = Up(lm.x), d_w = Up(lm.w), d_logits = Poisoned(size_t(B) * V);
     gpu->RegisterWeights(d_w.f32(), d_w.numel());
     gpu->WeightsChanged(d_w.f32());
-    const SamplingOptions o{0.8f, 1.0f, 0};
-    const auto p = FilteredDistribution(lm.row.data(), V, o);
-    const std::vector<double> expect = few.Expected(p);
-    const double lse = LogSumExp(lm.row.data(), V, o.temperature);
-    std::vector<long> count(expect.size(), 0);
-    double worst_lp = 0;
-    std::vector<int32_t> tok;
-    std::vector<float> lp;
-    for (int round = 0; round < rounds; ++round) {
-      FusedDraw(d_x, d_w, B, lm.C, V, {o}, 99, uint64_t(round) * B, tok, lp, &d_logits);
-      for (int b = 0; b < B; ++b) {
-        ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
-        ASSERT_GT(p[tok[b]], 0.0) << "drew token " << tok[b] << ", whose logit is -inf";
-        ++count[few.Category(tok[b])];
-        worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - lse)));
+    // Unfiltered; and top-p 0.95, which keeps the four large ones and about half the mass of the
+    // others (so the rejection rounds meet tokens of both kinds).
+    for (const SamplingOptions o : {SamplingOptions{0.8f, 1.0f, 0}, SamplingOptions{0.8f, 0.95f, 0}}) {
+      const auto p = FilteredDistribution(lm.row.data(), V, o);
+      const std::vector<double> expect = few.Expected(p);
+      const double lse = LogSumExp(lm.row.data(), V, o.temperature);
+      std::vector<long> count(expect.size(), 0);
+      double worst_lp = 0;
+      std::vector<int32_t> tok;
+      std::vector<float> lp;
+      for (int round = 0; round < rounds; ++round) {
+        FusedDraw(d_x, d_w, B, lm.C, V, {o}, 99, uint64_t(round) * B, tok, lp, &d_logits);
+        for (int b = 0; b < B; ++b) {
+          ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
+          ASSERT_GT(p[tok[b]], 0.0) << "drew token " << tok[b] << ", outside the kept set";
+          ++count[few.Category(tok[b])];
+          worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - lse)));
+        }
       }
+      const float z = Down(d_logits)[12345];
+      if (o.top_p < 1) {
+        EXPECT_EQ(z, lm.row[12345]) << "a filtering row's logits must be written for the filtered path";
+      } else {
+        EXPECT_TRUE(std::isnan(z)) << "the logits were written: not the fused kernel";
+      }
+      const double chi2 = ChiSquare(count, expect, long(B) * rounds);
+      const int dof = static_cast<int>(expect.size()) - 1;
+      std::cout << "  lm-head + sample V=" << V << " top_p=" << o.top_p << ": chi2 " << chi2 << " (critical "
+                << ChiSquareCritical(dof) << "), other tokens " << count.back() << " of " << B * rounds
+                << " (expected " << expect.back() * B * rounds << "), max logprob error " << worst_lp << "\n";
+      EXPECT_LT(chi2, ChiSquareCritical(dof)) << "V " << V << " top_p " << o.top_p;
+      EXPECT_LT(worst_lp, 2e-5) << "V " << V;
     }
-    EXPECT_TRUE(std::isnan(Down(d_logits)[12345])) << "the logits were written: not the fused kernel";
-    const double chi2 = ChiSquare(count, expect, long(B) * rounds);
-    const int dof = static_cast<int>(expect.size()) - 1;
-    std::cout << "  lm-head + sample V=" << V << ": chi2 " << chi2 << " (critical " << ChiSquareCritical(dof)
-              << "), other tokens " << count.back() << " of " << B * rounds << " (expected "
-              << expect.back() * B * rounds << "), max logprob error " << worst_lp << "\n";
-    EXPECT_LT(chi2, ChiSquareCritical(dof)) << "V " << V;
-    EXPECT_LT(worst_lp, 2e-5) << "V " << V;
     gpu->UnregisterWeights(d_w.f32());
   }
 }
 
 // Random bf16 rows and weights at the bench's shape (C = 896): the fused draw's log-prob against the
 // log-softmax of cuBLAS's logits of the same operands (summation order apart, the same numbers),
-// greedy rows' token against their argmax, filtered rows' token inside the kept set.
+// greedy rows' token against their argmax, filtered rows' token (top-k with top-p, top-p alone)
+// inside the kept set.
 TEST(CudaOps, LmHeadSampleAgreesWithTheProductOnRandomRows) {
   REQUIRE_GPU();
   const int B = 256, C = 896, V = 151936;
@@ -1935,7 +1947,8 @@ TEST(CudaOps, LmHeadSampleAgreesWithTheProductOnRandomRows) {
   gpu->WeightsChanged(d_w.f32());
   gpu->LinearForward(d_ref.f32(), d_x.f32(), d_w.f32(), nullptr, B, C, V);
   const std::vector<float> ref = Down(d_ref);
-  const std::vector<SamplingOptions> opts = {{1.0f, 1.0f, 0}, {0.0f, 1.0f, 0}, {0.6f, 1.0f, 0}, {1.0f, 0.9f, 20}};
+  const std::vector<SamplingOptions> opts = {{1.0f, 1.0f, 0}, {0.0f, 1.0f, 0}, {0.6f, 1.0f, 0}, {1.0f, 0.9f, 20},
+                                             {0.8f, 0.9f, 0}};
   std::vector<int32_t> tok;
   std::vector<float> lp;
   FusedDraw(d_x, d_w, B, C, V, opts, 5, 0, tok, lp, &d_logits);
@@ -1949,7 +1962,7 @@ TEST(CudaOps, LmHeadSampleAgreesWithTheProductOnRandomRows) {
     if (o.temperature == 0) {
       EXPECT_EQ(tok[b], std::max_element(z, z + V) - z) << "greedy row " << b;
     }
-    if (o.top_k > 0) {
+    if (o.top_k > 0 || o.top_p < 1) {
       EXPECT_GT(FilteredDistribution(z, V, o)[tok[b]], 0.0) << "row " << b << " drew outside the set";
     }
   }

@@ -1,0 +1,90 @@
+// `aha bench gen` on the CPU with a tiny model: its sampling flags reach every prompt and its report,
+// and bad values get a one-line error and exit 2.
+#include "learner/bench_command.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "engine/commands.h"
+
+namespace aha {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Runs a command's entry point with args, capturing what it prints on stdout (std::cout) and on
+// stderr (the file descriptor: Fail() writes there with fprintf).
+int RunCapture(int (*run)(int, char**), std::vector<std::string> args, std::string* out, std::string* err) {
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::ostringstream o;
+  auto* old_out = std::cout.rdbuf(o.rdbuf());
+  ::testing::internal::CaptureStderr();
+  const int rc = run(static_cast<int>(argv.size()), argv.data());
+  *err = ::testing::internal::GetCapturedStderr();
+  std::cout.rdbuf(old_out);
+  *out = o.str();
+  return rc;
+}
+
+class BenchGen : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("aha_bench_gen_test_" + std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    std::string out, err;
+    ASSERT_EQ(RunCapture(RunInitCommand, {"aha init", "--preset", "tiny", "--out", dir_.string(), "--seed", "5"}, &out,
+                  &err),
+              0)
+        << err;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::vector<std::string> Gen(std::vector<std::string> extra) const {
+    std::vector<std::string> a = {"aha bench", "gen", "--model", dir_.string(), "--device", "cpu", "--prompts", "3",
+                                  "--prompt-len", "4", "--new-tokens", "5"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
+  fs::path dir_;
+};
+
+TEST_F(BenchGen, SamplingFlagsReachTheRunAndItsReport) {
+  std::string out, err;
+  ASSERT_EQ(RunCapture(RunBenchCommand, Gen({"--temperature", "0.7", "--top-p", "0.9", "--top-k", "7"}), &out, &err), 0) << err;
+  EXPECT_NE(out.find("sampling: temperature 0.7, top-p 0.9, top-k 7"), std::string::npos) << out;
+  const auto j = nlohmann::json::parse(out.substr(out.rfind('{')));
+  EXPECT_DOUBLE_EQ(j["temperature"].get<double>(), 0.7);
+  EXPECT_DOUBLE_EQ(j["top_p"].get<double>(), 0.9);
+  EXPECT_EQ(j["top_k"].get<int>(), 7);
+  EXPECT_EQ(j["decode_steps"].get<int>(), 4);  // the prefill draws the first of the 5 tokens
+  EXPECT_GT(j["tokens_per_s"].get<double>(), 0.0);
+
+  // The defaults: plain sampling, no sampling line.
+  ASSERT_EQ(RunCapture(RunBenchCommand, Gen({}), &out, &err), 0) << err;
+  EXPECT_EQ(out.find("sampling:"), std::string::npos) << out;
+  const auto d = nlohmann::json::parse(out.substr(out.rfind('{')));
+  EXPECT_DOUBLE_EQ(d["temperature"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(d["top_p"].get<double>(), 1.0);
+  EXPECT_EQ(d["top_k"].get<int>(), 0);
+}
+
+TEST_F(BenchGen, BadSamplingValuesExitTwoWithOneLine) {
+  for (const auto& bad : std::vector<std::vector<std::string>>{
+           {"--top-p", "0"}, {"--top-p", "1.5"}, {"--top-k", "-1"}, {"--temperature", "-0.5"}}) {
+    std::string out, err;
+    EXPECT_EQ(RunCapture(RunBenchCommand, Gen(bad), &out, &err), 2) << bad[0] << " " << bad[1];
+    EXPECT_NE(err.find("--top-p"), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  }
+}
+
+}  // namespace
+}  // namespace aha
