@@ -407,10 +407,21 @@ __device__ __forceinline__ void ForEachConverged(const float* __restrict__ row, 
   }
 }
 
+// Top-k's candidates (TopKFromCandidates): at most this many tiles' maxima and candidate tokens.
+constexpr int kCandidates = 2048;
+
 struct SampleShared {
   unsigned int cnt[256];                         // radix histogram: element counts
   unsigned long long mass[256];                  // radix histogram: fixed-point weights (block totals)
-  unsigned long long wmass[kSampleWarps][256];   // the same per warp (no atomics: see HistAdd)
+  union {
+    unsigned long long wmass[kSampleWarps][256];  // the same per warp (no atomics: see HistAdd)
+    struct {                                      // TopKFromCandidates (no HistAdd meanwhile)
+      unsigned long long key[kCandidates];        // a candidate: OrderKey(logit) << 32 | ~id
+      float cum[kCandidates];                     // running weights of the sorted candidates
+      float tmax[kCandidates];                    // the tiles' max z
+    } c;
+  };
+  unsigned int ncand;
   float f0[32], f1[32];                          // reduction scratch
   int i0[32];
   unsigned int d_prefix;                         // descent results, thread 0 -> all
@@ -612,8 +623,11 @@ __device__ __forceinline__ void HistAdd(SampleShared& sh, bool in, uint32_t bin,
 // running total first reaches the target: `target_count` when use_mass is false, else
 // ceil(frac * total weight) clamped to [1, total]. Invariant: above < target <= above + (total of
 // the current digit prefix), so a bin is always found and its total is > 0.
-__device__ Descent Descend(const float* __restrict__ row, int V, bool use_mass, float inv_t, float zmax, Cut keep,
-                           float frac, unsigned long long target_count, SampleShared& sh) {
+// `each(f)` calls f(value, index, valid) for every element as ForEachConverged does (a row of logits,
+// or an array in shared memory).
+template <class Each>
+__device__ Descent Descend(Each&& each, bool use_mass, float inv_t, float zmax, Cut keep, float frac,
+                           unsigned long long target_count, SampleShared& sh) {
   uint32_t prefix = 0;
   unsigned long long above = 0, target = target_count;
   for (int level = 0; level < 4; ++level) {
@@ -629,7 +643,7 @@ __device__ Descent Descend(const float* __restrict__ row, int V, bool use_mass, 
     if (use_mass && aggregate)
       for (int b = threadIdx.x; b < kSampleWarps * 256; b += kSampleThreads) (&sh.wmass[0][0])[b] = 0ull;
     __syncthreads();
-    ForEachConverged(row, V, [&](float l, int i, bool ok) {
+    each([&](float l, int i, bool ok) {
       const uint32_t k = OrderKey(l);
       const bool in = ok && (k & hi_mask) == prefix && Kept(k, i, keep);
       const uint32_t bin = (k >> shift) & 255u;
@@ -711,6 +725,136 @@ __device__ int NthTieId(const float* __restrict__ row, int V, uint32_t key, unsi
   const int id = sh.found;
   __syncthreads();
   return id;
+}
+
+// Warp 0's lanes: the first index j < n whose cum[j] passes `t` (cum[j] >= t when at_least, else
+// cum[j] > t), or n - 1 if none does (rounding). cum is non-decreasing.
+__device__ __forceinline__ int FirstPassing(const float* cum, int n, float t, bool at_least) {
+  const int lane = threadIdx.x & 31;
+  for (int j0 = 0; j0 < n; j0 += 32) {
+    const int j = j0 + lane;
+    const bool pass = j < n && (at_least ? cum[j] >= t : cum[j] > t);
+    const unsigned int ballot = __ballot_sync(kFull, pass);
+    if (ballot) return j0 + __ffs(ballot) - 1;
+  }
+  return n - 1;
+}
+
+// A top-k row (K < V; top-p too or not) from the fused lm-head's partial draws, without a pass over
+// the row. Each tile t of 128 columns has its max z m_t in part[t].m. The K tiles with the largest
+// maxima hold K tokens with z >= tau, tau the K-th largest maximum, so the K-th token of the strict
+// order has z >= tau too (z is monotone in the logit), and every token of the top-K set lies in a
+// tile with m_t >= tau. Those tiles' tokens with z >= tau (usually a few times K) are gathered,
+// sorted by the strict order (bitonic, in shared memory), and the set is cut there: the first K,
+// then top-p's smallest prefix whose weight exp(z - zmax) reaches P of theirs. The draw is the
+// inverse CDF of those running weights at a uniform number of its own stream, as engine/sampler.cc
+// draws. Returns false (the radix path decides) when more than kCandidates tiles or candidates
+// would be needed; `token` is then untouched.
+__device__ bool TopKFromCandidates(const float* __restrict__ row, int V, const Partial* __restrict__ part, int parts,
+                                   int K, bool use_p, float P, float inv_t, float zmax, uint32_t key,
+                                   SampleShared& sh, int& token) {
+  if (parts > kCandidates) return false;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int t = threadIdx.x; t < parts; t += kSampleThreads) sh.c.tmax[t] = part[t].m;
+  if (threadIdx.x == 0) sh.ncand = 0;
+  __syncthreads();
+  float tau = -INFINITY;
+  if (parts > K) {
+    auto maxima = [&](auto&& f) {
+      for (int j0 = static_cast<int>(threadIdx.x) - lane; j0 < parts; j0 += kSampleThreads) {
+        const int j = j0 + lane;
+        f(j < parts ? sh.c.tmax[j] : 0.0f, j, j < parts);
+      }
+    };
+    const Descent d = Descend(maxima, false, 1.0f, 0.0f, Cut{0u, INT_MAX}, 0.0f, static_cast<unsigned long long>(K), sh);
+    const uint32_t k = d.key;  // OrderKey's inverse
+    tau = __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+  }
+  // The candidates: a warp per tile whose max reaches tau, 4 columns a lane, appended by the warp.
+  for (int t = warp; t < parts; t += kSampleWarps) {
+    if (!(sh.c.tmax[t] >= tau) || sh.c.tmax[t] == -INFINITY) continue;  // warp-uniform
+    float l[4];
+    bool in[4];
+    int n = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = t * 128 + lane * 4 + e;
+      l[e] = col < V ? __ldg(row + col) : -INFINITY;
+      const float z = fminf(fmaxf(Scaled(l[e], inv_t), -INFINITY), kZCap);
+      in[e] = z >= tau && z > -INFINITY;
+      n += in[e];
+    }
+    int before = n;  // inclusive scan of the lanes' counts
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFull, before, o);
+      if (lane >= o) before += y;
+    }
+    const int total = __shfl_sync(kFull, before, 31);
+    unsigned int base = 0;
+    if (lane == 0 && total > 0) base = atomicAdd(&sh.ncand, static_cast<unsigned int>(total));
+    base = __shfl_sync(kFull, base, 0) + static_cast<unsigned int>(before - n);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (in[e] && base < static_cast<unsigned int>(kCandidates)) {
+        const uint32_t col = static_cast<uint32_t>(t * 128 + lane * 4 + e);
+        sh.c.key[base] = (static_cast<unsigned long long>(OrderKey(l[e])) << 32) | ~col;
+      }
+      base += in[e];
+    }
+  }
+  __syncthreads();
+  const int n = static_cast<int>(sh.ncand);
+  if (n == 0 || n > kCandidates) return false;  // uniform: the radix path (sh is free after this sync)
+  // Sort the candidates by the strict order (key descending), padded with 0 keys to a power of two.
+  int np = 32;
+  while (np < n) np <<= 1;
+  for (int j = n + static_cast<int>(threadIdx.x); j < np; j += kSampleThreads) sh.c.key[j] = 0ull;
+  __syncthreads();
+  for (int k = 2; k <= np; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < np; i += kSampleThreads) {
+        const int x = i ^ j;
+        if (x > i) {
+          const unsigned long long a = sh.c.key[i], b = sh.c.key[x];
+          if (((i & k) == 0) ? a < b : a > b) {
+            sh.c.key[i] = b;
+            sh.c.key[x] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // Warp 0: running weights of the first K, the top-p cut and the draw.
+  if (warp == 0) {
+    const int kept_k = min(K, n);
+    auto logit_of = [&](int j) {
+      const uint32_t k = static_cast<uint32_t>(sh.c.key[j] >> 32);
+      return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+    };
+    float run = 0.0f;
+    for (int j0 = 0; j0 < kept_k; j0 += 32) {
+      const int j = j0 + lane;
+      float w = j < kept_k ? expf(fminf(Scaled(logit_of(j), inv_t), kZCap) - zmax) : 0.0f;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const float y = __shfl_up_sync(kFull, w, o);
+        if (lane >= o) w += y;
+      }
+      if (j < kept_k) sh.c.cum[j] = run + w;
+      run += __shfl_sync(kFull, w, 31);
+    }
+    __syncwarp();
+    const int kept = use_p ? FirstPassing(sh.c.cum, kept_k, P * run, true) + 1 : kept_k;
+    const float u = Uniform(RoundKey(key, kRejectRounds + 1), 0);
+    const int j = FirstPassing(sh.c.cum, kept, u * sh.c.cum[kept - 1], false);
+    if (lane == 0) sh.ncand = ~static_cast<uint32_t>(sh.c.key[j]);  // the token's id
+  }
+  __syncthreads();
+  token = static_cast<int>(sh.ncand);
+  __syncthreads();
+  return true;
 }
 
 __global__ void __launch_bounds__(kSampleThreads, 2)
@@ -810,6 +954,16 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
         x = pick;
       }
     }
+    // Top-k (with top-p or not): the candidates of the tiles' maxima, else the radix path.
+    int tok = -1;
+    if (K < V && valid && TopKFromCandidates(row, V, part + static_cast<size_t>(b) * parts, parts, K, use_p, P, inv_t,
+                                             m, key, sh, tok)) {
+      if (threadIdx.x == 0) {
+        tokens[b] = tok;
+        logprobs[b] = Scaled(__ldg(row + tok), inv_t) - (m + logf(s));
+      }
+      return;
+    }
     r.m = m;
     r.s = s;
   } else if (!greedy && !filtered) {  // the common case: one draw from the full distribution
@@ -832,11 +986,12 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
   const float zmax = m;
 
   if (filtered) {
+    auto all = [&](auto&& f) { ForEachConverged(row, V, f); };
     // Top-k cut: the K-th element of the strict order.
     Cut cut{0u, INT_MAX};
     unsigned int cnt_at_k_key = 0;  // all elements with the top-k cut key
     if (K < V) {
-      const Descent d = Descend(row, V, false, inv_t, zmax, cut, 0.0f, static_cast<unsigned long long>(K), sh);
+      const Descent d = Descend(all, false, inv_t, zmax, cut, 0.0f, static_cast<unsigned long long>(K), sh);
       const unsigned int j = static_cast<unsigned int>(d.target - d.above);  // ties to keep, 1..cnt
       cut.key = d.key;
       cnt_at_k_key = d.cnt;
@@ -844,7 +999,7 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
     }
     // Top-p cut within the top-k set: the smallest prefix whose weight reaches top_p of the set's.
     if (use_p) {
-      const Descent d = Descend(row, V, true, inv_t, zmax, cut, P, 0ull, sh);
+      const Descent d = Descend(all, true, inv_t, zmax, cut, P, 0ull, sh);
       const unsigned long long unit = d.mass / d.cnt;  // all elements with one key weigh the same
       unsigned long long jj = (d.target - d.above + unit - 1ull) / unit;
       jj = jj < 1ull ? 1ull : (jj > d.cnt ? d.cnt : jj);

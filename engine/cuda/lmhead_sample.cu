@@ -59,8 +59,6 @@ constexpr int kLsStageBytes = kLsABytes + kLsBBytes;
 constexpr int kLsSmem = kLsStages * kLsStageBytes + 2 * kLsStages * 8 + 1024;  // + barriers, alignment
 constexpr int kLsLane = kLsBN / 4;                                // a lane's values of a row and tile
 static_assert(kLsABytes % 1024 == 0 && kLsBBytes % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
-// The largest z drawn: +inf logits (a model that overflowed) count as this, so no exp of inf - inf.
-constexpr float kZCap = 1e30f;
 
 enum RowMode : int { kDraw = 0, kGreedy = 1, kFiltered = 2, kAbsent = 3 };
 

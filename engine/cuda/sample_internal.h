@@ -46,6 +46,10 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
   return y;
 }
 
+// The largest z the fused lm-head's partial draws hold: +inf logits (a model that overflowed) count
+// as this, so no exp of inf - inf.
+constexpr float kZCap = 1e30f;
+
 // z = l / T as every pass computes it (never contracted into an FMA, so all passes agree bit for bit).
 __device__ __forceinline__ float Scaled(float l, float inv_t) { return __fmul_rn(l, inv_t); }
 

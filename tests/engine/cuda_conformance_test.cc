@@ -1735,6 +1735,30 @@ double ChiSquare(const std::vector<long>& count, const std::vector<double>& p, l
   return chi2;
 }
 
+// Pearson's chi-square of per-token counts against p over n draws, tokens expected fewer than 5
+// times pooled into one more cell; *dof gets the degrees of freedom. A token of probability 0 must
+// not have been drawn.
+double PooledChiSquare(const std::vector<int>& count, const std::vector<double>& p, long n, int* dof) {
+  double chi2 = 0, rest_e = 0;
+  int cells = 0, rest = 0;
+  for (size_t v = 0; v < p.size(); ++v) {
+    if (p[v] == 0) {
+      EXPECT_EQ(count[v], 0) << "token " << v << " has probability 0 but was drawn";
+      continue;
+    }
+    const double e = p[v] * n;
+    if (e < 5) {
+      rest_e += e, rest += count[v];
+      continue;
+    }
+    chi2 += (count[v] - e) * (count[v] - e) / e;
+    ++cells;
+  }
+  if (rest_e > 0) chi2 += (rest - rest_e) * (rest - rest_e) / rest_e, ++cells;
+  *dof = cells - 1;
+  return chi2;
+}
+
 // ---- the lm-head product with the draw in its epilogue (LmHeadSample) ---------------------------------
 
 float RoundToBf16(float x) {  // nearest even, as the device's casts (finite x)
@@ -1857,23 +1881,8 @@ TEST(CudaOps, LmHeadSampleMatchesTheDistributionForEveryKindOfRow) {
   for (int k = 0; k < kinds; ++k) {
     if (opts[k].temperature == 0) continue;
     const auto p = FilteredDistribution(lm.row.data(), V, opts[k]);
-    // Tokens expected fewer than 5 times are counted together (one more cell).
-    double chi2 = 0, rest_e = 0;
-    int dof = -1, rest = 0;
-    for (int v = 0; v < V; ++v) {
-      if (p[v] == 0) {
-        EXPECT_EQ(count[k][v], 0) << "token " << v << " has probability 0 but was drawn";
-        continue;
-      }
-      const double e = p[v] * (B / kinds) * rounds;
-      if (e < 5) {
-        rest_e += e, rest += count[k][v];
-        continue;
-      }
-      chi2 += (count[k][v] - e) * (count[k][v] - e) / e;
-      ++dof;
-    }
-    if (rest_e > 0) chi2 += (rest - rest_e) * (rest - rest_e) / rest_e, ++dof;
+    int dof = 0;
+    const double chi2 = PooledChiSquare(count[k], p, long(B / kinds) * rounds, &dof);
     std::cout << "  lm-head + sample T=" << opts[k].temperature << " top_p=" << opts[k].top_p
               << " top_k=" << opts[k].top_k << ": chi2 " << chi2 << " (critical " << ChiSquareCritical(dof) << ")\n";
     EXPECT_LT(chi2, ChiSquareCritical(dof));
@@ -1930,6 +1939,46 @@ TEST(CudaOps, LmHeadSampleLargeVocabularyMatchesTheDistribution) {
     }
     gpu->UnregisterWeights(d_w.f32());
   }
+}
+
+// Top-k at the decode step's vocabulary, where the draw gathers the top-k candidates from the tiles'
+// maxima (151 of them at K = 50, 302 at K = 200 with top-p 0.5, 1,371 at K = 1,000) or, with more
+// than 2,048 (K = 1,500 exceeds the 1,187 tiles: every token would be one), takes the radix path.
+// The row's logits are 1,000 levels in (-2, 0], bf16-rounded, so each level is shared by ~150 tokens
+// and the cuts fall inside ties (broken by id, as engine/sampler.cc's strict order does).
+TEST(CudaOps, LmHeadSampleTopKAtTheFullVocabularyMatchesTheDistribution) {
+  REQUIRE_GPU();
+  const int V = 151936, B = 256, rounds = 40;
+  std::vector<float> r(V);
+  for (int i = 0; i < V; ++i) r[i] = -2.0f * static_cast<float>((uint32_t(i) * 2654435761u) % 1000u) / 1000.0f;
+  const ExactLmHead lm(r, B);
+  Tensor d_x = Up(lm.x), d_w = Up(lm.w), d_logits = Poisoned(size_t(B) * V);
+  gpu->RegisterWeights(d_w.f32(), d_w.numel());
+  gpu->WeightsChanged(d_w.f32());
+  for (const SamplingOptions o : {SamplingOptions{1.0f, 1.0f, 50}, SamplingOptions{0.7f, 0.5f, 200},
+                                  SamplingOptions{1.0f, 1.0f, 1000}, SamplingOptions{1.0f, 1.0f, 1500}}) {
+    const auto p = FilteredDistribution(lm.row.data(), V, o);
+    const double lse = LogSumExp(lm.row.data(), V, o.temperature);
+    std::vector<int> count(V, 0);
+    double worst_lp = 0;
+    std::vector<int32_t> tok;
+    std::vector<float> lp;
+    for (int round = 0; round < rounds; ++round) {
+      FusedDraw(d_x, d_w, B, lm.C, V, {o}, 7, uint64_t(round) * B, tok, lp, &d_logits);
+      for (int b = 0; b < B; ++b) {
+        ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
+        ++count[tok[b]];
+        worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - lse)));
+      }
+    }
+    int dof = 0;
+    const double chi2 = PooledChiSquare(count, p, long(B) * rounds, &dof);
+    std::cout << "  lm-head + sample V=" << V << " top_k=" << o.top_k << " top_p=" << o.top_p << ": chi2 " << chi2
+              << " (critical " << ChiSquareCritical(dof) << "), max logprob error " << worst_lp << "\n";
+    EXPECT_LT(chi2, ChiSquareCritical(dof)) << "top_k " << o.top_k;
+    EXPECT_LT(worst_lp, 2e-5) << "top_k " << o.top_k;
+  }
+  gpu->UnregisterWeights(d_w.f32());
 }
 
 // Random bf16 rows and weights at the bench's shape (C = 896): the fused draw's log-prob against the
