@@ -518,23 +518,32 @@ if [[ " $what " == *" s22 "* ]]; then
   peer_gen
 fi
 if [[ " $what " == *" s23 "* ]]; then
-  # Session 23: generation with each kind of sampling (aha bench gen --temperature, --top-p, --top-k):
-  # plain sampling (the bench's default), greedy, top-p 0.95, top-k 50 and both, each with the fused
-  # lm-head + draw (default) and with AHA_FUSED_SAMPLE=0, twice; first the sampling tests.
+  # Session 23: the whole conformance test; generation with each kind of sampling (aha bench gen
+  # --temperature, --top-p, --top-k): plain (the bench's default), greedy, top-p 0.95, top-k 50 and
+  # both, each with the fused lm-head + draw (default) and with AHA_FUSED_SAMPLE=0; plain twice more;
+  # the 0.5B shape with an odd vocabulary (151,669); HF generate.
   f="$out/conformance_s23.log"
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
-    --gtest_filter='CudaOps.LmHeadSample*:CudaOps.SampleRows*:CudaModel.*' > "$f" 2>&1
+  timeout 400 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$f" 2>&1
   echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
   grep -E "lm-head \+ sample|Failure|Expected|actor vs|vs transformers" "$f" | head -24
-  for rep in 1 2; do
-    for v in "" "--temperature 0" "--top-p 0.95" "--top-k 50" "--top-p 0.95 --top-k 50"; do
-      for fused in 1 0; do
-        AHA_FUSED_SAMPLE=$fused timeout 90 dist/bin/aha bench gen --model $model $v > "$out/gen.log" 2>&1
-        echo "gen [${v:-plain}] fused $fused $rep: $(grep -oE 'new tokens: [0-9.]+ s|decode [0-9.]+ ms per step' \
-          "$out/gen.log" | tr '\n' ' ')"
-      done
+  pattern='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'
+  for v in "" "--temperature 0" "--top-p 0.95" "--top-k 50" "--top-p 0.95 --top-k 50"; do
+    for fused in 1 0; do
+      AHA_FUSED_SAMPLE=$fused timeout 90 dist/bin/aha bench gen --model $model $v > "$out/gen.log" 2>&1
+      echo "gen [${v:-plain}] fused $fused: $(grep -oE "$pattern" "$out/gen.log" | tr '\n' ' ')"
     done
   done
+  for rep in 2 3; do
+    timeout 90 dist/bin/aha bench gen --model $model > "$out/gen.log" 2>&1
+    echo "gen [plain] $rep: $(grep -oE "$pattern" "$out/gen.log" | tr '\n' ' ')"
+  done
+  odd=/tmp/aha-0.5b-odd
+  python3 -c "import json; c = json.load(open('$model/config.json')); c['vocab_size'] = 151669; \
+json.dump(c, open('/tmp/odd.json', 'w'))"
+  [ -d $odd ] || dist/bin/aha init --config /tmp/odd.json --out $odd > /dev/null
+  timeout 90 dist/bin/aha bench gen --model $odd > "$out/gen_odd.log" 2>&1
+  echo "gen [vocabulary 151,669]: $(grep -oE "$pattern" "$out/gen_odd.log" | tr '\n' ' ')"
+  peer_gen
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
