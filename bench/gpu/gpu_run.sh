@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -544,6 +544,22 @@ json.dump(c, open('/tmp/odd.json', 'w'))"
   timeout 90 dist/bin/aha bench gen --model $odd > "$out/gen_odd.log" 2>&1
   echo "gen [vocabulary 151,669]: $(grep -oE "$pattern" "$out/gen_odd.log" | tr '\n' ' ')"
   peer_gen
+fi
+if [[ " $what " == *" s23b "* ]]; then
+  # Session 23, last: top-p alone by rejection in SampleRows itself too (AHA_FUSED_SAMPLE=0): the
+  # sampling and model tests, then generation at top-p 0.95 each way, twice.
+  f="$out/conformance_s23b.log"
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+    --gtest_filter='CudaOps.LmHeadSample*:CudaOps.SampleRows*:CudaModel.*' > "$f" 2>&1
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+  grep -E "sample|Failure|Expected" "$f" | head -30
+  for rep in 1 2; do
+    for fused in 1 0; do
+      AHA_FUSED_SAMPLE=$fused timeout 90 dist/bin/aha bench gen --model $model --top-p 0.95 > "$out/gen.log" 2>&1
+      echo "gen [--top-p 0.95] fused $fused: $(grep -oE 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step' \
+        "$out/gen.log" | tr '\n' ' ')"
+    done
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

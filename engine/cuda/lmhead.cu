@@ -45,13 +45,15 @@
 //    at token i draws u_i), V + t to thread t's Gumbel. The hash is 32-bit because a replacement
 //    stalls the warp's other lanes while it runs (about a third of a row's elements meet one in
 //    some lane), and a 64-bit SplitMix64 step made that wait long (docs/kernels.md, version 10).
+//  - Top-p alone takes rejection sampling from the full distribution (TopPByRejection), whose first
+//    proposal is pass 1's unfiltered draw: a token is kept iff the weight before it in the strict
+//    order is below top_p of the total, and a rejected one bounds the set, so the next proposal
+//    comes from the tokens before it. One pass a round (the restricted reservoir gives that weight
+//    too), about 1 / top_p rounds when the set is large, fewer than the radix descent's 4 + 1
+//    passes; after kRejectRounds the radix path.
 //  - With the fused lm-head's partial draws (SampleRowsFromPartials) pass 1 is their merge, for
-//    every row. Top-p alone then takes rejection sampling from the full distribution (the merged
-//    draw the first proposal): a token is kept iff the weight before it in the strict order is
-//    below top_p of the total, and a rejected one bounds the set, so the next proposal comes from
-//    the tokens before it. One pass a round (the restricted reservoir gives that weight too), about
-//    1 / top_p rounds when the set is large, fewer than the radix descent's 4 + 1 passes; after
-//    kRejectRounds, and for top-k, the radix path.
+//    every row, and top-k rows take their candidates from the tiles' maxima (TopKFromCandidates);
+//    past its limits, the radix path.
 //  - logprob = z_token - lse over the full vocabulary (the behaviour log-prob of engine/sampler.h).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -727,6 +729,49 @@ __device__ int NthTieId(const float* __restrict__ row, int V, uint32_t key, unsi
   return id;
 }
 
+// Top-p alone by rejection sampling from the full distribution, of which x is a draw (the row's
+// z = logits / T has log-sum-exp state (m, s)). The kept set is the smallest prefix of the strict
+// order whose weight reaches P of the total, so a token x is in it iff the weight of the tokens
+// before x is below P s (weights exp(z - m)). A token outside it shows the set to lie before it: the
+// next proposal is drawn from the tokens before x (a reservoir over them, whose (m, s) is also
+// their weight, the next round's test). Each proposal's distribution is the full one restricted to
+// a superset of the kept set, so the accepted token has the kept set's renormalised distribution.
+// One pass a round, with its own random numbers (RoundKey); at P = 0.95 about one row in twenty
+// needs a second. Returns false after kRejectRounds (the radix path decides); true with `token`.
+__device__ bool TopPByRejection(const float* __restrict__ row, int V, int x, float m, float s, float P, float inv_t,
+                                uint32_t key, SampleShared& sh, int& token) {
+  const float target = P * s;
+  for (int round = 0; round < kRejectRounds; ++round) {
+    const uint32_t rkey = RoundKey(key, round);
+    const float lx = __ldg(row + x);
+    auto before = [&](float l, int i) { return l > lx || (l == lx && i < x); };
+    Reservoir q;
+    ForEach4(
+        row, V,
+        [&](float4 v, int i) {
+          const float4 u = make_float4(before(v.x, i) ? v.x : -INFINITY, before(v.y, i + 1) ? v.y : -INFINITY,
+                                       before(v.z, i + 2) ? v.z : -INFINITY, before(v.w, i + 3) ? v.w : -INFINITY);
+          ReservoirAdd4(q, u, inv_t, i, rkey);
+        },
+        [&](float l, int i) {
+          if (before(l, i)) ReservoirAdd(q, Scaled(l, inv_t), i, rkey);
+        });
+    float qm = q.m, qs = q.s;
+    BlockLse(qm, qs, sh);
+    const float mass = qs > 0.0f ? qs * expf(qm - m) : 0.0f;  // weight of the tokens before x
+    if (mass < target) {
+      token = x;
+      return true;
+    }
+    float score = ReservoirScore(q, rkey, V);
+    int pick = q.pick;
+    BlockArgmax(score, pick, sh);
+    if (!(pick >= 0 && pick < V)) return false;  // nothing before x to draw (rounding)
+    x = pick;
+  }
+  return false;
+}
+
 // Warp 0's lanes: the first index j < n whose cum[j] passes `t` (cum[j] >= t when at_least, else
 // cum[j] > t), or n - 1 if none does (rounding). cum is non-decreasing.
 __device__ __forceinline__ int FirstPassing(const float* cum, int n, float t, bool at_least) {
@@ -876,14 +921,15 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
   const uint32_t key = RowKey(seeds[b], counters[b]);
 
   // Pass 1: log-sum-exp of z over the full row (the reservoir's (m, s) when sampling unfiltered);
-  // greedy argmax; the unfiltered draw. From the fused lm-head's partial draws instead when it made
-  // them (every row's, filtering ones too).
+  // greedy argmax; the unfiltered draw, also for top-p alone (TopPByRejection's first proposal).
+  // From the fused lm-head's partial draws instead when it made them (every row's, filtering ones
+  // too).
+  const bool top_p_only = K == V && use_p;
   Reservoir r;
   float best = -INFINITY;
   int best_i = INT_MAX;
-  float m = -INFINITY, s = 0.0f;
   if (part) {
-    float zp = 0.0f;
+    float m = -INFINITY, s = 0.0f, zp = 0.0f;
     for (int j = threadIdx.x; j < parts; j += kSampleThreads) {
       const Partial p = part[static_cast<size_t>(b) * parts + j];
       LseMerge(m, s, p.m, p.s);
@@ -901,8 +947,8 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
     const int mine_i = best_i;
     BlockLse(m, s, sh);
     BlockArgmax(best, best_i, sh);
-    const bool valid = best_i >= 0 && best_i < V;
     if (!filtered) {
+      const bool valid = best_i >= 0 && best_i < V;
       if (valid && mine == best && mine_i == best_i) sh.zpick = zp;  // picks of distinct parts differ
       __syncthreads();
       if (threadIdx.x == 0) {
@@ -911,67 +957,15 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
       }
       return;
     }
-    // Top-p alone: rejection sampling from the full distribution, whose draw best_i is. The kept set
-    // is the smallest prefix of the strict order whose weight reaches P of the total, so a token x is
-    // in it iff the weight of the tokens before x is below P s (weights exp(z - m)). A token outside
-    // it shows the set to lie before it: the next proposal is drawn from the tokens before x (a
-    // reservoir over them, whose (m, s) is also their weight). Each proposal's distribution is the
-    // full one restricted to a superset of the kept set, so the accepted token has the kept set's
-    // renormalised distribution. Each round is one pass with its own random numbers; at P = 0.95
-    // about one in twenty rows needs a second. After kRejectRounds the radix path below decides.
-    if (K == V && use_p && valid) {
-      const float target = P * s;
-      int x = best_i;
-      for (int round = 0; round < kRejectRounds; ++round) {
-        const uint32_t rkey = RoundKey(key, round);
-        const float lx = __ldg(row + x);
-        auto before = [&](float l, int i) { return l > lx || (l == lx && i < x); };
-        Reservoir q;
-        ForEach4(
-            row, V,
-            [&](float4 v, int i) {
-              const float4 u = make_float4(before(v.x, i) ? v.x : -INFINITY, before(v.y, i + 1) ? v.y : -INFINITY,
-                                           before(v.z, i + 2) ? v.z : -INFINITY, before(v.w, i + 3) ? v.w : -INFINITY);
-              ReservoirAdd4(q, u, inv_t, i, rkey);
-            },
-            [&](float l, int i) {
-              if (before(l, i)) ReservoirAdd(q, Scaled(l, inv_t), i, rkey);
-            });
-        float qm = q.m, qs = q.s;
-        BlockLse(qm, qs, sh);
-        const float mass = qs > 0.0f ? qs * expf(qm - m) : 0.0f;  // weight of the tokens before x
-        if (mass < target) {
-          if (threadIdx.x == 0) {
-            tokens[b] = x;
-            logprobs[b] = Scaled(lx, inv_t) - (m + logf(s));
-          }
-          return;
-        }
-        float score = ReservoirScore(q, rkey, V);
-        int pick = q.pick;
-        BlockArgmax(score, pick, sh);
-        if (!(pick >= 0 && pick < V)) break;  // nothing before x to draw (rounding): the radix path
-        x = pick;
-      }
-    }
-    // Top-k (with top-p or not): the candidates of the tiles' maxima, else the radix path.
-    int tok = -1;
-    if (K < V && valid && TopKFromCandidates(row, V, part + static_cast<size_t>(b) * parts, parts, K, use_p, P, inv_t,
-                                             m, key, sh, tok)) {
-      if (threadIdx.x == 0) {
-        tokens[b] = tok;
-        logprobs[b] = Scaled(__ldg(row + tok), inv_t) - (m + logf(s));
-      }
-      return;
-    }
     r.m = m;
     r.s = s;
-  } else if (!greedy && !filtered) {  // the common case: one draw from the full distribution
+  } else if (!greedy && (!filtered || top_p_only)) {  // the common case: one draw from the full distribution
     ForEach4(
         row, V, [&](float4 v, int i) { ReservoirAdd4(r, v, inv_t, i, key); },
         [&](float l, int i) { ReservoirAdd(r, Scaled(l, inv_t), i, key); });
     best = ReservoirScore(r, key, V);
     best_i = r.pick;
+    if (filtered) BlockArgmax(best, best_i, sh);  // the first proposal, in every thread
   } else {
     ForEach(row, V, [&](float l, int i) {
       LseAdd(r.m, r.s, Scaled(l, inv_t));
@@ -981,11 +975,29 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
       }
     });
   }
-  m = r.m, s = r.s;
+  float m = r.m, s = r.s;
   if (!part) BlockLse(m, s, sh);
   const float zmax = m;
 
   if (filtered) {
+    // Top-p alone: rejection sampling from the first draw. Top-k (with top-p or not) with partial
+    // draws: the candidates of the tiles' maxima. Else, or past their limits, the radix path.
+    const bool drawn = best_i >= 0 && best_i < V;  // a block-wide draw from the full distribution
+    int tok = -1;
+    bool done = false;
+    if (top_p_only && drawn) {
+      done = TopPByRejection(row, V, best_i, m, s, P, inv_t, key, sh, tok);
+    } else if (part && K < V && drawn) {
+      done = TopKFromCandidates(row, V, part + static_cast<size_t>(b) * parts, parts, K, use_p, P, inv_t, m, key, sh,
+                                tok);
+    }
+    if (done) {
+      if (threadIdx.x == 0) {
+        tokens[b] = tok;
+        logprobs[b] = Scaled(__ldg(row + tok), inv_t) - (m + logf(s));
+      }
+      return;
+    }
     auto all = [&](auto&& f) { ForEachConverged(row, V, f); };
     // Top-k cut: the K-th element of the strict order.
     Cut cut{0u, INT_MAX};
@@ -1008,9 +1020,9 @@ __global__ void __launch_bounds__(kSampleThreads, 2)
       cut.key = d.key;
       cut.id = j < cnt_all ? NthTieId(row, V, d.key, j, sh) : INT_MAX;
     }
-    // The draw over the kept set (with partial draws, random numbers of their own: the rows' first
-    // draw and any rejection rounds used the row key's).
-    const uint32_t dkey = part ? RoundKey(key, kRejectRounds) : key;
+    // The draw over the kept set (after a first draw, random numbers of their own: that draw and
+    // any rejection rounds used the row key's).
+    const uint32_t dkey = drawn ? RoundKey(key, kRejectRounds) : key;
     Reservoir q;
     ForEach(row, V, [&](float l, int i) {
       if (Kept(OrderKey(l), i, cut)) ReservoirAdd(q, Scaled(l, inv_t), i, dkey);
