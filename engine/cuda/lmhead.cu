@@ -311,6 +311,11 @@ __device__ __forceinline__ uint32_t OrderKey(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The float whose OrderKey is k (NaN keys aside).
+__device__ __forceinline__ float KeyValue(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
 // Top-p weight exp(z - max z) in [0, 1] as fixed point (<= 2^40).
 __device__ __forceinline__ unsigned long long Weight(float l, float inv_t, float zmax) {
   const float w = expf(Scaled(l, inv_t) - zmax);
@@ -786,7 +791,7 @@ __device__ __forceinline__ int FirstPassing(const float* cum, int n, float t, bo
 }
 
 // A top-k row (K < V; top-p too or not) from the fused lm-head's partial draws, without a pass over
-// the row. Each tile t of 128 columns has its max z m_t in part[t].m. The K tiles with the largest
+// the row. Each tile t of kPartialColumns has its max z m_t in part[t].m. The K tiles with the largest
 // maxima hold K tokens with z >= tau, tau the K-th largest maximum, so the K-th token of the strict
 // order has z >= tau too (z is monotone in the logit), and every token of the top-K set lies in a
 // tile with m_t >= tau. Those tiles' tokens with z >= tau (usually a few times K) are gathered,
@@ -795,6 +800,7 @@ __device__ __forceinline__ int FirstPassing(const float* cum, int n, float t, bo
 // inverse CDF of those running weights at a uniform number of its own stream, as engine/sampler.cc
 // draws. Returns false (the radix path decides) when more than kCandidates tiles or candidates
 // would be needed; `token` is then untouched.
+static_assert(kPartialColumns == 4 * 32, "TopKFromCandidates reads a part with a warp, 4 columns a lane");
 __device__ bool TopKFromCandidates(const float* __restrict__ row, int V, const Partial* __restrict__ part, int parts,
                                    int K, bool use_p, float P, float inv_t, float zmax, uint32_t key,
                                    SampleShared& sh, int& token) {
@@ -811,9 +817,9 @@ __device__ bool TopKFromCandidates(const float* __restrict__ row, int V, const P
         f(j < parts ? sh.c.tmax[j] : 0.0f, j, j < parts);
       }
     };
-    const Descent d = Descend(maxima, false, 1.0f, 0.0f, Cut{0u, INT_MAX}, 0.0f, static_cast<unsigned long long>(K), sh);
-    const uint32_t k = d.key;  // OrderKey's inverse
-    tau = __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+    const Descent d =
+        Descend(maxima, false, 1.0f, 0.0f, Cut{0u, INT_MAX}, 0.0f, static_cast<unsigned long long>(K), sh);
+    tau = KeyValue(d.key);
   }
   // The candidates: a warp per tile whose max reaches tau, 4 columns a lane, appended by the warp.
   for (int t = warp; t < parts; t += kSampleWarps) {
@@ -823,7 +829,7 @@ __device__ bool TopKFromCandidates(const float* __restrict__ row, int V, const P
     int n = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int col = t * 128 + lane * 4 + e;
+      const int col = t * kPartialColumns + lane * 4 + e;
       l[e] = col < V ? __ldg(row + col) : -INFINITY;
       const float z = fminf(fmaxf(Scaled(l[e], inv_t), -INFINITY), kZCap);
       in[e] = z >= tau && z > -INFINITY;
@@ -842,7 +848,7 @@ __device__ bool TopKFromCandidates(const float* __restrict__ row, int V, const P
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       if (in[e] && base < static_cast<unsigned int>(kCandidates)) {
-        const uint32_t col = static_cast<uint32_t>(t * 128 + lane * 4 + e);
+        const uint32_t col = static_cast<uint32_t>(t * kPartialColumns + lane * 4 + e);
         sh.c.key[base] = (static_cast<unsigned long long>(OrderKey(l[e])) << 32) | ~col;
       }
       base += in[e];
@@ -874,10 +880,7 @@ __device__ bool TopKFromCandidates(const float* __restrict__ row, int V, const P
   // Warp 0: running weights of the first K, the top-p cut and the draw.
   if (warp == 0) {
     const int kept_k = min(K, n);
-    auto logit_of = [&](int j) {
-      const uint32_t k = static_cast<uint32_t>(sh.c.key[j] >> 32);
-      return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
-    };
+    auto logit_of = [&](int j) { return KeyValue(static_cast<uint32_t>(sh.c.key[j] >> 32)); };
     float run = 0.0f;
     for (int j0 = 0; j0 < kept_k; j0 += 32) {
       const int j = j0 + lane;

@@ -51,7 +51,7 @@ namespace {
 
 using namespace sample;  // NOLINT: the RNG and log-sum-exp of sample_internal.h
 
-constexpr int kLsBM = 256, kLsBN = 128, kLsBK = 64, kLsStages = 4;
+constexpr int kLsBM = 256, kLsBN = kPartialColumns, kLsBK = 64, kLsStages = 4;
 constexpr int kLsConsumers = 256, kLsThreads = kLsConsumers + 128;  // two warpgroups + the producer's
 constexpr int kLsABytes = kLsBM * kLsBK * 2;                      // 32 KiB: 256 rows of h
 constexpr int kLsBBytes = kLsBN * kLsBK * 2;                      // 16 KiB: 128 rows of w

@@ -61,6 +61,9 @@ struct Partial {
   float m, s, zp;
   int pick;
 };
+// The vocabulary columns of one partial draw (the fused lm-head's tile): part t of a row covers
+// columns t kPartialColumns ..; a warp's 32 lanes take 4 of them each.
+constexpr int kPartialColumns = 128;
 
 }  // namespace sample
 
