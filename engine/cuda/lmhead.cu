@@ -897,10 +897,10 @@ __device__ bool TopKFromCandidates(const float* __restrict__ row, int V, const P
     const int kept = use_p ? FirstPassing(sh.c.cum, kept_k, P * run, true) + 1 : kept_k;
     const float u = Uniform(RoundKey(key, kRejectRounds + 1), 0);
     const int j = FirstPassing(sh.c.cum, kept, u * sh.c.cum[kept - 1], false);
-    if (lane == 0) sh.ncand = ~static_cast<uint32_t>(sh.c.key[j]);  // the token's id
+    if (lane == 0) sh.found = static_cast<int>(~static_cast<uint32_t>(sh.c.key[j]));  // the token's id
   }
   __syncthreads();
-  token = static_cast<int>(sh.ncand);
+  token = sh.found;
   __syncthreads();
   return true;
 }

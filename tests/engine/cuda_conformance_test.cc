@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -1823,6 +1824,27 @@ void FusedDraw(const Tensor& d_x, const Tensor& d_w, int B, int C, int V, const 
   gpu->Download(lp.data(), d_lp.raw(), B * 4);
 }
 
+// `rounds` FusedDraw calls of B rows that all draw with o (row b of round r keyed by (seed, r B + b))
+// over lm's exact logits: each token drawn goes to `drawn` after the check that it is a token;
+// *worst_lp gets the largest |log-prob - (z / T - log-sum-exp)|. Callers stop on a fatal failure.
+void DrawRounds(const ExactLmHead& lm, const Tensor& d_x, const Tensor& d_w, int B, const SamplingOptions& o,
+                uint64_t seed, int rounds, Tensor* d_logits, const std::function<void(int)>& drawn,
+                double* worst_lp) {
+  const int V = static_cast<int>(lm.row.size());
+  const double lse = LogSumExp(lm.row.data(), V, o.temperature);
+  std::vector<int32_t> tok;
+  std::vector<float> lp;
+  *worst_lp = 0;
+  for (int round = 0; round < rounds; ++round) {
+    FusedDraw(d_x, d_w, B, lm.C, V, {o}, seed, uint64_t(round) * B, tok, lp, d_logits);
+    for (int b = 0; b < B; ++b) {
+      ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
+      drawn(tok[b]);
+      *worst_lp = std::max(*worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - lse)));
+    }
+  }
+}
+
 // Every kind of row in one batch of 301 (two row blocks of 256) over V = 300 (three vocabulary
 // tiles of 128, the last partial): unfiltered at T = 0.7 and 1.3, greedy, top-k 5, top-p 0.8 and
 // 0.05, top-k 10 with top-p 0.9. Draws
@@ -1909,20 +1931,16 @@ TEST(CudaOps, LmHeadSampleLargeVocabularyMatchesTheDistribution) {
     for (const SamplingOptions o : {SamplingOptions{0.8f, 1.0f, 0}, SamplingOptions{0.8f, 0.95f, 0}}) {
       const auto p = FilteredDistribution(lm.row.data(), V, o);
       const std::vector<double> expect = few.Expected(p);
-      const double lse = LogSumExp(lm.row.data(), V, o.temperature);
       std::vector<long> count(expect.size(), 0);
       double worst_lp = 0;
-      std::vector<int32_t> tok;
-      std::vector<float> lp;
-      for (int round = 0; round < rounds; ++round) {
-        FusedDraw(d_x, d_w, B, lm.C, V, {o}, 99, uint64_t(round) * B, tok, lp, &d_logits);
-        for (int b = 0; b < B; ++b) {
-          ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
-          ASSERT_GT(p[tok[b]], 0.0) << "drew token " << tok[b] << ", outside the kept set";
-          ++count[few.Category(tok[b])];
-          worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - lse)));
-        }
-      }
+      DrawRounds(
+          lm, d_x, d_w, B, o, 99, rounds, &d_logits,
+          [&](int t) {
+            ASSERT_GT(p[t], 0.0) << "drew token " << t << ", outside the kept set";
+            ++count[few.Category(t)];
+          },
+          &worst_lp);
+      ASSERT_FALSE(::testing::Test::HasFatalFailure());
       const float z = Down(d_logits)[12345];
       if (o.top_p < 1) {
         EXPECT_EQ(z, lm.row[12345]) << "a filtering row's logits must be written for the filtered path";
@@ -1958,19 +1976,10 @@ TEST(CudaOps, LmHeadSampleTopKAtTheFullVocabularyMatchesTheDistribution) {
   for (const SamplingOptions o : {SamplingOptions{1.0f, 1.0f, 50}, SamplingOptions{0.7f, 0.5f, 200},
                                   SamplingOptions{1.0f, 1.0f, 1000}, SamplingOptions{1.0f, 1.0f, 1500}}) {
     const auto p = FilteredDistribution(lm.row.data(), V, o);
-    const double lse = LogSumExp(lm.row.data(), V, o.temperature);
     std::vector<int> count(V, 0);
     double worst_lp = 0;
-    std::vector<int32_t> tok;
-    std::vector<float> lp;
-    for (int round = 0; round < rounds; ++round) {
-      FusedDraw(d_x, d_w, B, lm.C, V, {o}, 7, uint64_t(round) * B, tok, lp, &d_logits);
-      for (int b = 0; b < B; ++b) {
-        ASSERT_TRUE(tok[b] >= 0 && tok[b] < V) << tok[b];
-        ++count[tok[b]];
-        worst_lp = std::max(worst_lp, std::abs(lp[b] - (lm.row[tok[b]] / o.temperature - lse)));
-      }
-    }
+    DrawRounds(lm, d_x, d_w, B, o, 7, rounds, &d_logits, [&](int t) { ++count[t]; }, &worst_lp);
+    ASSERT_FALSE(::testing::Test::HasFatalFailure());
     int dof = 0;
     const double chi2 = PooledChiSquare(count, p, long(B) * rounds, &dof);
     std::cout << "  lm-head + sample V=" << V << " top_k=" << o.top_k << " top_p=" << o.top_p << ": chi2 " << chi2
