@@ -128,9 +128,13 @@ int RunGen(int argc, char** argv) {
     best = std::min(best, s);
   }
   const double tps = generated / best;
+  // vLLM's benchmark_throughput reports this too ("total tokens/s"): every prompt token is a row of
+  // the prefill, as every new token is a row of a decode step.
+  const double total_tps = static_cast<double>(generated + prompts * prompt_len) / best;
   std::cout << "aha bench gen on " << engine::DescribeBackend(backend->get()) << ": " << prompts << " prompts x "
             << prompt_len << " + " << (min_new_tokens > 0 ? std::to_string(min_new_tokens) + ".." : std::string())
-            << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s; KV pool "
+            << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s (" << total_tps
+            << " tokens/s with the prompts'); KV pool "
             << gen.num_blocks() << " blocks (" << engine::DTypeName((*backend)->kv_cache_dtype()) << "), "
             << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens\n"
             << "  of the best run: prefill " << stats.prefill_seconds << " s (" << stats.prefill_calls << " calls, "
@@ -150,6 +154,7 @@ int RunGen(int argc, char** argv) {
                       {"new_tokens", new_tokens}, {"min_new_tokens", min_new_tokens},
                       {"temperature", temperature}, {"top_p", top_p}, {"top_k", top_k}, {"seconds", best},
                       {"tokens_per_s", tps},
+                      {"total_tokens_per_s", total_tps},
                       {"kv_cache_blocks", gen.num_blocks()},
                       {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},
                       {"preemptions", stats.preemptions},

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -560,6 +560,21 @@ if [[ " $what " == *" s23b "* ]]; then
         "$out/gen.log" | tr '\n' ' ')"
     done
   done
+fi
+if [[ " $what " == *" s24 "* ]]; then
+  # Session 24, on branch exp/qkv-split (not merged: slower): the decode step's q/k/v product in K
+  # parts that the fused attention adds as it loads (AHA_SPLIT_K_QKV=1: one part, as before; 2: two),
+  # and the down product in 8 parts instead of 4 (AHA_SPLIT_K=0,8): the tests that cover them, the
+  # variants interleaved three times, HF generate.
+  f="$out/conformance_s24.log"
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+    --gtest_filter='CudaOps.QkvRope*:CudaOps.LinearForwardParts*:CudaOps.LinearAddRmsNorm*:CudaModel.*' > "$f" 2>&1
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+  grep -E "Failure|Expected|actor vs" "$f" | head -30
+  variant_runs gen_s24 3 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step' \
+    AHA_SPLIT_K_QKV=1 default AHA_SPLIT_K_QKV=2 "AHA_SPLIT_K=0,8" "AHA_SPLIT_K_QKV=1 AHA_SPLIT_K=0,8" -- \
+    timeout 90 dist/bin/aha bench gen --model $model
+  peer_gen
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -66,6 +66,10 @@ TEST_F(BenchGen, SamplingFlagsReachTheRunAndItsReport) {
   EXPECT_EQ(j["top_k"].get<int>(), 7);
   EXPECT_EQ(j["decode_steps"].get<int>(), 4);  // the prefill draws the first of the 5 tokens
   EXPECT_GT(j["tokens_per_s"].get<double>(), 0.0);
+  // With the prompts' 3 x 4 tokens: 15 new tokens and 12 prompt tokens in the same seconds.
+  const double seconds = j["seconds"].get<double>();
+  EXPECT_NEAR(j["total_tokens_per_s"].get<double>(), (15.0 + 12.0) / seconds, 1e-9 * (27.0 / seconds));
+  EXPECT_NEAR(j["tokens_per_s"].get<double>(), 15.0 / seconds, 1e-9 * (15.0 / seconds));
 
   // The defaults: plain sampling, no sampling line.
   ASSERT_EQ(RunCapture(RunBenchCommand, Gen({}), &out, &err), 0) << err;
