@@ -272,6 +272,24 @@ class Backend {
     QkvRopeKvWrite(q, k, v, qkv, bias, positions, inv_freq, cache, cu_q, start, B, Nq, Hq, Hkv, D);
     CachedAttentionForward(out, q, cache, cu_q, start, B, Nq, Hq, Hkv, D);
   }
+  // The same with Qwen3's per-head RMSNorms (weights q_norm, k_norm [D]; eps) between the split and
+  // the rotation: SplitQkv, RmsNormForward of q's Nq Hq heads and of k's Nq Hkv heads (in place),
+  // RopeForward of both, KvCacheWrite, CachedAttentionForward. q, k, v and rstd ([Nq Hq]) are scratch
+  // that a backend may leave unwritten (the CUDA decode step does it all in its tensor-core decode
+  // kernel, as QkvRopeCachedAttention). This default runs those ops.
+  virtual void QkvNormRopeCachedAttention(float* out, float* q, float* k, float* v, float* rstd, const float* qkv,
+                                          const float* bias, const float* q_norm, const float* k_norm, float eps,
+                                          const int32_t* positions, const float* inv_freq, const PagedKv& cache,
+                                          const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv,
+                                          int D) {
+    SplitQkv(q, k, v, qkv, bias, Nq, Hq * D, Hkv * D);
+    RmsNormForward(q, rstd, q, q_norm, Nq * Hq, D, eps);
+    RmsNormForward(k, rstd, k, k_norm, Nq * Hkv, D, eps);
+    RopeForward(q, positions, inv_freq, Nq, Hq, D);
+    RopeForward(k, positions, inv_freq, Nq, Hkv, D);
+    KvCacheWrite(cache, k, v, cu_q, start, B, Nq, Hkv, D);
+    CachedAttentionForward(out, q, cache, cu_q, start, B, Nq, Hq, Hkv, D);
+  }
   // The q/k/v step of a cached forward in one op: SplitQkv(q, k, v, qkv, bias, Nq, Hq D, Hkv D), then
   // RopeForward of q and of k at `positions`, then KvCacheWrite(cache, k, v, cu_q, start, B, Nq, Hkv,
   // D). q[Nq, Hq, D] ends rotated, ready for CachedAttentionForward; k and v[Nq, Hkv, D] are scratch

@@ -38,7 +38,7 @@ int RunInitCommand(int argc, char** argv) {
   int64_t seed = 0;
   FlagSet flags(argv[0], "write a randomly initialised model directory (config.json, model.safetensors, tokenizer.json)");
   flags.String("arch", &arch_name, "model family: qwen2, qwen3 or llama (with --preset)");
-  flags.String("preset", &preset, "shape: tiny (byte vocab), 0.5b, 1.5b");
+  flags.String("preset", &preset, "shape: tiny (byte vocab), 0.5b and 1.5b (Qwen2.5's), 0.6b (Qwen3's)");
   flags.String("config", &config_path, "a Hugging Face config.json instead of --arch/--preset");
   flags.String("out", &out, "output model directory (required)");
   flags.Int("seed", &seed, "initialisation seed");

@@ -246,8 +246,20 @@ Result<ModelConfig> PresetConfig(Arch arch, const std::string& preset, int vocab
     c.tie_word_embeddings = true;
     c.bos_token_id = 151643;
     c.eos_token_ids = {151643};
+  } else if (preset == "0.6b") {  // Qwen3-0.6B (with --arch qwen3; its q/k norms come with the family)
+    c.vocab_size = 151936;
+    c.hidden_size = 1024;
+    c.num_layers = 28;
+    c.num_heads = 16;
+    c.num_kv_heads = 8;
+    c.head_dim = 128;
+    c.intermediate_size = 3072;
+    c.max_position_embeddings = 40960;
+    c.tie_word_embeddings = true;
+    c.bos_token_id = 151643;
+    c.eos_token_ids = {151645};
   } else {
-    return InvalidArgument("unknown preset '" + preset + "' (known: tiny, 0.5b, 1.5b)");
+    return InvalidArgument("unknown preset '" + preset + "' (known: tiny, 0.5b, 0.6b, 1.5b)");
   }
   // A tokenizer's vocabulary that the preset's embedding holds keeps the preset's shape (the Qwen3
   // tokenizer's 151,669 ids fit Qwen2.5's 151,936 rows, as in the released checkpoints); a larger

@@ -717,7 +717,7 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
       B.LinearForward(dec_.qkv.f32(), ln, w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);  // [Wq; Wk; Wv]
     const PagedKv kv = cache->Layer(l, d_table);
     float* qf = dec_.q.f32();
-    if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
+    if (config_.qk_norm && fresh) {  // Qwen3: the per-head norms sit between the split and the rotation
       B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, N, Hq * D, Hkv * D);
       B.RmsNormForward(dec_.qn.f32(), rstd, qf, w.q_norm, N * Hq, D, config_.rms_norm_eps);
       B.RmsNormForward(dec_.kn.f32(), rstd, dec_.k.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
@@ -725,10 +725,12 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
       B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
       B.RopeForward(dec_.kn.f32(), d_pos, inv_freq_.f32(), N, Hkv, D);
       B.KvCacheWrite(kv, dec_.kn.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
-      if (fresh)
-        B.AttentionForward(dec_.att.f32(), dec_.lse.f32(), qf, dec_.kn.f32(), dec_.v.f32(), d_cu, Bn, N, Hq, Hkv, D);
-      else
-        B.CachedAttentionForward(dec_.att.f32(), qf, kv, d_cu, d_start, Bn, N, Hq, Hkv, D);
+      B.AttentionForward(dec_.att.f32(), dec_.lse.f32(), qf, dec_.kn.f32(), dec_.v.f32(), d_cu, Bn, N, Hq, Hkv, D);
+    } else if (config_.qk_norm) {
+      if (!(skip & kDecodeAttention))
+        B.QkvNormRopeCachedAttention(dec_.att.f32(), qf, dec_.k.f32(), dec_.v.f32(), rstd, dec_.qkv.f32(), w.q_b,
+                                     w.q_norm, w.k_norm, config_.rms_norm_eps, d_pos, inv_freq_.f32(), kv, d_cu,
+                                     d_start, Bn, N, Hq, Hkv, D);
     } else if (fresh) {  // the training forward's q/k/v step and attention, then the pool write
       B.QkvRopeAttention(dec_.att.f32(), dec_.lse.f32(), qf, dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, d_pos,
                          inv_freq_.f32(), d_cu, Bn, N, Hq, Hkv, D);

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -575,6 +575,89 @@ if [[ " $what " == *" s24 "* ]]; then
     AHA_SPLIT_K_QKV=1 default AHA_SPLIT_K_QKV=2 "AHA_SPLIT_K=0,8" "AHA_SPLIT_K_QKV=1 AHA_SPLIT_K=0,8" -- \
     timeout 90 dist/bin/aha bench gen --model $model
   peer_gen
+fi
+if [[ " $what " == *" s24b "* ]]; then
+  # Session 24: Qwen3's per-head q/k norms inside the fused decode attention. The whole conformance
+  # test; then generation of Qwen3-0.6B's shape and of Qwen2.5-0.5B's shape with Qwen3's norms
+  # (random weights), the fused kernel against the ops it replaces (AHA_DECODE_FUSED=0), twice, the
+  # bench's Qwen2.5 model once; HF generate on the Qwen3-0.6B shape.
+  f="$out/conformance_s24b.log"
+  timeout 420 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$f" 2>&1
+  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+  grep -E "Failure|Expected|Which is|FAILED  \]" "$f" | head -30
+  q3=/tmp/aha-qwen3-0.6b q3s=/tmp/aha-qwen3-0.5b
+  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
+  [ -d $q3s ] || dist/bin/aha init --arch qwen3 --preset 0.5b --out $q3s > /dev/null
+  pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'
+  variant_runs gen_q3 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3
+  variant_runs gen_q3s 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3s
+  variant_runs gen_q2 1 "$pat" default -- timeout 120 dist/bin/aha bench gen --model $model
+  timeout 200 python3 bench/gpu/peer_pytorch.py gen --model $q3 > "$out/gen_peer_q3.log" 2>&1
+  echo "HF generate, Qwen3-0.6B shape: $(tail -n 1 "$out/gen_peer_q3.log")"
+fi
+if [[ " $what " == *" s24c "* ]]; then
+  # Session 24, after s24b (that build: the norms a runtime branch of the fused kernel, and a rule
+  # that fused only when the (row, kv head) items fit one wave; AHA_DECODE_FUSED=1 fuses always, =0
+  # never). Its tests; Qwen3-0.6B at 256 prompts (8 waves) and 32 (one), Qwen2.5-1.5B at 256 (2
+  # waves) and 128 (one), each the rule against the other way; Qwen2.5-0.5B (one wave) against the
+  # build before this session's changes (dist-old/).
+  f="$out/conformance_s24c.log"
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+    --gtest_filter='CudaOps.QkvRope*:CudaOps.QkvNorm*:CudaOps.RmsNorm*:CudaOps.AddRmsNorm*:CudaModel.*' > "$f" 2>&1
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+  grep -E "Failure|Expected|Which is" "$f" | head -20
+  q3=/tmp/aha-qwen3-0.6b q15=/tmp/aha-1.5b
+  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
+  [ -d $q15 ] || dist/bin/aha init --preset 1.5b --dtype bf16 --out $q15 > /dev/null
+  pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'
+  variant_runs q3_256 2 "$pat" default AHA_DECODE_FUSED=1 -- timeout 120 dist/bin/aha bench gen --model $q3
+  variant_runs q3_32 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3 --prompts 32
+  variant_runs q15_256 2 "$pat" default AHA_DECODE_FUSED=1 -- timeout 120 dist/bin/aha bench gen --model $q15
+  variant_runs q15_128 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q15 --prompts 128
+  for rep in 1 2 3; do
+    for build in dist dist-old; do
+      timeout 120 $build/bin/aha bench gen --model $model > "$out/q2_$build.log" 2>&1
+      echo "q2_0.5b $build $rep: $(grep -oE "$pat" "$out/q2_$build.log" | tr '\n' ' ')"
+    done
+  done
+fi
+if [[ " $what " == *" s24d "* ]]; then
+  # Session 24: the norms as a template variant of the fused kernel (Qwen2's kernel as before this
+  # session), that build fusing at D = 64 always and at D = 128 only with norms in one wave. Its tests;
+  # Qwen2.5-0.5B against the build before this session (dist-old/); fused (AHA_DECODE_FUSED=1)
+  # against the ops (=0) for Qwen2.5-1.5B at 256 and 128 prompts and Qwen3-0.6B at 32; the
+  # default for Qwen3-0.6B at 256 and for Qwen2.5-0.5B's shape with Qwen3's norms against the ops.
+  f="$out/conformance_s24d.log"
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+    --gtest_filter='CudaOps.QkvRope*:CudaOps.QkvNorm*:CudaOps.RmsNorm*:CudaOps.AddRmsNorm*:CudaModel.*' > "$f" 2>&1
+  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
+  grep -E "Failure|Expected|Which is" "$f" | head -20
+  q3=/tmp/aha-qwen3-0.6b q15=/tmp/aha-1.5b q3s=/tmp/aha-qwen3-0.5b
+  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
+  [ -d $q15 ] || dist/bin/aha init --preset 1.5b --dtype bf16 --out $q15 > /dev/null
+  [ -d $q3s ] || dist/bin/aha init --arch qwen3 --preset 0.5b --out $q3s > /dev/null
+  pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'
+  for rep in 1 2 3; do
+    for build in dist dist-old; do
+      timeout 120 $build/bin/aha bench gen --model $model > "$out/q2_$build.log" 2>&1
+      echo "q2_0.5b $build $rep: $(grep -oE "$pat" "$out/q2_$build.log" | tr '\n' ' ')"
+    done
+  done
+  variant_runs q15_256 2 "$pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q15
+  variant_runs q15_128 2 "$pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- \
+    timeout 120 dist/bin/aha bench gen --model $q15 --prompts 128
+  variant_runs q3_32 2 "$pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- \
+    timeout 120 dist/bin/aha bench gen --model $q3 --prompts 32
+  variant_runs q3_256 1 "$pat" default -- timeout 120 dist/bin/aha bench gen --model $q3
+  variant_runs q3s 1 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3s
+fi
+if [[ " $what " == *" s24e "* ]]; then
+  # Session 24: Qwen3-0.6B at 256 prompts (8 waves of items) with the template norm kernel fused
+  # (AHA_DECODE_FUSED=1) against the default (its ops), interleaved twice.
+  q3=/tmp/aha-qwen3-0.6b
+  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
+  variant_runs q3_256 2 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step' \
+    AHA_DECODE_FUSED=1 default -- timeout 60 dist/bin/aha bench gen --model $q3
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -1377,8 +1377,10 @@ struct DecodeTcCfg {
   static constexpr int MERGE_BYTES = kDecTcWarps * 16 * LDO * 4;
   static constexpr int REGION_BYTES = kDecTcStages * STAGE_ELEMS * 2 > MERGE_BYTES ? kDecTcStages * STAGE_ELEMS * 2
                                                                                    : MERGE_BYTES;
-  // region (stages; after the loop O[warp][16][LDO] f32) | m[warp][16] | l[warp][16]
+  // region (stages; after the loop O[warp][16][LDO] f32) | m[warp][16] | l[warp][16], and with per-head
+  // norms | their rstd [kDecTcMaxG + 1] (the query heads', then the new key's)
   static constexpr size_t kSmemBytes = static_cast<size_t>(REGION_BYTES) + 2 * kDecTcWarps * 16 * sizeof(float);
+  static constexpr size_t kSmemBytesNorm = kSmemBytes + (kDecTcMaxG + 1) * sizeof(float);
   static_assert(KW == 16 && NCP * kDecTcThreads == kDecTcKC * DU && DU >= 8, "tiling");
 };
 
@@ -1390,13 +1392,18 @@ struct DecodeQkvIn {
   const float* bias = nullptr;
   const int32_t* positions = nullptr;
   const float* inv_freq = nullptr;
+  // Qwen3's per-head RMSNorms between the split and the rotation (weights [D] each), or null.
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  float eps = 0.0f;
 };
 
 // kFused: q is not read; the block rotates its G query heads from the q/k/v product row (QkvRopeKernel's
 // instructions: the same bits) into the stage region and takes their A fragments from there, and the
 // block whose key range holds the row's new position first writes that key (rotated) and value of its
 // kv head into the pool, as QkvRopeKernel would have (so no separate q/k/v kernel runs before it).
-template <int D, bool kFused>
+// kNorm (with kFused): Qwen3's per-head RMSNorms of the queries and the new key before the rotation.
+template <int D, bool kFused, bool kNorm = false>
 __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     DecodeTcKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ o_part,
                    float* __restrict__ ml_part,
@@ -1421,8 +1428,9 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
   // trip of its own: the two overlap.
   constexpr int half = D / 2, QP = (kDecTcMaxG * half + T - 1) / T;  // pairs per thread, at most
   static_assert(D <= T, "one new-key pair and one value element per thread");
-  float qx1[QP], qx2[QP], qfreq[QP];
+  float qx1[QP], qx2[QP], qfreq[QP], qw1[QP], qw2[QP];  // qw: the pair's q_norm weights
   float kx1 = 0.0f, kx2 = 0.0f, kfreq = 0.0f, vx = 0.0f;  // the new key's pair tid, value element tid
+  float kw1 = 0.0f, kw2 = 0.0f;                            // and its k_norm weights
   float pos_f = 0.0f;
   const int QD = Hq * D, KD = Hkv * D;
   const float* row = kFused ? qi.qkv + static_cast<size_t>(i) * (QD + 2 * KD) : nullptr;
@@ -1437,6 +1445,7 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
         qx2[p] = row[c + half];
         if (qi.bias) qx1[p] += __ldg(qi.bias + c), qx2[p] += __ldg(qi.bias + c + half);
         qfreq[p] = __ldg(qi.inv_freq + j);
+        if constexpr (kNorm) qw1[p] = __ldg(qi.q_norm + j), qw2[p] = __ldg(qi.q_norm + j + half);
       }
     }
     // The new key and value, which the block holding the row's new position writes below (D <= T:
@@ -1447,6 +1456,7 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
       kx2 = row[c + half];
       if (qi.bias) kx1 += __ldg(qi.bias + c), kx2 += __ldg(qi.bias + c + half);
       kfreq = __ldg(qi.inv_freq + tid);
+      if constexpr (kNorm) kw1 = __ldg(qi.k_norm + tid), kw2 = __ldg(qi.k_norm + tid + half);
     }
     if (tid < D) {
       const int c = QD + KD + kvh * D + tid;
@@ -1494,6 +1504,29 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
     while (pre < NS - 1 && pre < rg.nchunks && rg.k0 + (pre + 1) * KC <= rg.pos) issue(pre++);
   }
 
+  // kFused with per-head norms (Qwen3): each head's rstd, as RmsNormForward computes it over the split
+  // q (or k) row of D values: lane l's four values 4 l .. 4 l + 3 of the head, SumOfSquares4, then
+  // WarpSum (RmsNormVecKernel's one warp a row of D <= 128; lanes past D / 4 add 0). Warp w takes
+  // item w, w + W, ...: query heads hfirst .. hfirst + G - 1, then item G, the new key.
+  float* head_r = l_w + W * 16;  // [kDecTcMaxG + 1], kNorm only (kSmemBytesNorm)
+  if constexpr (kFused && kNorm) {
+    for (int it = warp; it <= G; it += W) {
+      const int c0 = it < G ? (hfirst + it) * D : QD + kvh * D;
+      float ss = 0.0f;
+      if (4 * lane < D) {
+        float4 a = *reinterpret_cast<const float4*>(row + c0 + 4 * lane);
+        if (qi.bias) {
+          const float4 b = __ldg(reinterpret_cast<const float4*>(qi.bias + c0) + lane);
+          a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+        }
+        ss = SumOfSquares4(a);
+      }
+      ss = WarpSum(ss);
+      if (lane == 0) head_r[it] = rsqrtf(ss / static_cast<float>(D) + qi.eps);
+    }
+    __syncthreads();
+  }
+
   // A fragments of Q: rows g, g + 8 = query heads hfirst + g, hfirst + g + 8 (zero rows past G).
   uint32_t qa[KK][4];
   if constexpr (kFused) {
@@ -1503,7 +1536,13 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
       const int f = tid + p * T;
       if (f < G * half) {  // QkvRopeKernel's arithmetic on the values loaded above: the same bits
         const int h = f / half, j = f - h * half;
-        RotatePair(qx1[p], qx2[p], pos_f * qfreq[p], qs[h * D + j], qs[h * D + j + half]);
+        float x1 = qx1[p], x2 = qx2[p];
+        if constexpr (kNorm) {  // RmsNormVecKernel's (x r) w
+          const float r = head_r[h];
+          x1 = (x1 * r) * qw1[p];
+          x2 = (x2 * r) * qw2[p];
+        }
+        RotatePair(x1, x2, pos_f * qfreq[p], qs[h * D + j], qs[h * D + j + half]);
       }
     }
     // The new key and value: written by the one block whose keys include the new position, before
@@ -1512,8 +1551,13 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
       uint16_t* kd = k_cache + static_cast<size_t>(new_row) * krow + kvh * D;
       uint16_t* vd = v_cache + static_cast<size_t>(new_row) * krow + kvh * D;
       if (tid < half) {
-        float y1, y2;
-        RotatePair(kx1, kx2, pos_f * kfreq, y1, y2);
+        float y1, y2, x1 = kx1, x2 = kx2;
+        if constexpr (kNorm) {
+          const float r = head_r[G];
+          x1 = (x1 * r) * kw1;
+          x2 = (x2 * r) * kw2;
+        }
+        RotatePair(x1, x2, pos_f * kfreq, y1, y2);
         StCache1(kd + tid, y1);
         StCache1(kd + tid + half, y2);
       }
@@ -1831,8 +1875,9 @@ void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkv
                     const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, void* workspace,
                     cudaStream_t s) {
   using C = DecodeTcCfg<D>;
-  const bool fused = qi.qkv != nullptr;
-  PrepareDecodeKernel(fused ? DecodeTcKernel<D, true> : DecodeTcKernel<D, false>, C::kSmemBytes);
+  const bool fused = qi.qkv != nullptr, norm = fused && qi.q_norm != nullptr;
+  if (norm) PrepareDecodeKernel(DecodeTcKernel<D, true, true>, C::kSmemBytesNorm);
+  else PrepareDecodeKernel(fused ? DecodeTcKernel<D, true> : DecodeTcKernel<D, false>, C::kSmemBytes);
   const int splits = DecodeTcSplits<D>(kv, Nq, Hkv);
   const DecodePartials parts = DecodePartialsIn(workspace, Nq, Hq, D, splits, "CachedAttentionDecodeTC");
   const dim3 grid(Nq, Hkv, splits);
@@ -1840,7 +1885,11 @@ void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkv
   const Paging pg{kv.block_table, kv.max_blocks, kv.block_size, kv.num_blocks};
   auto* kc = static_cast<uint16_t*>(kv.k);
   auto* vc = static_cast<uint16_t*>(kv.v);
-  if (fused)
+  if (norm)
+    DecodeTcKernel<D, true, true><<<grid, kDecTcThreads, C::kSmemBytesNorm, s>>>(
+        out, out16, parts.o, parts.ml, nullptr, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
+        qscale, qi);
+  else if (fused)
     DecodeTcKernel<D, true><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
         out, out16, parts.o, parts.ml, nullptr, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
         qscale, qi);
@@ -2108,11 +2157,13 @@ void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, cons
 void QkvRopeCachedAttentionDecodeTC(float* out, const float* qkv, const float* bias, const int32_t* positions,
                                     const float* inv_freq, const KvPages& kv, const int32_t* cu_q,
                                     const int32_t* start, int B, int Nq, int Hq, int Hkv, int D, void* workspace,
-                                    cudaStream_t s, uint16_t* out_bf16) {
+                                    cudaStream_t s, uint16_t* out_bf16, const float* q_norm, const float* k_norm,
+                                    float eps) {
   if (Nq <= 0 || B <= 0) return;
   CheckDecodeTc(kv, Hq, Hkv, D, "QkvRopeCachedAttentionDecodeTC");
   if (Nq != B) Fail("QkvRopeCachedAttentionDecodeTC: one new row per sequence (Nq == B); Nq", Nq);
-  const DecodeQkvIn qi{qkv, bias, positions, inv_freq};
+  if ((q_norm == nullptr) != (k_norm == nullptr)) Fail("QkvRopeCachedAttentionDecodeTC: q_norm without k_norm", 0);
+  const DecodeQkvIn qi{qkv, bias, positions, inv_freq, q_norm, k_norm, eps};
   if (D == 64) return LaunchDecodeTc<64>(out, out_bf16, nullptr, qi, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
   return LaunchDecodeTc<128>(out, out_bf16, nullptr, qi, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
 }

@@ -1,5 +1,6 @@
-// What several kernels share (.cu files only): bf16 packing, SwiGLU's activation, and the quad
-// transpose that lets a kernel store its accumulator fragments 16 bytes a lane. Round to nearest
+// What several kernels share (.cu files only): bf16 packing, SwiGLU's activation, the quad
+// transpose that lets a kernel store its accumulator fragments 16 bytes a lane, and RMSNorm's sum
+// of squares (the norm kernels and the fused decode attention's per-head norms). Round to nearest
 // even, as CastF32ToBF16Kernel rounds, so a bf16 copy that a producer writes equals a cast of its
 // output.
 #pragma once
@@ -18,6 +19,20 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   uint32_t u;
   memcpy(&u, &t, sizeof(u));
   return u;
+}
+
+// The sum of a float over the 32 lanes of a warp (an xor tree: every lane gets the same bits).
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// x.x^2 + x.y^2 + x.z^2 + x.w^2 with its roundings spelt out (no contraction left to the compiler),
+// so that RmsNormVecKernel and the fused decode attention's per-head norms, which each take a lane's
+// four values of a row this way and then WarpSum, compute the same bits.
+__device__ __forceinline__ float SumOfSquares4(float4 x) {
+  return __fmaf_rn(x.w, x.w, __fmaf_rn(x.z, x.z, __fmaf_rn(x.y, x.y, __fmul_rn(x.x, x.x))));
 }
 
 // Four consecutive floats as four bf16 (one 8-byte store).

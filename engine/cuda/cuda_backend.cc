@@ -802,24 +802,56 @@ static Decode DecodeMode() {
   return mode;
 }
 
+// A cached layer's q/k/v step and attention as the tensor-core decode kernel: decode steps (Nq == B)
+// on the default decode kernel, at D = 64 always, at D = 128 only with Qwen3's per-head norms (the
+// fused kernel then replaces six kernels, not one). Measured on the H200 (docs/kernels.md, version
+// 25): at D = 128 without norms the fused prologue's chain (the q/k/v row's loads, RoPE, the new
+// key's write, the barriers) cost Qwen2.5-1.5B's decode step 1.7-1.9% more than QkvRopeKvWrite's
+// kernel saves. AHA_DECODE_FUSED=0 never fuses, =1 always where it can; AHA_FUSED_QKV=0 never fuses.
+static bool FusedDecodeStep(const cuda::KvPages& kv, int B, int Nq, int Hq, int Hkv, int D, bool norms) {
+  static const int setting = [] {
+    const char* e = std::getenv("AHA_DECODE_FUSED");
+    return e == nullptr || *e == '\0' ? -1 : std::atoi(e);
+  }();
+  if (setting == 0 || !FusedQkv(D) || DecodeMode() != Decode::kDefault || Nq != B || Nq <= 0 ||
+      !cuda::CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D))
+    return false;
+  return setting == 1 || D == 64 || norms;
+}
+
 void CudaBackend::QkvRopeCachedAttention(float* out, float* q, float* k, float* v, const float* qkv,
                                          const float* bias, const int32_t* positions, const float* inv_freq,
                                          const PagedKv& cache, const int32_t* cu_q, const int32_t* start, int B,
                                          int Nq, int Hq, int Hkv, int D) {
-  static const bool fused_on = [] {
-    const char* e = std::getenv("AHA_DECODE_FUSED");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  const cuda::KvPages kv = Pages(cache);
-  if (!fused_on || !FusedQkv(D) || DecodeMode() != Decode::kDefault || Nq != B || Nq <= 0 ||
-      !cuda::CachedAttentionDecodeTcSupported(kv, Hq, Hkv, D))
+  if (!FusedDecodeStep(Pages(cache), B, Nq, Hq, Hkv, D, false))
     return Backend::QkvRopeCachedAttention(out, q, k, v, qkv, bias, positions, inv_freq, cache, cu_q, start, B, Nq,
                                            Hq, Hkv, D);
+  FusedDecodeAttention(out, qkv, bias, nullptr, nullptr, 0.0f, positions, inv_freq, cache, cu_q, start, B, Nq, Hq,
+                       Hkv, D);
+}
+
+void CudaBackend::QkvNormRopeCachedAttention(float* out, float* q, float* k, float* v, float* rstd, const float* qkv,
+                                             const float* bias, const float* q_norm, const float* k_norm, float eps,
+                                             const int32_t* positions, const float* inv_freq, const PagedKv& cache,
+                                             const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq,
+                                             int Hkv, int D) {
+  if (!FusedDecodeStep(Pages(cache), B, Nq, Hq, Hkv, D, true))
+    return Backend::QkvNormRopeCachedAttention(out, q, k, v, rstd, qkv, bias, q_norm, k_norm, eps, positions,
+                                               inv_freq, cache, cu_q, start, B, Nq, Hq, Hkv, D);
+  FusedDecodeAttention(out, qkv, bias, q_norm, k_norm, eps, positions, inv_freq, cache, cu_q, start, B, Nq, Hq, Hkv,
+                       D);
+}
+
+void CudaBackend::FusedDecodeAttention(float* out, const float* qkv, const float* bias, const float* q_norm,
+                                       const float* k_norm, float eps, const int32_t* positions,
+                                       const float* inv_freq, const PagedKv& cache, const int32_t* cu_q,
+                                       const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) {
+  const cuda::KvPages kv = Pages(cache);
   void* ws = Workspace(cuda::CachedAttentionDecodeTcWorkspace(kv, Nq, Hq, Hkv, D));
   const size_t n = static_cast<size_t>(Nq) * Hq * D;
   uint16_t* copy = CastCopy(n);
   cuda::QkvRopeCachedAttentionDecodeTC(out, qkv, bias, positions, inv_freq, kv, cu_q, start, B, Nq, Hq, Hkv, D, ws,
-                                       stream_, copy);
+                                       stream_, copy, q_norm, k_norm, eps);
   Check("q/k/v + rope + cached attention");
   AdoptCastCopy(out, n, copy);
 }

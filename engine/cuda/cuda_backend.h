@@ -130,12 +130,20 @@ class CudaBackend final : public Backend {
                       int Nq, int Hq, int Hkv, int D) override;
   void CachedAttentionForward(float* out, const float* q, const PagedKv& cache, const int32_t* cu_q,
                               const int32_t* start, int B, int Nq, int Hq, int Hkv, int D) override;
-  // Decode steps (Nq == B) on the tensor-core decode kernel run fused (QkvRopeCachedAttentionDecodeTC)
-  // unless AHA_DECODE_FUSED=0 or AHA_FUSED_QKV=0 or a decode-kernel switch is set; else the two ops.
+  // Decode steps (Nq == B) on the tensor-core decode kernel at D = 64 run fused
+  // (QkvRopeCachedAttentionDecodeTC) unless AHA_DECODE_FUSED=0 or AHA_FUSED_QKV=0 or a decode-kernel
+  // switch is set (AHA_DECODE_FUSED=1: at D = 128 too); else the two ops.
   void QkvRopeCachedAttention(float* out, float* q, float* k, float* v, const float* qkv, const float* bias,
                               const int32_t* positions, const float* inv_freq, const PagedKv& cache,
                               const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv,
                               int D) override;
+  // Likewise with the per-head norms in the same kernel (Qwen3's decode step, at D = 64 and 128),
+  // else the default's ops.
+  void QkvNormRopeCachedAttention(float* out, float* q, float* k, float* v, float* rstd, const float* qkv,
+                                  const float* bias, const float* q_norm, const float* k_norm, float eps,
+                                  const int32_t* positions, const float* inv_freq, const PagedKv& cache,
+                                  const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv,
+                                  int D) override;
   void LmHeadForward(float* logprob, float* entropy, float* lse, const float* h, const float* w,
                      const int32_t* targets, int N, int C, int V, float temperature) override;
   void LmHeadBackward(float* dh, float* dw, const float* dlogprob, const float* dentropy, const float* h,
@@ -197,6 +205,10 @@ class CudaBackend final : public Backend {
   // LinearAddRmsNorm's K parts: 0 chooses (SplitParts), 1 never splits, S > 1 always S where K
   // allows (AHA_SPLIT_K, the A/B).
   int split_k_ = 0;
+  // QkvRopeCachedAttention's and QkvNormRopeCachedAttention's tensor-core decode kernel (norms null: none).
+  void FusedDecodeAttention(float* out, const float* qkv, const float* bias, const float* q_norm, const float* k_norm,
+                            float eps, const int32_t* positions, const float* inv_freq, const PagedKv& cache,
+                            const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, int D);
   bool fused_sample_ = true;  // LmHeadSample's kernel (set_fused_sample)
   bool fused_mlp_ = true;  // GateUpSwiGlu's kernel (AHA_FUSED_MLP=0: the two ops)
   int sms_ = 132;

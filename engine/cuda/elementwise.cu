@@ -21,11 +21,6 @@ inline unsigned Blocks(size_t n, int threads = kThreads) {
   return static_cast<unsigned>(b < 65535u * 32u ? (b == 0 ? 1 : b) : 65535u * 32u);
 }
 
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 __device__ __forceinline__ double WarpSumD(double v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -123,7 +118,7 @@ __global__ void RmsNormVecKernel(float* out, __nv_bfloat16* out16, float* rstd, 
         reinterpret_cast<float4*>(xs + base)[c] = a;
       }
       v[i] = a;
-      ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+      ss += SumOfSquares4(a);
     }
   }
   const float r = rsqrtf(RowSum(ss, T) / C + eps);

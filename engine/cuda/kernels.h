@@ -153,11 +153,15 @@ void CachedAttentionDecodeTC(float* out, const float* q, const KvPages& kv, cons
 // Nq == B): reads the q/k/v product rows qkv[Nq, (Hq + 2 Hkv) D] (+ bias, may be null) instead of
 // rotated queries, rotates each block's query heads at positions[i] as QkvRopeKvWrite does, and
 // writes each row's new key (rotated) and value into the pool before reading it. Outputs and pool
-// equal QkvRopeKvWrite + CachedAttentionDecodeTC bit for bit; same workspace.
+// equal QkvRopeKvWrite + CachedAttentionDecodeTC bit for bit; same workspace. With q_norm and
+// k_norm ([D] each; Qwen3) each query head and the new key are RMS-normalised (eps) before the
+// rotation, bit for bit as SplitQkv, RmsNormForward of the q and k heads, RopeForward of both,
+// KvCacheWrite and CachedAttentionDecodeTC.
 void QkvRopeCachedAttentionDecodeTC(float* out, const float* qkv, const float* bias, const int32_t* positions,
                                     const float* inv_freq, const KvPages& kv, const int32_t* cu_q,
                                     const int32_t* start, int B, int Nq, int Hq, int Hkv, int D, void* workspace,
-                                    cudaStream_t s, uint16_t* out_bf16 = nullptr);
+                                    cudaStream_t s, uint16_t* out_bf16 = nullptr, const float* q_norm = nullptr,
+                                    const float* k_norm = nullptr, float eps = 0.0f);
 // Tensor-core variants (attention_tc.cu): same signatures, semantics and workspace
 // (AttentionBackwardWorkspace) as AttentionForward / AttentionBackward, with the products on bf16
 // mma.sync (operands rounded to bf16, f32 accumulation and softmax statistics). D in {64, 128};

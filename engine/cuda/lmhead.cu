@@ -85,12 +85,6 @@ __device__ __forceinline__ float WarpMax(float v) {
   return v;
 }
 
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-
 // Block-wide reductions; every thread gets the result. `scratch` holds >= 32 entries; the leading
 // __syncthreads makes back-to-back calls on the same scratch safe.
 template <int kThreads>

@@ -1420,6 +1420,22 @@ TEST(CudaOps, QkvRopeKvWriteEqualsTheFourOps) {
   }
 }
 
+// Whether the backend's decode-step ops (QkvRopeCachedAttention, QkvNormRopeCachedAttention: norms)
+// run the fused kernel: at D = 64, or with norms; no switch sends them to their ops
+// (AHA_DECODE_FUSED=0, AHA_FUSED_QKV=0, AHA_DECODE_ATTENTION), and AHA_DECODE_FUSED=1 fuses D = 128
+// without norms too.
+bool OpFusesDecodeStep(int D, bool norms) {
+  auto env_is = [](const char* name, const char* value) {
+    const char* e = std::getenv(name);
+    return e != nullptr && std::string(e) == value;
+  };
+  const char* decode_kernel = std::getenv("AHA_DECODE_ATTENTION");
+  if (env_is("AHA_DECODE_FUSED", "0") || env_is("AHA_FUSED_QKV", "0") ||
+      (decode_kernel != nullptr && *decode_kernel != '\0'))
+    return false;
+  return env_is("AHA_DECODE_FUSED", "1") || D == 64 || norms;
+}
+
 // A decode layer's q/k/v step and attention fused into the tensor-core decode kernel
 // (QkvRopeCachedAttention): each block rotates its query heads from the q/k/v product row and the
 // block whose keys include the new position writes that key and value into the pool before reading
@@ -1432,13 +1448,6 @@ TEST(CudaOps, QkvRopeKvWriteEqualsTheFourOps) {
 TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
   REQUIRE_GPU();
   gpu->gemm().set_precision(GemmPrecision::kBF16);
-  auto env_is = [](const char* name, const char* value) {
-    const char* e = std::getenv(name);
-    return e != nullptr && std::string(e) == value;
-  };
-  const char* decode_kernel = std::getenv("AHA_DECODE_ATTENTION");
-  const bool op_fuses = !env_is("AHA_DECODE_FUSED", "0") && !env_is("AHA_FUSED_QKV", "0") &&
-                        (decode_kernel == nullptr || *decode_kernel == '\0');
   struct Case {
     int Hq, Hkv, D, B, ctx_lo, ctx_hi, bs;
     bool bias;
@@ -1474,6 +1483,7 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
            d_bias = Up(bias), d_inv = Up(inv_freq);
     const float* d_b = c.bias ? d_bias.f32() : nullptr;
     const cuda::KvPages fused{kf.raw(), vf.raw(), true, num_blocks, bs, d_table.i32(), max_blocks};
+    const bool op_fuses = OpFusesDecodeStep(c.D, false);
     const PagedKv unfused{ku.raw(), vu.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
     const PagedKv by_op{kb.raw(), vb.raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
     Tensor out1 = Poisoned(size_t(B) * QD);
@@ -1509,6 +1519,101 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
           << shape << ": q written: the op did not run the fused kernel";
     else
       EXPECT_EQ(std::memcmp(q3h.data(), q2h.data(), q3h.size() * 4), 0) << shape << ": the op's q is not the two ops'";
+  }
+}
+
+// The same fused decode kernel with Qwen3's per-head norms (QkvNormRopeCachedAttention): against the
+// ops it replaces (SplitQkv, RmsNormForward of the q and k heads, RopeForward of both, KvCacheWrite,
+// CachedAttentionForward) on a bf16 pool holding every earlier position: the kernel and the backend
+// op give the attention output and both pools bit for bit (the norms' sums of squares are
+// RmsNormVecKernel's: SumOfSquares4 and WarpSum), and the op leaves q unwritten when it fuses
+// (OpFusesDecodeStep) and writes the ops' q when a switch sends it to them. Qwen3-0.6B's heads
+// (16 / 8, D 128) at B = 256 and 32, and G = 7, 1 and 16 at D = 64, with and without a bias.
+TEST(CudaOps, QkvNormRopeCachedAttentionEqualsItsOps) {
+  REQUIRE_GPU();
+  gpu->gemm().set_precision(GemmPrecision::kBF16);
+  struct Case {
+    int Hq, Hkv, D, B, ctx_lo, ctx_hi, bs;
+    bool bias;
+  };
+  const float eps = 1e-6f;
+  for (const Case& c : {Case{16, 8, 128, 256, 1, 700, 16, false}, Case{16, 8, 128, 32, 1, 700, 16, true},
+                        Case{14, 2, 64, 3, 1, 1500, 16, true},
+                        Case{4, 4, 64, 7, 1, 200, 32, false}, Case{16, 1, 64, 2, 1, 300, 16, true}}) {
+    const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
+    const int max_blocks = (c.ctx_hi + bs - 1) / bs, num_blocks = B * max_blocks;
+    std::vector<int32_t> cu(B + 1), start(B), table(size_t(B) * max_blocks);
+    for (int b = 0; b <= B; ++b) cu[b] = b;
+    const auto ctx = RandInt(B, c.ctx_lo, c.ctx_hi);
+    for (int b = 0; b < B; ++b) start[b] = ctx[b] - 1;
+    const std::vector<int32_t> order = ShuffledIds(num_blocks);
+    for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
+    const auto qkv = Randn(size_t(B) * W, 3.0f), bias = Randn(W);
+    auto qw = Randn(c.D, 0.2f), kw = Randn(c.D, 0.2f);
+    for (float& x : qw) x += 1.0f;
+    for (float& x : kw) x += 1.0f;
+    const std::vector<float> inv_freq = RopeInvFreq(c.D);
+    const size_t pool = size_t(num_blocks) * bs * KD;
+    std::vector<uint16_t> k16(pool), v16(pool);
+    {
+      const auto kf = Randn(pool), vf = Randn(pool);
+      F32ToBF16(kf.data(), k16.data(), pool);
+      F32ToBF16(vf.data(), v16.data(), pool);
+    }
+    const Shape pool_shape{num_blocks, bs, c.Hkv, c.D};
+    std::vector<Tensor> pools;
+    for (int p = 0; p < 6; ++p) {
+      pools.push_back(Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()));
+      gpu->Upload(pools.back().raw(), (p % 2 == 0 ? k16 : v16).data(), pool * 2);
+    }
+    Tensor d_table = Up(table), d_cu = Up(cu), d_start = Up(start), d_qkv = Up(qkv), d_bias = Up(bias),
+           d_inv = Up(inv_freq), d_qw = Up(qw), d_kw = Up(kw);
+    const float* d_b = c.bias ? d_bias.f32() : nullptr;
+    const cuda::KvPages fused{pools[0].raw(), pools[1].raw(), true, num_blocks, bs, d_table.i32(), max_blocks};
+    const bool op_fuses = OpFusesDecodeStep(c.D, true);
+    const PagedKv by_op{pools[2].raw(), pools[3].raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
+    const PagedKv by_ops{pools[4].raw(), pools[5].raw(), DType::kBF16, num_blocks, bs, d_table.i32(), max_blocks};
+    Tensor out1 = Poisoned(size_t(B) * QD), out2 = Poisoned(size_t(B) * QD), out3 = Poisoned(size_t(B) * QD);
+    Tensor q2 = Poisoned(size_t(B) * QD), k2 = Poisoned(size_t(B) * KD), v2 = Poisoned(size_t(B) * KD);
+    Tensor qn2 = Poisoned(size_t(B) * QD), kn2 = Poisoned(size_t(B) * KD), r2 = Poisoned(size_t(B) * c.Hq);
+    Tensor q3 = Poisoned(size_t(B) * QD), k3 = Poisoned(size_t(B) * KD), v3 = Poisoned(size_t(B) * KD),
+           r3 = Poisoned(size_t(B) * c.Hq);
+    const size_t ws_bytes = cuda::CachedAttentionDecodeTcWorkspace(fused, B, c.Hq, c.Hkv, c.D);
+    Tensor ws(DType::kF32, {int64_t(ws_bytes / 4 + 1)}, gpu->device());
+    cuda::QkvRopeCachedAttentionDecodeTC(out1.f32(), d_qkv.f32(), d_b, d_start.i32(), d_inv.f32(), fused, d_cu.i32(),
+                                         d_start.i32(), B, B, c.Hq, c.Hkv, c.D, ws.raw(), gpu->stream(), nullptr,
+                                         d_qw.f32(), d_kw.f32(), eps);
+    gpu->QkvNormRopeCachedAttention(out3.f32(), q3.f32(), k3.f32(), v3.f32(), r3.f32(), d_qkv.f32(), d_b,
+                                    d_qw.f32(), d_kw.f32(), eps, d_start.i32(), d_inv.f32(), by_op, d_cu.i32(),
+                                    d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
+    gpu->SplitQkv(q2.f32(), k2.f32(), v2.f32(), d_qkv.f32(), d_b, B, QD, KD);
+    gpu->RmsNormForward(qn2.f32(), r2.f32(), q2.f32(), d_qw.f32(), B * c.Hq, c.D, eps);
+    gpu->RmsNormForward(kn2.f32(), r2.f32(), k2.f32(), d_kw.f32(), B * c.Hkv, c.D, eps);
+    gpu->RopeForward(qn2.f32(), d_start.i32(), d_inv.f32(), B, c.Hq, c.D);
+    gpu->RopeForward(kn2.f32(), d_start.i32(), d_inv.f32(), B, c.Hkv, c.D);
+    gpu->KvCacheWrite(by_ops, kn2.f32(), v2.f32(), d_cu.i32(), d_start.i32(), B, B, c.Hkv, c.D);
+    gpu->CachedAttentionForward(out2.f32(), qn2.f32(), by_ops, d_cu.i32(), d_start.i32(), B, B, c.Hq, c.Hkv, c.D);
+    const std::string shape = "B=" + std::to_string(B) + " H=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) +
+                              " D=" + std::to_string(c.D) + " bs=" + std::to_string(bs) + (c.bias ? " bias" : "");
+    const auto o1 = Down(out1), o2 = Down(out2), o3 = Down(out3);
+    ASSERT_TRUE(std::none_of(o2.begin(), o2.end(), [](float x) { return std::isnan(x); })) << shape;
+    EXPECT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * 4), 0) << shape << ": kernel output differs from the ops";
+    EXPECT_EQ(std::memcmp(o3.data(), o2.data(), o3.size() * 4), 0) << shape << ": op output differs from the ops";
+    ExpectNmse("fused decode with qk-norm vs its ops", shape, o1, o2, 0.0);
+    std::vector<uint16_t> a(pool), b(pool);
+    for (auto [x, y, what] : {std::tuple{0, 4, "kernel's k pool"}, std::tuple{1, 5, "kernel's v pool"},
+                              std::tuple{2, 4, "op's k pool"}, std::tuple{3, 5, "op's v pool"}}) {
+      gpu->Download(a.data(), pools[x].raw(), pool * 2);
+      gpu->Download(b.data(), pools[y].raw(), pool * 2);
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), pool * 2), 0) << shape << ": " << what << " differs";
+    }
+    const auto q3h = Down(q3);
+    if (op_fuses) {
+      EXPECT_TRUE(std::all_of(q3h.begin(), q3h.end(), [](float x) { return std::isnan(x); }))
+          << shape << ": q written: the op did not run the fused kernel";
+    } else {
+      EXPECT_EQ(std::memcmp(q3h.data(), Down(qn2).data(), q3h.size() * 4), 0) << shape << ": the op's q is not the ops'";
+    }
   }
 }
 

@@ -915,6 +915,19 @@ TEST(Config, PresetKeepsItsVocabularyOrPadsALargerTokenizers) {
   EXPECT_EQ(PresetConfig(Arch::kQwen2, "1.5b", 200000)->vocab_size, 200064);
 }
 
+// The 0.6b preset with the qwen3 family is Qwen3-0.6B's shape: 596M parameters with the tied
+// embedding (0.44B without it), per-head q/k norms, no attention bias.
+TEST(Config, Qwen3PresetHasQwen3SmallestShape) {
+  const auto c = PresetConfig(Arch::kQwen3, "0.6b", 151669);
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_TRUE(c->qk_norm);
+  EXPECT_FALSE(c->attention_bias);
+  EXPECT_EQ(c->vocab_size, 151936);
+  EXPECT_EQ(c->num_heads * c->head_dim, 2048);
+  EXPECT_EQ(c->NumParameters(), 596049920);
+  EXPECT_FALSE(PresetConfig(Arch::kQwen3, "0.7b", 0).ok());
+}
+
 TEST(Config, ClassicAndNewRopeFormsAgree) {
   const std::string classic = R"({"model_type":"llama","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
     "num_attention_heads":2,"num_key_value_heads":1,"intermediate_size":16,"rope_theta":500000.0,
