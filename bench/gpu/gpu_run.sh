@@ -355,11 +355,18 @@ attention_tests() {  # attention_tests TAG FILTER VARIANT...: the attention test
   done
 }
 # The peers' side-by-side figures, each printing its result line: HF generate, the torch.compile step.
-conformance_all() {  # conformance_all TAG PATTERN: the whole conformance test, its summary, its lines matching PATTERN
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$out/conformance_$1.log" 2>&1
-  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_$1.log" | tr '\n' ' ')"
+# conformance_all TAG PATTERN [FILTER]: the conformance test (whole, or FILTER's tests), its summary,
+# its lines matching PATTERN
+conformance_all() {
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no --gtest_filter="${3:-*}" \
+    > "$out/conformance_$1.log" 2>&1
+  echo "conformance (${3:-all}): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_$1.log" | tr '\n' ' ')"
   grep -E "$2" "$out/conformance_$1.log" | head -20
 }
+init_model() {  # init_model DIR AHA_INIT_ARGS...: a random model, made once
+  [ -d "$1" ] || dist/bin/aha init "${@:2}" --out "$1" > /dev/null
+}
+gen_pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'  # variant_runs' pattern for gen
 peer_gen() {
   timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
@@ -566,32 +573,26 @@ if [[ " $what " == *" s24 "* ]]; then
   # parts that the fused attention adds as it loads (AHA_SPLIT_K_QKV=1: one part, as before; 2: two),
   # and the down product in 8 parts instead of 4 (AHA_SPLIT_K=0,8): the tests that cover them, the
   # variants interleaved three times, HF generate.
-  f="$out/conformance_s24.log"
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
-    --gtest_filter='CudaOps.QkvRope*:CudaOps.LinearForwardParts*:CudaOps.LinearAddRmsNorm*:CudaModel.*' > "$f" 2>&1
-  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
-  grep -E "Failure|Expected|actor vs" "$f" | head -30
-  variant_runs gen_s24 3 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step' \
-    AHA_SPLIT_K_QKV=1 default AHA_SPLIT_K_QKV=2 "AHA_SPLIT_K=0,8" "AHA_SPLIT_K_QKV=1 AHA_SPLIT_K=0,8" -- \
+  conformance_all s24 "Failure|Expected|actor vs" \
+    'CudaOps.QkvRope*:CudaOps.LinearForwardParts*:CudaOps.LinearAddRmsNorm*:CudaModel.*'
+  variant_runs gen_s24 3 "$gen_pat" AHA_SPLIT_K_QKV=1 default AHA_SPLIT_K_QKV=2 "AHA_SPLIT_K=0,8" "AHA_SPLIT_K_QKV=1 AHA_SPLIT_K=0,8" -- \
     timeout 90 dist/bin/aha bench gen --model $model
   peer_gen
 fi
+# Session 24's models (random weights) and the tests its later calls ran.
+q3=/tmp/aha-qwen3-0.6b q3s=/tmp/aha-qwen3-0.5b q15=/tmp/aha-1.5b
+s24_tests='CudaOps.QkvRope*:CudaOps.QkvNorm*:CudaOps.RmsNorm*:CudaOps.AddRmsNorm*:CudaModel.*'
 if [[ " $what " == *" s24b "* ]]; then
   # Session 24: Qwen3's per-head q/k norms inside the fused decode attention. The whole conformance
   # test; then generation of Qwen3-0.6B's shape and of Qwen2.5-0.5B's shape with Qwen3's norms
   # (random weights), the fused kernel against the ops it replaces (AHA_DECODE_FUSED=0), twice, the
   # bench's Qwen2.5 model once; HF generate on the Qwen3-0.6B shape.
-  f="$out/conformance_s24b.log"
-  timeout 420 dist/bin/engine_cuda_conformance_test --gtest_color=no > "$f" 2>&1
-  echo "conformance (all): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
-  grep -E "Failure|Expected|Which is|FAILED  \]" "$f" | head -30
-  q3=/tmp/aha-qwen3-0.6b q3s=/tmp/aha-qwen3-0.5b
-  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
-  [ -d $q3s ] || dist/bin/aha init --arch qwen3 --preset 0.5b --out $q3s > /dev/null
-  pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'
-  variant_runs gen_q3 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3
-  variant_runs gen_q3s 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3s
-  variant_runs gen_q2 1 "$pat" default -- timeout 120 dist/bin/aha bench gen --model $model
+  conformance_all s24b "Failure|Expected|Which is|FAILED  \]"
+  init_model $q3 --arch qwen3 --preset 0.6b
+  init_model $q3s --arch qwen3 --preset 0.5b
+  variant_runs gen_q3 2 "$gen_pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3
+  variant_runs gen_q3s 2 "$gen_pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3s
+  variant_runs gen_q2 1 "$gen_pat" default -- timeout 120 dist/bin/aha bench gen --model $model
   timeout 200 python3 bench/gpu/peer_pytorch.py gen --model $q3 > "$out/gen_peer_q3.log" 2>&1
   echo "HF generate, Qwen3-0.6B shape: $(tail -n 1 "$out/gen_peer_q3.log")"
 fi
@@ -601,25 +602,14 @@ if [[ " $what " == *" s24c "* ]]; then
   # never). Its tests; Qwen3-0.6B at 256 prompts (8 waves) and 32 (one), Qwen2.5-1.5B at 256 (2
   # waves) and 128 (one), each the rule against the other way; Qwen2.5-0.5B (one wave) against the
   # build before this session's changes (dist-old/).
-  f="$out/conformance_s24c.log"
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
-    --gtest_filter='CudaOps.QkvRope*:CudaOps.QkvNorm*:CudaOps.RmsNorm*:CudaOps.AddRmsNorm*:CudaModel.*' > "$f" 2>&1
-  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
-  grep -E "Failure|Expected|Which is" "$f" | head -20
-  q3=/tmp/aha-qwen3-0.6b q15=/tmp/aha-1.5b
-  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
-  [ -d $q15 ] || dist/bin/aha init --preset 1.5b --dtype bf16 --out $q15 > /dev/null
-  pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'
-  variant_runs q3_256 2 "$pat" default AHA_DECODE_FUSED=1 -- timeout 120 dist/bin/aha bench gen --model $q3
-  variant_runs q3_32 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3 --prompts 32
-  variant_runs q15_256 2 "$pat" default AHA_DECODE_FUSED=1 -- timeout 120 dist/bin/aha bench gen --model $q15
-  variant_runs q15_128 2 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q15 --prompts 128
-  for rep in 1 2 3; do
-    for build in dist dist-old; do
-      timeout 120 $build/bin/aha bench gen --model $model > "$out/q2_$build.log" 2>&1
-      echo "q2_0.5b $build $rep: $(grep -oE "$pat" "$out/q2_$build.log" | tr '\n' ' ')"
-    done
-  done
+  conformance_all s24c "Failure|Expected|Which is" "$s24_tests"
+  init_model $q3 --arch qwen3 --preset 0.6b
+  init_model $q15 --preset 1.5b --dtype bf16
+  variant_runs q3_256 2 "$gen_pat" default AHA_DECODE_FUSED=1 -- timeout 120 dist/bin/aha bench gen --model $q3
+  variant_runs q3_32 2 "$gen_pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3 --prompts 32
+  variant_runs q15_256 2 "$gen_pat" default AHA_DECODE_FUSED=1 -- timeout 120 dist/bin/aha bench gen --model $q15
+  variant_runs q15_128 2 "$gen_pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q15 --prompts 128
+  gen_runs s24c 3 "new old"
 fi
 if [[ " $what " == *" s24d "* ]]; then
   # Session 24: the norms as a template variant of the fused kernel (Qwen2's kernel as before this
@@ -627,37 +617,25 @@ if [[ " $what " == *" s24d "* ]]; then
   # Qwen2.5-0.5B against the build before this session (dist-old/); fused (AHA_DECODE_FUSED=1)
   # against the ops (=0) for Qwen2.5-1.5B at 256 and 128 prompts and Qwen3-0.6B at 32; the
   # default for Qwen3-0.6B at 256 and for Qwen2.5-0.5B's shape with Qwen3's norms against the ops.
-  f="$out/conformance_s24d.log"
-  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
-    --gtest_filter='CudaOps.QkvRope*:CudaOps.QkvNorm*:CudaOps.RmsNorm*:CudaOps.AddRmsNorm*:CudaModel.*' > "$f" 2>&1
-  echo "conformance: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$f" | tr '\n' ' ')"
-  grep -E "Failure|Expected|Which is" "$f" | head -20
-  q3=/tmp/aha-qwen3-0.6b q15=/tmp/aha-1.5b q3s=/tmp/aha-qwen3-0.5b
-  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
-  [ -d $q15 ] || dist/bin/aha init --preset 1.5b --dtype bf16 --out $q15 > /dev/null
-  [ -d $q3s ] || dist/bin/aha init --arch qwen3 --preset 0.5b --out $q3s > /dev/null
-  pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'
-  for rep in 1 2 3; do
-    for build in dist dist-old; do
-      timeout 120 $build/bin/aha bench gen --model $model > "$out/q2_$build.log" 2>&1
-      echo "q2_0.5b $build $rep: $(grep -oE "$pat" "$out/q2_$build.log" | tr '\n' ' ')"
-    done
-  done
-  variant_runs q15_256 2 "$pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q15
-  variant_runs q15_128 2 "$pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- \
+  conformance_all s24d "Failure|Expected|Which is" "$s24_tests"
+  init_model $q3 --arch qwen3 --preset 0.6b
+  init_model $q15 --preset 1.5b --dtype bf16
+  init_model $q3s --arch qwen3 --preset 0.5b
+  gen_runs s24d 3 "new old"
+  variant_runs q15_256 2 "$gen_pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q15
+  variant_runs q15_128 2 "$gen_pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- \
     timeout 120 dist/bin/aha bench gen --model $q15 --prompts 128
-  variant_runs q3_32 2 "$pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- \
+  variant_runs q3_32 2 "$gen_pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- \
     timeout 120 dist/bin/aha bench gen --model $q3 --prompts 32
-  variant_runs q3_256 1 "$pat" default -- timeout 120 dist/bin/aha bench gen --model $q3
-  variant_runs q3s 1 "$pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3s
+  variant_runs q3_256 1 "$gen_pat" default -- timeout 120 dist/bin/aha bench gen --model $q3
+  variant_runs q3s 1 "$gen_pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3s
 fi
 if [[ " $what " == *" s24e "* ]]; then
   # Session 24: Qwen3-0.6B at 256 prompts (8 waves of items) with the template norm kernel fused
-  # (AHA_DECODE_FUSED=1) against the default (its ops), interleaved twice.
-  q3=/tmp/aha-qwen3-0.6b
-  [ -d $q3 ] || dist/bin/aha init --arch qwen3 --preset 0.6b --out $q3 > /dev/null
-  variant_runs q3_256 2 'new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step' \
-    AHA_DECODE_FUSED=1 default -- timeout 60 dist/bin/aha bench gen --model $q3
+  # (AHA_DECODE_FUSED=1, the default since) against its ops (=0; s24d's default), interleaved twice.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  variant_runs q3_256 2 "$gen_pat" AHA_DECODE_FUSED=1 AHA_DECODE_FUSED=0 -- \
+    timeout 60 dist/bin/aha bench gen --model $q3
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -1420,6 +1420,38 @@ TEST(CudaOps, QkvRopeKvWriteEqualsTheFourOps) {
   }
 }
 
+// A decode step's paging for B sequences, one new row each at a random context in [ctx_lo, ctx_hi]:
+// cu_q, start (the new tokens' positions; every earlier one is cached), a shuffled block table, and
+// random bf16 contents of the pools, which Pools uploads into as many (k, v) pairs as a test compares.
+struct RandomDecodeStep {
+  int B, bs, Hkv, D, max_blocks, num_blocks;
+  size_t pool;  // elements of one pool
+  std::vector<int32_t> cu, start, table;
+  std::vector<uint16_t> k16, v16;
+  RandomDecodeStep(int B_, int ctx_lo, int ctx_hi, int bs_, int Hkv_, int D_)
+      : B(B_), bs(bs_), Hkv(Hkv_), D(D_), max_blocks((ctx_hi + bs_ - 1) / bs_), num_blocks(B_ * max_blocks),
+        pool(size_t(num_blocks) * bs_ * Hkv_ * D_), cu(B_ + 1), start(B_), table(size_t(B_) * max_blocks),
+        k16(pool), v16(pool) {
+    for (int b = 0; b <= B; ++b) cu[b] = b;
+    const auto ctx = RandInt(B, ctx_lo, ctx_hi);
+    for (int b = 0; b < B; ++b) start[b] = ctx[b] - 1;
+    const std::vector<int32_t> order = ShuffledIds(num_blocks);
+    for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
+    const auto kf = Randn(pool), vf = Randn(pool);
+    F32ToBF16(kf.data(), k16.data(), pool);
+    F32ToBF16(vf.data(), v16.data(), pool);
+  }
+  // k0, v0, k1, v1, ...: `pairs` pool pairs on the device, each holding the same contents.
+  std::vector<Tensor> Pools(int pairs) const {
+    std::vector<Tensor> t;
+    for (int p = 0; p < 2 * pairs; ++p) {
+      t.push_back(Tensor::Zeros(DType::kBF16, {num_blocks, bs, Hkv, D}, Gpu()->device()));
+      Gpu()->Upload(t.back().raw(), (p % 2 == 0 ? k16 : v16).data(), pool * 2);
+    }
+    return t;
+  }
+};
+
 // Whether the backend's decode-step ops (QkvRopeCachedAttention, QkvNormRopeCachedAttention: norms)
 // run the fused kernel: at D = 64, or with norms; no switch sends them to their ops
 // (AHA_DECODE_FUSED=0, AHA_FUSED_QKV=0, AHA_DECODE_ATTENTION), and AHA_DECODE_FUSED=1 fuses D = 128
@@ -1455,32 +1487,17 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
   for (const Case& c : {Case{14, 2, 64, 256, 1, 700, 16, true}, Case{14, 2, 64, 3, 1, 1500, 16, false},
                         Case{8, 2, 128, 5, 60, 900, 32, true}, Case{16, 1, 64, 2, 1, 300, 16, true},
                         Case{4, 4, 128, 7, 1, 200, 16, false}}) {
+    const RandomDecodeStep step(c.B, c.ctx_lo, c.ctx_hi, c.bs, c.Hkv, c.D);
     const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
-    const int max_blocks = (c.ctx_hi + bs - 1) / bs, num_blocks = B * max_blocks;
-    std::vector<int32_t> cu(B + 1), start(B), table(size_t(B) * max_blocks);
-    for (int b = 0; b <= B; ++b) cu[b] = b;
-    const auto ctx = RandInt(B, c.ctx_lo, c.ctx_hi);
-    for (int b = 0; b < B; ++b) start[b] = ctx[b] - 1;  // the new token's position; earlier ones are cached
-    const std::vector<int32_t> order = ShuffledIds(num_blocks);
-    for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
+    const int max_blocks = step.max_blocks, num_blocks = step.num_blocks;
+    const size_t pool = step.pool;
     const auto qkv = Randn(size_t(B) * W), bias = Randn(W);
     const std::vector<float> inv_freq = RopeInvFreq(c.D);
     // Every pool pair starts from the same random bf16 contents (the cached positions).
-    const size_t pool = size_t(num_blocks) * bs * KD;
-    std::vector<uint16_t> k16(pool), v16(pool);
-    {
-      const auto kf = Randn(pool), vf = Randn(pool);
-      F32ToBF16(kf.data(), k16.data(), pool);
-      F32ToBF16(vf.data(), v16.data(), pool);
-    }
-    const Shape pool_shape{num_blocks, bs, c.Hkv, c.D};
-    Tensor kf = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vf = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
-    Tensor ku = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vu = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
-    Tensor kb = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()), vb = Tensor::Zeros(DType::kBF16, pool_shape, gpu->device());
-    for (Tensor* t : {&kf, &ku, &kb}) gpu->Upload(t->raw(), k16.data(), pool * 2);
-    for (Tensor* t : {&vf, &vu, &vb}) gpu->Upload(t->raw(), v16.data(), pool * 2);
-    Tensor d_table = Up(table), d_cu = Up(cu), d_start = Up(start), d_pos = Up(start), d_qkv = Up(qkv),
-           d_bias = Up(bias), d_inv = Up(inv_freq);
+    std::vector<Tensor> pools = step.Pools(3);
+    Tensor &kf = pools[0], &vf = pools[1], &ku = pools[2], &vu = pools[3], &kb = pools[4], &vb = pools[5];
+    Tensor d_table = Up(step.table), d_cu = Up(step.cu), d_start = Up(step.start), d_pos = Up(step.start),
+           d_qkv = Up(qkv), d_bias = Up(bias), d_inv = Up(inv_freq);
     const float* d_b = c.bias ? d_bias.f32() : nullptr;
     const cuda::KvPages fused{kf.raw(), vf.raw(), true, num_blocks, bs, d_table.i32(), max_blocks};
     const bool op_fuses = OpFusesDecodeStep(c.D, false);
@@ -1540,34 +1557,18 @@ TEST(CudaOps, QkvNormRopeCachedAttentionEqualsItsOps) {
   for (const Case& c : {Case{16, 8, 128, 256, 1, 700, 16, false}, Case{16, 8, 128, 32, 1, 700, 16, true},
                         Case{14, 2, 64, 3, 1, 1500, 16, true},
                         Case{4, 4, 64, 7, 1, 200, 32, false}, Case{16, 1, 64, 2, 1, 300, 16, true}}) {
+    const RandomDecodeStep step(c.B, c.ctx_lo, c.ctx_hi, c.bs, c.Hkv, c.D);
     const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
-    const int max_blocks = (c.ctx_hi + bs - 1) / bs, num_blocks = B * max_blocks;
-    std::vector<int32_t> cu(B + 1), start(B), table(size_t(B) * max_blocks);
-    for (int b = 0; b <= B; ++b) cu[b] = b;
-    const auto ctx = RandInt(B, c.ctx_lo, c.ctx_hi);
-    for (int b = 0; b < B; ++b) start[b] = ctx[b] - 1;
-    const std::vector<int32_t> order = ShuffledIds(num_blocks);
-    for (size_t i = 0; i < table.size(); ++i) table[i] = order[i];
+    const int max_blocks = step.max_blocks, num_blocks = step.num_blocks;
+    const size_t pool = step.pool;
     const auto qkv = Randn(size_t(B) * W, 3.0f), bias = Randn(W);
     auto qw = Randn(c.D, 0.2f), kw = Randn(c.D, 0.2f);
     for (float& x : qw) x += 1.0f;
     for (float& x : kw) x += 1.0f;
     const std::vector<float> inv_freq = RopeInvFreq(c.D);
-    const size_t pool = size_t(num_blocks) * bs * KD;
-    std::vector<uint16_t> k16(pool), v16(pool);
-    {
-      const auto kf = Randn(pool), vf = Randn(pool);
-      F32ToBF16(kf.data(), k16.data(), pool);
-      F32ToBF16(vf.data(), v16.data(), pool);
-    }
-    const Shape pool_shape{num_blocks, bs, c.Hkv, c.D};
-    std::vector<Tensor> pools;
-    for (int p = 0; p < 6; ++p) {
-      pools.push_back(Tensor::Zeros(DType::kBF16, pool_shape, gpu->device()));
-      gpu->Upload(pools.back().raw(), (p % 2 == 0 ? k16 : v16).data(), pool * 2);
-    }
-    Tensor d_table = Up(table), d_cu = Up(cu), d_start = Up(start), d_qkv = Up(qkv), d_bias = Up(bias),
-           d_inv = Up(inv_freq), d_qw = Up(qw), d_kw = Up(kw);
+    std::vector<Tensor> pools = step.Pools(3);
+    Tensor d_table = Up(step.table), d_cu = Up(step.cu), d_start = Up(step.start), d_qkv = Up(qkv),
+           d_bias = Up(bias), d_inv = Up(inv_freq), d_qw = Up(qw), d_kw = Up(kw);
     const float* d_b = c.bias ? d_bias.f32() : nullptr;
     const cuda::KvPages fused{pools[0].raw(), pools[1].raw(), true, num_blocks, bs, d_table.i32(), max_blocks};
     const bool op_fuses = OpFusesDecodeStep(c.D, true);
