@@ -7,6 +7,7 @@
 # launch of the matching kernel late in the run (SKIP=n: after n of its launches; 150 by default),
 # instead of the per-kernel table; with SOURCE=1 also that launch's SASS with stall samples per
 # instruction (ncu_source.csv).
+# MODEL=DIR profiles that model instead of a random Qwen2.5-0.5B.
 # With SUBTRACT=1 instead: where a step's time goes inside its CUDA graph, by subtraction, without
 # Nsight Compute. `aha bench gen --leave-out OP` replays the same graphs without one op (its output
 # keeps stale values, so the tokens are meaningless); the step time it saves is that op's share of
@@ -17,7 +18,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 out=${1:?usage: decode_profile.sh OUT_DIR [flags]}
 shift
 mkdir -p "$out"
-model=/tmp/aha-0.5b
+model=${MODEL:-/tmp/aha-0.5b}  # MODEL=DIR: another model (made beforehand)
 [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 if [ -n "${SUBTRACT:-}" ]; then
   layers=$(python3 -c "import json; print(json.load(open('$model/config.json'))['num_hidden_layers'])")

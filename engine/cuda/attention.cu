@@ -1347,12 +1347,12 @@ __global__ void DecodeCombineKernel(float* __restrict__ out, uint16_t* __restric
 }
 
 // ---- decode attention on tensor cores (bf16 pools) --------------------------------------------------
-// DecodeTcKernel<D, kFused>: grid (Nq, Hkv, splits), 128 threads = 4 warps. Block = one query row x one kv head
+// DecodeTcKernel<D, kFused, kNorm, NS>: grid (Nq, Hkv, splits), 128 threads = 4 warps. Block = one query row x one kv head
 // x one split of the row's keys (the split logic, workspace and combine of DecodeAttnKernel). The
 // G = Hq / Hkv <= 16 query heads of the kv head are the rows of one 16-row A tile (q pre-scaled by
 // scale * log2 e, rounded to bf16, rows >= G zero), whose D/16 A fragments every warp holds in
-// registers for the whole loop. Keys run in chunks of 64 through a 3-stage cp.async pipeline shared by
-// the block (16-byte copies of 8 bf16, each key's pool row from the block table): Ks, Vs [64][D] bf16
+// registers for the whole loop. Keys run in chunks of 64 through an NS-stage cp.async pipeline (3, or 2 at
+// D = 128 with many items: DecodeTcStages) shared by the block (16-byte copies of 8 bf16, each key's pool row from the block table): Ks, Vs [64][D] bf16
 // per stage, unpadded, 16-byte unit u of key r stored at unit u ^ (r & 7), so the 8 rows of every
 // ldmatrix phase and the 8 copies of a key row land in 8 different bank groups. One barrier per
 // chunk. Warp w owns keys 16 w .. 16 w + 15 of every chunk, with its own online softmax state:
@@ -1362,9 +1362,12 @@ __global__ void DecodeCombineKernel(float* __restrict__ out, uint16_t* __restric
 //   ldmatrix.trans). A warp whose 16 keys all lie past the split's end skips the chunk.
 // At the end the 4 warps' (m, l, O) meet in shared memory (the stage region) and every (head, d) is
 // merged: out = O / l with one split, else the split's o, m, l for DecodeCombineKernel.
-constexpr int kDecTcThreads = 128, kDecTcWarps = 4, kDecTcKC = 64, kDecTcStages = 3, kDecTcMaxG = 16;
+constexpr int kDecTcThreads = 128, kDecTcWarps = 4, kDecTcKC = 64, kDecTcMaxG = 16;
 
-template <int D>
+// NS stages of the copy pipeline: 3 at D = 64 (four blocks a multiprocessor, 48.5 KiB each). At D = 128
+// 3 stages are 96.5 KiB, two blocks a multiprocessor by shared memory (the registers allow three);
+// 2 stages fit three (DecodeTcStages).
+template <int D, int NS = 3>
 struct DecodeTcCfg {
   static_assert(D == 64 || D == 128, "tensor-core decode attention: head width 64 or 128");
   static constexpr int DU = D / 8;                            // 16-byte units per K/V row
@@ -1375,13 +1378,12 @@ struct DecodeTcCfg {
   static constexpr int STAGE_ELEMS = 2 * kDecTcKC * D;        // Ks | Vs
   static constexpr int LDO = D + 8;                           // f32 row stride of a warp's O when merging
   static constexpr int MERGE_BYTES = kDecTcWarps * 16 * LDO * 4;
-  static constexpr int REGION_BYTES = kDecTcStages * STAGE_ELEMS * 2 > MERGE_BYTES ? kDecTcStages * STAGE_ELEMS * 2
-                                                                                   : MERGE_BYTES;
+  static constexpr int REGION_BYTES = NS * STAGE_ELEMS * 2 > MERGE_BYTES ? NS * STAGE_ELEMS * 2 : MERGE_BYTES;
   // region (stages; after the loop O[warp][16][LDO] f32) | m[warp][16] | l[warp][16], and with per-head
   // norms | their rstd [kDecTcMaxG + 1] (the query heads', then the new key's)
   static constexpr size_t kSmemBytes = static_cast<size_t>(REGION_BYTES) + 2 * kDecTcWarps * 16 * sizeof(float);
   static constexpr size_t kSmemBytesNorm = kSmemBytes + (kDecTcMaxG + 1) * sizeof(float);
-  static_assert(KW == 16 && NCP * kDecTcThreads == kDecTcKC * DU && DU >= 8, "tiling");
+  static_assert(KW == 16 && NCP * kDecTcThreads == kDecTcKC * DU && DU >= 8 && NS >= 2, "tiling");
 };
 
 // The fused decode step's input (DecodeTcKernel<D, true>, Backend::QkvRopeCachedAttention): the q/k/v
@@ -1403,16 +1405,16 @@ struct DecodeQkvIn {
 // block whose key range holds the row's new position first writes that key (rotated) and value of its
 // kv head into the pool, as QkvRopeKernel would have (so no separate q/k/v kernel runs before it).
 // kNorm (with kFused): Qwen3's per-head RMSNorms of the queries and the new key before the rotation.
-template <int D, bool kFused, bool kNorm = false>
-__global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : 2)
+template <int D, bool kFused, bool kNorm = false, int NS = 3>
+__global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : NS == 2 ? 3 : 2)
     DecodeTcKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ o_part,
                    float* __restrict__ ml_part,
                    const float* __restrict__ q, uint16_t* __restrict__ k_cache,
                    uint16_t* __restrict__ v_cache, const int32_t* __restrict__ cu_q,
                    const int32_t* __restrict__ start, Paging pg, int bs_shift, int B, int Hq, int Hkv, int splits,
                    float qscale, DecodeQkvIn qi) {
-  using C = DecodeTcCfg<D>;
-  constexpr int KC = kDecTcKC, NS = kDecTcStages, T = kDecTcThreads, W = kDecTcWarps;
+  using C = DecodeTcCfg<D, NS>;
+  constexpr int KC = kDecTcKC, T = kDecTcThreads, W = kDecTcWarps;
   constexpr int DU = C::DU, KK = C::KK, DN = C::DN, KW = C::KW, LDO = C::LDO, SE = C::STAGE_ELEMS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);           // stage s: Ks at s * SE, Vs at + KC * D
@@ -1755,10 +1757,40 @@ int DecodeSlots() {
       ResidentBlocks(DecodeAttnKernel<D, Elem>, kDecodeThreads, DecodeCfg<D, Elem>::kSmemBytes);
   return slots;
 }
-template <int D>
+template <int D, int NS>
 int DecodeTcSlots() {
-  static const int slots = ResidentBlocks(DecodeTcKernel<D, false>, kDecTcThreads, DecodeTcCfg<D>::kSmemBytes);
+  static const int slots =
+      ResidentBlocks(DecodeTcKernel<D, false, false, NS>, kDecTcThreads, DecodeTcCfg<D, NS>::kSmemBytes);
   return slots;
+}
+// The decode kernel's copy stages (DecodeTcCfg) for `items` (row, kv head) pairs: 3 at D = 64. At D = 128
+// 2 stages (three blocks a multiprocessor, one chunk in flight each) when the items are at least four
+// waves of the 3-stage kernel's blocks (two a multiprocessor, two chunks in flight each), else 3.
+// Measured on the H200 (docs/kernels.md, version 26), decode ms a step, 2 stages against 3: Qwen3-0.6B
+// at 256 rows (2,048 items, 7.8 waves) 5.06 against 5.48; Qwen2.5-1.5B at 256 (512 items, 1.9
+// waves) 4.04-4.07 against 3.81-3.84; Qwen3-0.6B at 32 rows (256 items, which 2 stages' slots split
+// in two) 1.98 against 1.83. The four-wave line lies between those points, not on a measured one.
+// AHA_DECODE_STAGES=2 or 3 sets the count at D = 128 whatever the items.
+template <int D>
+int DecodeTcStages(long long items) {
+  if constexpr (D != 128) {
+    return 3;
+  } else {
+    static const int forced = [] {
+      const char* e = std::getenv("AHA_DECODE_STAGES");
+      const int n = e != nullptr ? std::atoi(e) : 0;
+      return n == 2 || n == 3 ? n : 0;
+    }();
+    if (forced != 0) return forced;
+    return items >= 4LL * DecodeTcSlots<D, 3>() ? 2 : 3;
+  }
+}
+template <int D>
+int DecodeTcSlots(long long items) {
+  if constexpr (D == 128) {
+    if (DecodeTcStages<D>(items) == 2) return DecodeTcSlots<D, 2>();
+  }
+  return DecodeTcSlots<D, 3>();
 }
 
 // Splits of each row's context: the nearest whole number of resident blocks per block-sized item
@@ -1783,7 +1815,8 @@ int DecodeSplits(const KvPages& kv, int Nq, int Hq, int Hkv) {
 }
 template <int D>
 int DecodeTcSplits(const KvPages& kv, int Nq, int Hkv) {
-  return DecodeSplitCount(kv, static_cast<long long>(Nq) * Hkv, kDecTcKC, DecodeTcSlots<D>());
+  const long long items = static_cast<long long>(Nq) * Hkv;
+  return DecodeSplitCount(kv, items, kDecTcKC, DecodeTcSlots<D>(items));
 }
 
 // Workspace of the split partials: o[Nq, Hq, splits, D] | (m, l)[Nq, Hq, splits] (f32); none with one split.
@@ -1870,14 +1903,14 @@ size_t DecodeTcWorkspace(const KvPages& kv, int Nq, int Hq, int Hkv) {
 }
 
 // qi.qkv null: q holds the rotated queries (the plain kernel); else the fused kernel reads qi.
-template <int D>
+template <int D, int NS>
 void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkvIn& qi, const KvPages& kv,
                     const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, void* workspace,
                     cudaStream_t s) {
-  using C = DecodeTcCfg<D>;
+  using C = DecodeTcCfg<D, NS>;
   const bool fused = qi.qkv != nullptr, norm = fused && qi.q_norm != nullptr;
-  if (norm) PrepareDecodeKernel(DecodeTcKernel<D, true, true>, C::kSmemBytesNorm);
-  else PrepareDecodeKernel(fused ? DecodeTcKernel<D, true> : DecodeTcKernel<D, false>, C::kSmemBytes);
+  if (norm) PrepareDecodeKernel(DecodeTcKernel<D, true, true, NS>, C::kSmemBytesNorm);
+  else PrepareDecodeKernel(fused ? DecodeTcKernel<D, true, false, NS> : DecodeTcKernel<D, false, false, NS>, C::kSmemBytes);
   const int splits = DecodeTcSplits<D>(kv, Nq, Hkv);
   const DecodePartials parts = DecodePartialsIn(workspace, Nq, Hq, D, splits, "CachedAttentionDecodeTC");
   const dim3 grid(Nq, Hkv, splits);
@@ -1886,19 +1919,30 @@ void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkv
   auto* kc = static_cast<uint16_t*>(kv.k);
   auto* vc = static_cast<uint16_t*>(kv.v);
   if (norm)
-    DecodeTcKernel<D, true, true><<<grid, kDecTcThreads, C::kSmemBytesNorm, s>>>(
+    DecodeTcKernel<D, true, true, NS><<<grid, kDecTcThreads, C::kSmemBytesNorm, s>>>(
         out, out16, parts.o, parts.ml, nullptr, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
         qscale, qi);
   else if (fused)
-    DecodeTcKernel<D, true><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+    DecodeTcKernel<D, true, false, NS><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
         out, out16, parts.o, parts.ml, nullptr, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
         qscale, qi);
   else
-    DecodeTcKernel<D, false><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
+    DecodeTcKernel<D, false, false, NS><<<grid, kDecTcThreads, C::kSmemBytes, s>>>(
         out, out16, parts.o, parts.ml, q, kc, vc, cu_q, start, pg, BlockShift(kv.block_size), B, Hq, Hkv, splits,
         qscale, qi);
   CheckCuda(cudaGetLastError(), "DecodeTcKernel launch");
   CombineDecodeSplits(out, out16, parts, Nq, Hq, D, splits, s);
+}
+
+template <int D>
+void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkvIn& qi, const KvPages& kv,
+                    const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv, void* workspace,
+                    cudaStream_t s) {
+  if constexpr (D == 128) {
+    if (DecodeTcStages<D>(static_cast<long long>(Nq) * Hkv) == 2)
+      return LaunchDecodeTc<D, 2>(out, out16, q, qi, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
+  }
+  LaunchDecodeTc<D, 3>(out, out16, q, qi, kv, cu_q, start, B, Nq, Hq, Hkv, workspace, s);
 }
 
 template <int D>

@@ -1624,7 +1624,8 @@ TEST(CudaOps, QkvNormRopeCachedAttentionEqualsItsOps) {
 // positions (so 1 to 24+ chunks, and splits of the context when B x Hkv is small: B = 1 and 3 here,
 // none at B = 256), Hq / Hkv = 1, 2, 4, 7, 12 and 16 (one tensor-core tile; two head groups of the
 // f32-math kernel) and 20 (past the tile: the f32-math kernel with bf16 pools too), D = 16, 32, 64,
-// 128, block sizes 16 and 32, B = 1, 3 and 256, f32 and bf16 pools, shuffled block tables. Each case
+// 128, block sizes 16 and 32, B = 1, 3 and 256 (with Qwen3-0.6B's 8 kv heads of 128 there: 2,048 items,
+// the tensor-core kernel's 2-stage form), f32 and bf16 pools, shuffled block tables. Each case
 // fills the cache with a prefill of context - 1 rows per sequence, then runs one decode round (write
 // + attention) and checks it against the CPU as the paged test above does (same limits; kTcDecode
 // for the tensor-core kernel).
@@ -1650,6 +1651,7 @@ TEST(CudaOps, CachedAttentionDecodeOneRowPerSequenceMatchesCpu) {
       {16, 1, 64, 16, 3, {1, 1500, 65}, 1},    // G = 16: a full tensor-core tile
       {32, 2, 128, 32, 1, {1030}, 1},          // G = 16, D = 128, many splits
       {16, 4, 128, 16, 256, {1, 2, 63, 64, 65, 640}, 300},  // G = 4, D = 128 at B = 256
+      {16, 8, 128, 16, 256, {1, 2, 63, 64, 65, 640}, 300},  // Qwen3-0.6B's heads: 2,048 items, 2 stages
       {20, 1, 64, 16, 3, {3, 900, 64}, 1},     // G = 20 > 16: f32-math kernel for bf16 pools too
   };
   for (const DecodeCase& dc : cases) {
