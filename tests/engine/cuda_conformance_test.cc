@@ -1475,8 +1475,9 @@ bool OpFusesDecodeStep(int D, bool norms) {
 // already holding every earlier position: the kernel (cuda::QkvRopeCachedAttentionDecodeTC) and the
 // backend op give the attention output and both pools bit for bit; the op leaves q unwritten (it ran
 // the fused kernel) unless a switch sends it to the two ops (then q is theirs). Contexts 1 to 1500 (splits of the keys when B x Hkv is small: the
-// writer is then one split of several), Hq / Hkv = 1, 7, 4 and 16, D 64 and 128, blocks of 16 and 32,
-// with and without bias, B = 256 with shuffled block tables.
+// writer is then one split of several), Hq / Hkv = 1, 7, 4, 16 and 2, D 64 and 128, blocks of 16 and 32,
+// with and without bias, B = 256 with shuffled block tables (at 16 / 8 heads of 128: 2,048 items, the
+// 2-stage kernels).
 TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
   REQUIRE_GPU();
   gpu->gemm().set_precision(GemmPrecision::kBF16);
@@ -1486,7 +1487,7 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
   };
   for (const Case& c : {Case{14, 2, 64, 256, 1, 700, 16, true}, Case{14, 2, 64, 3, 1, 1500, 16, false},
                         Case{8, 2, 128, 5, 60, 900, 32, true}, Case{16, 1, 64, 2, 1, 300, 16, true},
-                        Case{4, 4, 128, 7, 1, 200, 16, false}}) {
+                        Case{4, 4, 128, 7, 1, 200, 16, false}, Case{16, 8, 128, 256, 1, 700, 16, true}}) {
     const RandomDecodeStep step(c.B, c.ctx_lo, c.ctx_hi, c.bs, c.Hkv, c.D);
     const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
     const int max_blocks = step.max_blocks, num_blocks = step.num_blocks;
