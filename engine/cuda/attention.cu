@@ -1347,15 +1347,16 @@ __global__ void DecodeCombineKernel(float* __restrict__ out, uint16_t* __restric
 }
 
 // ---- decode attention on tensor cores (bf16 pools) --------------------------------------------------
-// DecodeTcKernel<D, kFused, kNorm, NS>: grid (Nq, Hkv, splits), 128 threads = 4 warps. Block = one query row x one kv head
-// x one split of the row's keys (the split logic, workspace and combine of DecodeAttnKernel). The
-// G = Hq / Hkv <= 16 query heads of the kv head are the rows of one 16-row A tile (q pre-scaled by
-// scale * log2 e, rounded to bf16, rows >= G zero), whose D/16 A fragments every warp holds in
-// registers for the whole loop. Keys run in chunks of 64 through an NS-stage cp.async pipeline (3, or 2 at
-// D = 128 with many items: DecodeTcStages) shared by the block (16-byte copies of 8 bf16, each key's pool row from the block table): Ks, Vs [64][D] bf16
-// per stage, unpadded, 16-byte unit u of key r stored at unit u ^ (r & 7), so the 8 rows of every
-// ldmatrix phase and the 8 copies of a key row land in 8 different bank groups. One barrier per
-// chunk. Warp w owns keys 16 w .. 16 w + 15 of every chunk, with its own online softmax state:
+// DecodeTcKernel<D, kFused, kNorm, NS>: grid (Nq, Hkv, splits), 128 threads = 4 warps. Block = one query
+// row x one kv head x one split of the row's keys (the split logic, workspace and combine of
+// DecodeAttnKernel). The G = Hq / Hkv <= 16 query heads of the kv head are the rows of one 16-row A tile
+// (q pre-scaled by scale * log2 e, rounded to bf16, rows >= G zero), whose D/16 A fragments every warp
+// holds in registers for the whole loop. Keys run in chunks of 64 through an NS-stage cp.async pipeline
+// (3, or 2 at D = 128 with many items: DecodeTcStages) shared by the block (16-byte copies of 8 bf16,
+// each key's pool row from the block table): Ks, Vs [64][D] bf16 per stage, unpadded, 16-byte unit u
+// of key r stored at unit u ^ (r & 7), so the 8 rows of every ldmatrix phase and the 8 copies of a key
+// row land in 8 different bank groups. One barrier per chunk. Warp w owns keys 16 w .. 16 w + 15 of
+// every chunk, with its own online softmax state:
 //   S = Q K^T (16 heads x 16 keys: 2 n-tiles x D/16 k-steps; B fragments of K by ldmatrix), keys past
 //   the split's end masked, row max over the lane quad, P = exp2(S - m) (f32 row sums), P repacked to
 //   bf16 as the A fragment of one k-step, O += P V (16 x D f32 accumulators; B fragments of V by
@@ -1910,7 +1911,9 @@ void LaunchDecodeTc(float* out, uint16_t* out16, const float* q, const DecodeQkv
   using C = DecodeTcCfg<D, NS>;
   const bool fused = qi.qkv != nullptr, norm = fused && qi.q_norm != nullptr;
   if (norm) PrepareDecodeKernel(DecodeTcKernel<D, true, true, NS>, C::kSmemBytesNorm);
-  else PrepareDecodeKernel(fused ? DecodeTcKernel<D, true, false, NS> : DecodeTcKernel<D, false, false, NS>, C::kSmemBytes);
+  else
+    PrepareDecodeKernel(fused ? DecodeTcKernel<D, true, false, NS> : DecodeTcKernel<D, false, false, NS>,
+                        C::kSmemBytes);
   const int splits = DecodeTcSplits<D>(kv, Nq, Hkv);
   const DecodePartials parts = DecodePartialsIn(workspace, Nq, Hq, D, splits, "CachedAttentionDecodeTC");
   const dim3 grid(Nq, Hkv, splits);
