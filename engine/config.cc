@@ -210,57 +210,35 @@ Result<ModelConfig> PresetConfig(Arch arch, const std::string& preset, int vocab
   c.attention_bias = arch == Arch::kQwen2;
   c.qk_norm = arch == Arch::kQwen3;
   c.rope.theta = arch == Arch::kLlama ? 500000.0 : 1000000.0;
-  if (preset == "tiny") {
-    c.vocab_size = 259;  // byte tokenizer: 256 bytes + <|bos|>, <|eos|>, <|pad|>
-    c.hidden_size = 128;
-    c.num_layers = 4;
-    c.num_heads = 4;
-    c.num_kv_heads = 2;
-    c.head_dim = 32;
-    c.intermediate_size = 384;
-    c.max_position_embeddings = 2048;
-    c.tie_word_embeddings = true;
-    c.bos_token_id = 256;
-    c.eos_token_ids = {257};
-  } else if (preset == "0.5b") {  // Qwen2.5-0.5B
-    c.vocab_size = 151936;
-    c.hidden_size = 896;
-    c.num_layers = 24;
-    c.num_heads = 14;
-    c.num_kv_heads = 2;
-    c.head_dim = 64;
-    c.intermediate_size = 4864;
-    c.max_position_embeddings = 32768;
-    c.tie_word_embeddings = true;
-    c.bos_token_id = 151643;
-    c.eos_token_ids = {151643};
-  } else if (preset == "1.5b") {  // Qwen2.5-1.5B
-    c.vocab_size = 151936;
-    c.hidden_size = 1536;
-    c.num_layers = 28;
-    c.num_heads = 12;
-    c.num_kv_heads = 2;
-    c.head_dim = 128;
-    c.intermediate_size = 8960;
-    c.max_position_embeddings = 32768;
-    c.tie_word_embeddings = true;
-    c.bos_token_id = 151643;
-    c.eos_token_ids = {151643};
-  } else if (preset == "0.6b") {  // Qwen3-0.6B (with --arch qwen3; its q/k norms come with the family)
-    c.vocab_size = 151936;
-    c.hidden_size = 1024;
-    c.num_layers = 28;
-    c.num_heads = 16;
-    c.num_kv_heads = 8;
-    c.head_dim = 128;
-    c.intermediate_size = 3072;
-    c.max_position_embeddings = 40960;
-    c.tie_word_embeddings = true;
-    c.bos_token_id = 151643;
-    c.eos_token_ids = {151645};
-  } else {
-    return InvalidArgument("unknown preset '" + preset + "' (known: tiny, 0.5b, 0.6b, 1.5b)");
-  }
+  // Each preset's shape: vocabulary, hidden, layers, heads, kv heads, head width, intermediate, positions,
+  // bos, eos (every preset ties its embeddings).
+  struct Shape {
+    const char* name;
+    int vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, positions, bos, eos;
+  };
+  static constexpr Shape kPresets[] = {
+      // byte tokenizer: 256 bytes + <|bos|>, <|eos|>, <|pad|>
+      {"tiny", 259, 128, 4, 4, 2, 32, 384, 2048, 256, 257},
+      {"0.5b", 151936, 896, 24, 14, 2, 64, 4864, 32768, 151643, 151643},    // Qwen2.5-0.5B
+      {"1.5b", 151936, 1536, 28, 12, 2, 128, 8960, 32768, 151643, 151643},  // Qwen2.5-1.5B
+      // Qwen3-0.6B (with --arch qwen3; its q/k norms come with the family)
+      {"0.6b", 151936, 1024, 28, 16, 8, 128, 3072, 40960, 151643, 151645},
+  };
+  const Shape* shape = nullptr;
+  for (const Shape& p : kPresets)
+    if (preset == p.name) shape = &p;
+  if (shape == nullptr) return InvalidArgument("unknown preset '" + preset + "' (known: tiny, 0.5b, 0.6b, 1.5b)");
+  c.vocab_size = shape->vocab;
+  c.hidden_size = shape->hidden;
+  c.num_layers = shape->layers;
+  c.num_heads = shape->heads;
+  c.num_kv_heads = shape->kv_heads;
+  c.head_dim = shape->head_dim;
+  c.intermediate_size = shape->intermediate;
+  c.max_position_embeddings = shape->positions;
+  c.tie_word_embeddings = true;
+  c.bos_token_id = shape->bos;
+  c.eos_token_ids = {shape->eos};
   // A tokenizer's vocabulary that the preset's embedding holds keeps the preset's shape (the Qwen3
   // tokenizer's 151,669 ids fit Qwen2.5's 151,936 rows, as in the released checkpoints); a larger
   // one is padded to a multiple of 128 rows, as those checkpoints pad theirs, so that the lm-head's

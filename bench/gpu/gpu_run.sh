@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25b] [s25c] [s25d] [s25e] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25b* || $what == *s25c* || $what == *s25d* || $what == *s25e* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -651,36 +651,6 @@ if [[ " $what " == *" s25a "* ]]; then
   echo "== Qwen2.5-1.5B"; SUBTRACT=1 MODEL=$q15 bench/gpu/decode_profile.sh "$out/sub_q15" | tail -9
   KERNEL=DecodeTcKernel SKIP=100 MODEL=$q3 bench/gpu/decode_profile.sh "$out/ncu_q3" | \
     grep -iE "Duration|DRAM Through|Memory Through|Achieved Occ|Theoretical Occ|Registers|Block Limit|Issued Ipc|No Eligible|Warp Cycles Per Issued|Stall" | head -30
-fi
-if [[ " $what " == *" s25b "* ]]; then
-  # Session 25, branch exp/persistent-decode (not merged: slower): the decode attention persistent when
-  # its (row, kv head) items outnumber the resident blocks (AHA_DECODE_PERSIST=0: one block an item). Its tests; generation of Qwen3-0.6B
-  # (2,048 items at 256 prompts) and Qwen2.5-1.5B (512) against one block an item, interleaved twice;
-  # the bench's Qwen2.5-0.5B (512 items, one wave: unchanged) and the same forced to 264 blocks.
-  conformance_all s25b "Failure|Expected|Which is" \
-    'CudaOps.DecodeAttentionPersistent*:CudaOps.QkvRope*:CudaOps.QkvNorm*:CudaOps.CachedAttention*:CudaOps.KvCache*:CudaModel.*'
-  init_model $q3 --arch qwen3 --preset 0.6b
-  init_model $q15 --preset 1.5b --dtype bf16
-  variant_runs q3 2 "$gen_pat" default AHA_DECODE_PERSIST=0 -- timeout 60 dist/bin/aha bench gen --model $q3
-  variant_runs q15 2 "$gen_pat" default AHA_DECODE_PERSIST=0 -- timeout 60 dist/bin/aha bench gen --model $q15
-  variant_runs q05 1 "$gen_pat" default AHA_DECODE_PERSIST=264 -- timeout 60 dist/bin/aha bench gen --model $model
-fi
-if [[ " $what " == *" s25c "* ]]; then
-  # Session 25, branch exp/persistent-decode, second version (the next item taken one item ahead, its
-  # range's loads issued as soon as the block knows it): the persistent tests; Qwen3-0.6B and
-  # Qwen2.5-1.5B against one block an item (AHA_DECODE_PERSIST=0), interleaved; Nsight Compute's view of
-  # Qwen3-0.6B's fused decode attention both ways.
-  conformance_all s25c "Failure|Expected|Which is" \
-    'CudaOps.DecodeAttentionPersistent*:CudaOps.QkvNorm*:CudaOps.CachedAttentionDecode*'
-  init_model $q3 --arch qwen3 --preset 0.6b
-  init_model $q15 --preset 1.5b --dtype bf16
-  variant_runs q3 2 "$gen_pat" default AHA_DECODE_PERSIST=0 -- timeout 60 dist/bin/aha bench gen --model $q3
-  variant_runs q15 1 "$gen_pat" default AHA_DECODE_PERSIST=0 -- timeout 60 dist/bin/aha bench gen --model $q15
-  for v in default AHA_DECODE_PERSIST=0; do
-    echo "== ncu, Qwen3-0.6B decode attention, $v"
-    env ${v/default/AHA_NONE=1} KERNEL=DecodeTcKernel SKIP=100 MODEL=$q3 bench/gpu/decode_profile.sh "$out/ncu_q3_${v%%=*}" | \
-      grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issued Ipc Active|No Eligible|Warp Cycles Per Issued|Grid Size|Block Limit Reg|Block Limit Shared)" | head -14
-  done
 fi
 if [[ " $what " == *" s25d "* ]]; then
   # Session 25: the decode attention at D = 128 with 2 copy stages, three blocks a multiprocessor

@@ -1452,6 +1452,12 @@ struct RandomDecodeStep {
   }
 };
 
+// A fused decode-step case: heads, head width, rows, contexts drawn from [ctx_lo, ctx_hi], block size, bias.
+struct FusedDecodeCase {
+  int Hq, Hkv, D, B, ctx_lo, ctx_hi, bs;
+  bool bias;
+};
+
 // Whether the backend's decode-step ops (QkvRopeCachedAttention, QkvNormRopeCachedAttention: norms)
 // run the fused kernel: at D = 64, or with norms; no switch sends them to their ops
 // (AHA_DECODE_FUSED=0, AHA_FUSED_QKV=0, AHA_DECODE_ATTENTION), and AHA_DECODE_FUSED=1 fuses D = 128
@@ -1481,13 +1487,10 @@ bool OpFusesDecodeStep(int D, bool norms) {
 TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
   REQUIRE_GPU();
   gpu->gemm().set_precision(GemmPrecision::kBF16);
-  struct Case {
-    int Hq, Hkv, D, B, ctx_lo, ctx_hi, bs;
-    bool bias;
-  };
-  for (const Case& c : {Case{14, 2, 64, 256, 1, 700, 16, true}, Case{14, 2, 64, 3, 1, 1500, 16, false},
-                        Case{8, 2, 128, 5, 60, 900, 32, true}, Case{16, 1, 64, 2, 1, 300, 16, true},
-                        Case{4, 4, 128, 7, 1, 200, 16, false}, Case{16, 8, 128, 256, 1, 700, 16, true}}) {
+  const std::vector<FusedDecodeCase> cases = {
+      {14, 2, 64, 256, 1, 700, 16, true}, {14, 2, 64, 3, 1, 1500, 16, false}, {8, 2, 128, 5, 60, 900, 32, true},
+      {16, 1, 64, 2, 1, 300, 16, true},   {4, 4, 128, 7, 1, 200, 16, false},   {16, 8, 128, 256, 1, 700, 16, true}};
+  for (const FusedDecodeCase& c : cases) {
     const RandomDecodeStep step(c.B, c.ctx_lo, c.ctx_hi, c.bs, c.Hkv, c.D);
     const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
     const int max_blocks = step.max_blocks, num_blocks = step.num_blocks;
@@ -1550,14 +1553,11 @@ TEST(CudaOps, QkvRopeCachedAttentionEqualsItsOps) {
 TEST(CudaOps, QkvNormRopeCachedAttentionEqualsItsOps) {
   REQUIRE_GPU();
   gpu->gemm().set_precision(GemmPrecision::kBF16);
-  struct Case {
-    int Hq, Hkv, D, B, ctx_lo, ctx_hi, bs;
-    bool bias;
-  };
   const float eps = 1e-6f;
-  for (const Case& c : {Case{16, 8, 128, 256, 1, 700, 16, false}, Case{16, 8, 128, 32, 1, 700, 16, true},
-                        Case{14, 2, 64, 3, 1, 1500, 16, true},
-                        Case{4, 4, 64, 7, 1, 200, 32, false}, Case{16, 1, 64, 2, 1, 300, 16, true}}) {
+  const std::vector<FusedDecodeCase> cases = {
+      {16, 8, 128, 256, 1, 700, 16, false}, {16, 8, 128, 32, 1, 700, 16, true}, {14, 2, 64, 3, 1, 1500, 16, true},
+      {4, 4, 64, 7, 1, 200, 32, false},     {16, 1, 64, 2, 1, 300, 16, true}};
+  for (const FusedDecodeCase& c : cases) {
     const RandomDecodeStep step(c.B, c.ctx_lo, c.ctx_hi, c.bs, c.Hkv, c.D);
     const int B = c.B, bs = c.bs, QD = c.Hq * c.D, KD = c.Hkv * c.D, W = QD + 2 * KD;
     const int max_blocks = step.max_blocks, num_blocks = step.num_blocks;
