@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -677,6 +677,26 @@ if [[ " $what " == *" s25e "* ]]; then
   variant_runs q3_32 1 "$gen_pat" default -- timeout 40 dist/bin/aha bench gen --model $q3 --prompts 32
   variant_runs q15 1 "$gen_pat" default -- timeout 40 dist/bin/aha bench gen --model $q15
   variant_runs q05 1 "$gen_pat" default -- timeout 40 dist/bin/aha bench gen --model $model
+fi
+if [[ " $what " == *" s26a "* ]]; then
+  # Session 26: the fused gate/up kernel's tile chosen per shape (MlpTileFor; AHA_MLP_TILE=128x80 is
+  # the one tile before). Its tests, and the fused decode test not yet run on a GPU; each tile's time
+  # a layer in a graph of the model's layers (aha bench gemm) for the three models at 256 and 128
+  # rows; generation with the rule against 128 x 80, interleaved.
+  conformance_all s26a "Failure|Expected|Which is" \
+    'CudaOps.GateUpSwiGlu*:CudaOps.QkvRopeCachedAttention*:CudaOps.LmHeadSampleAgrees*:CudaModel.*'
+  init_model $q3 --arch qwen3 --preset 0.6b
+  init_model $q15 --preset 1.5b --dtype bf16
+  for m in $model $q15 $q3; do
+    timeout 100 dist/bin/aha bench gemm --model $m --tokens 256,128 --forms nt --libraries lt \
+      > "$out/gemm_$(basename $m).txt" 2>&1
+    echo "== $(basename $m)"; grep -E "gate/up|MLP" "$out/gemm_$(basename $m).txt" | grep -v '^{'
+  done
+  variant_runs q15 2 "$gen_pat" default AHA_MLP_TILE=128x80 -- timeout 60 dist/bin/aha bench gen --model $q15
+  variant_runs q3 2 "$gen_pat" default AHA_MLP_TILE=128x80 -- timeout 60 dist/bin/aha bench gen --model $q3
+  variant_runs q05_128 2 "$gen_pat" default AHA_MLP_TILE=128x80 -- \
+    timeout 60 dist/bin/aha bench gen --model $model --prompts 128
+  variant_runs q05 1 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

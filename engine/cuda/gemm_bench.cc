@@ -39,6 +39,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/flags.h"
@@ -421,14 +422,18 @@ int RunGemmBench(int argc, char** argv) {
     CK(cudaMalloc(&h16, static_cast<size_t>(T) * I * sizeof(uint16_t)));
     CastF32ToBF16(a16, a, tc, stream);
     gemm.set_library(GemmLibrary::kCublasLt);
-    double us_fused = 0.0;  // the one kernel at K = C, for the steady state below
-    for (bool fused : {false, true}) {
+    double us_fused = 0.0;  // the one kernel at K = C with the rule's tile, for the steady state below
+    // The two ops, then the one kernel with the rule's tile ({0, 0}), then with each tile it is built for.
+    std::vector<std::pair<bool, MlpTile>> runs = {{false, {}}, {true, {}}};
+    for (const MlpTile& t : GateUpSwiGluTiles()) runs.push_back({true, t});
+    const MlpTile rule = MlpTileFor(T, I, prop.multiProcessorCount);
+    for (const auto& [fused, tile] : runs) {
       gemm.ForgetCasts();
       gemm.set_cast_reuse(true);
       auto all = [&] {
         for (float* w : ws) {
           if (fused) {
-            GateUpSwiGlu(h16, a16, gemm.Bf16CopyOf(w, wn), T, C, I, stream);
+            GateUpSwiGlu(h16, a16, gemm.Bf16CopyOf(w, wn), T, C, I, stream, tile);
           } else {
             gemm.NTBf16(gu16, gu, a, w, T, 2 * I, C);
             SwiGluForward(nullptr, gu, gu16, T, I, h16, stream);
@@ -436,18 +441,23 @@ int RunGemmBench(int argc, char** argv) {
         }
       };
       const double us = GraphMedianUs(stream, static_cast<int>(warmup), static_cast<int>(iters), layers, all);
-      if (fused) us_fused = us;
+      if (fused && tile.rows == 0) us_fused = us;
       gemm.set_cast_reuse(false);
       const double flops = 2.0 * T * 2.0 * I * C;
       const double bytes = 2.0 * (tc + wn + static_cast<double>(T) * I);
       const double floor_us = std::max(flops / (peak_tflops * 1e12), bytes / (peak_tbps * 1e12)) * 1e6;
-      const char* name = fused ? "gate/up + SwiGLU, one kernel" : "gate/up product + SwiGLU kernel";
+      const MlpTile shown = tile.rows ? tile : rule;
+      const std::string name = !fused ? "gate/up product + SwiGLU kernel"
+                                      : "gate/up + SwiGLU, " + std::to_string(shown.rows) + " x " +
+                                            std::to_string(shown.cols) + (tile.rows ? " tile" : " (the rule's)");
       std::cout << "T " << std::setw(6) << T << "  " << std::left << std::setw(34) << name << std::right
                 << " in a graph of " << layers << std::fixed << std::setprecision(1) << std::setw(10) << us
                 << " us per layer  floor " << floor_us << " us (" << std::setprecision(2) << floor_us / us * 100
                 << "%)" << std::defaultfloat << "\n";
-      std::cout << nlohmann::json{{"bench", "gemm"}, {"in_graph", layers}, {"tokens", T}, {"mlp_fused", fused},
-                                  {"us", us},        {"floor_us", floor_us}}.dump()
+      std::cout << nlohmann::json{{"bench", "gemm"},   {"in_graph", layers}, {"tokens", T},
+                                  {"mlp_fused", fused}, {"tile_rows", fused ? shown.rows : 0},
+                                  {"tile_cols", fused ? shown.cols : 0}, {"rule", fused && tile.rows == 0},
+                                  {"us", us},           {"floor_us", floor_us}}.dump()
                 << "\n";
     }
     // The fused kernel's steady state: the same blocks with K eight times as long (8x the K

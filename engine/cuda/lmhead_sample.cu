@@ -189,8 +189,8 @@ __global__ void __launch_bounds__(kLsThreads, 1)
       for (int kk = 0; kk < kLsBK / 16; ++kk) {
 #pragma unroll
         for (int sub = 0; sub < 2; ++sub)  // rows past M are zeros (the copy engine's fill): no branch
-          Wgmma64x128(acc[sub], SwizzledDesc(stage + (wg * 128 + sub * 64) * 128 + kk * 32),
-                      SwizzledDesc(sb + kk * 32), kt > 0 || kk > 0);
+          Wgmma64xN<128>(acc[sub], SwizzledDesc(stage + (wg * 128 + sub * 64) * 128 + kk * 32),
+                         SwizzledDesc(sb + kk * 32), kt > 0 || kk > 0);
       }
       WgmmaCommit();
       // Step g's products run on while step g - 1's are waited for and its stage released.

@@ -127,38 +127,95 @@ __device__ __forceinline__ void WgmmaSs64x64First(float (&d)[8][4], uint64_t da,
   "+f"(d[(i)]), "+f"(d[(i) + 1]), "+f"(d[(i) + 2]), "+f"(d[(i) + 3]), "+f"(d[(i) + 4]), "+f"(d[(i) + 5]), \
       "+f"(d[(i) + 6]), "+f"(d[(i) + 7])
 
-// d[64 x 128] (+)= A[64 x 16] B[128 x 16]^T, both from shared memory (descriptors), f32 accumulators
-// in the m64nNk16 fragment layout; scale_d 0 overwrites d.
-__device__ __forceinline__ void Wgmma64x128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
-      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
-      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
-      "%62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n}\n"
-      : AHA_WG_F8(0), AHA_WG_F8(8), AHA_WG_F8(16), AHA_WG_F8(24),
-        AHA_WG_F8(32), AHA_WG_F8(40), AHA_WG_F8(48), AHA_WG_F8(56)
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-
-// d[64 x 160] (+)= A[64 x 16] B[160 x 16]^T, both from shared memory (descriptors), f32 accumulators
-// in the m64nNk16 fragment layout; scale_d 0 overwrites d.
-__device__ __forceinline__ void Wgmma64x160(float (&d)[80], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %82, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n160k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
-      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
-      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
-      "%62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79}, "
-      "%80, %81, p, 1, 1, 0, 0;\n}\n"
-      : AHA_WG_F8(0), AHA_WG_F8(8), AHA_WG_F8(16), AHA_WG_F8(24),
-        AHA_WG_F8(32), AHA_WG_F8(40), AHA_WG_F8(48), AHA_WG_F8(56),
-        AHA_WG_F8(64), AHA_WG_F8(72)
-      : "l"(da), "l"(db), "r"(scale_d));
-}
+// d[64 x N] (+)= A[64 x 16] B[N x 16]^T, both from shared memory (descriptors), f32 accumulators
+// in the m64nNk16 fragment layout (N / 2 a thread); scale_d 0 overwrites d. Defined for the N below.
+template <int N>
+__device__ __forceinline__ void Wgmma64xN(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
+// The accumulators' operand numbers and operands, 8 g of them (AHA_WG_Lg, AHA_WG_Og), then one
+// specialisation per N: REGS the accumulators' numbers, AB the two descriptors', P the scale's.
+#define AHA_WG_L1 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define AHA_WG_L2 AHA_WG_L1 ", %8, %9, %10, %11, %12, %13, %14, %15"
+#define AHA_WG_L3 AHA_WG_L2 ", %16, %17, %18, %19, %20, %21, %22, %23"
+#define AHA_WG_L4 AHA_WG_L3 ", %24, %25, %26, %27, %28, %29, %30, %31"
+#define AHA_WG_L5 AHA_WG_L4 ", %32, %33, %34, %35, %36, %37, %38, %39"
+#define AHA_WG_L6 AHA_WG_L5 ", %40, %41, %42, %43, %44, %45, %46, %47"
+#define AHA_WG_L7 AHA_WG_L6 ", %48, %49, %50, %51, %52, %53, %54, %55"
+#define AHA_WG_L8 AHA_WG_L7 ", %56, %57, %58, %59, %60, %61, %62, %63"
+#define AHA_WG_L9 AHA_WG_L8 ", %64, %65, %66, %67, %68, %69, %70, %71"
+#define AHA_WG_L10 AHA_WG_L9 ", %72, %73, %74, %75, %76, %77, %78, %79"
+#define AHA_WG_L11 AHA_WG_L10 ", %80, %81, %82, %83, %84, %85, %86, %87"
+#define AHA_WG_L12 AHA_WG_L11 ", %88, %89, %90, %91, %92, %93, %94, %95"
+#define AHA_WG_L13 AHA_WG_L12 ", %96, %97, %98, %99, %100, %101, %102, %103"
+#define AHA_WG_L14 AHA_WG_L13 ", %104, %105, %106, %107, %108, %109, %110, %111"
+#define AHA_WG_L15 AHA_WG_L14 ", %112, %113, %114, %115, %116, %117, %118, %119"
+#define AHA_WG_L16 AHA_WG_L15 ", %120, %121, %122, %123, %124, %125, %126, %127"
+#define AHA_WG_O1 AHA_WG_F8(0)
+#define AHA_WG_O2 AHA_WG_O1, AHA_WG_F8(8)
+#define AHA_WG_O3 AHA_WG_O2, AHA_WG_F8(16)
+#define AHA_WG_O4 AHA_WG_O3, AHA_WG_F8(24)
+#define AHA_WG_O5 AHA_WG_O4, AHA_WG_F8(32)
+#define AHA_WG_O6 AHA_WG_O5, AHA_WG_F8(40)
+#define AHA_WG_O7 AHA_WG_O6, AHA_WG_F8(48)
+#define AHA_WG_O8 AHA_WG_O7, AHA_WG_F8(56)
+#define AHA_WG_O9 AHA_WG_O8, AHA_WG_F8(64)
+#define AHA_WG_O10 AHA_WG_O9, AHA_WG_F8(72)
+#define AHA_WG_O11 AHA_WG_O10, AHA_WG_F8(80)
+#define AHA_WG_O12 AHA_WG_O11, AHA_WG_F8(88)
+#define AHA_WG_O13 AHA_WG_O12, AHA_WG_F8(96)
+#define AHA_WG_O14 AHA_WG_O13, AHA_WG_F8(104)
+#define AHA_WG_O15 AHA_WG_O14, AHA_WG_F8(112)
+#define AHA_WG_O16 AHA_WG_O15, AHA_WG_F8(120)
+#define AHA_WG_SS(N, REGS, AB, P, ...)                                                                     \
+  template <>                                                                                              \
+  __device__ __forceinline__ void Wgmma64xN<N>(float(&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                            \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 "                               \
+                 "{" REGS "}, " AB ", p, 1, 1, 0, 0;\n}\n"                                                 \
+                 : __VA_ARGS__                                                                             \
+                 : "l"(da), "l"(db), "r"(scale_d));                                                        \
+  }
+AHA_WG_SS(80, AHA_WG_L5, "%40, %41", "%42", AHA_WG_O5)
+AHA_WG_SS(96, AHA_WG_L6, "%48, %49", "%50", AHA_WG_O6)
+AHA_WG_SS(112, AHA_WG_L7, "%56, %57", "%58", AHA_WG_O7)
+AHA_WG_SS(128, AHA_WG_L8, "%64, %65", "%66", AHA_WG_O8)
+AHA_WG_SS(144, AHA_WG_L9, "%72, %73", "%74", AHA_WG_O9)
+AHA_WG_SS(160, AHA_WG_L10, "%80, %81", "%82", AHA_WG_O10)
+AHA_WG_SS(192, AHA_WG_L12, "%96, %97", "%98", AHA_WG_O12)
+AHA_WG_SS(224, AHA_WG_L14, "%112, %113", "%114", AHA_WG_O14)
+AHA_WG_SS(256, AHA_WG_L16, "%128, %129", "%130", AHA_WG_O16)
+#undef AHA_WG_SS
+#undef AHA_WG_L1
+#undef AHA_WG_O1
+#undef AHA_WG_L2
+#undef AHA_WG_O2
+#undef AHA_WG_L3
+#undef AHA_WG_O3
+#undef AHA_WG_L4
+#undef AHA_WG_O4
+#undef AHA_WG_L5
+#undef AHA_WG_O5
+#undef AHA_WG_L6
+#undef AHA_WG_O6
+#undef AHA_WG_L7
+#undef AHA_WG_O7
+#undef AHA_WG_L8
+#undef AHA_WG_O8
+#undef AHA_WG_L9
+#undef AHA_WG_O9
+#undef AHA_WG_L10
+#undef AHA_WG_O10
+#undef AHA_WG_L11
+#undef AHA_WG_O11
+#undef AHA_WG_L12
+#undef AHA_WG_O12
+#undef AHA_WG_L13
+#undef AHA_WG_O13
+#undef AHA_WG_L14
+#undef AHA_WG_O14
+#undef AHA_WG_L15
+#undef AHA_WG_O15
+#undef AHA_WG_L16
+#undef AHA_WG_O16
 #undef AHA_WG_F8
 // Registers that products in flight read (A fragments): kept live, not reused, until this point.
 template <int R, int C>

@@ -748,13 +748,34 @@ TEST(CudaOps, MlpTensorsKeptAsBf16AreTheirRoundedValues) {
 // wgmma kernel): h equals the unfused kept path's (LinearForward into a kept gu, SwiGluForward into
 // a kept h) up to the f32 summation order, which may flip a gu rounding, and the CPU's f32 MLP to
 // the bf16 limit; shapes with partial row and column tiles, and the decode step's own.
+// The tile rule (mlp.cu, MlpTileFor) on an H200's 132 multiprocessors: one wave, then the least
+// work a block, then the fewest bytes.
+TEST(CudaOps, GateUpSwiGluTileRule) {
+  if (std::getenv("AHA_MLP_TILE")) GTEST_SKIP() << "AHA_MLP_TILE forces the tile";
+  auto is = [](cuda::MlpTile t, int rows, int cols) { return t.rows == rows && t.cols == cols; };
+  EXPECT_TRUE(is(cuda::MlpTileFor(256, 4864, 132), 128, 80)) << "Qwen2.5-0.5B's decode step: 122 blocks";
+  EXPECT_TRUE(is(cuda::MlpTileFor(128, 4864, 132), 128, 40)) << "half its rows: 122 blocks, half the work";
+  EXPECT_TRUE(is(cuda::MlpTileFor(256, 8960, 132), 256, 72)) << "Qwen2.5-1.5B: 125 blocks, not 224";
+  EXPECT_TRUE(is(cuda::MlpTileFor(256, 3072, 132), 128, 48)) << "Qwen3-0.6B: 128 blocks, not 78";
+  EXPECT_TRUE(is(cuda::MlpTileFor(1024, 4864, 132), 256, 80)) << "four waves of 256 x 80 (L2 bytes decide)";
+  for (auto [M, I] : {std::pair{1, 8}, std::pair{7, 200}, std::pair{1024, 168}, std::pair{512, 18944}}) {
+    const cuda::MlpTile t = cuda::MlpTileFor(M, I, 132);
+    const auto tiles = cuda::GateUpSwiGluTiles();
+    EXPECT_TRUE(std::any_of(tiles.begin(), tiles.end(), [&](cuda::MlpTile u) { return is(u, t.rows, t.cols); }))
+        << M << " x " << I << ": " << t.rows << " x " << t.cols << " is not a built tile";
+  }
+}
+
 TEST(CudaOps, GateUpSwiGluEqualsItsOps) {
   REQUIRE_GPU();
   if (!gpu->FusesMlp(256, 896, 4864)) GTEST_SKIP() << "no fused MLP kernel on this device or build";
   CpuBackend cpu;
   const float eps = 1e-6f;
+  // The decode step's shape, partial row and column tiles, and the widths whose rule picks other
+  // tiles (8960: 256 x 72; 3072: 128 x 48; 128 rows of 4864: 128 x 40).
   for (auto [N, C, I] : {std::tuple{256, 896, 4864}, std::tuple{7, 128, 200}, std::tuple{300, 192, 88},
-                         std::tuple{1024, 64, 168}}) {
+                         std::tuple{1024, 64, 168}, std::tuple{256, 128, 8960}, std::tuple{256, 128, 3072},
+                         std::tuple{128, 128, 4864}}) {
     const std::string shape = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " I=" + std::to_string(I);
     ASSERT_TRUE(gpu->FusesMlp(N, C, I)) << shape;
     const size_t nc = size_t(N) * C, ni = size_t(N) * I;
@@ -777,6 +798,26 @@ TEST(CudaOps, GateUpSwiGluEqualsItsOps) {
     cpu.LinearForward(cgu.data(), cln.data(), wgu.data(), nullptr, N, C, 2 * I);
     cpu.SwiGluForward(ch.data(), cgu.data(), N, I);
     ExpectNmse("fused gate/up + swiglu vs cpu", shape, fused, ch, kBf16);
+    // Every tile the kernel is built for gives the rule's h bit for bit: an element sums its K steps
+    // in the same order whatever the block's shape, and a partial tile's rows and columns past M,
+    // I and 2I are the copy engine's zeros, never stored (h16 starts as bf16 NaNs).
+    {
+      const uint16_t* x16 = gpu->gemm().Bf16Copy(ln.f32());
+      const uint16_t* w16 = gpu->gemm().Bf16CopyOf(d_w.f32(), size_t(2) * I * C);
+      std::vector<uint16_t> want(ni), got(ni);
+      gpu->Download(want.data(), gpu->gemm().Bf16Copy(h.f32()), ni * sizeof(uint16_t));
+      uint16_t* h16 = nullptr;
+      ASSERT_EQ(cudaMalloc(&h16, ni * sizeof(uint16_t)), cudaSuccess);
+      for (const cuda::MlpTile& t : cuda::GateUpSwiGluTiles()) {
+        ASSERT_EQ(cudaMemsetAsync(h16, 0xff, ni * sizeof(uint16_t), gpu->stream()), cudaSuccess);
+        cuda::GateUpSwiGlu(h16, x16, w16, N, C, I, gpu->stream(), t);
+        gpu->Download(got.data(), h16, ni * sizeof(uint16_t));
+        size_t differ = 0;
+        for (size_t i = 0; i < ni; ++i) differ += got[i] != want[i];
+        EXPECT_EQ(differ, 0u) << shape << ": tile " << t.rows << " x " << t.cols << " differs from the rule's";
+      }
+      ASSERT_EQ(cudaFree(h16), cudaSuccess);
+    }
     // As a decode graph holds it: the kernel launched dependent on the norm (a programmatic edge,
     // unless AHA_MLP_EARLY=0), copying weights before the norm is done; replayed on fresh x.
     if (N == 256) {
