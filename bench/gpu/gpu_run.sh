@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -697,6 +697,44 @@ if [[ " $what " == *" s26a "* ]]; then
   variant_runs q05_128 2 "$gen_pat" default AHA_MLP_TILE=128x80 -- \
     timeout 60 dist/bin/aha bench gen --model $model --prompts 128
   variant_runs q05 1 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
+fi
+if [[ " $what " == *" s26b "* ]]; then
+  # Session 26: the split rules at the other models, interleaved: the o and down products' K parts
+  # (AHA_SPLIT_K=1|2 against the rule's 4) and the D = 128 decode attention's context splits and
+  # stages (AHA_DECODE_SPLITS, AHA_DECODE_STAGES) for Qwen2.5-1.5B (512 items on 264 blocks) and
+  # Qwen3-0.6B at 32 rows; the K parts for the bench and Qwen3-0.6B.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  init_model $q15 --preset 1.5b --dtype bf16
+  variant_runs q15 2 "$gen_pat" default AHA_SPLIT_K=2 AHA_SPLIT_K=1 AHA_DECODE_SPLITS=2 \
+    "AHA_DECODE_STAGES=2 AHA_DECODE_SPLITS=2" "AHA_DECODE_STAGES=2 AHA_DECODE_SPLITS=3" -- \
+    timeout 60 dist/bin/aha bench gen --model $q15
+  variant_runs q05 3 "$gen_pat" default AHA_SPLIT_K=2 -- timeout 60 dist/bin/aha bench gen --model $model
+  variant_runs q3 2 "$gen_pat" default AHA_SPLIT_K=2 -- timeout 60 dist/bin/aha bench gen --model $q3
+  variant_runs q3_32 2 "$gen_pat" default AHA_DECODE_SPLITS=2 -- \
+    timeout 60 dist/bin/aha bench gen --model $q3 --prompts 32
+fi
+if [[ " $what " == *" s26c "* ]]; then
+  # Session 26, after s26b (where Qwen2.5-1.5B ran 3.21 ms a step with the o and down products
+  # whole, AHA_SPLIT_K=1, against 3.51 with the rule's 4 parts): the K parts at the bench, at
+  # Qwen2.5-1.5B once more and at Qwen3-0.6B, interleaved.
+  variant_runs q05 2 "$gen_pat" default AHA_SPLIT_K=1 AHA_SPLIT_K=2 -- \
+    timeout 60 dist/bin/aha bench gen --model $model
+  init_model $q15 --preset 1.5b --dtype bf16
+  variant_runs q15 1 "$gen_pat" AHA_SPLIT_K=1 default -- timeout 60 dist/bin/aha bench gen --model $q15
+  init_model $q3 --arch qwen3 --preset 0.6b
+  variant_runs q3 1 "$gen_pat" AHA_SPLIT_K=1 AHA_SPLIT_K=2 default -- timeout 60 dist/bin/aha bench gen --model $q3
+fi
+if [[ " $what " == *" s26d "* ]]; then
+  # Session 26, the final build: the norm's float4 kernel for a split addend at rows wider than
+  # 1,024 (s26b/c's cost of 4 parts at Qwen2.5-1.5B was the scalar kernel). The norm tests and the
+  # models; Qwen2.5-1.5B with the rule's 4 parts against the products whole (AHA_SPLIT_K=1),
+  # interleaved twice; the bench; HF generate beside it.
+  conformance_all s26d "Failure|Expected|Which is" \
+    'CudaOps.LinearAddRmsNorm*:CudaOps.AddRmsNorm*:CudaOps.EmbeddingRmsNorm*:CudaModel.*'
+  variant_runs q05 1 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
+  init_model $q15 --preset 1.5b --dtype bf16
+  variant_runs q15 2 "$gen_pat" default AHA_SPLIT_K=1 -- timeout 60 dist/bin/aha bench gen --model $q15
+  peer_gen
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

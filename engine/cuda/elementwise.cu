@@ -626,12 +626,24 @@ void LaunchRmsNorm(float* out, uint16_t* out_bf16, float* rstd, float* xs, const
   auto* o16 = reinterpret_cast<__nv_bfloat16*>(out_bf16);
   const dim3 grid(blocks), block(rows * T);
   if (parts > 1) {
-    // The addend in parts (a split product, decode-sized rows): one float4 per thread, up to 16
-    // parts; anything else takes the scalar kernel.
+    // The addend in parts (a split product, decode-sized rows): the float4 kernel while a thread's
+    // items times the parts' bound stay at most 32 float4 loads; anything else takes the scalar
+    // kernel. Rows wider than 4 x kThreads (items 2, 4, 8: Qwen2.5-1.5B's 1,536 and up) took the
+    // scalar kernel until session 26, which cost 1.5B's decode step 0.3 ms (docs/kernels.md, 28).
     auto* kernel = RmsNormScalarKernel<kAdd>;
-    if (items == 1 && parts <= 4) kernel = RmsNormVecKernel<kAdd, 1, 4>;
-    else if (items == 1 && parts <= 8) kernel = RmsNormVecKernel<kAdd, 1, 8>;
-    else if (items == 1 && parts <= 16) kernel = RmsNormVecKernel<kAdd, 1, 16>;
+    if (parts <= 4) {
+      if (items == 1) kernel = RmsNormVecKernel<kAdd, 1, 4>;
+      else if (items == 2) kernel = RmsNormVecKernel<kAdd, 2, 4>;
+      else if (items == 4) kernel = RmsNormVecKernel<kAdd, 4, 4>;
+      else if (items == 8) kernel = RmsNormVecKernel<kAdd, 8, 4>;
+    } else if (parts <= 8) {
+      if (items == 1) kernel = RmsNormVecKernel<kAdd, 1, 8>;
+      else if (items == 2) kernel = RmsNormVecKernel<kAdd, 2, 8>;
+      else if (items == 4) kernel = RmsNormVecKernel<kAdd, 4, 8>;
+    } else if (parts <= 16) {
+      if (items == 1) kernel = RmsNormVecKernel<kAdd, 1, 16>;
+      else if (items == 2) kernel = RmsNormVecKernel<kAdd, 2, 16>;
+    }
     kernel<<<grid, block, 0, s>>>(out, o16, rstd, xs, x, y, parts, w, N, C, T, eps);
     return;
   }

@@ -1015,8 +1015,11 @@ TEST(CudaOps, LinearAddRmsNormSplitsKAndMatchesCpu) {
   CpuBackend cpu;
   const float eps = 1e-6f;
   // (N, K, C, the parts expected on the H200's 132 multiprocessors)
+  // Rows of 1,536 (Qwen2.5-1.5B: the norm's float4 kernel with two float4 a thread, 4 and 7 parts)
+  // and 3,584 (four a thread; 2 parts, and 16 on the scalar kernel) too.
   for (auto [N, K, C, want] : {std::tuple{256, 4864, 896, 4}, std::tuple{256, 896, 896, 4},
-                               std::tuple{7, 136, 96, 1}, std::tuple{37, 96, 130, 1}, std::tuple{2048, 896, 896, 1}}) {
+                               std::tuple{7, 136, 96, 1}, std::tuple{37, 96, 130, 1}, std::tuple{2048, 896, 896, 1},
+                               std::tuple{256, 1792, 1536, 4}, std::tuple{256, 2048, 3584, 2}}) {
     gpu->set_split_k(0);
     const int S = gpu->SplitParts(N, K, C);  // the chosen parts
     cudaDeviceProp prop{};
