@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -735,6 +735,14 @@ if [[ " $what " == *" s26d "* ]]; then
   init_model $q15 --preset 1.5b --dtype bf16
   variant_runs q15 2 "$gen_pat" default AHA_SPLIT_K=1 -- timeout 60 dist/bin/aha bench gen --model $q15
   peer_gen
+fi
+if [[ " $what " == *" s26e "* ]]; then
+  # Session 26: the norm backward's one-pass kernel for rows of 1,028-2,048 (AHA_NORM_BWD_WIDE=0: the
+  # two kernels, as before). Its tests; the learner step of Qwen2.5-1.5B's shape both ways.
+  conformance_all s26e "Failure|Expected|Which is" 'CudaOps.EmbeddingRmsNorm*:CudaModel.ForwardBackward*'
+  init_model $q15 --preset 1.5b --dtype bf16
+  variant_runs train_q15 1 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' default AHA_NORM_BWD_WIDE=0 -- \
+    timeout 100 dist/bin/aha bench train --steps 3 --model $q15
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -197,15 +197,16 @@ __global__ void RmsNormBackwardDwKernel(float* dw, const float* dout, const floa
   atomicAdd(dw + c, acc);
 }
 
-// The whole backward in one pass over dout and x (C % 4 == 0, aligned rows, C <= 1024): a block
+// The whole backward in one pass over dout and x (C % 4 == 0, aligned rows, C <= 2048): a block
 // takes a slab of kFusedSlab rows, each warp a row at a time with its kItems float4 of dout and x
 // per lane in registers (w is read from shared memory, which keeps the kernel at two blocks per
 // SM): dot, then dx (+=) and, when dx16 is not null, dx rounded to bf16 (the next product's dout:
 // Gemm::AdoptCast); each lane sums g x r of its columns over the warp's rows, and the block's warps
-// add theirs through shared memory into one atomic per column.
+// add theirs through shared memory into one atomic per column. Rows of more than 1,024 (12 or 16
+// float4 a lane: three arrays of them in registers) run one block a multiprocessor.
 constexpr int kFusedSlab = 32;
 template <int kItems>
-__global__ void __launch_bounds__(kThreads, 2) RmsNormBackwardFusedKernel(float* dx, __nv_bfloat16* dx16, float* dw,
+__global__ void __launch_bounds__(kThreads, kItems <= 8 ? 2 : 1) RmsNormBackwardFusedKernel(float* dx, __nv_bfloat16* dx16, float* dw,
                                                                           const float* dout, const float* x,
                                                                           const float* w, const float* rstd, int N,
                                                                           int C) {
@@ -676,15 +677,25 @@ void AddPartsRmsNormForward(float* x, float* ln, float* rstd, const float* y, in
 bool RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
                      int N, int C, uint16_t* dx_bf16, cudaStream_t s) {
   if (N == 0) return false;
-  const int C4 = C / 4, items = (C4 + 31) / 32;
-  if (C % 4 == 0 && C >= 128 && items <= 8 && Aligned(dx, 16) && Aligned(dout, 16) && Aligned(x, 16) &&
-      Aligned(w, 16) && Aligned(dx_bf16, 8)) {
+  // Rows of 1,028 to 2,048 (Qwen2.5-1.5B's 1,536, Qwen3-1.7B's 2,048) take the one-pass kernel too;
+  // AHA_NORM_BWD_WIDE=0 sends them to the two kernels below, as before session 26 (the A/B).
+  static const bool wide = [] {
+    const char* e = std::getenv("AHA_NORM_BWD_WIDE");
+    return !(e && e[0] == '0');
+  }();
+  const int C4 = C / 4, fit = (C4 + 31) / 32, items = fit <= 8 ? fit : fit <= 12 ? 12 : 16;
+  if (C % 4 == 0 && C >= 128 && (fit <= 8 || (wide && fit <= 16)) && Aligned(dx, 16) && Aligned(dout, 16) &&
+      Aligned(x, 16) && Aligned(w, 16) && Aligned(dx_bf16, 8)) {
     const unsigned blocks = static_cast<unsigned>((N + kFusedSlab - 1) / kFusedSlab);
-    const size_t smem = static_cast<size_t>(kThreads / 32 + 1) * C * sizeof(float);
+    const size_t smem = static_cast<size_t>(kThreads / 32 + 1) * C * sizeof(float);  // 72 KiB at 2,048
     auto* d16 = reinterpret_cast<__nv_bfloat16*>(dx_bf16);
     switch (items) {
-#define AHA_NORM_BWD(K) \
-  case K: RmsNormBackwardFusedKernel<K><<<blocks, kThreads, smem, s>>>(dx, d16, dw, dout, x, w, rstd, N, C); \
+#define AHA_NORM_BWD(K)                                                                                \
+  case K:                                                                                              \
+    if (smem > 48 * 1024)                                                                              \
+      cudaFuncSetAttribute(RmsNormBackwardFusedKernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                           static_cast<int>(smem));                                                    \
+    RmsNormBackwardFusedKernel<K><<<blocks, kThreads, smem, s>>>(dx, d16, dw, dout, x, w, rstd, N, C); \
     return dx_bf16 != nullptr;
       AHA_NORM_BWD(1)
       AHA_NORM_BWD(2)
@@ -694,6 +705,8 @@ bool RmsNormBackward(float* dx, float* dw, const float* dout, const float* x, co
       AHA_NORM_BWD(6)
       AHA_NORM_BWD(7)
       AHA_NORM_BWD(8)
+      AHA_NORM_BWD(12)
+      AHA_NORM_BWD(16)
 #undef AHA_NORM_BWD
     }
   }

@@ -109,10 +109,12 @@ TEST(CudaOps, EmbeddingRmsNormRopeSwiGluAdd) {
     ExpectNmse("embedding", "[301,896] V=1000", Down(d_out), out, kF32);
     ExpectNmse("embedding backward", "[301,896] V=1000", Down(d_dwte), dwte, kF32);
   }
-  // The backward's one-pass kernel (C % 4 == 0, 128..1024: 896, a training batch of 896, 128,
-  // 1024) and its two-kernel fallback (64, 33, 1028).
+  // The backward's one-pass kernel (C % 4 == 0, 128..2048: 896, a training batch of 896, 128,
+  // 1024; 1028, 1536 (12 float4 a lane), 1792 and 2048 (16)) and its two-kernel fallback (64, 33,
+  // 2052).
   for (auto [rows, width] : {std::pair{N, C}, std::pair{16384, C}, std::pair{N, 128}, std::pair{33, 1024},
-                             std::pair{N * 14, 64}, std::pair{7, 33}, std::pair{7, 1028}}) {
+                             std::pair{N * 14, 64}, std::pair{7, 33}, std::pair{7, 1028}, std::pair{N, 1536},
+                             std::pair{2048, 1792}, std::pair{33, 2048}, std::pair{7, 2052}}) {
     auto x = Randn(size_t(rows) * width, 2.0f), w = Randn(width), dout = Randn(size_t(rows) * width);
     auto dx0 = Randn(size_t(rows) * width), dw0 = Randn(width);
     std::vector<float> out(x.size()), rstd(rows), dx = dx0, dw = dw0;
