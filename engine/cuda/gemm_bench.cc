@@ -433,7 +433,7 @@ int RunGemmBench(int argc, char** argv) {
       auto all = [&] {
         for (float* w : ws) {
           if (fused) {
-            GateUpSwiGlu(h16, a16, gemm.Bf16CopyOf(w, wn), T, C, I, stream, tile);
+            GateUpSwiGlu(h16, a16, gemm.Bf16CopyOf(w, wn), T, C, I, stream, tile.rows ? tile : rule);
           } else {
             gemm.NTBf16(gu16, gu, a, w, T, 2 * I, C);
             SwiGluForward(nullptr, gu, gu16, T, I, h16, stream);

@@ -55,7 +55,8 @@ void SwiGluForward(float* h, const float* gu, const uint16_t* gu_bf16, int N, in
 // SwiGluForward without gu. Supported: a compute capability 9 device, K % 64 == 0, I % 8 == 0.
 // It is launched dependent (PDL) and copies w before the kernel enqueued just before it has
 // finished (a norm, in a decode step, that lets it start early): that kernel must not write w.
-// The block tile (rows x columns of h) is MlpTileFor's unless one of GateUpSwiGluTiles() is given.
+// The block tile (rows x columns of h) is MlpTileFor's unless one of GateUpSwiGluTiles() is given
+// (or AHA_MLP_TILE=RxC names one).
 struct MlpTile {
   int rows = 0, cols = 0;
 };
@@ -64,7 +65,7 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
                   MlpTile tile = {});
 std::vector<MlpTile> GateUpSwiGluTiles();
 // The tile for M x I on a device of that many multiprocessors: the fewest waves of blocks times a
-// block's work, then the fewest bytes read (mlp.cu); AHA_MLP_TILE=RxC forces one of the tiles.
+// block's work, then the fewest bytes read (mlp.cu).
 MlpTile MlpTileFor(int M, int I, int multiprocessors);
 void SwiGluBackward(float* dgu, const float* dh, const uint16_t* dh_bf16, const float* gu, const uint16_t* gu_bf16,
                     int N, int I, uint16_t* dgu_bf16, cudaStream_t s);

@@ -15,10 +15,11 @@
 // (Qwen2.5-1.5B) 256 x 72, 125 blocks (128 x 80 gave 224: 1.7 waves); I = 3072 (Qwen3-0.6B) 128 x 48,
 // 128 blocks (128 x 80 gave 78); 0.5B at 128 rows or fewer 128 x 40, 122 blocks (128 x 80 gave 61).
 //
-// A producer warp loads the block's BM rows of a and its B tile (the gate rows, then the up rows)
-// with the tensor memory accelerator. K runs in steps of 64 (one 128-byte row, the swizzle atom)
-// through up to 5 stages (as many as fit in shared memory). Each stage has a full barrier (the producer's expected bytes) and an
-// empty barrier (one arrival from each consumer warpgroup). A consumer leaves step kt's products
+// A producer warp (a warpgroup with 256-row tiles) loads the block's BM rows of a and its B tile
+// (the gate rows, then the up rows) with the tensor memory accelerator. K runs in steps of 64 (one
+// 128-byte row, the swizzle atom) through up to 5 stages (as many as fit in shared memory). Each
+// stage has a full barrier (the producer's expected bytes) and an empty barrier (one arrival from
+// each consumer warpgroup). A consumer leaves step kt's products
 // running while it waits for step kt - 1's and releases that stage: docs/kernels.md "Version 12"
 // measured a drain per step as what made the first versions slower than cuBLAS + SwiGLU. Blocks
 // work alone: clusters sharing w (1 x 2) or w and a (2 x 2) by multicast cut the L2 reads from
@@ -244,16 +245,6 @@ bool EnvOff(const char* name) {
 std::vector<MlpTile> GateUpSwiGluTiles() { return {std::begin(kMlpTiles), std::end(kMlpTiles)}; }
 
 MlpTile MlpTileFor(int M, int I, int multiprocessors) {
-  // AHA_MLP_TILE=RxC forces a tile the kernel is built for (the A/B); anything else is ignored with a line.
-  static const MlpTile forced = [] {
-    const char* e = std::getenv("AHA_MLP_TILE");
-    if (!e || !*e) return MlpTile{};
-    for (const MlpTile& t : kMlpTiles)
-      if (std::to_string(t.rows) + "x" + std::to_string(t.cols) == e) return t;
-    std::fprintf(stderr, "aha: AHA_MLP_TILE=%s is not a tile GateUpSwiGlu is built for; using its rule\n", e);
-    return MlpTile{};
-  }();
-  if (forced.rows) return forced;
   MlpTile best{};
   int64_t best_work = 0, best_bytes = 0;
   for (const MlpTile& t : kMlpTiles) {
@@ -283,6 +274,17 @@ void GateUpSwiGlu(uint16_t* h16, const uint16_t* a16, const uint16_t* w16, int M
     std::fprintf(stderr, "aha: GateUpSwiGlu: unsupported shape M %d K %d I %d (K %% 64, I %% 8, sm_90)\n", M, K, I);
     std::abort();
   }
+  // AHA_MLP_TILE=RxC forces a tile the kernel is built for in place of the rule's (the A/B); anything
+  // else is ignored with a line.
+  static const MlpTile forced = [] {
+    const char* e = std::getenv("AHA_MLP_TILE");
+    if (!e || !*e) return MlpTile{};
+    for (const MlpTile& t : kMlpTiles)
+      if (std::to_string(t.rows) + "x" + std::to_string(t.cols) == e) return t;
+    std::fprintf(stderr, "aha: AHA_MLP_TILE=%s is not a tile GateUpSwiGlu is built for; using its rule\n", e);
+    return MlpTile{};
+  }();
+  if (tile.rows == 0) tile = forced;
   if (tile.rows == 0) {
     static const int multiprocessors = [] {
       int dev = 0, n = 0;

@@ -753,7 +753,6 @@ TEST(CudaOps, MlpTensorsKeptAsBf16AreTheirRoundedValues) {
 // The tile rule (mlp.cu, MlpTileFor) on an H200's 132 multiprocessors: one wave, then the least
 // work a block, then the fewest bytes.
 TEST(CudaOps, GateUpSwiGluTileRule) {
-  if (std::getenv("AHA_MLP_TILE")) GTEST_SKIP() << "AHA_MLP_TILE forces the tile";
   auto is = [](cuda::MlpTile t, int rows, int cols) { return t.rows == rows && t.cols == cols; };
   EXPECT_TRUE(is(cuda::MlpTileFor(256, 4864, 132), 128, 80)) << "Qwen2.5-0.5B's decode step: 122 blocks";
   EXPECT_TRUE(is(cuda::MlpTileFor(128, 4864, 132), 128, 40)) << "half its rows: 122 blocks, half the work";
