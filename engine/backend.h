@@ -57,6 +57,8 @@ class Backend {
   // Download move them from and to host memory. All three are ordered with the ops; Download returns
   // once the bytes are on the host. On the CPU they are memcpy.
   virtual void Copy(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+  // dst's bytes set to zero, ordered with the ops.
+  virtual void Zero(void* dst, size_t bytes) { std::memset(dst, 0, bytes); }
   virtual void Upload(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   virtual void Download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   // A download that does not wait: enqueues the copy (ordered with the ops) and returns a ticket;
@@ -198,6 +200,39 @@ class Backend {
     RopeBackward(dq, positions, inv_freq, N, Hq, D);
     RopeBackward(dk, positions, inv_freq, N, Hkv, D);
     PackQkv(dqkv, dq, dk, dv, N, Hq * D, Hkv * D);
+  }
+
+  // The same step with Qwen3's per-head RMSNorms between the split and the rotation:
+  // SplitQkv(q_pre, k_pre, v, qkv, bias, ...), RmsNormForward(q, q_rstd, q_pre, q_norm, N Hq, D, eps)
+  // and likewise k from k_pre (k_rstd[N Hkv]), RopeForward of q and of k, then AttentionForward(out,
+  // lse, q, k, v, ...). q_pre, k_pre, the rstds, q, k and v are what the backward reads. Its
+  // backward, NormRopePackQkv: RopeBackward of dq and of dk, dq_pre = dk_pre = 0, RmsNormBackward of
+  // each (dq_pre, dq_norm += from dq, q_pre, q_norm, q_rstd; likewise k), then PackQkv(dqkv, dq_pre,
+  // dk_pre, dv); dq, dk, dq_pre and dk_pre are scratch afterwards. These defaults run the ops; the
+  // CUDA backend runs one q/k/v kernel each way (the attention stays its own kernel).
+  virtual void QkvNormRopeAttention(float* out, float* lse, float* q_pre, float* k_pre, float* q, float* k, float* v,
+                                    float* q_rstd, float* k_rstd, const float* qkv, const float* bias,
+                                    const float* q_norm, const float* k_norm, float eps, const int32_t* positions,
+                                    const float* inv_freq, const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv,
+                                    int D) {
+    SplitQkv(q_pre, k_pre, v, qkv, bias, N, Hq * D, Hkv * D);
+    RmsNormForward(q, q_rstd, q_pre, q_norm, N * Hq, D, eps);
+    RmsNormForward(k, k_rstd, k_pre, k_norm, N * Hkv, D, eps);
+    RopeForward(q, positions, inv_freq, N, Hq, D);
+    RopeForward(k, positions, inv_freq, N, Hkv, D);
+    AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D);
+  }
+  virtual void NormRopePackQkv(float* dqkv, float* dq_norm, float* dk_norm, float* dq_pre, float* dk_pre, float* dq,
+                               float* dk, const float* dv, const float* q_pre, const float* k_pre, const float* q_norm,
+                               const float* k_norm, const float* q_rstd, const float* k_rstd,
+                               const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D) {
+    RopeBackward(dq, positions, inv_freq, N, Hq, D);
+    RopeBackward(dk, positions, inv_freq, N, Hkv, D);
+    Zero(dq_pre, static_cast<size_t>(N) * Hq * D * sizeof(float));
+    Zero(dk_pre, static_cast<size_t>(N) * Hkv * D * sizeof(float));
+    RmsNormBackward(dq_pre, dq_norm, dq, q_pre, q_norm, q_rstd, N * Hq, D);
+    RmsNormBackward(dk_pre, dk_norm, dk, k_pre, k_norm, k_rstd, N * Hkv, D);
+    PackQkv(dqkv, dq_pre, dk_pre, dv, N, Hq * D, Hkv * D);
   }
 
   // gu[N, 2I] is the fused gate/up product (one LinearForward over the adjacent gate_proj and

@@ -249,7 +249,7 @@ void Transformer::AllocLayerActs(LayerActs* a, int N) const {
     a->q_rstd = Tensor(DType::kF32, {N, config_.num_heads}, d);
     a->k_rstd = Tensor(DType::kF32, {N, config_.num_kv_heads}, d);
   }
-  a->q = config_.qk_norm ? Tensor(DType::kF32, {N, QD}, d) : KeptF32({N, QD});
+  a->q = KeptF32({N, QD});
   a->k = Tensor(DType::kF32, {N, KD}, d);
   a->v = Tensor(DType::kF32, {N, KD}, d);
   a->att = KeptF32({N, QD});
@@ -286,8 +286,7 @@ void Transformer::EnsureCapacity(int N) {
   acts_.resize(recompute_ ? 1 : config_.num_layers);
   for (auto& a : acts_) {
     AllocLayerActs(&a, N);
-    for (const Tensor* t : {&a.ln1, &a.ln2, &a.gu, &a.h, &a.att}) Keep(*t, &kept_acts_);
-    if (!config_.qk_norm) Keep(a.q, &kept_acts_);  // Qwen3's q goes through its norm and RoPE ops instead
+    for (const Tensor* t : {&a.ln1, &a.ln2, &a.gu, &a.h, &a.att, &a.q}) Keep(*t, &kept_acts_);
   }
   lnf_ = Tensor(DType::kF32, {N, C}, d);
   rstdf_ = Tensor(DType::kF32, {N}, d);
@@ -333,12 +332,9 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
   // One product over [Wq; Wk; Wv], then the split adds the biases [bq; bk; bv] (and RoPE follows).
   B.LinearForward(qkv_.f32(), a.ln1.f32(), w.q_w, nullptr, N, C, (Hq + 2 * Hkv) * D);
   if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
-    B.SplitQkv(a.q_pre.f32(), a.k_pre.f32(), a.v.f32(), qkv_.f32(), w.q_b, N, Hq * D, Hkv * D);
-    B.RmsNormForward(a.q.f32(), a.q_rstd.f32(), a.q_pre.f32(), w.q_norm, N * Hq, D, config_.rms_norm_eps);
-    B.RmsNormForward(a.k.f32(), a.k_rstd.f32(), a.k_pre.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
-    B.RopeForward(a.q.f32(), pos, inv_freq_.f32(), N, Hq, D);
-    B.RopeForward(a.k.f32(), pos, inv_freq_.f32(), N, Hkv, D);
-    B.AttentionForward(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), cu_seqlens, S, N, Hq, Hkv, D);
+    B.QkvNormRopeAttention(a.att.f32(), a.lse.f32(), a.q_pre.f32(), a.k_pre.f32(), a.q.f32(), a.k.f32(), a.v.f32(),
+                           a.q_rstd.f32(), a.k_rstd.f32(), qkv_.f32(), w.q_b, w.q_norm, w.k_norm,
+                           config_.rms_norm_eps, pos, inv_freq_.f32(), cu_seqlens, S, N, Hq, Hkv, D);
   } else {
     B.QkvRopeAttention(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), qkv_.f32(), w.q_b, pos,
                        inv_freq_.f32(), cu_seqlens, S, N, Hq, Hkv, D);
@@ -376,13 +372,9 @@ void Transformer::LayerBackward(int l, LayerActs& a, const float* x, float* dres
   // One product's backward over [Wq; Wk; Wv]; db = [dbq; dbk; dbv] from the packed rows.
   float* dqkv = KeepsQkvGradient() ? dqkv_.f32() : qkv_.f32();
   if (config_.qk_norm) {
-    B.RopeBackward(dq_.f32(), pos, inv_freq_.f32(), N, Hq, D);
-    B.RopeBackward(dk_.f32(), pos, inv_freq_.f32(), N, Hkv, D);
-    dq_pre_.SetZero();
-    dk_pre_.SetZero();
-    B.RmsNormBackward(dq_pre_.f32(), g.q_norm, dq_.f32(), a.q_pre.f32(), w.q_norm, a.q_rstd.f32(), N * Hq, D);
-    B.RmsNormBackward(dk_pre_.f32(), g.k_norm, dk_.f32(), a.k_pre.f32(), w.k_norm, a.k_rstd.f32(), N * Hkv, D);
-    B.PackQkv(dqkv, dq_pre_.f32(), dk_pre_.f32(), dv_.f32(), N, Hq * D, Hkv * D);
+    B.NormRopePackQkv(dqkv, g.q_norm, g.k_norm, dq_pre_.f32(), dk_pre_.f32(), dq_.f32(), dk_.f32(), dv_.f32(),
+                      a.q_pre.f32(), a.k_pre.f32(), w.q_norm, w.k_norm, a.q_rstd.f32(), a.k_rstd.f32(), pos,
+                      inv_freq_.f32(), N, Hq, Hkv, D);
   } else {
     B.RopePackQkv(dqkv, dq_.f32(), dk_.f32(), dv_.f32(), pos, inv_freq_.f32(), N, Hq, Hkv, D);
   }
@@ -557,7 +549,7 @@ void Transformer::EnsureDecodeScratch(int N, int Bn, int max_blocks) {
   dec_.ints = Tensor(DType::kI32, {2 * n + 3 * b + 1 + b * dec_.max_blocks}, d);
   dec_.x = Tensor(DType::kF32, {n, C}, d);
   dec_.ln = Tensor(DType::kF32, {n, C}, d);
-  dec_.rstd = Tensor(DType::kF32, {std::max(n * Hq, b)}, d);
+  dec_.rstd = Tensor(DType::kF32, {std::max(n * (Hq + Hkv), b)}, d);  // a prefill's q and k norms
   dec_.q = Tensor(DType::kF32, {n, Hq * D}, d);
   dec_.k = Tensor(DType::kF32, {n, Hkv * D}, d);
   dec_.v = Tensor(DType::kF32, {n, Hkv * D}, d);
@@ -718,14 +710,10 @@ void Transformer::DecodeBody(int N, int Bn, KvCache* cache, float* last_logits, 
     const PagedKv kv = cache->Layer(l, d_table);
     float* qf = dec_.q.f32();
     if (config_.qk_norm && fresh) {  // Qwen3: the per-head norms sit between the split and the rotation
-      B.SplitQkv(dec_.q.f32(), dec_.k.f32(), dec_.v.f32(), dec_.qkv.f32(), w.q_b, N, Hq * D, Hkv * D);
-      B.RmsNormForward(dec_.qn.f32(), rstd, qf, w.q_norm, N * Hq, D, config_.rms_norm_eps);
-      B.RmsNormForward(dec_.kn.f32(), rstd, dec_.k.f32(), w.k_norm, N * Hkv, D, config_.rms_norm_eps);
-      qf = dec_.qn.f32();
-      B.RopeForward(qf, d_pos, inv_freq_.f32(), N, Hq, D);
-      B.RopeForward(dec_.kn.f32(), d_pos, inv_freq_.f32(), N, Hkv, D);
+      B.QkvNormRopeAttention(dec_.att.f32(), dec_.lse.f32(), qf, dec_.k.f32(), dec_.qn.f32(), dec_.kn.f32(),
+                             dec_.v.f32(), rstd, rstd + static_cast<size_t>(N) * Hq, dec_.qkv.f32(), w.q_b, w.q_norm,
+                             w.k_norm, config_.rms_norm_eps, d_pos, inv_freq_.f32(), d_cu, Bn, N, Hq, Hkv, D);
       B.KvCacheWrite(kv, dec_.kn.f32(), dec_.v.f32(), d_cu, d_start, Bn, N, Hkv, D);
-      B.AttentionForward(dec_.att.f32(), dec_.lse.f32(), qf, dec_.kn.f32(), dec_.v.f32(), d_cu, Bn, N, Hq, Hkv, D);
     } else if (config_.qk_norm) {
       if (!(skip & kDecodeAttention))
         B.QkvNormRopeCachedAttention(dec_.att.f32(), qf, dec_.k.f32(), dec_.v.f32(), rstd, dec_.qkv.f32(), w.q_b,

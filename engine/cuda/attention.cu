@@ -646,26 +646,67 @@ __device__ __forceinline__ void RowRotations(float2* rot, float pos, const float
   }
 }
 
+// Qwen3's per-head norm of one head row x[0, D) (+ bias[0, D) when not null), D <= 128: its rstd with
+// RmsNormVecKernel's arithmetic for a row of D (one warp a row: lane l's four values 4 l .. 4 l + 3,
+// SumOfSquares4, WarpSum; lanes past D / 4 add 0), so RmsNormForward's bits. kVec: 16-byte loads (x,
+// bias 16-byte aligned), else four scalar loads of the same values.
+template <bool kVec>
+__device__ __forceinline__ float HeadRstd(const float* x, const float* bias, int D, float eps, int lane) {
+  float ss = 0.0f;
+  if (4 * lane < D) {
+    float4 a, b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if constexpr (kVec) {
+      a = *reinterpret_cast<const float4*>(x + 4 * lane);
+      if (bias) b = __ldg(reinterpret_cast<const float4*>(bias) + lane);
+    } else {
+      a = make_float4(x[4 * lane], x[4 * lane + 1], x[4 * lane + 2], x[4 * lane + 3]);
+      if (bias)
+        b = make_float4(__ldg(bias + 4 * lane), __ldg(bias + 4 * lane + 1), __ldg(bias + 4 * lane + 2),
+                        __ldg(bias + 4 * lane + 3));
+    }
+    if (bias) a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+    ss = SumOfSquares4(a);
+  }
+  ss = WarpSum(ss);
+  return rsqrtf(ss / static_cast<float>(D) + eps);
+}
+
 // QkvRope / QkvRopeKvWrite: block = one row i. Threads walk the row's rotation pairs (j, j + D/2)
 // of the Hq query heads, then of the Hkv key heads, then the value elements, V pairs (values) a
 // thread: V consecutive j of one head, so every load and store is V wide (V = 4 when D is a multiple
 // of 8 and the pointers are aligned). q goes to q[i]; k and v to row i of k_out / v_out (f32 [N, Hkv
 // D], kPaged false) or to the row's pool row through the block table (kPaged, rounded to the pool's
 // Elem as KvCacheWrite rounds). The rotation repeats RopeKernel's arithmetic (elementwise.cu), so
-// the results are the unfused ops' bit for bit. Dynamic shared memory: D / 2 float2 (RowRotations).
-template <typename Elem, bool kPaged, int V>
+// the results are the unfused ops' bit for bit. kNorm (training only): Qwen3's per-head norms between
+// the split and the rotation, RmsNormForward's arithmetic (HeadRstd, then (x r) w); the split rows
+// go to nq.q_pre / k_pre and each head's rstd to nq.q_rstd / k_rstd, as the ops write them. Dynamic
+// shared memory: D / 2 float2 (RowRotations), and with kNorm Hq + Hkv floats (QkvShared).
+template <typename Elem, bool kPaged, int V, bool kNorm = false>
 __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, Elem* __restrict__ v_out,
                               const float* __restrict__ qkv, const float* __restrict__ bias,
                               const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
                               const int32_t* __restrict__ cu_q, const int32_t* __restrict__ start, Paging pg, int B,
                               int Hq, int Hkv, int D, __nv_bfloat16* __restrict__ k16 = nullptr,
                               __nv_bfloat16* __restrict__ v16 = nullptr, __nv_bfloat16* __restrict__ q16 = nullptr,
-                              __nv_bfloat16* __restrict__ q16s = nullptr, float qscale = 0.0f) {
+                              __nv_bfloat16* __restrict__ q16s = nullptr, float qscale = 0.0f, QkvNorm nq = {}) {
+  static_assert(!(kPaged && kNorm), "the cached forward's norms run in the fused decode attention");
   extern __shared__ float2 rot[];
   const int i = blockIdx.x;
   const int half = D / 2, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
   const float* row = qkv + static_cast<size_t>(i) * W;
   RowRotations(rot, static_cast<float>(__ldg(positions + i)), inv_freq, half, 1.0f);
+  float* head_r = reinterpret_cast<float*>(rot + half);  // kNorm: [Hq + Hkv]
+  if constexpr (kNorm) {
+    const int lane = threadIdx.x % 32;
+    for (int h = threadIdx.x / 32; h < Hq + Hkv; h += blockDim.x / 32) {
+      const float r = HeadRstd<V == 4>(row + h * D, bias ? bias + h * D : nullptr, D, nq.eps, lane);
+      if (lane == 0) {
+        head_r[h] = r;
+        if (h < Hq) nq.q_rstd[static_cast<size_t>(i) * Hq + h] = r;
+        else nq.k_rstd[static_cast<size_t>(i) * Hkv + (h - Hq)] = r;
+      }
+    }
+  }
   long long r = i;
   if constexpr (kPaged) {
     // A row of no sequence (malformed cu_q) or outside the table or pool writes no cache row.
@@ -691,6 +732,18 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
         LoadV(bias + c + half, b2);
 #pragma unroll
         for (int u = 0; u < V; ++u) x1[u] += b1[u], x2[u] += b2[u];
+      }
+      if constexpr (kNorm) {  // SplitQkv's row kept for the backward, then RmsNormVecKernel's (x r) w
+        float* pre = h < Hq ? nq.q_pre + static_cast<size_t>(i) * QD + c : nq.k_pre + static_cast<size_t>(i) * KD + (c - QD);
+        StoreV(pre, x1);
+        StoreV(pre + half, x2);
+        const float* wn = (h < Hq ? nq.q_norm : nq.k_norm) + j;
+        float w1[V], w2[V];
+        LoadV(wn, w1);
+        LoadV(wn + half, w2);
+        const float r = head_r[h];
+#pragma unroll
+        for (int u = 0; u < V; ++u) x1[u] = (x1[u] * r) * w1[u], x2[u] = (x2[u] * r) * w2[u];
       }
 #pragma unroll
       for (int u = 0; u < V; ++u) RotateWith(x1[u], x2[u], rot[j + u].x, rot[j + u].y, y1[u], y2[u]);
@@ -773,6 +826,112 @@ __global__ void RopePackQkvKernel(float* __restrict__ dqkv, __nv_bfloat16* __res
       if (dqkv) StoreV(dqkv + base + QD + KD + c, x);
       if (dqkv16) StoreV(dqkv16 + base + QD + KD + c, x);
     }
+  }
+}
+
+// NormRopePackQkv (Backend::NormRopePackQkv's ops in one pass; D = 64 or 128): block = kNrpRows rows,
+// their rotations back (RowRotations' (cos, -sin)) in shared memory. Warps take (row, head) items, a head
+// on LPH = D / 4 lanes (two heads a warp at D = 64), lane l holding the head's four values 4 (l % LPH)
+// .. + 3 of dq (or dk), q_pre (or k_pre) and the norm's weights: RopeKernel's inverse rotation, with the
+// other half of each pair from lane l ^ LPH / 2; then the norm's backward, dot = sum of g w x over the
+// head (a segmented xor sum), dx = r w g - x (dot r^3 / D), as RmsNormBackward's kernels compute dx;
+// dx goes to the row's q or k columns of dqkv (f32 and/or bf16) and dv to its v columns. The norms'
+// weight gradients: each lane sums g x r of its four columns over its items, the block's lanes add theirs
+// through shared memory, one atomic a column and block (RmsNormBackward adds dw likewise).
+constexpr int kNrpRows = 32, kNrpThreads = 256;
+template <int D>
+__global__ void __launch_bounds__(kNrpThreads)
+    NormRopePackQkvKernel(float* __restrict__ dqkv, __nv_bfloat16* __restrict__ dqkv16, float* __restrict__ dq_norm,
+                          float* __restrict__ dk_norm, const float* __restrict__ dq, const float* __restrict__ dk,
+                          const float* __restrict__ dv, const float* __restrict__ q_pre,
+                          const float* __restrict__ k_pre, const float* __restrict__ q_norm,
+                          const float* __restrict__ k_norm, const float* __restrict__ q_rstd,
+                          const float* __restrict__ k_rstd, const int32_t* __restrict__ positions,
+                          const float* __restrict__ inv_freq, int N, int Hq, int Hkv) {
+  constexpr int half = D / 2, LPH = D / 4, HPW = 32 / LPH, WARPS = kNrpThreads / 32;
+  static_assert(LPH >= 2 && LPH <= 32 && 32 % LPH == 0, "a head on a power-of-two share of a warp");
+  __shared__ float2 rot[kNrpRows][half];
+  __shared__ float4 dw_part[2][WARPS * HPW][LPH];  // [q_norm | k_norm][lane group][column quad]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / LPH, l4 = lane % LPH;
+  const int row0 = blockIdx.x * kNrpRows, rows = min(kNrpRows, N - row0);
+  const int QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD, H = Hq + Hkv, slots = (H + HPW - 1) / HPW;
+  for (int f = threadIdx.x; f < rows * half; f += kNrpThreads) {
+    const int r = f / half, j = f - r * half;
+    float sn, cs;
+    sincosf(static_cast<float>(__ldg(positions + row0 + r)) * __ldg(inv_freq + j), &sn, &cs);
+    rot[r][j] = make_float2(cs, sn * -1.0f);
+  }
+  __syncthreads();
+  const int c = 4 * l4;  // the lane's first column of its head
+  const bool first = c < half;
+  const int jr = first ? c : c - half;  // its rotation index
+  float4 accq = make_float4(0.0f, 0.0f, 0.0f, 0.0f), acck = accq;
+  for (int it = warp; it < rows * slots; it += WARPS) {
+    const int rr = it / slots, h = (it - rr * slots) * HPW + sub;
+    const size_t i = static_cast<size_t>(row0 + rr);
+    const bool live = h < H, isq = h < Hq;
+    float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x = g, w = g;
+    float r = 0.0f;
+    if (live) {
+      const size_t hq = isq ? (i * Hq + h) : (i * Hkv + (h - Hq));
+      g = Ldg4((isq ? dq : dk) + hq * D + c);
+      x = Ldg4((isq ? q_pre : k_pre) + hq * D + c);
+      w = Ldg4((isq ? q_norm : k_norm) + c);
+      r = __ldg((isq ? q_rstd : k_rstd) + hq);
+    }
+    float4 p;  // the pair partners' gradients
+    p.x = __shfl_xor_sync(0xffffffffu, g.x, LPH / 2);
+    p.y = __shfl_xor_sync(0xffffffffu, g.y, LPH / 2);
+    p.z = __shfl_xor_sync(0xffffffffu, g.z, LPH / 2);
+    p.w = __shfl_xor_sync(0xffffffffu, g.w, LPH / 2);
+    // RopeKernel's p[j] = x1 c - x2 s, p[j + half] = x2 c + x1 s with s = -sin
+    const float gv[4] = {g.x, g.y, g.z, g.w}, pv[4] = {p.x, p.y, p.z, p.w};
+    float y[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float2 cs = rot[rr][jr + u];
+      y[u] = first ? gv[u] * cs.x - pv[u] * cs.y : gv[u] * cs.x + pv[u] * cs.y;
+    }
+    float dot = y[0] * w.x * x.x + y[1] * w.y * x.y + y[2] * w.z * x.z + y[3] * w.w * x.w;
+#pragma unroll
+    for (int o = LPH / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (!live) continue;
+    const float k = dot * r * r * r / D;
+    const float4 d = make_float4(r * w.x * y[0] - x.x * k, r * w.y * y[1] - x.y * k, r * w.z * y[2] - x.z * k,
+                                 r * w.w * y[3] - x.w * k);
+    const size_t o = i * W + (isq ? h * D : QD + (h - Hq) * D) + c;
+    if (dqkv) St4(dqkv + o, d);
+    if (dqkv16) *reinterpret_cast<uint2*>(dqkv16 + o) = PackBf16x4(d);
+    float4& acc = isq ? accq : acck;
+    acc.x += y[0] * x.x * r;
+    acc.y += y[1] * x.y * r;
+    acc.z += y[2] * x.z * r;
+    acc.w += y[3] * x.w * r;
+  }
+  // dv into the rows' v columns
+  for (int f = threadIdx.x; f < rows * (KD / 4); f += kNrpThreads) {
+    const int rr = f / (KD / 4), c4 = f - rr * (KD / 4);
+    const size_t i = static_cast<size_t>(row0 + rr);
+    const float4 x = Ldg4(dv + i * KD + 4 * c4);
+    const size_t o = i * W + QD + KD + 4 * c4;
+    if (dqkv) St4(dqkv + o, x);
+    if (dqkv16) *reinterpret_cast<uint2*>(dqkv16 + o) = PackBf16x4(x);
+  }
+  dw_part[0][warp * HPW + sub][l4] = accq;
+  dw_part[1][warp * HPW + sub][l4] = acck;
+  __syncthreads();
+  if (threadIdx.x < 2 * LPH) {
+    const int which = threadIdx.x / LPH, q4 = threadIdx.x % LPH;
+    float4 sum = dw_part[which][0][q4];
+    for (int gq = 1; gq < WARPS * HPW; ++gq) {
+      const float4 a = dw_part[which][gq][q4];
+      sum.x += a.x, sum.y += a.y, sum.z += a.z, sum.w += a.w;
+    }
+    float* dw = (which ? dk_norm : dq_norm) + 4 * q4;
+    atomicAdd(dw, sum.x);
+    atomicAdd(dw + 1, sum.y);
+    atomicAdd(dw + 2, sum.z);
+    atomicAdd(dw + 3, sum.w);
   }
 }
 
@@ -1508,24 +1667,14 @@ __global__ void __launch_bounds__(kDecTcThreads, D <= 64 ? 4 : NS == 2 ? 3 : 2)
   }
 
   // kFused with per-head norms (Qwen3): each head's rstd, as RmsNormForward computes it over the split
-  // q (or k) row of D values: lane l's four values 4 l .. 4 l + 3 of the head, SumOfSquares4, then
-  // WarpSum (RmsNormVecKernel's one warp a row of D <= 128; lanes past D / 4 add 0). Warp w takes
-  // item w, w + W, ...: query heads hfirst .. hfirst + G - 1, then item G, the new key.
+  // q (or k) row of D values (HeadRstd). Warp w takes item w, w + W, ...: query heads hfirst ..
+  // hfirst + G - 1, then item G, the new key.
   float* head_r = l_w + W * 16;  // [kDecTcMaxG + 1], kNorm only (kSmemBytesNorm)
   if constexpr (kFused && kNorm) {
     for (int it = warp; it <= G; it += W) {
       const int c0 = it < G ? (hfirst + it) * D : QD + kvh * D;
-      float ss = 0.0f;
-      if (4 * lane < D) {
-        float4 a = *reinterpret_cast<const float4*>(row + c0 + 4 * lane);
-        if (qi.bias) {
-          const float4 b = __ldg(reinterpret_cast<const float4*>(qi.bias + c0) + lane);
-          a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-        }
-        ss = SumOfSquares4(a);
-      }
-      ss = WarpSum(ss);
-      if (lane == 0) head_r[it] = rsqrtf(ss / static_cast<float>(D) + qi.eps);
+      const float r = HeadRstd<true>(row + c0, qi.bias ? qi.bias + c0 : nullptr, D, qi.eps, lane);
+      if (lane == 0) head_r[it] = r;
     }
     __syncthreads();
   }
@@ -2063,7 +2212,7 @@ int QkvThreads(int Hq, int Hkv, int D, int V) {
   const int work = ((Hq + Hkv) * (D / 2) + Hkv * D) / V;
   return std::min(256, (work + 31) / 32 * 32);
 }
-size_t QkvShared(int D) { return static_cast<size_t>(D / 2) * sizeof(float2); }
+size_t QkvShared(int D, int heads = 0) { return static_cast<size_t>(D / 2) * sizeof(float2) + heads * sizeof(float); }
 
 template <typename Elem>
 void LaunchQkvRopeKvWrite(float* q, Elem* kc, Elem* vc, const float* qkv, const float* bias, const int32_t* positions,
@@ -2098,13 +2247,30 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
 
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
              const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16,
-             uint16_t* v_bf16, uint16_t* q_bf16, uint16_t* q_bf16_scaled) {
+             uint16_t* v_bf16, uint16_t* q_bf16, uint16_t* q_bf16_scaled, const QkvNorm* norm) {
   if (N <= 0) return;
   auto* k16 = reinterpret_cast<__nv_bfloat16*>(k_bf16);
   auto* v16 = reinterpret_cast<__nv_bfloat16*>(v_bf16);
   auto* q16 = reinterpret_cast<__nv_bfloat16*>(q_bf16);
   auto* q16s = reinterpret_cast<__nv_bfloat16*>(q_bf16_scaled);
   const float qscale = AttentionQScale(D);
+  if (norm) {
+    if (!QkvNormSupported(D)) {
+      std::fprintf(stderr, "aha cuda::QkvRope: per-head norms need D <= 128, a multiple of 4 (D = %d)\n", D);
+      std::abort();
+    }
+    const QkvNorm& n = *norm;
+    const size_t smem = QkvShared(D, Hq + Hkv);
+    if (QkvWidth(D, {q, k, v, qkv, bias, n.q_pre, n.k_pre, n.q_norm, n.k_norm}, {k16, v16, q16, q16s}) == 4)
+      QkvRopeKernel<float, false, 4, true><<<N, QkvThreads(Hq, Hkv, D, 4), smem, s>>>(
+          q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D, k16, v16, q16, q16s,
+          qscale, n);
+    else
+      QkvRopeKernel<float, false, 1, true><<<N, QkvThreads(Hq, Hkv, D, 1), smem, s>>>(
+          q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D, k16, v16, q16, q16s,
+          qscale, n);
+    return CheckCuda(cudaGetLastError(), "QkvRopeKernel launch");
+  }
   if (QkvWidth(D, {q, k, v, qkv, bias}, {k16, v16, q16, q16s}) == 4)
     QkvRopeKernel<float, false, 4><<<N, QkvThreads(Hq, Hkv, D, 4), QkvShared(D), s>>>(
         q, k, v, qkv, bias, positions, inv_freq, nullptr, nullptr, Paging{}, 0, Hq, Hkv, D, k16, v16, q16, q16s,
@@ -2127,6 +2293,36 @@ void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float*
     RopePackQkvKernel<1><<<N, QkvThreads(Hq, Hkv, D, 1), QkvShared(D), s>>>(dqkv, d16, dq, dk, dv, positions, inv_freq,
                                                                            Hq, Hkv, D, -1.0f);
   CheckCuda(cudaGetLastError(), "RopePackQkvKernel launch");
+}
+
+bool NormRopePackQkvSupported(int D, std::initializer_list<const void*> f32) {
+  if (D != 64 && D != 128) return false;
+  for (const void* p : f32)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+void NormRopePackQkv(float* dqkv, uint16_t* dqkv_bf16, float* dq_norm, float* dk_norm, const float* dq,
+                     const float* dk, const float* dv, const float* q_pre, const float* k_pre, const float* q_norm,
+                     const float* k_norm, const float* q_rstd, const float* k_rstd, const int32_t* positions,
+                     const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s) {
+  if (N <= 0) return;
+  if (!NormRopePackQkvSupported(D, {dqkv, dq, dk, dv, q_pre, k_pre, q_norm, k_norm}) ||
+      reinterpret_cast<uintptr_t>(dqkv_bf16) % 8 != 0) {
+    std::fprintf(stderr, "aha cuda::NormRopePackQkv: needs D 64 or 128 and 16-byte aligned rows (D = %d)\n", D);
+    std::abort();
+  }
+  auto* d16 = reinterpret_cast<__nv_bfloat16*>(dqkv_bf16);
+  const unsigned blocks = static_cast<unsigned>((N + kNrpRows - 1) / kNrpRows);
+  if (D == 64)
+    NormRopePackQkvKernel<64><<<blocks, kNrpThreads, 0, s>>>(dqkv, d16, dq_norm, dk_norm, dq, dk, dv, q_pre, k_pre,
+                                                            q_norm, k_norm, q_rstd, k_rstd, positions, inv_freq, N,
+                                                            Hq, Hkv);
+  else
+    NormRopePackQkvKernel<128><<<blocks, kNrpThreads, 0, s>>>(dqkv, d16, dq_norm, dk_norm, dq, dk, dv, q_pre, k_pre,
+                                                             q_norm, k_norm, q_rstd, k_rstd, positions, inv_freq, N,
+                                                             Hq, Hkv);
+  CheckCuda(cudaGetLastError(), "NormRopePackQkvKernel launch");
 }
 
 void CachedAttentionRowwise(float* out, const float* q, const KvPages& kv, const int32_t* cu_q, const int32_t* start,

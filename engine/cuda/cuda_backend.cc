@@ -281,6 +281,10 @@ void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   if (bytes) CheckCuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
   Check("copy");
 }
+void CudaBackend::Zero(void* dst, size_t bytes) {
+  if (bytes) CheckCuda(cudaMemsetAsync(dst, 0, bytes, stream_), "zero");
+  Check("zero");
+}
 void CudaBackend::EnsureHost(HostSlot& slot, size_t bytes, const char* what) {
   if (!slot.done) CheckCuda(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming), what);
   if (slot.bytes >= bytes) return;
@@ -723,16 +727,51 @@ void CudaBackend::QkvRope(float* q, float* k, float* v, const float* qkv, const 
 }
 // k and v in bf16 for the tensor-core attention, in the workspace (only this op reads them), unless
 // AHA_ATTENTION_KV16=0 (the A/B: the kernel then stages and converts f32 tiles).
-void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv,
-                                   const float* bias, const int32_t* positions, const float* inv_freq,
-                                   const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+static bool FusedQkvAttentionTakes(bool tc, int N, int D) {
   static const bool kv16_on = [] {
     const char* e = std::getenv("AHA_ATTENTION_KV16");
     return e == nullptr || std::strcmp(e, "0") != 0;
   }();
-  if (!kv16_on || !FusedQkv(D) || !UseTcAttention() || (D != 64 && D != 128) || N <= 0)
+  return kv16_on && FusedQkv(D) && tc && (D == 64 || D == 128) && N > 0;
+}
+void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv,
+                                   const float* bias, const int32_t* positions, const float* inv_freq,
+                                   const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+  if (!FusedQkvAttentionTakes(UseTcAttention(), N, D))
     return Backend::QkvRopeAttention(out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv,
                                      D);
+  FusedQkvAttention(nullptr, out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D);
+}
+// The ops, when the fused form does not take the call: a kept q (no f32 storage) is normed and
+// rotated in scratch and kept as its bf16 copy, which the attention then reads (widened).
+void CudaBackend::QkvNormRopeAttention(float* out, float* lse, float* q_pre, float* k_pre, float* q, float* k,
+                                       float* v, float* q_rstd, float* k_rstd, const float* qkv, const float* bias,
+                                       const float* q_norm, const float* k_norm, float eps, const int32_t* positions,
+                                       const float* inv_freq, const int32_t* cu_seqlens, int S, int N, int Hq,
+                                       int Hkv, int D) {
+  if (FusedQkvAttentionTakes(UseTcAttention(), N, D) && cuda::QkvNormSupported(D)) {
+    const cuda::QkvNorm norm{q_pre, k_pre, q_rstd, k_rstd, q_norm, k_norm, eps};
+    return FusedQkvAttention(&norm, out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D);
+  }
+  const size_t n = static_cast<size_t>(N) * Hq * D;
+  uint16_t* q_kept = KeptCopy(q, n);
+  if (!q_kept)
+    return Backend::QkvNormRopeAttention(out, lse, q_pre, k_pre, q, k, v, q_rstd, k_rstd, qkv, bias, q_norm, k_norm,
+                                         eps, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D);
+  auto* qf = static_cast<float*>(Workspace(n * sizeof(float)));
+  SplitQkv(q_pre, k_pre, v, qkv, bias, N, Hq * D, Hkv * D);
+  RmsNormForward(qf, q_rstd, q_pre, q_norm, N * Hq, D, eps);
+  RmsNormForward(k, k_rstd, k_pre, k_norm, N * Hkv, D, eps);
+  RopeForward(qf, positions, inv_freq, N, Hq, D);
+  RopeForward(k, positions, inv_freq, N, Hkv, D);
+  cuda::CastF32ToBF16(q_kept, qf, n, stream_);
+  Check("q norm + rope");
+  AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D);
+}
+void CudaBackend::FusedQkvAttention(const cuda::QkvNorm* norm, float* out, float* lse, float* q, float* k, float* v,
+                                    const float* qkv, const float* bias, const int32_t* positions,
+                                    const float* inv_freq, const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv,
+                                    int D) {
   // A kept q (read again only by the backward, from its bf16 copy) is written as that copy and, for
   // the wgmma forward, as the forward's own operand (q scaled and rounded, in the workspace): no f32.
   const size_t kn = static_cast<size_t>(N) * Hkv * D, n = static_cast<size_t>(N) * Hq * D;
@@ -746,7 +785,7 @@ void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, f
   uint16_t* q16s = q16_only ? v16 + kn : nullptr;
   if (q_scratch) q = reinterpret_cast<float*>(v16 + kn);
   cuda::QkvRope(q16_only ? nullptr : q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D, stream_, k16, v16, q_kept,
-                q16s);
+                q16s, norm);
   Check("q/k/v + rope");
   // The output feeds the o product: the kernel writes its bf16 copy too (as AttentionForward), or
   // only that when the output is kept in bf16.
@@ -780,6 +819,35 @@ void CudaBackend::RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv
   uint16_t* copy = CastCopy(n);
   cuda::RopePackQkv(dqkv, copy, dq, dk, dv, positions, inv_freq, N, Hq, Hkv, D, stream_);
   Check("rope backward + pack qkv");
+  AdoptCastCopy(dqkv, n, copy);
+}
+// A kept dqkv gets its bf16 copy alone, as in RopePackQkv; the ops (AHA_FUSED_QKV=0, or a shape the
+// kernel does not take) write f32 scratch and a cast of it.
+void CudaBackend::NormRopePackQkv(float* dqkv, float* dq_norm, float* dk_norm, float* dq_pre, float* dk_pre,
+                                  float* dq, float* dk, const float* dv, const float* q_pre, const float* k_pre,
+                                  const float* q_norm, const float* k_norm, const float* q_rstd, const float* k_rstd,
+                                  const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D) {
+  const size_t n = static_cast<size_t>(N) * (Hq + 2 * Hkv) * D;
+  uint16_t* kept = KeptCopy(dqkv, n);
+  const bool fused = FusedQkv(D) && N > 0 &&
+                     cuda::NormRopePackQkvSupported(D, {kept ? nullptr : dqkv, dq, dk, dv, q_pre, k_pre, q_norm,
+                                                        k_norm});
+  if (!fused) {
+    float* f32 = kept ? static_cast<float*>(Workspace(n * sizeof(float))) : dqkv;
+    Backend::NormRopePackQkv(f32, dq_norm, dk_norm, dq_pre, dk_pre, dq, dk, dv, q_pre, k_pre, q_norm, k_norm, q_rstd,
+                             k_rstd, positions, inv_freq, N, Hq, Hkv, D);
+    if (kept) cuda::CastF32ToBF16(kept, f32, n, stream_);
+    return Check("norm + rope backward + pack qkv");
+  }
+  if (kept) {
+    cuda::NormRopePackQkv(nullptr, kept, dq_norm, dk_norm, dq, dk, dv, q_pre, k_pre, q_norm, k_norm, q_rstd, k_rstd,
+                          positions, inv_freq, N, Hq, Hkv, D, stream_);
+    return Check("norm + rope backward + pack qkv");
+  }
+  uint16_t* copy = CastCopy(n);
+  cuda::NormRopePackQkv(dqkv, copy, dq_norm, dk_norm, dq, dk, dv, q_pre, k_pre, q_norm, k_norm, q_rstd, k_rstd,
+                        positions, inv_freq, N, Hq, Hkv, D, stream_);
+  Check("norm + rope backward + pack qkv");
   AdoptCastCopy(dqkv, n, copy);
 }
 void CudaBackend::QkvRopeKvWrite(float* q, float* k, float* v, const float* qkv, const float* bias,

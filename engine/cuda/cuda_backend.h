@@ -24,6 +24,8 @@
 
 namespace aha::engine::cuda {
 
+struct QkvNorm;  // kernels.h
+
 class CudaBackend final : public Backend {
  public:
   // Unavailable with the CUDA error when there is no usable device `index`.
@@ -46,6 +48,7 @@ class CudaBackend final : public Backend {
   bool UseTcAttention() const { return tc_attention_ && gemm_->precision() == GemmPrecision::kBF16; }
 
   void Copy(void* dst, const void* src, size_t bytes) override;
+  void Zero(void* dst, size_t bytes) override;
   // Uploads of up to kStageBytes go through page-locked staging (copied there, then an async DMA), so
   // they never wait for the stream: a pageable source may make the driver sync the stream first,
   // which would stall a host that runs ahead of the GPU.
@@ -125,6 +128,17 @@ class CudaBackend final : public Backend {
                         int Hq, int Hkv, int D) override;
   void RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
                    const float* inv_freq, int N, int Hq, int Hkv, int D) override;
+  // Qwen3's q/k/v step with its per-head norms: one q/k/v kernel (cuda::QkvRope with its norm) and
+  // the attention as QkvRopeAttention runs it; the backward in one kernel (cuda::NormRopePackQkv).
+  // AHA_FUSED_QKV=0, or shapes the kernels do not take, run the ops.
+  void QkvNormRopeAttention(float* out, float* lse, float* q_pre, float* k_pre, float* q, float* k, float* v,
+                            float* q_rstd, float* k_rstd, const float* qkv, const float* bias, const float* q_norm,
+                            const float* k_norm, float eps, const int32_t* positions, const float* inv_freq,
+                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) override;
+  void NormRopePackQkv(float* dqkv, float* dq_norm, float* dk_norm, float* dq_pre, float* dk_pre, float* dq,
+                       float* dk, const float* dv, const float* q_pre, const float* k_pre, const float* q_norm,
+                       const float* k_norm, const float* q_rstd, const float* k_rstd, const int32_t* positions,
+                       const float* inv_freq, int N, int Hq, int Hkv, int D) override;
   void QkvRopeKvWrite(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
                       const float* inv_freq, const PagedKv& cache, const int32_t* cu_q, const int32_t* start, int B,
                       int Nq, int Hq, int Hkv, int D) override;
@@ -166,6 +180,10 @@ class CudaBackend final : public Backend {
                     const uint64_t* counters) override;
 
  private:
+  // QkvRopeAttention's fused form, with Qwen3's norms when norm is not null (QkvNormRopeAttention).
+  void FusedQkvAttention(const QkvNorm* norm, float* out, float* lse, float* q, float* k, float* v,
+                         const float* qkv, const float* bias, const int32_t* positions, const float* inv_freq,
+                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D);
   CudaBackend(int index, cudaStream_t stream, GemmPrecision precision);
   void* Workspace(size_t bytes);
   // Where a producer kernel (RMSNorm, add + RMSNorm, SwiGLU, and in the backward SwiGLU's and

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #include "engine/cuda/gemm.h"
@@ -124,12 +125,36 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
 // attention's operands: AttentionForwardTCBf16Kv). D even.
 // q_bf16 gets q rounded to bf16 and q_bf16_scaled q times AttentionQScale(D) rounded (the training
 // forward's operand, the same bits as its own rounding) when not null; q may then be null.
+// norm, when not null: Qwen3's per-head norms between the split and the rotation
+// (Backend::QkvNormRopeAttention's q/k/v step; QkvNormSupported(D)), RmsNormForward's arithmetic, so
+// the ops' bits: the split rows (bias added) go to q_pre[N, Hq D] and k_pre[N, Hkv D], each head's
+// rstd to q_rstd[N Hq] and k_rstd[N Hkv], and q and k are normed by q_norm / k_norm[D] before RoPE.
+struct QkvNorm {
+  float* q_pre = nullptr;
+  float* k_pre = nullptr;
+  float* q_rstd = nullptr;
+  float* k_rstd = nullptr;
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  float eps = 0.0f;
+};
+inline bool QkvNormSupported(int D) { return D > 0 && D <= 128 && D % 4 == 0; }
 void QkvRope(float* q, float* k, float* v, const float* qkv, const float* bias, const int32_t* positions,
              const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s, uint16_t* k_bf16 = nullptr,
-             uint16_t* v_bf16 = nullptr, uint16_t* q_bf16 = nullptr, uint16_t* q_bf16_scaled = nullptr);
+             uint16_t* v_bf16 = nullptr, uint16_t* q_bf16 = nullptr, uint16_t* q_bf16_scaled = nullptr,
+             const QkvNorm* norm = nullptr);
 // RopePackQkv: dqkv may be null when dqkv_bf16 is not (a gradient kept in bf16 only).
 void RopePackQkv(float* dqkv, uint16_t* dqkv_bf16, const float* dq, const float* dk, const float* dv,
                  const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
+// Backend::NormRopePackQkv in one launch (32 rows a block): the rotation back, the per-head norms'
+// backward (dq_norm and dk_norm added to, by atomics; dx as RmsNormBackward computes it, summed in
+// another order) and the pack into dqkv (f32 and/or its bf16 copy; either may be null), leaving dq and
+// dk as they were. D 64 or 128 with 16-byte aligned rows (NormRopePackQkvSupported).
+bool NormRopePackQkvSupported(int D, std::initializer_list<const void*> f32);
+void NormRopePackQkv(float* dqkv, uint16_t* dqkv_bf16, float* dq_norm, float* dk_norm, const float* dq,
+                     const float* dk, const float* dv, const float* q_pre, const float* k_pre, const float* q_norm,
+                     const float* k_norm, const float* q_rstd, const float* k_rstd, const int32_t* positions,
+                     const float* inv_freq, int N, int Hq, int Hkv, int D, cudaStream_t s);
 // Dispatches: one row per sequence (Nq == B, the decode step) to CachedAttentionDecodeTC when
 // CachedAttentionDecodeTcSupported (bf16 pool, Hq / Hkv <= 16, D in {64, 128}), else to
 // CachedAttentionDecode; anything else to CachedAttentionRowwise. workspace: at least

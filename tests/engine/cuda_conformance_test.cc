@@ -662,6 +662,154 @@ TEST(CudaOps, QkvGradientKeptAsBf16) {
 }
 
 
+// Qwen3's q/k/v step with its per-head norms (QkvNormRopeAttention: one q/k/v kernel, then the
+// attention) against its ops on the GPU (SplitQkv, RmsNormForward twice, RopeForward twice,
+// AttentionForward): q_pre, k_pre, the rstds, q, k, v, out and lse bit for bit, and within kF32 of
+// the CPU; the kernel's one-value form gives the four-value form's bits; a q kept in bf16 (as the
+// Transformer keeps it) holds the ops' q rounded and gives the same out. The backward
+// (NormRopePackQkv: one kernel) against its ops (RopeBackward, RmsNormBackward, PackQkv): dqkv and
+// the norms' weight gradients within kF32 of the ops and of the CPU (its dx sums each head in
+// another order, its dw comes from other atomics); a kept dqkv is the f32 one rounded. Head counts
+// with Hq + Hkv odd at D = 64 leave half a warp idle in the backward's last slot.
+TEST(CudaOps, QkvNormRopeAttentionAndItsBackwardEqualTheirOps) {
+  REQUIRE_GPU();
+  CpuBackend cpu;
+  const float eps = 1e-6f;
+  struct Case {
+    int N, Hq, Hkv, D;
+    bool bias;
+  };
+  for (const Case& c : {Case{301, 16, 8, 128, false}, Case{301, 14, 2, 64, true}, Case{33, 4, 4, 128, true},
+                        Case{7, 6, 3, 64, false}}) {
+    const int N = c.N, D = c.D, Hq = c.Hq, Hkv = c.Hkv, QD = Hq * D, KD = Hkv * D, W = QD + 2 * KD;
+    const std::string shape = "N=" + std::to_string(N) + " H=" + std::to_string(Hq) + "/" + std::to_string(Hkv) +
+                              " D=" + std::to_string(D) + (c.bias ? " bias" : "");
+    const size_t nq = size_t(N) * QD, nk = size_t(N) * KD;
+    const auto qkv = Randn(size_t(N) * W, 2.0f), bias = Randn(W);
+    auto qw = Randn(D, 0.2f), kw = Randn(D, 0.2f);
+    for (float& x : qw) x += 1.0f;
+    for (float& x : kw) x += 1.0f;
+    const auto pos = RandInt(N, 0, 4000);
+    const std::vector<float> inv_freq = RopeInvFreq(D);
+    const std::vector<int32_t> cu{0, N / 3, N / 3 + 1, N};
+    const int S = 3;
+    const float* b_cpu = c.bias ? bias.data() : nullptr;
+    std::vector<float> q_pre(nq), k_pre(nk), q(nq), k(nk), v(nk), qr(size_t(N) * Hq), kr(size_t(N) * Hkv), out(nq),
+        lse(size_t(N) * Hq);
+    cpu.QkvNormRopeAttention(out.data(), lse.data(), q_pre.data(), k_pre.data(), q.data(), k.data(), v.data(),
+                             qr.data(), kr.data(), qkv.data(), b_cpu, qw.data(), kw.data(), eps, pos.data(),
+                             inv_freq.data(), cu.data(), S, N, Hq, Hkv, D);
+    Tensor d_qkv = Up(qkv), d_bias = Up(bias), d_qw = Up(qw), d_kw = Up(kw), d_pos = Up(pos), d_inv = Up(inv_freq),
+           d_cu = Up(cu);
+    const float* b = c.bias ? d_bias.f32() : nullptr;
+    struct Fwd {
+      Tensor q_pre, k_pre, q, k, v, qr, kr, out, lse;
+    };
+    auto make = [&] {
+      return Fwd{Poisoned(nq), Poisoned(nk), Poisoned(nq), Poisoned(nk), Poisoned(nk), Poisoned(size_t(N) * Hq),
+                 Poisoned(size_t(N) * Hkv), Poisoned(nq), Poisoned(size_t(N) * Hq)};
+    };
+    Fwd ops = make(), op = make();
+    gpu->SplitQkv(ops.q_pre.f32(), ops.k_pre.f32(), ops.v.f32(), d_qkv.f32(), b, N, QD, KD);
+    gpu->RmsNormForward(ops.q.f32(), ops.qr.f32(), ops.q_pre.f32(), d_qw.f32(), N * Hq, D, eps);
+    gpu->RmsNormForward(ops.k.f32(), ops.kr.f32(), ops.k_pre.f32(), d_kw.f32(), N * Hkv, D, eps);
+    gpu->RopeForward(ops.q.f32(), d_pos.i32(), d_inv.f32(), N, Hq, D);
+    gpu->RopeForward(ops.k.f32(), d_pos.i32(), d_inv.f32(), N, Hkv, D);
+    gpu->AttentionForward(ops.out.f32(), ops.lse.f32(), ops.q.f32(), ops.k.f32(), ops.v.f32(), d_cu.i32(), S, N, Hq,
+                          Hkv, D);
+    gpu->QkvNormRopeAttention(op.out.f32(), op.lse.f32(), op.q_pre.f32(), op.k_pre.f32(), op.q.f32(), op.k.f32(),
+                              op.v.f32(), op.qr.f32(), op.kr.f32(), d_qkv.f32(), b, d_qw.f32(), d_kw.f32(), eps,
+                              d_pos.i32(), d_inv.f32(), d_cu.i32(), S, N, Hq, Hkv, D);
+    const std::vector<std::tuple<const char*, const Tensor*, const Tensor*, const std::vector<float>*>> fwd = {
+        {"q_pre", &op.q_pre, &ops.q_pre, &q_pre}, {"k_pre", &op.k_pre, &ops.k_pre, &k_pre},
+        {"q rstd", &op.qr, &ops.qr, &qr},         {"k rstd", &op.kr, &ops.kr, &kr},
+        {"q", &op.q, &ops.q, &q},                 {"k", &op.k, &ops.k, &k},
+        {"v", &op.v, &ops.v, &v}};
+    for (const auto& [what, a, o, cpu_v] : fwd) {
+      ExpectNmse(std::string("qkv norm + rope ") + what + " vs the ops", shape, Down(*a), Down(*o), 0.0);
+      ExpectNmse(std::string("qkv norm + rope ") + what + " vs cpu", shape, Down(*a), *cpu_v, kF32);
+    }
+    ExpectNmse("qkv norm + rope + attention out vs the ops", shape, Down(op.out), Down(ops.out), 0.0);
+    ExpectNmse("qkv norm + rope + attention lse vs the ops", shape, Down(op.lse), Down(ops.lse), 0.0);
+    // The kernel's one-value form (rows one float past a 16-byte boundary).
+    {
+      auto shifted = [](std::vector<float> x) {
+        x.insert(x.begin(), 0.0f);
+        return Up(x);
+      };
+      Tensor s_qkv = shifted(qkv), s_q = Poisoned(nq + 1), s_k = Poisoned(nk + 1), s_v = Poisoned(nk + 1);
+      Tensor s_qp = Poisoned(nq + 1), s_kp = Poisoned(nk + 1), s_qr = Poisoned(size_t(N) * Hq),
+             s_kr = Poisoned(size_t(N) * Hkv);
+      const cuda::QkvNorm norm{s_qp.f32() + 1, s_kp.f32() + 1, s_qr.f32(), s_kr.f32(), d_qw.f32(), d_kw.f32(), eps};
+      cuda::QkvRope(s_q.f32() + 1, s_k.f32() + 1, s_v.f32() + 1, s_qkv.f32() + 1, b, d_pos.i32(), d_inv.f32(), N, Hq,
+                    Hkv, D, gpu->stream(), nullptr, nullptr, nullptr, nullptr, &norm);
+      auto past_first = [](const Tensor& t) {
+        auto x = Down(t);
+        x.erase(x.begin());
+        return x;
+      };
+      ExpectNmse("qkv norm + rope q, a value a thread vs four", shape, past_first(s_q), Down(op.q), 0.0);
+      ExpectNmse("qkv norm + rope k, a value a thread vs four", shape, past_first(s_k), Down(op.k), 0.0);
+      ExpectNmse("qkv norm + rope q_pre, a value a thread vs four", shape, past_first(s_qp), Down(op.q_pre), 0.0);
+      ExpectNmse("qkv norm + rope k rstd, a value a thread vs four", shape, Down(s_kr), Down(op.kr), 0.0);
+    }
+    if (gpu->KeepsBf16()) {
+      Fwd kept = make();
+      Tensor kq = Tensor::Reserved(DType::kF32, {int64_t(nq)}, gpu->device());
+      gpu->KeepAsBf16(kq.f32(), nq);
+      gpu->QkvNormRopeAttention(kept.out.f32(), kept.lse.f32(), kept.q_pre.f32(), kept.k_pre.f32(), kq.f32(),
+                                kept.k.f32(), kept.v.f32(), kept.qr.f32(), kept.kr.f32(), d_qkv.f32(), b, d_qw.f32(),
+                                d_kw.f32(), eps, d_pos.i32(), d_inv.f32(), d_cu.i32(), S, N, Hq, Hkv, D);
+      ExpectNmse("kept q vs the ops' q rounded", shape, KeptValues(gpu, kq), Rounded(Down(ops.q)), 0.0);
+      ExpectNmse("out with q kept vs not", shape, Down(kept.out), Down(op.out), 0.0);
+      gpu->ReleaseBf16(kq.f32());
+    }
+
+    // The backward from the fused forward's saved tensors (equal to the ops' above).
+    const auto dq = Randn(nq), dk = Randn(nk), dv = Randn(nk), dqw0 = Randn(D), dkw0 = Randn(D);
+    std::vector<float> dqkv(size_t(N) * W), dqw = dqw0, dkw = dkw0;
+    {
+      auto dq_c = dq, dk_c = dk;
+      std::vector<float> sq(nq), sk(nk);
+      cpu.NormRopePackQkv(dqkv.data(), dqw.data(), dkw.data(), sq.data(), sk.data(), dq_c.data(), dk_c.data(),
+                          dv.data(), q_pre.data(), k_pre.data(), qw.data(), kw.data(), qr.data(), kr.data(), pos.data(),
+                          inv_freq.data(), N, Hq, Hkv, D);
+    }
+    Tensor d_dv = Up(dv);
+    Tensor dq2 = Up(dq), dk2 = Up(dk), dqp2 = Poisoned(nq), dkp2 = Poisoned(nk), dqkv2 = Poisoned(dqkv.size()),
+           dqw2 = Up(dqw0), dkw2 = Up(dkw0);
+    gpu->RopeBackward(dq2.f32(), d_pos.i32(), d_inv.f32(), N, Hq, D);
+    gpu->RopeBackward(dk2.f32(), d_pos.i32(), d_inv.f32(), N, Hkv, D);
+    gpu->Zero(dqp2.raw(), nq * sizeof(float));
+    gpu->Zero(dkp2.raw(), nk * sizeof(float));
+    gpu->RmsNormBackward(dqp2.f32(), dqw2.f32(), dq2.f32(), op.q_pre.f32(), d_qw.f32(), op.qr.f32(), N * Hq, D);
+    gpu->RmsNormBackward(dkp2.f32(), dkw2.f32(), dk2.f32(), op.k_pre.f32(), d_kw.f32(), op.kr.f32(), N * Hkv, D);
+    gpu->PackQkv(dqkv2.f32(), dqp2.f32(), dkp2.f32(), d_dv.f32(), N, QD, KD);
+    auto backward = [&](Tensor& dqkv_t, Tensor& dqw_t, Tensor& dkw_t) {
+      Tensor dq1 = Up(dq), dk1 = Up(dk), dqp1 = Poisoned(nq), dkp1 = Poisoned(nk);
+      gpu->NormRopePackQkv(dqkv_t.f32(), dqw_t.f32(), dkw_t.f32(), dqp1.f32(), dkp1.f32(), dq1.f32(), dk1.f32(),
+                           d_dv.f32(), op.q_pre.f32(), op.k_pre.f32(), d_qw.f32(), d_kw.f32(), op.qr.f32(),
+                           op.kr.f32(), d_pos.i32(), d_inv.f32(), N, Hq, Hkv, D);
+    };
+    Tensor dqkv1 = Poisoned(dqkv.size()), dqw1 = Up(dqw0), dkw1 = Up(dkw0);
+    backward(dqkv1, dqw1, dkw1);
+    ExpectNmse("norm + rope backward + pack dqkv vs the ops", shape, Down(dqkv1), Down(dqkv2), kF32);
+    ExpectNmse("norm + rope backward q_norm grad vs the ops", shape, Down(dqw1), Down(dqw2), kF32);
+    ExpectNmse("norm + rope backward k_norm grad vs the ops", shape, Down(dkw1), Down(dkw2), kF32);
+    ExpectNmse("norm + rope backward + pack dqkv vs cpu", shape, Down(dqkv1), dqkv, kF32);
+    ExpectNmse("norm + rope backward q_norm grad vs cpu", shape, Down(dqw1), dqw, kF32);
+    ExpectNmse("norm + rope backward k_norm grad vs cpu", shape, Down(dkw1), dkw, kF32);
+    if (gpu->KeepsBf16()) {
+      Tensor kept = Tensor::Reserved(DType::kF32, {int64_t(dqkv.size())}, gpu->device()), dqw3 = Up(dqw0),
+             dkw3 = Up(dkw0);
+      gpu->KeepAsBf16(kept.f32(), dqkv.size());
+      backward(kept, dqw3, dkw3);
+      ExpectNmse("kept dqkv vs f32 dqkv rounded", shape, KeptValues(gpu, kept), Rounded(Down(dqkv1)), 0.0);
+      gpu->ReleaseBf16(kept.f32());
+    }
+  }
+}
+
 TEST(CudaOps, MlpTensorsKeptAsBf16AreTheirRoundedValues) {
   REQUIRE_GPU();
   CpuBackend cpu;
