@@ -902,11 +902,9 @@ __global__ void __launch_bounds__(kNrpThreads)
     const size_t o = i * W + (isq ? h * D : QD + (h - Hq) * D) + c;
     if (dqkv) St4(dqkv + o, d);
     if (dqkv16) *reinterpret_cast<uint2*>(dqkv16 + o) = PackBf16x4(d);
-    float4& acc = isq ? accq : acck;
-    acc.x += y[0] * x.x * r;
-    acc.y += y[1] * x.y * r;
-    acc.z += y[2] * x.z * r;
-    acc.w += y[3] * x.w * r;
+    const float4 e = make_float4(y[0] * x.x * r, y[1] * x.y * r, y[2] * x.z * r, y[3] * x.w * r);
+    if (isq) accq = make_float4(accq.x + e.x, accq.y + e.y, accq.z + e.z, accq.w + e.w);
+    else acck = make_float4(acck.x + e.x, acck.y + e.y, acck.z + e.z, acck.w + e.w);
   }
   // dv into the rows' v columns
   for (int f = threadIdx.x; f < rows * (KD / 4); f += kNrpThreads) {

@@ -617,7 +617,7 @@ void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, con
   if (S <= 0) Fail("AttentionBackwardTC: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
   if (wgmma && AttentionBackwardWgmmaSupported(D)) {
-    return AttentionBackwardWgmma(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, workspace, s);
+    return AttentionBackwardWgmma(dq, dk, dv, dout, out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D, workspace, s);
   }
   // dq, dk, dv are accumulated with atomics: zero them first ("overwrite" semantics of the op).
   CheckCuda(cudaMemsetAsync(dq, 0, static_cast<size_t>(N) * Hq * D * sizeof(float), s), "cudaMemsetAsync(dq)");

@@ -271,11 +271,12 @@ constexpr int kWbDqBox = 64 * 128;  // dQ's staging: columns 0-31, then 32-63, 6
 // K, V | 2 x (Q, dO) | dS^T | dQ (two boxes) | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
 constexpr int kWbSmem = 7 * kWbTile + 2 * kWbDqBox + 2 * 3 * kWbRows * 4 + 16 + 1024;
 
-// The backward's pre-pass: per (row, head), 16 threads of 4 columns: delta = scale * (dout . out)
+// The backward's pre-pass: per (row, head), D / 4 threads of 4 columns: delta = scale * (dout . out)
 // (out from its bf16 copy out16 when that is given: the attention output kept in bf16 only; dout
 // likewise from dout16_in, which the kernel then reads as it is), bf16 copies of q (unless q16_in,
 // q's kept copy, is given: the kernel reads that) and dout, dq zeroed (the kernel adds into it),
 // and row_start[r] = the first row of row r's sequence (head 0).
+template <int D>
 __global__ void __launch_bounds__(256)
     WgBwdPrepassKernel(float* __restrict__ delta, int* __restrict__ row_start, uint16_t* __restrict__ q16,
                        uint16_t* __restrict__ dout16, float* __restrict__ dq, const float* __restrict__ q,
@@ -283,8 +284,9 @@ __global__ void __launch_bounds__(256)
                        const uint16_t* __restrict__ dout16_in, const float* __restrict__ out,
                        const uint16_t* __restrict__ out16, const int32_t* __restrict__ cu, int S, int N, int Hq,
                        float scale) {
+  constexpr int LPR = D / 4;  // threads a (row, head): 16 or 32
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // float4 index
-  const long long rh = i >> 4;                                                          // row * Hq + head
+  const long long rh = i / LPR;                                                         // row * Hq + head
   const bool in = rh < static_cast<long long>(N) * Hq;
   float dot = 0.0f;
   if (in) {
@@ -298,8 +300,8 @@ __global__ void __launch_bounds__(256)
     *reinterpret_cast<float4*>(dq + at) = Zero4();
   }
 #pragma unroll
-  for (int off = 1; off < 16; off <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-  if (in && (i & 15) == 0) {
+  for (int off = 1; off < LPR; off <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  if (in && i % LPR == 0) {
     delta[rh] = dot * scale;
     const int r = static_cast<int>(rh / Hq);
     if (rh % Hq == 0) row_start[r] = __ldg(cu + FindSeq(cu, S, r));
@@ -527,6 +529,278 @@ __global__ void __launch_bounds__(kWbThreads, 2)
 #endif
 }
 
+
+// The backward at D = 128 (Qwen3, Qwen2.5-1.5B and up, Llama): the D = 64 kernel's tile on two
+// warpgroups, each owning one 64-wide half of D. Block = 64 keys x one query head, 256 threads; every
+// [64][64] bf16 tile of the D = 64 kernel is here two tiles, one a half of D. Per query tile:
+//   warpgroup 0 computes S^T = K Q^T and warpgroup 1 dP^T = V dO^T, each over the whole of D (8
+//     products: the two halves' 4 k-steps); each writes its accumulators to shared memory in their
+//     register order and reads the other's, so both hold S^T and dP^T;
+//   both compute P^T and dS^T = P^T (dP^T - delta) (unscaled, as AttnBwdTcKernel: scale = 1/sqrt(128)
+//     is not a power of two, so V is not pre-scaled and delta comes unscaled) and pack them;
+//   warpgroup w: dV_w += P^T dO_w, dK_w += dS^T Q_w (its half of D), dS^T to shared memory (each
+//     warpgroup writes half of it), then dQ_w = dS K_w, scaled, staged and added into dq by the
+//     tensor memory accelerator (its two 32-column boxes);
+// at the end scale dK_w and dV_w go into dk, dv with atomics. Registers as the D = 64 kernel's (230),
+// one block a multiprocessor (8 warps, as two blocks of the D = 64 kernel).
+constexpr int kWb2Threads = 256;
+// K0, K1, V0, V1 | 2 x (Q0, Q1, dO0, dO1) | dS^T | dQ (two warpgroups x two boxes) | S^T, dP^T (f32) |
+// 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
+constexpr int kWb2Tiles = 13;
+constexpr int kWb2Smem = kWb2Tiles * kWbTile + 4 * kWbDqBox + 2 * 64 * 64 * 4 + 2 * 3 * kWbRows * 4 + 16 + 1024;
+
+// Rows row0 .. row0 + 63 of one 64-wide half of x[*, H, 128] (bf16) at head `head`, as CopyTile64.
+__device__ __forceinline__ void CopyHalfTile128(unsigned char* dst, const uint16_t* __restrict__ x, int row0, int N,
+                                                int H, int head, int half, int tid) {
+#pragma unroll
+  for (int it = 0; it < 512 / kWb2Threads; ++it) {
+    const int f = tid + it * kWb2Threads;
+    const int rr = f >> 3, c = f & 7;
+    const int row = row0 + rr;
+    const bool valid = row < N;
+    const size_t src = (static_cast<size_t>(valid ? row : 0) * H + head) * 128 + half * 64 + c * 8;
+    CpAsync16(dst + Swizzled128(rr, c), x + src, valid);
+  }
+}
+
+__device__ __forceinline__ void NamedBarrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__global__ void __launch_bounds__(kWb2Threads, 1)
+    AttnBwdWgmma128Kernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                          const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
+                          const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
+                          const float* __restrict__ delta, const int* __restrict__ row_start,
+                          const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
+                          const __grid_constant__ CUtensorMap map_dq) {
+#ifdef AHA_WGMMA
+  constexpr int KK = 4, DN = 8, T = kWbTile;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = AlignSmem1024(smem_raw);
+  const uint32_t base = SmemAddr(smem);
+  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31, g = lane >> 2,
+            t = lane & 3;
+  // Tiles: K half j at j T, V half j at (2 + j) T, buffer b's Q half j at (4 + 4 b + j) T and dO half j
+  // at (6 + 4 b + j) T, dS^T at 12 T.
+  const uint32_t kb = base, vb = base + 2 * T, dsb = base + 12 * T;
+  unsigned char* ds_s = smem + 12 * T;
+  unsigned char* dq_s = smem + kWb2Tiles * T + wg * 2 * kWbDqBox;  // this warpgroup's two boxes
+  const uint32_t dq_sb = base + kWb2Tiles * T + wg * 2 * kWbDqBox;
+  float4* xch = reinterpret_cast<float4*>(smem + kWb2Tiles * T + 4 * kWbDqBox);  // [2][8][128] float4
+  float* stats = reinterpret_cast<float*>(xch + 2 * 8 * 128);
+  int* r_stop_s = reinterpret_cast<int*>(stats + 6 * kWbRows);
+
+  const int h = blockIdx.x, kvh = h / (Hq / Hkv);
+  const int k0 = blockIdx.y * kWbRows;
+  const int k_last = min(k0 + kWbRows, N) - 1;
+  const int keyA = k0 + warp * 16 + g, keyB = keyA + 8;
+  const float scale_log2 = scale * kLog2e;
+
+  float st_lse = 0.0f, st_dl = 0.0f;
+  int st_ss = 0;
+  bool st_in = false;
+  auto load_stats = [&](int r) {
+    st_in = r < N;
+    const int rr = st_in ? r : 0;
+    st_lse = __ldg(lse + static_cast<size_t>(rr) * Hq + h);
+    st_dl = __ldg(delta + static_cast<size_t>(rr) * Hq + h);
+    st_ss = __ldg(row_start + rr);
+  };
+  auto store_stats = [&](int b) {
+    stats[3 * b * kWbRows + tid] = st_in ? st_lse * kLog2e : 0.0f;
+    stats[(3 * b + 1) * kWbRows + tid] = st_in ? st_dl : 0.0f;
+    reinterpret_cast<int*>(stats)[(3 * b + 2) * kWbRows + tid] = st_in ? st_ss : INT_MAX;
+  };
+  auto issue = [&](int rt, int b) {
+    unsigned char* dst = smem + (4 + 4 * b) * T;
+    CopyHalfTile128(dst, q16, rt, N, Hq, h, 0, tid);
+    CopyHalfTile128(dst + T, q16, rt, N, Hq, h, 1, tid);
+    CopyHalfTile128(dst + 2 * T, dout16, rt, N, Hq, h, 0, tid);
+    CopyHalfTile128(dst + 3 * T, dout16, rt, N, Hq, h, 1, tid);
+    CpAsyncCommit();
+  };
+
+  issue(k0, 0);
+  if (tid < kWbRows) load_stats(k0 + tid);
+  // K and V of the block's keys, rounded to bf16 (V unscaled), each half of D swizzled in its tile.
+#pragma unroll
+  for (int it = 0; it < 8; ++it) {
+    const int f = tid + it * kWb2Threads;  // 2048 float4 of a 64 x 128 tile
+    const int rr = f >> 5, d4 = f & 31, half = d4 >> 4, dh = d4 & 15;
+    const int key = k0 + rr;
+    float4 kx = Zero4(), vx = Zero4();
+    if (key < N) {
+      const size_t off = (static_cast<size_t>(key) * Hkv + kvh) * 128 + d4 * 4;
+      kx = Ldg4(k + off);
+      vx = Ldg4(v + off);
+    }
+    const int at = half * T + Swizzled128(rr, dh >> 1) + (dh & 1) * 8;
+    *reinterpret_cast<uint2*>(smem + at) = PackBf16x4(kx);
+    *reinterpret_cast<uint2*>(smem + 2 * T + at) = PackBf16x4(vx);
+  }
+  if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);
+  if (tid < kWbRows) store_stats(0);
+  CopiesLanded();
+  __syncthreads();
+  const int r_stop = *r_stop_s;
+
+  float dK[DN][4], dV[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dK[dn][c] = dV[dn][c] = 0.0f;
+  }
+
+  int buf = 0;
+  for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1) {
+    const bool has_next = rt + kWbRows < r_stop;
+    if (has_next) {
+      issue(rt + kWbRows, buf ^ 1);
+      if (tid < kWbRows) load_stats(rt + kWbRows + tid);
+    }
+    const uint32_t qb = base + (4 + 4 * buf) * T, dob = qb + 2 * T;
+    const float* l2 = stats + 3 * buf * kWbRows;
+    const float* dl = l2 + kWbRows;
+    const int* ssr = reinterpret_cast<const int*>(l2 + 2 * kWbRows);
+
+    auto tile = [&](auto masked) {
+      // Warpgroup 0: S^T = K Q^T; warpgroup 1: dP^T = V dO^T; over both halves of D.
+      float mine[DN][4], other[DN][4];
+      const uint32_t a0 = wg == 0 ? kb : vb, b0 = wg == 0 ? qb : dob;
+      WgmmaFence();
+      WgmmaSs64x64First<0, 0>(mine, SwizzledDesc(a0), SwizzledDesc(b0));
+#pragma unroll
+      for (int kk = 1; kk < 2 * KK; ++kk) {
+        const uint32_t at = (kk >> 2) * T + (kk & 3) * 32;
+        WgmmaSs64x64<0, 0>(mine, SwizzledDesc(a0 + at), SwizzledDesc(b0 + at), 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceAccumulators(mine);
+      // Exchange: the same fragment layout on both warpgroups, so thread wt of one holds the
+      // elements thread wt of the other needs.
+#pragma unroll
+      for (int j = 0; j < DN; ++j) xch[(wg * DN + j) * 128 + wt] = make_float4(mine[j][0], mine[j][1], mine[j][2], mine[j][3]);
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < DN; ++j) {
+        const float4 o = xch[((1 - wg) * DN + j) * 128 + wt];
+        other[j][0] = o.x, other[j][1] = o.y, other[j][2] = o.z, other[j][3] = o.w;
+      }
+      // P^T into mine, dS^T into other: element (nt, c) is key keyA (c < 2) or keyB x tile row 8 nt +
+      // 2 t + (c & 1).
+#pragma unroll
+      for (int nt = 0; nt < DN; ++nt) {
+        const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
+        const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
+        int2 ssp = make_int2(0, 0);
+        if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int jr = nt * 8 + 2 * t + (c & 1);
+          const float a = mine[nt][c], b = other[nt][c];
+          const float sv = wg == 0 ? a : b, dpv = wg == 0 ? b : a;
+          float x = fmaf(sv, scale_log2, -((c & 1) ? l2p.y : l2p.x));
+          if constexpr (decltype(masked)::value) {
+            const int key = c < 2 ? keyA : keyB;
+            const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;
+            x = ok ? x : -INFINITY;
+          }
+          const float p = Exp2Ftz(x);
+          mine[nt][c] = p;                                          // P^T
+          other[nt][c] = p * (dpv - ((c & 1) ? dlp.y : dlp.x));  // dS^T
+        }
+      }
+      uint32_t pa[KK][4], sa[KK][4];
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) {
+        PackPFrag(pa[kk], mine[2 * kk], mine[2 * kk + 1]);
+        PackPFrag(sa[kk], other[2 * kk], other[2 * kk + 1]);
+      }
+      // dV_w += P^T dO_w, dK_w += dS^T Q_w: left running while dS^T goes to shared memory.
+      const uint32_t dob_w = dob + wg * T, qb_w = qb + wg * T;
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) WgmmaRs64x64<1>(dV, pa[kk], SwizzledDescMN(dob_w + kk * 2048, kWbTile), 1);
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) WgmmaRs64x64<1>(dK, sa[kk], SwizzledDescMN(qb_w + kk * 2048, kWbTile), 1);
+      WgmmaCommit();
+      // dS^T [64 keys][64 rows] bf16, swizzled; warpgroup w writes row chunks 4 w .. 4 w + 3.
+      {
+        const int rA = warp * 16 + g, rB = rA + 8;
+#pragma unroll
+        for (int kk2 = 0; kk2 < KK / 2; ++kk2) {
+          const int kk = wg * (KK / 2) + kk2;
+          const int c0 = 2 * kk, c1 = 2 * kk + 1;
+          uint32_t x[4];  // sa[kk] chosen by value: an index known only at run time would put sa in memory
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[e] = wg == 0 ? sa[kk2][e] : sa[KK / 2 + kk2][e];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c0) + 4 * t) = x[0];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c0) + 4 * t) = x[1];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c1) + 4 * t) = x[2];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c1) + 4 * t) = x[3];
+        }
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      if (wt == 0) BulkWaitRead<0>();  // this warpgroup's last dQ boxes have been read
+      __syncthreads();                 // dS^T complete; the exchange area free again
+      float dQ[DN][4];
+      const uint32_t kb_w = kb + wg * T;
+      WgmmaFence();
+      WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb_w, kWbTile));
+#pragma unroll
+      for (int kk = 1; kk < KK; ++kk) {
+        WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb_w + kk * 2048, kWbTile),
+                           1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceAccumulators(dV);
+      FenceAccumulators(dK);
+      FenceAccumulators(dQ);
+      KeepLive(pa);
+      KeepLive(sa);
+      {
+        const int ra = warp * 16 + g;
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn) {
+          const int at = (dn >> 2) * kWbDqBox + ra * 128 + (((2 * (dn & 3) + (t >> 1)) ^ (ra & 7)) << 4) + 8 * (t & 1);
+          *reinterpret_cast<float2*>(dq_s + at) = make_float2(dQ[dn][0] * scale, dQ[dn][1] * scale);
+          *reinterpret_cast<float2*>(dq_s + at + 8 * 128) = make_float2(dQ[dn][2] * scale, dQ[dn][3] * scale);
+        }
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      NamedBarrier(1 + wg, 128);  // this warpgroup's boxes are written
+      if (wt == 0) {
+        TmaReduceAdd(&map_dq, h * 128 + wg * 64, rt, dq_sb);
+        TmaReduceAdd(&map_dq, h * 128 + wg * 64 + 32, rt, dq_sb + kWbDqBox);
+        BulkCommit();
+      }
+    };
+    if (ssr[0] <= k_last) {
+      if (k0 + kWbRows - 1 <= rt && ssr[kWbRows - 1] <= k0) tile(std::false_type{});
+      else tile(std::true_type{});
+    }
+
+    if (has_next) {
+      CopiesLanded();
+      if (tid < kWbRows) store_stats(buf ^ 1);
+    }
+    __syncthreads();
+  }
+
+  if (wt == 0) BulkWait<0>();
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+    AtomicAddFrag<128>(dk, Hkv, kvh, keyA, keyB, wg * 64 + dn * 8, dK[dn], scale, N, t);
+    AtomicAddFrag<128>(dv, Hkv, kvh, keyA, keyB, wg * 64 + dn * 8, dV[dn], 1.0f, N, t);
+  }
+#else
+  __trap();  // built without sm_90a: AttentionBackwardWgmmaSupported() said no
+#endif
+}
+
 }  // namespace
 
 bool AttentionForwardWgmmaSupported(int D) {
@@ -542,13 +816,16 @@ bool AttentionForwardWgmmaSupported(int D) {
 #endif
 }
 
+// D = 64 with the wgmma forward (the same switch), D = 128 on any device that has it (there the
+// forward stays on mma.sync); AHA_ATTENTION_WGMMA_BWD=0 turns both off, AHA_ATTENTION_WGMMA_BWD=64
+// keeps D = 128 on mma.sync (the A/B).
 bool AttentionBackwardWgmmaSupported(int D) {
-  static const bool on = [] {
-    const char* e = std::getenv("AHA_ATTENTION_WGMMA_BWD");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
+  static const char* const e = std::getenv("AHA_ATTENTION_WGMMA_BWD");
+  static const bool on = e == nullptr || std::strcmp(e, "0") != 0;
+  static const bool d128 = e == nullptr || std::strcmp(e, "64") != 0;
   // The dQ reductions go through a tensor map, encoded through the driver's entry point.
-  return on && AttentionForwardWgmmaSupported(D) && TensorMapEncoder() != nullptr;
+  return on && (D == 64 || (D == 128 && d128)) && AttentionForwardWgmmaSupported(64) &&
+         TensorMapEncoder() != nullptr;
 }
 
 size_t AttentionBackwardTCWorkspace(int N, int Hq, int D) {
@@ -558,32 +835,44 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D) {
 
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
-                            int Hq, int Hkv, void* workspace, cudaStream_t s, const uint16_t* out16,
+                            int Hq, int Hkv, int D, void* workspace, cudaStream_t s, const uint16_t* out16,
                             const uint16_t* dout16_in, const uint16_t* q16_in) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionBackwardWgmma: S must be positive when N > 0; S", S);
+  if (D != 64 && D != 128) Fail("AttentionBackwardWgmma: head width 64 or 128, not", D);
   CheckHeads(Hq, Hkv);
   float* delta = BackwardDelta(workspace);
   int* row_start = BackwardRowStart(workspace, N, Hq);
-  const size_t n = static_cast<size_t>(N) * Hq * kWgD;
+  const size_t n = static_cast<size_t>(N) * Hq * D;
   auto* q16_ws = reinterpret_cast<uint16_t*>(static_cast<char*>(workspace) + AttentionBackwardWorkspace(N, Hq));
   const uint16_t* q16 = q16_in ? q16_in : q16_ws;
   auto* dout16_ws = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(q16_ws) + Align256(n * sizeof(uint16_t)));
   const uint16_t* dout16 = dout16_in ? dout16_in : dout16_ws;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(kWgD));  // 1/8: a power of two (the kernel relies on it)
-  CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dk)");
-  CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * kWgD * sizeof(float), s), "cudaMemsetAsync(dv)");
+  // D = 64: 1/8, a power of two (the kernel scales V and delta by it); D = 128: delta unscaled.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  CheckCuda(cudaMemsetAsync(dk, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dk)");
+  CheckCuda(cudaMemsetAsync(dv, 0, static_cast<size_t>(N) * Hkv * D * sizeof(float), s), "cudaMemsetAsync(dv)");
   const long long threads = static_cast<long long>(n) / 4;
-  WgBwdPrepassKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, s>>>(delta, row_start, q16_ws, dout16_ws,
-                                                                                  dq, q, q16_in, dout, dout16_in, out,
-                                                                                  out16, cu_seqlens, S, N, Hq, scale);
+  const unsigned pre_blocks = static_cast<unsigned>((threads + 255) / 256);
+  if (D == 64)
+    WgBwdPrepassKernel<64><<<pre_blocks, 256, 0, s>>>(delta, row_start, q16_ws, dout16_ws, dq, q, q16_in, dout,
+                                                      dout16_in, out, out16, cu_seqlens, S, N, Hq, scale);
+  else
+    WgBwdPrepassKernel<128><<<pre_blocks, 256, 0, s>>>(delta, row_start, q16_ws, dout16_ws, dq, q, q16_in, dout,
+                                                       dout16_in, out, out16, cu_seqlens, S, N, Hq, 1.0f);
   CheckCuda(cudaGetLastError(), "WgBwdPrepassKernel launch");
   const dim3 grid(Hq, GridRows(N, kWbRows));
-  AllowSmem(AttnBwdWgmmaKernel, kWbSmem);
-  // dq as [N, Hq * 64] f32, reduced into in boxes of 64 rows x 32 columns.
-  const CUtensorMap map_dq = SwizzledRowsMapF32(dq, N, Hq * kWgD, kWbRows, "AttentionBackwardWgmma dq");
-  AttnBwdWgmmaKernel<<<grid, kWbThreads, kWbSmem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens,
-                                                        S, N, Hq, Hkv, scale, map_dq);
+  // dq as [N, Hq * D] f32, reduced into in boxes of 64 rows x 32 columns.
+  const CUtensorMap map_dq = SwizzledRowsMapF32(dq, N, Hq * D, kWbRows, "AttentionBackwardWgmma dq");
+  if (D == 64) {
+    AllowSmem(AttnBwdWgmmaKernel, kWbSmem);
+    AttnBwdWgmmaKernel<<<grid, kWbThreads, kWbSmem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start,
+                                                          cu_seqlens, S, N, Hq, Hkv, scale, map_dq);
+  } else {
+    AllowSmem(AttnBwdWgmma128Kernel, kWb2Smem);
+    AttnBwdWgmma128Kernel<<<grid, kWb2Threads, kWb2Smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start,
+                                                               cu_seqlens, S, N, Hq, Hkv, scale, map_dq);
+  }
   CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 

@@ -666,7 +666,7 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
   if (tc && cuda::AttentionBackwardWgmmaSupported(D)) {  // AttentionBackwardTC's own choice, made here
     void* ws = Workspace(cuda::AttentionBackwardTCWorkspace(N, Hq, D));
     cuda::AttentionBackwardWgmma(dq, dk, dv, dout16 ? nullptr : dout, out16 ? nullptr : out, lse, q16 ? nullptr : q, k,
-                                 v, cu_seqlens, S, N, Hq, Hkv, ws, stream_, out16, dout16, q16);
+                                 v, cu_seqlens, S, N, Hq, Hkv, D, ws, stream_, out16, dout16, q16);
     return Check("attention backward");
   }
   const size_t ws_bytes =

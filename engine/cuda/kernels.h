@@ -228,21 +228,22 @@ void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_
                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, cudaStream_t s,
                            uint16_t* out_bf16 = nullptr, const uint16_t* q_scaled16 = nullptr);
 // The backward: workspace of at least AttentionBackwardTCWorkspace(N, Hq, D) bytes (AttentionBackward's
-// and bf16 copies of q and dout). At D = 64 with AttentionBackwardWgmmaSupported(D) (and wgmma true)
-// the call goes to AttentionBackwardWgmma: the same roundings, sums in another order.
+// and bf16 copies of q and dout). With AttentionBackwardWgmmaSupported(D) (and wgmma true) the call
+// goes to AttentionBackwardWgmma: the same roundings, sums in another order.
 void AttentionBackwardTC(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                          const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                          int Hq, int Hkv, int D, void* workspace, cudaStream_t s, bool wgmma = true);
 size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
-// The backward on wgmma (attention_wgmma.cu, sm_90a, D = 64): as AttentionBackwardTC (overwrites dq,
-// dk, dv). Supported when the forward is and AHA_ATTENTION_WGMMA_BWD is not 0. With out16 (the
-// forward's output in bf16, [N, Hq, 64]) out is not read: delta = dout . out16 widened; with
-// dout16 (dout in bf16) dout is not read: delta takes it widened, the products read it as it is;
-// with q16 (q rounded to bf16, unscaled) q is not read.
+// The backward on wgmma (attention_wgmma.cu, sm_90a, D = 64 or 128): as AttentionBackwardTC
+// (overwrites dq, dk, dv). Supported when the D = 64 forward is (the device and build have wgmma)
+// and AHA_ATTENTION_WGMMA_BWD is not 0 (64: D = 64 only). With out16 (the forward's output in bf16,
+// [N, Hq, D]) out is not read: delta = dout . out16 widened; with dout16 (dout in bf16) dout is not
+// read: delta takes it widened, the products read it as it is; with q16 (q rounded to bf16,
+// unscaled) q is not read.
 bool AttentionBackwardWgmmaSupported(int D);
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
-                            int Hq, int Hkv, void* workspace, cudaStream_t s, const uint16_t* out16 = nullptr,
+                            int Hq, int Hkv, int D, void* workspace, cudaStream_t s, const uint16_t* out16 = nullptr,
                             const uint16_t* dout16 = nullptr, const uint16_t* q16 = nullptr);
 
 // ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------

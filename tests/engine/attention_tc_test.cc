@@ -239,7 +239,8 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
   };
   std::printf("%-28s %-9s %10s %10s %8s %12s %12s\n", "shape", "op", "f32 ms", "tc ms", "speedup", "f32 TFLOP/s",
               "tc TFLOP/s");
-  for (const Shape& sh : {Shape{16, 1024, 14, 2, 64}, Shape{4, 4096, 14, 2, 64}, Shape{16, 1024, 14, 2, 128}}) {
+  for (const Shape& sh : {Shape{16, 1024, 14, 2, 64}, Shape{4, 4096, 14, 2, 64}, Shape{16, 1024, 14, 2, 128},
+                          Shape{16, 1024, 16, 8, 128}}) {
     const int N = sh.seqs * sh.len, S = sh.seqs;
     std::vector<int32_t> cu(S + 1);
     for (int s = 0; s <= S; ++s) cu[s] = s * sh.len;
@@ -277,7 +278,7 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
       cuda::AttentionBackwardTC(dqtc.get(), dktc.get(), dvtc.get(), dout.get(), outtc.get(), lsetc.get(), q.get(),
                                 k.get(), v.get(), d_cu.get(), S, N, sh.Hq, sh.Hkv, sh.D, ws.get(), nullptr);
     });
-    // The mma.sync backward where the default is the wgmma one (D = 64 on sm_90).
+    // The mma.sync backward where the default is the wgmma one (D = 64 and 128 on sm_90).
     const bool wg_bwd = cuda::AttentionBackwardWgmmaSupported(sh.D);
     const double ms_mma_bwd = !wg_bwd ? ms_tc_bwd : MedianMs([&] {
       cuda::AttentionBackwardTC(dqtc.get(), dktc.get(), dvtc.get(), dout.get(), outtc.get(), lsetc.get(), q.get(),
@@ -475,10 +476,15 @@ TEST(AttentionTc, WgmmaForwardMatchesMmaSync) {
 TEST(AttentionTc, WgmmaBackwardMatchesMmaSync) {
   REQUIRE_GPU();
   if (!cuda::AttentionBackwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma backward needs an sm_90 device";
+  // D = 128 (two warpgroups, each a half of D; Qwen3-0.6B's 16 / 8 heads among them) the same way.
   const std::vector<AttnCase> cases = {AttnCase{14, 2, 64, {1, 17, 64, 100, 300, 2, 1, 129}},
                                        AttnCase{8, 2, 64, {77}}, AttnCase{4, 4, 64, {1, 1, 1, 33, 0, 128, 127, 3}},
-                                       AttnCase{4, 2, 64, {40, 300, 9}, 3.0f}, AttnCase{14, 2, 64, {1024, 1024}}};
+                                       AttnCase{4, 2, 64, {40, 300, 9}, 3.0f}, AttnCase{14, 2, 64, {1024, 1024}},
+                                       AttnCase{16, 8, 128, {1, 17, 64, 100, 300, 2, 1, 129}},
+                                       AttnCase{12, 2, 128, {77}}, AttnCase{4, 4, 128, {1, 1, 1, 33, 0, 128, 127, 3}},
+                                       AttnCase{4, 2, 128, {40, 300, 9}, 3.0f}, AttnCase{16, 8, 128, {1024, 1024}}};
   for (const AttnCase& c : cases) {
+    if (!cuda::AttentionBackwardWgmmaSupported(c.D)) continue;  // AHA_ATTENTION_WGMMA_BWD=64
     std::vector<int32_t> cu{0};
     for (int l : c.lens) cu.push_back(cu.back() + l);
     const int S = static_cast<int>(c.lens.size()), N = cu.back();
@@ -578,11 +584,11 @@ TEST(AttentionTc, Bf16OnlyOutputAndGradient) {
       "bwd from bf16 out, dout vs widened", c, N,
       [&](float* dq, float* dk, float* dv, void* ws) {
         cuda::AttentionBackwardWgmma(dq, dk, dv, d_dout_wide.get(), d_out_wide.get(), lse_only.get(), q.get(), k.get(),
-                                     v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr);
+                                     v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, c.D, ws, nullptr);
       },
       [&](float* dq, float* dk, float* dv, void* ws) {
         cuda::AttentionBackwardWgmma(dq, dk, dv, nullptr, nullptr, lse_only.get(), q.get(), k.get(), v.get(),
-                                     d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr, out16_only.get(), d_dout16.get());
+                                     d_cu.get(), S, N, c.Hq, c.Hkv, c.D, ws, nullptr, out16_only.get(), d_dout16.get());
       });
 }
 
@@ -634,11 +640,11 @@ TEST(AttentionTc, QkvRopeBf16QFeedsForwardAndBackward) {
       "bwd from q_bf16 vs f32 q", c, N,
       [&](float* dq, float* dk, float* dv, void* ws) {
         cuda::AttentionBackwardWgmma(dq, dk, dv, dout.get(), out.get(), lse.get(), q.get(), k.get(), v.get(),
-                                     d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr);
+                                     d_cu.get(), S, N, c.Hq, c.Hkv, c.D, ws, nullptr);
       },
       [&](float* dq, float* dk, float* dv, void* ws) {
         cuda::AttentionBackwardWgmma(dq, dk, dv, dout.get(), out.get(), lse.get(), nullptr, k.get(), v.get(),
-                                     d_cu.get(), S, N, c.Hq, c.Hkv, ws, nullptr, nullptr, nullptr, q16.get());
+                                     d_cu.get(), S, N, c.Hq, c.Hkv, c.D, ws, nullptr, nullptr, nullptr, q16.get());
       });
 }
 
