@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -780,12 +780,36 @@ if [[ " $what " == *" s27c "* ]]; then
     timeout 100 dist/bin/aha bench train --steps 3 --model $q15
   variant_runs train_q05 1 "$pat" default -- timeout 100 dist/bin/aha bench train --steps 3 --model $model
 fi
+if [[ " $what " == *" s27d "* ]]; then
+  # Session 27: the training attention's forward on wgmma at D = 128 too (AHA_ATTENTION_WGMMA=64 keeps
+  # it on mma.sync, as before). The attention tests with the training-shape timings; the model and
+  # q/k/v tests; Qwen3-0.6B's learner step both ways (interleaved twice), its generation (prefill) both
+  # ways, Qwen2.5-1.5B's step both ways, the bench's; the compiled peer's Qwen3-0.6B step.
+  timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+    --gtest_filter='AttentionTc.*:AttentionTcTiming.*' > "$out/attn_s27d.log" 2>&1
+  echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attn_s27d.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|Which is|largest error|^shape|x1024" "$out/attn_s27d.log" | head -30
+  conformance_all s27d "Failure|Expected|Which is|worst gradient" \
+    'CudaOps.QkvNormRope*:CudaOps.QkvRope*:CudaModel.*'
+  init_model $q3 --arch qwen3 --preset 0.6b
+  init_model $q15 --preset 1.5b --dtype bf16
+  pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'
+  variant_runs train_q3 2 "$pat" default AHA_ATTENTION_WGMMA=64 -- \
+    timeout 100 dist/bin/aha bench train --steps 3 --model $q3
+  variant_runs gen_q3 1 "$gen_pat|prefill [0-9.]+ s" default AHA_ATTENTION_WGMMA=64 -- \
+    timeout 60 dist/bin/aha bench gen --model $q3
+  variant_runs train_q15 1 "$pat" default AHA_ATTENTION_WGMMA=64 -- \
+    timeout 100 dist/bin/aha bench train --steps 3 --model $q15
+  variant_runs train_q05 1 "$pat" default -- timeout 100 dist/bin/aha bench train --steps 3 --model $model
+  timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $q3 > "$out/train_peer_compile_q3.log" 2>&1
+  tail -n 1 "$out/train_peer_compile_q3.log"
+fi
 if [[ " $what " == *" s27b "* ]]; then
-  # Session 27: where issue 7's targets stand on this build: the bench's learner step and generation
-  # twice each, then the peers in the same call (HF generate, the torch.compile step).
-  variant_runs train 2 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' default -- \
+  # Session 27: where issue 7's targets stand on this build: the bench's learner step and generation,
+  # then the peers in the same call (HF generate, the torch.compile step).
+  variant_runs train 1 'median step [0-9.]+ s|[0-9.]+ tokens/s|MFU [0-9.]+%' default -- \
     timeout 100 dist/bin/aha bench train --steps 5 --model $model
-  variant_runs gen 2 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
+  variant_runs gen 1 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
   peer_gen
   peer_compile
 fi

@@ -600,7 +600,7 @@ void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint
   if (S <= 0) Fail("AttentionForwardTCBf16Kv: S must be positive when N > 0; S", S);
   CheckHeads(Hq, Hkv);
   if (AttentionForwardWgmmaSupported(D)) {
-    return AttentionForwardWgmma(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s, out_bf16, q_scaled16);
+    return AttentionForwardWgmma(out, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, D, s, out_bf16, q_scaled16);
   }
   if (q_scaled16) Fail("AttentionForwardTCBf16Kv: a pre-scaled bf16 q needs the wgmma forward; D", D);
   if (D == 64) LaunchForwardTc<64, uint16_t>(out, out_bf16, lse, q, k16, v16, cu_seqlens, S, N, Hq, Hkv, s);

@@ -1,6 +1,7 @@
 // The training attention's forward on warpgroup tensor-core instructions (wgmma, sm_90a), for head
-// width 64 with bf16 k and v: the contract of AttentionForwardTCBf16Kv (kernels.h), which sends its
-// D = 64 calls here when AttentionForwardWgmmaSupported(). The operands are rounded as in
+// widths 64 and 128 with bf16 k and v: the contract of AttentionForwardTCBf16Kv (kernels.h), which
+// sends its calls here when AttentionForwardWgmmaSupported(D). At D = 128 each [64][64] tile below is
+// two, one a half of D (the S product takes 8 k-steps, P V two m64n64 products a k-step). The operands are rounded as in
 // AttnFwdTcKernel (attention_tc.cu): q pre-scaled by scale * log2 e and rounded to bf16 in
 // registers, k and v bf16, P rounded to bf16 before P V, f32 accumulators and softmax statistics.
 //
@@ -42,19 +43,20 @@ constexpr int kWgThreads = 256;
 constexpr int kWgTileBytes = kWgKeys * kWgD * 2;                          // [64 keys][64] bf16: 8 KiB
 constexpr int kWgSmem = 4 * kWgTileBytes + kWgRows * sizeof(int) + 1024;  // 2 x (K, V), row starts, alignment
 
-// 64 rows of x[*, H, 64] (bf16) at head `head`, rows row0 .. row0 + 63 (rows >= N zero-filled), into
-// the 128-byte swizzled layout at dst: row r's 16-byte chunk c at r * 128 + (c ^ (r & 7)) * 16 (dst
-// 1024-byte aligned). 512 chunks, spread over kThreads threads. Not committed.
-template <int kThreads>
+// 64 rows of x[*, H, D] (bf16) at head `head`, columns 64 half .. 64 half + 63 (D = 128: a half of
+// the row), rows row0 .. row0 + 63 (rows >= N zero-filled), into the 128-byte swizzled layout at dst:
+// row r's 16-byte chunk c at r * 128 + (c ^ (r & 7)) * 16 (dst 1024-byte aligned). 512 chunks,
+// spread over kThreads threads. Not committed.
+template <int kThreads, int D = 64>
 __device__ __forceinline__ void CopyTile64(unsigned char* dst, const uint16_t* __restrict__ x, int row0, int N, int H,
-                                           int head, int tid) {
+                                           int head, int tid, int half = 0) {
 #pragma unroll
   for (int it = 0; it < 512 / kThreads; ++it) {
     const int f = tid + it * kThreads;
     const int rr = f >> 3, c = f & 7;
     const int row = row0 + rr;
     const bool valid = row < N;
-    const size_t src = (static_cast<size_t>(valid ? row : 0) * H + head) * 64 + c * 8;
+    const size_t src = (static_cast<size_t>(valid ? row : 0) * H + head) * D + half * 64 + c * 8;
     CpAsync16(dst + Swizzled128(rr, c), x + src, valid);
   }
 }
@@ -67,23 +69,45 @@ __device__ __forceinline__ void CopyKvTile(unsigned char* dst, const uint16_t* _
   CopyTile64<kWgThreads>(dst + kWgTileBytes, v, row0, N, Hkv, kvh, tid);
 }
 
+// The same at head width D: K's D / 64 half tiles at dst, then V's.
+template <int D>
+__device__ __forceinline__ void CopyKvTiles(unsigned char* dst, const uint16_t* __restrict__ k,
+                                            const uint16_t* __restrict__ v, int row0, int N, int Hkv, int kvh,
+                                            int tid) {
+#pragma unroll
+  for (int hv = 0; hv < D / 64; ++hv) {
+    CopyTile64<kWgThreads, D>(dst + hv * kWgTileBytes, k, row0, N, Hkv, kvh, tid, hv);
+    CopyTile64<kWgThreads, D>(dst + (D / 64 + hv) * kWgTileBytes, v, row0, N, Hkv, kvh, tid, hv);
+  }
+}
+// Shared memory of the forward at head width D: 2 x (K, V) tiles, row starts, alignment.
+template <int D>
+constexpr int WgFwdSmem() {
+  return 4 * (D / 64) * kWgTileBytes + kWgRows * sizeof(int) + 1024;
+}
+
 // This thread's copies have landed; the tensor cores (the async proxy) read them after a barrier.
 __device__ __forceinline__ void CopiesLanded() {
   CpAsyncWaitAll();
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-__global__ void __launch_bounds__(kWgThreads, 2)
+// D = 128 (Qwen3, Qwen2.5-1.5B and up): K and V tiles in two 64-wide halves each, S over the 8 k-steps
+// of both, P V as two m64n64 products into the halves of O; one block a multiprocessor (q's 32 A
+// fragments and O's 64 accumulators a thread).
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, D == 64 ? 2 : 1)
     AttnFwdWgmmaKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ lse,
                        const float* __restrict__ q, const uint16_t* __restrict__ q16s, const uint16_t* __restrict__ k,
                        const uint16_t* __restrict__ v, const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv,
                        float qscale) {
 #ifdef AHA_WGMMA
-  constexpr int KK = kWgD / 16, DN = kWgD / 8;
+  constexpr int KK = D / 16, DN = D / 8, NH = D / 64, KP = kWgKeys / 16, T = kWgTileBytes;
+  constexpr int kBuf = 2 * NH * T;  // one buffer: K's halves, then V's
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = AlignSmem1024(smem_raw);
   const uint32_t base = SmemAddr(smem);
-  int* row_ss = reinterpret_cast<int*>(smem + 4 * kWgTileBytes);  // INT_MAX past N
+  int* row_ss = reinterpret_cast<int*>(smem + 2 * kBuf);  // INT_MAX past N
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;
   const int h = blockIdx.x, kvh = h / (Hq / Hkv);
@@ -92,14 +116,14 @@ __global__ void __launch_bounds__(kWgThreads, 2)
 
   // The 64-key tile at row0 into buffer b (K, then V).
   auto issue = [&](int row0, int b) {
-    CopyKvTile(smem + b * 2 * kWgTileBytes, k, v, row0, N, Hkv, kvh, tid);
+    CopyKvTiles<D>(smem + b * kBuf, k, v, row0, N, Hkv, kvh, tid);
     CpAsyncCommit();
   };
 
   const int wr0 = r0 + warp * 16;
   const int rowA = wr0 + g, rowB = rowA + 8;
   uint32_t qa[KK][4];
-  ForwardPrologue<kWgD>(row_ss, qa, q, cu, S, N, Hq, h, r0, kWgRows, tid, rowA, rowB, t, qscale, q16s);
+  ForwardPrologue<D>(row_ss, qa, q, cu, S, N, Hq, h, r0, kWgRows, tid, rowA, rowB, t, qscale, q16s);
   __syncthreads();  // row_ss
 
   // The warpgroup's rows r0 + 64 wg .. + 63: the smallest start among them (INT_MAX: none) and the last.
@@ -123,18 +147,18 @@ __global__ void __launch_bounds__(kWgThreads, 2)
   for (int kt = k_begin; kt <= r_last; kt += kWgKeys, buf ^= 1) {
     const bool has_next = kt + kWgKeys <= r_last;
     if (has_next) issue(kt + kWgKeys, buf ^ 1);  // the other buffer: read by nobody since the last barrier
-    const uint32_t kb = base + buf * 2 * kWgTileBytes, vb = kb + kWgTileBytes;
+    const uint32_t kb = base + buf * kBuf, vb = kb + NH * T;
 
     // The warpgroup's products and softmax step on this tile, compiled once with the mask and once
     // without. Not one body with the mask in a branch: that version gave wrong rows on the H200 even
     // when every warp took the branch (a conditional block between the S product's wait and the P V
     // product's fence; the same with the branch warpgroup-uniform or followed by __syncwarp).
     auto tile = [&](auto masked) {
-      float s[DN][4];
+      float s[kWgKeys / 8][4];
       WgmmaFence();
       WgmmaRs64x64First(s, qa[0], SwizzledDesc(kb));
 #pragma unroll
-      for (int kk = 1; kk < KK; ++kk) WgmmaRs64x64<0>(s, qa[kk], SwizzledDesc(kb + kk * 32), 1);
+      for (int kk = 1; kk < KK; ++kk) WgmmaRs64x64<0>(s, qa[kk], SwizzledDesc(kb + (kk >> 2) * T + (kk & 3) * 32), 1);
       WgmmaCommit();
       WgmmaWait<0>();
       FenceAccumulators(s);
@@ -143,12 +167,19 @@ __global__ void __launch_bounds__(kWgThreads, 2)
       }
       OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
 
-      uint32_t pa[KK][4];
+      uint32_t pa[KP][4];
 #pragma unroll
-      for (int kk = 0; kk < KK; ++kk) PackPFrag(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      for (int kk = 0; kk < KP; ++kk) PackPFrag(pa[kk], s[2 * kk], s[2 * kk + 1]);
       WgmmaFence();
 #pragma unroll
-      for (int kk = 0; kk < KK; ++kk) WgmmaRs64x64<1>(o, pa[kk], SwizzledDescMN(vb + kk * 2048, kWgTileBytes), 1);
+      for (int kk = 0; kk < KP; ++kk) {
+        if constexpr (NH == 1) {
+          WgmmaRs64x64<1>(o, pa[kk], SwizzledDescMN(vb + kk * 2048, T), 1);
+        } else {
+          WgmmaRs64x64Half<1, 0>(o, pa[kk], SwizzledDescMN(vb + kk * 2048, T), 1);
+          WgmmaRs64x64Half<1, 1>(o, pa[kk], SwizzledDescMN(vb + T + kk * 2048, T), 1);
+        }
+      }
       WgmmaCommit();
       WgmmaWait<0>();
       FenceAccumulators(o);
@@ -165,7 +196,7 @@ __global__ void __launch_bounds__(kWgThreads, 2)
     __syncthreads();  // the next tile is in; both warpgroups are done with this one
   }
 
-  StoreForwardRows<kWgD>(out, out16, lse, o, mA, mB, lA, lB, rowA, rowB, N, Hq, h, t);
+  StoreForwardRows<D>(out, out16, lse, o, mA, mB, lA, lB, rowA, rowB, N, Hq, h, t);
 #else
   __trap();  // built without sm_90a: AttentionForwardWgmmaSupported() said no
 #endif
@@ -549,20 +580,6 @@ constexpr int kWb2Threads = 256;
 constexpr int kWb2Tiles = 13;
 constexpr int kWb2Smem = kWb2Tiles * kWbTile + 4 * kWbDqBox + 2 * 64 * 64 * 4 + 2 * 3 * kWbRows * 4 + 16 + 1024;
 
-// Rows row0 .. row0 + 63 of one 64-wide half of x[*, H, 128] (bf16) at head `head`, as CopyTile64.
-__device__ __forceinline__ void CopyHalfTile128(unsigned char* dst, const uint16_t* __restrict__ x, int row0, int N,
-                                                int H, int head, int half, int tid) {
-#pragma unroll
-  for (int it = 0; it < 512 / kWb2Threads; ++it) {
-    const int f = tid + it * kWb2Threads;
-    const int rr = f >> 3, c = f & 7;
-    const int row = row0 + rr;
-    const bool valid = row < N;
-    const size_t src = (static_cast<size_t>(valid ? row : 0) * H + head) * 128 + half * 64 + c * 8;
-    CpAsync16(dst + Swizzled128(rr, c), x + src, valid);
-  }
-}
-
 __device__ __forceinline__ void NamedBarrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -614,10 +631,10 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
   };
   auto issue = [&](int rt, int b) {
     unsigned char* dst = smem + (4 + 4 * b) * T;
-    CopyHalfTile128(dst, q16, rt, N, Hq, h, 0, tid);
-    CopyHalfTile128(dst + T, q16, rt, N, Hq, h, 1, tid);
-    CopyHalfTile128(dst + 2 * T, dout16, rt, N, Hq, h, 0, tid);
-    CopyHalfTile128(dst + 3 * T, dout16, rt, N, Hq, h, 1, tid);
+    CopyTile64<kWb2Threads, 128>(dst, q16, rt, N, Hq, h, tid, 0);
+    CopyTile64<kWb2Threads, 128>(dst + T, q16, rt, N, Hq, h, tid, 1);
+    CopyTile64<kWb2Threads, 128>(dst + 2 * T, dout16, rt, N, Hq, h, tid, 0);
+    CopyTile64<kWb2Threads, 128>(dst + 3 * T, dout16, rt, N, Hq, h, tid, 1);
     CpAsyncCommit();
   };
 
@@ -812,7 +829,11 @@ bool AttentionForwardWgmmaSupported(int D) {
     const char* e = std::getenv("AHA_ATTENTION_WGMMA");
     return e == nullptr || std::strcmp(e, "0") != 0;
   }();
-  return on && D == kWgD && CurrentDeviceIsSm90();
+  static const bool d128 = [] {  // AHA_ATTENTION_WGMMA=64: D = 128 on mma.sync (the A/B)
+    const char* e = std::getenv("AHA_ATTENTION_WGMMA");
+    return e == nullptr || std::strcmp(e, "64") != 0;
+  }();
+  return on && (D == 64 || (D == 128 && d128)) && CurrentDeviceIsSm90();
 #endif
 }
 
@@ -877,14 +898,21 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
 }
 
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
-                           const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, cudaStream_t s,
+                           const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
                            uint16_t* out_bf16, const uint16_t* q_scaled16) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionForwardWgmma: S must be positive when N > 0; S", S);
+  if (D != 64 && D != 128) Fail("AttentionForwardWgmma: head width 64 or 128, not", D);
   CheckHeads(Hq, Hkv);
   const dim3 grid(Hq, GridRows(N, kWgRows));
-  AttnFwdWgmmaKernel<<<grid, kWgThreads, kWgSmem, s>>>(out, out_bf16, lse, q, q_scaled16, k16, v16, cu_seqlens, S, N,
-                                                       Hq, Hkv, AttentionQScale(kWgD));
+  if (D == 64) {
+    AttnFwdWgmmaKernel<64><<<grid, kWgThreads, WgFwdSmem<64>(), s>>>(out, out_bf16, lse, q, q_scaled16, k16, v16,
+                                                                    cu_seqlens, S, N, Hq, Hkv, AttentionQScale(64));
+  } else {
+    AllowSmem(AttnFwdWgmmaKernel<128>, WgFwdSmem<128>());
+    AttnFwdWgmmaKernel<128><<<grid, kWgThreads, WgFwdSmem<128>(), s>>>(
+        out, out_bf16, lse, q, q_scaled16, k16, v16, cu_seqlens, S, N, Hq, Hkv, AttentionQScale(128));
+  }
   CheckCuda(cudaGetLastError(), "AttnFwdWgmmaKernel launch");
 }
 

@@ -216,16 +216,16 @@ bool AttentionForwardTC(float* out, float* lse, const float* q, const float* k, 
 void AttentionForwardTCBf16Kv(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                               const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
                               uint16_t* out_bf16 = nullptr, const uint16_t* q_scaled16 = nullptr);
-// The same forward on warpgroup tensor-core instructions (attention_wgmma.cu, sm_90a; D = 64; out_bf16
-// as above). Supported when this build has sm_90a code, the device has compute capability 9 and
-// AHA_ATTENTION_WGMMA is not 0 (the A/B switch).
+// The same forward on warpgroup tensor-core instructions (attention_wgmma.cu, sm_90a; D = 64 or 128;
+// out_bf16 as above). Supported when this build has sm_90a code, the device has compute capability 9
+// and AHA_ATTENTION_WGMMA is not 0 (the A/B switch; 64: D = 128 stays on mma.sync).
 bool AttentionForwardWgmmaSupported(int D);
 // Test hook (attention_wgmma.cu): the wgmma forward's two products on fixed operands, tile j of
 // k / v ([128][64] bf16) from shared-memory buffer j: s_out[j] = Q K_j^T, o_out[j] = P V_j.
 void AttentionWgmmaProbe(float* s_out, float* o_out, const float* q, const uint16_t* k, const uint16_t* v,
                          const uint16_t* p, int late, cudaStream_t s);
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
-                           const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, cudaStream_t s,
+                           const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
                            uint16_t* out_bf16 = nullptr, const uint16_t* q_scaled16 = nullptr);
 // The backward: workspace of at least AttentionBackwardTCWorkspace(N, Hq, D) bytes (AttentionBackward's
 // and bf16 copies of q and dout). With AttentionBackwardWgmmaSupported(D) (and wgmma true) the call

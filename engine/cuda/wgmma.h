@@ -104,6 +104,13 @@ __device__ __forceinline__ void WgmmaRs64x64First(float (&d)[8][4], const uint32
       : AHA_WG_D64_OPS("=f")
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
+// WgmmaRs64x64 into the 64-column half kHalf of an m64n128 accumulator d[16][4] (n-tiles 8 kHalf ..
+// 8 kHalf + 7): a product over D = 128 as two m64n64 ones, B's halves in tiles of their own.
+template <int kTransB, int kHalf>
+__device__ __forceinline__ void WgmmaRs64x64Half(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db,
+                                                 int scale_d) {
+  WgmmaRs64x64<kTransB>(*reinterpret_cast<float(*)[8][4]>(&d[8 * kHalf][0]), a, db, scale_d);
+}
 template <int kTransA, int kTransB>
 __device__ __forceinline__ void WgmmaSs64x64(float (&d)[8][4], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(

@@ -415,7 +415,7 @@ TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
 }
 
 // The wgmma forward (attention_wgmma.cu) against the mma.sync kernel on the same bf16-rounded k/v,
-// one head, single sequences of 16 .. 256 rows (one to four key tiles a warpgroup; the second
+// at head widths 64 and 128, one head, single sequences of 16 .. 256 rows (one to four key tiles a warpgroup; the second
 // warpgroup of a block sees tiles whole, in part, or not at all). With q = 0 every score is 0, so
 // out is the mean of the visible v rows: P V and the accumulation across tiles alone; with random q
 // the lse depends on S = Q K^T alone. The two must agree bit for bit; on a mismatch the largest
@@ -424,8 +424,8 @@ TEST(AttentionTc, WgmmaForwardMatchesMmaSync) {
   REQUIRE_GPU();
   if (!cuda::AttentionForwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma forward needs an sm_90 device";
   for (int N : {16, 64, 65, 128, 192, 256}) {
-    for (bool zero_q : {true, false}) {
-      const int D = 64;
+    for (auto [zero_q, D] : {std::pair{true, 64}, std::pair{false, 64}, std::pair{true, 128}, std::pair{false, 128}}) {
+      if (!cuda::AttentionForwardWgmmaSupported(D)) continue;  // AHA_ATTENTION_WGMMA=64
       std::vector<float> q = zero_q ? std::vector<float>(size_t(N) * D, 0.0f) : Randn(size_t(N) * D);
       std::vector<float> k = Randn(size_t(N) * D), v = Randn(size_t(N) * D);
       std::vector<uint16_t> k16(k.size()), v16(v.size());
@@ -440,10 +440,10 @@ TEST(AttentionTc, WgmmaForwardMatchesMmaSync) {
       cuda::AttentionForwardTC(o_tc.get(), l_tc.get(), d_q.get(), d_k.get(), d_v.get(), d_cu.get(), 1, N, 1, 1, D,
                                nullptr);
       cuda::AttentionForwardWgmma(o_wg.get(), l_wg.get(), d_q.get(), d_k16.get(), d_v16.get(), d_cu.get(), 1, N, 1, 1,
-                                  nullptr);
+                                  D, nullptr);
       Ck(cudaDeviceSynchronize(), "wgmma forward");
       const auto ot = o_tc.Download(), ow = o_wg.Download(), lt = l_tc.Download(), lw = l_wg.Download();
-      const std::string what = "N=" + std::to_string(N) + (zero_q ? " q=0" : " q=randn");
+      const std::string what = "N=" + std::to_string(N) + " D=" + std::to_string(D) + (zero_q ? " q=0" : " q=randn");
       const bool same = std::memcmp(ot.data(), ow.data(), ot.size() * sizeof(float)) == 0 &&
                         std::memcmp(lt.data(), lw.data(), lt.size() * sizeof(float)) == 0;
       if (!same) {
