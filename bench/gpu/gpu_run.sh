@@ -371,9 +371,10 @@ peer_gen() {
   timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
 }
-peer_compile() {
-  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
-  tail -n 1 "$out/train_peer_compile.log"
+peer_compile() {  # peer_compile [MODEL TAG]: the compiled peer's step (default: the bench's model)
+  local f="$out/train_peer_compile${2:+_$2}.log"
+  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model "${1:-$model}" > "$f" 2>&1
+  tail -n 1 "$f"
 }
 gen_runs() {  # gen_runs TAG REPS [BUILDS]: aha bench gen, the builds interleaved (default: this one)
   for rep in $(seq "$2"); do
@@ -758,8 +759,7 @@ if [[ " $what " == *" s27a "* ]]; then
   grep -iE "rope|norm|qkv|attention|zero|pack" "$out/train_q3_profile.log" | head -16
   variant_runs gen_q3 1 "$gen_pat|prefill [0-9.]+ s" default AHA_FUSED_QKV=0 -- \
     timeout 60 dist/bin/aha bench gen --model $q3
-  timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $q3 > "$out/train_peer_compile_q3.log" 2>&1
-  tail -n 1 "$out/train_peer_compile_q3.log"
+  peer_compile $q3 q3
 fi
 if [[ " $what " == *" s27c "* ]]; then
   # Session 27: the training attention's backward on wgmma at D = 128 (two warpgroups, a half of D
@@ -801,8 +801,7 @@ if [[ " $what " == *" s27d "* ]]; then
   variant_runs train_q15 1 "$pat" default AHA_ATTENTION_WGMMA=64 -- \
     timeout 100 dist/bin/aha bench train --steps 3 --model $q15
   variant_runs train_q05 1 "$pat" default -- timeout 100 dist/bin/aha bench train --steps 3 --model $model
-  timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $q3 > "$out/train_peer_compile_q3.log" 2>&1
-  tail -n 1 "$out/train_peer_compile_q3.log"
+  peer_compile $q3 q3
 fi
 if [[ " $what " == *" s27b "* ]]; then
   # Session 27: where issue 7's targets stand on this build: the bench's learner step and generation,

@@ -734,7 +734,8 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
         for (int u = 0; u < V; ++u) x1[u] += b1[u], x2[u] += b2[u];
       }
       if constexpr (kNorm) {  // SplitQkv's row kept for the backward, then RmsNormVecKernel's (x r) w
-        float* pre = h < Hq ? nq.q_pre + static_cast<size_t>(i) * QD + c : nq.k_pre + static_cast<size_t>(i) * KD + (c - QD);
+        float* pre = h < Hq ? nq.q_pre + static_cast<size_t>(i) * QD + c
+                            : nq.k_pre + static_cast<size_t>(i) * KD + (c - QD);
         StoreV(pre, x1);
         StoreV(pre + half, x2);
         const float* wn = (h < Hq ? nq.q_norm : nq.k_norm) + j;

@@ -1,9 +1,10 @@
 // The training attention's forward on warpgroup tensor-core instructions (wgmma, sm_90a), for head
 // widths 64 and 128 with bf16 k and v: the contract of AttentionForwardTCBf16Kv (kernels.h), which
 // sends its calls here when AttentionForwardWgmmaSupported(D). At D = 128 each [64][64] tile below is
-// two, one a half of D (the S product takes 8 k-steps, P V two m64n64 products a k-step). The operands are rounded as in
-// AttnFwdTcKernel (attention_tc.cu): q pre-scaled by scale * log2 e and rounded to bf16 in
-// registers, k and v bf16, P rounded to bf16 before P V, f32 accumulators and softmax statistics.
+// two, one a half of D (the S product takes 8 k-steps, P V two m64n64 products a k-step). The
+// operands are rounded as in AttnFwdTcKernel (attention_tc.cu): q pre-scaled by scale * log2 e and
+// rounded to bf16 in registers, k and v bf16, P rounded to bf16 before P V, f32 accumulators and
+// softmax statistics.
 //
 // Block = 128 consecutive rows of the packed axis x one query head, two warpgroups of 64 rows; warp
 // w owns rows 16 w .. 16 w + 15 (warpgroup w / 4). Per 64-key tile and warpgroup:
@@ -698,7 +699,9 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       // Exchange: the same fragment layout on both warpgroups, so thread wt of one holds the
       // elements thread wt of the other needs.
 #pragma unroll
-      for (int j = 0; j < DN; ++j) xch[(wg * DN + j) * 128 + wt] = make_float4(mine[j][0], mine[j][1], mine[j][2], mine[j][3]);
+      for (int j = 0; j < DN; ++j) {
+        xch[(wg * DN + j) * 128 + wt] = make_float4(mine[j][0], mine[j][1], mine[j][2], mine[j][3]);
+      }
       __syncthreads();
 #pragma unroll
       for (int j = 0; j < DN; ++j) {

@@ -415,8 +415,8 @@ TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
 }
 
 // The wgmma forward (attention_wgmma.cu) against the mma.sync kernel on the same bf16-rounded k/v,
-// at head widths 64 and 128, one head, single sequences of 16 .. 256 rows (one to four key tiles a warpgroup; the second
-// warpgroup of a block sees tiles whole, in part, or not at all). With q = 0 every score is 0, so
+// at head widths 64 and 128, one head, single sequences of 16 .. 256 rows (one to four key tiles a
+// warpgroup; the second warpgroup of a block sees tiles whole, in part, or not at all). With q = 0 every score is 0, so
 // out is the mean of the visible v rows: P V and the accumulation across tiles alone; with random q
 // the lse depends on S = Q K^T alone. The two must agree bit for bit; on a mismatch the largest
 // error per 16-row group is printed (a wrong layout shows as whole groups, a wrong mask as one row).
