@@ -94,9 +94,10 @@ class Backend {
   // it, and its f32 values are never written. Only these ops may touch it: LinearForward (x; or out
   // without bias), LinearBackward (x; or dx without accumulate_dx), RmsNormForward and
   // AddRmsNormForward (out / ln), SwiGluForward (h, gu), SwiGluBackward and SwiGluLinearBackward
-  // (gu, dh), AttentionForward and QkvRopeAttention (out; and q, which QkvRope may also write),
-  // AttentionBackward (out, dout, q). The Transformer keeps the norms' outputs, gu, h, dh, the
-  // attention output and its gradient, and q (without per-head norms). Rounding
+  // (gu, dh), AttentionForward, QkvRopeAttention and QkvNormRopeAttention (out; and q, which QkvRope
+  // may also write), AttentionBackward (out, dout, q), RopePackQkv and NormRopePackQkv (dqkv). The
+  // Transformer keeps the norms' outputs, gu, h, dh, the attention output and its gradient, q, and
+  // the packed q/k/v gradient of models without a q/k/v bias or per-head norms. Rounding
   // gu and dh changes the numbers (by bf16's ~2e-3 relative step, as bf16 autocast does in
   // PyTorch), and so does the attention backward's delta = dout . out from the rounded out and dout
   // (FlashAttention's, whose output and its gradient are bf16); the other kept tensors are read only
@@ -215,11 +216,8 @@ class Backend {
                                     const float* q_norm, const float* k_norm, float eps, const int32_t* positions,
                                     const float* inv_freq, const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv,
                                     int D) {
-    SplitQkv(q_pre, k_pre, v, qkv, bias, N, Hq * D, Hkv * D);
-    RmsNormForward(q, q_rstd, q_pre, q_norm, N * Hq, D, eps);
-    RmsNormForward(k, k_rstd, k_pre, k_norm, N * Hkv, D, eps);
-    RopeForward(q, positions, inv_freq, N, Hq, D);
-    RopeForward(k, positions, inv_freq, N, Hkv, D);
+    SplitNormRopeOps(q_pre, k_pre, q, k, v, q_rstd, k_rstd, qkv, bias, q_norm, k_norm, eps, positions, inv_freq, N,
+                     Hq, Hkv, D);
     AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D);
   }
   virtual void NormRopePackQkv(float* dqkv, float* dq_norm, float* dk_norm, float* dq_pre, float* dk_pre, float* dq,
@@ -317,11 +315,7 @@ class Backend {
                                           const int32_t* positions, const float* inv_freq, const PagedKv& cache,
                                           const int32_t* cu_q, const int32_t* start, int B, int Nq, int Hq, int Hkv,
                                           int D) {
-    SplitQkv(q, k, v, qkv, bias, Nq, Hq * D, Hkv * D);
-    RmsNormForward(q, rstd, q, q_norm, Nq * Hq, D, eps);
-    RmsNormForward(k, rstd, k, k_norm, Nq * Hkv, D, eps);
-    RopeForward(q, positions, inv_freq, Nq, Hq, D);
-    RopeForward(k, positions, inv_freq, Nq, Hkv, D);
+    SplitNormRopeOps(q, k, q, k, v, rstd, rstd, qkv, bias, q_norm, k_norm, eps, positions, inv_freq, Nq, Hq, Hkv, D);
     KvCacheWrite(cache, k, v, cu_q, start, B, Nq, Hkv, D);
     CachedAttentionForward(out, q, cache, cu_q, start, B, Nq, Hq, Hkv, D);
   }
@@ -397,6 +391,21 @@ class Backend {
                             const uint64_t* seeds, const uint64_t* counters) {
     LinearForward(logits, x, w, nullptr, B, C, V);
     SampleRows(tokens, logprobs, logits, B, V, temperature, top_k, top_p, seeds, counters);
+  }
+
+ protected:
+  // Qwen3's q/k/v step as ops, what QkvNormRopeAttention and QkvNormRopeCachedAttention stand for:
+  // SplitQkv into q_pre, k_pre, v, then RmsNormForward of each head of q_pre into q and of k_pre into
+  // k, then RopeForward of q and k. q_pre and k_pre may be q and k (normed in place), and k_rstd may
+  // be q_rstd when no one reads the rstds.
+  void SplitNormRopeOps(float* q_pre, float* k_pre, float* q, float* k, float* v, float* q_rstd, float* k_rstd,
+                        const float* qkv, const float* bias, const float* q_norm, const float* k_norm, float eps,
+                        const int32_t* positions, const float* inv_freq, int N, int Hq, int Hkv, int D) {
+    SplitQkv(q_pre, k_pre, v, qkv, bias, N, Hq * D, Hkv * D);
+    RmsNormForward(q, q_rstd, q_pre, q_norm, N * Hq, D, eps);
+    RmsNormForward(k, k_rstd, k_pre, k_norm, N * Hkv, D, eps);
+    RopeForward(q, positions, inv_freq, N, Hq, D);
+    RopeForward(k, positions, inv_freq, N, Hkv, D);
   }
 };
 

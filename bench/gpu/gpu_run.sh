@@ -363,10 +363,17 @@ conformance_all() {
   echo "conformance (${3:-all}): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_$1.log" | tr '\n' ' ')"
   grep -E "$2" "$out/conformance_$1.log" | head -20
 }
+attention_tests() {  # attention_tests TAG: the training attention's tests and its training-shape timings
+  timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+    --gtest_filter='AttentionTc.*:AttentionTcTiming.*' > "$out/attn_$1.log" 2>&1
+  echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attn_$1.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|Which is|largest error|^shape|x1024|nmse:" "$out/attn_$1.log" | head -30
+}
 init_model() {  # init_model DIR AHA_INIT_ARGS...: a random model, made once
   [ -d "$1" ] || dist/bin/aha init "${@:2}" --out "$1" > /dev/null
 }
 gen_pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'  # variant_runs' pattern for gen
+train_pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'  # and for train
 peer_gen() {
   timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
@@ -766,41 +773,33 @@ if [[ " $what " == *" s27c "* ]]; then
   # each; AHA_ATTENTION_WGMMA_BWD=64 keeps D = 128 on mma.sync, as before). The attention tests with
   # the training-shape timings; the model tests (now also at head widths 64 and 128); the learner
   # step of Qwen3-0.6B (interleaved twice) and Qwen2.5-1.5B both ways, and the bench's (D = 64).
-  timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
-    --gtest_filter='AttentionTc.*:AttentionTcTiming.*' > "$out/attn_s27c.log" 2>&1
-  echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attn_s27c.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|Which is|^shape|x1024|nmse:" "$out/attn_s27c.log" | head -30
+  attention_tests s27c
   conformance_all s27c "Failure|Expected|Which is|worst gradient" 'CudaOps.QkvNormRope*:CudaModel.ForwardBackward*'
   init_model $q3 --arch qwen3 --preset 0.6b
   init_model $q15 --preset 1.5b --dtype bf16
-  pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'
-  variant_runs train_q3 2 "$pat" default AHA_ATTENTION_WGMMA_BWD=64 -- \
+  variant_runs train_q3 2 "$train_pat" default AHA_ATTENTION_WGMMA_BWD=64 -- \
     timeout 100 dist/bin/aha bench train --steps 3 --model $q3
-  variant_runs train_q15 1 "$pat" default AHA_ATTENTION_WGMMA_BWD=64 -- \
+  variant_runs train_q15 1 "$train_pat" default AHA_ATTENTION_WGMMA_BWD=64 -- \
     timeout 100 dist/bin/aha bench train --steps 3 --model $q15
-  variant_runs train_q05 1 "$pat" default -- timeout 100 dist/bin/aha bench train --steps 3 --model $model
+  variant_runs train_q05 1 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 3 --model $model
 fi
 if [[ " $what " == *" s27d "* ]]; then
   # Session 27: the training attention's forward on wgmma at D = 128 too (AHA_ATTENTION_WGMMA=64 keeps
   # it on mma.sync, as before). The attention tests with the training-shape timings; the model and
   # q/k/v tests; Qwen3-0.6B's learner step both ways (interleaved twice), its generation (prefill) both
   # ways, Qwen2.5-1.5B's step both ways, the bench's; the compiled peer's Qwen3-0.6B step.
-  timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
-    --gtest_filter='AttentionTc.*:AttentionTcTiming.*' > "$out/attn_s27d.log" 2>&1
-  echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attn_s27d.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|Which is|largest error|^shape|x1024" "$out/attn_s27d.log" | head -30
+  attention_tests s27d
   conformance_all s27d "Failure|Expected|Which is|worst gradient" \
     'CudaOps.QkvNormRope*:CudaOps.QkvRope*:CudaModel.*'
   init_model $q3 --arch qwen3 --preset 0.6b
   init_model $q15 --preset 1.5b --dtype bf16
-  pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'
-  variant_runs train_q3 2 "$pat" default AHA_ATTENTION_WGMMA=64 -- \
+  variant_runs train_q3 2 "$train_pat" default AHA_ATTENTION_WGMMA=64 -- \
     timeout 100 dist/bin/aha bench train --steps 3 --model $q3
   variant_runs gen_q3 1 "$gen_pat|prefill [0-9.]+ s" default AHA_ATTENTION_WGMMA=64 -- \
     timeout 60 dist/bin/aha bench gen --model $q3
-  variant_runs train_q15 1 "$pat" default AHA_ATTENTION_WGMMA=64 -- \
+  variant_runs train_q15 1 "$train_pat" default AHA_ATTENTION_WGMMA=64 -- \
     timeout 100 dist/bin/aha bench train --steps 3 --model $q15
-  variant_runs train_q05 1 "$pat" default -- timeout 100 dist/bin/aha bench train --steps 3 --model $model
+  variant_runs train_q05 1 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 3 --model $model
   peer_compile $q3 q3
 fi
 if [[ " $what " == *" s27b "* ]]; then

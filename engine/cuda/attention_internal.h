@@ -1,4 +1,4 @@
-// What attention.cu and attention_tc.cu share (included by those two .cu files only).
+// What attention.cu, attention_tc.cu and attention_wgmma.cu share (included by those .cu files only).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -348,6 +348,31 @@ __device__ __forceinline__ void MaskScores(float (&s)[8][4], int kt, int ssA, in
     }
   }
 }
+
+// The backward kernels' per-row values of query row r (one thread a row, loaded one tile ahead and
+// stored at the tile's end, their latency hidden behind the tile): lse log2 e, delta as the pre-pass
+// gives it, the row's start; past N 0, 0 and INT_MAX (every key masked).
+struct RowStats {
+  float lse2 = 0.0f, dl = 0.0f;
+  int ss = INT_MAX;
+  __device__ __forceinline__ void Load(const float* __restrict__ lse, const float* __restrict__ delta,
+                                       const int* __restrict__ row_start, int r, int N, int Hq, int h) {
+    if (r < N) {
+      lse2 = __ldg(lse + static_cast<size_t>(r) * Hq + h) * kLog2e;
+      dl = __ldg(delta + static_cast<size_t>(r) * Hq + h);
+      ss = __ldg(row_start + r);
+    } else {
+      lse2 = 0.0f;
+      dl = 0.0f;
+      ss = INT_MAX;  // masks every key
+    }
+  }
+  __device__ __forceinline__ void Store(float* lse2s, float* dls, int* sss, int i) const {
+    lse2s[i] = lse2;
+    dls[i] = dl;
+    sss[i] = ss;
+  }
+};
 
 // Workspace of AttentionBackwardWorkspace(N, Hq): delta[N, Hq] (f32) | row_start[N] (i32).
 constexpr size_t Align256(size_t n) { return (n + 255) / 256 * 256; }

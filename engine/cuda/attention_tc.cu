@@ -293,24 +293,6 @@ constexpr size_t BwdTcSmemBytes() {
          4 * sizeof(int);
 }
 
-// Per-row values of a query tile row r, loaded by threads 0 .. 31 into registers.
-struct RowStats {
-  float lse2 = 0.0f, dl = 0.0f;
-  int ss = INT_MAX;
-  __device__ __forceinline__ void Load(const float* __restrict__ lse, const float* __restrict__ delta,
-                                       const int* __restrict__ row_start, int r, int N, int Hq, int h) {
-    if (r < N) {
-      lse2 = __ldg(lse + static_cast<size_t>(r) * Hq + h) * kLog2e;
-      dl = __ldg(delta + static_cast<size_t>(r) * Hq + h);
-      ss = __ldg(row_start + r);
-    } else {
-      lse2 = 0.0f;
-      dl = 0.0f;
-      ss = INT_MAX;  // masks every key
-    }
-  }
-};
-
 template <int D>
 __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
     AttnBwdTcKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
@@ -370,9 +352,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
   Tile::Convert(QO, stQ);
   Tile::Convert(QO + kBwdRows * LD, stO);
   if (tid < kBwdRows) {
-    lse2s[tid] = st_next.lse2;
-    dls[tid] = st_next.dl;
-    sss[tid] = st_next.ss;
+    st_next.Store(lse2s, dls, sss, tid);
   }
   __syncthreads();
   const int r_stop = *r_stop_s;  // rows >= r_stop belong to later sequences; r_stop <= N
@@ -533,9 +513,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 2 : 1)
       Tile::Convert(next, stQ);
       Tile::Convert(next + kBwdRows * LD, stO);
       if (tid < kBwdRows) {
-        lse2s[(buf ^ 1) * kBwdRows + tid] = st_next.lse2;
-        dls[(buf ^ 1) * kBwdRows + tid] = st_next.dl;
-        sss[(buf ^ 1) * kBwdRows + tid] = st_next.ss;
+        st_next.Store(lse2s + (buf ^ 1) * kBwdRows, dls + (buf ^ 1) * kBwdRows, sss + (buf ^ 1) * kBwdRows, tid);
       }
     }
     __syncthreads();  // the next tile is in; everyone is done with dSs and this tile

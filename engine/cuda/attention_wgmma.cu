@@ -340,6 +340,18 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// A warpgroup's dQ tile, times a (1: exact), into its two 64-row x 32-column staging boxes at dq_s,
+// 128-byte swizzled as the tensor map reads them: row ra's columns 8 dn + 2 t, +1 in box dn / 4,
+// 16-byte chunk 2 (dn % 4) + t / 2 at its swizzled place; row ra + 8 eight rows further.
+__device__ __forceinline__ void StageDq(unsigned char* dq_s, const float (&dQ)[8][4], int ra, int t, float a) {
+#pragma unroll
+  for (int dn = 0; dn < 8; ++dn) {
+    const int at = (dn >> 2) * kWbDqBox + ra * 128 + (((2 * (dn & 3) + (t >> 1)) ^ (ra & 7)) << 4) + 8 * (t & 1);
+    *reinterpret_cast<float2*>(dq_s + at) = make_float2(dQ[dn][0] * a, dQ[dn][1] * a);
+    *reinterpret_cast<float2*>(dq_s + at + 8 * 128) = make_float2(dQ[dn][2] * a, dQ[dn][3] * a);
+  }
+}
+
 __global__ void __launch_bounds__(kWbThreads, 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                        const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
@@ -366,23 +378,12 @@ __global__ void __launch_bounds__(kWbThreads, 2)
   const int keyA = k0 + warp * 16 + g, keyB = keyA + 8;
   const float scale_log2 = scale * kLog2e;
 
-  // Row statistics of query row r, loaded one tile ahead and stored at the tile's end (their latency
-  // hidden behind the tile): lse log2 e, scale * delta, the row's start (INT_MAX past N: every key
-  // masked).
-  float st_lse = 0.0f, st_dl = 0.0f;
-  int st_ss = 0;
-  bool st_in = false;
-  auto load_stats = [&](int r) {
-    st_in = r < N;
-    const int rr = st_in ? r : 0;
-    st_lse = __ldg(lse + static_cast<size_t>(rr) * Hq + h);
-    st_dl = __ldg(delta + static_cast<size_t>(rr) * Hq + h);
-    st_ss = __ldg(row_start + rr);
-  };
+  // Row statistics (RowStats) into buffer b of stats: [lse log2 e | delta | start][64] at 3 b * 64.
+  RowStats st;
+  auto load_stats = [&](int r) { st.Load(lse, delta, row_start, r, N, Hq, h); };
   auto store_stats = [&](int b) {
-    stats[3 * b * kWbRows + tid] = st_in ? st_lse * kLog2e : 0.0f;
-    stats[(3 * b + 1) * kWbRows + tid] = st_in ? st_dl : 0.0f;
-    reinterpret_cast<int*>(stats)[(3 * b + 2) * kWbRows + tid] = st_in ? st_ss : INT_MAX;
+    float* at = stats + 3 * b * kWbRows;
+    st.Store(at, at + kWbRows, reinterpret_cast<int*>(at + 2 * kWbRows), tid);
   };
   auto issue = [&](int rt, int b) {
     unsigned char* dst = smem + (2 + 2 * b) * kWbTile;
@@ -516,17 +517,8 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       KeepLive(pa);  // read by the products in flight until the wait
       KeepLive(sa);
       // dQ into its staging boxes, then one thread has both added into dq. Rows >= r_stop see none
-      // of the keys (their dS is 0, so they add zeros); rows past N are outside the map. Columns 8 dn
-      // + 2 t of row r: box dn / 4, 16-byte chunk 2 (dn % 4) + t / 2 at its swizzled place.
-      {
-        const int ra = warp * 16 + g;
-#pragma unroll
-        for (int dn = 0; dn < DN; ++dn) {
-          const int at = (dn >> 2) * kWbDqBox + ra * 128 + (((2 * (dn & 3) + (t >> 1)) ^ (ra & 7)) << 4) + 8 * (t & 1);
-          *reinterpret_cast<float2*>(dq_s + at) = make_float2(dQ[dn][0], dQ[dn][1]);
-          *reinterpret_cast<float2*>(dq_s + at + 8 * 128) = make_float2(dQ[dn][2], dQ[dn][3]);  // row ra + 8
-        }
-      }
+      // of the keys (their dS is 0, so they add zeros); rows past N are outside the map.
+      StageDq(dq_s, dQ, warp * 16 + g, t, 1.0f);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
       __syncthreads();
       if (tid == 0) {
@@ -615,20 +607,12 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
   const int keyA = k0 + warp * 16 + g, keyB = keyA + 8;
   const float scale_log2 = scale * kLog2e;
 
-  float st_lse = 0.0f, st_dl = 0.0f;
-  int st_ss = 0;
-  bool st_in = false;
-  auto load_stats = [&](int r) {
-    st_in = r < N;
-    const int rr = st_in ? r : 0;
-    st_lse = __ldg(lse + static_cast<size_t>(rr) * Hq + h);
-    st_dl = __ldg(delta + static_cast<size_t>(rr) * Hq + h);
-    st_ss = __ldg(row_start + rr);
-  };
+  // Row statistics (RowStats) into buffer b of stats: [lse log2 e | delta | start][64] at 3 b * 64.
+  RowStats st;
+  auto load_stats = [&](int r) { st.Load(lse, delta, row_start, r, N, Hq, h); };
   auto store_stats = [&](int b) {
-    stats[3 * b * kWbRows + tid] = st_in ? st_lse * kLog2e : 0.0f;
-    stats[(3 * b + 1) * kWbRows + tid] = st_in ? st_dl : 0.0f;
-    reinterpret_cast<int*>(stats)[(3 * b + 2) * kWbRows + tid] = st_in ? st_ss : INT_MAX;
+    float* at = stats + 3 * b * kWbRows;
+    st.Store(at, at + kWbRows, reinterpret_cast<int*>(at + 2 * kWbRows), tid);
   };
   auto issue = [&](int rt, int b) {
     unsigned char* dst = smem + (4 + 4 * b) * T;
@@ -781,15 +765,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       FenceAccumulators(dQ);
       KeepLive(pa);
       KeepLive(sa);
-      {
-        const int ra = warp * 16 + g;
-#pragma unroll
-        for (int dn = 0; dn < DN; ++dn) {
-          const int at = (dn >> 2) * kWbDqBox + ra * 128 + (((2 * (dn & 3) + (t >> 1)) ^ (ra & 7)) << 4) + 8 * (t & 1);
-          *reinterpret_cast<float2*>(dq_s + at) = make_float2(dQ[dn][0] * scale, dQ[dn][1] * scale);
-          *reinterpret_cast<float2*>(dq_s + at + 8 * 128) = make_float2(dQ[dn][2] * scale, dQ[dn][3] * scale);
-        }
-      }
+      StageDq(dq_s, dQ, warp * 16 + g, t, scale);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       NamedBarrier(1 + wg, 128);  // this warpgroup's boxes are written
       if (wt == 0) {

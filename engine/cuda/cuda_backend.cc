@@ -759,11 +759,8 @@ void CudaBackend::QkvNormRopeAttention(float* out, float* lse, float* q_pre, flo
     return Backend::QkvNormRopeAttention(out, lse, q_pre, k_pre, q, k, v, q_rstd, k_rstd, qkv, bias, q_norm, k_norm,
                                          eps, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D);
   auto* qf = static_cast<float*>(Workspace(n * sizeof(float)));
-  SplitQkv(q_pre, k_pre, v, qkv, bias, N, Hq * D, Hkv * D);
-  RmsNormForward(qf, q_rstd, q_pre, q_norm, N * Hq, D, eps);
-  RmsNormForward(k, k_rstd, k_pre, k_norm, N * Hkv, D, eps);
-  RopeForward(qf, positions, inv_freq, N, Hq, D);
-  RopeForward(k, positions, inv_freq, N, Hkv, D);
+  SplitNormRopeOps(q_pre, k_pre, qf, k, v, q_rstd, k_rstd, qkv, bias, q_norm, k_norm, eps, positions, inv_freq, N, Hq,
+                   Hkv, D);
   cuda::CastF32ToBF16(q_kept, qf, n, stream_);
   Check("q norm + rope");
   AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D);
