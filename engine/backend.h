@@ -189,10 +189,15 @@ class Backend {
   // QkvRope, then AttentionForward(out, lse, q, k, v, ...) on its result: q, k, v are written as
   // QkvRope writes them (the backward reads them). The CUDA backend's tensor-core attention reads
   // k and v from bf16 copies the q/k/v kernel writes beside them (half the bytes per key tile, no
-  // conversion in the attention kernel). This default runs the two ops.
+  // conversion in the attention kernel). This default runs the two ops. forward_only: no backward
+  // follows and only out and lse are read afterwards (the frozen reference model's forward), so q, k
+  // and v are scratch, which a backend may leave unwritten (the CUDA one writes only the bf16
+  // operands its attention reads).
   virtual void QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv,
                                 const float* bias, const int32_t* positions, const float* inv_freq,
-                                const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+                                const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D,
+                                bool forward_only = false) {
+    (void)forward_only;
     QkvRope(q, k, v, qkv, bias, positions, inv_freq, N, Hq, Hkv, D);
     AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D);
   }
@@ -210,12 +215,14 @@ class Backend {
   // backward, NormRopePackQkv: RopeBackward of dq and of dk, dq_pre = dk_pre = 0, RmsNormBackward of
   // each (dq_pre, dq_norm += from dq, q_pre, q_norm, q_rstd; likewise k), then PackQkv(dqkv, dq_pre,
   // dk_pre, dv); dq, dk, dq_pre and dk_pre are scratch afterwards. These defaults run the ops; the
-  // CUDA backend runs one q/k/v kernel each way (the attention stays its own kernel).
+  // CUDA backend runs one q/k/v kernel each way (the attention stays its own kernel). forward_only
+  // as in QkvRopeAttention: q_pre, k_pre, the rstds, q, k and v are scratch then.
   virtual void QkvNormRopeAttention(float* out, float* lse, float* q_pre, float* k_pre, float* q, float* k, float* v,
                                     float* q_rstd, float* k_rstd, const float* qkv, const float* bias,
                                     const float* q_norm, const float* k_norm, float eps, const int32_t* positions,
                                     const float* inv_freq, const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv,
-                                    int D) {
+                                    int D, bool forward_only = false) {
+    (void)forward_only;
     SplitNormRopeOps(q_pre, k_pre, q, k, v, q_rstd, k_rstd, qkv, bias, q_norm, k_norm, eps, positions, inv_freq, N,
                      Hq, Hkv, D);
     AttentionForward(out, lse, q, k, v, cu_seqlens, S, N, Hq, Hkv, D);

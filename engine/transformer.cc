@@ -334,10 +334,10 @@ void Transformer::LayerForward(int l, LayerActs& a, const float* x, float* out, 
   if (config_.qk_norm) {  // Qwen3: the per-head norms sit between the split and the rotation
     B.QkvNormRopeAttention(a.att.f32(), a.lse.f32(), a.q_pre.f32(), a.k_pre.f32(), a.q.f32(), a.k.f32(), a.v.f32(),
                            a.q_rstd.f32(), a.k_rstd.f32(), qkv_.f32(), w.q_b, w.q_norm, w.k_norm,
-                           config_.rms_norm_eps, pos, inv_freq_.f32(), cu_seqlens, S, N, Hq, Hkv, D);
+                           config_.rms_norm_eps, pos, inv_freq_.f32(), cu_seqlens, S, N, Hq, Hkv, D, forward_only_);
   } else {
     B.QkvRopeAttention(a.att.f32(), a.lse.f32(), a.q.f32(), a.k.f32(), a.v.f32(), qkv_.f32(), w.q_b, pos,
-                       inv_freq_.f32(), cu_seqlens, S, N, Hq, Hkv, D);
+                       inv_freq_.f32(), cu_seqlens, S, N, Hq, Hkv, D, forward_only_);
   }
   // mid = o(att) + x: the product writes mid, the fused op adds x in place and norms the sum.
   B.LinearForward(a.mid.f32(), a.att.f32(), w.o_w, nullptr, N, Hq * D, C);
@@ -465,6 +465,7 @@ void Transformer::Forward(const int32_t* tokens, const int32_t* cu_seqlens, int 
 }
 
 void Transformer::Backward(const float* dlogprobs, const float* dentropies, const GradsReady& ready) {
+  AHA_CHECK(!forward_only_) << "Backward on a model set to run forwards only (set_forward_only)";
   EnsureGrads();
   const int N = N_, C = config_.hidden_size, L = config_.num_layers;
   Backend& B = *backend_;

@@ -96,6 +96,9 @@ class Transformer {
   float* grad(const std::string& name);
   void ZeroGrad() { EnsureGrads(); grads_.SetZero(); }
   void set_recompute(bool on) { recompute_ = on; }
+  // A model that only runs forwards (the trainer's frozen reference): the forward skips what only a
+  // backward reads (Backend::QkvRopeAttention's forward_only), and Backward() is refused.
+  void set_forward_only(bool on) { forward_only_ = on; }
   // Decode steps (one new token per sequence) replay a captured graph per batch bucket (powers of
   // two up to the cache's max_batch) where the backend has graphs; on by default.
   void set_decode_graphs(bool on) { decode_graphs_ = on; }
@@ -215,12 +218,13 @@ class Transformer {
   Tensor params_, grads_;
   Weights w_, g_;
   Tensor inv_freq_;
-  bool recompute_ = false;
+  bool recompute_ = false, forward_only_ = false;
   // The backward packs the q/k/v gradient into dqkv_, kept in bf16 only (read by the product's
-  // backward alone), when RopePackQkv packs it and no bias gradient is summed from it: summed from
-  // bf16 values, k_proj.bias's gradient (nearly all cancellation: a bias shared by every key moves
-  // no softmax, but for RoPE) came within 7e-4 of the conformance test's 1e-3 NMSE limit. Else qkv_.
-  bool KeepsQkvGradient() const { return !config_.qk_norm && !config_.attention_bias; }
+  // backward alone; RopePackQkv or NormRopePackQkv writes only the copy), when no bias gradient is
+  // summed from it: summed from bf16 values, k_proj.bias's gradient (nearly all cancellation: a bias
+  // shared by every key moves no softmax, but for RoPE) came within 7e-4 of the conformance test's
+  // 1e-3 NMSE limit. Else qkv_.
+  bool KeepsQkvGradient() const { return !config_.attention_bias; }
 
   // Saved by Forward() for Backward().
   int capacity_ = 0, N_ = 0, S_ = 0;

@@ -87,9 +87,11 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(const TrainerOptions& o
     if (g.beta > 0) {
       // The frozen reference: a second copy, refreshed every ref_reset_every steps. It only runs
       // forwards, so one layer's activation buffers serve all layers (the recompute layout; the
-      // same ops, the same results) instead of every layer's, which only a backward reads.
+      // same ops, the same results) instead of every layer's, which only a backward reads; and its
+      // forward skips what only a backward reads (Transformer::set_forward_only).
       ASSIGN_OR_RETURN(rep->reference, engine::Transformer::Load(options.model_dir, rep->backend));
       rep->reference->set_recompute(true);
+      rep->reference->set_forward_only(true);
     }
     rep->optimizer = std::make_unique<engine::AdamW>(rep->model.get(), adam);
     rep->model->ZeroGrad();  // allocates the gradient buffer the reducer binds to

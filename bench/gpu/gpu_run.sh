@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -363,7 +363,7 @@ conformance_all() {
   echo "conformance (${3:-all}): exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/conformance_$1.log" | tr '\n' ' ')"
   grep -E "$2" "$out/conformance_$1.log" | head -20
 }
-attention_tests() {  # attention_tests TAG: the training attention's tests and its training-shape timings
+attention_suite() {  # attention_suite TAG: the training attention's tests and its training-shape timings
   timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
     --gtest_filter='AttentionTc.*:AttentionTcTiming.*' > "$out/attn_$1.log" 2>&1
   echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/attn_$1.log" | tr '\n' ' ')"
@@ -773,7 +773,7 @@ if [[ " $what " == *" s27c "* ]]; then
   # each; AHA_ATTENTION_WGMMA_BWD=64 keeps D = 128 on mma.sync, as before). The attention tests with
   # the training-shape timings; the model tests (now also at head widths 64 and 128); the learner
   # step of Qwen3-0.6B (interleaved twice) and Qwen2.5-1.5B both ways, and the bench's (D = 64).
-  attention_tests s27c
+  attention_suite s27c
   conformance_all s27c "Failure|Expected|Which is|worst gradient" 'CudaOps.QkvNormRope*:CudaModel.ForwardBackward*'
   init_model $q3 --arch qwen3 --preset 0.6b
   init_model $q15 --preset 1.5b --dtype bf16
@@ -788,7 +788,7 @@ if [[ " $what " == *" s27d "* ]]; then
   # it on mma.sync, as before). The attention tests with the training-shape timings; the model and
   # q/k/v tests; Qwen3-0.6B's learner step both ways (interleaved twice), its generation (prefill) both
   # ways, Qwen2.5-1.5B's step both ways, the bench's; the compiled peer's Qwen3-0.6B step.
-  attention_tests s27d
+  attention_suite s27d
   conformance_all s27d "Failure|Expected|Which is|worst gradient" \
     'CudaOps.QkvNormRope*:CudaOps.QkvRope*:CudaModel.*'
   init_model $q3 --arch qwen3 --preset 0.6b
@@ -810,6 +810,42 @@ if [[ " $what " == *" s27b "* ]]; then
   variant_runs gen 1 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
   peer_gen
   peer_compile
+fi
+if [[ " $what " == *" s28a "* ]]; then
+  # Session 28: session 27's review mends (RowStats shared by the backward kernels, StageDq,
+  # SplitNormRopeOps) on a GPU: the attention tests with the training-shape timings, the whole
+  # conformance test; the per-op profiles of the bench's learner step and Qwen3-0.6B's; the bench's
+  # learner step and generation.
+  attention_suite s28a
+  conformance_all s28a "Failure|Expected|Which is|worst gradient"
+  init_model $q3 --arch qwen3 --preset 0.6b
+  AHA_PROFILE=1 timeout 100 dist/bin/aha bench train --steps 3 --model $model > "$out/profile_q05.txt" 2>&1
+  grep -vE '^\{' "$out/profile_q05.txt" | head -32
+  AHA_PROFILE=1 timeout 100 dist/bin/aha bench train --steps 3 --model $q3 > "$out/profile_q3.txt" 2>&1
+  grep -vE '^\{' "$out/profile_q3.txt" | head -32
+  variant_runs train 1 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 5 --model $model
+  variant_runs gen 1 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
+fi
+if [[ " $what " == *" s28b "* ]]; then
+  # Session 28: the reference model's forward without what only a backward reads (forward_only) and
+  # Qwen3's q/k/v gradient kept in bf16 only (dist/) against the build before (dist-old/): the q/k/v
+  # and model tests; Qwen3-0.6B's and the bench's learner steps, the builds interleaved twice (logs in
+  # /tmp: few files come back); then Nsight Compute's stall profile of the D = 128 backward kernel.
+  conformance_all s28b "Failure|Expected|Which is|worst gradient" \
+    'CudaOps.QkvNormRope*:CudaOps.QkvRope*:CudaOps.QkvGradient*:CudaModel.*'
+  init_model $q3 --arch qwen3 --preset 0.6b
+  mkdir -p /tmp/s28
+  for rep in 1 2; do
+    for m in q3 q05; do
+      for v in old new; do
+        f=/tmp/s28/train_${m}_${v}_$rep.log
+        [ $m = q3 ] && dir=$q3 || dir=$model
+        timeout 100 $(aha_of $v) bench train --steps 3 --model $dir > "$f" 2>&1
+        echo "train $m $v $rep: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+      done
+    done
+  done
+  SOURCE=1 SPECS="wbwd128 AttnBwdWgmma128Kernel 30" bash bench/gpu/attn_profile.sh "$out" 2>&1 | grep -v "^16x1024\|^4x4096\|nmse"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -702,8 +702,8 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
       const float r = HeadRstd<V == 4>(row + h * D, bias ? bias + h * D : nullptr, D, nq.eps, lane);
       if (lane == 0) {
         head_r[h] = r;
-        if (h < Hq) nq.q_rstd[static_cast<size_t>(i) * Hq + h] = r;
-        else nq.k_rstd[static_cast<size_t>(i) * Hkv + (h - Hq)] = r;
+        if (nq.q_rstd && h < Hq) nq.q_rstd[static_cast<size_t>(i) * Hq + h] = r;
+        else if (nq.q_rstd) nq.k_rstd[static_cast<size_t>(i) * Hkv + (h - Hq)] = r;
       }
     }
   }
@@ -734,10 +734,12 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
         for (int u = 0; u < V; ++u) x1[u] += b1[u], x2[u] += b2[u];
       }
       if constexpr (kNorm) {  // SplitQkv's row kept for the backward, then RmsNormVecKernel's (x r) w
-        float* pre = h < Hq ? nq.q_pre + static_cast<size_t>(i) * QD + c
-                            : nq.k_pre + static_cast<size_t>(i) * KD + (c - QD);
-        StoreV(pre, x1);
-        StoreV(pre + half, x2);
+        if (nq.q_pre) {
+          float* pre = h < Hq ? nq.q_pre + static_cast<size_t>(i) * QD + c
+                              : nq.k_pre + static_cast<size_t>(i) * KD + (c - QD);
+          StoreV(pre, x1);
+          StoreV(pre + half, x2);
+        }
         const float* wn = (h < Hq ? nq.q_norm : nq.k_norm) + j;
         float w1[V], w2[V];
         LoadV(wn, w1);
@@ -763,8 +765,10 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
         }
       } else if (r >= 0) {
         const size_t o = static_cast<size_t>(r) * KD + (c - QD);
-        StoreV(k_out + o, y1);
-        StoreV(k_out + o + half, y2);
+        if (kPaged || k_out) {  // (training: null when only the bf16 copies are read)
+          StoreV(k_out + o, y1);
+          StoreV(k_out + o + half, y2);
+        }
         if (!kPaged && k16) {  // the training attention's bf16 copy (QkvRopeAttention)
           StoreV(k16 + o, y1);
           StoreV(k16 + o + half, y2);
@@ -780,7 +784,7 @@ __global__ void QkvRopeKernel(float* __restrict__ q, Elem* __restrict__ k_out, E
 #pragma unroll
         for (int u = 0; u < V; ++u) x[u] += b[u];
       }
-      StoreV(v_out + static_cast<size_t>(r) * KD + c, x);
+      if (kPaged || v_out) StoreV(v_out + static_cast<size_t>(r) * KD + c, x);
       if (!kPaged && v16) StoreV(v16 + static_cast<size_t>(r) * KD + c, x);
     }
   }

@@ -736,11 +736,13 @@ static bool FusedQkvAttentionTakes(bool tc, int N, int D) {
 }
 void CudaBackend::QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv,
                                    const float* bias, const int32_t* positions, const float* inv_freq,
-                                   const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) {
+                                   const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D,
+                                   bool forward_only) {
   if (!FusedQkvAttentionTakes(UseTcAttention(), N, D))
     return Backend::QkvRopeAttention(out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv,
                                      D);
-  FusedQkvAttention(nullptr, out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D);
+  FusedQkvAttention(nullptr, out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D,
+                    forward_only);
 }
 // The ops, when the fused form does not take the call: a kept q (no f32 storage) is normed and
 // rotated in scratch and kept as its bf16 copy, which the attention then reads (widened).
@@ -748,10 +750,11 @@ void CudaBackend::QkvNormRopeAttention(float* out, float* lse, float* q_pre, flo
                                        float* v, float* q_rstd, float* k_rstd, const float* qkv, const float* bias,
                                        const float* q_norm, const float* k_norm, float eps, const int32_t* positions,
                                        const float* inv_freq, const int32_t* cu_seqlens, int S, int N, int Hq,
-                                       int Hkv, int D) {
+                                       int Hkv, int D, bool forward_only) {
   if (FusedQkvAttentionTakes(UseTcAttention(), N, D) && cuda::QkvNormSupported(D)) {
     const cuda::QkvNorm norm{q_pre, k_pre, q_rstd, k_rstd, q_norm, k_norm, eps};
-    return FusedQkvAttention(&norm, out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D);
+    return FusedQkvAttention(&norm, out, lse, q, k, v, qkv, bias, positions, inv_freq, cu_seqlens, S, N, Hq, Hkv, D,
+                             forward_only);
   }
   const size_t n = static_cast<size_t>(N) * Hq * D;
   uint16_t* q_kept = KeptCopy(q, n);
@@ -768,14 +771,23 @@ void CudaBackend::QkvNormRopeAttention(float* out, float* lse, float* q_pre, flo
 void CudaBackend::FusedQkvAttention(const cuda::QkvNorm* norm, float* out, float* lse, float* q, float* k, float* v,
                                     const float* qkv, const float* bias, const int32_t* positions,
                                     const float* inv_freq, const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv,
-                                    int D) {
+                                    int D, bool forward_only) {
   // A kept q (read again only by the backward, from its bf16 copy) is written as that copy and, for
   // the wgmma forward, as the forward's own operand (q scaled and rounded, in the workspace): no f32.
+  // A forward alone writes only that operand (or q in f32 for the mma.sync forward) and the bf16 k
+  // and v: no copy of q, no f32 k and v, no q_pre, k_pre or rstds.
   const size_t kn = static_cast<size_t>(N) * Hkv * D, n = static_cast<size_t>(N) * Hq * D;
   uint16_t* q_kept = KeptCopy(q, n);
-  const bool q16_only = q_kept && cuda::AttentionForwardWgmmaSupported(D);
+  const bool q_reserved = q_kept != nullptr;  // q has no f32 storage
+  if (forward_only) q_kept = nullptr;
+  const bool q16_only = (q_reserved || forward_only) && cuda::AttentionForwardWgmmaSupported(D);
   // Without the wgmma forward a kept q is written in f32 to scratch (it has no f32 storage).
-  const bool q_scratch = q_kept && !q16_only;
+  const bool q_scratch = q_reserved && !q16_only;
+  cuda::QkvNorm lean;  // the norms' weights alone
+  if (forward_only) {
+    if (norm) lean = {nullptr, nullptr, nullptr, nullptr, norm->q_norm, norm->k_norm, norm->eps}, norm = &lean;
+    k = v = nullptr;
+  }
   auto* k16 = static_cast<uint16_t*>(
       Workspace((2 * kn + (q16_only ? n : 0)) * sizeof(uint16_t) + (q_scratch ? n * sizeof(float) : 0)));
   uint16_t* v16 = k16 + kn;

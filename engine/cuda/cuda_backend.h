@@ -125,7 +125,7 @@ class CudaBackend final : public Backend {
                const float* inv_freq, int N, int Hq, int Hkv, int D) override;
   void QkvRopeAttention(float* out, float* lse, float* q, float* k, float* v, const float* qkv, const float* bias,
                         const int32_t* positions, const float* inv_freq, const int32_t* cu_seqlens, int S, int N,
-                        int Hq, int Hkv, int D) override;
+                        int Hq, int Hkv, int D, bool forward_only = false) override;
   void RopePackQkv(float* dqkv, float* dq, float* dk, const float* dv, const int32_t* positions,
                    const float* inv_freq, int N, int Hq, int Hkv, int D) override;
   // Qwen3's q/k/v step with its per-head norms: one q/k/v kernel (cuda::QkvRope with its norm) and
@@ -134,7 +134,8 @@ class CudaBackend final : public Backend {
   void QkvNormRopeAttention(float* out, float* lse, float* q_pre, float* k_pre, float* q, float* k, float* v,
                             float* q_rstd, float* k_rstd, const float* qkv, const float* bias, const float* q_norm,
                             const float* k_norm, float eps, const int32_t* positions, const float* inv_freq,
-                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D) override;
+                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D,
+                            bool forward_only = false) override;
   void NormRopePackQkv(float* dqkv, float* dq_norm, float* dk_norm, float* dq_pre, float* dk_pre, float* dq,
                        float* dk, const float* dv, const float* q_pre, const float* k_pre, const float* q_norm,
                        const float* k_norm, const float* q_rstd, const float* k_rstd, const int32_t* positions,
@@ -181,9 +182,10 @@ class CudaBackend final : public Backend {
 
  private:
   // QkvRopeAttention's fused form, with Qwen3's norms when norm is not null (QkvNormRopeAttention).
+  // forward_only: q's kept copy, q, k and v in f32 and norm's q_pre, k_pre and rstds are not written.
   void FusedQkvAttention(const QkvNorm* norm, float* out, float* lse, float* q, float* k, float* v,
                          const float* qkv, const float* bias, const int32_t* positions, const float* inv_freq,
-                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D);
+                         const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, bool forward_only);
   CudaBackend(int index, cudaStream_t stream, GemmPrecision precision);
   void* Workspace(size_t bytes);
   // Where a producer kernel (RMSNorm, add + RMSNorm, SwiGLU, and in the backward SwiGLU's and

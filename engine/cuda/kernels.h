@@ -129,6 +129,8 @@ void QkvRopeKvWrite(float* q, const float* qkv, const float* bias, const int32_t
 // (Backend::QkvNormRopeAttention's q/k/v step; QkvNormSupported(D)), RmsNormForward's arithmetic, so
 // the ops' bits: the split rows (bias added) go to q_pre[N, Hq D] and k_pre[N, Hkv D], each head's
 // rstd to q_rstd[N Hq] and k_rstd[N Hkv], and q and k are normed by q_norm / k_norm[D] before RoPE.
+// A forward that no backward follows passes q_pre, k_pre and the rstds null (all four), and k and v
+// null when k_bf16 and v_bf16 are given: none of them is written then.
 struct QkvNorm {
   float* q_pre = nullptr;
   float* k_pre = nullptr;

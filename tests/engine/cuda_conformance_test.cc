@@ -71,6 +71,18 @@ Tensor Up(const std::vector<int32_t>& v) {
   return Tensor::FromVector(v, {static_cast<int64_t>(v.size())}).ToDevice(Gpu()->device());
 }
 Tensor Poisoned(size_t n) { return Up(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN())); }
+// Whether QkvRopeAttention / QkvNormRopeAttention run the fused q/k/v kernel (tc: the tensor-core
+// attention is on): at D = 64 or 128, unless AHA_FUSED_QKV=0 or AHA_ATTENTION_KV16=0 sends them to the ops.
+bool FusedQkvAttentionRuns(bool tc, int D) {
+  for (const char* name : {"AHA_FUSED_QKV", "AHA_ATTENTION_KV16"}) {
+    const char* e = std::getenv(name);
+    if (e != nullptr && std::string(e) == "0") return false;
+  }
+  return tc && (D == 64 || D == 128);
+}
+bool AllNan(const std::vector<float>& x) {
+  return std::all_of(x.begin(), x.end(), [](float y) { return std::isnan(y); });
+}
 // RoPE inverse frequencies of head width D at theta 1e6.
 std::vector<float> RopeInvFreq(int D) {
   std::vector<float> f(D / 2);
@@ -440,6 +452,17 @@ TEST(CudaOps, QkvRopeAndRopePackQkvEqualTheirOps) {
       ExpectNmse("qkv + rope + attention v vs the ops", shape, Down(v3), Down(v1), 0.0);
       ExpectNmse("qkv + rope + attention out vs the ops", shape, Down(out1), Down(out2), 0.0);
       ExpectNmse("qkv + rope + attention lse vs the ops", shape, Down(lse1), Down(lse2), 0.0);
+      // A forward alone: the same out and lse; where the fused kernel takes the call, q, k and v unwritten.
+      Tensor q4 = Poisoned(q.size()), k4 = Poisoned(k.size()), v4 = Poisoned(v.size());
+      Tensor out4 = Poisoned(size_t(N) * QD), lse4 = Poisoned(size_t(N) * c.Hq);
+      gpu->QkvRopeAttention(out4.f32(), lse4.f32(), q4.f32(), k4.f32(), v4.f32(), d_qkv.f32(), b, d_pos.i32(),
+                            d_inv.f32(), d_cu.i32(), S, N, c.Hq, c.Hkv, c.D, /*forward_only=*/true);
+      ExpectNmse("forward-only out vs the full forward", shape, Down(out4), Down(out1), 0.0);
+      ExpectNmse("forward-only lse vs the full forward", shape, Down(lse4), Down(lse1), 0.0);
+      if (FusedQkvAttentionRuns(gpu->UseTcAttention(), c.D)) {
+        for (const Tensor* t : {&k4, &v4})
+          EXPECT_TRUE(AllNan(Down(*t))) << "a forward alone wrote k or v (" << shape << ")";
+      }
     }
     // Backward, then the q/k/v product's backward over the packed rows.
     Tensor dq1 = Up(dq), dk1 = Up(dk), dq2 = Up(dq), dk2 = Up(dk);
@@ -617,9 +640,6 @@ std::vector<float> KeptValues(CudaBackend* gpu, const Tensor& t) {
   BF16ToF32(b.data(), f.data(), b.size());
   return f;
 }
-bool AllNan(const std::vector<float>& v) {
-  return std::all_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
 
 // The packed q/k/v gradient kept in bf16 only (the Transformer's dqkv, only reserved): RopePackQkv
 // writes its copy alone, the f32 result rounded bit for bit, and the q/k/v product's backward reads
@@ -762,6 +782,24 @@ TEST(CudaOps, QkvNormRopeAttentionAndItsBackwardEqualTheirOps) {
                                 d_kw.f32(), eps, d_pos.i32(), d_inv.f32(), d_cu.i32(), S, N, Hq, Hkv, D);
       ExpectNmse("kept q vs the ops' q rounded", shape, KeptValues(gpu, kq), Rounded(Down(ops.q)), 0.0);
       ExpectNmse("out with q kept vs not", shape, Down(kept.out), Down(op.out), 0.0);
+      // A forward alone (the reference model's): the same out and lse; where the fused kernel takes
+      // the call, nothing of what only a backward reads is written (q's copy, q_pre, k_pre, the
+      // rstds, k, v: still NaN).
+      Fwd lean = make();
+      const std::vector<float> copy_before = KeptValues(gpu, kq);
+      gpu->QkvNormRopeAttention(lean.out.f32(), lean.lse.f32(), lean.q_pre.f32(), lean.k_pre.f32(), kq.f32(),
+                                lean.k.f32(), lean.v.f32(), lean.qr.f32(), lean.kr.f32(), d_qkv.f32(), b, d_qw.f32(),
+                                d_kw.f32(), eps, d_pos.i32(), d_inv.f32(), d_cu.i32(), S, N, Hq, Hkv, D,
+                                /*forward_only=*/true);
+      ExpectNmse("forward-only out vs the full forward", shape, Down(lean.out), Down(op.out), 0.0);
+      ExpectNmse("forward-only lse vs the full forward", shape, Down(lean.lse), Down(op.lse), 0.0);
+      if (FusedQkvAttentionRuns(gpu->UseTcAttention(), D)) {
+        for (const Tensor* t : {&lean.q_pre, &lean.k_pre, &lean.qr, &lean.kr, &lean.k, &lean.v})
+          EXPECT_TRUE(AllNan(Down(*t))) << "a forward alone wrote a tensor only a backward reads (" << shape << ")";
+        const auto copy_after = KeptValues(gpu, kq);
+        EXPECT_EQ(std::memcmp(copy_after.data(), copy_before.data(), copy_after.size() * sizeof(float)), 0)
+            << "a forward alone rewrote q's kept copy (" << shape << ")";
+      }
       gpu->ReleaseBf16(kq.f32());
     }
 
@@ -2478,6 +2516,15 @@ void CompareModels(Arch arch, GemmPrecision prec, double lp_limit, double grad_l
                           " D=" + std::to_string(head_dim);
   std::cout << "  model " << tag << ": max |logprob or entropy difference| " << worst << "\n";
   EXPECT_LT(worst, lp_limit) << tag;
+  {  // The trainer's frozen reference: one layer's buffers, forwards only: the same figures bit for bit.
+    auto mr = Transformer::Init(config, 42, gpu);
+    mr->set_recompute(true);
+    mr->set_forward_only(true);
+    std::vector<float> lr(N), er(N);
+    mr->Forward(tokens.data(), cu.data(), S, N, 0.8f, lr.data(), er.data());
+    EXPECT_EQ(std::memcmp(lr.data(), lg.data(), N * sizeof(float)), 0) << tag << ": log-probs of a forward alone";
+    EXPECT_EQ(std::memcmp(er.data(), eg.data(), N * sizeof(float)), 0) << tag << ": entropies of a forward alone";
+  }
   auto dlp = Randn(N), dent = Randn(N, 0.1f);
   mc->ZeroGrad();
   mg->ZeroGrad();
