@@ -300,8 +300,19 @@ constexpr int kWbThreads = 128;
 constexpr int kWbRows = 64;  // keys per block = query rows per tile = 64
 constexpr int kWbTile = 64 * 64 * 2;
 constexpr int kWbDqBox = 64 * 128;  // dQ's staging: columns 0-31, then 32-63, 64 rows of 128 bytes each
-// K, V | 2 x (Q, dO) | dS^T | dQ (two boxes) | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
-constexpr int kWbSmem = 7 * kWbTile + 2 * kWbDqBox + 2 * 3 * kWbRows * 4 + 16 + 1024;
+// K, V | kStages x (Q, dO) | dS^T | dQ (two boxes) | 2 x (lse log2 e, delta, row start)[64] | r_stop |
+// alignment. kStages query tiles' Q and dO in flight: 2 (the tile after this one) or 3 (two ahead).
+template <int kStages>
+constexpr int WbSmem() {
+  return (3 + 2 * kStages) * kWbTile + 2 * kWbDqBox + 2 * 3 * kWbRows * 4 + 16 + 1024;
+}
+// The newest `ahead` commit groups may stay in flight (0 or 1); the rest of this thread's copies have
+// landed, and the tensor cores (the async proxy) read them after a barrier.
+__device__ __forceinline__ void CopiesLandedBut(int ahead) {
+  if (ahead > 0) CpAsyncWaitGroup<1>();
+  else CpAsyncWaitAll();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 
 // The backward's pre-pass: per (row, head), D / 4 threads of 4 columns: delta = scale * (dout . out)
 // (out from its bf16 copy out16 when that is given: the attention output kept in bf16 only; dout
@@ -352,6 +363,7 @@ __device__ __forceinline__ void StageDq(unsigned char* dq_s, const float (&dQ)[8
   }
 }
 
+template <int kStages>
 __global__ void __launch_bounds__(kWbThreads, 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                        const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
@@ -364,10 +376,11 @@ __global__ void __launch_bounds__(kWbThreads, 2)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = AlignSmem1024(smem_raw);
   const uint32_t base = SmemAddr(smem);
-  const uint32_t kb = base, vb = base + kWbTile, qo_b = base + 2 * kWbTile, dsb = base + 6 * kWbTile;
-  unsigned char* ds_s = smem + 6 * kWbTile;
-  unsigned char* dq_s = smem + 7 * kWbTile;  // 1024-byte aligned, as the swizzle needs
-  const uint32_t dq_sb = base + 7 * kWbTile;
+  constexpr int kDs = 2 + 2 * kStages;  // dS^T's tile
+  const uint32_t kb = base, vb = base + kWbTile, qo_b = base + 2 * kWbTile, dsb = base + kDs * kWbTile;
+  unsigned char* ds_s = smem + kDs * kWbTile;
+  unsigned char* dq_s = smem + (kDs + 1) * kWbTile;  // 1024-byte aligned, as the swizzle needs
+  const uint32_t dq_sb = base + (kDs + 1) * kWbTile;
   float* stats = reinterpret_cast<float*>(dq_s + 2 * kWbDqBox);  // buffer b: lse2, delta, start at 3 b * 64
   int* r_stop_s = reinterpret_cast<int*>(stats + 6 * kWbRows);
 
@@ -392,8 +405,10 @@ __global__ void __launch_bounds__(kWbThreads, 2)
     CpAsyncCommit();
   };
 
-  // The first query tile starts at k0 (earlier rows see none of the keys).
+  // The first query tile starts at k0 (earlier rows see none of the keys); with three stages the
+  // next one goes out too (rows past the block's last sequence are copied and never read).
   issue(k0, 0);
+  if (kStages == 3) issue(k0 + kWbRows, 1);
   if (tid < kWbRows) load_stats(k0 + tid);
   // K and V of the block's keys, rounded to bf16, swizzled (zeros past N): 8 float4 each a thread.
 #pragma unroll
@@ -414,8 +429,8 @@ __global__ void __launch_bounds__(kWbThreads, 2)
   }
   if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);  // the end of the last key's sequence
   if (tid < kWbRows) store_stats(0);
-  CopiesLanded();  // also orders this thread's K / V stores before the tensor cores read them
-  __syncthreads();
+  CopiesLandedBut(kStages == 3 ? 1 : 0);  // the first tile; also orders this thread's K / V stores before
+  __syncthreads();                        // the tensor cores read them
   const int r_stop = *r_stop_s;  // rows >= r_stop belong to later sequences; r_stop <= N
 
   float dK[DN][4], dV[DN][4];
@@ -425,14 +440,14 @@ __global__ void __launch_bounds__(kWbThreads, 2)
     for (int c = 0; c < 4; ++c) dK[dn][c] = dV[dn][c] = 0.0f;
   }
 
-  int buf = 0;
-  for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1) {
+  int buf = 0, qbuf = 0;  // the row statistics' buffer, Q and dO's stage
+  for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1, qbuf = qbuf + 1 == kStages ? 0 : qbuf + 1) {
     const bool has_next = rt + kWbRows < r_stop;
-    if (has_next) {  // the other buffer was last read before the previous barrier
-      issue(rt + kWbRows, buf ^ 1);
-      if (tid < kWbRows) load_stats(rt + kWbRows + tid);
-    }
-    const uint32_t qb = qo_b + buf * 2 * kWbTile, dob = qb + kWbTile;
+    // Q and dO kStages - 1 tiles ahead, into the stage last read before the previous barrier.
+    const bool issues = rt + (kStages - 1) * kWbRows < r_stop;
+    if (issues) issue(rt + (kStages - 1) * kWbRows, qbuf == 0 ? kStages - 1 : qbuf - 1);
+    if (has_next && tid < kWbRows) load_stats(rt + kWbRows + tid);
+    const uint32_t qb = qo_b + qbuf * 2 * kWbTile, dob = qb + kWbTile;
     const float* l2 = stats + 3 * buf * kWbRows;
     const float* dl = l2 + kWbRows;
     const int* ssr = reinterpret_cast<const int*>(l2 + 2 * kWbRows);
@@ -535,11 +550,12 @@ __global__ void __launch_bounds__(kWbThreads, 2)
     }
 
     if (has_next) {
-      CopiesLanded();
+      CopiesLandedBut(kStages == 3 && issues ? 1 : 0);  // the next tile's; the one after may be in flight
       if (tid < kWbRows) store_stats(buf ^ 1);
     }
     __syncthreads();  // the next tile is in; everyone is done with this one and with dS^T
   }
+  if (kStages == 3) CpAsyncWaitAll();  // a second tile copied ahead that no row of the block reads
 
   if (tid == 0) BulkWait<0>();  // the dQ reductions done before the block exits
   // This block's share of dk, dv (the other query heads of the group add theirs).
@@ -568,15 +584,22 @@ __global__ void __launch_bounds__(kWbThreads, 2)
 // at the end scale dK_w and dV_w go into dk, dv with atomics. Registers as the D = 64 kernel's (230),
 // one block a multiprocessor (8 warps, as two blocks of the D = 64 kernel).
 constexpr int kWb2Threads = 256;
-// K0, K1, V0, V1 | 2 x (Q0, Q1, dO0, dO1) | dS^T | dQ (two warpgroups x two boxes) | S^T, dP^T (f32) |
-// 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
-constexpr int kWb2Tiles = 13;
-constexpr int kWb2Smem = kWb2Tiles * kWbTile + 4 * kWbDqBox + 2 * 64 * 64 * 4 + 2 * 3 * kWbRows * 4 + 16 + 1024;
+// K0, K1, V0, V1 | kStages x (Q0, Q1, dO0, dO1) | dS^T | dQ (two warpgroups x two boxes) | S^T, dP^T
+// (f32) | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
+template <int kStages>
+constexpr int Wb2Tiles() {
+  return 5 + 4 * kStages;
+}
+template <int kStages>
+constexpr int Wb2Smem() {
+  return Wb2Tiles<kStages>() * kWbTile + 4 * kWbDqBox + 2 * 64 * 64 * 4 + 2 * 3 * kWbRows * 4 + 16 + 1024;
+}
 
 __device__ __forceinline__ void NamedBarrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+template <int kStages>
 __global__ void __launch_bounds__(kWb2Threads, 1)
     AttnBwdWgmma128Kernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                           const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
@@ -591,13 +614,14 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
   const uint32_t base = SmemAddr(smem);
   const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31, g = lane >> 2,
             t = lane & 3;
-  // Tiles: K half j at j T, V half j at (2 + j) T, buffer b's Q half j at (4 + 4 b + j) T and dO half j
-  // at (6 + 4 b + j) T, dS^T at 12 T.
-  const uint32_t kb = base, vb = base + 2 * T, dsb = base + 12 * T;
-  unsigned char* ds_s = smem + 12 * T;
-  unsigned char* dq_s = smem + kWb2Tiles * T + wg * 2 * kWbDqBox;  // this warpgroup's two boxes
-  const uint32_t dq_sb = base + kWb2Tiles * T + wg * 2 * kWbDqBox;
-  float4* xch = reinterpret_cast<float4*>(smem + kWb2Tiles * T + 4 * kWbDqBox);  // [2][8][128] float4
+  // Tiles: K half j at j T, V half j at (2 + j) T, stage b's Q half j at (4 + 4 b + j) T and dO half j
+  // at (6 + 4 b + j) T, dS^T after the stages.
+  constexpr int kTiles = Wb2Tiles<kStages>(), kDs = kTiles - 1;
+  const uint32_t kb = base, vb = base + 2 * T, dsb = base + kDs * T;
+  unsigned char* ds_s = smem + kDs * T;
+  unsigned char* dq_s = smem + kTiles * T + wg * 2 * kWbDqBox;  // this warpgroup's two boxes
+  const uint32_t dq_sb = base + kTiles * T + wg * 2 * kWbDqBox;
+  float4* xch = reinterpret_cast<float4*>(smem + kTiles * T + 4 * kWbDqBox);  // [2][8][128] float4
   float* stats = reinterpret_cast<float*>(xch + 2 * 8 * 128);
   int* r_stop_s = reinterpret_cast<int*>(stats + 6 * kWbRows);
 
@@ -624,6 +648,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
   };
 
   issue(k0, 0);
+  if (kStages == 3) issue(k0 + kWbRows, 1);  // (rows past the block's last sequence: never read)
   if (tid < kWbRows) load_stats(k0 + tid);
   // K and V of the block's keys, rounded to bf16 (V unscaled), each half of D swizzled in its tile.
 #pragma unroll
@@ -643,7 +668,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
   }
   if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);
   if (tid < kWbRows) store_stats(0);
-  CopiesLanded();
+  CopiesLandedBut(kStages == 3 ? 1 : 0);
   __syncthreads();
   const int r_stop = *r_stop_s;
 
@@ -654,14 +679,13 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
     for (int c = 0; c < 4; ++c) dK[dn][c] = dV[dn][c] = 0.0f;
   }
 
-  int buf = 0;
-  for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1) {
+  int buf = 0, qbuf = 0;  // as in AttnBwdWgmmaKernel
+  for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1, qbuf = qbuf + 1 == kStages ? 0 : qbuf + 1) {
     const bool has_next = rt + kWbRows < r_stop;
-    if (has_next) {
-      issue(rt + kWbRows, buf ^ 1);
-      if (tid < kWbRows) load_stats(rt + kWbRows + tid);
-    }
-    const uint32_t qb = base + (4 + 4 * buf) * T, dob = qb + 2 * T;
+    const bool issues = rt + (kStages - 1) * kWbRows < r_stop;
+    if (issues) issue(rt + (kStages - 1) * kWbRows, qbuf == 0 ? kStages - 1 : qbuf - 1);
+    if (has_next && tid < kWbRows) load_stats(rt + kWbRows + tid);
+    const uint32_t qb = base + (4 + 4 * qbuf) * T, dob = qb + 2 * T;
     const float* l2 = stats + 3 * buf * kWbRows;
     const float* dl = l2 + kWbRows;
     const int* ssr = reinterpret_cast<const int*>(l2 + 2 * kWbRows);
@@ -780,11 +804,12 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
     }
 
     if (has_next) {
-      CopiesLanded();
+      CopiesLandedBut(kStages == 3 && issues ? 1 : 0);
       if (tid < kWbRows) store_stats(buf ^ 1);
     }
     __syncthreads();
   }
+  if (kStages == 3) CpAsyncWaitAll();
 
   if (wt == 0) BulkWait<0>();
 #pragma unroll
@@ -864,15 +889,20 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   const dim3 grid(Hq, GridRows(N, kWbRows));
   // dq as [N, Hq * D] f32, reduced into in boxes of 64 rows x 32 columns.
   const CUtensorMap map_dq = SwizzledRowsMapF32(dq, N, Hq * D, kWbRows, "AttentionBackwardWgmma dq");
-  if (D == 64) {
-    AllowSmem(AttnBwdWgmmaKernel, kWbSmem);
-    AttnBwdWgmmaKernel<<<grid, kWbThreads, kWbSmem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start,
-                                                          cu_seqlens, S, N, Hq, Hkv, scale, map_dq);
-  } else {
-    AllowSmem(AttnBwdWgmma128Kernel, kWb2Smem);
-    AttnBwdWgmma128Kernel<<<grid, kWb2Threads, kWb2Smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start,
-                                                               cu_seqlens, S, N, Hq, Hkv, scale, map_dq);
-  }
+  // Q and dO two tiles ahead (three stages) unless AHA_ATTENTION_BWD_STAGES=2 (one ahead; the A/B).
+  static const int stages = [] {
+    const char* e = std::getenv("AHA_ATTENTION_BWD_STAGES");
+    return e != nullptr && std::strcmp(e, "2") == 0 ? 2 : 3;
+  }();
+  auto launch = [&](auto kernel, int threads, int smem) {
+    AllowSmem(kernel, smem);
+    kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,
+                                       Hkv, scale, map_dq);
+  };
+  if (D == 64 && stages == 3) launch(AttnBwdWgmmaKernel<3>, kWbThreads, WbSmem<3>());
+  else if (D == 64) launch(AttnBwdWgmmaKernel<2>, kWbThreads, WbSmem<2>());
+  else if (stages == 3) launch(AttnBwdWgmma128Kernel<3>, kWb2Threads, Wb2Smem<3>());
+  else launch(AttnBwdWgmma128Kernel<2>, kWb2Threads, Wb2Smem<2>());
   CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 
