@@ -584,11 +584,11 @@ __global__ void __launch_bounds__(kWbThreads, 2)
 // at the end scale dK_w and dV_w go into dk, dv with atomics. Registers as the D = 64 kernel's (230),
 // one block a multiprocessor (8 warps, as two blocks of the D = 64 kernel).
 constexpr int kWb2Threads = 256;
-// K0, K1, V0, V1 | kStages x (Q0, Q1, dO0, dO1) | dS^T | dQ (two warpgroups x two boxes) | S^T, dP^T
-// (f32) | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
+// K0, K1, V0, V1 | kStages x (Q0, Q1, dO0, dO1) | dS^T | P^T | dQ (two warpgroups x two boxes) | S^T,
+// dP^T (f32) | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
 template <int kStages>
 constexpr int Wb2Tiles() {
-  return 5 + 4 * kStages;
+  return 6 + 4 * kStages;
 }
 template <int kStages>
 constexpr int Wb2Smem() {
@@ -599,7 +599,7 @@ __device__ __forceinline__ void NamedBarrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-template <int kStages>
+template <int kStages, bool kHalves>
 __global__ void __launch_bounds__(kWb2Threads, 1)
     AttnBwdWgmma128Kernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                           const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
@@ -615,10 +615,11 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
   const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31, g = lane >> 2,
             t = lane & 3;
   // Tiles: K half j at j T, V half j at (2 + j) T, stage b's Q half j at (4 + 4 b + j) T and dO half j
-  // at (6 + 4 b + j) T, dS^T after the stages.
-  constexpr int kTiles = Wb2Tiles<kStages>(), kDs = kTiles - 1;
-  const uint32_t kb = base, vb = base + 2 * T, dsb = base + kDs * T;
+  // at (6 + 4 b + j) T, then dS^T and P^T.
+  constexpr int kTiles = Wb2Tiles<kStages>(), kDs = kTiles - 2;
+  const uint32_t kb = base, vb = base + 2 * T, dsb = base + kDs * T, psb = dsb + T;
   unsigned char* ds_s = smem + kDs * T;
+  unsigned char* ps_s = ds_s + T;
   unsigned char* dq_s = smem + kTiles * T + wg * 2 * kWbDqBox;  // this warpgroup's two boxes
   const uint32_t dq_sb = base + kTiles * T + wg * 2 * kWbDqBox;
   float4* xch = reinterpret_cast<float4*>(smem + kTiles * T + 4 * kWbDqBox);  // [2][8][128] float4
@@ -693,6 +694,8 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
     auto tile = [&](auto masked) {
       // Warpgroup 0: S^T = K Q^T; warpgroup 1: dP^T = V dO^T; over both halves of D.
       float mine[DN][4], other[DN][4];
+      float dQ[DN][4];
+      const uint32_t dob_w = dob + wg * T, qb_w = qb + wg * T, kb_w = kb + wg * T;
       const uint32_t a0 = wg == 0 ? kb : vb, b0 = wg == 0 ? qb : dob;
       WgmmaFence();
       WgmmaSs64x64First<0, 0>(mine, SwizzledDesc(a0), SwizzledDesc(b0));
@@ -704,6 +707,89 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       WgmmaCommit();
       WgmmaWait<0>();
       FenceAccumulators(mine);
+      if constexpr (kHalves) {
+        // Warpgroup w finishes n-tiles 4 w .. 4 w + 3 (the tile's rows 32 w .. 32 w + 31) of P^T and
+        // dS^T: it passes the other the n-tiles that one finishes (warpgroup 0 its S^T of n-tiles 4-7,
+        // warpgroup 1 its dP^T of 0-3; thread wt of both holds the same elements), then writes both
+        // into shared memory, from where the three products read them whole.
+        constexpr int H = DN / 2;
+#pragma unroll
+        for (int j = 0; j < H; ++j) {  // chosen by value: a row index known only at run time spills
+          float4 x;
+          x.x = wg == 0 ? mine[H + j][0] : mine[j][0];
+          x.y = wg == 0 ? mine[H + j][1] : mine[j][1];
+          x.z = wg == 0 ? mine[H + j][2] : mine[j][2];
+          x.w = wg == 0 ? mine[H + j][3] : mine[j][3];
+          xch[(wg * H + j) * 128 + wt] = x;
+        }
+        __syncthreads();
+        float pv[H][4], sv[H][4];
+#pragma unroll
+        for (int j = 0; j < H; ++j) {
+          const float4 o = xch[((1 - wg) * H + j) * 128 + wt];
+          const float of[4] = {o.x, o.y, o.z, o.w};
+          const int nt = wg * H + j;
+          const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
+          const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
+          int2 ssp = make_int2(0, 0);
+          if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int jr = nt * 8 + 2 * t + (c & 1);
+            const float s_v = wg == 0 ? mine[j][c] : of[c], dp_v = wg == 0 ? of[c] : mine[H + j][c];
+            float x = fmaf(s_v, scale_log2, -((c & 1) ? l2p.y : l2p.x));
+            if constexpr (decltype(masked)::value) {
+              const int key = c < 2 ? keyA : keyB;
+              const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;
+              x = ok ? x : -INFINITY;
+            }
+            const float p = Exp2Ftz(x);
+            pv[j][c] = p;
+            sv[j][c] = p * (dp_v - ((c & 1) ? dlp.y : dlp.x));
+          }
+        }
+        // P^T and dS^T [64 keys][64 rows] bf16, swizzled (key r's rows 8 c .. 8 c + 7 in chunk c ^ (r &
+        // 7)): warpgroup w writes row chunks 4 w .. 4 w + 3 of each.
+        const int rA = warp * 16 + g, rB = rA + 8;
+#pragma unroll
+        for (int kk2 = 0; kk2 < H / 2; ++kk2) {
+          uint32_t pa[4], sa[4];
+          PackPFrag(pa, pv[2 * kk2], pv[2 * kk2 + 1]);
+          PackPFrag(sa, sv[2 * kk2], sv[2 * kk2 + 1]);
+          const int c0 = 2 * (wg * (H / 2) + kk2), c1 = c0 + 1;
+          const int at[4] = {Swizzled128(rA, c0) + 4 * t, Swizzled128(rB, c0) + 4 * t, Swizzled128(rA, c1) + 4 * t,
+                             Swizzled128(rB, c1) + 4 * t};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            *reinterpret_cast<uint32_t*>(ps_s + at[e]) = pa[e];
+            *reinterpret_cast<uint32_t*>(ds_s + at[e]) = sa[e];
+          }
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (wt == 0) BulkWaitRead<0>();  // this warpgroup's last dQ boxes have been read
+        __syncthreads();                 // P^T and dS^T complete; the exchange area free again
+        // dV_w += P^T dO_w, dK_w += dS^T Q_w (A K-major from the tiles above), dQ_w = dS K_w.
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          WgmmaSs64x64<0, 1>(dV, SwizzledDesc(psb + kk * 32), SwizzledDescMN(dob_w + kk * 2048, kWbTile), 1);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          WgmmaSs64x64<0, 1>(dK, SwizzledDesc(dsb + kk * 32), SwizzledDescMN(qb_w + kk * 2048, kWbTile), 1);
+        }
+        WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb_w, kWbTile));
+#pragma unroll
+        for (int kk = 1; kk < KK; ++kk) {
+          WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb_w + kk * 2048, kWbTile),
+                             1);
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();
+        FenceAccumulators(dV);
+        FenceAccumulators(dK);
+        FenceAccumulators(dQ);
+      } else {
       // Exchange: the same fragment layout on both warpgroups, so thread wt of one holds the
       // elements thread wt of the other needs.
 #pragma unroll
@@ -747,7 +833,6 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
         PackPFrag(sa[kk], other[2 * kk], other[2 * kk + 1]);
       }
       // dV_w += P^T dO_w, dK_w += dS^T Q_w: left running while dS^T goes to shared memory.
-      const uint32_t dob_w = dob + wg * T, qb_w = qb + wg * T;
       WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < KK; ++kk) WgmmaRs64x64<1>(dV, pa[kk], SwizzledDescMN(dob_w + kk * 2048, kWbTile), 1);
@@ -773,8 +858,6 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       if (wt == 0) BulkWaitRead<0>();  // this warpgroup's last dQ boxes have been read
       __syncthreads();                 // dS^T complete; the exchange area free again
-      float dQ[DN][4];
-      const uint32_t kb_w = kb + wg * T;
       WgmmaFence();
       WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb_w, kWbTile));
 #pragma unroll
@@ -789,6 +872,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       FenceAccumulators(dQ);
       KeepLive(pa);
       KeepLive(sa);
+      }
       StageDq(dq_s, dQ, warp * 16 + g, t, scale);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       NamedBarrier(1 + wg, 128);  // this warpgroup's boxes are written
@@ -894,6 +978,12 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
     const char* e = std::getenv("AHA_ATTENTION_BWD_STAGES");
     return e != nullptr && std::strcmp(e, "2") == 0 ? 2 : 3;
   }();
+  // D = 128: each warpgroup finishes half of P^T and dS^T unless AHA_ATTENTION_BWD_HALVES=0 (both
+  // finish all of them; the A/B).
+  static const bool halves = [] {
+    const char* e = std::getenv("AHA_ATTENTION_BWD_HALVES");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
   auto launch = [&](auto kernel, int threads, int smem) {
     AllowSmem(kernel, smem);
     kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,
@@ -901,8 +991,10 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   };
   if (D == 64 && stages == 3) launch(AttnBwdWgmmaKernel<3>, kWbThreads, WbSmem<3>());
   else if (D == 64) launch(AttnBwdWgmmaKernel<2>, kWbThreads, WbSmem<2>());
-  else if (stages == 3) launch(AttnBwdWgmma128Kernel<3>, kWb2Threads, Wb2Smem<3>());
-  else launch(AttnBwdWgmma128Kernel<2>, kWb2Threads, Wb2Smem<2>());
+  else if (stages == 3 && halves) launch(AttnBwdWgmma128Kernel<3, true>, kWb2Threads, Wb2Smem<3>());
+  else if (stages == 3) launch(AttnBwdWgmma128Kernel<3, false>, kWb2Threads, Wb2Smem<3>());
+  else if (halves) launch(AttnBwdWgmma128Kernel<2, true>, kWb2Threads, Wb2Smem<2>());
+  else launch(AttnBwdWgmma128Kernel<2, false>, kWb2Threads, Wb2Smem<2>());
   CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 
