@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -875,6 +875,21 @@ if [[ " $what " == *" s28d "* ]]; then
   conformance_all s28d "Failure|Expected|Which is|worst gradient" 'CudaModel.ForwardBackward*:CudaOps.*Attention*'
   init_model $q3 --arch qwen3 --preset 0.6b
   variant_runs train_q3 2 "$train_pat" default AHA_ATTENTION_BWD_HALVES=0 -- \
+    timeout 100 dist/bin/aha bench train --steps 3 --model $q3
+fi
+if [[ " $what " == *" s28e "* ]]; then
+  # Session 28: the D = 128 backward with tile i's last products overlapping tile i + 1's first
+  # (dist/) against not (AHA_ATTENTION_BWD_PIPE=0: s28d's kernel): the attention tests and
+  # training-shape timings both ways; the whole conformance test; Qwen3-0.6B's learner step both
+  # ways, twice.
+  attention_suite s28e
+  AHA_ATTENTION_BWD_PIPE=0 timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+    --gtest_filter='AttentionTcTiming.*' > /tmp/attn_s28e_0.log 2>&1
+  echo "timings, not overlapped: exit $?"
+  grep -E "D=128" /tmp/attn_s28e_0.log | head -20
+  conformance_all s28e "Failure|Expected|Which is|worst gradient"
+  init_model $q3 --arch qwen3 --preset 0.6b
+  variant_runs train_q3 2 "$train_pat" default AHA_ATTENTION_BWD_PIPE=0 -- \
     timeout 100 dist/bin/aha bench train --steps 3 --model $q3
 fi
 if [[ $what == *gemm* ]]; then

@@ -599,7 +599,7 @@ __device__ __forceinline__ void NamedBarrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-template <int kStages, bool kHalves>
+template <int kStages, bool kHalves, bool kPipe>
 __global__ void __launch_bounds__(kWb2Threads, 1)
     AttnBwdWgmma128Kernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                           const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
@@ -680,7 +680,157 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
     for (int c = 0; c < 4; ++c) dK[dn][c] = dV[dn][c] = 0.0f;
   }
 
+  // Per query tile: the S^T or dP^T product (warpgroup 0 or 1; one commit group into s_dp).
+  auto s_dp_issue = [&](float (&s_dp)[DN][4], uint32_t qb, uint32_t dob) {
+    const uint32_t a0 = wg == 0 ? kb : vb, b0 = wg == 0 ? qb : dob;
+    WgmmaFence();
+    WgmmaSs64x64First<0, 0>(s_dp, SwizzledDesc(a0), SwizzledDesc(b0));
+#pragma unroll
+    for (int kk = 1; kk < 2 * KK; ++kk) {
+      const uint32_t at = (kk >> 2) * T + (kk & 3) * 32;
+      WgmmaSs64x64<0, 0>(s_dp, SwizzledDesc(a0 + at), SwizzledDesc(b0 + at), 1);
+    }
+    WgmmaCommit();
+  };
+  // kHalves: warpgroup w finishes n-tiles 4 w .. 4 w + 3 (the tile's rows 32 w .. 32 w + 31) of P^T and
+  // dS^T. It passes the other the n-tiles that one finishes (warpgroup 0 its S^T of n-tiles 4-7,
+  // warpgroup 1 its dP^T of 0-3; thread wt of both holds the same elements), then writes both into
+  // shared memory ([64 keys][64 rows] bf16, swizzled: key r's rows 8 c .. 8 c + 7 in chunk c ^ (r & 7);
+  // warpgroup w writes chunks 4 w .. 4 w + 3 of each), from where the three products read them whole.
+  // Ends with the barrier after which they are complete.
+  auto finish_halves = [&](auto masked, const float (&mine)[DN][4], int rt, const float* l2, const float* dl,
+                           const int* ssr) {
+    constexpr int H = DN / 2;
+#pragma unroll
+    for (int j = 0; j < H; ++j) {  // chosen by value: a row index known only at run time spills
+      float4 x;
+      x.x = wg == 0 ? mine[H + j][0] : mine[j][0];
+      x.y = wg == 0 ? mine[H + j][1] : mine[j][1];
+      x.z = wg == 0 ? mine[H + j][2] : mine[j][2];
+      x.w = wg == 0 ? mine[H + j][3] : mine[j][3];
+      xch[(wg * H + j) * 128 + wt] = x;
+    }
+    __syncthreads();
+    float pv[H][4], sv[H][4];
+#pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const float4 o = xch[((1 - wg) * H + j) * 128 + wt];
+      const float of[4] = {o.x, o.y, o.z, o.w};
+      const int nt = wg * H + j;
+      const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
+      const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
+      int2 ssp = make_int2(0, 0);
+      if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int jr = nt * 8 + 2 * t + (c & 1);
+        const float s_v = wg == 0 ? mine[j][c] : of[c], dp_v = wg == 0 ? of[c] : mine[H + j][c];
+        float x = fmaf(s_v, scale_log2, -((c & 1) ? l2p.y : l2p.x));
+        if constexpr (decltype(masked)::value) {
+          const int key = c < 2 ? keyA : keyB;
+          const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;
+          x = ok ? x : -INFINITY;
+        }
+        const float p = Exp2Ftz(x);
+        pv[j][c] = p;
+        sv[j][c] = p * (dp_v - ((c & 1) ? dlp.y : dlp.x));
+      }
+    }
+    const int rA = warp * 16 + g, rB = rA + 8;
+#pragma unroll
+    for (int kk2 = 0; kk2 < H / 2; ++kk2) {
+      uint32_t pa[4], sa[4];
+      PackPFrag(pa, pv[2 * kk2], pv[2 * kk2 + 1]);
+      PackPFrag(sa, sv[2 * kk2], sv[2 * kk2 + 1]);
+      const int c0 = 2 * (wg * (H / 2) + kk2), c1 = c0 + 1;
+      const int at[4] = {Swizzled128(rA, c0) + 4 * t, Swizzled128(rB, c0) + 4 * t, Swizzled128(rA, c1) + 4 * t,
+                         Swizzled128(rB, c1) + 4 * t};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        *reinterpret_cast<uint32_t*>(ps_s + at[e]) = pa[e];
+        *reinterpret_cast<uint32_t*>(ds_s + at[e]) = sa[e];
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    if (!kPipe && wt == 0) BulkWaitRead<0>();  // this warpgroup's last dQ boxes have been read
+    __syncthreads();  // P^T and dS^T complete; the exchange area free again
+  };
+  // kHalves: dV_w += P^T dO_w, dK_w += dS^T Q_w (A K-major from the tiles above), dQ_w = dS K_w; one
+  // commit group.
+  auto products_issue = [&](float (&dQ)[DN][4], uint32_t qb, uint32_t dob) {
+    const uint32_t dob_w = dob + wg * T, qb_w = qb + wg * T, kb_w = kb + wg * T;
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+      WgmmaSs64x64<0, 1>(dV, SwizzledDesc(psb + kk * 32), SwizzledDescMN(dob_w + kk * 2048, kWbTile), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+      WgmmaSs64x64<0, 1>(dK, SwizzledDesc(dsb + kk * 32), SwizzledDescMN(qb_w + kk * 2048, kWbTile), 1);
+    }
+    WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb_w, kWbTile));
+#pragma unroll
+    for (int kk = 1; kk < KK; ++kk) {
+      WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb_w + kk * 2048, kWbTile), 1);
+    }
+    WgmmaCommit();
+  };
+  // dQ_w, scaled, into this warpgroup's boxes, then added into dq by the tensor memory accelerator.
+  auto dq_out = [&](const float (&dQ)[DN][4], int rt) {
+    StageDq(dq_s, dQ, warp * 16 + g, t, scale);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    NamedBarrier(1 + wg, 128);  // this warpgroup's boxes are written
+    if (wt == 0) {
+      TmaReduceAdd(&map_dq, h * 128 + wg * 64, rt, dq_sb);
+      TmaReduceAdd(&map_dq, h * 128 + wg * 64 + 32, rt, dq_sb + kWbDqBox);
+      BulkCommit();
+    }
+  };
+  // Whether a tile needs no mask: its rows see all of the block's keys whole.
+  auto whole = [&](int rt, const int* ssr) { return k0 + kWbRows - 1 <= rt && ssr[kWbRows - 1] <= k0; };
+
   int buf = 0, qbuf = 0;  // as in AttnBwdWgmmaKernel
+  if constexpr (kPipe) {
+    // Tile i's three products run while the block passes its end-of-tile barrier and issues tile
+    // i + 1's S^T / dP^T; dQ_i leaves after that (wgmma.wait_group 1), and the dQ boxes' previous
+    // reduction is awaited before the barrier. Every tile below r_stop is computed (its rows are in
+    // the keys' sequences, so sees() holds).
+    float mine[DN][4], dQ[DN][4];
+    s_dp_issue(mine, base + 4 * T, base + 6 * T);
+    for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1, qbuf = qbuf + 1 == kStages ? 0 : qbuf + 1) {
+      const bool has_next = rt + kWbRows < r_stop;
+      const bool issues = rt + (kStages - 1) * kWbRows < r_stop;
+      if (has_next && tid < kWbRows) load_stats(rt + kWbRows + tid);
+      const uint32_t qb = base + (4 + 4 * qbuf) * T, dob = qb + 2 * T;
+      const float* l2 = stats + 3 * buf * kWbRows;
+      const int* ssr = reinterpret_cast<const int*>(l2 + 2 * kWbRows);
+      WgmmaWait<0>();
+      FenceAccumulators(mine);
+      if (whole(rt, ssr)) finish_halves(std::false_type{}, mine, rt, l2, l2 + kWbRows, ssr);
+      else finish_halves(std::true_type{}, mine, rt, l2, l2 + kWbRows, ssr);
+      // Tile i + 2's Q and dO into the stage tile i - 1's products read: after the barrier above, which
+      // every thread passes only once its warpgroup's products of tile i - 1 are done.
+      if (issues) issue(rt + (kStages - 1) * kWbRows, qbuf == 0 ? kStages - 1 : qbuf - 1);
+      products_issue(dQ, qb, dob);
+      if (has_next) {
+        CopiesLandedBut(issues ? 1 : 0);
+        if (tid < kWbRows) store_stats(buf ^ 1);
+      }
+      if (wt == 0) BulkWaitRead<0>();  // this warpgroup's last dQ boxes have been read
+      __syncthreads();  // the next tile is in; everyone is done with this one's exchange
+      if (has_next) {
+        const int nq = qbuf + 1 == kStages ? 0 : qbuf + 1;
+        s_dp_issue(mine, base + (4 + 4 * nq) * T, base + (6 + 4 * nq) * T);
+        WgmmaWait<1>();
+      } else {
+        WgmmaWait<0>();
+      }
+      FenceAccumulators(dV);
+      FenceAccumulators(dK);
+      FenceAccumulators(dQ);
+      dq_out(dQ, rt);
+    }
+  } else {
   for (int rt = k0; rt < r_stop; rt += kWbRows, buf ^= 1, qbuf = qbuf + 1 == kStages ? 0 : qbuf + 1) {
     const bool has_next = rt + kWbRows < r_stop;
     const bool issues = rt + (kStages - 1) * kWbRows < r_stop;
@@ -693,103 +843,20 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
 
     auto tile = [&](auto masked) {
       // Warpgroup 0: S^T = K Q^T; warpgroup 1: dP^T = V dO^T; over both halves of D.
-      float mine[DN][4], other[DN][4];
-      float dQ[DN][4];
-      const uint32_t dob_w = dob + wg * T, qb_w = qb + wg * T, kb_w = kb + wg * T;
-      const uint32_t a0 = wg == 0 ? kb : vb, b0 = wg == 0 ? qb : dob;
-      WgmmaFence();
-      WgmmaSs64x64First<0, 0>(mine, SwizzledDesc(a0), SwizzledDesc(b0));
-#pragma unroll
-      for (int kk = 1; kk < 2 * KK; ++kk) {
-        const uint32_t at = (kk >> 2) * T + (kk & 3) * 32;
-        WgmmaSs64x64<0, 0>(mine, SwizzledDesc(a0 + at), SwizzledDesc(b0 + at), 1);
-      }
-      WgmmaCommit();
+      float mine[DN][4], dQ[DN][4];
+      s_dp_issue(mine, qb, dob);
       WgmmaWait<0>();
       FenceAccumulators(mine);
       if constexpr (kHalves) {
-        // Warpgroup w finishes n-tiles 4 w .. 4 w + 3 (the tile's rows 32 w .. 32 w + 31) of P^T and
-        // dS^T: it passes the other the n-tiles that one finishes (warpgroup 0 its S^T of n-tiles 4-7,
-        // warpgroup 1 its dP^T of 0-3; thread wt of both holds the same elements), then writes both
-        // into shared memory, from where the three products read them whole.
-        constexpr int H = DN / 2;
-#pragma unroll
-        for (int j = 0; j < H; ++j) {  // chosen by value: a row index known only at run time spills
-          float4 x;
-          x.x = wg == 0 ? mine[H + j][0] : mine[j][0];
-          x.y = wg == 0 ? mine[H + j][1] : mine[j][1];
-          x.z = wg == 0 ? mine[H + j][2] : mine[j][2];
-          x.w = wg == 0 ? mine[H + j][3] : mine[j][3];
-          xch[(wg * H + j) * 128 + wt] = x;
-        }
-        __syncthreads();
-        float pv[H][4], sv[H][4];
-#pragma unroll
-        for (int j = 0; j < H; ++j) {
-          const float4 o = xch[((1 - wg) * H + j) * 128 + wt];
-          const float of[4] = {o.x, o.y, o.z, o.w};
-          const int nt = wg * H + j;
-          const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
-          const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
-          int2 ssp = make_int2(0, 0);
-          if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int jr = nt * 8 + 2 * t + (c & 1);
-            const float s_v = wg == 0 ? mine[j][c] : of[c], dp_v = wg == 0 ? of[c] : mine[H + j][c];
-            float x = fmaf(s_v, scale_log2, -((c & 1) ? l2p.y : l2p.x));
-            if constexpr (decltype(masked)::value) {
-              const int key = c < 2 ? keyA : keyB;
-              const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;
-              x = ok ? x : -INFINITY;
-            }
-            const float p = Exp2Ftz(x);
-            pv[j][c] = p;
-            sv[j][c] = p * (dp_v - ((c & 1) ? dlp.y : dlp.x));
-          }
-        }
-        // P^T and dS^T [64 keys][64 rows] bf16, swizzled (key r's rows 8 c .. 8 c + 7 in chunk c ^ (r &
-        // 7)): warpgroup w writes row chunks 4 w .. 4 w + 3 of each.
-        const int rA = warp * 16 + g, rB = rA + 8;
-#pragma unroll
-        for (int kk2 = 0; kk2 < H / 2; ++kk2) {
-          uint32_t pa[4], sa[4];
-          PackPFrag(pa, pv[2 * kk2], pv[2 * kk2 + 1]);
-          PackPFrag(sa, sv[2 * kk2], sv[2 * kk2 + 1]);
-          const int c0 = 2 * (wg * (H / 2) + kk2), c1 = c0 + 1;
-          const int at[4] = {Swizzled128(rA, c0) + 4 * t, Swizzled128(rB, c0) + 4 * t, Swizzled128(rA, c1) + 4 * t,
-                             Swizzled128(rB, c1) + 4 * t};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            *reinterpret_cast<uint32_t*>(ps_s + at[e]) = pa[e];
-            *reinterpret_cast<uint32_t*>(ds_s + at[e]) = sa[e];
-          }
-        }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        if (wt == 0) BulkWaitRead<0>();  // this warpgroup's last dQ boxes have been read
-        __syncthreads();                 // P^T and dS^T complete; the exchange area free again
-        // dV_w += P^T dO_w, dK_w += dS^T Q_w (A K-major from the tiles above), dQ_w = dS K_w.
-        WgmmaFence();
-#pragma unroll
-        for (int kk = 0; kk < KK; ++kk) {
-          WgmmaSs64x64<0, 1>(dV, SwizzledDesc(psb + kk * 32), SwizzledDescMN(dob_w + kk * 2048, kWbTile), 1);
-        }
-#pragma unroll
-        for (int kk = 0; kk < KK; ++kk) {
-          WgmmaSs64x64<0, 1>(dK, SwizzledDesc(dsb + kk * 32), SwizzledDescMN(qb_w + kk * 2048, kWbTile), 1);
-        }
-        WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb_w, kWbTile));
-#pragma unroll
-        for (int kk = 1; kk < KK; ++kk) {
-          WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb_w + kk * 2048, kWbTile),
-                             1);
-        }
-        WgmmaCommit();
+        finish_halves(masked, mine, rt, l2, dl, ssr);
+        products_issue(dQ, qb, dob);
         WgmmaWait<0>();
         FenceAccumulators(dV);
         FenceAccumulators(dK);
         FenceAccumulators(dQ);
       } else {
+      float other[DN][4];
+      const uint32_t dob_w = dob + wg * T, qb_w = qb + wg * T, kb_w = kb + wg * T;
       // Exchange: the same fragment layout on both warpgroups, so thread wt of one holds the
       // elements thread wt of the other needs.
 #pragma unroll
@@ -873,14 +940,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       KeepLive(pa);
       KeepLive(sa);
       }
-      StageDq(dq_s, dQ, warp * 16 + g, t, scale);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      NamedBarrier(1 + wg, 128);  // this warpgroup's boxes are written
-      if (wt == 0) {
-        TmaReduceAdd(&map_dq, h * 128 + wg * 64, rt, dq_sb);
-        TmaReduceAdd(&map_dq, h * 128 + wg * 64 + 32, rt, dq_sb + kWbDqBox);
-        BulkCommit();
-      }
+      dq_out(dQ, rt);
     };
     if (ssr[0] <= k_last) {
       if (k0 + kWbRows - 1 <= rt && ssr[kWbRows - 1] <= k0) tile(std::false_type{});
@@ -892,6 +952,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       if (tid < kWbRows) store_stats(buf ^ 1);
     }
     __syncthreads();
+  }
   }
   if (kStages == 3) CpAsyncWaitAll();
 
@@ -984,6 +1045,11 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
     const char* e = std::getenv("AHA_ATTENTION_BWD_HALVES");
     return e == nullptr || std::strcmp(e, "0") != 0;
   }();
+  // With both (D = 128): tile i's last products overlap tile i + 1's first (AHA_ATTENTION_BWD_PIPE=0: not).
+  static const bool pipe = [] {
+    const char* e = std::getenv("AHA_ATTENTION_BWD_PIPE");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
   auto launch = [&](auto kernel, int threads, int smem) {
     AllowSmem(kernel, smem);
     kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,
@@ -991,10 +1057,11 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   };
   if (D == 64 && stages == 3) launch(AttnBwdWgmmaKernel<3>, kWbThreads, WbSmem<3>());
   else if (D == 64) launch(AttnBwdWgmmaKernel<2>, kWbThreads, WbSmem<2>());
-  else if (stages == 3 && halves) launch(AttnBwdWgmma128Kernel<3, true>, kWb2Threads, Wb2Smem<3>());
-  else if (stages == 3) launch(AttnBwdWgmma128Kernel<3, false>, kWb2Threads, Wb2Smem<3>());
-  else if (halves) launch(AttnBwdWgmma128Kernel<2, true>, kWb2Threads, Wb2Smem<2>());
-  else launch(AttnBwdWgmma128Kernel<2, false>, kWb2Threads, Wb2Smem<2>());
+  else if (stages == 3 && halves && pipe) launch(AttnBwdWgmma128Kernel<3, true, true>, kWb2Threads, Wb2Smem<3>());
+  else if (stages == 3 && halves) launch(AttnBwdWgmma128Kernel<3, true, false>, kWb2Threads, Wb2Smem<3>());
+  else if (stages == 3) launch(AttnBwdWgmma128Kernel<3, false, false>, kWb2Threads, Wb2Smem<3>());
+  else if (halves) launch(AttnBwdWgmma128Kernel<2, true, false>, kWb2Threads, Wb2Smem<2>());
+  else launch(AttnBwdWgmma128Kernel<2, false, false>, kWb2Threads, Wb2Smem<2>());
   CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 
