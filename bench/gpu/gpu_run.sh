@@ -845,7 +845,8 @@ if [[ " $what " == *" s28b "* ]]; then
       done
     done
   done
-  SOURCE=1 SPECS="wbwd128 AttnBwdWgmma128Kernel 30" bash bench/gpu/attn_profile.sh "$out" 2>&1 | grep -v "^16x1024\|^4x4096\|nmse"
+  SOURCE=1 SPECS="wbwd128 AttnBwdWgmma128Kernel 30" bash bench/gpu/attn_profile.sh "$out" 2>&1 |
+    grep -v "^16x1024\|^4x4096\|nmse"
 fi
 if [[ " $what " == *" s28c "* ]]; then
   # Session 28: the training attention's backward with Q and dO two tiles ahead (three stages; dist/)

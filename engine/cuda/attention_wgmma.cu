@@ -274,8 +274,8 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
 // q, k, v, dout in bf16, P and dS rounded to bf16 before their products, f32 accumulators.
 //
 // Block = 64 consecutive keys of the packed axis x one query head (one warpgroup, 128 threads; warp w
-// owns keys k0 + 16 w .. + 15); 230 registers, 59 KB of shared memory, 2 blocks a multiprocessor
-// (at 3, the 168-register cap spills and the kernel is 14% slower). The block loops over query
+// owns keys k0 + 16 w .. + 15); 214 registers, 91 KB of shared memory (three stages), 2 blocks a
+// multiprocessor (at 3, the 168-register cap spills and the kernel is 14% slower). The block loops over query
 // tiles of 64 rows from k0 to the end of its last key's sequence (r_stop). Per tile, all on wgmma
 // m64n64k16:
 //   S^T = K Q^T and dP^T = V dO^T (A and B from shared memory, both K-major: 8 products);
@@ -292,10 +292,10 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
 //     64 a tile, was slower still (kernels.md, version 18).
 // At the end dK (scaled through dS) and dV go into dk, dv with atomics (the G query heads of a kv
 // head meet there). Q and dO come as bf16 copies (WgBwdPrepassKernel writes them into the workspace)
-// and are copied with cp.async into the 128-byte swizzled layout, two buffers; K and V are rounded
-// from f32 once. As in
-// the forward, the tile's body is compiled twice, with and without the mask, chosen for the whole
-// block (a branch around the mask inside one body miscompiles: kernels.md "Version 15").
+// and are copied with cp.async into the 128-byte swizzled layout, kStages tiles in flight (three: tile
+// i + 2's issued during tile i; kernels.md, version 34); K and V are rounded from f32 once. As in the
+// forward, the tile's body is compiled twice, with and without the mask, chosen for the whole block (a
+// branch around the mask inside one body miscompiles: kernels.md "Version 15").
 constexpr int kWbThreads = 128;
 constexpr int kWbRows = 64;  // keys per block = query rows per tile = 64
 constexpr int kWbTile = 64 * 64 * 2;
@@ -581,8 +581,14 @@ __global__ void __launch_bounds__(kWbThreads, 2)
 //   warpgroup w: dV_w += P^T dO_w, dK_w += dS^T Q_w (its half of D), dS^T to shared memory (each
 //     warpgroup writes half of it), then dQ_w = dS K_w, scaled, staged and added into dq by the
 //     tensor memory accelerator (its two 32-column boxes);
-// at the end scale dK_w and dV_w go into dk, dv with atomics. Registers as the D = 64 kernel's (230),
-// one block a multiprocessor (8 warps, as two blocks of the D = 64 kernel).
+// at the end scale dK_w and dV_w go into dk, dv with atomics. 254 registers, one block a
+// multiprocessor (8 warps, as two blocks of the D = 64 kernel).
+// kHalves (the default; kernels.md, version 35): instead of both finishing all of P^T and dS^T, each
+// warpgroup passes the other only the half of its accumulators that one needs, finishes rows 32 w ..
+// 32 w + 31 of the tile and writes them packed into shared memory; the three products then read P^T
+// and dS^T from there (202 registers). kPipe (with kHalves and three stages; version 36): tile i's
+// three products run on while the block passes its end barrier and issues tile i + 1's S^T / dP^T,
+// and dQ_i is staged after that (183 registers).
 constexpr int kWb2Threads = 256;
 // K0, K1, V0, V1 | kStages x (Q0, Q1, dO0, dO1) | dS^T | P^T | dQ (two warpgroups x two boxes) | S^T,
 // dP^T (f32) | 2 x (lse log2 e, delta, row start)[64] | r_stop | alignment
