@@ -848,50 +848,35 @@ if [[ " $what " == *" s28b "* ]]; then
   SOURCE=1 SPECS="wbwd128 AttnBwdWgmma128Kernel 30" bash bench/gpu/attn_profile.sh "$out" 2>&1 |
     grep -v "^16x1024\|^4x4096\|nmse"
 fi
-if [[ " $what " == *" s28c "* ]]; then
-  # Session 28: the training attention's backward with Q and dO two tiles ahead (three stages; dist/)
-  # against one ahead (AHA_ATTENTION_BWD_STAGES=2, as before): the attention tests and training-shape
-  # timings both ways; the model tests; Qwen3-0.6B's and the bench's learner steps both ways, twice.
-  attention_suite s28c
-  AHA_ATTENTION_BWD_STAGES=2 timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
-    --gtest_filter='AttentionTc.*:AttentionTcTiming.*' > /tmp/attn_s28c_2.log 2>&1
-  echo "attention tests, 2 stages: exit $? $(grep -E '^\[  (PASSED|FAILED)' /tmp/attn_s28c_2.log | tr '\n' ' ')"
-  grep -E "Failure|^shape|x1024" /tmp/attn_s28c_2.log | head -20
-  conformance_all s28c "Failure|Expected|Which is|worst gradient" 'CudaModel.ForwardBackward*:CudaOps.*Attention*'
+# Session 28's A/Bs of the training attention's backward, bwd_ab TAG NAME=VALUE [FILTER]: the attention
+# tests and training-shape timings by default and with NAME=VALUE (the earlier form); the conformance
+# test's FILTER (all without one); Qwen3-0.6B's learner step both ways, interleaved twice.
+bwd_ab() {
+  local tag=$1 var=$2
+  attention_suite "$tag"
+  env "$var" timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
+    --gtest_filter='AttentionTc.*:AttentionTcTiming.*' > "/tmp/attn_${tag}_b.log" 2>&1
+  echo "attention tests, $var: exit $? $(grep -E '^\[  (PASSED|FAILED)' "/tmp/attn_${tag}_b.log" | tr '\n' ' ')"
+  grep -E "Failure|^shape|x1024" "/tmp/attn_${tag}_b.log" | head -20
+  conformance_all "$tag" "Failure|Expected|Which is|worst gradient" "${3:-}"
   init_model $q3 --arch qwen3 --preset 0.6b
-  variant_runs train_q3 2 "$train_pat" default AHA_ATTENTION_BWD_STAGES=2 -- \
-    timeout 100 dist/bin/aha bench train --steps 3 --model $q3
+  variant_runs train_q3 2 "$train_pat" default "$var" -- timeout 100 dist/bin/aha bench train --steps 3 --model $q3
+}
+attention_filter='CudaModel.ForwardBackward*:CudaOps.*Attention*'
+if [[ " $what " == *" s28c "* ]]; then
+  # The backward with Q and dO two tiles ahead (three stages) against one ahead; the bench's step too.
+  bwd_ab s28c AHA_ATTENTION_BWD_STAGES=2 "$attention_filter"
   variant_runs train_q05 2 "$train_pat" default AHA_ATTENTION_BWD_STAGES=2 -- \
     timeout 100 dist/bin/aha bench train --steps 3 --model $model
 fi
 if [[ " $what " == *" s28d "* ]]; then
-  # Session 28: the D = 128 backward with each warpgroup finishing half of P^T and dS^T (dist/) against
-  # both finishing all of them (AHA_ATTENTION_BWD_HALVES=0, as before): the attention tests and
-  # training-shape timings both ways; the model tests; Qwen3-0.6B's learner step both ways, twice.
-  attention_suite s28d
-  AHA_ATTENTION_BWD_HALVES=0 timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
-    --gtest_filter='AttentionTcTiming.*' > /tmp/attn_s28d_0.log 2>&1
-  echo "timings, halves off: exit $?"
-  grep -E "D=128" /tmp/attn_s28d_0.log | head -20
-  conformance_all s28d "Failure|Expected|Which is|worst gradient" 'CudaModel.ForwardBackward*:CudaOps.*Attention*'
-  init_model $q3 --arch qwen3 --preset 0.6b
-  variant_runs train_q3 2 "$train_pat" default AHA_ATTENTION_BWD_HALVES=0 -- \
-    timeout 100 dist/bin/aha bench train --steps 3 --model $q3
+  # The D = 128 backward with each warpgroup finishing half of P^T and dS^T against both all of them.
+  bwd_ab s28d AHA_ATTENTION_BWD_HALVES=0 "$attention_filter"
 fi
 if [[ " $what " == *" s28e "* ]]; then
-  # Session 28: the D = 128 backward with tile i's last products overlapping tile i + 1's first
-  # (dist/) against not (AHA_ATTENTION_BWD_PIPE=0: s28d's kernel): the attention tests and
-  # training-shape timings both ways; the whole conformance test; Qwen3-0.6B's learner step both
-  # ways, twice.
-  attention_suite s28e
-  AHA_ATTENTION_BWD_PIPE=0 timeout 240 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests \
-    --gtest_filter='AttentionTcTiming.*' > /tmp/attn_s28e_0.log 2>&1
-  echo "timings, not overlapped: exit $?"
-  grep -E "D=128" /tmp/attn_s28e_0.log | head -20
-  conformance_all s28e "Failure|Expected|Which is|worst gradient"
-  init_model $q3 --arch qwen3 --preset 0.6b
-  variant_runs train_q3 2 "$train_pat" default AHA_ATTENTION_BWD_PIPE=0 -- \
-    timeout 100 dist/bin/aha bench train --steps 3 --model $q3
+  # The D = 128 backward with tile i's last products overlapping tile i + 1's first against not (s28d's
+  # kernel); the whole conformance test.
+  bwd_ab s28e AHA_ATTENTION_BWD_PIPE=0
 fi
 if [[ " $what " == *" s28f "* ]]; then
   # Session 28's final build, where issue 7's targets stand: the bench's learner step and generation,
