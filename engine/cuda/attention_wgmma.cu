@@ -363,6 +363,36 @@ __device__ __forceinline__ void StageDq(unsigned char* dq_s, const float (&dQ)[8
   }
 }
 
+// One n-tile's row statistics for the P^T / dS^T elements of a thread (AttnBwd kernels): rows
+// 8 nt + 2 t and + 1 of the tile's [lse log2 e | delta | start] buffer; the starts only when masked.
+struct NtStats {
+  float2 l2, dl;
+  int2 start;
+};
+template <bool kMasked>
+__device__ __forceinline__ NtStats LoadNtStats(const float* l2, const float* dl, const int* ssr, int nt, int t) {
+  NtStats n;
+  n.l2 = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
+  n.dl = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
+  n.start = make_int2(0, 0);
+  if constexpr (kMasked) n.start = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+  return n;
+}
+// P^T and dS^T of accumulator element c of an n-tile (key keyA for c < 2, else keyB; tile row
+// 8 nt + 2 t + (c & 1), query row `row`): p = 2^(s scale log2 e - lse log2 e), 0 where masked (the key
+// before the row's sequence start or after the row), and ds = p (dp - delta).
+template <bool kMasked>
+__device__ __forceinline__ float2 PdsElement(float s, float dp, const NtStats& n, int c, int key, int row,
+                                             float scale_log2) {
+  float x = fmaf(s, scale_log2, -((c & 1) ? n.l2.y : n.l2.x));
+  if constexpr (kMasked) {
+    const bool ok = key >= ((c & 1) ? n.start.y : n.start.x) && key <= row;  // start INT_MAX past N
+    x = ok ? x : -INFINITY;
+  }
+  const float p = Exp2Ftz(x);
+  return make_float2(p, p * (dp - ((c & 1) ? n.dl.y : n.dl.x)));
+}
+
 template <int kStages>
 __global__ void __launch_bounds__(kWbThreads, 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
@@ -470,22 +500,14 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       // P^T and dS^T: element (nt, c) is key keyA (c < 2) or keyB x tile row 8 nt + 2 t + (c & 1).
 #pragma unroll
       for (int nt = 0; nt < DN; ++nt) {
-        const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
-        const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
-        int2 ssp = make_int2(0, 0);
-        if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+        constexpr bool kMasked = decltype(masked)::value;
+        const NtStats n = LoadNtStats<kMasked>(l2, dl, ssr, nt, t);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int jr = nt * 8 + 2 * t + (c & 1);
-          float x = fmaf(sT[nt][c], scale_log2, -((c & 1) ? l2p.y : l2p.x));
-          if constexpr (decltype(masked)::value) {
-            const int key = c < 2 ? keyA : keyB;
-            const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;  // start INT_MAX past N
-            x = ok ? x : -INFINITY;
-          }
-          const float p = Exp2Ftz(x);
-          sT[nt][c] = p;
-          dpT[nt][c] = p * (dpT[nt][c] - ((c & 1) ? dlp.y : dlp.x));
+          const int row = rt + (nt * 8 + 2 * t + (c & 1));
+          const float2 pds = PdsElement<kMasked>(sT[nt][c], dpT[nt][c], n, c, c < 2 ? keyA : keyB, row, scale_log2);
+          sT[nt][c] = pds.x;
+          dpT[nt][c] = pds.y;
         }
       }
       uint32_t pa[KK][4], sa[KK][4];
@@ -723,23 +745,15 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       const float4 o = xch[((1 - wg) * H + j) * 128 + wt];
       const float of[4] = {o.x, o.y, o.z, o.w};
       const int nt = wg * H + j;
-      const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
-      const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
-      int2 ssp = make_int2(0, 0);
-      if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+      constexpr bool kMasked = decltype(masked)::value;
+      const NtStats n = LoadNtStats<kMasked>(l2, dl, ssr, nt, t);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int jr = nt * 8 + 2 * t + (c & 1);
+        const int row = rt + (nt * 8 + 2 * t + (c & 1));
         const float s_v = wg == 0 ? mine[j][c] : of[c], dp_v = wg == 0 ? of[c] : mine[H + j][c];
-        float x = fmaf(s_v, scale_log2, -((c & 1) ? l2p.y : l2p.x));
-        if constexpr (decltype(masked)::value) {
-          const int key = c < 2 ? keyA : keyB;
-          const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;
-          x = ok ? x : -INFINITY;
-        }
-        const float p = Exp2Ftz(x);
-        pv[j][c] = p;
-        sv[j][c] = p * (dp_v - ((c & 1) ? dlp.y : dlp.x));
+        const float2 pds = PdsElement<kMasked>(s_v, dp_v, n, c, c < 2 ? keyA : keyB, row, scale_log2);
+        pv[j][c] = pds.x;
+        sv[j][c] = pds.y;
       }
     }
     const int rA = warp * 16 + g, rB = rA + 8;
@@ -879,24 +893,16 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
       // 2 t + (c & 1).
 #pragma unroll
       for (int nt = 0; nt < DN; ++nt) {
-        const float2 l2p = *reinterpret_cast<const float2*>(l2 + nt * 8 + 2 * t);
-        const float2 dlp = *reinterpret_cast<const float2*>(dl + nt * 8 + 2 * t);
-        int2 ssp = make_int2(0, 0);
-        if constexpr (decltype(masked)::value) ssp = *reinterpret_cast<const int2*>(ssr + nt * 8 + 2 * t);
+        constexpr bool kMasked = decltype(masked)::value;
+        const NtStats n = LoadNtStats<kMasked>(l2, dl, ssr, nt, t);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int jr = nt * 8 + 2 * t + (c & 1);
+          const int row = rt + (nt * 8 + 2 * t + (c & 1));
           const float a = mine[nt][c], b = other[nt][c];
-          const float sv = wg == 0 ? a : b, dpv = wg == 0 ? b : a;
-          float x = fmaf(sv, scale_log2, -((c & 1) ? l2p.y : l2p.x));
-          if constexpr (decltype(masked)::value) {
-            const int key = c < 2 ? keyA : keyB;
-            const bool ok = key >= ((c & 1) ? ssp.y : ssp.x) && key <= rt + jr;
-            x = ok ? x : -INFINITY;
-          }
-          const float p = Exp2Ftz(x);
-          mine[nt][c] = p;                                          // P^T
-          other[nt][c] = p * (dpv - ((c & 1) ? dlp.y : dlp.x));  // dS^T
+          const float2 pds = PdsElement<kMasked>(wg == 0 ? a : b, wg == 0 ? b : a, n, c, c < 2 ? keyA : keyB, row,
+                                                 scale_log2);
+          mine[nt][c] = pds.x;   // P^T
+          other[nt][c] = pds.y;  // dS^T
         }
       }
       uint32_t pa[KK][4], sa[KK][4];
