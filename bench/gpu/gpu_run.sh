@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -893,6 +893,68 @@ if [[ " $what " == *" s28g "* ]]; then
   # Session 28's final build: generation beside HF generate in one call (the 50x ratio).
   variant_runs gen 1 "$gen_pat" default -- timeout 60 dist/bin/aha bench gen --model $model
   peer_gen
+fi
+if [[ " $what " == *" s29a "* ]]; then
+  # Session 29, run from branch exp/reference-stream (not merged: no faster): the backward kernels'
+  # P^T / dS^T element code in one helper (PdsElement, LoadNtStats; on main): the attention tests and
+  # the whole conformance test; the learner's GPU tests (GrpoGpu.ReferenceOnItsOwnStreamMatchesTheSerialSteps:
+  # the frozen reference on a backend and stream of its own); the bench's and Qwen3-0.6B's learner steps
+  # with the reference on its own stream against AHA_REFERENCE_STREAM=0, interleaved (logs in /tmp).
+  # (Its timing A/B of the attention builds printed the f32 kernels' column: s29b repeats it.)
+  attention_suite s29a
+  conformance_all s29a "Failure|Expected|Which is|worst gradient"
+  timeout 300 dist/bin/learner_data_parallel_gpu_test --gtest_color=no > "$out/learner_gpu_s29a.log" 2>&1
+  echo "learner GPU tests: exit $? $(grep -E '^\[  (PASSED|FAILED|SKIPPED)' "$out/learner_gpu_s29a.log" | tr '\n' ' ')"
+  grep -E "^step|difference|Failure|Expected|Which is" "$out/learner_gpu_s29a.log" | head -16
+  init_model $q3 --arch qwen3 --preset 0.6b
+  mem_pat="$train_pat|memory in use [0-9.]+ GiB"
+  out_saved=$out out=/tmp/s29a
+  mkdir -p $out
+  variant_runs train_q05 2 "$mem_pat" default AHA_REFERENCE_STREAM=0 -- \
+    timeout 100 dist/bin/aha bench train --steps 5 --model $model
+  variant_runs train_q3 2 "$mem_pat" default AHA_REFERENCE_STREAM=0 -- \
+    timeout 100 dist/bin/aha bench train --steps 5 --model $q3
+  out=$out_saved
+fi
+# attn_timings TAG REPS BINARY...: the training-shape timings (tensor-core TFLOP/s) of each attention test
+# binary in dist/bin, interleaved REPS times (logs in /tmp).
+attn_timings() {
+  local tag=$1 reps=$2
+  shift 2
+  for rep in $(seq "$reps"); do
+    for v in "$@"; do
+      timeout 120 dist/bin/$v --gtest_also_run_disabled_tests --gtest_filter='AttentionTcTiming.*' \
+        > "/tmp/attn_${tag}_${v}_$rep.log" 2>&1
+      echo "$v $rep: $(grep -E '^16x1024.*(forward|backward|fwd kv16|bwd mma)' "/tmp/attn_${tag}_${v}_$rep.log" |
+        awk '{printf "%s %s %s %s; ", $2, $3, $4 ($4 == "fwd" || $4 == "bwd" ? " " $5 : ""), $NF}')"
+    done
+  done
+}
+if [[ " $what " == *" s29b "* ]]; then
+  # Session 29: the D = 64 backward with P^T and dS^T read from shared memory, three blocks a
+  # multiprocessor, against AHA_ATTENTION_BWD_SS=0 (session 28's kernel): the attention tests both ways,
+  # the training-shape timings interleaved; the P^T / dS^T helper (this build, AHA_ATTENTION_BWD_SS=0)
+  # against the build before it (dist/bin/old_attn_tc_test); the conformance test's attention and model
+  # cases; the bench's learner step both ways, interleaved.
+  attention_suite s29b
+  AHA_ATTENTION_BWD_SS=0 timeout 240 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' \
+    > /tmp/attn_s29b_rs.log 2>&1
+  echo "attention tests, AHA_ATTENTION_BWD_SS=0: exit $? $(grep -E '^\[  (PASSED|FAILED)' /tmp/attn_s29b_rs.log | tr '\n' ' ')"
+  grep -E "Failure|Expected|Which is" /tmp/attn_s29b_rs.log | head
+  out_saved=$out out=/tmp/s29b
+  mkdir -p $out
+  variant_runs attn 2 'D=64 +(backward|bwd mma) +[0-9. ]+' default AHA_ATTENTION_BWD_SS=0 -- \
+    timeout 120 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_filter='AttentionTcTiming.*'
+  export AHA_ATTENTION_BWD_SS=0
+  attn_timings s29b 2 old_attn_tc_test engine_attention_tc_test
+  unset AHA_ATTENTION_BWD_SS
+  out=$out_saved
+  conformance_all s29b "Failure|Expected|Which is|worst gradient" "$attention_filter"
+  out_saved=$out out=/tmp/s29b
+  variant_runs train_q05 2 "$train_pat" default AHA_ATTENTION_BWD_SS=0 -- \
+    timeout 100 dist/bin/aha bench train --steps 5 --model $model
+  out=$out_saved
+  ls -d /opt/nvidia/* /usr/local/cuda/bin/nsys* 2> /dev/null; command -v nsys
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

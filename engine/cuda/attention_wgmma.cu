@@ -275,7 +275,10 @@ __global__ void __launch_bounds__(kWgThreads) WgmmaProbeKernel(float* __restrict
 //
 // Block = 64 consecutive keys of the packed axis x one query head (one warpgroup, 128 threads; warp w
 // owns keys k0 + 16 w .. + 15); 214 registers, 91 KB of shared memory (three stages), 2 blocks a
-// multiprocessor (at 3, the 168-register cap spills and the kernel is 14% slower). The block loops over query
+// multiprocessor (at 3, the 168-register cap spills and the kernel is 14% slower). kSs (the default;
+// kernels.md, version 37): P^T and dS^T go to shared memory and all three products read them there,
+// so no packed operand stays live in registers (167), and with two stages and dQ's boxes staged over
+// P^T and dS^T (66.5 KB) three blocks fit a multiprocessor. The block loops over query
 // tiles of 64 rows from k0 to the end of its last key's sequence (r_stop). Per tile, all on wgmma
 // m64n64k16:
 //   S^T = K Q^T and dP^T = V dO^T (A and B from shared memory, both K-major: 8 products);
@@ -306,6 +309,11 @@ template <int kStages>
 constexpr int WbSmem() {
   return (3 + 2 * kStages) * kWbTile + 2 * kWbDqBox + 2 * 3 * kWbRows * 4 + 16 + 1024;
 }
+// kSs (two stages): K, V | 2 x (Q, dO) | P^T | dS^T, where dQ's two boxes are staged once the tile's
+// products have read P^T and dS^T | the statistics | r_stop | alignment: 66.5 KB, three blocks a
+// multiprocessor.
+constexpr int WbSmemSs() { return 8 * kWbTile + 2 * 3 * kWbRows * 4 + 16 + 1024; }
+static_assert(2 * kWbDqBox == 2 * kWbTile, "dQ's boxes fill P^T's and dS^T's tiles");
 // The newest `ahead` commit groups may stay in flight (0 or 1); the rest of this thread's copies have
 // landed, and the tensor cores (the async proxy) read them after a barrier.
 __device__ __forceinline__ void CopiesLandedBut(int ahead) {
@@ -393,8 +401,8 @@ __device__ __forceinline__ float2 PdsElement(float s, float dp, const NtStats& n
   return make_float2(p, p * (dp - ((c & 1) ? n.dl.y : n.dl.x)));
 }
 
-template <int kStages>
-__global__ void __launch_bounds__(kWbThreads, 2)
+template <int kStages, bool kSs>
+__global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                        const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
                        const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
@@ -406,12 +414,18 @@ __global__ void __launch_bounds__(kWbThreads, 2)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = AlignSmem1024(smem_raw);
   const uint32_t base = SmemAddr(smem);
-  constexpr int kDs = 2 + 2 * kStages;  // dS^T's tile
+  static_assert(!kSs || kStages == 2, "the P^T tile takes the third stage's place");
+  // dS^T's tile; with kSs P^T's tile before it, and dQ's boxes over both.
+  constexpr int kDs = 2 + 2 * kStages + (kSs ? 1 : 0);
   const uint32_t kb = base, vb = base + kWbTile, qo_b = base + 2 * kWbTile, dsb = base + kDs * kWbTile;
+  const uint32_t psb = dsb - kWbTile;
   unsigned char* ds_s = smem + kDs * kWbTile;
-  unsigned char* dq_s = smem + (kDs + 1) * kWbTile;  // 1024-byte aligned, as the swizzle needs
-  const uint32_t dq_sb = base + (kDs + 1) * kWbTile;
-  float* stats = reinterpret_cast<float*>(dq_s + 2 * kWbDqBox);  // buffer b: lse2, delta, start at 3 b * 64
+  unsigned char* ps_s = ds_s - kWbTile;
+  constexpr int kDq = kSs ? kDs - 1 : kDs + 1;
+  unsigned char* dq_s = smem + kDq * kWbTile;  // 1024-byte aligned, as the swizzle needs
+  const uint32_t dq_sb = base + kDq * kWbTile;
+  // buffer b: lse2, delta, start at 3 b * 64
+  float* stats = reinterpret_cast<float*>(smem + (kSs ? kDs + 1 : kDq) * kWbTile + (kSs ? 0 : 2 * kWbDqBox));
   int* r_stop_s = reinterpret_cast<int*>(stats + 6 * kWbRows);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -516,6 +530,45 @@ __global__ void __launch_bounds__(kWbThreads, 2)
         PackPFrag(pa[kk], sT[2 * kk], sT[2 * kk + 1]);
         PackPFrag(sa[kk], dpT[2 * kk], dpT[2 * kk + 1]);
       }
+      float dQ[DN][4];
+      if constexpr (kSs) {
+        // P^T and dS^T into their tiles (dQ's boxes of the last tile have been read: the end-of-tile
+        // barrier), then the three products read them from there.
+        const int rA = warp * 16 + g, rB = rA + 8;
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          const int at[4] = {Swizzled128(rA, 2 * kk) + 4 * t, Swizzled128(rB, 2 * kk) + 4 * t,
+                             Swizzled128(rA, 2 * kk + 1) + 4 * t, Swizzled128(rB, 2 * kk + 1) + 4 * t};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            *reinterpret_cast<uint32_t*>(ps_s + at[e]) = pa[kk][e];
+            *reinterpret_cast<uint32_t*>(ds_s + at[e]) = sa[kk][e];
+          }
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();  // P^T and dS^T complete
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          WgmmaSs64x64<0, 1>(dV, SwizzledDesc(psb + kk * 32), SwizzledDescMN(dob + kk * 2048, kWbTile), 1);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          WgmmaSs64x64<0, 1>(dK, SwizzledDesc(dsb + kk * 32), SwizzledDescMN(qb + kk * 2048, kWbTile), 1);
+        }
+        WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb, kWbTile));
+#pragma unroll
+        for (int kk = 1; kk < KK; ++kk) {
+          WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb + kk * 2048, kWbTile),
+                             1);
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();
+        FenceAccumulators(dV);
+        FenceAccumulators(dK);
+        FenceAccumulators(dQ);
+        __syncthreads();  // every warp's products have read P^T and dS^T: dQ's boxes go over them
+      } else {
       // dV += P^T dO, dK += dS^T Q: left running while dS^T goes to shared memory.
       WgmmaFence();
 #pragma unroll
@@ -539,7 +592,6 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       if (tid == 0) BulkWaitRead<0>();  // the last tile's dQ boxes have been read: writable after the barrier
       __syncthreads();  // dS^T complete
       // dQ = dS K: A = dS (rows x keys) read M-major from dS^T, B = K (keys x d) read N-major.
-      float dQ[DN][4];
       WgmmaFence();
       WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb, kWbTile));
 #pragma unroll
@@ -553,6 +605,7 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       FenceAccumulators(dQ);
       KeepLive(pa);  // read by the products in flight until the wait
       KeepLive(sa);
+      }
       // dQ into its staging boxes, then one thread has both added into dq. Rows >= r_stop see none
       // of the keys (their dS is 0, so they add zeros); rows past N are outside the map.
       StageDq(dq_s, dQ, warp * 16 + g, t, 1.0f);
@@ -575,6 +628,7 @@ __global__ void __launch_bounds__(kWbThreads, 2)
       CopiesLandedBut(kStages == 3 && issues ? 1 : 0);  // the next tile's; the one after may be in flight
       if (tid < kWbRows) store_stats(buf ^ 1);
     }
+    if (kSs && tid == 0) BulkWaitRead<0>();  // dQ's boxes read: P^T and dS^T may be written over them
     __syncthreads();  // the next tile is in; everyone is done with this one and with dS^T
   }
   if (kStages == 3) CpAsyncWaitAll();  // a second tile copied ahead that no row of the block reads
@@ -1062,13 +1116,20 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
     const char* e = std::getenv("AHA_ATTENTION_BWD_PIPE");
     return e == nullptr || std::strcmp(e, "0") != 0;
   }();
+  // D = 64: P^T and dS^T through shared memory, three blocks a multiprocessor, unless
+  // AHA_ATTENTION_BWD_SS=0 (from registers, two blocks; the A/B).
+  static const bool ss = [] {
+    const char* e = std::getenv("AHA_ATTENTION_BWD_SS");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
   auto launch = [&](auto kernel, int threads, int smem) {
     AllowSmem(kernel, smem);
     kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,
                                        Hkv, scale, map_dq);
   };
-  if (D == 64 && stages == 3) launch(AttnBwdWgmmaKernel<3>, kWbThreads, WbSmem<3>());
-  else if (D == 64) launch(AttnBwdWgmmaKernel<2>, kWbThreads, WbSmem<2>());
+  if (D == 64 && ss) launch(AttnBwdWgmmaKernel<2, true>, kWbThreads, WbSmemSs());
+  else if (D == 64 && stages == 3) launch(AttnBwdWgmmaKernel<3, false>, kWbThreads, WbSmem<3>());
+  else if (D == 64) launch(AttnBwdWgmmaKernel<2, false>, kWbThreads, WbSmem<2>());
   else if (stages == 3 && halves && pipe) launch(AttnBwdWgmma128Kernel<3, true, true>, kWb2Threads, Wb2Smem<3>());
   else if (stages == 3 && halves) launch(AttnBwdWgmma128Kernel<3, true, false>, kWb2Threads, Wb2Smem<3>());
   else if (stages == 3) launch(AttnBwdWgmma128Kernel<3, false, false>, kWb2Threads, Wb2Smem<3>());
