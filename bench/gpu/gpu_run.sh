@@ -939,7 +939,8 @@ if [[ " $what " == *" s29b "* ]]; then
   attention_suite s29b
   AHA_ATTENTION_BWD_SS=0 timeout 240 dist/bin/engine_attention_tc_test --gtest_filter='AttentionTc.*' \
     > /tmp/attn_s29b_rs.log 2>&1
-  echo "attention tests, AHA_ATTENTION_BWD_SS=0: exit $? $(grep -E '^\[  (PASSED|FAILED)' /tmp/attn_s29b_rs.log | tr '\n' ' ')"
+  echo "attention tests, AHA_ATTENTION_BWD_SS=0: exit $?" \
+    "$(grep -E '^\[  (PASSED|FAILED)' /tmp/attn_s29b_rs.log | tr '\n' ' ')"
   grep -E "Failure|Expected|Which is" /tmp/attn_s29b_rs.log | head
   out_saved=$out out=/tmp/s29b
   mkdir -p $out
