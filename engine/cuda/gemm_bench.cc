@@ -6,8 +6,10 @@
 //   NN  dX        dx[T, IN]  = dout[T, OC] @ w[OC, IN]      beta 0 (LinearBackward, dx overwritten)
 //   TN  dW        dw[OC, IN] += dout[T, OC]^T @ x[T, IN]    beta 1 (gradients accumulate)
 //
-// The full-vocabulary lm-head runs NT only (a decode step's logits); `lm_head_chunk` is the
-// LmHeadChunk()-column product the training lm-head runs per chunk, in all three forms.
+// The full-vocabulary lm-head runs NT only at decode token counts (a decode step's logits) and all
+// three forms from 1,024 tokens on (the training lm-head's backward as one NN and one TN over the
+// whole vocabulary, against `lm_head_chunk`, the LmHeadChunk()-column product the training lm-head
+// runs per chunk, in all three forms).
 //
 // Each product goes through Gemm (gemm.h) exactly as the engine calls it: w is a registered weight
 // (read from its cached bf16 copy), the activations are f32 and cast to bf16 by Gemm. Cast reuse is
@@ -71,7 +73,7 @@ std::vector<std::string> SplitComma(const std::string& s) {
 struct Linear {
   std::string name;
   int out, in;  // w is [out, in]
-  bool nt_only;
+  bool nt_only;  // below 1,024 tokens
 };
 
 enum class Form { kNT, kNN, kTN };
@@ -234,7 +236,7 @@ int RunGemmBench(int argc, char** argv) {
       const std::vector<float*> one = RegisteredWeights(gemm, 1, wn, lin.in, block);
       float* w = one[0];
       for (Form form : forms) {
-        if (lin.nt_only && form != Form::kNT) continue;
+        if (lin.nt_only && T < 1024 && form != Form::kNT) continue;
         // The product's operands: a (activation, cast), b (the weight, or x for TN), out.
         int M = T, N = lin.out, K = lin.in;
         size_t a_n = static_cast<size_t>(T) * lin.in, b_n = 0;
