@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -979,6 +979,24 @@ if [[ " $what " == *" s29e "* ]]; then
   # Session 29's final build: the whole conformance test and the attention tests.
   conformance_all s29e "Failure|Expected|Which is|worst gradient|actor vs"
   attention_suite s29e
+fi
+if [[ " $what " == *" s29f "* ]]; then
+  # Session 29: the norm backward loading dx with dout and x, its column sums in shared memory (dist/)
+  # against the build before (dist-old/): the norm and model conformance tests; the bench's learner step
+  # and its per-op profile, the builds interleaved.
+  conformance_all s29f "Failure|Expected|Which is|rmsnorm bwd|worst gradient" \
+    'CudaOps.EmbeddingRmsNormRopeSwiGluAdd:CudaOps.*Norm*:CudaModel.*'
+  for rep in 1 2 3; do
+    for v in old new; do
+      f=/tmp/train_s29f_${v}_$rep.log
+      timeout 100 $(aha_of $v) bench train --steps 5 --model $model > "$f" 2>&1
+      echo "train $v $rep: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+    done
+  done
+  for v in old new; do
+    AHA_PROFILE=1 timeout 100 $(aha_of $v) bench train --steps 3 --model $model > /tmp/profile_s29f_$v.txt 2>&1
+    echo "$v: $(grep -E '^rmsnorm backward' /tmp/profile_s29f_$v.txt)"
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

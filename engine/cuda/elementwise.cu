@@ -198,12 +198,13 @@ __global__ void RmsNormBackwardDwKernel(float* dw, const float* dout, const floa
 }
 
 // The whole backward in one pass over dout and x (C % 4 == 0, aligned rows, C <= 2048): a block
-// takes a slab of kFusedSlab rows, each warp a row at a time with its kItems float4 of dout and x
-// per lane in registers (w is read from shared memory, which keeps the kernel at two blocks per
-// SM): dot, then dx (+=) and, when dx16 is not null, dx rounded to bf16 (the next product's dout:
-// Gemm::AdoptCast); each lane sums g x r of its columns over the warp's rows, and the block's warps
-// add theirs through shared memory into one atomic per column. Rows of more than 1,024 (12 or 16
-// float4 a lane: three arrays of them in registers) run one block a multiprocessor.
+// takes a slab of kFusedSlab rows, each warp a row at a time with its kItems float4 of dout, x and
+// dx per lane in registers, all three loaded before the row's sum (w is read from shared memory,
+// which keeps the kernel at two blocks per SM): dot, then dx (+=) and, when dx16 is not null, dx
+// rounded to bf16 (the next product's dout: Gemm::AdoptCast); each lane sums g x r of its columns
+// over the warp's rows in the warp's row of shared memory, and the block's warps add theirs into one
+// atomic per column. Rows of more than 1,024 (12 or 16 float4 a lane: three arrays of them in
+// registers) run one block a multiprocessor.
 constexpr int kFusedSlab = 32;
 template <int kItems>
 __global__ void __launch_bounds__(kThreads, kItems <= 8 ? 2 : 1) RmsNormBackwardFusedKernel(float* dx, __nv_bfloat16* dx16, float* dw,
@@ -217,21 +218,24 @@ __global__ void __launch_bounds__(kThreads, kItems <= 8 ? 2 : 1) RmsNormBackward
   for (int c = threadIdx.x; c < C4; c += kThreads) reinterpret_cast<float4*>(ws)[c] = reinterpret_cast<const float4*>(w)[c];
   __syncthreads();
   const float4* w4 = reinterpret_cast<const float4*>(ws);
-  float4 acc[kItems];
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  // Each warp sums g x r of its rows into its own row of dw_part (a lane's columns are its own: no
+  // conflicts), which leaves the registers to dout, x and dx of the row.
+  float4* acc = reinterpret_cast<float4*>(dw_part + warp * C);
+  for (int c = lane; c < C4; c += 32) acc[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   const int n1 = min(N, (blockIdx.x + 1) * kFusedSlab);
   for (int row = blockIdx.x * kFusedSlab + warp; row < n1; row += kThreads / 32) {
     const size_t base = static_cast<size_t>(row) * C4;
-    float4 g[kItems], xv[kItems];
+    // dx (added into) is loaded with dout and x, not after the row's sum: one round of loads a row.
+    float4 g[kItems], xv[kItems], dv[kItems];
     float dot = 0.0f;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int c = lane + 32 * i;
-      g[i] = xv[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      g[i] = xv[i] = dv[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (c < C4) {
         g[i] = reinterpret_cast<const float4*>(dout)[base + c];
         xv[i] = reinterpret_cast<const float4*>(x)[base + c];
+        dv[i] = reinterpret_cast<const float4*>(dx)[base + c];
         const float4 wv = w4[c];
         dot += g[i].x * wv.x * xv[i].x + g[i].y * wv.y * xv[i].y + g[i].z * wv.z * xv[i].z + g[i].w * wv.w * xv[i].w;
       }
@@ -244,23 +248,20 @@ __global__ void __launch_bounds__(kThreads, kItems <= 8 ? 2 : 1) RmsNormBackward
       const int c = lane + 32 * i;
       if (c >= C4) continue;
       const float4 wv = w4[c];
-      float4 d = reinterpret_cast<const float4*>(dx)[base + c];
+      float4 d = dv[i];
       d.x += r * wv.x * g[i].x - xv[i].x * k;
       d.y += r * wv.y * g[i].y - xv[i].y * k;
       d.z += r * wv.z * g[i].z - xv[i].z * k;
       d.w += r * wv.w * g[i].w - xv[i].w * k;
       reinterpret_cast<float4*>(dx)[base + c] = d;
       if (dx16) reinterpret_cast<uint2*>(dx16)[base + c] = PackBf16x4(d);
-      acc[i].x += g[i].x * xv[i].x * r;
-      acc[i].y += g[i].y * xv[i].y * r;
-      acc[i].z += g[i].z * xv[i].z * r;
-      acc[i].w += g[i].w * xv[i].w * r;
+      float4 a = acc[c];
+      a.x += g[i].x * xv[i].x * r;
+      a.y += g[i].y * xv[i].y * r;
+      a.z += g[i].z * xv[i].z * r;
+      a.w += g[i].w * xv[i].w * r;
+      acc[c] = a;
     }
-  }
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int c = lane + 32 * i;
-    if (c < C4) reinterpret_cast<float4*>(dw_part + warp * C)[c] = acc[i];
   }
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += kThreads) {
