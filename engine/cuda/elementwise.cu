@@ -393,11 +393,13 @@ __device__ __forceinline__ void Unpack8(uint4 u, float (&f)[8]) {
     f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
   }
 }
+// Index: uint32_t where every index fits (the row's division in 32 bits, not 64), else size_t.
+template <typename Index>
 __global__ void SwiGluForwardBf16x8Kernel(float* h, __nv_bfloat16* h16, const __nv_bfloat16* gu, int N, int I) {
-  const size_t I8 = I / 8, total = static_cast<size_t>(N) * I8;
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const size_t n = i / I8, g_at = i + n * I8;  // in 8-element units: n * 2 I8 + j
+  const Index I8 = I / 8, total = static_cast<Index>(N) * I8;
+  for (Index i = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index n = i / I8, g_at = i + n * I8;  // in 8-element units: n * 2 I8 + j
     float g[8], u[8];
     Unpack8(reinterpret_cast<const uint4*>(gu)[g_at], g);
     Unpack8(reinterpret_cast<const uint4*>(gu)[g_at + I8], u);
@@ -753,7 +755,12 @@ template <typename Gu>
 void LaunchSwiGluForward(float* h, __nv_bfloat16* h16, const Gu* gu, int N, int I, cudaStream_t s) {
   if constexpr (sizeof(Gu) == 2) {
     if (I % 8 == 0 && Aligned(h, 16) && Aligned(gu, 16) && Aligned(h16, 16)) {
-      SwiGluForwardBf16x8Kernel<<<Blocks(static_cast<size_t>(N) * (I / 8)), kThreads, 0, s>>>(h, h16, gu, N, I);
+      const size_t n8 = static_cast<size_t>(N) * (I / 8);
+      // 2 n8 (h's float4 index) and n8 + the grid's threads stay below 2^32.
+      if (n8 < (size_t{1} << 30))
+        SwiGluForwardBf16x8Kernel<uint32_t><<<Blocks(n8), kThreads, 0, s>>>(h, h16, gu, N, I);
+      else
+        SwiGluForwardBf16x8Kernel<size_t><<<Blocks(n8), kThreads, 0, s>>>(h, h16, gu, N, I);
       return;
     }
   }
