@@ -371,6 +371,32 @@ __device__ __forceinline__ void StageDq(unsigned char* dq_s, const float (&dQ)[8
   }
 }
 
+// The three products of a backward tile with P^T and dS^T in shared memory (one commit group, not
+// waited for): dV += P^T dO and dK += dS^T Q (A K-major from the P^T / dS^T tiles at psb, dsb; B the
+// dO / Q tile read N-major), dQ = dS K (A = dS^T read M-major, B the K tile read N-major). dob, qb and
+// kb address the 64 columns of D the accumulators hold.
+__device__ __forceinline__ void IssueBackwardProducts(float (&dV)[8][4], float (&dK)[8][4], float (&dQ)[8][4],
+                                                      uint32_t psb, uint32_t dsb, uint32_t dob, uint32_t qb,
+                                                      uint32_t kb) {
+#ifdef AHA_WGMMA
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    WgmmaSs64x64<0, 1>(dV, SwizzledDesc(psb + kk * 32), SwizzledDescMN(dob + kk * 2048, kWbTile), 1);
+  }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    WgmmaSs64x64<0, 1>(dK, SwizzledDesc(dsb + kk * 32), SwizzledDescMN(qb + kk * 2048, kWbTile), 1);
+  }
+  WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb, kWbTile));
+#pragma unroll
+  for (int kk = 1; kk < 4; ++kk) {
+    WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb + kk * 2048, kWbTile), 1);
+  }
+  WgmmaCommit();
+#endif
+}
+
 // One n-tile's row statistics for the P^T / dS^T elements of a thread (AttnBwd kernels): rows
 // 8 nt + 2 t and + 1 of the tile's [lse log2 e | delta | start] buffer; the starts only when masked.
 struct NtStats {
@@ -547,22 +573,7 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
         }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();  // P^T and dS^T complete
-        WgmmaFence();
-#pragma unroll
-        for (int kk = 0; kk < KK; ++kk) {
-          WgmmaSs64x64<0, 1>(dV, SwizzledDesc(psb + kk * 32), SwizzledDescMN(dob + kk * 2048, kWbTile), 1);
-        }
-#pragma unroll
-        for (int kk = 0; kk < KK; ++kk) {
-          WgmmaSs64x64<0, 1>(dK, SwizzledDesc(dsb + kk * 32), SwizzledDescMN(qb + kk * 2048, kWbTile), 1);
-        }
-        WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb, kWbTile));
-#pragma unroll
-        for (int kk = 1; kk < KK; ++kk) {
-          WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb + kk * 2048, kWbTile),
-                             1);
-        }
-        WgmmaCommit();
+        IssueBackwardProducts(dV, dK, dQ, psb, dsb, dob, qb, kb);
         WgmmaWait<0>();
         FenceAccumulators(dV);
         FenceAccumulators(dK);
@@ -832,22 +843,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
   // kHalves: dV_w += P^T dO_w, dK_w += dS^T Q_w (A K-major from the tiles above), dQ_w = dS K_w; one
   // commit group.
   auto products_issue = [&](float (&dQ)[DN][4], uint32_t qb, uint32_t dob) {
-    const uint32_t dob_w = dob + wg * T, qb_w = qb + wg * T, kb_w = kb + wg * T;
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < KK; ++kk) {
-      WgmmaSs64x64<0, 1>(dV, SwizzledDesc(psb + kk * 32), SwizzledDescMN(dob_w + kk * 2048, kWbTile), 1);
-    }
-#pragma unroll
-    for (int kk = 0; kk < KK; ++kk) {
-      WgmmaSs64x64<0, 1>(dK, SwizzledDesc(dsb + kk * 32), SwizzledDescMN(qb_w + kk * 2048, kWbTile), 1);
-    }
-    WgmmaSs64x64First<1, 1>(dQ, SwizzledDescMN(dsb, kWbTile), SwizzledDescMN(kb_w, kWbTile));
-#pragma unroll
-    for (int kk = 1; kk < KK; ++kk) {
-      WgmmaSs64x64<1, 1>(dQ, SwizzledDescMN(dsb + kk * 2048, kWbTile), SwizzledDescMN(kb_w + kk * 2048, kWbTile), 1);
-    }
-    WgmmaCommit();
+    IssueBackwardProducts(dV, dK, dQ, psb, dsb, dob + wg * T, qb + wg * T, kb + wg * T);
   };
   // dQ_w, scaled, into this warpgroup's boxes, then added into dq by the tensor memory accelerator.
   auto dq_out = [&](const float (&dQ)[DN][4], int rt) {
@@ -1107,21 +1103,12 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   }();
   // D = 128: each warpgroup finishes half of P^T and dS^T unless AHA_ATTENTION_BWD_HALVES=0 (both
   // finish all of them; the A/B).
-  static const bool halves = [] {
-    const char* e = std::getenv("AHA_ATTENTION_BWD_HALVES");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
+  static const bool halves = !EnvOff("AHA_ATTENTION_BWD_HALVES");
   // With both (D = 128): tile i's last products overlap tile i + 1's first (AHA_ATTENTION_BWD_PIPE=0: not).
-  static const bool pipe = [] {
-    const char* e = std::getenv("AHA_ATTENTION_BWD_PIPE");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
+  static const bool pipe = !EnvOff("AHA_ATTENTION_BWD_PIPE");
   // D = 64: P^T and dS^T through shared memory, three blocks a multiprocessor, unless
   // AHA_ATTENTION_BWD_SS=0 (from registers, two blocks; the A/B).
-  static const bool ss = [] {
-    const char* e = std::getenv("AHA_ATTENTION_BWD_SS");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
+  static const bool ss = !EnvOff("AHA_ATTENTION_BWD_SS");
   auto launch = [&](auto kernel, int threads, int smem) {
     AllowSmem(kernel, smem);
     kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,

@@ -235,11 +235,6 @@ void LaunchGateUpSwiGlu(bool early, bool wide, uint16_t* h16, const uint16_t* a1
             "GateUpSwiGluKernel launch");
 }
 
-bool EnvOff(const char* name) {
-  const char* e = std::getenv(name);
-  return e && e[0] == '0';
-}
-
 }  // namespace
 
 std::vector<MlpTile> GateUpSwiGluTiles() { return {std::begin(kMlpTiles), std::end(kMlpTiles)}; }

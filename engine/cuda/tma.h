@@ -92,6 +92,12 @@ inline void CheckCall(cudaError_t e, const char* what) {
   }
 }
 
+// An A/B switch of the launchers: true when the environment sets `name` to 0 (the earlier form).
+inline bool EnvOff(const char* name) {
+  const char* e = std::getenv(name);
+  return e && e[0] == '0';
+}
+
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
