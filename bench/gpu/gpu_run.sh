@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -1017,6 +1017,23 @@ if [[ " $what " == *" s29h "* ]]; then
   # compiled peer.
   variant_runs train 2 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 5 --model $model
   peer_compile
+fi
+if [[ " $what " == *" s30a "* ]]; then
+  # Session 30: the fused lm-head draw's epilogue over 4 (default) or 2 row slots at once against a row
+  # at a time (AHA_LS_TOGETHER=0): the draw's tests (the three equal bit for bit), the kernel alone under
+  # Nsight Compute each way, generation interleaved; then where a decode step's time goes (SUBTRACT).
+  # AHA_LS_TOGETHER and the bit-for-bit test were in that session's build only (not kept: kernels.md 41);
+  # on main every variant runs main's kernel.
+  conformance_all s30a "Failure|Expected|Which is|lm-head" 'CudaOps.LmHeadSample*:CudaOps.SampleRows*'
+  for v in 0 2 4; do
+    AHA_LS_TOGETHER=$v KERNEL=LmHeadSampleKernel SKIP=5 bash bench/gpu/decode_profile.sh /tmp/s30a_ncu$v \
+      > /tmp/s30a_ncu$v.txt 2>&1
+    echo "ncu AHA_LS_TOGETHER=$v: $(grep -E '^ +(Duration|SM Frequency|Registers Per Thread)' \
+      /tmp/s30a_ncu$v/ncu_kernel.txt | tr -s ' ' | tr '\n' ';')"
+  done
+  variant_runs ls 3 "$gen_pat" default AHA_LS_TOGETHER=2 AHA_LS_TOGETHER=0 -- \
+    timeout 100 dist/bin/aha bench gen --model $model --repeats 2
+  SUBTRACT=1 bash bench/gpu/decode_profile.sh /tmp/s30a_sub 2>&1 | tail -12
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
