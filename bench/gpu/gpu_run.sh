@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1034,6 +1034,33 @@ if [[ " $what " == *" s30a "* ]]; then
   variant_runs ls 3 "$gen_pat" default AHA_LS_TOGETHER=2 AHA_LS_TOGETHER=0 -- \
     timeout 100 dist/bin/aha bench gen --model $model --repeats 2
   SUBTRACT=1 bash bench/gpu/decode_profile.sh /tmp/s30a_sub 2>&1 | tail -12
+fi
+if [[ " $what " == *" s30b "* ]]; then
+  # Session 30: Qwen3-0.6B's decode attention (16 / 8 heads of 128) at 256 rows is 2,048 items over 396
+  # resident blocks, 5.2 waves, the last a sixth full; each row's keys split 2 or 3 ways (and the
+  # 3-stage kernel with them) against the rule's one split, generation interleaved.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  variant_runs q3sp 2 "$gen_pat" default AHA_DECODE_SPLITS=2 AHA_DECODE_SPLITS=3 \
+    "AHA_DECODE_SPLITS=2 AHA_DECODE_STAGES=3" -- timeout 100 dist/bin/aha bench gen --model $q3 --repeats 2
+  # The bench's model at 128 and 64 prompts (256 and 128 items: the rule already splits them).
+  variant_runs q05sp 1 "$gen_pat" default AHA_DECODE_SPLITS=1 -- \
+    timeout 100 dist/bin/aha bench gen --model $model --repeats 2 --prompts 128
+fi
+if [[ " $what " == *" s30c "* ]]; then
+  # Session 30: the decode attention's split rule (DecodeSplitCount: the nearest whole number of
+  # resident blocks per item) against fixed split counts, at batches below the bench's 256 rows, a long
+  # context, and Qwen3-0.6B's heads of 128. One round each, best of 3 generations in a run.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  g="timeout 100 dist/bin/aha bench gen --repeats 3"
+  variant_runs sp128 1 "$gen_pat" default AHA_DECODE_SPLITS=1 -- $g --model $model --prompts 128
+  variant_runs sp64 1 "$gen_pat" default AHA_DECODE_SPLITS=1 AHA_DECODE_SPLITS=2 -- $g --model $model --prompts 64
+  variant_runs sp32 1 "$gen_pat" default AHA_DECODE_SPLITS=1 AHA_DECODE_SPLITS=2 AHA_DECODE_SPLITS=4 -- \
+    $g --model $model --prompts 32
+  variant_runs sp16 1 "$gen_pat" default AHA_DECODE_SPLITS=1 AHA_DECODE_SPLITS=4 -- $g --model $model --prompts 16
+  variant_runs splong 1 "$gen_pat" default AHA_DECODE_SPLITS=1 AHA_DECODE_SPLITS=2 AHA_DECODE_SPLITS=4 -- \
+    $g --model $model --prompts 64 --prompt-len 2048 --new-tokens 256
+  variant_runs q3sp32 1 "$gen_pat" default AHA_DECODE_SPLITS=1 -- $g --model $q3 --prompts 32
+  variant_runs q3sp8 1 "$gen_pat" default AHA_DECODE_SPLITS=1 AHA_DECODE_SPLITS=2 -- $g --model $q3 --prompts 8
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
