@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1061,6 +1061,23 @@ if [[ " $what " == *" s30c "* ]]; then
     $g --model $model --prompts 64 --prompt-len 2048 --new-tokens 256
   variant_runs q3sp32 1 "$gen_pat" default AHA_DECODE_SPLITS=1 -- $g --model $q3 --prompts 32
   variant_runs q3sp8 1 "$gen_pat" default AHA_DECODE_SPLITS=1 AHA_DECODE_SPLITS=2 -- $g --model $q3 --prompts 8
+fi
+if [[ " $what " == *" s30d "* ]]; then
+  # Session 30: the frozen reference's lm-head forward (logits as scratch) in chunks of 1,024-4,096
+  # columns (AHA_LM_SCRATCH_CHUNK) instead of 8,192, so that a chunk's f32 logits (12,288 rows) might
+  # stay in L2 between the product and the row pass: the lm-head test each way, then the step's per-op
+  # profile each way. The switch was in that session's build only (slower, not kept: PERF.md version 30).
+  for c in 0 1024 2048 4096; do
+    AHA_LM_SCRATCH_CHUNK=$c timeout 200 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+      --gtest_filter='CudaOps.FusedLmHeadForwardBackward' > /tmp/s30d_test_$c.log 2>&1
+    echo "lm-head test, chunk $c: exit $? $(grep -E '^\[  (PASSED|FAILED)' /tmp/s30d_test_$c.log | tr '\n' ' ')"
+    grep -E "Failure|Expected|Which is|nmse" /tmp/s30d_test_$c.log | head -6
+  done
+  for c in 0 2048 1024 4096; do
+    AHA_LM_SCRATCH_CHUNK=$c AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model \
+      > /tmp/s30d_prof_$c.txt 2>&1
+    echo "chunk $c: $(grep -E 'lm-head|median step' /tmp/s30d_prof_$c.txt | tr -s ' ' | tr '\n' ';')"
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
