@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1078,6 +1078,18 @@ if [[ " $what " == *" s30d "* ]]; then
       > /tmp/s30d_prof_$c.txt 2>&1
     echo "chunk $c: $(grep -E 'lm-head|median step' /tmp/s30d_prof_$c.txt | tr -s ' ' | tr '\n' ';')"
   done
+fi
+if [[ " $what " == *" s30e "* ]]; then
+  # Session 30: a probe. The fused lm-head product with its per-tile draw (LmHeadSampleKernel, its grid
+  # now row blocks fastest) at the learner's 12,288 completion rows against the training lm-head forward
+  # (cuBLAS chunks + row passes): would a per-tile statistics epilogue beat the row passes? Then the
+  # draw's tests and generation with the swapped grid. (The probe test and the turned grid were in that
+  # session's build only: kernels.md 42.)
+  timeout 200 dist/bin/engine_cuda_conformance_test --gtest_color=no --gtest_also_run_disabled_tests \
+    --gtest_filter='CudaOps.DISABLED_LmHeadSampleAtTrainingRowsTiming' > /tmp/s30e_probe.log 2>&1
+  echo "probe exit $?: $(grep -E 'lm-head at|Failure' /tmp/s30e_probe.log)"
+  conformance_all s30e "Failure|Expected|Which is|lm-head" 'CudaOps.LmHeadSample*'
+  variant_runs gen 2 "$gen_pat" default -- timeout 100 dist/bin/aha bench gen --model $model --repeats 2
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
