@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1090,6 +1090,19 @@ if [[ " $what " == *" s30e "* ]]; then
   echo "probe exit $?: $(grep -E 'lm-head at|Failure' /tmp/s30e_probe.log)"
   conformance_all s30e "Failure|Expected|Which is|lm-head" 'CudaOps.LmHeadSample*'
   variant_runs gen 2 "$gen_pat" default -- timeout 100 dist/bin/aha bench gen --model $model --repeats 2
+fi
+if [[ " $what " == *" s30f "* ]]; then
+  # Session 30: where the learner step's time goes now (the per-op profile, whole table), and what the
+  # D = 64 training attention kernels (wgmma, the bench's heads) wait on: Nsight Compute's pipes and
+  # warp states for one forward and one backward at 16 x 1024.
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > /tmp/s30f_prof.txt 2>&1
+  grep -vE '^\{' /tmp/s30f_prof.txt | head -48
+  SPECS="wfwd AttnFwdWgmmaKernel 10;wbwd AttnBwdWgmmaKernel 10" bash bench/gpu/attn_profile.sh /tmp/s30f 2>&1 | tail -32
+  for k in wfwd wbwd; do
+    echo "== $k"
+    grep -iE "pipe|tensor|xu|fma|alu|stall|eligible|issued|warp cycles|l2 cache throughput|dram throughput" \
+      /tmp/s30f/ncu_$k.txt | grep -v '^    ---' | head -30
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
