@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1103,6 +1103,44 @@ if [[ " $what " == *" s30f "* ]]; then
     grep -iE "pipe|tensor|xu|fma|alu|stall|eligible|issued|warp cycles|l2 cache throughput|dram throughput" \
       /tmp/s30f/ncu_$k.txt | grep -v '^    ---' | head -30
   done
+fi
+if [[ " $what " == *" s30g "* ]]; then
+  # Session 30: every kernel of one learner step under Nsight Compute (each alone, caches warm from its
+  # neighbours as ncu leaves them), grouped by kernel: what the per-op profile's "linear backward" and
+  # "linear" are made of. The timed step is the kernels after the warm-up step's optimizer kernel.
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  timeout 500 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+    dist/bin/aha bench train --steps 1 --model $model > /tmp/s30g.csv 2> /tmp/s30g.err
+  echo "ncu exit $? ($(wc -l < /tmp/s30g.csv) lines)"
+  python3 - /tmp/s30g.csv "$out/s30g_kernels.tsv" <<'PY'
+import csv, sys, collections, re
+rows = [l for l in open(sys.argv[1], errors="replace") if l.startswith('"')]
+r = list(csv.reader(rows))
+head = r[0]
+ni, di = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
+ks = []
+for x in r[1:]:
+    try:
+        ks.append((x[ni], float(x[di].replace(",", ""))))  # thousands separators
+    except (ValueError, IndexError):
+        pass
+unit = 1e-3 if r[1][di].startswith("n") else 1.0  # the unit row: nsecond -> us
+with open(sys.argv[2], "w") as f:
+    f.writelines(f"{d * unit:.2f}\t{n[:160]}\n" for n, d in ks)
+ad = [i for i, (n, _) in enumerate(ks) if "adam" in n.lower()]
+start = ad[0] + 1 if ad else 0
+while start < len(ks) and "adam" in ks[start][0].lower():
+    start += 1
+step = ks[start:]
+print(f"kernels: {len(ks)} in all, {len(step)} in the timed step; sum {sum(d for _, d in step) * unit / 1e3:.2f} ms")
+g = collections.defaultdict(lambda: [0, 0.0])
+for n, d in step:
+    key = re.sub(r"\(.*", "", n)[:110]
+    g[key][0] += 1
+    g[key][1] += d * unit
+for k, (c, t) in sorted(g.items(), key=lambda kv: -kv[1][1])[:45]:
+    print(f"{t / 1e3:8.2f} ms {c:5d} x {t / c:8.1f} us  {k}")
+PY
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
