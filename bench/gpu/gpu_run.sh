@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1141,6 +1141,26 @@ for n, d in step:
 for k, (c, t) in sorted(g.items(), key=lambda kv: -kv[1][1])[:45]:
     print(f"{t / 1e3:8.2f} ms {c:5d} x {t / c:8.1f} us  {k}")
 PY
+fi
+if [[ " $what " == *" s30h "* ]]; then
+  # Session 30: the training forward's q/k/v step (no norms) and the backward's RoPE + pack, 8 rows a block
+  # instead of one (kQkvRows): their tests and the models', then the step's per-op profile (against s30f's,
+  # the build before) and the step twice. (s30h's and s30i's kernels were in those builds only: slower, not
+  # kept; kernels.md 43.)
+  conformance_all s30h "Failure|Expected|Which is|worst gradient|actor vs" \
+    'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.*'
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > /tmp/s30h_prof.txt 2>&1
+  grep -E "q/k/v|rope|median step" /tmp/s30h_prof.txt | head
+  variant_runs train 2 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 5 --model $model
+fi
+if [[ " $what " == *" s30i "* ]]; then
+  # Session 30: s30h's kernels with the rows as the inner loop (each thread's 8 rows' loads together):
+  # their tests and two model tests, the per-op profile, the step twice.
+  conformance_all s30i "Failure|Expected|Which is|worst gradient|actor vs" \
+    'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.ForwardBackward*:CudaModel.ActorVsLearner*'
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > /tmp/s30i_prof.txt 2>&1
+  grep -E "q/k/v|rope|median step" /tmp/s30i_prof.txt | head
+  variant_runs train 2 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 5 --model $model
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
