@@ -70,29 +70,15 @@ timeout 400 "$ncu" --clock-control none --graph-profiling node --metrics gpu__ti
   dist/bin/aha bench gen --model $model --new-tokens 8 --repeats 1 "$@" > "$out/ncu_decode.csv" 2> "$out/ncu_decode.err"
 echo "ncu exit $?"
 python3 - "$out/ncu_decode.csv" <<'PY'
-import csv, sys, collections
-rows = [l for l in open(sys.argv[1], errors="replace") if l.startswith('"')]
-r = list(csv.reader(rows))
-head = r[0]
-name_i = head.index("Kernel Name"); dur_i = head.index("gpu__time_duration.sum")
-ks = []
-for x in r[1:]:
-    try:
-        ks.append((x[name_i], float(x[dur_i].replace(",", ""))))  # thousands separators
-    except (ValueError, IndexError):
-        pass
-unit = r[1][dur_i] if len(r) > 1 else ""
+import sys
+sys.path.insert(0, "bench/gpu")
+from ncu_kernels import by_name, read
+ks, unit = read(sys.argv[1])
 samp = [i for i, (n, _) in enumerate(ks) if "SampleRows" in n]
 print(f"{len(ks)} kernels profiled; sampling kernels at {samp[-4:]}")
 a, b = samp[-2] + 1, samp[-1] + 1  # the last decode step: after one sampling, through the next
 step = ks[a:b]
-tot = sum(d for _, d in step)
-print(f"last decode step: {len(step)} kernels, sum of durations {tot / 1e3:.1f} us (ncu unit row: {unit})")
-g = collections.OrderedDict()
-for n, d in step:
-    short = n.split("(")[0][:60]
-    c, s = g.get(short, (0, 0.0))
-    g[short] = (c + 1, s + d)
-for n, (c, s) in sorted(g.items(), key=lambda kv: -kv[1][1]):
-    print(f"{s / 1e3:9.1f} us {c:4d} x {s / c / 1e3:7.2f} us  {n}")
+print(f"last decode step: {len(step)} kernels, sum of durations {sum(d for _, d in step):.1f} us (ncu unit row: {unit})")
+for n, c, s in by_name(step, 60):
+    print(f"{s:9.1f} us {c:4d} x {s / c:7.2f} us  {n}")
 PY

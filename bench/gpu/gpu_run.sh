@@ -1113,55 +1113,35 @@ if [[ " $what " == *" s30g "* ]]; then
     dist/bin/aha bench train --steps 1 --model $model > /tmp/s30g.csv 2> /tmp/s30g.err
   echo "ncu exit $? ($(wc -l < /tmp/s30g.csv) lines)"
   python3 - /tmp/s30g.csv "$out/s30g_kernels.tsv" <<'PY'
-import csv, sys, collections, re
-rows = [l for l in open(sys.argv[1], errors="replace") if l.startswith('"')]
-r = list(csv.reader(rows))
-head = r[0]
-ni, di = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
-ks = []
-for x in r[1:]:
-    try:
-        ks.append((x[ni], float(x[di].replace(",", ""))))  # thousands separators
-    except (ValueError, IndexError):
-        pass
-unit = 1e-3 if r[1][di].startswith("n") else 1.0  # the unit row: nsecond -> us
+import sys
+sys.path.insert(0, "bench/gpu")
+from ncu_kernels import by_name, read
+ks, _ = read(sys.argv[1])
 with open(sys.argv[2], "w") as f:
-    f.writelines(f"{d * unit:.2f}\t{n[:160]}\n" for n, d in ks)
+    f.writelines(f"{d:.2f}\t{n[:160]}\n" for n, d in ks)
 ad = [i for i, (n, _) in enumerate(ks) if "adam" in n.lower()]
 start = ad[0] + 1 if ad else 0
 while start < len(ks) and "adam" in ks[start][0].lower():
     start += 1
 step = ks[start:]
-print(f"kernels: {len(ks)} in all, {len(step)} in the timed step; sum {sum(d for _, d in step) * unit / 1e3:.2f} ms")
-g = collections.defaultdict(lambda: [0, 0.0])
-for n, d in step:
-    key = re.sub(r"\(.*", "", n)[:110]
-    g[key][0] += 1
-    g[key][1] += d * unit
-for k, (c, t) in sorted(g.items(), key=lambda kv: -kv[1][1])[:45]:
-    print(f"{t / 1e3:8.2f} ms {c:5d} x {t / c:8.1f} us  {k}")
+print(f"kernels: {len(ks)} in all, {len(step)} in the timed step; sum {sum(d for _, d in step) / 1e3:.2f} ms")
+for n, c, t in by_name(step, 110)[:45]:
+    print(f"{t / 1e3:8.2f} ms {c:5d} x {t / c:8.1f} us  {n}")
 PY
 fi
-if [[ " $what " == *" s30h "* ]]; then
-  # Session 30: the training forward's q/k/v step (no norms) and the backward's RoPE + pack, 8 rows a block
-  # instead of one (kQkvRows): their tests and the models', then the step's per-op profile (against s30f's,
-  # the build before) and the step twice. (s30h's and s30i's kernels were in those builds only: slower, not
-  # kept; kernels.md 43.)
-  conformance_all s30h "Failure|Expected|Which is|worst gradient|actor vs" \
-    'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.*'
-  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > /tmp/s30h_prof.txt 2>&1
-  grep -E "q/k/v|rope|median step" /tmp/s30h_prof.txt | head
+# qkv_rows TAG FILTER: session 30's q/k/v step and RoPE backward at 8 rows a block (s30h: the rows in turn;
+# s30i: the rows as the inner loop, each thread's 8 rows' loads together): the tests of FILTER, the step's
+# per-op profile (against s30f's, the build before) and the step twice. Both kernels were in those builds
+# only: slower, not kept (kernels.md 43).
+qkv_rows() {
+  conformance_all "$1" "Failure|Expected|Which is|worst gradient|actor vs" "$2"
+  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > "/tmp/$1_prof.txt" 2>&1
+  grep -E "q/k/v|rope|median step" "/tmp/$1_prof.txt" | head
   variant_runs train 2 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 5 --model $model
-fi
-if [[ " $what " == *" s30i "* ]]; then
-  # Session 30: s30h's kernels with the rows as the inner loop (each thread's 8 rows' loads together):
-  # their tests and two model tests, the per-op profile, the step twice.
-  conformance_all s30i "Failure|Expected|Which is|worst gradient|actor vs" \
-    'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.ForwardBackward*:CudaModel.ActorVsLearner*'
-  AHA_PROFILE=1 timeout 120 dist/bin/aha bench train --steps 3 --model $model > /tmp/s30i_prof.txt 2>&1
-  grep -E "q/k/v|rope|median step" /tmp/s30i_prof.txt | head
-  variant_runs train 2 "$train_pat" default -- timeout 100 dist/bin/aha bench train --steps 5 --model $model
-fi
+}
+[[ " $what " == *" s30h "* ]] && qkv_rows s30h 'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.*'
+[[ " $what " == *" s30i "* ]] &&
+  qkv_rows s30i 'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.ForwardBackward*:CudaModel.ActorVsLearner*'
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
