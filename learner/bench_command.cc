@@ -4,6 +4,8 @@
 #include "learner/bench_command.h"
 
 #include <chrono>
+#include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -115,6 +117,7 @@ int RunGen(int argc, char** argv) {
   }
   double best = 1e30;
   int64_t generated = 0;
+  uint64_t digest = 0;
   engine::GeneratorStats stats;  // of the best run
   for (int64_t r = 0; r < repeats; ++r) {
     const auto t0 = Clock::now();
@@ -123,7 +126,15 @@ int RunGen(int argc, char** argv) {
     const double s = SecondsSince(t0);
     if (!out.ok()) return Fail(prog, out.status().message());
     generated = 0;
-    for (const auto& o : *out) generated += static_cast<int64_t>(o.tokens.size());
+    digest = 1469598103934665603ull;  // FNV-1a over every token and its log-prob's bits, in order
+    for (const auto& o : *out) {
+      generated += static_cast<int64_t>(o.tokens.size());
+      for (size_t t = 0; t < o.tokens.size(); ++t) {
+        uint32_t bits = 0;
+        if (t < o.logprobs.size()) std::memcpy(&bits, &o.logprobs[t], sizeof bits);
+        for (uint32_t word : {static_cast<uint32_t>(o.tokens[t]), bits}) digest = (digest ^ word) * 1099511628211ull;
+      }
+    }
     if (s < best) stats = gen.stats();
     best = std::min(best, s);
   }
@@ -145,6 +156,11 @@ int RunGen(int argc, char** argv) {
             << " rows each); between them " << std::max(0.0, best - stats.prefill_seconds - stats.decode_seconds)
             << " s; device idle between passes (host time from one pass's tokens to the next launch) "
             << stats.launch_gap_seconds << " s; " << stats.steps_ahead << " steps run ahead\n";
+  // Equal digests: the same tokens and log-probs bit for bit (a kernel change that should not alter
+  // the draws, checked on the bench's own workload).
+  char digest_hex[17];
+  std::snprintf(digest_hex, sizeof digest_hex, "%016llx", static_cast<unsigned long long>(digest));
+  std::cout << "  tokens digest " << digest_hex << " (the last run's tokens and log-probs)\n";
   if (temperature != 1.0 || top_p != 1.0 || top_k != 0)
     std::cout << "  sampling: temperature " << temperature << ", top-p " << top_p << ", top-k " << top_k << "\n";
   if (*leave_mask) std::cout << "  decode steps left out: " << leave_out << " (timing only: the tokens are meaningless)\n";
@@ -155,6 +171,7 @@ int RunGen(int argc, char** argv) {
                       {"temperature", temperature}, {"top_p", top_p}, {"top_k", top_k}, {"seconds", best},
                       {"tokens_per_s", tps},
                       {"total_tokens_per_s", total_tps},
+                      {"tokens_digest", digest_hex},
                       {"kv_cache_blocks", gen.num_blocks()},
                       {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},
                       {"preemptions", stats.preemptions},

@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -374,8 +374,10 @@ init_model() {  # init_model DIR AHA_INIT_ARGS...: a random model, made once
 }
 gen_pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'  # variant_runs' pattern for gen
 train_pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'  # and for train
-peer_gen() {
-  timeout 150 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+peer_gen() {  # peer_gen [REPEATS]: HF generate, the best of REPEATS runs (default 1)
+  local r=${1:-1}
+  timeout $((60 + 90 * r)) python3 bench/gpu/peer_pytorch.py gen --model $model --repeats "$r" \
+    > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
 }
 peer_compile() {  # peer_compile [MODEL TAG]: the compiled peer's step (default: the bench's model)
@@ -1142,6 +1144,22 @@ qkv_rows() {
 [[ " $what " == *" s30h "* ]] && qkv_rows s30h 'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.*'
 [[ " $what " == *" s30i "* ]] &&
   qkv_rows s30i 'CudaOps.*Qkv*:CudaOps.*Rope*:CudaModel.ForwardBackward*:CudaModel.ActorVsLearner*'
+if [[ " $what " == *" s31a "* ]]; then
+  # Session 31: layer l + 1's cached keys and values prefetched into L2 during layer l of a decode step
+  # (AHA_KV_PREFETCH=fraction,where,evict_last; where: a after the attention, g after gate/up, d after
+  # the down product's norm), generation interleaved; the digest says the draws stayed the same.
+  variant_runs pf 2 "$gen_pat|tokens digest [0-9a-f]+" default AHA_KV_PREFETCH=0.5,d,0 AHA_KV_PREFETCH=0.5,g,0 \
+    AHA_KV_PREFETCH=0.5,a,0 AHA_KV_PREFETCH=0.5,g,1 AHA_KV_PREFETCH=0.25,d,0 AHA_KV_PREFETCH=0.75,d,0 AHA_KV_PREFETCH=0.5,d,1 AHA_KV_PREFETCH=1,d,0 -- \
+    timeout 100 dist/bin/aha bench gen --model $model --repeats 2
+fi
+if [[ " $what " == *" s31b "* ]]; then
+  # Session 31: where the targets stand, both sides the best of 3 generations (the peer's single runs
+  # ranged 30.8-50.6 s over the sessions), then the learner beside the compiled peer.
+  variant_runs final 2 "$gen_pat" default -- timeout 100 dist/bin/aha bench gen --model $model --repeats 3
+  echo "peer gen (best of 3): $(peer_gen 3)"
+  variant_runs final 2 "$train_pat" default -- timeout 200 dist/bin/aha bench train --model $model
+  echo "peer compile: $(peer_compile)"
+fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60

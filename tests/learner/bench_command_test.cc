@@ -80,6 +80,24 @@ TEST_F(BenchGen, SamplingFlagsReachTheRunAndItsReport) {
   EXPECT_EQ(d["top_k"].get<int>(), 0);
 }
 
+// The digest covers every drawn token and log-prob: equal for the same seed (and across a run's
+// repeats, whose draws are the same), different for another seed's prompts and draws.
+TEST_F(BenchGen, TokensDigestFollowsTheDraws) {
+  auto digest = [&](std::vector<std::string> extra) {
+    std::string out, err;
+    EXPECT_EQ(RunCapture(RunBenchCommand, Gen(extra), &out, &err), 0) << err;
+    const auto j = nlohmann::json::parse(out.substr(out.rfind('{')));
+    const std::string d = j["tokens_digest"].get<std::string>();
+    EXPECT_NE(out.find("tokens digest " + d), std::string::npos) << out;
+    return d;
+  };
+  const std::string a = digest({"--seed", "3"});
+  EXPECT_EQ(a.size(), 16u);
+  EXPECT_EQ(digest({"--seed", "3", "--repeats", "2"}), a);
+  EXPECT_NE(digest({"--seed", "4"}), a);
+  EXPECT_NE(digest({"--seed", "3", "--temperature", "0.5"}), a);
+}
+
 TEST_F(BenchGen, BadSamplingValuesExitTwoWithOneLine) {
   for (const auto& bad : std::vector<std::vector<std::string>>{
            {"--top-p", "0"}, {"--top-p", "1.5"}, {"--top-k", "-1"}, {"--temperature", "-0.5"}}) {
