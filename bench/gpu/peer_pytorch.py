@@ -2,7 +2,8 @@
 """The peer side of `aha bench gen|train`: the same workloads in PyTorch + transformers on the same GPU.
 
   gen:   HF generate (sdpa attention, bf16, sampling at T=1, no early stop): P prompts of L random
-         tokens, N new tokens each, all in one batch. New tokens/s.
+         tokens, N new tokens each, all in one batch. New tokens/s of the best of --repeats runs, after
+         --warmup untimed runs of the same workload.
   train: one GRPO learner step on S sequences of L tokens (prompt + completion): policy forward +
          backward in bf16 autocast over fp32 master weights, frozen reference forward, full-vocabulary
          log-softmax at the sampled completion tokens (lm-head rows of the completion only, as TRL's
@@ -34,16 +35,25 @@ def gen(args):
     mask = torch.ones_like(ids)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new_tokens,
               min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
+    # Warm-up: the timed workload itself. A first full-length generate grows PyTorch's caching allocator
+    # with each step's larger KV cache (cudaMalloc calls, counted below) and ran 2-3x slower than the
+    # next ones (docs/PERF.md, version 31); aha's warm-up likewise allocates its pool and captures graphs.
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
-        runs = []
-        for _ in range(args.repeats):
+        runs, device_allocs = [], []
+        for i in range(args.warmup + args.repeats):
+            allocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
             t0 = sync_time()
             out = model.generate(ids, attention_mask=mask, **kw)
-            runs.append(sync_time() - t0)
+            t = sync_time() - t0
+            device_allocs.append(torch.cuda.memory_stats().get("num_device_alloc", 0) - allocs)
+            if i >= args.warmup:
+                runs.append(t)
+            else:
+                warm = t
     best = min(runs)
     new = (out.shape[1] - args.prompt_len) * args.prompts
     print(json.dumps({"bench": "gen", "peer": "transformers generate (sdpa, bf16)", "seconds": best, "runs": runs,
+                      "warmup_seconds": warm if args.warmup else None, "device_allocs_per_run": device_allocs,
                       "tokens_per_s": new / best, "prompts": args.prompts, "new_tokens": args.new_tokens}))
 
 
@@ -113,6 +123,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="gen: untimed full-length runs first")
     ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
