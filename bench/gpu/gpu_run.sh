@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -374,8 +374,8 @@ init_model() {  # init_model DIR AHA_INIT_ARGS...: a random model, made once
 }
 gen_pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'  # variant_runs' pattern for gen
 train_pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'  # and for train
-peer_gen() {  # peer_gen [REPEATS]: HF generate, the best of REPEATS runs (default 1)
-  local r=${1:-1}
+peer_gen() {  # peer_gen [REPEATS]: HF generate after its warm-up run, the best of REPEATS runs (default 3)
+  local r=${1:-3}
   timeout $((60 + 90 * (r + 1))) python3 bench/gpu/peer_pytorch.py gen --model $model --repeats "$r" \
     > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
@@ -603,7 +603,7 @@ if [[ " $what " == *" s24b "* ]]; then
   variant_runs gen_q3 2 "$gen_pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3
   variant_runs gen_q3s 2 "$gen_pat" default AHA_DECODE_FUSED=0 -- timeout 120 dist/bin/aha bench gen --model $q3s
   variant_runs gen_q2 1 "$gen_pat" default -- timeout 120 dist/bin/aha bench gen --model $model
-  timeout 400 python3 bench/gpu/peer_pytorch.py gen --model $q3 > "$out/gen_peer_q3.log" 2>&1
+  timeout 500 python3 bench/gpu/peer_pytorch.py gen --model $q3 > "$out/gen_peer_q3.log" 2>&1
   echo "HF generate, Qwen3-0.6B shape: $(tail -n 1 "$out/gen_peer_q3.log")"
 fi
 if [[ " $what " == *" s24c "* ]]; then
@@ -1167,6 +1167,15 @@ if [[ " $what " == *" s31c "* ]]; then
   echo "peer gen (warm-up, best of 3): $(peer_gen 3)"
   variant_runs after 1 "$gen_pat" default -- timeout 100 dist/bin/aha bench gen --model $model --repeats 3
 fi
+if [[ " $what " == *" s31d "* ]]; then
+  # Session 31: what HF generate's first full-length call pays: the same peer with PyTorch's own choice
+  # of attention kernel and with each backend alone, each its full-length warm-up and 2 timed runs.
+  for b in auto flash cudnn efficient; do
+    timeout 400 python3 bench/gpu/peer_pytorch.py gen --model $model --repeats 2 --sdpa-backend $b \
+      > "$out/gen_peer_$b.log" 2>&1
+    echo "peer $b: $(tail -n 1 "$out/gen_peer_$b.log")"
+  done
+fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
   grep -v '^{' "$out/gemm.txt" | tail -n 60
@@ -1205,7 +1214,7 @@ if [[ $what == *s15* && $what != *s15g* ]]; then
   fi
 fi
 if [[ $what == *peer* ]]; then
-  timeout 300 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
+  timeout 400 python3 bench/gpu/peer_pytorch.py gen --model $model > "$out/gen_peer.log" 2>&1
   timeout 120 python3 bench/gpu/peer_pytorch.py train --modes eager --model $model > "$out/train_peer.log" 2>&1
   timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model > "$out/train_peer_compile.log" 2>&1
   echo "peer train compile exit $?"

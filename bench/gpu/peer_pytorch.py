@@ -13,6 +13,7 @@
 Prints one JSON line per measurement (the last lines), like aha bench.
 """
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -35,10 +36,16 @@ def gen(args):
     mask = torch.ones_like(ids)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new_tokens,
               min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
-    # Warm-up: the timed workload itself. A first full-length generate grows PyTorch's caching allocator
-    # with each step's larger KV cache (cudaMalloc calls, counted below) and ran 2-3x slower than the
-    # next ones (docs/PERF.md, version 31); aha's warm-up likewise allocates its pool and captures graphs.
-    with torch.no_grad():
+    # Warm-up: the timed workload itself. A first full-length generate builds the cuDNN attention's plan for
+    # each of its 512 key lengths (PyTorch's sdpa picks cuDNN on the H200) and grows the caching allocator
+    # (cudaMalloc calls, counted below): 2.5-3.6x slower than the runs after it (docs/PERF.md, version 31).
+    # aha's warm-up likewise allocates its pool and captures its decode graphs.
+    backend = contextlib.nullcontext()
+    if args.sdpa_backend != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[args.sdpa_backend])
+    with torch.no_grad(), backend:
         runs, device_allocs = [], []
         for i in range(args.warmup + args.repeats):
             allocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
@@ -52,7 +59,8 @@ def gen(args):
                 warm = t
     best = min(runs)
     new = (out.shape[1] - args.prompt_len) * args.prompts
-    print(json.dumps({"bench": "gen", "peer": "transformers generate (sdpa, bf16)", "seconds": best, "runs": runs,
+    print(json.dumps({"bench": "gen", "peer": f"transformers generate (sdpa: {args.sdpa_backend}, bf16)",
+                      "seconds": best, "runs": runs,
                       "warmup_seconds": warm if args.warmup else None, "device_allocs_per_run": device_allocs,
                       "tokens_per_s": new / best, "prompts": args.prompts, "new_tokens": args.new_tokens}))
 
@@ -122,8 +130,10 @@ def main():
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="gen: timed runs (the best is reported)")
     ap.add_argument("--warmup", type=int, default=1, help="gen: untimed full-length runs first")
+    ap.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                    help="gen: PyTorch's choice of attention kernel (auto), or only this one")
     ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
