@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1182,6 +1182,25 @@ if [[ " $what " == *" s31e "* ]]; then
   variant_runs q3final 1 "$gen_pat" default -- timeout 100 dist/bin/aha bench gen --model $q3 --repeats 3
   timeout 500 python3 bench/gpu/peer_pytorch.py gen --model $q3 > "$out/gen_peer_q3.log" 2>&1
   echo "peer q3: $(tail -n 1 "$out/gen_peer_q3.log")"
+fi
+if [[ " $what " == *" s31f "* ]]; then
+  # Session 31: the SM clock and power while each bench runs (nvidia-smi every 20 ms): what the step's
+  # sustained load keeps, against Nsight Compute's per-kernel clocks (PERF.md, version 30).
+  for b in train gen; do
+    nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 20 \
+      > "$out/clocks_$b.csv" &
+    smi=$!
+    timeout 200 dist/bin/aha bench $b --model $model $([ $b = train ] && echo --steps 8 || echo --repeats 3) \
+      > "$out/clocks_$b.log" 2>&1
+    kill $smi
+    echo "$b: $(grep -oE "$train_pat|$gen_pat" "$out/clocks_$b.log" | tr '\n' ' ')"
+    # The busy samples (power above 200 W): the median and range of their SM clock (MHz) and power (W).
+    for col in 1 2; do
+      awk -F', ' -v c=$col '$2 > 200 {print $c}' "$out/clocks_$b.csv" | sort -n | awk -v c=$col '{v[NR]=$1}
+        END {if (NR) printf "  %d busy samples, %s: median %s (%s-%s)\n", NR, c == 1 ? "SM MHz" : "W",
+          v[int((NR+1)/2)], v[1], v[NR]}'
+    done
+  done
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
