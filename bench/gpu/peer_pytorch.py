@@ -36,9 +36,10 @@ def gen(args):
     mask = torch.ones_like(ids)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new_tokens,
               min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
-    # Warm-up: the timed workload itself. A first full-length generate builds the cuDNN attention's plan for
-    # each of its 512 key lengths (PyTorch's sdpa picks cuDNN on the H200) and grows the caching allocator
-    # (cudaMalloc calls, counted below): 2.5-3.6x slower than the runs after it (docs/PERF.md, version 31).
+    # Warm-up: the timed workload itself. A first full-length generate ran 2.5-3.6x slower than the runs
+    # after it with cuDNN attention (PyTorch's sdpa choice on the H200; presumably a plan for each of the
+    # 512 key lengths), not with FlashAttention alone; it also grows the caching allocator (cudaMalloc
+    # calls, counted below). docs/PERF.md, version 31.
     # aha's warm-up likewise allocates its pool and captures its decode graphs.
     backend = contextlib.nullcontext()
     if args.sdpa_backend != "auto":
