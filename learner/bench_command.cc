@@ -5,13 +5,14 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <string_view>
 
 #include "common/clock.h"
 #include "common/flags.h"
+#include "common/hash.h"
 #include "engine/backends.h"
 #include "engine/generate.h"
 #include "engine/transformer.h"
@@ -26,6 +27,12 @@
 
 namespace aha {
 namespace {
+
+// A vector's bytes, for hashing.
+template <typename T>
+std::string_view AsBytes(const std::vector<T>& v) {
+  return {reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T)};
+}
 
 std::vector<int32_t> RandomTokens(std::mt19937_64& rng, int n, int vocab) {
   std::uniform_int_distribution<int> d(0, vocab - 1);
@@ -126,14 +133,11 @@ int RunGen(int argc, char** argv) {
     const double s = SecondsSince(t0);
     if (!out.ok()) return Fail(prog, out.status().message());
     generated = 0;
-    digest = 1469598103934665603ull;  // FNV-1a over every token and its log-prob's bits, in order
+    digest = kFnv1a64Basis;  // every sequence's tokens, then its log-probs, in order
     for (const auto& o : *out) {
       generated += static_cast<int64_t>(o.tokens.size());
-      for (size_t t = 0; t < o.tokens.size(); ++t) {
-        uint32_t bits = 0;
-        if (t < o.logprobs.size()) std::memcpy(&bits, &o.logprobs[t], sizeof bits);
-        for (uint32_t word : {static_cast<uint32_t>(o.tokens[t]), bits}) digest = (digest ^ word) * 1099511628211ull;
-      }
+      digest = Fnv1a64(AsBytes(o.tokens), digest);
+      digest = Fnv1a64(AsBytes(o.logprobs), digest);
     }
     if (s < best) stats = gen.stats();
     best = std::min(best, s);

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
+#include "common/hash.h"
 #include "replay/records.h"
 
 namespace aha::replay {

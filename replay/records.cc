@@ -198,12 +198,4 @@ Result<std::unique_ptr<StoredMessage>> StoredMessage::Parse(std::string_view byt
   return m;
 }
 
-uint64_t Fnv1a64(std::string_view bytes, uint64_t h) {
-  for (unsigned char c : bytes) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
 }  // namespace aha::replay

@@ -117,6 +117,4 @@ class StoredMessage {
   std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
 };
 
-uint64_t Fnv1a64(std::string_view bytes, uint64_t h = 1469598103934665603ull);
-
 }  // namespace aha::replay

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/hash.h"
 #include "common/metrics.h"
 #include "replay/dataset.h"
 
