@@ -48,7 +48,7 @@ std::vector<ParamInfo> ParamTable(const ModelConfig& config);
 // at row p % block_size. Block num_blocks (the extra one) is never handed out: the padding rows of a
 // graph-captured decode batch write and read it. Blocks are allocated by the caller (Generator).
 struct KvCache {
-  int num_blocks = 0, block_size = 16, max_blocks = 0;
+  int num_blocks = 0, block_size = 64, max_blocks = 0;
   int max_batch = 0;  // most sequences in one ForwardCached call (caps the decode graph buckets)
   DType dtype = DType::kF32;
   uint64_t id = 0;  // unique per NewKvCache(): decode graphs hold the pools of one cache
@@ -173,7 +173,7 @@ class Transformer {
                      const int32_t* token_rows = nullptr, const Draw* draw = nullptr);
   // A pool of num_blocks blocks of block_size positions, for up to max_batch sequences of up to
   // max_len positions each.
-  KvCache NewKvCache(int max_batch, int max_len, int num_blocks, int block_size = 16) const;
+  KvCache NewKvCache(int max_batch, int max_len, int num_blocks, int block_size = 64) const;
 
  private:
   Transformer(const ModelConfig& config, Backend* backend);

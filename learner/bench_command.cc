@@ -80,7 +80,8 @@ int RunGen(int argc, char** argv) {
   flags.Double("temperature", &temperature, "sampling temperature of every prompt (0 = greedy; default 1)");
   flags.Double("top-p", &top_p, "nucleus sampling mass of every prompt (default 1 = off)");
   flags.Int("top-k", &top_k, "keep the k most likely tokens of every prompt (default 0 = off)");
-  int64_t kv_cache_tokens = 0;
+  int64_t kv_cache_tokens = 0, block_size = engine::GeneratorOptions{}.block_size;
+  flags.Int("block-size", &block_size, "positions per KV cache block (default 64: engine::GeneratorOptions)");
   flags.Int("kv-cache-tokens", &kv_cache_tokens,
             "KV pool size in tokens (default 0: prompts x (prompt-len + new-tokens), no preemption); smaller pools preempt and recompute");
   ParseOrExit(flags, argc, argv);
@@ -91,6 +92,7 @@ int RunGen(int argc, char** argv) {
     return Fail(prog, "--min-new-tokens must be between 0 and --new-tokens", 2);
   if (temperature < 0 || !(top_p > 0 && top_p <= 1) || top_k < 0)
     return Fail(prog, "need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0", 2);
+  if (block_size < 1 || block_size > 4096) return Fail(prog, "--block-size must be between 1 and 4096", 2);
   if (kv_cache_tokens != 0 && kv_cache_tokens < prompt_len + new_tokens)
     return Fail(prog, "--kv-cache-tokens must be 0 or at least prompt-len + new-tokens (one whole sequence)", 2);
   auto backend = engine::MakeBackend(device);
@@ -114,7 +116,8 @@ int RunGen(int argc, char** argv) {
                                           : new_tokens);
   }
   engine::Generator gen(model->get(), static_cast<int>(prompts), static_cast<int>(prompt_len + new_tokens),
-                        {.kv_cache_tokens = kv_cache_tokens, .run_ahead = !no_run_ahead});
+                        {.kv_cache_tokens = kv_cache_tokens, .block_size = static_cast<int>(block_size),
+                         .run_ahead = !no_run_ahead});
   // Warm-up: a short run of the same batch (allocations, cuBLAS heuristics, module load).
   {
     auto warm = reqs;
@@ -150,7 +153,8 @@ int RunGen(int argc, char** argv) {
             << prompt_len << " + " << (min_new_tokens > 0 ? std::to_string(min_new_tokens) + ".." : std::string())
             << new_tokens << " new tokens: " << best << " s, " << tps << " new tokens/s (" << total_tps
             << " tokens/s with the prompts'); KV pool "
-            << gen.num_blocks() << " blocks (" << engine::DTypeName((*backend)->kv_cache_dtype()) << "), "
+            << gen.num_blocks() << " blocks of " << block_size << " ("
+            << engine::DTypeName((*backend)->kv_cache_dtype()) << "), "
             << stats.preemptions << " preemptions, " << stats.recomputed_tokens << " recomputed tokens\n"
             << "  of the best run: prefill " << stats.prefill_seconds << " s (" << stats.prefill_calls << " calls, "
             << stats.prefill_rows << " rows); decode "
@@ -177,6 +181,7 @@ int RunGen(int argc, char** argv) {
                       {"total_tokens_per_s", total_tps},
                       {"tokens_digest", digest_hex},
                       {"kv_cache_blocks", gen.num_blocks()},
+                      {"block_size", block_size},
                       {"kv_cache_dtype", engine::DTypeName((*backend)->kv_cache_dtype())},
                       {"preemptions", stats.preemptions},
                       {"recomputed_tokens", stats.recomputed_tokens},

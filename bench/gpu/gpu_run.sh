@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -1202,6 +1202,62 @@ if [[ " $what " == *" s31f "* ]]; then
         END {if (NR) printf "  %d busy samples, %s: median %s (%s-%s)\n", NR, c == 1 ? "SM MHz" : "W",
           v[int((NR+1)/2)], v[1], v[NR]}'
     done
+  done
+fi
+if [[ " $what " == *" s32a "* ]]; then
+  # Session 32: (1) the KV cache's block size (positions a pool block; the decode attention reads
+  # each (row, kv head)'s keys as 128-byte rows of 2 x 64 heads, one block-table entry a block),
+  # interleaved, two rounds; the digest must not change. (2) bf16 products held for seconds (cuBLASLt,
+  # no L2 flush, 3,000 runs each) with the SM clock and power sampled: the rate the power cap allows.
+  for rep in 1 2; do
+    for bs in 16 32 64 128 256; do
+      f="$out/s32a_bs${bs}_$rep.log"
+      timeout 120 dist/bin/aha bench gen --model $model --repeats 3 --block-size $bs > "$f" 2>&1
+      echo "s32a bs $bs $rep: $(grep -oE "$gen_pat|tokens digest [0-9a-f]+" "$f" | tr '\n' ' ')"
+    done
+  done
+  nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 20 \
+    > "$out/clocks_gemm.csv" &
+  smi=$!
+  timeout 200 dist/bin/aha bench gemm --tokens 16384 --forms nt,nn,tn --libraries lt --iters 3000 --warmup 20 \
+    --no-flush > "$out/s32a_gemm.txt" 2>&1
+  kill $smi
+  grep -v '^{' "$out/s32a_gemm.txt" | tail -n 20
+  for col in 1 2; do
+    awk -F', ' -v c=$col '$2 > 200 {print $c}' "$out/clocks_gemm.csv" | sort -n | awk -v c=$col '{v[NR]=$1}
+      END {if (NR) printf "  %d busy samples, %s: median %s (%s-%s)\n", NR, c == 1 ? "SM MHz" : "W",
+        v[int((NR+1)/2)], v[1], v[NR]}'
+  done
+fi
+if [[ " $what " == *" s32b "* ]]; then
+  # Session 32: the KV block size at other shapes before a default changes: Qwen3-0.6B's heads of 128,
+  # Qwen2.5-1.5B's, long contexts, few rows; then the bench's own shape again. Two rounds, interleaved,
+  # one log (the device returns few files).
+  init_model $q3 --arch qwen3 --preset 0.6b
+  init_model $q15 --preset 1.5b --dtype bf16
+  for rep in 1 2; do
+    for shape in "q3 $q3 --prompts 256" "q15 $q15 --prompts 256" "long $model --prompts 64 --prompt-len 2048 --new-tokens 256" \
+        "few $model --prompts 16" "bench $model --prompts 256"; do
+      set -- $shape
+      for bs in 16 64 128; do
+        echo "== $1 bs $bs $rep" >> "$out/s32b.log"
+        timeout 150 dist/bin/aha bench gen --model $2 "${@:3}" --repeats 2 --block-size $bs >> "$out/s32b.log" 2>&1
+        echo "s32b $1 bs $bs $rep: $(tail -n 4 "$out/s32b.log" | grep -oE "$gen_pat|tokens digest [0-9a-f]+" | tr '\n' ' ')"
+      done
+    done
+  done
+fi
+if [[ " $what " == *" s32c "* ]]; then
+  # Session 32, the final build (KV blocks of 64 by default): the generator's GPU tests, then
+  # generation beside the warmed-up HF generate (best of 3), generation again.
+  timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
+    --gtest_filter='CudaModel.*:CudaOps.*Cached*:CudaOps.*Decode*:CudaOps.*Kv*' > "$out/s32c_tests.log" 2>&1
+  echo "tests exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/s32c_tests.log" | tr '\n' ' ')"
+  grep -E "actor vs learner|FAILED" "$out/s32c_tests.log" | head -8
+  for run in 1 2; do
+    timeout 120 dist/bin/aha bench gen --model $model --repeats 3 > "$out/s32c_gen_$run.log" 2>&1
+    echo "aha gen $run: $(grep -oE "$gen_pat|blocks of [0-9]+|tokens digest [0-9a-f]+" "$out/s32c_gen_$run.log" | tr '\n' ' ')"
+    [ $run = 1 ] && peer_gen 3
   done
 fi
 if [[ $what == *gemm* ]]; then

@@ -98,6 +98,28 @@ TEST_F(BenchGen, TokensDigestFollowsTheDraws) {
   EXPECT_NE(digest({"--seed", "3", "--temperature", "0.5"}), a);
 }
 
+// The KV pool's block size moves where keys live, not what the attention computes: the same draws
+// bit for bit at any size, power of two or not; the report and the JSON name the size.
+TEST_F(BenchGen, BlockSizeMovesTheKeysNotTheDraws) {
+  auto run = [&](const std::string& bs) {
+    std::string out, err;
+    EXPECT_EQ(RunCapture(RunBenchCommand, Gen({"--seed", "5", "--block-size", bs}), &out, &err), 0) << err;
+    const auto j = nlohmann::json::parse(out.substr(out.rfind('{')));
+    EXPECT_EQ(j["block_size"].get<int>(), std::stoi(bs));
+    EXPECT_NE(out.find("blocks of " + bs + " ("), std::string::npos) << out;
+    return j["tokens_digest"].get<std::string>();
+  };
+  const std::string d16 = run("16");
+  EXPECT_EQ(run("5"), d16);
+  EXPECT_EQ(run("64"), d16);
+  for (const std::string bad : {"0", "-3", "5000"}) {
+    std::string out, err;
+    EXPECT_EQ(RunCapture(RunBenchCommand, Gen({"--block-size", bad}), &out, &err), 2) << bad;
+    EXPECT_NE(err.find("--block-size"), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  }
+}
+
 TEST_F(BenchGen, BadSamplingValuesExitTwoWithOneLine) {
   for (const auto& bad : std::vector<std::vector<std::string>>{
            {"--top-p", "0"}, {"--top-p", "1.5"}, {"--top-k", "-1"}, {"--temperature", "-0.5"}}) {
