@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1259,6 +1259,19 @@ if [[ " $what " == *" s32c "* ]]; then
     echo "aha gen $run: $(grep -oE "$gen_pat|blocks of [0-9]+|tokens digest [0-9a-f]+" "$out/s32c_gen_$run.log" | tr '\n' ' ')"
     [ $run = 1 ] && peer_gen 3
   done
+fi
+if [[ " $what " == *" s32d "* ]]; then
+  # Session 32, the final build: the learner step beside torch.compile's, with the clock sampled.
+  nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 20 > "$out/clocks_s32d.csv" &
+  smi=$!
+  for run in 1 2; do
+    timeout 200 dist/bin/aha bench train --model $model --steps 5 > "$out/s32d_train_$run.log" 2>&1
+    echo "aha train $run: $(grep -oE "$train_pat" "$out/s32d_train_$run.log" | tr '\n' ' ')"
+    [ $run = 1 ] && peer_compile
+  done
+  kill $smi
+  awk -F', ' '$2 > 200 {print $1}' "$out/clocks_s32d.csv" | sort -n | awk '{v[NR]=$1}
+    END {if (NR) printf "  %d busy samples, SM MHz: median %s (%s-%s)\n", NR, v[int((NR+1)/2)], v[1], v[NR]}'
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
