@@ -57,10 +57,7 @@ struct GeneratorOptions {
   // sequence at full length at once (never preempts). Smaller pools trade preemptions (recomputed
   // prefills) for memory; the pool must hold at least one sequence of max_len.
   int64_t kv_cache_tokens = 0;
-  // Positions per KV block. 64 rather than vLLM's 16: the decode attention reads a 64-key chunk from
-  // one block instead of four, 1-2% faster a decode step at 256 rows on an H200 and never slower in
-  // the shapes measured (docs/kernels.md, version 45); a sequence wastes at most 63 positions.
-  int block_size = 64;
+  int block_size = kKvBlockSize;  // positions per KV block (transformer.h)
   // Sampling on a device (or with backend_sampling): decode step k + 1 is queued before step k's
   // tokens are read back, for the rows known to carry on past step k (not stopped, not at their
   // token cap with step k's draw), its input tokens gathered from step k's draws on the device. The

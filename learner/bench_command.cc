@@ -80,8 +80,9 @@ int RunGen(int argc, char** argv) {
   flags.Double("temperature", &temperature, "sampling temperature of every prompt (0 = greedy; default 1)");
   flags.Double("top-p", &top_p, "nucleus sampling mass of every prompt (default 1 = off)");
   flags.Int("top-k", &top_k, "keep the k most likely tokens of every prompt (default 0 = off)");
-  int64_t kv_cache_tokens = 0, block_size = engine::GeneratorOptions{}.block_size;
-  flags.Int("block-size", &block_size, "positions per KV cache block (default 64: engine::GeneratorOptions)");
+  int64_t kv_cache_tokens = 0, block_size = engine::kKvBlockSize;
+  flags.Int("block-size", &block_size,
+            "positions per KV cache block (default " + std::to_string(engine::kKvBlockSize) + ")");
   flags.Int("kv-cache-tokens", &kv_cache_tokens,
             "KV pool size in tokens (default 0: prompts x (prompt-len + new-tokens), no preemption); smaller pools preempt and recompute");
   ParseOrExit(flags, argc, argv);

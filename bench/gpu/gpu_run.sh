@@ -380,6 +380,17 @@ peer_gen() {  # peer_gen [REPEATS]: HF generate after its warm-up run, the best 
     > "$out/gen_peer.log" 2>&1
   tail -n 1 "$out/gen_peer.log"
 }
+clocks_start() {  # clocks_start CSV: SM clock, power and temperature every 20 ms into CSV until `kill $smi`
+  nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 20 > "$1" &
+  smi=$!
+}
+clocks_summary() {  # clocks_summary CSV: the busy samples' (power above 200 W) SM clock and power, median and range
+  for col in 1 2; do
+    awk -F', ' -v c=$col '$2 > 200 {print $c}' "$1" | sort -n | awk -v c=$col '{v[NR]=$1}
+      END {if (NR) printf "  %d busy samples, %s: median %s (%s-%s)\n", NR, c == 1 ? "SM MHz" : "W",
+        v[int((NR+1)/2)], v[1], v[NR]}'
+  done
+}
 peer_compile() {  # peer_compile [MODEL TAG]: the compiled peer's step (default: the bench's model)
   local f="$out/train_peer_compile${2:+_$2}.log"
   timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model "${1:-$model}" > "$f" 2>&1
@@ -1189,25 +1200,18 @@ if [[ " $what " == *" s31f "* ]]; then
   # Session 31: the SM clock and power while each bench runs (nvidia-smi every 20 ms): what the step's
   # sustained load keeps, against Nsight Compute's per-kernel clocks (PERF.md, version 30).
   for b in train gen; do
-    nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 20 \
-      > "$out/clocks_$b.csv" &
-    smi=$!
+    clocks_start "$out/clocks_$b.csv"
     timeout 200 dist/bin/aha bench $b --model $model $([ $b = train ] && echo --steps 8 || echo --repeats 3) \
       > "$out/clocks_$b.log" 2>&1
     kill $smi
     echo "$b: $(grep -oE "$train_pat|$gen_pat" "$out/clocks_$b.log" | tr '\n' ' ')"
-    # The busy samples (power above 200 W): the median and range of their SM clock (MHz) and power (W).
-    for col in 1 2; do
-      awk -F', ' -v c=$col '$2 > 200 {print $c}' "$out/clocks_$b.csv" | sort -n | awk -v c=$col '{v[NR]=$1}
-        END {if (NR) printf "  %d busy samples, %s: median %s (%s-%s)\n", NR, c == 1 ? "SM MHz" : "W",
-          v[int((NR+1)/2)], v[1], v[NR]}'
-    done
+    clocks_summary "$out/clocks_$b.csv"
   done
 fi
 if [[ " $what " == *" s32a "* ]]; then
   # Session 32: (1) the KV cache's block size (positions a pool block; the decode attention reads
   # each (row, kv head)'s keys as 128-byte rows of 2 x 64 heads, one block-table entry a block),
-  # interleaved, two rounds; the digest must not change. (2) bf16 products held for seconds (cuBLASLt,
+  # interleaved, two rounds; the digest must not change. (2) bf16 products held for minutes (cuBLASLt,
   # no L2 flush, 3,000 runs each) with the SM clock and power sampled: the rate the power cap allows.
   for rep in 1 2; do
     for bs in 16 32 64 128 256; do
@@ -1216,18 +1220,12 @@ if [[ " $what " == *" s32a "* ]]; then
       echo "s32a bs $bs $rep: $(grep -oE "$gen_pat|tokens digest [0-9a-f]+" "$f" | tr '\n' ' ')"
     done
   done
-  nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 20 \
-    > "$out/clocks_gemm.csv" &
-  smi=$!
+  clocks_start "$out/clocks_gemm.csv"
   timeout 200 dist/bin/aha bench gemm --tokens 16384 --forms nt,nn,tn --libraries lt --iters 3000 --warmup 20 \
     --no-flush > "$out/s32a_gemm.txt" 2>&1
   kill $smi
   grep -v '^{' "$out/s32a_gemm.txt" | tail -n 20
-  for col in 1 2; do
-    awk -F', ' -v c=$col '$2 > 200 {print $c}' "$out/clocks_gemm.csv" | sort -n | awk -v c=$col '{v[NR]=$1}
-      END {if (NR) printf "  %d busy samples, %s: median %s (%s-%s)\n", NR, c == 1 ? "SM MHz" : "W",
-        v[int((NR+1)/2)], v[1], v[NR]}'
-  done
+  clocks_summary "$out/clocks_gemm.csv"
 fi
 if [[ " $what " == *" s32b "* ]]; then
   # Session 32: the KV block size at other shapes before a default changes: Qwen3-0.6B's heads of 128,
@@ -1262,16 +1260,14 @@ if [[ " $what " == *" s32c "* ]]; then
 fi
 if [[ " $what " == *" s32d "* ]]; then
   # Session 32, the final build: the learner step beside torch.compile's, with the clock sampled.
-  nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 20 > "$out/clocks_s32d.csv" &
-  smi=$!
+  clocks_start "$out/clocks_s32d.csv"
   for run in 1 2; do
     timeout 200 dist/bin/aha bench train --model $model --steps 5 > "$out/s32d_train_$run.log" 2>&1
     echo "aha train $run: $(grep -oE "$train_pat" "$out/s32d_train_$run.log" | tr '\n' ' ')"
     [ $run = 1 ] && peer_compile
   done
   kill $smi
-  awk -F', ' '$2 > 200 {print $1}' "$out/clocks_s32d.csv" | sort -n | awk '{v[NR]=$1}
-    END {if (NR) printf "  %d busy samples, SM MHz: median %s (%s-%s)\n", NR, v[int((NR+1)/2)], v[1], v[NR]}'
+  clocks_summary "$out/clocks_s32d.csv"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
