@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *s33* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -1268,6 +1268,55 @@ if [[ " $what " == *" s32d "* ]]; then
   done
   kill $smi
   clocks_summary "$out/clocks_s32d.csv"
+fi
+if [[ " $what " == *" s33a "* ]]; then
+  # Session 33: every gpu-labelled test binary carried (the `tests` mode's loop, timing tables left
+  # out), then models of the bench's shape at odd vocabularies (151,669: Qwen3's tokenizer ids;
+  # 50,257: GPT-2's) against the padded sizes, generation and the learner step, interleaved.
+  for t in dist/bin/*_test; do
+    name=$(basename "$t")
+    timeout 400 "$t" --gtest_color=no > "$out/s33a_$name.log" 2>&1
+    echo "$name exit $?: $(grep -E '^\[  (PASSED|FAILED)|^\[  SKIPPED' "$out/s33a_$name.log" | tr '\n' ' ')"
+    grep -E "^\[  FAILED|Failure" "$out/s33a_$name.log" | head -6
+  done
+  for v in 151669 50257 50304; do
+    python3 -c "import json; c = json.load(open('$model/config.json')); c['vocab_size'] = $v; \
+json.dump(c, open('/tmp/v$v.json', 'w'))"
+    init_model /tmp/aha-0.5b-v$v --config /tmp/v$v.json
+  done
+  for rep in 1 2; do
+    for m in $model /tmp/aha-0.5b-v151669 /tmp/aha-0.5b-v50304 /tmp/aha-0.5b-v50257; do
+      f="$out/s33a_gen_$(basename $m)_$rep.log"
+      timeout 120 dist/bin/aha bench gen --model $m > "$f" 2>&1
+      echo "gen $(basename $m) $rep: $(grep -oE "$gen_pat" "$f" | tr '\n' ' ')"
+      f="$out/s33a_train_$(basename $m)_$rep.log"
+      timeout 200 dist/bin/aha bench train --model $m --steps 3 > "$f" 2>&1
+      echo "train $(basename $m) $rep: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+    done
+  done
+fi
+if [[ " $what " == *" s33b "* ]]; then
+  # Session 33: the learner step at long sequences, 4 x 4,096 (16,384 tokens a step, as the bench's)
+  # and 4 x 8,192 (a group of 4 is the bench's least batch), an eighth of each the prompt: aha twice
+  # around the compiled peer, then aha's per-op profile at 4 x 8,192. S33B_SHAPES ("S L P;...") picks the shapes.
+  IFS=';' read -ra shapes <<< "${S33B_SHAPES:-4 4096 512;4 8192 1024}"
+  for shape in "${shapes[@]}"; do
+    set -- $shape
+    for run in 1 2; do
+      f="$out/s33b_train_$2_$run.log"
+      timeout 200 dist/bin/aha bench train --model $model --sequences $1 --seq-len $2 --prompt-len $3 > "$f" 2>&1
+      echo "aha train $1 x $2 run $run: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+      if [ $run = 1 ]; then
+        f="$out/s33b_peer_$2.log"
+        timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model --sequences $1 \
+          --seq-len $2 --prompt-len $3 > "$f" 2>&1
+        echo "peer compile $1 x $2: $(tail -n 1 "$f")"
+      fi
+    done
+  done
+  AHA_PROFILE=1 timeout 200 dist/bin/aha bench train --model $model --sequences 4 --seq-len 8192 --prompt-len 1024 \
+    > "$out/s33b_profile_8192.txt" 2>&1
+  grep -iE "attention|linear|lm-head|all" "$out/s33b_profile_8192.txt" | head -12
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
