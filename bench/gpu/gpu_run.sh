@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1317,6 +1317,24 @@ if [[ " $what " == *" s33b "* ]]; then
   AHA_PROFILE=1 timeout 200 dist/bin/aha bench train --model $model --sequences 4 --seq-len 8192 --prompt-len 1024 \
     > "$out/s33b_profile_8192.txt" 2>&1
   grep -iE "attention|linear|lm-head|all" "$out/s33b_profile_8192.txt" | head -12
+fi
+if [[ " $what " == *" s33c "* ]]; then
+  # Session 33: Qwen3-0.6B's shape (heads of 128) at long sequences, 4 x 4,096 and 4 x 8,192 (an eighth
+  # of each the prompt): aha once beside the compiled peer, then aha's per-op profile at 4 x 8,192.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  for shape in "4 4096 512" "4 8192 1024"; do
+    set -- $shape
+    f="$out/s33c_train_$2.log"
+    timeout 200 dist/bin/aha bench train --model $q3 --sequences $1 --seq-len $2 --prompt-len $3 > "$f" 2>&1
+    echo "aha train qwen3-0.6b $1 x $2: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+    f="$out/s33c_peer_$2.log"
+    timeout 300 python3 bench/gpu/peer_pytorch.py train --modes compile --model $q3 --sequences $1 \
+      --seq-len $2 --prompt-len $3 > "$f" 2>&1
+    echo "peer compile qwen3-0.6b $1 x $2: $(tail -n 1 "$f")"
+  done
+  AHA_PROFILE=1 timeout 100 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 \
+    > "$out/s33c_profile_8192.txt" 2>&1
+  head -14 "$out/s33c_profile_8192.txt"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
