@@ -198,13 +198,15 @@ int RunGen(int argc, char** argv) {
 
 int RunTrain(int argc, char** argv) {
   std::string model_dir, devices = "cuda";
-  int64_t sequences = 16, seq_len = 1024, prompt_len = 256, steps = 3, micro = 0;
+  int64_t sequences = 16, seq_len = 1024, prompt_len = 256, steps = 3, micro = 0, group_size = 4;
   double beta = 0.04, peak_tflops = 785.0;
   FlagSet flags(argv[0], "one GRPO learner step: policy forward + backward, frozen reference forward, k3 KL, clipped ratio, AdamW");
   flags.String("model", &model_dir, "model directory (required; e.g. from aha init --preset 0.5b)");
   flags.String("devices", &devices, "cpu, cuda, cuda:N, or a comma list to train data-parallel on the same global batch (cuda:0,cuda:1)");
   flags.String("device", &devices, "the same as --devices");
-  flags.Int("sequences", &sequences, "sequences per step, the global batch (groups of 4 samples; default 16)");
+  flags.Int("sequences", &sequences, "sequences per step, the global batch (whole groups; default 16)");
+  flags.Int("group-size", &group_size,
+            "samples per group: one prompt each, rewards alternating 0 and 1 (default 4; at least 2)");
   flags.Int("seq-len", &seq_len, "tokens per sequence, prompt + completion (default 1024)");
   flags.Int("prompt-len", &prompt_len, "prompt tokens of each sequence (default 256)");
   flags.Int("steps", &steps, "timed steps after one warm-up step; the median is reported");
@@ -214,7 +216,10 @@ int RunTrain(int argc, char** argv) {
   ParseOrExit(flags, argc, argv);
   const std::string prog = argv[0];
   if (model_dir.empty()) return Fail(prog, "--model is required", 2);
-  if (sequences < 4 || sequences % 4 != 0) return Fail(prog, "--sequences must be a positive multiple of 4", 2);
+  if (group_size < 2) return Fail(prog, "--group-size must be at least 2 (a group of one has no advantage)", 2);
+  if (sequences < group_size || sequences % group_size != 0)
+    return Fail(prog, "--sequences must be a positive multiple of --group-size (" + std::to_string(group_size) + ")",
+                2);
   if (prompt_len < 1 || seq_len <= prompt_len || steps < 1) return Fail(prog, "need 0 < --prompt-len < --seq-len, --steps >= 1", 2);
   auto backends = MakeLearnerBackends(SplitDeviceList(devices), "--devices");
   if (!backends.ok()) return Fail(prog, backends.status().message(), 2);
@@ -224,17 +229,17 @@ int RunTrain(int argc, char** argv) {
   opt.grpo.beta = beta;
   opt.grpo.lr = 1e-6;
   opt.grpo.micro_batch_tokens = micro > 0 ? micro : sequences * seq_len;
-  opt.grpo.group_size = 4;
+  opt.grpo.group_size = group_size;
   auto trainer = GrpoTrainer::Create(opt, BackendPointers(*backends));
   if (!trainer.ok()) return Fail(prog, trainer.status().message());
   const engine::ModelConfig& config = (*trainer)->model().config();
   std::mt19937_64 rng(1);
   std::normal_distribution<float> lp(-2.0f, 0.5f);
-  std::vector<TrainGroup> groups(sequences / 4);
+  std::vector<TrainGroup> groups(static_cast<size_t>(sequences / group_size));
   for (size_t g = 0; g < groups.size(); ++g) {
     groups[g].id = "bench-" + std::to_string(g);
     const auto prompt = RandomTokens(rng, static_cast<int>(prompt_len), config.vocab_size);
-    for (int i = 0; i < 4; ++i) {
+    for (int64_t i = 0; i < group_size; ++i) {
       TrainSample s;
       s.prompt = prompt;
       s.completion = RandomTokens(rng, static_cast<int>(seq_len - prompt_len), config.vocab_size);
@@ -266,21 +271,25 @@ int RunTrain(int argc, char** argv) {
   const double mfu = flops / median / (peak_tflops * replicas * 1e12);
   std::string where = engine::DescribeBackend((*backends)[0].get());
   if (replicas > 1) where = std::to_string(replicas) + " x " + where + " (data parallel)";
-  std::cout << "aha bench train on " << where << ": " << sequences << " x " << seq_len << " tokens, beta " << beta
+  const double memory_gib = engine::DeviceMemoryGiB((*backends)[0].get());  // < 0: the backend does not say
+  std::cout << "aha bench train on " << where << ": " << sequences << " x " << seq_len << " tokens (prompts of "
+            << prompt_len << ", groups of " << group_size << "), beta " << beta
             << ": median step " << median << " s (forward " << last.forward_s << ", backward " << last.backward_s
             << ", loss on the host " << last.loss_s << ", reduce wait " << last.reduce_s << ", optimizer "
             << last.optimizer_s << ", the rest of the last step "
             << last_s - last.forward_s - last.loss_s - last.backward_s - last.reduce_s - last.optimizer_s << "), "
             << tokens / median
             << " tokens/s, " << flops / median / 1e12 << " TFLOP/s, MFU " << 100 * mfu << "% of " << replicas
-            << " x " << peak_tflops << "; device memory in use " << engine::DeviceMemoryGiB((*backends)[0].get())
-            << " GiB\n";
+            << " x " << peak_tflops;
+  if (memory_gib >= 0) std::cout << "; device memory in use " << memory_gib << " GiB";
+  std::cout << "\n";
   nlohmann::json j = {{"bench", "train"},         {"device", engine::DescribeBackend((*backends)[0].get())},
                       {"devices", replicas},      {"sequences", sequences},
                       {"seq_len", seq_len},       {"seconds", median},
                       {"tokens_per_s", tokens / median}, {"tflops", flops / median / 1e12},
                       {"mfu", mfu},               {"forward_s", last.forward_s},
-                      {"device_memory_gib", engine::DeviceMemoryGiB((*backends)[0].get())},
+                      {"device_memory_gib", memory_gib >= 0 ? nlohmann::json(memory_gib) : nlohmann::json()},
+                      {"prompt_len", prompt_len}, {"group_size", group_size},
                       {"backward_s", last.backward_s}, {"reduce_s", last.reduce_s}, {"loss_s", last.loss_s},
                       {"optimizer_s", last.optimizer_s}};
   std::cout << j.dump() << "\n";

@@ -1,5 +1,5 @@
-// `aha bench gen` on the CPU with a tiny model: its sampling flags reach every prompt and its report,
-// and bad values get a one-line error and exit 2.
+// `aha bench gen` and `aha bench train` on the CPU with a tiny model: their flags reach the run and its
+// report, and bad values get a one-line error and exit 2.
 #include "learner/bench_command.h"
 
 #include <gtest/gtest.h>
@@ -126,6 +126,36 @@ TEST_F(BenchGen, BadSamplingValuesExitTwoWithOneLine) {
     std::string out, err;
     EXPECT_EQ(RunCapture(RunBenchCommand, Gen(bad), &out, &err), 2) << bad[0] << " " << bad[1];
     EXPECT_NE(err.find("--top-p"), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  }
+}
+
+// `aha bench train`: --group-size sets the groups (so a long-sequence step can be one group of 2), the
+// report and the JSON name it and the prompt length, and a bad size or a batch that is not whole groups
+// exits 2 with one line.
+TEST_F(BenchGen, TrainGroupSizeSetsTheGroups) {
+  auto train = [&](std::vector<std::string> extra, std::string* out, std::string* err) {
+    std::vector<std::string> a = {"aha bench", "train", "--model", dir_.string(), "--devices", "cpu",
+                                  "--seq-len",  "12",    "--prompt-len", "4",    "--steps",   "1"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return RunCapture(RunBenchCommand, a, out, err);
+  };
+  std::string out, err;
+  ASSERT_EQ(train({"--sequences", "2", "--group-size", "2"}, &out, &err), 0) << err;
+  const auto j = nlohmann::json::parse(out.substr(out.rfind('{')));
+  EXPECT_EQ(j["sequences"].get<int>(), 2);
+  EXPECT_EQ(j["group_size"].get<int>(), 2);
+  EXPECT_EQ(j["prompt_len"].get<int>(), 4);
+  EXPECT_TRUE(j["device_memory_gib"].is_null()) << out;  // the CPU backend does not report it
+  EXPECT_GT(j["tokens_per_s"].get<double>(), 0.0);
+  EXPECT_NE(out.find("2 x 12 tokens (prompts of 4, groups of 2)"), std::string::npos) << out;
+  EXPECT_EQ(out.find("device memory"), std::string::npos) << out;
+  for (const auto& bad : std::vector<std::vector<std::string>>{{"--sequences", "2"},  // default groups of 4
+                                                               {"--sequences", "6", "--group-size", "4"},
+                                                               {"--sequences", "4", "--group-size", "1"},
+                                                               {"--sequences", "0", "--group-size", "2"}}) {
+    EXPECT_EQ(train(bad, &out, &err), 2) << bad[1];
+    EXPECT_NE(err.find("--group-size"), std::string::npos) << err;
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
   }
 }
