@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *s33* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *s33* || $what == *s34* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -371,6 +371,11 @@ attention_suite() {  # attention_suite TAG: the training attention's tests and i
 }
 init_model() {  # init_model DIR AHA_INIT_ARGS...: a random model, made once
   [ -d "$1" ] || dist/bin/aha init "${@:2}" --out "$1" > /dev/null
+}
+vocab_model() {  # vocab_model V: the bench's model with a vocabulary of V, made once as /tmp/aha-0.5b-vV
+  python3 -c "import json; c = json.load(open('$model/config.json')); c['vocab_size'] = $1; \
+json.dump(c, open('/tmp/v$1.json', 'w'))"
+  init_model /tmp/aha-0.5b-v$1 --config /tmp/v$1.json
 }
 gen_pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'  # variant_runs' pattern for gen
 train_pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'  # and for train
@@ -1279,11 +1284,7 @@ if [[ " $what " == *" s33a "* ]]; then
     echo "$name exit $?: $(grep -E '^\[  (PASSED|FAILED)|^\[  SKIPPED' "$out/s33a_$name.log" | tr '\n' ' ')"
     grep -E "^\[  FAILED|Failure" "$out/s33a_$name.log" | head -6
   done
-  for v in 151669 50257 50304; do
-    python3 -c "import json; c = json.load(open('$model/config.json')); c['vocab_size'] = $v; \
-json.dump(c, open('/tmp/v$v.json', 'w'))"
-    init_model /tmp/aha-0.5b-v$v --config /tmp/v$v.json
-  done
+  for v in 151669 50257 50304; do vocab_model $v; done
   for rep in 1 2; do
     for m in $model /tmp/aha-0.5b-v151669 /tmp/aha-0.5b-v50304 /tmp/aha-0.5b-v50257; do
       f="$out/s33a_gen_$(basename $m)_$rep.log"
@@ -1335,6 +1336,43 @@ if [[ " $what " == *" s33c "* ]]; then
   AHA_PROFILE=1 timeout 100 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 \
     > "$out/s33c_profile_8192.txt" 2>&1
   head -14 "$out/s33c_profile_8192.txt"
+fi
+if [[ " $what " == *" s34a "* ]]; then
+  # Session 34: the lm-head's vocabulary chunks each a multiple of 8 columns (151,669 = 18 x 8,192 +
+  # 4,208 + 5): the conformance test, then the learner step at 151,669 beside 151,936, interleaved, three
+  # rounds.
+  t=dist/bin/engine_cuda_conformance_test
+  timeout 400 $t --gtest_color=no > "$out/s34a_conformance.log" 2>&1
+  echo "conformance exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/s34a_conformance.log" | tr '\n' ' ')"
+  grep -E "^\[  FAILED|Failure" "$out/s34a_conformance.log" | head -6
+  vocab_model 151669
+  for rep in 1 2 3; do
+    for m in $model /tmp/aha-0.5b-v151669; do
+      f="$out/s34a_train_$(basename $m)_$rep.log"
+      timeout 200 dist/bin/aha bench train --model $m --steps 5 > "$f" 2>&1
+      echo "train $(basename $m) $rep: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+    done
+  done
+fi
+if [[ " $what " == *" s34b "* ]]; then
+  # Session 34: one group of 2 at 2 x 8,192 (`--group-size 2`) twice around the compiled peer; then
+  # Qwen3-0.6B's per-op profile at 4 x 8,192, which s33c's call ran out of time for.
+  for run in 1 2; do
+    f="$out/s34b_train_2x8192_$run.log"
+    timeout 200 dist/bin/aha bench train --model $model --sequences 2 --group-size 2 --seq-len 8192 \
+      --prompt-len 1024 > "$f" 2>&1
+    echo "aha train 2 x 8192 run $run: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+    if [ $run = 1 ]; then
+      f="$out/s34b_peer_2x8192.log"
+      timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model --sequences 2 \
+        --seq-len 8192 --prompt-len 1024 > "$f" 2>&1
+      echo "peer compile 2 x 8192: $(tail -n 1 "$f")"
+    fi
+  done
+  init_model $q3 --arch qwen3 --preset 0.6b
+  AHA_PROFILE=1 timeout 150 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 \
+    > "$out/s34b_profile_q3_8192.txt" 2>&1
+  head -16 "$out/s34b_profile_q3_8192.txt"
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

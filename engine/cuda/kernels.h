@@ -249,7 +249,8 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
                             const uint16_t* dout16 = nullptr, const uint16_t* q16 = nullptr);
 
 // ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------
-// See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of LmHeadChunk() columns; logits of
+// See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of up to LmHeadChunk() columns (each a
+// multiple of 8 but a last one of under 8: lmhead.cu's ChunkAt); logits of
 // a chunk come from gemm.NT into `workspace` (at least LmHeadWorkspace(N, V) bytes) and never exist
 // for the whole vocabulary at once, unless `logits` is given (Backend::LmHeadForwardKeep): then the
 // forward writes chunk c's logits at logits + N * v0 (chunk after chunk, N * V floats in all) and
