@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [s34c] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1373,6 +1373,16 @@ if [[ " $what " == *" s34b "* ]]; then
   AHA_PROFILE=1 timeout 150 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 \
     > "$out/s34b_profile_q3_8192.txt" 2>&1
   head -16 "$out/s34b_profile_q3_8192.txt"
+fi
+if [[ " $what " == *" s34c "* ]]; then
+  # Session 34: the training attention backward's variants (its A/B switches) at 4 x 8,192, where the
+  # attention is 41-62% of the step: Qwen3-0.6B's heads of 128 and the bench's heads of 64, two rounds.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  variant_runs s34c_q3 2 "$train_pat" default AHA_ATTENTION_BWD_STAGES=2 AHA_ATTENTION_BWD_PIPE=0 \
+    AHA_ATTENTION_BWD_HALVES=0 -- timeout 200 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 \
+    --prompt-len 1024 --steps 3
+  variant_runs s34c_05b 2 "$train_pat" default AHA_ATTENTION_BWD_SS=0 -- timeout 200 dist/bin/aha bench train \
+    --model $model --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1
