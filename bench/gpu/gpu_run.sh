@@ -379,6 +379,10 @@ json.dump(c, open('/tmp/v$1.json', 'w'))"
 }
 gen_pat='new tokens: [0-9.]+ s, [0-9.]+ new tokens/s|decode [0-9.]+ ms per step'  # variant_runs' pattern for gen
 train_pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tokens/s|MFU [0-9.]+%'  # and for train
+train_run() {  # train_run TAG AHA_BENCH_TRAIN_ARGS...: one `aha bench train` into $out/TAG.log, its figures printed
+  timeout 200 dist/bin/aha bench train "${@:2}" > "$out/$1.log" 2>&1
+  echo "$1: $(grep -oE "$train_pat" "$out/$1.log" | tr '\n' ' ')"
+}
 peer_gen() {  # peer_gen [REPEATS]: HF generate after its warm-up run, the best of REPEATS runs (default 3)
   local r=${1:-3}
   timeout $((60 + 90 * (r + 1))) python3 bench/gpu/peer_pytorch.py gen --model $model --repeats "$r" \
@@ -1290,9 +1294,7 @@ if [[ " $what " == *" s33a "* ]]; then
       f="$out/s33a_gen_$(basename $m)_$rep.log"
       timeout 120 dist/bin/aha bench gen --model $m > "$f" 2>&1
       echo "gen $(basename $m) $rep: $(grep -oE "$gen_pat" "$f" | tr '\n' ' ')"
-      f="$out/s33a_train_$(basename $m)_$rep.log"
-      timeout 200 dist/bin/aha bench train --model $m --steps 3 > "$f" 2>&1
-      echo "train $(basename $m) $rep: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+      train_run s33a_train_$(basename $m)_$rep --model $m --steps 3
     done
   done
 fi
@@ -1347,21 +1349,14 @@ if [[ " $what " == *" s34a "* ]]; then
   grep -E "^\[  FAILED|Failure" "$out/s34a_conformance.log" | head -6
   vocab_model 151669
   for rep in 1 2 3; do
-    for m in $model /tmp/aha-0.5b-v151669; do
-      f="$out/s34a_train_$(basename $m)_$rep.log"
-      timeout 200 dist/bin/aha bench train --model $m --steps 5 > "$f" 2>&1
-      echo "train $(basename $m) $rep: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
-    done
+    for m in $model /tmp/aha-0.5b-v151669; do train_run s34a_train_$(basename $m)_$rep --model $m --steps 5; done
   done
 fi
 if [[ " $what " == *" s34b "* ]]; then
   # Session 34: one group of 2 at 2 x 8,192 (`--group-size 2`) twice around the compiled peer; then
   # Qwen3-0.6B's per-op profile at 4 x 8,192, which s33c's call ran out of time for.
   for run in 1 2; do
-    f="$out/s34b_train_2x8192_$run.log"
-    timeout 200 dist/bin/aha bench train --model $model --sequences 2 --group-size 2 --seq-len 8192 \
-      --prompt-len 1024 > "$f" 2>&1
-    echo "aha train 2 x 8192 run $run: $(grep -oE "$train_pat" "$f" | tr '\n' ' ')"
+    train_run s34b_train_2x8192_$run --model $model --sequences 2 --group-size 2 --seq-len 8192 --prompt-len 1024
     if [ $run = 1 ]; then
       f="$out/s34b_peer_2x8192.log"
       timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model --sequences 2 \
