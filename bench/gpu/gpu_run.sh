@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [s34c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [s34c] [s35a] [s35b] [s35c] [s35d] [s35e] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *s33* || $what == *s34* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *s33* || $what == *s34* || $what == *s35* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -382,6 +382,25 @@ train_pat='median step [0-9.]+ s \(forward [0-9.]+, backward [0-9.]+|[0-9.]+ tok
 train_run() {  # train_run TAG AHA_BENCH_TRAIN_ARGS...: one `aha bench train` into $out/TAG.log, its figures printed
   timeout 200 dist/bin/aha bench train "${@:2}" > "$out/$1.log" 2>&1
   echo "$1: $(grep -oE "$train_pat" "$out/$1.log" | tr '\n' ' ')"
+}
+fwd_stage_tests() {  # fwd_stage_tests TAG FILTER: the attention tests and the forward's ways timed, then
+  # the conformance test's FILTER (gtest), each into $out/TAG_*.log with a summary printed
+  timeout 300 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_color=no \
+    --gtest_filter='AttentionTc.*:AttentionTcTiming.DISABLED_WgmmaForwardStages' > "$out/$1_attn.log" 2>&1
+  echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/$1_attn.log" | tr '\n' ' ')"
+  grep -E "Failure|Expected|largest error|FAILED  \]" "$out/$1_attn.log" | head -12
+  grep -E "^shape|x1024 H|x8192 H" "$out/$1_attn.log"
+  timeout 400 dist/bin/engine_cuda_conformance_test --gtest_color=no --gtest_filter="$2" \
+    > "$out/$1_conformance.log" 2>&1
+  echo "conformance exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/$1_conformance.log" | tr '\n' ' ')"
+  grep -E "^\[  FAILED|Failure" "$out/$1_conformance.log" | head -6
+}
+around_peer() {  # around_peer TAG MODEL "SHAPE ARGS" [AHA ARGS...]: `aha bench train` twice around the compiled
+  # peer's step on the same shape (--sequences, --seq-len, --prompt-len), logs $out/TAG_{1,2,peer}.log
+  train_run "$1_1" --model "$2" $3 "${@:4}"
+  timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model "$2" $3 > "$out/$1_peer.log" 2>&1
+  echo "peer compile $3: $(tail -n 1 "$out/$1_peer.log")"
+  train_run "$1_2" --model "$2" $3 "${@:4}"
 }
 peer_gen() {  # peer_gen [REPEATS]: HF generate after its warm-up run, the best of REPEATS runs (default 3)
   local r=${1:-3}
@@ -1355,15 +1374,7 @@ fi
 if [[ " $what " == *" s34b "* ]]; then
   # Session 34: one group of 2 at 2 x 8,192 (`--group-size 2`) twice around the compiled peer; then
   # Qwen3-0.6B's per-op profile at 4 x 8,192, which s33c's call ran out of time for.
-  for run in 1 2; do
-    train_run s34b_train_2x8192_$run --model $model --sequences 2 --group-size 2 --seq-len 8192 --prompt-len 1024
-    if [ $run = 1 ]; then
-      f="$out/s34b_peer_2x8192.log"
-      timeout 400 python3 bench/gpu/peer_pytorch.py train --modes compile --model $model --sequences 2 \
-        --seq-len 8192 --prompt-len 1024 > "$f" 2>&1
-      echo "peer compile 2 x 8192: $(tail -n 1 "$f")"
-    fi
-  done
+  around_peer s34b_2x8192 $model "--sequences 2 --seq-len 8192 --prompt-len 1024" --group-size 2
   init_model $q3 --arch qwen3 --preset 0.6b
   AHA_PROFILE=1 timeout 150 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 \
     > "$out/s34b_profile_q3_8192.txt" 2>&1
@@ -1378,6 +1389,49 @@ if [[ " $what " == *" s34c "* ]]; then
     --prompt-len 1024 --steps 3
   variant_runs s34c_05b 2 "$train_pat" default AHA_ATTENTION_BWD_SS=0 -- timeout 200 dist/bin/aha bench train \
     --model $model --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
+fi
+if [[ " $what " == *" s35a "* ]]; then
+  # Session 35: the training forward's tiles copied by a warp of its own (the tensor memory accelerator,
+  # 2 .. 4 stages) against the cp.async kernel (stages 0): the attention tests (each way bit for bit
+  # the mma.sync kernel), the four ways timed alone, the model tests with the new default.
+  fwd_stage_tests s35a 'CudaModel.*:CudaOps.*Attention*'
+fi
+if [[ " $what " == *" s35b "* ]]; then
+  # Session 35: the learner step with the forward's copying warp (default) against the cp.async kernel
+  # (AHA_ATTENTION_FWD_STAGES=0), interleaved: the bench (16 x 1,024, heads of 64) twice, Qwen3-0.6B at
+  # 16 x 1,024 and 4 x 8,192 (heads of 128) twice.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  variant_runs s35b_05b 2 "$train_pat" default AHA_ATTENTION_FWD_STAGES=0 -- timeout 120 dist/bin/aha bench train \
+    --model $model --steps 5
+  variant_runs s35b_q3 2 "$train_pat" default AHA_ATTENTION_FWD_STAGES=0 -- timeout 120 dist/bin/aha bench train \
+    --model $q3 --steps 5
+  variant_runs s35b_q3_8192 2 "$train_pat" default AHA_ATTENTION_FWD_STAGES=0 -- timeout 200 dist/bin/aha bench \
+    train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
+fi
+if [[ " $what " == *" s35c "* ]]; then
+  # Session 35: the D = 128 forward's warpgroups taking turns (AHA_ATTENTION_FWD_PINGPONG; default on, 2
+  # stages) against each when it is ready and against the cp.async kernel: the attention tests and
+  # timings, the model tests, Qwen3-0.6B's learner step at 4 x 8,192 and 16 x 1,024, interleaved twice.
+  # (The turns were in that call's build only: slower, not kept.)
+  fwd_stage_tests s35c 'CudaModel.*:CudaOps.*Attention*'
+  init_model $q3 --arch qwen3 --preset 0.6b
+  variant_runs s35c_q3_8192 2 "$train_pat" default AHA_ATTENTION_FWD_PINGPONG=0 AHA_ATTENTION_FWD_STAGES=0 -- \
+    timeout 200 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
+  variant_runs s35c_q3 2 "$train_pat" default AHA_ATTENTION_FWD_PINGPONG=0 AHA_ATTENTION_FWD_STAGES=0 -- \
+    timeout 120 dist/bin/aha bench train --model $q3 --steps 5
+fi
+if [[ " $what " == *" s35d "* ]]; then
+  # Session 35's final build: the whole conformance test and the attention tests with their timings.
+  fwd_stage_tests s35d '*'
+fi
+if [[ " $what " == *" s35e "* ]]; then
+  # Session 35's final build: Qwen3-0.6B's learner step at 4 x 8,192 around the compiled peer; the
+  # bench's model at 4 x 8,192 (heads of 64: the copying warp by the rule) against
+  # AHA_ATTENTION_FWD_STAGES=0, interleaved twice.
+  init_model $q3 --arch qwen3 --preset 0.6b
+  around_peer s35e_q3_8192 $q3 "--sequences 4 --seq-len 8192 --prompt-len 1024" --steps 3
+  variant_runs s35e_05b_8192 2 "$train_pat" default AHA_ATTENTION_FWD_STAGES=0 -- timeout 200 dist/bin/aha bench \
+    train --model $model --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

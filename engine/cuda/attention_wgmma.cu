@@ -93,6 +93,64 @@ __device__ __forceinline__ void CopiesLanded() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// The start of a warp's online softmax over its two rows: O = 0, maxima -inf, sums 0.
+template <int DN>
+__device__ __forceinline__ void FwdStart(float (&o)[DN][4], float& mA, float& mB, float& lA, float& lB) {
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[dn][c] = 0.0f;
+  }
+  mA = mB = -INFINITY;
+  lA = lB = 0.0f;
+}
+
+// One 64-key tile of a warpgroup's 64 rows (the forward kernels below): S = Q K^T from the K halves
+// at kb (qa: the warp's Q fragments), the causal mask when kMasked (ss: the sequence starts of the
+// warp's rows, ss[0] of rowA and ss[8] of rowB), the online softmax step, O += P V from the V halves
+// after K's. Compiled once with the mask and once without. Not one body with the mask in a branch:
+// that version gave wrong rows on the H200 even when every warp took the branch (a conditional
+// block between the S product's wait and the P V product's fence; the same with the branch
+// warpgroup-uniform or followed by __syncwarp). Both products are waited for: kb's tiles may be
+// written over once every warp of the warpgroup has returned.
+#ifdef AHA_WGMMA
+template <int D, bool kMasked>
+__device__ __forceinline__ void FwdTile(float (&o)[D / 8][4], float& mA, float& mB, float& lA, float& lB,
+                                        const uint32_t (&qa)[D / 16][4], uint32_t kb, int kt, const int* ss,
+                                        int rowA, int rowB, int t) {
+  constexpr int KK = D / 16, NH = D / 64, KP = kWgKeys / 16, T = kWgTileBytes;
+  const uint32_t vb = kb + NH * T;
+  float s[kWgKeys / 8][4];
+  WgmmaFence();
+  WgmmaRs64x64First(s, qa[0], SwizzledDesc(kb));
+#pragma unroll
+  for (int kk = 1; kk < KK; ++kk) WgmmaRs64x64<0>(s, qa[kk], SwizzledDesc(kb + (kk >> 2) * T + (kk & 3) * 32), 1);
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceAccumulators(s);
+  if constexpr (kMasked) MaskScores(s, kt, ss[0], ss[8], rowA, rowB, t);
+  OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
+
+  uint32_t pa[KP][4];
+#pragma unroll
+  for (int kk = 0; kk < KP; ++kk) PackPFrag(pa[kk], s[2 * kk], s[2 * kk + 1]);
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < KP; ++kk) {
+    if constexpr (NH == 1) {
+      WgmmaRs64x64<1>(o, pa[kk], SwizzledDescMN(vb + kk * 2048, T), 1);
+    } else {
+      WgmmaRs64x64Half<1, 0>(o, pa[kk], SwizzledDescMN(vb + kk * 2048, T), 1);
+      WgmmaRs64x64Half<1, 1>(o, pa[kk], SwizzledDescMN(vb + T + kk * 2048, T), 1);
+    }
+  }
+  WgmmaCommit();
+  WgmmaWait<0>();
+  FenceAccumulators(o);
+  KeepLive(pa);  // read by the products in flight until the wait
+}
+#endif
+
 // D = 128 (Qwen3, Qwen2.5-1.5B and up): K and V tiles in two 64-wide halves each, S over the 8 k-steps
 // of both, P V as two m64n64 products into the halves of O; one block a multiprocessor (q's 32 A
 // fragments and O's 64 accumulators a thread).
@@ -103,8 +161,7 @@ __global__ void __launch_bounds__(kWgThreads, D == 64 ? 2 : 1)
                        const uint16_t* __restrict__ v, const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv,
                        float qscale) {
 #ifdef AHA_WGMMA
-  constexpr int KK = D / 16, DN = D / 8, NH = D / 64, KP = kWgKeys / 16, T = kWgTileBytes;
-  constexpr int kBuf = 2 * NH * T;  // one buffer: K's halves, then V's
+  constexpr int DN = D / 8, kBuf = 2 * (D / 64) * kWgTileBytes;  // one buffer: K's halves, then V's
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = AlignSmem1024(smem_raw);
   const uint32_t base = SmemAddr(smem);
@@ -123,7 +180,7 @@ __global__ void __launch_bounds__(kWgThreads, D == 64 ? 2 : 1)
 
   const int wr0 = r0 + warp * 16;
   const int rowA = wr0 + g, rowB = rowA + 8;
-  uint32_t qa[KK][4];
+  uint32_t qa[D / 16][4];
   ForwardPrologue<D>(row_ss, qa, q, cu, S, N, Hq, h, r0, kWgRows, tid, rowA, rowB, t, qscale, q16s);
   __syncthreads();  // row_ss
 
@@ -136,67 +193,130 @@ __global__ void __launch_bounds__(kWgThreads, D == 64 ? 2 : 1)
   CopiesLanded();
   __syncthreads();
 
-  float o[DN][4];
-#pragma unroll
-  for (int dn = 0; dn < DN; ++dn) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) o[dn][c] = 0.0f;
-  }
-  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
+  float o[DN][4], mA, mB, lA, lB;
+  FwdStart(o, mA, mB, lA, lB);
 
   int buf = 0;
   for (int kt = k_begin; kt <= r_last; kt += kWgKeys, buf ^= 1) {
     const bool has_next = kt + kWgKeys <= r_last;
     if (has_next) issue(kt + kWgKeys, buf ^ 1);  // the other buffer: read by nobody since the last barrier
-    const uint32_t kb = base + buf * kBuf, vb = kb + NH * T;
+    const uint32_t kb = base + buf * kBuf;
 
-    // The warpgroup's products and softmax step on this tile, compiled once with the mask and once
-    // without. Not one body with the mask in a branch: that version gave wrong rows on the H200 even
-    // when every warp took the branch (a conditional block between the S product's wait and the P V
-    // product's fence; the same with the branch warpgroup-uniform or followed by __syncwarp).
-    auto tile = [&](auto masked) {
-      float s[kWgKeys / 8][4];
-      WgmmaFence();
-      WgmmaRs64x64First(s, qa[0], SwizzledDesc(kb));
-#pragma unroll
-      for (int kk = 1; kk < KK; ++kk) WgmmaRs64x64<0>(s, qa[kk], SwizzledDesc(kb + (kk >> 2) * T + (kk & 3) * 32), 1);
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceAccumulators(s);
-      if constexpr (decltype(masked)::value) {
-        MaskScores(s, kt, row_ss[warp * 16 + g], row_ss[warp * 16 + g + 8], rowA, rowB, t);
-      }
-      OnlineSoftmaxStep(s, o, mA, mB, lA, lB);
-
-      uint32_t pa[KP][4];
-#pragma unroll
-      for (int kk = 0; kk < KP; ++kk) PackPFrag(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < KP; ++kk) {
-        if constexpr (NH == 1) {
-          WgmmaRs64x64<1>(o, pa[kk], SwizzledDescMN(vb + kk * 2048, T), 1);
-        } else {
-          WgmmaRs64x64Half<1, 0>(o, pa[kk], SwizzledDescMN(vb + kk * 2048, T), 1);
-          WgmmaRs64x64Half<1, 1>(o, pa[kk], SwizzledDescMN(vb + T + kk * 2048, T), 1);
-        }
-      }
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceAccumulators(o);
-      KeepLive(pa);  // read by the products in flight until the wait
-    };
     // Warpgroup-uniform: skip a tile none of the 64 rows sees; no mask on a tile all of them see
     // whole (row_ss is INT_MAX past N, so a warpgroup with such rows takes the mask).
     if (kt <= g_last && kt + kWgKeys - 1 >= g_ss0) {
-      if (kt >= row_ss[64 * wg + 63] && kt + kWgKeys - 1 <= r0 + 64 * wg) tile(std::false_type{});
-      else tile(std::true_type{});
+      if (kt >= row_ss[64 * wg + 63] && kt + kWgKeys - 1 <= r0 + 64 * wg) {
+        FwdTile<D, false>(o, mA, mB, lA, lB, qa, kb, kt, row_ss + warp * 16 + g, rowA, rowB, t);
+      } else {
+        FwdTile<D, true>(o, mA, mB, lA, lB, qa, kb, kt, row_ss + warp * 16 + g, rowA, rowB, t);
+      }
     }
 
     if (has_next) CopiesLanded();
     __syncthreads();  // the next tile is in; both warpgroups are done with this one
   }
 
+  StoreForwardRows<D>(out, out16, lse, o, mA, mB, lA, lB, rowA, rowB, N, Hq, h, t);
+#else
+  __trap();  // built without sm_90a: AttentionForwardWgmmaSupported() said no
+#endif
+}
+
+// The same forward with the copies taken off the warpgroups (kernels.md, version 47): one more
+// warp's one thread copies each 64-key tile's K and V halves with the tensor memory accelerator into
+// kStages buffers, each with a full barrier (the bytes) and an empty one (one arrival a warpgroup once
+// its products on the tile are done). The warpgroups no longer meet at a block barrier every tile, so
+// one's softmax may run while another's products do. kWgs warpgroups of 64 rows a block, one block a
+// multiprocessor: 2 at D = 128 (as AttnFwdWgmmaKernel), 3 at D = 64 (AttnFwdWgmmaKernel runs two
+// blocks of 2; ptxas counts whole warpgroups, so 4 and the copying warp would get 96 registers a
+// thread and spill, 3 and the warp get 128; each tile is copied once for 192 rows). The same tiles
+// in the same order through the same FwdTile: the result is AttnFwdWgmmaKernel's bit for bit.
+template <int D>
+constexpr int WgFwdTmaWgs() {
+  return D == 64 ? 3 : 2;
+}
+template <int D>
+constexpr int WgFwdTmaThreads() {
+  return 128 * WgFwdTmaWgs<D>() + 32;
+}
+template <int D, int kStages>
+constexpr int WgFwdTmaSmem() {
+  return kStages * 2 * (D / 64) * kWgTileBytes + 64 * WgFwdTmaWgs<D>() * sizeof(int) + 2 * kStages * 8 + 1024;
+}
+template <int D, int kStages>
+__global__ void __launch_bounds__(WgFwdTmaThreads<D>(), 1)
+    AttnFwdWgmmaTmaKernel(float* __restrict__ out, uint16_t* __restrict__ out16, float* __restrict__ lse,
+                          const float* __restrict__ q, const uint16_t* __restrict__ q16s,
+                          const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float qscale,
+                          const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
+#ifdef AHA_WGMMA
+  constexpr int kWgs = WgFwdTmaWgs<D>(), kRows = 64 * kWgs, kCopier = 128 * kWgs;
+  constexpr int NH = D / 64, DN = D / 8, T = kWgTileBytes, kBuf = 2 * NH * T;  // a buffer: K's halves, V's
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = AlignSmem1024(smem_raw);
+  const uint32_t base = SmemAddr(smem);
+  int* row_ss = reinterpret_cast<int*>(smem + kStages * kBuf);  // INT_MAX past N
+  const uint32_t bars = base + kStages * kBuf + kRows * sizeof(int);
+  auto full = [&](int b) { return bars + 8u * b; };
+  auto empty = [&](int b) { return bars + 8u * (kStages + b); };
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2;  // kWgs: the copying warp
+  const int h = blockIdx.x, kvh = h / (Hq / Hkv);
+  const int r0 = (gridDim.y - 1 - blockIdx.y) * kRows;
+  const int r_last = min(r0 + kRows, N) - 1;
+  if (tid == kCopier) {
+    for (int b = 0; b < kStages; ++b) {
+      MbarInit(full(b), 1);
+      MbarInit(empty(b), kWgs);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
+  }
+  const int rowA = r0 + warp * 16 + g, rowB = rowA + 8;
+  uint32_t qa[D / 16][4];
+  if (wg < kWgs) ForwardPrologue<D>(row_ss, qa, q, cu, S, N, Hq, h, r0, kRows, tid, rowA, rowB, t, qscale, q16s);
+  __syncthreads();  // row_ss, the barriers
+  const int k_begin = (row_ss[0] / kWgKeys) * kWgKeys;  // row r0 < N, so row_ss[0] is a real start
+  const int tiles = (r_last - k_begin) / kWgKeys + 1;
+
+  if (wg == kWgs) {
+    if (lane == 0) {
+      for (int i = 0; i < tiles; ++i) {
+        const int b = i % kStages, kt = k_begin + i * kWgKeys;
+        if (i >= kStages) MbarWait(empty(b), ((i / kStages) - 1) & 1);
+        MbarExpectBytes(full(b), kBuf);
+        const uint32_t kb = base + b * kBuf;
+#pragma unroll
+        for (int hv = 0; hv < NH; ++hv) {
+          TmaLoad(kb + hv * T, &map_k, kvh * D + hv * 64, kt, full(b));
+          TmaLoad(kb + (NH + hv) * T, &map_v, kvh * D + hv * 64, kt, full(b));
+        }
+      }
+    }
+    return;
+  }
+
+  // The warpgroup's rows r0 + 64 wg .. + 63: the smallest start among them (INT_MAX: none) and the last.
+  const int g_ss0 = row_ss[64 * wg];
+  const int g_last = min(r0 + 64 * wg + 63, N - 1);
+  float o[DN][4], mA, mB, lA, lB;
+  FwdStart(o, mA, mB, lA, lB);
+  for (int i = 0; i < tiles; ++i) {
+    const int b = i % kStages, kt = k_begin + i * kWgKeys;
+    // Every tile is waited for, a skipped one too: a warpgroup that released a tile unseen could
+    // otherwise wait on a later fill of its buffer while the barrier still stands at this one, in the
+    // phase of the same parity. Warpgroup-uniform, as in AttnFwdWgmmaKernel: skip a tile none of the
+    // 64 rows sees, no mask on a tile all of them see whole.
+    MbarWait(full(b), (i / kStages) & 1);
+    if (kt <= g_last && kt + kWgKeys - 1 >= g_ss0) {
+      const uint32_t kb = base + b * kBuf;
+      if (kt >= row_ss[64 * wg + 63] && kt + kWgKeys - 1 <= r0 + 64 * wg) {
+        FwdTile<D, false>(o, mA, mB, lA, lB, qa, kb, kt, row_ss + warp * 16 + g, rowA, rowB, t);
+      } else {
+        FwdTile<D, true>(o, mA, mB, lA, lB, qa, kb, kt, row_ss + warp * 16 + g, rowA, rowB, t);
+      }
+    }
+    if ((tid & 127) == 0) MbarArrive(empty(b));
+  }
   StoreForwardRows<D>(out, out16, lse, o, mA, mB, lA, lB, rowA, rowB, N, Hq, h, t);
 #else
   __trap();  // built without sm_90a: AttentionForwardWgmmaSupported() said no
@@ -1125,23 +1245,65 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 
+// The forward's copy stages: `stages` when it is 0 (AttnFwdWgmmaKernel: every thread copies with
+// cp.async, two buffers) or 2 .. 4 (AttnFwdWgmmaTmaKernel), else AHA_ATTENTION_FWD_STAGES when it says
+// 0 .. 4 (the A/B switch), else 2 at D = 128; at D = 64 2 when the S sequences of the N rows average at
+// least 8,192, else 0. Measured on the H200 (kernels.md, version 47), ms a call of stages 0 / 2 / 3 /
+// 4: at 16 / 8 heads of 128, 16 x 1,024 tokens 0.282 / 0.236 / 0.238 / 0.234 and 4 x 8,192 2.893 /
+// 2.189 / 2.448 / 2.337; at 14 / 2 heads of 64 (three warpgroups a block against two blocks of two)
+// 0.128 / 0.135 / 0.136 / 0.134 and 1.218 / 1.145 / 1.164 / 1.155.
+int WgFwdStages(int stages, int D, int N, int S) {
+  static const int from_env = [] {
+    const char* e = std::getenv("AHA_ATTENTION_FWD_STAGES");
+    const int n = e != nullptr && e[0] != '\0' ? std::atoi(e) : -1;
+    return n == 0 || (n >= 2 && n <= 4) ? n : -1;
+  }();
+  if (stages == 0 || (stages >= 2 && stages <= 4)) return stages;
+  if (from_env >= 0) return from_env;
+  if (TensorMapEncoder() == nullptr) return 0;
+  return D == 128 || static_cast<long long>(N) >= 8192LL * S ? 2 : 0;
+}
+
+template <int D>
+void LaunchForwardWgmma(float* out, uint16_t* out16, float* lse, const float* q, const uint16_t* q16s,
+                        const uint16_t* k16, const uint16_t* v16, const int32_t* cu, int S, int N, int Hq, int Hkv,
+                        int stages, cudaStream_t s) {
+  const float qscale = AttentionQScale(D);
+  if (stages == 0) {
+    const dim3 grid(Hq, GridRows(N, kWgRows));
+    AllowSmem(AttnFwdWgmmaKernel<D>, WgFwdSmem<D>());
+    AttnFwdWgmmaKernel<D><<<grid, kWgThreads, WgFwdSmem<D>(), s>>>(out, out16, lse, q, q16s, k16, v16, cu, S, N, Hq,
+                                                                   Hkv, qscale);
+    CheckCuda(cudaGetLastError(), "AttnFwdWgmmaKernel launch");
+    return;
+  }
+  const CUtensorMap map_k = SwizzledRowsMap(k16, N, Hkv * D, kWgKeys, "AttentionForwardWgmma k"),
+                    map_v = SwizzledRowsMap(v16, N, Hkv * D, kWgKeys, "AttentionForwardWgmma v");
+  const dim3 grid(Hq, GridRows(N, 64 * WgFwdTmaWgs<D>()));
+  auto launch = [&](auto kernel, int smem) {
+    AllowSmem(kernel, smem);
+    kernel<<<grid, WgFwdTmaThreads<D>(), smem, s>>>(out, out16, lse, q, q16s, cu, S, N, Hq, Hkv, qscale, map_k,
+                                                    map_v);
+  };
+  if (stages == 2) launch(AttnFwdWgmmaTmaKernel<D, 2>, WgFwdTmaSmem<D, 2>());
+  else if (stages == 3) launch(AttnFwdWgmmaTmaKernel<D, 3>, WgFwdTmaSmem<D, 3>());
+  else launch(AttnFwdWgmmaTmaKernel<D, 4>, WgFwdTmaSmem<D, 4>());
+  CheckCuda(cudaGetLastError(), "AttnFwdWgmmaTmaKernel launch");
+}
+
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
-                           uint16_t* out_bf16, const uint16_t* q_scaled16) {
+                           uint16_t* out_bf16, const uint16_t* q_scaled16, int stages) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionForwardWgmma: S must be positive when N > 0; S", S);
   if (D != 64 && D != 128) Fail("AttentionForwardWgmma: head width 64 or 128, not", D);
   CheckHeads(Hq, Hkv);
-  const dim3 grid(Hq, GridRows(N, kWgRows));
+  const int ns = WgFwdStages(stages, D, N, S);
   if (D == 64) {
-    AttnFwdWgmmaKernel<64><<<grid, kWgThreads, WgFwdSmem<64>(), s>>>(out, out_bf16, lse, q, q_scaled16, k16, v16,
-                                                                    cu_seqlens, S, N, Hq, Hkv, AttentionQScale(64));
+    LaunchForwardWgmma<64>(out, out_bf16, lse, q, q_scaled16, k16, v16, cu_seqlens, S, N, Hq, Hkv, ns, s);
   } else {
-    AllowSmem(AttnFwdWgmmaKernel<128>, WgFwdSmem<128>());
-    AttnFwdWgmmaKernel<128><<<grid, kWgThreads, WgFwdSmem<128>(), s>>>(
-        out, out_bf16, lse, q, q_scaled16, k16, v16, cu_seqlens, S, N, Hq, Hkv, AttentionQScale(128));
+    LaunchForwardWgmma<128>(out, out_bf16, lse, q, q_scaled16, k16, v16, cu_seqlens, S, N, Hq, Hkv, ns, s);
   }
-  CheckCuda(cudaGetLastError(), "AttnFwdWgmmaKernel launch");
 }
 
 }  // namespace aha::engine::cuda

@@ -416,53 +416,105 @@ TEST(CachedAttentionTiming, DISABLED_DecodeShape) {
 
 // The wgmma forward (attention_wgmma.cu) against the mma.sync kernel on the same bf16-rounded k/v,
 // at head widths 64 and 128, one head, single sequences of 16 .. 256 rows (one to four key tiles a
-// warpgroup; the second warpgroup of a block sees tiles whole, in part, or not at all). With q = 0 every score is 0, so
+// warpgroup; the second warpgroup of a block sees tiles whole, in part, or not at all) and 700 rows
+// of packed ones, with each way of copying the tiles (cp.async; the copying warp's 2 .. 4 stages,
+// whose warpgroups skip and release tiles on their own). With q = 0 every score is 0, so
 // out is the mean of the visible v rows: P V and the accumulation across tiles alone; with random q
 // the lse depends on S = Q K^T alone. The two must agree bit for bit; on a mismatch the largest
 // error per 16-row group is printed (a wrong layout shows as whole groups, a wrong mask as one row).
 TEST(AttentionTc, WgmmaForwardMatchesMmaSync) {
   REQUIRE_GPU();
   if (!cuda::AttentionForwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma forward needs an sm_90 device";
-  for (int N : {16, 64, 65, 128, 192, 256}) {
+  for (int N : {16, 64, 65, 128, 192, 256, 700}) {
     for (auto [zero_q, D] : {std::pair{true, 64}, std::pair{false, 64}, std::pair{true, 128}, std::pair{false, 128}}) {
       if (!cuda::AttentionForwardWgmmaSupported(D)) continue;  // AHA_ATTENTION_WGMMA=64
+      // One sequence, or at N = 700 packed ones: an empty one, sequences inside one 128-row block and
+      // across blocks, starts off the 64-key tiles.
+      const std::vector<int32_t> cu = N == 700 ? std::vector<int32_t>{0, 37, 37, 100, 130, 333, 600, 700}
+                                               : std::vector<int32_t>{0, N};
+      const int S = static_cast<int>(cu.size()) - 1;
       std::vector<float> q = zero_q ? std::vector<float>(size_t(N) * D, 0.0f) : Randn(size_t(N) * D);
       std::vector<float> k = Randn(size_t(N) * D), v = Randn(size_t(N) * D);
       std::vector<uint16_t> k16(k.size()), v16(v.size());
       F32ToBF16(k.data(), k16.data(), k.size());
       F32ToBF16(v.data(), v16.data(), v.size());
-      const std::vector<int32_t> cu{0, N};
       DevBuf<float> d_q(q), d_k(k), d_v(v), o_tc(q.size()), l_tc(N), o_wg(q.size()), l_wg(N);
       DevBuf<uint16_t> d_k16(k16), d_v16(v16);
       DevBuf<int32_t> d_cu(cu);
-      o_wg.Poison();
-      l_wg.Poison();
-      cuda::AttentionForwardTC(o_tc.get(), l_tc.get(), d_q.get(), d_k.get(), d_v.get(), d_cu.get(), 1, N, 1, 1, D,
+      cuda::AttentionForwardTC(o_tc.get(), l_tc.get(), d_q.get(), d_k.get(), d_v.get(), d_cu.get(), S, N, 1, 1, D,
                                nullptr);
-      cuda::AttentionForwardWgmma(o_wg.get(), l_wg.get(), d_q.get(), d_k16.get(), d_v16.get(), d_cu.get(), 1, N, 1, 1,
-                                  D, nullptr);
-      Ck(cudaDeviceSynchronize(), "wgmma forward");
-      const auto ot = o_tc.Download(), ow = o_wg.Download(), lt = l_tc.Download(), lw = l_wg.Download();
-      const std::string what = "N=" + std::to_string(N) + " D=" + std::to_string(D) + (zero_q ? " q=0" : " q=randn");
-      const bool same = std::memcmp(ot.data(), ow.data(), ot.size() * sizeof(float)) == 0 &&
-                        std::memcmp(lt.data(), lw.data(), lt.size() * sizeof(float)) == 0;
-      if (!same) {
-        std::string rows;
-        for (int r0 = 0; r0 < N; r0 += 16) {
-          double eo = 0, el = 0;
-          for (int r = r0; r < std::min(N, r0 + 16); ++r) {
-            el = std::max(el, std::fabs(double(lw[r]) - lt[r]));
-            for (int d = 0; d < D; ++d) {
-              eo = std::max(eo, std::fabs(double(ow[size_t(r) * D + d]) - ot[size_t(r) * D + d]));
+      const auto ot = o_tc.Download(), lt = l_tc.Download();
+      // The cp.async kernel (stages 0) and the copying warp's (2 .. 4 stages).
+      for (int stages : {0, 2, 3, 4}) {
+        o_wg.Poison();
+        l_wg.Poison();
+        cuda::AttentionForwardWgmma(o_wg.get(), l_wg.get(), d_q.get(), d_k16.get(), d_v16.get(), d_cu.get(), S, N, 1,
+                                    1, D, nullptr, nullptr, nullptr, stages);
+        Ck(cudaDeviceSynchronize(), "wgmma forward");
+        const auto ow = o_wg.Download(), lw = l_wg.Download();
+        const std::string what = "N=" + std::to_string(N) + " D=" + std::to_string(D) +
+                                 (zero_q ? " q=0" : " q=randn") + " stages=" + std::to_string(stages);
+        const bool same = std::memcmp(ot.data(), ow.data(), ot.size() * sizeof(float)) == 0 &&
+                          std::memcmp(lt.data(), lw.data(), lt.size() * sizeof(float)) == 0;
+        if (!same) {
+          std::string rows;
+          for (int r0 = 0; r0 < N; r0 += 16) {
+            double eo = 0, el = 0;
+            for (int r = r0; r < std::min(N, r0 + 16); ++r) {
+              el = std::max(el, std::fabs(double(lw[r]) - lt[r]));
+              for (int d = 0; d < D; ++d) {
+                eo = std::max(eo, std::fabs(double(ow[size_t(r) * D + d]) - ot[size_t(r) * D + d]));
+              }
             }
+            char buf[64];
+            std::snprintf(buf, sizeof buf, " %d:%.1e/%.1e", r0, eo, el);
+            rows += buf;
           }
-          char buf[64];
-          std::snprintf(buf, sizeof buf, " %d:%.1e/%.1e", r0, eo, el);
-          rows += buf;
+          std::printf("  wgmma %s  largest error per 16 rows, out/lse:%s\n", what.c_str(), rows.c_str());
         }
-        std::printf("  wgmma %s  largest error per 16 rows, out/lse:%s\n", what.c_str(), rows.c_str());
+        EXPECT_TRUE(same) << "wgmma forward differs from the mma.sync kernel, " << what;
       }
-      EXPECT_TRUE(same) << "wgmma forward differs from the mma.sync kernel, " << what;
+    }
+  }
+}
+
+// The wgmma forward's ways of copying its tiles side by side (kernels.md, version 47): the cp.async
+// kernel (stages 0) and the copying warp's 2 .. 4 stages, at the bench's heads (14 / 2 of 64) and
+// Qwen3-0.6B's (16 / 8 of 128), 16 x 1,024 and 4 x 8,192 tokens; ms and useful TFLOP/s.
+TEST(AttentionTcTiming, DISABLED_WgmmaForwardStages) {
+  REQUIRE_GPU();
+  if (!cuda::AttentionForwardWgmmaSupported(64)) GTEST_SKIP() << "the wgmma forward needs an sm_90 device";
+  struct Shape {
+    int seqs, len, Hq, Hkv, D;
+  };
+  std::printf("%-28s %8s %10s %10s\n", "shape", "stages", "ms", "TFLOP/s");
+  for (const Shape& sh : {Shape{16, 1024, 14, 2, 64}, Shape{4, 8192, 14, 2, 64}, Shape{16, 1024, 16, 8, 128},
+                          Shape{4, 8192, 16, 8, 128}}) {
+    if (!cuda::AttentionForwardWgmmaSupported(sh.D)) continue;
+    const int N = sh.seqs * sh.len, S = sh.seqs;
+    std::vector<int32_t> cu(S + 1);
+    for (int s = 0; s <= S; ++s) cu[s] = s * sh.len;
+    const size_t nq = size_t(N) * sh.Hq * sh.D, nk = size_t(N) * sh.Hkv * sh.D;
+    std::vector<uint16_t> k16h(nk), v16h(nk);
+    {
+      const auto kh = Randn(nk), vh = Randn(nk);
+      F32ToBF16(kh.data(), k16h.data(), nk);
+      F32ToBF16(vh.data(), v16h.data(), nk);
+    }
+    DevBuf<float> q(Randn(nq)), out(nq), lse(size_t(N) * sh.Hq);
+    DevBuf<uint16_t> k16(k16h), v16(v16h);
+    DevBuf<int32_t> d_cu(cu);
+    const double pairs = double(S) * sh.len * (sh.len + 1) / 2.0, flop = 4.0 * sh.D * pairs * sh.Hq;
+    const std::string name = std::to_string(sh.seqs) + "x" + std::to_string(sh.len) + " H=" + std::to_string(sh.Hq) +
+                             "/" + std::to_string(sh.Hkv) + " D=" + std::to_string(sh.D);
+    for (int stages : {0, 2, 3, 4}) {
+      const double ms = MedianMs([&] {
+        cuda::AttentionForwardWgmma(out.get(), lse.get(), q.get(), k16.get(), v16.get(), d_cu.get(), S, N, sh.Hq,
+                                    sh.Hkv, sh.D, nullptr, nullptr, nullptr, stages);
+      });
+      Ck(cudaDeviceSynchronize(), "timing");
+      std::printf("%-28s %8d %10.3f %10.1f\n", name.c_str(), stages, ms, flop / ms * 1e-9);
+      std::fflush(stdout);
     }
   }
 }
