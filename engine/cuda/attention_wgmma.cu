@@ -1245,10 +1245,10 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKernel launch");
 }
 
-// The forward's copy stages: `stages` when it is 0 (AttnFwdWgmmaKernel: every thread copies with
-// cp.async, two buffers) or 2 .. 4 (AttnFwdWgmmaTmaKernel), else AHA_ATTENTION_FWD_STAGES when it says
-// 0 .. 4 (the A/B switch), else 2 at D = 128; at D = 64 2 when the S sequences of the N rows average at
-// least 8,192, else 0. Measured on the H200 (kernels.md, version 47), ms a call of stages 0 / 2 / 3 /
+// The forward's copy stages: 0 when the driver has no tensor-map encoder; else `stages` when it is 0
+// (AttnFwdWgmmaKernel: every thread copies with cp.async, two buffers) or 2 .. 4
+// (AttnFwdWgmmaTmaKernel), else AHA_ATTENTION_FWD_STAGES when it says 0 .. 4 (the A/B switch), else 2
+// at D = 128; at D = 64 2 when the S sequences of the N rows average at least 8,192, else 0. Measured on the H200 (kernels.md, version 47), ms a call of stages 0 / 2 / 3 /
 // 4: at 16 / 8 heads of 128, 16 x 1,024 tokens 0.282 / 0.236 / 0.238 / 0.234 and 4 x 8,192 2.893 /
 // 2.189 / 2.448 / 2.337; at 14 / 2 heads of 64 (three warpgroups a block against two blocks of two)
 // 0.128 / 0.135 / 0.136 / 0.134 and 1.218 / 1.145 / 1.164 / 1.155.
@@ -1258,9 +1258,9 @@ int WgFwdStages(int stages, int D, int N, int S) {
     const int n = e != nullptr && e[0] != '\0' ? std::atoi(e) : -1;
     return n == 0 || (n >= 2 && n <= 4) ? n : -1;
   }();
+  if (TensorMapEncoder() == nullptr) return 0;  // no tensor maps: only the cp.async kernel can run
   if (stages == 0 || (stages >= 2 && stages <= 4)) return stages;
   if (from_env >= 0) return from_env;
-  if (TensorMapEncoder() == nullptr) return 0;
   return D == 128 || static_cast<long long>(N) >= 8192LL * S ? 2 : 0;
 }
 

@@ -227,8 +227,8 @@ bool AttentionForwardWgmmaSupported(int D);
 void AttentionWgmmaProbe(float* s_out, float* o_out, const float* q, const uint16_t* k, const uint16_t* v,
                          const uint16_t* p, int late, cudaStream_t s);
 // stages: how the K and V tiles are copied. 0: every thread with cp.async into two buffers; 2 .. 4:
-// a warp of its own with the tensor memory accelerator into that many (the same result bit for bit);
-// else the default: AHA_ATTENTION_FWD_STAGES when it says 0 .. 4, else 2 at D = 128, and at D = 64 2
+// a warp of its own with the tensor memory accelerator into that many (the same result bit for bit;
+// 0 whatever is asked when the driver has no tensor-map encoder); else the default: AHA_ATTENTION_FWD_STAGES when it says 0 .. 4, else 2 at D = 128, and at D = 64 2
 // when the sequences average at least 8,192 rows, else 0.
 void AttentionForwardWgmma(float* out, float* lse, const float* q, const uint16_t* k16, const uint16_t* v16,
                            const int32_t* cu_seqlens, int S, int N, int Hq, int Hkv, int D, cudaStream_t s,
