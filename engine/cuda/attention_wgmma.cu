@@ -1149,6 +1149,258 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
 #endif
 }
 
+// The backward at D = 128 in FlashAttention-3's layout (kernels.md, version 48): no exchange between
+// the warpgroups. Block = 128 keys x one query head, 384 threads: warpgroups 0 and 1 (the consumers)
+// each own 64 keys, k0 + 64 w .. + 63, and run the D = 64 kernel's tile on them at D = 128; warpgroup
+// 2 (the producer) copies each query tile's Q and dO halves with the tensor memory accelerator and
+// the rows' statistics into kStages stages, and gives its registers to the consumers (setmaxnreg:
+// 2 x 128 x 240 + 128 x 24 <= 64K). Per query tile of 64 rows and consumer w, all on m64n64k16:
+//   S^T = K_w Q^T and dP^T = V_w dO^T over both halves of D (A and B K-major from shared memory:
+//     16 products, one commit group);
+//   P^T and dS^T = P^T (dP^T - delta) on the accumulators (unscaled, as AttnBwdWgmma128Kernel), packed;
+//   dV_w += P^T dO and dK_w += dS^T Q, each half of D its own m64n64 product (A from registers, B
+//     read N-major: 16 products), left running while dS^T goes to the warpgroup's own tile;
+//   dQ_w = dS K_w (A = dS^T read M-major, B = K_w's halves read N-major: 8 products), both halves
+//     scaled, staged and added into dq by the tensor memory accelerator (4 boxes of 32 columns): the
+//     two consumers' shares of the tile's dQ add there.
+// Each consumer computes every tile from k0 to the end of its keys' last sequence; a tile whose rows
+// see none of its keys is masked whole (the mask zeroes P^T and dS^T): a per-warpgroup skip made
+// ptxas serialize the kernel's wgmma (C7520). The mask is chosen for the whole block. The sums of
+// a consumer's dK_w, dV_w and of each tile's dQ_w are those of AttnBwdWgmma128Kernel's block on the
+// same 64 keys (its extra tiles add zeros), so the two agree up to the order of the atomics.
+constexpr int kWkKeys = 128;
+constexpr int kWkThreads = 384;
+constexpr int kWkStages = 2;
+// Tiles: K_w half j at (2 w + j) T, V_w half j at (4 + 2 w + j) T, stage b's Q half j at (8 + 4 b + j) T
+// and dO half j at (10 + 4 b + j) T, dS^T of consumer w at (8 + 4 kStages + w) T | consumer w's four dQ
+// boxes | kStages x (lse log2 e, delta, row start)[64] | 2 kStages barriers | r_stop | alignment.
+constexpr int WkTiles() { return 8 + 4 * kWkStages + 2; }
+constexpr int WkSmem() {
+  return WkTiles() * kWbTile + 2 * 4 * kWbDqBox + kWkStages * 3 * kWbRows * 4 + 2 * kWkStages * 8 + 16 + 1024;
+}
+
+__global__ void __launch_bounds__(kWkThreads, 1)
+    AttnBwdWgmmaKeysKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                           const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
+                           const float* __restrict__ delta, const int* __restrict__ row_start,
+                           const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
+                           const __grid_constant__ CUtensorMap map_dq, const __grid_constant__ CUtensorMap map_q,
+                           const __grid_constant__ CUtensorMap map_do) {
+#ifdef AHA_WGMMA
+  constexpr int KK = 4, DN = 8, T = kWbTile, kStages = kWkStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = AlignSmem1024(smem_raw);
+  const uint32_t base = SmemAddr(smem);
+  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31, g = lane >> 2,
+            t = lane & 3;
+  const int h = blockIdx.x, kvh = h / (Hq / Hkv);
+  const int k0 = blockIdx.y * kWkKeys;
+  const int k_last = min(k0 + kWkKeys, N) - 1;
+  constexpr int kDs = 8 + 4 * kStages;
+  unsigned char* dq_all = smem + WkTiles() * T;
+  float* stats = reinterpret_cast<float*>(dq_all + 2 * 4 * kWbDqBox);  // stage b's at 3 b * 64
+  const uint32_t bars = SmemAddr(stats + kStages * 3 * kWbRows);
+  int* r_stop_s = reinterpret_cast<int*>(stats + kStages * 3 * kWbRows + 4 * kStages);
+  auto full = [&](int b) { return bars + 8u * b; };
+  auto empty = [&](int b) { return bars + 8u * (kStages + b); };
+
+  if (tid == 256) {
+    for (int b = 0; b < kStages; ++b) {
+      MbarInit(full(b), 32 + 1);  // the producer's statistics warp, and the copies' bytes
+      MbarInit(empty(b), 2);      // one arrival a consumer
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
+  }
+  if (wg < 2) {
+    // K_w and V_w rounded to bf16 (V unscaled), each half of D swizzled in its tile (zeros past N).
+#pragma unroll 4
+    for (int it = 0; it < 16; ++it) {
+      const int f = wt + it * 128;  // 2048 float4 of a 64 x 128 tile
+      const int rr = f >> 5, d4 = f & 31, half = d4 >> 4, dh = d4 & 15;
+      const int key = k0 + 64 * wg + rr;
+      float4 kx = Zero4(), vx = Zero4();
+      if (key < N) {
+        const size_t off = (static_cast<size_t>(key) * Hkv + kvh) * 128 + d4 * 4;
+        kx = Ldg4(k + off);
+        vx = Ldg4(v + off);
+      }
+      const int at = (2 * wg + half) * T + Swizzled128(rr, dh >> 1) + (dh & 1) * 8;
+      *reinterpret_cast<uint2*>(smem + at) = PackBf16x4(kx);
+      *reinterpret_cast<uint2*>(smem + 4 * T + at) = PackBf16x4(vx);
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // read by the tensor cores
+  }
+  if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);  // the end of the last key's sequence
+  __syncthreads();  // K, V, r_stop, the barriers
+  const int r_stop = *r_stop_s;  // rows >= r_stop belong to later sequences; r_stop <= N
+  const int tiles = (r_stop - k0 + kWbRows - 1) / kWbRows;
+
+  if (wg == 2) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (warp != 0) return;
+    for (int i = 0; i < tiles; ++i) {
+      const int b = i % kStages, rt = k0 + i * kWbRows;
+      if (i >= kStages) MbarWait(empty(b), ((i / kStages) - 1) & 1);  // both consumers are done with it
+      if (lane == 0) {
+        MbarExpectBytes(full(b), 4 * T);
+        const uint32_t qb = base + (8 + 4 * b) * T;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          TmaLoad(qb + j * T, &map_q, h * 128 + j * 64, rt, full(b));
+          TmaLoad(qb + (2 + j) * T, &map_do, h * 128 + j * 64, rt, full(b));
+        }
+      }
+      float* at = stats + 3 * b * kWbRows;
+      RowStats st;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        st.Load(lse, delta, row_start, rt + lane + 32 * e, N, Hq, h);
+        st.Store(at, at + kWbRows, reinterpret_cast<int*>(at + 2 * kWbRows), lane + 32 * e);
+      }
+      MbarArrive(full(b));  // release: the statistics are visible to the consumers' wait
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+
+  const int kw0 = k0 + 64 * wg;
+  const int keyA = kw0 + warp * 16 + g, keyB = keyA + 8;
+  const float scale_log2 = scale * kLog2e;
+  const uint32_t kb = base + 2 * wg * T, vb = base + (4 + 2 * wg) * T, dsb = base + (kDs + wg) * T;
+  unsigned char* ds_s = smem + (kDs + wg) * T;
+  unsigned char* dq_s = dq_all + wg * 4 * kWbDqBox;  // this consumer's four boxes
+  const uint32_t dq_sb = SmemAddr(dq_s);
+  float dK[2 * DN][4], dV[2 * DN][4];
+#pragma unroll
+  for (int dn = 0; dn < 2 * DN; ++dn) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dK[dn][c] = dV[dn][c] = 0.0f;
+  }
+
+  for (int i = 0; i < tiles; ++i) {
+    const int b = i % kStages, rt = k0 + i * kWbRows;
+    const uint32_t qb = base + (8 + 4 * b) * T, dob = qb + 2 * T;
+    const float* l2 = stats + 3 * b * kWbRows;
+    const float* dl = l2 + kWbRows;
+    const int* ssr = reinterpret_cast<const int*>(l2 + 2 * kWbRows);
+    MbarWait(full(b), (i / kStages) & 1);
+
+    auto tile = [&](auto masked) {
+      float sT[DN][4], dpT[DN][4];
+      WgmmaFence();
+      WgmmaSs64x64First<0, 0>(sT, SwizzledDesc(kb), SwizzledDesc(qb));
+#pragma unroll
+      for (int kk = 1; kk < 2 * KK; ++kk) {
+        const uint32_t at = (kk >> 2) * T + (kk & 3) * 32;
+        WgmmaSs64x64<0, 0>(sT, SwizzledDesc(kb + at), SwizzledDesc(qb + at), 1);
+      }
+      WgmmaSs64x64First<0, 0>(dpT, SwizzledDesc(vb), SwizzledDesc(dob));
+#pragma unroll
+      for (int kk = 1; kk < 2 * KK; ++kk) {
+        const uint32_t at = (kk >> 2) * T + (kk & 3) * 32;
+        WgmmaSs64x64<0, 0>(dpT, SwizzledDesc(vb + at), SwizzledDesc(dob + at), 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceAccumulators(sT);
+      FenceAccumulators(dpT);
+      // P^T and dS^T: element (nt, c) is key keyA (c < 2) or keyB x tile row 8 nt + 2 t + (c & 1).
+#pragma unroll
+      for (int nt = 0; nt < DN; ++nt) {
+        constexpr bool kMasked = decltype(masked)::value;
+        const NtStats n = LoadNtStats<kMasked>(l2, dl, ssr, nt, t);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int row = rt + (nt * 8 + 2 * t + (c & 1));
+          const float2 pds = PdsElement<kMasked>(sT[nt][c], dpT[nt][c], n, c, c < 2 ? keyA : keyB, row, scale_log2);
+          sT[nt][c] = pds.x;
+          dpT[nt][c] = pds.y;
+        }
+      }
+      uint32_t pa[KK][4], sa[KK][4];
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) {
+        PackPFrag(pa[kk], sT[2 * kk], sT[2 * kk + 1]);
+        PackPFrag(sa[kk], dpT[2 * kk], dpT[2 * kk + 1]);
+      }
+      // dV_w += P^T dO, dK_w += dS^T Q, a half of D each m64n64: left running while dS^T is stored.
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) {
+        WgmmaRs64x64Half<1, 0>(dV, pa[kk], SwizzledDescMN(dob + kk * 2048, T), 1);
+        WgmmaRs64x64Half<1, 1>(dV, pa[kk], SwizzledDescMN(dob + T + kk * 2048, T), 1);
+      }
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) {
+        WgmmaRs64x64Half<1, 0>(dK, sa[kk], SwizzledDescMN(qb + kk * 2048, T), 1);
+        WgmmaRs64x64Half<1, 1>(dK, sa[kk], SwizzledDescMN(qb + T + kk * 2048, T), 1);
+      }
+      WgmmaCommit();
+      // dS^T [64 keys][64 rows] bf16, swizzled: key r's rows 8 c .. 8 c + 7 in chunk c ^ (r & 7).
+      {
+        const int rA = warp * 16 + g, rB = rA + 8;
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          const int c0 = 2 * kk, c1 = 2 * kk + 1;
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c0) + 4 * t) = sa[kk][0];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c0) + 4 * t) = sa[kk][1];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c1) + 4 * t) = sa[kk][2];
+          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c1) + 4 * t) = sa[kk][3];
+        }
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      if (wt == 0) BulkWaitRead<0>();  // the last tile's dQ boxes have been read: writable after the barrier
+      NamedBarrier(1 + wg, 128);       // dS^T complete
+      WgmmaWait<0>();  // dV and dK done: P^T's and dS^T's registers free for dQ's accumulators
+      FenceAccumulators(dV);
+      FenceAccumulators(dK);
+      KeepLive(pa);
+      KeepLive(sa);
+      // dQ_w = dS K_w: A = dS (rows x keys) read M-major from dS^T, B = K_w's halves read N-major.
+      float dQ0[DN][4], dQ1[DN][4];
+      WgmmaFence();
+      WgmmaSs64x64First<1, 1>(dQ0, SwizzledDescMN(dsb, T), SwizzledDescMN(kb, T));
+      WgmmaSs64x64First<1, 1>(dQ1, SwizzledDescMN(dsb, T), SwizzledDescMN(kb + T, T));
+#pragma unroll
+      for (int kk = 1; kk < KK; ++kk) {
+        WgmmaSs64x64<1, 1>(dQ0, SwizzledDescMN(dsb + kk * 2048, T), SwizzledDescMN(kb + kk * 2048, T), 1);
+        WgmmaSs64x64<1, 1>(dQ1, SwizzledDescMN(dsb + kk * 2048, T), SwizzledDescMN(kb + T + kk * 2048, T), 1);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceAccumulators(dQ0);
+      FenceAccumulators(dQ1);
+      // Scaled into the four boxes, then one thread has them added into dq. Rows past N are outside
+      // the map; rows that see none of the keys add zeros.
+      StageDq(dq_s, dQ0, warp * 16 + g, t, scale);
+      StageDq(dq_s + 2 * kWbDqBox, dQ1, warp * 16 + g, t, scale);
+    };
+    // Block-uniform: no mask when every row of the tile sees all 128 keys whole.
+    if (k0 + kWkKeys - 1 <= rt && ssr[kWbRows - 1] <= k0) tile(std::false_type{});
+    else tile(std::true_type{});
+
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the boxes, visible to the copy engine
+    NamedBarrier(1 + wg, 128);  // the boxes are written; every warp is done with stage b
+    if (wt == 0) {
+      MbarArrive(empty(b));
+#pragma unroll
+      for (int x = 0; x < 4; ++x) TmaReduceAdd(&map_dq, h * 128 + 32 * x, rt, dq_sb + x * kWbDqBox);
+      BulkCommit();
+    }
+  }
+
+  if (wt == 0) BulkWait<0>();  // the dQ reductions done before the block exits
+  // This consumer's share of dk (scaled) and dv (the other query heads of the group add theirs).
+#pragma unroll
+  for (int dn = 0; dn < 2 * DN; ++dn) {
+    AtomicAddFrag<128>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], scale, N, t);
+    AtomicAddFrag<128>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
+  }
+#else
+  __trap();  // built without sm_90a: AttentionBackwardWgmmaSupported() said no
+#endif
+}
+
 }  // namespace
 
 bool AttentionForwardWgmmaSupported(int D) {
@@ -1188,7 +1440,7 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D) {
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                             int Hq, int Hkv, int D, void* workspace, cudaStream_t s, const uint16_t* out16,
-                            const uint16_t* dout16_in, const uint16_t* q16_in) {
+                            const uint16_t* dout16_in, const uint16_t* q16_in, int keys) {
   if (N <= 0) return;
   if (S <= 0) Fail("AttentionBackwardWgmma: S must be positive when N > 0; S", S);
   if (D != 64 && D != 128) Fail("AttentionBackwardWgmma: head width 64 or 128, not", D);
@@ -1229,6 +1481,21 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   // D = 64: P^T and dS^T through shared memory, three blocks a multiprocessor, unless
   // AHA_ATTENTION_BWD_SS=0 (from registers, two blocks; the A/B).
   static const bool ss = !EnvOff("AHA_ATTENTION_BWD_SS");
+  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1, or -1 and
+  // AHA_ATTENTION_BWD_KEYS=1. Off by default until it has run on the H200 (kernels.md, version 48).
+  static const bool keys_env = [] {
+    const char* e = std::getenv("AHA_ATTENTION_BWD_KEYS");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  if (D == 128 && (keys < 0 ? keys_env : keys == 1)) {
+    const CUtensorMap map_q = SwizzledRowsMap(q16, N, Hq * D, kWbRows, "AttentionBackwardWgmma q");
+    const CUtensorMap map_do = SwizzledRowsMap(dout16, N, Hq * D, kWbRows, "AttentionBackwardWgmma dout");
+    AllowSmem(AttnBwdWgmmaKeysKernel, WkSmem());
+    AttnBwdWgmmaKeysKernel<<<dim3(Hq, GridRows(N, kWkKeys)), kWkThreads, WkSmem(), s>>>(
+        dq, dk, dv, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq, Hkv, scale, map_dq, map_q, map_do);
+    CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKeysKernel launch");
+    return;
+  }
   auto launch = [&](auto kernel, int threads, int smem) {
     AllowSmem(kernel, smem);
     kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,

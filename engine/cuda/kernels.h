@@ -245,12 +245,15 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
 // and AHA_ATTENTION_WGMMA_BWD is not 0 (64: D = 64 only). With out16 (the forward's output in bf16,
 // [N, Hq, D]) out is not read: delta = dout . out16 widened; with dout16 (dout in bf16) dout is not
 // read: delta takes it widened, the products read it as it is; with q16 (q rounded to bf16,
-// unscaled) q is not read.
+// unscaled) q is not read. keys (D = 128): 1 runs the kernel in FlashAttention-3's layout (128 keys a
+// block, a warpgroup's 64 keys each, a copying warpgroup), 0 the two warpgroups on halves of D, -1
+// as AHA_ATTENTION_BWD_KEYS says (1: the first; else the second). The two agree up to the order of
+// the atomics.
 bool AttentionBackwardWgmmaSupported(int D);
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
                             int Hq, int Hkv, int D, void* workspace, cudaStream_t s, const uint16_t* out16 = nullptr,
-                            const uint16_t* dout16 = nullptr, const uint16_t* q16 = nullptr);
+                            const uint16_t* dout16 = nullptr, const uint16_t* q16 = nullptr, int keys = -1);
 
 // ---- fused lm-head and sampling (lmhead.cu) -------------------------------------------------------
 // See Backend::LmHeadForward / LmHeadBackward. Vocabulary chunks of up to LmHeadChunk() columns (each a

@@ -240,7 +240,7 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
   std::printf("%-28s %-9s %10s %10s %8s %12s %12s\n", "shape", "op", "f32 ms", "tc ms", "speedup", "f32 TFLOP/s",
               "tc TFLOP/s");
   for (const Shape& sh : {Shape{16, 1024, 14, 2, 64}, Shape{4, 4096, 14, 2, 64}, Shape{16, 1024, 14, 2, 128},
-                          Shape{16, 1024, 16, 8, 128}}) {
+                          Shape{16, 1024, 16, 8, 128}, Shape{4, 8192, 16, 8, 128}}) {
     const int N = sh.seqs * sh.len, S = sh.seqs;
     std::vector<int32_t> cu(S + 1);
     for (int s = 0; s <= S; ++s) cu[s] = s * sh.len;
@@ -284,6 +284,16 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
       cuda::AttentionBackwardTC(dqtc.get(), dktc.get(), dvtc.get(), dout.get(), outtc.get(), lsetc.get(), q.get(),
                                 k.get(), v.get(), d_cu.get(), S, N, sh.Hq, sh.Hkv, sh.D, ws.get(), nullptr, false);
     });
+    // D = 128: the kernel in FlashAttention-3's layout (keys = 1) against the two warpgroups on halves of D.
+    const bool keys_bwd = wg_bwd && sh.D == 128;
+    auto wgmma_bwd = [&](int keys) {
+      return MedianMs([&] {
+        cuda::AttentionBackwardWgmma(dqtc.get(), dktc.get(), dvtc.get(), dout.get(), outtc.get(), lsetc.get(), q.get(),
+                                     k.get(), v.get(), d_cu.get(), S, N, sh.Hq, sh.Hkv, sh.D, ws.get(), nullptr,
+                                     nullptr, nullptr, nullptr, keys);
+      });
+    };
+    const double ms_halves_bwd = keys_bwd ? wgmma_bwd(0) : 0.0, ms_keys_bwd = keys_bwd ? wgmma_bwd(1) : 0.0;
     Ck(cudaDeviceSynchronize(), "timing");
 
     // Useful FLOPs: 4 D (forward) and 10 D (backward) per visible (row, key) pair and query head.
@@ -300,6 +310,12 @@ TEST(AttentionTcTiming, DISABLED_TrainingShape) {
     if (wg_bwd) {
       std::printf("%-28s %-9s %10s %10.3f %8s %12s %12.1f\n", name.c_str(), "bwd mma", "", ms_mma_bwd, "", "",
                   bwd_flop / ms_mma_bwd * 1e-9);
+    }
+    if (keys_bwd) {
+      std::printf("%-28s %-9s %10s %10.3f %8s %12s %12.1f\n", name.c_str(), "bwd halv", "", ms_halves_bwd, "", "",
+                  bwd_flop / ms_halves_bwd * 1e-9);
+      std::printf("%-28s %-9s %10s %10.3f %8s %12s %12.1f\n", name.c_str(), "bwd keys", "", ms_keys_bwd, "", "",
+                  bwd_flop / ms_keys_bwd * 1e-9);
     }
     // Sanity: the tensor-core results against the f32 kernels' at this shape.
     std::printf("  tc vs f32 nmse: out %.3g lse %.3g dq %.3g dk %.3g dv %.3g\n", Nmse(outtc.Download(), out32.Download()),
@@ -580,6 +596,38 @@ void ExpectSameWgmmaBackward(const std::string& what, const AttnCase& c, int N, 
   ExpectNmse(what + ": dq", shape, dq_b.Download(), dq_a.Download(), 1e-12);
   ExpectNmse(what + ": dk", shape, dk_b.Download(), dk_a.Download(), 1e-12);
   ExpectNmse(what + ": dv", shape, dv_b.Download(), dv_a.Download(), 1e-12);
+}
+
+// The D = 128 backward in FlashAttention-3's layout (keys = 1: 128 keys a block, each warpgroup its
+// own 64 with no exchange, a copying warpgroup) against the two warpgroups on halves of D (keys = 0).
+// A consumer's 64 keys are the other kernel's block, its products the same sums in the same order
+// (the extra tiles it runs are masked whole and add zeros), so only the atomics' order differs:
+// within 1e-12. Cases: packed sequences inside and across the 128-key blocks (an empty one, single
+// rows, starts off the tiles), a peaky softmax, a partial last block, two training-length sequences.
+TEST(AttentionTc, WgmmaBackwardKeysMatchesHalves) {
+  REQUIRE_GPU();
+  if (!cuda::AttentionBackwardWgmmaSupported(128)) GTEST_SKIP() << "the D = 128 wgmma backward needs an sm_90 device";
+  const std::vector<AttnCase> cases = {AttnCase{16, 8, 128, {1, 17, 64, 100, 300, 2, 1, 129}},
+                                       AttnCase{12, 2, 128, {77}}, AttnCase{4, 4, 128, {1, 1, 1, 33, 0, 128, 127, 3}},
+                                       AttnCase{4, 2, 128, {40, 300, 9}, 3.0f}, AttnCase{8, 8, 128, {200, 56, 444}},
+                                       AttnCase{16, 8, 128, {1024, 1024}}};
+  for (const AttnCase& c : cases) {
+    std::vector<int32_t> cu{0};
+    for (int l : c.lens) cu.push_back(cu.back() + l);
+    const int S = static_cast<int>(c.lens.size()), N = cu.back();
+    const size_t nq = size_t(N) * c.Hq * c.D, nk = size_t(N) * c.Hkv * c.D;
+    DevBuf<float> q(Randn(nq, c.qscale)), k(Randn(nk)), v(Randn(nk)), dout(Randn(nq)), out(nq), lse(size_t(N) * c.Hq);
+    DevBuf<int32_t> d_cu(cu);
+    cuda::AttentionForwardTC(out.get(), lse.get(), q.get(), k.get(), v.get(), d_cu.get(), S, N, c.Hq, c.Hkv, c.D,
+                             nullptr);
+    auto backward = [&](int keys) {
+      return [&, keys](float* dq, float* dk, float* dv, void* ws) {
+        cuda::AttentionBackwardWgmma(dq, dk, dv, dout.get(), out.get(), lse.get(), q.get(), k.get(), v.get(),
+                                     d_cu.get(), S, N, c.Hq, c.Hkv, c.D, ws, nullptr, nullptr, nullptr, nullptr, keys);
+      };
+    };
+    ExpectSameWgmmaBackward("bwd keys vs halves", c, N, backward(0), backward(1));
+  }
 }
 
 // The attention output and its gradient kept in bf16 only (Backend::KeepAsBf16): the forward with
