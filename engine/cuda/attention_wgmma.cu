@@ -1154,7 +1154,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
 // each own 64 keys, k0 + 64 w .. + 63, and run the D = 64 kernel's tile on them at D = 128; warpgroup
 // 2 (the producer) copies each query tile's Q and dO halves with the tensor memory accelerator and
 // the rows' statistics into kStages stages, and gives its registers to the consumers (setmaxnreg:
-// 2 x 128 x 240 + 128 x 24 <= 64K). Per query tile of 64 rows and consumer w, all on m64n64k16:
+// 2 x 128 x 232 + 128 x 40 <= 64K, as mlp.cu). Per query tile of 64 rows and consumer w, all on m64n64k16:
 //   S^T = K_w Q^T and dP^T = V_w dO^T over both halves of D (A and B K-major from shared memory:
 //     16 products, one commit group);
 //   P^T and dS^T = P^T (dP^T - delta) on the accumulators (unscaled, as AttnBwdWgmma128Kernel), packed;
@@ -1236,7 +1236,7 @@ __global__ void __launch_bounds__(kWkThreads, 1)
   const int tiles = (r_stop - k0 + kWbRows - 1) / kWbRows;
 
   if (wg == 2) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (warp != 0) return;
     for (int i = 0; i < tiles; ++i) {
       const int b = i % kStages, rt = k0 + i * kWbRows;
@@ -1261,7 +1261,7 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     }
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 
   const int kw0 = k0 + 64 * wg;
   const int keyA = kw0 + warp * 16 + g, keyB = keyA + 8;
