@@ -1,11 +1,39 @@
 #include "common/wire.h"
 
+#include <capnp/any.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
 #include <cstring>
 
 namespace aha {
+
+namespace {
+
+// Reads every pointer of the message, without its schema (as totalSize() does, but through the
+// readers that count what they read), so that each list is charged to the reader's traversal limit.
+// totalSize() does not charge the elements of a list of zero-sized structs: a frame of a few hundred
+// bytes can claim 2^29 of them, which Cap'n Proto counts against the limit only when the list is
+// read (its amplification guard), and a receiver iterating them would spin for seconds. Here such a
+// list exceeds the frame's budget and throws. Recursion is bounded by the reader's nesting limit.
+void ReadPointers(capnp::AnyStruct::Reader s);
+void ReadPointer(capnp::AnyPointer::Reader p) {
+  if (p.getPointerType() == capnp::PointerType::STRUCT) {
+    ReadPointers(p.getAs<capnp::AnyStruct>());
+  } else if (p.getPointerType() == capnp::PointerType::LIST) {
+    auto list = p.getAs<capnp::AnyList>();
+    if (list.getElementSize() == capnp::ElementSize::INLINE_COMPOSITE) {
+      for (auto e : list.as<capnp::List<capnp::AnyStruct>>()) ReadPointers(e);
+    } else if (list.getElementSize() == capnp::ElementSize::POINTER) {
+      for (auto e : list.as<capnp::List<capnp::AnyPointer>>()) ReadPointer(e);
+    }
+  }
+}
+void ReadPointers(capnp::AnyStruct::Reader s) {
+  for (auto p : s.getPointerSection()) ReadPointer(p);
+}
+
+}  // namespace
 
 const char* MalformedReasonName(MalformedReason r) {
   switch (r) {
@@ -97,8 +125,9 @@ Result<std::unique_ptr<DecodedEnvelope>> DecodeEnvelope(const void* data, size_t
   }
   try {
     capnp::ReaderOptions options;
-    // A valid message traverses about its own size once; the slack allows tiny messages.
-    options.traversalLimitInWords = size / 8 * 2 + 1024;
+    // A valid message is read about twice below (totalSize, then every pointer), about its own size
+    // each time; the slack allows tiny messages.
+    options.traversalLimitInWords = size / 8 * 4 + 1024;
     options.nestingLimit = limits.nesting_limit;
     capnp::FlatArrayMessageReader check_reader(words, options);
     auto root = check_reader.getRoot<proto::Envelope>();
@@ -109,6 +138,8 @@ Result<std::unique_ptr<DecodedEnvelope>> DecodeEnvelope(const void* data, size_t
       return fail(MalformedReason::kVersion,
                   "wire version " + std::to_string(root.getSchemaVersion()) + ", expected " +
                       std::to_string(proto::K_WIRE_VERSION));
+    // Every list read once against the frame's budget: an amplified list throws here.
+    ReadPointers(check_reader.getRoot<capnp::AnyStruct>());
     // The app's reader: the message was fully validated above, so reads are no longer counted
     // against a traversal budget that repeated field access could exhaust.
     capnp::ReaderOptions app_options;

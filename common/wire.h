@@ -13,9 +13,11 @@
 //   magic      parses, but is not an aha envelope (random bytes that happen to parse)
 //   version    an aha envelope of another wire version
 //   schema     a body this receiver does not accept (checked by the receiver, see Accepts())
-// The whole message is traversed once at decode time (totalSize()), so a DecodedEnvelope that
-// was returned has only in-bounds pointers; the app may still hit a kj::Exception on bad text
-// (missing NUL), which the transport catches and counts as "decode".
+// The whole message is traversed at decode time (totalSize(), then every pointer read through the
+// counting readers, so that a list of zero-sized structs claiming 2^29 elements in a few bytes is
+// charged to the traversal limit and rejected as "decode"), so a DecodedEnvelope that was returned
+// has only in-bounds pointers and no list longer than its bytes allow; the app may still hit a
+// kj::Exception on bad text (missing NUL), which the transport catches and counts as "decode".
 #pragma once
 
 #include <capnp/message.h>

@@ -18,5 +18,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$corpus"
   [ "$t" = fuzz_envelope ] && cp build-fuzz/tests/fuzz/envelope_seeds/* "$corpus"/
   echo "fuzz: $t for ${seconds}s"
-  build-fuzz/fuzz/$t -max_total_time="$seconds" -rss_limit_mb=2048 "$corpus"
+  mkdir -p build-fuzz/artifacts
+  # Crashes and slow inputs land in build-fuzz/artifacts/ (not the checkout's root).
+  build-fuzz/fuzz/"$t" -max_total_time="$seconds" -rss_limit_mb=2048 -artifact_prefix="build-fuzz/artifacts/$t-" "$corpus"
 done

@@ -77,6 +77,8 @@ Result<json> ParseJson(std::string_view text, const std::string& file) {
       (void)again;
     } catch (const json::parse_error& e) {
       return Bad(file, "not valid JSON (byte " + std::to_string(e.byte) + ")");
+    } catch (const json::exception& e) {  // e.g. out_of_range: a number too large for a double
+      return Bad(file, std::string("not valid JSON: ") + e.what());
     }
     return Bad(file, "not valid JSON");
   }
