@@ -127,8 +127,9 @@ TEST(AhaRunFault, KillNineOfEachProcessTypeAndTheRunStillFinishes) {
   }
   EXPECT_GT(lines, 0);
   EXPECT_EQ(samples.size(), static_cast<size_t>(lines)) << "a sample is stored twice";
-  // A group still leased when the run stopped may hold part of its samples (rewardd was stopped
-  // between them; a resumed run finishes it or lets its lease expire). Such groups are bounded by
+  // A group still leased when the run stopped may hold part of its samples (the actor sends them one
+  // by one, and it or rewardd was stopped, or killed, between them; a resumed run lets the lease
+  // expire and requeues the prompt). Such groups are bounded by
   // the in-flight limit, (max_staleness + 1) x prompts_per_step = 4. Every closed group is whole, and
   // an expired group keeps no sample.
   int partial = 0;
