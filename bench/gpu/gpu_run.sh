@@ -383,10 +383,11 @@ train_run() {  # train_run TAG AHA_BENCH_TRAIN_ARGS...: one `aha bench train` in
   timeout 200 dist/bin/aha bench train "${@:2}" > "$out/$1.log" 2>&1
   echo "$1: $(grep -oE "$train_pat" "$out/$1.log" | tr '\n' ' ')"
 }
-fwd_stage_tests() {  # fwd_stage_tests TAG FILTER: the attention tests and the forward's ways timed, then
-  # the conformance test's FILTER (gtest), each into $out/TAG_*.log with a summary printed
+attn_tests() {  # attn_tests TAG FILTER [TIMING]: the attention tests and their timing test TIMING (default:
+  # the forward's ways, DISABLED_WgmmaForwardStages), then the conformance test's FILTER (gtest), each into
+  # $out/TAG_*.log with a summary printed
   timeout 300 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_color=no \
-    --gtest_filter='AttentionTc.*:AttentionTcTiming.DISABLED_WgmmaForwardStages' > "$out/$1_attn.log" 2>&1
+    --gtest_filter="AttentionTc.*:AttentionTcTiming.${3:-DISABLED_WgmmaForwardStages}" > "$out/$1_attn.log" 2>&1
   echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/$1_attn.log" | tr '\n' ' ')"
   grep -E "Failure|Expected|largest error|FAILED  \]" "$out/$1_attn.log" | head -12
   grep -E "^shape|x1024 H|x8192 H" "$out/$1_attn.log"
@@ -1394,7 +1395,7 @@ if [[ " $what " == *" s35a "* ]]; then
   # Session 35: the training forward's tiles copied by a warp of its own (the tensor memory accelerator,
   # 2 .. 4 stages) against the cp.async kernel (stages 0): the attention tests (each way bit for bit
   # the mma.sync kernel), the four ways timed alone, the model tests with the new default.
-  fwd_stage_tests s35a 'CudaModel.*:CudaOps.*Attention*'
+  attn_tests s35a 'CudaModel.*:CudaOps.*Attention*'
 fi
 if [[ " $what " == *" s35b "* ]]; then
   # Session 35: the learner step with the forward's copying warp (default) against the cp.async kernel
@@ -1413,7 +1414,7 @@ if [[ " $what " == *" s35c "* ]]; then
   # stages) against each when it is ready and against the cp.async kernel: the attention tests and
   # timings, the model tests, Qwen3-0.6B's learner step at 4 x 8,192 and 16 x 1,024, interleaved twice.
   # (The turns were in that call's build only: slower, not kept.)
-  fwd_stage_tests s35c 'CudaModel.*:CudaOps.*Attention*'
+  attn_tests s35c 'CudaModel.*:CudaOps.*Attention*'
   init_model $q3 --arch qwen3 --preset 0.6b
   variant_runs s35c_q3_8192 2 "$train_pat" default AHA_ATTENTION_FWD_PINGPONG=0 AHA_ATTENTION_FWD_STAGES=0 -- \
     timeout 200 dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
@@ -1422,7 +1423,7 @@ if [[ " $what " == *" s35c "* ]]; then
 fi
 if [[ " $what " == *" s35d "* ]]; then
   # Session 35's final build: the whole conformance test and the attention tests with their timings.
-  fwd_stage_tests s35d '*'
+  attn_tests s35d '*'
 fi
 if [[ " $what " == *" s35e "* ]]; then
   # Session 35's final build: Qwen3-0.6B's learner step at 4 x 8,192 around the compiled peer; the
@@ -1435,18 +1436,11 @@ if [[ " $what " == *" s35e "* ]]; then
 fi
 if [[ " $what " == *" s36a "* ]]; then
   # Session 36: the D = 128 backward in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel, written
-  # without a GPU): first its test against the two-warpgroup kernel and every other attention test,
-  # then the backward's timings (bwd halv / bwd keys rows), the model tests with it on, and Qwen3-0.6B's
-  # step at 4 x 8,192 and 16 x 1,024 with AHA_ATTENTION_BWD_KEYS=1 against the default, interleaved twice.
-  timeout 300 dist/bin/engine_attention_tc_test --gtest_also_run_disabled_tests --gtest_color=no \
-    --gtest_filter='AttentionTc.*:AttentionTcTiming.DISABLED_TrainingShape' > "$out/s36a_attn.log" 2>&1
-  echo "attention tests: exit $? $(grep -E '^\[  (PASSED|FAILED)' "$out/s36a_attn.log" | tr '\n' ' ')"
-  grep -E "Failure|Expected|largest error|FAILED  \]" "$out/s36a_attn.log" | head -12
-  grep -E "^shape|bwd|backward" "$out/s36a_attn.log" | grep -E "^shape|D=128"
-  AHA_ATTENTION_BWD_KEYS=1 timeout 300 dist/bin/engine_cuda_conformance_test --gtest_color=no \
-    --gtest_filter='CudaModel.*:CudaOps.*Attention*' > "$out/s36a_conformance.log" 2>&1
-  echo "conformance (keys) exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/s36a_conformance.log" | tr '\n' ' ')"
-  grep -E "^\[  FAILED|Failure" "$out/s36a_conformance.log" | head -6
+  # without a GPU), on for everything here but the A/B's default: the attention tests (its own against
+  # the two-warpgroup kernel first, the wgmma backward's against mma.sync with it), the backward's
+  # timings (rows bwd halv / bwd keys), the model tests; then Qwen3-0.6B's step at 4 x 8,192 and
+  # 16 x 1,024 with AHA_ATTENTION_BWD_KEYS=1 against the default, interleaved twice.
+  AHA_ATTENTION_BWD_KEYS=1 attn_tests s36a 'CudaModel.*:CudaOps.*Attention*' DISABLED_TrainingShape
   init_model $q3 --arch qwen3 --preset 0.6b
   variant_runs s36a_q3_8192 2 "$train_pat" default AHA_ATTENTION_BWD_KEYS=1 -- timeout 200 dist/bin/aha bench \
     train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3

@@ -547,6 +547,45 @@ __device__ __forceinline__ float2 PdsElement(float s, float dp, const NtStats& n
   return make_float2(p, p * (dp - ((c & 1) ? n.dl.y : n.dl.x)));
 }
 
+// A backward tile's P^T and dS^T from its S^T and dP^T accumulators (PdsElement on each element:
+// (nt, c) is key keyA (c < 2) or keyB x tile row rt + 8 nt + 2 t + (c & 1), the statistics from the
+// tile's [lse log2 e | delta | start] buffers l2, dl, ssr), packed to bf16 A fragments: pa = P^T,
+// sa = dS^T, k-step kk from n-tiles 2 kk and 2 kk + 1.
+template <bool kMasked>
+__device__ __forceinline__ void PackPds(uint32_t (&pa)[4][4], uint32_t (&sa)[4][4], float (&sT)[8][4],
+                                        float (&dpT)[8][4], const float* l2, const float* dl, const int* ssr,
+                                        int rt, int keyA, int keyB, int t, float scale_log2) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const NtStats n = LoadNtStats<kMasked>(l2, dl, ssr, nt, t);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int row = rt + (nt * 8 + 2 * t + (c & 1));
+      const float2 pds = PdsElement<kMasked>(sT[nt][c], dpT[nt][c], n, c, c < 2 ? keyA : keyB, row, scale_log2);
+      sT[nt][c] = pds.x;
+      dpT[nt][c] = pds.y;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    PackPFrag(pa[kk], sT[2 * kk], sT[2 * kk + 1]);
+    PackPFrag(sa[kk], dpT[2 * kk], dpT[2 * kk + 1]);
+  }
+}
+// A warp's rows of dS^T (keys rA = 16 warp + g and rA + 8, from the packed sa) into the [64 keys][64
+// rows] bf16 tile at ds_s, 128-byte swizzled: key r's rows 8 c .. 8 c + 7 in chunk c ^ (r & 7).
+__device__ __forceinline__ void StoreDsT(unsigned char* ds_s, const uint32_t (&sa)[4][4], int rA, int t) {
+  const int rB = rA + 8;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int c0 = 2 * kk, c1 = 2 * kk + 1;
+    *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c0) + 4 * t) = sa[kk][0];
+    *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c0) + 4 * t) = sa[kk][1];
+    *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c1) + 4 * t) = sa[kk][2];
+    *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c1) + 4 * t) = sa[kk][3];
+  }
+}
+
 template <int kStages, bool kSs>
 __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
@@ -657,25 +696,8 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
       WgmmaWait<0>();
       FenceAccumulators(sT);
       FenceAccumulators(dpT);
-      // P^T and dS^T: element (nt, c) is key keyA (c < 2) or keyB x tile row 8 nt + 2 t + (c & 1).
-#pragma unroll
-      for (int nt = 0; nt < DN; ++nt) {
-        constexpr bool kMasked = decltype(masked)::value;
-        const NtStats n = LoadNtStats<kMasked>(l2, dl, ssr, nt, t);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int row = rt + (nt * 8 + 2 * t + (c & 1));
-          const float2 pds = PdsElement<kMasked>(sT[nt][c], dpT[nt][c], n, c, c < 2 ? keyA : keyB, row, scale_log2);
-          sT[nt][c] = pds.x;
-          dpT[nt][c] = pds.y;
-        }
-      }
       uint32_t pa[KK][4], sa[KK][4];
-#pragma unroll
-      for (int kk = 0; kk < KK; ++kk) {
-        PackPFrag(pa[kk], sT[2 * kk], sT[2 * kk + 1]);
-        PackPFrag(sa[kk], dpT[2 * kk], dpT[2 * kk + 1]);
-      }
+      PackPds<decltype(masked)::value>(pa, sa, sT, dpT, l2, dl, ssr, rt, keyA, keyB, t, scale_log2);
       float dQ[DN][4];
       if constexpr (kSs) {
         // P^T and dS^T into their tiles (dQ's boxes of the last tile have been read: the end-of-tile
@@ -707,18 +729,7 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
 #pragma unroll
       for (int kk = 0; kk < KK; ++kk) WgmmaRs64x64<1>(dK, sa[kk], SwizzledDescMN(qb + kk * 2048, kWbTile), 1);
       WgmmaCommit();
-      // dS^T [64 keys][64 rows] bf16, swizzled: key r's rows 8 c .. 8 c + 7 in chunk c ^ (r & 7).
-      {
-        const int rA = warp * 16 + g, rB = rA + 8;
-#pragma unroll
-        for (int kk = 0; kk < KK; ++kk) {
-          const int c0 = 2 * kk, c1 = 2 * kk + 1;
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c0) + 4 * t) = sa[kk][0];
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c0) + 4 * t) = sa[kk][1];
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c1) + 4 * t) = sa[kk][2];
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c1) + 4 * t) = sa[kk][3];
-        }
-      }
+      StoreDsT(ds_s, sa, warp * 16 + g, t);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       if (tid == 0) BulkWaitRead<0>();  // the last tile's dQ boxes have been read: writable after the barrier
       __syncthreads();  // dS^T complete
@@ -1304,25 +1315,8 @@ __global__ void __launch_bounds__(kWkThreads, 1)
       WgmmaWait<0>();
       FenceAccumulators(sT);
       FenceAccumulators(dpT);
-      // P^T and dS^T: element (nt, c) is key keyA (c < 2) or keyB x tile row 8 nt + 2 t + (c & 1).
-#pragma unroll
-      for (int nt = 0; nt < DN; ++nt) {
-        constexpr bool kMasked = decltype(masked)::value;
-        const NtStats n = LoadNtStats<kMasked>(l2, dl, ssr, nt, t);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int row = rt + (nt * 8 + 2 * t + (c & 1));
-          const float2 pds = PdsElement<kMasked>(sT[nt][c], dpT[nt][c], n, c, c < 2 ? keyA : keyB, row, scale_log2);
-          sT[nt][c] = pds.x;
-          dpT[nt][c] = pds.y;
-        }
-      }
       uint32_t pa[KK][4], sa[KK][4];
-#pragma unroll
-      for (int kk = 0; kk < KK; ++kk) {
-        PackPFrag(pa[kk], sT[2 * kk], sT[2 * kk + 1]);
-        PackPFrag(sa[kk], dpT[2 * kk], dpT[2 * kk + 1]);
-      }
+      PackPds<decltype(masked)::value>(pa, sa, sT, dpT, l2, dl, ssr, rt, keyA, keyB, t, scale_log2);
       // dV_w += P^T dO, dK_w += dS^T Q, a half of D each m64n64: left running while dS^T is stored.
       WgmmaFence();
 #pragma unroll
@@ -1336,18 +1330,7 @@ __global__ void __launch_bounds__(kWkThreads, 1)
         WgmmaRs64x64Half<1, 1>(dK, sa[kk], SwizzledDescMN(qb + T + kk * 2048, T), 1);
       }
       WgmmaCommit();
-      // dS^T [64 keys][64 rows] bf16, swizzled: key r's rows 8 c .. 8 c + 7 in chunk c ^ (r & 7).
-      {
-        const int rA = warp * 16 + g, rB = rA + 8;
-#pragma unroll
-        for (int kk = 0; kk < KK; ++kk) {
-          const int c0 = 2 * kk, c1 = 2 * kk + 1;
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c0) + 4 * t) = sa[kk][0];
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c0) + 4 * t) = sa[kk][1];
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rA, c1) + 4 * t) = sa[kk][2];
-          *reinterpret_cast<uint32_t*>(ds_s + Swizzled128(rB, c1) + 4 * t) = sa[kk][3];
-        }
-      }
+      StoreDsT(ds_s, sa, warp * 16 + g, t);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       if (wt == 0) BulkWaitRead<0>();  // the last tile's dQ boxes have been read: writable after the barrier
       NamedBarrier(1 + wg, 128);       // dS^T complete
