@@ -1464,12 +1464,11 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   // D = 64: P^T and dS^T through shared memory, three blocks a multiprocessor, unless
   // AHA_ATTENTION_BWD_SS=0 (from registers, two blocks; the A/B).
   static const bool ss = !EnvOff("AHA_ATTENTION_BWD_SS");
-  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1, or -1 and
-  // AHA_ATTENTION_BWD_KEYS=1. Off by default until it has run on the H200 (kernels.md, version 48).
-  static const bool keys_env = [] {
-    const char* e = std::getenv("AHA_ATTENTION_BWD_KEYS");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
+  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1, or -1 unless
+  // AHA_ATTENTION_BWD_KEYS=0 (the two-warpgroup kernel below; the A/B). On the H200 (kernels.md,
+  // version 48), ms a call at 16 / 8 heads: 0.880 against 1.032 at 16 x 1,024, 6.965 against 11.195 at
+  // 4 x 8,192.
+  static const bool keys_env = !EnvOff("AHA_ATTENTION_BWD_KEYS");
   if (D == 128 && (keys < 0 ? keys_env : keys == 1)) {
     const CUtensorMap map_q = SwizzledRowsMap(q16, N, Hq * D, kWbRows, "AttentionBackwardWgmma q");
     const CUtensorMap map_do = SwizzledRowsMap(dout16, N, Hq * D, kWbRows, "AttentionBackwardWgmma dout");
