@@ -479,15 +479,18 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// A warpgroup's dQ tile, times a (1: exact), into its two 64-row x 32-column staging boxes at dq_s,
-// 128-byte swizzled as the tensor map reads them: row ra's columns 8 dn + 2 t, +1 in box dn / 4,
-// 16-byte chunk 2 (dn % 4) + t / 2 at its swizzled place; row ra + 8 eight rows further.
-__device__ __forceinline__ void StageDq(unsigned char* dq_s, const float (&dQ)[8][4], int ra, int t, float a) {
+// A warpgroup's dQ tile (n-tiles from .. from + 7 of dQ), times a (1: exact), into its two 64-row x
+// 32-column staging boxes at dq_s, 128-byte swizzled as the tensor map reads them: row ra's columns
+// 8 dn + 2 t, +1 in box dn / 4, 16-byte chunk 2 (dn % 4) + t / 2 at its swizzled place; row ra + 8
+// eight rows further.
+template <int kN>
+__device__ __forceinline__ void StageDq(unsigned char* dq_s, const float (&dQ)[kN][4], int ra, int t, float a,
+                                        int from = 0) {
 #pragma unroll
   for (int dn = 0; dn < 8; ++dn) {
     const int at = (dn >> 2) * kWbDqBox + ra * 128 + (((2 * (dn & 3) + (t >> 1)) ^ (ra & 7)) << 4) + 8 * (t & 1);
-    *reinterpret_cast<float2*>(dq_s + at) = make_float2(dQ[dn][0] * a, dQ[dn][1] * a);
-    *reinterpret_cast<float2*>(dq_s + at + 8 * 128) = make_float2(dQ[dn][2] * a, dQ[dn][3] * a);
+    *reinterpret_cast<float2*>(dq_s + at) = make_float2(dQ[from + dn][0] * a, dQ[from + dn][1] * a);
+    *reinterpret_cast<float2*>(dq_s + at + 8 * 128) = make_float2(dQ[from + dn][2] * a, dQ[from + dn][3] * a);
   }
 }
 
@@ -1190,13 +1193,17 @@ constexpr int WkSmem() {
   return WkTiles() * kWbTile + 2 * 4 * kWbDqBox + kWkStages * 3 * kWbRows * 4 + 2 * kWkStages * 8 + 16 + 1024;
 }
 
+// kTmaKv (keys = 2; kernels.md, version 49): a consumer's dK_w and dV_w leave through its dQ boxes by
+// tensor reductions (map_dk, map_dv: dk, dv as [N, Hkv * 128]), else by per-lane atomics.
+template <bool kTmaKv>
 __global__ void __launch_bounds__(kWkThreads, 1)
     AttnBwdWgmmaKeysKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                            const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
                            const float* __restrict__ delta, const int* __restrict__ row_start,
                            const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                            const __grid_constant__ CUtensorMap map_dq, const __grid_constant__ CUtensorMap map_q,
-                           const __grid_constant__ CUtensorMap map_do) {
+                           const __grid_constant__ CUtensorMap map_do, const __grid_constant__ CUtensorMap map_dk,
+                           const __grid_constant__ CUtensorMap map_dv) {
 #ifdef AHA_WGMMA
   constexpr int KK = 4, DN = 8, T = kWbTile, kStages = kWkStages;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -1372,12 +1379,36 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     }
   }
 
-  if (wt == 0) BulkWait<0>();  // the dQ reductions done before the block exits
   // This consumer's share of dk (scaled) and dv (the other query heads of the group add theirs).
+  if constexpr (kTmaKv) {
+    // Each through the four dQ boxes, once the last tile's have been read, added by four tensor
+    // reductions (keys past N are outside the maps); the boxes are read before dV goes over them.
+    const int ra = warp * 16 + g;
+    auto reduce = [&](const CUtensorMap* map, const float (&x)[2 * DN][4], float a) {
+      if (wt == 0) BulkWaitRead<0>();
+      NamedBarrier(1 + wg, 128);  // the boxes are free
+      StageDq(dq_s, x, ra, t, a, 0);
+      StageDq(dq_s + 2 * kWbDqBox, x, ra, t, a, DN);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
+      NamedBarrier(1 + wg, 128);
+      if (wt == 0) {
 #pragma unroll
-  for (int dn = 0; dn < 2 * DN; ++dn) {
-    AtomicAddFrag<128>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], scale, N, t);
-    AtomicAddFrag<128>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
+        for (int q = 0; q < 4; ++q) TmaReduceAdd(map, kvh * 128 + 32 * q, kw0, dq_sb + q * kWbDqBox);
+        BulkCommit();
+      }
+    };
+    if (kw0 < N) {  // uniform in the warpgroup
+      reduce(&map_dk, dK, scale);
+      reduce(&map_dv, dV, 1.0f);
+    }
+    if (wt == 0) BulkWait<0>();  // every reduction done before the block exits
+  } else {
+    if (wt == 0) BulkWait<0>();  // the dQ reductions done before the block exits
+#pragma unroll
+    for (int dn = 0; dn < 2 * DN; ++dn) {
+      AtomicAddFrag<128>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], scale, N, t);
+      AtomicAddFrag<128>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
+    }
   }
 #else
   __trap();  // built without sm_90a: AttentionBackwardWgmmaSupported() said no
@@ -1464,17 +1495,29 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   // D = 64: P^T and dS^T through shared memory, three blocks a multiprocessor, unless
   // AHA_ATTENTION_BWD_SS=0 (from registers, two blocks; the A/B).
   static const bool ss = !EnvOff("AHA_ATTENTION_BWD_SS");
-  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1, or -1 unless
-  // AHA_ATTENTION_BWD_KEYS=0 (the two-warpgroup kernel below; the A/B). On the H200 (kernels.md,
-  // version 48), ms a call at 16 / 8 heads: 0.880 against 1.032 at 16 x 1,024, 6.965 against 11.195 at
-  // 4 x 8,192.
-  static const bool keys_env = !EnvOff("AHA_ATTENTION_BWD_KEYS");
-  if (D == 128 && (keys < 0 ? keys_env : keys == 1)) {
+  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1 or 2, or -1 and
+  // AHA_ATTENTION_BWD_KEYS unset (1) or 2; 0 (either way) the two-warpgroup kernel below, the A/B. On
+  // the H200 (kernels.md, version 48), ms a call at 16 / 8 heads: 0.880 against 1.032 at 16 x 1,024,
+  // 6.965 against 11.195 at 4 x 8,192. 2: its dK and dV added by tensor reductions instead of per-lane
+  // atomics (version 49; not yet run on a GPU).
+  static const int keys_env = [] {
+    const char* e = std::getenv("AHA_ATTENTION_BWD_KEYS");
+    return e == nullptr || e[0] == '\0' ? 1 : e[0] == '0' ? 0 : e[0] == '2' ? 2 : 1;
+  }();
+  const int keys_way = keys < 0 ? keys_env : keys;
+  if (D == 128 && keys_way != 0) {
     const CUtensorMap map_q = SwizzledRowsMap(q16, N, Hq * D, kWbRows, "AttentionBackwardWgmma q");
     const CUtensorMap map_do = SwizzledRowsMap(dout16, N, Hq * D, kWbRows, "AttentionBackwardWgmma dout");
-    AllowSmem(AttnBwdWgmmaKeysKernel, WkSmem());
-    AttnBwdWgmmaKeysKernel<<<dim3(Hq, GridRows(N, kWkKeys)), kWkThreads, WkSmem(), s>>>(
-        dq, dk, dv, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq, Hkv, scale, map_dq, map_q, map_do);
+    const CUtensorMap map_dk = SwizzledRowsMapF32(dk, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dk");
+    const CUtensorMap map_dv = SwizzledRowsMapF32(dv, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dv");
+    auto launch_keys = [&](auto kernel) {
+      AllowSmem(kernel, WkSmem());
+      kernel<<<dim3(Hq, GridRows(N, kWkKeys)), kWkThreads, WkSmem(), s>>>(
+          dq, dk, dv, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq, Hkv, scale, map_dq, map_q, map_do, map_dk,
+          map_dv);
+    };
+    if (keys_way == 2) launch_keys(AttnBwdWgmmaKeysKernel<true>);
+    else launch_keys(AttnBwdWgmmaKeysKernel<false>);
     CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKeysKernel launch");
     return;
   }
