@@ -32,7 +32,7 @@ variant_runs() {
   shift
   for rep in $(seq "$reps"); do
     for v in "${variants[@]}"; do
-      local f="$out/${tag}_${v%%=*}_$rep.log"
+      local f="$out/${tag}_${v//[= ]/_}_$rep.log"  # default, or the variable and its value
       env ${v/default/AHA_NONE=1} "$@" > "$f" 2>&1
       echo "$tag $v $rep: $(grep -oE "$pattern" "$f" | tr '\n' ' ')"
     done
@@ -1462,15 +1462,16 @@ if [[ " $what " == *" s37b "* ]]; then
 fi
 if [[ " $what " == *" s37c "* ]]; then
   # Session 37 (not yet run): the keys kernel with its dK and dV added by tensor reductions (keys = 2,
-  # AHA_ATTENTION_BWD_KEYS=2) against per-lane atomics (the default): the attention tests (keys = 2
-  # against the two-warpgroup kernel) and timings (row bwd kred), the model tests with it on; then
-  # Qwen3-0.6B's step at 16 x 1,024 and 4 x 8,192 both ways, interleaved.
-  AHA_ATTENTION_BWD_KEYS=2 attn_tests s37c 'CudaModel.*:CudaOps.*Attention*' DISABLED_TrainingShape
+  # kernels.md version 49) and with that and its copies started before K and V are in (keys = 3,
+  # version 50), against per-lane atomics (the default, 1): the attention tests (2 and 3 against the
+  # two-warpgroup kernel) and timings (rows bwd kred, bwd kearly), the model tests with 3 on; then
+  # Qwen3-0.6B's step at 16 x 1,024 (two rounds) and 4 x 8,192 (one), the three interleaved.
+  AHA_ATTENTION_BWD_KEYS=3 attn_tests s37c 'CudaModel.*:CudaOps.*Attention*' DISABLED_TrainingShape
   init_model $q3 --arch qwen3 --preset 0.6b
-  variant_runs s37c_q3 2 "$train_pat" default AHA_ATTENTION_BWD_KEYS=2 -- timeout 60 dist/bin/aha bench train \
-    --model $q3 --steps 5
-  variant_runs s37c_q3_8192 1 "$train_pat" default AHA_ATTENTION_BWD_KEYS=2 -- timeout 100 dist/bin/aha bench \
-    train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
+  variant_runs s37c_q3 2 "$train_pat" default AHA_ATTENTION_BWD_KEYS=2 AHA_ATTENTION_BWD_KEYS=3 -- timeout 60 \
+    dist/bin/aha bench train --model $q3 --steps 5
+  variant_runs s37c_q3_8192 1 "$train_pat" default AHA_ATTENTION_BWD_KEYS=2 AHA_ATTENTION_BWD_KEYS=3 -- timeout 100 \
+    dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

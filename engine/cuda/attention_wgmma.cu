@@ -1193,9 +1193,11 @@ constexpr int WkSmem() {
   return WkTiles() * kWbTile + 2 * 4 * kWbDqBox + kWkStages * 3 * kWbRows * 4 + 2 * kWkStages * 8 + 16 + 1024;
 }
 
-// kTmaKv (keys = 2; kernels.md, version 49): a consumer's dK_w and dV_w leave through its dQ boxes by
-// tensor reductions (map_dk, map_dv: dk, dv as [N, Hkv * 128]), else by per-lane atomics.
-template <bool kTmaKv>
+// kTmaKv (keys = 2 and 3; kernels.md, version 49): a consumer's dK_w and dV_w leave through its dQ
+// boxes by tensor reductions (map_dk, map_dv: dk, dv as [N, Hkv * 128]), else by per-lane atomics.
+// kEarly (keys = 3; version 50): the copying warp starts as soon as the barriers exist, while each
+// consumer loads its own K_w and V_w and waits for its own warps only, not for the whole block.
+template <bool kTmaKv, bool kEarly>
 __global__ void __launch_bounds__(kWkThreads, 1)
     AttnBwdWgmmaKeysKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                            const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
@@ -1229,8 +1231,9 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
   }
-  if (wg < 2) {
-    // K_w and V_w rounded to bf16 (V unscaled), each half of D swizzled in its tile (zeros past N).
+  // K_w and V_w rounded to bf16 (V unscaled), each half of D swizzled in its tile (zeros past N); read
+  // by this consumer's products only.
+  auto load_kv = [&] {
 #pragma unroll 4
     for (int it = 0; it < 16; ++it) {
       const int f = wt + it * 128;  // 2048 float4 of a 64 x 128 tile
@@ -1247,10 +1250,18 @@ __global__ void __launch_bounds__(kWkThreads, 1)
       *reinterpret_cast<uint2*>(smem + 4 * T + at) = PackBf16x4(vx);
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // read by the tensor cores
+  };
+  // r_stop: the end of the last key's sequence; rows >= r_stop belong to later sequences; r_stop <= N.
+  int r_stop;
+  if constexpr (kEarly) {
+    __syncthreads();  // the barriers
+    r_stop = __ldg(cu + FindSeq(cu, S, k_last) + 1);
+  } else {
+    if (wg < 2) load_kv();
+    if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);
+    __syncthreads();  // K, V, r_stop, the barriers
+    r_stop = *r_stop_s;
   }
-  if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);  // the end of the last key's sequence
-  __syncthreads();  // K, V, r_stop, the barriers
-  const int r_stop = *r_stop_s;  // rows >= r_stop belong to later sequences; r_stop <= N
   const int tiles = (r_stop - k0 + kWbRows - 1) / kWbRows;
 
   if (wg == 2) {
@@ -1280,6 +1291,10 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if constexpr (kEarly) {
+    load_kv();
+    NamedBarrier(1 + wg, 128);  // this consumer's K_w and V_w
+  }
 
   const int kw0 = k0 + 64 * wg;
   const int keyA = kw0 + warp * 16 + g, keyB = keyA + 8;
@@ -1495,14 +1510,15 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   // D = 64: P^T and dS^T through shared memory, three blocks a multiprocessor, unless
   // AHA_ATTENTION_BWD_SS=0 (from registers, two blocks; the A/B).
   static const bool ss = !EnvOff("AHA_ATTENTION_BWD_SS");
-  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1 or 2, or -1 and
-  // AHA_ATTENTION_BWD_KEYS unset (1) or 2; 0 (either way) the two-warpgroup kernel below, the A/B. On
-  // the H200 (kernels.md, version 48), ms a call at 16 / 8 heads: 0.880 against 1.032 at 16 x 1,024,
-  // 6.965 against 11.195 at 4 x 8,192. 2: its dK and dV added by tensor reductions instead of per-lane
-  // atomics (version 49; not yet run on a GPU).
+  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1, 2 or 3, or -1 and
+  // AHA_ATTENTION_BWD_KEYS unset (1), 2 or 3; 0 (either way) the two-warpgroup kernel below, the A/B.
+  // On the H200 (kernels.md, version 48), ms a call at 16 / 8 heads: 0.880 against 1.032 at 16 x 1,024,
+  // 6.965 against 11.195 at 4 x 8,192. Not yet run on a GPU: 2 adds its dK and dV by tensor
+  // reductions instead of per-lane atomics (version 49), 3 also starts the copies before K and V are
+  // in (version 50).
   static const int keys_env = [] {
     const char* e = std::getenv("AHA_ATTENTION_BWD_KEYS");
-    return e == nullptr || e[0] == '\0' ? 1 : e[0] == '0' ? 0 : e[0] == '2' ? 2 : 1;
+    return e == nullptr || e[0] < '0' || e[0] > '3' || e[1] != '\0' ? 1 : e[0] - '0';
   }();
   const int keys_way = keys < 0 ? keys_env : keys;
   if (D == 128 && keys_way != 0) {
@@ -1516,8 +1532,9 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
           dq, dk, dv, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq, Hkv, scale, map_dq, map_q, map_do, map_dk,
           map_dv);
     };
-    if (keys_way == 2) launch_keys(AttnBwdWgmmaKeysKernel<true>);
-    else launch_keys(AttnBwdWgmmaKeysKernel<false>);
+    if (keys_way == 3) launch_keys(AttnBwdWgmmaKeysKernel<true, true>);
+    else if (keys_way == 2) launch_keys(AttnBwdWgmmaKeysKernel<true, false>);
+    else launch_keys(AttnBwdWgmmaKeysKernel<false, false>);
     CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKeysKernel launch");
     return;
   }
