@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [s34c] [s35a] [s35b] [s35c] [s35d] [s35e] [s36a] [s37a] [s37b] [s37c] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [s34c] [s35a] [s35b] [s35c] [s35d] [s35e] [s36a] [s37a] [s37b] [s37c] [s37d] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -1472,6 +1472,15 @@ if [[ " $what " == *" s37c "* ]]; then
     dist/bin/aha bench train --model $q3 --steps 5
   variant_runs s37c_q3_8192 1 "$train_pat" default AHA_ATTENTION_BWD_KEYS=2 AHA_ATTENTION_BWD_KEYS=3 -- timeout 100 \
     dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
+fi
+if [[ " $what " == *" s37d "* ]]; then
+  # Session 37 (not yet run): the D = 64 backward with its dK and dV added by tensor reductions
+  # (AHA_ATTENTION_BWD_KV_TMA=1, kernels.md version 51) against per-lane atomics (the default): the
+  # attention tests and timings with it on (the wgmma backward against mma.sync; row 16x1024 H=14/2
+  # D=64 backward), the model tests with it on; then the bench's step at 16 x 1,024, two rounds.
+  AHA_ATTENTION_BWD_KV_TMA=1 attn_tests s37d 'CudaModel.*:CudaOps.*Attention*' DISABLED_TrainingShape
+  variant_runs s37d_05b 2 "$train_pat" default AHA_ATTENTION_BWD_KV_TMA=1 -- timeout 60 dist/bin/aha bench train \
+    --model $model
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

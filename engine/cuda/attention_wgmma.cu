@@ -589,14 +589,17 @@ __device__ __forceinline__ void StoreDsT(unsigned char* ds_s, const uint32_t (&s
   }
 }
 
-template <int kStages, bool kSs>
+// kTmaKv (kernels.md, version 51; AHA_ATTENTION_BWD_KV_TMA=1): dK and dV leave through dQ's two boxes
+// by tensor reductions (map_dk, map_dv: dk, dv as [N, Hkv * 64]), else by per-lane atomics.
+template <int kStages, bool kSs, bool kTmaKv = false>
 __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                        const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
                        const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
                        const float* __restrict__ delta, const int* __restrict__ row_start,
                        const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
-                       const __grid_constant__ CUtensorMap map_dq) {
+                       const __grid_constant__ CUtensorMap map_dq, const __grid_constant__ CUtensorMap map_dk,
+                       const __grid_constant__ CUtensorMap map_dv) {
 #ifdef AHA_WGMMA
   constexpr int KK = 4, DN = 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -778,12 +781,32 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
   }
   if (kStages == 3) CpAsyncWaitAll();  // a second tile copied ahead that no row of the block reads
 
-  if (tid == 0) BulkWait<0>();  // the dQ reductions done before the block exits
   // This block's share of dk, dv (the other query heads of the group add theirs).
+  if constexpr (kTmaKv) {
+    // Each through dQ's two boxes, once the last tile's have been read, added by two tensor
+    // reductions (keys past N lie outside the maps); the boxes are read before dV goes over them.
+    auto reduce = [&](const CUtensorMap* map, const float (&x)[DN][4]) {
+      if (tid == 0) BulkWaitRead<0>();
+      __syncthreads();  // the boxes are free
+      StageDq(dq_s, x, warp * 16 + g, t, 1.0f);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
+      __syncthreads();
+      if (tid == 0) {
+        TmaReduceAdd(map, kvh * 64, k0, dq_sb);
+        TmaReduceAdd(map, kvh * 64 + 32, k0, dq_sb + kWbDqBox);
+        BulkCommit();
+      }
+    };
+    reduce(&map_dk, dK);
+    reduce(&map_dv, dV);
+    if (tid == 0) BulkWait<0>();  // every reduction done before the block exits
+  } else {
+    if (tid == 0) BulkWait<0>();  // the dQ reductions done before the block exits
 #pragma unroll
-  for (int dn = 0; dn < DN; ++dn) {
-    AtomicAddFrag<64>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], 1.0f, N, t);
-    AtomicAddFrag<64>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
+    for (int dn = 0; dn < DN; ++dn) {
+      AtomicAddFrag<64>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], 1.0f, N, t);
+      AtomicAddFrag<64>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
+    }
   }
 #else
   __trap();  // built without sm_90a: AttentionBackwardWgmmaSupported() said no
@@ -1543,9 +1566,25 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
     kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,
                                        Hkv, scale, map_dq);
   };
-  if (D == 64 && ss) launch(AttnBwdWgmmaKernel<2, true>, kWbThreads, WbSmemSs());
-  else if (D == 64 && stages == 3) launch(AttnBwdWgmmaKernel<3, false>, kWbThreads, WbSmem<3>());
-  else if (D == 64) launch(AttnBwdWgmmaKernel<2, false>, kWbThreads, WbSmem<2>());
+  // D = 64: dk and dv added by tensor reductions with AHA_ATTENTION_BWD_KV_TMA=1 (version 51; not yet
+  // run on a GPU), else by per-lane atomics.
+  static const bool kv_tma = [] {
+    const char* e = std::getenv("AHA_ATTENTION_BWD_KV_TMA");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  auto launch64 = [&](auto kernel, int smem) {
+    // The atomics' kernels take dq's map in their places, unread.
+    const bool maps = kv_tma && ss;
+    const CUtensorMap map_dk = maps ? SwizzledRowsMapF32(dk, N, Hkv * 64, kWbRows, "AttentionBackward dk") : map_dq;
+    const CUtensorMap map_dv = maps ? SwizzledRowsMapF32(dv, N, Hkv * 64, kWbRows, "AttentionBackward dv") : map_dq;
+    AllowSmem(kernel, smem);
+    kernel<<<grid, kWbThreads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N,
+                                          Hq, Hkv, scale, map_dq, map_dk, map_dv);
+  };
+  if (D == 64 && ss && kv_tma) launch64(AttnBwdWgmmaKernel<2, true, true>, WbSmemSs());
+  else if (D == 64 && ss) launch64(AttnBwdWgmmaKernel<2, true>, WbSmemSs());
+  else if (D == 64 && stages == 3) launch64(AttnBwdWgmmaKernel<3, false>, WbSmem<3>());
+  else if (D == 64) launch64(AttnBwdWgmmaKernel<2, false>, WbSmem<2>());
   else if (stages == 3 && halves && pipe) launch(AttnBwdWgmma128Kernel<3, true, true>, kWb2Threads, Wb2Smem<3>());
   else if (stages == 3 && halves) launch(AttnBwdWgmma128Kernel<3, true, false>, kWb2Threads, Wb2Smem<3>());
   else if (stages == 3) launch(AttnBwdWgmma128Kernel<3, false, false>, kWb2Threads, Wb2Smem<3>());
