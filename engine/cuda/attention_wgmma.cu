@@ -1547,8 +1547,10 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   if (D == 128 && keys_way != 0) {
     const CUtensorMap map_q = SwizzledRowsMap(q16, N, Hq * D, kWbRows, "AttentionBackwardWgmma q");
     const CUtensorMap map_do = SwizzledRowsMap(dout16, N, Hq * D, kWbRows, "AttentionBackwardWgmma dout");
-    const CUtensorMap map_dk = SwizzledRowsMapF32(dk, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dk");
-    const CUtensorMap map_dv = SwizzledRowsMapF32(dv, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dv");
+    // The atomics' kernel (1) takes dq's map in their places, unread.
+    const bool maps = keys_way >= 2;
+    const CUtensorMap map_dk = maps ? SwizzledRowsMapF32(dk, N, Hkv * D, kWbRows, "AttentionBackward dk") : map_dq;
+    const CUtensorMap map_dv = maps ? SwizzledRowsMapF32(dv, N, Hkv * D, kWbRows, "AttentionBackward dv") : map_dq;
     auto launch_keys = [&](auto kernel) {
       AllowSmem(kernel, WkSmem());
       kernel<<<dim3(Hq, GridRows(N, kWkKeys)), kWkThreads, WkSmem(), s>>>(
@@ -1596,10 +1598,11 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
 // The forward's copy stages: 0 when the driver has no tensor-map encoder; else `stages` when it is 0
 // (AttnFwdWgmmaKernel: every thread copies with cp.async, two buffers) or 2 .. 4
 // (AttnFwdWgmmaTmaKernel), else AHA_ATTENTION_FWD_STAGES when it says 0 .. 4 (the A/B switch), else 2
-// at D = 128; at D = 64 2 when the S sequences of the N rows average at least 8,192, else 0. Measured on the H200 (kernels.md, version 47), ms a call of stages 0 / 2 / 3 /
-// 4: at 16 / 8 heads of 128, 16 x 1,024 tokens 0.282 / 0.236 / 0.238 / 0.234 and 4 x 8,192 2.893 /
-// 2.189 / 2.448 / 2.337; at 14 / 2 heads of 64 (three warpgroups a block against two blocks of two)
-// 0.128 / 0.135 / 0.136 / 0.134 and 1.218 / 1.145 / 1.164 / 1.155.
+// at D = 128; at D = 64 2 when the S sequences of the N rows average at least 8,192, else 0. Measured
+// on the H200 (kernels.md, version 47), ms a call of stages 0 / 2 / 3 / 4: at 16 / 8 heads of 128,
+// 16 x 1,024 tokens 0.282 / 0.236 / 0.238 / 0.234 and 4 x 8,192 2.893 / 2.189 / 2.448 / 2.337; at
+// 14 / 2 heads of 64 (three warpgroups a block against two blocks of two) 0.128 / 0.135 / 0.136 /
+// 0.134 and 1.218 / 1.145 / 1.164 / 1.155.
 int WgFwdStages(int stages, int D, int N, int S) {
   static const int from_env = [] {
     const char* e = std::getenv("AHA_ATTENTION_FWD_STAGES");
