@@ -494,6 +494,18 @@ __device__ __forceinline__ void StageDq(unsigned char* dq_s, const float (&dQ)[k
   }
 }
 
+// kBoxes staging boxes of 64 rows x 32 f32 columns at sb (StageDq's layout, each kWbDqBox bytes after
+// the one before) added by tensor reductions into the map's rows row .. row + 63, columns col ..
+// col + 32 kBoxes - 1, as one bulk group (one thread; BulkWaitRead / BulkWait track it).
+#ifdef AHA_WGMMA
+template <int kBoxes>
+__device__ __forceinline__ void ReduceBoxes(const CUtensorMap* map, int col, int row, uint32_t sb) {
+#pragma unroll
+  for (int x = 0; x < kBoxes; ++x) TmaReduceAdd(map, col + 32 * x, row, sb + x * kWbDqBox);
+  BulkCommit();
+}
+#endif
+
 // The three products of a backward tile with P^T and dS^T in shared memory (one commit group, not
 // waited for): dV += P^T dO and dK += dS^T Q (A K-major from the P^T / dS^T tiles at psb, dsb; B the
 // dO / Q tile read N-major), dQ = dS K (A = dS^T read M-major, B the K tile read N-major). dob, qb and
@@ -760,9 +772,7 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
       __syncthreads();
       if (tid == 0) {
-        TmaReduceAdd(&map_dq, h * 64, rt, dq_sb);
-        TmaReduceAdd(&map_dq, h * 64 + 32, rt, dq_sb + kWbDqBox);
-        BulkCommit();
+        ReduceBoxes<2>(&map_dq, h * 64, rt, dq_sb);
       }
     };
     // Block-uniform: some row of the tile sees some key (the rows start at rt >= k0, so each sees k0
@@ -791,11 +801,7 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
       StageDq(dq_s, x, warp * 16 + g, t, 1.0f);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
       __syncthreads();
-      if (tid == 0) {
-        TmaReduceAdd(map, kvh * 64, k0, dq_sb);
-        TmaReduceAdd(map, kvh * 64 + 32, k0, dq_sb + kWbDqBox);
-        BulkCommit();
-      }
+      if (tid == 0) ReduceBoxes<2>(map, kvh * 64, k0, dq_sb);
     };
     reduce(&map_dk, dK);
     reduce(&map_dv, dV);
@@ -1008,9 +1014,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     NamedBarrier(1 + wg, 128);  // this warpgroup's boxes are written
     if (wt == 0) {
-      TmaReduceAdd(&map_dq, h * 128 + wg * 64, rt, dq_sb);
-      TmaReduceAdd(&map_dq, h * 128 + wg * 64 + 32, rt, dq_sb + kWbDqBox);
-      BulkCommit();
+      ReduceBoxes<2>(&map_dq, h * 128 + wg * 64, rt, dq_sb);
     }
   };
   // Whether a tile needs no mask: its rows see all of the block's keys whole.
@@ -1411,9 +1415,7 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     NamedBarrier(1 + wg, 128);  // the boxes are written; every warp is done with stage b
     if (wt == 0) {
       MbarArrive(empty(b));
-#pragma unroll
-      for (int x = 0; x < 4; ++x) TmaReduceAdd(&map_dq, h * 128 + 32 * x, rt, dq_sb + x * kWbDqBox);
-      BulkCommit();
+      ReduceBoxes<4>(&map_dq, h * 128, rt, dq_sb);
     }
   }
 
@@ -1429,11 +1431,7 @@ __global__ void __launch_bounds__(kWkThreads, 1)
       StageDq(dq_s + 2 * kWbDqBox, x, ra, t, a, DN);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
       NamedBarrier(1 + wg, 128);
-      if (wt == 0) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) TmaReduceAdd(map, kvh * 128 + 32 * q, kw0, dq_sb + q * kWbDqBox);
-        BulkCommit();
-      }
+      if (wt == 0) ReduceBoxes<4>(map, kvh * 128, kw0, dq_sb);
     };
     if (kw0 < N) {  // uniform in the warpgroup
       reduce(&map_dk, dK, scale);
@@ -1520,6 +1518,11 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   const dim3 grid(Hq, GridRows(N, kWbRows));
   // dq as [N, Hq * D] f32, reduced into in boxes of 64 rows x 32 columns.
   const CUtensorMap map_dq = SwizzledRowsMapF32(dq, N, Hq * D, kWbRows, "AttentionBackwardWgmma dq");
+  // dk or dv as [N, Hkv * D] for the kernels that add them by tensor reductions (`used`); the others
+  // take dq's map in its place, unread.
+  auto kv_map = [&](float* x, bool used) {
+    return used ? SwizzledRowsMapF32(x, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dk / dv") : map_dq;
+  };
   // Q and dO two tiles ahead (three stages) unless AHA_ATTENTION_BWD_STAGES=2 (one ahead; the A/B).
   static const int stages = [] {
     const char* e = std::getenv("AHA_ATTENTION_BWD_STAGES");
@@ -1547,10 +1550,7 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   if (D == 128 && keys_way != 0) {
     const CUtensorMap map_q = SwizzledRowsMap(q16, N, Hq * D, kWbRows, "AttentionBackwardWgmma q");
     const CUtensorMap map_do = SwizzledRowsMap(dout16, N, Hq * D, kWbRows, "AttentionBackwardWgmma dout");
-    // The atomics' kernel (1) takes dq's map in their places, unread.
-    const bool maps = keys_way >= 2;
-    const CUtensorMap map_dk = maps ? SwizzledRowsMapF32(dk, N, Hkv * D, kWbRows, "AttentionBackward dk") : map_dq;
-    const CUtensorMap map_dv = maps ? SwizzledRowsMapF32(dv, N, Hkv * D, kWbRows, "AttentionBackward dv") : map_dq;
+    const CUtensorMap map_dk = kv_map(dk, keys_way >= 2), map_dv = kv_map(dv, keys_way >= 2);
     auto launch_keys = [&](auto kernel) {
       AllowSmem(kernel, WkSmem());
       kernel<<<dim3(Hq, GridRows(N, kWkKeys)), kWkThreads, WkSmem(), s>>>(
@@ -1575,10 +1575,7 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
     return e != nullptr && std::strcmp(e, "1") == 0;
   }();
   auto launch64 = [&](auto kernel, int smem) {
-    // The atomics' kernels take dq's map in their places, unread.
-    const bool maps = kv_tma && ss;
-    const CUtensorMap map_dk = maps ? SwizzledRowsMapF32(dk, N, Hkv * 64, kWbRows, "AttentionBackward dk") : map_dq;
-    const CUtensorMap map_dv = maps ? SwizzledRowsMapF32(dv, N, Hkv * 64, kWbRows, "AttentionBackward dv") : map_dq;
+    const CUtensorMap map_dk = kv_map(dk, kv_tma && ss), map_dv = kv_map(dv, kv_tma && ss);
     AllowSmem(kernel, smem);
     kernel<<<grid, kWbThreads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N,
                                           Hq, Hkv, scale, map_dq, map_dk, map_dv);

@@ -248,8 +248,8 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
 // unscaled) q is not read. keys (D = 128): 1 runs the kernel in FlashAttention-3's layout (128 keys a
 // block, a warpgroup's 64 keys each, a copying warpgroup), 2 the same with dk and dv added by tensor
 // reductions, 3 that with the Q / dO copies started before K and V are in, 0 the two warpgroups on
-// halves of D, -1 as AHA_ATTENTION_BWD_KEYS says (unset: 1). The two agree up to the order of
-// the atomics.
+// halves of D, -1 as AHA_ATTENTION_BWD_KEYS says (unset: 1). All agree up to the order of their
+// additions into dq, dk and dv.
 bool AttentionBackwardWgmmaSupported(int D);
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
