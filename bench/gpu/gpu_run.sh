@@ -6,7 +6,7 @@
 #       build/tests/engine_attention_tc_test build/tests/engine_nccl_group_test \
 #       build/tests/engine_nccl_publish_test
 # then on the GPU machine (two GPUs for the NCCL test and `aha bench sync`):
-#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [s34c] [s35a] [s35b] [s35c] [s35d] [s35e] [s36a] [s37a] [s37b] [s37c] [s37d] [gemm] [peer]
+#   bench/gpu/gpu_run.sh OUT_DIR [tests] [bench] [ab] [ab6] [s6] [s7] [s8] [s9] [s10] [s11] [s13] [s13w] [s14] [s15] [s15c] [s15g] [s17w] [s18] [s18b] [s18c] [s18d] [s18e] [s18f] [s19a] [s19b] [s19c] [s19d] [s20a] [s20b] [s20c] [s22] [s23] [s23b] [s24] [s24b] [s24c] [s24d] [s24e] [s25a] [s25d] [s25e] [s26a] [s26b] [s26c] [s26d] [s26e] [s27a] [s27b] [s27c] [s27d] [s28a] [s28b] [s28c] [s28d] [s28e] [s28f] [s28g] [s29a] [s29b] [s29c] [s29d] [s29e] [s29f] [s29g] [s29h] [s30a] [s30b] [s30c] [s30d] [s30e] [s30f] [s30g] [s30h] [s30i] [s31a] [s31b] [s31c] [s31d] [s31e] [s31f] [s32a] [s32b] [s32c] [s32d] [s33a] [s33b] [s33c] [s34a] [s34b] [s34c] [s35a] [s35b] [s35c] [s35d] [s35e] [s36a] [s37a] [s37b] [s37c] [s37d] [s38a] [gemm] [peer]
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,7 +17,7 @@ what=${*:-tests bench gemm peer}
 mkdir -p "$out"
 # The 0.5B shape with random weights, made once (every bench below reads it).
 model=/tmp/aha-0.5b
-if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *s33* || $what == *s34* || $what == *s35* || $what == *s36* || $what == *s37* || $what == *peer* ]]; then
+if [[ $what == *bench* || $what == *ab* || $what == *s6* || $what == *s7* || $what == *s8* || $what == *s9* || $what == *s10* || $what == *s11* || $what == *s13* || $what == *s14* || $what == *s15* || $what == *s17* || $what == *s18* || $what == *s19* || $what == *s20* || $what == *s22* || $what == *s23* || $what == *s24* || $what == *s25d* || $what == *s25e* || $what == *s26* || $what == *s27b* || $what == *s27c* || $what == *s27d* || $what == *s28* || $what == *s29* || $what == *s30* || $what == *s31* || $what == *s32* || $what == *s33* || $what == *s34* || $what == *s35* || $what == *s36* || $what == *s37* || $what == *s38* || $what == *peer* ]]; then
   [ -d $model ] || dist/bin/aha init --preset 0.5b --out $model > /dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$out/gpu.txt"
@@ -1461,7 +1461,8 @@ if [[ " $what " == *" s37b "* ]]; then
   around_peer s37b_05b $model ""
 fi
 if [[ " $what " == *" s37c "* ]]; then
-  # Session 37 (not yet run): the keys kernel with its dK and dV added by tensor reductions (keys = 2,
+  # Session 37 (run in session 38, which kept 3's form as the only one and removed the variable's 2
+  # and 3): the keys kernel with its dK and dV added by tensor reductions (keys = 2,
   # kernels.md version 49) and with that and its copies started before K and V are in (keys = 3,
   # version 50), against per-lane atomics (the default, 1): the attention tests (2 and 3 against the
   # two-warpgroup kernel) and timings (rows bwd kred, bwd kearly), the model tests with 3 on; then
@@ -1474,13 +1475,20 @@ if [[ " $what " == *" s37c "* ]]; then
     dist/bin/aha bench train --model $q3 --sequences 4 --seq-len 8192 --prompt-len 1024 --steps 3
 fi
 if [[ " $what " == *" s37d "* ]]; then
-  # Session 37 (not yet run): the D = 64 backward with its dK and dV added by tensor reductions
+  # Session 37 (run in session 38; not kept, the variable is gone): the D = 64 backward with its dK and dV added by tensor reductions
   # (AHA_ATTENTION_BWD_KV_TMA=1, kernels.md version 51) against per-lane atomics (the default): the
   # attention tests and timings with it on (the wgmma backward against mma.sync; row 16x1024 H=14/2
   # D=64 backward), the model tests with it on; then the bench's step at 16 x 1,024, two rounds.
   AHA_ATTENTION_BWD_KV_TMA=1 attn_tests s37d 'CudaModel.*:CudaOps.*Attention*' DISABLED_TrainingShape
   variant_runs s37d_05b 2 "$train_pat" default AHA_ATTENTION_BWD_KV_TMA=1 -- timeout 60 dist/bin/aha bench train \
     --model $model
+fi
+if [[ " $what " == *" s38a "* ]]; then
+  # Session 38: the keys kernel in version 50's form the only one: the attention tests and timings,
+  # the whole conformance test, Qwen3-0.6B's step at 16 x 1,024 around the compiled peer's.
+  attn_tests s38a '*' DISABLED_TrainingShape
+  init_model $q3 --arch qwen3 --preset 0.6b
+  around_peer s38a_q3 $q3 "" --steps 5
 fi
 if [[ $what == *gemm* ]]; then
   timeout 180 dist/bin/aha bench gemm > "$out/gemm.txt" 2>&1

@@ -601,17 +601,14 @@ __device__ __forceinline__ void StoreDsT(unsigned char* ds_s, const uint32_t (&s
   }
 }
 
-// kTmaKv (kernels.md, version 51; AHA_ATTENTION_BWD_KV_TMA=1): dK and dV leave through dQ's two boxes
-// by tensor reductions (map_dk, map_dv: dk, dv as [N, Hkv * 64]), else by per-lane atomics.
-template <int kStages, bool kSs, bool kTmaKv = false>
+template <int kStages, bool kSs>
 __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
     AttnBwdWgmmaKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                        const uint16_t* __restrict__ dout16, const uint16_t* __restrict__ q16,
                        const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
                        const float* __restrict__ delta, const int* __restrict__ row_start,
                        const int32_t* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
-                       const __grid_constant__ CUtensorMap map_dq, const __grid_constant__ CUtensorMap map_dk,
-                       const __grid_constant__ CUtensorMap map_dv) {
+                       const __grid_constant__ CUtensorMap map_dq) {
 #ifdef AHA_WGMMA
   constexpr int KK = 4, DN = 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -791,28 +788,14 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
   }
   if (kStages == 3) CpAsyncWaitAll();  // a second tile copied ahead that no row of the block reads
 
-  // This block's share of dk, dv (the other query heads of the group add theirs).
-  if constexpr (kTmaKv) {
-    // Each through dQ's two boxes, once the last tile's have been read, added by two tensor
-    // reductions (keys past N lie outside the maps); the boxes are read before dV goes over them.
-    auto reduce = [&](const CUtensorMap* map, const float (&x)[DN][4]) {
-      if (tid == 0) BulkWaitRead<0>();
-      __syncthreads();  // the boxes are free
-      StageDq(dq_s, x, warp * 16 + g, t, 1.0f);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
-      __syncthreads();
-      if (tid == 0) ReduceBoxes<2>(map, kvh * 64, k0, dq_sb);
-    };
-    reduce(&map_dk, dK);
-    reduce(&map_dv, dV);
-    if (tid == 0) BulkWait<0>();  // every reduction done before the block exits
-  } else {
-    if (tid == 0) BulkWait<0>();  // the dQ reductions done before the block exits
+  // This block's share of dk, dv (the other query heads of the group add theirs). Adding them by
+  // tensor reductions through dQ's boxes instead ran 1.3% faster alone and lost 0.8 ms of the step
+  // (kernels.md, version 51; not kept).
+  if (tid == 0) BulkWait<0>();  // the dQ reductions done before the block exits
 #pragma unroll
-    for (int dn = 0; dn < DN; ++dn) {
-      AtomicAddFrag<64>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], 1.0f, N, t);
-      AtomicAddFrag<64>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
-    }
+  for (int dn = 0; dn < DN; ++dn) {
+    AtomicAddFrag<64>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], 1.0f, N, t);
+    AtomicAddFrag<64>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
   }
 #else
   __trap();  // built without sm_90a: AttentionBackwardWgmmaSupported() said no
@@ -1214,17 +1197,17 @@ constexpr int kWkThreads = 384;
 constexpr int kWkStages = 2;
 // Tiles: K_w half j at (2 w + j) T, V_w half j at (4 + 2 w + j) T, stage b's Q half j at (8 + 4 b + j) T
 // and dO half j at (10 + 4 b + j) T, dS^T of consumer w at (8 + 4 kStages + w) T | consumer w's four dQ
-// boxes | kStages x (lse log2 e, delta, row start)[64] | 2 kStages barriers | r_stop | alignment.
+// boxes | kStages x (lse log2 e, delta, row start)[64] | 2 kStages barriers | alignment.
 constexpr int WkTiles() { return 8 + 4 * kWkStages + 2; }
 constexpr int WkSmem() {
-  return WkTiles() * kWbTile + 2 * 4 * kWbDqBox + kWkStages * 3 * kWbRows * 4 + 2 * kWkStages * 8 + 16 + 1024;
+  return WkTiles() * kWbTile + 2 * 4 * kWbDqBox + kWkStages * 3 * kWbRows * 4 + 2 * kWkStages * 8 + 1024;
 }
 
-// kTmaKv (keys = 2 and 3; kernels.md, version 49): a consumer's dK_w and dV_w leave through its dQ
-// boxes by tensor reductions (map_dk, map_dv: dk, dv as [N, Hkv * 128]), else by per-lane atomics.
-// kEarly (keys = 3; version 50): the copying warp starts as soon as the barriers exist, while each
-// consumer loads its own K_w and V_w and waits for its own warps only, not for the whole block.
-template <bool kTmaKv, bool kEarly>
+// The copying warp starts as soon as the barriers exist, while each consumer loads its own K_w and
+// V_w and waits for its own warps only (kernels.md, version 50); at the end a consumer's dK_w and
+// dV_w leave through its dQ boxes by tensor reductions (map_dk, map_dv: dk, dv as [N, Hkv * 128];
+// version 49). Against per-lane atomics after a whole-block start (version 48) the two took the
+// kernel from 0.882 to 0.837 ms at 16 x 1,024 (16 / 8 heads) and left 4 x 8,192 as it was.
 __global__ void __launch_bounds__(kWkThreads, 1)
     AttnBwdWgmmaKeysKernel(float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
                            const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
@@ -1247,7 +1230,6 @@ __global__ void __launch_bounds__(kWkThreads, 1)
   unsigned char* dq_all = smem + WkTiles() * T;
   float* stats = reinterpret_cast<float*>(dq_all + 2 * 4 * kWbDqBox);  // stage b's at 3 b * 64
   const uint32_t bars = SmemAddr(stats + kStages * 3 * kWbRows);
-  int* r_stop_s = reinterpret_cast<int*>(stats + kStages * 3 * kWbRows + 4 * kStages);
   auto full = [&](int b) { return bars + 8u * b; };
   auto empty = [&](int b) { return bars + 8u * (kStages + b); };
 
@@ -1258,37 +1240,9 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
   }
-  // K_w and V_w rounded to bf16 (V unscaled), each half of D swizzled in its tile (zeros past N); read
-  // by this consumer's products only.
-  auto load_kv = [&] {
-#pragma unroll 4
-    for (int it = 0; it < 16; ++it) {
-      const int f = wt + it * 128;  // 2048 float4 of a 64 x 128 tile
-      const int rr = f >> 5, d4 = f & 31, half = d4 >> 4, dh = d4 & 15;
-      const int key = k0 + 64 * wg + rr;
-      float4 kx = Zero4(), vx = Zero4();
-      if (key < N) {
-        const size_t off = (static_cast<size_t>(key) * Hkv + kvh) * 128 + d4 * 4;
-        kx = Ldg4(k + off);
-        vx = Ldg4(v + off);
-      }
-      const int at = (2 * wg + half) * T + Swizzled128(rr, dh >> 1) + (dh & 1) * 8;
-      *reinterpret_cast<uint2*>(smem + at) = PackBf16x4(kx);
-      *reinterpret_cast<uint2*>(smem + 4 * T + at) = PackBf16x4(vx);
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // read by the tensor cores
-  };
+  __syncthreads();  // the barriers
   // r_stop: the end of the last key's sequence; rows >= r_stop belong to later sequences; r_stop <= N.
-  int r_stop;
-  if constexpr (kEarly) {
-    __syncthreads();  // the barriers
-    r_stop = __ldg(cu + FindSeq(cu, S, k_last) + 1);
-  } else {
-    if (wg < 2) load_kv();
-    if (tid == 0) *r_stop_s = __ldg(cu + FindSeq(cu, S, k_last) + 1);
-    __syncthreads();  // K, V, r_stop, the barriers
-    r_stop = *r_stop_s;
-  }
+  const int r_stop = __ldg(cu + FindSeq(cu, S, k_last) + 1);
   const int tiles = (r_stop - k0 + kWbRows - 1) / kWbRows;
 
   if (wg == 2) {
@@ -1318,10 +1272,25 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  if constexpr (kEarly) {
-    load_kv();
-    NamedBarrier(1 + wg, 128);  // this consumer's K_w and V_w
+  // K_w and V_w rounded to bf16 (V unscaled), each half of D swizzled in its tile (zeros past N); read
+  // by this consumer's products only.
+#pragma unroll 4
+  for (int it = 0; it < 16; ++it) {
+    const int f = wt + it * 128;  // 2048 float4 of a 64 x 128 tile
+    const int rr = f >> 5, d4 = f & 31, half = d4 >> 4, dh = d4 & 15;
+    const int key = k0 + 64 * wg + rr;
+    float4 kx = Zero4(), vx = Zero4();
+    if (key < N) {
+      const size_t off = (static_cast<size_t>(key) * Hkv + kvh) * 128 + d4 * 4;
+      kx = Ldg4(k + off);
+      vx = Ldg4(v + off);
+    }
+    const int at = (2 * wg + half) * T + Swizzled128(rr, dh >> 1) + (dh & 1) * 8;
+    *reinterpret_cast<uint2*>(smem + at) = PackBf16x4(kx);
+    *reinterpret_cast<uint2*>(smem + 4 * T + at) = PackBf16x4(vx);
   }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // read by the tensor cores
+  NamedBarrier(1 + wg, 128);  // this consumer's K_w and V_w
 
   const int kw0 = k0 + 64 * wg;
   const int keyA = kw0 + warp * 16 + g, keyB = keyA + 8;
@@ -1419,33 +1388,24 @@ __global__ void __launch_bounds__(kWkThreads, 1)
     }
   }
 
-  // This consumer's share of dk (scaled) and dv (the other query heads of the group add theirs).
-  if constexpr (kTmaKv) {
-    // Each through the four dQ boxes, once the last tile's have been read, added by four tensor
-    // reductions (keys past N are outside the maps); the boxes are read before dV goes over them.
-    const int ra = warp * 16 + g;
-    auto reduce = [&](const CUtensorMap* map, const float (&x)[2 * DN][4], float a) {
-      if (wt == 0) BulkWaitRead<0>();
-      NamedBarrier(1 + wg, 128);  // the boxes are free
-      StageDq(dq_s, x, ra, t, a, 0);
-      StageDq(dq_s + 2 * kWbDqBox, x, ra, t, a, DN);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
-      NamedBarrier(1 + wg, 128);
-      if (wt == 0) ReduceBoxes<4>(map, kvh * 128, kw0, dq_sb);
-    };
-    if (kw0 < N) {  // uniform in the warpgroup
-      reduce(&map_dk, dK, scale);
-      reduce(&map_dv, dV, 1.0f);
-    }
-    if (wt == 0) BulkWait<0>();  // every reduction done before the block exits
-  } else {
-    if (wt == 0) BulkWait<0>();  // the dQ reductions done before the block exits
-#pragma unroll
-    for (int dn = 0; dn < 2 * DN; ++dn) {
-      AtomicAddFrag<128>(dk, Hkv, kvh, keyA, keyB, dn * 8, dK[dn], scale, N, t);
-      AtomicAddFrag<128>(dv, Hkv, kvh, keyA, keyB, dn * 8, dV[dn], 1.0f, N, t);
-    }
+  // This consumer's share of dk (scaled) and dv (the other query heads of the group add theirs), each
+  // through the four dQ boxes once the last tile's have been read, added by four tensor reductions
+  // (keys past N are outside the maps); the boxes are read before dV goes over them.
+  const int ra = warp * 16 + g;
+  auto reduce = [&](const CUtensorMap* map, const float (&x)[2 * DN][4], float a) {
+    if (wt == 0) BulkWaitRead<0>();
+    NamedBarrier(1 + wg, 128);  // the boxes are free
+    StageDq(dq_s, x, ra, t, a, 0);
+    StageDq(dq_s + 2 * kWbDqBox, x, ra, t, a, DN);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
+    NamedBarrier(1 + wg, 128);
+    if (wt == 0) ReduceBoxes<4>(map, kvh * 128, kw0, dq_sb);
+  };
+  if (kw0 < N) {  // uniform in the warpgroup
+    reduce(&map_dk, dK, scale);
+    reduce(&map_dv, dV, 1.0f);
   }
+  if (wt == 0) BulkWait<0>();  // every reduction done before the block exits
 #else
   __trap();  // built without sm_90a: AttentionBackwardWgmmaSupported() said no
 #endif
@@ -1518,11 +1478,6 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   const dim3 grid(Hq, GridRows(N, kWbRows));
   // dq as [N, Hq * D] f32, reduced into in boxes of 64 rows x 32 columns.
   const CUtensorMap map_dq = SwizzledRowsMapF32(dq, N, Hq * D, kWbRows, "AttentionBackwardWgmma dq");
-  // dk or dv as [N, Hkv * D] for the kernels that add them by tensor reductions (`used`); the others
-  // take dq's map in its place, unread.
-  auto kv_map = [&](float* x, bool used) {
-    return used ? SwizzledRowsMapF32(x, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dk / dv") : map_dq;
-  };
   // Q and dO two tiles ahead (three stages) unless AHA_ATTENTION_BWD_STAGES=2 (one ahead; the A/B).
   static const int stages = [] {
     const char* e = std::getenv("AHA_ATTENTION_BWD_STAGES");
@@ -1536,30 +1491,20 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
   // D = 64: P^T and dS^T through shared memory, three blocks a multiprocessor, unless
   // AHA_ATTENTION_BWD_SS=0 (from registers, two blocks; the A/B).
   static const bool ss = !EnvOff("AHA_ATTENTION_BWD_SS");
-  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel): `keys` 1, 2 or 3, or -1 and
-  // AHA_ATTENTION_BWD_KEYS unset (1), 2 or 3; 0 (either way) the two-warpgroup kernel below, the A/B.
-  // On the H200 (kernels.md, version 48), ms a call at 16 / 8 heads: 0.880 against 1.032 at 16 x 1,024,
-  // 6.965 against 11.195 at 4 x 8,192. Not yet run on a GPU: 2 adds its dK and dV by tensor
-  // reductions instead of per-lane atomics (version 49), 3 also starts the copies before K and V are
-  // in (version 50).
-  static const int keys_env = [] {
-    const char* e = std::getenv("AHA_ATTENTION_BWD_KEYS");
-    return e == nullptr || e[0] < '0' || e[0] > '3' || e[1] != '\0' ? 1 : e[0] - '0';
-  }();
-  const int keys_way = keys < 0 ? keys_env : keys;
-  if (D == 128 && keys_way != 0) {
+  // D = 128 in FlashAttention-3's layout (AttnBwdWgmmaKeysKernel) unless `keys` is 0, or -1 and
+  // AHA_ATTENTION_BWD_KEYS=0 (the two-warpgroup kernel below, the A/B). On the H200 (kernels.md,
+  // versions 48-50), ms a call at 16 / 8 heads: 0.837 against 1.031 at 16 x 1,024, 6.94-7.11 against
+  // 11.20 at 4 x 8,192.
+  static const bool keys_env = !EnvOff("AHA_ATTENTION_BWD_KEYS");
+  if (D == 128 && (keys < 0 ? keys_env : keys != 0)) {
     const CUtensorMap map_q = SwizzledRowsMap(q16, N, Hq * D, kWbRows, "AttentionBackwardWgmma q");
     const CUtensorMap map_do = SwizzledRowsMap(dout16, N, Hq * D, kWbRows, "AttentionBackwardWgmma dout");
-    const CUtensorMap map_dk = kv_map(dk, keys_way >= 2), map_dv = kv_map(dv, keys_way >= 2);
-    auto launch_keys = [&](auto kernel) {
-      AllowSmem(kernel, WkSmem());
-      kernel<<<dim3(Hq, GridRows(N, kWkKeys)), kWkThreads, WkSmem(), s>>>(
-          dq, dk, dv, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq, Hkv, scale, map_dq, map_q, map_do, map_dk,
-          map_dv);
-    };
-    if (keys_way == 3) launch_keys(AttnBwdWgmmaKeysKernel<true, true>);
-    else if (keys_way == 2) launch_keys(AttnBwdWgmmaKeysKernel<true, false>);
-    else launch_keys(AttnBwdWgmmaKeysKernel<false, false>);
+    const CUtensorMap map_dk = SwizzledRowsMapF32(dk, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dk");
+    const CUtensorMap map_dv = SwizzledRowsMapF32(dv, N, Hkv * D, kWbRows, "AttentionBackwardWgmma dv");
+    AllowSmem(AttnBwdWgmmaKeysKernel, WkSmem());
+    AttnBwdWgmmaKeysKernel<<<dim3(Hq, GridRows(N, kWkKeys)), kWkThreads, WkSmem(), s>>>(
+        dq, dk, dv, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq, Hkv, scale, map_dq, map_q, map_do, map_dk,
+        map_dv);
     CheckCuda(cudaGetLastError(), "AttnBwdWgmmaKeysKernel launch");
     return;
   }
@@ -1568,22 +1513,9 @@ void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, 
     kernel<<<grid, threads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N, Hq,
                                        Hkv, scale, map_dq);
   };
-  // D = 64: dk and dv added by tensor reductions with AHA_ATTENTION_BWD_KV_TMA=1 (version 51; not yet
-  // run on a GPU), else by per-lane atomics.
-  static const bool kv_tma = [] {
-    const char* e = std::getenv("AHA_ATTENTION_BWD_KV_TMA");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  auto launch64 = [&](auto kernel, int smem) {
-    const CUtensorMap map_dk = kv_map(dk, kv_tma && ss), map_dv = kv_map(dv, kv_tma && ss);
-    AllowSmem(kernel, smem);
-    kernel<<<grid, kWbThreads, smem, s>>>(dq, dk, dv, dout16, q16, k, v, lse, delta, row_start, cu_seqlens, S, N,
-                                          Hq, Hkv, scale, map_dq, map_dk, map_dv);
-  };
-  if (D == 64 && ss && kv_tma) launch64(AttnBwdWgmmaKernel<2, true, true>, WbSmemSs());
-  else if (D == 64 && ss) launch64(AttnBwdWgmmaKernel<2, true>, WbSmemSs());
-  else if (D == 64 && stages == 3) launch64(AttnBwdWgmmaKernel<3, false>, WbSmem<3>());
-  else if (D == 64) launch64(AttnBwdWgmmaKernel<2, false>, WbSmem<2>());
+  if (D == 64 && ss) launch(AttnBwdWgmmaKernel<2, true>, kWbThreads, WbSmemSs());
+  else if (D == 64 && stages == 3) launch(AttnBwdWgmmaKernel<3, false>, kWbThreads, WbSmem<3>());
+  else if (D == 64) launch(AttnBwdWgmmaKernel<2, false>, kWbThreads, WbSmem<2>());
   else if (stages == 3 && halves && pipe) launch(AttnBwdWgmma128Kernel<3, true, true>, kWb2Threads, Wb2Smem<3>());
   else if (stages == 3 && halves) launch(AttnBwdWgmma128Kernel<3, true, false>, kWb2Threads, Wb2Smem<3>());
   else if (stages == 3) launch(AttnBwdWgmma128Kernel<3, false, false>, kWb2Threads, Wb2Smem<3>());

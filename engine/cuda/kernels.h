@@ -246,10 +246,9 @@ size_t AttentionBackwardTCWorkspace(int N, int Hq, int D);
 // [N, Hq, D]) out is not read: delta = dout . out16 widened; with dout16 (dout in bf16) dout is not
 // read: delta takes it widened, the products read it as it is; with q16 (q rounded to bf16,
 // unscaled) q is not read. keys (D = 128): 1 runs the kernel in FlashAttention-3's layout (128 keys a
-// block, a warpgroup's 64 keys each, a copying warpgroup), 2 the same with dk and dv added by tensor
-// reductions, 3 that with the Q / dO copies started before K and V are in, 0 the two warpgroups on
-// halves of D, -1 as AHA_ATTENTION_BWD_KEYS says (unset: 1). All agree up to the order of their
-// additions into dq, dk and dv.
+// block, a warpgroup's 64 keys each, a copying warpgroup), 0 the two warpgroups on halves of D, -1 as
+// AHA_ATTENTION_BWD_KEYS says (unset: 1; 0: the halves). Both agree up to the order of their additions
+// into dq, dk and dv.
 bool AttentionBackwardWgmmaSupported(int D);
 void AttentionBackwardWgmma(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                             const float* q, const float* k, const float* v, const int32_t* cu_seqlens, int S, int N,
