@@ -789,8 +789,8 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
   if (kStages == 3) CpAsyncWaitAll();  // a second tile copied ahead that no row of the block reads
 
   // This block's share of dk, dv (the other query heads of the group add theirs). Adding them by
-  // tensor reductions through dQ's boxes instead ran 1.3% faster alone and lost 0.8 ms of the step
-  // (kernels.md, version 51; not kept).
+  // tensor reductions through dQ's boxes instead ran 1.3% faster alone, 0.12 ms of the bench's step,
+  // under its spread (kernels.md, version 51; not kept).
   if (tid == 0) BulkWait<0>();  // the dQ reductions done before the block exits
 #pragma unroll
   for (int dn = 0; dn < DN; ++dn) {
