@@ -768,9 +768,7 @@ __global__ void __launch_bounds__(kWbThreads, kSs ? 3 : 2)
       StageDq(dq_s, dQ, warp * 16 + g, t, 1.0f);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copy engine
       __syncthreads();
-      if (tid == 0) {
-        ReduceBoxes<2>(&map_dq, h * 64, rt, dq_sb);
-      }
+      if (tid == 0) ReduceBoxes<2>(&map_dq, h * 64, rt, dq_sb);
     };
     // Block-uniform: some row of the tile sees some key (the rows start at rt >= k0, so each sees k0
     // unless its sequence starts later; starts do not decrease), and all rows see all keys whole.
@@ -996,9 +994,7 @@ __global__ void __launch_bounds__(kWb2Threads, 1)
     StageDq(dq_s, dQ, warp * 16 + g, t, scale);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     NamedBarrier(1 + wg, 128);  // this warpgroup's boxes are written
-    if (wt == 0) {
-      ReduceBoxes<2>(&map_dq, h * 128 + wg * 64, rt, dq_sb);
-    }
+    if (wt == 0) ReduceBoxes<2>(&map_dq, h * 128 + wg * 64, rt, dq_sb);
   };
   // Whether a tile needs no mask: its rows see all of the block's keys whole.
   auto whole = [&](int rt, const int* ssr) { return k0 + kWbRows - 1 <= rt && ssr[kWbRows - 1] <= k0; };
